@@ -1,0 +1,44 @@
+"""Shared bits of the benchmark scripts: where results go, a table printer, the shared data folder."""
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+SHARED_DATA = Path(os.environ.get("RETRIEVE_SHARED_DATA", ROOT.parent / "shared" / "data"))
+sys.path.insert(0, str(ROOT))
+
+
+def shared_dataset(name: str) -> Path | None:
+    """The folder ``../shared/data/NAME``, or None (with a one-line note) when it is absent."""
+    p = SHARED_DATA / name
+    if not p.is_dir():
+        print(f"skip: {p} not found (benchmark data lives in ../shared/data)")
+        return None
+    return p
+
+
+def table(headers: list[str], rows: list[list]) -> str:
+    cells = [[str(h) for h in headers]] + [[f"{c:.4g}" if isinstance(c, float) else str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in cells]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
+def save(name: str, text: str) -> Path:
+    """Print ``text`` and save it, with the machine and date, to bench/results/NAME.md."""
+    import torch
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    header = (f"<!-- {time.strftime('%Y-%m-%d %H:%M')} · {platform.processor() or platform.machine()} · "
+              f"{os.cpu_count()} cores · torch {torch.__version__} · threads {torch.get_num_threads()} -->\n")
+    path = RESULTS / f"{name}.md"
+    path.write_text(header + text + "\n")
+    print(text)
+    print(f"\nsaved {path.relative_to(ROOT)}")
+    return path

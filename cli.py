@@ -1,0 +1,245 @@
+"""The ``retrieve`` command line: a thin click layer over retrieval/, indexer/ and explain/.
+
+Every error from the packages (a :class:`retrieval.errors.RetrieveError`) becomes one ``Error: …`` line
+and a non-zero exit; heavy imports (torch, faiss) happen inside the commands so ``--help`` is instant.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from retrieval import __version__
+from retrieval.errors import RetrieveError
+
+
+class RetrieveGroup(click.Group):
+    """Turns the packages' exceptions into one-line errors (no tracebacks for user mistakes)."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except RetrieveError as e:
+            raise click.ClickException(str(e)) from None
+        except KeyboardInterrupt:
+            click.echo("Interrupted.", err=True)
+            ctx.exit(130)
+
+
+def _index_dir(value: str | None) -> Path:
+    from retrieval.store import default_index_dir
+
+    return Path(value).expanduser() if value else default_index_dir()
+
+
+index_option = click.option("--index", "index_dir", metavar="DIR", envvar="RETRIEVE_INDEX",
+                            help="Index directory [default: $RETRIEVE_INDEX, else ~/.local/share/retrieve].")
+json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON output.")
+
+
+@click.group(cls=RetrieveGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="retrieve")
+@click.option("--threads", type=click.IntRange(1), default=None, envvar="RETRIEVE_THREADS",
+              help="CPU threads for inference [default: all cores].")
+@click.pass_context
+def main(ctx: click.Context, threads: int | None) -> None:
+    """retrieve: image retrieval that explains every match (SFAM heat maps)."""
+    ctx.ensure_object(dict)
+    ctx.obj["threads"] = threads
+
+
+def _set_threads(ctx: click.Context) -> None:
+    import torch
+
+    threads = (ctx.obj or {}).get("threads")
+    if threads:
+        torch.set_num_threads(threads)
+
+
+# -- models -------------------------------------------------------------------------------------
+@main.command()
+@json_option
+def models(as_json: bool) -> None:
+    """List the registered backbones and whether their weights are available offline."""
+    from retrieval.models import REGISTRY, weights_location
+
+    rows = []
+    for name, spec in REGISTRY.items():
+        where, ok = weights_location(name)
+        h = w = spec.preprocess.size // 32
+        rows.append({"name": name, "embedding_dim": spec.feature_dim,
+                     "feature_map": [spec.feature_dim, h, w], "input_size": spec.preprocess.size,
+                     "weights": where, "available_offline": ok, "description": spec.description})
+    if as_json:
+        click.echo(json.dumps(rows))
+        return
+    click.echo(f"{'name':<20} {'dim':>5}  {'feature map @ input':<22} {'offline':<8} weights")
+    for r in rows:
+        fm = "{}x{}x{} @ {}px".format(*r["feature_map"], r["input_size"])
+        click.echo(f"{r['name']:<20} {r['embedding_dim']:>5}  {fm:<22} {'yes' if r['available_offline'] else 'no':<8} "
+                   f"{r['weights']}")
+    click.echo("\nAlso: --model path/to/model.pt (TorchScript returning N×C×H×W) or --model package.module:function.")
+
+
+# -- index --------------------------------------------------------------------------------------
+class _Bar:
+    """click.progressbar on a terminal (stderr), nothing when piped."""
+
+    def __init__(self, enabled: bool, label: str):
+        self.enabled = enabled
+        self.label = label
+        self.bar = None
+
+    def start(self, total: int) -> None:
+        if self.enabled and total:
+            self.bar = click.progressbar(length=total, label=self.label, file=sys.stderr, show_pos=True,
+                                         show_eta=True)
+            self.bar.__enter__()
+
+    def advance(self, n: int) -> None:
+        if self.bar:
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar:
+            self.bar.__exit__(None, None, None)
+            self.bar = None
+
+
+@main.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path())
+@index_option
+@click.option("--model", default=None, help="Backbone for a new index [default: efficientnet_lite0].")
+@click.option("--weights", type=click.Path(dir_okay=False), default=None, help="Local weights file (state dict).")
+@click.option("--metric", type=click.Choice(["cosine", "l2"]), default=None, help="Similarity [default: cosine].")
+@click.option("--index-type", type=click.Choice(["flat", "hnsw", "ivfpq"]), default=None,
+              help="FAISS index type of a new index [default: flat].")
+@click.option("--faiss", "faiss_factory", default=None, metavar="FACTORY",
+              help="Advanced: a FAISS factory string for a new index (instead of --index-type).")
+@click.option("--input-size", type=click.IntRange(32, 2048), default=None, help="Input side in pixels of a new index.")
+@click.option("--batch-size", type=click.IntRange(1, 1024), default=32, show_default=True)
+@click.option("--workers", type=click.IntRange(1, 64), default=None, help="Decoding threads [default: up to 4].")
+@json_option
+@click.pass_context
+def index(ctx, paths, index_dir, model, weights, metric, index_type, faiss_factory, input_size, batch_size,
+          workers, as_json) -> None:
+    """Index the photos under PATHS (recursively); re-runs only embed what changed."""
+    from indexer import index_paths
+
+    _set_threads(ctx)
+    if index_type and faiss_factory:
+        raise click.UsageError("give --index-type or --faiss, not both")
+    bar = _Bar(enabled=not as_json and sys.stderr.isatty(), label="indexing")
+
+    def on_skip(path: str, reason: str) -> None:
+        if bar.bar:
+            click.echo("", err=True)
+        click.echo(f"{path}: {reason}", err=True)
+
+    try:
+        report = index_paths(paths, _index_dir(index_dir), model=model, weights=weights, metric=metric,
+                             index_type=index_type, faiss_factory=faiss_factory, input_size=input_size,
+                             batch_size=batch_size, workers=workers, progress=bar, on_skip=on_skip)
+    finally:
+        bar.close()
+    if as_json:
+        d = report.to_dict()
+        d.pop("skipped_files")
+        click.echo(json.dumps(d))
+    else:
+        click.echo(f"{report.total} images in {report.index}: {report.indexed} indexed, {report.moved} moved, "
+                   f"{report.unchanged} unchanged, {report.removed} removed, {report.skipped} skipped"
+                   + (f" (+{report.skipped_before} known bad)" if report.skipped_before else "")
+                   + f" in {report.seconds:.1f}s")
+    if report.interrupted:
+        click.echo("Interrupted: the work done so far is kept; run the same command again to continue.", err=True)
+        ctx.exit(130)
+
+
+# -- info ---------------------------------------------------------------------------------------
+@main.command()
+@index_option
+@json_option
+def info(index_dir, as_json) -> None:
+    """Show where the index is, how it was built and what it holds."""
+    from retrieval.store import IndexStore, SkippedRow
+    from sqlalchemy import func, select
+
+    with IndexStore.open(_index_dir(index_dir)) as store:
+        st = store.settings
+        with store.session() as s:
+            skipped = s.scalar(select(func.count()).select_from(SkippedRow)) or 0
+        updated = store.get_value("updated_at")
+        d = {"index": str(store.directory), "model": st.model, "weights": st.weights_source,
+             "input_size": st.preprocess.get("size"), "metric": st.metric, "index_type": st.index_type,
+             "faiss_factory": st.faiss_factory, "dim": st.dim, "images": store.count(), "skipped_files": skipped,
+             "size_bytes": store.size_on_disk(), "schema_version": st.schema_version,
+             "created_at": _iso(st.created_at), "updated_at": _iso(updated) if updated else None}
+    if as_json:
+        click.echo(json.dumps(d))
+        return
+    width = max(len(k) for k in d)
+    for k, v in d.items():
+        if k == "size_bytes":
+            k, v = "size on disk", _human(v)
+        click.echo(f"{k.replace('_', ' '):<{width}}  {v}")
+
+
+def _iso(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(t))
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+# -- search -------------------------------------------------------------------------------------
+@main.command()
+@click.argument("queries", nargs=-1, required=True, type=click.Path())
+@index_option
+@click.option("-k", "k", type=click.IntRange(1, 10000), default=10, show_default=True, help="Results per query.")
+@click.option("--min-score", type=float, default=None, help="Drop results scoring below this.")
+@click.option("--include-self", is_flag=True, help="Keep a query that is in the index in its own results.")
+@json_option
+@click.pass_context
+def search(ctx, queries, index_dir, k, min_score, include_self, as_json) -> None:
+    """Find the nearest neighbours of QUERIES (image files or folders of them)."""
+    from retrieval.search import Searcher, expand_queries
+    from retrieval.service import backbone_for_settings
+    from retrieval.store import IndexStore
+
+    _set_threads(ctx)
+    paths = expand_queries(queries)
+    if not paths:
+        raise click.ClickException("no images among the queries")
+    failed = 0
+    with IndexStore.open(_index_dir(index_dir)) as store:
+        searcher = Searcher(store, backbone_for_settings(store.settings))
+        for res in searcher.search_paths(paths, k, include_self=include_self, min_score=min_score):
+            if res.error:
+                failed += 1
+                click.echo(f"{res.query}: {res.error}", err=True)
+                if not as_json:
+                    continue
+            if as_json:
+                click.echo(json.dumps(res.to_dict()))
+                continue
+            click.echo(f"{res.query}")
+            if not res.results:
+                click.echo("  (no results)")
+            for h in res.results:
+                click.echo(f"  {h.rank:>3}  {h.score:>9.4f}  {h.path}")
+    if failed:
+        raise click.ClickException(f"{failed} of {len(paths)} queries could not be read")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""SFAM explanations of matches (and baselines)."""

@@ -1,0 +1,252 @@
+"""The backbone object shared by indexing, search and explanation.
+
+A :class:`Backbone` knows its weights, its preprocessing and which layer is "the feature map", and
+returns both the feature map ``A`` (N×C×H×W) and the pooled embedding (global average of ``A``) from
+one forward pass. Inference goes through the fastest path that gives eager's numbers (ONNX Runtime on
+the CPU when installed, else a frozen TorchScript graph, else eager); :meth:`Backbone.eager_features`
+keeps the differentiable path for gradient-based baselines.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from .errors import RetrieveError
+
+_RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST, "lanczos": Image.LANCZOS}
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How an image becomes the network's input; travels with the weights and is recorded in the index.
+
+    ``resize="squash"`` maps the whole image onto a ``size``×``size`` square (nothing is cropped away, so
+    every pixel of the photo can be explained and a map is resized back to the photo's own size exactly).
+    """
+
+    size: int = 224
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    interpolation: str = "bilinear"
+    resize: str = "squash"
+
+    def __post_init__(self) -> None:
+        if self.interpolation not in _RESAMPLE:
+            raise RetrieveError(f"unknown interpolation {self.interpolation!r}")
+        if self.resize != "squash":
+            raise RetrieveError(f"unknown resize policy {self.resize!r}")
+        if self.size < 32:
+            raise RetrieveError(f"input size {self.size} is too small (at least 32)")
+
+    @property
+    def input_shape(self) -> tuple[int, int]:
+        return (self.size, self.size)
+
+    def array(self, img: Image.Image) -> np.ndarray:
+        """One RGB image → normalised float32 array (3×size×size)."""
+        img = img.resize((self.size, self.size), _RESAMPLE[self.interpolation])
+        x = np.asarray(img, dtype=np.float32) * (1.0 / 255.0)
+        x = (x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+        return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+    def batch(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """A list of RGB images → N×3×size×size tensor."""
+        return torch.from_numpy(np.stack([self.array(im) for im in images]))
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Preprocess":
+        d = dict(d)
+        for k in ("mean", "std"):
+            if k in d:
+                d[k] = tuple(d[k])
+        return cls(**d)
+
+    def replace(self, **changes) -> "Preprocess":
+        return Preprocess.from_dict({**self.to_dict(), **changes})
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "retrieve"
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    """``None``/"auto" → CUDA when present, else CPU."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class _FeatureNet(nn.Module):
+    """Wraps any module whose ``forward_features`` (or plain forward) returns the feature map."""
+
+    def __init__(self, net: nn.Module, method: str = "forward_features"):
+        super().__init__()
+        self.net = net
+        self.method = method
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return getattr(self.net, self.method)(x) if self.method != "forward" else self.net(x)
+
+
+@dataclass
+class Backbone:
+    """A feature extractor with its preprocessing; see the module docstring.
+
+    ``name`` is the registry name or user spec; ``weights_id`` identifies the exact weights (a sha256) so
+    an index can refuse to mix embeddings from different weights.
+    """
+
+    name: str
+    net: nn.Module  # forward(x) -> feature map N×C×H×W
+    preprocess: Preprocess
+    feature_dim: int
+    weights_source: str
+    weights_id: str
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    fast: str = "auto"  # "auto" | "onnx" | "jit" | "eager"
+    _runners: dict = field(default_factory=dict, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def __post_init__(self) -> None:
+        self.net = self.net.eval().to(self.device)
+        for p in self.net.parameters():
+            p.requires_grad_(False)
+
+    # -- forward passes -------------------------------------------------------------------------
+    def eager_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Differentiable feature map (used by gradient-based methods); no fast path."""
+        return self.net(x.to(self.device))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Feature map ``A`` (N×C×h×w, float32, on the CPU) through the fastest equivalent path."""
+        runner = self._runner(tuple(x.shape[-2:]))
+        return runner(x)
+
+    def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(feature map ``A``, pooled embedding ``mean_ij A``) from one forward pass."""
+        a = self.features(x)
+        return a, a.mean(dim=(2, 3))
+
+    def embed_images(self, images: Sequence[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.embed(self.preprocess.batch(images))
+
+    # -- fast path --------------------------------------------------------------------------------
+    def fast_path_name(self) -> str:
+        """The path :meth:`features` takes at the default input size."""
+        return self._runner(self.preprocess.input_shape).kind
+
+    def _runner(self, hw: tuple[int, int]) -> "_Runner":
+        with self._lock:
+            runner = self._runners.get(hw)
+            if runner is None:
+                runner = self._runners[hw] = self._build_runner(hw)
+            return runner
+
+    def _build_runner(self, hw: tuple[int, int]) -> "_Runner":
+        mode = self.fast
+        if self.device.type != "cpu":
+            return _EagerRunner(self)  # cuDNN is the fast path on a GPU
+        if mode in ("auto", "onnx"):
+            try:
+                return _OnnxRunner(self, hw)
+            except Exception as e:  # onnxruntime missing or the model does not export: next best path
+                if mode == "onnx":
+                    raise RetrieveError(f"{self.name}: ONNX fast path unavailable: {e}") from e
+        if mode in ("auto", "jit", "onnx"):
+            try:
+                return _JitRunner(self, hw)
+            except Exception as e:
+                if mode == "jit":
+                    raise RetrieveError(f"{self.name}: TorchScript fast path unavailable: {e}") from e
+        return _EagerRunner(self)
+
+
+class _Runner:
+    kind = "eager"
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class _EagerRunner(_Runner):
+    kind = "eager"
+
+    def __init__(self, bb: Backbone):
+        self.bb = bb
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.bb.net(x.to(self.bb.device)).float().cpu()
+
+
+class _JitRunner(_Runner):
+    kind = "torchscript"
+
+    def __init__(self, bb: Backbone, hw: tuple[int, int]):
+        import warnings
+
+        example = torch.zeros(1, 3, *hw)
+        with warnings.catch_warnings(), torch.inference_mode():
+            warnings.simplefilter("ignore")
+            self.module = torch.jit.freeze(torch.jit.trace(bb.net, example, check_trace=False).eval())
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.module(x.contiguous())
+
+
+class _OnnxRunner(_Runner):
+    """ONNX Runtime on the CPU; the exported graph is cached on disk per (weights, input size)."""
+
+    kind = "onnxruntime"
+
+    def __init__(self, bb: Backbone, hw: tuple[int, int]):
+        import onnxruntime as ort  # optional dependency: ImportError → next path
+
+        path = cache_dir() / "onnx" / f"{_safe(bb.name)}-{bb.weights_id[:16]}-{hw[0]}x{hw[1]}.onnx"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            import warnings
+
+            with warnings.catch_warnings(), torch.inference_mode():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(
+                    bb.net, (torch.zeros(1, 3, *hw),), str(tmp), dynamo=False, input_names=["x"],
+                    output_names=["fmap"], dynamic_axes={"x": {0: "n"}, "fmap": {0: "n"}}, opset_version=17,
+                )
+            os.replace(tmp, path)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = torch.get_num_threads()
+        opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3
+        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.session.run(None, {"x": x.detach().cpu().float().contiguous().numpy()})[0]
+        return torch.from_numpy(out)
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[-60:]

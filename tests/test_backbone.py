@@ -1,0 +1,117 @@
+"""The backbone: Lite0 reproduces ImageNet predictions on real photos; fast path ≡ eager; every backbone's shapes."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from conftest import skimage_photo
+from retrieval.errors import UnknownModel, WeightsUnavailable
+from retrieval.models import REGISTRY, imagenet_classifier, load_backbone
+
+EGYPTIAN_CAT, ESPRESSO = 285, 967
+
+
+@pytest.mark.parametrize("path", ["eager", "fast"])
+def test_lite0_top1_on_real_photos(lite0, path):
+    # A wrong padding (symmetric instead of TF "same"), BatchNorm eps or normalisation breaks these.
+    x = lite0.preprocess.batch([skimage_photo("chelsea"), skimage_photo("coffee")])
+    with torch.no_grad():
+        a = lite0.eager_features(x) if path == "eager" else lite0.features(x)
+    p = imagenet_classifier(lite0)(a).softmax(-1)
+    assert p[0].argmax().item() == EGYPTIAN_CAT and p[0, EGYPTIAN_CAT] > 0.7
+    assert p[1].argmax().item() == ESPRESSO and p[1, ESPRESSO] > 0.85
+
+
+def test_lite0_state_dict_loads_strictly(lite0):
+    net = lite0.net.net
+    n = sum(v.numel() for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked"))
+    assert n == 4_694_024  # every tensor of the package's state dict, loaded with strict=True
+    assert net._bn1.eps == 1e-3
+
+
+def test_fast_path_matches_eager(lite0):
+    x = lite0.preprocess.batch([skimage_photo(n) for n in ("chelsea", "rocket", "astronaut")])
+    with torch.no_grad():
+        ref = lite0.eager_features(x)
+    fast, pooled = lite0.embed(x)
+    assert lite0.fast_path_name() in ("onnxruntime", "torchscript")
+    assert fast.shape == ref.shape == (3, 1280, 7, 7)
+    assert (fast - ref).abs().max().item() < 1e-3 * ref.abs().max().item()
+    torch.testing.assert_close(pooled, ref.mean((2, 3)), atol=1e-4, rtol=1e-4)
+
+
+def test_embedding_is_the_pool_of_the_map_from_one_pass(lite0):
+    x = lite0.preprocess.batch([skimage_photo("coffee")])
+    a, e = lite0.embed(x)
+    assert e.shape == (1, 1280)
+    assert torch.allclose(e, a.mean((2, 3)))
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_every_registered_backbone_shapes(name):
+    bb = load_backbone(name, random_weights=True, fast="eager")
+    x = torch.randn(2, 3, 224, 224)
+    a, e = bb.embed(x)
+    assert a.shape == (2, bb.feature_dim, 7, 7)
+    assert e.shape == (2, bb.feature_dim)
+    assert bb.preprocess.size == 224
+
+
+def test_torchvision_backbone_from_local_weights(tmp_path):
+    import torchvision
+
+    state = torchvision.models.resnet18(weights=None).state_dict()
+    f = tmp_path / "r18.pth"
+    torch.save(state, f)
+    bb = load_backbone("resnet18", weights=f)
+    assert bb.weights_source == str(f.resolve()) and len(bb.weights_id) == 64
+    assert bb.embed(torch.randn(1, 3, 224, 224))[0].shape == (1, 512, 7, 7)
+
+
+def test_wrong_weights_file_is_one_clear_error(tmp_path):
+    f = tmp_path / "bad.pth"
+    f.write_bytes(b"not a checkpoint")
+    with pytest.raises(WeightsUnavailable, match="bad.pth"):
+        load_backbone("resnet18", weights=f)
+    torch.save({"foo": torch.zeros(1)}, tmp_path / "other.pth")
+    with pytest.raises(WeightsUnavailable, match="does not fit resnet18"):
+        load_backbone("resnet18", weights=tmp_path / "other.pth")
+
+
+def test_offline_without_weights_says_how_to_supply_them(monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))  # an empty download cache
+
+    def offline(*a, **k):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(WeightsUnavailable, match="--weights PATH"):
+        load_backbone("resnet50")
+
+
+def test_user_torchscript_model(tmp_path):
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, stride=4, padding=1), nn.ReLU())
+    f = tmp_path / "mine.pt"
+    torch.jit.script(net).save(str(f))
+    bb = load_backbone(str(f))
+    assert bb.feature_dim == 8
+    assert bb.embed(torch.randn(1, 3, 224, 224))[0].shape == (1, 8, 56, 56)
+
+
+def test_user_module_function_with_layer(tmp_path, monkeypatch):
+    (tmp_path / "my_models.py").write_text(
+        "import torch.nn as nn\n"
+        "def build():\n"
+        "    m = nn.Sequential(nn.Conv2d(3, 6, 3, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1))\n"
+        "    return m, '1'\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    bb = load_backbone("my_models:build", fast="eager")
+    a, e = bb.embed(torch.randn(2, 3, 224, 224))
+    assert a.shape == (2, 6, 111, 111) and e.shape == (2, 6)
+
+
+def test_unknown_model_lists_known_ones():
+    with pytest.raises(UnknownModel, match="efficientnet_lite0"):
+        load_backbone("no_such_net")
