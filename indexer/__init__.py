@@ -1,0 +1,5 @@
+"""Building and updating an index from folders of photos (``retrieve index``)."""
+from .run import IndexReport, index_paths
+from retrieval.scan import FileEntry, scan_paths
+
+__all__ = ["FileEntry", "IndexReport", "index_paths", "scan_paths"]
