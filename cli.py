@@ -208,37 +208,130 @@ def _human(n: float) -> str:
 @click.option("-k", "k", type=click.IntRange(1, 10000), default=10, show_default=True, help="Results per query.")
 @click.option("--min-score", type=float, default=None, help="Drop results scoring below this.")
 @click.option("--include-self", is_flag=True, help="Keep a query that is in the index in its own results.")
+@click.option("--explain", is_flag=True, help="Write heat maps and a report explaining each result.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="With --explain: output directory [default: ./retrieve-explain-<query>-<time>].")
+@click.option("--method", type=click.Choice(["sfam", "gradcam", "occlusion"]), default=None,
+              help="With --explain: how maps are found [default: the index's, sfam].")
 @json_option
 @click.pass_context
-def search(ctx, queries, index_dir, k, min_score, include_self, as_json) -> None:
+def search(ctx, queries, index_dir, k, min_score, include_self, explain, out_dir, method, as_json) -> None:
     """Find the nearest neighbours of QUERIES (image files or folders of them)."""
     from retrieval.search import Searcher, expand_queries
     from retrieval.service import backbone_for_settings
     from retrieval.store import IndexStore
 
     _set_threads(ctx)
+    if (out_dir or method) and not explain:
+        raise click.UsageError("--out and --method go with --explain")
     paths = expand_queries(queries)
     if not paths:
         raise click.ClickException("no images among the queries")
     failed = 0
     with IndexStore.open(_index_dir(index_dir)) as store:
         searcher = Searcher(store, backbone_for_settings(store.settings))
-        for res in searcher.search_paths(paths, k, include_self=include_self, min_score=min_score):
+        explainer = _index_explainer(store, searcher.backbone, method) if explain else None
+        for qi, res in enumerate(searcher.search_paths(paths, k, include_self=include_self, min_score=min_score)):
             if res.error:
                 failed += 1
                 click.echo(f"{res.query}: {res.error}", err=True)
                 if not as_json:
                     continue
+            explained = {}
+            if explainer is not None and not res.error and res.results:
+                from explain.run import default_out_dir, explain_hits
+
+                if out_dir:
+                    target = Path(out_dir) / (f"{qi + 1:02d}_{Path(res.query).stem}" if len(paths) > 1 else "")
+                else:
+                    target = default_out_dir(res.query)
+                explained = explain_hits(res.query, res.results, target, explainer, _explain_meta(store, explainer),
+                                         on_error=lambda p, r: click.echo(f"{p}: {r}", err=True))
             if as_json:
-                click.echo(json.dumps(res.to_dict()))
+                d = res.to_dict()
+                for h in d["results"]:
+                    if h["rank"] in explained:
+                        h["explanation"] = explained[h["rank"]]
+                click.echo(json.dumps(d))
                 continue
             click.echo(f"{res.query}")
             if not res.results:
                 click.echo("  (no results)")
             for h in res.results:
                 click.echo(f"  {h.rank:>3}  {h.score:>9.4f}  {h.path}")
+            if explained:
+                click.echo(f"  report: {next(iter(explained.values()))['report']}")
     if failed:
         raise click.ClickException(f"{failed} of {len(paths)} queries could not be read")
+
+
+def _index_explainer(store, backbone, method: str | None, input_size: int | None = None):
+    """The explainer an index prescribes (its recorded explain settings); reuses ``backbone`` if it fits."""
+    from explain.methods import make_explainer
+    from explain.run import index_explain_settings
+    from retrieval.service import backbone_for_settings
+
+    ex = index_explain_settings(store)
+    size = input_size or ex.input_size or store.settings.preprocess.get("size")
+    bb = backbone
+    if bb is None or size != bb.preprocess.size:
+        bb = backbone_for_settings(store.settings, input_size=size)
+    return make_explainer(method or ex.method, bb, metric=store.settings.metric, mu=store.mean, centre=ex.centre)
+
+
+def _explain_meta(store, explainer) -> dict:
+    return {"model": store.settings.model if store else explainer.backbone.name, "metric": explainer.metric,
+            "method": explainer.name, "input_size": explainer.backbone.preprocess.size,
+            "centred": explainer.centre, "similarity": explainer.describe(),
+            "index": str(store.directory) if store else None}
+
+
+# -- explain ------------------------------------------------------------------------------------
+@main.command("explain")
+@click.argument("a", type=click.Path())
+@click.argument("b", type=click.Path())
+@click.option("--index", "index_dir", metavar="DIR", default=None,
+              help="Use this index's backbone, metric and collection mean (μ).")
+@click.option("--model", default=None, help="Backbone when no index is used [default: efficientnet_lite0].")
+@click.option("--weights", type=click.Path(dir_okay=False), default=None, help="Local weights file (state dict).")
+@click.option("--metric", type=click.Choice(["cosine", "l2"]), default=None, help="Without an index [default: cosine].")
+@click.option("--method", type=click.Choice(["sfam", "gradcam", "occlusion"]), default=None,
+              help="How the maps are found [default: sfam].")
+@click.option("--input-size", type=click.IntRange(32, 2048), default=None, help="Input side in pixels.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Output directory [default: ./retrieve-explain-<A>-<time>].")
+@json_option
+@click.pass_context
+def explain_cmd(ctx, a, b, index_dir, model, weights, metric, method, input_size, out_dir, as_json) -> None:
+    """Explain why image B matches image A: heat maps on both, a report, and the numbers (no index needed)."""
+    from explain.methods import make_explainer
+    from explain.run import default_out_dir, explain_pair
+    from retrieval.images import load_image
+    from retrieval.models import DEFAULT_MODEL, load_backbone
+    from retrieval.store import IndexStore
+
+    _set_threads(ctx)
+    for p in (a, b):
+        load_image(p)  # a clear one-line error before any model is loaded
+    if index_dir and (model or metric or weights):
+        raise click.UsageError("give --index or --model/--metric/--weights, not both")
+    if index_dir:
+        with IndexStore.open(_index_dir(index_dir)) as store:
+            explainer = _index_explainer(store, None, method, input_size)
+            meta = _explain_meta(store, explainer)
+    else:
+        bb = load_backbone(model or DEFAULT_MODEL, weights, input_size=input_size)
+        explainer = make_explainer(method or "sfam", bb, metric=metric or "cosine", mu=None)
+        meta = _explain_meta(None, explainer)
+    doc = explain_pair(a, b, Path(out_dir) if out_dir else default_out_dir(a), explainer, meta)
+    if as_json:
+        click.echo(json.dumps(doc))
+        return
+    what = f"{doc['score']:.4f}" if doc["metric"] == "cosine" else f"{doc['distance']:.4g}"
+    click.echo(f"{doc['similarity']}: {what} ({doc['method']}, {doc['model']})")
+    for c in doc["top_channels"][:5]:
+        click.echo(f"  channel {c['channel']:>5}  CIS {c['cis']:+.5f}  {c['share']:6.1%} of the score")
+    click.echo(f"report: {doc['files']['report']}")
 
 
 if __name__ == "__main__":

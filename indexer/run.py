@@ -25,7 +25,7 @@ from retrieval.errors import ImageError, RetrieveError
 from retrieval.images import decode_image
 from retrieval.models import DEFAULT_MODEL, load_backbone
 from retrieval.service import backbone_for_settings
-from retrieval.store import ImageRow, IndexSettings, IndexStore, SkippedRow, factory_for
+from retrieval.store import ImageRow, IndexSettings, IndexStore, SkippedRow, default_explain, factory_for
 
 from retrieval.scan import FileEntry, check_paths, scan_paths
 
@@ -112,7 +112,8 @@ def index_paths(paths: Iterable[str | os.PathLike], index_dir: str | os.PathLike
         itype = "custom" if faiss_factory else (index_type or "flat")
         settings = IndexSettings(model=bb.name, weights_id=bb.weights_id, weights_source=bb.weights_source,
                                  preprocess=bb.preprocess.to_dict(), metric=metric or "cosine", dim=bb.feature_dim,
-                                 index_type=itype, faiss_factory=faiss_factory or factory_for(itype, bb.feature_dim, 0))
+                                 index_type=itype, faiss_factory=faiss_factory or factory_for(itype, bb.feature_dim, 0),
+                                 explain=default_explain(bb.preprocess.size))
         if faiss_factory:
             _check_factory(faiss_factory, bb.feature_dim)
         store = IndexStore.create(index_dir, settings, what=what)

@@ -29,7 +29,8 @@ def decode_image(data: bytes, path: str | os.PathLike, min_side: int | None = No
     """Decode ``data`` (the bytes of ``path``) into an upright 8-bit RGB image.
 
     ``min_side``: the image will only be used at this resolution, so a JPEG may be decoded at a reduced
-    scale (Pillow's draft mode, DCT scaling) as long as both sides stay >= ``min_side``.
+    scale (Pillow's draft mode, DCT scaling) as long as both sides stay >= ``min_side``. The upright size
+    of the full image is kept in ``img.info["original_size"]`` (maps are returned at that size).
     Raises :class:`ImageError` with a one-line reason for anything that is not a complete, sane image.
     """
     if not data:
@@ -49,8 +50,11 @@ def decode_image(data: bytes, path: str | os.PathLike, min_side: int | None = No
                 if scale >= 2:
                     img.draft("RGB", (max(1, int(w / scale)), max(1, int(h / scale))))
             img.load()
-            img = ImageOps.exif_transpose(img)
-            return to_rgb(img)
+            orientation = img.getexif().get(0x0112, 1) if hasattr(img, "getexif") else 1
+            original = (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+            img = to_rgb(ImageOps.exif_transpose(img))
+            img.info["original_size"] = original
+            return img
     except ImageError:
         raise
     except Image.DecompressionBombError as e:

@@ -9,11 +9,16 @@ from .models import load_backbone
 from .store import IndexSettings
 
 
-def backbone_for_settings(settings: IndexSettings, device: str | None = None) -> Backbone:
-    """The backbone an index was built with: same model, weights (verified by hash) and preprocessing."""
+def backbone_for_settings(settings: IndexSettings, device: str | None = None,
+                          input_size: int | None = None) -> Backbone:
+    """The backbone an index was built with: same model, weights (verified by hash) and preprocessing.
+
+    ``input_size`` overrides the input side (explanations may run at a higher resolution than search).
+    """
     src = Path(settings.weights_source)
     weights = src if settings.weights_source not in ("", "random") and src.is_file() else None
-    bb = load_backbone(settings.model, weights, input_size=settings.preprocess.get("size"), device=device,
+    size = input_size or settings.preprocess.get("size")
+    bb = load_backbone(settings.model, weights, input_size=size, device=device,
                        random_weights=settings.weights_id == "random")
     if bb.weights_id != settings.weights_id:
         raise SettingsMismatch(f"the weights of {settings.model} ({bb.weights_source}) differ from the ones the "

@@ -87,10 +87,17 @@ class IndexSettings:
     faiss_factory: str
     schema_version: int = SCHEMA_VERSION
     created_at: float = field(default_factory=time.time)
+    explain: dict = field(default_factory=dict)  # how explanations are made; see default_explain()
 
     def __post_init__(self) -> None:
         if self.metric not in ("cosine", "l2"):
             raise IndexError_(f"unknown metric {self.metric!r} (cosine or l2)")
+
+
+def default_explain(input_size: int) -> dict:
+    """The explanation defaults recorded in a new index, chosen by measurement (bench/results/explain.md):
+    SFAM with the CIS computed on μ-centred embeddings, at twice the index's input size."""
+    return {"method": "sfam", "centre": True, "input_size": 2 * int(input_size)}
 
 
 def default_index_dir() -> Path:

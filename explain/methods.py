@@ -1,0 +1,238 @@
+"""Explainers: one interface, three ways of finding the map (SFAM, Grad-CAM on the similarity, occlusion).
+
+Like pytorch-grad-cam's ``BaseCAM``, :class:`Explainer` owns the pipeline (preprocess, forward,
+similarity, upsampling to each image's own size, normalisation) and each method overrides one hook,
+:meth:`Explainer.raw_maps`, which turns the two images' inputs and feature maps into two raw maps.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from retrieval.backbone import Backbone
+from retrieval.errors import RetrieveError
+
+from .cis import cis_cosine, cis_l2, l2_target, top_channels
+
+
+@dataclass
+class Explanation:
+    """Why ``result`` matched ``query``: both maps at each image's own size, in [0, 1], plus the raw parts."""
+
+    method: str
+    metric: str
+    score: float  # cosine similarity, or −squared distance for l2 (higher is better for both)
+    query_map: np.ndarray  # float32, H_q × W_q, max-normalised to [0, 1]
+    result_map: np.ndarray  # float32, H_r × W_r
+    query_raw: np.ndarray  # unnormalised map at feature-map resolution
+    result_raw: np.ndarray
+    cis: np.ndarray | None = None  # per-channel contributions (SFAM)
+    cis_target: float | None = None  # what Σ CIS equals: the cosine, or ½(‖q−μ‖²+‖r−μ‖²−d) for l2
+    distance: float | None = None  # l2: squared Euclidean distance
+    similarity: str = ""  # what the score is, in words (Explainer.describe)
+
+    def channels(self, n: int = 10) -> list[dict]:
+        return top_channels(self.cis, n) if self.cis is not None else []
+
+    def summary(self, n: int = 10) -> dict:
+        d = {"method": self.method, "metric": self.metric, "similarity": self.similarity, "score": self.score,
+             "top_channels": self.channels(n)}
+        if self.distance is not None:
+            d["distance"] = self.distance
+        if self.cis is not None:
+            d["cis_sum"] = float(self.cis.sum())
+            d["cis_target"] = self.cis_target
+            d["cis_sum_error"] = abs(float(self.cis.sum()) - float(self.cis_target))
+        return d
+
+
+def own_size(img: Image.Image) -> tuple[int, int]:
+    """(H, W) of the photo itself, also when it was decoded at reduced size (JPEG draft mode)."""
+    w, h = img.info.get("original_size", img.size)
+    return int(h), int(w)
+
+
+def upsample(raw: np.ndarray | torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of a raw map (h×w) to an image's (H, W), then max-normalisation to [0, 1].
+
+    The preprocessing maps the whole image onto the network's square input ("squash"), so the map
+    covers the whole image and resizing it to the image's own size undoes the preprocessing exactly.
+    """
+    t = torch.as_tensor(np.asarray(raw, np.float32))[None, None]
+    up = F.interpolate(t, size=size, mode="bilinear", align_corners=False)[0, 0].clamp_min(0).numpy()
+    m = float(up.max())
+    return (up / m if m > 0 else up).astype(np.float32)
+
+
+class Explainer:
+    """The shared pipeline. ``metric`` is the index's; ``mu`` the collection mean (zeros when unknown).
+
+    ``centre`` (cosine only) computes the CIS on ``q − μ`` and ``r − μ``: the explained similarity is
+    then the centred cosine, which localises better at higher resolutions (see bench/results/explain.md).
+    """
+
+    name = "base"
+    needs_grad = False
+
+    def __init__(self, backbone: Backbone, metric: str = "cosine", mu: np.ndarray | None = None,
+                 centre: bool = False):
+        if metric not in ("cosine", "l2"):
+            raise RetrieveError(f"unknown metric {metric!r}")
+        self.backbone = backbone
+        self.metric = metric
+        self.mu = None if mu is None else np.asarray(mu, np.float64).reshape(-1)
+        self.centre = centre and mu is not None and metric == "cosine"
+
+    def describe(self) -> str:
+        """What similarity the maps explain, in words (goes into reports and JSON)."""
+        size = self.backbone.preprocess.size
+        if self.metric == "cosine":
+            return f"cosine of {'μ-centred ' if self.centre else ''}embeddings at {size} px"
+        return f"squared L2 distance at {size} px; CIS relative to {'μ' if self.mu is not None else 'the origin'}"
+
+    # -- the shared pipeline --------------------------------------------------------------------
+    def explain(self, query: Image.Image, result: Image.Image) -> Explanation:
+        return self.explain_many(query, [result])[0]
+
+    def explain_many(self, query: Image.Image, results: Sequence[Image.Image],
+                     query_features: torch.Tensor | None = None) -> list[Explanation]:
+        """Explain each (query, result) pair: the backbone runs once on the query, once batched on results."""
+        pre = self.backbone.preprocess
+        xq = pre.batch([query])
+        xr = pre.batch(list(results)) if results else torch.zeros(0, 3, pre.size, pre.size)
+        if not self.needs_grad:
+            aq = query_features if query_features is not None else self.backbone.features(xq)
+            ar = self.backbone.features(xr) if len(results) else None
+        else:
+            aq = ar = None
+        out = []
+        for i, res in enumerate(results):
+            raw_q, raw_r, info = self.raw_maps(xq, xr[i:i + 1], aq, None if ar is None else ar[i:i + 1])
+            out.append(Explanation(method=self.name, metric=self.metric, query_map=upsample(raw_q, own_size(query)),
+                                   result_map=upsample(raw_r, own_size(res)), query_raw=np.asarray(raw_q, np.float32),
+                                   result_raw=np.asarray(raw_r, np.float32), similarity=self.describe(), **info))
+        return out
+
+    def similarity(self, q, r) -> dict:
+        """Score fields for pooled vectors ``q``, ``r`` (numpy), with the CIS and what it sums to."""
+        if self.metric == "cosine":
+            mu = self.mu if self.centre else None
+            cis = cis_cosine(q, r, mu)
+            return {"score": float(cis.sum()), "cis": cis, "cis_target": float(cis.sum())}
+        d = float(((np.asarray(q, np.float64) - np.asarray(r, np.float64)) ** 2).sum())
+        return {"score": -d, "distance": d, "cis": cis_l2(q, r, self.mu), "cis_target": l2_target(q, r, self.mu)}
+
+    def torch_similarity(self, q: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        """Differentiable similarity of pooled vectors (batch × C), higher is better."""
+        if self.metric == "cosine":
+            if self.centre:
+                m = torch.as_tensor(self.mu, dtype=q.dtype, device=q.device)
+                q, r = q - m, r - m
+            return F.cosine_similarity(q, r, dim=-1)
+        return -((q - r) ** 2).sum(-1)
+
+    # -- the hook ---------------------------------------------------------------------------------
+    def raw_maps(self, xq: torch.Tensor, xr: torch.Tensor, aq: torch.Tensor | None,
+                 ar: torch.Tensor | None) -> tuple[np.ndarray, np.ndarray, dict]:
+        raise NotImplementedError
+
+
+class SFAM(Explainer):
+    """``ReLU(Σ_k CIS_k A_k)`` for each image, CIS from the two pooled embeddings; no gradients."""
+
+    name = "sfam"
+
+    def raw_maps(self, xq, xr, aq, ar):
+        q, r = aq.mean((2, 3))[0].double().numpy(), ar.mean((2, 3))[0].double().numpy()
+        info = self.similarity(q, r)
+        w = torch.as_tensor(info["cis"], dtype=torch.float64)
+        mq = torch.relu(torch.einsum("c,chw->hw", w, aq[0].double())).numpy()
+        mr = torch.relu(torch.einsum("c,chw->hw", w, ar[0].double())).numpy()
+        return mq, mr, info
+
+
+class GradCAM(Explainer):
+    """Grad-CAM on the similarity: channel weights = spatial mean of d(similarity)/dA, map = ReLU(Σ w_k A_k)."""
+
+    name = "gradcam"
+    needs_grad = True
+
+    def raw_maps(self, xq, xr, aq, ar):
+        with torch.enable_grad():
+            aq = self.backbone.eager_features(xq).detach().requires_grad_(True)
+            ar = self.backbone.eager_features(xr).detach().requires_grad_(True)
+            s = self.torch_similarity(aq.mean((2, 3)), ar.mean((2, 3))).sum()
+            gq, gr = torch.autograd.grad(s, [aq, ar])
+        maps = []
+        for a, g in ((aq, gq), (ar, gr)):
+            w = g[0].mean((1, 2))
+            maps.append(torch.relu(torch.einsum("c,chw->hw", w, a[0])).detach().cpu().double().numpy())
+        info = self.similarity(aq.detach().mean((2, 3))[0].cpu().double().numpy(),
+                               ar.detach().mean((2, 3))[0].cpu().double().numpy())
+        info["cis"] = None
+        info["cis_target"] = None
+        return maps[0], maps[1], info
+
+
+class Occlusion(Explainer):
+    """Slide a grey patch over each image; the map is the drop in similarity where the patch sat."""
+
+    name = "occlusion"
+
+    def __init__(self, *args, patch_fraction: float = 1 / 7, stride_fraction: float = 1 / 14, **kw):
+        super().__init__(*args, **kw)
+        self.patch_fraction = patch_fraction
+        self.stride_fraction = stride_fraction
+
+    def _occluded(self, x: torch.Tensor) -> tuple[torch.Tensor, list[tuple[int, int]], int]:
+        s = x.shape[-1]
+        p = max(1, round(s * self.patch_fraction))
+        st = max(1, round(s * self.stride_fraction))
+        grey = torch.zeros(3, 1, 1)  # the normalised value of the dataset mean colour: "grey"
+        pre = self.backbone.preprocess
+        grey = ((torch.tensor([0.5, 0.5, 0.5]) - torch.tensor(pre.mean)) / torch.tensor(pre.std)).view(3, 1, 1)
+        starts = list(range(0, max(s - p, 0) + 1, st))
+        if starts[-1] != s - p:
+            starts.append(s - p)
+        positions = [(y, xx) for y in starts for xx in starts]
+        batch = x.repeat(len(positions), 1, 1, 1)
+        for i, (y, xx) in enumerate(positions):
+            batch[i, :, y:y + p, xx:xx + p] = grey
+        return batch, positions, p
+
+    def _drop_map(self, x: torch.Tensor, other: torch.Tensor, base: float) -> np.ndarray:
+        batch, positions, p = self._occluded(x)
+        pooled = torch.cat([self.backbone.features(batch[i:i + 32]).mean((2, 3)) for i in range(0, len(batch), 32)])
+        sims = self.torch_similarity(pooled.double(), other.double().expand_as(pooled)).numpy()
+        s = x.shape[-1]
+        acc = np.zeros((s, s))
+        cnt = np.zeros((s, s))
+        for (y, xx), v in zip(positions, sims):
+            acc[y:y + p, xx:xx + p] += base - v
+            cnt[y:y + p, xx:xx + p] += 1
+        return np.maximum(acc / np.maximum(cnt, 1), 0)
+
+    def raw_maps(self, xq, xr, aq, ar):
+        q, r = aq.mean((2, 3)), ar.mean((2, 3))
+        base = float(self.torch_similarity(q.double(), r.double())[0])
+        info = self.similarity(q[0].double().numpy(), r[0].double().numpy())
+        info["cis"] = None
+        info["cis_target"] = None
+        return self._drop_map(xq, r, base), self._drop_map(xr, q, base), info
+
+
+METHODS: dict[str, type[Explainer]] = {"sfam": SFAM, "gradcam": GradCAM, "occlusion": Occlusion}
+
+
+def make_explainer(method: str, backbone: Backbone, metric: str = "cosine", mu: np.ndarray | None = None,
+                   centre: bool = False) -> Explainer:
+    try:
+        cls = METHODS[method]
+    except KeyError:
+        raise RetrieveError(f"unknown method {method!r} (one of {', '.join(METHODS)})") from None
+    return cls(backbone, metric=metric, mu=mu, centre=centre)

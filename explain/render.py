@@ -1,0 +1,123 @@
+"""Turning explanations into files an auditor can open: .npy maps, overlay PNGs, a self-contained HTML report.
+
+Colours come from matplotlib's perceptually uniform ``inferno`` colormap; overlays are alpha-blended
+onto the photo at its own aspect ratio (never stretched).
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+from .methods import Explanation
+
+COLORMAP = "inferno"
+ALPHA = 0.5
+
+
+def overlay(img: Image.Image, heat: np.ndarray, alpha: float = ALPHA) -> Image.Image:
+    """The photo with its map (H×W in [0, 1]) blended on top; more opaque where the map is high."""
+    from matplotlib import colormaps
+
+    if heat.shape != (img.height, img.width):  # the photo was decoded at reduced size: fit the map to it
+        heat = np.asarray(Image.fromarray(heat.astype(np.float32), "F").resize(img.size, Image.BILINEAR))
+    rgba = colormaps[COLORMAP](np.clip(heat, 0, 1))
+    base = np.asarray(img.convert("RGB"), np.float32) / 255.0
+    a = alpha * (0.35 + 0.65 * np.clip(heat, 0, 1))[..., None]
+    out = base * (1 - a) + rgba[..., :3] * a
+    return Image.fromarray((out * 255 + 0.5).astype(np.uint8))
+
+
+def pair_figure(query: Image.Image, result: Image.Image, e: Explanation, title: str, path: Path) -> None:
+    """``query | result`` side by side, each with its overlay, a colour legend, the score in the title."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib import pyplot as plt
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.8), dpi=100, constrained_layout=True)
+    for ax, img, m, label in ((axes[0], query, e.query_map, "query"), (axes[1], result, e.result_map, "result")):
+        ax.imshow(overlay(img, m), interpolation="bilinear")  # aspect="equal": never stretched
+        w, h = img.info.get("original_size", img.size)
+        ax.set_title(f"{label} ({w}×{h})", fontsize=10)
+        ax.axis("off")
+    sm = ScalarMappable(norm=Normalize(0, 1), cmap=COLORMAP)
+    fig.colorbar(sm, ax=axes, shrink=0.8, label="contribution to the similarity (max-normalised)")
+    fig.suptitle(title, fontsize=11)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def score_text(e: Explanation) -> str:
+    if e.metric == "cosine":
+        return f"{'centred ' if 'centred' in e.similarity else ''}cosine similarity {e.score:.4f}"
+    return f"squared L2 distance {e.distance:.4g}"
+
+
+def _png_data_uri(img: Image.Image, max_side: int = 480) -> str:
+    im = img.copy()
+    im.thumbnail((max_side, max_side))
+    buf = io.BytesIO()
+    im.save(buf, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+@dataclass
+class ReportItem:
+    label: str  # e.g. "01"
+    query_path: str
+    result_path: str
+    query: Image.Image
+    result: Image.Image
+    explanation: Explanation
+
+
+def write_report(path: Path, title: str, items: Sequence[ReportItem], meta: dict, n_channels: int = 10) -> None:
+    """One self-contained HTML file (images inlined): every pair, its score, both overlays, top channels."""
+    parts = [f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title>",
+             "<style>body{font:14px system-ui,sans-serif;margin:2em;max-width:1100px}"
+             "img{max-width:100%;border:1px solid #ccc}.pair{display:flex;gap:1em}.pair div{flex:1}"
+             "table{border-collapse:collapse;font-size:12px}td,th{padding:2px 8px;border-bottom:1px solid #ddd;"
+             "text-align:right}section{margin-bottom:2.5em}code{font-size:12px}</style>",
+             f"<h1>{html.escape(title)}</h1>",
+             "<p>" + " · ".join(f"{html.escape(str(k))}: <code>{html.escape(str(v))}</code>" for k, v in meta.items())
+             + "</p>",
+             "<p>Heat maps: where each image's features made the two embeddings similar (SFAM: the "
+             "per-channel contribution scores, CIS, weighting the image's own feature map). Bright = more.</p>"]
+    for it in items:
+        e = it.explanation
+        parts.append(f"<section><h2>{html.escape(it.label)} · {html.escape(score_text(e))}</h2>")
+        parts.append(f"<p>query: <code>{html.escape(it.query_path)}</code><br>result: "
+                     f"<code>{html.escape(it.result_path)}</code></p>")
+        parts.append("<div class='pair'>"
+                     f"<div><img alt='query overlay' src='{_png_data_uri(overlay(it.query, e.query_map))}'></div>"
+                     f"<div><img alt='result overlay' src='{_png_data_uri(overlay(it.result, e.result_map))}'></div>"
+                     "</div>")
+        chans = e.channels(n_channels)
+        if chans:
+            total = float(e.cis.sum())
+            parts.append(f"<p>Channels that carried the match (Σ CIS = {total:.4f}; the top {len(chans)} carry "
+                         f"{sum(c['share'] for c in chans):.0%} of it):</p><table><tr><th>channel</th><th>CIS</th>"
+                         "<th>share</th></tr>")
+            parts += [f"<tr><td>{c['channel']}</td><td>{c['cis']:.5f}</td><td>{c['share']:.1%}</td></tr>" for c in chans]
+            parts.append("</table>")
+        parts.append("</section>")
+    path.write_text("\n".join(parts), encoding="utf-8")
+
+
+def save_maps(out: Path, prefix: str, e: Explanation) -> dict:
+    """``{prefix}query_map.npy`` and ``{prefix}result_map.npy`` (float32, image size, [0, 1])."""
+    q, r = out / f"{prefix}query_map.npy", out / f"{prefix}result_map.npy"
+    np.save(q, e.query_map.astype(np.float32))
+    np.save(r, e.result_map.astype(np.float32))
+    return {"query_map": str(q), "result_map": str(r)}

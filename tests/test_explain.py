@@ -1,0 +1,210 @@
+"""SFAM: the math against its definition, maps on real photos, and the explain outputs through the CLI."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from clitools import run, run_json
+from conftest import skimage_photo
+from explain.cis import cis_cosine, cis_l2, l2_target, top_channels
+from explain.methods import SFAM, make_explainer, upsample
+
+
+def _rand(seed, n=1280, relu=True):
+    v = np.random.default_rng(seed).normal(size=n)
+    return np.maximum(v, 0) if relu else v
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_cosine_cis_sums_to_the_cosine(seed):
+    q, r = _rand(seed), _rand(seed + 100)
+    cos = q @ r / (np.linalg.norm(q) * np.linalg.norm(r))
+    assert abs(cis_cosine(q, r).sum() - cos) < 1e-12
+    mu = np.abs(_rand(seed + 200)) * 0.3
+    qc, rc = q - mu, r - mu
+    assert abs(cis_cosine(q, r, mu).sum() - qc @ rc / (np.linalg.norm(qc) * np.linalg.norm(rc))) < 1e-12
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_l2_cis_sums_to_half_the_norms_minus_the_distance(seed):
+    q, r, mu = _rand(seed), _rand(seed + 1), _rand(seed + 2) * 0.5
+    d = ((q - r) ** 2).sum()
+    target = 0.5 * (((q - mu) ** 2).sum() + ((r - mu) ** 2).sum() - d)
+    assert abs(cis_l2(q, r, mu).sum() - target) < 1e-9 * max(1, abs(target))
+    assert abs(l2_target(q, r, mu) - target) < 1e-9 * max(1, abs(target))
+    assert abs(cis_l2(q, r).sum() - q @ r) < 1e-9 * abs(q @ r)  # μ = 0 degrades to q·r
+
+
+def test_top_channels_shares():
+    cis = np.array([0.1, 0.5, -0.1, 0.3])
+    top = top_channels(cis, 2)
+    assert [t["channel"] for t in top] == [1, 3]
+    assert top[0]["share"] == pytest.approx(0.5 / 0.8)
+
+
+def test_sfam_on_real_photos_cis_matches_embedding_similarity(lite0):
+    q, r = skimage_photo("chelsea"), skimage_photo("chelsea").crop((60, 0, 360, 260))
+    e = SFAM(lite0).explain(q, r)
+    a = lite0.embed(lite0.preprocess.batch([q, r]))[1].double()
+    cos = torch.nn.functional.cosine_similarity(a[:1], a[1:]).item()
+    assert abs(e.cis.sum() - cos) < 1e-5 and abs(e.score - cos) < 1e-5
+    # the map is the ReLU of the CIS-weighted sum of the feature map's channels
+    fq = lite0.features(lite0.preprocess.batch([q]))[0].double()
+    expect = torch.relu(torch.einsum("c,chw->hw", torch.as_tensor(e.cis), fq)).numpy()
+    np.testing.assert_allclose(e.query_raw, expect, rtol=1e-4, atol=1e-6)
+
+
+def test_identical_images_give_identical_maps(lite0):
+    img = skimage_photo("astronaut")
+    for metric in ("cosine", "l2"):
+        e = SFAM(lite0, metric=metric, mu=np.zeros(1280)).explain(img, img.copy())
+        assert np.array_equal(e.query_map, e.result_map)
+        assert np.array_equal(e.query_raw, e.result_raw)
+
+
+@pytest.mark.parametrize("size", [(333, 127), (127, 333), (1, 1), (4001, 61), (225, 224)])
+def test_map_shape_is_the_image_shape(lite0, size):
+    img = skimage_photo("coffee").resize(size)
+    e = SFAM(lite0).explain(skimage_photo("coffee"), img)
+    assert e.result_map.shape == (size[1], size[0]) and e.result_map.dtype == np.float32
+    assert e.query_map.shape == (400, 600)
+    assert 0 <= e.result_map.min() and e.result_map.max() <= 1
+
+
+def test_upsampling_undoes_the_squash():
+    raw = np.zeros((7, 7))
+    raw[:, 0] = 1  # the leftmost feature column is hot
+    m = upsample(raw, (100, 700))
+    assert m.shape == (100, 700) and m.max() == 1
+    cols = m.mean(0)
+    assert cols[:50].mean() > 0.9 and cols[200:].max() == 0  # 1/7 of the width, bilinear fringe aside
+
+
+def test_result_map_points_at_the_pasted_object(lite0):
+    """A clear-cut composite of real photos: the cat pasted off-centre into a brick wall."""
+    cat = skimage_photo("chelsea")
+    scene = skimage_photo("brick").resize((224, 224))
+    x0, y0 = 120, 20
+    scene.paste(cat.resize((88, 88)), (x0, y0))
+    e = SFAM(lite0).explain(cat, scene)
+    yy, xx = np.unravel_index(np.argmax(e.result_map), e.result_map.shape)
+    assert x0 <= xx < x0 + 88 and y0 <= yy < y0 + 88
+    inside = e.result_map[y0:y0 + 88, x0:x0 + 88].sum() / e.result_map.sum()
+    assert inside > 0.3  # the box is 15 % of the area
+
+
+def test_random_weights_change_the_maps(lite0):
+    from retrieval.models import load_backbone
+
+    q, r = skimage_photo("coffee"), skimage_photo("chelsea")
+    a = SFAM(lite0).explain(q, r).result_map
+    b = SFAM(load_backbone(random_weights=True, fast="eager")).explain(q, r).result_map
+    ra, rb = np.argsort(np.argsort(a.ravel())), np.argsort(np.argsort(b.ravel()))
+    assert np.corrcoef(ra, rb)[0, 1] < 0.9
+
+
+@pytest.mark.parametrize("method", ["gradcam", "occlusion"])
+def test_baselines_share_the_interface(lite0, method):
+    q, r = skimage_photo("chelsea"), skimage_photo("chelsea").crop((60, 0, 360, 260))
+    ex = make_explainer(method, lite0)
+    if method == "occlusion":
+        ex.patch_fraction, ex.stride_fraction = 1 / 4, 1 / 4  # coarse: keep the test fast
+    e = ex.explain(q, r)
+    assert e.method == method and e.result_map.shape == (260, 300) and e.query_map.shape == (300, 451)
+    assert e.result_map.max() == pytest.approx(1.0) and e.cis is None
+    assert e.score == pytest.approx(SFAM(lite0).explain(q, r).score, abs=1e-4)
+
+
+def test_explain_cli_writes_every_file(tmp_path):
+    a, b = tmp_path / "cat.png", tmp_path / "cat crop.jpg"
+    cat = skimage_photo("chelsea")
+    cat.save(a)
+    cat.crop((50, 10, 351, 287)).save(b, quality=90)  # odd size: 301×277
+    out = tmp_path / "out"
+    doc = run_json("explain", a, b, "--out", out)
+    assert {"query_map.npy", "result_map.npy", "pair.png", "report.html", "explain.json"} <= {p.name for p in out.iterdir()}
+    qm, rm = np.load(out / "query_map.npy"), np.load(out / "result_map.npy")
+    assert qm.dtype == rm.dtype == np.float32 and qm.shape == (300, 451) and rm.shape == (277, 301)
+    assert 0 <= rm.min() and rm.max() == pytest.approx(1.0)
+    saved = json.loads((out / "explain.json").read_text())
+    assert saved["metric"] == "cosine" and saved["method"] == "sfam" and saved["model"] == "efficientnet_lite0"
+    assert saved["cis_sums_to_score"] is True and abs(saved["cis_sum"] - saved["score"]) < 1e-5
+    assert len(saved["top_channels"]) == 10 and all(set(c) == {"channel", "cis", "share"} for c in saved["top_channels"])
+    assert doc["files"]["report"] == str(out / "report.html")
+    with Image.open(out / "pair.png") as im:
+        assert im.format == "PNG" and im.width > im.height
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 2 and "share" in html and "http" not in html.split("<body")[0]
+
+
+def test_explain_cli_l2_and_errors(tmp_path):
+    a = tmp_path / "a.png"
+    skimage_photo("coffee").save(a)
+    doc = run_json("explain", a, a, "--metric", "l2", "--out", tmp_path / "o")
+    assert doc["metric"] == "l2" and doc["distance"] == pytest.approx(0, abs=1e-6)
+    assert doc["cis_sum"] == pytest.approx(doc["cis_target"], rel=1e-6)
+    bad = tmp_path / "bad.jpg"
+    bad.write_text("nope")
+    r = run("explain", a, bad, ok=False)
+    assert r.exit_code == 1 and str(bad) in r.stderr and "Traceback" not in r.stderr
+
+
+def test_search_explain_outputs(photos, tmp_path):
+    idx, out = tmp_path / "idx", tmp_path / "ex"
+    run_json("index", photos, "--index", idx)
+    res = json.loads(run("search", photos / "chelsea.jpg", "--index", idx, "-k", "3", "--explain", "--out", out,
+                         "--json").stdout)
+    assert len(res["results"]) == 3
+    for h in res["results"]:
+        ex = h["explanation"]
+        nn = f"{h['rank']:02d}"
+        assert ex["query_map"] == str(out / f"{nn}_query_map.npy") and ex["png"] == str(out / f"{nn}.png")
+        with Image.open(h["path"]) as im:
+            assert np.load(ex["result_map"]).shape == (im.height, im.width)
+        assert ex["cis_sum"] == pytest.approx(ex["explained_score"], abs=1e-5)
+        assert ex["similarity"] == "cosine of μ-centred embeddings at 448 px"  # the index's recorded default
+    assert (out / "report.html").exists()
+    text = run("search", photos / "chelsea.jpg", "--index", idx, "-k", "2", "--explain", "--out", tmp_path / "t").stdout
+    assert f"report: {tmp_path / 't' / 'report.html'}" in text
+
+
+def test_search_explain_with_uncentred_settings_explains_the_search_score(photos, tmp_path):
+    from retrieval.store import IndexStore
+
+    idx = tmp_path / "idx"
+    run_json("index", photos, "--index", idx)
+    with IndexStore.open(idx, writable=True) as store:
+        assert store.settings.explain == {"method": "sfam", "centre": True, "input_size": 448}
+        store.set_value("explain", {"method": "sfam", "centre": False, "input_size": None})
+    res = json.loads(run("search", photos / "coffee.png", "--index", idx, "-k", "2", "--explain", "--out",
+                         tmp_path / "ex", "--json").stdout)
+    for h in res["results"]:  # same backbone, input size and metric, no centring: Σ CIS = the search score
+        assert h["explanation"]["explained_score"] == pytest.approx(h["score"], abs=1e-4)
+        assert h["explanation"]["cis_sum"] == pytest.approx(h["score"], abs=1e-4)
+
+
+def test_explain_with_an_index_uses_its_settings(photos, tmp_path):
+    idx = tmp_path / "idx"
+    run_json("index", photos, "--index", idx, "--metric", "l2")
+    doc = run_json("explain", photos / "chelsea.jpg", photos / "more" / "cat_crop.jpg", "--index", idx,
+                   "--out", tmp_path / "o")
+    assert doc["metric"] == "l2" and doc["input_size"] == 448 and doc["index"] == str(idx)
+    assert doc["cis_sum"] == pytest.approx(doc["cis_target"], rel=1e-6)
+    r = run("explain", photos / "chelsea.jpg", photos / "coffee.png", "--index", idx, "--metric", "cosine", ok=False)
+    assert r.exit_code == 2 and "not both" in r.stderr
+
+
+def test_large_rotated_jpeg_map_is_at_the_photo_upright_size(tmp_path):
+    """Decoded at reduced size for the network (draft mode), explained at the photo's own, upright size."""
+    big = skimage_photo("chelsea").resize((2000, 1330))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise for display
+    big.save(tmp_path / "big.jpg", quality=85, exif=exif)
+    skimage_photo("chelsea").save(tmp_path / "cat.png")
+    doc = run_json("explain", tmp_path / "cat.png", tmp_path / "big.jpg", "--out", tmp_path / "o")
+    assert np.load(doc["files"]["result_map"]).shape == (2000, 1330)
+    assert doc["score"] > 0.5  # the rotated cat is still a cat
