@@ -265,6 +265,47 @@ def search(ctx, queries, index_dir, k, min_score, include_self, explain, out_dir
         raise click.ClickException(f"{failed} of {len(paths)} queries could not be read")
 
 
+# -- check --------------------------------------------------------------------------------------
+@main.command()
+@index_option
+@click.option("--repair", is_flag=True, help="Restore consistency (re-embed or drop rows, rebuild the vector file).")
+@json_option
+@click.pass_context
+def check(ctx, index_dir, repair, as_json) -> None:
+    """Verify that the index agrees with itself and with the files on disk."""
+    from retrieval.check import check_index, repair_index
+
+    directory = _index_dir(index_dir)
+    if repair:
+        from retrieval.service import backbone_for_settings
+        from retrieval.store import IndexStore
+
+        def reembed(paths):
+            from retrieval.images import load_image
+
+            with IndexStore.open(directory) as store:
+                bb = backbone_for_settings(store.settings)
+            imgs = [load_image(p, min_side=bb.preprocess.size) for p in paths]
+            return bb.embed_images(imgs)[1].numpy()
+
+        before = repair_index(directory, reembed)
+        rep = check_index(directory)
+        rep.repaired = before.repaired
+    else:
+        rep = check_index(directory)
+    if as_json:
+        click.echo(json.dumps(rep.to_dict()))
+    else:
+        for what in rep.repaired:
+            click.echo(f"repaired: {what}")
+        for p in rep.problems():
+            click.echo(p)
+        click.echo(f"{rep.index}: {rep.images} images, {rep.vectors} vectors: "
+                   + ("consistent" if rep.consistent else "NOT consistent (run `retrieve check --repair`)"))
+    if not rep.consistent:
+        ctx.exit(1)
+
+
 def _index_explainer(store, backbone, method: str | None, input_size: int | None = None):
     """The explainer an index prescribes (its recorded explain settings); reuses ``backbone`` if it fits."""
     from explain.methods import make_explainer

@@ -1,0 +1,114 @@
+"""``retrieve check``: is the index consistent with itself and with the files? ``--repair`` restores it."""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from sqlalchemy import delete, func, select
+
+from .errors import RetrieveError
+from .store import FAISS_NAME, ImageRow, IndexStore, SkippedRow
+
+
+@dataclass
+class CheckReport:
+    index: str
+    images: int = 0
+    vectors: int = 0  # in the FAISS file on disk
+    faiss_file: str = "ok"  # ok | missing | unreadable | wrong dimension
+    rows_without_vector: list = field(default_factory=list)  # ids
+    vectors_without_row: list = field(default_factory=list)  # ids
+    bad_embeddings: list = field(default_factory=list)  # ids whose stored embedding is damaged
+    missing_files: list = field(default_factory=list)  # paths
+    repaired: list = field(default_factory=list)  # what --repair did, in words
+
+    @property
+    def consistent(self) -> bool:
+        return (self.faiss_file == "ok" and not self.rows_without_vector and not self.vectors_without_row
+                and not self.bad_embeddings and not self.missing_files)
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.faiss_file != "ok":
+            out.append(f"vector file {self.faiss_file}")
+        if self.rows_without_vector:
+            out.append(f"{len(self.rows_without_vector)} images have no vector in the FAISS file")
+        if self.vectors_without_row:
+            out.append(f"{len(self.vectors_without_row)} vectors in the FAISS file have no image row")
+        if self.bad_embeddings:
+            out.append(f"{len(self.bad_embeddings)} stored embeddings are damaged")
+        out += [f"missing file: {p}" for p in self.missing_files]
+        return out
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["consistent"] = self.consistent
+        d["problems"] = self.problems()
+        return d
+
+
+def check_index(directory: str | os.PathLike) -> CheckReport:
+    """Read-only verification of an index directory."""
+    import faiss
+
+    with IndexStore.open(directory) as store:
+        st = store.settings
+        rep = CheckReport(index=str(store.directory))
+        with store.session() as s:
+            rows = s.execute(select(ImageRow.id, ImageRow.path, func.length(ImageRow.vector))).all()
+        rep.images = len(rows)
+        ids = np.array([r[0] for r in rows], np.int64)
+        rep.bad_embeddings = [int(r[0]) for r in rows if r[2] != st.dim * 4]
+        rep.missing_files = [r[1] for r in rows if not os.path.isfile(r[1])]
+        path = store.directory / FAISS_NAME
+        have = np.zeros(0, np.int64)
+        if not path.exists():
+            rep.faiss_file = "missing" if rows else "ok"
+        else:
+            try:
+                index = faiss.read_index(str(path))
+                if index.d != st.dim:
+                    rep.faiss_file = "wrong dimension"
+                else:
+                    rep.vectors = index.ntotal
+                    have = faiss.vector_to_array(index.id_map) if index.ntotal else have
+            except RuntimeError:
+                rep.faiss_file = "unreadable"
+        if rep.faiss_file == "ok":
+            rep.rows_without_vector = np.setdiff1d(ids, have).tolist()
+            rep.vectors_without_row = np.setdiff1d(have, ids).tolist()
+        return rep
+
+
+def repair_index(directory: str | os.PathLike, reembed=None) -> CheckReport:
+    """Restore consistency: rows with damaged embeddings are re-embedded (``reembed(paths) -> vectors``)
+    when their file exists, else dropped; rows of vanished files are dropped; the FAISS file is rebuilt
+    from the rows. Returns the report of the state before, with ``repaired`` filled in."""
+    rep = check_index(directory)
+    with IndexStore.open(directory, writable=True, what="retrieve check --repair") as store:
+        drop = set(rep.missing_files)
+        with store.session() as s, s.begin():
+            bad = s.execute(select(ImageRow.id, ImageRow.path).where(ImageRow.id.in_(rep.bad_embeddings))).all()
+        fixable = [(i, p) for i, p in bad if p not in drop and os.path.isfile(p)]
+        if fixable and reembed is not None:
+            vecs = reembed([p for _, p in fixable])
+            with store.session() as s, s.begin():
+                for (i, _), v in zip(fixable, vecs):
+                    s.get(ImageRow, i).vector = np.asarray(v, np.float32).tobytes()
+            rep.repaired.append(f"re-embedded {len(fixable)} images with damaged embeddings")
+        else:
+            drop |= {p for _, p in fixable}
+        drop |= {p for i, p in bad if not os.path.isfile(p)}
+        if drop:
+            with store.session() as s, s.begin():
+                for p in drop:
+                    s.execute(delete(ImageRow).where(ImageRow.path == p))
+            rep.repaired.append(f"dropped {len(drop)} images whose files are gone or unreadable")
+        if not rep.consistent or drop:
+            store.rebuild_faiss()
+            store.update_mean()
+            store.save_faiss()
+            rep.repaired.append(f"rebuilt the vector file from {store.count()} stored embeddings")
+    return rep

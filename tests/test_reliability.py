@@ -1,0 +1,313 @@
+"""Hostile files, interruptions, concurrent use and damaged indexes never cost the user their index."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import struct
+import subprocess
+import sys
+import time
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from clitools import ROOT, entry_point, run, run_json, run_process
+from conftest import skimage_photo
+from retrieval.check import check_index
+from retrieval.store import IndexStore
+
+
+def png_bomb(path, w=60000, h=60000):
+    """A valid PNG header claiming w×h pixels, with almost no data: must be refused without allocating."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 100))
+                     + chunk(b"IEND", b""))
+
+
+def test_hostile_collection(tmp_path):
+    d = tmp_path / "hostile collection"
+    (d / "sub dir ünïcødé").mkdir(parents=True)
+    cat = skimage_photo("chelsea")
+    good = {}
+    # valid, if unusual
+    cat.save(d / "sub dir ünïcødé" / "kätzchen 猫.jpg"); good["unicode"] = 1
+    cat.convert("CMYK").save(d / "cmyk.jpg"); good["cmyk"] = 1
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    cat.save(d / "rotated.jpg", exif=exif); good["rotated"] = 1
+    Image.fromarray(np.asarray(cat.convert("L"), np.uint16) * 257).save(d / "sixteen.png"); good["16bit"] = 1
+    frames = [cat.resize((120, 80)), skimage_photo("coffee").resize((120, 80))]
+    frames[0].save(d / "animated.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    good["gif"] = 1
+    pal = cat.convert("P", palette=Image.ADAPTIVE)
+    pal.info["transparency"] = 0
+    pal.save(d / "palette_transparent.png", transparency=0); good["palette"] = 1
+    Image.new("RGB", (1, 1), (9, 99, 199)).save(d / "one.png"); good["1x1"] = 1
+    cat.resize((4000, 60)).save(d / "panorama.jpg"); good["panorama"] = 1
+    # broken
+    (d / "zero.jpg").write_bytes(b"")
+    data = (d / "cmyk.jpg").read_bytes()
+    (d / "eighth.jpg").write_bytes(data[: len(data) // 8])
+    (d / "text.png").write_text("just text")
+    png_bomb(d / "bomb.png")
+    os.symlink(d, d / "sub dir ünïcødé" / "loop")  # a symlink loop
+    (d / "readme.txt").write_text("ignored")
+    t = time.perf_counter()
+    r = run("index", d, "--index", tmp_path / "idx", "--json")
+    rep = json.loads(r.stdout)
+    assert rep["indexed"] == len(good) == rep["total"] and rep["skipped"] == 4
+    reasons = dict(line.split(": ", 1) for line in r.stderr.strip().splitlines())
+    assert set(reasons) == {str(d / n) for n in ("zero.jpg", "eighth.jpg", "text.png", "bomb.png")}
+    assert reasons[str(d / "zero.jpg")] == "empty file"
+    assert "truncated" in reasons[str(d / "eighth.jpg")]
+    assert "decompression bomb" in reasons[str(d / "bomb.png")]
+    assert time.perf_counter() - t < 60
+    with IndexStore.open(tmp_path / "idx") as store:
+        rot = store.row_by_path(str(d / "rotated.jpg"))
+        assert (rot.width, rot.height) == (300, 451)  # indexed upright
+        assert store.row_by_path(str(d / "sub dir ünïcødé" / "kätzchen 猫.jpg")) is not None
+    assert check_index(tmp_path / "idx").consistent
+
+
+def test_bomb_is_refused_quickly():
+    from retrieval.errors import ImageError
+    from retrieval.images import load_image
+    import tempfile, pathlib
+
+    with tempfile.TemporaryDirectory() as t:
+        p = pathlib.Path(t) / "b.png"
+        png_bomb(p)
+        start = time.perf_counter()
+        with pytest.raises(ImageError, match="bomb"):
+            load_image(p)
+        assert time.perf_counter() - start < 1
+
+
+def test_empty_folder_and_vanishing_file(tmp_path):
+    (tmp_path / "empty").mkdir()
+    rep = run_json("index", tmp_path / "empty", "--index", tmp_path / "idx")
+    assert rep["total"] == 0 and rep["indexed"] == 0
+    # a file deleted between scan and read is skipped with a reason, not fatal
+    from indexer import run as indexer_run
+
+    d = tmp_path / "photos"
+    d.mkdir()
+    skimage_photo("coffee").save(d / "a.png")
+    skimage_photo("chelsea").save(d / "b.png")
+    real_scan = indexer_run.scan_paths
+
+    def scan_then_delete(paths):
+        entries = list(real_scan(paths))
+        os.remove(d / "b.png")
+        return entries
+
+    indexer_run.scan_paths = scan_then_delete
+    try:
+        rep = indexer_run.index_paths([d], tmp_path / "idx2")
+    finally:
+        indexer_run.scan_paths = real_scan
+    assert rep.indexed == 1 and rep.skipped == 1
+    assert rep.skipped_files == [{"path": str(d / "b.png"), "reason": "no such file"}]
+
+
+@pytest.fixture(scope="module")
+def many_photos(tmp_path_factory):
+    """300 distinct small real photos (crops of scikit-image's photos at varied places and sizes)."""
+    d = tmp_path_factory.mktemp("many")
+    rng = np.random.default_rng(0)
+    sources = [skimage_photo(n) for n in ("chelsea", "coffee", "astronaut", "rocket", "camera", "hubble_deep_field")]
+    for i in range(300):
+        src = sources[i % len(sources)]
+        w, h = src.size
+        cw, ch = int(rng.integers(w // 3, w)), int(rng.integers(h // 3, h))
+        x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+        src.crop((x0, y0, x0 + cw, y0 + ch)).resize((160, 120)).save(d / f"{i:03d}.jpg", quality=85)
+    return d
+
+
+def _count(idx) -> int:
+    db = idx / "index.db"
+    if not db.exists():
+        return 0
+    try:
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+        try:
+            return con.execute("select count(*) from images").fetchone()[0]
+        finally:
+            con.close()
+    except sqlite3.OperationalError:
+        return 0
+
+
+def _start_index(photos, idx, *extra) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RETRIEVE_THREADS": "1"}
+    return subprocess.Popen(entry_point() + ["index", str(photos), "--index", str(idx), "--batch-size", "8",
+                                             "--json", *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def _wait_for_rows(idx, proc, at_least: int, timeout: float = 60) -> int:
+    end = time.time() + timeout
+    while time.time() < end and proc.poll() is None:
+        n = _count(idx)
+        if n >= at_least:
+            return n
+        time.sleep(0.05)
+    return _count(idx)
+
+
+def test_kill_9_at_random_moments_then_complete(many_photos, tmp_path):
+    idx = tmp_path / "idx"
+    rng = np.random.default_rng(1)
+    for target in sorted(rng.integers(10, 280, 3)):
+        p = _start_index(many_photos, idx)
+        _wait_for_rows(idx, p, int(target))
+        time.sleep(float(rng.random()) * 0.3)
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        if p.returncode == 0:
+            break  # finished before the kill landed
+        if (idx / "index.db").exists():  # the killed index opens, and reconciled with its rows it is whole
+            import faiss
+
+            with IndexStore.open(idx) as store:
+                index = store.faiss_index()
+                assert index.ntotal == store.count()
+                if index.ntotal:
+                    assert len(set(faiss.vector_to_array(index.id_map).tolist())) == index.ntotal
+    p = _start_index(many_photos, idx)
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+    rep = json.loads(out)
+    assert rep["total"] == 300 and rep["skipped"] == 0
+    with IndexStore.open(idx) as store:
+        with store.session() as s:
+            from sqlalchemy import func, select
+
+            from retrieval.store import ImageRow
+
+            paths = s.execute(select(ImageRow.path)).scalars().all()
+    assert len(paths) == len(set(paths)) == 300
+    c = check_index(idx)
+    assert c.consistent and c.vectors == 300
+
+
+def test_ctrl_c_stops_cleanly_and_keeps_the_work(many_photos, tmp_path):
+    idx = tmp_path / "idx"
+    p = _start_index(many_photos, idx)
+    _wait_for_rows(idx, p, 40)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and "Traceback" not in err
+    assert "Interrupted" in err and "run the same command again" in err
+    kept = json.loads(out)["total"]
+    assert 40 <= kept < 300 and _count(idx) == kept
+    assert check_index(idx).consistent
+    rep = run_json("index", many_photos, "--index", idx)
+    assert rep["indexed"] == 300 - kept and rep["total"] == 300
+
+
+def test_second_writer_is_refused_and_search_reads_meanwhile(photos, tmp_path):
+    idx = tmp_path / "idx"
+    run_json("index", photos, "--index", idx)
+    holder = IndexStore.open(idx, writable=True, what="retrieve index")  # another writer holds the lock
+    try:
+        r = run("index", photos, "--index", idx, ok=False)
+        assert r.exit_code == 1 and f"pid {os.getpid()}" in r.stderr and "retrieve index" in r.stderr
+        res = json.loads(run("search", photos / "chelsea.jpg", "--index", idx, "--json").stdout)
+        assert res["results"][0]["path"] == str(photos / "more" / "cat_crop.jpg")
+    finally:
+        holder.close()
+    assert run_json("index", photos, "--index", idx)["unchanged"] == 9
+
+
+def test_check_detects_and_repairs(photos, tmp_path):
+    idx = tmp_path / "idx"
+    run_json("index", photos, "--index", idx)
+    assert run_json("check", "--index", idx)["consistent"] is True
+    # damage: truncate the FAISS file, delete a photo, corrupt one stored embedding
+    f = idx / "vectors.faiss"
+    f.write_bytes(f.read_bytes()[:100])
+    os.remove(photos / "horse.png")
+    con = sqlite3.connect(idx / "index.db")
+    con.execute("update images set vector = x'00' where path = ?", (str(photos / "coffee.png"),))
+    con.commit()
+    con.close()
+    r = run("check", "--index", idx, "--json", ok=False)
+    assert r.exit_code == 1
+    rep = json.loads(r.stdout)
+    assert rep["consistent"] is False and rep["faiss_file"] == "unreadable"
+    assert rep["missing_files"] == [str(photos / "horse.png")] and len(rep["bad_embeddings"]) == 1
+    r = run("check", "--index", idx, "--repair")
+    assert "re-embedded 1" in r.stdout and "dropped 1" in r.stdout and "consistent" in r.stdout
+    after = run_json("check", "--index", idx)
+    assert after["consistent"] and after["images"] == after["vectors"] == 8
+
+
+def test_damaged_or_foreign_index_is_a_one_line_error(photos, tmp_path):
+    idx = tmp_path / "idx"
+    run_json("index", photos, "--index", idx)
+    # a truncated FAISS file: search still answers (rebuilt from the stored embeddings in memory)
+    f = idx / "vectors.faiss"
+    f.write_bytes(f.read_bytes()[:64])
+    res = json.loads(run("search", photos / "chelsea.jpg", "--index", idx, "--json").stdout)
+    assert len(res["results"]) == 8
+    # a newer schema version
+    con = sqlite3.connect(idx / "index.db")
+    con.execute("update settings set value = '99' where key = 'schema_version'")
+    con.commit()
+    con.close()
+    p = run_process("search", photos / "chelsea.jpg", "--index", idx)
+    assert p.returncode == 1 and p.stderr.startswith("Error: ") and "newer" in p.stderr and "Traceback" not in p.stderr
+    # a garbage database
+    bad = tmp_path / "garbage"
+    bad.mkdir()
+    (bad / "index.db").write_bytes(b"this is not sqlite" * 100)
+    p = run_process("search", photos / "chelsea.jpg", "--index", bad)
+    assert p.returncode == 1 and "not a valid index database" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    p = run_process("index", photos, "--index", bad)
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    assert (bad / "index.db").read_bytes() == b"this is not sqlite" * 100  # left as it was
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores file permissions")
+def test_read_only_index_dir(photos, tmp_path):
+    idx = tmp_path / "idx"
+    run_json("index", photos, "--index", idx)
+    os.chmod(idx, 0o555)
+    try:
+        r = run("index", photos, "--index", idx, ok=False)
+        assert r.exit_code == 1 and "not writable" in r.stderr
+    finally:
+        os.chmod(idx, 0o755)
+
+
+def test_full_disk_keeps_the_previous_vector_file(photos, tmp_path, monkeypatch):
+    idx = tmp_path / "idx"
+    run_json("index", photos, "--index", idx)
+    before = (idx / "vectors.faiss").read_bytes()
+    skimage_photo("coins").rotate(90).save(photos / "new.png")
+    import faiss
+
+    def no_space(index, path):
+        with open(path, "wb") as f:
+            f.write(b"partial")
+        raise RuntimeError("write failed: No space left on device")
+
+    monkeypatch.setattr(faiss, "write_index", no_space)
+    r = run("index", photos, "--index", idx, ok=False)
+    assert r.exit_code == 1 and "cannot write the vector file" in r.stderr and "previous one is intact" in r.stderr
+    assert (idx / "vectors.faiss").read_bytes() == before
+    assert not list(idx.glob(".*.tmp"))
+    monkeypatch.undo()
+    lag = json.loads(run("check", "--index", idx, "--json", ok=False).stdout)
+    assert lag["rows_without_vector"] and not lag["vectors_without_row"]  # rows committed, file behind
+    assert run_json("index", photos, "--index", idx)["total"] == 10  # space again: the next run catches up
+    assert run_json("check", "--index", idx)["consistent"]
