@@ -121,12 +121,15 @@ class _Bar:
 @click.option("--faiss", "faiss_factory", default=None, metavar="FACTORY",
               help="Advanced: a FAISS factory string for a new index (instead of --index-type).")
 @click.option("--input-size", type=click.IntRange(32, 2048), default=None, help="Input side in pixels of a new index.")
+@click.option("--head", default=None, metavar="none|pca|pca-whiten[:D]",
+              help="Linear head of a new index, fitted on the collection [default: none].")
+@click.option("--refit", is_flag=True, help="Re-fit the index's linear head on the whole collection now.")
 @click.option("--batch-size", type=click.IntRange(1, 1024), default=32, show_default=True)
 @click.option("--workers", type=click.IntRange(1, 64), default=None, help="Decoding threads [default: up to 4].")
 @json_option
 @click.pass_context
-def index(ctx, paths, index_dir, model, weights, metric, index_type, faiss_factory, input_size, batch_size,
-          workers, as_json) -> None:
+def index(ctx, paths, index_dir, model, weights, metric, index_type, faiss_factory, input_size, head, refit,
+          batch_size, workers, as_json) -> None:
     """Index the photos under PATHS (recursively); re-runs only embed what changed."""
     from indexer import index_paths
 
@@ -143,7 +146,7 @@ def index(ctx, paths, index_dir, model, weights, metric, index_type, faiss_facto
     try:
         report = index_paths(paths, _index_dir(index_dir), model=model, weights=weights, metric=metric,
                              index_type=index_type, faiss_factory=faiss_factory, input_size=input_size,
-                             batch_size=batch_size, workers=workers, progress=bar, on_skip=on_skip)
+                             head=head, refit=refit, batch_size=batch_size, workers=workers, progress=bar, on_skip=on_skip)
     finally:
         bar.close()
     if as_json:
@@ -176,7 +179,8 @@ def info(index_dir, as_json) -> None:
         updated = store.get_value("updated_at")
         d = {"index": str(store.directory), "model": st.model, "weights": st.weights_source,
              "input_size": st.preprocess.get("size"), "metric": st.metric, "index_type": st.index_type,
-             "faiss_factory": st.faiss_factory, "dim": st.dim, "images": store.count(), "skipped_files": skipped,
+             "faiss_factory": st.faiss_factory, "dim": st.dim, "head": _head_text(store),
+             "images": store.count(), "skipped_files": skipped,
              "size_bytes": store.size_on_disk(), "schema_version": st.schema_version,
              "created_at": _iso(st.created_at), "updated_at": _iso(updated) if updated else None}
     if as_json:
@@ -187,6 +191,15 @@ def info(index_dir, as_json) -> None:
         if k == "size_bytes":
             k, v = "size on disk", _human(v)
         click.echo(f"{k.replace('_', ' '):<{width}}  {v}")
+
+
+def _head_text(store) -> str:
+    cfg = store.settings.head
+    if not cfg:
+        return "none"
+    h = store.head
+    fitted = f"fitted on {h.fitted_on} images, {h.dim} dims" if h is not None else "not fitted yet"
+    return f"{cfg['type']}:{cfg['dim']} ({fitted})"
 
 
 def _iso(t: float) -> str:
@@ -208,6 +221,8 @@ def _human(n: float) -> str:
 @click.option("-k", "k", type=click.IntRange(1, 10000), default=10, show_default=True, help="Results per query.")
 @click.option("--min-score", type=float, default=None, help="Drop results scoring below this.")
 @click.option("--include-self", is_flag=True, help="Keep a query that is in the index in its own results.")
+@click.option("--qe", type=click.IntRange(0, 100), default=0, show_default=True,
+              help="Average query expansion with the top N results (0 = off).")
 @click.option("--explain", is_flag=True, help="Write heat maps and a report explaining each result.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="With --explain: output directory [default: ./retrieve-explain-<query>-<time>].")
@@ -215,7 +230,7 @@ def _human(n: float) -> str:
               help="With --explain: how maps are found [default: the index's, sfam].")
 @json_option
 @click.pass_context
-def search(ctx, queries, index_dir, k, min_score, include_self, explain, out_dir, method, as_json) -> None:
+def search(ctx, queries, index_dir, k, min_score, include_self, qe, explain, out_dir, method, as_json) -> None:
     """Find the nearest neighbours of QUERIES (image files or folders of them)."""
     from retrieval.search import Searcher, expand_queries
     from retrieval.service import backbone_for_settings
@@ -231,7 +246,7 @@ def search(ctx, queries, index_dir, k, min_score, include_self, explain, out_dir
     with IndexStore.open(_index_dir(index_dir)) as store:
         searcher = Searcher(store, backbone_for_settings(store.settings))
         explainer = _index_explainer(store, searcher.backbone, method) if explain else None
-        for qi, res in enumerate(searcher.search_paths(paths, k, include_self=include_self, min_score=min_score)):
+        for qi, res in enumerate(searcher.search_paths(paths, k, include_self=include_self, min_score=min_score, qe=qe)):
             if res.error:
                 failed += 1
                 click.echo(f"{res.query}: {res.error}", err=True)
@@ -317,7 +332,8 @@ def _index_explainer(store, backbone, method: str | None, input_size: int | None
     bb = backbone
     if bb is None or size != bb.preprocess.size:
         bb = backbone_for_settings(store.settings, input_size=size)
-    return make_explainer(method or ex.method, bb, metric=store.settings.metric, mu=store.mean, centre=ex.centre)
+    return make_explainer(method or ex.method, bb, metric=store.settings.metric, mu=store.mean, centre=ex.centre,
+                          head=store.head)
 
 
 def _explain_meta(store, explainer) -> dict:

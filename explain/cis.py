@@ -36,6 +36,23 @@ def cis_l2(q, r, mu=None) -> np.ndarray:
     return (q - m) * (r - m)
 
 
+def cis_head(q, r, mean, proj, metric: str) -> dict:
+    """CIS through a linear head ``e = P(a − m)``, in backbone-channel space (``G = PᵀP``).
+
+    ``CIS_k = (q − m)_k (G (r − m))_k``, divided by ``‖e_q‖‖e_r‖`` for cosine; it sums to ``cos(e_q, e_r)``
+    (cosine) or to ``e_q·e_r = ½(‖e_q‖² + ‖e_r‖² − ‖e_q − e_r‖²)`` (l2). Returns the score fields.
+    """
+    q, r, m, p = _vec(q), _vec(r), _vec(mean), np.asarray(proj, np.float64)
+    qc, rc = q - m, r - m
+    eq, er = p @ qc, p @ rc
+    cis = qc * (p.T @ er)
+    if metric == "cosine":
+        cis = cis / max(np.linalg.norm(eq) * np.linalg.norm(er), 1e-12)
+        return {"score": float(cis.sum()), "cis": cis, "cis_target": float(eq @ er / max(np.linalg.norm(eq) * np.linalg.norm(er), 1e-12))}
+    d = float(((eq - er) ** 2).sum())
+    return {"score": -d, "distance": d, "cis": cis, "cis_target": float(0.5 * (eq @ eq + er @ er - d))}
+
+
 def cosine(q, r, mu=None) -> float:
     return float(cis_cosine(q, r, mu).sum())
 

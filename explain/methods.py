@@ -17,7 +17,7 @@ from PIL import Image
 from retrieval.backbone import Backbone
 from retrieval.errors import RetrieveError
 
-from .cis import cis_cosine, cis_l2, l2_target, top_channels
+from .cis import cis_cosine, cis_head, cis_l2, l2_target, top_channels
 
 
 @dataclass
@@ -80,17 +80,21 @@ class Explainer:
     needs_grad = False
 
     def __init__(self, backbone: Backbone, metric: str = "cosine", mu: np.ndarray | None = None,
-                 centre: bool = False):
+                 centre: bool = False, head=None):
         if metric not in ("cosine", "l2"):
             raise RetrieveError(f"unknown metric {metric!r}")
         self.backbone = backbone
         self.metric = metric
         self.mu = None if mu is None else np.asarray(mu, np.float64).reshape(-1)
-        self.centre = centre and mu is not None and metric == "cosine"
+        self.head = head  # retrieval.head.LinearHead: e = P(a − m); it centres by itself
+        self.centre = centre and mu is not None and metric == "cosine" and head is None
 
     def describe(self) -> str:
         """What similarity the maps explain, in words (goes into reports and JSON)."""
         size = self.backbone.preprocess.size
+        if self.head is not None:
+            what = "cosine" if self.metric == "cosine" else "squared L2 distance"
+            return f"{what} of the index's linear head outputs (e = P(a − m), {self.head.dim} dims) at {size} px"
         if self.metric == "cosine":
             return f"cosine of {'μ-centred ' if self.centre else ''}embeddings at {size} px"
         return f"squared L2 distance at {size} px; CIS relative to {'μ' if self.mu is not None else 'the origin'}"
@@ -120,6 +124,8 @@ class Explainer:
 
     def similarity(self, q, r) -> dict:
         """Score fields for pooled vectors ``q``, ``r`` (numpy), with the CIS and what it sums to."""
+        if self.head is not None:
+            return cis_head(q, r, self.head.mean, self.head.proj, self.metric)
         if self.metric == "cosine":
             mu = self.mu if self.centre else None
             cis = cis_cosine(q, r, mu)
@@ -129,10 +135,14 @@ class Explainer:
 
     def torch_similarity(self, q: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         """Differentiable similarity of pooled vectors (batch × C), higher is better."""
+        if self.head is not None:
+            m = torch.as_tensor(self.head.mean, dtype=q.dtype, device=q.device)
+            p = torch.as_tensor(self.head.proj, dtype=q.dtype, device=q.device)
+            q, r = (q - m) @ p.T, (r - m) @ p.T
+        elif self.metric == "cosine" and self.centre:
+            m = torch.as_tensor(self.mu, dtype=q.dtype, device=q.device)
+            q, r = q - m, r - m
         if self.metric == "cosine":
-            if self.centre:
-                m = torch.as_tensor(self.mu, dtype=q.dtype, device=q.device)
-                q, r = q - m, r - m
             return F.cosine_similarity(q, r, dim=-1)
         return -((q - r) ** 2).sum(-1)
 
@@ -230,9 +240,9 @@ METHODS: dict[str, type[Explainer]] = {"sfam": SFAM, "gradcam": GradCAM, "occlus
 
 
 def make_explainer(method: str, backbone: Backbone, metric: str = "cosine", mu: np.ndarray | None = None,
-                   centre: bool = False) -> Explainer:
+                   centre: bool = False, head=None) -> Explainer:
     try:
         cls = METHODS[method]
     except KeyError:
         raise RetrieveError(f"unknown method {method!r} (one of {', '.join(METHODS)})") from None
-    return cls(backbone, metric=metric, mu=mu, centre=centre)
+    return cls(backbone, metric=metric, mu=mu, centre=centre, head=head)

@@ -24,6 +24,7 @@ from retrieval.backbone import Backbone
 from retrieval.errors import ImageError, RetrieveError
 from retrieval.images import decode_image
 from retrieval.models import DEFAULT_MODEL, load_backbone
+from retrieval.head import parse_head
 from retrieval.service import backbone_for_settings
 from retrieval.store import ImageRow, IndexSettings, IndexStore, SkippedRow, default_explain, factory_for
 
@@ -78,14 +79,17 @@ class _Decoded:
 
 def index_paths(paths: Iterable[str | os.PathLike], index_dir: str | os.PathLike, *, model: str | None = None,
                 weights: str | None = None, metric: str | None = None, index_type: str | None = None,
-                faiss_factory: str | None = None, input_size: int | None = None, batch_size: int = 32,
+                faiss_factory: str | None = None, input_size: int | None = None, head: str | None = None,
+                refit: bool = False, batch_size: int = 32,
                 workers: int | None = None, progress: Progress | None = None,
                 on_skip: Callable[[str, str], None] | None = None,
                 backbone: Backbone | None = None) -> IndexReport:
     """Index (or update the index of) the images under ``paths`` into ``index_dir``; see the module docstring.
 
-    ``model``/``metric``/``index_type`` fix the settings of a new index; for an existing index they must
-    agree with the recorded ones (or be None). ``backbone`` substitutes a ready-made backbone (tests).
+    ``model``/``metric``/``index_type``/``head`` fix the settings of a new index; for an existing index
+    they must agree with the recorded ones (or be None). ``refit`` re-fits the linear head on the whole
+    collection (it is also re-fitted when the collection has doubled since). ``backbone`` substitutes a
+    ready-made backbone (tests).
     """
     t0 = time.perf_counter()
     if batch_size < 1:
@@ -100,6 +104,9 @@ def index_paths(paths: Iterable[str | os.PathLike], index_dir: str | os.PathLike
         store = IndexStore.open(index_dir, writable=True, what=what)
         try:
             store.check_compatible(model, metric)
+            if head is not None and parse_head(head) != store.settings.head:
+                raise RetrieveError(f"index {index_dir} has head {store.settings.head or 'none'}; the head is fixed "
+                                    "when the index is created (use --refit to re-fit it on the collection)")
             if index_type and index_type != store.settings.index_type:
                 raise RetrieveError(f"index {index_dir} has type {store.settings.index_type}; its type is fixed "
                                     "when it is created (use another --index directory to change it)")
@@ -113,7 +120,7 @@ def index_paths(paths: Iterable[str | os.PathLike], index_dir: str | os.PathLike
         settings = IndexSettings(model=bb.name, weights_id=bb.weights_id, weights_source=bb.weights_source,
                                  preprocess=bb.preprocess.to_dict(), metric=metric or "cosine", dim=bb.feature_dim,
                                  index_type=itype, faiss_factory=faiss_factory or factory_for(itype, bb.feature_dim, 0),
-                                 explain=default_explain(bb.preprocess.size))
+                                 explain=default_explain(bb.preprocess.size), head=parse_head(head))
         if faiss_factory:
             _check_factory(faiss_factory, bb.feature_dim)
         store = IndexStore.create(index_dir, settings, what=what)
@@ -126,7 +133,9 @@ def index_paths(paths: Iterable[str | os.PathLike], index_dir: str | os.PathLike
         report.interrupted = True
     finally:
         try:
-            if store.needs_retrain():
+            if not report.interrupted and (refit or store.head_is_stale()) and store.fit_head():
+                store.rebuild_faiss()  # every vector changes with the head
+            elif store.needs_retrain():
                 store.rebuild_faiss()
             store.update_mean()
             store.save_faiss()

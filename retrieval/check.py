@@ -69,7 +69,7 @@ def check_index(directory: str | os.PathLike) -> CheckReport:
         else:
             try:
                 index = faiss.read_index(str(path))
-                if index.d != st.dim:
+                if index.d != store.vector_dim:
                     rep.faiss_file = "wrong dimension"
                 else:
                     rep.vectors = index.ntotal

@@ -68,22 +68,56 @@ class Searcher:
         self.rerank = _tune(self.index)
 
     def search_vectors(self, raw: np.ndarray, k: int, exclude: Sequence[set[int]] | None = None,
-                       min_score: float | None = None) -> list[list[Hit]]:
-        """Top-k hits for each raw pooled embedding (rows of ``raw``), best first."""
+                       min_score: float | None = None, qe: int = 0) -> list[list[Hit]]:
+        """Top-k hits for each raw pooled embedding (rows of ``raw``), best first.
+
+        ``qe`` > 0: average query expansion — search again with the mean of the query and its top ``qe``
+        results (in the index's vector space); the hits keep their similarity to the original query.
+        """
         raw = np.atleast_2d(np.asarray(raw, np.float32))
         exclude = exclude or [set() for _ in range(len(raw))]
+        q = self.store.transform(raw)
+        hits = self._search(q, k, exclude, None if qe else min_score)
+        if qe <= 0:
+            return hits
+        return [self._expanded(q[i], h[:qe], k, exclude[i], min_score) if h else h for i, h in enumerate(hits)]
+
+    def _vectors(self, ids: Sequence[int]) -> np.ndarray:
+        rows = self.store.rows_by_ids(ids)
+        return self.store.transform(np.stack([np.frombuffer(rows[i].vector, np.float32) for i in ids]))
+
+    def _expanded(self, q: np.ndarray, top: list[Hit], k: int, exclude: set[int], min_score) -> list[Hit]:
+        qx = np.vstack([q[None], self._vectors([h.id for h in top])]).mean(0, keepdims=True)
+        if self.metric == "cosine":
+            qx /= max(float(np.linalg.norm(qx)), 1e-12)
+        new = self._search(qx.astype(np.float32), k, [exclude], None)[0]
+        if not new:
+            return new
+        v = self._vectors([h.id for h in new])
+        out = []
+        for h, vec in zip(new, v):  # the score stays the similarity to the query itself
+            if self.metric == "cosine":
+                h.score = float(vec @ q)
+            else:
+                h.distance = float(((vec - q) ** 2).sum())
+                h.score = -h.distance
+            if min_score is None or h.score >= min_score:
+                h.rank = len(out) + 1
+                out.append(h)
+        return out
+
+    def _search(self, q: np.ndarray, k: int, exclude: Sequence[set[int]], min_score) -> list[list[Hit]]:
         n = self.index.ntotal
         if n == 0 or k <= 0:
-            return [[] for _ in range(len(raw))]
+            return [[] for _ in range(len(q))]
         extra = max((len(e) for e in exclude), default=0)
         kk = min(n, (k + extra) * (RERANK_FACTOR if self.rerank else 1))
-        q = self.store.transform(raw)
         scores, ids = self.index.search(q, kk)
         rows = self.store.rows_by_ids({int(i) for i in ids.ravel() if i >= 0})
         if self.rerank:
             scores, ids = self._exact_scores(q, ids, rows)
         out = []
-        for qi in range(len(raw)):
+        for qi in range(len(q)):
             hits: list[Hit] = []
             for s, i in zip(scores[qi], ids[qi]):
                 i = int(i)
@@ -103,7 +137,7 @@ class Searcher:
         return out
 
     def search_paths(self, paths: Sequence[str], k: int = 10, *, include_self: bool = False,
-                     min_score: float | None = None, batch_size: int = 32,
+                     min_score: float | None = None, qe: int = 0, batch_size: int = 32,
                      workers: int = 2) -> Iterator[QueryResult]:
         """Decode (in threads) and embed (in batches) the query images; yield one result per query, in order."""
         pre = self.backbone.preprocess
@@ -130,7 +164,7 @@ class Searcher:
                     for i in good:
                         row = None if include_self else self.store.row_by_path(chunk[i])
                         excl.append({row.id} if row is not None else set())
-                    for i, hits, e in zip(good, self.search_vectors(raw, k, excl, min_score), raw):
+                    for i, hits, e in zip(good, self.search_vectors(raw, k, excl, min_score, qe), raw):
                         hits_for[i], emb_for[i] = hits, e
                 for i, p in enumerate(chunk):
                     err = loaded[i][1]

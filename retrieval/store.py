@@ -23,7 +23,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from .errors import IndexError_, IndexLocked, SettingsMismatch
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the `arrays` table (linear head)
 DB_NAME = "index.db"
 FAISS_NAME = "vectors.faiss"
 LOCK_NAME = "lock"
@@ -35,6 +35,8 @@ INDEX_TYPES = {
 }
 IVF_MIN_TRAIN_PER_LIST = 39  # FAISS warns below this many training points per centroid
 IVF_MIN_LISTS = 16  # below this many lists (about 600 vectors) exact search is as fast: no IVF yet
+IVF_MAX_LISTS = 1024  # k-means cost grows with lists × training points; 1024 keeps 1 M vectors trainable on a laptop
+IVF_TRAIN_PER_LIST = 64  # training sample: this many vectors per list (FAISS wants at least 39)
 
 
 class Base(DeclarativeBase):
@@ -63,6 +65,15 @@ class ImageRow(Base):
     indexed_at: Mapped[float] = mapped_column(Float)
 
 
+class ArrayRow(Base):
+    """Named float64 arrays fitted on the collection (the linear head)."""
+
+    __tablename__ = "arrays"
+    name: Mapped[str] = mapped_column(String, primary_key=True)
+    shape: Mapped[str] = mapped_column(String)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+
+
 class SkippedRow(Base):
     """A file that could not be decoded; not retried until its size or mtime changes."""
 
@@ -88,6 +99,7 @@ class IndexSettings:
     schema_version: int = SCHEMA_VERSION
     created_at: float = field(default_factory=time.time)
     explain: dict = field(default_factory=dict)  # how explanations are made; see default_explain()
+    head: dict = field(default_factory=dict)  # linear head config ({} = none); see retrieval/head.py
 
     def __post_init__(self) -> None:
         if self.metric not in ("cosine", "l2"):
@@ -114,7 +126,7 @@ def factory_for(index_type: str, dim: int, n: int) -> str:
     if index_type not in INDEX_TYPES:
         return index_type  # a user-given factory string
     if index_type == "ivfpq":
-        nlist = max(1, min(4096, int(4 * np.sqrt(max(n, 1))), n // IVF_MIN_TRAIN_PER_LIST))
+        nlist = max(1, min(IVF_MAX_LISTS, int(4 * np.sqrt(max(n, 1))), n // IVF_MIN_TRAIN_PER_LIST))
         m = next((m for m in (64, 32, 16, 8, 4, 2) if dim % m == 0 and dim // m >= 8), 1)
         return INDEX_TYPES[index_type].format(nlist=nlist, m=m)
     return INDEX_TYPES[index_type]
@@ -180,10 +192,20 @@ class IndexStore:
             store._take_lock(what)
         try:
             store.settings  # reads and validates
+            if writable and store.settings.schema_version < SCHEMA_VERSION:
+                store._upgrade()
         except Exception:
             store.close()
             raise
         return store
+
+    def _upgrade(self) -> None:
+        """Step-by-step schema upgrades (each step additive, in one transaction with the version bump)."""
+        version = self.settings.schema_version
+        if version < 2:
+            Base.metadata.create_all(self.engine, tables=[ArrayRow.__table__])
+        self.set_value("schema_version", SCHEMA_VERSION)
+        self.settings.schema_version = SCHEMA_VERSION
 
     @classmethod
     def create(cls, directory: str | os.PathLike, settings: IndexSettings, what: str = "retrieve") -> "IndexStore":
@@ -336,10 +358,69 @@ class IndexStore:
         self.set_value("mean", [float(x) for x in mean])
         return mean
 
+    # -- linear head ---------------------------------------------------------------------------
+    @property
+    def head(self):
+        """The fitted :class:`retrieval.head.LinearHead`, or None (no head configured, or not fitted yet)."""
+        if not hasattr(self, "_head"):
+            self._head = None
+            if self.settings.head:
+                from .head import LinearHead
+
+                arrays = self._arrays(["head_mean", "head_proj"])
+                if len(arrays) == 2:
+                    self._head = LinearHead(arrays["head_mean"], arrays["head_proj"],
+                                            int(self.get_value("head_fitted_on", 0)))
+        return self._head
+
+    def _arrays(self, names: list[str]) -> dict[str, np.ndarray]:
+        out = {}
+        try:
+            with Session(self.engine) as s:
+                for r in s.execute(select(ArrayRow).where(ArrayRow.name.in_(names))).scalars():
+                    out[r.name] = np.frombuffer(r.data, np.float64).reshape(json.loads(r.shape))
+        except OperationalError:
+            pass  # schema 1: no arrays table yet
+        return out
+
+    def fit_head(self) -> bool:
+        """(Re)fit the configured head on the stored embeddings; the FAISS index must then be rebuilt."""
+        from .head import fit_head
+
+        if not self.settings.head:
+            return False
+        head = fit_head((v for _, v in self.iter_vectors()), self.settings.head)
+        with Session(self.engine) as s, s.begin():
+            s.execute(delete(ArrayRow).where(ArrayRow.name.in_(["head_mean", "head_proj"])))
+            if head is not None:
+                for name, arr in (("head_mean", head.mean), ("head_proj", head.proj)):
+                    s.add(ArrayRow(name=name, shape=json.dumps(list(arr.shape)),
+                                   data=np.ascontiguousarray(arr, np.float64).tobytes()))
+                s.merge(SettingRow(key="head_fitted_on", value=json.dumps(head.fitted_on)))
+        self._head = head
+        return True
+
+    def head_is_stale(self) -> bool:
+        """A configured head that is missing, or was fitted on less than half of today's collection."""
+        if not self.settings.head:
+            return False
+        head = self.head
+        n = self.count()
+        if head is None:
+            return n >= 32
+        return n >= 2 * max(head.fitted_on, 1)
+
+    @property
+    def vector_dim(self) -> int:
+        """The dimension of the vectors FAISS holds (the head's output, else the backbone's)."""
+        return self.head.dim if self.head is not None else self.settings.dim
+
     # -- vectors (FAISS) ------------------------------------------------------------------------
     def transform(self, vecs: np.ndarray) -> np.ndarray:
-        """Raw pooled embeddings → the vectors FAISS holds (L2-normalised for cosine)."""
+        """Raw pooled embeddings → the vectors FAISS holds (through the head; L2-normalised for cosine)."""
         x = np.ascontiguousarray(vecs, dtype=np.float32)
+        if self.head is not None:
+            x = self.head.apply(x)
         if self.settings.metric == "cosine":
             x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
         return x
@@ -355,10 +436,11 @@ class IndexStore:
 
         st = self.settings
         metric = faiss.METRIC_INNER_PRODUCT if st.metric == "cosine" else faiss.METRIC_L2
-        factory = factory_for(st.index_type, st.dim, n) if st.index_type in INDEX_TYPES else st.faiss_factory
+        dim = self.vector_dim
+        factory = factory_for(st.index_type, dim, n) if st.index_type in INDEX_TYPES else st.faiss_factory
         if factory.startswith("IVF") and (n < IVF_MIN_TRAIN_PER_LIST * _nlist(factory) or _nlist(factory) < IVF_MIN_LISTS):
             factory = "Flat"  # exact search until there is enough data to train the quantiser
-        inner = faiss.index_factory(st.dim, factory, metric)
+        inner = faiss.index_factory(dim, factory, metric)
         return faiss.IndexIDMap2(inner)
 
     def _load_faiss(self):
@@ -369,7 +451,7 @@ class IndexStore:
         if path.exists():
             try:
                 index = faiss.read_index(str(path))
-                if index.d != self.settings.dim or not isinstance(index, faiss.IndexIDMap2):
+                if index.d != self.vector_dim or not isinstance(index, faiss.IndexIDMap2):
                     index = None
             except RuntimeError:
                 index = None  # damaged: rebuilt from the rows below
@@ -422,11 +504,18 @@ class IndexStore:
         n = self.count()
         index = self._new_faiss(n)
         if not index.is_trained:
-            train = np.concatenate([v for _, v in self.iter_vectors()]) if n else np.zeros((0, self.settings.dim))
-            index.train(self.transform(train))
+            index.train(self.transform(self._training_sample(IVF_TRAIN_PER_LIST * _nlist(self._factory(n)))))
         self._add_all(index)
         self._faiss = index
         return index
+
+    def _training_sample(self, m: int) -> np.ndarray:
+        """At most ``m`` stored embeddings drawn at random (all of them when there are fewer)."""
+        with Session(self.engine) as s:
+            rows = s.execute(select(ImageRow.vector).order_by(func.random()).limit(m)).scalars().all()
+        if not rows:
+            return np.zeros((0, self.settings.dim), np.float32)
+        return np.frombuffer(b"".join(rows), np.float32).reshape(len(rows), self.settings.dim)
 
     def apply(self, removed: Sequence[int] = (), add_ids: Sequence[int] = (), add_raw: np.ndarray | None = None) -> None:
         """Mirror a committed change of the rows in FAISS: ``removed`` ids go, ``add_ids`` (raw vectors) come.
@@ -460,7 +549,7 @@ class IndexStore:
 
     def _factory(self, n: int) -> str:
         st = self.settings
-        return factory_for(st.index_type, st.dim, n) if st.index_type in INDEX_TYPES else st.faiss_factory
+        return factory_for(st.index_type, self.vector_dim, n) if st.index_type in INDEX_TYPES else st.faiss_factory
 
     def save_faiss(self) -> None:
         """Write the FAISS file atomically (temporary file, fsync, rename)."""
