@@ -1,0 +1,123 @@
+"""Search at scale: build time, memory per vector, query latency and recall@10 per index type.
+
+    python bench/search.py [--sizes 10000 100000] [--queries 500] [--threads 2]
+
+Vectors have the default backbone's size (1280) and are sampled around real embeddings (the sample
+photos and, when present, ../shared/data/caltech101): a real embedding plus noise with the real
+per-channel spread, clipped at 0 like the ReLU6 features. Each type is built with the factory string
+and search parameters the product uses (retrieval/store.py, retrieval/search.py); `ivfpq` re-scores
+its candidates exactly, here from an in-memory array standing in for the SQLite rows. Recall@10 is
+against exact search. Saves bench/results/search.md.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import _common
+import faiss
+import numpy as np
+import torch
+
+from retrieval.search import RERANK_FACTOR, _tune
+from retrieval.store import IVF_MIN_LISTS, IVF_MIN_TRAIN_PER_LIST, IVF_TRAIN_PER_LIST, _nlist, factory_for
+
+
+def real_embeddings() -> np.ndarray:
+    from PIL import Image
+
+    from retrieval.images import load_image
+    from retrieval.models import load_backbone
+
+    bb = load_backbone()
+    files = sorted((_common.ROOT / "data" / "samples").glob("*.*"))
+    data = _common.SHARED_DATA / "caltech101"
+    if data.is_dir():
+        files += sorted(data.rglob("*.jpg"))[::2]
+    imgs = [load_image(f, min_side=224) for f in files if f.suffix.lower() in (".jpg", ".png")]
+    out = [bb.embed(bb.preprocess.batch(imgs[i:i + 32]))[1].numpy() for i in range(0, len(imgs), 32)]
+    return np.concatenate(out)
+
+
+def sample_around(real: np.ndarray, n: int, rng) -> np.ndarray:
+    spread = real.std(0, keepdims=True)
+    out = np.empty((n, real.shape[1]), np.float32)
+    for s in range(0, n, 50_000):
+        m = min(50_000, n - s)
+        base = real[rng.integers(0, len(real), m)]
+        out[s:s + m] = np.clip(base + 0.5 * spread * rng.standard_normal((m, real.shape[1]), dtype=np.float32), 0, None)
+    return out
+
+
+def normalise(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def build(kind: str, xb: np.ndarray):
+    n, d = xb.shape
+    factory = factory_for(kind, d, n)
+    if factory.startswith("IVF") and (n < IVF_MIN_TRAIN_PER_LIST * _nlist(factory) or _nlist(factory) < IVF_MIN_LISTS):
+        factory = "Flat"
+    index = faiss.IndexIDMap2(faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT))
+    t = time.perf_counter()
+    if not index.is_trained:
+        train = xb[np.random.default_rng(1).choice(n, min(n, IVF_TRAIN_PER_LIST * _nlist(factory)), replace=False)]
+        index.train(train)
+    for s in range(0, n, 100_000):
+        index.add_with_ids(xb[s:s + 100_000], np.arange(s, min(n, s + 100_000), dtype=np.int64))
+    secs = time.perf_counter() - t
+    rerank = _tune(index)
+    return index, factory, secs, rerank
+
+
+def search_one(index, q: np.ndarray, k: int, rerank: bool, xb: np.ndarray) -> np.ndarray:
+    kk = k * RERANK_FACTOR if rerank else k
+    _, ids = index.search(q[None], kk)
+    ids = ids[0][ids[0] >= 0]
+    if rerank:
+        s = xb[ids] @ q
+        ids = ids[np.argsort(-s)[:k]]
+    return ids[:k]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
+    ap.add_argument("--types", nargs="+", default=["flat", "hnsw", "ivfpq"])
+    ap.add_argument("--queries", type=int, default=500)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    faiss.omp_set_num_threads(args.threads)
+    rng = np.random.default_rng(0)
+    real = real_embeddings()
+    rows = []
+    for n in args.sizes:
+        xb = normalise(sample_around(real, n, rng))
+        xq = normalise(sample_around(real, args.queries, rng))
+        exact = faiss.IndexFlatIP(xb.shape[1])
+        exact.add(xb)
+        _, gt = exact.search(xq, 10)
+        del exact
+        for kind in args.types:
+            index, factory, secs, rerank = build(kind, xb)
+            lat, rec = [], []
+            for q, g in zip(xq, gt):
+                t = time.perf_counter()
+                ids = search_one(index, q, 10, rerank, xb)
+                lat.append(time.perf_counter() - t)
+                rec.append(len(set(ids.tolist()) & set(g.tolist())) / 10)
+            size = faiss.serialize_index(index).nbytes
+            rows.append([n, kind, factory + (" + exact re-rank" if rerank else ""), round(secs, 1),
+                         round(size / n), round(1000 * np.percentile(lat, 50), 3),
+                         round(1000 * np.percentile(lat, 99), 3), round(float(np.mean(rec)), 3)])
+            print(rows[-1], flush=True)
+            del index
+    text = (f"Search at scale: 1280-d vectors sampled around real Lite0 embeddings, cosine, k=10, "
+            f"{args.queries} single queries, {args.threads} threads.\n\n")
+    text += _common.table(["N", "type", "factory", "build s", "bytes/vector", "p50 ms", "p99 ms", "recall@10"], rows)
+    _common.save("search", text)
+
+
+if __name__ == "__main__":
+    main()
