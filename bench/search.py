@@ -3,8 +3,11 @@
     python bench/search.py [--sizes 10000 100000] [--queries 500] [--threads 2]
 
 Vectors have the default backbone's size (1280) and are sampled around real embeddings (the sample
-photos and, when present, ../shared/data/caltech101): a real embedding plus noise with the real
-per-channel spread, clipped at 0 like the ReLU6 features. Each type is built with the factory string
+photos and, when present, ../shared/data/caltech101), clipped at 0 like the ReLU6 features:
+``--noise subspace`` (default) adds noise along the real embeddings' top 64 principal directions with
+their own spread (real embeddings have a fast-decaying spectrum); ``--noise isotropic`` adds
+independent noise with the real per-channel spread to every channel (every point a blob of
+near-equidistant neighbours: a worst case for approximate search; saved as search-isotropic.md). Each type is built with the factory string
 and search parameters the product uses (retrieval/store.py, retrieval/search.py); `ivfpq` re-scores
 its candidates exactly, here from an in-memory array standing in for the SQLite rows. Recall@10 is
 against exact search. Saves bench/results/search.md.
@@ -39,13 +42,20 @@ def real_embeddings() -> np.ndarray:
     return np.concatenate(out)
 
 
-def sample_around(real: np.ndarray, n: int, rng) -> np.ndarray:
+def sample_around(real: np.ndarray, n: int, rng, noise: str = "subspace") -> np.ndarray:
     spread = real.std(0, keepdims=True)
+    centred = real - real.mean(0)
+    _, sv, vt = np.linalg.svd(centred, full_matrices=False)
+    basis = (vt[:64] * (sv[:64, None] / np.sqrt(len(real)))).astype(np.float32)  # 64 directions, real spread
     out = np.empty((n, real.shape[1]), np.float32)
     for s in range(0, n, 50_000):
         m = min(50_000, n - s)
         base = real[rng.integers(0, len(real), m)]
-        out[s:s + m] = np.clip(base + 0.5 * spread * rng.standard_normal((m, real.shape[1]), dtype=np.float32), 0, None)
+        if noise == "isotropic":
+            step = 0.5 * spread * rng.standard_normal((m, real.shape[1]), dtype=np.float32)
+        else:
+            step = 0.5 * rng.standard_normal((m, 64), dtype=np.float32) @ basis
+        out[s:s + m] = np.clip(base + step, 0, None)
     return out
 
 
@@ -86,6 +96,9 @@ def main() -> None:
     ap.add_argument("--types", nargs="+", default=["flat", "hnsw", "ivfpq"])
     ap.add_argument("--queries", type=int, default=500)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--noise", choices=["subspace", "isotropic"], default="subspace")
+    ap.add_argument("--ef", type=int, nargs="+", default=None, help="HNSW efSearch values to measure")
+    ap.add_argument("--name", default=None, help="results file name (default: search / search-isotropic)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     faiss.omp_set_num_threads(args.threads)
@@ -93,30 +106,35 @@ def main() -> None:
     real = real_embeddings()
     rows = []
     for n in args.sizes:
-        xb = normalise(sample_around(real, n, rng))
-        xq = normalise(sample_around(real, args.queries, rng))
+        xb = normalise(sample_around(real, n, rng, args.noise))
+        xq = normalise(sample_around(real, args.queries, rng, args.noise))
         exact = faiss.IndexFlatIP(xb.shape[1])
         exact.add(xb)
         _, gt = exact.search(xq, 10)
         del exact
         for kind in args.types:
             index, factory, secs, rerank = build(kind, xb)
-            lat, rec = [], []
-            for q, g in zip(xq, gt):
-                t = time.perf_counter()
-                ids = search_one(index, q, 10, rerank, xb)
-                lat.append(time.perf_counter() - t)
-                rec.append(len(set(ids.tolist()) & set(g.tolist())) / 10)
             size = faiss.serialize_index(index).nbytes
-            rows.append([n, kind, factory + (" + exact re-rank" if rerank else ""), round(secs, 1),
-                         round(size / n), round(1000 * np.percentile(lat, 50), 3),
-                         round(1000 * np.percentile(lat, 99), 3), round(float(np.mean(rec)), 3)])
-            print(rows[-1], flush=True)
+            inner = faiss.downcast_index(index.index)
+            efs = args.ef if (args.ef and hasattr(inner, "hnsw")) else [None]
+            for ef in efs:
+                if ef is not None:
+                    inner.hnsw.efSearch = ef
+                lat, rec = [], []
+                for q, g in zip(xq, gt):
+                    t = time.perf_counter()
+                    ids = search_one(index, q, 10, rerank, xb)
+                    lat.append(time.perf_counter() - t)
+                    rec.append(len(set(ids.tolist()) & set(g.tolist())) / 10)
+                label = factory + (" + exact re-rank" if rerank else "") + (f", efSearch {ef}" if ef else "")
+                rows.append([n, kind, label, round(secs, 1), round(size / n), round(1000 * np.percentile(lat, 50), 3),
+                             round(1000 * np.percentile(lat, 99), 3), round(float(np.mean(rec)), 3)])
+                print(rows[-1], flush=True)
             del index
-    text = (f"Search at scale: 1280-d vectors sampled around real Lite0 embeddings, cosine, k=10, "
-            f"{args.queries} single queries, {args.threads} threads.\n\n")
+    text = (f"Search at scale: 1280-d vectors sampled around real Lite0 embeddings ({args.noise} noise), cosine, "
+            f"k=10, {args.queries} single queries, {args.threads} threads.\n\n")
     text += _common.table(["N", "type", "factory", "build s", "bytes/vector", "p50 ms", "p99 ms", "recall@10"], rows)
-    _common.save("search", text)
+    _common.save(args.name or ("search" if args.noise == "subspace" else "search-isotropic"), text)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from .images import is_image_path, load_image
 from .store import IndexStore
 
 HNSW_EF_SEARCH = 128
-IVF_NPROBE = 32
+IVF_NPROBE = 32  # at least; an eighth of the lists for large indexes
 RERANK_FACTOR = 10  # compressed (PQ) indexes: fetch k×this candidates, re-score them exactly from the rows
 
 
@@ -198,5 +198,5 @@ def _tune(index) -> bool:
         ivf = faiss.extract_index_ivf(inner)
     except (RuntimeError, TypeError):
         return False
-    ivf.nprobe = min(IVF_NPROBE, ivf.nlist)
+    ivf.nprobe = min(ivf.nlist, max(IVF_NPROBE, ivf.nlist // 8))
     return not isinstance(ivf, faiss.IndexIVFFlat)
