@@ -6,7 +6,6 @@ and a non-zero exit; heavy imports (torch, faiss) happen inside the commands so 
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path

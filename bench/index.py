@@ -54,7 +54,8 @@ def main() -> None:
         t = time.perf_counter()
         mb_big = make_collection(src, tmp / "big", 4000)  # 4000×3000 ≈ 12 MP for 4:3 photos
         mb_small = make_collection(src, tmp / "small", 512)
-        print(f"made {len(src)} photos at 12 MP ({mb_big:.2f} MB each) and 512 px in {time.perf_counter() - t:.0f}s")
+        print(f"made {len(src)} photos at 12 MP ({mb_big:.2f} MB each) and 512 px ({mb_small:.2f} MB each) "
+              f"in {time.perf_counter() - t:.0f}s")
 
         bb = load_backbone()
         x = torch.randn(args.batch, 3, bb.preprocess.size, bb.preprocess.size)

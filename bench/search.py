@@ -27,8 +27,6 @@ from retrieval.store import IVF_MIN_LISTS, IVF_MIN_TRAIN_PER_LIST, IVF_TRAIN_PER
 
 
 def real_embeddings() -> np.ndarray:
-    from PIL import Image
-
     from retrieval.images import load_image
     from retrieval.models import load_backbone
 

@@ -6,7 +6,7 @@ similarity, upsampling to each image's own size, normalisation) and each method 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np

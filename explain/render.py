@@ -9,8 +9,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence

@@ -8,14 +8,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
-import torch
 
-from retrieval.backbone import Backbone
 from retrieval.errors import ImageError, RetrieveError
 from retrieval.images import load_image
 
-from .methods import Explainer, Explanation, make_explainer
+from .methods import Explainer
 from .render import ReportItem, pair_figure, save_maps, score_text, write_report
 
 

@@ -152,7 +152,7 @@ def _check_factory(factory: str, dim: int) -> None:
 
     try:
         faiss.index_factory(dim, factory)
-    except RuntimeError as e:
+    except RuntimeError:
         raise RetrieveError(f"--faiss {factory!r}: not a valid FAISS factory string") from None
 
 

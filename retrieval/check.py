@@ -3,13 +3,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
 from sqlalchemy import delete, func, select
 
-from .errors import RetrieveError
-from .store import FAISS_NAME, ImageRow, IndexStore, SkippedRow
+from .store import FAISS_NAME, ImageRow, IndexStore
 
 
 @dataclass

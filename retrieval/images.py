@@ -59,7 +59,7 @@ def decode_image(data: bytes, path: str | os.PathLike, min_side: int | None = No
         raise
     except Image.DecompressionBombError as e:
         raise ImageError(path, f"refused: {e.args[0].split('.')[0] if e.args else 'decompression bomb'}") from None
-    except Image.DecompressionBombWarning as e:
+    except Image.DecompressionBombWarning:
         raise ImageError(path, "refused: too many pixels (decompression bomb?)") from None
     except Image.UnidentifiedImageError:
         raise ImageError(path, "not a recognised image format") from None

@@ -4,15 +4,14 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 
 from .backbone import Backbone
-from .errors import ImageError, RetrieveError
-from .images import is_image_path, load_image
+from .errors import ImageError
+from .images import load_image
 from .store import IndexStore
 
 HNSW_EF_SEARCH = 128

@@ -1,7 +1,6 @@
 """The backbone: Lite0 reproduces ImageNet predictions on real photos; fast path ≡ eager; every backbone's shapes."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from torch import nn

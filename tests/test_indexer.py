@@ -7,7 +7,6 @@ import shutil
 
 import faiss
 import numpy as np
-import pytest
 from PIL import Image
 
 from clitools import run, run_json

@@ -7,7 +7,6 @@ import signal
 import sqlite3
 import struct
 import subprocess
-import sys
 import time
 import zlib
 
@@ -189,7 +188,7 @@ def test_kill_9_at_random_moments_then_complete(many_photos, tmp_path):
     assert rep["total"] == 300 and rep["skipped"] == 0
     with IndexStore.open(idx) as store:
         with store.session() as s:
-            from sqlalchemy import func, select
+            from sqlalchemy import select
 
             from retrieval.store import ImageRow
 
