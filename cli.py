@@ -321,16 +321,14 @@ def check(ctx, index_dir, repair, as_json) -> None:
 
 
 def _index_explainer(store, backbone, method: str | None, input_size: int | None = None):
-    """The explainer an index prescribes (its recorded explain settings); reuses ``backbone`` if it fits."""
+    """The explainer an index prescribes (its recorded explain settings), on ``backbone``'s weights if given."""
     from explain.methods import make_explainer
     from explain.run import index_explain_settings
     from retrieval.service import backbone_for_settings
 
     ex = index_explain_settings(store)
     size = input_size or ex.input_size or store.settings.preprocess.get("size")
-    bb = backbone
-    if bb is None or size != bb.preprocess.size:
-        bb = backbone_for_settings(store.settings, input_size=size)
+    bb = backbone.at_size(size) if backbone is not None else backbone_for_settings(store.settings, input_size=size)
     return make_explainer(method or ex.method, bb, metric=store.settings.metric, mu=store.mean, centre=ex.centre,
                           head=store.head)
 

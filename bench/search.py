@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from retrieval.search import RERANK_FACTOR, _tune
-from retrieval.store import IVF_MIN_LISTS, IVF_MIN_TRAIN_PER_LIST, IVF_TRAIN_PER_LIST, _nlist, factory_for
+from retrieval.store import HNSW_EF_CONSTRUCTION, IVF_MIN_LISTS, IVF_MIN_TRAIN_PER_LIST, IVF_TRAIN_PER_LIST, _nlist, factory_for
 
 
 def real_embeddings() -> np.ndarray:
@@ -61,12 +61,17 @@ def normalise(x: np.ndarray) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def build(kind: str, xb: np.ndarray):
+def build(kind: str, xb: np.ndarray, ef_construction: int | None = None):
     n, d = xb.shape
     factory = factory_for(kind, d, n)
     if factory.startswith("IVF") and (n < IVF_MIN_TRAIN_PER_LIST * _nlist(factory) or _nlist(factory) < IVF_MIN_LISTS):
         factory = "Flat"
     index = faiss.IndexIDMap2(faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT))
+    inner = faiss.downcast_index(index.index)
+    ef_construction = ef_construction or HNSW_EF_CONSTRUCTION  # the product's default
+    if hasattr(inner, "hnsw"):
+        inner.hnsw.efConstruction = ef_construction
+        factory += f" (efConstruction {ef_construction})"
     t = time.perf_counter()
     if not index.is_trained:
         train = xb[np.random.default_rng(1).choice(n, min(n, IVF_TRAIN_PER_LIST * _nlist(factory)), replace=False)]
@@ -96,6 +101,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--noise", choices=["subspace", "isotropic"], default="subspace")
     ap.add_argument("--ef", type=int, nargs="+", default=None, help="HNSW efSearch values to measure")
+    ap.add_argument("--ef-construction", type=int, default=None,
+                    help=f"HNSW efConstruction (default: the product's, {HNSW_EF_CONSTRUCTION}; FAISS's own is 40)")
     ap.add_argument("--name", default=None, help="results file name (default: search / search-isotropic)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -111,7 +118,7 @@ def main() -> None:
         _, gt = exact.search(xq, 10)
         del exact
         for kind in args.types:
-            index, factory, secs, rerank = build(kind, xb)
+            index, factory, secs, rerank = build(kind, xb, args.ef_construction)
             size = faiss.serialize_index(index).nbytes
             inner = faiss.downcast_index(index.index)
             efs = args.ef if (args.ef and hasattr(inner, "hnsw")) else [None]

@@ -133,6 +133,15 @@ class Backbone:
         for p in self.net.parameters():
             p.requires_grad_(False)
 
+    def at_size(self, size: int) -> "Backbone":
+        """The same network and weights with another input side (no reload; its own fast-path cache)."""
+        if size == self.preprocess.size:
+            return self
+        import dataclasses
+
+        return dataclasses.replace(self, preprocess=self.preprocess.replace(size=size), _runners={},
+                                   _lock=threading.Lock())
+
     # -- forward passes -------------------------------------------------------------------------
     def eager_features(self, x: torch.Tensor) -> torch.Tensor:
         """Differentiable feature map (used by gradient-based methods); no fast path."""

@@ -33,6 +33,7 @@ INDEX_TYPES = {
     "hnsw": "HNSW32",
     "ivfpq": "IVF{nlist},PQ{m}",
 }
+HNSW_EF_CONSTRUCTION = 200  # FAISS's default 40 gives recall@10 0.82 at 1 M vectors; 200 gives 0.998 (bench/results)
 IVF_MIN_TRAIN_PER_LIST = 39  # FAISS warns below this many training points per centroid
 IVF_MIN_LISTS = 16  # below this many lists (about 600 vectors) exact search is as fast: no IVF yet
 IVF_MAX_LISTS = 1024  # k-means cost grows with lists × training points; 1024 keeps 1 M vectors trainable on a laptop
@@ -441,6 +442,8 @@ class IndexStore:
         if factory.startswith("IVF") and (n < IVF_MIN_TRAIN_PER_LIST * _nlist(factory) or _nlist(factory) < IVF_MIN_LISTS):
             factory = "Flat"  # exact search until there is enough data to train the quantiser
         inner = faiss.index_factory(dim, factory, metric)
+        if hasattr(inner, "hnsw"):
+            inner.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
         return faiss.IndexIDMap2(inner)
 
     def _load_faiss(self):

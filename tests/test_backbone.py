@@ -114,3 +114,14 @@ def test_user_module_function_with_layer(tmp_path, monkeypatch):
 def test_unknown_model_lists_known_ones():
     with pytest.raises(UnknownModel, match="efficientnet_lite0"):
         load_backbone("no_such_net")
+
+
+def test_at_size_shares_the_weights_and_changes_only_the_input(lite0):
+    big = lite0.at_size(448)
+    assert big.net is lite0.net and big.weights_id == lite0.weights_id and lite0.at_size(224) is lite0
+    assert big.preprocess.size == 448 and lite0.preprocess.size == 224
+    a, _ = big.embed(big.preprocess.batch([skimage_photo("coffee")]))
+    assert a.shape == (1, 1280, 14, 14)
+    with torch.no_grad():
+        ref = big.eager_features(big.preprocess.batch([skimage_photo("coffee")]))
+    assert (a - ref).abs().max().item() < 1e-3 * ref.abs().max().item()
