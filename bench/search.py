@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from retrieval.search import RERANK_FACTOR, _tune
-from retrieval.store import HNSW_EF_CONSTRUCTION, IVF_MIN_LISTS, IVF_MIN_TRAIN_PER_LIST, IVF_TRAIN_PER_LIST, _nlist, factory_for
+from retrieval.store import HNSW_EF_CONSTRUCTION, IVF_TRAIN_PER_LIST, _nlist, factory_for, trainable_factory
 
 
 def real_embeddings() -> np.ndarray:
@@ -63,9 +63,7 @@ def normalise(x: np.ndarray) -> np.ndarray:
 
 def build(kind: str, xb: np.ndarray, ef_construction: int | None = None):
     n, d = xb.shape
-    factory = factory_for(kind, d, n)
-    if factory.startswith("IVF") and (n < IVF_MIN_TRAIN_PER_LIST * _nlist(factory) or _nlist(factory) < IVF_MIN_LISTS):
-        factory = "Flat"
+    factory = trainable_factory(factory_for(kind, d, n), n)
     index = faiss.IndexIDMap2(faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT))
     inner = faiss.downcast_index(index.index)
     ef_construction = ef_construction or HNSW_EF_CONSTRUCTION  # the product's default

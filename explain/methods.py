@@ -203,8 +203,7 @@ class Occlusion(Explainer):
         s = x.shape[-1]
         p = max(1, round(s * self.patch_fraction))
         st = max(1, round(s * self.stride_fraction))
-        grey = torch.zeros(3, 1, 1)  # the normalised value of the dataset mean colour: "grey"
-        pre = self.backbone.preprocess
+        pre = self.backbone.preprocess  # grey = mid-grey (0.5) in the network's normalised input
         grey = ((torch.tensor([0.5, 0.5, 0.5]) - torch.tensor(pre.mean)) / torch.tensor(pre.std)).view(3, 1, 1)
         starts = list(range(0, max(s - p, 0) + 1, st))
         if starts[-1] != s - p:

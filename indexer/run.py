@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
+import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -126,12 +128,19 @@ def index_paths(paths: Iterable[str | os.PathLike], index_dir: str | os.PathLike
         store = IndexStore.create(index_dir, settings, what=what)
 
     report = IndexReport(index=str(index_dir))
+    stop = threading.Event()
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        # Ctrl-C only sets a flag: the run stops between two items, never inside a commit or a FAISS write.
+        previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
     try:
         store.faiss_index()  # loaded (and reconciled) before this run changes any row
-        _run(store, bb, roots, report, batch_size, workers, progress, on_skip)
+        _run(store, bb, roots, report, batch_size, workers, progress, on_skip, stop)
     except KeyboardInterrupt:
         report.interrupted = True
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
         try:
             if not report.interrupted and (refit or store.head_is_stale()) and store.fit_head():
                 store.rebuild_faiss()  # every vector changes with the head
@@ -161,7 +170,8 @@ def _under(path: str, roots: list[Path]) -> bool:
 
 
 def _run(store: IndexStore, bb: Backbone, roots: list[Path], report: IndexReport, batch_size: int,
-         workers: int | None, progress: Progress, on_skip: Callable[[str, str], None]) -> None:
+         workers: int | None, progress: Progress, on_skip: Callable[[str, str], None],
+         stop: threading.Event) -> None:
     files = {e.path: e for e in scan_paths(roots)}
     with store.session() as s:
         rows = {r.path: r for r in s.execute(select(ImageRow.id, ImageRow.path, ImageRow.size, ImageRow.mtime_ns,
@@ -225,6 +235,8 @@ def _run(store: IndexStore, bb: Backbone, roots: list[Path], report: IndexReport
                 break
         try:
             while window:
+                if stop.is_set():
+                    raise KeyboardInterrupt
                 d = window.popleft().result()
                 nxt = next(it, None)
                 if nxt is not None:

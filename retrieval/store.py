@@ -122,6 +122,14 @@ def default_index_dir() -> Path:
     return Path(base) / "retrieve"
 
 
+def trainable_factory(factory: str, n: int) -> str:
+    """``factory``, or ``"Flat"`` (exact search) while an IVF type has too few vectors to train its quantiser."""
+    nlist = _nlist(factory)
+    if factory.startswith("IVF") and (n < IVF_MIN_TRAIN_PER_LIST * nlist or nlist < IVF_MIN_LISTS):
+        return "Flat"
+    return factory
+
+
 def factory_for(index_type: str, dim: int, n: int) -> str:
     """The FAISS factory string (inside IDMap2) for an index type and the current collection size."""
     if index_type not in INDEX_TYPES:
@@ -437,11 +445,7 @@ class IndexStore:
 
         st = self.settings
         metric = faiss.METRIC_INNER_PRODUCT if st.metric == "cosine" else faiss.METRIC_L2
-        dim = self.vector_dim
-        factory = factory_for(st.index_type, dim, n) if st.index_type in INDEX_TYPES else st.faiss_factory
-        if factory.startswith("IVF") and (n < IVF_MIN_TRAIN_PER_LIST * _nlist(factory) or _nlist(factory) < IVF_MIN_LISTS):
-            factory = "Flat"  # exact search until there is enough data to train the quantiser
-        inner = faiss.index_factory(dim, factory, metric)
+        inner = faiss.index_factory(self.vector_dim, trainable_factory(self._factory(n), n), metric)
         if hasattr(inner, "hnsw"):
             inner.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
         return faiss.IndexIDMap2(inner)
@@ -542,9 +546,10 @@ class IndexStore:
 
         inner = faiss.downcast_index(self.faiss_index().index)
         n = self.count()
-        want = _nlist(self._factory(n))
+        factory = self._factory(n)
         if isinstance(inner, faiss.IndexFlat):
-            return want >= IVF_MIN_LISTS and n >= IVF_MIN_TRAIN_PER_LIST * want
+            return trainable_factory(factory, n) != "Flat"
+        want = _nlist(factory)
         try:  # trained long ago on a much smaller collection: retrain with more lists
             return faiss.extract_index_ivf(inner).nlist * 4 <= want
         except RuntimeError:
