@@ -120,6 +120,10 @@ class _Bar:
 @click.option("--faiss", "faiss_factory", default=None, metavar="FACTORY",
               help="Advanced: a FAISS factory string for a new index (instead of --index-type).")
 @click.option("--input-size", type=click.IntRange(32, 2048), default=None, help="Input side in pixels of a new index.")
+@click.option("--resize", type=click.Choice(["squash", "long"]), default=None,
+              help="Input shape of a new index: squash to a square, or keep the aspect (long side = input size).")
+@click.option("--pooling", default=None, metavar="gap|gem[:P]",
+              help="Feature map → embedding for a new index: average, or generalised mean (P = 3).")
 @click.option("--head", default=None, metavar="none|pca|pca-whiten[:D]",
               help="Linear head of a new index, fitted on the collection [default: none].")
 @click.option("--refit", is_flag=True, help="Re-fit the index's linear head on the whole collection now.")
@@ -127,8 +131,8 @@ class _Bar:
 @click.option("--workers", type=click.IntRange(1, 64), default=None, help="Decoding threads [default: up to 4].")
 @json_option
 @click.pass_context
-def index(ctx, paths, index_dir, model, weights, metric, index_type, faiss_factory, input_size, head, refit,
-          batch_size, workers, as_json) -> None:
+def index(ctx, paths, index_dir, model, weights, metric, index_type, faiss_factory, input_size, resize, pooling,
+          head, refit, batch_size, workers, as_json) -> None:
     """Index the photos under PATHS (recursively); re-runs only embed what changed."""
     from indexer import index_paths
 
@@ -145,7 +149,7 @@ def index(ctx, paths, index_dir, model, weights, metric, index_type, faiss_facto
     try:
         report = index_paths(paths, _index_dir(index_dir), model=model, weights=weights, metric=metric,
                              index_type=index_type, faiss_factory=faiss_factory, input_size=input_size,
-                             head=head, refit=refit, batch_size=batch_size, workers=workers, progress=bar, on_skip=on_skip)
+                             resize=resize, pooling=pooling, head=head, refit=refit, batch_size=batch_size, workers=workers, progress=bar, on_skip=on_skip)
     finally:
         bar.close()
     if as_json:
@@ -177,7 +181,8 @@ def info(index_dir, as_json) -> None:
             skipped = s.scalar(select(func.count()).select_from(SkippedRow)) or 0
         updated = store.get_value("updated_at")
         d = {"index": str(store.directory), "model": st.model, "weights": st.weights_source,
-             "input_size": st.preprocess.get("size"), "metric": st.metric, "index_type": st.index_type,
+             "input_size": st.preprocess.get("size"), "resize": st.preprocess.get("resize", "squash"),
+             "pooling": st.pooling, "metric": st.metric, "index_type": st.index_type,
              "faiss_factory": st.faiss_factory, "dim": st.dim, "head": _head_text(store),
              "images": store.count(), "skipped_files": skipped,
              "size_bytes": store.size_on_disk(), "schema_version": st.schema_version,
@@ -222,6 +227,10 @@ def _human(n: float) -> str:
 @click.option("--include-self", is_flag=True, help="Keep a query that is in the index in its own results.")
 @click.option("--qe", type=click.IntRange(0, 100), default=0, show_default=True,
               help="Average query expansion with the top N results (0 = off).")
+@click.option("--dba", type=click.IntRange(0, 100), default=0, show_default=True,
+              help="Database-side augmentation: rank against each image averaged with its N nearest (0 = off).")
+@click.option("--verify", type=click.IntRange(0, 1000), default=0, show_default=True, metavar="K",
+              help="Re-rank the top K by SIFT matches confirmed by a RANSAC homography (0 = off).")
 @click.option("--explain", is_flag=True, help="Write heat maps and a report explaining each result.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="With --explain: output directory [default: ./retrieve-explain-<query>-<time>].")
@@ -229,7 +238,8 @@ def _human(n: float) -> str:
               help="With --explain: how maps are found [default: the index's, sfam].")
 @json_option
 @click.pass_context
-def search(ctx, queries, index_dir, k, min_score, include_self, qe, explain, out_dir, method, as_json) -> None:
+def search(ctx, queries, index_dir, k, min_score, include_self, qe, dba, verify, explain, out_dir, method,
+           as_json) -> None:
     """Find the nearest neighbours of QUERIES (image files or folders of them)."""
     from retrieval.search import Searcher, expand_queries
     from retrieval.service import backbone_for_settings
@@ -243,9 +253,11 @@ def search(ctx, queries, index_dir, k, min_score, include_self, qe, explain, out
         raise click.ClickException("no images among the queries")
     failed = 0
     with IndexStore.open(_index_dir(index_dir)) as store:
-        searcher = Searcher(store, backbone_for_settings(store.settings))
+        searcher = Searcher(store, backbone_for_settings(store.settings), dba=dba)
         explainer = _index_explainer(store, searcher.backbone, method) if explain else None
-        for qi, res in enumerate(searcher.search_paths(paths, k, include_self=include_self, min_score=min_score, qe=qe)):
+        results = searcher.search_paths(paths, k, include_self=include_self, min_score=min_score, qe=qe,
+                                        verify=verify, on_error=lambda p, r: click.echo(f"{p}: {r}", err=True))
+        for qi, res in enumerate(results):
             if res.error:
                 failed += 1
                 click.echo(f"{res.query}: {res.error}", err=True)
@@ -272,7 +284,8 @@ def search(ctx, queries, index_dir, k, min_score, include_self, qe, explain, out
             if not res.results:
                 click.echo("  (no results)")
             for h in res.results:
-                click.echo(f"  {h.rank:>3}  {h.score:>9.4f}  {h.path}")
+                inl = "" if h.inliers is None else f"  {h.inliers:>4} inliers"
+                click.echo(f"  {h.rank:>3}  {h.score:>9.4f}{inl}  {h.path}")
             if explained:
                 click.echo(f"  report: {next(iter(explained.values()))['report']}")
     if failed:
@@ -300,7 +313,7 @@ def check(ctx, index_dir, repair, as_json) -> None:
             with IndexStore.open(directory) as store:
                 bb = backbone_for_settings(store.settings)
             imgs = [load_image(p, min_side=bb.preprocess.size) for p in paths]
-            return bb.embed_images(imgs)[1].numpy()
+            return bb.embed_images(imgs)
 
         before = repair_index(directory, reembed)
         rep = check_index(directory)

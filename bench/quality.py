@@ -1,14 +1,25 @@
-"""Retrieval quality on labelled folders (folder = class): every image queries all the others.
+"""Retrieval quality of every option, side by side, on faces, categories and an instance-level set.
 
-    python bench/quality.py [--datasets att_faces caltech101] [--model efficientnet_lite0] [--threads 2]
+    python bench/quality.py [--datasets att_faces caltech101 instance] [--threads 2] [--quick]
 
-Reports Recall@1 and mAP@R (R = class size − 1) for cosine and l2, through the real indexing path
-(decode, preprocess, fast backbone), and saves the table to bench/results/quality.md. Needs
-../shared/data (skips with a one-line message when absent).
+Datasets (folder = class; every image queries all the others, exact search):
+- att_faces: ORL faces, 40 people × 10 photos (../shared/data/att_faces);
+- caltech101: 100 categories × 10 photos (../shared/data/caltech101);
+- instance: 100 objects × (1 clean reference + 4 synthetic phone photos in clutter), made from real
+  photos by bench/instance_set.py; "photo→ref R@1" asks whether the first reference among a photo's
+  results is its own object's.
+
+Each embedding configuration (input size, squash/aspect-kept, GAP/GeM) indexes every dataset through
+the real indexing path; on its embeddings, every search option is ranked as the product ranks: linear
+head (fitted on the collection), query expansion (QE), database-side augmentation (DBA) and geometric
+verification of the top K (SIFT + RANSAC homography, retrieval/verify.py). Reports R@1, mAP@R
+(R = class size − 1), mAP@10, index ms per image and search ms per query; saves bench/results/quality.md.
+Needs ../shared/data (skips with a one-line message when absent).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -21,99 +32,192 @@ from indexer import index_paths
 from retrieval.head import fit_head, parse_head
 from retrieval.store import IndexStore
 
+EMBEDDINGS = {  # name → index_paths settings
+    "gap-224-squash": dict(input_size=224, resize="squash", pooling="gap"),
+    "gem-224-squash": dict(input_size=224, resize="squash", pooling="gem"),
+    "gap-448-long": dict(input_size=448, resize="long", pooling="gap"),
+    "gem-448-long": dict(input_size=448, resize="long", pooling="gem"),
+}
 
-def labelled_embeddings(folder: Path, model: str, input_size: int | None) -> tuple[np.ndarray, np.ndarray, float]:
-    """Index ``folder`` into a temporary index; return (raw embeddings, labels, seconds)."""
+
+def labelled_embeddings(folder: Path, settings: dict) -> tuple[np.ndarray, np.ndarray, list[str], float]:
+    """Index ``folder`` into a temporary index; return (raw embeddings, labels, paths, seconds)."""
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
-        rep = index_paths([folder], Path(tmp) / "idx", model=model, input_size=input_size)
+        rep = index_paths([folder], Path(tmp) / "idx", **settings)
         secs = time.perf_counter() - t
         with IndexStore.open(Path(tmp) / "idx") as store:
             ids, vecs = zip(*store.iter_vectors())
             ids, vecs = np.concatenate(ids), np.concatenate(vecs)
             rows = store.rows_by_ids(ids.tolist())
-    labels = np.array([Path(rows[int(i)].path).parent.name for i in ids])
+    paths = [rows[int(i)].path for i in ids]
+    labels = np.array([Path(p).parent.name for p in paths])
     assert rep.skipped == 0, rep.skipped_files
-    return vecs, labels, secs
+    return vecs, labels, paths, secs
 
 
-def _similarities(x: np.ndarray, metric: str) -> np.ndarray:
+def _sim(xq: np.ndarray, xd: np.ndarray, metric: str) -> np.ndarray:
     if metric == "cosine":
-        return x @ x.T
-    sq = (x ** 2).sum(1)
-    return -(sq[:, None] + sq[None, :] - 2 * x @ x.T)
+        return xq @ xd.T
+    return -((xq ** 2).sum(1)[:, None] + (xd ** 2).sum(1)[None, :] - 2 * xq @ xd.T)
 
 
-def retrieval_metrics(vecs: np.ndarray, labels: np.ndarray, metric: str, head=None, qe: int = 0) -> tuple[float, float]:
-    """(Recall@1, mAP@R) with every item querying all the others (exact search), as the product ranks:
-    through the linear head, L2-normalised for cosine, optionally with average query expansion."""
+def _norm(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def ranking(vecs: np.ndarray, metric: str, head=None, qe: int = 0, dba: int = 0) -> np.ndarray:
+    """Every item's ranking of all the others (N×(N−1) indices, best first), as the product ranks:
+    through the linear head, L2-normalised for cosine, with DBA on the database side and average QE
+    on the query side (retrieval/search.py)."""
     x = vecs.astype(np.float64)
     if head is not None:
         x = head.apply(x).astype(np.float64)
     if metric == "cosine":
-        x = x / np.linalg.norm(x, axis=1, keepdims=True)
-    sim = _similarities(x, metric)
+        x = _norm(x)
+    db = x
+    if dba:
+        s = _sim(x, x, metric)
+        nb = np.argsort(-s, axis=1, kind="stable")[:, :dba + 1]  # itself and its dba nearest
+        db = x[nb].mean(1)
+        db = _norm(db) if metric == "cosine" else db
+    sim = _sim(x, db, metric)
     np.fill_diagonal(sim, -np.inf)
     if qe:
-        top = np.argsort(-sim, axis=1)[:, :qe]
+        top = np.argsort(-sim, axis=1, kind="stable")[:, :qe]
         xq = (x + x[top].sum(1)) / (qe + 1)
-        if metric == "cosine":
-            xq = xq / np.linalg.norm(xq, axis=1, keepdims=True)
-            sim = xq @ x.T
-        else:
-            sim = -(((xq ** 2).sum(1))[:, None] + ((x ** 2).sum(1))[None, :] - 2 * xq @ x.T)
+        xq = _norm(xq) if metric == "cosine" else xq
+        sim = _sim(xq, db, metric)
         np.fill_diagonal(sim, -np.inf)
-    order = np.argsort(-sim, axis=1, kind="stable")
+    return np.argsort(-sim, axis=1, kind="stable")[:, :-1]
+
+
+class PairVerifier:
+    """Geometric verification of (query, candidate) pairs with a memo, and the time it really took."""
+
+    def __init__(self, paths: list[str]):
+        from retrieval.verify import Verifier
+
+        self.v = Verifier()
+        self.paths = paths
+        t = time.perf_counter()
+        self.feats = [self.v.features(p) for p in paths]
+        self.extract_ms = 1000 * (time.perf_counter() - t) / len(paths)
+        self.memo: dict[tuple[int, int], int] = {}
+        self.seconds = 0.0
+        self.pairs = 0
+
+    def inliers(self, q: int, cands: np.ndarray) -> np.ndarray:
+        todo = [int(c) for c in cands if (q, int(c)) not in self.memo]
+        if todo:
+            t = time.perf_counter()
+            res = self.v.verify_many(self.feats[q], [self.feats[c] for c in todo])
+            self.seconds += time.perf_counter() - t
+            self.pairs += len(todo)
+            for c, r in zip(todo, res):
+                self.memo[(q, c)] = r.inliers
+        return np.array([self.memo[(q, int(c))] for c in cands])
+
+    def ms_per_pair(self) -> float:
+        return 1000 * self.seconds / max(self.pairs, 1)
+
+
+def verified(order: np.ndarray, pv: PairVerifier, k: int) -> np.ndarray:
+    """Re-rank each row's top ``k`` as retrieval.verify.rerank does."""
+    from retrieval.verify import MIN_INLIERS
+
+    out = order.copy()
+    for q in range(len(order)):
+        inl = pv.inliers(q, order[q, :k])
+        conf = inl >= MIN_INLIERS
+        idx = sorted(range(k), key=lambda i: (not conf[i], -inl[i] if conf[i] else 0, i))
+        out[q, :k] = order[q, :k][idx]
+    return out
+
+
+def metrics(order: np.ndarray, labels: np.ndarray, is_ref: np.ndarray | None) -> dict:
     rel = labels[order] == labels[:, None]
-    r1 = float(rel[:, 0].mean())
-    aps = []
-    for i in range(len(x)):
+    aps, ap10 = [], []
+    for i in range(len(order)):
         R = int((labels == labels[i]).sum()) - 1
         if R == 0:
             continue
         hits = rel[i, :R]
-        prec = np.cumsum(hits) / np.arange(1, R + 1)
-        aps.append(float((prec * hits).sum() / R))
-    return r1, float(np.mean(aps))
+        aps.append(float((np.cumsum(hits) / np.arange(1, R + 1) * hits).sum() / R))
+        h10 = rel[i, :10]
+        ap10.append(float((np.cumsum(h10) / np.arange(1, len(h10) + 1) * h10).sum() / min(R, 10)))
+    out = {"R@1": float(rel[:, 0].mean()), "mAP@R": float(np.mean(aps)), "mAP@10": float(np.mean(ap10))}
+    if is_ref is not None:  # photo → reference: the first reference in a photo's results is its own
+        firsts = [labels[order[i][is_ref[order[i]]][0]] == labels[i] for i in range(len(order)) if not is_ref[i]]
+        out["photo→ref R@1"] = float(np.mean(firsts))
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--datasets", nargs="+", default=["att_faces", "caltech101"])
-    ap.add_argument("--model", default="efficientnet_lite0")
-    ap.add_argument("--input-size", type=int, default=None)
+    ap.add_argument("--datasets", nargs="+", default=["att_faces", "caltech101", "instance"])
+    ap.add_argument("--embeddings", nargs="+", default=list(EMBEDDINGS), choices=list(EMBEDDINGS))
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--verify", type=int, nargs="+", default=[20, 60], help="re-ranking depths K to measure")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    rows = []
+    os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="retrieve-bench-")  # measure extraction cold
+    folders = {}
     for name in args.datasets:
-        folder = _common.shared_dataset(name)
-        if folder is None:
-            continue
-        vecs, labels, secs = labelled_embeddings(folder, args.model, args.input_size)
-        heads = {"none": None}
-        for spec in ("pca:256", "pca-whiten:64", "pca-whiten:128", "pca-whiten:256"):
-            heads[spec] = fit_head([vecs], parse_head(spec))  # fitted on the collection itself, as at index time
-        for metric in ("cosine", "l2"):
-            for hname, head in heads.items():
-                for qe in (0, 1, 2):
-                    if metric == "l2" and (qe or hname not in ("none", "pca-whiten:128")):
-                        continue
-                    t = time.perf_counter()
-                    r1, mapr = retrieval_metrics(vecs, labels, metric, head, qe)
-                    per_query = 1000 * (time.perf_counter() - t) / len(labels)
-                    rows.append([name, len(labels), metric, hname, qe, round(r1, 3), round(mapr, 3),
-                                 round(1000 * secs / len(labels), 1), round(per_query, 3)])
-    if not rows:
+        if name == "instance":
+            from instance_set import build
+
+            src = _common.shared_dataset("caltech101")
+            if src is not None:
+                folders[name] = build(src, _common.ROOT / "bench" / ".cache" / "instance")
+        elif (f := _common.shared_dataset(name)) is not None:
+            folders[name] = f
+    if not folders:
         return
-    text = (f"Retrieval quality, {args.model} (global average pooling, {args.input_size or 'default'} px), "
-            f"{args.threads} threads; every image queries the rest, exact search.\n\n")
-    text += _common.table(["dataset", "images", "metric", "head", "QE", "R@1", "mAP@R", "index ms/img",
-                           "ranking ms/query"], rows)
-    text += ("\n\nhead: linear head fitted on the collection at index time (`--head`); QE: average query "
-             "expansion with the top N (`search --qe N`). ranking ms/query: exact ranking of all items in "
-             "numpy, the cost the option adds on top of embedding the query.")
-    _common.save("quality", text)
+    rows = []
+    for name, folder in folders.items():
+        pv = None
+        for ename in args.embeddings:
+            vecs, labels, paths, secs = labelled_embeddings(folder, EMBEDDINGS[ename])
+            is_ref = np.array([Path(p).stem == "ref" for p in paths]) if name == "instance" else None
+            index_ms = 1000 * secs / len(labels)
+            if pv is None:
+                pv = PairVerifier(paths)
+            assert pv.paths == paths
+            heads = {"none": None, "pca-whiten:128": fit_head([vecs], parse_head("pca-whiten:128"))}
+            options = [("cosine", "none", 0, 0), ("cosine", "none", 2, 0), ("cosine", "none", 0, 2),
+                       ("cosine", "none", 2, 2), ("cosine", "pca-whiten:128", 0, 0),
+                       ("cosine", "pca-whiten:128", 2, 0)]
+            if ename == "gap-224-squash":
+                options.append(("l2", "none", 0, 0))
+            for metric, hname, qe, dba in options:
+                t = time.perf_counter()
+                order = ranking(vecs, metric, heads[hname], qe, dba)
+                rank_ms = 1000 * (time.perf_counter() - t) / len(labels)
+                ks = [0] + ([k for k in args.verify if k < len(labels)] if metric == "cosine" else [])
+                for k in ks:
+                    if k and (hname != "none" or qe or dba) and k != min(args.verify):
+                        continue  # the deeper K only on the plain ranking
+                    o = verified(order, pv, k) if k else order
+                    m = metrics(o, labels, is_ref)
+                    q_ms = rank_ms + (pv.extract_ms + k * pv.ms_per_pair() if k else 0.0)
+                    rows.append([name, ename, metric, hname, qe, dba, k, round(m["R@1"], 3), round(m["mAP@R"], 3),
+                                 round(m["mAP@10"], 3), round(m["photo→ref R@1"], 3) if "photo→ref R@1" in m else "-",
+                                 round(index_ms + (pv.extract_ms if k else 0), 1), round(q_ms, 1)])
+                    print(" | ".join(str(c) for c in rows[-1]), flush=True)
+    text = (f"Retrieval quality of every option, efficientnet_lite0, {args.threads} threads; every image queries "
+            "the rest, exact search.\n\n")
+    text += _common.table(["dataset", "embedding", "metric", "head", "QE", "DBA", "verify K", "R@1", "mAP@R",
+                           "mAP@10", "photo→ref R@1", "index ms/img", "search ms/query"], rows)
+    text += ("\n\nembedding: input side, squash (square) or long (aspect kept, long side = size), pooling "
+             "(gap = average, gem = generalised mean p = 3). head: linear head fitted on the collection "
+             "(`--head`). QE: average query expansion with the top N (`search --qe N`). DBA: database-side "
+             "augmentation with N neighbours (`search --dba N`). verify K: SIFT + RANSAC re-ranking of the top K "
+             "(`search --verify K`; confirmed = at least retrieval.verify.MIN_INLIERS inliers). index ms/img: "
+             "indexing through the product (decode, preprocess, network), plus SIFT extraction when K > 0 "
+             f"(cached per image; {{}}). search ms/query: ranking in numpy plus K × the measured cost of "
+             "verifying one pair with cached features; the query's own embedding is not included.")
+    _common.save("quality", text.replace("{}", "cold cache"))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from retrieval.backbone import Backbone
+from retrieval.backbone import Backbone, group_by_shape
 from retrieval.errors import RetrieveError
 
 from .cis import cis_cosine, cis_head, cis_l2, l2_target, top_channels
@@ -108,19 +108,26 @@ class Explainer:
         """Explain each (query, result) pair: the backbone runs once on the query, once batched on results."""
         pre = self.backbone.preprocess
         xq = pre.batch([query])
-        xr = pre.batch(list(results)) if results else torch.zeros(0, 3, pre.size, pre.size)
+        xr = [pre.batch([r]) for r in results]  # aspect-kept inputs may differ in shape: one tensor each
+        aq = ar = None
         if not self.needs_grad:
             aq = query_features if query_features is not None else self.backbone.features(xq)
-            ar = self.backbone.features(xr) if len(results) else None
-        else:
-            aq = ar = None
+            ar = [None] * len(xr)
+            for idx in group_by_shape([x[0] for x in xr]):
+                feats = self.backbone.features(torch.cat([xr[i] for i in idx]))
+                for j, i in enumerate(idx):
+                    ar[i] = feats[j:j + 1]
         out = []
         for i, res in enumerate(results):
-            raw_q, raw_r, info = self.raw_maps(xq, xr[i:i + 1], aq, None if ar is None else ar[i:i + 1])
+            raw_q, raw_r, info = self.raw_maps(xq, xr[i], aq, None if ar is None else ar[i])
             out.append(Explanation(method=self.name, metric=self.metric, query_map=upsample(raw_q, own_size(query)),
                                    result_map=upsample(raw_r, own_size(res)), query_raw=np.asarray(raw_q, np.float32),
                                    result_raw=np.asarray(raw_r, np.float32), similarity=self.describe(), **info))
         return out
+
+    def pool(self, a: torch.Tensor) -> torch.Tensor:
+        """The index's pooling (feature map → embedding), differentiable."""
+        return self.backbone.pooling.pool(a)
 
     def similarity(self, q, r) -> dict:
         """Score fields for pooled vectors ``q``, ``r`` (numpy), with the CIS and what it sums to."""
@@ -158,11 +165,14 @@ class SFAM(Explainer):
     name = "sfam"
 
     def raw_maps(self, xq, xr, aq, ar):
-        q, r = aq.mean((2, 3))[0].double().numpy(), ar.mean((2, 3))[0].double().numpy()
+        aq, ar = aq.double(), ar.double()
+        pooling = self.backbone.pooling
+        q, r = pooling.pool(aq)[0].numpy(), pooling.pool(ar)[0].numpy()
         info = self.similarity(q, r)
         w = torch.as_tensor(info["cis"], dtype=torch.float64)
-        mq = torch.relu(torch.einsum("c,chw->hw", w, aq[0].double())).numpy()
-        mr = torch.relu(torch.einsum("c,chw->hw", w, ar[0].double())).numpy()
+        # A itself for average pooling; for GeM each location's share of the pooled value (pooling.py)
+        mq = torch.relu(torch.einsum("c,chw->hw", w, pooling.contributions(aq)[0])).numpy()
+        mr = torch.relu(torch.einsum("c,chw->hw", w, pooling.contributions(ar)[0])).numpy()
         return mq, mr, info
 
 
@@ -176,14 +186,14 @@ class GradCAM(Explainer):
         with torch.enable_grad():
             aq = self.backbone.eager_features(xq).detach().requires_grad_(True)
             ar = self.backbone.eager_features(xr).detach().requires_grad_(True)
-            s = self.torch_similarity(aq.mean((2, 3)), ar.mean((2, 3))).sum()
+            s = self.torch_similarity(self.pool(aq), self.pool(ar)).sum()
             gq, gr = torch.autograd.grad(s, [aq, ar])
         maps = []
         for a, g in ((aq, gq), (ar, gr)):
             w = g[0].mean((1, 2))
             maps.append(torch.relu(torch.einsum("c,chw->hw", w, a[0])).detach().cpu().double().numpy())
-        info = self.similarity(aq.detach().mean((2, 3))[0].cpu().double().numpy(),
-                               ar.detach().mean((2, 3))[0].cpu().double().numpy())
+        info = self.similarity(self.pool(aq.detach())[0].cpu().double().numpy(),
+                               self.pool(ar.detach())[0].cpu().double().numpy())
         info["cis"] = None
         info["cis_target"] = None
         return maps[0], maps[1], info
@@ -200,15 +210,18 @@ class Occlusion(Explainer):
         self.stride_fraction = stride_fraction
 
     def _occluded(self, x: torch.Tensor) -> tuple[torch.Tensor, list[tuple[int, int]], int]:
-        s = x.shape[-1]
+        h, w = x.shape[-2:]
+        s = max(h, w)
         p = max(1, round(s * self.patch_fraction))
         st = max(1, round(s * self.stride_fraction))
         pre = self.backbone.preprocess  # grey = mid-grey (0.5) in the network's normalised input
         grey = ((torch.tensor([0.5, 0.5, 0.5]) - torch.tensor(pre.mean)) / torch.tensor(pre.std)).view(3, 1, 1)
-        starts = list(range(0, max(s - p, 0) + 1, st))
-        if starts[-1] != s - p:
-            starts.append(s - p)
-        positions = [(y, xx) for y in starts for xx in starts]
+
+        def starts(n: int) -> list[int]:
+            out = list(range(0, max(n - p, 0) + 1, st))
+            return out if out[-1] == max(n - p, 0) else out + [max(n - p, 0)]
+
+        positions = [(y, xx) for y in starts(h) for xx in starts(w)]
         batch = x.repeat(len(positions), 1, 1, 1)
         for i, (y, xx) in enumerate(positions):
             batch[i, :, y:y + p, xx:xx + p] = grey
@@ -216,18 +229,17 @@ class Occlusion(Explainer):
 
     def _drop_map(self, x: torch.Tensor, other: torch.Tensor, base: float) -> np.ndarray:
         batch, positions, p = self._occluded(x)
-        pooled = torch.cat([self.backbone.features(batch[i:i + 32]).mean((2, 3)) for i in range(0, len(batch), 32)])
+        pooled = torch.cat([self.pool(self.backbone.features(batch[i:i + 32])) for i in range(0, len(batch), 32)])
         sims = self.torch_similarity(pooled.double(), other.double().expand_as(pooled)).numpy()
-        s = x.shape[-1]
-        acc = np.zeros((s, s))
-        cnt = np.zeros((s, s))
+        acc = np.zeros(tuple(x.shape[-2:]))
+        cnt = np.zeros(tuple(x.shape[-2:]))
         for (y, xx), v in zip(positions, sims):
             acc[y:y + p, xx:xx + p] += base - v
             cnt[y:y + p, xx:xx + p] += 1
         return np.maximum(acc / np.maximum(cnt, 1), 0)
 
     def raw_maps(self, xq, xr, aq, ar):
-        q, r = aq.mean((2, 3)), ar.mean((2, 3))
+        q, r = self.pool(aq), self.pool(ar)
         base = float(self.torch_similarity(q.double(), r.double())[0])
         info = self.similarity(q[0].double().numpy(), r[0].double().numpy())
         info["cis"] = None

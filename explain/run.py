@@ -95,10 +95,13 @@ def explain_hits(query_path: str, hits: Sequence, out: Path, explainer: Explaine
         nn = f"{h.rank:02d}"
         files = save_maps(out, f"{nn}_", e)
         png = out / f"{nn}.png"
-        pair_figure(q, img, e, f"#{h.rank} {Path(h.path).name}: {score_text(e)} ({e.method})", png)
-        items.append(ReportItem(f"#{h.rank} {Path(h.path).name}", query_path, h.path, q, img, e))
+        v = getattr(h, "verification", None)
+        pair_figure(q, img, e, f"#{h.rank} {Path(h.path).name}: {score_text(e)} ({e.method})", png, v)
+        items.append(ReportItem(f"#{h.rank} {Path(h.path).name}", query_path, h.path, q, img, e, v))
         objs[h.rank] = {**files, "png": str(png), "report": str(out / "report.html"), "method": e.method,
                         "similarity": explainer.describe(), "explained_score": e.score,
                         "cis_sum": float(e.cis.sum()) if e.cis is not None else None, "top_channels": e.channels(5)}
+        if v is not None:
+            objs[h.rank]["inliers"] = v.inliers
     write_report(out / "report.html", f"Results for {Path(query_path).name}", items, meta)
     return objs

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Callable, Iterable, Protocol
 
 import numpy as np
-import torch
 from sqlalchemy import delete, select, update
 
 from retrieval.backbone import Backbone
@@ -27,6 +26,7 @@ from retrieval.errors import ImageError, RetrieveError
 from retrieval.images import decode_image
 from retrieval.models import DEFAULT_MODEL, load_backbone
 from retrieval.head import parse_head
+from retrieval.pooling import parse_pooling
 from retrieval.service import backbone_for_settings
 from retrieval.store import ImageRow, IndexSettings, IndexStore, SkippedRow, default_explain, factory_for
 
@@ -82,7 +82,7 @@ class _Decoded:
 def index_paths(paths: Iterable[str | os.PathLike], index_dir: str | os.PathLike, *, model: str | None = None,
                 weights: str | None = None, metric: str | None = None, index_type: str | None = None,
                 faiss_factory: str | None = None, input_size: int | None = None, head: str | None = None,
-                refit: bool = False, batch_size: int = 32,
+                resize: str | None = None, pooling: str | None = None, refit: bool = False, batch_size: int = 32,
                 workers: int | None = None, progress: Progress | None = None,
                 on_skip: Callable[[str, str], None] | None = None,
                 backbone: Backbone | None = None) -> IndexReport:
@@ -109,6 +109,11 @@ def index_paths(paths: Iterable[str | os.PathLike], index_dir: str | os.PathLike
             if head is not None and parse_head(head) != store.settings.head:
                 raise RetrieveError(f"index {index_dir} has head {store.settings.head or 'none'}; the head is fixed "
                                     "when the index is created (use --refit to re-fit it on the collection)")
+            for what_, asked, has in (("pooling", pooling and str(parse_pooling(pooling)), store.settings.pooling),
+                                      ("resize", resize, store.settings.preprocess.get("resize", "squash"))):
+                if asked and asked != has:
+                    raise RetrieveError(f"index {index_dir} has {what_} {has}; it is fixed when the index is created "
+                                        "(use another --index directory to change it)")
             if index_type and index_type != store.settings.index_type:
                 raise RetrieveError(f"index {index_dir} has type {store.settings.index_type}; its type is fixed "
                                     "when it is created (use another --index directory to change it)")
@@ -117,12 +122,14 @@ def index_paths(paths: Iterable[str | os.PathLike], index_dir: str | os.PathLike
             store.close()
             raise
     else:
-        bb = backbone or load_backbone(model or DEFAULT_MODEL, weights, input_size=input_size)
+        bb = backbone or load_backbone(model or DEFAULT_MODEL, weights, input_size=input_size, resize=resize,
+                                       pooling=pooling)
         itype = "custom" if faiss_factory else (index_type or "flat")
         settings = IndexSettings(model=bb.name, weights_id=bb.weights_id, weights_source=bb.weights_source,
                                  preprocess=bb.preprocess.to_dict(), metric=metric or "cosine", dim=bb.feature_dim,
                                  index_type=itype, faiss_factory=faiss_factory or factory_for(itype, bb.feature_dim, 0),
-                                 explain=default_explain(bb.preprocess.size), head=parse_head(head))
+                                 explain=default_explain(bb.preprocess.size), head=parse_head(head),
+                                 pooling=str(bb.pooling))
         if faiss_factory:
             _check_factory(faiss_factory, bb.feature_dim)
         store = IndexStore.create(index_dir, settings, what=what)
@@ -320,9 +327,7 @@ def _reuse(store: IndexStore, d: _Decoded, rows: dict, gone: dict, by_hash: dict
 
 def _embed_and_commit(store: IndexStore, bb: Backbone, batch: list[_Decoded], rows: dict,
                       report: IndexReport) -> None:
-    x = torch.from_numpy(np.stack([d.array for d in batch]))
-    _, pooled = bb.embed(x)
-    vecs = pooled.numpy().astype(np.float32)
+    vecs = bb.embed_arrays([d.array for d in batch], batch_size=len(batch))
     replaced = []
     now = time.time()
     with store.session() as s, s.begin():

@@ -21,7 +21,9 @@ from PIL import Image
 from torch import nn
 
 from .errors import RetrieveError
+from .pooling import GAP, Pooling
 
+STRIDE = 32  # the networks' total stride: aspect-kept inputs have sides that are multiples of it
 _RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST, "lanczos": Image.LANCZOS}
 
 
@@ -31,6 +33,9 @@ class Preprocess:
 
     ``resize="squash"`` maps the whole image onto a ``size``×``size`` square (nothing is cropped away, so
     every pixel of the photo can be explained and a map is resized back to the photo's own size exactly).
+    ``resize="long"`` keeps the aspect ratio: the long side becomes ``size`` and the short side the nearest
+    multiple of 32 (the network's stride), so a 4:3 photo at 448 is seen at 448×320 rather than squashed.
+    Nothing is cropped either way. Images of different shapes are batched separately (:func:`group_by_shape`).
     """
 
     size: int = 224
@@ -42,8 +47,8 @@ class Preprocess:
     def __post_init__(self) -> None:
         if self.interpolation not in _RESAMPLE:
             raise RetrieveError(f"unknown interpolation {self.interpolation!r}")
-        if self.resize != "squash":
-            raise RetrieveError(f"unknown resize policy {self.resize!r}")
+        if self.resize not in ("squash", "long"):
+            raise RetrieveError(f"unknown resize policy {self.resize!r} (squash or long)")
         if self.size < 32:
             raise RetrieveError(f"input size {self.size} is too small (at least 32)")
 
@@ -51,15 +56,24 @@ class Preprocess:
     def input_shape(self) -> tuple[int, int]:
         return (self.size, self.size)
 
+    def shape_for(self, width: int, height: int) -> tuple[int, int]:
+        """The network input (h, w) for an image of ``width``×``height`` pixels."""
+        if self.resize == "squash" or width == height:
+            return (self.size, self.size)
+        short = min(width, height) * self.size / max(width, height)
+        short = int(min(self.size, max(STRIDE, STRIDE * round(short / STRIDE))))
+        return (self.size, short) if height > width else (short, self.size)
+
     def array(self, img: Image.Image) -> np.ndarray:
-        """One RGB image → normalised float32 array (3×size×size)."""
-        img = img.resize((self.size, self.size), _RESAMPLE[self.interpolation])
+        """One RGB image → normalised float32 array (3×h×w; h = w = size when squashing)."""
+        h, w = self.shape_for(*img.size)
+        img = img.resize((w, h), _RESAMPLE[self.interpolation])
         x = np.asarray(img, dtype=np.float32) * (1.0 / 255.0)
         x = (x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
         return np.ascontiguousarray(x.transpose(2, 0, 1))
 
     def batch(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """A list of RGB images → N×3×size×size tensor."""
+        """A list of RGB images of one input shape → N×3×h×w tensor."""
         return torch.from_numpy(np.stack([self.array(im) for im in images]))
 
     def to_dict(self) -> dict:
@@ -75,6 +89,14 @@ class Preprocess:
 
     def replace(self, **changes) -> "Preprocess":
         return Preprocess.from_dict({**self.to_dict(), **changes})
+
+
+def group_by_shape(arrays: Sequence[np.ndarray]) -> list[list[int]]:
+    """Indices of ``arrays`` grouped by shape, each group in order (one batch per input shape)."""
+    groups: dict[tuple, list[int]] = {}
+    for i, a in enumerate(arrays):
+        groups.setdefault(tuple(a.shape), []).append(i)
+    return list(groups.values())
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -125,6 +147,7 @@ class Backbone:
     weights_id: str
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     fast: str = "auto"  # "auto" | "onnx" | "jit" | "eager"
+    pooling: Pooling = GAP  # feature map → embedding (retrieval/pooling.py)
     _runners: dict = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -153,12 +176,22 @@ class Backbone:
         return runner(x)
 
     def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(feature map ``A``, pooled embedding ``mean_ij A``) from one forward pass."""
+        """(feature map ``A``, pooled embedding) from one forward pass."""
         a = self.features(x)
-        return a, a.mean(dim=(2, 3))
+        return a, self.pooling.pool(a)
 
-    def embed_images(self, images: Sequence[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.embed(self.preprocess.batch(images))
+    def embed_arrays(self, arrays: Sequence[np.ndarray], batch_size: int = 32) -> np.ndarray:
+        """Pooled embeddings (N×C float32, in order) of preprocessed arrays of any mix of input shapes."""
+        out = np.zeros((len(arrays), self.feature_dim), np.float32)
+        for idx in group_by_shape(arrays):
+            for i in range(0, len(idx), batch_size):
+                part = idx[i:i + batch_size]
+                out[part] = self.embed(torch.from_numpy(np.stack([arrays[j] for j in part])))[1].numpy()
+        return out
+
+    def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """Pooled embeddings (N×C float32) of RGB images."""
+        return self.embed_arrays([self.preprocess.array(im) for im in images])
 
     # -- fast path --------------------------------------------------------------------------------
     def fast_path_name(self) -> str:
@@ -166,6 +199,9 @@ class Backbone:
         return self._runner(self.preprocess.input_shape).kind
 
     def _runner(self, hw: tuple[int, int]) -> "_Runner":
+        # One graph per input shape (an export takes about a second and is cached on disk): aspect-kept
+        # inputs come in a few shapes, all multiples of the stride. (A single graph with dynamic height and
+        # width does not work: TF "same" padding is traced as constants and gives wrong shapes.)
         with self._lock:
             runner = self._runners.get(hw)
             if runner is None:

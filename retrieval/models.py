@@ -20,6 +20,7 @@ from torch import nn
 
 from .backbone import Backbone, Preprocess, _FeatureNet, file_sha256, pick_device
 from .errors import RetrieveError, UnknownModel, WeightsUnavailable
+from .pooling import Pooling, parse_pooling
 
 DEFAULT_MODEL = "efficientnet_lite0"
 IMAGENET = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
@@ -148,8 +149,12 @@ def _registry_weights(spec: ModelSpec, weights: str | os.PathLike | None) -> Pat
 
 def load_backbone(name: str = DEFAULT_MODEL, weights: str | os.PathLike | None = None, *,
                   input_size: int | None = None, device: str | None = None, fast: str = "auto",
-                  random_weights: bool = False) -> Backbone:
+                  random_weights: bool = False, resize: str | None = None,
+                  pooling: str | Pooling | None = None) -> Backbone:
     """Build a :class:`Backbone` by registry name or user spec (see the module docstring).
+
+    ``resize`` ("squash" or "long", see :class:`Preprocess`) and ``pooling`` ("gap", "gem[:p]") override
+    the model's defaults.
 
     ``random_weights`` skips loading (shapes-only tests, sanity checks of explanations).
     """
@@ -169,8 +174,14 @@ def load_backbone(name: str = DEFAULT_MODEL, weights: str | os.PathLike | None =
                 raise WeightsUnavailable(f"{path}: does not fit {name}: {first}") from None
             source, wid = str(path), file_sha256(path)
         pre = spec.preprocess if input_size is None else spec.preprocess.replace(size=input_size)
-        return Backbone(name, spec.to_features(net).eval(), pre, spec.feature_dim, source, wid, dev, fast)
-    return _load_user_model(name, input_size, dev, fast)
+        bb = Backbone(name, spec.to_features(net).eval(), pre, spec.feature_dim, source, wid, dev, fast)
+    else:
+        bb = _load_user_model(name, input_size, dev, fast)
+    if resize is not None:
+        bb.preprocess = bb.preprocess.replace(resize=resize)
+    if pooling is not None:
+        bb.pooling = pooling if isinstance(pooling, Pooling) else parse_pooling(pooling)
+    return bb
 
 
 def _load_user_model(name: str, input_size: int | None, dev: torch.device, fast: str) -> Backbone:

@@ -3,11 +3,10 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
-import torch
 
 from .backbone import Backbone
 from .errors import ImageError
@@ -26,11 +25,15 @@ class Hit:
     path: str
     score: float  # higher is better for both metrics (cosine similarity, or −squared L2 distance)
     distance: float | None = None  # l2 only: squared Euclidean distance
+    inliers: int | None = None  # with --verify: local matches that agree on one homography
+    verification: object = field(default=None, repr=False, compare=False)  # retrieval.verify.Verification
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        if self.distance is None:
-            d.pop("distance")
+        d = {"rank": self.rank, "id": self.id, "path": self.path, "score": self.score}
+        if self.distance is not None:
+            d["distance"] = self.distance
+        if self.inliers is not None:
+            d["inliers"] = self.inliers
         return d
 
 
@@ -59,16 +62,42 @@ def expand_queries(queries: Iterable[str | os.PathLike]) -> list[str]:
 class Searcher:
     """Answers queries against one open index with the backbone the index was built with."""
 
-    def __init__(self, store: IndexStore, backbone: Backbone):
+    def __init__(self, store: IndexStore, backbone: Backbone, dba: int = 0, verifier=None):
+        """``dba`` > 0: database-side augmentation — every stored vector is replaced, for ranking, by the
+        mean of itself and its ``dba`` nearest neighbours (computed when the searcher opens: one exact
+        k-NN pass over the collection). ``verifier``: a :class:`retrieval.verify.Verifier` for
+        ``search_paths(verify=K)``."""
         self.store = store
         self.backbone = backbone
         self.metric = store.settings.metric
         self.index = store.faiss_index()
         self.rerank = _tune(self.index)
+        self.verifier = verifier
         import faiss
 
         inner = faiss.downcast_index(self.index.index) if hasattr(self.index, "index") else self.index
         self.hnsw = inner.hnsw if hasattr(inner, "hnsw") else None
+        self.dba = dba
+        if dba > 0 and self.index.ntotal:
+            self.index, self.rerank, self.hnsw = self._augmented(dba), False, None
+
+    def _augmented(self, n: int):
+        """An exact in-memory index over the DBA vectors (see ``__init__``), same ids as the stored ones."""
+        import faiss
+
+        ids, vecs = zip(*self.store.iter_vectors())
+        ids, x = np.concatenate(ids), self.store.transform(np.concatenate(vecs))
+        metric = faiss.METRIC_INNER_PRODUCT if self.metric == "cosine" else faiss.METRIC_L2
+        flat = faiss.IndexFlat(x.shape[1], metric)
+        flat.add(x)
+        _, nb = flat.search(x, min(n + 1, len(x)))  # each vector's neighbours, itself among them
+        xa = x[nb].mean(1)
+        xa[(nb < 0).any(1)] = x[(nb < 0).any(1)]
+        if self.metric == "cosine":
+            xa /= np.maximum(np.linalg.norm(xa, axis=1, keepdims=True), 1e-12)
+        out = faiss.IndexIDMap2(faiss.IndexFlat(x.shape[1], metric))
+        out.add_with_ids(np.ascontiguousarray(xa, np.float32), ids)
+        return out
 
     def search_vectors(self, raw: np.ndarray, k: int, exclude: Sequence[set[int]] | None = None,
                        min_score: float | None = None, qe: int = 0) -> list[list[Hit]]:
@@ -80,10 +109,12 @@ class Searcher:
         raw = np.atleast_2d(np.asarray(raw, np.float32))
         exclude = exclude or [set() for _ in range(len(raw))]
         q = self.store.transform(raw)
-        hits = self._search(q, k, exclude, None if qe else min_score)
-        if qe <= 0:
-            return hits
-        return [self._expanded(q[i], h[:qe], k, exclude[i], min_score) if h else h for i, h in enumerate(hits)]
+        if qe <= 0 and not self.dba:
+            return self._search(q, k, exclude, min_score)
+        hits = self._search(q, k, exclude, None)
+        if qe > 0:
+            return [self._expanded(q[i], h[:qe], k, exclude[i], min_score) if h else h for i, h in enumerate(hits)]
+        return [self._rescored(q[i], h, min_score) for i, h in enumerate(hits)]
 
     def _vectors(self, ids: Sequence[int]) -> np.ndarray:
         rows = self.store.rows_by_ids(ids)
@@ -93,7 +124,10 @@ class Searcher:
         qx = np.vstack([q[None], self._vectors([h.id for h in top])]).mean(0, keepdims=True)
         if self.metric == "cosine":
             qx /= max(float(np.linalg.norm(qx)), 1e-12)
-        new = self._search(qx.astype(np.float32), k, [exclude], None)[0]
+        return self._rescored(q, self._search(qx.astype(np.float32), k, [exclude], None)[0], min_score)
+
+    def _rescored(self, q: np.ndarray, new: list[Hit], min_score) -> list[Hit]:
+        """Hits ranked by an expanded query or augmented vectors keep their similarity to the query itself."""
         if not new:
             return new
         v = self._vectors([h.id for h in new])
@@ -142,9 +176,17 @@ class Searcher:
         return out
 
     def search_paths(self, paths: Sequence[str], k: int = 10, *, include_self: bool = False,
-                     min_score: float | None = None, qe: int = 0, batch_size: int = 32,
-                     workers: int = 2) -> Iterator[QueryResult]:
-        """Decode (in threads) and embed (in batches) the query images; yield one result per query, in order."""
+                     min_score: float | None = None, qe: int = 0, verify: int = 0, batch_size: int = 32,
+                     workers: int = 2, on_error=None) -> Iterator[QueryResult]:
+        """Decode (in threads) and embed (in batches) the query images; yield one result per query, in order.
+
+        ``verify`` = K > 0: re-rank the top K by geometric verification (``self.verifier``; see
+        retrieval/verify.py) and keep the best ``k``; hits then carry ``inliers``.
+        """
+        if verify and self.verifier is None:
+            from .verify import Verifier
+
+            self.verifier = Verifier()
         pre = self.backbone.preprocess
         metric = self.metric
 
@@ -162,19 +204,27 @@ class Searcher:
                 hits_for: dict[int, list[Hit]] = {}
                 emb_for: dict[int, np.ndarray] = {}
                 if good:
-                    x = torch.from_numpy(np.stack([loaded[i][0] for i in good]))
-                    _, pooled = self.backbone.embed(x)
-                    raw = pooled.numpy()
+                    raw = self.backbone.embed_arrays([loaded[i][0] for i in good], batch_size)
                     excl = []
                     for i in good:
                         row = None if include_self else self.store.row_by_path(chunk[i])
                         excl.append({row.id} if row is not None else set())
-                    for i, hits, e in zip(good, self.search_vectors(raw, k, excl, min_score, qe), raw):
+                    kk = max(k, verify)
+                    for i, hits, e in zip(good, self.search_vectors(raw, kk, excl, min_score, qe), raw):
+                        if verify:
+                            hits = self._verified(chunk[i], hits, k, on_error)
                         hits_for[i], emb_for[i] = hits, e
                 for i, p in enumerate(chunk):
                     err = loaded[i][1]
                     yield QueryResult(p, metric, hits_for.get(i, []), err, emb_for.get(i))
 
+
+    def _verified(self, query_path: str, hits: list[Hit], k: int, on_error) -> list[Hit]:
+        from .verify import verify_hits
+
+        rows = self.store.rows_by_ids([h.id for h in hits])
+        return verify_hits(self.verifier, query_path, hits, k,
+                           sha_of=lambda i: rows[i].sha256 if i in rows else None, on_error=on_error)
 
     def _exact_scores(self, q: np.ndarray, ids: np.ndarray, rows: dict) -> tuple[np.ndarray, np.ndarray]:
         """Re-score candidates with the exact stored vectors and sort them again (best first)."""

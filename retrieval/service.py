@@ -19,7 +19,8 @@ def backbone_for_settings(settings: IndexSettings, device: str | None = None,
     weights = src if settings.weights_source not in ("", "random") and src.is_file() else None
     size = input_size or settings.preprocess.get("size")
     bb = load_backbone(settings.model, weights, input_size=size, device=device,
-                       random_weights=settings.weights_id == "random")
+                       random_weights=settings.weights_id == "random",
+                       resize=settings.preprocess.get("resize", "squash"), pooling=settings.pooling)
     if bb.weights_id != settings.weights_id:
         raise SettingsMismatch(f"the weights of {settings.model} ({bb.weights_source}) differ from the ones the "
                                "index was built with; rebuild the index or restore those weights")

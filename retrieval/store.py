@@ -101,6 +101,7 @@ class IndexSettings:
     created_at: float = field(default_factory=time.time)
     explain: dict = field(default_factory=dict)  # how explanations are made; see default_explain()
     head: dict = field(default_factory=dict)  # linear head config ({} = none); see retrieval/head.py
+    pooling: str = "gap"  # feature map → embedding; see retrieval/pooling.py
 
     def __post_init__(self) -> None:
         if self.metric not in ("cosine", "l2"):
@@ -109,8 +110,9 @@ class IndexSettings:
 
 def default_explain(input_size: int) -> dict:
     """The explanation defaults recorded in a new index, chosen by measurement (bench/results/explain.md):
-    SFAM with the CIS computed on μ-centred embeddings, at twice the index's input size."""
-    return {"method": "sfam", "centre": True, "input_size": 2 * int(input_size)}
+    SFAM with the CIS computed on μ-centred embeddings, at 448 px (twice the 224 default; an index built
+    at 448 or more explains at its own size)."""
+    return {"method": "sfam", "centre": True, "input_size": max(448, int(input_size))}
 
 
 def default_index_dir() -> Path:

@@ -1,0 +1,198 @@
+"""Instance-level matching: aspect-kept input, GeM pooling (with exact SFAM), DBA, geometric verification."""
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from clitools import run, run_json
+from conftest import skimage_photo
+from explain.methods import SFAM
+from retrieval.backbone import Preprocess
+from retrieval.pooling import GAP, parse_pooling
+from retrieval.errors import RetrieveError
+from retrieval.verify import MIN_INLIERS, Verification, Verifier, rerank
+
+
+# -- pooling -----------------------------------------------------------------------------------
+def test_gem_pools_and_splits_over_space_exactly():
+    a = torch.rand(2, 16, 7, 5, dtype=torch.float64) * 6
+    gem = parse_pooling("gem")
+    assert gem.p == 3 and str(gem) == "gem:3"
+    expect = (a.clamp_min(1e-6) ** 3).mean((2, 3)) ** (1 / 3)
+    torch.testing.assert_close(gem.pool(a), expect)
+    torch.testing.assert_close(gem.contributions(a).mean((2, 3)), gem.pool(a))  # the map averages to e
+    assert bool((gem.pool(a) >= a.mean((2, 3)) - 1e-12).all())  # power mean ≥ arithmetic mean
+    torch.testing.assert_close(parse_pooling("gem:1").pool(a), a.mean((2, 3)))  # p = 1 is GAP
+    assert parse_pooling(None) is GAP and GAP.contributions(a) is a
+    for bad in ("max", "gem:x", "gem:0.5"):
+        with pytest.raises(RetrieveError):
+            parse_pooling(bad)
+
+
+@pytest.mark.parametrize("centre", [False, True])
+def test_sfam_with_gem_is_exact_on_real_photos(lite0, centre):
+    bb = lite0.at_size(224)
+    import dataclasses
+
+    bb = dataclasses.replace(bb, pooling=parse_pooling("gem"))
+    q, r = skimage_photo("chelsea"), skimage_photo("coffee")
+    mu = np.full(1280, 0.1)
+    e = SFAM(bb, "cosine", mu=mu, centre=centre).explain(q, r)
+    a = bb.eager_features(bb.preprocess.batch([q, r])).double()
+    v = ((a.clamp_min(1e-6) ** 3).mean((2, 3)) ** (1 / 3)).numpy()  # GeM by its definition
+    if centre:
+        v = v - mu
+    cos = float(v[0] @ v[1] / np.linalg.norm(v[0]) / np.linalg.norm(v[1]))
+    assert abs(float(e.cis.sum()) - cos) < 1e-4 and abs(e.score - cos) < 1e-4
+    assert e.result_map.shape == (r.height, r.width) and e.result_map.max() == pytest.approx(1.0)
+
+
+# -- aspect-kept input -------------------------------------------------------------------------
+def test_long_side_resize_keeps_the_aspect_within_one_stride():
+    pre = Preprocess(448, resize="long")
+    for w, h in ((640, 480), (480, 640), (1000, 200), (300, 300), (4000, 3000), (50, 2000)):
+        ph, pw = pre.shape_for(w, h)
+        assert max(ph, pw) == 448 and ph % 32 == 0 and pw % 32 == 0
+        assert (ph >= pw) == (h >= w)
+        assert abs(min(ph, pw) - min(w, h) * 448 / max(w, h)) <= 16 or min(ph, pw) == 32
+    assert Preprocess(448).shape_for(640, 480) == (448, 448)
+    with pytest.raises(RetrieveError):
+        Preprocess(448, resize="crop")
+
+
+def test_mixed_shapes_embed_in_order_and_match_one_by_one(lite0):
+    import dataclasses
+
+    bb = dataclasses.replace(lite0, preprocess=lite0.preprocess.replace(size=256, resize="long"), _runners={})
+    imgs = [skimage_photo(n) for n in ("chelsea", "astronaut", "coffee")]
+    imgs.append(imgs[0].transpose(Image.ROTATE_90))  # landscape, square, landscape, portrait: 3 shapes
+    arrays = [bb.preprocess.array(im) for im in imgs]
+    assert len({a.shape for a in arrays}) == 3
+    together = bb.embed_arrays(arrays)
+    for im, arr, v in zip(imgs, arrays, together):
+        eager = bb.eager_features(torch.from_numpy(arr)[None]).mean((2, 3))[0].numpy()
+        np.testing.assert_allclose(v, eager, rtol=1e-3, atol=1e-4)  # fast path (dynamic shapes) = eager
+
+
+def test_index_with_long_gem_through_the_cli(photos, tmp_path):
+    idx = tmp_path / "idx"
+    run("index", photos, "--index", idx, "--input-size", "320", "--resize", "long", "--pooling", "gem")
+    info = run_json("info", "--index", idx)
+    assert (info["resize"], info["pooling"], info["input_size"]) == ("long", "gem:3", 320)
+    res = run_json("search", photos / "chelsea.jpg", "--index", idx, "-k", "2", "--include-self")
+    assert res["results"][0]["path"] == str(photos / "chelsea.jpg") and res["results"][0]["score"] > 0.999
+    assert res["results"][1]["path"].endswith("cat_crop.jpg")
+    bad = run("index", photos, "--index", idx, "--pooling", "gap", ok=False)
+    assert bad.exit_code != 0 and "pooling gem:3" in bad.output
+
+
+# -- geometric verification ---------------------------------------------------------------------
+def rephotographed(img: Image.Image, background: Image.Image, seed: int = 0) -> Image.Image:
+    """``img`` warped in perspective, darker, blurred, pasted onto ``background``: a phone photo of it."""
+    from PIL import ImageFilter
+
+    rng = random.Random(seed)
+    bg = background.resize((640, 480))
+    obj = img.resize((300, round(300 * img.height / img.width)))
+    w, h = obj.size
+    jit = [rng.uniform(-0.12, 0.12) * w for _ in range(8)]
+    quad = (jit[0], jit[1], jit[2], h + jit[3], w + jit[4], h + jit[5], w + jit[6], jit[7])
+    warped = obj.transform((w, h), Image.QUAD, quad, Image.BILINEAR)
+    mask = Image.new("L", (w, h), 255).transform((w, h), Image.QUAD, quad, Image.BILINEAR)
+    warped = warped.point(lambda v: int(v * 0.8)).filter(ImageFilter.GaussianBlur(0.8))
+    bg.paste(warped, (200, 100), mask)
+    return bg
+
+
+def test_verification_confirms_the_same_object_and_not_a_lookalike():
+    v = Verifier(cache=False)
+    astro, coffee, rocket = (skimage_photo(n) for n in ("astronaut", "coffee", "rocket"))
+    photo = rephotographed(astro, coffee)
+    same = v.verify(v.extract(photo), v.extract(astro))
+    other = v.verify(v.extract(photo), v.extract(rocket))
+    assert same.confirmed and same.inliers >= 3 * MIN_INLIERS, same.inliers
+    assert not other.confirmed, other.inliers
+    # the inliers are real correspondences: the astronaut was pasted at x ≥ 200 in the photo
+    assert len(same.query_points) >= same.inliers and float(same.query_points[:, 0].min()) > 150
+    many = v.verify_many(v.extract(photo), [v.extract(rocket), v.extract(astro)])
+    assert [m.inliers for m in many] == [other.inliers, same.inliers]  # batched = one by one
+
+
+def test_rerank_never_drops_a_confirmed_result():
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        n = int(rng.integers(1, 30))
+        k = int(rng.integers(1, n + 1))
+        inl = rng.choice([0, 3, 8, 14, 15, 20, 40, 90], size=n)
+        vs = [Verification(int(i)) for i in inl]
+        out = rerank(list(range(n)), vs, k)
+        assert len(out) == k and len(set(out)) == k
+        confirmed = [i for i in range(n) if vs[i].confirmed]
+        kept_unconfirmed = [i for i in out if not vs[i].confirmed]
+        if kept_unconfirmed:  # nothing confirmed was left out while an unconfirmed one was kept
+            assert set(confirmed) <= set(out)
+        c_out = [i for i in out if vs[i].confirmed]
+        assert out[:len(c_out)] == c_out  # confirmed first ...
+        assert [inl[i] for i in c_out] == sorted((inl[i] for i in c_out), reverse=True)  # ... most inliers first
+        assert kept_unconfirmed == sorted(kept_unconfirmed)  # the rest keep their global order
+
+
+@pytest.fixture(scope="module")
+def clutter(tmp_path_factory):
+    """Real photos plus a phone-style photo of the astronaut pasted on the coffee cup (neither the photo nor
+    the coffee cup are indexed)."""
+    d = tmp_path_factory.mktemp("clutter")
+    for name in ("astronaut", "coins", "rocket", "chelsea", "horse", "camera"):
+        skimage_photo(name).save(d / f"{name}.jpg", quality=92)
+    q = tmp_path_factory.mktemp("queries") / "phone_photo.jpg"
+    rephotographed(skimage_photo("astronaut"), skimage_photo("coffee")).save(q, quality=85)
+    return d, q
+
+
+def test_search_verify_confirms_and_reports_inliers(clutter, tmp_path):
+    photos, query = clutter
+    idx = tmp_path / "idx"
+    run("index", photos, "--index", idx)
+    plain = run_json("search", query, "--index", idx, "-k", "6")
+    assert all("inliers" not in h for h in plain["results"])
+    res = run_json("search", query, "--index", idx, "-k", "3", "--verify", "6", "--explain", "--out", tmp_path / "ex")
+    top = res["results"][0]
+    assert top["path"].endswith("astronaut.jpg") and top["inliers"] >= MIN_INLIERS
+    assert all(h["inliers"] < MIN_INLIERS for h in res["results"][1:])
+    assert [h["rank"] for h in res["results"]] == [1, 2, 3]
+    plain_score = {h["path"]: h["score"] for h in plain["results"]}
+    assert top["score"] == pytest.approx(plain_score[top["path"]])  # the score is still the similarity
+    assert top["explanation"]["inliers"] == top["inliers"]
+    html = (tmp_path / "ex" / "report.html").read_text()
+    assert f"{top['inliers']} inliers" in html and "Geometric verification" in html
+    text = run("search", query, "--index", idx, "-k", "1", "--verify", "6").stdout
+    assert "inliers" in text and "astronaut.jpg" in text
+
+
+# -- database-side augmentation -----------------------------------------------------------------
+def test_dba_ranks_by_augmented_vectors_and_reports_true_scores(photos, tmp_path):
+    from retrieval.search import Searcher
+    from retrieval.store import IndexStore
+
+    idx = tmp_path / "idx"
+    run("index", photos, "--index", idx)
+    with IndexStore.open(idx) as store:
+        ids, vecs = zip(*store.iter_vectors())
+        ids, x = np.concatenate(ids), store.transform(np.concatenate(vecs))
+        s = Searcher(store, backbone=None, dba=1)
+        aug = np.stack([s.index.reconstruct(int(i)) for i in ids])
+        nn = np.argsort(-(x @ x.T), axis=1)[:, :2]  # itself and its nearest neighbour
+        expect = x[nn].mean(1)
+        np.testing.assert_allclose(aug, expect / np.linalg.norm(expect, axis=1, keepdims=True), atol=1e-5)
+        hits = s.search_vectors(np.concatenate(vecs)[:1], 4)[0]
+        for h in hits:  # ranked by DBA, scored by the plain cosine with the query
+            assert h.score == pytest.approx(float(x[0] @ x[list(ids).index(h.id)]), abs=1e-5)
+    res = run_json("search", photos / "chelsea.jpg", "--index", idx, "-k", "3", "--dba", "1")
+    assert res["results"][0]["path"].endswith("cat_crop.jpg")
+    assert json.dumps(res)  # stable JSON, same keys as a plain search
+    assert set(res["results"][0]) == {"rank", "id", "path", "score"}
