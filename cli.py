@@ -120,10 +120,13 @@ class _Bar:
 @click.option("--faiss", "faiss_factory", default=None, metavar="FACTORY",
               help="Advanced: a FAISS factory string for a new index (instead of --index-type).")
 @click.option("--input-size", type=click.IntRange(32, 2048), default=None, help="Input side in pixels of a new index.")
+@click.option("--preset", type=click.Choice(["general", "instance"]), default=None,
+              help="What a new index is for: general similarity (fast, the default), or the same object/product "
+                   "seen elsewhere (448 px aspect kept, GeM, PCA-whitening, --verify 20 when searching).")
 @click.option("--resize", type=click.Choice(["squash", "long"]), default=None,
               help="Input shape of a new index: squash to a square, or keep the aspect (long side = input size).")
-@click.option("--pooling", default=None, metavar="gap|gem[:P]",
-              help="Feature map → embedding for a new index: average, or generalised mean (P = 3).")
+@click.option("--pooling", default=None, metavar="gap|gem[:P]|rmac",
+              help="Feature map → embedding for a new index: average, generalised mean (P = 3) or regional max (R-MAC).")
 @click.option("--head", default=None, metavar="none|pca|pca-whiten[:D]",
               help="Linear head of a new index, fitted on the collection [default: none].")
 @click.option("--refit", is_flag=True, help="Re-fit the index's linear head on the whole collection now.")
@@ -131,8 +134,8 @@ class _Bar:
 @click.option("--workers", type=click.IntRange(1, 64), default=None, help="Decoding threads [default: up to 4].")
 @json_option
 @click.pass_context
-def index(ctx, paths, index_dir, model, weights, metric, index_type, faiss_factory, input_size, resize, pooling,
-          head, refit, batch_size, workers, as_json) -> None:
+def index(ctx, paths, index_dir, model, weights, metric, index_type, faiss_factory, input_size, preset, resize,
+          pooling, head, refit, batch_size, workers, as_json) -> None:
     """Index the photos under PATHS (recursively); re-runs only embed what changed."""
     from indexer import index_paths
 
@@ -149,7 +152,7 @@ def index(ctx, paths, index_dir, model, weights, metric, index_type, faiss_facto
     try:
         report = index_paths(paths, _index_dir(index_dir), model=model, weights=weights, metric=metric,
                              index_type=index_type, faiss_factory=faiss_factory, input_size=input_size,
-                             resize=resize, pooling=pooling, head=head, refit=refit, batch_size=batch_size, workers=workers, progress=bar, on_skip=on_skip)
+                             preset=preset, resize=resize, pooling=pooling, head=head, refit=refit, batch_size=batch_size, workers=workers, progress=bar, on_skip=on_skip)
     finally:
         bar.close()
     if as_json:
@@ -182,7 +185,7 @@ def info(index_dir, as_json) -> None:
         updated = store.get_value("updated_at")
         d = {"index": str(store.directory), "model": st.model, "weights": st.weights_source,
              "input_size": st.preprocess.get("size"), "resize": st.preprocess.get("resize", "squash"),
-             "pooling": st.pooling, "metric": st.metric, "index_type": st.index_type,
+             "pooling": st.pooling, "search_defaults": st.search, "metric": st.metric, "index_type": st.index_type,
              "faiss_factory": st.faiss_factory, "dim": st.dim, "head": _head_text(store),
              "images": store.count(), "skipped_files": skipped,
              "size_bytes": store.size_on_disk(), "schema_version": st.schema_version,
@@ -194,6 +197,8 @@ def info(index_dir, as_json) -> None:
     for k, v in d.items():
         if k == "size_bytes":
             k, v = "size on disk", _human(v)
+        elif k == "search_defaults":
+            v = " ".join(f"--{o} {x}" for o, x in v.items()) or "none"
         click.echo(f"{k.replace('_', ' '):<{width}}  {v}")
 
 
@@ -229,8 +234,9 @@ def _human(n: float) -> str:
               help="Average query expansion with the top N results (0 = off).")
 @click.option("--dba", type=click.IntRange(0, 100), default=0, show_default=True,
               help="Database-side augmentation: rank against each image averaged with its N nearest (0 = off).")
-@click.option("--verify", type=click.IntRange(0, 1000), default=0, show_default=True, metavar="K",
-              help="Re-rank the top K by SIFT matches confirmed by a RANSAC homography (0 = off).")
+@click.option("--verify", type=click.IntRange(0, 1000), default=None, metavar="K",
+              help="Re-rank the top K by SIFT matches confirmed by a RANSAC homography (0 = off) "
+                   "[default: the index's, 20 with --preset instance, else 0].")
 @click.option("--explain", is_flag=True, help="Write heat maps and a report explaining each result.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="With --explain: output directory [default: ./retrieve-explain-<query>-<time>].")
@@ -253,6 +259,8 @@ def search(ctx, queries, index_dir, k, min_score, include_self, qe, dba, verify,
         raise click.ClickException("no images among the queries")
     failed = 0
     with IndexStore.open(_index_dir(index_dir)) as store:
+        if verify is None:
+            verify = int(store.settings.search.get("verify", 0))
         searcher = Searcher(store, backbone_for_settings(store.settings), dba=dba)
         explainer = _index_explainer(store, searcher.backbone, method) if explain else None
         results = searcher.search_paths(paths, k, include_self=include_self, min_score=min_score, qe=qe,
@@ -367,9 +375,10 @@ def _explain_meta(store, explainer) -> dict:
 @click.option("--input-size", type=click.IntRange(32, 2048), default=None, help="Input side in pixels.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Output directory [default: ./retrieve-explain-<A>-<time>].")
+@click.option("--verify", is_flag=True, help="Also match SIFT points under one homography; draw the inliers.")
 @json_option
 @click.pass_context
-def explain_cmd(ctx, a, b, index_dir, model, weights, metric, method, input_size, out_dir, as_json) -> None:
+def explain_cmd(ctx, a, b, index_dir, model, weights, metric, method, input_size, out_dir, verify, as_json) -> None:
     """Explain why image B matches image A: heat maps on both, a report, and the numbers (no index needed)."""
     from explain.methods import make_explainer
     from explain.run import default_out_dir, explain_pair
@@ -390,7 +399,13 @@ def explain_cmd(ctx, a, b, index_dir, model, weights, metric, method, input_size
         bb = load_backbone(model or DEFAULT_MODEL, weights, input_size=input_size)
         explainer = make_explainer(method or "sfam", bb, metric=metric or "cosine", mu=None)
         meta = _explain_meta(None, explainer)
-    doc = explain_pair(a, b, Path(out_dir) if out_dir else default_out_dir(a), explainer, meta)
+    verification = None
+    if verify:
+        from retrieval.verify import Verifier
+
+        v = Verifier()
+        verification = v.verify(v.features(a), v.features(b))
+    doc = explain_pair(a, b, Path(out_dir) if out_dir else default_out_dir(a), explainer, meta, verification)
     if as_json:
         click.echo(json.dumps(doc))
         return
@@ -398,6 +413,9 @@ def explain_cmd(ctx, a, b, index_dir, model, weights, metric, method, input_size
     click.echo(f"{doc['similarity']}: {what} ({doc['method']}, {doc['model']})")
     for c in doc["top_channels"][:5]:
         click.echo(f"  channel {c['channel']:>5}  CIS {c['cis']:+.5f}  {c['share']:6.1%} of the score")
+    if verification is not None:
+        click.echo(f"geometric verification: {verification.inliers} inliers "
+                   f"({'confirmed' if verification.confirmed else 'not confirmed'})")
     click.echo(f"report: {doc['files']['report']}")
 
 

@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 CANVAS = (640, 480)  # a phone photo's size, landscape (portrait for one view in four)
-VERSION = 1  # bump when the recipe changes, so an old cache is rebuilt
+VERSION = 2  # bump when the recipe changes, so an old cache is rebuilt (2: every view has its own background)
 
 
 def _load(path: Path, long_side: int = 640) -> np.ndarray:
@@ -82,13 +82,17 @@ def build(source: Path, out: Path, objects: int = 100, views: int = 4, seed: int
     cats = sorted(p for p in source.iterdir() if p.is_dir() and not p.name.startswith(("_", ".")))[:objects]
     photos = {c: sorted(p for p in c.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png")) for c in cats}
     backgrounds = [(c, p) for c in cats for p in photos[c][1:]]
+    rng.shuffle(backgrounds)  # each view gets a background of its own: two views sharing one would "match"
+    if len(backgrounds) < objects * views:
+        raise SystemExit(f"{source}: {len(backgrounds)} background photos for {objects * views} views")
     for c in cats:
         d = out / c.name
         d.mkdir(parents=True, exist_ok=True)
         obj = _load(photos[c][0])
         Image.fromarray(obj).save(d / "ref.jpg", quality=95)
         for v in range(views):
-            bc, bp = rng.choice([b for b in backgrounds if b[0] != c])
+            i = next(i for i, b in enumerate(backgrounds) if b[0] != c)
+            _, bp = backgrounds.pop(i)
             img = _view(obj, _load(bp), rng)
             Image.fromarray(img).save(d / f"view{v + 1}.jpg", quality=rng.randint(60, 90))
     stamp.write_text(json.dumps(recipe))

@@ -52,18 +52,25 @@ def _prepare_out(out: Path) -> Path:
     return out
 
 
-def explain_pair(a: str | Path, b: str | Path, out: Path, explainer: Explainer, meta: dict) -> dict:
-    """``retrieve explain A B``: query_map.npy, result_map.npy, pair.png, report.html, explain.json in ``out``."""
+def explain_pair(a: str | Path, b: str | Path, out: Path, explainer: Explainer, meta: dict,
+                 verification=None) -> dict:
+    """``retrieve explain A B``: query_map.npy, result_map.npy, pair.png, report.html, explain.json in ``out``.
+
+    ``verification`` (retrieval.verify.Verification): inlier lines in the figure and the report."""
     side = explainer.backbone.preprocess.size
     qa, rb = load_image(a, min_side=side), load_image(b, min_side=side)
     e = explainer.explain(qa, rb)
     out = _prepare_out(out)
     files = save_maps(out, "", e)
-    pair_figure(qa, rb, e, f"{Path(a).name} ↔ {Path(b).name}: {score_text(e)} ({e.method})", out / "pair.png")
+    pair_figure(qa, rb, e, f"{Path(a).name} ↔ {Path(b).name}: {score_text(e)} ({e.method})", out / "pair.png",
+                verification)
     write_report(out / "report.html", f"Why {Path(b).name} matches {Path(a).name}",
-                 [ReportItem("pair", str(a), str(b), qa, rb, e)], meta)
+                 [ReportItem("pair", str(a), str(b), qa, rb, e, verification)], meta)
     doc = {"query": str(Path(a).resolve()), "result": str(Path(b).resolve()), **meta, **e.summary(),
            "files": {**files, "pair": str(out / "pair.png"), "report": str(out / "report.html")}}
+    if verification is not None:
+        doc["inliers"] = verification.inliers
+        doc["confirmed"] = verification.confirmed
     if e.metric == "cosine" and e.cis is not None:
         doc["cis_sums_to_score"] = bool(abs(doc["cis_sum"] - e.score) < 1e-5)
     (out / "explain.json").write_text(json.dumps(doc, indent=2))

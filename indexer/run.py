@@ -28,7 +28,8 @@ from retrieval.models import DEFAULT_MODEL, load_backbone
 from retrieval.head import parse_head
 from retrieval.pooling import parse_pooling
 from retrieval.service import backbone_for_settings
-from retrieval.store import ImageRow, IndexSettings, IndexStore, SkippedRow, default_explain, factory_for
+from retrieval.store import (PRESETS, ImageRow, IndexSettings, IndexStore, SkippedRow, default_explain,
+                             factory_for)
 
 from retrieval.scan import FileEntry, check_paths, scan_paths
 
@@ -82,7 +83,8 @@ class _Decoded:
 def index_paths(paths: Iterable[str | os.PathLike], index_dir: str | os.PathLike, *, model: str | None = None,
                 weights: str | None = None, metric: str | None = None, index_type: str | None = None,
                 faiss_factory: str | None = None, input_size: int | None = None, head: str | None = None,
-                resize: str | None = None, pooling: str | None = None, refit: bool = False, batch_size: int = 32,
+                resize: str | None = None, pooling: str | None = None, preset: str | None = None,
+                refit: bool = False, batch_size: int = 32,
                 workers: int | None = None, progress: Progress | None = None,
                 on_skip: Callable[[str, str], None] | None = None,
                 backbone: Backbone | None = None) -> IndexReport:
@@ -94,6 +96,14 @@ def index_paths(paths: Iterable[str | os.PathLike], index_dir: str | os.PathLike
     ready-made backbone (tests).
     """
     t0 = time.perf_counter()
+    search_defaults = {}
+    if preset is not None:  # fills in what the caller left open
+        if preset not in PRESETS:
+            raise RetrieveError(f"unknown preset {preset!r} ({', '.join(PRESETS)})")
+        p = PRESETS[preset]
+        input_size = input_size or p["input_size"]
+        resize, pooling, head = resize or p["resize"], pooling or p["pooling"], head or p["head"]
+        search_defaults = dict(p["search"])
     if batch_size < 1:
         raise RetrieveError(f"--batch-size must be at least 1, got {batch_size}")
     roots = check_paths(paths)
@@ -129,7 +139,7 @@ def index_paths(paths: Iterable[str | os.PathLike], index_dir: str | os.PathLike
                                  preprocess=bb.preprocess.to_dict(), metric=metric or "cosine", dim=bb.feature_dim,
                                  index_type=itype, faiss_factory=faiss_factory or factory_for(itype, bb.feature_dim, 0),
                                  explain=default_explain(bb.preprocess.size), head=parse_head(head),
-                                 pooling=str(bb.pooling))
+                                 pooling=str(bb.pooling), search=search_defaults)
         if faiss_factory:
             _check_factory(faiss_factory, bb.feature_dim)
         store = IndexStore.create(index_dir, settings, what=what)

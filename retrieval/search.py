@@ -15,6 +15,7 @@ from .store import IndexStore
 
 HNSW_EF_SEARCH = 64  # with efConstruction 200: recall@10 0.998, p50 0.9 ms at 1 M vectors (bench/results)
 IVF_NPROBE = 32  # at least; an eighth of the lists for large indexes
+DBA_MAX = 200_000  # search --dba computes an exact k-NN graph of the collection when the searcher opens
 RERANK_FACTOR = 10  # compressed (PQ) indexes: fetch k×this candidates, re-score them exactly from the rows
 
 
@@ -78,6 +79,11 @@ class Searcher:
         inner = faiss.downcast_index(self.index.index) if hasattr(self.index, "index") else self.index
         self.hnsw = inner.hnsw if hasattr(inner, "hnsw") else None
         self.dba = dba
+        if dba > 0 and self.index.ntotal > DBA_MAX:
+            from .errors import RetrieveError
+
+            raise RetrieveError(f"--dba needs a k-NN pass over the whole collection when the search opens; it is "
+                                f"meant for up to {DBA_MAX:,} images (this index has {self.index.ntotal:,})")
         if dba > 0 and self.index.ntotal:
             self.index, self.rerank, self.hnsw = self._augmented(dba), False, None
 

@@ -102,10 +102,22 @@ class IndexSettings:
     explain: dict = field(default_factory=dict)  # how explanations are made; see default_explain()
     head: dict = field(default_factory=dict)  # linear head config ({} = none); see retrieval/head.py
     pooling: str = "gap"  # feature map → embedding; see retrieval/pooling.py
+    search: dict = field(default_factory=dict)  # search defaults of this index, e.g. {"verify": 20}; see PRESETS
 
     def __post_init__(self) -> None:
         if self.metric not in ("cosine", "l2"):
             raise IndexError_(f"unknown metric {self.metric!r} (cosine or l2)")
+
+
+PRESETS = {
+    # What a new index is built for; every value can be overridden by its own option. Chosen by measurement
+    # (bench/results/quality.md): "general" is the best of the cheap settings on faces and categories;
+    # "instance" finds the same object photographed elsewhere (R@1 0.14 → 0.78 on the instance set) at
+    # 2.9x the indexing time and about 0.25 s of geometric verification per query.
+    "general": {"input_size": None, "resize": "squash", "pooling": "gap", "head": None, "search": {}},
+    "instance": {"input_size": 448, "resize": "long", "pooling": "gem", "head": "pca-whiten:128",
+                 "search": {"verify": 20}},
+}
 
 
 def default_explain(input_size: int) -> dict:

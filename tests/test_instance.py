@@ -29,6 +29,14 @@ def test_gem_pools_and_splits_over_space_exactly():
     assert bool((gem.pool(a) >= a.mean((2, 3)) - 1e-12).all())  # power mean ≥ arithmetic mean
     torch.testing.assert_close(parse_pooling("gem:1").pool(a), a.mean((2, 3)))  # p = 1 is GAP
     assert parse_pooling(None) is GAP and GAP.contributions(a) is a
+    rmac = parse_pooling("rmac")  # Σ over regions of L2-normalised regional maxima, by its definition
+    from retrieval.pooling import rmac_regions
+
+    regions = rmac_regions(7, 5)
+    assert len(regions) >= 6 and all(y + s <= 7 and x + s <= 5 for y, x, s in regions)
+    expect = sum(torch.nn.functional.normalize(a[:, :, y:y + s, x:x + s].amax((2, 3)), dim=1) for y, x, s in regions)
+    torch.testing.assert_close(rmac.pool(a), expect)
+    torch.testing.assert_close(rmac.contributions(a).mean((2, 3)), rmac.pool(a))
     for bad in ("max", "gem:x", "gem:0.5"):
         with pytest.raises(RetrieveError):
             parse_pooling(bad)
@@ -172,6 +180,37 @@ def test_search_verify_confirms_and_reports_inliers(clutter, tmp_path):
     assert f"{top['inliers']} inliers" in html and "Geometric verification" in html
     text = run("search", query, "--index", idx, "-k", "1", "--verify", "6").stdout
     assert "inliers" in text and "astronaut.jpg" in text
+
+
+def test_explain_pair_with_verification_draws_the_inliers(clutter, tmp_path):
+    photos, query = clutter
+    doc = run_json("explain", query, photos / "astronaut.jpg", "--verify", "--out", tmp_path / "e")
+    assert doc["confirmed"] and doc["inliers"] >= MIN_INLIERS
+    assert "Geometric verification" in (tmp_path / "e" / "report.html").read_text()
+    with Image.open(tmp_path / "e" / "pair.png") as im:
+        assert im.width > 400
+    other = run_json("explain", query, photos / "rocket.jpg", "--verify", "--out", tmp_path / "o")
+    assert not other["confirmed"] and other["inliers"] < MIN_INLIERS
+
+
+def test_instance_preset_records_its_settings_and_verifies_by_default(clutter, tmp_path):
+    photos, query = clutter
+    idx = tmp_path / "idx"
+    run("index", photos, "--index", idx, "--preset", "instance")
+    info = run_json("info", "--index", idx)
+    assert (info["input_size"], info["resize"], info["pooling"]) == (448, "long", "gem:3")
+    assert info["head"].startswith("pca-whiten") and info["search_defaults"] == {"verify": 20}
+    assert "--verify 20" in run("info", "--index", idx).stdout
+    res = run_json("search", query, "--index", idx, "-k", "2")
+    assert res["results"][0]["path"].endswith("astronaut.jpg") and res["results"][0]["inliers"] >= MIN_INLIERS
+    off = run_json("search", query, "--index", idx, "-k", "2", "--verify", "0")
+    assert all("inliers" not in h for h in off["results"])
+    plain = tmp_path / "plain"
+    run("index", photos, "--index", plain)
+    assert run_json("info", "--index", plain)["search_defaults"] == {}
+    assert all("inliers" not in h for h in run_json("search", query, "--index", plain)["results"])
+    bad = run("index", photos, "--index", idx, "--preset", "general", ok=False)  # settings are fixed
+    assert bad.exit_code != 0 and "fixed when the index is created" in bad.output
 
 
 # -- database-side augmentation -----------------------------------------------------------------
