@@ -122,7 +122,7 @@ class _Bar:
 @click.option("--input-size", type=click.IntRange(32, 2048), default=None, help="Input side in pixels of a new index.")
 @click.option("--preset", type=click.Choice(["general", "instance"]), default=None,
               help="What a new index is for: general similarity (fast, the default), or the same object/product "
-                   "seen elsewhere (448 px aspect kept, GeM, PCA-whitening, --verify 20 when searching).")
+                   "seen elsewhere (448 px aspect kept, GeM, PCA-whitening, --verify 60 when searching).")
 @click.option("--resize", type=click.Choice(["squash", "long"]), default=None,
               help="Input shape of a new index: squash to a square, or keep the aspect (long side = input size).")
 @click.option("--pooling", default=None, metavar="gap|gem[:P]|rmac",
@@ -236,7 +236,7 @@ def _human(n: float) -> str:
               help="Database-side augmentation: rank against each image averaged with its N nearest (0 = off).")
 @click.option("--verify", type=click.IntRange(0, 1000), default=None, metavar="K",
               help="Re-rank the top K by SIFT matches confirmed by a RANSAC homography (0 = off) "
-                   "[default: the index's, 20 with --preset instance, else 0].")
+                   "[default: the index's, 60 with --preset instance, else 0].")
 @click.option("--explain", is_flag=True, help="Write heat maps and a report explaining each result.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="With --explain: output directory [default: ./retrieve-explain-<query>-<time>].")

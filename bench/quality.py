@@ -40,6 +40,7 @@ EMBEDDINGS = {  # name → index_paths settings
     "rmac-448-long": dict(input_size=448, resize="long", pooling="rmac"),
     "gem-320-long": dict(input_size=320, resize="long", pooling="gem"),
 }
+DEEP = ("gap-224-squash", "gem-448-long")  # the two presets' embeddings: verify K = 60, 100 on the instance set
 MULTISCALE = {"gem-448+320-long": ("gem-448-long", "gem-320-long")}  # mean of the raw embeddings
 
 
@@ -183,10 +184,13 @@ def main() -> None:
                     choices=list(EMBEDDINGS) + list(MULTISCALE))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--verify", type=int, nargs="+", default=[20, 60, 100], help="re-ranking depths K to measure")
-    ap.add_argument("--from-log", type=Path, default=None, help="re-make the report from a run's printed rows")
+    ap.add_argument("--deep-everywhere", action="store_true", help="deeper K on every dataset, not only instance")
+    ap.add_argument("--name", default="quality", help="results file name (bench/results/NAME.md)")
+    ap.add_argument("--from-log", type=Path, nargs="+", default=None,
+                    help="re-make the report from runs' printed rows (a run prints one row per line)")
     args = ap.parse_args()
     if args.from_log:
-        return report(rows_from_log(args.from_log), args.threads)
+        return report([r for p in args.from_log for r in rows_from_log(p)], args.threads, args.name)
     torch.set_num_threads(args.threads)
     folders = {}
     for name in args.datasets:
@@ -230,8 +234,9 @@ def main() -> None:
                 rank_ms = 1000 * (time.perf_counter() - t) / len(labels)
                 ks = [0] + ([k for k in args.verify if k < len(labels)] if metric == "cosine" else [])
                 for k in ks:
-                    if k and k != min(args.verify) and (hname != "none" or qe or dba or name != "instance"):
-                        continue  # deeper K only on the instance set's plain ranking (verification is costly)
+                    deep = ename in DEEP and (name == "instance" or args.deep_everywhere)
+                    if k and k != min(args.verify) and (qe or dba or not deep):
+                        continue  # deeper K only where it is informative (verification is costly)
                     o = verified(order, pv, k) if k else order
                     m = metrics(o, labels, is_ref)
                     q_ms = rank_ms + (pv.extract_ms + k * pv.ms_per_pair() if k else 0.0)
@@ -239,7 +244,7 @@ def main() -> None:
                                  round(m["mAP@10"], 3), round(m["photo→ref R@1"], 3) if "photo→ref R@1" in m else "-",
                                  round(index_ms + (pv.extract_ms if k else 0), 1), round(q_ms, 1)])
                     print(" | ".join(str(c) for c in rows[-1]), flush=True)
-    report(rows, args.threads)
+    report(rows, args.threads, args.name)
 
 
 HEADERS = ["dataset", "embedding", "metric", "head", "QE", "DBA", "verify K", "R@1", "mAP@R", "mAP@10",
@@ -259,7 +264,7 @@ def preset_rows(rows: list[list]) -> list[list]:
     return out
 
 
-def report(rows: list[list], threads: int) -> None:
+def report(rows: list[list], threads: int, name: str = "quality") -> None:
     text = (f"Retrieval quality of every option, efficientnet_lite0, {threads} threads; every image queries "
             "the rest, exact search.\n\n## The presets (`retrieve index --preset`), as measured below\n\n")
     text += _common.table(["preset"] + HEADERS, preset_rows(rows))
@@ -270,13 +275,15 @@ def report(rows: list[list], threads: int) -> None:
              "QE: average query expansion with the top N (`search --qe N`). DBA: database-side augmentation "
              "with N neighbours (`search --dba N`). verify K: SIFT + RANSAC re-ranking of the top K (`search "
              "--verify K`; confirmed = at least retrieval.verify.MIN_INLIERS distinct inliers); K = 60 and 100 "
-             "only on the instance set's plain rankings. index ms/img: indexing through the product (decode, "
+             "on the instance set for the presets' embeddings, K = 60 on faces and Caltech for gem-448-long "
+             "(a second run: `--datasets caltech101 att_faces --embeddings gem-448-long --verify 20 60 "
+             "--deep-everywhere`; the rows of both runs are in bench/results/raw/quality-rows.txt). index ms/img: indexing through the product (decode, "
              "preprocess, network), plus SIFT extraction (cold) when K > 0 — extracted once per image and "
              "cached. search ms/query: ranking in numpy, plus (K > 0) the query's SIFT extraction and K × the "
              "measured cost of verifying one pair with cached features; the query's own embedding (about "
              "index ms/img) is not included. mAP@10: AP of the top 10 over min(R, 10). photo→ref R@1 "
              "(instance): the first reference in a photo's results is its own object's.")
-    _common.save("quality", text)
+    _common.save(name, text)
 
 
 def rows_from_log(path: Path) -> list[list]:

@@ -227,14 +227,21 @@ def _run(store: IndexStore, bb: Backbone, roots: list[Path], report: IndexReport
             d.reuse_id = -1  # moved or copied: its vector is reused
             return d
         try:
-            img = decode_image(data, e.path, min_side=bb.preprocess.size)
+            img = decode_image(data, e.path, min_side=max(bb.preprocess.size, verifier.max_side if verifier else 0))
         except ImageError as exc:
             d.error = exc.reason
             return d
+        if verifier is not None:  # its searches verify by default: local features now, not at query time
+            verifier.save(d.sha256, verifier.extract(img))
         d.width, d.height = img.size
         d.array = bb.preprocess.array(img)
         return d
 
+    verifier = None
+    if store.settings.search.get("verify"):
+        from retrieval.verify import Verifier
+
+        verifier = Verifier()
     workers = workers or min(4, max(1, (os.cpu_count() or 2)))
     batch: list[_Decoded] = []
 

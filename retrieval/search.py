@@ -218,19 +218,24 @@ class Searcher:
                     kk = max(k, verify)
                     for i, hits, e in zip(good, self.search_vectors(raw, kk, excl, min_score, qe), raw):
                         if verify:
-                            hits = self._verified(chunk[i], hits, k, on_error)
+                            hits = self._verified(chunk[i], hits, k, verify, on_error)
                         hits_for[i], emb_for[i] = hits, e
                 for i, p in enumerate(chunk):
                     err = loaded[i][1]
                     yield QueryResult(p, metric, hits_for.get(i, []), err, emb_for.get(i))
 
 
-    def _verified(self, query_path: str, hits: list[Hit], k: int, on_error) -> list[Hit]:
+    def _verified(self, query_path: str, hits: list[Hit], k: int, depth: int, on_error) -> list[Hit]:
+        """The top ``depth`` re-ranked by verification, the rest behind them in order; the best ``k``."""
         from .verify import verify_hits
 
-        rows = self.store.rows_by_ids([h.id for h in hits])
-        return verify_hits(self.verifier, query_path, hits, k,
-                           sha_of=lambda i: rows[i].sha256 if i in rows else None, on_error=on_error)
+        head, tail = hits[:depth], hits[depth:]
+        rows = self.store.rows_by_ids([h.id for h in head])
+        out = verify_hits(self.verifier, query_path, head, len(head),
+                          sha_of=lambda i: rows[i].sha256 if i in rows else None, on_error=on_error) + tail
+        for r, h in enumerate(out[:k], 1):
+            h.rank = r
+        return out[:k]
 
     def _exact_scores(self, q: np.ndarray, ids: np.ndarray, rows: dict) -> tuple[np.ndarray, np.ndarray]:
         """Re-score candidates with the exact stored vectors and sort them again (best first)."""

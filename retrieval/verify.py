@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -27,8 +28,8 @@ from .errors import ImageError, RetrieveError
 from .images import load_image
 
 RANSAC_ITERS = 500  # enough for ≥ 15 % inliers at 99.5 % confidence; caps the cost of hopeless pairs
-MIN_INLIERS = 10  # confirmed from here on: 0.04 % of unrelated pairs reach it on the instance set, 81 % of
-                  # true pairs do (bench/results/quality.md)
+MIN_INLIERS = 10  # confirmed from here on: 0.04 % of unrelated pairs reach it on the instance set, 84 % of
+                  # true pairs do (SIFT 2000 keypoints, RootSIFT, 640 px; bench/results/quality.md)
 
 
 @dataclass
@@ -62,7 +63,8 @@ class Verifier:
 
     Defaults by measurement on the instance set (re-photographed objects: blur, low contrast): 2000
     keypoints with a contrast threshold of 0.02 (OpenCV's default 0.04) confirm 81 % of true pairs at
-    10 inliers against 70 % for 1000 keypoints at 0.04, for about twice the matching cost."""
+    10 inliers against 70 % for 1000 keypoints at 0.04, for about twice the matching cost; matching
+    in RootSIFT space raises it to 84 %."""
 
     def __init__(self, max_side: int = 640, n_features: int = 2000, contrast: float = 0.02, ratio: float = 0.8,
                  reproj_px: float = 8.0, cache: bool = True):
@@ -102,14 +104,21 @@ class Verifier:
         except (OSError, KeyError, ValueError):
             pass
         feats = self.extract(load_image(path, min_side=self.max_side))
+        self.save(sha256, feats)
+        return feats
+
+    def save(self, sha256: str, feats: LocalFeatures) -> None:
+        """Cache ``feats`` for the content ``sha256`` (the indexer extracts while it decodes)."""
+        if self.cache is None:
+            return
+        f = self.cache / sha256[:2] / f"{sha256}.npz"
         try:
             f.parent.mkdir(parents=True, exist_ok=True)
-            tmp = f.with_suffix(f".tmp{os.getpid()}.npz")
+            tmp = f.with_suffix(f".tmp{os.getpid()}-{threading.get_ident()}.npz")
             np.savez(tmp, points=feats.points, descriptors=feats.descriptors, size=np.int64(feats.size))
             os.replace(tmp, f)
         except OSError:
             pass  # a read-only cache only costs time
-        return feats
 
     # -- matching -------------------------------------------------------------------------------
     def verify(self, q: LocalFeatures, r: LocalFeatures) -> Verification:
@@ -117,31 +126,28 @@ class Verifier:
         return self.verify_many(q, [r])[0]
 
     def verify_many(self, q: LocalFeatures, rs: Sequence[LocalFeatures]) -> list[Verification]:
-        """:meth:`verify` for many candidates: one matrix product for all descriptor distances (about 10x
-        faster than a brute-force matcher per pair), then a ratio test and RANSAC per candidate."""
+        """:meth:`verify` for many candidates: one matrix product for all descriptor distances (faster than
+        OpenCV's brute-force matcher pair by pair), then a ratio test and RANSAC per candidate."""
         out = [Verification(0) for _ in rs]
         keep = [i for i, r in enumerate(rs) if len(r.points) >= 4]
         if len(q.points) < 4 or not keep:
             return out
-        a = q.descriptors.astype(np.float32)
-        b = np.concatenate([rs[i].descriptors for i in keep]).astype(np.float32)
-        d2 = a @ b.T
-        d2 *= -2.0
-        d2 += (b * b).sum(1)[None, :]  # squared distance minus ‖a‖², per query descriptor
-        a2 = (a * a).sum(1)[:, None]
+        a = _root(q.descriptors)
+        b = _root(np.concatenate([rs[i].descriptors for i in keep]))
+        sim = a @ b.T  # RootSIFT vectors have unit length: squared distance = 2 − 2·similarity
+        rows = np.arange(len(a))
         start = 0
         for i in keep:
             n = len(rs[i].points)
-            seg = d2[:, start:start + n]
+            seg = sim[:, start:start + n]
             start += n
             if n < 2:
                 continue
-            rows = np.arange(len(seg))
-            first = seg.argmin(1)
-            d1 = seg[rows, first]
-            seg[rows, first] = np.inf  # (a view into d2, not needed again)
-            d2nd = seg.min(1)
-            dist1, dist2 = np.sqrt(np.maximum(d1 + a2[:, 0], 0)), np.sqrt(np.maximum(d2nd + a2[:, 0], 0))
+            first = seg.argmax(1)
+            s1 = seg[rows, first]
+            seg[rows, first] = -np.inf  # (a view into sim, not needed again)
+            s2 = seg.max(1)
+            dist1, dist2 = np.sqrt(np.maximum(2 - 2 * s1, 0)), np.sqrt(np.maximum(2 - 2 * s2, 0))
             good = np.nonzero(dist1 < self.ratio * dist2)[0]
             out[i] = self._ransac(q, rs[i], good, first[good])
         return out
@@ -166,6 +172,14 @@ class Verifier:
         distinct = min(len(np.unique(np.rint(a[keep] * sq / 2), axis=0)),
                        len(np.unique(np.rint(b[keep] * sr / 2), axis=0)))
         return Verification(int(distinct), a[keep], b[keep])
+
+
+def _root(desc: np.ndarray) -> np.ndarray:
+    """RootSIFT (Arandjelović & Zisserman, CVPR 2012): L1-normalise, square-root; Euclidean distance
+    between the results is the Hellinger distance between the SIFT histograms. Measured on the instance
+    set: 84 % of true pairs confirmed against 81 % with plain SIFT, same false rate, same cost."""
+    d = desc.astype(np.float32)
+    return np.sqrt(d / np.maximum(d.sum(1, keepdims=True), 1e-6))
 
 
 def rerank(candidates: Sequence, verifications: Sequence[Verification], k: int) -> list:

@@ -178,6 +178,9 @@ def test_search_verify_confirms_and_reports_inliers(clutter, tmp_path):
     assert top["explanation"]["inliers"] == top["inliers"]
     html = (tmp_path / "ex" / "report.html").read_text()
     assert f"{top['inliers']} inliers" in html and "Geometric verification" in html
+    part = run_json("search", query, "--index", idx, "-k", "4", "--verify", "2")  # K < k: only the top 2 verified
+    assert ["inliers" in h for h in part["results"]] == [True, True, False, False]
+    assert [h["path"] for h in part["results"][2:]] == [h["path"] for h in plain["results"][2:4]]
     text = run("search", query, "--index", idx, "-k", "1", "--verify", "6").stdout
     assert "inliers" in text and "astronaut.jpg" in text
 
@@ -193,14 +196,20 @@ def test_explain_pair_with_verification_draws_the_inliers(clutter, tmp_path):
     assert not other["confirmed"] and other["inliers"] < MIN_INLIERS
 
 
-def test_instance_preset_records_its_settings_and_verifies_by_default(clutter, tmp_path):
+def test_instance_preset_records_its_settings_and_verifies_by_default(clutter, tmp_path, monkeypatch):
     photos, query = clutter
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # no keypoints cached by other tests
     idx = tmp_path / "idx"
     run("index", photos, "--index", idx, "--preset", "instance")
     info = run_json("info", "--index", idx)
     assert (info["input_size"], info["resize"], info["pooling"]) == (448, "long", "gem:3")
-    assert info["head"].startswith("pca-whiten") and info["search_defaults"] == {"verify": 20}
-    assert "--verify 20" in run("info", "--index", idx).stdout
+    assert info["head"].startswith("pca-whiten") and info["search_defaults"] == {"verify": 60}
+    assert "--verify 60" in run("info", "--index", idx).stdout
+    import hashlib
+
+    cache = Verifier().cache  # the indexer extracted every photo's keypoints, so searches find them cached
+    for p in photos.iterdir():
+        assert (cache / (sha := hashlib.sha256(p.read_bytes()).hexdigest())[:2] / f"{sha}.npz").is_file(), p
     res = run_json("search", query, "--index", idx, "-k", "2")
     assert res["results"][0]["path"].endswith("astronaut.jpg") and res["results"][0]["inliers"] >= MIN_INLIERS
     off = run_json("search", query, "--index", idx, "-k", "2", "--verify", "0")
