@@ -60,8 +60,9 @@ def own_size(img: Image.Image) -> tuple[int, int]:
 def upsample(raw: np.ndarray | torch.Tensor, size: tuple[int, int]) -> np.ndarray:
     """Bilinear resize of a raw map (h×w) to an image's (H, W), then max-normalisation to [0, 1].
 
-    The preprocessing maps the whole image onto the network's square input ("squash"), so the map
-    covers the whole image and resizing it to the image's own size undoes the preprocessing exactly.
+    The preprocessing maps the whole image onto the network's input (a square with "squash", the aspect
+    kept to within one stride with "long"; nothing is cropped), so the map covers the whole image and
+    resizing it to the image's own size undoes the preprocessing exactly.
     """
     t = torch.as_tensor(np.asarray(raw, np.float32))[None, None]
     up = F.interpolate(t, size=size, mode="bilinear", align_corners=False)[0, 0].clamp_min(0).numpy()
