@@ -147,15 +147,13 @@ class PairVerifier:
 
 
 def verified(order: np.ndarray, pv: PairVerifier, k: int) -> np.ndarray:
-    """Re-rank each row's top ``k`` as retrieval.verify.rerank does."""
-    from retrieval.verify import MIN_INLIERS
+    """Re-rank each row's top ``k`` with the product's own rule (retrieval.verify.rerank)."""
+    from retrieval.verify import Verification, rerank
 
     out = order.copy()
     for q in range(len(order)):
-        inl = pv.inliers(q, order[q, :k])
-        conf = inl >= MIN_INLIERS
-        idx = sorted(range(k), key=lambda i: (not conf[i], -inl[i] if conf[i] else 0, i))
-        out[q, :k] = order[q, :k][idx]
+        vs = [Verification(int(i)) for i in pv.inliers(q, order[q, :k])]
+        out[q, :k] = rerank(list(order[q, :k]), vs, k)
     return out
 
 

@@ -211,6 +211,12 @@ def _run(store: IndexStore, bb: Backbone, roots: list[Path], report: IndexReport
     by_hash: dict[str, int] = {r.sha256: r.id for r in rows.values()}
     progress.start(len(todo))
 
+    verifier = None  # an index whose searches verify gets its keypoints while it is indexed
+    if store.settings.search.get("verify"):
+        from retrieval.verify import Verifier
+
+        verifier = Verifier()
+
     def decode(e: FileEntry, allow_reuse: bool = True) -> _Decoded:
         d = _Decoded(e)
         try:
@@ -237,11 +243,6 @@ def _run(store: IndexStore, bb: Backbone, roots: list[Path], report: IndexReport
         d.array = bb.preprocess.array(img)
         return d
 
-    verifier = None
-    if store.settings.search.get("verify"):
-        from retrieval.verify import Verifier
-
-        verifier = Verifier()
     workers = workers or min(4, max(1, (os.cpu_count() or 2)))
     batch: list[_Decoded] = []
 

@@ -96,9 +96,8 @@ class Searcher:
         metric = faiss.METRIC_INNER_PRODUCT if self.metric == "cosine" else faiss.METRIC_L2
         flat = faiss.IndexFlat(x.shape[1], metric)
         flat.add(x)
-        _, nb = flat.search(x, min(n + 1, len(x)))  # each vector's neighbours, itself among them
+        _, nb = flat.search(x, min(n + 1, len(x)))  # each vector's neighbours, itself among them (never -1)
         xa = x[nb].mean(1)
-        xa[(nb < 0).any(1)] = x[(nb < 0).any(1)]
         if self.metric == "cosine":
             xa /= np.maximum(np.linalg.norm(xa, axis=1, keepdims=True), 1e-12)
         out = faiss.IndexIDMap2(faiss.IndexFlat(x.shape[1], metric))
@@ -229,13 +228,11 @@ class Searcher:
         """The top ``depth`` re-ranked by verification, the rest behind them in order; the best ``k``."""
         from .verify import verify_hits
 
-        head, tail = hits[:depth], hits[depth:]
+        head, tail = hits[:depth], hits[depth:]  # the tail keeps its ranks, depth + 1 onwards
         rows = self.store.rows_by_ids([h.id for h in head])
         out = verify_hits(self.verifier, query_path, head, len(head),
-                          sha_of=lambda i: rows[i].sha256 if i in rows else None, on_error=on_error) + tail
-        for r, h in enumerate(out[:k], 1):
-            h.rank = r
-        return out[:k]
+                          sha_of=lambda i: rows[i].sha256 if i in rows else None, on_error=on_error)
+        return (out + tail)[:k]
 
     def _exact_scores(self, q: np.ndarray, ids: np.ndarray, rows: dict) -> tuple[np.ndarray, np.ndarray]:
         """Re-score candidates with the exact stored vectors and sort them again (best first)."""
