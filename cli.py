@@ -247,6 +247,7 @@ def _human(n: float) -> str:
 def search(ctx, queries, index_dir, k, min_score, include_self, qe, dba, verify, explain, out_dir, method,
            as_json) -> None:
     """Find the nearest neighbours of QUERIES (image files or folders of them)."""
+    from explain.run import index_explainer
     from retrieval.search import Searcher, expand_queries
     from retrieval.service import backbone_for_settings
     from retrieval.store import IndexStore
@@ -262,7 +263,7 @@ def search(ctx, queries, index_dir, k, min_score, include_self, qe, dba, verify,
         if verify is None:
             verify = int(store.settings.search.get("verify", 0))
         searcher = Searcher(store, backbone_for_settings(store.settings), dba=dba)
-        explainer = _index_explainer(store, searcher.backbone, method) if explain else None
+        explainer = index_explainer(store, searcher.backbone, method) if explain else None
         results = searcher.search_paths(paths, k, include_self=include_self, min_score=min_score, qe=qe,
                                         verify=verify, on_error=lambda p, r: click.echo(f"{p}: {r}", err=True))
         for qi, res in enumerate(results):
@@ -341,19 +342,6 @@ def check(ctx, index_dir, repair, as_json) -> None:
         ctx.exit(1)
 
 
-def _index_explainer(store, backbone, method: str | None, input_size: int | None = None):
-    """The explainer an index prescribes (its recorded explain settings), on ``backbone``'s weights if given."""
-    from explain.methods import make_explainer
-    from explain.run import index_explain_settings
-    from retrieval.service import backbone_for_settings
-
-    ex = index_explain_settings(store)
-    size = input_size or ex.input_size or store.settings.preprocess.get("size")
-    bb = backbone.at_size(size) if backbone is not None else backbone_for_settings(store.settings, input_size=size)
-    return make_explainer(method or ex.method, bb, metric=store.settings.metric, mu=store.mean, centre=ex.centre,
-                          head=store.head)
-
-
 def _explain_meta(store, explainer) -> dict:
     return {"model": store.settings.model if store else explainer.backbone.name, "metric": explainer.metric,
             "method": explainer.name, "input_size": explainer.backbone.preprocess.size,
@@ -381,7 +369,7 @@ def _explain_meta(store, explainer) -> dict:
 def explain_cmd(ctx, a, b, index_dir, model, weights, metric, method, input_size, out_dir, verify, as_json) -> None:
     """Explain why image B matches image A: heat maps on both, a report, and the numbers (no index needed)."""
     from explain.methods import make_explainer
-    from explain.run import default_out_dir, explain_pair
+    from explain.run import default_out_dir, explain_pair, index_explainer
     from retrieval.images import load_image
     from retrieval.models import DEFAULT_MODEL, load_backbone
     from retrieval.store import IndexStore
@@ -393,7 +381,7 @@ def explain_cmd(ctx, a, b, index_dir, model, weights, metric, method, input_size
         raise click.UsageError("give --index or --model/--metric/--weights, not both")
     if index_dir:
         with IndexStore.open(_index_dir(index_dir)) as store:
-            explainer = _index_explainer(store, None, method, input_size)
+            explainer = index_explainer(store, None, method, input_size)
             meta = _explain_meta(store, explainer)
     else:
         bb = load_backbone(model or DEFAULT_MODEL, weights, input_size=input_size)

@@ -12,7 +12,7 @@ from typing import Sequence
 from retrieval.errors import ImageError, RetrieveError
 from retrieval.images import load_image
 
-from .methods import Explainer
+from .methods import Explainer, make_explainer
 from .render import ReportItem, pair_figure, save_maps, score_text, write_report
 
 
@@ -29,6 +29,17 @@ def index_explain_settings(store) -> ExplainSettings:
     """The explain settings recorded in an index (the index's own input size, uncentred, if it has none)."""
     d = store.settings.explain or {"centre": False}
     return ExplainSettings(**{k: v for k, v in d.items() if k in ExplainSettings.__dataclass_fields__})
+
+
+def index_explainer(store, backbone=None, method: str | None = None, input_size: int | None = None) -> Explainer:
+    """The explainer an index prescribes (its recorded explain settings), on ``backbone``'s weights if given."""
+    from retrieval.service import backbone_for_settings
+
+    ex = index_explain_settings(store)
+    size = input_size or ex.input_size or store.settings.preprocess.get("size")
+    bb = backbone.at_size(size) if backbone is not None else backbone_for_settings(store.settings, input_size=size)
+    return make_explainer(method or ex.method, bb, metric=store.settings.metric, mu=store.mean, centre=ex.centre,
+                          head=store.head)
 
 
 def default_out_dir(query: str | Path, base: Path | None = None) -> Path:
