@@ -54,10 +54,20 @@ class QueryResult:
 
 
 def expand_queries(queries: Iterable[str | os.PathLike]) -> list[str]:
-    """Files stay as given (made absolute); folders become every image under them, recursively, sorted."""
+    """Files stay as given (by real path); folders become every image under them, recursively, sorted.
+
+    Walked like ``retrieve index`` walks (iteratively, links out of the folders not followed, each folder
+    once), so a link cycle ends. Raises :class:`RetrieveError` naming the folders when they hold no image.
+    """
+    from .errors import RetrieveError
     from .scan import scan_paths
 
-    return [e.path for e in scan_paths(queries)]
+    queries = list(queries)
+    paths = [e.path for e in scan_paths(queries)]
+    if not paths:
+        folders = [str(q) for q in queries if os.path.isdir(q)]
+        raise RetrieveError(f"no images in {', '.join(folders)}" if folders else "no images among the queries")
+    return paths
 
 
 class Searcher:
