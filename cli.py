@@ -242,19 +242,28 @@ def _human(n: float) -> str:
               help="With --explain: output directory [default: ./retrieve-explain-<query>-<time>].")
 @click.option("--method", type=click.Choice(["sfam", "gradcam", "occlusion"]), default=None,
               help="With --explain: how maps are found [default: the index's, sfam].")
+@click.option("--full-maps", is_flag=True,
+              help="With --explain: save the .npy maps at each photo's full size [default: long side ≤ 1024 px].")
 @json_option
 @click.pass_context
 def search(ctx, queries, index_dir, k, min_score, include_self, qe, dba, verify, explain, out_dir, method,
-           as_json) -> None:
-    """Find the nearest neighbours of QUERIES (image files or folders of them)."""
+           full_maps, as_json) -> None:
+    """Find the nearest neighbours of QUERIES (image files or folders of them).
+
+    \b
+    Examples:
+      retrieve search query.jpg -k 5
+      retrieve search query.jpg --explain          # heat maps + report.html for every result
+      retrieve search some/folder --json           # one JSON object per query image
+    """
     from explain.run import index_explainer
     from retrieval.search import Searcher, expand_queries
     from retrieval.service import backbone_for_settings
     from retrieval.store import IndexStore
 
     _set_threads(ctx)
-    if (out_dir or method) and not explain:
-        raise click.UsageError("--out and --method go with --explain")
+    if (out_dir or method or full_maps) and not explain:
+        raise click.UsageError("--out, --method and --full-maps go with --explain")
     paths = expand_queries(queries)
     if not paths:
         raise click.ClickException("no images among the queries")
@@ -264,6 +273,11 @@ def search(ctx, queries, index_dir, k, min_score, include_self, qe, dba, verify,
             verify = int(store.settings.search.get("verify", 0))
         searcher = Searcher(store, backbone_for_settings(store.settings), dba=dba)
         explainer = index_explainer(store, searcher.backbone, method) if explain else None
+        calibration = None
+        if explain:
+            from retrieval.calibration import for_search
+
+            calibration = for_search(store)
         results = searcher.search_paths(paths, k, include_self=include_self, min_score=min_score, qe=qe,
                                         verify=verify, on_error=lambda p, r: click.echo(f"{p}: {r}", err=True))
         for qi, res in enumerate(results):
@@ -281,7 +295,8 @@ def search(ctx, queries, index_dir, k, min_score, include_self, qe, dba, verify,
                 else:
                     target = default_out_dir(res.query)
                 explained = explain_hits(res.query, res.results, target, explainer, _explain_meta(store, explainer),
-                                         on_error=lambda p, r: click.echo(f"{p}: {r}", err=True))
+                                         on_error=lambda p, r: click.echo(f"{p}: {r}", err=True),
+                                         calibration=calibration, map_max_side=None if full_maps else 1024)
             if as_json:
                 d = res.to_dict()
                 for h in d["results"]:
@@ -292,9 +307,15 @@ def search(ctx, queries, index_dir, k, min_score, include_self, qe, dba, verify,
             click.echo(f"{res.query}")
             if not res.results:
                 click.echo("  (no results)")
+                continue
+            verified = any(h.inliers is not None for h in res.results)
+            score_head = "score" if res.metric == "cosine" else "-distance"
+            click.echo(f"  {'rank':>4}  {score_head:>9}" + (f"  {'inliers':>7}" if verified else "")
+                       + ("  verdict" if explained else "") + "  path")
             for h in res.results:
-                inl = "" if h.inliers is None else f"  {h.inliers:>4} inliers"
-                click.echo(f"  {h.rank:>3}  {h.score:>9.4f}{inl}  {h.path}")
+                inl = "" if not verified else f"  {'' if h.inliers is None else h.inliers:>7}"
+                ver = f"  {explained[h.rank]['verdict']['headline']}" if h.rank in explained else ""
+                click.echo(f"  {h.rank:>4}  {h.score:>9.4f}{inl}{ver}  {h.path}")
             if explained:
                 click.echo(f"  report: {next(iter(explained.values()))['report']}")
     if failed:
@@ -343,9 +364,11 @@ def check(ctx, index_dir, repair, as_json) -> None:
 
 
 def _explain_meta(store, explainer) -> dict:
+    from explain.run import explained_words
+
     return {"model": store.settings.model if store else explainer.backbone.name, "metric": explainer.metric,
             "method": explainer.name, "input_size": explainer.backbone.preprocess.size,
-            "centred": explainer.centre, "similarity": explainer.describe(),
+            "centred": explainer.centre, "similarity": explained_words(explainer),
             "index": str(store.directory) if store else None}
 
 
@@ -364,10 +387,21 @@ def _explain_meta(store, explainer) -> dict:
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Output directory [default: ./retrieve-explain-<A>-<time>].")
 @click.option("--verify", is_flag=True, help="Also match SIFT points under one homography; draw the inliers.")
+@click.option("--full-maps", is_flag=True, help="Save the .npy maps at each photo's full size [default: long side ≤ 1024 px].")
 @json_option
 @click.pass_context
-def explain_cmd(ctx, a, b, index_dir, model, weights, metric, method, input_size, out_dir, verify, as_json) -> None:
-    """Explain why image B matches image A: heat maps on both, a report, and the numbers (no index needed)."""
+def explain_cmd(ctx, a, b, index_dir, model, weights, metric, method, input_size, out_dir, verify, full_maps,
+                as_json) -> None:
+    """Audit one pair: how similar A and B are, where that stands, and which regions made them similar.
+
+    With --index the score is the one `retrieve search A` gives B in that index, and the maps explain the
+    same similarity as `search --explain`; without it, retrieve compares the two photos with the model alone.
+
+    \b
+    Examples:
+      retrieve explain a.jpg b.jpg
+      retrieve explain a.jpg b.jpg --index ~/my-index --verify
+    """
     from explain.methods import make_explainer
     from explain.run import default_out_dir, explain_pair, index_explainer
     from retrieval.images import load_image
@@ -379,10 +413,19 @@ def explain_cmd(ctx, a, b, index_dir, model, weights, metric, method, input_size
         load_image(p)  # a clear one-line error before any model is loaded
     if index_dir and (model or metric or weights):
         raise click.UsageError("give --index or --model/--metric/--weights, not both")
+    search = calibration = None
     if index_dir:
+        from retrieval.calibration import for_search
+        from retrieval.service import backbone_for_settings
+
+        from explain.run import index_pair_score
+
         with IndexStore.open(_index_dir(index_dir)) as store:
-            explainer = index_explainer(store, None, method, input_size)
+            bb = backbone_for_settings(store.settings)
+            explainer = index_explainer(store, bb, method, input_size)
             meta = _explain_meta(store, explainer)
+            search = index_pair_score(store, bb, a, b)
+            calibration = for_search(store)
     else:
         bb = load_backbone(model or DEFAULT_MODEL, weights, input_size=input_size)
         explainer = make_explainer(method or "sfam", bb, metric=metric or "cosine", mu=None)
@@ -393,18 +436,23 @@ def explain_cmd(ctx, a, b, index_dir, model, weights, metric, method, input_size
 
         v = Verifier()
         verification = v.verify(v.features(a), v.features(b))
-    doc = explain_pair(a, b, Path(out_dir) if out_dir else default_out_dir(a), explainer, meta, verification)
+    doc = explain_pair(a, b, Path(out_dir) if out_dir else default_out_dir(a), explainer, meta, verification,
+                       search=search, calibration=calibration, map_max_side=None if full_maps else 1024)
     if as_json:
         click.echo(json.dumps(doc))
         return
-    what = f"{doc['score']:.4f}" if doc["metric"] == "cosine" else f"{doc['distance']:.4g}"
-    click.echo(f"{doc['similarity']}: {what} ({doc['method']}, {doc['model']})")
-    for c in doc["top_channels"][:5]:
-        click.echo(f"  channel {c['channel']:>5}  CIS {c['cis']:+.5f}  {c['share']:6.1%} of the score")
-    if verification is not None:
-        click.echo(f"geometric verification: {verification.inliers} inliers "
-                   f"({'confirmed' if verification.confirmed else 'not confirmed'})")
+    click.echo(doc["score_text"])
+    click.echo(doc["verdict"]["text"])
+    click.echo(doc["explained"]["text"])
+    for c in doc["correspondences"]:
+        click.echo(f"  region pair {c['rank']}: query {_box(c['query_box'])} ↔ result {_box(c['result_box'])}  "
+                   f"{c['share']:6.1%} of the evidence for the match")
     click.echo(f"report: {doc['files']['report']}")
+
+
+def _box(b) -> str:
+    x0, y0, x1, y1 = b
+    return f"({x0},{y0})–({x1},{y1})"
 
 
 if __name__ == "__main__":

@@ -20,6 +20,9 @@ from .methods import Explanation
 
 COLORMAP = "inferno"
 ALPHA = 0.5
+MAP_MAX_SIDE = 1024  # saved .npy maps: long side at most this (their scale is recorded); None = full size
+PHOTO_MAX_SIDE = 1024  # photos inlined in the report
+HEAT_MAX_SIDE = 384  # heat layers inlined in the report (maps are smooth: the browser scales them up)
 
 
 def overlay(img: Image.Image, heat: np.ndarray, alpha: float = ALPHA) -> Image.Image:
@@ -45,12 +48,11 @@ def _font(size: int):
 
 
 def pair_figure(query: Image.Image, result: Image.Image, e: Explanation, title: str, path: Path,
-                verification=None, height: int = 360) -> None:
-    """``query | result`` side by side, each with its overlay at its own aspect ratio, a colour legend
-    and the score in the title; drawn with Pillow (about 30x faster than a matplotlib figure).
-
-    ``verification`` (retrieval.verify.Verification): its inlier correspondences are drawn as lines
-    between the two panels — "which points" beside SFAM's "which regions"."""
+                subtitle: str = "", height: int = 360) -> None:
+    """``query | result`` side by side, each with its overlay at its own aspect ratio, a colour legend,
+    the title (which leads with the search score) and a subtitle (the verdict); drawn with Pillow (about
+    30x faster than a matplotlib figure). Nothing else is drawn over the heat maps: inlier lines and region
+    pairs are in the report, behind toggles."""
     from matplotlib import colormaps
     from PIL import ImageDraw
 
@@ -61,30 +63,27 @@ def pair_figure(query: Image.Image, result: Image.Image, e: Explanation, title: 
         if w > 2 * height:  # a panorama: limit the width, keep the aspect ratio
             w = 2 * height
         panels.append(ov.resize((w, max(1, round(ov.height * w / ov.width))), Image.BILINEAR))
-    gap, top, bottom, legend = 16, 44, 28, 70
+    gap, top, bottom, legend = 16, 62 if subtitle else 44, 28, 70
     width = gap + panels[0].width + gap + panels[1].width + gap + legend
     canvas = Image.new("RGB", (width, top + height + bottom), "white")
     draw = ImageDraw.Draw(canvas)
-    draw.text((gap, 12), title, fill="black", font=_font(16))
+    draw.text((gap, 10), title, fill="black", font=_font(16))
+    if subtitle:
+        draw.text((gap, 34), subtitle, fill="#333333", font=_font(13))
     x = gap
-    origins = []
     for label, img, p in (("query", query, panels[0]), ("result", result, panels[1])):
         y = top + (height - p.height) // 2
         canvas.paste(p, (x, y))
         w0, h0 = img.info.get("original_size", img.size)
-        origins.append((x, y, p.width / w0, p.height / h0))
-        extra = f" · {verification.inliers} inliers" if verification is not None and label == "result" else ""
-        draw.text((x, top + height + 6), f"{label} ({w0}x{h0}){extra}", fill="black", font=_font(13))
+        draw.text((x, top + height + 6), f"{label} ({w0}x{h0})", fill="black", font=_font(13))
         x += p.width + gap
-    if verification is not None:
-        draw_matches(draw, verification, origins[0], origins[1])
     ramp = (np.linspace(1, 0, height)[:, None] * np.ones((1, 16)))
     bar = Image.fromarray((colormaps[COLORMAP](ramp)[..., :3] * 255).astype(np.uint8))
     canvas.paste(bar, (x, top))
-    for v in (1.0, 0.5, 0.0):
+    for v, label in ((1.0, "high"), (0.0, "low")):
         yy = top + round((1 - v) * (height - 1))
         draw.line([(x + 16, yy), (x + 20, yy)], fill="black")
-        draw.text((x + 23, yy - 7), f"{v:.1f}", fill="black", font=_font(12))
+        draw.text((x + 23, yy - 7), label, fill="black", font=_font(12))
     canvas.save(path, "PNG")
 
 
@@ -105,67 +104,199 @@ def draw_matches(draw, verification, qo: tuple, ro: tuple, limit: int = 150) -> 
             draw.ellipse([x - 2, y - 2, x + 2, y + 2], outline=colour)
 
 
-def score_text(e: Explanation) -> str:
-    if e.metric == "cosine":
-        return f"{'centred ' if 'centred' in e.similarity else ''}cosine similarity {e.score:.4f}"
-    return f"squared L2 distance {e.distance:.4g}"
+def map_size(size: tuple[int, int], max_side: int | None) -> tuple[int, int]:
+    """(H, W) of a saved map: the photo's own (H, W), scaled down so the long side is at most ``max_side``."""
+    h, w = size
+    if not max_side or max(h, w) <= max_side:
+        return int(h), int(w)
+    f = max_side / max(h, w)
+    return max(1, round(h * f)), max(1, round(w * f))
 
 
-def _png_data_uri(img: Image.Image, max_side: int = 480) -> str:
-    im = img.copy()
-    im.thumbnail((max_side, max_side))
+def save_maps(out: Path, prefix: str, e: Explanation, sizes: tuple | None = None, max_side: int | None = MAP_MAX_SIDE) -> dict:
+    """``{prefix}query_map.npy`` and ``{prefix}result_map.npy`` (float32, values in [0, 1]) at the photo's own
+    aspect, the long side at most ``max_side`` (None: the photo's own size); returns their paths and scales
+    (map pixels per photo pixel, so a box in the photo maps to ``box × scale`` in the map)."""
+    out_d = {}
+    for name, m, size in (("query", e.query_map, sizes[0] if sizes else e.query_map.shape),
+                          ("result", e.result_map, sizes[1] if sizes else e.result_map.shape)):
+        target = map_size(size, max_side)
+        if m.shape != target:
+            m = resize_map(m, target)
+        path = out / f"{prefix}{name}_map.npy"
+        np.save(path, np.ascontiguousarray(m, np.float32))
+        out_d[f"{name}_map"] = str(path)
+        out_d[f"{name}_map_scale"] = round(target[1] / size[1], 6)
+    return out_d
+
+
+def resize_map(m: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of a map to (H, W), values kept in [0, 1]."""
+    r = Image.fromarray(np.asarray(m, np.float32), "F").resize((size[1], size[0]), Image.BILINEAR)
+    return np.clip(np.asarray(r, np.float32), 0, 1)
+
+
+def _jpeg_uri(img: Image.Image, max_side: int = PHOTO_MAX_SIDE, quality: int = 82) -> str:
+    im = img.convert("RGB")
+    if max(im.size) > max_side:
+        im = im.copy()
+        im.thumbnail((max_side, max_side), Image.LANCZOS)
     buf = io.BytesIO()
-    im.save(buf, "PNG")
+    im.save(buf, "JPEG", quality=quality)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _heat_uri(heat: np.ndarray, max_side: int = HEAT_MAX_SIDE) -> str:
+    """The map as a colour layer (PNG with alpha: more opaque where it is high), small: it is smooth."""
+    from matplotlib import colormaps
+
+    h, w = heat.shape
+    if max(h, w) > max_side:
+        heat = resize_map(heat, map_size((h, w), max_side))
+    heat = np.clip(heat, 0, 1)
+    rgba = colormaps[COLORMAP](heat)
+    rgba[..., 3] = 0.35 + 0.65 * heat
+    buf = io.BytesIO()
+    Image.fromarray((rgba * 255 + 0.5).astype(np.uint8), "RGBA").save(buf, "PNG", optimize=True)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _legend_css() -> str:
+    from matplotlib import colormaps
+
+    stops = ", ".join("rgb({},{},{}) {}%".format(*(int(c * 255) for c in colormaps[COLORMAP](v)[:3]), int(v * 100))
+                      for v in np.linspace(0, 1, 9))
+    return f"linear-gradient(to right, {stops})"
 
 
 @dataclass
 class ReportItem:
-    label: str  # e.g. "01"
+    """One pair in a report: its labels, the two photos, the explanation and what the run said about it."""
+
+    label: str  # e.g. "#1 result.jpg"
     query_path: str
     result_path: str
     query: Image.Image
     result: Image.Image
     explanation: Explanation
+    record: dict  # explain.run.pair_record(): score, verdict, explained similarity, correspondences, channels
     verification: object = None  # retrieval.verify.Verification, when the result was verified
 
 
-def write_report(path: Path, title: str, items: Sequence[ReportItem], meta: dict, n_channels: int = 10) -> None:
-    """One self-contained HTML file (images inlined): every pair, its score, both overlays, top channels."""
-    parts = [f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title>",
-             "<style>body{font:14px system-ui,sans-serif;margin:2em;max-width:1100px}"
-             "img{max-width:100%;border:1px solid #ccc}.pair{display:flex;gap:1em}.pair div{flex:1}"
-             "table{border-collapse:collapse;font-size:12px}td,th{padding:2px 8px;border-bottom:1px solid #ddd;"
-             "text-align:right}section{margin-bottom:2.5em}code{font-size:12px}</style>",
-             f"<h1>{html.escape(title)}</h1>",
-             "<p>" + " · ".join(f"{html.escape(str(k))}: <code>{html.escape(str(v))}</code>" for k, v in meta.items())
-             + "</p>",
-             "<p>Heat maps: where each image's features made the two embeddings similar (SFAM: the "
-             "per-channel contribution scores, CIS, weighting the image's own feature map). Bright = more.</p>"]
-    for it in items:
-        e = it.explanation
-        parts.append(f"<section><h2>{html.escape(it.label)} · {html.escape(score_text(e))}</h2>")
-        parts.append(f"<p>query: <code>{html.escape(it.query_path)}</code><br>result: "
-                     f"<code>{html.escape(it.result_path)}</code></p>")
-        parts.append("<div class='pair'>"
-                     f"<div><img alt='query overlay' src='{_png_data_uri(overlay(it.query, e.query_map))}'></div>"
-                     f"<div><img alt='result overlay' src='{_png_data_uri(overlay(it.result, e.result_map))}'></div>"
-                     "</div>")
-        v = it.verification
-        if v is not None:
-            verdict = "confirmed" if v.confirmed else "not confirmed"
-            parts.append(f"<p>Geometric verification: <b>{v.inliers} inliers</b> ({verdict}) — SIFT matches that "
-                         "agree on one homography, drawn as lines between the photos:</p>")
-            parts.append(f"<img alt='inlier matches' src='{_png_data_uri(_matches_image(it.query, it.result, v), 960)}'>")
-        chans = e.channels(n_channels)
-        if chans:
-            total = float(e.cis.sum())
-            parts.append(f"<p>Channels that carried the match (Σ CIS = {total:.4f}; the top {len(chans)} carry "
-                         f"{sum(c['share'] for c in chans):.0%} of it):</p><table><tr><th>channel</th><th>CIS</th>"
-                         "<th>share</th></tr>")
-            parts += [f"<tr><td>{c['channel']}</td><td>{c['cis']:.5f}</td><td>{c['share']:.1%}</td></tr>" for c in chans]
-            parts.append("</table>")
-        parts.append("</section>")
+_E = html.escape
+
+REPORT_CSS = (
+    "body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:1100px;padding:0 1em;color:#222}"
+    "h1{font-size:1.5em}h2{font-size:1.15em;margin:0 0 .3em}section{margin:0 0 2.5em;padding-top:1em;"
+    "border-top:1px solid #ddd}.lead{font-size:1.1em}.verdict{margin:.2em 0}.muted{color:#555}"
+    ".pair{display:flex;gap:1em;align-items:flex-start}.pair figure{flex:1;margin:0}"
+    ".stack{position:relative;display:inline-block;max-width:100%;line-height:0}"
+    ".stack img.photo{display:block;max-width:100%;height:auto;border:1px solid #ccc}"
+    ".stack .heat,.stack .marks{position:absolute;left:0;top:0;width:100%;height:100%}"
+    ".marks text{font:bold 1px sans-serif;paint-order:stroke;stroke:#000;stroke-width:.08}"
+    "figcaption{line-height:1.3;margin-top:.3em;font-size:12px;word-break:break-all}"
+    ".controls{margin:.5em 0;display:flex;gap:1.5em;flex-wrap:wrap}.legend{display:flex;align-items:center;gap:.5em}"
+    ".bar{width:220px;height:12px;border:1px solid #999}table{border-collapse:collapse;font-size:12px}"
+    "td,th{padding:2px 8px;border-bottom:1px solid #ddd;text-align:right}th{text-align:center}"
+    "code{font-size:12px}details{margin-top:.6em}img.matches{max-width:100%;border:1px solid #ccc}"
+)
+
+REPORT_JS = (
+    "function upd(e){var t=e.target,s=t.closest('section');if(!s)return;"
+    "if(t.classList.contains('t-op'))s.querySelectorAll('.heat').forEach(function(h){h.style.opacity=t.value/100});"
+    "if(t.classList.contains('t-heat'))s.querySelectorAll('.heat').forEach(function(h){h.style.display=t.checked?'':'none'});"
+    "if(t.classList.contains('t-marks'))s.querySelectorAll('.marks').forEach(function(m){m.style.display=t.checked?'':'none'})}"
+    "document.addEventListener('input',upd);document.addEventListener('change',upd);"
+)
+
+MARK_COLOURS = ("#00e5ff", "#76ff03", "#ffea00", "#ff4081", "#ffffff", "#ff9100", "#d500f9", "#1de9b6")
+
+
+def _marks_svg(size: tuple[int, int], boxes: list[tuple[int, tuple]]) -> str:
+    """Numbered boxes (``(number, (x0, y0, x1, y1))`` in the photo's own pixels) as an SVG layer, hidden until
+    its toggle is ticked."""
+    w, h = size
+    sw = max(w, h) / 250
+    fs = max(w, h) / 22
+    parts = [f"<svg class='marks' style='display:none' viewBox='0 0 {w} {h}' preserveAspectRatio='none'>"]
+    for n, (x0, y0, x1, y1) in boxes:
+        c = MARK_COLOURS[(n - 1) % len(MARK_COLOURS)]
+        parts.append(f"<rect x='{x0}' y='{y0}' width='{x1 - x0}' height='{y1 - y0}' fill='none' stroke='{c}' "
+                     f"stroke-width='{sw:.2f}'/><text x='{x0 + sw * 2:.1f}' y='{y0 + fs:.1f}' fill='{c}' "
+                     f"style='font-size:{fs:.1f}px;stroke-width:{fs / 12:.2f}px'>{n}</text>")
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _panel(label: str, path: str, img: Image.Image, heat: np.ndarray, boxes: list) -> str:
+    w0, h0 = img.info.get("original_size", img.size)
+    return (f"<figure><div class='stack'><img class='photo' alt='{_E(label)} photo' src='{_jpeg_uri(img)}'>"
+            f"<img class='heat' alt='{_E(label)} heat map' src='{_heat_uri(heat)}' style='opacity:.6'>"
+            f"{_marks_svg((w0, h0), boxes)}</div>"
+            f"<figcaption>{_E(label)}: <code>{_E(path)}</code> ({w0}×{h0})</figcaption></figure>")
+
+
+def report_item_html(it: ReportItem) -> str:
+    """One result's section: search score, verdict, both maps with their controls, region pairs, channels."""
+    rec = it.record
+    parts = [f"<section><h2>{_E(rec['score_short'])} · {_E(it.label)}</h2>",
+             f"<p class='muted'>The score is the {_E(rec['score_is'])}.</p>",
+             f"<p class='verdict'>{_E(rec['verdict']['text'])}</p>",
+             f"<p class='muted'>{_E(rec['explained']['text'])}</p>"]
+    corr = rec.get("correspondences") or []
+    parts.append("<div class='controls'><label><input type='checkbox' class='t-heat' checked> heat maps</label>"
+                 "<label>opacity <input type='range' class='t-op' min='0' max='100' value='60'></label>"
+                 + ("<label><input type='checkbox' class='t-marks'> numbered region pairs</label>" if corr else "")
+                 + "</div>")
+    qb = [(c["rank"], tuple(c["query_box"])) for c in corr]
+    rb = [(c["rank"], tuple(c["result_box"])) for c in corr]
+    e = it.explanation
+    parts.append("<div class='pair'>" + _panel("query", it.query_path, it.query, e.query_map, qb)
+                 + _panel("result", it.result_path, it.result, e.result_map, rb) + "</div>")
+    if corr:
+        parts.append("<p>Region pairs that carried the explained similarity (numbered on both photos when "
+                     "<i>numbered region pairs</i> is ticked; boxes in each photo's own pixels):</p>"
+                     "<table><tr><th>pair</th><th>share</th><th>query region</th><th>result region</th></tr>")
+        parts += [f"<tr><td>{c['rank']}</td><td>{c['share']:.1%}</td><td>{_box(c['query_box'])}</td>"
+                  f"<td>{_box(c['result_box'])}</td></tr>" for c in corr]
+        parts.append("</table>")
+    elif rec.get("correspondences_note"):
+        parts.append(f"<p class='muted'>{_E(rec['correspondences_note'])}</p>")
+    v = it.verification
+    if v is not None:
+        verdict = "confirmed" if v.confirmed else "not confirmed"
+        parts.append(f"<p>Geometric verification: <b>{v.inliers} inliers</b> (same object {verdict}; 10 needed) — "
+                     "SIFT points that agree on one homography, joined by lines on the plain photos:</p>")
+        parts.append(f"<img class='matches' alt='inlier matches' "
+                     f"src='{_jpeg_uri(_matches_image(it.query, it.result, v), 1024)}'>")
+    chans = rec.get("top_channels") or []
+    if chans:
+        parts.append(f"<details><summary>Channels behind the explained similarity ({_E(rec['channels_note'])})"
+                     "</summary><table><tr><th>channel</th><th>CIS</th><th>share of the evidence for</th></tr>")
+        parts += [f"<tr><td>{c['channel']}</td><td>{c['cis']:+.5f}</td><td>{c['share']:.1%}</td></tr>" for c in chans]
+        parts.append("</table></details>")
+    parts.append("</section>")
+    return "\n".join(parts)
+
+
+def _box(b) -> str:
+    x0, y0, x1, y1 = b
+    return f"x {x0}–{x1}, y {y0}–{y1}"
+
+
+def write_report(path: Path, title: str, items: Sequence[ReportItem], meta: dict) -> None:
+    """One self-contained HTML file (images inlined, no external CSS or JS), results in rank order."""
+    parts = [f"<!doctype html><html lang='en'><meta charset='utf-8'><title>{_E(title)}</title>",
+             f"<style>{REPORT_CSS}</style>", f"<h1>{_E(title)}</h1>",
+             "<p class='muted'>" + " · ".join(f"{_E(str(k))}: <code>{_E(str(v))}</code>" for k, v in meta.items()
+                                             if v is not None) + "</p>",
+             "<div class='legend'><span>heat map:</span><span>low</span>"
+             f"<span class='bar' style='background:{_legend_css()}'></span><span>high</span></div>",
+             "<p class='muted'>The heat maps show which regions of each photo made the two embeddings similar "
+             "(SFAM: each channel's contribution to the similarity weighting that photo's own feature map; each map "
+             "is scaled to its own maximum). Use the controls above each pair to fade or hide them.</p>"]
+    parts += [report_item_html(it) for it in items]
+    parts.append(f"<script>{REPORT_JS}</script></html>")
     path.write_text("\n".join(parts), encoding="utf-8")
 
 
@@ -186,11 +317,3 @@ def _matches_image(query: Image.Image, result: Image.Image, v, height: int = 360
         origins.append((x, 0, im.width / w0, im.height / h0))
     draw_matches(ImageDraw.Draw(canvas), v, origins[0], origins[1])
     return canvas
-
-
-def save_maps(out: Path, prefix: str, e: Explanation) -> dict:
-    """``{prefix}query_map.npy`` and ``{prefix}result_map.npy`` (float32, image size, [0, 1])."""
-    q, r = out / f"{prefix}query_map.npy", out / f"{prefix}result_map.npy"
-    np.save(q, e.query_map.astype(np.float32))
-    np.save(r, e.result_map.astype(np.float32))
-    return {"query_map": str(q), "result_map": str(r)}

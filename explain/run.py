@@ -13,7 +13,7 @@ from retrieval.errors import ImageError, RetrieveError
 from retrieval.images import load_image
 
 from .methods import Explainer, make_explainer
-from .render import ReportItem, pair_figure, save_maps, score_text, write_report
+from .render import MAP_MAX_SIDE, ReportItem, pair_figure, save_maps, write_report
 
 
 @dataclass
@@ -63,43 +63,205 @@ def _prepare_out(out: Path) -> Path:
     return out
 
 
+# -- what is compared, in words ----------------------------------------------------------------------
+def search_score_words(metric: str) -> str:
+    return "cosine similarity" if metric == "cosine" else "minus the squared distance"
+
+
+def explained_words(explainer: Explainer) -> str:
+    """The similarity the maps explain, in plain words (no notation)."""
+    size = explainer.backbone.preprocess.size
+    if explainer.head is not None:
+        what = "cosine similarity" if explainer.metric == "cosine" else "closeness (dot product)"
+        return (f"{what} of the two photos' embeddings after this index's whitening ({explainer.head.dim} "
+                f"dimensions), computed at {size} px")
+    if explainer.metric == "cosine":
+        if explainer.centre:
+            return (f"cosine similarity of the two photos' embeddings measured from this collection's average "
+                    f"photo, computed at {size} px")
+        return f"cosine similarity of the two photos' embeddings, computed at {size} px"
+    return (f"how much closer the two photos are to each other than to "
+            f"{'this collection' + chr(39) + 's average photo' if explainer.mu is not None else 'the origin'} "
+            f"(from squared distances, computed at {size} px)")
+
+
+def explained_value(e) -> float:
+    """The number the maps explain: what Σ CIS adds up to (the similarity itself for cosine)."""
+    return float(e.cis_target) if e.cis_target is not None else float(e.score)
+
+
+def channel_rows(cis, n: int = 10) -> tuple[list[dict], str]:
+    """The top ``n`` channels for the match, each with its share of the evidence *for* it (the sum of the
+    positive terms), so shares lie in [0, 1]; and a sentence on what the sum of all terms is."""
+    import numpy as np
+
+    if cis is None:
+        return [], ""
+    cis = np.asarray(cis, np.float64)
+    pos = float(cis[cis > 0].sum())
+    neg = float(-cis[cis < 0].sum())
+    order = [int(k) for k in np.argsort(-cis)[:n] if cis[k] > 0]
+    rows = [{"channel": k, "cis": float(cis[k]), "share": float(cis[k] / pos)} for k in order]
+    if pos <= neg:
+        note = (f"the channels against the match outweigh those for it ({pos:.4f} for, {neg:.4f} against): the "
+                "maps show the little the two photos have in common")
+    else:
+        top = sum(r["share"] for r in rows)
+        note = (f"{len(rows)} channels carry {top:.0%} of the evidence for the match; {pos:.4f} for, {neg:.4f} "
+                "against")
+    return rows, note
+
+
+def pair_record(explainer: Explainer, e, score: float | None, score_what: str, verdict, corr, map_files: dict,
+                distance: float | None = None) -> dict:
+    """What every output says about one pair, leading with the score that ranked it (``score``; None: the
+    explained similarity is the only score there is)."""
+    value = explained_value(e)
+    expl = {"similarity": explained_words(explainer), "value": value, "method": e.method}
+    lead = value if score is None else float(score)
+    same = score is None or abs(value - lead) < 1e-4
+    if e.metric == "l2" and score is None:
+        lead = float(e.score)
+        same = False
+    expl["same_as_score"] = bool(same)
+    lead_text = f"score {lead:.4f} ({score_what})"
+    short = f"score {lead:.4f} ({score_what.split(',')[0].split(';')[0]})"
+    if same:
+        expl["text"] = f"The heat maps explain this score exactly ({expl['similarity']})."
+    else:
+        expl["text"] = (f"The heat maps explain a closely related number: {expl['similarity']} = {value:.4f} "
+                        f"({e.method.upper() if e.method == 'sfam' else e.method}).")
+    rows, note = channel_rows(e.cis)
+    rec = {"score": lead, "score_is": score_what, "score_text": lead_text, "score_short": short, "explained": expl,
+           "verdict": verdict.to_dict(), "correspondences": [c.to_dict() for c in corr],
+           "top_channels": rows, "channels_note": note, **map_files}
+    if distance is None and score is None:
+        distance = e.distance
+    if distance is not None:
+        rec["distance"] = distance
+    # kept from the first JSON layout, so scripts reading it go on working
+    rec.update({"method": e.method, "similarity": expl["similarity"], "explained_score": float(e.score),
+                "cis_target": e.cis_target})
+    if e.cis is not None:
+        rec["cis_sum"] = float(e.cis.sum())
+        rec["cis_sum_error"] = abs(float(e.cis.sum()) - value)
+    if not corr:
+        rec["correspondences_note"] = "No region pair carries a positive part of the explained similarity."
+    return rec
+
+
+def _features(explainer: Explainer, images: Sequence):
+    """Feature maps (1×C×h×w each) of images at the explainer's input size, batched by input shape."""
+    import torch
+
+    from retrieval.backbone import group_by_shape
+
+    pre = explainer.backbone.preprocess
+    xs = [pre.batch([im]) for im in images]
+    out = [None] * len(xs)
+    for idx in group_by_shape([x[0] for x in xs]):
+        feats = explainer.backbone.features(torch.cat([xs[i] for i in idx]))
+        for j, i in enumerate(idx):
+            out[i] = feats[j:j + 1]
+    return out
+
+
+def _correspondences(explainer: Explainer, aq, ar, query, result, top: int = 5):
+    from .correspond import correspondences, pair_terms
+    from .methods import own_size
+
+    if aq is None or ar is None or explainer.name == "occlusion":
+        return []
+    s = pair_terms(explainer, aq, ar)
+    return correspondences(s, tuple(aq.shape[-2:]), tuple(ar.shape[-2:]), own_size(query), own_size(result), top)
+
+
+def _explain_all(explainer: Explainer, query, images: Sequence):
+    """Explanations and region pairs for (query, each image); one forward pass per image."""
+    feats = _features(explainer, [query, *images])
+    exps = explainer.explain_many(query, images, query_features=feats[0]) if images else []
+    corrs = [_correspondences(explainer, feats[0], feats[1 + i], query, img) for i, img in enumerate(images)]
+    return exps, corrs
+
+
+def index_pair_score(store, backbone, a: str | Path, b: str | Path) -> dict:
+    """The score ``retrieve search A`` gives B in this index: A embedded as a query, B's stored embedding when B
+    is indexed (else B embedded the same way), in the index's vector space."""
+    import os
+
+    import numpy as np
+
+    pre = backbone.preprocess
+    vec = []
+    for i, p in enumerate((a, b)):
+        row = None
+        if i == 1:
+            for cand in (os.path.realpath(p), os.path.abspath(p)):
+                row = store.row_by_path(cand)
+                if row is not None:
+                    break
+        if row is not None:
+            vec.append(np.frombuffer(row.vector, np.float32)[None])
+        else:
+            vec.append(backbone.embed_arrays([pre.array(load_image(p, min_side=pre.size))]))
+    x = store.transform(np.concatenate(vec))
+    if store.settings.metric == "cosine":
+        return {"score": float(x[0] @ x[1])}
+    d = float(((x[0].astype(np.float64) - x[1]) ** 2).sum())
+    return {"score": -d, "distance": d}
+
+
 def explain_pair(a: str | Path, b: str | Path, out: Path, explainer: Explainer, meta: dict,
-                 verification=None) -> dict:
+                 verification=None, search: dict | None = None, calibration=None,
+                 map_max_side: int | None = MAP_MAX_SIDE) -> dict:
     """``retrieve explain A B``: query_map.npy, result_map.npy, pair.png, report.html, explain.json in ``out``.
 
-    ``verification`` (retrieval.verify.Verification): inlier lines in the figure and the report."""
+    ``search``: the index's score for the pair (:func:`index_pair_score`), which every output leads with; None
+    without an index (the explained similarity is then the score). ``calibration``: the index's score
+    distributions for the verdict. ``verification``: SIFT inliers, in the report beside the maps."""
+    from .verdict import make_verdict
+
     side = explainer.backbone.preprocess.size
     qa, rb = load_image(a, min_side=side), load_image(b, min_side=side)
-    e = explainer.explain(qa, rb)
+    (e,), (corr,) = _explain_all(explainer, qa, [rb])
     out = _prepare_out(out)
-    files = save_maps(out, "", e)
-    pair_figure(qa, rb, e, f"{Path(a).name} ↔ {Path(b).name}: {score_text(e)} ({e.method})", out / "pair.png",
-                verification)
-    write_report(out / "report.html", f"Why {Path(b).name} matches {Path(a).name}",
-                 [ReportItem("pair", str(a), str(b), qa, rb, e, verification)], meta)
-    doc = {"query": str(Path(a).resolve()), "result": str(Path(b).resolve()), **meta, **e.summary(),
+    files = save_maps(out, "", e, max_side=map_max_side)
+    score = search["score"] if search else None
+    what = (f"{search_score_words(explainer.metric)}, the score `retrieve search` ranks by in this index" if search
+            else f"{explained_words(explainer)}; no index, so nothing to compare it with")
+    verdict = make_verdict(score if score is not None else explained_value(e), calibration if search else None,
+                           verification)
+    rec = pair_record(explainer, e, score, what, verdict, corr, files, (search or {}).get("distance"))
+    na, nb = Path(a).name, Path(b).name
+    title = verdict.title(na, nb)
+    pair_figure(qa, rb, e, f"{rec['score_short']} · {title}", out / "pair.png", verdict.text)
+    write_report(out / "report.html", title,
+                 [ReportItem(f"{na} and {nb}", str(a), str(b), qa, rb, e, rec, verification)], meta)
+    doc = {"query": str(Path(a).resolve()), "result": str(Path(b).resolve()), **meta, **rec,
            "files": {**files, "pair": str(out / "pair.png"), "report": str(out / "report.html")}}
+    doc["metric"] = e.metric
+    if e.metric == "cosine" and e.cis is not None:
+        doc["cis_sums_to_score"] = bool(abs(doc["cis_sum"] - e.score) < 1e-5)
     if verification is not None:
         doc["inliers"] = verification.inliers
         doc["confirmed"] = verification.confirmed
-    if e.metric == "cosine" and e.cis is not None:
-        doc["cis_sums_to_score"] = bool(abs(doc["cis_sum"] - e.score) < 1e-5)
     (out / "explain.json").write_text(json.dumps(doc, indent=2))
     doc["files"]["json"] = str(out / "explain.json")
     return doc
 
 
 def explain_hits(query_path: str, hits: Sequence, out: Path, explainer: Explainer, meta: dict,
-                 on_error=None) -> dict[int, dict]:
+                 on_error=None, calibration=None, map_max_side: int | None = MAP_MAX_SIDE) -> dict[int, dict]:
     """Explain a query's search results: NN_query_map.npy, NN_result_map.npy, NN.png, report.html.
 
-    Returns rank → the ``explanation`` object for the JSON output. A result whose file can no longer be
-    read is reported through ``on_error(path, reason)`` and left out of the report.
-    """
+    Returns rank → the ``explanation`` object for the JSON output (it leads with the hit's own score). A
+    result whose file can no longer be read is reported through ``on_error(path, reason)`` and left out."""
+    from .verdict import make_verdict
+
     side = explainer.backbone.preprocess.size  # decoded as for indexing, so the explained score is the same
     q = load_image(query_path, min_side=side)
     images, kept = [], []
-    for h in hits:
+    for h in sorted(hits, key=lambda h: h.rank):
         try:
             images.append(load_image(h.path, min_side=side))
             kept.append(h)
@@ -107,18 +269,20 @@ def explain_hits(query_path: str, hits: Sequence, out: Path, explainer: Explaine
             if on_error:
                 on_error(e.path, e.reason)
     out = _prepare_out(out)
-    exps = explainer.explain_many(q, images) if images else []
+    exps, corrs = _explain_all(explainer, q, images)
+    what = f"{search_score_words(explainer.metric)}, the score that ranked this result"
     items, objs = [], {}
-    for h, img, e in zip(kept, images, exps):
+    for h, img, e, corr in zip(kept, images, exps, corrs):
         nn = f"{h.rank:02d}"
-        files = save_maps(out, f"{nn}_", e)
+        files = save_maps(out, f"{nn}_", e, max_side=map_max_side)
         png = out / f"{nn}.png"
         v = getattr(h, "verification", None)
-        pair_figure(q, img, e, f"#{h.rank} {Path(h.path).name}: {score_text(e)} ({e.method})", png, v)
-        items.append(ReportItem(f"#{h.rank} {Path(h.path).name}", query_path, h.path, q, img, e, v))
-        objs[h.rank] = {**files, "png": str(png), "report": str(out / "report.html"), "method": e.method,
-                        "similarity": explainer.describe(), "explained_score": e.score,
-                        "cis_sum": float(e.cis.sum()) if e.cis is not None else None, "top_channels": e.channels(5)}
+        verdict = make_verdict(h.score, calibration, v)
+        rec = pair_record(explainer, e, h.score, what, verdict, corr, files, h.distance)
+        name = Path(h.path).name
+        pair_figure(q, img, e, f"#{h.rank} · {rec['score_short']} · {name}: {verdict.headline}", png, verdict.text)
+        items.append(ReportItem(f"#{h.rank} · {name} — {verdict.headline}", query_path, h.path, q, img, e, rec, v))
+        objs[h.rank] = {**rec, "png": str(png), "report": str(out / "report.html")}
         if v is not None:
             objs[h.rank]["inliers"] = v.inliers
     write_report(out / "report.html", f"Results for {Path(query_path).name}", items, meta)

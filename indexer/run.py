@@ -28,6 +28,7 @@ from retrieval.models import DEFAULT_MODEL, load_backbone
 from retrieval.head import parse_head
 from retrieval.pooling import parse_pooling
 from retrieval.service import backbone_for_settings
+from retrieval.calibration import refresh as refresh_calibration
 from retrieval.store import (PRESETS, ImageRow, IndexSettings, IndexStore, SkippedRow, default_explain,
                              factory_for)
 
@@ -165,6 +166,8 @@ def index_paths(paths: Iterable[str | os.PathLike], index_dir: str | os.PathLike
                 store.rebuild_faiss()
             store.update_mean()
             store.save_faiss()
+            if not report.interrupted:
+                refresh_calibration(store)  # where scores stand in this collection (explain verdicts)
             store.set_value("updated_at", time.time())
             report.total = store.count()
         finally:

@@ -166,7 +166,8 @@ def test_search_explain_outputs(photos, tmp_path):
         with Image.open(h["path"]) as im:
             assert np.load(ex["result_map"]).shape == (im.height, im.width)
         assert ex["cis_sum"] == pytest.approx(ex["explained_score"], abs=1e-5)
-        assert ex["similarity"] == "cosine of μ-centred embeddings at 448 px"  # the index's recorded default
+        assert ex["similarity"] == ("cosine similarity of the two photos' embeddings measured from this collection's "
+                                    "average photo, computed at 448 px")  # the index's recorded default
     assert (out / "report.html").exists()
     text = run("search", photos / "chelsea.jpg", "--index", idx, "-k", "2", "--explain", "--out", tmp_path / "t").stdout
     assert f"report: {tmp_path / 't' / 'report.html'}" in text
@@ -206,5 +207,8 @@ def test_large_rotated_jpeg_map_is_at_the_photo_upright_size(tmp_path):
     big.save(tmp_path / "big.jpg", quality=85, exif=exif)
     skimage_photo("chelsea").save(tmp_path / "cat.png")
     doc = run_json("explain", tmp_path / "cat.png", tmp_path / "big.jpg", "--out", tmp_path / "o")
-    assert np.load(doc["files"]["result_map"]).shape == (2000, 1330)
+    assert np.load(doc["files"]["result_map"]).shape == (1024, 681)  # long side capped, upright aspect kept
+    assert doc["result_map_scale"] == pytest.approx(681 / 1330, abs=1e-4)
+    full = run_json("explain", tmp_path / "cat.png", tmp_path / "big.jpg", "--out", tmp_path / "f", "--full-maps")
+    assert np.load(full["files"]["result_map"]).shape == (2000, 1330)
     assert doc["score"] > 0.5  # the rotated cat is still a cat
