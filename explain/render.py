@@ -58,11 +58,11 @@ def pair_figure(query: Image.Image, result: Image.Image, e: Explanation, title: 
 
     panels = []
     for img, m in ((query, e.query_map), (result, e.result_map)):
-        ov = overlay(img, m)
-        w = max(1, round(ov.width * height / ov.height))
+        w = max(1, round(img.width * height / img.height))
         if w > 2 * height:  # a panorama: limit the width, keep the aspect ratio
             w = 2 * height
-        panels.append(ov.resize((w, max(1, round(ov.height * w / ov.width))), Image.BILINEAR))
+        small = img.convert("RGB").resize((w, max(1, round(img.height * w / img.width))), Image.BILINEAR)
+        panels.append(overlay(small, m))  # blended at the panel's size: a 100 MP photo costs no more
     gap, top, bottom, legend = 16, 62 if subtitle else 44, 28, 70
     width = gap + panels[0].width + gap + panels[1].width + gap + legend
     canvas = Image.new("RGB", (width, top + height + bottom), "white")

@@ -12,7 +12,7 @@ from typing import Sequence
 from retrieval.errors import ImageError, RetrieveError
 from retrieval.images import load_image
 
-from .methods import Explainer, make_explainer
+from .methods import Explainer, make_explainer, own_size
 from .render import MAP_MAX_SIDE, ReportItem, pair_figure, save_maps, write_report
 
 
@@ -168,7 +168,6 @@ def _features(explainer: Explainer, images: Sequence):
 
 def _correspondences(explainer: Explainer, aq, ar, query, result, top: int = 5):
     from .correspond import correspondences, pair_terms
-    from .methods import own_size
 
     if aq is None or ar is None or explainer.name == "occlusion":
         return []
@@ -225,7 +224,7 @@ def explain_pair(a: str | Path, b: str | Path, out: Path, explainer: Explainer, 
     qa, rb = load_image(a, min_side=side), load_image(b, min_side=side)
     (e,), (corr,) = _explain_all(explainer, qa, [rb])
     out = _prepare_out(out)
-    files = save_maps(out, "", e, max_side=map_max_side)
+    files = save_maps(out, "", e, (own_size(qa), own_size(rb)), max_side=map_max_side)
     score = search["score"] if search else None
     what = (f"{search_score_words(explainer.metric)}, the score `retrieve search` ranks by in this index" if search
             else f"{explained_words(explainer)}; no index, so nothing to compare it with")
@@ -274,7 +273,7 @@ def explain_hits(query_path: str, hits: Sequence, out: Path, explainer: Explaine
     items, objs = [], {}
     for h, img, e, corr in zip(kept, images, exps, corrs):
         nn = f"{h.rank:02d}"
-        files = save_maps(out, f"{nn}_", e, max_side=map_max_side)
+        files = save_maps(out, f"{nn}_", e, (own_size(q), own_size(img)), max_side=map_max_side)
         png = out / f"{nn}.png"
         v = getattr(h, "verification", None)
         verdict = make_verdict(h.score, calibration, v)
