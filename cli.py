@@ -40,6 +40,20 @@ index_option = click.option("--index", "index_dir", metavar="DIR", envvar="RETRI
 json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON output.")
 
 
+def _trust_model(ctx: click.Context, _param, value: bool) -> bool:
+    if not ctx.resilient_parsing:
+        from retrieval.service import trust_models
+
+        trust_models(value)
+    return value
+
+
+trust_option = click.option("--trust-model", is_flag=True, envvar="RETRIEVE_TRUST_MODEL", expose_value=False,
+                            callback=_trust_model,
+                            help="Load the index's model even if it is user code (module:function or a TorchScript "
+                                 "file): only for an index you trust [env: RETRIEVE_TRUST_MODEL=1].")
+
+
 @click.group(cls=RetrieveGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="retrieve")
 @click.option("--threads", type=click.IntRange(1), default=None, envvar="RETRIEVE_THREADS",
@@ -132,6 +146,7 @@ class _Bar:
 @click.option("--refit", is_flag=True, help="Re-fit the index's linear head on the whole collection now.")
 @click.option("--batch-size", type=click.IntRange(1, 1024), default=32, show_default=True)
 @click.option("--workers", type=click.IntRange(1, 64), default=None, help="Decoding threads [default: up to 4].")
+@trust_option
 @json_option
 @click.pass_context
 def index(ctx, paths, index_dir, model, weights, metric, index_type, faiss_factory, input_size, preset, resize,
@@ -244,6 +259,7 @@ def _human(n: float) -> str:
               help="With --explain: how maps are found [default: the index's, sfam].")
 @click.option("--full-maps", is_flag=True,
               help="With --explain: save the .npy maps at each photo's full size [default: long side ≤ 1024 px].")
+@trust_option
 @json_option
 @click.pass_context
 def search(ctx, queries, index_dir, k, min_score, include_self, qe, dba, verify, explain, out_dir, method,
@@ -326,6 +342,7 @@ def search(ctx, queries, index_dir, k, min_score, include_self, qe, dba, verify,
 @main.command()
 @index_option
 @click.option("--repair", is_flag=True, help="Restore consistency (re-embed or drop rows, rebuild the vector file).")
+@trust_option
 @json_option
 @click.pass_context
 def check(ctx, index_dir, repair, as_json) -> None:
@@ -388,6 +405,7 @@ def _explain_meta(store, explainer) -> dict:
               help="Output directory [default: ./retrieve-explain-<A>-<time>].")
 @click.option("--verify", is_flag=True, help="Also match SIFT points under one homography; draw the inliers.")
 @click.option("--full-maps", is_flag=True, help="Save the .npy maps at each photo's full size [default: long side ≤ 1024 px].")
+@trust_option
 @json_option
 @click.pass_context
 def explain_cmd(ctx, a, b, index_dir, model, weights, metric, method, input_size, out_dir, verify, full_maps,

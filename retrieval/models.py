@@ -9,7 +9,9 @@
 """
 from __future__ import annotations
 
+import hashlib
 import importlib
+import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +20,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .backbone import Backbone, Preprocess, _FeatureNet, file_sha256, pick_device
-from .errors import RetrieveError, UnknownModel, WeightsUnavailable
+from .backbone import Backbone, Preprocess, _FeatureNet, pick_device
+from .errors import RetrieveError, SettingsMismatch, UnknownModel, WeightsUnavailable
 from .pooling import Pooling, parse_pooling
 
 DEFAULT_MODEL = "efficientnet_lite0"
@@ -107,18 +109,53 @@ def weights_location(name: str) -> tuple[str, bool]:
     return (f"torchvision weights API ({f.name})", f.exists())
 
 
-def _load_state(path: Path, what: str) -> dict:
+#: torch.load(weights_only=True) can be made to run code below torch 2.6 (CVE-2025-32434).
+SAFE_TORCH = (2, 6)
+
+
+def _torch_version() -> tuple[int, int]:
+    parts = torch.__version__.split("+")[0].split(".")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        return int(parts[0]), int(parts[1])
+    except (ValueError, IndexError):
+        return SAFE_TORCH  # a development build: assume it is recent
+
+
+def _read_verified(path: Path, expected_sha256: str | None, what: str) -> tuple[bytes, str]:
+    """The bytes of a weights or model file and their sha256, refused *before* anything parses them when
+    ``expected_sha256`` (what an index recorded) differs."""
+    try:
+        data = path.read_bytes()
     except FileNotFoundError:
-        raise WeightsUnavailable(f"{path}: no such weights file") from None
+        raise WeightsUnavailable(f"{path}: no such {what} file") from None
+    except IsADirectoryError:
+        raise WeightsUnavailable(f"{path}: is a directory, not a {what} file") from None
+    except OSError as e:
+        raise WeightsUnavailable(f"{path}: cannot read it ({e.strerror or e})") from None
+    sha = hashlib.sha256(data).hexdigest()
+    if expected_sha256 is not None and sha != expected_sha256:
+        raise SettingsMismatch(
+            f"{path}: not the {what} file the index was built with (its sha256 differs); refused without loading "
+            "it: restore that file, or index into another --index directory")
+    return data, sha
+
+
+def _load_state(path: Path, what: str, expected_sha256: str | None = None) -> tuple[dict, str]:
+    """(state dict, sha256 of the file) of a weights file; see :func:`_read_verified`."""
+    if _torch_version() < SAFE_TORCH:
+        raise WeightsUnavailable(
+            f"torch {torch.__version__} cannot load weights files safely (CVE-2025-32434: weights_only=True is "
+            "bypassable below torch 2.6); upgrade: pip install 'torch>=2.6'")
+    data, sha = _read_verified(path, expected_sha256, "weights")
+    try:
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:
         raise WeightsUnavailable(f"{path}: not a loadable state dict for {what} ({type(e).__name__})") from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
         raise WeightsUnavailable(f"{path}: expected a state dict for {what}")
-    return obj
+    return obj, sha
 
 
 def _registry_weights(spec: ModelSpec, weights: str | os.PathLike | None) -> Path:
@@ -150,13 +187,15 @@ def _registry_weights(spec: ModelSpec, weights: str | os.PathLike | None) -> Pat
 def load_backbone(name: str = DEFAULT_MODEL, weights: str | os.PathLike | None = None, *,
                   input_size: int | None = None, device: str | None = None, fast: str = "auto",
                   random_weights: bool = False, resize: str | None = None,
-                  pooling: str | Pooling | None = None) -> Backbone:
+                  pooling: str | Pooling | None = None, expected_sha256: str | None = None) -> Backbone:
     """Build a :class:`Backbone` by registry name or user spec (see the module docstring).
 
     ``resize`` ("squash" or "long", see :class:`Preprocess`) and ``pooling`` ("gap", "gem[:p]") override
     the model's defaults.
 
     ``random_weights`` skips loading (shapes-only tests, sanity checks of explanations).
+    ``expected_sha256``: the weights (or TorchScript) file must have this hash, checked before it is parsed
+    (an index records it); a mismatch raises :class:`SettingsMismatch`.
     """
     dev = pick_device(device)
     if name in REGISTRY:
@@ -166,17 +205,17 @@ def load_backbone(name: str = DEFAULT_MODEL, weights: str | os.PathLike | None =
             source, wid = "random", "random"
         else:
             path = _registry_weights(spec, weights)
-            state = _load_state(path, name)
+            state, wid = _load_state(path, name, expected_sha256)
             try:
                 net.load_state_dict(state, strict=True)
             except RuntimeError as e:
                 first = str(e).splitlines()[0] if str(e) else "key mismatch"
                 raise WeightsUnavailable(f"{path}: does not fit {name}: {first}") from None
-            source, wid = str(path), file_sha256(path)
+            source = str(path)
         pre = spec.preprocess if input_size is None else spec.preprocess.replace(size=input_size)
         bb = Backbone(name, spec.to_features(net).eval(), pre, spec.feature_dim, source, wid, dev, fast)
     else:
-        bb = _load_user_model(name, input_size, dev, fast)
+        bb = _load_user_model(name, input_size, dev, fast, expected_sha256)
     if resize is not None:
         bb.preprocess = bb.preprocess.replace(resize=resize)
     if pooling is not None:
@@ -184,17 +223,24 @@ def load_backbone(name: str = DEFAULT_MODEL, weights: str | os.PathLike | None =
     return bb
 
 
-def _load_user_model(name: str, input_size: int | None, dev: torch.device, fast: str) -> Backbone:
+def is_user_code(name: str) -> bool:
+    """Whether model ``name`` is a user's program (a TorchScript file or ``module:function``), not a registry name."""
+    return name not in REGISTRY
+
+
+def _load_user_model(name: str, input_size: int | None, dev: torch.device, fast: str,
+                     expected_sha256: str | None = None) -> Backbone:
     pre = Preprocess(input_size or 224, **IMAGENET)
     path = Path(name).expanduser()
     if path.suffix in (".pt", ".pth", ".ts", ".torchscript") or path.exists():
         if not path.is_file():
             raise UnknownModel(f"{name}: no such TorchScript file")
+        data, wid = _read_verified(path, expected_sha256, "TorchScript")
         try:
-            net = torch.jit.load(str(path), map_location="cpu")
+            net = torch.jit.load(io.BytesIO(data), map_location="cpu")
         except Exception as e:
             raise UnknownModel(f"{name}: not a TorchScript file ({type(e).__name__})") from None
-        source, wid = str(path.resolve()), file_sha256(path)
+        source = str(path.resolve())
         spec_name = str(path.resolve())
     elif ":" in name:
         mod_name, _, fn_name = name.partition(":")
@@ -241,8 +287,6 @@ class _LayerOutput(nn.Module):
 
 
 def _state_hash(model: nn.Module) -> str:
-    import hashlib
-
     h = hashlib.sha256()
     for k, v in model.state_dict().items():
         h.update(k.encode())
