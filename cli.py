@@ -374,6 +374,9 @@ def check(ctx, index_dir, repair, as_json) -> None:
             click.echo(f"repaired: {what}")
         for p in rep.problems():
             click.echo(p)
+        if rep.consistent and rep.trailing:  # the normal state after an interrupted run: heals itself
+            click.echo(f"pending: {'; '.join(rep.pending())} (searches catch up in memory; the next `retrieve "
+                       "index` or `retrieve check --repair` writes the vector file)")
         click.echo(f"{rep.index}: {rep.images} images, {rep.vectors} vectors: "
                    + ("consistent" if rep.consistent else "NOT consistent (run `retrieve check --repair`)"))
     if not rep.consistent:

@@ -2,8 +2,10 @@
 
 Unchanged files (same size and mtime) cost nothing; a changed file is re-embedded only if its content
 hash changed; a moved or copied file (same content hash) reuses its stored vector; files that vanished
-from the scanned folders leave the index. Decoding runs in threads ahead of inference, and rows are
-committed batch by batch, so an interrupted run keeps its work and the next run continues from there.
+from the scanned folders leave the index (indexer/plan.py decides which is which). Decoding runs in
+threads ahead of inference, and rows are committed batch by batch, so an interrupted run keeps its work
+and the next run continues from there. Ctrl-C is deferred until the run is in a state it can stop in:
+between two items, and not at all during the finalisation (head fit, vector file written).
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Protocol
@@ -29,10 +32,12 @@ from retrieval.head import parse_head
 from retrieval.pooling import parse_pooling
 from retrieval.service import backbone_for_settings
 from retrieval.calibration import refresh as refresh_calibration
-from retrieval.store import (PRESETS, ImageRow, IndexSettings, IndexStore, SkippedRow, default_explain,
-                             factory_for)
+from retrieval.store import (PRESETS, ImageRow, IncompleteIndex, IndexSettings, IndexStore, SkippedRow,
+                             default_explain, factory_for, index_path)
 
 from retrieval.scan import FileEntry, check_paths, scan_paths
+
+from .plan import ChangePlan, plan_changes
 
 
 class Progress(Protocol):
@@ -78,7 +83,41 @@ class _Decoded:
     height: int = 0
     array: np.ndarray | None = None
     error: str | None = None
-    reuse_id: int | None = None  # a row with the same content exists: reuse its vector
+    reuse: str | None = None  # "touched" | "moved" | "copied": indexed without embedding (see ChangePlan.classify)
+
+
+@dataclass
+class _Asked:
+    """The options that fix a new index, as given (None: not given), with the preset's values filled in."""
+
+    model: str | None = None
+    weights: str | None = None
+    metric: str | None = None
+    index_type: str | None = None
+    faiss_factory: str | None = None
+    input_size: int | None = None
+    resize: str | None = None
+    pooling: str | None = None
+    head: str | None = None
+    preset: str | None = None
+    from_preset: tuple = ()  # the fields the preset filled in
+    search: dict = field(default_factory=dict)
+
+
+def _asked(preset: str | None, **given) -> _Asked:
+    a = _Asked(**given, preset=preset)
+    if preset is not None:  # fills in what the caller left open
+        if preset not in PRESETS:
+            raise RetrieveError(f"unknown preset {preset!r} ({', '.join(PRESETS)})")
+        p = PRESETS[preset]
+        filled = []
+        for name in ("input_size", "resize", "pooling", "head"):
+            if getattr(a, name) is None and p[name] is not None:
+                setattr(a, name, p[name])
+                filled.append(name)
+        a.from_preset = tuple(filled)
+        a.search = dict(p["search"])
+    return a
 
 
 def index_paths(paths: Iterable[str | os.PathLike], index_dir: str | os.PathLike, *, model: str | None = None,
@@ -88,92 +127,158 @@ def index_paths(paths: Iterable[str | os.PathLike], index_dir: str | os.PathLike
                 refit: bool = False, batch_size: int = 32,
                 workers: int | None = None, progress: Progress | None = None,
                 on_skip: Callable[[str, str], None] | None = None,
-                backbone: Backbone | None = None) -> IndexReport:
+                backbone: Backbone | None = None, follow_links: bool = False) -> IndexReport:
     """Index (or update the index of) the images under ``paths`` into ``index_dir``; see the module docstring.
 
-    ``model``/``metric``/``index_type``/``head`` fix the settings of a new index; for an existing index
-    they must agree with the recorded ones (or be None). ``refit`` re-fits the linear head on the whole
-    collection (it is also re-fitted when the collection has doubled since). ``backbone`` substitutes a
-    ready-made backbone (tests).
+    ``model``/``weights``/``metric``/``index_type``/``faiss_factory``/``input_size``/``resize``/``pooling``/
+    ``head``/``preset`` fix the settings of a new index; for an existing index they must agree with the
+    recorded ones (or be None), else the run is refused before anything changes. ``refit`` re-fits the
+    linear head on the whole collection (it is also re-fitted when the collection has doubled since).
+    ``backbone`` substitutes a ready-made backbone (tests). A new index into which nothing could be
+    indexed (no images, or none decodable) is not created: :class:`RetrieveError`.
     """
     t0 = time.perf_counter()
-    search_defaults = {}
-    if preset is not None:  # fills in what the caller left open
-        if preset not in PRESETS:
-            raise RetrieveError(f"unknown preset {preset!r} ({', '.join(PRESETS)})")
-        p = PRESETS[preset]
-        input_size = input_size or p["input_size"]
-        resize, pooling, head = resize or p["resize"], pooling or p["pooling"], head or p["head"]
-        search_defaults = dict(p["search"])
+    asked = _asked(preset, model=model, weights=weights, metric=metric, index_type=index_type,
+                   faiss_factory=faiss_factory, input_size=input_size, resize=resize, pooling=pooling, head=head)
     if batch_size < 1:
         raise RetrieveError(f"--batch-size must be at least 1, got {batch_size}")
+    paths = list(paths)
     roots = check_paths(paths)
     progress = progress or _NoProgress()
     on_skip = on_skip or (lambda p, r: None)
-    index_dir = Path(index_dir).expanduser().resolve()
+    index_dir = index_path(index_dir)
     what = "retrieve index"
 
+    scan = scan_paths(roots, follow_links=follow_links) if follow_links else scan_paths(roots)
+    files = list(scan)
+    trees = [str(t) for t in getattr(scan, "trees", None) or roots]
+    store = None
     if IndexStore.exists(index_dir):
-        store = IndexStore.open(index_dir, writable=True, what=what)
         try:
-            store.check_compatible(model, metric)
-            if head is not None and parse_head(head) != store.settings.head:
-                raise RetrieveError(f"index {index_dir} has head {store.settings.head or 'none'}; the head is fixed "
-                                    "when the index is created (use --refit to re-fit it on the collection)")
-            for what_, asked, has in (("pooling", pooling and str(parse_pooling(pooling)), store.settings.pooling),
-                                      ("resize", resize, store.settings.preprocess.get("resize", "squash"))):
-                if asked and asked != has:
-                    raise RetrieveError(f"index {index_dir} has {what_} {has}; it is fixed when the index is created "
-                                        "(use another --index directory to change it)")
-            if index_type and index_type != store.settings.index_type:
-                raise RetrieveError(f"index {index_dir} has type {store.settings.index_type}; its type is fixed "
-                                    "when it is created (use another --index directory to change it)")
+            store = IndexStore.open(index_dir, writable=True, what=what)
+        except IncompleteIndex:
+            store = None  # an interrupted creation: created afresh below
+    if store is not None:
+        try:
+            _refuse_changes(store, asked)
             bb = backbone or backbone_for_settings(store.settings)
-        except Exception:
+        except BaseException:
             store.close()
             raise
+        settings = None
     else:
-        bb = backbone or load_backbone(model or DEFAULT_MODEL, weights, input_size=input_size, resize=resize,
-                                       pooling=pooling)
-        itype = "custom" if faiss_factory else (index_type or "flat")
+        if not files:
+            raise RetrieveError(f"no images found in {', '.join(str(p) for p in paths)}; no index was created")
+        bb = backbone or load_backbone(asked.model or DEFAULT_MODEL, asked.weights, input_size=asked.input_size,
+                                       resize=asked.resize, pooling=asked.pooling)
+        itype = "custom" if asked.faiss_factory else (asked.index_type or "flat")
+        if asked.faiss_factory:
+            _check_factory(asked.faiss_factory, bb.feature_dim)
         settings = IndexSettings(model=bb.name, weights_id=bb.weights_id, weights_source=bb.weights_source,
-                                 preprocess=bb.preprocess.to_dict(), metric=metric or "cosine", dim=bb.feature_dim,
-                                 index_type=itype, faiss_factory=faiss_factory or factory_for(itype, bb.feature_dim, 0),
-                                 explain=default_explain(bb.preprocess.size), head=parse_head(head),
-                                 pooling=str(bb.pooling), search=search_defaults)
-        if faiss_factory:
-            _check_factory(faiss_factory, bb.feature_dim)
-        store = IndexStore.create(index_dir, settings, what=what)
+                                 preprocess=bb.preprocess.to_dict(), metric=asked.metric or "cosine",
+                                 dim=bb.feature_dim, index_type=itype,
+                                 faiss_factory=asked.faiss_factory or factory_for(itype, bb.feature_dim, 0),
+                                 explain=default_explain(bb.preprocess.size), head=parse_head(asked.head),
+                                 pooling=str(bb.pooling), search=asked.search)
 
     report = IndexReport(index=str(index_dir))
     stop = threading.Event()
-    previous = None
-    if threading.current_thread() is threading.main_thread():
-        # Ctrl-C only sets a flag: the run stops between two items, never inside a commit or a FAISS write.
-        previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
-    try:
-        store.faiss_index()  # loaded (and reconciled) before this run changes any row
-        _run(store, bb, roots, report, batch_size, workers, progress, on_skip, stop)
-    except KeyboardInterrupt:
-        report.interrupted = True
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
+    discarded = False
+    with _sigint_deferred(stop):  # Ctrl-C sets ``stop``; the run stops between items, after finalising
+        if store is None:
+            store = IndexStore.create(index_dir, settings, what=what)
+        new = settings is not None and not store.count()
         try:
-            if not report.interrupted and (refit or store.head_is_stale()) and store.fit_head():
-                store.rebuild_faiss()  # every vector changes with the head
-            elif store.needs_retrain():
-                store.rebuild_faiss()
-            store.update_mean()
-            store.save_faiss()
-            if not report.interrupted:
-                refresh_calibration(store)  # where scores stand in this collection (explain verdicts)
-            store.set_value("updated_at", time.time())
-            report.total = store.count()
+            store.faiss_index()  # loaded (and reconciled) before this run changes any row
+            _run(store, bb, files, trees, report, batch_size, workers, progress, on_skip, stop)
+        except KeyboardInterrupt:
+            report.interrupted = True
         finally:
-            store.close()
+            try:
+                if new and not store.count():
+                    store.discard()  # nothing could be indexed: no index, rather than an empty one
+                    discarded = True
+                else:
+                    _finalise(store, report, refit)
+            finally:
+                store.close()
+    report.interrupted = report.interrupted or stop.is_set()
     report.seconds = time.perf_counter() - t0
+    if discarded and not report.interrupted:
+        raise RetrieveError(f"none of the {len(files)} images found could be indexed ({report.skipped} could not "
+                            "be read, see above); no index was created")
     return report
+
+
+@contextmanager
+def _sigint_deferred(stop: threading.Event):
+    """While inside, SIGINT (Ctrl-C) only sets ``stop`` (main thread only; elsewhere nothing changes)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _finalise(store: IndexStore, report: IndexReport, refit: bool) -> None:
+    """Head fit, retraining or compaction, μ, and the vector file: one consistent state on disk."""
+    if not report.interrupted and (refit or store.head_is_stale()) and store.fit_head():
+        store.rebuild_faiss()  # every vector changes with the head
+    elif store.needs_retrain():
+        store.rebuild_faiss()
+    else:
+        store.compact()  # HNSW: one rebuild for the removals of the run, when they have grown too many
+    store.update_mean()
+    store.save_faiss()
+    if not report.interrupted:
+        refresh_calibration(store)  # where scores stand in this collection (explain verdicts)
+    store.set_value("updated_at", time.time())
+    report.total = store.count()
+
+
+def _head_text(cfg: dict) -> str:
+    return f"{cfg['type']}:{cfg['dim']}" if cfg else "none"
+
+
+def _refuse_changes(store: IndexStore, a: _Asked) -> None:
+    """Every option that fixes a new index must agree with the existing index's settings (or be left out)."""
+    st = store.settings
+    diffs: list[str] = []
+
+    def differs(name: str, label: str, asked, has, text=str) -> None:
+        if asked is not None and asked != has:
+            via = f" (from --preset {a.preset})" if name in a.from_preset else ""
+            diffs.append(f"{label} {text(asked)}{via} (index: {text(has)})")
+
+    if a.model:
+        m = Path(a.model).expanduser()
+        differs("model", "model", str(m.resolve()) if m.is_file() else a.model, st.model)
+    differs("metric", "metric", a.metric, st.metric)
+    if a.weights:
+        w = Path(a.weights).expanduser()
+        if not w.is_file():
+            raise RetrieveError(f"--weights {a.weights}: no such file")
+        from retrieval.backbone import file_sha256
+
+        if file_sha256(w) != st.weights_id:
+            diffs.append(f"weights {a.weights} (index: {st.weights_source or st.weights_id})")
+    differs("input_size", "input size", a.input_size, st.preprocess.get("size"))
+    differs("resize", "resize", a.resize, st.preprocess.get("resize", "squash"))
+    differs("pooling", "pooling", str(parse_pooling(a.pooling)) if a.pooling else None, st.pooling)
+    differs("head", "head", parse_head(a.head) if a.head is not None else None, st.head, _head_text)
+    differs("index_type", "index type", a.index_type, st.index_type)
+    if a.faiss_factory and (st.index_type != "custom" or a.faiss_factory != st.faiss_factory):
+        has = st.faiss_factory if st.index_type == "custom" else f"type {st.index_type}"
+        diffs.append(f"FAISS factory {a.faiss_factory} (index: {has})")
+    if diffs:
+        given = "--preset " + a.preset if a.preset and not any("(from" not in d for d in diffs) else "these options"
+        refit = " (add --refit to re-fit its own head on the collection)" if st.head else ""
+        raise RetrieveError(f"index {store.directory} was built with other settings: {'; '.join(diffs)}. They are "
+                            f"fixed when an index is created: leave {given} out to update this index{refit}, "
+                            "or give another --index directory to build a new one")
 
 
 def _check_factory(factory: str, dim: int) -> None:
@@ -185,33 +290,17 @@ def _check_factory(factory: str, dim: int) -> None:
         raise RetrieveError(f"--faiss {factory!r}: not a valid FAISS factory string") from None
 
 
-def _under(path: str, roots: list[Path]) -> bool:
-    return any(path == str(r) or path.startswith(str(r).rstrip(os.sep) + os.sep) for r in roots)
-
-
-def _run(store: IndexStore, bb: Backbone, roots: list[Path], report: IndexReport, batch_size: int,
-         workers: int | None, progress: Progress, on_skip: Callable[[str, str], None],
+def _run(store: IndexStore, bb: Backbone, files: list[FileEntry], trees: list[str], report: IndexReport,
+         batch_size: int, workers: int | None, progress: Progress, on_skip: Callable[[str, str], None],
          stop: threading.Event) -> None:
-    files = {e.path: e for e in scan_paths(roots)}
     with store.session() as s:
-        rows = {r.path: r for r in s.execute(select(ImageRow.id, ImageRow.path, ImageRow.size, ImageRow.mtime_ns,
-                                                    ImageRow.sha256)).all()}
+        rows = s.execute(select(ImageRow.id, ImageRow.path, ImageRow.size, ImageRow.mtime_ns,
+                                ImageRow.sha256)).all()
         bad = {r.path: r for r in s.execute(select(SkippedRow)).scalars()}
-
-    todo: list[FileEntry] = []
-    for path, e in files.items():
-        r = rows.get(path)
-        if r is not None and r.size == e.size and r.mtime_ns == e.mtime_ns:
-            report.unchanged += 1
-        elif r is None and path in bad and bad[path].size == e.size and bad[path].mtime_ns == e.mtime_ns:
-            report.skipped_before += 1
-        else:
-            todo.append(e)
-    gone: dict[str, list] = {}  # content hash → rows whose file vanished from the scanned folders
-    for p, r in rows.items():
-        if p not in files and _under(p, roots):
-            gone.setdefault(r.sha256, []).append(r)
-    by_hash: dict[str, int] = {r.sha256: r.id for r in rows.values()}
+    plan = plan_changes(files, rows, bad, trees)
+    report.unchanged += len(plan.unchanged)
+    report.skipped_before += len(plan.known_bad)
+    todo = plan.todo
     progress.start(len(todo))
 
     verifier = None  # an index whose searches verify gets its keypoints while it is indexed
@@ -228,13 +317,11 @@ def _run(store: IndexStore, bb: Backbone, roots: list[Path], report: IndexReport
             d.error = "no such file" if isinstance(exc, FileNotFoundError) else f"cannot read: {exc.strerror}"
             return d
         d.sha256 = hashlib.sha256(data).hexdigest()
-        old = rows.get(e.path)
-        if allow_reuse and old is not None and old.sha256 == d.sha256:
-            d.reuse_id = old.id  # touched, same content
-            return d
-        if allow_reuse and (d.sha256 in gone or d.sha256 in by_hash):
-            d.reuse_id = -1  # moved or copied: its vector is reused
-            return d
+        if allow_reuse:
+            kind, _ = plan.classify(e.path, d.sha256)
+            if kind != "embed":
+                d.reuse = kind  # touched, moved or copied: its vector is reused
+                return d
         try:
             img = decode_image(data, e.path, min_side=max(bb.preprocess.size, verifier.max_side if verifier else 0))
         except ImageError as exc:
@@ -250,7 +337,7 @@ def _run(store: IndexStore, bb: Backbone, roots: list[Path], report: IndexReport
     batch: list[_Decoded] = []
 
     def flush() -> None:
-        _embed_and_commit(store, bb, batch, rows, report)
+        _embed_and_commit(store, bb, batch, plan.rows, report)
         progress.advance(len(batch))
         batch.clear()
 
@@ -269,10 +356,10 @@ def _run(store: IndexStore, bb: Backbone, roots: list[Path], report: IndexReport
                 nxt = next(it, None)
                 if nxt is not None:
                     window.append(pool.submit(decode, nxt))
-                if d.reuse_id is not None and not _reuse(store, d, rows, gone, by_hash, report):
+                if d.reuse is not None and not _reuse(store, d, plan, report):
                     d = decode(d.entry, allow_reuse=False)  # the row to copy from went away meanwhile
                 if d.error:
-                    _record_skip(store, d, rows)
+                    _record_skip(store, d, plan.rows)
                     report.skipped += 1
                     report.skipped_files.append({"path": d.entry.path, "reason": d.error})
                     on_skip(d.entry.path, d.error)
@@ -290,7 +377,7 @@ def _run(store: IndexStore, bb: Backbone, roots: list[Path], report: IndexReport
                 f.cancel()
             raise
     # Files that vanished from the scanned folders and did not turn up elsewhere leave the index.
-    gone_ids = [r.id for rs in gone.values() for r in rs]
+    gone_ids = [r.id for r in plan.removed()]
     _delete_rows(store, gone_ids)
     store.apply(gone_ids)
     report.removed = len(gone_ids)
@@ -311,17 +398,17 @@ def _record_skip(store: IndexStore, d: _Decoded, rows: dict) -> None:
     store.apply([old.id] if old is not None else [])
 
 
-def _reuse(store: IndexStore, d: _Decoded, rows: dict, gone: dict, by_hash: dict, report: IndexReport) -> bool:
+def _reuse(store: IndexStore, d: _Decoded, plan: ChangePlan, report: IndexReport) -> bool:
     """Index ``d`` without decoding it (touched, moved or copied content). False: must be embedded after all."""
     e = d.entry
-    old = rows.get(e.path)  # what was at this path before, if anything
-    if d.reuse_id is not None and d.reuse_id >= 0:  # same path, same content, new mtime
+    old = plan.rows.get(e.path)  # what was at this path before, if anything
+    if d.reuse == "touched":  # same path, same content, new mtime
         with store.session() as s, s.begin():
-            s.execute(update(ImageRow).where(ImageRow.id == d.reuse_id).values(size=e.size, mtime_ns=e.mtime_ns))
+            s.execute(update(ImageRow).where(ImageRow.id == old.id).values(size=e.size, mtime_ns=e.mtime_ns))
         report.unchanged += 1
         return True
-    if gone.get(d.sha256):  # moved: the row follows the file, keeping its id and vector
-        src = gone[d.sha256].pop()
+    src = plan.claim_move(d.sha256)
+    if src is not None:  # moved: the row follows the file, keeping its id and vector
         with store.session() as s, s.begin():
             if old is not None:
                 s.execute(delete(ImageRow).where(ImageRow.id == old.id))
@@ -331,7 +418,7 @@ def _reuse(store: IndexStore, d: _Decoded, rows: dict, gone: dict, by_hash: dict
         report.moved += 1
         return True
     with store.session() as s, s.begin():  # a copy of indexed content: a new row with the same vector
-        src = s.get(ImageRow, by_hash.get(d.sha256, -1))
+        src = s.get(ImageRow, plan.by_hash.get(d.sha256, -1))
         if src is None:
             return False
         if old is not None:

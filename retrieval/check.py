@@ -1,4 +1,11 @@
-"""``retrieve check``: is the index consistent with itself and with the files? ``--repair`` restores it."""
+"""``retrieve check``: is the index consistent with itself and with the files? ``--repair`` restores it.
+
+The rows are the truth and the vector file a cache of them (retrieval/vectors.py). A vector file that
+trails the rows — images committed after it was last written, removals not yet applied, a fingerprint
+from before the head was re-fitted — is the normal state after an interrupted run: every open brings
+it up to date in memory and the next ``retrieve index`` writes it. ``check`` reports it and exits 0.
+What does not heal by itself: a damaged vector file, damaged stored embeddings, files gone from disk.
+"""
 from __future__ import annotations
 
 import os
@@ -7,7 +14,10 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from sqlalchemy import delete, func, select
 
-from .store import FAISS_NAME, ImageRow, IndexStore
+from .store import ImageRow, IndexStore
+from .vectors import file_state
+
+PROBLEM_STATES = ("unreadable", "wrong dimension")
 
 
 @dataclass
@@ -15,26 +25,43 @@ class CheckReport:
     index: str
     images: int = 0
     vectors: int = 0  # in the FAISS file on disk
-    faiss_file: str = "ok"  # ok | missing | unreadable | wrong dimension
-    rows_without_vector: list = field(default_factory=list)  # ids
-    vectors_without_row: list = field(default_factory=list)  # ids
+    faiss_file: str = "ok"  # ok | missing | stale | unreadable | wrong dimension
+    rows_without_vector: list = field(default_factory=list)  # ids (committed after the file was written)
+    vectors_without_row: list = field(default_factory=list)  # ids (removed since; HNSW keeps them until a rebuild)
     bad_embeddings: list = field(default_factory=list)  # ids whose stored embedding is damaged
     missing_files: list = field(default_factory=list)  # paths
     repaired: list = field(default_factory=list)  # what --repair did, in words
 
     @property
     def consistent(self) -> bool:
-        return (self.faiss_file == "ok" and not self.rows_without_vector and not self.vectors_without_row
-                and not self.bad_embeddings and not self.missing_files)
+        return self.faiss_file not in PROBLEM_STATES and not self.bad_embeddings and not self.missing_files
+
+    @property
+    def trailing(self) -> bool:
+        """The vector file is behind the rows (healed at the next open, written by the next run)."""
+        return (self.faiss_file == "stale" or (self.faiss_file == "missing" and self.images > 0)
+                or bool(self.rows_without_vector) or bool(self.vectors_without_row))
+
+    def pending(self) -> list[str]:
+        """The self-healing differences, in words."""
+        out = []
+        if self.faiss_file == "stale":
+            out.append("the vector file was made for another head or by an interrupted run: it is rebuilt from "
+                       "the rows when the index is next opened")
+        elif self.faiss_file == "missing" and self.images:
+            out.append("no vector file yet: it is built from the rows when the index is next opened")
+        else:
+            if self.rows_without_vector:
+                out.append(f"{len(self.rows_without_vector)} images committed after the vector file was written")
+            if self.vectors_without_row:
+                out.append(f"{len(self.vectors_without_row)} removed images still in the vector file "
+                           "(never returned by a search)")
+        return out
 
     def problems(self) -> list[str]:
         out = []
-        if self.faiss_file != "ok":
+        if self.faiss_file in PROBLEM_STATES:
             out.append(f"vector file {self.faiss_file}")
-        if self.rows_without_vector:
-            out.append(f"{len(self.rows_without_vector)} images have no vector in the FAISS file")
-        if self.vectors_without_row:
-            out.append(f"{len(self.vectors_without_row)} vectors in the FAISS file have no image row")
         if self.bad_embeddings:
             out.append(f"{len(self.bad_embeddings)} stored embeddings are damaged")
         out += [f"missing file: {p}" for p in self.missing_files]
@@ -43,6 +70,8 @@ class CheckReport:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["consistent"] = self.consistent
+        d["trailing"] = self.trailing
+        d["pending"] = self.pending()
         d["problems"] = self.problems()
         return d
 
@@ -60,21 +89,12 @@ def check_index(directory: str | os.PathLike) -> CheckReport:
         ids = np.array([r[0] for r in rows], np.int64)
         rep.bad_embeddings = [int(r[0]) for r in rows if r[2] != st.dim * 4]
         rep.missing_files = [r[1] for r in rows if not os.path.isfile(r[1])]
-        path = store.directory / FAISS_NAME
-        have = np.zeros(0, np.int64)
-        if not path.exists():
-            rep.faiss_file = "missing" if rows else "ok"
-        else:
-            try:
-                index = faiss.read_index(str(path))
-                if index.d != store.vector_dim:
-                    rep.faiss_file = "wrong dimension"
-                else:
-                    rep.vectors = index.ntotal
-                    have = faiss.vector_to_array(index.id_map) if index.ntotal else have
-            except RuntimeError:
-                rep.faiss_file = "unreadable"
-        if rep.faiss_file == "ok":
+        state, index, _ = file_state(store)
+        rep.faiss_file = state
+        if index is not None:
+            rep.vectors = index.ntotal
+        if state == "ok":
+            have = faiss.vector_to_array(index.id_map) if index.ntotal else np.zeros(0, np.int64)
             rep.rows_without_vector = np.setdiff1d(ids, have).tolist()
             rep.vectors_without_row = np.setdiff1d(have, ids).tolist()
         return rep
@@ -104,7 +124,7 @@ def repair_index(directory: str | os.PathLike, reembed=None) -> CheckReport:
                 for p in drop:
                     s.execute(delete(ImageRow).where(ImageRow.path == p))
             rep.repaired.append(f"dropped {len(drop)} images whose files are gone or unreadable")
-        if not rep.consistent or drop:
+        if not rep.consistent or rep.trailing or drop:
             store.rebuild_faiss()
             store.update_mean()
             store.save_faiss()

@@ -81,7 +81,9 @@ class Searcher:
         self.store = store
         self.backbone = backbone
         self.metric = store.settings.metric
+        self._metric = store.metric
         self.index = store.faiss_index()
+        self._selector = _Excluding(store.removed_ids())  # removed rows an HNSW graph still holds
         self.rerank = _tune(self.index)
         self.verifier = verifier
         import faiss
@@ -96,6 +98,7 @@ class Searcher:
                                 f"meant for up to {DBA_MAX:,} images (this index has {self.index.ntotal:,})")
         if dba > 0 and self.index.ntotal:
             self.index, self.rerank, self.hnsw = self._augmented(dba), False, None
+            self._selector = _Excluding(np.zeros(0, np.int64))
 
     def _augmented(self, n: int):
         """An exact in-memory index over the DBA vectors (see ``__init__``), same ids as the stored ones."""
@@ -103,14 +106,11 @@ class Searcher:
 
         ids, vecs = zip(*self.store.iter_vectors())
         ids, x = np.concatenate(ids), self.store.transform(np.concatenate(vecs))
-        metric = faiss.METRIC_INNER_PRODUCT if self.metric == "cosine" else faiss.METRIC_L2
-        flat = faiss.IndexFlat(x.shape[1], metric)
+        flat = faiss.IndexFlat(x.shape[1], self._metric.faiss)
         flat.add(x)
         _, nb = flat.search(x, min(n + 1, len(x)))  # each vector's neighbours, itself among them (never -1)
-        xa = x[nb].mean(1)
-        if self.metric == "cosine":
-            xa /= np.maximum(np.linalg.norm(xa, axis=1, keepdims=True), 1e-12)
-        out = faiss.IndexIDMap2(faiss.IndexFlat(x.shape[1], metric))
+        xa = self._metric.normalise(x[nb].mean(1))
+        out = faiss.IndexIDMap2(faiss.IndexFlat(x.shape[1], self._metric.faiss))
         out.add_with_ids(np.ascontiguousarray(xa, np.float32), ids)
         return out
 
@@ -136,9 +136,7 @@ class Searcher:
         return self.store.transform(np.stack([np.frombuffer(rows[i].vector, np.float32) for i in ids]))
 
     def _expanded(self, q: np.ndarray, top: list[Hit], k: int, exclude: set[int], min_score) -> list[Hit]:
-        qx = np.vstack([q[None], self._vectors([h.id for h in top])]).mean(0, keepdims=True)
-        if self.metric == "cosine":
-            qx /= max(float(np.linalg.norm(qx)), 1e-12)
+        qx = self._metric.normalise(np.vstack([q[None], self._vectors([h.id for h in top])]).mean(0, keepdims=True))
         return self._rescored(q, self._search(qx.astype(np.float32), k, [exclude], None)[0], min_score)
 
     def _rescored(self, q: np.ndarray, new: list[Hit], min_score) -> list[Hit]:
@@ -148,25 +146,23 @@ class Searcher:
         v = self._vectors([h.id for h in new])
         out = []
         for h, vec in zip(new, v):  # the score stays the similarity to the query itself
-            if self.metric == "cosine":
-                h.score = float(vec @ q)
-            else:
-                h.distance = float(((vec - q) ** 2).sum())
-                h.score = -h.distance
+            h.score, h.distance = self._metric.score(self._metric.raw(vec, q))
             if min_score is None or h.score >= min_score:
                 h.rank = len(out) + 1
                 out.append(h)
         return out
 
     def _search(self, q: np.ndarray, k: int, exclude: Sequence[set[int]], min_score) -> list[list[Hit]]:
-        n = self.index.ntotal
-        if n == 0 or k <= 0:
+        n = self.index.ntotal - len(self._selector)
+        if n <= 0 or k <= 0:
             return [[] for _ in range(len(q))]
         extra = max((len(e) for e in exclude), default=0)
         kk = min(n, (k + extra) * (RERANK_FACTOR if self.rerank else 1))
+        ef = max(HNSW_EF_SEARCH, kk)  # the beam must hold at least the k asked for
         if self.hnsw is not None:
-            self.hnsw.efSearch = max(HNSW_EF_SEARCH, kk)  # the beam must hold at least the k asked for
-        scores, ids = self.index.search(q, kk)
+            self.hnsw.efSearch = ef
+        params = self._selector.params(ef if self.hnsw is not None else None)
+        scores, ids = self.index.search(q, kk, params=params) if params is not None else self.index.search(q, kk)
         rows = self.store.rows_by_ids({int(i) for i in ids.ravel() if i >= 0})
         if self.rerank:
             scores, ids = self._exact_scores(q, ids, rows)
@@ -177,11 +173,8 @@ class Searcher:
                 i = int(i)
                 if i < 0 or i in exclude[qi] or i not in rows:
                     continue
-                s = float(s)
-                if self.metric == "cosine":
-                    hit = Hit(len(hits) + 1, i, rows[i].path, s)
-                else:
-                    hit = Hit(len(hits) + 1, i, rows[i].path, -s, distance=s)
+                score, distance = self._metric.score(s)
+                hit = Hit(len(hits) + 1, i, rows[i].path, score, distance=distance)
                 if min_score is not None and hit.score < min_score:
                     break  # results are sorted: the rest score lower
                 hits.append(hit)
@@ -246,18 +239,46 @@ class Searcher:
 
     def _exact_scores(self, q: np.ndarray, ids: np.ndarray, rows: dict) -> tuple[np.ndarray, np.ndarray]:
         """Re-score candidates with the exact stored vectors and sort them again (best first)."""
-        out_s = np.full(ids.shape, -np.inf if self.metric == "cosine" else np.inf, np.float32)
+        out_s = np.full(ids.shape, self._metric.worst, np.float32)
         for qi in range(len(q)):
             cand = [int(i) for i in ids[qi] if i >= 0 and int(i) in rows]
             if not cand:
                 continue
             v = self.store.transform(np.stack([np.frombuffer(rows[i].vector, np.float32) for i in cand]))
-            s = v @ q[qi] if self.metric == "cosine" else ((v - q[qi]) ** 2).sum(1)
-            order = np.argsort(-s if self.metric == "cosine" else s, kind="stable")
+            s = self._metric.raw(v, q[qi])
+            order = self._metric.best_first(s)
             ids[qi, : len(cand)] = np.asarray(cand)[order]
             ids[qi, len(cand):] = -1
             out_s[qi, : len(cand)] = s[order]
         return out_s, ids
+
+
+class _Excluding:
+    """Search parameters that keep removed ids out of the results (an HNSW graph keeps them until rebuilt)."""
+
+    def __init__(self, ids: np.ndarray):
+        self.ids = np.ascontiguousarray(ids, np.int64)
+        self._batch = self._not = None
+        if len(self.ids):
+            import faiss
+
+            self._batch = faiss.IDSelectorBatch(self.ids)  # kept referenced: FAISS holds raw pointers
+            self._not = faiss.IDSelectorNot(self._batch)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def params(self, ef_search: int | None):
+        if self._not is None:
+            return None
+        import faiss
+
+        p = faiss.SearchParametersHNSW() if ef_search is not None else faiss.SearchParameters()
+        if ef_search is not None:
+            p.efSearch = ef_search
+        p.sel = self._not
+        self._params = p
+        return p
 
 
 def _tune(index) -> bool:

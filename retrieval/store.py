@@ -1,124 +1,50 @@
 """The index on disk: SQLite rows (through SQLAlchemy) and a FAISS file, the row id being the FAISS id.
 
 SQLite is the source of truth: each image row keeps its raw pooled embedding, so the FAISS file is a
-derived cache. It is written to a temporary file and renamed into place, and on every open it is
-reconciled with the rows (ids missing from FAISS are added, ids without a row are removed). An
-interrupted run therefore never leaves an index that disagrees with itself, and a damaged FAISS file
-is rebuilt rather than lost. One writer at a time holds ``DIR/lock``; readers need no lock (SQLite WAL).
+derived cache (retrieval/vectors.py: reconciled with the rows on every open, fingerprinted, written
+atomically). An interrupted run therefore never leaves an index that disagrees with itself, and a
+damaged FAISS file is rebuilt rather than lost. A new index's database is created complete (tables and
+settings) under a temporary name and renamed into place, so a killed creation leaves no half-made index.
+One writer at a time holds ``DIR/lock`` (retrieval/lock.py); readers need no lock (SQLite WAL).
+
+:class:`IndexStore` is the facade the rest of retrieve uses; the pieces live in ``schema`` (tables,
+settings), ``presets``, ``lock``, ``metric`` and ``vectors`` and are re-exported here.
 """
 from __future__ import annotations
 
-import errno
+import hashlib
 import json
 import os
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
-from sqlalchemy import Float, Integer, LargeBinary, String, create_engine, delete, event, func, select
+from sqlalchemy import create_engine, delete, event, func, inspect, select
 from sqlalchemy.exc import DatabaseError, OperationalError
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from sqlalchemy.orm import Session
 
-from .errors import IndexError_, IndexLocked, SettingsMismatch
+from .errors import IndexError_, SettingsMismatch
+from .lock import LOCK_NAME, WriterLock
+from .metric import Metric, metric as metric_named
+from .presets import PRESETS
+from .schema import (DB_NAME, SCHEMA_VERSION, ArrayRow, Base, ImageRow, IndexSettings, SettingRow,
+                     SkippedRow)
+from .vectors import (FAISS_NAME, HNSW_EF_CONSTRUCTION, INDEX_TYPES, IVF_MAX_LISTS, IVF_MIN_LISTS,
+                      IVF_MIN_TRAIN_PER_LIST, IVF_TRAIN_PER_LIST, META_NAME, Vectors, _nlist, clean_temporaries,
+                      factory_for, trainable_factory)
 
-SCHEMA_VERSION = 2  # 2: the `arrays` table (linear head)
-DB_NAME = "index.db"
-FAISS_NAME = "vectors.faiss"
-LOCK_NAME = "lock"
+__all__ = ["ArrayRow", "Base", "DB_NAME", "FAISS_NAME", "HNSW_EF_CONSTRUCTION", "INDEX_TYPES", "IVF_MAX_LISTS",
+           "IVF_MIN_LISTS", "IVF_MIN_TRAIN_PER_LIST", "IVF_TRAIN_PER_LIST", "ImageRow", "IncompleteIndex",
+           "IndexSettings", "IndexStore", "LOCK_NAME", "META_NAME", "Metric", "PRESETS", "SCHEMA_VERSION",
+           "SettingRow", "SkippedRow", "WriterLock", "_nlist", "default_explain", "default_index_dir",
+           "factory_for", "trainable_factory"]
 
-INDEX_TYPES = {
-    "flat": "Flat",
-    "hnsw": "HNSW32",
-    "ivfpq": "IVF{nlist},PQ{m}",
-}
-HNSW_EF_CONSTRUCTION = 200  # FAISS's default 40 gives recall@10 0.82 at 1 M vectors; 200 gives 0.998 (bench/results)
-IVF_MIN_TRAIN_PER_LIST = 39  # FAISS warns below this many training points per centroid
-IVF_MIN_LISTS = 16  # below this many lists (about 600 vectors) exact search is as fast: no IVF yet
-IVF_MAX_LISTS = 1024  # k-means cost grows with lists × training points; 1024 keeps 1 M vectors trainable on a laptop
-IVF_TRAIN_PER_LIST = 64  # training sample: this many vectors per list (FAISS wants at least 39)
-
-
-class Base(DeclarativeBase):
-    pass
+DB_TEMPORARY_GLOB = f".{DB_NAME}.*.tmp*"
 
 
-class SettingRow(Base):
-    __tablename__ = "settings"
-    key: Mapped[str] = mapped_column(String, primary_key=True)
-    value: Mapped[str] = mapped_column(String)
-
-
-class ImageRow(Base):
-    """One indexed image. ``id`` is its FAISS id; ids are never reused (AUTOINCREMENT)."""
-
-    __tablename__ = "images"
-    __table_args__ = {"sqlite_autoincrement": True}
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    path: Mapped[str] = mapped_column(String, unique=True, index=True)
-    size: Mapped[int] = mapped_column(Integer)
-    mtime_ns: Mapped[int] = mapped_column(Integer)
-    sha256: Mapped[str] = mapped_column(String(64), index=True)
-    width: Mapped[int] = mapped_column(Integer)
-    height: Mapped[int] = mapped_column(Integer)
-    vector: Mapped[bytes] = mapped_column(LargeBinary)  # raw pooled embedding, float32
-    indexed_at: Mapped[float] = mapped_column(Float)
-
-
-class ArrayRow(Base):
-    """Named float64 arrays fitted on the collection (the linear head)."""
-
-    __tablename__ = "arrays"
-    name: Mapped[str] = mapped_column(String, primary_key=True)
-    shape: Mapped[str] = mapped_column(String)
-    data: Mapped[bytes] = mapped_column(LargeBinary)
-
-
-class SkippedRow(Base):
-    """A file that could not be decoded; not retried until its size or mtime changes."""
-
-    __tablename__ = "skipped"
-    path: Mapped[str] = mapped_column(String, primary_key=True)
-    size: Mapped[int] = mapped_column(Integer)
-    mtime_ns: Mapped[int] = mapped_column(Integer)
-    reason: Mapped[str] = mapped_column(String)
-
-
-@dataclass
-class IndexSettings:
-    """Fixed by the first run and recorded in the database, so search and explain use what indexing used."""
-
-    model: str
-    weights_id: str
-    weights_source: str
-    preprocess: dict
-    metric: str  # "cosine" | "l2"
-    dim: int
-    index_type: str  # "flat" | "hnsw" | "ivfpq" | "custom"
-    faiss_factory: str
-    schema_version: int = SCHEMA_VERSION
-    created_at: float = field(default_factory=time.time)
-    explain: dict = field(default_factory=dict)  # how explanations are made; see default_explain()
-    head: dict = field(default_factory=dict)  # linear head config ({} = none); see retrieval/head.py
-    pooling: str = "gap"  # feature map → embedding; see retrieval/pooling.py
-    search: dict = field(default_factory=dict)  # search defaults of this index, e.g. {"verify": 60}; see PRESETS
-
-    def __post_init__(self) -> None:
-        if self.metric not in ("cosine", "l2"):
-            raise IndexError_(f"unknown metric {self.metric!r} (cosine or l2)")
-
-
-PRESETS = {
-    # What a new index is built for; every value can be overridden by its own option. Chosen by measurement
-    # (bench/results/quality.md): "general" is the best of the cheap settings on faces and categories;
-    # "instance" finds the same object photographed elsewhere (R@1 0.14 → 0.88 on the instance set) for
-    # about 6.5x the indexing time (448 px input, SIFT keypoints extracted while indexing) and 0.4 s of
-    # geometric verification per query; on faces and categories it costs a little R@1 (Caltech 0.86 → 0.84).
-    "general": {"input_size": None, "resize": "squash", "pooling": "gap", "head": None, "search": {}},
-    "instance": {"input_size": 448, "resize": "long", "pooling": "gem", "head": "pca-whiten:128",
-                 "search": {"verify": 60}},
-}
+class IncompleteIndex(IndexError_):
+    """The directory holds an empty database without settings (a creation was interrupted): no index yet."""
 
 
 def default_explain(input_size: int) -> dict:
@@ -137,54 +63,15 @@ def default_index_dir() -> Path:
     return Path(base) / "retrieve"
 
 
-def trainable_factory(factory: str, n: int) -> str:
-    """``factory``, or ``"Flat"`` (exact search) while an IVF type has too few vectors to train its quantiser."""
-    nlist = _nlist(factory)
-    if factory.startswith("IVF") and (n < IVF_MIN_TRAIN_PER_LIST * nlist or nlist < IVF_MIN_LISTS):
-        return "Flat"
-    return factory
-
-
-def factory_for(index_type: str, dim: int, n: int) -> str:
-    """The FAISS factory string (inside IDMap2) for an index type and the current collection size."""
-    if index_type not in INDEX_TYPES:
-        return index_type  # a user-given factory string
-    if index_type == "ivfpq":
-        nlist = max(1, min(IVF_MAX_LISTS, int(4 * np.sqrt(max(n, 1))), n // IVF_MIN_TRAIN_PER_LIST))
-        m = next((m for m in (64, 32, 16, 8, 4, 2) if dim % m == 0 and dim // m >= 8), 1)
-        return INDEX_TYPES[index_type].format(nlist=nlist, m=m)
-    return INDEX_TYPES[index_type]
-
-
-class WriterLock:
-    """An exclusive, non-blocking advisory lock on ``DIR/lock`` naming its holder (released on exit or crash)."""
-
-    def __init__(self, directory: Path):
-        self.path = directory / LOCK_NAME
-        self.fd: int | None = None
-
-    def acquire(self, what: str) -> None:
-        import fcntl
-
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            if e.errno not in (errno.EAGAIN, errno.EACCES):
-                os.close(fd)
-                raise
-            holder = os.pread(fd, 400, 0).decode("utf-8", "replace").strip() or "another process"
-            os.close(fd)
-            raise IndexLocked(f"index {self.path.parent} is being written by {holder}; wait for it to finish") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} ({what}, since {time.strftime('%Y-%m-%d %H:%M:%S')})".encode(), 0)
-        self.fd = fd
-
-    def release(self) -> None:
-        if self.fd is not None:
-            os.ftruncate(self.fd, 0)
-            os.close(self.fd)  # closing drops the flock
-            self.fd = None
+def index_path(directory: str | os.PathLike) -> Path:
+    """``directory`` made absolute; a path that is a file, not a directory, is a one-line error."""
+    p = Path(directory).expanduser()
+    if p.exists() and not p.is_dir():
+        if p.name in (DB_NAME, FAISS_NAME, META_NAME, LOCK_NAME) and (p.parent / DB_NAME).is_file():
+            raise IndexError_(f"{p} is a file of an index; give the index directory itself: --index {p.parent}")
+        raise IndexError_(f"{p} is a file, not an index directory; give --index a directory "
+                          "(`retrieve index PHOTOS --index DIR` creates it)")
+    return p.resolve()
 
 
 class IndexStore:
@@ -198,8 +85,9 @@ class IndexStore:
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self._settings: IndexSettings | None = None
-        self._faiss = None
+        self._vectors = Vectors(self)
         self._lock: WriterLock | None = None
+        self._created: list[Path] = []  # directories this store created (removed again by discard())
 
     # -- opening ------------------------------------------------------------------------------
     @classmethod
@@ -208,17 +96,18 @@ class IndexStore:
 
     @classmethod
     def open(cls, directory: str | os.PathLike, *, writable: bool = False, what: str = "retrieve") -> "IndexStore":
-        directory = Path(directory).expanduser().resolve()
+        directory = index_path(directory)
         if not cls.exists(directory):
-            raise IndexError_(f"no index at {directory} (create one with `retrieve index PATH --index {directory}`)")
+            raise IndexError_(f"no index at {directory} (create one with `retrieve index PHOTOS --index {directory}`)")
         store = cls(directory, writable=writable)
-        if writable:
-            store._take_lock(what)
         try:
+            if writable:
+                store._take_lock(what)
+                store._clean_temporaries()
             store.settings  # reads and validates
             if writable and store.settings.schema_version < SCHEMA_VERSION:
                 store._upgrade()
-        except Exception:
+        except BaseException:
             store.close()
             raise
         return store
@@ -233,26 +122,73 @@ class IndexStore:
 
     @classmethod
     def create(cls, directory: str | os.PathLike, settings: IndexSettings, what: str = "retrieve") -> "IndexStore":
-        directory = Path(directory).expanduser().resolve()
+        """A new index (or the existing one, opened for writing, when ``directory`` already holds one).
+
+        The database is built complete — tables and settings — under a temporary name and renamed into
+        place: a kill at any moment leaves either no index or a whole one. An empty database without
+        settings (left by an interrupted creation of an older retrieve) is replaced.
+        """
+        directory = index_path(directory)
+        created = []
+        for d in reversed([directory, *directory.parents]):
+            if not d.exists():
+                created.append(d)
         try:
             directory.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise IndexError_(f"{directory}: cannot create the index directory ({e.strerror})") from None
         store = cls(directory, writable=True)
-        store._take_lock(what)
+        store._created = created
         try:
-            if cls.exists(directory) and store._read_settings_or_none() is not None:
-                store.close()
-                return cls.open(directory, writable=True, what=what)
-            Base.metadata.create_all(store.engine)
-            with Session(store.engine) as s, s.begin():
-                for k, v in asdict(settings).items():
-                    s.merge(SettingRow(key=k, value=json.dumps(v)))
+            store._take_lock(what)
+            store._clean_temporaries()
+            if cls.exists(directory):
+                if store._read_settings_or_none() is not None:
+                    store.close()
+                    return cls.open(directory, writable=True, what=what)
+                if not store._is_empty_shell():
+                    raise IndexError_(f"{directory / DB_NAME}: a database without index settings (not made by "
+                                      "retrieve?); use another --index directory")
+                store.engine.dispose()
+                for name in (DB_NAME, f"{DB_NAME}-wal", f"{DB_NAME}-shm", f"{DB_NAME}-journal"):
+                    (directory / name).unlink(missing_ok=True)
+            store._create_database(settings)
         except (OperationalError, DatabaseError) as e:
-            store.close()
+            store._abandon()
             raise IndexError_(f"{directory}: cannot write the index database ({_short(e)})") from None
+        except BaseException:
+            store._abandon()
+            raise
         store._settings = settings
         return store
+
+    def _create_database(self, settings: IndexSettings) -> None:
+        final = self.directory / DB_NAME
+        tmp = self.directory / f".{DB_NAME}.{os.getpid()}.tmp"
+        tmp.unlink(missing_ok=True)
+        engine = create_engine(f"sqlite:///{tmp}")  # rollback journal: one file, complete once committed
+        try:
+            Base.metadata.create_all(engine)
+            with Session(engine) as s, s.begin():
+                for k, v in asdict(settings).items():
+                    s.add(SettingRow(key=k, value=json.dumps(v)))
+        finally:
+            engine.dispose()
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+        _fsync_dir(self.directory)
+
+    def _is_empty_shell(self) -> bool:
+        """No settings and no image rows: what an interrupted creation leaves."""
+        try:
+            insp = inspect(self.engine)
+            if "images" not in insp.get_table_names():
+                return True
+            with Session(self.engine) as s:
+                return not s.scalar(select(func.count()).select_from(ImageRow))
+        except (OperationalError, DatabaseError):
+            return False
 
     def _take_lock(self, what: str) -> None:
         self._lock = WriterLock(self.directory)
@@ -261,6 +197,39 @@ class IndexStore:
         except PermissionError:
             self._lock = None
             raise IndexError_(f"{self.directory}: index directory is not writable") from None
+        except BaseException:
+            self._lock = None
+            raise
+
+    def _clean_temporaries(self) -> None:
+        """Temporary files left by a killed writer go (we hold the lock: no other writer is making one)."""
+        clean_temporaries(self.directory, (DB_TEMPORARY_GLOB,))
+
+    def _abandon(self) -> None:
+        """A creation that failed: close, and remove the directories it made if they are empty."""
+        created = self._created
+        if self._lock and (created or not self.exists(self.directory)):  # no index here: leave no lock file
+            (self.directory / LOCK_NAME).unlink(missing_ok=True)
+        self.close()
+        for d in reversed(created):
+            try:
+                d.rmdir()
+            except OSError:
+                break
+
+    def discard(self) -> None:
+        """Remove the index this store created (nothing in it worth keeping), and the folders it made."""
+        self.engine.dispose()
+        for name in (DB_NAME, f"{DB_NAME}-wal", f"{DB_NAME}-shm", f"{DB_NAME}-journal", FAISS_NAME, META_NAME):
+            (self.directory / name).unlink(missing_ok=True)
+        self._created = self._created or []
+        (self.directory / LOCK_NAME).unlink(missing_ok=True)  # while still holding it
+        self.close()
+        for d in reversed(self._created):
+            try:
+                d.rmdir()
+            except OSError:
+                break
 
     def close(self) -> None:
         self.engine.dispose()
@@ -293,6 +262,9 @@ class IndexStore:
         if self._settings is None:
             raw = self._read_settings_or_none()
             if raw is None:
+                if self._is_empty_shell():
+                    raise IncompleteIndex(f"no index at {self.directory}: its creation was interrupted (create it "
+                                          f"with `retrieve index PHOTOS --index {self.directory}`)")
                 raise IndexError_(f"{self.directory}: the index has no settings (incomplete or foreign database)")
             version = raw.get("schema_version", 0)
             if version > SCHEMA_VERSION:
@@ -304,6 +276,10 @@ class IndexStore:
             except TypeError as e:
                 raise IndexError_(f"{self.directory}: index settings are incomplete ({e})") from None
         return self._settings
+
+    @property
+    def metric(self) -> Metric:
+        return metric_named(self.settings.metric)
 
     def get_value(self, key: str, default=None):
         with Session(self.engine) as s:
@@ -344,6 +320,10 @@ class IndexStore:
         with Session(self.engine) as s:
             return s.scalar(select(func.count()).select_from(ImageRow)) or 0
 
+    def row_ids(self) -> np.ndarray:
+        with Session(self.engine) as s:
+            return np.fromiter(s.execute(select(ImageRow.id)).scalars(), np.int64)
+
     def rows_by_ids(self, ids: Iterable[int]) -> dict[int, ImageRow]:
         ids = [int(i) for i in ids]
         out: dict[int, ImageRow] = {}
@@ -372,6 +352,26 @@ class IndexStore:
                 last = int(ids[-1])
                 yield ids, vecs
 
+    def vectors_of(self, ids: Sequence[int], chunk: int = 1000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(ids, raw vectors) of the rows with these ids, in chunks."""
+        ids = [int(i) for i in ids]
+        with Session(self.engine) as s:
+            for part in _chunks(ids, chunk):
+                rows = s.execute(select(ImageRow.id, ImageRow.vector).where(ImageRow.id.in_(part))).all()
+                if rows:
+                    yield (np.array([r[0] for r in rows], np.int64),
+                           np.frombuffer(b"".join(r[1] for r in rows), np.float32).reshape(len(rows), -1))
+
+    def training_sample(self, m: int) -> np.ndarray:
+        """At most ``m`` stored embeddings drawn at random (all of them when there are fewer)."""
+        with Session(self.engine) as s:
+            rows = s.execute(select(ImageRow.vector).order_by(func.random()).limit(m)).scalars().all()
+        if not rows:
+            return np.zeros((0, self.settings.dim), np.float32)
+        return np.frombuffer(b"".join(rows), np.float32).reshape(len(rows), self.settings.dim)
+
+    _training_sample = training_sample
+
     def update_mean(self) -> np.ndarray:
         total = np.zeros(self.settings.dim, np.float64)
         n = 0
@@ -397,6 +397,16 @@ class IndexStore:
                                             int(self.get_value("head_fitted_on", 0)))
         return self._head
 
+    @property
+    def head_id(self) -> str:
+        """The fitted head's identity (a hash of its arrays), ``none`` without one."""
+        h = self.head
+        if h is None:
+            return "none"
+        d = hashlib.sha256(np.ascontiguousarray(h.mean, np.float64).tobytes())
+        d.update(np.ascontiguousarray(h.proj, np.float64).tobytes())
+        return d.hexdigest()[:16]
+
     def _arrays(self, names: list[str]) -> dict[str, np.ndarray]:
         out = {}
         try:
@@ -408,7 +418,10 @@ class IndexStore:
         return out
 
     def fit_head(self) -> bool:
-        """(Re)fit the configured head on the stored embeddings; the FAISS index must then be rebuilt."""
+        """(Re)fit the configured head on the stored embeddings; the FAISS index must then be rebuilt.
+
+        The vector file's fingerprint names the head it was built with, so a run killed between this
+        commit and the rebuild leaves a file that the next open rebuilds rather than searches."""
         from .head import fit_head
 
         if not self.settings.head:
@@ -439,166 +452,62 @@ class IndexStore:
         """The dimension of the vectors FAISS holds (the head's output, else the backbone's)."""
         return self.head.dim if self.head is not None else self.settings.dim
 
-    # -- vectors (FAISS) ------------------------------------------------------------------------
+    def space(self) -> dict:
+        """What the vectors FAISS holds depend on: the head, the metric and the dimension."""
+        return {"head": self.head_id, "metric": self.settings.metric, "dim": self.vector_dim}
+
+    # -- vectors (FAISS; see retrieval/vectors.py) -----------------------------------------------
     def transform(self, vecs: np.ndarray) -> np.ndarray:
         """Raw pooled embeddings → the vectors FAISS holds (through the head; L2-normalised for cosine)."""
         x = np.ascontiguousarray(vecs, dtype=np.float32)
         if self.head is not None:
             x = self.head.apply(x)
-        if self.settings.metric == "cosine":
-            x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-        return x
+        return self.metric.normalise(x)
+
+    def factory(self, n: int) -> str:
+        """The FAISS factory string this index wants at ``n`` vectors (before the training fallback)."""
+        st = self.settings
+        return factory_for(st.index_type, self.vector_dim, n) if st.index_type in INDEX_TYPES else st.faiss_factory
+
+    _factory = factory
 
     def faiss_index(self):
         """The FAISS index reconciled with the rows (loaded once per store)."""
-        if self._faiss is None:
-            self._faiss = self._load_faiss()
-        return self._faiss
+        return self._vectors.get()
 
-    def _new_faiss(self, n: int):
-        import faiss
-
-        st = self.settings
-        metric = faiss.METRIC_INNER_PRODUCT if st.metric == "cosine" else faiss.METRIC_L2
-        inner = faiss.index_factory(self.vector_dim, trainable_factory(self._factory(n), n), metric)
-        if hasattr(inner, "hnsw"):
-            inner.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
-        return faiss.IndexIDMap2(inner)
-
-    def _load_faiss(self):
-        import faiss
-
-        path = self.directory / FAISS_NAME
-        index = None
-        if path.exists():
-            try:
-                index = faiss.read_index(str(path))
-                if index.d != self.vector_dim or not isinstance(index, faiss.IndexIDMap2):
-                    index = None
-            except RuntimeError:
-                index = None  # damaged: rebuilt from the rows below
-        if index is None:
-            return self.rebuild_faiss()
-        return self._reconcile(index)
-
-    def _reconcile(self, index):
-        """Make ``index`` hold exactly the rows' ids; returns the index to use (rebuilt if it cannot remove)."""
-        import faiss
-
-        have = faiss.vector_to_array(index.id_map) if index.ntotal else np.zeros(0, np.int64)
-        with Session(self.engine) as s:
-            want = np.fromiter(s.execute(select(ImageRow.id)).scalars(), np.int64)
-        extra = np.setdiff1d(have, want, assume_unique=True)
-        missing = np.setdiff1d(want, have, assume_unique=True)
-        if len(extra) and not self._remove_ids(index, extra):
-            return self.rebuild_faiss()
-        if len(missing):
-            self._add_ids(index, missing)
-        return index
-
-    def _remove_ids(self, index, ids: np.ndarray) -> bool:
-        """Remove ids in place; False when the index type cannot (HNSW), in which case the caller rebuilds."""
-        import faiss
-
-        try:
-            index.remove_ids(faiss.IDSelectorBatch(np.ascontiguousarray(ids, np.int64)))
-            return True
-        except RuntimeError:
-            return False
-
-    def _add_ids(self, index, ids: np.ndarray) -> None:
-        with Session(self.engine) as s:
-            for chunk in _chunks([int(i) for i in ids], 1000):
-                rows = s.execute(select(ImageRow.id, ImageRow.vector).where(ImageRow.id.in_(chunk))).all()
-                self.add_vectors(index, np.array([r[0] for r in rows], np.int64),
-                                 np.frombuffer(b"".join(r[1] for r in rows), np.float32).reshape(len(rows), -1))
+    def removed_ids(self) -> np.ndarray:
+        """Ids still in the FAISS index whose rows are gone (an HNSW graph between rebuilds): never results."""
+        self._vectors.get()
+        return self._vectors.removed
 
     def add_vectors(self, index, ids: np.ndarray, raw: np.ndarray) -> None:
         if len(ids):
             index.add_with_ids(self.transform(raw), np.ascontiguousarray(ids, np.int64))
 
-    def _add_all(self, index) -> None:
-        for ids, vecs in self.iter_vectors():
-            self.add_vectors(index, ids, vecs)
-
     def rebuild_faiss(self):
-        """A fresh FAISS index from the rows (training IVF types on the stored vectors when enough exist)."""
-        n = self.count()
-        index = self._new_faiss(n)
-        if not index.is_trained:
-            index.train(self.transform(self._training_sample(IVF_TRAIN_PER_LIST * _nlist(self._factory(n)))))
-        self._add_all(index)
-        self._faiss = index
-        return index
-
-    def _training_sample(self, m: int) -> np.ndarray:
-        """At most ``m`` stored embeddings drawn at random (all of them when there are fewer)."""
-        with Session(self.engine) as s:
-            rows = s.execute(select(ImageRow.vector).order_by(func.random()).limit(m)).scalars().all()
-        if not rows:
-            return np.zeros((0, self.settings.dim), np.float32)
-        return np.frombuffer(b"".join(rows), np.float32).reshape(len(rows), self.settings.dim)
+        """A fresh FAISS index from the rows (training types trained on the stored vectors when enough exist)."""
+        return self._vectors.rebuild()
 
     def apply(self, removed: Sequence[int] = (), add_ids: Sequence[int] = (), add_raw: np.ndarray | None = None) -> None:
-        """Mirror a committed change of the rows in FAISS: ``removed`` ids go, ``add_ids`` (raw vectors) come.
+        """Mirror a committed change of the rows in FAISS (see :meth:`retrieval.vectors.Vectors.apply`)."""
+        self._vectors.apply(removed, add_ids, add_raw)
 
-        Call it after the rows' transaction commits, on an index loaded before that commit. An index type
-        that cannot remove (HNSW) is rebuilt from the rows, which already hold the additions.
-        """
-        index = self.faiss_index()
-        if len(removed) and not self._remove_ids(index, np.asarray(removed, np.int64)):
-            self.rebuild_faiss()
-            return
-        if len(add_ids):
-            self.add_vectors(index, np.asarray(add_ids, np.int64), add_raw)
+    def compact(self) -> bool:
+        """One rebuild when too many removed ids are kept in an index that cannot remove them (HNSW)."""
+        return self._vectors.compact()
 
     def needs_retrain(self) -> bool:
-        """True when an IVF index is still exact (untrained) but enough vectors now exist to train it."""
-        st = self.settings
-        if st.index_type != "ivfpq" and not st.faiss_factory.startswith("IVF"):
-            return False
-        import faiss
-
-        inner = faiss.downcast_index(self.faiss_index().index)
-        n = self.count()
-        factory = self._factory(n)
-        if isinstance(inner, faiss.IndexFlat):
-            return trainable_factory(factory, n) != "Flat"
-        want = _nlist(factory)
-        try:  # trained long ago on a much smaller collection: retrain with more lists
-            return faiss.extract_index_ivf(inner).nlist * 4 <= want
-        except RuntimeError:
-            return False
-
-    def _factory(self, n: int) -> str:
-        st = self.settings
-        return factory_for(st.index_type, self.vector_dim, n) if st.index_type in INDEX_TYPES else st.faiss_factory
+        """True when a training index type is still exact (untrained) but enough vectors now exist to train it."""
+        return self._vectors.needs_retrain()
 
     def save_faiss(self) -> None:
-        """Write the FAISS file atomically (temporary file, fsync, rename)."""
-        import faiss
-
-        if self._faiss is None:
-            return
-        path = self.directory / FAISS_NAME
-        tmp = path.with_name(f".{FAISS_NAME}.{os.getpid()}.tmp")
-        try:
-            faiss.write_index(self._faiss, str(tmp))
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except (RuntimeError, OSError) as e:
-            tmp.unlink(missing_ok=True)
-            raise IndexError_(f"{path}: cannot write the vector file ({_short(e)}); the previous one is intact") from None
+        """Write the FAISS file and its fingerprint atomically; record the fingerprint in the database."""
+        meta = self._vectors.save()
+        if meta is not None:
+            self.set_value("vector_file", meta)
 
     def size_on_disk(self) -> int:
         return sum(p.stat().st_size for p in self.directory.iterdir() if p.is_file())
-
-
-def _nlist(factory: str) -> int:
-    head = factory.split(",")[0]
-    digits = "".join(c for c in head[3:] if c.isdigit())
-    return int(digits) if head.startswith("IVF") and digits else 1
 
 
 def _chunks(seq: Sequence, n: int) -> Iterator[Sequence]:
@@ -609,6 +518,19 @@ def _chunks(seq: Sequence, n: int) -> Iterator[Sequence]:
 def _short(e: Exception) -> str:
     msg = str(getattr(e, "orig", None) or e).strip().splitlines()
     return msg[0] if msg else type(e).__name__
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:

@@ -1,0 +1,13 @@
+"""What a new index is built for (``--preset``) and how its explanations are made by default."""
+from __future__ import annotations
+
+PRESETS = {
+    # What a new index is built for; every value can be overridden by its own option. Chosen by measurement
+    # (bench/results/quality.md): "general" is the best of the cheap settings on faces and categories;
+    # "instance" finds the same object photographed elsewhere (R@1 0.14 → 0.88 on the instance set) for
+    # about 6.5x the indexing time (448 px input, SIFT keypoints extracted while indexing) and 0.4 s of
+    # geometric verification per query; on faces and categories it costs a little R@1 (Caltech 0.86 → 0.84).
+    "general": {"input_size": None, "resize": "squash", "pooling": "gap", "head": None, "search": {}},
+    "instance": {"input_size": 448, "resize": "long", "pooling": "gem", "head": "pca-whiten:128",
+                 "search": {"verify": 60}},
+}
