@@ -26,7 +26,7 @@ from sqlalchemy import delete, select, update
 
 from retrieval.backbone import Backbone
 from retrieval.errors import ImageError, RetrieveError
-from retrieval.images import decode_image
+from retrieval.images import decode_image, read_image_bytes
 from retrieval.models import DEFAULT_MODEL, load_backbone
 from retrieval.head import parse_head
 from retrieval.pooling import parse_pooling
@@ -312,9 +312,9 @@ def _run(store: IndexStore, bb: Backbone, files: list[FileEntry], trees: list[st
     def decode(e: FileEntry, allow_reuse: bool = True) -> _Decoded:
         d = _Decoded(e)
         try:
-            data = Path(e.path).read_bytes()
-        except OSError as exc:
-            d.error = "no such file" if isinstance(exc, FileNotFoundError) else f"cannot read: {exc.strerror}"
+            data = read_image_bytes(e.path)  # refused before reading when larger than the limit
+        except ImageError as exc:
+            d.error = exc.reason
             return d
         d.sha256 = hashlib.sha256(data).hexdigest()
         if allow_reuse:
