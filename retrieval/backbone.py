@@ -199,9 +199,6 @@ class Backbone:
         return self._runner(self.preprocess.input_shape).kind
 
     def _runner(self, hw: tuple[int, int]) -> "_Runner":
-        # One graph per input shape (an export takes about a second and is cached on disk): aspect-kept
-        # inputs come in a few shapes, all multiples of the stride. (A single graph with dynamic height and
-        # width does not work: TF "same" padding is traced as constants and gives wrong shapes.)
         with self._lock:
             runner = self._runners.get(hw)
             if runner is None:
@@ -262,36 +259,139 @@ class _JitRunner(_Runner):
 
 
 class _OnnxRunner(_Runner):
-    """ONNX Runtime on the CPU; the exported graph is cached on disk per (weights, input size)."""
+    """ONNX Runtime on the CPU, from a graph exported once and cached on disk (see :func:`onnx_cache_key`).
+
+    One graph with dynamic batch, height and width serves every input shape whose sides have the same
+    remainders mod 32 -- every shape an index uses at the default sizes (squashed squares and aspect-kept
+    sides are multiples of the stride) -- instead of one 13.5 MB graph per shape. Why mod 32: TF "same"
+    padding (EfficientNet-Lite) depends on the parity of the map at each of the five stride-2 layers, which
+    the remainder mod 32 fixes, and the exporter records that padding as constants. (Computing the padding
+    from traced sizes instead made ``ceil`` a constant and the rest dynamic: other shapes were cropped to the
+    exported one.) Each (graph, input shape) is compared once with eager on a random input before it is
+    used, and the verdict cached beside the graph; where a graph does not reproduce eager (a user's model
+    with other shape-dependent code), that shape gets a graph exported at exactly that shape.
+    """
 
     kind = "onnxruntime"
 
-    def __init__(self, bb: Backbone, hw: tuple[int, int]):
+    def __init__(self, bb: Backbone, hw: tuple[int, int], net: nn.Module | None = None, tap: str | None = None):
         import onnxruntime as ort  # optional dependency: ImportError → next path
 
-        path = cache_dir() / "onnx" / f"{_safe(bb.name)}-{bb.weights_id[:16]}-{hw[0]}x{hw[1]}.onnx"
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            import warnings
-
-            with warnings.catch_warnings(), torch.inference_mode():
-                warnings.simplefilter("ignore")
-                torch.onnx.export(
-                    bb.net, (torch.zeros(1, 3, *hw),), str(tmp), dynamo=False, input_names=["x"],
-                    output_names=["fmap"], dynamic_axes={"x": {0: "n"}, "fmap": {0: "n"}}, opset_version=17,
-                )
-            os.replace(tmp, path)
+        net = net if net is not None else bb.net
+        names = ["fmap", "tap"] if tap else ["fmap"]  # tap: features_and_tap, a graph with two outputs
+        tail = f"-tap-{_safe(tap)}" if tap else ""
+        folder = cache_dir() / "onnx"
+        folder.mkdir(parents=True, exist_ok=True)
+        remove_stale_exports(folder)
+        base = f"{_safe(bb.name)}-{bb.weights_id[:16]}-{onnx_cache_key(net)[:16]}"
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = torch.get_num_threads()
         opts.inter_op_num_threads = 1
         opts.log_severity_level = 3
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # leave idle cores to decoding
-        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+        def session(path: Path, dynamic: bool):
+            if not path.exists():
+                _export(net, hw, path, dynamic, names)
+            return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+        self.graph = folder / f"{base}-mod32-{hw[0] % STRIDE}x{hw[1] % STRIDE}{tail}.onnx"
+        self.session = session(self.graph, dynamic=True)
+        verified = self.graph.with_name(f"{self.graph.stem}.ok-{hw[0]}x{hw[1]}")
+        if not verified.exists():
+            if self._matches_eager(net, hw):
+                verified.touch()
+            else:
+                self.graph = folder / f"{base}-{hw[0]}x{hw[1]}{tail}.onnx"
+                self.session = session(self.graph, dynamic=False)
+                if not self._matches_eager(net, hw):
+                    raise RetrieveError(f"the ONNX export of {bb.name} does not reproduce it at {hw[0]}x{hw[1]}")
+
+    def _matches_eager(self, net: nn.Module, hw: tuple[int, int]) -> bool:
+        x = torch.randn(1, 3, *hw, generator=torch.Generator().manual_seed(0))
+        with torch.inference_mode():
+            ref = net(x)
+        got = self(x)
+        pairs = zip(got, ref) if isinstance(ref, tuple) else [(got, ref)]
+        return all(o.shape == r.shape and bool((o - r.float()).abs().max() <= 1e-3 * r.float().abs().max() + 1e-6)
+                   for o, r in pairs)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.session.run(None, {"x": x.detach().cpu().float().contiguous().numpy()})[0]
-        return torch.from_numpy(out)
+        outs = self.session.run(None, {"x": x.detach().cpu().float().contiguous().numpy()})
+        return torch.from_numpy(outs[0]) if len(outs) == 1 else tuple(torch.from_numpy(o) for o in outs)
+
+
+def _export(net: nn.Module, hw: tuple[int, int], path: Path, dynamic: bool, names: list[str]) -> None:
+    """Export ``net`` traced at ``hw`` to ``path``: written to a temporary file named with this process's id,
+    then renamed, so a crash leaves only the temporary file (:func:`remove_stale_exports` removes it)."""
+    import warnings
+
+    dims = {0: "n", 2: "h", 3: "w"} if dynamic else {0: "n"}
+    axes = {"x": dims, **{o: {0: "n", 2: f"{o}_h", 3: f"{o}_w"} if dynamic else {0: "n"} for o in names}}
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    try:
+        with warnings.catch_warnings(), torch.inference_mode():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(net, (torch.zeros(1, 3, *hw),), str(tmp), dynamo=False, input_names=["x"],
+                              output_names=names, dynamic_axes=axes, opset_version=17)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def remove_stale_exports(folder: Path) -> list[Path]:
+    """Delete the temporary export files in ``folder`` whose process is gone (killed or crashed while
+    exporting); those of running processes are left alone. Returns what was removed."""
+    removed = []
+    for f in folder.glob("*.tmp*"):
+        pid = f.name.rpartition(".tmp")[2]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        try:
+            f.unlink()
+            removed.append(f)
+        except OSError:
+            pass
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # it exists, owned by another user
+        return True
+    return True
+
+
+_SOURCE_HASHES: dict[str, str] = {}
+
+
+def onnx_cache_key(net: nn.Module) -> str:
+    """A hash of what an exported graph depends on besides the weights: this retrieve's version, torch's
+    (the exporter's) and the source files of every module class in ``net`` (the network's code)."""
+    import inspect
+
+    from . import __version__
+
+    files = set()
+    for m in net.modules():
+        try:
+            files.add(inspect.getsourcefile(type(m)) or "")
+        except TypeError:  # a built-in class
+            pass
+    h = hashlib.sha256(f"retrieve {__version__}; torch {torch.__version__}".encode())
+    for f in sorted(files - {""}):
+        if f not in _SOURCE_HASHES:
+            try:
+                _SOURCE_HASHES[f] = hashlib.sha256(Path(f).read_bytes()).hexdigest()
+            except OSError:
+                _SOURCE_HASHES[f] = "unreadable"
+        h.update(f"{os.path.basename(f)} {_SOURCE_HASHES[f]}".encode())
+    return h.hexdigest()
 
 
 def _safe(name: str) -> str:

@@ -32,7 +32,10 @@ class Conv2dSame(nn.Conv2d):
     """Conv2d with TensorFlow's "same" padding: output = ceil(input / stride), extra pad bottom/right."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ih, iw = x.shape[-2:]
+        # Python ints even when traced: an exported graph keeps the padding as constants, which are the same for
+        # every input whose sides have the same remainders mod 32 (they fix the parity at each stride-2
+        # layer), so one graph with dynamic height and width serves all of them (backbone._OnnxRunner).
+        ih, iw = int(x.shape[-2]), int(x.shape[-1])
         kh, kw = self.weight.shape[-2:]
         sh, sw = self.stride
         pad_h = max((math.ceil(ih / sh) - 1) * sh + kh - ih, 0)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
 from conftest import skimage_photo
@@ -125,3 +126,38 @@ def test_at_size_shares_the_weights_and_changes_only_the_input(lite0):
     with torch.no_grad():
         ref = big.eager_features(big.preprocess.batch([skimage_photo("coffee")]))
     assert (a - ref).abs().max().item() < 1e-3 * ref.abs().max().item()
+
+
+def test_one_onnx_graph_serves_three_shapes_exactly_and_its_cache_is_kept_clean(tmp_path, monkeypatch):
+    import os
+    import subprocess
+
+    import retrieval
+    from retrieval.backbone import onnx_cache_key
+
+    pytest.importorskip("onnxruntime")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    folder = tmp_path / "retrieve" / "onnx"
+    folder.mkdir(parents=True)
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    (folder / f"old.onnx.tmp{gone.pid}").write_bytes(b"half an export, its process killed")
+    (folder / f"busy.onnx.tmp{os.getpid()}").write_bytes(b"an export in progress")
+    bb = load_backbone("efficientnet_lite0", input_size=448, resize="long")
+    cat = skimage_photo("chelsea")
+    images = [cat, cat.crop((0, 0, 300, 300)), cat.transpose(Image.Transpose.ROTATE_90)]
+    arrays = [bb.preprocess.array(im) for im in images]
+    assert [a.shape[1:] for a in arrays] == [(288, 448), (448, 448), (448, 288)]
+    for a in arrays:
+        x = torch.from_numpy(a)[None]
+        fast = bb.features(x)
+        with torch.no_grad():
+            ref = bb.eager_features(x)
+        assert bb._runner(tuple(x.shape[-2:])).kind == "onnxruntime"
+        assert fast.shape == ref.shape and (fast - ref).abs().max().item() < 1e-3 * ref.abs().max().item()
+    graphs = sorted(p.name for p in folder.glob("*.onnx"))
+    key = onnx_cache_key(bb.net)[:16]
+    assert graphs == [f"efficientnet_lite0-{bb.weights_id[:16]}-{key}-mod32-0x0.onnx"]  # one graph, not three
+    assert not (folder / f"old.onnx.tmp{gone.pid}").exists() and (folder / f"busy.onnx.tmp{os.getpid()}").exists()
+    monkeypatch.setattr(retrieval, "__version__", "99.0")
+    assert onnx_cache_key(bb.net)[:16] != key  # another retrieve exports its own graphs
