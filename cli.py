@@ -77,7 +77,13 @@ def _set_threads(ctx: click.Context) -> None:
 @main.command()
 @json_option
 def models(as_json: bool) -> None:
-    """List the registered backbones and whether their weights are available offline."""
+    """List the registered backbones and whether their weights are available offline.
+
+    \b
+    Examples:
+      retrieve models             # name, embedding size, feature map, offline or not
+      retrieve models --json      # the same as a JSON list
+    """
     from retrieval.models import REGISTRY, weights_location
 
     rows = []
@@ -146,12 +152,22 @@ class _Bar:
 @click.option("--refit", is_flag=True, help="Re-fit the index's linear head on the whole collection now.")
 @click.option("--batch-size", type=click.IntRange(1, 1024), default=32, show_default=True)
 @click.option("--workers", type=click.IntRange(1, 64), default=None, help="Decoding threads [default: up to 4].")
+@click.option("--follow-links", is_flag=True,
+              help="Follow symbolic links that lead out of PATHS (by default they are not: a link to / would index "
+                   "the whole disk). Paths are stored as real paths either way.")
 @trust_option
 @json_option
 @click.pass_context
 def index(ctx, paths, index_dir, model, weights, metric, index_type, faiss_factory, input_size, preset, resize,
-          pooling, head, refit, batch_size, workers, as_json) -> None:
-    """Index the photos under PATHS (recursively); re-runs only embed what changed."""
+          pooling, head, refit, batch_size, workers, follow_links, as_json) -> None:
+    """Index the photos under PATHS (recursively); re-runs only embed what changed.
+
+    \b
+    Examples:
+      retrieve index ~/Pictures                   # into the default index (see --index)
+      retrieve index ~/Pictures --json            # the counts as JSON
+      retrieve index ~/Products --preset instance --index ~/products-index
+    """
     from indexer import index_paths
 
     _set_threads(ctx)
@@ -167,7 +183,8 @@ def index(ctx, paths, index_dir, model, weights, metric, index_type, faiss_facto
     try:
         report = index_paths(paths, _index_dir(index_dir), model=model, weights=weights, metric=metric,
                              index_type=index_type, faiss_factory=faiss_factory, input_size=input_size,
-                             preset=preset, resize=resize, pooling=pooling, head=head, refit=refit, batch_size=batch_size, workers=workers, progress=bar, on_skip=on_skip)
+                             preset=preset, resize=resize, pooling=pooling, head=head, refit=refit, batch_size=batch_size, workers=workers, progress=bar, on_skip=on_skip,
+                             follow_links=follow_links)
     finally:
         bar.close()
     if as_json:
@@ -189,7 +206,13 @@ def index(ctx, paths, index_dir, model, weights, metric, index_type, faiss_facto
 @index_option
 @json_option
 def info(index_dir, as_json) -> None:
-    """Show where the index is, how it was built and what it holds."""
+    """Show where the index is, how it was built and what it holds.
+
+    \b
+    Examples:
+      retrieve info
+      retrieve info --index ~/products-index --json
+    """
     from retrieval.store import IndexStore, SkippedRow
     from sqlalchemy import func, select
 
@@ -346,7 +369,13 @@ def search(ctx, queries, index_dir, k, min_score, include_self, qe, dba, verify,
 @json_option
 @click.pass_context
 def check(ctx, index_dir, repair, as_json) -> None:
-    """Verify that the index agrees with itself and with the files on disk."""
+    """Verify that the index agrees with itself and with the files on disk (exit 1 when it does not).
+
+    \b
+    Examples:
+      retrieve check
+      retrieve check --repair     # re-embed or drop damaged rows, rebuild the vector file
+    """
     from retrieval.check import check_index, repair_index
 
     directory = _index_dir(index_dir)

@@ -40,3 +40,35 @@ def test_unknown_model_is_a_clean_error(tmp_path):
     (tmp_path / "a.png").write_bytes(b"")
     r = run("index", tmp_path, "--index", tmp_path / "idx", "--model", "no_such_net", ok=False)
     assert r.exit_code == 1 and "unknown model 'no_such_net'" in r.stderr
+
+
+def _examples(command: str) -> list[list[str]]:
+    """The example command lines in ``retrieve COMMAND --help`` (through the installed script)."""
+    import shlex
+
+    p = run_process(command, "--help")
+    assert p.returncode == 0 and "Examples:" in p.stdout, p.stdout
+    lines = p.stdout.split("Examples:", 1)[1].split("Options:", 1)[0].splitlines()
+    return [shlex.split(line.split("#")[0])[1:] for line in lines if line.strip().startswith("retrieve ")]
+
+
+def test_help_examples_of_index_info_check_and_models_work_as_printed(tmp_path, photo_dir, monkeypatch):
+    import shutil
+
+    pictures = tmp_path / "Pictures"
+    pictures.mkdir()
+    for n in ("chelsea.jpg", "coffee.png"):
+        shutil.copy(photo_dir / n, pictures / n)
+    where = {"~/Pictures": pictures, "~/Products": pictures, "~/products-index": tmp_path / "products-index"}
+    monkeypatch.setenv("RETRIEVE_INDEX", str(tmp_path / "default-index"))  # "the default index"
+    ran = []
+    for command in ("index", "info", "check", "models"):
+        examples = _examples(command)
+        assert len(examples) >= 2 and all(e[0] == command for e in examples), examples
+        for argv in examples:
+            r = run(*[str(where.get(a, a)) for a in argv])
+            if "--json" in argv:
+                json.loads(r.stdout.splitlines()[-1])
+            ran.append(argv)
+    assert ["index", "~/Products", "--preset", "instance", "--index", "~/products-index"] in ran
+    assert (tmp_path / "default-index").is_dir() and (tmp_path / "products-index").is_dir()

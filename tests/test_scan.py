@@ -122,3 +122,19 @@ def test_search_of_an_empty_folder_names_the_folder(tmp_path):
     r = run("search", tmp_path / "empty", "--index", tmp_path / "idx", ok=False)
     assert r.exit_code == 1
     assert r.stderr.strip().splitlines() == [f"Error: no images in {tmp_path / 'empty'}"]
+
+
+def test_index_follows_links_out_of_the_folder_only_with_follow_links(tmp_path, photo_dir):
+    tree, outside = tmp_path / "tree", tmp_path / "outside"
+    tree.mkdir()
+    outside.mkdir()
+    shutil.copy(photo_dir / "chelsea.jpg", tree / "chelsea.jpg")
+    shutil.copy(photo_dir / "coffee.png", outside / "coffee.png")
+    (tree / "elsewhere").symlink_to(outside)
+    (tree / "root").symlink_to("/")
+    assert run_json("index", tree, "--index", tmp_path / "idx")["total"] == 1
+    with_links = tmp_path / "idx-links"
+    (tree / "root").unlink()  # --follow-links on a link to / would index the whole disk: what it is for
+    assert run_json("index", tree, "--index", with_links, "--follow-links")["total"] == 2
+    hits = run_json("search", tree / "chelsea.jpg", "--index", with_links)
+    assert [h["path"] for h in hits["results"]] == [str(outside / "coffee.png")]  # stored by its real path
