@@ -251,7 +251,7 @@ def _refuse_changes(store: IndexStore, a: _Asked) -> None:
     def differs(name: str, label: str, asked, has, text=str) -> None:
         if asked is not None and asked != has:
             via = f" (from --preset {a.preset})" if name in a.from_preset else ""
-            diffs.append(f"{label} {text(asked)}{via} (index: {text(has)})")
+            diffs.append(f"{label} {text(has)}, not {text(asked)}{via}")
 
     if a.model:
         m = Path(a.model).expanduser()
@@ -264,21 +264,21 @@ def _refuse_changes(store: IndexStore, a: _Asked) -> None:
         from retrieval.backbone import file_sha256
 
         if file_sha256(w) != st.weights_id:
-            diffs.append(f"weights {a.weights} (index: {st.weights_source or st.weights_id})")
+            diffs.append(f"weights {st.weights_source or st.weights_id}, not {a.weights}")
     differs("input_size", "input size", a.input_size, st.preprocess.get("size"))
     differs("resize", "resize", a.resize, st.preprocess.get("resize", "squash"))
     differs("pooling", "pooling", str(parse_pooling(a.pooling)) if a.pooling else None, st.pooling)
     differs("head", "head", parse_head(a.head) if a.head is not None else None, st.head, _head_text)
     differs("index_type", "index type", a.index_type, st.index_type)
     if a.faiss_factory and (st.index_type != "custom" or a.faiss_factory != st.faiss_factory):
-        has = st.faiss_factory if st.index_type == "custom" else f"type {st.index_type}"
-        diffs.append(f"FAISS factory {a.faiss_factory} (index: {has})")
+        has = f"FAISS factory {st.faiss_factory}" if st.index_type == "custom" else f"index type {st.index_type}"
+        diffs.append(f"{has}, not --faiss {a.faiss_factory}")
     if diffs:
         given = "--preset " + a.preset if a.preset and not any("(from" not in d for d in diffs) else "these options"
         refit = " (add --refit to re-fit its own head on the collection)" if st.head else ""
-        raise RetrieveError(f"index {store.directory} was built with other settings: {'; '.join(diffs)}. They are "
-                            f"fixed when an index is created: leave {given} out to update this index{refit}, "
-                            "or give another --index directory to build a new one")
+        raise RetrieveError(f"index {store.directory} has {'; '.join(diffs)}. These are fixed when the index is "
+                            f"created: leave {given} out to update this index{refit}, or give another --index "
+                            "directory to build a new one")
 
 
 def _check_factory(factory: str, dim: int) -> None:

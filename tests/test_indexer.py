@@ -116,9 +116,9 @@ def test_settings_mismatch_is_refused(photos, tmp_path):
     idx = tmp_path / "idx"
     run_json("index", photos, "--index", idx)
     r = run("index", photos, "--index", idx, "--metric", "l2", ok=False)
-    assert r.exit_code == 1 and "metric l2 (index: cosine)" in r.stderr and "Traceback" not in r.stderr
+    assert r.exit_code == 1 and "metric cosine, not l2" in r.stderr and "Traceback" not in r.stderr
     r = run("index", photos, "--index", idx, "--model", "resnet18", ok=False)
-    assert r.exit_code == 1 and "model resnet18" in r.stderr
+    assert r.exit_code == 1 and "model efficientnet_lite0, not resnet18" in r.stderr
     assert consistent(idx)  # untouched
 
 
