@@ -8,6 +8,7 @@ keeps the differentiable path for gradient-based baselines.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 import threading
@@ -332,8 +333,10 @@ def _export(net: nn.Module, hw: tuple[int, int], path: Path, dynamic: bool, name
     try:
         with warnings.catch_warnings(), torch.inference_mode():
             warnings.simplefilter("ignore")
-            torch.onnx.export(net, (torch.zeros(1, 3, *hw),), str(tmp), dynamo=False, input_names=["x"],
-                              output_names=names, dynamic_axes=axes, opset_version=17)
+            # A copy: the exporter can change a module's parameters in place (a layer registered twice, as a tap
+            # on an intermediate map is, came back with other weights); the eager network must stay as it was.
+            torch.onnx.export(copy.deepcopy(net), (torch.zeros(1, 3, *hw),), str(tmp), dynamo=False,
+                              input_names=["x"], output_names=names, dynamic_axes=axes, opset_version=17)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -161,3 +161,23 @@ def test_one_onnx_graph_serves_three_shapes_exactly_and_its_cache_is_kept_clean(
     assert not (folder / f"old.onnx.tmp{gone.pid}").exists() and (folder / f"busy.onnx.tmp{os.getpid()}").exists()
     monkeypatch.setattr(retrieval, "__version__", "99.0")
     assert onnx_cache_key(bb.net)[:16] != key  # another retrieve exports its own graphs
+
+
+def test_an_onnx_export_leaves_the_eager_network_as_it_was(tmp_path):
+    from retrieval.backbone import _export
+
+    class Twice(nn.Module):  # a layer registered twice (as a tap on an intermediate map does)
+        def __init__(self, net):
+            super().__init__()
+            self.net, self.layer = net, net.net._blocks[10]
+
+        def forward(self, x):
+            return self.net(x)
+
+    bb = load_backbone("efficientnet_lite0", fast="eager")
+    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = bb.eager_features(x)
+    _export(Twice(bb.net), (224, 224), tmp_path / "t.onnx", True, ["fmap"])
+    with torch.no_grad():
+        assert torch.equal(bb.eager_features(x), before)
