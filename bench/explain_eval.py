@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
-from explain.methods import make_explainer, upsample
+from explain.methods import TAP_LAYERS, make_explainer, upsample
 from retrieval.models import load_backbone
 
 OBJECTS = ("chelsea", "coffee", "astronaut", "rocket", "camera", "coins")
@@ -82,7 +82,53 @@ def localisation_sets(rng) -> dict[str, tuple[list, list]]:
             pairs.append((query, comp, box))
             sources += [query, scene]
         sets["B: caltech, other photo of the class, 8 % box"] = (pairs, sources)
+        pairs, sources = instance_composites(data, rng)
+        sets[SET_C] = (pairs, sources)
     return sets
+
+
+SET_C = "C: instance, reference in another object's photo, 5-10 % box"
+
+
+def paste_off_centre(obj: Image.Image, scene: Image.Image, size: tuple[int, int], rng) -> tuple[Image.Image, tuple]:
+    """Paste ``obj`` (its aspect kept) into ``scene`` resized to ``size`` (W, H): the box covers 5-10 % of
+    the photo's area and keeps at least 1/20 of the short side away from its centre (never over it)."""
+    w, h = size
+    canvas = scene.resize((w, h), Image.BILINEAR)
+    ar = float(np.clip(obj.width / obj.height, 0.5, 2.0))
+    gap = min(w, h) / 20
+    while True:
+        area = rng.uniform(0.05, 0.10) * w * h
+        bw, bh = int(round(np.sqrt(area * ar))), int(round(np.sqrt(area / ar)))
+        x0, y0 = int(rng.integers(0, w - bw + 1)), int(rng.integers(0, h - bh + 1))
+        # distance from the photo's centre to the box (0 when the box covers it)
+        dx = max(x0 - w / 2, w / 2 - (x0 + bw), 0.0)
+        dy = max(y0 - h / 2, h / 2 - (y0 + bh), 0.0)
+        if max(dx, dy) >= gap:
+            break
+    canvas.paste(obj.resize((bw, bh), Image.BILINEAR), (x0, y0))
+    return canvas, (x0, y0, x0 + bw, y0 + bh)
+
+
+def instance_composites(data, rng) -> tuple[list, list]:
+    """Set C: bench/instance_set.py's 100 objects (each category's first photo, the clean reference). Per
+    object: query = the reference; result = a real photo of another category (never another object's
+    reference), resized to 640×480 (480×640 for one in four), with the reference pasted off-centre."""
+    import instance_set
+
+    cats = sorted(p for p in data.iterdir() if p.is_dir() and not p.name.startswith(("_", ".")))[:100]
+    photos = {c: sorted(p for p in c.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png")) for c in cats}
+    pairs, sources = [], []
+    for i, c in enumerate(cats):
+        ref = Image.fromarray(instance_set._load(photos[c][0]))
+        j = (i + 1 + int(rng.integers(0, len(cats) - 1))) % len(cats)  # another category
+        scene_path = photos[cats[j]][1 + int(rng.integers(0, len(photos[cats[j]]) - 1))]
+        scene = Image.open(scene_path).convert("RGB")
+        size = instance_set.CANVAS if rng.random() < 0.75 else instance_set.CANVAS[::-1]
+        comp, box = paste_off_centre(ref, scene, size, rng)
+        pairs.append((ref, comp, box))
+        sources += [ref, scene.resize(size, Image.BILINEAR)]
+    return pairs, sources
 
 
 def energy_pointing(m: np.ndarray, box: tuple) -> tuple[float, float]:
@@ -103,29 +149,120 @@ def mean_embedding(bb, images) -> np.ndarray:
     return feats.double().mean(0).numpy()
 
 
-VARIANTS = [  # (label, method, metric, centre)
-    ("sfam cosine", "sfam", "cosine", False),
-    ("sfam cosine, centred (μ)", "sfam", "cosine", True),
-    ("sfam l2 (μ)", "sfam", "l2", False),
-    ("gradcam cosine", "gradcam", "cosine", False),
-    ("gradcam l2", "gradcam", "l2", False),
-    ("occlusion cosine", "occlusion", "cosine", False),
+def mean_tap(bb, images) -> np.ndarray | None:
+    """The mean of the stride-16 layer's pooled maps (SFAM's ``mu_tap``) over ``images``, at bb's size."""
+    layer = TAP_LAYERS.get(bb.name)
+    if layer is None:
+        return None
+    return torch.cat([bb.features_and_tap(bb.preprocess.batch([im]), layer)[1].mean((2, 3)) for im in images]
+                     ).double().mean(0).numpy()
+
+
+DEFAULT = "sfam (default: D32·D16·G16), centred (μ at the explain px)"
+VARIANTS = [  # (label, method, metric, centre, μ: "explain" px | "224" | None, where: L(ocalisation) F(aithfulness))
+    (DEFAULT, "sfam", "cosine", True, "explain", "LF"),
+    ("sfam default, μ at 224 px (what an index stores today)", "sfam", "cosine", True, "224", "L"),
+    ("sfam default, no μ (explain A B without an index)", "sfam", "cosine", False, None, "L"),
+    ("sfam default, l2 (μ)", "sfam", "l2", False, "explain", ""),  # localisation: the same map as centred cosine
+    ("sfam default without the gate (D32·D16)", "sfam", "cosine", True, "explain", "L"),
+    ("sfam-plain cosine (the paper's map)", "sfam-plain", "cosine", False, None, "LF"),
+    ("sfam-plain cosine, centred (μ) (the previous default)", "sfam-plain", "cosine", True, "explain", "L"),
+    ("sfam-plain l2 (μ)", "sfam-plain", "l2", False, "explain", ""),
+    ("gradcam cosine (this project's)", "gradcam", "cosine", False, None, "LF"),
+    ("occlusion cosine", "occlusion", "cosine", False, None, "L"),
 ]
+SLOW = ("gradcam", "occlusion")  # eager forward/backward or hundreds of passes per pair: sets A and B only
+
+
+PEERS = ("GradCAM", "GradCAMPlusPlus", "HiResCAM", "LayerCAM", "EigenCAM")  # pytorch-grad-cam classes
+PEER_EXTRA = "pip install -e '.[bench]' (pytorch-grad-cam, PyPI grad-cam>=1.5)"
+
+
+def grad_cam_package():
+    """pytorch-grad-cam, or None with one line naming the extra that brings it."""
+    try:
+        import pytorch_grad_cam
+    except ImportError:
+        print(f"skip: pytorch-grad-cam rows need the bench extra: {PEER_EXTRA}")
+        return None
+    return pytorch_grad_cam
+
+
+class _Embedding(torch.nn.Module):
+    """image batch → the pooled embedding: the backbone's feature map pooled as the index pools it."""
+
+    def __init__(self, bb):
+        super().__init__()
+        self.features = bb.net  # its output is the feature map A that SFAM weights (the CAM target layer)
+        self.pooling = bb.pooling
+
+    def forward(self, x):
+        return self.pooling.pool(self.features(x))
+
+
+class SimilarityToConceptTarget:
+    """pytorch-grad-cam's documented target for embedding models ("Pixel Attribution for embeddings"):
+    the cosine of the model's output to a concept's embedding, here the query's."""
+
+    def __init__(self, features):
+        self.features = features
+
+    def __call__(self, model_output):
+        return torch.nn.CosineSimilarity(dim=0)(model_output, self.features)
+
+
+def peer_maps(gc, bb, pairs, batch: int = 6) -> dict[str, list[np.ndarray]]:
+    """Each pytorch-grad-cam method's result map for each (query, result, box), at the result's own size.
+
+    The five CAM objects hook the same target layer of the same model, so one forward and one backward
+    pass per batch fill all five (each object's ``activations_and_grads``); each then makes its map with its
+    own code (``compute_cam_per_layer`` + ``aggregate_multi_layers``, what ``cam(input_tensor, targets)``
+    runs after its backward pass). The query's embedding (the concept) comes from the same model."""
+    model = _Embedding(bb).eval()
+    pre = bb.preprocess
+    cams = {name: getattr(gc, name)(model=model, target_layers=[model.features]) for name in PEERS}
+    out: dict[str, list] = {name: [] for name in PEERS}
+    try:
+        for i in range(0, len(pairs), batch):
+            part = pairs[i:i + batch]
+            with torch.no_grad():
+                concepts = model(pre.batch([q for q, _, _ in part]))
+            x = pre.batch([comp for _, comp, _ in part]).requires_grad_(True)  # frozen weights: grad via input
+            targets = [SimilarityToConceptTarget(c) for c in concepts]
+            for cam in cams.values():
+                cam.activations_and_grads.gradients, cam.activations_and_grads.activations = [], []
+            outputs = model(x)
+            sum(t(o) for t, o in zip(targets, outputs)).backward()
+            for name, cam in cams.items():
+                maps = cam.aggregate_multi_layers(cam.compute_cam_per_layer(x, targets, False))
+                out[name] += [upsample(m, (comp.height, comp.width)) for m, (_, comp, _) in zip(maps, part)]
+    finally:
+        for cam in cams.values():
+            cam.activations_and_grads.release()
+    return out
 
 
 def run_localisation(sizes, rng, quick) -> tuple[list, dict]:
     rows, timing = [], {}
     sets = localisation_sets(rng)
+    gc = grad_cam_package()
     for set_name, (pairs, sources) in sets.items():
         if quick:
             pairs = pairs[::5]
         for size in sizes:
             bb = load_backbone(input_size=size)
-            mu = mean_embedding(bb, sources)
-            for label, method, metric, centre in VARIANTS:
-                if method == "occlusion" and size > 224:
-                    continue  # hundreds of forward passes per image: measured at 224 only
-                ex = make_explainer(method, bb, metric=metric, mu=mu, centre=centre)
+            mus = {"explain": (mean_embedding(bb, sources), mean_tap(bb, sources)), None: (None, None)}
+            bb224 = load_backbone(input_size=224)
+            mus["224"] = (mean_embedding(bb224, sources), mean_tap(bb224, sources))
+            for label, method, metric, centre, mu_at, where in VARIANTS:
+                if "L" not in where or (method == "occlusion" and size > 224) or (method in SLOW and set_name == SET_C):
+                    continue
+                if mu_at == "224" and size == 224:
+                    continue
+                mu, mu_tap = mus[mu_at]
+                ex = make_explainer(method, bb, metric=metric, mu=mu, centre=centre, mu_tap=mu_tap)
+                if "without the gate" in label:
+                    ex.gate = False
                 log(f"localisation {set_name} {size}px {label}")
                 es, ps = [], []
                 t = time.perf_counter()
@@ -136,11 +273,20 @@ def run_localisation(sizes, rng, quick) -> tuple[list, dict]:
                     ps.append(b)
                 timing.setdefault((method, size), []).append((time.perf_counter() - t) / len(pairs))
                 rows.append([set_name, size, label, round(np.mean(es), 3), round(np.mean(ps), 3)])
-            cp = centre_prior(224, 224)
-            r = [energy_pointing(cp, box) for _, _, box in pairs]
+            if gc is not None:
+                log(f"localisation {set_name} {size}px pytorch-grad-cam {', '.join(PEERS)}")
+                t = time.perf_counter()
+                peers = peer_maps(gc, bb, pairs)
+                timing.setdefault(("pytorch-grad-cam, all five in one pass", size), []).append(
+                    (time.perf_counter() - t) / len(pairs))
+                for name, maps in peers.items():
+                    r = [energy_pointing(m, box) for m, (_, _, box) in zip(maps, pairs)]
+                    rows.append([set_name, size, f"pytorch-grad-cam {name} (similarity target)",
+                                 round(np.mean([a for a, _ in r]), 3), round(np.mean([b for _, b in r]), 3)])
+            r = [energy_pointing(centre_prior(comp.height, comp.width), box) for _, comp, box in pairs]
             rows.append([set_name, size, "centre prior", round(np.mean([a for a, _ in r]), 3),
                          round(np.mean([b for _, b in r]), 3)])
-            rr = [energy_pointing(rng.random((224, 224)), box) for _, _, box in pairs]
+            rr = [energy_pointing(rng.random((comp.height, comp.width)), box) for _, comp, box in pairs]
             rows.append([set_name, size, "random map", round(np.mean([a for a, _ in rr]), 3),
                          round(np.mean([b for _, b in rr]), 3)])
     return rows, timing
@@ -203,21 +349,25 @@ def run_faithfulness(quick: bool) -> list:
     bb = load_backbone()
     pairs_by = matched_pairs(quick)
     for ds, pairs in pairs_by.items():
-        mu = mean_embedding(bb, [p[0] for p in pairs] + [p[1] for p in pairs])
-        for label, method, metric, centre in VARIANTS:
-            ex = make_explainer(method, bb, metric=metric, mu=mu, centre=centre)
+        images = [p[0] for p in pairs] + [p[1] for p in pairs]
+        mus = {"explain": (mean_embedding(bb, images), mean_tap(bb, images)), None: (None, None)}
+        for label, method, metric, centre, mu_at, where in VARIANTS:
+            if "F" not in where:
+                continue
+            ex = make_explainer(method, bb, metric=metric, mu=mus[mu_at][0], centre=centre, mu_tap=mus[mu_at][1])
             log(f"faithfulness {ds} {label}")
             res = [deletion_insertion(bb, ex, q, r, ex.explain(q, r).result_raw) for q, r in pairs]
             d, i = pooled_auc(res)
             rows.append([ds, len(pairs), label, round(d, 3), round(i, 3)])
         bb448 = load_backbone(input_size=448)
-        mu448 = mean_embedding(bb448, [p[0] for p in pairs] + [p[1] for p in pairs])
-        ex448 = make_explainer("sfam", bb448, metric="cosine", mu=mu448, centre=True)
-        log(f"faithfulness {ds} sfam centred 448")
-        d, i = pooled_auc([deletion_insertion(bb, make_explainer("sfam", bb), q, r, ex448.explain(q, r).result_raw)
-                           for q, r in pairs])
-        rows.append([ds, len(pairs), "sfam cosine, centred (μ), map at 448 px", round(d, 3), round(i, 3)])
-        for metric in ("cosine", "l2"):
+        mu448, tap448 = mean_embedding(bb448, images), mean_tap(bb448, images)
+        for label, method in ((f"{DEFAULT}, map at 448 px (the index default)", "sfam"),
+                              ("sfam-plain cosine, centred (μ), map at 448 px (the previous default)", "sfam-plain")):
+            ex448 = make_explainer(method, bb448, metric="cosine", mu=mu448, centre=True, mu_tap=tap448)
+            log(f"faithfulness {ds} {label}")
+            d, i = pooled_auc([deletion_insertion(bb, ex448, q, r, ex448.explain(q, r).result_raw) for q, r in pairs])
+            rows.append([ds, len(pairs), label, round(d, 3), round(i, 3)])
+        for metric in ("cosine",):
             for label, heat_fn in (("centre prior", lambda: centre_prior(7, 7)),
                                    ("random map", lambda: np.random.default_rng(1).random((7, 7)))):
                 ex = make_explainer("sfam", bb, metric=metric)
@@ -254,8 +404,10 @@ def cost(timing: dict, sizes) -> list:
     for size in sizes:
         bb = load_backbone(input_size=size)
         ex = make_explainer("sfam", bb, mu=np.zeros(bb.feature_dim) + 0.1, centre=True)
-        ex.explain_many(q, results)  # warm
-        fw, pf, sf = [], [], []
+        plain = make_explainer("sfam-plain", bb, mu=np.zeros(bb.feature_dim) + 0.1, centre=True)
+        ex.explain_many(q, results)  # warm (the default's two-output graph is exported once)
+        plain.explain_many(q, results)
+        fw, pf, sf, sp = [], [], [], []
         for _ in range(3):  # interleaved rounds, best of each
             t = time.perf_counter()
             xq, xr = bb.preprocess.batch([q]), bb.preprocess.batch(results)
@@ -268,27 +420,37 @@ def cost(timing: dict, sizes) -> list:
             t = time.perf_counter()
             ex.explain_many(q, results)
             sf.append(time.perf_counter() - t)
-        rows.append([f"SFAM top-10 maps at {size} px (query + 10 results)", round(1000 * min(sf), 1),
-                     f"{min(sf) / min(fw):.2f}x the 11 bare forward passes, {min(sf) / min(pf):.2f}x with "
-                     "their preprocessing"])
-    base = np.mean(timing.get(("sfam", 224), [np.nan]))
-    for m in ("sfam", "gradcam", "occlusion"):
-        t = np.mean(timing.get((m, 224), [np.nan]))
-        rows.append([f"{m}, one pair at 224 px", round(1000 * t, 1), f"{t / base:.1f}x SFAM"])
+            t = time.perf_counter()
+            plain.explain_many(q, results)
+            sp.append(time.perf_counter() - t)
+        for what, ts in (("SFAM default", sf), ("sfam-plain", sp)):
+            rows.append([f"{what} top-10 maps at {size} px (query + 10 results)", round(1000 * min(ts), 1),
+                         f"{min(ts) / min(fw):.2f}x the 11 bare forward passes, {min(ts) / min(pf):.2f}x with "
+                         "their preprocessing"])
+    for size in sizes:
+        base = np.mean(timing.get(("sfam", size), [np.nan]))
+        for (m, sz), ts in timing.items():
+            if sz == size:
+                t = np.mean(ts)
+                rows.append([f"{m}, one pair at {size} px", round(1000 * t, 1), f"{t / base:.1f}x SFAM default"])
     return rows
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sizes", type=int, nargs="+", default=[224, 448])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[448], help="input sizes for localisation (448: the "
+                    "explain default; add 224 for the backbone's own size)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="fewer pairs (a smoke run)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
     loc, timing = run_localisation(args.sizes, rng, args.quick)
-    text = "## Localisation (result map on the composite)\n\n"
+    text = (f"Threads: {args.threads}; input sizes: {', '.join(map(str, args.sizes))} px (pytorch-grad-cam "
+            "rows: the same backbone, weights and input size); faithfulness at 224 px plus the maps at 448 px.\n\n")
+    text += "## Localisation (result map on the composite, scored at the photo's own size)\n\n"
     text += _common.table(["set", "input px", "map", "energy-in-box", "pointing"], loc)
+    _common.save("explain" if not args.quick else "explain-quick", text + "\n\n(faithfulness, sanity and cost: running)")
     faith = run_faithfulness(args.quick)
     if faith:
         text += ("\n\n## Faithfulness on real matched pairs (224 px)\n\nThe similarity the search reports (plain "

@@ -6,7 +6,7 @@ similarity, upsampling to each image's own size, normalisation) and each method 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
@@ -35,6 +35,7 @@ class Explanation:
     cis_target: float | None = None  # what Σ CIS equals: the cosine, or ½(‖q−μ‖²+‖r−μ‖²−d) for l2
     distance: float | None = None  # l2: squared Euclidean distance
     similarity: str = ""  # what the score is, in words (Explainer.describe)
+    details: dict = field(default_factory=dict)  # how the map was made (SFAM: layers, tap similarity, gate)
 
     def channels(self, n: int = 10) -> list[dict]:
         return top_channels(self.cis, n) if self.cis is not None else []
@@ -160,10 +161,10 @@ class Explainer:
         raise NotImplementedError
 
 
-class SFAM(Explainer):
-    """``ReLU(Σ_k CIS_k A_k)`` for each image, CIS from the two pooled embeddings; no gradients."""
+class SFAMPlain(Explainer):
+    """The paper's literal map: ``ReLU(Σ_k CIS_k A_k)`` for each image, CIS from the two pooled embeddings."""
 
-    name = "sfam"
+    name = "sfam-plain"
 
     def raw_maps(self, xq, xr, aq, ar):
         aq, ar = aq.double(), ar.double()
@@ -175,6 +176,153 @@ class SFAM(Explainer):
         mq = torch.relu(torch.einsum("c,chw->hw", w, pooling.contributions(aq)[0])).numpy()
         mr = torch.relu(torch.einsum("c,chw->hw", w, pooling.contributions(ar)[0])).numpy()
         return mq, mr, info
+
+
+# The stride-16 layer SFAM fuses with the final map, per registry backbone: the output of the last block
+# that runs at stride 16 (a submodule name of Backbone.net). Other backbones explain with the final layer.
+TAP_LAYERS = {
+    "efficientnet_lite0": "net._blocks.10",  # 112 channels, the end of the stride-16 stage
+    "efficientnet_b0": "5",
+    "resnet18": "6",  # layer3
+    "resnet50": "6",
+    "convnext_tiny": "5",
+}
+
+
+def share_maps(wq: torch.Tensor, wr: torch.Tensor, cq: torch.Tensor, cr: torch.Tensor,
+               m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each location's share of a bilinear similarity ``s = Σ_k (q_k − m_k) · u_k`` of pooled vectors.
+
+    ``cq``, ``cr`` (C×h×w): per-channel maps whose spatial mean is the pooled value (the pooling's
+    contributions; ``A`` itself for average pooling). ``wr`` are the weights with ``CIS_k = wr_k (r_k − m_k)``
+    on the result's side (``wq`` on the query's). Then ``D^r_s = Σ_k wr_k (cr_ks − m_k)``, i.e.
+    ``Σ_k CIS_k · M_k`` with ``M_k = (cr_k − m_k) / (r_k − m_k)`` a map whose mean is exactly 1: the CIS
+    weights feature maps, and the map's spatial mean is exactly ``Σ_k CIS_k``, the similarity.
+    """
+    dq = torch.einsum("c,chw->hw", wq, cq - m[:, None, None])
+    dr = torch.einsum("c,chw->hw", wr, cr - m[:, None, None])
+    return dq, dr
+
+
+def mutual_gate(fq: torch.Tensor, fr: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Correspondence gates: for each location of one image, the cosine of its (``m``-centred) local
+    feature with its nearest neighbour among the other image's locations, kept only when the two are
+    mutual nearest neighbours and the cosine is positive (0 elsewhere)."""
+    def unit(f):
+        return F.normalize((f - m[:, None, None]).flatten(1), dim=0)
+
+    s = unit(fr).T @ unit(fq)  # result locations × query locations
+    best_r, nn_r = s.max(1)
+    best_q, nn_q = s.max(0)
+    gr = best_r.clamp_min(0) * (nn_q[nn_r] == torch.arange(len(nn_r)))
+    gq = best_q.clamp_min(0) * (nn_r[nn_q] == torch.arange(len(nn_q)))
+    return gq.reshape(fq.shape[-2:]), gr.reshape(fr.shape[-2:])
+
+
+def _to(m: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    if tuple(m.shape) == tuple(hw):
+        return m
+    return F.interpolate(m[None, None], size=hw, mode="bilinear", align_corners=False)[0, 0]
+
+
+class SFAM(Explainer):
+    """SFAM, the default map: CIS-weighted feature maps at two depths, gated by local correspondence.
+
+    For a pair, with ``C`` the final layer's per-channel maps (whose spatial means are the pooled
+    embeddings ``q``, ``r``; ``A`` itself for average pooling) and ``m`` the reference point of the
+    explained similarity (μ when centred or l2, the head's mean with a head, else 0):
+
+    1. **Final layer (stride 32).** The CIS of the explained similarity, exactly as :class:`SFAMPlain`
+       (``Σ_k CIS_k`` = the similarity), weights the channels' centred maps normalised to mean 1:
+       ``D32 = Σ_k CIS_k (C_k − m_k)/(r_k − m_k) = Σ_k w_k (C_k − m_k)`` (:func:`share_maps`), whose
+       spatial mean is exactly the similarity — each location's share of it.
+    2. **Stride-16 layer** (``TAP_LAYERS``, the same forward pass): the same map ``D16`` for the cosine of
+       that layer's pooled maps, centred on ``mu_tap`` (the collection's mean of those pooled maps at the
+       explain resolution; uncentred without it). Its CIS too adds up exactly to its cosine.
+    3. **Correspondence gate** ``G16`` (:func:`mutual_gate`): at each stride-16 location, the cosine of its
+       centred local feature with its nearest neighbour in the other image, where the two are mutual
+       nearest neighbours (0 elsewhere).
+
+    ``map = ReLU(D32↑) · ReLU(D16) · G16`` on the stride-16 grid (``↑``: bilinear upsampling of the 14×14
+    map to 28×28 at 448 px). A location lights up where the final layer's decomposition of the score is
+    positive, the finer layer's decomposition agrees, and the local feature has a mutual match in the
+    other image. Chosen by measurement (bench/results/explain.md, set C). Backbones without a known
+    stride-16 layer get ``ReLU(D32)``. ``cis``/``cis_target`` are the final layer's, exact as before.
+    """
+
+    name = "sfam"
+
+    def __init__(self, *args, mu_tap: np.ndarray | None = None, tap: str | None = "auto", gate: bool = True, **kw):
+        super().__init__(*args, **kw)
+        self.mu_tap = None if mu_tap is None else np.asarray(mu_tap, np.float64).reshape(-1)
+        self.tap = TAP_LAYERS.get(self.backbone.name) if tap == "auto" else tap
+        self.gate = gate
+
+    def explain_many(self, query, results, query_features=None):
+        if self.tap is None:
+            return super().explain_many(query, results, query_features)
+        pre = self.backbone.preprocess
+        xq = pre.batch([query])
+        xr = [pre.batch([r]) for r in results]
+        fq = self.backbone.features_and_tap(xq, self.tap)
+        fr = [None] * len(xr)
+        for idx in group_by_shape([x[0] for x in xr]):
+            a, t = self.backbone.features_and_tap(torch.cat([xr[i] for i in idx]), self.tap)
+            for j, i in enumerate(idx):
+                fr[i] = (a[j:j + 1], t[j:j + 1])
+        out = []
+        for i, res in enumerate(results):
+            raw_q, raw_r, info = self.raw_maps(xq, xr[i], fq, fr[i])
+            out.append(Explanation(method=self.name, metric=self.metric, query_map=upsample(raw_q, own_size(query)),
+                                   result_map=upsample(raw_r, own_size(res)), query_raw=np.asarray(raw_q, np.float32),
+                                   result_raw=np.asarray(raw_r, np.float32), similarity=self.describe(), **info))
+        return out
+
+    def _weights(self, q: np.ndarray, r: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(wq, wr, m): CIS_k = wr_k (r_k − m_k) = (q_k − m_k) wq_k... for the explained similarity."""
+        q, r = np.asarray(q, np.float64), np.asarray(r, np.float64)
+        if self.head is not None:
+            m, p = np.asarray(self.head.mean, np.float64), np.asarray(self.head.proj, np.float64)
+            g = p.T @ p
+            qc, rc = q - m, r - m
+            z = 1.0
+            if self.metric == "cosine":
+                z = max(np.linalg.norm(p @ qc) * np.linalg.norm(p @ rc), 1e-12)
+            return g @ rc / z, g @ qc / z, m
+        m = self.mu if (self.centre or (self.metric == "l2" and self.mu is not None)) else np.zeros_like(q)
+        qc, rc = q - m, r - m
+        z = max(np.linalg.norm(qc) * np.linalg.norm(rc), 1e-12) if self.metric == "cosine" else 1.0
+        return rc / z, qc / z, m
+
+    def raw_maps(self, xq, xr, aq, ar):
+        tq = tr = None
+        if isinstance(aq, tuple):
+            (aq, tq), (ar, tr) = aq, ar
+        aq, ar = aq.double(), ar.double()
+        pooling = self.backbone.pooling
+        q, r = pooling.pool(aq)[0].numpy(), pooling.pool(ar)[0].numpy()
+        info = self.similarity(q, r)
+        d = lambda v: torch.as_tensor(v, dtype=torch.float64)  # noqa: E731
+        wq, wr, m = (d(v) for v in self._weights(q, r))
+        dq, dr = share_maps(wq, wr, pooling.contributions(aq)[0], pooling.contributions(ar)[0], m)
+        dq, dr = torch.relu(dq), torch.relu(dr)
+        details = {"map": "ReLU(D32)", "layers": ["final"]}
+        if tq is not None:
+            tq, tr = tq[0].double(), tr[0].double()
+            mt = d(self.mu_tap) if self.mu_tap is not None else torch.zeros(tq.shape[0], dtype=torch.float64)
+            q16, r16 = tq.mean((1, 2)) - mt, tr.mean((1, 2)) - mt
+            z = (q16.norm() * r16.norm()).clamp_min(1e-12)
+            eq, er = share_maps(r16 / z, q16 / z, tq, tr, mt)
+            dq = _to(dq, tuple(tq.shape[-2:])) * torch.relu(eq)
+            dr = _to(dr, tuple(tr.shape[-2:])) * torch.relu(er)
+            details = {"map": "ReLU(D32↑)·ReLU(D16)", "layers": ["final", self.tap],
+                       "tap_similarity": float(q16 @ r16 / z), "tap_centred": self.mu_tap is not None}
+            if self.gate:
+                gq, gr = mutual_gate(tq, tr, mt)
+                dq, dr = dq * gq, dr * gr
+                details["map"] += "·G16"
+        info["details"] = details
+        return dq.clamp_min(0).numpy(), dr.clamp_min(0).numpy(), info
 
 
 class GradCAM(Explainer):
@@ -248,13 +396,18 @@ class Occlusion(Explainer):
         return self._drop_map(xq, r, base), self._drop_map(xr, q, base), info
 
 
-METHODS: dict[str, type[Explainer]] = {"sfam": SFAM, "gradcam": GradCAM, "occlusion": Occlusion}
+METHODS: dict[str, type[Explainer]] = {"sfam": SFAM, "sfam-plain": SFAMPlain, "gradcam": GradCAM,
+                                       "occlusion": Occlusion}
 
 
 def make_explainer(method: str, backbone: Backbone, metric: str = "cosine", mu: np.ndarray | None = None,
-                   centre: bool = False, head=None) -> Explainer:
+                   centre: bool = False, head=None, mu_tap: np.ndarray | None = None) -> Explainer:
+    """``mu_tap``: the collection's mean of the stride-16 layer's pooled maps at the explain resolution
+    (SFAM's default map centres that layer with it; see :class:`SFAM`)."""
     try:
         cls = METHODS[method]
     except KeyError:
         raise RetrieveError(f"unknown method {method!r} (one of {', '.join(METHODS)})") from None
+    if cls is SFAM:
+        return cls(backbone, metric=metric, mu=mu, centre=centre, head=head, mu_tap=mu_tap)
     return cls(backbone, metric=metric, mu=mu, centre=centre, head=head)

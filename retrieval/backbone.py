@@ -176,6 +176,12 @@ class Backbone:
         runner = self._runner(tuple(x.shape[-2:]))
         return runner(x)
 
+    def features_and_tap(self, x: torch.Tensor, layer: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(feature map ``A``, the output of ``net``'s submodule ``layer``) from one forward pass, through the
+        same kind of fast path as :meth:`features` (a graph of its own; :meth:`features` is unchanged).
+        Explanations use it for an intermediate (stride-16) map."""
+        return self._runner(tuple(x.shape[-2:]) + (layer,))(x)
+
     def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(feature map ``A``, pooled embedding) from one forward pass."""
         a = self.features(x)
@@ -199,15 +205,17 @@ class Backbone:
         """The path :meth:`features` takes at the default input size."""
         return self._runner(self.preprocess.input_shape).kind
 
-    def _runner(self, hw: tuple[int, int]) -> "_Runner":
+    def _runner(self, hw: tuple) -> "_Runner":
         with self._lock:
             runner = self._runners.get(hw)
             if runner is None:
                 runner = self._runners[hw] = self._build_runner(hw)
             return runner
 
-    def _build_runner(self, hw: tuple[int, int]) -> "_Runner":
+    def _build_runner(self, hw: tuple) -> "_Runner":
         mode = self.fast
+        if len(hw) > 2:  # (h, w, layer): features_and_tap
+            return self._build_tap_runner(hw[:2], hw[2])
         if self.device.type != "cpu":
             return _EagerRunner(self)  # cuDNN is the fast path on a GPU
         if mode in ("auto", "onnx"):
@@ -224,6 +232,45 @@ class Backbone:
                     raise RetrieveError(f"{self.name}: TorchScript fast path unavailable: {e}") from e
         return _EagerRunner(self)
 
+    def _build_tap_runner(self, hw: tuple[int, int], layer: str) -> "_Runner":
+        net = _Tapped(self.net, layer)
+        if self.device.type == "cpu" and self.fast in ("auto", "onnx"):
+            try:
+                return _OnnxRunner(self, hw, net, layer)
+            except Exception as e:  # as in _build_runner: the next best path
+                if self.fast == "onnx":
+                    raise RetrieveError(f"{self.name}: ONNX fast path unavailable: {e}") from e
+        if self.device.type == "cpu" and self.fast in ("auto", "onnx", "jit"):
+            try:
+                return _JitRunner(self, hw, net)
+            except Exception:
+                pass
+        return _EagerRunner(self, net)
+
+
+class _Tapped(nn.Module):
+    """``net`` returning (its output, the output of its submodule ``layer``)."""
+
+    def __init__(self, net: nn.Module, layer: str):
+        super().__init__()
+        self.net = net
+        try:
+            self.layer = net.get_submodule(layer)
+        except AttributeError:
+            raise RetrieveError(f"the network has no layer {layer!r}") from None
+        # in the wrapped network's mode (eval): torch.onnx.export restores the top module's mode afterwards,
+        # recursively, and a new module is in training mode, which would leave the shared network training
+        self.train(net.training)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        box = []
+        hook = self.layer.register_forward_hook(lambda _m, _i, out: box.append(out))
+        try:
+            a = self.net(x)
+        finally:
+            hook.remove()
+        return a, box[-1]
+
 
 class _Runner:
     kind = "eager"
@@ -235,24 +282,28 @@ class _Runner:
 class _EagerRunner(_Runner):
     kind = "eager"
 
-    def __init__(self, bb: Backbone):
+    def __init__(self, bb: Backbone, net: nn.Module | None = None):
         self.bb = bb
+        self.net = net  # None: the backbone's own network
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
-            return self.bb.net(x.to(self.bb.device)).float().cpu()
+            if self.net is None:
+                return self.bb.net(x.to(self.bb.device)).float().cpu()
+            return tuple(t.float().cpu() for t in self.net(x.to(self.bb.device)))
 
 
 class _JitRunner(_Runner):
     kind = "torchscript"
 
-    def __init__(self, bb: Backbone, hw: tuple[int, int]):
+    def __init__(self, bb: Backbone, hw: tuple[int, int], net: nn.Module | None = None):
         import warnings
 
         example = torch.zeros(1, 3, *hw)
         with warnings.catch_warnings(), torch.inference_mode():
             warnings.simplefilter("ignore")
-            self.module = torch.jit.freeze(torch.jit.trace(bb.net, example, check_trace=False).eval())
+            self.module = torch.jit.freeze(torch.jit.trace(net if net is not None else bb.net, example,
+                                                           check_trace=False).eval())
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():

@@ -11,7 +11,7 @@ from PIL import Image
 from clitools import run, run_json
 from conftest import skimage_photo
 from explain.cis import cis_cosine, cis_l2, l2_target, top_channels
-from explain.methods import SFAM, make_explainer, upsample
+from explain.methods import SFAM, TAP_LAYERS, SFAMPlain, make_explainer, mutual_gate, share_maps, upsample
 
 
 def _rand(seed, n=1280, relu=True):
@@ -48,11 +48,13 @@ def test_top_channels_shares():
 
 def test_sfam_on_real_photos_cis_matches_embedding_similarity(lite0):
     q, r = skimage_photo("chelsea"), skimage_photo("chelsea").crop((60, 0, 360, 260))
-    e = SFAM(lite0).explain(q, r)
-    a = lite0.embed(lite0.preprocess.batch([q, r]))[1].double()
-    cos = torch.nn.functional.cosine_similarity(a[:1], a[1:]).item()
-    assert abs(e.cis.sum() - cos) < 1e-5 and abs(e.score - cos) < 1e-5
-    # the map is the ReLU of the CIS-weighted sum of the feature map's channels
+    for cls in (SFAM, SFAMPlain):  # the default map and the paper's literal one explain the same score
+        e = cls(lite0).explain(q, r)
+        a = lite0.embed(lite0.preprocess.batch([q, r]))[1].double()
+        cos = torch.nn.functional.cosine_similarity(a[:1], a[1:]).item()
+        assert abs(e.cis.sum() - cos) < 1e-5 and abs(e.score - cos) < 1e-5
+    # sfam-plain's map is the ReLU of the CIS-weighted sum of the feature map's channels (the default
+    # map, SFAM, is pinned against its own formula in test_default_map_equals_its_formula)
     fq = lite0.features(lite0.preprocess.batch([q]))[0].double()
     expect = torch.relu(torch.einsum("c,chw->hw", torch.as_tensor(e.cis), fq)).numpy()
     np.testing.assert_allclose(e.query_raw, expect, rtol=1e-4, atol=1e-6)
@@ -212,3 +214,143 @@ def test_large_rotated_jpeg_map_is_at_the_photo_upright_size(tmp_path):
     full = run_json("explain", tmp_path / "cat.png", tmp_path / "big.jpg", "--out", tmp_path / "f", "--full-maps")
     assert np.load(full["files"]["result_map"]).shape == (2000, 1330)
     assert doc["score"] > 0.5  # the rotated cat is still a cat
+
+
+# -- the default map: D32 · D16 · G16 (explain/methods.py SFAM) --------------------------------------------
+
+def _maps(seed, c=64, hw=(6, 5)):
+    g = torch.Generator().manual_seed(seed)
+    return torch.relu(torch.randn(c, *hw, generator=g, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_share_map_averages_exactly_to_the_similarity(seed):
+    aq, ar = _maps(seed), _maps(seed + 50)
+    mu = (_maps(seed + 99).mean((1, 2)) * 0.8)
+    q, r = aq.mean((1, 2)), ar.mean((1, 2))
+    cis = torch.as_tensor(cis_cosine(q.numpy(), r.numpy(), mu.numpy()))
+    z = (q - mu).norm() * (r - mu).norm()
+    dq, dr = share_maps((r - mu) / z, (q - mu) / z, aq, ar, mu)
+    assert abs(dr.mean().item() - cis.sum().item()) < 1e-12 and abs(dq.mean().item() - cis.sum().item()) < 1e-12
+    # its definition: the CIS weights each channel's centred map, normalised to mean 1
+    expect = torch.einsum("c,chw->hw", cis, (ar - mu[:, None, None]) / (r - mu)[:, None, None])
+    torch.testing.assert_close(dr, expect, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_mutual_gate_is_the_mutual_nearest_neighbour_cosine(seed):
+    fq, fr = _maps(seed, 16, (4, 5)) - 0.3, _maps(seed + 7, 16, (3, 6)) - 0.3
+    m = torch.full((16,), 0.1, dtype=torch.float64)
+    gq, gr = mutual_gate(fq, fr, m)
+    vq = [(fq[:, y, x] - m) / (fq[:, y, x] - m).norm() for y in range(4) for x in range(5)]
+    vr = [(fr[:, y, x] - m) / (fr[:, y, x] - m).norm() for y in range(3) for x in range(6)]
+    sim = np.array([[float(a @ b) for b in vq] for a in vr])
+    for s in range(len(vr)):
+        t = int(sim[s].argmax())
+        mutual = int(sim[:, t].argmax()) == s
+        assert gr.flatten()[s].item() == pytest.approx(max(sim[s, t], 0) if mutual else 0.0, abs=1e-12)
+    for t in range(len(vq)):
+        s = int(sim[:, t].argmax())
+        mutual = int(sim[s].argmax()) == t
+        assert gq.flatten()[t].item() == pytest.approx(max(sim[s, t], 0) if mutual else 0.0, abs=1e-12)
+    assert (gr > 0).sum() == (gq > 0).sum()  # mutual pairs are counted once on each side
+
+
+def test_default_map_equals_its_formula(lite0):
+    """raw_maps on random feature maps: ReLU(D32↑)·ReLU(D16)·G16, and the CIS stays exact."""
+    mu, mu16 = _maps(3, 1280, (1, 1)).flatten() * 0.5, torch.randn(112, dtype=torch.float64) * 0.1
+    aq, ar = _maps(1, 1280, (4, 3)), _maps(2, 1280, (4, 3))
+    tq, tr = torch.randn(112, 8, 6, dtype=torch.float64), torch.randn(112, 8, 6, dtype=torch.float64)
+    ex = SFAM(lite0, metric="cosine", mu=mu.numpy(), centre=True, mu_tap=mu16.numpy())
+    mq, mr, info = ex.raw_maps(None, None, (aq[None], tq[None]), (ar[None], tr[None]))
+    q, r = aq.mean((1, 2)), ar.mean((1, 2))
+    cis = cis_cosine(q.numpy(), r.numpy(), mu.numpy())
+    assert abs(info["cis"].sum() - info["cis_target"]) < 1e-12 and np.allclose(info["cis"], cis)
+
+    def share(a, v, other, m):  # Σ_k CIS_k (a_k − m_k)/(v_k − m_k)
+        c = torch.as_tensor(cis_cosine(v.numpy(), other.numpy(), m.numpy()))
+        return torch.einsum("c,chw->hw", c, (a - m[:, None, None]) / (v - m)[:, None, None])
+
+    up = lambda x: torch.nn.functional.interpolate(x[None, None], size=(8, 6), mode="bilinear",  # noqa: E731
+                                                   align_corners=False)[0, 0]
+    q16, r16 = tq.mean((1, 2)), tr.mean((1, 2))
+    gq, gr = mutual_gate(tq, tr, mu16)
+    expect_r = torch.relu(up(torch.relu(share(ar, r, q, mu)))) * torch.relu(share(tr, r16, q16, mu16)) * gr
+    expect_q = torch.relu(up(torch.relu(share(aq, q, r, mu)))) * torch.relu(share(tq, q16, r16, mu16)) * gq
+    np.testing.assert_allclose(mr, expect_r.numpy(), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(mq, expect_q.numpy(), rtol=1e-9, atol=1e-12)
+    assert info["details"]["layers"] == ["final", TAP_LAYERS["efficientnet_lite0"]]
+
+
+def test_default_map_without_the_gate_or_the_tap(lite0):
+    aq, ar = _maps(5, 1280, (4, 4)), _maps(6, 1280, (4, 4))
+    tq, tr = torch.randn(112, 8, 8, dtype=torch.float64), torch.randn(112, 8, 8, dtype=torch.float64)
+    gated = SFAM(lite0).raw_maps(None, None, (aq[None], tq[None]), (ar[None], tr[None]))[1]
+    ungated = SFAM(lite0, gate=False).raw_maps(None, None, (aq[None], tq[None]), (ar[None], tr[None]))[1]
+    gr = mutual_gate(tq, tr, torch.zeros(112, dtype=torch.float64))[1].numpy()
+    np.testing.assert_allclose(gated, ungated * gr, rtol=1e-12, atol=1e-15)
+    final_only = SFAM(lite0, tap=None).raw_maps(None, None, aq[None], ar[None])[1]
+    q, r = aq.mean((1, 2)), ar.mean((1, 2))  # uncentred: D32 = Σ_k q_k A_k / (‖q‖‖r‖)
+    expect = torch.relu(torch.einsum("c,chw->hw", q / (q.norm() * r.norm()), ar)).numpy()
+    np.testing.assert_allclose(final_only, expect, rtol=1e-9)
+
+
+def test_default_map_l2_and_head_shares_average_to_their_targets(lite0):
+    from types import SimpleNamespace
+
+    aq, ar = _maps(7, 1280, (3, 3)), _maps(8, 1280, (3, 3))
+    mu = aq.mean((1, 2)) * 0.3 + ar.mean((1, 2)) * 0.3
+    proj = np.random.default_rng(0).normal(size=(16, 1280)) / 30
+    head = SimpleNamespace(mean=mu.numpy(), proj=proj, dim=16)
+    for kw in ({"metric": "l2", "mu": mu.numpy()}, {"metric": "cosine", "head": head}, {"metric": "l2", "head": head}):
+        ex = SFAM(lite0, tap=None, **kw)
+        q, r = aq.mean((1, 2)).numpy(), ar.mean((1, 2)).numpy()
+        wq, wr, m = (torch.as_tensor(v) for v in ex._weights(q, r))
+        dq, dr = share_maps(wq, wr, aq, ar, m)
+        target = ex.similarity(q, r)["cis_target"]
+        assert dr.mean().item() == pytest.approx(target, rel=1e-9, abs=1e-12)
+        assert dq.mean().item() == pytest.approx(target, rel=1e-9, abs=1e-12)
+
+
+def test_tap_keeps_the_search_features_bit_identical(lite0):
+    bb = lite0.at_size(256)
+    x = bb.preprocess.batch([skimage_photo("coffee"), skimage_photo("rocket").resize((600, 400))])
+    a, t = bb.features_and_tap(x, TAP_LAYERS["efficientnet_lite0"])
+    assert torch.equal(a, bb.features(x))
+    assert t.shape == (2, 112, 16, 16) and a.shape == (2, 1280, 8, 8)
+
+
+def _paste(obj, scene, size, box):
+    canvas = scene.resize(size)
+    x0, y0, x1, y1 = box
+    canvas.paste(obj.resize((x1 - x0, y1 - y0)), (x0, y0))
+    return canvas
+
+
+def test_default_map_finds_a_small_object_pasted_into_another_photo(lite0):
+    """Real photos (scikit-image's): an object pasted off-centre into another photo, box 6-8 % of a
+    640×480 photo, never over its centre; μ from the photos involved, as an index would give it."""
+    bb = lite0.at_size(448)
+    cases = [("chelsea", "astronaut", (40, 300, 190, 430)), ("coffee", "rocket", (450, 40, 610, 170)),
+             ("astronaut", "coffee", (470, 300, 610, 450)), ("rocket", "chelsea", (30, 30, 150, 220)),
+             ("horse", "camera", (420, 330, 610, 450))]
+    photos = {n: skimage_photo(n) for n in {c[0] for c in cases} | {c[1] for c in cases}}
+    sources = list(photos.values())
+    x = [bb.preprocess.batch([im]) for im in sources]
+    mu = torch.cat([bb.features(v).mean((2, 3)) for v in x]).double().mean(0).numpy()
+    mu16 = torch.cat([bb.features_and_tap(v, TAP_LAYERS[bb.name])[1].mean((2, 3)) for v in x]).double().mean(0).numpy()
+    new = SFAM(bb, mu=mu, centre=True, mu_tap=mu16)
+    old = SFAMPlain(bb, mu=mu, centre=True)
+    energy = {"new": [], "old": []}
+    for obj, scene, box in cases:
+        x0, y0, x1, y1 = box
+        assert 0.05 <= (x1 - x0) * (y1 - y0) / (640 * 480) <= 0.10 and not (x0 <= 320 < x1 and y0 <= 240 < y1)
+        comp = _paste(photos[obj], photos[scene], (640, 480), box)
+        for key, ex in (("new", new), ("old", old)):
+            m = ex.explain(photos[obj], comp).result_map
+            assert m.shape == (480, 640)
+            energy[key].append(m[y0:y1, x0:x1].sum() / m.sum())
+            if key == "new":
+                yy, xx = np.unravel_index(np.argmax(m), m.shape)
+                assert x0 <= xx < x1 and y0 <= yy < y1, (obj, scene)
+    assert np.mean(energy["new"]) > 0.5 and np.mean(energy["new"]) > np.mean(energy["old"]) + 0.1, energy
