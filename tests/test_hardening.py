@@ -253,14 +253,19 @@ def test_custom_factory_trains_once_enough_vectors_exist(tmp_path):
     assert min_training("OPQ8,IVF64,PQ8") == 39 * 64 and trainable_factory("OPQ8,IVF64,PQ8", 100, 32) == "Flat"
     assert trainable_factory("PCA16,SQ8", 0, 32) == "Flat" and trainable_factory("PCA16,SQ8", 5, 32) == "PCA16,SQ8"
     assert trainable_factory("HNSW32", 0, 32) == "HNSW32"
-    store, vecs = synthetic(tmp_path / "idx", 3000, factory="OPQ8,IVF64,PQ8", index_type="custom")
-    index = store.rebuild_faiss()
-    assert not isinstance(faiss.downcast_index(index.index), faiss.IndexFlat)  # trained
-    store.close()
-    small, _ = synthetic(tmp_path / "small", 300, factory="OPQ8,IVF64,PQ8", index_type="custom")
-    assert isinstance(faiss.downcast_index(small.rebuild_faiss().index), faiss.IndexFlat)  # exact meanwhile
-    add_rows(small, vecs[:2700], start=300)
+    factory = "PCA16,IVF16,SQ8"  # trained three ways, and not an IVF string: cheap enough to train in a test
+    assert min_training(factory) == 39 * 16
+    small, vecs = synthetic(tmp_path / "idx", 300, factory=factory, index_type="custom")
+    index = small.rebuild_faiss()
+    assert isinstance(faiss.downcast_index(index.index), faiss.IndexFlat)  # exact meanwhile
+    add_rows(small, np.repeat(vecs, 3, 0) + np.float32(0.01), start=300)
     assert small.needs_retrain()
+    index = small.rebuild_faiss()
+    assert not isinstance(faiss.downcast_index(index.index), faiss.IndexFlat) and not small.needs_retrain()
+    from retrieval.search import Searcher
+
+    hits = Searcher(small, None).search_vectors(vecs[:5], 3)
+    assert all(len(h) == 3 for h in hits)
     small.close()
 
 
