@@ -71,6 +71,12 @@ def index_path(directory: str | os.PathLike) -> Path:
             raise IndexError_(f"{p} is a file of an index; give the index directory itself: --index {p.parent}")
         raise IndexError_(f"{p} is a file, not an index directory; give --index a directory "
                           "(`retrieve index PHOTOS --index DIR` creates it)")
+    above = p.absolute().parent
+    while not above.exists() and above != above.parent:
+        above = above.parent
+    if not above.is_dir():  # a path under a file can never become a directory
+        raise IndexError_(f"{above} is a file, not a directory; give --index a directory "
+                          "(`retrieve index PHOTOS --index DIR` creates it)")
     return p.resolve()
 
 

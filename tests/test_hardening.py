@@ -293,6 +293,9 @@ def test_index_option_pointing_at_a_file(photos, tmp_path):
         r = run(*cmd, "--index", f, ok=False)
         assert r.exit_code == 1 and len(r.stderr.strip().splitlines()) == 1 and "is a file, not an index" in r.stderr
         assert "create one with" not in r.stderr
+    for cmd in (["index", photos], ["check"]):  # a path under a file cannot be created either
+        r = run(*cmd, "--index", f / "sub", ok=False)
+        assert r.exit_code == 1 and len(r.stderr.strip().splitlines()) == 1 and f"{f} is a file" in r.stderr
     assert f.read_text() == "keep me"
     assert run_json("index", photos, "--index", tmp_path / "dir")["total"] == N_PHOTOS  # the hint: a directory
     r = run("info", "--index", tmp_path / "dir" / "index.db", ok=False)
