@@ -185,25 +185,44 @@ class _Forker:
         env = {**os.environ, "PYTHONPATH": str(ROOT), "RETRIEVE_THREADS": "1", "RETRIEVE_LOG": str(log)}
         self.p = subprocess.Popen([sys.executable, str(ROOT / "tests" / "forkrun.py")], stdin=subprocess.PIPE,
                                   stdout=subprocess.PIPE, text=True, env=env)
-        assert self.p.stdout.readline().strip() == "ready"
+        self.pending = False
+        assert self._line(120) == "ready"
+
+    def _line(self, timeout: float) -> str:
+        import select
+
+        if not select.select([self.p.stdout], [], [], timeout)[0]:
+            self.p.kill()
+            raise AssertionError(f"the forked run gave no answer within {timeout} s")
+        return self.p.stdout.readline().strip()
+
+    def _send(self, line: str) -> None:
+        self.p.stdin.write(line + "\n")
+        self.p.stdin.flush()
 
     def start(self, *args) -> int:
-        self.p.stdin.write(json.dumps([str(a) for a in args]) + "\n")
-        self.p.stdin.flush()
-        kind, pid = self.p.stdout.readline().split()
+        self._send(json.dumps([str(a) for a in args]))
+        kind, pid = self._line(60).split()
         assert kind == "pid"
+        self.pending = True
         return int(pid)
 
-    def wait(self, kill: bool = False) -> int:
-        self.p.stdin.write("kill\n" if kill else "wait\n")
-        self.p.stdin.flush()
-        kind, code = self.p.stdout.readline().split()
+    def wait(self, kill: bool = False, timeout: float = 300) -> int:
+        self._send("kill" if kill else "wait")
+        self.pending = False
+        kind, code = self._line(timeout).split()
         assert kind == "exit"
         return int(code)
 
     def close(self) -> None:
-        self.p.stdin.close()
-        self.p.wait(timeout=30)
+        if self.p.poll() is None:
+            if self.pending:  # a test failed with a run under way: end it
+                self._send("kill")
+            self.p.stdin.close()
+            try:
+                self.p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.p.kill()
 
 
 def _change_collection(photos, rng, seed: int) -> None:
