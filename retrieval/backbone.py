@@ -384,8 +384,9 @@ def _export(net: nn.Module, hw: tuple[int, int], path: Path, dynamic: bool, name
     try:
         with warnings.catch_warnings(), torch.inference_mode():
             warnings.simplefilter("ignore")
-            # A copy: the exporter can change a module's parameters in place (a layer registered twice, as a tap
-            # on an intermediate map is, came back with other weights); the eager network must stay as it was.
+            # A copy: the exporter puts the module it exports back into that module's training mode, for every
+            # submodule, so a new wrapper around the network (training, as new modules are) left the shared
+            # network training (BatchNorm on batch statistics); the eager network must stay as it was.
             torch.onnx.export(copy.deepcopy(net), (torch.zeros(1, 3, *hw),), str(tmp), dynamo=False,
                               input_names=["x"], output_names=names, dynamic_axes=axes, opset_version=17)
         os.replace(tmp, path)

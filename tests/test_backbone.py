@@ -166,7 +166,7 @@ def test_one_onnx_graph_serves_three_shapes_exactly_and_its_cache_is_kept_clean(
 def test_an_onnx_export_leaves_the_eager_network_as_it_was(tmp_path):
     from retrieval.backbone import _export
 
-    class Twice(nn.Module):  # a layer registered twice (as a tap on an intermediate map does)
+    class Twice(nn.Module):  # a new wrapper (in training mode, as new modules are) with a layer registered twice
         def __init__(self, net):
             super().__init__()
             self.net, self.layer = net, net.net._blocks[10]
