@@ -36,6 +36,7 @@ class Explanation:
     distance: float | None = None  # l2: squared Euclidean distance
     similarity: str = ""  # what the score is, in words (Explainer.describe)
     details: dict = field(default_factory=dict)  # how the map was made (SFAM: layers, tap similarity, gate)
+    features: tuple | None = field(default=None, repr=False, compare=False)  # (A_q, A_r) final maps, 1×C×h×w
 
     def channels(self, n: int = 10) -> list[dict]:
         return top_channels(self.cis, n) if self.cis is not None else []
@@ -56,6 +57,19 @@ def own_size(img: Image.Image) -> tuple[int, int]:
     """(H, W) of the photo itself, also when it was decoded at reduced size (JPEG draft mode)."""
     w, h = img.info.get("original_size", img.size)
     return int(h), int(w)
+
+
+MAP_MAX_SIDE = 1024  # maps: long side at most this by default (a 100 MP photo's map would be 400 MB)
+
+
+def map_size(size: tuple[int, int], max_side: int | None) -> tuple[int, int]:
+    """(H, W) of a map for a photo of (H, W) = ``size``: its own size, scaled down so that the long side is
+    at most ``max_side`` (None: the photo's own size), aspect kept."""
+    h, w = size
+    if not max_side or max(h, w) <= max_side:
+        return int(h), int(w)
+    f = max_side / max(h, w)
+    return max(1, round(h * f)), max(1, round(w * f))
 
 
 def upsample(raw: np.ndarray | torch.Tensor, size: tuple[int, int]) -> np.ndarray:
@@ -90,6 +104,7 @@ class Explainer:
         self.mu = None if mu is None else np.asarray(mu, np.float64).reshape(-1)
         self.head = head  # retrieval.head.LinearHead: e = P(a − m); it centres by itself
         self.centre = centre and mu is not None and metric == "cosine" and head is None
+        self.map_max_side: int | None = MAP_MAX_SIDE  # long side of query_map/result_map (None: own size)
 
     def describe(self) -> str:
         """What similarity the maps explain, in words (goes into reports and JSON)."""
@@ -122,10 +137,14 @@ class Explainer:
         out = []
         for i, res in enumerate(results):
             raw_q, raw_r, info = self.raw_maps(xq, xr[i], aq, None if ar is None else ar[i])
-            out.append(Explanation(method=self.name, metric=self.metric, query_map=upsample(raw_q, own_size(query)),
-                                   result_map=upsample(raw_r, own_size(res)), query_raw=np.asarray(raw_q, np.float32),
-                                   result_raw=np.asarray(raw_r, np.float32), similarity=self.describe(), **info))
+            out.append(Explanation(method=self.name, metric=self.metric, query_map=self._map(raw_q, query),
+                                   result_map=self._map(raw_r, res), query_raw=np.asarray(raw_q, np.float32),
+                                   result_raw=np.asarray(raw_r, np.float32), similarity=self.describe(),
+                                   features=None if aq is None else (aq, ar[i]), **info))
         return out
+
+    def _map(self, raw, img: Image.Image) -> np.ndarray:
+        return upsample(raw, map_size(own_size(img), self.map_max_side))
 
     def pool(self, a: torch.Tensor) -> torch.Tensor:
         """The index's pooling (feature map → embedding), differentiable."""
@@ -178,15 +197,7 @@ class SFAMPlain(Explainer):
         return mq, mr, info
 
 
-# The stride-16 layer SFAM fuses with the final map, per registry backbone: the output of the last block
-# that runs at stride 16 (a submodule name of Backbone.net). Other backbones explain with the final layer.
-TAP_LAYERS = {
-    "efficientnet_lite0": "net._blocks.10",  # 112 channels, the end of the stride-16 stage
-    "efficientnet_b0": "5",
-    "resnet18": "6",  # layer3
-    "resnet50": "6",
-    "convnext_tiny": "5",
-}
+from retrieval.reference import TAP_LAYERS  # noqa: E402  (the stride-16 layer per backbone; the indexer samples its μ)
 
 
 def share_maps(wq: torch.Tensor, wr: torch.Tensor, cq: torch.Tensor, cr: torch.Tensor,
@@ -273,9 +284,10 @@ class SFAM(Explainer):
         out = []
         for i, res in enumerate(results):
             raw_q, raw_r, info = self.raw_maps(xq, xr[i], fq, fr[i])
-            out.append(Explanation(method=self.name, metric=self.metric, query_map=upsample(raw_q, own_size(query)),
-                                   result_map=upsample(raw_r, own_size(res)), query_raw=np.asarray(raw_q, np.float32),
-                                   result_raw=np.asarray(raw_r, np.float32), similarity=self.describe(), **info))
+            out.append(Explanation(method=self.name, metric=self.metric, query_map=self._map(raw_q, query),
+                                   result_map=self._map(raw_r, res), query_raw=np.asarray(raw_q, np.float32),
+                                   result_raw=np.asarray(raw_r, np.float32), similarity=self.describe(),
+                                   features=(fq[0], fr[i][0]), **info))
         return out
 
     def _weights(self, q: np.ndarray, r: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -16,11 +16,10 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from .methods import Explanation
+from .methods import MAP_MAX_SIDE, Explanation, map_size
 
 COLORMAP = "inferno"
 ALPHA = 0.5
-MAP_MAX_SIDE = 1024  # saved .npy maps: long side at most this (their scale is recorded); None = full size
 PHOTO_MAX_SIDE = 1024  # photos inlined in the report
 HEAT_MAX_SIDE = 384  # heat layers inlined in the report (maps are smooth: the browser scales them up)
 
@@ -102,15 +101,6 @@ def draw_matches(draw, verification, qo: tuple, ro: tuple, limit: int = 150) -> 
         draw.line([p, q], fill=colour, width=1)
         for x, y in (p, q):
             draw.ellipse([x - 2, y - 2, x + 2, y + 2], outline=colour)
-
-
-def map_size(size: tuple[int, int], max_side: int | None) -> tuple[int, int]:
-    """(H, W) of a saved map: the photo's own (H, W), scaled down so the long side is at most ``max_side``."""
-    h, w = size
-    if not max_side or max(h, w) <= max_side:
-        return int(h), int(w)
-    f = max_side / max(h, w)
-    return max(1, round(h * f)), max(1, round(w * f))
 
 
 def save_maps(out: Path, prefix: str, e: Explanation, sizes: tuple | None = None, max_side: int | None = MAP_MAX_SIDE) -> dict:

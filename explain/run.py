@@ -35,11 +35,15 @@ def index_explainer(store, backbone=None, method: str | None = None, input_size:
     """The explainer an index prescribes (its recorded explain settings), on ``backbone``'s weights if given."""
     from retrieval.service import backbone_for_settings
 
+    from retrieval.reference import for_explain, tap_layer
+
     ex = index_explain_settings(store)
-    size = input_size or ex.input_size or store.settings.preprocess.get("size")
+    size = int(input_size or ex.input_size or store.settings.preprocess.get("size"))
     bb = backbone.at_size(size) if backbone is not None else backbone_for_settings(store.settings, input_size=size)
-    return make_explainer(method or ex.method, bb, metric=store.settings.metric, mu=store.mean, centre=ex.centre,
-                          head=store.head)
+    # μ (and the stride-16 layer's μ) at the explain resolution, sampled by the indexer (retrieval/reference.py)
+    mu, mu_tap = for_explain(store, bb, size, tap_layer(store.settings.model))
+    return make_explainer(method or ex.method, bb, metric=store.settings.metric,
+                          mu=store.mean if mu is None else mu, centre=ex.centre, head=store.head, mu_tap=mu_tap)
 
 
 def default_out_dir(query: str | Path, base: Path | None = None) -> Path:
@@ -175,11 +179,16 @@ def _correspondences(explainer: Explainer, aq, ar, query, result, top: int = 5):
     return correspondences(s, tuple(aq.shape[-2:]), tuple(ar.shape[-2:]), own_size(query), own_size(result), top)
 
 
-def _explain_all(explainer: Explainer, query, images: Sequence):
-    """Explanations and region pairs for (query, each image); one forward pass per image."""
-    feats = _features(explainer, [query, *images])
-    exps = explainer.explain_many(query, images, query_features=feats[0]) if images else []
-    corrs = [_correspondences(explainer, feats[0], feats[1 + i], query, img) for i, img in enumerate(images)]
+def _explain_all(explainer: Explainer, query, images: Sequence, map_max_side: int | None = MAP_MAX_SIDE):
+    """Explanations and region pairs for (query, each image): one forward pass per image (the region pairs
+    use the feature maps the explainer kept; gradient and occlusion baselines need their own passes)."""
+    explainer.map_max_side = map_max_side
+    exps = explainer.explain_many(query, images) if images else []
+    corrs = []
+    for e, img in zip(exps, images):
+        if e.features is None and explainer.name != "occlusion":
+            e.features = tuple(_features(explainer, [query, img]))
+        corrs.append(_correspondences(explainer, *(e.features or (None, None)), query, img))
     return exps, corrs
 
 
@@ -222,7 +231,7 @@ def explain_pair(a: str | Path, b: str | Path, out: Path, explainer: Explainer, 
 
     side = explainer.backbone.preprocess.size
     qa, rb = load_image(a, min_side=side), load_image(b, min_side=side)
-    (e,), (corr,) = _explain_all(explainer, qa, [rb])
+    (e,), (corr,) = _explain_all(explainer, qa, [rb], map_max_side)
     out = _prepare_out(out)
     files = save_maps(out, "", e, (own_size(qa), own_size(rb)), max_side=map_max_side)
     score = search["score"] if search else None
@@ -268,7 +277,7 @@ def explain_hits(query_path: str, hits: Sequence, out: Path, explainer: Explaine
             if on_error:
                 on_error(e.path, e.reason)
     out = _prepare_out(out)
-    exps, corrs = _explain_all(explainer, q, images)
+    exps, corrs = _explain_all(explainer, q, images, map_max_side)
     what = f"{search_score_words(explainer.metric)}, the score that ranked this result"
     items, objs = [], {}
     for h, img, e, corr in zip(kept, images, exps, corrs):

@@ -32,6 +32,8 @@ from retrieval.head import parse_head
 from retrieval.pooling import parse_pooling
 from retrieval.service import backbone_for_settings
 from retrieval.calibration import refresh as refresh_calibration
+from retrieval.reference import refresh as refresh_reference
+from retrieval.reference import tap_layer
 from retrieval.store import (PRESETS, ImageRow, IncompleteIndex, IndexSettings, IndexStore, SkippedRow,
                              default_explain, factory_for, index_path)
 
@@ -199,7 +201,7 @@ def index_paths(paths: Iterable[str | os.PathLike], index_dir: str | os.PathLike
                     store.discard()  # nothing could be indexed: no index, rather than an empty one
                     discarded = True
                 else:
-                    _finalise(store, report, refit)
+                    _finalise(store, report, refit, bb)
             finally:
                 store.close()
     report.interrupted = report.interrupted or stop.is_set()
@@ -223,7 +225,7 @@ def _sigint_deferred(stop: threading.Event):
         signal.signal(signal.SIGINT, previous)
 
 
-def _finalise(store: IndexStore, report: IndexReport, refit: bool) -> None:
+def _finalise(store: IndexStore, report: IndexReport, refit: bool, bb: Backbone | None = None) -> None:
     """Head fit, retraining or compaction, μ, and the vector file: one consistent state on disk."""
     if not report.interrupted and (refit or store.head_is_stale()) and store.fit_head():
         store.rebuild_faiss()  # every vector changes with the head
@@ -235,6 +237,9 @@ def _finalise(store: IndexStore, report: IndexReport, refit: bool) -> None:
     store.save_faiss()
     if not report.interrupted:
         refresh_calibration(store)  # where scores stand in this collection (explain verdicts)
+        if bb is not None:  # μ at the explain resolution, for the explanations' centring
+            size = (store.settings.explain or {}).get("input_size") or bb.preprocess.size
+            refresh_reference(store, bb, int(size), tap_layer(store.settings.model))
     store.set_value("updated_at", time.time())
     report.total = store.count()
 

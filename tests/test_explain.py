@@ -71,8 +71,14 @@ def test_identical_images_give_identical_maps(lite0):
 @pytest.mark.parametrize("size", [(333, 127), (127, 333), (1, 1), (4001, 61), (225, 224)])
 def test_map_shape_is_the_image_shape(lite0, size):
     img = skimage_photo("coffee").resize(size)
-    e = SFAM(lite0).explain(skimage_photo("coffee"), img)
+    ex = SFAM(lite0)
+    ex.map_max_side = None  # the photo's own size (the default caps the long side at 1024 px)
+    e = ex.explain(skimage_photo("coffee"), img)
     assert e.result_map.shape == (size[1], size[0]) and e.result_map.dtype == np.float32
+    ex.map_max_side = 1024
+    h, w = size[1], size[0]
+    f = min(1.0, 1024 / max(h, w))
+    assert ex.explain(skimage_photo("coffee"), img).result_map.shape == (max(1, round(h * f)), max(1, round(w * f)))
     assert e.query_map.shape == (400, 600)
     assert 0 <= e.result_map.min() and e.result_map.max() <= 1
 

@@ -1,0 +1,106 @@
+"""The collection's reference points at the explain resolution, sampled when the index is built or updated.
+
+Explanations centre the similarity they explain on the collection's mean (μ): "what these two share that
+a typical photo here does not". Maps are made at a higher resolution than the search embeddings (448 px
+for a 224 px index), and an embedding's statistics change with the resolution — centring 448 px
+embeddings with the 224 px mean localises far worse (bench/results/explain.md, set C: pointing 0.60 vs
+0.93 for one variant). So the indexer also embeds a sample of the collection (up to ``SAMPLE`` photos) at
+the explain resolution and stores two means with the index:
+
+- ``mean``: of the pooled final-layer embeddings (the index's pooling), and
+- ``mean_tap``: of the spatially averaged stride-16 map (``TAP_LAYERS``), which SFAM's default map fuses.
+
+Re-sampled when missing, when the explain size or layer changes, or when the collection has changed size
+by 10 % since.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+KEY = "explain_reference"
+SAMPLE = 128  # photos embedded at the explain resolution when the index is built or updated
+SAMPLE_ON_THE_FLY = 32  # for an index built before references were stored (not stored: searches only read)
+
+# The stride-16 layer SFAM fuses with the final map, per registry backbone: the output of the last block
+# that runs at stride 16 (a submodule name of Backbone.net). Other backbones explain with the final layer.
+TAP_LAYERS = {
+    "efficientnet_lite0": "net._blocks.10",  # 112 channels, the end of the stride-16 stage
+    "efficientnet_b0": "5",
+    "resnet18": "6",  # layer3
+    "resnet50": "6",
+    "convnext_tiny": "5",
+}
+
+
+def tap_layer(model: str) -> str | None:
+    return TAP_LAYERS.get(model)
+
+
+def compute(store, backbone, size: int, tap: str | None, sample: int = SAMPLE,
+            rng: np.random.Generator | None = None) -> dict | None:
+    """Means of a sample of the indexed photos at ``size`` px (see the module doc); None when none can be read."""
+    import torch
+
+    from .backbone import group_by_shape
+    from .errors import ImageError
+    from .images import load_image
+
+    rng = rng or np.random.default_rng(0)
+    n = store.count()
+    if n == 0:
+        return None
+    ids = np.concatenate([i for i, _ in store.iter_vectors()])
+    pick = sorted(int(i) for i in rng.choice(ids, min(sample, len(ids)), replace=False))
+    rows = store.rows_by_ids(pick)
+    bb = backbone.at_size(size)
+    arrays = []
+    for i in pick:
+        try:
+            arrays.append(bb.preprocess.array(load_image(rows[i].path, min_side=size)))
+        except (ImageError, KeyError):
+            continue  # moved or unreadable since: the sample is a little smaller
+    if not arrays:
+        return None
+    total = np.zeros(bb.feature_dim, np.float64)
+    total_tap = None
+    for idx in group_by_shape(arrays):
+        for start in range(0, len(idx), 16):
+            x = torch.from_numpy(np.stack([arrays[j] for j in idx[start:start + 16]]))
+            if tap:
+                a, t = bb.features_and_tap(x, tap)
+                part = t.double().mean((2, 3)).sum(0).numpy()
+                total_tap = part if total_tap is None else total_tap + part
+            else:
+                a = bb.features(x)
+            total += bb.pooling.pool(a.double()).sum(0).numpy()
+    k = len(arrays)
+    return {"size": int(size), "tap": tap, "mean": (total / k).tolist(),
+            "mean_tap": None if total_tap is None else (total_tap / k).tolist(), "sampled": k, "images": n}
+
+
+def _fits(ref: dict | None, size: int, tap: str | None) -> bool:
+    return bool(ref) and ref.get("size") == size and ref.get("tap") == tap
+
+
+def refresh(store, backbone, size: int, tap: str | None, force: bool = False) -> dict | None:
+    """Re-sample and store when missing, made for another size or layer, or ≥ 10 % off in collection size."""
+    old = store.get_value(KEY)
+    n = store.count()
+    if not force and _fits(old, size, tap) and abs(n - old["images"]) < 0.1 * max(old["images"], 1):
+        return old
+    ref = compute(store, backbone, size, tap)
+    store.set_value(KEY, ref)
+    return ref
+
+
+def for_explain(store, backbone, size: int, tap: str | None) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(μ, μ_tap) at ``size`` px: the stored ones, else sampled now from a few photos (not stored), else the
+    index's own mean when it was computed at that size."""
+    ref = store.get_value(KEY)
+    if not _fits(ref, size, tap):
+        ref = compute(store, backbone, size, tap, sample=SAMPLE_ON_THE_FLY)
+    own = store.settings.preprocess.get("size") == size  # the index's mean is exact (every photo) at its size
+    if ref is None:
+        return (np.asarray(store.mean, np.float64) if own else None), None
+    tap_mean = None if ref.get("mean_tap") is None else np.asarray(ref["mean_tap"], np.float64)
+    return np.asarray(store.mean if own else ref["mean"], np.float64), tap_mean
