@@ -1,4 +1,4 @@
-"""Peak memory of `retrieve index`: 1k vs 10k images, and a folder holding one 100 MP photo (fresh processes).
+"""Peak memory of `retrieve index` (1k vs 10k images, a folder holding one 100 MP photo) and of explaining it.
 
     python bench/memory.py [--sizes 1000 10000] [--no-100mp]
     python bench/memory.py --sizes          # only the 100 MP rows; the collection table is kept from the last run
@@ -81,8 +81,15 @@ def big_photo_rows(tmp: Path, env: dict) -> list[list]:
         peak, secs, out = _peak_run([sys.executable, "-m", "cli", "index", str(folder), "--index",
                                      str(tmp / f"i-{fmt}"), "--json"], env)
         rep = json.loads(out.strip().splitlines()[-1])
-        rows.append([label, f"{size_mb:.0f}" if fmt else "-", round(peak, 1), round(secs, 1), rep["indexed"],
-                     rep["skipped"]])
+        row = [label, f"{size_mb:.0f}" if fmt else "-", round(peak, 1), round(secs, 1), rep["indexed"], rep["skipped"]]
+        # explaining it: `retrieve explain small big` and `retrieve search small --explain` (every result)
+        small, second = sorted(base.rglob("*.jpg"))[:2]
+        other = f if fmt else second
+        ex_peak, _, _ = _peak_run([sys.executable, "-m", "cli", "explain", str(small), str(other), "--out",
+                                   str(tmp / f"e-{fmt}"), "--json"], env)
+        se_peak, _, _ = _peak_run([sys.executable, "-m", "cli", "search", str(small), "--index", str(tmp / f"i-{fmt}"),
+                                   "-k", "9", "--explain", "--out", str(tmp / f"s-{fmt}"), "--json"], env)
+        rows.append(row + [round(ex_peak, 1), round(se_peak, 1)])
         print(rows[-1], flush=True)
     return rows
 
@@ -96,6 +103,8 @@ def _previous_collection_table() -> str:
     body = "\n".join(lines[1:]).split("\n## ")[0].strip()
     if body.startswith("## "):
         body = body.split("\n", 1)[1].strip()
+    while body.startswith("(measured "):  # the table was carried over before: keep its own (oldest) date only
+        stamp, body = body[len("(measured "):].split(",", 1)[0], body.split("\n", 1)[1].strip()
     return f"(measured {stamp}, not re-run this time)\n\n{body}"
 
 
@@ -125,7 +134,11 @@ def main() -> None:
     if big:
         text += ("\n\n## One 100 MP photo\n\nPeak RSS of `retrieve index` on a folder of 8 small photos, alone and "
                  "with one 100 MP photo (a fresh process and a new index each).\n\n")
-        text += _common.table(["folder", "file MB", "peak RSS MiB", "seconds", "indexed", "skipped"], big)
+        text += ("Beside it, the peak RSS of explaining that photo: `retrieve explain` of a small photo and the big one "
+                 "(the small one itself in the baseline row), and `retrieve search SMALL --index … -k 9 --explain` "
+                 "(maps and report for every result, the big photo among them).\n\n")
+        text += _common.table(["folder", "file MB", "index: peak RSS MiB", "seconds", "indexed", "skipped",
+                               "explain A B: peak MiB", "search --explain: peak MiB"], big)
     _common.save("memory", text)
 
 

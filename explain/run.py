@@ -192,6 +192,20 @@ def _explain_all(explainer: Explainer, query, images: Sequence, map_max_side: in
     return exps, corrs
 
 
+def _display(img, max_side: int = 1024):
+    """A copy of a photo for figures and reports, at most ``max_side`` px, remembering the photo's own size
+    (so boxes and captions stay in its own pixels); the full decode can then be freed."""
+    from PIL import Image
+
+    if max(img.size) <= max_side:
+        return img
+    f = max_side / max(img.size)
+    small = img.resize((max(1, round(img.width * f)), max(1, round(img.height * f))), Image.BILINEAR,
+                       reducing_gap=2.0)
+    small.info["original_size"] = img.info.get("original_size", img.size)
+    return small
+
+
 def index_pair_score(store, backbone, a: str | Path, b: str | Path) -> dict:
     """The score ``retrieve search A`` gives B in this index: A embedded as a query, B's stored embedding when B
     is indexed (else B embedded the same way), in the index's vector space."""
@@ -232,6 +246,7 @@ def explain_pair(a: str | Path, b: str | Path, out: Path, explainer: Explainer, 
     side = explainer.backbone.preprocess.size
     qa, rb = load_image(a, min_side=side), load_image(b, min_side=side)
     (e,), (corr,) = _explain_all(explainer, qa, [rb], map_max_side)
+    qa, rb = _display(qa), _display(rb)
     out = _prepare_out(out)
     files = save_maps(out, "", e, (own_size(qa), own_size(rb)), max_side=map_max_side)
     score = search["score"] if search else None
@@ -278,6 +293,7 @@ def explain_hits(query_path: str, hits: Sequence, out: Path, explainer: Explaine
                 on_error(e.path, e.reason)
     out = _prepare_out(out)
     exps, corrs = _explain_all(explainer, q, images, map_max_side)
+    q, images = _display(q), [_display(im) for im in images]
     what = f"{search_score_words(explainer.metric)}, the score that ranked this result"
     items, objs = [], {}
     for h, img, e, corr in zip(kept, images, exps, corrs):
