@@ -5,11 +5,14 @@ Each child runs the CLI's entry point (``cli.main``) exactly as the installed ``
 Protocol, one line each: stdin gives a JSON list of arguments (``RETRIEVE_LOG``, from the environment, names
 the file the children's stdout and stderr go to); the driver forks and prints ``pid N``; then stdin says
 ``kill`` (SIGKILL now: the child is alive, or a zombie not yet reaped) or ``wait``, and the driver prints
-``exit S`` once the child has ended (its exit status, or minus the signal that ended it).
+``exit S T`` once the child has ended: its exit status (or minus the signal that ended it) and how long it ran,
+in seconds (a watcher notes the moment it ended without reaping it, so a kill never reaches another process).
 """
 import json
 import os
 import sys
+import threading
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -39,11 +42,17 @@ def main() -> None:
                 sys.stdout.flush()
                 sys.stderr.flush()
                 os._exit(code)
+        started = time.monotonic()
+        ended = []
+        watcher = threading.Thread(target=lambda: (os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT),
+                                                   ended.append(time.monotonic())), daemon=True)
+        watcher.start()
         print(f"pid {pid}", flush=True)
         if sys.stdin.readline().strip() == "kill":
-            os.kill(pid, 9)
+            os.kill(pid, 9)  # not reaped yet (WNOWAIT): still our child, alive or a zombie
+        watcher.join()  # it has ended (a zombie until reaped here)
         _, status = os.waitpid(pid, 0)
-        print(f"exit {os.waitstatus_to_exitcode(status)}", flush=True)
+        print(f"exit {os.waitstatus_to_exitcode(status)} {ended[0] - started:.3f}", flush=True)
 
 
 if __name__ == "__main__":
