@@ -278,8 +278,9 @@ def _human(n: float) -> str:
 @click.option("--explain", is_flag=True, help="Write heat maps and a report explaining each result.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="With --explain: output directory [default: ./retrieve-explain-<query>-<time>].")
-@click.option("--method", type=click.Choice(["sfam", "gradcam", "occlusion"]), default=None,
-              help="With --explain: how maps are found [default: the index's, sfam].")
+@click.option("--method", type=click.Choice(["sfam", "sfam-plain", "gradcam", "occlusion"]), default=None,
+              help="With --explain: how maps are found: sfam (two layers, correspondence-gated), sfam-plain (the "
+                   "paper's map), gradcam or occlusion (baselines) [default: the index's, sfam].")
 @click.option("--full-maps", is_flag=True,
               help="With --explain: save the .npy maps at each photo's full size [default: long side ≤ 1024 px].")
 @trust_option
@@ -430,9 +431,11 @@ def _explain_meta(store, explainer) -> dict:
 @click.option("--model", default=None, help="Backbone when no index is used [default: efficientnet_lite0].")
 @click.option("--weights", type=click.Path(dir_okay=False), default=None, help="Local weights file (state dict).")
 @click.option("--metric", type=click.Choice(["cosine", "l2"]), default=None, help="Without an index [default: cosine].")
-@click.option("--method", type=click.Choice(["sfam", "gradcam", "occlusion"]), default=None,
-              help="How the maps are found [default: sfam].")
-@click.option("--input-size", type=click.IntRange(32, 2048), default=None, help="Input side in pixels.")
+@click.option("--method", type=click.Choice(["sfam", "sfam-plain", "gradcam", "occlusion"]), default=None,
+              help="How the maps are found: sfam (two layers, correspondence-gated), sfam-plain (the paper's map), "
+                   "gradcam or occlusion (baselines) [default: sfam].")
+@click.option("--input-size", type=click.IntRange(32, 2048), default=None,
+              help="Input side in pixels [default: the index's explain size; 448 without an index].")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Output directory [default: ./retrieve-explain-<A>-<time>].")
 @click.option("--verify", is_flag=True, help="Also match SIFT points under one homography; draw the inliers.")
@@ -478,6 +481,10 @@ def explain_cmd(ctx, a, b, index_dir, model, weights, metric, method, input_size
             calibration = for_search(store)
     else:
         bb = load_backbone(model or DEFAULT_MODEL, weights, input_size=input_size)
+        if not input_size:  # maps at the resolution an index explains at (retrieval.store.default_explain)
+            from retrieval.store import default_explain
+
+            bb = bb.at_size(default_explain(bb.preprocess.size)["input_size"])
         explainer = make_explainer(method or "sfam", bb, metric=metric or "cosine", mu=None)
         meta = _explain_meta(None, explainer)
     verification = None
