@@ -1,19 +1,25 @@
 """How good are the explanations? Localisation, faithfulness, sanity and cost, SFAM beside its baselines.
 
-    python bench/explain_eval.py [--sizes 224 448] [--threads 2] [--quick]
+    python bench/explain_eval.py [--sizes 448] [--threads 2] [--quick]
 
 1. Localisation on composites of real photos: an object photo pasted off-centre into another photo;
    query = the object photo, result = the composite. Energy-in-box (share of the result map's mass in
-   the pasted box) and pointing (the map's maximum falls in the box), for sfam / gradcam / occlusion /
-   a centre prior / a random map, cosine and l2. Set A: scikit-image's photos (88 px object in a 224 px
-   scene, 15 % of the area, 36 pairs). Set B (when ../shared/data/caltech101 is present): a caltech
-   object pasted into a photo of another category (8 % of the area, 20 pairs).
+   the pasted box) and pointing (the map's maximum falls in the box), scored on the result map at the
+   photo's own size. Set A: scikit-image's photos (88 px object in a 224 px scene, 15 % of the area, 36
+   pairs). With ../shared/data/caltech101: set B, a caltech object pasted into a photo of another category
+   (8 % of the area, 20 pairs); set C, the hardest: bench/instance_set.py's 100 objects, each clean
+   reference pasted (aspect kept) into a real photo of another category at 640×480 (480×640 for one in
+   four), box 5-10 % of the area and never over the photo's centre (100 pairs). Rows: SFAM's default map
+   and its ablations, the paper's plain map, this project's Grad-CAM and occlusion (sets A and B), and the
+   peer pytorch-grad-cam (the bench extra: GradCAM, GradCAM++, HiResCAM, LayerCAM, EigenCAM with its
+   similarity-to-concept target, on the same backbone, weights and input size), a centre prior, a random
+   map. μ (and the stride-16 layer's mean) = the mean over the set's source photos at the explain size.
 2. Faithfulness on real matched pairs (att_faces: two photos of one person; caltech101: two photos of
    one category): deletion AUC (most salient pixels replaced by a blurred copy first, 5 % steps; lower
    is better) and insertion AUC (from the blurred image, most salient first; higher is better), as the
    similarity normalised by the unmodified pair's.
 3. Sanity: randomised backbone weights must change the SFAM maps (Spearman rank correlation).
-4. Cost per explanation per method, as a ratio to SFAM, and SFAM for a top-10 vs 11 bare forward passes.
+4. Cost per explanation per method, and SFAM's default and plain maps for a top-10 vs 11 bare forward passes.
 
 Saves bench/results/explain.md.
 """

@@ -212,6 +212,9 @@ def variants(f, mu, mu224):
         "μ=0: dec32·dec16p": prod(decomposition(q32, r32, z32), decomposition(q16p, r16p, z16p)),
         "μ=0: dec32·dec16 × g16mnn": prod(decomposition(q32, r32, z32), decomposition(q16, r16, z16)) * gate(q16, r16, z16, "mnn"),
         "μ=0: dec32 × g16mnn": prod(decomposition(q32, r32, z32), gate(q16, r16, z16, "mnn")),
+        "dec32·dec16p × g16pmnn^½": prod(d32, d16p) * g16pm.sqrt(),
+        "dec32·dec16p × g16pmax": prod(d32, d16p) * gate(q16p, r16p, m16p),
+        "dec32·dec16p × (g16pmnn+g16pmax)/2": prod(d32, d16p) * (g16pm + gate(q16p, r16p, m16p)) / 2,
         "μ224: dec32·dec16 × g16mnn": prod(decomposition(q32, r32, mu224["s32"]), decomposition(q16, r16, mu224["s16"])) * gate(q16, r16, mu224["s16"], "mnn"),
     })
     return out
