@@ -110,19 +110,20 @@ def compute(store, rng: np.random.Generator | None = None) -> Calibration | None
     # Nearest other image of a sample of images, from the index itself (exact for flat indexes).
     pick = rng.choice(len(ids), min(NN_QUERIES, len(ids)), replace=False)
     index = store.faiss_index()
-    _, nb = index.search(np.ascontiguousarray(x[pick], np.float32), min(2, index.ntotal))
-    mine, theirs = [], []
+    _, nb = index.search(np.ascontiguousarray(x[pick], np.float32), min(4, index.ntotal))
+    # the nearest other image that is still a row (an HNSW graph keeps removed ids until it is compacted),
+    # re-scored exactly from the stored embeddings (PQ distances are approximate)
+    rows = store.rows_by_ids({int(k) for k in nb.ravel() if k >= 0})
+    keep_rows, theirs = [], []
     for row, nbrs in enumerate(nb):
         own = int(ids[pick[row]])
-        others = [int(k) for k in nbrs if k >= 0 and int(k) != own]
+        others = [int(k) for k in nbrs if k >= 0 and int(k) != own and int(k) in rows]
         if others:
-            mine.append(row)
+            keep_rows.append(row)
             theirs.append(others[0])
-    if not mine:
+    if not keep_rows:
         return None
-    rows = store.rows_by_ids(theirs)  # re-scored exactly from the stored embeddings (PQ distances are approximate)
-    keep_rows = [r for r, t in zip(mine, theirs) if t in rows]
-    other = store.transform(np.stack([np.frombuffer(rows[t].vector, np.float32) for t in theirs if t in rows]))
+    other = store.transform(np.stack([np.frombuffer(rows[t].vector, np.float32) for t in theirs]))
     near = pair_scores(x[pick[keep_rows]], other, metric)
     return Calibration(quantiles(rand), quantiles(near), n, len(rand), len(near), space(store))
 

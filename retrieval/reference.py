@@ -10,8 +10,8 @@ the explain resolution and stores two means with the index:
 - ``mean``: of the pooled final-layer embeddings (the index's pooling), and
 - ``mean_tap``: of the spatially averaged stride-16 map (``TAP_LAYERS``), which SFAM's default map fuses.
 
-Re-sampled when missing, when the explain size or layer changes, or when the collection has changed size
-by 10 % since.
+Re-sampled when missing, when the explain size or layer changes, or when the collection has halved or
+doubled since (as the linear head is re-fitted): each sample costs up to 128 forward passes.
 """
 from __future__ import annotations
 
@@ -83,11 +83,11 @@ def _fits(ref: dict | None, size: int, tap: str | None) -> bool:
 
 
 def refresh(store, backbone, size: int, tap: str | None, force: bool = False) -> dict | None:
-    """Re-sample and store when missing, made for another size or layer, or ≥ 10 % off in collection size."""
+    """Re-sample and store when missing, made for another size or layer, or the collection halved or doubled."""
     old = store.get_value(KEY)
     n = store.count()
-    if not force and _fits(old, size, tap) and abs(n - old["images"]) < 0.1 * max(old["images"], 1):
-        return old
+    if not force and _fits(old, size, tap) and old["images"] / 2 <= n <= 2 * max(old["images"], 1):
+        return old  # a mean of up to 128 photos moves little until the collection halves or doubles
     ref = compute(store, backbone, size, tap)
     store.set_value(KEY, ref)
     return ref
