@@ -151,8 +151,10 @@ def index_paths(paths: Iterable[str | os.PathLike], index_dir: str | os.PathLike
     index_dir = index_path(index_dir)
     what = "retrieve index"
 
-    scan = scan_paths(roots, follow_links=follow_links) if follow_links else scan_paths(roots)
+    scan = scan_paths(roots, follow_links=follow_links)
     files = list(scan)
+    for link in getattr(scan, "links_not_followed", ()):  # said, not silently passed over
+        on_skip(link, "a link out of the folders, not followed (retrieve index --follow-links follows it)")
     trees = [str(t) for t in getattr(scan, "trees", None) or roots]
     store = None
     if IndexStore.exists(index_dir):
