@@ -85,6 +85,31 @@ def upsample(raw: np.ndarray | torch.Tensor, size: tuple[int, int]) -> np.ndarra
     return (up / m if m > 0 else up).astype(np.float32)
 
 
+def _bilinear(n: int, size: int) -> torch.Tensor:
+    """The size×n matrix of ``F.interpolate(mode="bilinear", align_corners=False)`` along one axis (the same
+    source coordinates and weights, computed as torch does, in float32)."""
+    scale = n / size
+    src = ((torch.arange(size, dtype=torch.float32) + 0.5) * scale - 0.5).clamp_min(0)
+    i0 = src.floor().long().clamp_max(n - 1)
+    i1 = (i0 + 1).clamp_max(n - 1)
+    l1 = src - i0
+    w = torch.zeros(size, n)
+    rows = torch.arange(size)
+    w.index_put_((rows, i0), 1 - l1, accumulate=True)
+    w.index_put_((rows, i1), l1, accumulate=True)
+    return w
+
+
+def upsample_many(raw: torch.Tensor, size: tuple[int, int]) -> list[np.ndarray]:
+    """:func:`upsample` of each of the non-negative maps ``raw`` (N×h×w) to one (H, W), as two matrix
+    products (bilinear interpolation is separable): the same maps to float32 rounding, several times faster."""
+    h, w = raw.shape[-2:]
+    up = torch.matmul(torch.matmul(_bilinear(h, size[0]), raw.float()), _bilinear(w, size[1]).T)
+    m = up.amax((1, 2))  # non-negative weights of non-negative maps: nothing to clamp
+    up.div_(torch.where(m > 0, m, torch.ones_like(m))[:, None, None])  # an all-zero map stays zero
+    return list(up.numpy())
+
+
 class Explainer:
     """The shared pipeline. ``metric`` is the index's; ``mu`` the collection mean (zeros when unknown).
 
@@ -215,25 +240,62 @@ def share_maps(wq: torch.Tensor, wr: torch.Tensor, cq: torch.Tensor, cr: torch.T
     return dq, dr
 
 
+def _unit(fc: torch.Tensor) -> torch.Tensor:
+    """Centred local features (…×C×L) → unit vectors along C."""
+    return F.normalize(fc, dim=-2)
+
+
+def _mutual(uq: torch.Tensor, ur: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`mutual_gate` on unit features: ``uq`` C×Lq (the query's), ``ur`` N×C×Lr (N results, batched);
+    returns (N×Lq, N×Lr). Nearest neighbours as ``torch.max`` finds them (the first of equal maxima), by
+    numpy's argmax along contiguous rows (several times faster than a reduction across rows)."""
+    s = torch.matmul(ur.transpose(-1, -2), uq).numpy()  # N × result locations × query locations
+    st = np.ascontiguousarray(s.transpose(0, 2, 1))
+    nn_r, nn_q = s.argmax(2), st.argmax(2)
+    best_r = np.take_along_axis(s, nn_r[..., None], 2)[..., 0]
+    best_q = np.take_along_axis(st, nn_q[..., None], 2)[..., 0]
+    gr = np.maximum(best_r, 0) * (np.take_along_axis(nn_q, nn_r, 1) == np.arange(s.shape[1]))
+    gq = np.maximum(best_q, 0) * (np.take_along_axis(nn_r, nn_q, 1) == np.arange(s.shape[2]))
+    return torch.from_numpy(gq), torch.from_numpy(gr)
+
+
 def mutual_gate(fq: torch.Tensor, fr: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Correspondence gates: for each location of one image, the cosine of its (``m``-centred) local
     feature with its nearest neighbour among the other image's locations, kept only when the two are
-    mutual nearest neighbours and the cosine is positive (0 elsewhere)."""
-    def unit(f):
-        return F.normalize((f - m[:, None, None]).flatten(1), dim=0)
+    mutual nearest neighbours and the cosine is positive (0 elsewhere). In the features' own precision."""
+    m = m.to(fq.dtype)[:, None]
+    gq, gr = _mutual(_unit(fq.flatten(1) - m), _unit(fr.flatten(1) - m)[None])
+    return gq[0].reshape(fq.shape[-2:]), gr[0].reshape(fr.shape[-2:])
 
-    s = unit(fr).T @ unit(fq)  # result locations × query locations
-    best_r, nn_r = s.max(1)
-    best_q, nn_q = s.max(0)
-    gr = best_r.clamp_min(0) * (nn_q[nn_r] == torch.arange(len(nn_r)))
-    gq = best_q.clamp_min(0) * (nn_r[nn_q] == torch.arange(len(nn_q)))
-    return gq.reshape(fq.shape[-2:]), gr.reshape(fr.shape[-2:])
+
+class _torch_threads:
+    """torch's intra-op threads set to ``n`` inside the block (restored after). The maps' maths is many small
+    operations: on a loaded machine each multi-threaded one waits for a descheduled worker (measured: 0.5 s
+    for ten pairs with 2 threads vs 0.15 s with one), while the network (ONNX Runtime's own pool) keeps its."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.before = None
+
+    def __enter__(self):
+        self.before = torch.get_num_threads()
+        if self.before > self.n:
+            torch.set_num_threads(self.n)
+        return self
+
+    def __exit__(self, *exc):
+        if torch.get_num_threads() != self.before:
+            torch.set_num_threads(self.before)
+        return False
 
 
 def _to(m: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-    if tuple(m.shape) == tuple(hw):
+    """Bilinear resize of a map (h×w, or a batch N×h×w) to ``hw``."""
+    if tuple(m.shape[-2:]) == tuple(hw):
         return m
-    return F.interpolate(m[None, None], size=hw, mode="bilinear", align_corners=False)[0, 0]
+    if m.dim() == 2:
+        return F.interpolate(m[None, None], size=hw, mode="bilinear", align_corners=False)[0, 0]
+    return F.interpolate(m[:, None], size=hw, mode="bilinear", align_corners=False)[:, 0]
 
 
 class SFAM(Explainer):
@@ -259,6 +321,10 @@ class SFAM(Explainer):
     positive, the finer layer's decomposition agrees, and the local feature has a mutual match in the
     other image. Chosen by measurement (bench/results/explain.md, set C). Backbones without a known
     stride-16 layer get ``ReLU(D32)``. ``cis``/``cis_target`` are the final layer's, exact as before.
+
+    Cost: :meth:`explain_many` computes the query's quantities once, and each batch of results (one per
+    input shape) together: D32 and D16 as float64 matrix products, the gate as one float32 product of the
+    unit local features (the backbone's own precision), the maps upsampled in batches.
     """
 
     name = "sfam"
@@ -270,71 +336,140 @@ class SFAM(Explainer):
         self.gate = gate
 
     def explain_many(self, query, results, query_features=None):
-        if self.tap is None:
-            return super().explain_many(query, results, query_features)
+        if not results:
+            return []
         pre = self.backbone.preprocess
-        xq = pre.batch([query])
-        xr = [pre.batch([r]) for r in results]
-        fq = self.backbone.features_and_tap(xq, self.tap)
-        fr = [None] * len(xr)
-        for idx in group_by_shape([x[0] for x in xr]):
-            a, t = self.backbone.features_and_tap(torch.cat([xr[i] for i in idx]), self.tap)
-            for j, i in enumerate(idx):
-                fr[i] = (a[j:j + 1], t[j:j + 1])
+        arrays = [pre.array(r) for r in results]  # each image preprocessed once, batched by input shape
+        xq = torch.from_numpy(pre.array(query)[None])
+        if self.tap is not None:
+            fq = self.backbone.features_and_tap(xq, self.tap)
+        else:
+            fq = (query_features if query_features is not None else self.backbone.features(xq), None)
+        batches = []  # all forward passes first, then the maths (no torch thread pool busy beside the network's)
+        for idx in group_by_shape(arrays):
+            x = torch.from_numpy(np.stack([arrays[i] for i in idx]))
+            fr = (self.backbone.features_and_tap(x, self.tap) if self.tap is not None
+                  else (self.backbone.features(x), None))
+            batches.append((idx, fr))
+        with _torch_threads(1):
+            side = self._query_side(*fq)
+            raws: list = [None] * len(results)
+            for idx, fr in batches:
+                mq, mr, infos = self._maps_batch(side, *fr)
+                for j, i in enumerate(idx):
+                    raws[i] = (mq[j], mr[j], infos[j], fr[0][j:j + 1])
+            qmaps = upsample_many(torch.from_numpy(np.stack([r[0] for r in raws])),
+                                  map_size(own_size(query), self.map_max_side))
+            rmaps: list = [None] * len(results)  # batched by (raw shape, map size)
+            groups: dict = {}
+            for i, r in enumerate(results):
+                groups.setdefault((raws[i][1].shape, map_size(own_size(r), self.map_max_side)), []).append(i)
+            for (_, size), idx in groups.items():
+                for i, m in zip(idx, upsample_many(torch.from_numpy(np.stack([raws[i][1] for i in idx])), size)):
+                    rmaps[i] = m
+        what = self.describe()
         out = []
         for i, res in enumerate(results):
-            raw_q, raw_r, info = self.raw_maps(xq, xr[i], fq, fr[i])
-            out.append(Explanation(method=self.name, metric=self.metric, query_map=self._map(raw_q, query),
-                                   result_map=self._map(raw_r, res), query_raw=np.asarray(raw_q, np.float32),
-                                   result_raw=np.asarray(raw_r, np.float32), similarity=self.describe(),
-                                   features=(fq[0], fr[i][0]), **info))
+            raw_q, raw_r, info, ar = raws[i]
+            out.append(Explanation(method=self.name, metric=self.metric, query_map=qmaps[i],
+                                   result_map=rmaps[i], query_raw=np.asarray(raw_q, np.float32),
+                                   result_raw=np.asarray(raw_r, np.float32), similarity=what,
+                                   features=(fq[0], ar), **info))
         return out
 
-    def _weights(self, q: np.ndarray, r: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(wq, wr, m): CIS_k = wr_k (r_k − m_k) = (q_k − m_k) wq_k... for the explained similarity."""
-        q, r = np.asarray(q, np.float64), np.asarray(r, np.float64)
+    def _ref(self, dim: int) -> np.ndarray:
+        """``m``, the reference point of the explained similarity (see the class docstring)."""
         if self.head is not None:
-            m, p = np.asarray(self.head.mean, np.float64), np.asarray(self.head.proj, np.float64)
-            g = p.T @ p
-            qc, rc = q - m, r - m
-            z = 1.0
-            if self.metric == "cosine":
-                z = max(np.linalg.norm(p @ qc) * np.linalg.norm(p @ rc), 1e-12)
-            return g @ rc / z, g @ qc / z, m
-        m = self.mu if (self.centre or (self.metric == "l2" and self.mu is not None)) else np.zeros_like(q)
+            return np.asarray(self.head.mean, np.float64)
+        if self.centre or (self.metric == "l2" and self.mu is not None):
+            return self.mu
+        return np.zeros(dim)
+
+    def _weights(self, q: np.ndarray, r: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(wq, wr, m): CIS_k = wr_k (r_k − m_k) = (q_k − m_k) wq_k... for the explained similarity.
+        ``r`` may be N×C (N results against one query): then wq, wr are N×C."""
+        q, r = np.asarray(q, np.float64), np.asarray(r, np.float64)
+        m = self._ref(q.shape[-1])
         qc, rc = q - m, r - m
-        z = max(np.linalg.norm(qc) * np.linalg.norm(rc), 1e-12) if self.metric == "cosine" else 1.0
-        return rc / z, qc / z, m
+        one = r.ndim == 1
+        rc2 = rc[None] if one else rc
+        if self.head is not None:
+            p = np.asarray(self.head.proj, np.float64)
+            eq, er = p @ qc, rc2 @ p.T  # PᵀP x = Pᵀ(P x): no C×C matrix
+            z = np.ones(len(rc2))
+            if self.metric == "cosine":
+                z = np.maximum(np.linalg.norm(eq) * np.linalg.norm(er, axis=1), 1e-12)
+            wq, wr = (er @ p) / z[:, None], (p.T @ eq)[None] / z[:, None]
+        else:
+            z = np.ones(len(rc2))
+            if self.metric == "cosine":
+                z = np.maximum(np.linalg.norm(qc) * np.linalg.norm(rc2, axis=1), 1e-12)
+            wq, wr = rc2 / z[:, None], qc[None] / z[:, None]
+        return (wq[0], wr[0], m) if one else (wq, wr, m)
+
+    def _query_side(self, aq: torch.Tensor, tq: torch.Tensor | None) -> dict:
+        """What a query contributes to every pair, computed once: its pooled vector, its centred
+        contributions (C×h·w), and at the tap its centred pooled vector, centred maps and unit features."""
+        a = aq.double()
+        pooling = self.backbone.pooling
+        q = pooling.pool(a)[0].numpy()
+        m = torch.as_tensor(self._ref(q.shape[0]), dtype=torch.float64)
+        side = {"q": q, "m": m, "hw": tuple(a.shape[-2:]),
+                "cq": (pooling.contributions(a)[0] - m[:, None, None]).flatten(1)}
+        if tq is not None:
+            t = tq[0]
+            mt = (torch.as_tensor(self.mu_tap, dtype=torch.float64) if self.mu_tap is not None
+                  else torch.zeros(t.shape[0], dtype=torch.float64))
+            tc = t.double().flatten(1) - mt[:, None]
+            side.update(mt=mt, thw=tuple(t.shape[-2:]), tc=tc, q16=tc.mean(1),
+                        uq=_unit(tc.to(t.dtype)) if self.gate else None)
+        return side
+
+    def _maps_batch(self, side: dict, ar: torch.Tensor, tr: torch.Tensor | None) -> tuple[list, list, list]:
+        """Raw maps (query's, result's; numpy float64) and info for N results (``ar`` N×C×h×w, ``tr`` N×C'×H×W
+        or None) against the query of ``side``."""
+        n = ar.shape[0]
+        a = ar.double()
+        pooling = self.backbone.pooling
+        r = pooling.pool(a).numpy()
+        q, m = side["q"], side["m"]
+        infos = [self.similarity(q, r[i]) for i in range(n)]
+        wq, wr, _ = self._weights(q, r)
+        wq, wr = torch.from_numpy(np.ascontiguousarray(wq)), torch.from_numpy(np.ascontiguousarray(wr))
+        cr = pooling.contributions(a).flatten(2)  # N×C×h·w; Σ_k wr_k (cr_k − m_k) = Σ_k wr_k cr_k − wr·m
+        h, w = side["hw"]
+        dq = torch.relu(wq @ side["cq"]).reshape(n, h, w)
+        dr = torch.relu(torch.bmm(wr[:, None], cr)[:, 0] - (wr @ m)[:, None]).reshape(n, *a.shape[-2:])
+        details = {"map": "ReLU(D32)", "layers": ["final"]}
+        if tr is None:
+            for info in infos:
+                info["details"] = dict(details)
+            return list(dq.clamp_min(0).numpy()), list(dr.clamp_min(0).numpy()), infos
+        mt, tcq, q16 = side["mt"], side["tc"], side["q16"]
+        tc = tr.double().flatten(2) - mt[None, :, None]  # N×C'×L
+        r16 = tc.mean(2)
+        z = (q16.norm() * r16.norm(dim=1)).clamp_min(1e-12)
+        eq = torch.relu((r16 / z[:, None]) @ tcq).reshape(n, *side["thw"])
+        er = torch.relu(torch.einsum("c,ncl->nl", q16, tc) / z[:, None]).reshape(n, *tr.shape[-2:])
+        dq = _to(dq, side["thw"]) * eq
+        dr = _to(dr, tuple(tr.shape[-2:])) * er
+        sims = (r16 @ q16) / z
+        base = {"map": "ReLU(D32↑)·ReLU(D16)", "layers": ["final", self.tap], "tap_centred": self.mu_tap is not None}
+        if self.gate:
+            gq, gr = _mutual(side["uq"], _unit(tc.to(tr.dtype)))
+            dq, dr = dq * gq.reshape(dq.shape), dr * gr.reshape(dr.shape)
+            base["map"] += "·G16"
+        for i, info in enumerate(infos):
+            info["details"] = {"map": base["map"], "layers": list(base["layers"]), "tap_similarity": float(sims[i]),
+                               "tap_centred": base["tap_centred"]}
+        return list(dq.clamp_min(0).numpy()), list(dr.clamp_min(0).numpy()), infos
 
     def raw_maps(self, xq, xr, aq, ar):
         tq = tr = None
         if isinstance(aq, tuple):
             (aq, tq), (ar, tr) = aq, ar
-        aq, ar = aq.double(), ar.double()
-        pooling = self.backbone.pooling
-        q, r = pooling.pool(aq)[0].numpy(), pooling.pool(ar)[0].numpy()
-        info = self.similarity(q, r)
-        d = lambda v: torch.as_tensor(v, dtype=torch.float64)  # noqa: E731
-        wq, wr, m = (d(v) for v in self._weights(q, r))
-        dq, dr = share_maps(wq, wr, pooling.contributions(aq)[0], pooling.contributions(ar)[0], m)
-        dq, dr = torch.relu(dq), torch.relu(dr)
-        details = {"map": "ReLU(D32)", "layers": ["final"]}
-        if tq is not None:
-            tq, tr = tq[0].double(), tr[0].double()
-            mt = d(self.mu_tap) if self.mu_tap is not None else torch.zeros(tq.shape[0], dtype=torch.float64)
-            q16, r16 = tq.mean((1, 2)) - mt, tr.mean((1, 2)) - mt
-            z = (q16.norm() * r16.norm()).clamp_min(1e-12)
-            eq, er = share_maps(r16 / z, q16 / z, tq, tr, mt)
-            dq = _to(dq, tuple(tq.shape[-2:])) * torch.relu(eq)
-            dr = _to(dr, tuple(tr.shape[-2:])) * torch.relu(er)
-            details = {"map": "ReLU(D32↑)·ReLU(D16)", "layers": ["final", self.tap],
-                       "tap_similarity": float(q16 @ r16 / z), "tap_centred": self.mu_tap is not None}
-            if self.gate:
-                gq, gr = mutual_gate(tq, tr, mt)
-                dq, dr = dq * gq, dr * gr
-                details["map"] += "·G16"
-        info["details"] = details
-        return dq.clamp_min(0).numpy(), dr.clamp_min(0).numpy(), info
+        mq, mr, infos = self._maps_batch(self._query_side(aq, tq), ar, tr)
+        return mq[0], mr[0], infos[0]
 
 
 class GradCAM(Explainer):
