@@ -245,11 +245,13 @@ def _unit(fc: torch.Tensor) -> torch.Tensor:
     return F.normalize(fc, dim=-2)
 
 
-def _mutual(uq: torch.Tensor, ur: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _mutual(uq: torch.Tensor, ur: torch.Tensor, threads: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`mutual_gate` on unit features: ``uq`` C×Lq (the query's), ``ur`` N×C×Lr (N results, batched);
     returns (N×Lq, N×Lr). Nearest neighbours as ``torch.max`` finds them (the first of equal maxima), by
-    numpy's argmax along contiguous rows (several times faster than a reduction across rows)."""
-    s = torch.matmul(ur.transpose(-1, -2), uq).numpy()  # N × result locations × query locations
+    numpy's argmax along contiguous rows (several times faster than a reduction across rows). ``threads``:
+    torch's threads for the one large product (None: as set)."""
+    with _torch_threads(threads):
+        s = torch.matmul(ur.transpose(-1, -2), uq).numpy()  # N × result locations × query locations
     st = np.ascontiguousarray(s.transpose(0, 2, 1))
     nn_r, nn_q = s.argmax(2), st.argmax(2)
     best_r = np.take_along_axis(s, nn_r[..., None], 2)[..., 0]
@@ -271,15 +273,16 @@ def mutual_gate(fq: torch.Tensor, fr: torch.Tensor, m: torch.Tensor) -> tuple[to
 class _torch_threads:
     """torch's intra-op threads set to ``n`` inside the block (restored after). The maps' maths is many small
     operations: on a loaded machine each multi-threaded one waits for a descheduled worker (measured: 0.5 s
-    for ten pairs with 2 threads vs 0.15 s with one), while the network (ONNX Runtime's own pool) keeps its."""
+    for ten pairs with 2 threads vs 0.15 s with one), while the network (ONNX Runtime's own pool) keeps its.
+    The gate's one large product still gets the caller's threads (one wait at most)."""
 
-    def __init__(self, n: int):
-        self.n = n
+    def __init__(self, n: int | None):
+        self.n = n  # None: leave as set
         self.before = None
 
     def __enter__(self):
         self.before = torch.get_num_threads()
-        if self.before > self.n:
+        if self.n and self.n != self.before:
             torch.set_num_threads(self.n)
         return self
 
@@ -351,11 +354,12 @@ class SFAM(Explainer):
             fr = (self.backbone.features_and_tap(x, self.tap) if self.tap is not None
                   else (self.backbone.features(x), None))
             batches.append((idx, fr))
+        threads = torch.get_num_threads()
         with _torch_threads(1):
             side = self._query_side(*fq)
             raws: list = [None] * len(results)
             for idx, fr in batches:
-                mq, mr, infos = self._maps_batch(side, *fr)
+                mq, mr, infos = self._maps_batch(side, *fr, threads=threads)
                 for j, i in enumerate(idx):
                     raws[i] = (mq[j], mr[j], infos[j], fr[0][j:j + 1])
             qmaps = upsample_many(torch.from_numpy(np.stack([r[0] for r in raws])),
@@ -425,9 +429,10 @@ class SFAM(Explainer):
                         uq=_unit(tc.to(t.dtype)) if self.gate else None)
         return side
 
-    def _maps_batch(self, side: dict, ar: torch.Tensor, tr: torch.Tensor | None) -> tuple[list, list, list]:
+    def _maps_batch(self, side: dict, ar: torch.Tensor, tr: torch.Tensor | None,
+                    threads: int | None = None) -> tuple[list, list, list]:
         """Raw maps (query's, result's; numpy float64) and info for N results (``ar`` N×C×h×w, ``tr`` N×C'×H×W
-        or None) against the query of ``side``."""
+        or None) against the query of ``side``; ``threads``: torch's threads for the gate's product."""
         n = ar.shape[0]
         a = ar.double()
         pooling = self.backbone.pooling
@@ -456,7 +461,7 @@ class SFAM(Explainer):
         sims = (r16 @ q16) / z
         base = {"map": "ReLU(D32↑)·ReLU(D16)", "layers": ["final", self.tap], "tap_centred": self.mu_tap is not None}
         if self.gate:
-            gq, gr = _mutual(side["uq"], _unit(tc.to(tr.dtype)))
+            gq, gr = _mutual(side["uq"], _unit(tc.to(tr.dtype)), threads)
             dq, dr = dq * gq.reshape(dq.shape), dr * gr.reshape(dr.shape)
             base["map"] += "·G16"
         for i, info in enumerate(infos):
