@@ -1,6 +1,6 @@
 """How good are the explanations? Localisation, faithfulness, sanity and cost, SFAM beside its baselines.
 
-    python bench/explain_eval.py [--sizes 448] [--threads 2] [--quick]
+    python bench/explain_eval.py [--sizes 448] [--threads 2] [--quick] [--cost-only]
 
 1. Localisation on composites of real photos: an object photo pasted off-centre into another photo;
    query = the object photo, result = the composite. Energy-in-box (share of the result map's mass in
@@ -402,7 +402,7 @@ def sanity(rng) -> tuple[float, float]:
     return float(np.mean(corr)), float(np.abs(same.query_map - same.result_map).max())
 
 
-def cost(timing: dict, sizes) -> list:
+def cost(timing: dict, sizes, rounds: int = 3) -> list:
     q = skimage_photo("chelsea")
     results = [skimage_photo(n) for n in ("coffee", "astronaut", "rocket", "camera", "coins", "horse", "brick",
                                           "grass", "gravel", "moon")]
@@ -414,7 +414,7 @@ def cost(timing: dict, sizes) -> list:
         ex.explain_many(q, results)  # warm (the default's two-output graph is exported once)
         plain.explain_many(q, results)
         fw, pf, sf, sp = [], [], [], []
-        for _ in range(3):  # interleaved rounds, best of each
+        for _ in range(rounds):  # interleaved rounds, best of each
             t = time.perf_counter()
             xq, xr = bb.preprocess.batch([q]), bb.preprocess.batch(results)
             t1 = time.perf_counter()
@@ -448,9 +448,15 @@ def main() -> None:
                     "explain default; add 224 for the backbone's own size)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="fewer pairs (a smoke run)")
+    ap.add_argument("--cost-only", action="store_true",
+                    help="only the top-10 cost rows (5 interleaved rounds), saved as bench/results/explain-cost.md")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
+    if args.cost_only:
+        _common.save("explain-cost", f"## Cost ({args.threads} threads)\n\n"
+                     + _common.table(["what", "ms", "ratio"], cost({}, args.sizes, rounds=5)))
+        return
     loc, timing = run_localisation(args.sizes, rng, args.quick)
     text = (f"Threads: {args.threads}; input sizes: {', '.join(map(str, args.sizes))} px (pytorch-grad-cam "
             "rows: the same backbone, weights and input size); faithfulness at 224 px plus the maps at 448 px.\n\n")

@@ -151,7 +151,7 @@ def index_paths(paths: Iterable[str | os.PathLike], index_dir: str | os.PathLike
     index_dir = index_path(index_dir)
     what = "retrieve index"
 
-    scan = scan_paths(roots, follow_links=follow_links)
+    scan = scan_paths(roots, follow_links=True) if follow_links else scan_paths(roots)
     files = list(scan)
     for link in getattr(scan, "links_not_followed", ()):  # said, not silently passed over
         on_skip(link, "a link out of the folders, not followed (retrieve index --follow-links follows it)")
