@@ -30,6 +30,7 @@ from .metric import Metric, metric as metric_named
 from .presets import PRESETS
 from .schema import (DB_NAME, SCHEMA_VERSION, ArrayRow, Base, ImageRow, IndexSettings, SettingRow,
                      SkippedRow)
+from .vectors import _fsync_dir
 from .vectors import (FAISS_NAME, HNSW_EF_CONSTRUCTION, INDEX_TYPES, IVF_MAX_LISTS, IVF_MIN_LISTS,
                       IVF_MIN_TRAIN_PER_LIST, IVF_TRAIN_PER_LIST, META_NAME, Vectors, _nlist, clean_temporaries,
                       factory_for, trainable_factory)
@@ -524,19 +525,6 @@ def _chunks(seq: Sequence, n: int) -> Iterator[Sequence]:
 def _short(e: Exception) -> str:
     msg = str(getattr(e, "orig", None) or e).strip().splitlines()
     return msg[0] if msg else type(e).__name__
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:
