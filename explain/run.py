@@ -226,11 +226,9 @@ def index_pair_score(store, backbone, a: str | Path, b: str | Path) -> dict:
             vec.append(np.frombuffer(row.vector, np.float32)[None])
         else:
             vec.append(backbone.embed_arrays([pre.array(load_image(p, min_side=pre.size))]))
-    x = store.transform(np.concatenate(vec))
-    if store.settings.metric == "cosine":
-        return {"score": float(x[0] @ x[1])}
-    d = float(((x[0].astype(np.float64) - x[1]) ** 2).sum())
-    return {"score": -d, "distance": d}
+    x = store.transform(np.concatenate(vec)).astype(np.float64)
+    score, distance = store.metric.score(store.metric.raw(x[1:], x[0])[0])
+    return {"score": score} if distance is None else {"score": score, "distance": distance}
 
 
 def explain_pair(a: str | Path, b: str | Path, out: Path, explainer: Explainer, meta: dict,

@@ -12,6 +12,7 @@ score is above ("closer than 99.2 % of random pairs here").
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -79,9 +80,10 @@ def percentile(q: np.ndarray, score: float) -> float:
     return 100.0 * (lo - 1 + frac) / (n - 1)
 
 
-def pair_scores(a: np.ndarray, b: np.ndarray, metric: str) -> np.ndarray:
-    """Row-wise scores of vectors already in the index's space: dot product (cosine), or −squared L2."""
-    if metric == "cosine":
+def pair_scores(a: np.ndarray, b: np.ndarray, metric) -> np.ndarray:
+    """Row-wise scores (higher is better) of vectors already in the index's space (``metric``: a
+    :class:`retrieval.metric.Metric`): the inner product, or minus the squared L2 distance."""
+    if metric.similarity:
         return np.einsum("ij,ij->i", a, b, dtype=np.float64)
     return -((a.astype(np.float64) - b) ** 2).sum(1)
 
@@ -92,15 +94,11 @@ def compute(store, rng: np.random.Generator | None = None) -> Calibration | None
     n = store.count()
     if n < MIN_IMAGES:
         return None
-    metric = store.settings.metric
-    # A uniform sample of rows (reservoir-free: the ids stream in order, keep each with probability p).
-    keep = min(1.0, 4000 / n)
-    ids, vecs = [], []
-    for chunk_ids, chunk in store.iter_vectors():
-        m = rng.random(len(chunk_ids)) < keep if keep < 1 else np.ones(len(chunk_ids), bool)
-        ids.append(chunk_ids[m])
-        vecs.append(store.transform(chunk[m]))
-    ids, x = np.concatenate(ids), np.concatenate(vecs)
+    metric = store.metric
+    # A uniform sample of up to 4000 rows: only their embeddings are read.
+    pick_ids = np.sort(rng.choice(store.row_ids(), min(n, 4000), replace=False))
+    ids, vecs = zip(*store.vectors_of(pick_ids))
+    ids, x = np.concatenate(ids), store.transform(np.concatenate(vecs))
     if len(ids) < 2:
         return None
     i = rng.integers(0, len(ids), RANDOM_PAIRS)
@@ -129,9 +127,8 @@ def compute(store, rng: np.random.Generator | None = None) -> Calibration | None
 
 
 def space(store) -> str:
-    """The vector space scores live in: metric and linear head (a re-fitted head changes every score)."""
-    h = store.head
-    return f"{store.settings.metric}|" + (f"head {h.dim}x{len(h.mean)} fitted on {h.fitted_on}" if h is not None else "raw")
+    """The vector space scores live in (metric, head, dimension): another one makes a calibration stale."""
+    return json.dumps(store.space(), sort_keys=True)
 
 
 def load(store) -> Calibration | None:

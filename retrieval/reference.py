@@ -49,7 +49,7 @@ def compute(store, backbone, size: int, tap: str | None, sample: int = SAMPLE,
     n = store.count()
     if n == 0:
         return None
-    ids = np.concatenate([i for i, _ in store.iter_vectors()])
+    ids = store.row_ids()  # ids only: the embeddings are not needed here
     pick = sorted(int(i) for i in rng.choice(ids, min(sample, len(ids)), replace=False))
     rows = store.rows_by_ids(pick)
     bb = backbone.at_size(size)

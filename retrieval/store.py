@@ -218,25 +218,16 @@ class IndexStore:
         if self._lock and (created or not self.exists(self.directory)):  # no index here: leave no lock file
             (self.directory / LOCK_NAME).unlink(missing_ok=True)
         self.close()
-        for d in reversed(created):
-            try:
-                d.rmdir()
-            except OSError:
-                break
+        _remove_empty(created)
 
     def discard(self) -> None:
         """Remove the index this store created (nothing in it worth keeping), and the folders it made."""
         self.engine.dispose()
         for name in (DB_NAME, f"{DB_NAME}-wal", f"{DB_NAME}-shm", f"{DB_NAME}-journal", FAISS_NAME, META_NAME):
             (self.directory / name).unlink(missing_ok=True)
-        self._created = self._created or []
         (self.directory / LOCK_NAME).unlink(missing_ok=True)  # while still holding it
         self.close()
-        for d in reversed(self._created):
-            try:
-                d.rmdir()
-            except OSError:
-                break
+        _remove_empty(self._created)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -520,6 +511,15 @@ class IndexStore:
 def _chunks(seq: Sequence, n: int) -> Iterator[Sequence]:
     for i in range(0, len(seq), n):
         yield seq[i:i + n]
+
+
+def _remove_empty(created: Sequence[Path] | None) -> None:
+    """Remove the folders a creation made (``created``, outermost first), innermost first, while empty."""
+    for d in reversed(created or []):
+        try:
+            d.rmdir()
+        except OSError:
+            break
 
 
 def _short(e: Exception) -> str:
