@@ -171,6 +171,8 @@ VARIANTS = [  # (label, method, metric, centre, μ: "explain" px | "224" | None,
     ("sfam default, no μ (explain A B without an index)", "sfam", "cosine", False, None, "L"),
     ("sfam default, l2 (μ)", "sfam", "l2", False, "explain", ""),  # localisation: the same map as centred cosine
     ("sfam default without the gate (D32·D16)", "sfam", "cosine", True, "explain", "L"),
+    ("sfam default with the gate weighted by the match's cosine (until 2026-11-30)", "sfam", "cosine", True,
+     "explain", "L"),
     ("sfam-plain cosine (the paper's map)", "sfam-plain", "cosine", False, None, "LF"),
     ("sfam-plain cosine, centred (μ) (the previous default)", "sfam-plain", "cosine", True, "explain", "L"),
     ("sfam-plain l2 (μ)", "sfam-plain", "l2", False, "explain", ""),
@@ -269,6 +271,8 @@ def run_localisation(sizes, rng, quick) -> tuple[list, dict]:
                 ex = make_explainer(method, bb, metric=metric, mu=mu, centre=centre, mu_tap=mu_tap)
                 if "without the gate" in label:
                     ex.gate = False
+                if "weighted by the match's cosine" in label:
+                    ex.gate_kind = "cosine"
                 log(f"localisation {set_name} {size}px {label}")
                 es, ps = [], []
                 t = time.perf_counter()
@@ -361,6 +365,8 @@ def run_faithfulness(quick: bool) -> list:
             if "F" not in where:
                 continue
             ex = make_explainer(method, bb, metric=metric, mu=mus[mu_at][0], centre=centre, mu_tap=mus[mu_at][1])
+            if "weighted by the match's cosine" in label:
+                ex.gate_kind = "cosine"
             log(f"faithfulness {ds} {label}")
             res = [deletion_insertion(bb, ex, q, r, ex.explain(q, r).result_raw) for q, r in pairs]
             d, i = pooled_auc(res)
@@ -368,8 +374,12 @@ def run_faithfulness(quick: bool) -> list:
         bb448 = load_backbone(input_size=448)
         mu448, tap448 = mean_embedding(bb448, images), mean_tap(bb448, images)
         for label, method in ((f"{DEFAULT}, map at 448 px (the index default)", "sfam"),
+                              ("sfam default, gate weighted by the match's cosine (until 2026-11-30), map at 448 px",
+                               "sfam"),
                               ("sfam-plain cosine, centred (μ), map at 448 px (the previous default)", "sfam-plain")):
             ex448 = make_explainer(method, bb448, metric="cosine", mu=mu448, centre=True, mu_tap=tap448)
+            if "weighted by the match's cosine" in label:
+                ex448.gate_kind = "cosine"
             log(f"faithfulness {ds} {label}")
             d, i = pooled_auc([deletion_insertion(bb, ex448, q, r, ex448.explain(q, r).result_raw) for q, r in pairs])
             rows.append([ds, len(pairs), label, round(d, 3), round(i, 3)])

@@ -315,9 +315,10 @@ class SFAM(Explainer):
     2. **Stride-16 layer** (``TAP_LAYERS``, the same forward pass): the same map ``D16`` for the cosine of
        that layer's pooled maps, centred on ``mu_tap`` (the collection's mean of those pooled maps at the
        explain resolution; uncentred without it). Its CIS too adds up exactly to its cosine.
-    3. **Correspondence gate** ``G16`` (:func:`mutual_gate`): at each stride-16 location, the cosine of its
-       centred local feature with its nearest neighbour in the other image, where the two are mutual
-       nearest neighbours (0 elsewhere).
+    3. **Correspondence gate** ``G16`` (:func:`mutual_gate`): 1 at each stride-16 location whose centred local
+       feature and its nearest neighbour in the other image are mutual nearest neighbours with a positive
+       cosine, 0 elsewhere. (``gate_kind="cosine"``: that cosine instead of 1, the default until 2026-11-30;
+       the mask points at the pasted object more often on set C, 0.94 vs 0.92, with the same energy.)
 
     ``map = ReLU(D32↑) · ReLU(D16) · G16`` on the stride-16 grid (``↑``: bilinear upsampling of the 14×14
     map to 28×28 at 448 px). A location lights up where the final layer's decomposition of the score is
@@ -332,11 +333,13 @@ class SFAM(Explainer):
 
     name = "sfam"
 
-    def __init__(self, *args, mu_tap: np.ndarray | None = None, tap: str | None = "auto", gate: bool = True, **kw):
+    def __init__(self, *args, mu_tap: np.ndarray | None = None, tap: str | None = "auto", gate: bool = True,
+                 gate_kind: str = "match", **kw):
         super().__init__(*args, **kw)
         self.mu_tap = None if mu_tap is None else np.asarray(mu_tap, np.float64).reshape(-1)
         self.tap = TAP_LAYERS.get(self.backbone.name) if tap == "auto" else tap
         self.gate = gate
+        self.gate_kind = gate_kind  # "match": 1 where mutual nearest neighbours (cosine > 0); "cosine": that cosine
 
     def explain_many(self, query, results, query_features=None):
         if not results:
@@ -462,6 +465,8 @@ class SFAM(Explainer):
         base = {"map": "ReLU(D32↑)·ReLU(D16)", "layers": ["final", self.tap], "tap_centred": self.mu_tap is not None}
         if self.gate:
             gq, gr = _mutual(side["uq"], _unit(tc.to(tr.dtype)), threads)
+            if self.gate_kind == "match":
+                gq, gr = (gq > 0).to(dq.dtype), (gr > 0).to(dr.dtype)
             dq, dr = dq * gq.reshape(dq.shape), dr * gr.reshape(dr.shape)
             base["map"] += "·G16"
         for i, info in enumerate(infos):

@@ -281,6 +281,8 @@ def test_default_map_equals_its_formula(lite0):
                                                    align_corners=False)[0, 0]
     q16, r16 = tq.mean((1, 2)), tr.mean((1, 2))
     gq, gr = mutual_gate(tq, tr, mu16)
+    gq, gr = (gq > 0).double(), (gr > 0).double()  # G16: 1 where the local feature has a mutual match
+    assert 0 < gr.sum() < gr.numel()
     expect_r = torch.relu(up(torch.relu(share(ar, r, q, mu)))) * torch.relu(share(tr, r16, q16, mu16)) * gr
     expect_q = torch.relu(up(torch.relu(share(aq, q, r, mu)))) * torch.relu(share(tq, q16, r16, mu16)) * gq
     np.testing.assert_allclose(mr, expect_r.numpy(), rtol=1e-9, atol=1e-12)
@@ -294,7 +296,9 @@ def test_default_map_without_the_gate_or_the_tap(lite0):
     gated = SFAM(lite0).raw_maps(None, None, (aq[None], tq[None]), (ar[None], tr[None]))[1]
     ungated = SFAM(lite0, gate=False).raw_maps(None, None, (aq[None], tq[None]), (ar[None], tr[None]))[1]
     gr = mutual_gate(tq, tr, torch.zeros(112, dtype=torch.float64))[1].numpy()
-    np.testing.assert_allclose(gated, ungated * gr, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(gated, ungated * (gr > 0), rtol=1e-12, atol=1e-15)
+    cosine = SFAM(lite0, gate_kind="cosine").raw_maps(None, None, (aq[None], tq[None]), (ar[None], tr[None]))[1]
+    np.testing.assert_allclose(cosine, ungated * gr, rtol=1e-12, atol=1e-15)
     final_only = SFAM(lite0, tap=None).raw_maps(None, None, aq[None], ar[None])[1]
     q, r = aq.mean((1, 2)), ar.mean((1, 2))  # uncentred: D32 = Σ_k q_k A_k / (‖q‖‖r‖)
     expect = torch.relu(torch.einsum("c,chw->hw", q / (q.norm() * r.norm()), ar)).numpy()
