@@ -306,6 +306,7 @@ def report(_args) -> None:
         notes.append(f"- {n:,} × {r['dim']}: {len(range(0, n, r['shard']))} shards of {r['shard']:,}, {r['workers']} worker "
                      f"processes × 1 thread; writing the float16 shards {r['write_s']:.0f} s (+ {r['generate_s']:.0f} s "
                      f"generating); exact brute force {r['exact_ms_per_query']:.0f} ms/query (batched, the ground truth); "
+                     f"coarse k-means {r.get('ivf_niter', 25)} iterations; "
                      f"per-shard indexes {r['disk']['shard_indexes'] / n:.1f} B/vector more (kept for incremental "
                      f"merges); inverted lists memory-mapped: {r['mmapped']}; load average {r['load_start'][0]:.1f} → "
                      f"{r['load_end'][0]:.1f} on 2 cores shared with other jobs.")
@@ -314,7 +315,8 @@ def report(_args) -> None:
                  "re-score: how many IVF-PQ candidates are re-scored exactly from their float16 vectors, read "
                  "from the memory-mapped shard files. "
                  "Build = train + add (parallel) + merge on disk. Peak RSS: the benchmark process (vectors are "
-                 "generated in 50 k chunks, never all in RAM) and the largest add worker. Disk: raw float16 vectors "
+                 "generated in 50 k chunks, never all in RAM) and the largest add worker (getrusage of the "
+                 "children: it counts the parent's image copied at fork, so it is an upper bound). Disk: raw float16 vectors "
                  "(+ 8-byte ids) + merged index, bytes per vector.\n\n")
         text += _common.table(["N", "dim", "factory", "nprobe", "re-score", "build s", "train/add/merge s",
                                "peak RSS GB", "worker RSS GB", "disk B/vector", "p50 ms", "p99 ms", "recall@10"], rows)
