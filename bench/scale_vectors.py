@@ -197,7 +197,7 @@ def storage(args) -> None:
 def run(args) -> None:
     real = real_embeddings()
     n, d = args.n, args.dim
-    name = f"{n}-{d}"
+    name = f"{n}-{d}" + (f"-{args.tag}" if args.tag else "")
     work = CACHE / f"run-{name}"
     if not args.search_only:
         shutil.rmtree(work, ignore_errors=True)
@@ -292,7 +292,7 @@ def report(_args) -> None:
         text += _common.table(["storage", "write vectors/s", "× SQLite", "stream vectors/s", "× SQLite",
                                "gather 100 ms", "bytes/vector", "CRC-32 check GB/s", "scores"], s["rows"]) + "\n\n"
     rows, notes = [], []
-    for f in sorted(CACHE.glob("*-*.json"), key=lambda p: [int(x) for x in p.stem.split("-")]):
+    for f in sorted(CACHE.glob("*-*.json"), key=lambda p: [int(x) if x.isdigit() else 0 for x in p.stem.split("-")] + [p.stem]):
         r = json.loads(f.read_text())
         n = r["n"]
         for sr in r["search"]:
@@ -341,6 +341,7 @@ def main() -> None:
     p.add_argument("--nprobe", type=int, nargs="+", default=[16, 32, 64])
     p.add_argument("--rerank", type=int, nargs="+", default=[10, 50],
                    help="candidates re-scored exactly, as a multiple of k")
+    p.add_argument("--tag", default="", help="a suffix for the results' name (several factories at one size)")
     p.add_argument("--keep", action="store_true")
     p.add_argument("--search-only", action="store_true", help="search a collection kept by --keep again")
     sub.add_parser("report")
