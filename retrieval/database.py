@@ -232,8 +232,11 @@ class AdvisoryLock:
 
         make_engine(self.url)  # the extra is installed
         holder = f"pid {os.getpid()} on {socket.gethostname()} ({what})"[:63]  # application_name: 63 bytes at most
+        # the server's side of the keepalives too: a writer's machine that vanishes frees the lock in about a minute
+        server_keepalive = "-c tcp_keepalives_idle=30 -c tcp_keepalives_interval=10 -c tcp_keepalives_count=3"
         self.engine = create_engine(self.url, poolclass=NullPool,
-                                    connect_args={"application_name": holder, "connect_timeout": 10, **_KEEPALIVE})
+                                    connect_args={"application_name": holder, "connect_timeout": 10,
+                                                  "options": server_keepalive, **_KEEPALIVE})
         try:
             conn = self.engine.connect()
         except DBAPIError as e:

@@ -38,7 +38,8 @@ def _free_port() -> int:
 class Cluster:
     """A private cluster in a temporary directory: :meth:`start`, then :meth:`stop` (removes it)."""
 
-    def __init__(self):
+    def __init__(self, durable: bool = False):
+        self.durable = durable  # False (tests): no fsync, faster; True (benchmarks): the server's defaults
         self.root: Path | None = None
         self.bin: Path | None = None
         self.port = 0
@@ -71,8 +72,9 @@ class Cluster:
         if r.returncode:
             raise RuntimeError(f"initdb failed: {(r.stderr or r.stdout).strip().splitlines()[-1:]}")
         self.port = _free_port()
-        opts = (f"-c listen_addresses=127.0.0.1 -p {self.port} -c unix_socket_directories={self.root} "
-                "-c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=50")
+        opts = f"-c listen_addresses=127.0.0.1 -p {self.port} -c unix_socket_directories={self.root}"
+        if not self.durable:
+            opts += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
         r = self._run(self.bin / "pg_ctl", "-D", data, "-l", self.root / "log", "-o", opts, "-w", "-t", "60", "start")
         if r.returncode:
             log = (self.root / "log").read_text(errors="replace") if (self.root / "log").exists() else ""

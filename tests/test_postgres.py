@@ -168,9 +168,7 @@ def test_second_writer_refused_search_answers_kill_9_then_resume(pg, small_photo
             time.sleep(0.05)
     finally:
         engine.dispose()
-    r = run_process("index", small_photos, "--index", idx, "--json")
-    assert r.returncode == 0, r.stderr
-    rep = json.loads(r.stdout)
+    rep = run_json("index", small_photos, "--index", idx)
     assert rep["total"] == 48 and rep["indexed"] == 48 - rep["unchanged"] and rep["unchanged"] >= kept
     rep = run_json("check", "--index", idx)
     assert rep["consistent"] and not rep["trailing"] and rep["vectors"] == rep["images"] == 48
