@@ -111,18 +111,22 @@ def recorded(directory: Path) -> str | None:
 
 def record(directory: Path, url: str) -> None:
     """Write ``DIR/database.json`` (atomically; never the password). Call it holding the writer lock."""
-    from .vectors import _fsync, _fsync_dir
-
     shown = display(url)
     if recorded(directory) == shown:
         return
     path = Path(directory) / RECORD_NAME
     tmp = path.with_name(f".{RECORD_NAME}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"url": shown, "password": "not stored: PGPASSWORD, ~/.pgpass or --db with the password"})
-                   + "\n")
-    _fsync(tmp)
+    with open(tmp, "w") as f:
+        f.write(json.dumps({"url": shown, "password": "not stored: PGPASSWORD, ~/.pgpass or --db with the password"})
+                + "\n")
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(Path(directory))
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def url_for(directory: Path, sqlite_file: Path | None = None) -> str | None:

@@ -51,7 +51,7 @@ class Cluster:
     def start(self) -> str:
         self.bin = _bin_dir()
         if self.bin is None:
-            raise RuntimeError("no PostgreSQL server binaries (initdb, pg_ctl) on this machine "
+            raise RuntimeError("no initdb/pg_ctl on this machine "
                                f"(apt-get install postgresql, or set {ENV})")
         self.root = Path(tempfile.mkdtemp(prefix="retrieve-pg-"))
         if os.geteuid() == 0:
@@ -63,9 +63,9 @@ class Cluster:
                 raise RuntimeError("running as root and there is no postgres user to run initdb as") from None
             os.chown(self.root, pw.pw_uid, pw.pw_gid)
             runuser = shutil.which("runuser")
-            self.as_user = [runuser, "-u", "postgres", "--"] if runuser else ["su", "postgres", "-s", "/bin/sh", "-c"]
             if not runuser:
                 raise RuntimeError("running as root without runuser: cannot start PostgreSQL as the postgres user")
+            self.as_user = [runuser, "-u", "postgres", "--"]
         data = self.root / "data"
         r = self._run(self.bin / "initdb", "-D", data, "-U", "retrieve", "--auth=trust", "-E", "UTF8",
                       "--locale=C", "--no-sync")
@@ -104,7 +104,7 @@ def server() -> tuple[str | None, str | None, Cluster | None]:
         return cluster.start(), None, cluster
     except (RuntimeError, OSError, subprocess.SubprocessError) as e:
         cluster.stop()
-        return None, f"no PostgreSQL server: {e}", None
+        return None, f"cannot start a PostgreSQL server: {e}", None
 
 
 def new_database(url: str, name: str) -> str:
