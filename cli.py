@@ -40,6 +40,20 @@ index_option = click.option("--index", "index_dir", metavar="DIR", envvar="RETRI
 json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON output.")
 
 
+def _use_db(ctx: click.Context, _param, value: str | None) -> str | None:
+    if not ctx.resilient_parsing:
+        from retrieval import database
+
+        database.use(value)  # a bad URL: one line, from the RetrieveGroup
+    return value
+
+
+db_option = click.option("--db", metavar="URL", envvar="RETRIEVE_DB", expose_value=False, callback=_use_db,
+                         help="Keep the index's rows in this PostgreSQL database (postgresql+psycopg://USER@HOST/DB; "
+                              "the password from PGPASSWORD or ~/.pgpass, never stored) instead of the SQLite file "
+                              "in the index directory; the directory records it [env: RETRIEVE_DB].")
+
+
 def _trust_model(ctx: click.Context, _param, value: bool) -> bool:
     if not ctx.resilient_parsing:
         from retrieval.service import trust_models
@@ -132,6 +146,7 @@ class _Bar:
 @main.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
 @index_option
+@db_option
 @click.option("--model", default=None, help="Backbone for a new index [default: efficientnet_lite0].")
 @click.option("--weights", type=click.Path(dir_okay=False), default=None, help="Local weights file (state dict).")
 @click.option("--metric", type=click.Choice(["cosine", "l2"]), default=None, help="Similarity [default: cosine].")
@@ -204,6 +219,7 @@ def index(ctx, paths, index_dir, model, weights, metric, index_type, faiss_facto
 # -- info ---------------------------------------------------------------------------------------
 @main.command()
 @index_option
+@db_option
 @json_option
 def info(index_dir, as_json) -> None:
     """Show where the index is, how it was built and what it holds.
@@ -221,7 +237,7 @@ def info(index_dir, as_json) -> None:
         with store.session() as s:
             skipped = s.scalar(select(func.count()).select_from(SkippedRow)) or 0
         updated = store.get_value("updated_at")
-        d = {"index": str(store.directory), "model": st.model, "weights": st.weights_source,
+        d = {"index": str(store.directory), "database": store.where, "model": st.model, "weights": st.weights_source,
              "input_size": st.preprocess.get("size"), "resize": st.preprocess.get("resize", "squash"),
              "pooling": st.pooling, "search_defaults": st.search, "metric": st.metric, "index_type": st.index_type,
              "faiss_factory": st.faiss_factory, "dim": st.dim, "head": _head_text(store),
@@ -265,6 +281,7 @@ def _human(n: float) -> str:
 @main.command()
 @click.argument("queries", nargs=-1, required=True, type=click.Path())
 @index_option
+@db_option
 @click.option("-k", "k", type=click.IntRange(1, 10000), default=10, show_default=True, help="Results per query.")
 @click.option("--min-score", type=float, default=None, help="Drop results scoring below this.")
 @click.option("--include-self", is_flag=True, help="Keep a query that is in the index in its own results.")
@@ -365,6 +382,7 @@ def search(ctx, queries, index_dir, k, min_score, include_self, qe, dba, verify,
 # -- check --------------------------------------------------------------------------------------
 @main.command()
 @index_option
+@db_option
 @click.option("--repair", is_flag=True, help="Restore consistency (re-embed or drop rows, rebuild the vector file).")
 @trust_option
 @json_option
@@ -428,6 +446,7 @@ def _explain_meta(store, explainer) -> dict:
 @click.argument("b", type=click.Path())
 @click.option("--index", "index_dir", metavar="DIR", default=None,
               help="Use this index's backbone, metric and collection mean (μ).")
+@db_option
 @click.option("--model", default=None, help="Backbone when no index is used [default: efficientnet_lite0].")
 @click.option("--weights", type=click.Path(dir_okay=False), default=None, help="Local weights file (state dict).")
 @click.option("--metric", type=click.Choice(["cosine", "l2"]), default=None, help="Without an index [default: cosine].")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Any, Iterable, Mapping, Sequence
 
 
@@ -29,7 +30,7 @@ class ChangePlan:
     todo: list = field(default_factory=list)  # FileEntry: new and changed, in scan order (to read and hash)
     vanished: dict = field(default_factory=dict)  # content hash → rows whose file left the scanned trees
     rows: dict = field(default_factory=dict)  # path → row (every row the index held)
-    by_hash: dict = field(default_factory=dict)  # content hash → id of a row with that content
+    by_hash: dict = field(default_factory=dict)  # content hash → id of a row with that content (when todo)
 
     def classify(self, path: str, sha256: str) -> tuple[str, Any]:
         """What a new or changed file's content means: ``("touched", row)``, ``("moved", None)`` (claim the row
@@ -67,13 +68,15 @@ def plan_changes(files: Iterable, rows: Iterable, skipped: Mapping[str, Any] | N
     """
     skipped = skipped or {}
     plan = ChangePlan()
-    plan.rows = {r.path: r for r in rows}
+    rows = rows if isinstance(rows, (list, tuple)) else list(rows)
+    plan.rows = dict(zip(map(attrgetter("path"), rows), rows))  # (C loops: 1 M rows re-scan in seconds)
     seen = set()
+    get = plan.rows.get
     for e in files:
         seen.add(e.path)
-        r = plan.rows.get(e.path)
+        r = get(e.path)
         if r is not None:
-            if (r.size, r.mtime_ns) == (e.size, e.mtime_ns):
+            if r.size == e.size and r.mtime_ns == e.mtime_ns:
                 plan.unchanged.append(e)
             else:
                 plan.changed.append(e)
@@ -85,8 +88,10 @@ def plan_changes(files: Iterable, rows: Iterable, skipped: Mapping[str, Any] | N
         else:
             plan.new.append(e)
             plan.todo.append(e)
-    for p, r in plan.rows.items():
-        if p not in seen and (trees is None or _within(p, trees)):
-            plan.vanished.setdefault(r.sha256, []).append(r)
-    plan.by_hash = {r.sha256: r.id for r in plan.rows.values()}
+    if len(seen) < len(plan.rows) or not plan.rows.keys() <= seen:  # some rows' files were not found
+        for p, r in plan.rows.items():
+            if p not in seen and (trees is None or _within(p, trees)):
+                plan.vanished.setdefault(r.sha256, []).append(r)
+    if plan.todo:  # only new and changed files are classified by content
+        plan.by_hash = dict(zip(map(attrgetter("sha256"), rows), map(attrgetter("id"), rows)))
     return plan

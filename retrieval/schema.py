@@ -4,7 +4,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from sqlalchemy import Float, Integer, LargeBinary, String
+from sqlalchemy import BigInteger, Float, Integer, LargeBinary, String
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from .errors import IndexError_
@@ -12,6 +12,10 @@ from .metric import METRICS
 
 SCHEMA_VERSION = 2  # 2: the `arrays` table (linear head)
 DB_NAME = "index.db"
+
+
+# 64-bit on a database server (mtime_ns needs it; SQLite's INTEGER is 64-bit already, its DDL unchanged)
+Int64 = Integer().with_variant(BigInteger(), "postgresql")
 
 
 class Base(DeclarativeBase):
@@ -29,10 +33,10 @@ class ImageRow(Base):
 
     __tablename__ = "images"
     __table_args__ = {"sqlite_autoincrement": True}
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[int] = mapped_column(Int64, primary_key=True, autoincrement=True)
     path: Mapped[str] = mapped_column(String, unique=True, index=True)
-    size: Mapped[int] = mapped_column(Integer)
-    mtime_ns: Mapped[int] = mapped_column(Integer)
+    size: Mapped[int] = mapped_column(Int64)
+    mtime_ns: Mapped[int] = mapped_column(Int64)
     sha256: Mapped[str] = mapped_column(String(64), index=True)
     width: Mapped[int] = mapped_column(Integer)
     height: Mapped[int] = mapped_column(Integer)
@@ -54,8 +58,8 @@ class SkippedRow(Base):
 
     __tablename__ = "skipped"
     path: Mapped[str] = mapped_column(String, primary_key=True)
-    size: Mapped[int] = mapped_column(Integer)
-    mtime_ns: Mapped[int] = mapped_column(Integer)
+    size: Mapped[int] = mapped_column(Int64)
+    mtime_ns: Mapped[int] = mapped_column(Int64)
     reason: Mapped[str] = mapped_column(String)
 
 

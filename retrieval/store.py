@@ -6,6 +6,8 @@ atomically). An interrupted run therefore never leaves an index that disagrees w
 damaged FAISS file is rebuilt rather than lost. A new index's database is created complete (tables and
 settings) under a temporary name and renamed into place, so a killed creation leaves no half-made index.
 One writer at a time holds ``DIR/lock`` (retrieval/lock.py); readers need no lock (SQLite WAL).
+With ``--db`` the rows live on a PostgreSQL server instead (retrieval/database.py: created in one
+transaction, the writer lock an advisory lock on the server, the URL recorded in ``DIR/database.json``).
 
 :class:`IndexStore` is the facade the rest of retrieve uses; the pieces live in ``schema`` (tables,
 settings), ``presets``, ``lock``, ``metric`` and ``vectors`` and are re-exported here.
@@ -24,6 +26,7 @@ from sqlalchemy import create_engine, delete, event, func, inspect, select
 from sqlalchemy.exc import DatabaseError, OperationalError
 from sqlalchemy.orm import Session
 
+from . import database
 from .errors import IndexError_, SettingsMismatch
 from .lock import LOCK_NAME, WriterLock
 from .metric import Metric, metric as metric_named
@@ -86,11 +89,14 @@ class IndexStore:
 
     def __init__(self, directory: Path, db_url: str | None = None, *, writable: bool = False):
         self.directory = Path(directory)
-        self.db_url = db_url or f"sqlite:///{self.directory / DB_NAME}"
+        self.db_url = db_url or database.url_for(self.directory, self.directory / DB_NAME) \
+            or f"sqlite:///{self.directory / DB_NAME}"
+        self.server = not self.db_url.startswith("sqlite")  # rows on a database server (--db), not in DIR
         self.writable = writable
-        self.engine = create_engine(self.db_url)
+        self.engine = database.make_engine(self.db_url) if self.server else create_engine(self.db_url)
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
+        self._server_lock: database.AdvisoryLock | None = None
         self._settings: IndexSettings | None = None
         self._vectors = Vectors(self)
         self._lock: WriterLock | None = None
@@ -99,7 +105,14 @@ class IndexStore:
     # -- opening ------------------------------------------------------------------------------
     @classmethod
     def exists(cls, directory: Path) -> bool:
-        return (Path(directory) / DB_NAME).is_file()
+        """An SQLite index in ``directory``, or a database server it records or ``--db`` names."""
+        return (Path(directory) / DB_NAME).is_file() or database.url_for(Path(directory), Path(directory) / DB_NAME) \
+            is not None
+
+    @property
+    def where(self) -> str:
+        """Where the rows live, for messages: the SQLite file, or the server URL without its password."""
+        return database.display(self.db_url) if self.server else str(self.directory / DB_NAME)
 
     @classmethod
     def open(cls, directory: str | os.PathLike, *, writable: bool = False, what: str = "retrieve") -> "IndexStore":
@@ -107,6 +120,13 @@ class IndexStore:
         if not cls.exists(directory):
             raise IndexError_(f"no index at {directory} (create one with `retrieve index PHOTOS --index {directory}`)")
         store = cls(directory, writable=writable)
+        created = []  # a server's index written from a new directory (its vector file's home): made here
+        if writable and store.server:
+            created = [d for d in reversed([directory, *directory.parents]) if not d.exists()]
+            try:
+                directory.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise IndexError_(f"{directory}: cannot create the index directory ({e.strerror})") from None
         try:
             if writable:
                 store._take_lock(what)
@@ -114,8 +134,13 @@ class IndexStore:
             store.settings  # reads and validates
             if writable and store.settings.schema_version < SCHEMA_VERSION:
                 store._upgrade()
+            if writable and store.server:  # later commands on this directory find the database
+                database.record(directory, store.db_url)
         except BaseException:
+            if created and store._lock:
+                (directory / LOCK_NAME).unlink(missing_ok=True)
             store.close()
+            _remove_empty(created)
             raise
         return store
 
@@ -153,6 +178,10 @@ class IndexStore:
                 if store._read_settings_or_none() is not None:
                     store.close()
                     return cls.open(directory, writable=True, what=what)
+                if store.server:  # created in one transaction: nothing half-made to clear
+                    store._create_database(settings)
+                    store._settings = settings
+                    return store
                 if not store._is_empty_shell():
                     raise IndexError_(f"{directory / DB_NAME}: a database without index settings (not made by "
                                       "retrieve?); use another --index directory")
@@ -162,7 +191,7 @@ class IndexStore:
             store._create_database(settings)
         except (OperationalError, DatabaseError) as e:
             store._abandon()
-            raise IndexError_(f"{directory}: cannot write the index database ({_short(e)})") from None
+            raise IndexError_(f"{store.where}: cannot write the index database ({_short(e)})") from None
         except BaseException:
             store._abandon()
             raise
@@ -170,6 +199,10 @@ class IndexStore:
         return store
 
     def _create_database(self, settings: IndexSettings) -> None:
+        if self.server:  # tables and settings in one transaction, then the directory records the database
+            database.create_index(self.engine, asdict(settings))
+            database.record(self.directory, self.db_url)
+            return
         final = self.directory / DB_NAME
         tmp = self.directory / f".{DB_NAME}.{os.getpid()}.tmp"
         tmp.unlink(missing_ok=True)
@@ -198,15 +231,26 @@ class IndexStore:
             return False
 
     def _take_lock(self, what: str) -> None:
+        if self.server and self._server_lock is None:  # one writer per database, across machines
+            lock = database.AdvisoryLock(self.db_url)
+            lock.acquire(what)
+            self._server_lock = lock
         self._lock = WriterLock(self.directory)
         try:
             self._lock.acquire(what)
         except PermissionError:
             self._lock = None
+            self._release_server_lock()
             raise IndexError_(f"{self.directory}: index directory is not writable") from None
         except BaseException:
             self._lock = None
+            self._release_server_lock()
             raise
+
+    def _release_server_lock(self) -> None:
+        if self._server_lock is not None:
+            self._server_lock.release()
+            self._server_lock = None
 
     def _clean_temporaries(self) -> None:
         """Temporary files left by a killed writer go (we hold the lock: no other writer is making one)."""
@@ -222,6 +266,9 @@ class IndexStore:
 
     def discard(self) -> None:
         """Remove the index this store created (nothing in it worth keeping), and the folders it made."""
+        if self.server:
+            database.drop_index(self.engine)
+            (self.directory / database.RECORD_NAME).unlink(missing_ok=True)
         self.engine.dispose()
         for name in (DB_NAME, f"{DB_NAME}-wal", f"{DB_NAME}-shm", f"{DB_NAME}-journal", FAISS_NAME, META_NAME):
             (self.directory / name).unlink(missing_ok=True)
@@ -234,6 +281,7 @@ class IndexStore:
         if self._lock:
             self._lock.release()
             self._lock = None
+        self._release_server_lock()
 
     def __enter__(self) -> "IndexStore":
         return self
@@ -247,11 +295,15 @@ class IndexStore:
             with Session(self.engine) as s:
                 rows = s.execute(select(SettingRow)).scalars().all()
         except OperationalError as e:
-            if "no such table" in str(e):
+            if database.is_missing_table(e):
                 return None
+            if self.server:
+                raise database.connection_error(self.db_url, e) from None
             raise IndexError_(f"{self.directory / DB_NAME}: cannot read the index database ({_short(e)})") from None
         except DatabaseError as e:
-            raise IndexError_(f"{self.directory / DB_NAME}: not a valid index database ({_short(e)}); "
+            if database.is_missing_table(e):
+                return None
+            raise IndexError_(f"{self.where}: not a valid index database ({_short(e)}); "
                               "rebuild the index in a new directory") from None
         return {r.key: json.loads(r.value) for r in rows} if rows else None
 
@@ -260,6 +312,9 @@ class IndexStore:
         if self._settings is None:
             raw = self._read_settings_or_none()
             if raw is None:
+                if self.server and not database.table_names(self.engine) & set(Base.metadata.tables):
+                    raise IncompleteIndex(f"no index in the database {self.where} (create one with `retrieve index "
+                                          f"PHOTOS --index {self.directory} --db {self.where}`)")
                 if self._is_empty_shell():
                     raise IncompleteIndex(f"no index at {self.directory}: its creation was interrupted (create it "
                                           f"with `retrieve index PHOTOS --index {self.directory}`)")
@@ -505,7 +560,9 @@ class IndexStore:
             self.set_value("vector_file", meta)
 
     def size_on_disk(self) -> int:
-        return sum(p.stat().st_size for p in self.directory.iterdir() if p.is_file())
+        """Bytes of the index directory's files (and of the index's tables, with a database server)."""
+        local = sum(p.stat().st_size for p in self.directory.iterdir() if p.is_file()) if self.directory.is_dir() else 0
+        return local + (database.size(self.engine) if self.server else 0)
 
 
 def _chunks(seq: Sequence, n: int) -> Iterator[Sequence]:
