@@ -89,7 +89,7 @@ def ray_session(address: str | None, workers: int | None):
     cores) plus one logical CPU for the decoding tasks, which run beside inference as the local engine's
     decoding threads do."""
     ray = require_ray()
-    logging.getLogger("ray").setLevel(logging.WARNING)
+    _quiet_logs()
     started = False
     shape = None
     if not ray.is_initialized():
@@ -100,8 +100,8 @@ def ray_session(address: str | None, workers: int | None):
                 ray.init(address=address, runtime_env={"env_vars": env} if env else None,
                          **({} if address.startswith("ray://") else quiet))
             except Exception as e:  # ConnectionError, ValueError … one line naming the address
-                msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise RetrieveError(f"--ray-address {address}: cannot connect to a Ray cluster ({msg})") from None
+                raise RetrieveError(f"--ray-address {address}: cannot connect to a Ray cluster "
+                                    f"({_first_line(e)})") from None
         else:
             cpus = _local_cpus()
             n = workers or cpus
@@ -121,6 +121,20 @@ def ray_session(address: str | None, workers: int | None):
     finally:
         if started:
             ray.shutdown()
+
+
+def _quiet_logs() -> None:
+    """Ray's and Ray Data's INFO lines and notices (progress, token authentication) off the terminal; Ray
+    Data's log file under the session folder keeps everything."""
+    logging.getLogger("ray").setLevel(logging.ERROR)
+    for h in logging.getLogger("ray.data").handlers:
+        if not isinstance(h, logging.FileHandler) and "File" not in type(h).__name__:
+            h.setLevel(logging.ERROR)
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
 
 
 def _object_store_bytes() -> int:
@@ -299,12 +313,13 @@ def _run_ray(store, bb, files, trees, report, batch_size, workers, progress, on_
             model = ray.put(portable(bb))
             items = [{"path": e.path, "size": e.size, "mtime_ns": e.mtime_ns} for e in todo]
             per_block = max(4, min(batch_size, -(-len(items) // (2 * shape.workers))))
-            ds = ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // per_block)))
+            blocks = max(1, -(-len(items) // per_block))
+            ds = ray.data.from_items(items, override_num_blocks=blocks)
             ds = ds.map_batches(decode_batch, batch_size=per_block, batch_format="numpy", num_cpus=0.5,
                                 fn_args=(known, bb.preprocess, min_side, verifier is not None))
             ds = ds.map_batches(Embedder, batch_size=batch_size, batch_format="numpy", num_cpus=shape.threads,
                                 fn_constructor_args=(model, shape.threads),
-                                compute=ray.data.ActorPoolStrategy(size=shape.workers))
+                                compute=ray.data.ActorPoolStrategy(size=min(shape.workers, blocks)))
             stream = ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1)
             try:
                 for b in stream:
@@ -341,6 +356,9 @@ def _run_ray(store, bb, files, trees, report, batch_size, workers, progress, on_
                             flush()
                 if batch:
                     flush()
+            except ray.exceptions.RayError as e:
+                raise RetrieveError(f"the Ray engine failed ({_first_line(e)}); what was committed is kept, run "
+                                    "the same command again to continue") from e
             finally:
                 close = getattr(stream, "close", None)
                 if close is not None:
