@@ -357,6 +357,8 @@ def _run_ray(store, bb, files, trees, report, batch_size, workers, progress, on_
                 if batch:
                     flush()
             except ray.exceptions.RayError as e:
+                if stop.is_set():  # Ctrl-C reached a local Ray's workers too: an interruption, not a failure
+                    raise KeyboardInterrupt from None
                 raise RetrieveError(f"the Ray engine failed ({_first_line(e)}); what was committed is kept, run "
                                     "the same command again to continue") from e
             finally:
