@@ -112,6 +112,8 @@ def main() -> None:
     ap.add_argument("--count", type=int, default=1000)
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--idle", type=float, default=30.0,
+                    help="seconds to measure an idle local Ray's own CPU use (its daemons) before the runs")
     args = ap.parse_args()
     data = _common.shared_dataset("caltech101")
     if data is None:
@@ -136,6 +138,11 @@ def main() -> None:
     ray.init(num_cpus=cores + 1, include_dashboard=False, log_to_driver=False, object_store_memory=1_000_000_000,
              runtime_env={"env_vars": {"PYTHONPATH": path}})
     ray_start = time.perf_counter() - t
+    time.sleep(5)  # past its start-up
+    with CpuMeter() as idle:
+        t = time.perf_counter()
+        time.sleep(args.idle)
+    idle_rate = idle.seconds / (time.perf_counter() - t)  # CPU s per second of an idle local Ray (and this process)
 
     configs = [("local", "local engine", None, cores), ("ray1", "Ray, 1 actor", 1, cores),
                ("ray2", "Ray, 2 actors", 2, max(1, cores // 2))]
@@ -156,7 +163,8 @@ def main() -> None:
             load1 = os.getloadavg()[0]
             phase = clock.t1 - clock.t0
             results[key].append((rep.indexed / phase, rep.indexed / wall, rep.indexed, rep.skipped, load0, load1,
-                                 clock.steady(), clock.first - clock.t0, cpu.seconds / rep.indexed))
+                                 clock.steady(), clock.first - clock.t0, cpu.seconds / rep.indexed,
+                                 (cpu.seconds - (idle_rate * wall if key != "local" else 0.0)) / rep.indexed))
             v = vectors(idx)
             if key == "local":
                 ref = ref or v
@@ -179,6 +187,7 @@ def main() -> None:
         xs = results[key]
         rows.append([label, "-" if workers is None else workers, threads, xs[0][2], xs[0][3],
                      1000 * min(x[8] for x in xs), min(x[8] for x in xs) / min(x[8] for x in results["local"]),
+                     1000 * min(x[9] for x in xs), min(x[9] for x in xs) / min(x[9] for x in results["local"]),
                      min(x[7] for x in xs), best(key, 6), best(key, 6) / best("local", 6), best(key),
                      best(key) / best("local"), best(key, 1), best(key, 1) / best("local", 1),
                      "-" if key == "local" else f"{diffs[key]:.1e}",
@@ -193,9 +202,13 @@ def main() -> None:
             "(steady): after the first commit, the per-image cost of the engine; (phase): scan done → last "
             "commit, what the engine costs with its start; CPU ms/image: user + system CPU of this process "
             "and all its descendants (Ray's raylet, workers, actors) over the whole run, per image indexed: "
-            "the engine's cost independent of how much of a shared machine its processes get; (run): the whole `index_paths`, with the head, calibration and reference "
+            "the engine's cost independent of how much of a shared machine its processes get; less idle Ray: "
+            f"the same less what an idle local Ray's daemons use over the run's wall time ({idle_rate:.3f} "
+            f"CPU s/s, measured for {args.idle:g} s before the runs), which grows with the wall time a loaded "
+            "machine stretches; (run): the whole `index_paths`, with the head, calibration and reference "
             "refresh that both engines share.\n\n"
             + _common.table(["engine", "actors", "threads/actor", "indexed", "skipped", "CPU ms/image", "× local",
+                             "less idle Ray", "× local",
                              "s to 1st commit",
                              "images/s (steady)", "× local", "images/s (phase)", "× local", "images/s (run)", "× local (run)", "max |Δ| vs local",
                              "load avg 1 min (before→after)"], rows)
