@@ -166,7 +166,13 @@ class _Bar:
               help="Linear head of a new index, fitted on the collection [default: none].")
 @click.option("--refit", is_flag=True, help="Re-fit the index's linear head on the whole collection now.")
 @click.option("--batch-size", type=click.IntRange(1, 1024), default=32, show_default=True)
-@click.option("--workers", type=click.IntRange(1, 64), default=None, help="Decoding threads [default: up to 4].")
+@click.option("--workers", type=click.IntRange(1, 64), default=None,
+              help="Decoding threads [default: up to 4]; with --engine ray: embedding actors [default: one per free CPU].")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="Where decoding and embedding run: this process, or a Ray cluster (needs the ray extra).")
+@click.option("--ray-address", default=None, metavar="ADDR",
+              help="With --engine ray: the cluster (auto, host:port or ray://host:port) [default: a local Ray on "
+                   "this machine's CPUs].")
 @click.option("--follow-links", is_flag=True,
               help="Follow symbolic links that lead out of PATHS (by default they are not: a link to / would index "
                    "the whole disk). Paths are stored as real paths either way.")
@@ -174,7 +180,7 @@ class _Bar:
 @json_option
 @click.pass_context
 def index(ctx, paths, index_dir, model, weights, metric, index_type, faiss_factory, input_size, preset, resize,
-          pooling, head, refit, batch_size, workers, follow_links, as_json) -> None:
+          pooling, head, refit, batch_size, workers, engine, ray_address, follow_links, as_json) -> None:
     """Index the photos under PATHS (recursively); re-runs only embed what changed.
 
     \b
@@ -188,6 +194,8 @@ def index(ctx, paths, index_dir, model, weights, metric, index_type, faiss_facto
     _set_threads(ctx)
     if index_type and faiss_factory:
         raise click.UsageError("give --index-type or --faiss, not both")
+    if ray_address and engine != "ray":
+        raise click.UsageError("--ray-address needs --engine ray")
     bar = _Bar(enabled=not as_json and sys.stderr.isatty(), label="indexing")
 
     def on_skip(path: str, reason: str) -> None:
@@ -199,7 +207,7 @@ def index(ctx, paths, index_dir, model, weights, metric, index_type, faiss_facto
         report = index_paths(paths, _index_dir(index_dir), model=model, weights=weights, metric=metric,
                              index_type=index_type, faiss_factory=faiss_factory, input_size=input_size,
                              preset=preset, resize=resize, pooling=pooling, head=head, refit=refit, batch_size=batch_size, workers=workers, progress=bar, on_skip=on_skip,
-                             follow_links=follow_links)
+                             follow_links=follow_links, engine=engine, ray_address=ray_address)
     finally:
         bar.close()
     if as_json:

@@ -129,14 +129,16 @@ def index_paths(paths: Iterable[str | os.PathLike], index_dir: str | os.PathLike
                 refit: bool = False, batch_size: int = 32,
                 workers: int | None = None, progress: Progress | None = None,
                 on_skip: Callable[[str, str], None] | None = None,
-                backbone: Backbone | None = None, follow_links: bool = False) -> IndexReport:
+                backbone: Backbone | None = None, follow_links: bool = False, engine: str = "local",
+                ray_address: str | None = None) -> IndexReport:
     """Index (or update the index of) the images under ``paths`` into ``index_dir``; see the module docstring.
 
     ``model``/``weights``/``metric``/``index_type``/``faiss_factory``/``input_size``/``resize``/``pooling``/
     ``head``/``preset`` fix the settings of a new index; for an existing index they must agree with the
     recorded ones (or be None), else the run is refused before anything changes. ``refit`` re-fits the
     linear head on the whole collection (it is also re-fitted when the collection has doubled since).
-    ``backbone`` substitutes a ready-made backbone (tests). A new index into which nothing could be
+    ``engine``: "local" (this process) or "ray" (embedding on a Ray cluster at ``ray_address``, or a local one;
+    indexer/ray_engine.py). ``backbone`` substitutes a ready-made backbone (tests). A new index into which nothing could be
     indexed (no images, or none decodable) is not created: :class:`RetrieveError`.
     """
     t0 = time.perf_counter()
@@ -144,6 +146,13 @@ def index_paths(paths: Iterable[str | os.PathLike], index_dir: str | os.PathLike
                    faiss_factory=faiss_factory, input_size=input_size, resize=resize, pooling=pooling, head=head)
     if batch_size < 1:
         raise RetrieveError(f"--batch-size must be at least 1, got {batch_size}")
+    run_engine = _run
+    if engine == "ray":
+        from .ray_engine import ray_runner  # the extra's absence: RetrieveError naming it, before any change
+
+        run_engine = ray_runner(ray_address)
+    elif engine != "local":
+        raise RetrieveError(f"unknown engine {engine!r} (local or ray)")
     paths = list(paths)
     roots = check_paths(paths)
     progress = progress or _NoProgress()
@@ -194,7 +203,7 @@ def index_paths(paths: Iterable[str | os.PathLike], index_dir: str | os.PathLike
         new = settings is not None and not store.count()
         try:
             store.faiss_index()  # loaded (and reconciled) before this run changes any row
-            _run(store, bb, files, trees, report, batch_size, workers, progress, on_skip, stop)
+            run_engine(store, bb, files, trees, report, batch_size, workers, progress, on_skip, stop)
         except KeyboardInterrupt:
             report.interrupted = True
         finally:
@@ -443,6 +452,12 @@ def _reuse(store: IndexStore, d: _Decoded, plan: ChangePlan, report: IndexReport
 def _embed_and_commit(store: IndexStore, bb: Backbone, batch: list[_Decoded], rows: dict,
                       report: IndexReport) -> None:
     vecs = bb.embed_arrays([d.array for d in batch], batch_size=len(batch))
+    _commit_embedded(store, batch, vecs, rows, report)
+
+
+def _commit_embedded(store: IndexStore, batch: list[_Decoded], vecs: np.ndarray, rows: dict,
+                     report: IndexReport) -> None:
+    """Commit ``batch`` with its embeddings ``vecs`` (one transaction; the Ray engine commits through it too)."""
     replaced = []
     now = time.time()
     with store.session() as s, s.begin():
