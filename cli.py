@@ -140,9 +140,13 @@ class _Bar:
 @click.option("--faiss", "faiss_factory", default=None, metavar="FACTORY",
               help="Advanced: a FAISS factory string for a new index (instead of --index-type).")
 @click.option("--input-size", type=click.IntRange(32, 2048), default=None, help="Input side in pixels of a new index.")
-@click.option("--preset", type=click.Choice(["general", "instance"]), default=None,
+@click.option("--preset", type=click.Choice(["general", "instance", "faces"]), default=None,
               help="What a new index is for: general similarity (fast, the default), or the same object/product "
-                   "seen elsewhere (448 px aspect kept, GeM, PCA-whitening, --verify 60 when searching).")
+                   "seen elsewhere (448 px aspect kept, GeM, PCA-whitening, --verify 60 when searching), or "
+                   "faces: one row per detected face, dlib's face model (needs pip install -e '.[faces]').")
+@click.option("--face-detector", type=click.Choice(["hog", "cnn"]), default=None,
+              help="With --preset faces: dlib's HOG detector (fast, the default) or its CNN detector (finds "
+                   "turned and small faces, slower).")
 @click.option("--resize", type=click.Choice(["squash", "long"]), default=None,
               help="Input shape of a new index: squash to a square, or keep the aspect (long side = input size).")
 @click.option("--pooling", default=None, metavar="gap|gem[:P]|rmac",
@@ -158,8 +162,8 @@ class _Bar:
 @trust_option
 @json_option
 @click.pass_context
-def index(ctx, paths, index_dir, model, weights, metric, index_type, faiss_factory, input_size, preset, resize,
-          pooling, head, refit, batch_size, workers, follow_links, as_json) -> None:
+def index(ctx, paths, index_dir, model, weights, metric, index_type, faiss_factory, input_size, preset, face_detector,
+          resize, pooling, head, refit, batch_size, workers, follow_links, as_json) -> None:
     """Index the photos under PATHS (recursively); re-runs only embed what changed.
 
     \b
@@ -167,6 +171,7 @@ def index(ctx, paths, index_dir, model, weights, metric, index_type, faiss_facto
       retrieve index ~/Pictures                   # into the default index (see --index)
       retrieve index ~/Pictures --json            # the counts as JSON
       retrieve index ~/Products --preset instance --index ~/products-index
+      retrieve index ~/Pictures --preset faces --index ~/faces-index
     """
     from indexer import index_paths
 
@@ -184,13 +189,19 @@ def index(ctx, paths, index_dir, model, weights, metric, index_type, faiss_facto
         report = index_paths(paths, _index_dir(index_dir), model=model, weights=weights, metric=metric,
                              index_type=index_type, faiss_factory=faiss_factory, input_size=input_size,
                              preset=preset, resize=resize, pooling=pooling, head=head, refit=refit, batch_size=batch_size, workers=workers, progress=bar, on_skip=on_skip,
-                             follow_links=follow_links)
+                             follow_links=follow_links, **({"face_detector": face_detector} if face_detector else {}))
     finally:
         bar.close()
     if as_json:
         d = report.to_dict()
         d.pop("skipped_files")
         click.echo(json.dumps(d))
+    elif hasattr(report, "faces"):  # a faces index (indexer/faces.py): rows are faces
+        click.echo(f"{report.total} faces in {report.index}: {report.faces} faces in {report.indexed} photos indexed, "
+                   f"{report.no_face} photos with no face found, {report.unchanged} unchanged, {report.removed} "
+                   f"removed, {report.skipped} skipped" + (f" (+{report.skipped_before} known bad or faceless)"
+                                                           if report.skipped_before else "")
+                   + f" in {report.seconds:.1f}s")
     else:
         click.echo(f"{report.total} images in {report.index}: {report.indexed} indexed, {report.moved} moved, "
                    f"{report.unchanged} unchanged, {report.removed} removed, {report.skipped} skipped"
