@@ -294,11 +294,14 @@ def _human(n: float) -> str:
                    "paper's map), gradcam or occlusion (baselines) [default: the index's, sfam].")
 @click.option("--full-maps", is_flag=True,
               help="With --explain: save the .npy maps at each photo's full size [default: long side ≤ 1024 px].")
+@click.option("--face", "face", type=click.IntRange(0), default=None, metavar="N",
+              help="Faces index (--preset faces): which face of the query photo to search for, 0 = the largest "
+                   "[default: 0].")
 @trust_option
 @json_option
 @click.pass_context
 def search(ctx, queries, index_dir, k, min_score, include_self, qe, dba, verify, explain, out_dir, method,
-           full_maps, as_json) -> None:
+           full_maps, face, as_json) -> None:
     """Find the nearest neighbours of QUERIES (image files or folders of them).
 
     \b
@@ -320,6 +323,10 @@ def search(ctx, queries, index_dir, k, min_score, include_self, qe, dba, verify,
         raise click.ClickException("no images among the queries")
     failed = 0
     with IndexStore.open(_index_dir(index_dir)) as store:
+        if store.settings.preset == "faces":
+            return _search_faces(store, paths, k, face, include_self, explain, out_dir, method, as_json)
+        if face is not None:
+            raise click.UsageError(f"--face goes with a faces index (--preset faces); {store.directory} is not one")
         if verify is None:
             verify = int(store.settings.search.get("verify", 0))
         searcher = Searcher(store, backbone_for_settings(store.settings), dba=dba)
@@ -371,6 +378,53 @@ def search(ctx, queries, index_dir, k, min_score, include_self, qe, dba, verify,
                 click.echo(f"  report: {next(iter(explained.values()))['report']}")
     if failed:
         raise click.ClickException(f"{failed} of {len(paths)} queries could not be read")
+
+
+def _search_faces(store, paths, k, face, include_self, explain, out_dir, method, as_json) -> None:
+    """``retrieve search`` on a faces index: one face of each query photo (retrieval/face_search.py)."""
+    from retrieval.face_search import FaceSearcher
+    from retrieval.service import backbone_for_settings
+
+    searcher = FaceSearcher(store, backbone_for_settings(store.settings))
+    failed = 0
+    for qi, path in enumerate(paths):
+        res = searcher.search(path, k, face=face, include_self=include_self)
+        if res.error:
+            failed += 1
+            click.echo(f"{path}: {res.error}", err=True)
+            if as_json:
+                click.echo(json.dumps(res.to_dict()))
+            continue
+        explained = {}
+        if explain and res.results:
+            from explain.faces import explain_face_hits
+            from explain.run import default_out_dir
+
+            if out_dir:
+                target = Path(out_dir) / (f"{qi + 1:02d}_{Path(path).stem}" if len(paths) > 1 else "")
+            else:
+                target = default_out_dir(path)
+            explained = explain_face_hits(searcher, res, target, method,
+                                          on_error=lambda p, r: click.echo(f"{p}: {r}", err=True))
+        if as_json:
+            d = res.to_dict()
+            for h in d["results"]:
+                if h["rank"] in explained:
+                    h["explanation"] = explained[h["rank"]]
+            click.echo(json.dumps(d))
+            continue
+        click.echo(f"{path} (face {res.face} of {res.faces_in_query}, box {','.join(map(str, res.box))})")
+        if not res.results:
+            click.echo("  (no results)")
+            continue
+        click.echo(f"  {'rank':>4}  {'distance':>8}  {'face box':<19}  verdict  path")
+        for h in res.results:
+            click.echo(f"  {h.rank:>4}  {h.distance:>8.4f}  {h.face}:{','.join(map(str, h.box)):<17}  "
+                       f"{h.verdict}  {h.path}")
+        if explained:
+            click.echo(f"  report: {next(iter(explained.values()))['report']}")
+    if failed:
+        raise click.ClickException(f"{failed} of {len(paths)} queries had no usable face")
 
 
 # -- check --------------------------------------------------------------------------------------

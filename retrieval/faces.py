@@ -15,6 +15,7 @@ from .dlib_face import CHIP_PADDING, CHIP_SIZE, model_file, need_dlib
 
 DETECTORS = ("hog", "cnn")
 MAX_SIDE = 1600  # larger photos are searched for faces at this long side
+SMALL_SIDE = 320  # smaller photos are upsampled once more for detection
 
 
 @dataclass
@@ -74,9 +75,12 @@ class FaceFinder:
         self._sp = dlib.shape_predictor(str(model_file("landmarks5")))
 
     def _detect(self, rgb: np.ndarray) -> list[tuple[object, float]]:
+        # small photos (a passport-style 92×112 face) get one more pyramid step: dlib's detectors find faces
+        # from about 80 px (HOG) / 50 px (CNN) up, and upsampling such a photo costs little
+        up = self.upsample + (1 if max(rgb.shape[:2]) < SMALL_SIDE else 0)
         if self.detector_name == "cnn":
-            return [(d.rect, float(d.confidence)) for d in self._cnn(rgb, self.upsample)]
-        rects, scores, _ = self._hog.run(rgb, self.upsample, 0.0)
+            return [(d.rect, float(d.confidence)) for d in self._cnn(rgb, up)]
+        rects, scores, _ = self._hog.run(rgb, up, 0.0)
         return list(zip(rects, (float(s) for s in scores)))
 
     def faces(self, rgb: np.ndarray, max_side: int = MAX_SIDE) -> list[Face]:
