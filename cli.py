@@ -235,6 +235,7 @@ def info(index_dir, as_json) -> None:
         d = {"index": str(store.directory), "model": st.model, "weights": st.weights_source,
              "input_size": st.preprocess.get("size"), "resize": st.preprocess.get("resize", "squash"),
              "pooling": st.pooling, "search_defaults": st.search, "metric": st.metric, "index_type": st.index_type,
+             **({"preset": st.preset} if st.preset else {}),
              "faiss_factory": st.faiss_factory, "dim": st.dim, "head": _head_text(store),
              "images": store.count(), "skipped_files": skipped,
              "size_bytes": store.size_on_disk(), "schema_version": st.schema_version,
