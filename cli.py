@@ -325,6 +325,8 @@ def search(ctx, queries, index_dir, k, min_score, include_self, qe, dba, verify,
     failed = 0
     with IndexStore.open(_index_dir(index_dir)) as store:
         if store.settings.preset == "faces":
+            if qe or dba or verify or min_score is not None:
+                raise click.UsageError("--qe, --dba, --verify and --min-score do not apply to a faces index")
             return _search_faces(store, paths, k, face, include_self, explain, out_dir, method, as_json)
         if face is not None:
             raise click.UsageError(f"--face goes with a faces index (--preset faces); {store.directory} is not one")

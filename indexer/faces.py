@@ -12,6 +12,7 @@ import hashlib
 import os
 import threading
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterable
@@ -195,9 +196,21 @@ def _run(store: IndexStore, bb, finder, files, trees, report: IndexReport, batch
                 return e, sha, img, err, []
             return e, sha, img, None, finder().faces(np.asarray(img))
 
-        for e, sha, img, err, faces in pool.map(work, todo):
+        window: deque = deque()  # a bounded look-ahead: decoded photos are not all held at once
+        it = iter(todo)
+        for e in it:
+            window.append(pool.submit(work, e))
+            if len(window) >= 2 * workers:
+                break
+        while window:
             if stop.is_set():
+                for f in window:
+                    f.cancel()
                 raise KeyboardInterrupt
+            e, sha, img, err, faces = window.popleft().result()
+            nxt = next(it, None)
+            if nxt is not None:
+                window.append(pool.submit(work, nxt))
             old_ids = [r.id for r in by_path.get(e.path, [])]
             if err or not faces:
                 reason = err or NO_FACE

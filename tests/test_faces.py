@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clitools import run_process
+from clitools import run, run_process
 
 HAVE_FACES = importlib.util.find_spec("dlib") is not None and importlib.util.find_spec("face_recognition_models") is not None
 pytestmark = pytest.mark.skipif(not HAVE_FACES, reason="faces extra not installed: pip install -e '.[faces]'")
@@ -84,7 +84,7 @@ def test_port_equals_dlib(face_photos, finder):
     # and through the project's Backbone (its fast path, its preprocessing): GAP of the map = the descriptor
     from retrieval.dlib_face import load_backbone
 
-    bb = load_backbone()
+    bb = load_backbone(fast="eager")  # (the ONNX path is what the CLI tests below run)
     a, pooled = bb.embed(bb.preprocess.batch([Image.fromarray(c) for c in chips]))
     assert a.shape[1] == 128 and np.abs(pooled.numpy() - want).max() <= 1e-4
 
@@ -139,8 +139,7 @@ def test_preset_recorded_in_index(faces_index):
         st = store.settings
         assert st.preset == "faces" and st.metric == "l2" and st.model == "dlib_face_resnet"
         assert st.faces == {"detector": "hog", "upsample": 1, "threshold": 0.6} and st.schema_version == 3
-    r = run_process("info", "--index", idx, "--json")
-    assert json.loads(r.stdout)["preset"] == "faces"
+    assert json.loads(run("info", "--index", idx, "--json").stdout)["preset"] == "faces"
 
 
 def test_verdict_words():
@@ -186,8 +185,8 @@ def test_search_by_face_with_maps_on_the_faces(faces_index, face_photos, tmp_pat
 
 def test_face_number_out_of_range(faces_index, face_photos):
     idx, _, _ = faces_index
-    r = run_process("search", face_photos / "group.png", "--face", "7", "--index", idx)
-    assert r.returncode != 0
+    r = run("search", face_photos / "group.png", "--face", "7", "--index", idx, ok=False)
+    assert r.exit_code != 0
     assert "--face 7: the photo has 3 faces" in r.stderr and "Traceback" not in r.stderr
 
 
