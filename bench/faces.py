@@ -272,7 +272,7 @@ def main() -> None:
         ["group photos: detect + align + embed", f"{g['detected'] / g['index_s']:.1f} faces/s "
          f"({g['detected']} faces in {g['photos']} photos, {g['index_s']:.1f} s)"],
         ["group photos: CPU time (all threads) per face", f"{g['index_cpu'] / max(g['detected'], 1) * 1000:.0f} ms "
-         f"(= {g['detected'] / g['index_cpu']:.1f} faces per CPU-second; × 2 cores when they are free)"],
+         f"(= {g['detected'] / g['index_cpu']:.1f} faces per CPU-second: the rate one free core gives; the wall rate above is load-bound)"],
         ["ORL: detect + align + embed", f"{(o['n'] - o['no_face']) / o['face_s']:.1f} faces/s ({o['face_s']:.1f} s)"],
         ["ORL: general preset embedding", f"{o['n'] / o['gen_s']:.1f} photos/s ({o['gen_s']:.1f} s)"]])
     text += ("\n\nReal varied face set: none found that a PyPI package ships offline (scikit-image ships one face, "
