@@ -171,7 +171,6 @@ def index(ctx, paths, index_dir, model, weights, metric, index_type, faiss_facto
       retrieve index ~/Pictures                   # into the default index (see --index)
       retrieve index ~/Pictures --json            # the counts as JSON
       retrieve index ~/Products --preset instance --index ~/products-index
-      retrieve index ~/Pictures --preset faces --index ~/faces-index
     """
     from indexer import index_paths
 
