@@ -155,9 +155,13 @@ class _Bar:
 @click.option("--faiss", "faiss_factory", default=None, metavar="FACTORY",
               help="Advanced: a FAISS factory string for a new index (instead of --index-type).")
 @click.option("--input-size", type=click.IntRange(32, 2048), default=None, help="Input side in pixels of a new index.")
-@click.option("--preset", type=click.Choice(["general", "instance"]), default=None,
+@click.option("--preset", type=click.Choice(["general", "instance", "faces"]), default=None,
               help="What a new index is for: general similarity (fast, the default), or the same object/product "
-                   "seen elsewhere (448 px aspect kept, GeM, PCA-whitening, --verify 60 when searching).")
+                   "seen elsewhere (448 px aspect kept, GeM, PCA-whitening, --verify 60 when searching), or "
+                   "faces: one row per detected face, dlib's face model (needs pip install -e '.[faces]').")
+@click.option("--face-detector", type=click.Choice(["hog", "cnn"]), default=None,
+              help="With --preset faces: dlib's HOG detector (fast, the default) or its CNN detector (finds "
+                   "turned and small faces, slower).")
 @click.option("--resize", type=click.Choice(["squash", "long"]), default=None,
               help="Input shape of a new index: squash to a square, or keep the aspect (long side = input size).")
 @click.option("--pooling", default=None, metavar="gap|gem[:P]|rmac",
@@ -179,8 +183,8 @@ class _Bar:
 @trust_option
 @json_option
 @click.pass_context
-def index(ctx, paths, index_dir, model, weights, metric, index_type, faiss_factory, input_size, preset, resize,
-          pooling, head, refit, batch_size, workers, engine, ray_address, follow_links, as_json) -> None:
+def index(ctx, paths, index_dir, model, weights, metric, index_type, faiss_factory, input_size, preset, face_detector,
+          resize, pooling, head, refit, batch_size, workers, engine, ray_address, follow_links, as_json) -> None:
     """Index the photos under PATHS (recursively); re-runs only embed what changed.
 
     \b
@@ -207,13 +211,20 @@ def index(ctx, paths, index_dir, model, weights, metric, index_type, faiss_facto
         report = index_paths(paths, _index_dir(index_dir), model=model, weights=weights, metric=metric,
                              index_type=index_type, faiss_factory=faiss_factory, input_size=input_size,
                              preset=preset, resize=resize, pooling=pooling, head=head, refit=refit, batch_size=batch_size, workers=workers, progress=bar, on_skip=on_skip,
-                             follow_links=follow_links, engine=engine, ray_address=ray_address)
+                             follow_links=follow_links, engine=engine, ray_address=ray_address,
+                             **({"face_detector": face_detector} if face_detector else {}))
     finally:
         bar.close()
     if as_json:
         d = report.to_dict()
         d.pop("skipped_files")
         click.echo(json.dumps(d))
+    elif hasattr(report, "faces"):  # a faces index (indexer/faces.py): rows are faces
+        click.echo(f"{report.total} faces in {report.index}: {report.faces} faces in {report.indexed} photos indexed, "
+                   f"{report.no_face} photos with no face found, {report.unchanged} unchanged, {report.removed} "
+                   f"removed, {report.skipped} skipped" + (f" (+{report.skipped_before} known bad or faceless)"
+                                                           if report.skipped_before else "")
+                   + f" in {report.seconds:.1f}s")
     else:
         click.echo(f"{report.total} images in {report.index}: {report.indexed} indexed, {report.moved} moved, "
                    f"{report.unchanged} unchanged, {report.removed} removed, {report.skipped} skipped"
@@ -248,6 +259,7 @@ def info(index_dir, as_json) -> None:
         d = {"index": str(store.directory), "database": store.where, "model": st.model, "weights": st.weights_source,
              "input_size": st.preprocess.get("size"), "resize": st.preprocess.get("resize", "squash"),
              "pooling": st.pooling, "search_defaults": st.search, "metric": st.metric, "index_type": st.index_type,
+             **({"preset": st.preset} if st.preset else {}),
              "faiss_factory": st.faiss_factory, "dim": st.dim, "head": _head_text(store),
              "images": store.count(), "skipped_files": skipped,
              "size_bytes": store.size_on_disk(), "schema_version": st.schema_version,
@@ -308,11 +320,14 @@ def _human(n: float) -> str:
                    "paper's map), gradcam or occlusion (baselines) [default: the index's, sfam].")
 @click.option("--full-maps", is_flag=True,
               help="With --explain: save the .npy maps at each photo's full size [default: long side ≤ 1024 px].")
+@click.option("--face", "face", type=click.IntRange(0), default=None, metavar="N",
+              help="Faces index (--preset faces): which face of the query photo to search for, 0 = the largest "
+                   "[default: 0].")
 @trust_option
 @json_option
 @click.pass_context
 def search(ctx, queries, index_dir, k, min_score, include_self, qe, dba, verify, explain, out_dir, method,
-           full_maps, as_json) -> None:
+           full_maps, face, as_json) -> None:
     """Find the nearest neighbours of QUERIES (image files or folders of them).
 
     \b
@@ -334,6 +349,12 @@ def search(ctx, queries, index_dir, k, min_score, include_self, qe, dba, verify,
         raise click.ClickException("no images among the queries")
     failed = 0
     with IndexStore.open(_index_dir(index_dir)) as store:
+        if store.settings.preset == "faces":
+            if qe or dba or verify or min_score is not None:
+                raise click.UsageError("--qe, --dba, --verify and --min-score do not apply to a faces index")
+            return _search_faces(store, paths, k, face, include_self, explain, out_dir, method, as_json)
+        if face is not None:
+            raise click.UsageError(f"--face goes with a faces index (--preset faces); {store.directory} is not one")
         if verify is None:
             verify = int(store.settings.search.get("verify", 0))
         searcher = Searcher(store, backbone_for_settings(store.settings), dba=dba)
@@ -385,6 +406,53 @@ def search(ctx, queries, index_dir, k, min_score, include_self, qe, dba, verify,
                 click.echo(f"  report: {next(iter(explained.values()))['report']}")
     if failed:
         raise click.ClickException(f"{failed} of {len(paths)} queries could not be read")
+
+
+def _search_faces(store, paths, k, face, include_self, explain, out_dir, method, as_json) -> None:
+    """``retrieve search`` on a faces index: one face of each query photo (retrieval/face_search.py)."""
+    from retrieval.face_search import FaceSearcher
+    from retrieval.service import backbone_for_settings
+
+    searcher = FaceSearcher(store, backbone_for_settings(store.settings))
+    failed = 0
+    for qi, path in enumerate(paths):
+        res = searcher.search(path, k, face=face, include_self=include_self)
+        if res.error:
+            failed += 1
+            click.echo(f"{path}: {res.error}", err=True)
+            if as_json:
+                click.echo(json.dumps(res.to_dict()))
+            continue
+        explained = {}
+        if explain and res.results:
+            from explain.faces import explain_face_hits
+            from explain.run import default_out_dir
+
+            if out_dir:
+                target = Path(out_dir) / (f"{qi + 1:02d}_{Path(path).stem}" if len(paths) > 1 else "")
+            else:
+                target = default_out_dir(path)
+            explained = explain_face_hits(searcher, res, target, method,
+                                          on_error=lambda p, r: click.echo(f"{p}: {r}", err=True))
+        if as_json:
+            d = res.to_dict()
+            for h in d["results"]:
+                if h["rank"] in explained:
+                    h["explanation"] = explained[h["rank"]]
+            click.echo(json.dumps(d))
+            continue
+        click.echo(f"{path} (face {res.face} of {res.faces_in_query}, box {','.join(map(str, res.box))})")
+        if not res.results:
+            click.echo("  (no results)")
+            continue
+        click.echo(f"  {'rank':>4}  {'distance':>8}  {'face box':<19}  verdict  path")
+        for h in res.results:
+            click.echo(f"  {h.rank:>4}  {h.distance:>8.4f}  {h.face}:{','.join(map(str, h.box)):<17}  "
+                       f"{h.verdict}  {h.path}")
+        if explained:
+            click.echo(f"  report: {next(iter(explained.values()))['report']}")
+    if failed:
+        raise click.ClickException(f"{failed} of {len(paths)} queries had no usable face")
 
 
 # -- check --------------------------------------------------------------------------------------

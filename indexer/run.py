@@ -130,7 +130,7 @@ def index_paths(paths: Iterable[str | os.PathLike], index_dir: str | os.PathLike
                 workers: int | None = None, progress: Progress | None = None,
                 on_skip: Callable[[str, str], None] | None = None,
                 backbone: Backbone | None = None, follow_links: bool = False, engine: str = "local",
-                ray_address: str | None = None) -> IndexReport:
+                ray_address: str | None = None, face_detector: str | None = None) -> IndexReport:
     """Index (or update the index of) the images under ``paths`` into ``index_dir``; see the module docstring.
 
     ``model``/``weights``/``metric``/``index_type``/``faiss_factory``/``input_size``/``resize``/``pooling``/
@@ -141,6 +141,16 @@ def index_paths(paths: Iterable[str | os.PathLike], index_dir: str | os.PathLike
     indexer/ray_engine.py). ``backbone`` substitutes a ready-made backbone (tests). A new index into which nothing could be
     indexed (no images, or none decodable) is not created: :class:`RetrieveError`.
     """
+    if preset not in (None, "faces") and _faces_index(index_dir):
+        raise RetrieveError(f"{index_path(index_dir)} is a faces index; --preset {preset} needs another --index directory")
+    if preset == "faces" or face_detector is not None or (preset is None and _faces_index(index_dir)):
+        from .faces import index_faces  # one row per face: its own pipeline (indexer/faces.py)
+
+        return index_faces(paths, index_dir, detector=face_detector, batch_size=batch_size, workers=workers,
+                           progress=progress, on_skip=on_skip, follow_links=follow_links, backbone=backbone,
+                           refused=dict(model=model, weights=weights, metric=metric, index_type=index_type,
+                                        faiss=faiss_factory, input_size=input_size, resize=resize, pooling=pooling,
+                                        head=head, refit=refit))
     t0 = time.perf_counter()
     asked = _asked(preset, model=model, weights=weights, metric=metric, index_type=index_type,
                    faiss_factory=faiss_factory, input_size=input_size, resize=resize, pooling=pooling, head=head)
@@ -192,7 +202,7 @@ def index_paths(paths: Iterable[str | os.PathLike], index_dir: str | os.PathLike
                                  dim=bb.feature_dim, index_type=itype,
                                  faiss_factory=asked.faiss_factory or factory_for(itype, bb.feature_dim, 0),
                                  explain=default_explain(bb.preprocess.size), head=parse_head(asked.head),
-                                 pooling=str(bb.pooling), search=asked.search)
+                                 pooling=str(bb.pooling), search=asked.search, preset=asked.preset or "")
 
     report = IndexReport(index=str(index_dir))
     stop = threading.Event()
@@ -234,6 +244,12 @@ def _sigint_deferred(stop: threading.Event):
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def _faces_index(index_dir) -> bool:
+    from .faces import is_faces_index
+
+    return is_faces_index(index_dir)
 
 
 def _finalise(store: IndexStore, report: IndexReport, refit: bool, bb: Backbone | None = None) -> None:

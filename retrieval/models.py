@@ -198,6 +198,10 @@ def load_backbone(name: str = DEFAULT_MODEL, weights: str | os.PathLike | None =
     (an index records it); a mismatch raises :class:`SettingsMismatch`.
     """
     dev = pick_device(device)
+    if name == "dlib_face_resnet":  # dlib's face ResNet, ported (retrieval/dlib_face.py); the faces extra
+        from .dlib_face import load_backbone as load_face_backbone
+
+        return load_face_backbone(weights, device=device, fast=fast, expected_sha256=expected_sha256)
     if name in REGISTRY:
         spec = REGISTRY[name]
         net = spec.build()
@@ -225,7 +229,7 @@ def load_backbone(name: str = DEFAULT_MODEL, weights: str | os.PathLike | None =
 
 def is_user_code(name: str) -> bool:
     """Whether model ``name`` is a user's program (a TorchScript file or ``module:function``), not a registry name."""
-    return name not in REGISTRY
+    return name not in REGISTRY and name != "dlib_face_resnet"
 
 
 def _load_user_model(name: str, input_size: int | None, dev: torch.device, fast: str,

@@ -11,3 +11,8 @@ PRESETS = {
     "instance": {"input_size": 448, "resize": "long", "pooling": "gem", "head": "pca-whiten:128",
                  "search": {"verify": 60}},
 }
+
+# ``--preset faces`` (kept out of PRESETS: it is not a set of backbone options but its own pipeline, indexer/faces.py):
+# detect every face (dlib HOG, or its CNN detector), align on 5 landmarks, embed with dlib's face ResNet (the
+# PyTorch port, retrieval/dlib_face.py), one row per face; L2 metric, and dlib's documented same-person distance.
+FACES = {"model": "dlib_face_resnet", "metric": "l2", "detector": "hog", "upsample": 1, "threshold": 0.6}

@@ -149,6 +149,16 @@ class IndexStore:
         version = self.settings.schema_version
         if version < 2:
             Base.metadata.create_all(self.engine, tables=[ArrayRow.__table__])
+        if version < 3:  # per-face rows: two nullable columns, path unique per (path, face) instead of alone
+            with self.engine.begin() as c:
+                cols = {r[1] for r in c.exec_driver_sql("PRAGMA table_info(images)")}
+                for name, kind in (("face", "INTEGER"), ("box", "VARCHAR")):
+                    if name not in cols:
+                        c.exec_driver_sql(f"ALTER TABLE images ADD COLUMN {name} {kind}")
+                c.exec_driver_sql("DROP INDEX IF EXISTS ix_images_path")
+                c.exec_driver_sql("CREATE INDEX ix_images_path ON images (path)")
+                c.exec_driver_sql("CREATE UNIQUE INDEX IF NOT EXISTS ux_images_path_face ON images "
+                                  "(path, coalesce(face, -1))")
         self.set_value("schema_version", SCHEMA_VERSION)
         self.settings.schema_version = SCHEMA_VERSION
 

@@ -1,0 +1,252 @@
+"""``retrieve index PHOTOS --preset faces``: one row per face (detect, align on 5 landmarks, embed).
+
+Each face's row holds the photo's path, its number in the photo (largest first) and its box in the photo's
+own pixels; a photo without a face is reported ("no face found"), counted and remembered like an
+undecodable file (not retried until it changes), not an error. Incremental like the general indexer:
+an unchanged photo (same size and mtime) costs nothing, a changed one has its faces replaced, a photo gone
+from the scanned folders takes its faces with it.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import numpy as np
+from PIL import Image
+from sqlalchemy import delete, select
+
+from retrieval.errors import ImageError, RetrieveError
+from retrieval.images import decode_image, read_image_bytes
+from retrieval.presets import FACES
+from retrieval.scan import check_paths, scan_paths
+from retrieval.store import (ImageRow, IncompleteIndex, IndexSettings, IndexStore, SkippedRow, factory_for,
+                             index_path)
+
+from .run import IndexReport, _NoProgress, _sigint_deferred
+
+NO_FACE = "no face found"
+
+
+@dataclass
+class FaceIndexReport(IndexReport):
+    """:class:`IndexReport` of a faces index: ``indexed`` counts photos, ``faces`` their faces."""
+
+    faces: int = 0  # faces indexed by this run
+    no_face: int = 0  # photos in which this run found no face (reported, remembered, not errors)
+
+
+def is_faces_index(index_dir) -> bool:
+    """Whether ``index_dir`` holds an index built with ``--preset faces``."""
+    d = index_path(index_dir)
+    if not IndexStore.exists(d):
+        return False
+    try:
+        with IndexStore.open(d) as store:
+            return store.settings.preset == "faces"
+    except IncompleteIndex:
+        return False
+
+
+def _within(path: str, trees: list[str]) -> bool:
+    return any(path == t or path.startswith(t.rstrip(os.sep) + os.sep) for t in trees)
+
+
+def index_faces(paths: Iterable[str | os.PathLike], index_dir, *, detector: str | None = None,
+                upsample: int | None = None, batch_size: int = 32, workers: int | None = None,
+                progress=None, on_skip: Callable[[str, str], None] | None = None, follow_links: bool = False,
+                refused: dict | None = None, backbone=None) -> IndexReport:
+    """Index the faces in the photos under ``paths``; see the module docstring. ``refused``: options of the
+    general indexer that were given (they do not apply to a faces index: a one-line error names them)."""
+    from retrieval.dlib_face import load_backbone
+    from retrieval.faces import FaceFinder
+
+    given = [k for k, v in (refused or {}).items() if v]
+    if given:
+        raise RetrieveError(f"--preset faces fixes the model, metric and input itself; drop "
+                            f"{', '.join('--' + g.replace('_', '-') for g in given)}")
+    t0 = time.perf_counter()
+    paths = list(paths)
+    roots = check_paths(paths)
+    progress = progress or _NoProgress()
+    on_skip = on_skip or (lambda p, r: None)
+    index_dir = index_path(index_dir)
+    scan = scan_paths(roots, follow_links=True) if follow_links else scan_paths(roots)
+    files = list(scan)
+    for link in getattr(scan, "links_not_followed", ()):
+        on_skip(link, "a link out of the folders, not followed (retrieve index --follow-links follows it)")
+    trees = [str(t) for t in getattr(scan, "trees", None) or roots]
+
+    store = None
+    if IndexStore.exists(index_dir):
+        try:
+            store = IndexStore.open(index_dir, writable=True, what="retrieve index")
+        except IncompleteIndex:
+            store = None
+    settings = None
+    try:
+        if store is not None:
+            st = store.settings
+            if st.preset != "faces":
+                raise RetrieveError(f"{index_dir} is a {st.preset or 'general'} index, not a faces index; give the "
+                                    "faces their own --index directory")
+            if detector is not None and detector != st.faces.get("detector"):
+                raise RetrieveError(f"{index_dir} finds faces with --face-detector {st.faces.get('detector')}; "
+                                    f"index with that, or into another --index directory")
+            bb = backbone or load_backbone(expected_sha256=st.weights_id)
+            detector, upsample = st.faces.get("detector", "hog"), int(st.faces.get("upsample", 1))
+        else:
+            if not files:
+                raise RetrieveError(f"no images found in {', '.join(str(p) for p in paths)}; no index was created")
+            bb = backbone or load_backbone()
+            detector = detector or FACES["detector"]
+            upsample = FACES["upsample"] if upsample is None else int(upsample)
+            settings = IndexSettings(model=bb.name, weights_id=bb.weights_id, weights_source=bb.weights_source,
+                                     preprocess=bb.preprocess.to_dict(), metric=FACES["metric"], dim=bb.feature_dim,
+                                     index_type="flat", faiss_factory=factory_for("flat", bb.feature_dim, 0),
+                                     explain={"method": "sfam", "input_size": bb.preprocess.size}, preset="faces",
+                                     faces={"detector": detector, "upsample": upsample,
+                                            "threshold": FACES["threshold"]})
+        FaceFinder(detector, upsample)  # fails here (one line) when dlib or the models are missing
+        local = threading.local()  # dlib's detectors are not thread-safe: one per decoding thread
+
+        def finder():
+            if not hasattr(local, "finder"):
+                local.finder = FaceFinder(detector, upsample)
+            return local.finder
+    except BaseException:
+        if store is not None:
+            store.close()
+        raise
+
+    report = FaceIndexReport(index=str(index_dir))
+    stop = threading.Event()
+    discarded = False
+    with _sigint_deferred(stop):
+        if store is None:
+            store = IndexStore.create(index_dir, settings, what="retrieve index")
+        new = settings is not None and not store.count()
+        try:
+            store.faiss_index()
+            _run(store, bb, finder, files, trees, report, batch_size, workers, progress, on_skip, stop)
+        except KeyboardInterrupt:
+            report.interrupted = True
+        finally:
+            try:
+                if new and not store.count():
+                    store.discard()
+                    discarded = True
+                else:
+                    if store.needs_retrain():
+                        store.rebuild_faiss()
+                    store.update_mean()
+                    store.save_faiss()
+                    store.set_value("updated_at", time.time())
+                    report.total = store.count()
+            finally:
+                store.close()
+    report.interrupted = report.interrupted or stop.is_set()
+    report.seconds = time.perf_counter() - t0
+    if discarded and not report.interrupted:
+        raise RetrieveError(f"no face found in any of the {len(files)} images ({report.no_face} without a face, "
+                            f"{report.skipped} unreadable); no index was created")
+    return report
+
+
+def _run(store: IndexStore, bb, finder, files, trees, report: IndexReport, batch_size: int, workers,
+         progress, on_skip, stop: threading.Event) -> None:
+    with store.session() as s:
+        rows = s.execute(select(ImageRow.id, ImageRow.path, ImageRow.size, ImageRow.mtime_ns)).all()
+        bad = {r.path: r for r in s.execute(select(SkippedRow)).scalars()}
+    by_path: dict[str, list] = {}
+    for r in rows:
+        by_path.setdefault(r.path, []).append(r)
+    seen = {e.path for e in files}
+    todo = []
+    for e in files:
+        old = by_path.get(e.path)
+        if old and all(r.size == e.size and r.mtime_ns == e.mtime_ns for r in old):
+            report.unchanged += 1
+            continue
+        b = bad.get(e.path)
+        if b is not None and b.size == e.size and b.mtime_ns == e.mtime_ns:
+            report.skipped_before += 1
+            continue
+        todo.append(e)
+    progress.start(len(todo))
+
+    def decode(e):
+        try:
+            data = read_image_bytes(e.path)
+            img = decode_image(data, e.path)
+        except ImageError as exc:
+            return e, None, None, exc.reason
+        return e, hashlib.sha256(data).hexdigest(), img, None
+
+    workers = workers or min(2, max(1, os.cpu_count() or 1))  # dlib's detector runs in these threads too
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="faces") as pool:
+        def work(e):
+            e, sha, img, err = decode(e)
+            if err:
+                return e, sha, img, err, []
+            return e, sha, img, None, finder().faces(np.asarray(img))
+
+        window: deque = deque()  # a bounded look-ahead: decoded photos are not all held at once
+        it = iter(todo)
+        for e in it:
+            window.append(pool.submit(work, e))
+            if len(window) >= 2 * workers:
+                break
+        while window:
+            if stop.is_set():
+                for f in window:
+                    f.cancel()
+                raise KeyboardInterrupt
+            e, sha, img, err, faces = window.popleft().result()
+            nxt = next(it, None)
+            if nxt is not None:
+                window.append(pool.submit(work, nxt))
+            old_ids = [r.id for r in by_path.get(e.path, [])]
+            if err or not faces:
+                reason = err or NO_FACE
+                with store.session() as s, s.begin():
+                    if old_ids:
+                        s.execute(delete(ImageRow).where(ImageRow.id.in_(old_ids)))
+                    s.merge(SkippedRow(path=e.path, size=e.size, mtime_ns=e.mtime_ns, reason=reason))
+                store.apply(old_ids)
+                if err:
+                    report.skipped += 1
+                else:
+                    report.no_face += 1
+                report.skipped_files.append({"path": e.path, "reason": reason})
+                on_skip(e.path, reason)
+                progress.advance(1)
+                continue
+            vecs = bb.embed_images([Image.fromarray(f.chip) for f in faces])
+            now = time.time()
+            with store.session() as s, s.begin():
+                if old_ids:
+                    s.execute(delete(ImageRow).where(ImageRow.id.in_(old_ids)))
+                s.execute(delete(SkippedRow).where(SkippedRow.path == e.path))
+                new_rows = [ImageRow(path=e.path, size=e.size, mtime_ns=e.mtime_ns, sha256=sha, width=img.width,
+                                     height=img.height, vector=v.tobytes(), indexed_at=now, face=f.index,
+                                     box=f.box_text()) for f, v in zip(faces, vecs)]
+                s.add_all(new_rows)
+                s.flush()
+                ids = np.array([r.id for r in new_rows], np.int64)
+            store.apply(old_ids, ids, vecs)
+            report.indexed += 1
+            report.faces += len(faces)
+            progress.advance(1)
+    gone = [r.id for p, rs in by_path.items() if p not in seen and _within(p, trees) for r in rs]
+    if gone:
+        with store.session() as s, s.begin():
+            for i in range(0, len(gone), 500):
+                s.execute(delete(ImageRow).where(ImageRow.id.in_(gone[i:i + 500])))
+        store.apply(gone)
+        report.removed = len({p for p, rs in by_path.items() if p not in seen and _within(p, trees)})
