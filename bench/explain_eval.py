@@ -250,10 +250,10 @@ def peer_maps(gc, bb, pairs, batch: int = 6) -> dict[str, list[np.ndarray]]:
     return out
 
 
-def run_localisation(sizes, rng, quick) -> tuple[list, dict]:
+def run_localisation(sizes, rng, quick, peers: bool = True) -> tuple[list, dict]:
     rows, timing = [], {}
     sets = localisation_sets(rng)
-    gc = grad_cam_package()
+    gc = grad_cam_package() if peers else None
     for set_name, (pairs, sources) in sets.items():
         if quick:
             pairs = pairs[::5]
@@ -354,7 +354,7 @@ def pooled_auc(res: list[tuple]) -> tuple[float, float]:
     return float(np.mean([d for d, _, _ in res]) / gap), float(np.mean([i for _, i, _ in res]) / gap)
 
 
-def run_faithfulness(quick: bool) -> list:
+def run_faithfulness(quick: bool, only: list[str] | None = None) -> list:
     rows = []
     bb = load_backbone()
     pairs_by = matched_pairs(quick)
@@ -377,13 +377,15 @@ def run_faithfulness(quick: bool) -> list:
                               ("sfam default, gate weighted by the match's cosine (until 2026-11-30), map at 448 px",
                                "sfam"),
                               ("sfam-plain cosine, centred (μ), map at 448 px (the previous default)", "sfam-plain")):
+            if only and not any(t in label for t in only):
+                continue
             ex448 = make_explainer(method, bb448, metric="cosine", mu=mu448, centre=True, mu_tap=tap448)
             if "weighted by the match's cosine" in label:
                 ex448.gate_kind = "cosine"
             log(f"faithfulness {ds} {label}")
             d, i = pooled_auc([deletion_insertion(bb, ex448, q, r, ex448.explain(q, r).result_raw) for q, r in pairs])
             rows.append([ds, len(pairs), label, round(d, 3), round(i, 3)])
-        for metric in ("cosine",):
+        for metric in ("cosine",) if not only else ():
             for label, heat_fn in (("centre prior", lambda: centre_prior(7, 7)),
                                    ("random map", lambda: np.random.default_rng(1).random((7, 7)))):
                 ex = make_explainer("sfam", bb, metric=metric)
@@ -458,6 +460,9 @@ def main() -> None:
                     "explain default; add 224 for the backbone's own size)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="fewer pairs (a smoke run)")
+    ap.add_argument("--only", nargs="+", default=None, metavar="TEXT",
+                    help="only the SFAM rows whose label contains TEXT (no peers, no slow baselines, no sanity): "
+                         "localisation and faithfulness side by side in one run, saved as bench/results/explain-only.md")
     ap.add_argument("--cost-only", action="store_true",
                     help="only the top-10 cost rows (5 interleaved rounds), saved as bench/results/explain-cost.md")
     args = ap.parse_args()
@@ -466,6 +471,18 @@ def main() -> None:
     if args.cost_only:
         _common.save("explain-cost", f"## Cost ({args.threads} threads)\n\n"
                      + _common.table(["what", "ms", "ratio"], cost({}, args.sizes, rounds=5)))
+        return
+    if args.only:
+        VARIANTS[:] = [v for v in VARIANTS if any(t in v[0] for t in args.only)]
+        loc, _ = run_localisation(args.sizes, rng, args.quick, peers=False)
+        text = (f"Threads: {args.threads}; rows whose label contains {' or '.join(map(repr, args.only))}, side by side "
+                "in one run (`python bench/explain_eval.py --only …`; the peers' rows: bench/results/explain.md).\n\n")
+        text += "## Localisation (result map on the composite, scored at the photo's own size)\n\n"
+        text += _common.table(["set", "input px", "map", "energy-in-box", "pointing"], loc)
+        faith = run_faithfulness(args.quick, only=args.only)
+        text += "\n\n## Faithfulness on real matched pairs (224 px; deletion: lower is better, insertion: higher)\n\n"
+        text += _common.table(["dataset", "pairs", "map", "deletion AUC", "insertion AUC"], faith)
+        _common.save("explain-only", text)
         return
     loc, timing = run_localisation(args.sizes, rng, args.quick)
     text = (f"Threads: {args.threads}; input sizes: {', '.join(map(str, args.sizes))} px (pytorch-grad-cam "
