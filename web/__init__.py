@@ -12,7 +12,10 @@ EXTRA_HINT = "retrieve serve needs the serve extra: pip install -e '.[serve]' (i
 def require() -> None:
     """Raise a one-line :class:`RetrieveError` naming the extra when Starlette or uvicorn is missing."""
     try:
-        import multipart  # noqa: F401  (python-multipart: Starlette's form parser)
+        try:
+            import python_multipart  # noqa: F401  (python-multipart: Starlette's form parser)
+        except ImportError:
+            import multipart  # noqa: F401  (its name before 0.0.13)
         import starlette  # noqa: F401
         import uvicorn  # noqa: F401
     except ImportError as e:

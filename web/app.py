@@ -130,7 +130,11 @@ def create_app(collection: Collection) -> Starlette:
 
     async def thumb(request: Request):
         path = await run_in_threadpool(c.thumbnail, request.path_params["id"], request.query_params.get("size"))
-        return FileResponse(path, media_type="image/jpeg", headers={**SECURITY_HEADERS, "Cache-Control": CACHE_FOREVER})
+        etag = f'"{path.stem}"'  # <content hash>_<size>: the same bytes for as long as the photo is the same
+        headers = {**SECURITY_HEADERS, "Cache-Control": CACHE_FOREVER, "ETag": etag}
+        if etag in request.headers.get("if-none-match", ""):
+            return Response(status_code=304, headers=headers)
+        return FileResponse(path, media_type="image/jpeg", headers=headers)
 
     async def photo(request: Request):
         path = await run_in_threadpool(c.photo_path, request.path_params["id"])
