@@ -14,7 +14,6 @@ indexer marks each finished run (``updated_at``), and the next request after tha
 """
 from __future__ import annotations
 
-import base64
 import hashlib
 import io
 import os
@@ -24,6 +23,7 @@ import tempfile
 import threading
 import time
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,6 +107,8 @@ class Collection:
         self._uploads: OrderedDict[str, tuple[int, int]] = OrderedDict()  # token → own (H, W)
         self._explained: OrderedDict[str, dict] = OrderedDict()  # key → the explain document
         self._old: list = []
+        self._render_pool = ThreadPoolExecutor(1, thread_name_prefix="retrieve-render")
+        self._renders: dict[str, object] = {}  # key → the Future drawing its figure and report
         self.state = self._load()
 
     # -- the committed state ------------------------------------------------------------------
@@ -148,6 +150,7 @@ class Collection:
             return self.state
 
     def close(self) -> None:
+        self._render_pool.shutdown(wait=True)
         for st in [*self._old, self.state]:
             st.store.close()
         shutil.rmtree(self.upload_dir, ignore_errors=True)
@@ -346,7 +349,7 @@ class Collection:
             return self._explained[key]
         t0 = time.perf_counter()
         with self._model:
-            doc = self._explain_files(st, key, qpath, rpath, method, verify)
+            doc = self._explain_files(st, key, qpath, rpath, method, verify, (shown["name"], Path(row.path).name))
         doc["seconds"] = round(time.perf_counter() - t0, 4)
         doc["query"] = shown.get("path", shown["name"])
         doc["shown"] = {"query": shown, "result": {"id": row.id, "name": Path(row.path).name, "path": row.path,
@@ -356,14 +359,25 @@ class Collection:
         self._explained[key] = doc
         while len(self._explained) > KEEP_EXPLAINED:
             old, _ = self._explained.popitem(last=False)
+            job = self._renders.pop(old, None)
+            if job is not None:
+                job.result()
             shutil.rmtree(self.cache_dir / "explain" / old, ignore_errors=True)
         return doc
 
-    def _explain_files(self, st: Loaded, key: str, qpath: str, rpath: str, method: str, verify: bool) -> dict:
-        import numpy as np
+    def _explain_files(self, st: Loaded, key: str, qpath: str, rpath: str, method: str, verify: bool,
+                       names: tuple[str, str]) -> dict:
+        """What ``explain.run.explain_pair`` does, step for step and with the same document, except that the
+        figure and the report (a second or more of image encoding) are drawn in the background: the page shows
+        the maps at once, and a download of either waits for it (:meth:`explained_file`)."""
+        import json
 
-        from explain.render import _heat_uri
-        from explain.run import explain_pair, index_pair_score
+        from explain.methods import own_size
+        from explain.render import ReportItem, pair_figure, save_maps, write_report
+        from explain.run import (_display, _explain_all, _prepare_out, index_pair_score, pair_record,
+                                 search_score_words)
+        from explain.verdict import make_verdict
+        from retrieval.images import load_image
 
         explainer = self._explainer(st, method)
         # the same meta as the CLI's ``retrieve explain --index`` (cli._explain_meta)
@@ -376,19 +390,45 @@ class Collection:
 
             v = Verifier()
             verification = v.verify(v.features(qpath), v.features(rpath))
-        out = self.cache_dir / "explain" / key
-        doc = explain_pair(qpath, rpath, out, explainer, meta, verification,
-                           search=index_pair_score(st.store, self.backbone, qpath, rpath),
-                           calibration=st.calibration)
+        search = index_pair_score(st.store, self.backbone, qpath, rpath)
+        out = _prepare_out(self.cache_dir / "explain" / key)
+        side = explainer.backbone.preprocess.size
+        qa, rb = load_image(qpath, min_side=side), load_image(rpath, min_side=side)
+        (e,), (corr,) = _explain_all(explainer, qa, [rb])
+        qa, rb = _display(qa), _display(rb)
+        files = save_maps(out, "", e, (own_size(qa), own_size(rb)))
+        what = f"{search_score_words(explainer.metric)}, the score `retrieve search` ranks by in this index"
+        verdict = make_verdict(search["score"], st.calibration, verification)
+        rec = pair_record(explainer, e, search["score"], what, verdict, corr, files, search.get("distance"))
+        na, nb = names
+        title = verdict.title(na, nb)
+        doc = {"query": str(Path(qpath).resolve()), "result": str(Path(rpath).resolve()), **meta, **rec,
+               "files": {**files, "pair": str(out / "pair.png"), "report": str(out / "report.html")}}
+        doc["metric"] = e.metric
+        if e.metric == "cosine" and e.cis is not None:
+            doc["cis_sums_to_score"] = bool(abs(doc["cis_sum"] - e.score) < 1e-5)
+        if verification is not None:
+            doc["inliers"] = verification.inliers
+            doc["confirmed"] = verification.confirmed
+        (out / "explain.json").write_text(json.dumps(doc, indent=2))
+        doc["files"]["json"] = str(out / "explain.json")
+
+        def render():
+            pair_figure(qa, rb, e, f"{rec['score_short']} · {title}", out / "pair.png", verdict.text)
+            write_report(out / "report.html", title,
+                         [ReportItem(f"{na} and {nb}", qpath, rpath, qa, rb, e, rec, verification)], meta)
+
+        self._renders[key] = self._render_pool.submit(render)
         layers = {}
-        for side in ("query", "result"):
-            m = np.load(doc["files"][f"{side}_map"])
-            (out / f"{side}_heat.png").write_bytes(base64.b64decode(_heat_uri(m).split(",", 1)[1]))
-            layers[f"{side}_heat"] = f"/explain/{key}/{side}_heat.png"
+        for which, m in (("query", e.query_map), ("result", e.result_map)):
+            _heat_png(m, own_size(qa if which == "query" else rb), out / f"{which}_heat.png")
+            layers[f"{which}_heat"] = f"/explain/{key}/{which}_heat.png"
         doc["layers"] = layers
         doc["downloads"] = {"json": f"/explain/{key}/explain.json", "report": f"/explain/{key}/report.html",
                             "png": f"/explain/{key}/pair.png"}
         if verification is not None:
+            import numpy as np
+
             n = len(verification.query_points)
             step = max(1, n // INLIER_POINTS)
             doc["inlier_points"] = {"query": np.round(verification.query_points[::step], 1).tolist(),
@@ -400,6 +440,10 @@ class Collection:
         if (not re.fullmatch(r"[0-9a-f]{24}", key or "") or key not in self._explained
                 or name not in ("report.html", "explain.json", "pair.png", "query_heat.png", "result_heat.png")):
             raise NotFound("no such explanation file (explanations are kept while the server runs)")
+        job = self._renders.get(key)
+        if job is not None and name in ("report.html", "pair.png"):
+            job.result(timeout=300)  # drawn in the background; an error in it surfaces here
+            self._renders.pop(key, None)
         p = self.cache_dir / "explain" / key / name
         if not p.is_file():
             raise NotFound("no such explanation file")
@@ -410,6 +454,23 @@ def _explained_words(explainer) -> str:
     from explain.run import explained_words
 
     return explained_words(explainer)
+
+
+def _heat_png(m, size: tuple[int, int], path: Path) -> None:
+    """A map as the page's colour layer: the report's colours and alpha (explain.render), at most
+    ``HEAT_MAX_SIDE`` px (maps are smooth: the browser scales them up), fast PNG compression."""
+    import numpy as np
+    from matplotlib import colormaps
+    from PIL import Image
+
+    from explain.methods import map_size
+    from explain.render import COLORMAP, HEAT_MAX_SIDE, resize_map
+
+    target = map_size(size, HEAT_MAX_SIDE)
+    heat = np.clip(resize_map(m, target) if m.shape != target else m, 0, 1)
+    rgba = colormaps[COLORMAP](heat)
+    rgba[..., 3] = 0.35 + 0.65 * heat
+    Image.fromarray((rgba * 255 + 0.5).astype(np.uint8), "RGBA").save(path, "PNG", compress_level=1)
 
 
 def _thumb_url(row_id: int, sha: str, side: int = THUMB_SIDE) -> str:
