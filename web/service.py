@@ -143,7 +143,7 @@ class Collection:
                 except Exception:
                     return st
                 self.state = new
-                self._explainers.clear()
+                self._explainers = {k: v for k, v in self._explainers.items() if k[0] == id(new)}
                 self._old.append(st)  # closed later: requests in flight may still read it
                 while len(self._old) > 2:
                     self._old.pop(0).store.close()
@@ -327,9 +327,11 @@ class Collection:
     def _explainer(self, st: Loaded, method: str):
         from explain.run import index_explainer
 
-        if method not in self._explainers:
-            self._explainers[method] = index_explainer(st.store, self.backbone, method)
-        return self._explainers[method]
+        key = (id(st), method)  # an explainer belongs to one committed state (its μ, its head)
+        ex = self._explainers.get(key)
+        if ex is None:
+            ex = self._explainers[key] = index_explainer(st.store, self.backbone, method)
+        return ex
 
     def explain(self, q: str, r, method: str = "sfam", verify=False) -> dict:
         """``retrieve explain Q R --index I --json`` (with ``--verify`` when asked), Q a query, R an indexed
