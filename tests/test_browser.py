@@ -3,8 +3,10 @@ open a pair page, move the opacity slider and flip the layers, and check what th
 docs/serve-search.png and docs/serve-pair.png (README shows them)."""
 from __future__ import annotations
 
+import base64
 import os
 import re
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -18,6 +20,7 @@ from clitools import entry_point  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "data" / "samples"
+EVIL = "<img src=x onerror=alert(1)>.png"
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +29,10 @@ def server(tmp_path_factory, browser):
     from indexer import index_paths
 
     base = tmp_path_factory.mktemp("browser")
-    index_paths([str(SAMPLES)], base / "index")
+    photos = base / "photos"
+    shutil.copytree(SAMPLES, photos)
+    shutil.copy(SAMPLES / "coins.png", photos / EVIL)  # a file name that is HTML: it must stay text
+    index_paths([str(photos)], base / "index")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "XDG_CACHE_HOME": str(base / "cache")}
     proc = subprocess.Popen(entry_point() + ["serve", "--index", str(base / "index"), "--port", "0"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=base)
@@ -58,10 +64,22 @@ def test_search_upload_then_audit_a_pair(server, browser):
     errors = []
     page.on("pageerror", lambda e: errors.append(str(e)))
     page.goto(server)
+    dialogs = []
+    page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
     page.wait_for_selector("#collection .card")
-    assert "photos" in page.inner_text("#info")
-    # upload a photo through the file input (what the drop zone feeds too)
-    page.set_input_files("#file", str(SAMPLES / "chelsea_crop_flipped.jpg"))
+    assert "12 photos" in page.inner_text("#info")
+    assert EVIL in page.inner_text("#collection")  # shown as text, not run
+    assert page.locator("#collection img[src='x']").count() == 0
+    # drop a photo on the drop zone, as from a file manager
+    b64 = base64.b64encode((SAMPLES / "chelsea_crop_flipped.jpg").read_bytes()).decode()
+    dt = page.evaluate_handle("""(b64) => {
+        const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+        const dt = new DataTransfer();
+        dt.items.add(new File([bytes], "chelsea_crop_flipped.jpg", {type: "image/jpeg"}));
+        return dt;
+    }""", b64)
+    page.dispatch_event("#drop", "dragover", {"dataTransfer": dt})
+    page.dispatch_event("#drop", "drop", {"dataTransfer": dt})
     page.wait_for_selector("#results .card", timeout=120_000)
     cards = page.locator("#results .card")
     assert cards.count() == 10
@@ -124,6 +142,7 @@ def test_search_upload_then_audit_a_pair(server, browser):
         assert r.status == 200
     assert not outside, outside
     assert not errors, errors
+    assert not dialogs, dialogs
     page.close()
 
 
