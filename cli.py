@@ -538,10 +538,10 @@ def serve(ctx, index_dir, host, port, max_upload_mb) -> None:
     from web.service import Collection
 
     _set_threads(ctx)
-    sock = bind(host, port)  # before the model loads: a busy port is said at once
     if not is_loopback(host):
         click.echo(f"Warning: listening on {host}, not on this machine only: anyone who can reach it can search "
                    "this index and see its photos.", err=True)
+    sock = bind(host, port)  # before the model loads: a busy port is said at once
     collection = Collection(_index_dir(index_dir), max_upload_bytes=int(max_upload_mb * 1_000_000))
     try:
         run_server(create_app(collection), sock, on_ready=lambda url: click.echo(
