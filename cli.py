@@ -607,5 +607,43 @@ def _box(b) -> str:
     return f"({x0},{y0})–({x1},{y1})"
 
 
+# -- serve --------------------------------------------------------------------------------------
+@main.command()
+@index_option
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; anything but a loopback address lets other machines see the index.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="Port (0: a free one).")
+@click.option("--max-upload-mb", type=click.FloatRange(0.1, 200), default=20, show_default=True,
+              help="The largest photo a client may upload.")
+@trust_option
+@click.pass_context
+def serve(ctx, index_dir, host, port, max_upload_mb) -> None:
+    """A local web app: drop a photo, see its matches, open one to see why (needs the serve extra).
+
+    \b
+    Examples:
+      retrieve serve --index /tmp/retrieve-demo          # then open http://127.0.0.1:8000/
+      curl -F image=@photo.jpg 'http://127.0.0.1:8000/api/search?k=5'
+    """
+    import web
+
+    web.require()
+    from web.app import create_app
+    from web.server import bind, is_loopback, serve as run_server
+    from web.service import Collection
+
+    _set_threads(ctx)
+    if not is_loopback(host):
+        click.echo(f"Warning: listening on {host}, not on this machine only: anyone who can reach it can search "
+                   "this index and see its photos.", err=True)
+    sock = bind(host, port)  # before the model loads: a busy port is said at once
+    collection = Collection(_index_dir(index_dir), max_upload_bytes=int(max_upload_mb * 1_000_000))
+    try:
+        run_server(create_app(collection), sock, on_ready=lambda url: click.echo(
+            f"Serving {collection.index_dir} ({collection.state.store.count()} images) at {url}  (Ctrl-C to stop)"))
+    finally:
+        collection.close()
+
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,190 @@
+"""The Starlette app of ``retrieve serve``: two pages (search, pair), their static assets and a JSON API.
+
+Routes (every API answer is JSON; an error is ``{"error": "<one line>"}`` with a 4xx status, never a trace):
+
+- ``GET /`` search page · ``GET /pair?q=…&r=…`` pair page · ``/static/…`` the pages' CSS and JS
+- ``GET /api/health`` · ``GET /api/info`` (``retrieve info --json``) · ``GET /api/images?offset=&limit=``
+- ``POST /api/upload`` (a photo: multipart field ``image`` or the raw body) → ``{"token": …}``
+- ``GET|POST /api/search`` (``q`` = an indexed photo's id or ``upload:<token>``, or a photo in the POST body;
+  ``k``, ``offset``, ``qe``, ``verify``) → ``retrieve search --json``'s fields, each hit with its verdict
+- ``GET /api/explain?q=…&r=<id>&method=sfam|gradcam|occlusion&verify=0|1`` → ``retrieve explain --json``'s fields
+- ``GET /thumb/<id>`` · ``GET /photo/<id>`` · ``GET /upload/<token>/view.jpg`` · ``GET /explain/<key>/<file>``
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from retrieval.errors import ImageError, RetrieveError
+
+from .service import BadRequest, Collection, NotAnImage, NotFound, TooLarge
+
+STATIC = Path(__file__).with_name("static")
+CACHE_FOREVER = "public, max-age=31536000, immutable"  # URLs that change with the content (?v=<hash>)
+log = logging.getLogger("retrieve.serve")
+
+# Pages may use only what they ship: no outside scripts, styles, fonts or images.
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; style-src 'self' 'unsafe-inline'; "
+                               "script-src 'self' 'unsafe-inline'; connect-src 'self'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=SECURITY_HEADERS)
+
+
+def _json(d) -> JSONResponse:
+    return JSONResponse(d, headers={**SECURITY_HEADERS, "Cache-Control": "no-store"})
+
+
+def create_app(collection: Collection) -> Starlette:
+    """The app over one loaded :class:`Collection` (the model and the index are loaded once, by it)."""
+    c = collection
+
+    async def page(name: str) -> Response:
+        return FileResponse(STATIC / name, media_type="text/html",
+                            headers={**SECURITY_HEADERS, "Cache-Control": "no-cache"})
+
+    async def search_page(request: Request):
+        return await page("search.html")
+
+    async def pair_page(request: Request):
+        return await page("pair.html")
+
+    async def health(request: Request):
+        return _json(await run_in_threadpool(c.health))
+
+    async def info(request: Request):
+        return _json(await run_in_threadpool(c.info))
+
+    async def images(request: Request):
+        p = request.query_params
+        return _json(await run_in_threadpool(c.images, p.get("offset"), p.get("limit")))
+
+    async def _read_upload(request: Request) -> tuple[bytes, str]:
+        """The photo in a request: multipart field ``image`` (or the first file), or the raw body."""
+        cap = c.max_upload_bytes
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > cap + 64_000:
+            raise TooLarge(f"upload too large: {int(length):,} bytes (the limit is {cap:,})")
+        ctype = request.headers.get("content-type", "")
+        if ctype.startswith("multipart/form-data"):
+            try:
+                form = await request.form(max_files=1, max_fields=20, max_part_size=cap + 1)
+            except Exception as e:  # the multipart parser's own errors (sizes, malformed bodies)
+                msg = str(getattr(e, "detail", "") or e).splitlines()[0] if str(e) else "malformed form"
+                if "size" in msg.lower() or "large" in msg.lower():
+                    raise TooLarge(f"upload too large (the limit is {cap:,} bytes)") from None
+                raise BadRequest(f"cannot read the form: {msg}") from None
+            f = form.get("image")
+            if f is None or isinstance(f, str):
+                f = next((v for _, v in form.multi_items() if not isinstance(v, str)), None)
+            if f is None:
+                raise BadRequest("no photo in the form: send it as the field 'image'")
+            data = await f.read(cap + 1)
+            return data, f.filename or "upload"
+        data = b""
+        async for chunk in request.stream():
+            data += chunk
+            if len(data) > cap:
+                raise TooLarge(f"upload too large: more than {cap:,} bytes (the limit)")
+        return data, request.query_params.get("name") or "upload"
+
+    async def upload(request: Request):
+        data, name = await _read_upload(request)
+        return _json(await run_in_threadpool(c.add_upload, data, name))
+
+    async def search(request: Request):
+        p = dict(request.query_params)
+        if request.method == "POST":
+            ctype = request.headers.get("content-type", "")
+            if ctype.startswith("multipart/form-data") or not p.get("q"):
+                data, name = await _read_upload(request)
+                up = await run_in_threadpool(c.add_upload, data, name)
+                p["q"] = "upload:" + up["token"]
+        if not p.get("q"):
+            raise BadRequest("q: give an indexed photo's id or upload:<token> (or POST a photo)")
+        return _json(await run_in_threadpool(c.search, p["q"], p.get("k"), p.get("offset"), p.get("qe"),
+                                             p.get("verify")))
+
+    async def explain(request: Request):
+        p = request.query_params
+        if not p.get("q") or not p.get("r"):
+            raise BadRequest("give q (an indexed photo's id or upload:<token>) and r (an indexed photo's id)")
+        doc = await run_in_threadpool(c.explain, p["q"], p["r"], p.get("method") or "sfam", p.get("verify", "0"))
+        if p.get("download"):
+            return FileResponse(c.explained_file(doc["key"], "explain.json"), media_type="application/json",
+                                filename="explain.json", headers=SECURITY_HEADERS)
+        return _json(doc)
+
+    async def thumb(request: Request):
+        path = await run_in_threadpool(c.thumbnail, request.path_params["id"], request.query_params.get("size"))
+        etag = f'"{path.stem}"'  # <content hash>_<size>: the same bytes for as long as the photo is the same
+        headers = {**SECURITY_HEADERS, "Cache-Control": CACHE_FOREVER, "ETag": etag}
+        if etag in request.headers.get("if-none-match", ""):
+            return Response(status_code=304, headers=headers)
+        return FileResponse(path, media_type="image/jpeg", headers=headers)
+
+    async def photo(request: Request):
+        path = await run_in_threadpool(c.photo_path, request.path_params["id"])
+        return FileResponse(path, headers={**SECURITY_HEADERS, "Cache-Control": "private, max-age=3600"},
+                            content_disposition_type="inline", filename=path.name)
+
+    async def upload_file(request: Request):
+        kind = request.path_params["file"].removesuffix(".jpg")
+        path = c.upload_file(request.path_params["token"], kind)
+        return FileResponse(path, media_type="image/jpeg", headers={**SECURITY_HEADERS, "Cache-Control": CACHE_FOREVER})
+
+    async def explained(request: Request):
+        path = c.explained_file(request.path_params["key"], request.path_params["file"])
+        headers = {**SECURITY_HEADERS, "Cache-Control": "private, max-age=3600"}
+        if path.suffix == ".html":  # the report is self-contained: nothing but its inline style and script
+            headers["Content-Security-Policy"] = ("default-src 'none'; img-src data:; style-src 'unsafe-inline'; "
+                                                  "script-src 'unsafe-inline'")
+        return FileResponse(path, headers=headers)
+
+    async def on_retrieve_error(request: Request, e: Exception):
+        if isinstance(e, NotFound):
+            return _error(404, str(e))
+        if isinstance(e, TooLarge):
+            return _error(413, str(e))
+        if isinstance(e, NotAnImage):
+            return _error(415, str(e))
+        if isinstance(e, (BadRequest, ImageError)):
+            return _error(400 if not isinstance(e, ImageError) else 422, str(e))
+        return _error(400, str(e))
+
+    async def on_http(request: Request, e: HTTPException):
+        text = {404: "not found", 405: "method not allowed"}.get(e.status_code, str(e.detail))
+        return _error(e.status_code, text)
+
+    async def on_other(request: Request, e: Exception):
+        log.exception("request failed: %s", request.url.path)
+        return _error(500, f"internal error ({type(e).__name__}); the server log has the details")
+
+    routes = [
+        Route("/", search_page), Route("/pair", pair_page),
+        Route("/api/health", health), Route("/api/info", info), Route("/api/images", images),
+        Route("/api/upload", upload, methods=["POST"]),
+        Route("/api/search", search, methods=["GET", "POST"]),
+        Route("/api/explain", explain),
+        Route("/thumb/{id}", thumb), Route("/photo/{id}", photo),
+        Route("/upload/{token}/{file}", upload_file),
+        Route("/explain/{key}/{file}", explained),
+        Mount("/static", app=StaticFiles(directory=STATIC, follow_symlink=False), name="static"),
+    ]
+    app = Starlette(routes=routes, exception_handlers={RetrieveError: on_retrieve_error, HTTPException: on_http,
+                                                       Exception: on_other})
+    app.state.collection = c
+    return app
