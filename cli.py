@@ -275,6 +275,11 @@ def _human(n: float) -> str:
 @click.option("--verify", type=click.IntRange(0, 1000), default=None, metavar="K",
               help="Re-rank the top K by SIFT matches confirmed by a RANSAC homography (0 = off) "
                    "[default: the index's, 60 with --preset instance, else 0].")
+@click.option("--words", type=click.IntRange(0, 1000), default=None, metavar="N",
+              help="With --verify: also verify the top N of the index's visual-word inverted file (0 = off) "
+                   "[default: the index's, 30 with --preset instance, else 0].")
+@click.option("--within", "within", type=click.Path(), default=None, metavar="DIR",
+              help="Answer only with indexed images under DIR (catalogue mode: photos against the catalogue).")
 @click.option("--explain", is_flag=True, help="Write heat maps and a report explaining each result.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="With --explain: output directory [default: ./retrieve-explain-<query>-<time>].")
@@ -286,7 +291,7 @@ def _human(n: float) -> str:
 @trust_option
 @json_option
 @click.pass_context
-def search(ctx, queries, index_dir, k, min_score, include_self, qe, dba, verify, explain, out_dir, method,
+def search(ctx, queries, index_dir, k, min_score, include_self, qe, dba, verify, words, within, explain, out_dir, method,
            full_maps, as_json) -> None:
     """Find the nearest neighbours of QUERIES (image files or folders of them).
 
@@ -295,6 +300,7 @@ def search(ctx, queries, index_dir, k, min_score, include_self, qe, dba, verify,
       retrieve search query.jpg -k 5
       retrieve search query.jpg --explain          # heat maps + report.html for every result
       retrieve search some/folder --json           # one JSON object per query image
+      retrieve search photos/ --within catalogue/  # answers from the catalogue's images only
     """
     from explain.run import index_explainer
     from retrieval.search import Searcher, expand_queries
@@ -311,7 +317,9 @@ def search(ctx, queries, index_dir, k, min_score, include_self, qe, dba, verify,
     with IndexStore.open(_index_dir(index_dir)) as store:
         if verify is None:
             verify = int(store.settings.search.get("verify", 0))
-        searcher = Searcher(store, backbone_for_settings(store.settings), dba=dba)
+        if words is None:
+            words = int(store.settings.search.get("words", 0))
+        searcher = Searcher(store, backbone_for_settings(store.settings), dba=dba, within=within)
         explainer = index_explainer(store, searcher.backbone, method) if explain else None
         calibration = None
         if explain:
@@ -319,7 +327,8 @@ def search(ctx, queries, index_dir, k, min_score, include_self, qe, dba, verify,
 
             calibration = for_search(store)
         results = searcher.search_paths(paths, k, include_self=include_self, min_score=min_score, qe=qe,
-                                        verify=verify, on_error=lambda p, r: click.echo(f"{p}: {r}", err=True))
+                                        verify=verify, words=words,
+                                        on_error=lambda p, r: click.echo(f"{p}: {r}", err=True))
         for qi, res in enumerate(results):
             if res.error:
                 failed += 1
