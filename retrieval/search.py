@@ -263,9 +263,10 @@ class Searcher:
             out = [h for h in out if h.id not in extra_ids or h.verification.confirmed]
             taken = {h.id for h in out}
             tail = [h for h in tail if h.id not in taken]
+        out = (out + tail)[:k]
         for i, h in enumerate(out):
             h.rank = i + 1
-        return (out + tail)[:k]
+        return out
 
     def words(self):
         """The visual-word index of this store (retrieval/words.py), brought up to date with the rows on
