@@ -210,10 +210,13 @@ class Searcher:
                     return pre.array(load_image(p, min_side=pre.size)), None
                 from .images import decode_image, read_image_bytes
 
-                data = read_image_bytes(p)
+                data = read_image_bytes(p)  # read once: embedded, and its keypoints looked up or extracted
+                img = decode_image(data, p, min_side=pre.size)
                 feats = self.verifier.cached(data)
-                img = decode_image(data, p, min_side=max(pre.size, self.verifier.max_side))  # as the indexer decodes
-                local[p] = feats if feats is not None else self.verifier.extract(img)
+                if feats is None:
+                    side = self.verifier.max_side
+                    feats = self.verifier.extract(img if pre.size >= side else decode_image(data, p, min_side=side))
+                local[p] = feats
                 return pre.array(img), None
             except ImageError as e:
                 return None, e.reason
