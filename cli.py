@@ -312,6 +312,11 @@ def _human(n: float) -> str:
 @click.option("--verify", type=click.IntRange(0, 1000), default=None, metavar="K",
               help="Re-rank the top K by SIFT matches confirmed by a RANSAC homography (0 = off) "
                    "[default: the index's, 60 with --preset instance, else 0].")
+@click.option("--words", type=click.IntRange(0, 1000), default=None, metavar="N",
+              help="With --verify: also verify the top N of the index's visual-word inverted file (0 = off) "
+                   "[default: the index's, 30 with --preset instance, else 0].")
+@click.option("--within", "within", type=click.Path(), default=None, metavar="DIR",
+              help="Answer only with indexed images under DIR (catalogue mode: photos against the catalogue).")
 @click.option("--explain", is_flag=True, help="Write heat maps and a report explaining each result.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="With --explain: output directory [default: ./retrieve-explain-<query>-<time>].")
@@ -326,8 +331,8 @@ def _human(n: float) -> str:
 @trust_option
 @json_option
 @click.pass_context
-def search(ctx, queries, index_dir, k, min_score, include_self, qe, dba, verify, explain, out_dir, method,
-           full_maps, face, as_json) -> None:
+def search(ctx, queries, index_dir, k, min_score, include_self, qe, dba, verify, words, within, explain, out_dir,
+           method, full_maps, face, as_json) -> None:
     """Find the nearest neighbours of QUERIES (image files or folders of them).
 
     \b
@@ -335,6 +340,7 @@ def search(ctx, queries, index_dir, k, min_score, include_self, qe, dba, verify,
       retrieve search query.jpg -k 5
       retrieve search query.jpg --explain          # heat maps + report.html for every result
       retrieve search some/folder --json           # one JSON object per query image
+      retrieve search photos/ --within catalogue/  # answers from the catalogue's images only
     """
     from explain.run import index_explainer
     from retrieval.search import Searcher, expand_queries
@@ -350,14 +356,17 @@ def search(ctx, queries, index_dir, k, min_score, include_self, qe, dba, verify,
     failed = 0
     with IndexStore.open(_index_dir(index_dir)) as store:
         if store.settings.preset == "faces":
-            if qe or dba or verify or min_score is not None:
-                raise click.UsageError("--qe, --dba, --verify and --min-score do not apply to a faces index")
+            if qe or dba or verify or words or within or min_score is not None:
+                raise click.UsageError("--qe, --dba, --verify, --words, --within and --min-score do not apply to a "
+                                       "faces index")
             return _search_faces(store, paths, k, face, include_self, explain, out_dir, method, as_json)
         if face is not None:
             raise click.UsageError(f"--face goes with a faces index (--preset faces); {store.directory} is not one")
         if verify is None:
             verify = int(store.settings.search.get("verify", 0))
-        searcher = Searcher(store, backbone_for_settings(store.settings), dba=dba)
+        if words is None:
+            words = int(store.settings.search.get("words", 0))
+        searcher = Searcher(store, backbone_for_settings(store.settings), dba=dba, within=within)
         explainer = index_explainer(store, searcher.backbone, method) if explain else None
         calibration = None
         if explain:
@@ -365,7 +374,8 @@ def search(ctx, queries, index_dir, k, min_score, include_self, qe, dba, verify,
 
             calibration = for_search(store)
         results = searcher.search_paths(paths, k, include_self=include_self, min_score=min_score, qe=qe,
-                                        verify=verify, on_error=lambda p, r: click.echo(f"{p}: {r}", err=True))
+                                        verify=verify, words=words,
+                                        on_error=lambda p, r: click.echo(f"{p}: {r}", err=True))
         for qi, res in enumerate(results):
             if res.error:
                 failed += 1

@@ -262,6 +262,10 @@ def _finalise(store: IndexStore, report: IndexReport, refit: bool, bb: Backbone 
         store.compact()  # HNSW: one rebuild for the removals of the run, when they have grown too many
     store.update_mean()
     store.save_faiss()
+    if store.settings.search.get("words") and not report.interrupted:  # the visual-word inverted file
+        from retrieval.words import update_index
+
+        update_index(store)
     if not report.interrupted:
         refresh_calibration(store)  # where scores stand in this collection (explain verdicts)
         if bb is not None:  # μ at the explain resolution, for the explanations' centring

@@ -9,7 +9,7 @@ PRESETS = {
     # geometric verification per query; on faces and categories it costs a little R@1 (Caltech 0.86 → 0.84).
     "general": {"input_size": None, "resize": "squash", "pooling": "gap", "head": None, "search": {}},
     "instance": {"input_size": 448, "resize": "long", "pooling": "gem", "head": "pca-whiten:128",
-                 "search": {"verify": 60}},
+                 "search": {"verify": 60, "words": 30}},
 }
 
 # ``--preset faces`` (kept out of PRESETS: it is not a set of backbone options but its own pipeline, indexer/faces.py):

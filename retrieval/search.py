@@ -73,17 +73,21 @@ def expand_queries(queries: Iterable[str | os.PathLike]) -> list[str]:
 class Searcher:
     """Answers queries against one open index with the backbone the index was built with."""
 
-    def __init__(self, store: IndexStore, backbone: Backbone, dba: int = 0, verifier=None):
+    def __init__(self, store: IndexStore, backbone: Backbone, dba: int = 0, verifier=None,
+                 within: str | os.PathLike | None = None):
         """``dba`` > 0: database-side augmentation — every stored vector is replaced, for ranking, by the
         mean of itself and its ``dba`` nearest neighbours (computed when the searcher opens: one exact
         k-NN pass over the collection). ``verifier``: a :class:`retrieval.verify.Verifier` for
-        ``search_paths(verify=K)``."""
+        ``search_paths(verify=K)``. ``within``: a folder; only indexed images under it are answers
+        (catalogue mode: photos queried against the catalogue part of a mixed index)."""
         self.store = store
         self.backbone = backbone
         self.metric = store.settings.metric
         self._metric = store.metric
         self.index = store.faiss_index()
-        self._selector = _Excluding(store.removed_ids())  # removed rows an HNSW graph still holds
+        self.allowed = _within_ids(store, within) if within is not None else None  # sorted ids, or None: all
+        self._selector = _Excluding(store.removed_ids(), self.allowed)  # removed rows an HNSW graph still holds
+        self._words = None  # retrieval.words.WordIndex, loaded at the first search that uses it
         self.rerank = _tune(self.index)
         self.verifier = verifier
         import faiss
@@ -98,7 +102,7 @@ class Searcher:
                                 f"meant for up to {DBA_MAX:,} images (this index has {self.index.ntotal:,})")
         if dba > 0 and self.index.ntotal:
             self.index, self.rerank, self.hnsw = self._augmented(dba), False, None
-            self._selector = _Excluding(np.zeros(0, np.int64))
+            self._selector = _Excluding(np.zeros(0, np.int64), self.allowed)
 
     def _augmented(self, n: int):
         """An exact in-memory index over the DBA vectors (see ``__init__``), same ids as the stored ones."""
@@ -153,7 +157,7 @@ class Searcher:
         return out
 
     def _search(self, q: np.ndarray, k: int, exclude: Sequence[set[int]], min_score) -> list[list[Hit]]:
-        n = self.index.ntotal - len(self._selector)
+        n = self._selector.count(self.index.ntotal)
         if n <= 0 or k <= 0:
             return [[] for _ in range(len(q))]
         extra = max((len(e) for e in exclude), default=0)
@@ -184,12 +188,13 @@ class Searcher:
         return out
 
     def search_paths(self, paths: Sequence[str], k: int = 10, *, include_self: bool = False,
-                     min_score: float | None = None, qe: int = 0, verify: int = 0, batch_size: int = 32,
-                     workers: int = 2, on_error=None) -> Iterator[QueryResult]:
+                     min_score: float | None = None, qe: int = 0, verify: int = 0, words: int = 0,
+                     batch_size: int = 32, workers: int = 2, on_error=None) -> Iterator[QueryResult]:
         """Decode (in threads) and embed (in batches) the query images; yield one result per query, in order.
 
         ``verify`` = K > 0: re-rank the top K by geometric verification (``self.verifier``; see
-        retrieval/verify.py) and keep the best ``k``; hits then carry ``inliers``.
+        retrieval/verify.py) and keep the best ``k``; hits then carry ``inliers``. ``words`` = W > 0 (with
+        ``verify``): the top W of the visual-word inverted file (retrieval/words.py) are verified too.
         """
         if verify and self.verifier is None:
             from .verify import Verifier
@@ -197,10 +202,22 @@ class Searcher:
             self.verifier = Verifier()
         pre = self.backbone.preprocess
         metric = self.metric
+        local: dict[str, object] = {}  # query path → its local features (the query is decoded once)
 
         def load(p: str):
             try:
-                return pre.array(load_image(p, min_side=pre.size)), None
+                if not verify:
+                    return pre.array(load_image(p, min_side=pre.size)), None
+                from .images import decode_image, read_image_bytes
+
+                data = read_image_bytes(p)  # read once: embedded, and its keypoints looked up or extracted
+                img = decode_image(data, p, min_side=pre.size)
+                feats = self.verifier.cached(data)
+                if feats is None:
+                    side = self.verifier.max_side
+                    feats = self.verifier.extract(img if pre.size >= side else decode_image(data, p, min_side=side))
+                local[p] = feats
+                return pre.array(img), None
             except ImageError as e:
                 return None, e.reason
 
@@ -218,24 +235,80 @@ class Searcher:
                         row = None if include_self else self.store.row_by_path(chunk[i])
                         excl.append({row.id} if row is not None else set())
                     kk = max(k, verify)
-                    for i, hits, e in zip(good, self.search_vectors(raw, kk, excl, min_score, qe), raw):
+                    for i, hits, e, x in zip(good, self.search_vectors(raw, kk, excl, min_score, qe), raw,
+                                             range(len(good))):
                         if verify:
-                            hits = self._verified(chunk[i], hits, k, verify, on_error)
+                            more = self._word_hits(local.get(chunk[i]), words, hits[:verify], excl[x], e,
+                                                   min_score) if words else []
+                            hits = self._verified(chunk[i], hits, k, verify, on_error, more, local.pop(chunk[i], None))
                         hits_for[i], emb_for[i] = hits, e
                 for i, p in enumerate(chunk):
                     err = loaded[i][1]
                     yield QueryResult(p, metric, hits_for.get(i, []), err, emb_for.get(i))
 
 
-    def _verified(self, query_path: str, hits: list[Hit], k: int, depth: int, on_error) -> list[Hit]:
-        """The top ``depth`` re-ranked by verification, the rest behind them in order; the best ``k``."""
+    def _verified(self, query_path: str, hits: list[Hit], k: int, depth: int, on_error, more: Sequence[Hit] = (),
+                  query_features=None) -> list[Hit]:
+        """The top ``depth`` re-ranked by verification, the rest behind them in order; the best ``k``.
+
+        ``more``: candidates from the inverted file, verified with the head; one that is confirmed takes
+        its place among the confirmed, one that is not is left out (it was not in the global top)."""
         from .verify import verify_hits
 
         head, tail = hits[:depth], hits[depth:]  # the tail keeps its ranks, depth + 1 onwards
-        rows = self.store.rows_by_ids([h.id for h in head])
-        out = verify_hits(self.verifier, query_path, head, len(head),
-                          sha_of=lambda i: rows[i].sha256 if i in rows else None, on_error=on_error)
-        return (out + tail)[:k]
+        extra = list(more)
+        rows = self.store.rows_by_ids([h.id for h in head + extra])
+        out = verify_hits(self.verifier, query_path, head + extra, len(head) + len(extra),
+                          sha_of=lambda i: rows[i].sha256 if i in rows else None, on_error=on_error,
+                          query_features=query_features)
+        if extra:
+            extra_ids = {h.id for h in extra}
+            out = [h for h in out if h.id not in extra_ids or h.verification.confirmed]
+            taken = {h.id for h in out}
+            tail = [h for h in tail if h.id not in taken]
+        out = (out + tail)[:k]
+        for i, h in enumerate(out):
+            h.rank = i + 1
+        return out
+
+    def words(self):
+        """The visual-word index of this store (retrieval/words.py), brought up to date with the rows on
+        first use (rebuilt when its file is missing or damaged); None when too few images to train one."""
+        if self._words is None:
+            from . import words
+
+            if self.verifier is None:
+                from .verify import Verifier
+
+                self.verifier = Verifier()
+            self._words = words.sync(self.store, self.verifier) or False
+        return self._words or None
+
+    def _word_hits(self, feats, n: int, head: Sequence[Hit], exclude: set[int], raw: np.ndarray,
+                   min_score) -> list[Hit]:
+        """The inverted file's top ``n`` that are not in ``head`` (nor excluded, nor outside ``within``), as hits
+        scored by the global similarity."""
+        wi = self.words() if feats is not None else None
+        if wi is None:
+            return []
+        have = {h.id for h in head} | set(exclude)
+        found = [i for i, _ in wi.search(feats.descriptors, n + len(have), self.allowed, have)][:n]
+        removed = set(self._selector.ids.tolist())
+        found = [i for i in found if i not in removed]
+        if not found:
+            return []
+        rows = self.store.rows_by_ids(found)
+        found = [i for i in found if i in rows]
+        if not found:
+            return []
+        q = self.store.transform(np.atleast_2d(np.asarray(raw, np.float32)))[0]
+        out = []
+        for i, vec in zip(found, self._vectors(found)):
+            score, distance = self._metric.score(self._metric.raw(vec, q))
+            if min_score is not None and score < min_score:
+                continue
+            out.append(Hit(0, i, rows[i].path, float(score), distance=distance))
+        return out
 
     def _exact_scores(self, q: np.ndarray, ids: np.ndarray, rows: dict) -> tuple[np.ndarray, np.ndarray]:
         """Re-score candidates with the exact stored vectors and sort them again (best first)."""
@@ -254,19 +327,30 @@ class Searcher:
 
 
 class _Excluding:
-    """Search parameters that keep removed ids out of the results (an HNSW graph keeps them until rebuilt)."""
+    """Search parameters that keep removed ids out of the results (an HNSW graph keeps them until rebuilt)
+    and, with ``allowed`` (sorted ids), every id not among them (``search --within``)."""
 
-    def __init__(self, ids: np.ndarray):
+    def __init__(self, ids: np.ndarray, allowed: np.ndarray | None = None):
         self.ids = np.ascontiguousarray(ids, np.int64)
-        self._batch = self._not = None
+        self.allowed = None if allowed is None else np.setdiff1d(allowed, self.ids)
+        self._batch = self._not = self._in = None
         if len(self.ids):
             import faiss
 
             self._batch = faiss.IDSelectorBatch(self.ids)  # kept referenced: FAISS holds raw pointers
             self._not = faiss.IDSelectorNot(self._batch)
+        if self.allowed is not None:
+            import faiss
+
+            self._allowed = np.ascontiguousarray(self.allowed, np.int64)
+            self._not = self._in = faiss.IDSelectorBatch(self._allowed)  # removed ids are not in it
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def count(self, ntotal: int) -> int:
+        """How many ids a search can return."""
+        return len(self.allowed) if self.allowed is not None else ntotal - len(self.ids)
 
     def params(self, ef_search: int | None):
         if self._not is None:
@@ -279,6 +363,25 @@ class _Excluding:
         p.sel = self._not
         self._params = p
         return p
+
+
+def _within_ids(store: IndexStore, folder: str | os.PathLike) -> np.ndarray:
+    """The sorted ids of the indexed images under ``folder`` (by real path); RetrieveError when none is."""
+    from sqlalchemy import select
+
+    from .errors import RetrieveError
+    from .store import ImageRow
+
+    root = os.path.realpath(folder)
+    if not os.path.isdir(root):
+        raise RetrieveError(f"--within {folder}: not a folder")
+    prefix = root.rstrip(os.sep) + os.sep
+    with store.session() as s:
+        ids = [r.id for r in s.execute(select(ImageRow.id, ImageRow.path)) if r.path.startswith(prefix)]
+    if not ids:
+        raise RetrieveError(f"--within {folder}: none of the images in index {store.directory} is under it "
+                            f"(add them with `retrieve index {folder} --index {store.directory}`)")
+    return np.unique(np.asarray(ids, np.int64))
 
 
 def _tune(index) -> bool:

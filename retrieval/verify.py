@@ -28,6 +28,7 @@ from .errors import ImageError, RetrieveError
 from .images import load_image
 
 RANSAC_ITERS = 500  # enough for ≥ 15 % inliers at 99.5 % confidence; caps the cost of hopeless pairs
+MATCH_CHUNK = 16  # candidates whose descriptor similarities are computed together (memory stays ~256 MB)
 MIN_INLIERS = 10  # confirmed from here on: 0.04 % of unrelated pairs reach it on the instance set, 84 % of
                   # true pairs do (SIFT 2000 keypoints, RootSIFT, 640 px; bench/results/quality.md)
 
@@ -107,6 +108,17 @@ class Verifier:
         self.save(sha256, feats)
         return feats
 
+    def cached(self, data: bytes) -> LocalFeatures | None:
+        """The cached features of the file content ``data``, or None (not seen before, or no cache)."""
+        if self.cache is None:
+            return None
+        sha256 = hashlib.sha256(data).hexdigest()
+        try:
+            with np.load(self.cache / sha256[:2] / f"{sha256}.npz") as z:
+                return LocalFeatures(z["points"], z["descriptors"], tuple(int(v) for v in z["size"]))
+        except (OSError, KeyError, ValueError):
+            return None
+
     def save(self, sha256: str, feats: LocalFeatures) -> None:
         """Cache ``feats`` for the content ``sha256`` (the indexer extracts while it decodes)."""
         if self.cache is None:
@@ -126,13 +138,20 @@ class Verifier:
         return self.verify_many(q, [r])[0]
 
     def verify_many(self, q: LocalFeatures, rs: Sequence[LocalFeatures]) -> list[Verification]:
-        """:meth:`verify` for many candidates: one matrix product for all descriptor distances (faster than
-        OpenCV's brute-force matcher pair by pair), then a ratio test and RANSAC per candidate."""
+        """:meth:`verify` for many candidates: one matrix product per ``MATCH_CHUNK`` candidates for the
+        descriptor distances (faster than OpenCV's brute-force matcher pair by pair), then a ratio test and
+        RANSAC per candidate."""
         out = [Verification(0) for _ in rs]
         keep = [i for i, r in enumerate(rs) if len(r.points) >= 4]
         if len(q.points) < 4 or not keep:
             return out
         a = _root(q.descriptors)
+        for at in range(0, len(keep), MATCH_CHUNK):  # bounded memory: 2000 × 16 × 2000 similarities at most
+            self._match(q, a, rs, keep[at:at + MATCH_CHUNK], out)
+        return out
+
+    def _match(self, q: LocalFeatures, a: np.ndarray, rs: Sequence[LocalFeatures], keep: list[int],
+               out: list[Verification]) -> None:
         b = _root(np.concatenate([rs[i].descriptors for i in keep]))
         sim = a @ b.T  # RootSIFT vectors have unit length: squared distance = 2 − 2·similarity
         rows = np.arange(len(a))
@@ -150,7 +169,6 @@ class Verifier:
             dist1, dist2 = np.sqrt(np.maximum(2 - 2 * s1, 0)), np.sqrt(np.maximum(2 - 2 * s2, 0))
             good = np.nonzero(dist1 < self.ratio * dist2)[0]
             out[i] = self._ransac(q, rs[i], good, first[good])
-        return out
 
     def _ransac(self, q: LocalFeatures, r: LocalFeatures, qi: np.ndarray, ri: np.ndarray) -> Verification:
         cv2 = _cv2()
@@ -194,11 +212,13 @@ def rerank(candidates: Sequence, verifications: Sequence[Verification], k: int) 
 
 def verify_hits(verifier: Verifier, query_path: str, hits: Sequence, k: int,
                 sha_of: Callable[[int], str | None] = lambda i: None,
-                on_error: Callable[[str, str], None] | None = None) -> list:
+                on_error: Callable[[str, str], None] | None = None,
+                query_features: LocalFeatures | None = None) -> list:
     """Verify ``hits`` (global order) against the query file; the re-ranked top ``k``, each hit carrying
-    ``inliers`` and its ``verification`` (inlier point pairs, for the explanation report)."""
+    ``inliers`` and its ``verification`` (inlier point pairs, for the explanation report).
+    ``query_features``: the query's, when the caller has them already (decoded once)."""
     try:
-        qf = verifier.features(query_path)
+        qf = query_features if query_features is not None else verifier.features(query_path)
     except (ImageError, OSError) as e:
         if on_error:
             on_error(str(query_path), getattr(e, "reason", None) or str(e))

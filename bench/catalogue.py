@@ -1,0 +1,147 @@
+"""Phone photo → catalogue on the instance set: the global shortlist alone against global + visual words.
+
+    python bench/catalogue.py [--queries 100] [--threads 2]   (called by bench/quality.py --catalogue)
+
+The instance set (bench/instance_set.py): 100 objects × (one clean catalogue image ``ref.jpg`` + 4 phone
+photos). Queries: one phone photo per object (view1), as the product ranks (retrieval/search.py):
+global embedding (gem-448-long, pca-whiten:128 fitted on the collection, cosine), the top K verified
+(retrieval/verify.py), plus, with words W > 0, the top W of the visual-word inverted file
+(retrieval/words.py) that are not in the top K; a words candidate counts only when confirmed.
+
+- mixed: the index holds all 500 images; R@1 (the first result shows the same object), mAP@10 (its 4
+  other images), photo→catalogue R@1 (the first catalogue image among the results is its own);
+- within: the same index, answers restricted to the catalogue images (``search --within``);
+- catalogue-only: an index of the 100 catalogue images alone (head and vocabulary fitted on them).
+
+s/query = ranking + the query's SIFT extraction + pairs × measured ms per verified pair + the inverted
+file's lookup (measured). Verification results are memoised per (query, candidate) pair, so the
+configurations share their cost. Also: how the inverted-file lookup grows with the collection (synthetic
+bags drawn from the real word distribution).
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from retrieval import words as W
+from retrieval.head import fit_head, parse_head
+from retrieval.verify import Verification, rerank
+
+
+def _order(x: np.ndarray, q: np.ndarray) -> np.ndarray:
+    return np.argsort(-(q @ x.T), axis=1, kind="stable")
+
+
+def _index(feats: list, positions: np.ndarray) -> W.WordIndex:
+    """A word index over ``positions`` (ids = positions), its vocabulary trained on them."""
+    rows = {int(p): ("", str(p)) for p in positions}
+    get = lambda path, sha: feats[int(sha)]  # noqa: E731
+    vocab = W._train(rows, get)
+    wi = W.WordIndex(vocab, len(rows), "bench")
+    wi.reconcile(rows, get)
+    return wi
+
+
+def product_order(q: int, order: np.ndarray, pv, k: int, wl: list[int], pairs: list) -> list[int]:
+    """retrieval.search.Searcher._verified on a full global order (``order``: candidates best first);
+    appends the number of verified pairs to ``pairs``."""
+    head = [int(c) for c in order[:k]]
+    extra = [c for c in wl if c not in set(head)]
+    pairs.append(len(head) + len(extra))
+    inl = pv.inliers(q, np.array(head + extra, np.int64)) if head + extra else np.zeros(0)
+    vs = [Verification(int(i)) for i in inl]
+    out = rerank(head + extra, vs, len(head) + len(extra))
+    conf = {c for c, v in zip(head + extra, vs) if v.confirmed}
+    out = [c for c in out if c in head or c in conf]
+    taken = set(out)
+    return out + [int(c) for c in order[k:] if int(c) not in taken]
+
+
+def run(folder: Path, paths: list[str], vecs: np.ndarray, pv, n_queries: int = 100,
+        configs=((60, 0), (30, 20), (60, 30))) -> tuple[list[list], list[list]]:
+    labels = np.array([Path(p).parent.name for p in paths])
+    is_ref = np.array([Path(p).stem == "ref" for p in paths])
+    queries = [i for i, p in enumerate(paths) if Path(p).stem == "view1"][:n_queries]
+    refs = np.nonzero(is_ref)[0]
+    head = fit_head([vecs], parse_head("pca-whiten:128"))
+    x = head.apply(vecs.astype(np.float64)); x /= np.linalg.norm(x, axis=1, keepdims=True)
+    hc = fit_head([vecs[refs]], parse_head("pca-whiten:128"))
+    xc = hc.apply(vecs.astype(np.float64)); xc /= np.linalg.norm(xc, axis=1, keepdims=True)
+    t = time.perf_counter()
+    wi_all = _index(pv.feats, np.arange(len(paths)))
+    wi_cat = _index(pv.feats, refs)
+    build_s = time.perf_counter() - t
+    rows = []
+    for k, w in configs:
+        res = {"mixed": [], "within": [], "catalogue-only": []}
+        pairs = {name: [] for name in res}
+        lookup = []
+        pairs0 = pv.pairs
+        t_rank = 0.0
+        for q in queries:
+            t = time.perf_counter()
+            sims = x[q] @ x.T
+            sims[q] = -np.inf
+            order = np.argsort(-sims, kind="stable")[:-1]
+            t_rank += time.perf_counter() - t
+            t = time.perf_counter()
+            wl = [c for c, _ in wi_all.search(pv.feats[q].descriptors, w, exclude=[q])] if w else []
+            lookup.append(time.perf_counter() - t)
+            res["mixed"].append(product_order(q, order, pv, k, wl, pairs["mixed"]))
+            o_within = [c for c in order if is_ref[c]]
+            wl_in = [c for c, _ in wi_all.search(pv.feats[q].descriptors, w, allowed=refs, exclude=[q])] if w else []
+            res["within"].append(product_order(q, np.array(o_within), pv, k, wl_in, pairs["within"]))
+            oc = refs[np.argsort(-(xc[q] @ xc[refs].T), kind="stable")]
+            wl_c = [c for c, _ in wi_cat.search(pv.feats[q].descriptors, w)] if w else []
+            res["catalogue-only"].append(product_order(q, oc, pv, k, wl_c, pairs["catalogue-only"]))
+        n = len(queries)
+        mixed = res["mixed"]
+        r1 = np.mean([labels[o[0]] == labels[q] for q, o in zip(queries, mixed)])
+        ap10 = []
+        for q, o in zip(queries, mixed):
+            rel = np.array([labels[c] == labels[q] for c in o[:10]], float)
+            R = int((labels == labels[q]).sum()) - 1
+            ap10.append(float((np.cumsum(rel) / np.arange(1, len(rel) + 1) * rel).sum() / min(R, 10)))
+        p2c = np.mean([labels[next(c for c in o if is_ref[c])] == labels[q] for q, o in zip(queries, mixed)])
+        within = np.mean([labels[o[0]] == labels[q] for q, o in zip(queries, res["within"])])
+        cat = np.mean([labels[o[0]] == labels[q] for q, o in zip(queries, res["catalogue-only"])])
+        s_q = {name: t_rank / n + pv.extract_ms / 1000 + float(np.mean(p)) * pv.ms_per_pair() / 1000
+               + float(np.mean(lookup)) for name, p in pairs.items()}
+        rows.append([k, w, n, round(float(r1), 3), round(float(np.mean(ap10)), 3), round(float(p2c), 3),
+                     round(float(within), 3), round(float(cat), 3), round(float(np.mean(pairs["mixed"])), 1),
+                     round(1000 * float(np.mean(lookup)), 1), round(s_q["mixed"], 3), round(s_q["within"], 3),
+                     round(s_q["catalogue-only"], 3)])
+        print(" | ".join(str(c) for c in rows[-1]), flush=True)
+    return rows, build_s
+
+
+HEADERS = ["verify K", "words W", "queries", "R@1", "mAP@10", "photo→cat R@1 (mixed)", "photo→cat R@1 (within)",
+           "photo→cat R@1 (catalogue-only)", "pairs/query (mixed)", "words lookup ms", "s/query mixed",
+           "s/query within", "s/query catalogue-only"]
+
+
+def growth(wi: W.WordIndex, feats: list, sizes=(1_000, 10_000, 30_000), queries: int = 20, seed: int = 0) -> list[list]:
+    """Inverted-file lookup time against collections of synthetic bags: each a real image's bag with
+    its words redrawn from the real word frequencies (so the postings are as skewed as real ones)."""
+    rng = np.random.default_rng(seed)
+    real = list(wi.bags.values())
+    allw = np.concatenate([b[1] for b in real]).astype(np.int64)
+    out = []
+    for n in sizes:
+        big = W.WordIndex(wi.vocab, n, "synthetic")
+        for i in range(n):
+            sha, w, c = real[i % len(real)]
+            nw = np.unique(allw[rng.integers(0, len(allw), len(w))]).astype(np.int32)
+            big.set(i, "", nw, np.ones(len(nw), np.uint16))
+        t = time.perf_counter()
+        big._inverted()
+        build = time.perf_counter() - t
+        t = time.perf_counter()
+        for q in range(queries):
+            big.search(feats[q].descriptors, 30)
+        out.append([n, round(build, 2), round(1000 * (time.perf_counter() - t) / queries, 1)])
+        print(" | ".join(str(c) for c in out[-1]), flush=True)
+    return out

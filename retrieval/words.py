@@ -1,0 +1,356 @@
+"""Visual words: an inverted file over the collection's local descriptors, a second candidate stage.
+
+The global embedding ranks whole photos; a phone photo of a product in clutter can rank its own clean
+catalogue image beyond any shortlist it gives, although the two share hundreds of SIFT matches. The
+classic mobile-visual-search answer is a *bag of visual words* (Sivic & Zisserman 2003; Nistér &
+Stewénius 2006): every RootSIFT descriptor (retrieval/verify.py) is quantised to its nearest word in a
+two-level vocabulary tree (faiss k-means, ``k1 × k2`` words, trained on a sample of the collection's
+descriptors), each image becomes a sparse tf-idf vector (square-rooted counts against burstiness), and
+an inverted file (word → images) scores a query against the whole collection in time proportional to
+the postings of its words, not to the collection. :class:`retrieval.search.Searcher` merges its top
+candidates with the global shortlist before geometric verification.
+
+**Stored with the index.** ``words.npz`` in the index directory holds the vocabulary and each row's
+words, keyed by row id *and content hash*; ``words.json`` is its fingerprint (format, SIFT settings,
+vocabulary shape, row count, file size), written after it, both atomically (temporary file, fsync,
+rename). The file is a cache derived from the rows and the local features (cached per content hash):
+on every open it is reconciled with the rows (ids missing, gone, or whose content changed), and a file
+that is missing, damaged (numpy checks the zip's CRCs) or described by another fingerprint is rebuilt
+from them — never searched as it is. The indexer brings it up to date at the end of every run.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Iterable
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from .store import IndexStore
+    from .verify import LocalFeatures, Verifier
+
+WORDS_NAME = "words.npz"
+META_NAME = "words.json"
+FORMAT = 1
+TEMPORARY_GLOBS = (f".{WORDS_NAME}.*.tmp", f".{META_NAME}.*.tmp")
+BRANCH_MAX = 128  # words = branch²: 16,384 for a large collection
+TRAIN_DESCRIPTORS = 300_000  # at most this many descriptors (a seeded sample) train the vocabulary
+TRAIN_PER_WORD = 20  # the branch grows with the training sample: branch² ≤ sample / this
+RETRAIN_GROWTH = 4  # the vocabulary is trained again when the collection has grown this much since
+STOP_SHARE = 0.15  # query words in more than this share of the images (and more than STOP_MIN of them) are
+STOP_MIN = 20      # skipped: they cost time in proportion to the collection and hardly inform
+SHORTLIST = 30  # the inverted file's top candidates merged with the global shortlist (bench/results/quality.md)
+
+
+def _root(desc: np.ndarray) -> np.ndarray:
+    from .verify import _root as root
+
+    return root(desc)
+
+
+class Vocabulary:
+    """A two-level k-means tree over RootSIFT descriptors: word = top · k2 + sub."""
+
+    def __init__(self, top: np.ndarray, sub: np.ndarray):
+        self.top = np.ascontiguousarray(top, np.float32)  # k1 × 128
+        self.sub = np.ascontiguousarray(sub, np.float32)  # k1 × k2 × 128
+        self._top_half = 0.5 * (self.top ** 2).sum(1)
+        self._sub_half = 0.5 * (self.sub ** 2).sum(2)
+
+    @property
+    def size(self) -> int:
+        return self.sub.shape[0] * self.sub.shape[1]
+
+    @classmethod
+    def train(cls, sample: np.ndarray, seed: int = 0) -> "Vocabulary":
+        """k-means (faiss) on RootSIFT ``sample``: ``k1`` clusters, then ``k2`` within each."""
+        import faiss
+
+        threads = faiss.omp_get_max_threads()
+        faiss.omp_set_num_threads(1)  # many small k-means: OpenMP's barriers cost more than they save
+        try:
+            return cls._train(sample, seed)
+        finally:
+            faiss.omp_set_num_threads(threads)
+
+    @classmethod
+    def _train(cls, sample: np.ndarray, seed: int) -> "Vocabulary":
+        import faiss
+
+        x = np.ascontiguousarray(sample, np.float32)
+        k = max(2, min(BRANCH_MAX, int(math.sqrt(len(x) / TRAIN_PER_WORD))))
+        km = faiss.Kmeans(x.shape[1], k, niter=20, seed=seed, max_points_per_centroid=1 << 30,
+                          min_points_per_centroid=1)
+        km.train(x)
+        top = km.centroids.copy()
+        assign = np.argmax(x @ top.T - 0.5 * (top ** 2).sum(1), axis=1)
+        sub = np.empty((k, k, x.shape[1]), np.float32)
+        for c in range(k):
+            part = x[assign == c]
+            if len(part) <= k:  # too few to split: the cluster's points (or its centre) as its words
+                sub[c] = top[c]
+                sub[c, :len(part)] = part
+                continue
+            km2 = faiss.Kmeans(x.shape[1], k, niter=15, seed=seed + 1 + c, max_points_per_centroid=1 << 30,
+                                 min_points_per_centroid=1)
+            km2.train(np.ascontiguousarray(part))
+            sub[c] = km2.centroids
+        return cls(top, sub)
+
+    def quantise(self, root: np.ndarray) -> np.ndarray:
+        """The word of each RootSIFT descriptor (rows of ``root``)."""
+        if not len(root):
+            return np.zeros(0, np.int32)
+        t = np.argmax(root @ self.top.T - self._top_half, axis=1)
+        out = np.empty(len(root), np.int64)
+        for c in np.unique(t):
+            sel = np.nonzero(t == c)[0]
+            s = np.argmax(root[sel] @ self.sub[c].T - self._sub_half[c], axis=1)
+            out[sel] = c * self.sub.shape[1] + s
+        return out.astype(np.int32)
+
+    def bag(self, desc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(distinct words, their counts) of an image's SIFT descriptors (uint8)."""
+        w, n = np.unique(self.quantise(_root(desc)), return_counts=True)
+        return w.astype(np.int32), n.astype(np.uint16)
+
+
+class WordIndex:
+    """Every row's bag of words, and the inverted file over them (see the module docstring)."""
+
+    def __init__(self, vocab: Vocabulary, trained_on: int, signature: str):
+        self.vocab = vocab
+        self.trained_on = trained_on
+        self.signature = signature  # the local features' settings (Verifier.cache's name)
+        self.bags: dict[int, tuple[str, np.ndarray, np.ndarray]] = {}  # id → (sha256, words, counts)
+        self._ivf = None  # built lazily from ``bags``
+
+    # -- keeping it equal to the rows ---------------------------------------------------------------
+    def set(self, i: int, sha: str, words: np.ndarray, counts: np.ndarray) -> None:
+        self.bags[int(i)] = (sha, words, counts)
+        self._ivf = None
+
+    def remove(self, ids: Iterable[int]) -> None:
+        for i in ids:
+            self.bags.pop(int(i), None)
+        self._ivf = None
+
+    def reconcile(self, rows: dict[int, tuple[str, str]],
+                  features: Callable[[str, str], "LocalFeatures | None"]) -> int:
+        """Make the bags those of ``rows`` (id → (path, sha256)): ids gone leave, ids new or whose content
+        changed get their bag (``features(path, sha)``; None: an unreadable image, an empty bag). Returns
+        how many changed."""
+        changed = 0
+        gone = [i for i in self.bags if i not in rows]
+        if gone:
+            self.remove(gone)
+            changed += len(gone)
+        for i, (path, sha) in rows.items():
+            have = self.bags.get(i)
+            if have is not None and have[0] == sha:
+                continue
+            f = features(path, sha)
+            w, n = self.vocab.bag(f.descriptors) if f is not None else (np.zeros(0, np.int32), np.zeros(0, np.uint16))
+            self.set(i, sha, w, n)
+            changed += 1
+        return changed
+
+    # -- the inverted file ------------------------------------------------------------------------------
+    def _inverted(self):
+        if self._ivf is not None:
+            return self._ivf
+        ids = np.fromiter(self.bags.keys(), np.int64, len(self.bags))
+        lens = np.fromiter((len(b[1]) for b in self.bags.values()), np.int64, len(self.bags))
+        V = self.vocab.size
+        if lens.sum():
+            words = np.concatenate([b[1] for b in self.bags.values()]).astype(np.int64)
+            tf = np.sqrt(np.concatenate([b[2] for b in self.bags.values()]).astype(np.float32))
+        else:
+            words, tf = np.zeros(0, np.int64), np.zeros(0, np.float32)
+        img = np.repeat(np.arange(len(ids)), lens)
+        df = np.bincount(words, minlength=V).astype(np.float32)
+        idf = np.log((len(ids) + 1) / (df + 1)).astype(np.float32)
+        w = tf * idf[words]
+        norm = np.sqrt(np.bincount(img, w * w, minlength=len(ids))).astype(np.float32)
+        order = np.argsort(words, kind="stable")
+        ptr = np.zeros(V + 1, np.int64)
+        np.cumsum(np.bincount(words, minlength=V), out=ptr[1:])
+        self._ivf = (ids, img[order].astype(np.int32), (w / np.maximum(norm[img], 1e-12))[order].astype(np.float32),
+                     ptr, idf, df)
+        return self._ivf
+
+    def search(self, desc: np.ndarray, n: int, allowed: np.ndarray | None = None,
+               exclude: Iterable[int] = ()) -> list[tuple[int, float]]:
+        """The ``n`` rows whose words best match the descriptors ``desc`` (cosine of tf-idf vectors), best
+        first, as (id, score); ``allowed``: only these ids (sorted array); ``exclude``: never these."""
+        if n <= 0 or not self.bags or not len(desc):
+            return []
+        ids, post_img, post_w, ptr, idf, df = self._inverted()
+        qw, qn = self.vocab.bag(desc)
+        keep = df[qw] <= max(STOP_SHARE * len(ids), STOP_MIN)
+        qw, qn = qw[keep], qn[keep]
+        q = np.sqrt(qn.astype(np.float32)) * idf[qw]
+        q /= max(float(np.linalg.norm(q)), 1e-12)
+        starts, lens = ptr[qw], ptr[qw + 1] - ptr[qw]
+        total = int(lens.sum())
+        if not total:
+            return []
+        at = np.repeat(starts - np.concatenate([[0], np.cumsum(lens)[:-1]]), lens) + np.arange(total)
+        scores = np.bincount(post_img[at], post_w[at] * np.repeat(q, lens), minlength=len(ids))
+        if allowed is not None:
+            scores[~np.isin(ids, allowed)] = 0
+        for i in exclude:
+            scores[ids == int(i)] = 0
+        cand = np.nonzero(scores > 0)[0]
+        if len(cand) > n:
+            cand = cand[np.argpartition(-scores[cand], n - 1)[:n]]
+        cand = cand[np.argsort(-scores[cand], kind="stable")]
+        return [(int(ids[c]), float(scores[c])) for c in cand]
+
+    # -- the file ---------------------------------------------------------------------------------------
+    def fingerprint(self) -> dict:
+        return {"format": FORMAT, "features": self.signature, "vocabulary": list(self.vocab.sub.shape[:2]),
+                "trained_on": self.trained_on, "count": len(self.bags), "bytes": 0}
+
+    def save(self, directory: Path) -> None:
+        """Write ``words.npz``, then its fingerprint, each atomically; an unwritable directory only costs time."""
+        from .vectors import _fsync, _fsync_dir
+
+        directory = Path(directory)
+        tmp = directory / f".{WORDS_NAME}.{os.getpid()}.tmp"
+        tmp_meta = directory / f".{META_NAME}.{os.getpid()}.tmp"
+        ids = np.fromiter(self.bags.keys(), np.int64, len(self.bags))
+        lens = np.fromiter((len(b[1]) for b in self.bags.values()), np.int64, len(self.bags))
+        ptr = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+        words = np.concatenate([b[1] for b in self.bags.values()]) if len(ids) else np.zeros(0, np.int32)
+        counts = np.concatenate([b[2] for b in self.bags.values()]) if len(ids) else np.zeros(0, np.uint16)
+        shas = np.array([b[0] for b in self.bags.values()], dtype="S64")
+        try:
+            with open(tmp, "wb") as f:
+                np.savez(f, top=self.vocab.top, sub=self.vocab.sub, ids=ids, shas=shas, ptr=ptr,
+                         words=words.astype(np.int32), counts=counts.astype(np.uint16))
+            _fsync(tmp)
+            meta = self.fingerprint()
+            meta["bytes"] = tmp.stat().st_size
+            tmp_meta.write_text(json.dumps(meta))
+            _fsync(tmp_meta)
+            os.replace(tmp, directory / WORDS_NAME)
+            os.replace(tmp_meta, directory / META_NAME)
+            _fsync_dir(directory)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            tmp_meta.unlink(missing_ok=True)
+
+    @classmethod
+    def load(cls, directory: Path, signature: str) -> "WordIndex | None":
+        """The stored word index when its fingerprint describes this very file (else None: rebuild)."""
+        directory = Path(directory)
+        path = directory / WORDS_NAME
+        try:
+            meta = json.loads((directory / META_NAME).read_text())
+            if (not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("features") != signature
+                    or meta.get("bytes") != path.stat().st_size):
+                return None
+            with np.load(path, allow_pickle=False) as z:  # reading every member checks its CRC
+                top, sub, ids, shas, ptr = z["top"], z["sub"], z["ids"], z["shas"], z["ptr"]
+                words, counts = z["words"], z["counts"]
+        except Exception:  # noqa: BLE001 - missing, truncated, damaged (BadZipFile, CRC, zlib, ValueError…)
+            return None
+        if (list(sub.shape[:2]) != meta.get("vocabulary") or len(ids) != meta.get("count") or len(ptr) != len(ids) + 1
+                or ptr[-1] != len(words) or len(counts) != len(words) or top.shape[0] != sub.shape[0]
+                or (len(words) and (words.min() < 0 or words.max() >= sub.shape[0] * sub.shape[1]))):
+            return None
+        out = cls(Vocabulary(top, sub), int(meta.get("trained_on", len(ids))), signature)
+        for j, i in enumerate(ids.tolist()):
+            out.bags[i] = (shas[j].decode(), words[ptr[j]:ptr[j + 1]], counts[ptr[j]:ptr[j + 1]])
+        return out
+
+
+# -- one index's word index -------------------------------------------------------------------------------
+def signature(verifier: "Verifier") -> str:
+    return Path(str(verifier.cache)).name if verifier.cache is not None else \
+        f"sift-{verifier.max_side}-{verifier.n_features}"
+
+
+def _rows(store: "IndexStore") -> dict[int, tuple[str, str]]:
+    from sqlalchemy import select
+
+    from .store import ImageRow
+
+    with store.session() as s:
+        return {r.id: (r.path, r.sha256) for r in s.execute(select(ImageRow.id, ImageRow.path, ImageRow.sha256))}
+
+
+def _features(verifier: "Verifier"):
+    from .errors import ImageError
+
+    def get(path: str, sha: str):
+        try:
+            return verifier.features(path, sha)
+        except (ImageError, OSError):
+            return None  # the file went away and its features were never cached: no words for it
+
+    return get
+
+
+def _train(rows: dict[int, tuple[str, str]], features, seed: int = 0) -> Vocabulary | None:
+    """A vocabulary from a seeded sample of the rows' descriptors (None: too few to train one)."""
+    rng = np.random.default_rng(seed)
+    order = sorted(rows)
+    per = max(50, TRAIN_DESCRIPTORS // max(len(order), 1))
+    parts = []
+    for i in order:
+        f = features(*rows[i])
+        if f is None or not len(f.descriptors):
+            continue
+        d = f.descriptors
+        if len(d) > per:
+            d = d[np.sort(rng.choice(len(d), per, replace=False))]
+        parts.append(_root(d))
+    if not parts or sum(len(p) for p in parts) < 4 * TRAIN_PER_WORD:
+        return None
+    return Vocabulary.train(np.concatenate(parts), seed)
+
+
+def sync(store: "IndexStore", verifier: "Verifier", save: bool = True) -> WordIndex | None:
+    """The word index of ``store``, equal to its rows: loaded, reconciled (or trained and built), and
+    written back when it changed and ``save``. None when the collection has too few descriptors."""
+    sig = signature(verifier)
+    rows = _rows(store)
+    features = _features(verifier)
+    wi = WordIndex.load(store.directory, sig)
+    changed = False
+    if wi is None or len(rows) >= RETRAIN_GROWTH * max(wi.trained_on, 1):
+        vocab = _train(rows, features)
+        if vocab is None:
+            return None
+        wi, changed = WordIndex(vocab, len(rows), sig), True
+    changed = wi.reconcile(rows, features) > 0 or changed
+    if changed and save:
+        wi.save(store.directory)
+    return wi
+
+
+def file_state(store: "IndexStore", verifier: "Verifier") -> str:
+    """``ok``, ``missing`` or ``stale`` (damaged, another fingerprint, or behind the rows): for tests/checks."""
+    if not (store.directory / WORDS_NAME).exists():
+        return "missing"
+    wi = WordIndex.load(store.directory, signature(verifier))
+    if wi is None:
+        return "stale"
+    rows = _rows(store)
+    same = len(rows) == len(wi.bags) and all(wi.bags.get(i, ("",))[0] == sha for i, (_, sha) in rows.items())
+    return "ok" if same else "stale"
+
+
+def update_index(store: "IndexStore") -> WordIndex | None:
+    """The indexer's hook (end of a run, holding the writer lock): temporaries of a killed writer go, then
+    :func:`sync` brings the stored word index up to date (only new or changed rows are quantised)."""
+    from .vectors import clean_temporaries
+    from .verify import Verifier
+
+    clean_temporaries(store.directory, TEMPORARY_GLOBS)
+    return sync(store, Verifier())

@@ -1,0 +1,195 @@
+"""Phone photo → catalogue: the visual-word inverted file (retrieval/words.py) and ``search --within``."""
+from __future__ import annotations
+
+import io
+import random
+
+import numpy as np
+import pytest
+from PIL import Image, ImageEnhance, ImageFilter, ImageOps
+
+from clitools import run, run_json, run_process
+from conftest import skimage_photo
+from retrieval import words
+from retrieval.store import IndexStore
+from retrieval.verify import MIN_INLIERS, Verifier
+
+CATALOGUE = ("astronaut", "rocket", "camera", "coins", "horse")
+
+
+def _jpeg(img: Image.Image, quality: int) -> Image.Image:
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=quality)
+    return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+
+
+def phone_photo(obj: Image.Image, background: Image.Image, seed: int = 0) -> Image.Image:
+    """``obj`` re-photographed: cropped, warped in perspective, re-lit, blurred, small in a cluttered scene
+    (``background``), JPEG'd."""
+    rng = random.Random(seed)
+    bg = background.resize((640, 480))
+    w0, h0 = obj.size
+    obj = obj.crop((int(0.06 * w0), int(0.04 * h0), int(0.95 * w0), int(0.97 * h0)))  # partly out of frame
+    obj = obj.resize((250, round(250 * obj.height / obj.width)))
+    w, h = obj.size
+    jit = [rng.uniform(-0.12, 0.12) * w for _ in range(8)]
+    quad = (jit[0], jit[1], jit[2], h + jit[3], w + jit[4], h + jit[5], w + jit[6], jit[7])
+    warped = obj.transform((w, h), Image.QUAD, quad, Image.BILINEAR)
+    mask = Image.new("L", (w, h), 255).transform((w, h), Image.QUAD, quad, Image.BILINEAR)
+    warped = ImageEnhance.Brightness(ImageEnhance.Contrast(warped).enhance(0.8)).enhance(0.85)
+    warped = warped.filter(ImageFilter.GaussianBlur(0.7))
+    bg.paste(warped, (360, 200), mask)
+    return _jpeg(bg, 80)
+
+
+def lookalike(photo: Image.Image, seed: int) -> Image.Image:
+    """``photo`` mirrored, re-framed and re-exposed: the same picture to a global embedding (nearly
+    mirror-invariant), other local descriptors (SIFT is not): a look-alike that verification rejects."""
+    rng = np.random.default_rng(seed)
+    img = ImageOps.mirror(photo.resize((320, 240)))
+    dx, dy = (int(v) for v in rng.integers(0, 20, 2))
+    img = img.crop((dx, dy, dx + 300, dy + 225)).resize((320, 240))  # small: cheap to index
+    img = ImageEnhance.Brightness(img).enhance(float(rng.uniform(0.9, 1.1)))
+    arr = np.asarray(img, np.float32) + rng.normal(0, 3, (240, 320, 3))
+    return _jpeg(Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)), 85)
+
+
+@pytest.fixture(scope="module")
+def shop(tmp_path_factory):
+    """catalogue/: clean product shots; photos/: 66 mirrored look-alikes of the query; query: the astronaut
+    product photographed in a cluttered scene (not indexed). Globally the look-alikes are the query, so the
+    catalogue image ranks behind all 66 (no whitening head here: it would be fitted on 66 near-copies);
+    locally only the catalogue image is the astronaut."""
+    root = tmp_path_factory.mktemp("shop")
+    cat, photos = root / "catalogue", root / "photos"
+    cat.mkdir()
+    photos.mkdir()
+    for name in CATALOGUE:
+        skimage_photo(name).save(cat / f"{name}.jpg", quality=92)
+    photo = phone_photo(skimage_photo("astronaut"), skimage_photo("coffee"))
+    for i in range(66):
+        lookalike(photo, i).save(photos / f"shot{i:02d}.jpg")
+    query = tmp_path_factory.mktemp("query") / "phone.jpg"
+    photo.save(query, quality=85)
+    idx = root / "idx"
+    run("index", cat, photos, "--index", idx, "--preset", "instance", "--head", "none")
+    return root, idx, query
+
+
+def _rank(res: dict, name: str):
+    return next((h["rank"] for h in res["results"] if h["path"].endswith(name)), None)
+
+
+def test_photo_beyond_the_global_shortlist_is_found_through_the_inverted_file(shop):
+    root, idx, query = shop
+    base = run_json("search", query, "--index", idx, "-k", "80", "--words", "0")  # verify 60 (the preset's)
+    rank = _rank(base, "astronaut.jpg")
+    assert rank is not None and rank > 60, rank  # the global embedding puts it beyond the verified top 60
+    assert next(h for h in base["results"] if h["rank"] == rank).get("inliers") is None  # never verified
+    res = run_json("search", query, "--index", idx, "-k", "5")  # the preset's words 30
+    top = res["results"][0]
+    assert top["path"].endswith("astronaut.jpg") and top["inliers"] >= MIN_INLIERS, res["results"]
+
+
+def test_within_answers_from_the_catalogue_only(shop):
+    root, idx, query = shop
+    res = run_json("search", query, "--index", idx, "-k", "3", "--within", root / "catalogue")
+    assert len(res["results"]) == 3 and all("/catalogue/" in h["path"] for h in res["results"])
+    assert res["results"][0]["path"].endswith("astronaut.jpg") and res["results"][0]["inliers"] >= MIN_INLIERS
+    plain = run_json("search", query, "--index", idx, "-k", "3", "--within", root / "photos", "--verify", "0")
+    assert all("/photos/" in h["path"] for h in plain["results"])
+    empty = root / "empty"
+    empty.mkdir(exist_ok=True)
+    p = run_process("search", query, "--index", idx, "--within", empty)
+    assert p.returncode != 0 and "--within" in p.stderr and "none of the images" in p.stderr, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
+
+
+def test_inverted_file_follows_additions_removals_and_damage(tmp_path, monkeypatch):
+    photos = tmp_path / "p"
+    photos.mkdir()
+    scene = skimage_photo("chelsea")
+    for name in CATALOGUE[:3]:
+        skimage_photo(name).save(photos / f"{name}.jpg", quality=92)
+    for i in range(4):
+        lookalike(scene, i).save(photos / f"s{i}.jpg")  # (mirrored cats)
+    idx = tmp_path / "idx"
+    run("index", photos, "--index", idx, "--preset", "instance")
+    v = Verifier()
+
+    def state():
+        with IndexStore.open(idx) as store:
+            ids = set(store.row_ids().tolist())
+            return words.file_state(store, v), ids, set(words.WordIndex.load(idx, words.signature(v)).bags)
+
+    st, ids, bags = state()
+    assert st == "ok" and ids == bags and len(ids) == 7
+    vocab = words.WordIndex.load(idx, words.signature(v)).vocab.top.copy()
+    skimage_photo("coins").save(photos / "coins.jpg", quality=92)  # added
+    (photos / "s0.jpg").unlink()  # removed
+    run("index", photos, "--index", idx)
+    st, ids2, bags2 = state()
+    assert st == "ok" and ids2 == bags2 and len(ids2) == 7 and ids2 != ids
+    assert np.array_equal(words.WordIndex.load(idx, words.signature(v)).vocab.top, vocab)  # incremental
+    query = tmp_path / "q.jpg"
+    phone_photo(skimage_photo("astronaut"), scene, seed=3).save(query)
+    good = run_json("search", query, "--index", idx, "-k", "1")["results"][0]
+    assert good["path"].endswith("astronaut.jpg") and good["inliers"] >= MIN_INLIERS
+    # damaged in place (same size, bytes flipped): detected, never searched, rebuilt from the stored data
+    f = idx / words.WORDS_NAME
+    data = bytearray(f.read_bytes())
+    for at in range(len(data) // 3, len(data) // 3 + 64):
+        data[at] ^= 0xFF
+    f.write_bytes(bytes(data))
+    assert words.WordIndex.load(idx, words.signature(v)) is None
+    with IndexStore.open(idx) as store:
+        assert words.file_state(store, v) == "stale"
+    again = run_json("search", query, "--index", idx, "-k", "1")["results"][0]
+    assert again["path"] == good["path"] and again["inliers"] == good["inliers"]
+    assert state()[0] == "ok"  # the search wrote the rebuilt file back
+    # truncated, or its fingerprint gone: rebuilt as well
+    f.write_bytes(f.read_bytes()[:1000])
+    (idx / words.META_NAME).unlink()
+    assert run_json("search", query, "--index", idx, "-k", "1")["results"][0]["path"] == good["path"]
+    assert state()[0] == "ok"
+
+
+def test_tf_idf_scores_match_their_definition():
+    rng = np.random.default_rng(0)
+    top = rng.random((4, 128), np.float32)
+    sub = rng.random((4, 4, 128), np.float32)
+    wi = words.WordIndex(words.Vocabulary(top, sub), 6, "t")
+    bags = {}
+    for i in range(6):
+        w = np.unique(rng.integers(0, 16, int(rng.integers(3, 9)))).astype(np.int32)
+        n = rng.integers(1, 5, len(w)).astype(np.uint16)
+        wi.set(10 + i, f"sha{i}", w, n)
+        bags[10 + i] = dict(zip(w.tolist(), n.tolist()))
+    desc = rng.integers(0, 255, (40, 128)).astype(np.uint8)
+    qw, qn = wi.vocab.bag(desc)
+    N = len(bags)
+    df = np.zeros(16)
+    for b in bags.values():
+        for w in b:
+            df[w] += 1
+    idf = np.log((N + 1) / (df + 1))
+    keep = df <= max(words.STOP_SHARE * N, words.STOP_MIN)
+
+    def vec(b, mask=None):
+        x = np.zeros(16)
+        for w, n in b.items():
+            x[w] = np.sqrt(n) * idf[w]
+        if mask is not None:
+            x = x * mask
+        return x / max(np.linalg.norm(x), 1e-12)
+
+    q = vec(dict(zip(qw.tolist(), qn.tolist())), keep)
+    expect = {i: float(q @ vec(b)) for i, b in bags.items()}
+    got = dict(wi.search(desc, 6))
+    assert set(got) == {i for i, s in expect.items() if s > 0}
+    for i, s in got.items():
+        assert s == pytest.approx(expect[i], rel=1e-5)
+    assert list(got) == sorted(got, key=lambda i: -got[i])  # best first
+    allowed = np.array([11, 12])
+    assert set(dict(wi.search(desc, 6, allowed))) <= {11, 12}
+    assert 13 not in dict(wi.search(desc, 6, exclude=[13]))
