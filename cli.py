@@ -150,6 +150,10 @@ class _Bar:
 @click.option("--head", default=None, metavar="none|pca|pca-whiten[:D]",
               help="Linear head of a new index, fitted on the collection [default: none].")
 @click.option("--refit", is_flag=True, help="Re-fit the index's linear head on the whole collection now.")
+@click.option("--precision", type=click.Choice(["fp32", "int8", "bf16"]), default=None,
+              help="Arithmetic of a new index's network (search and explain use the same): fp32, or int8 (ONNX "
+                   "Runtime static quantisation; faster, slightly different embeddings: bench/results/precision.md) "
+                   "[default: fp32].")
 @click.option("--batch-size", type=click.IntRange(1, 1024), default=32, show_default=True)
 @click.option("--workers", type=click.IntRange(1, 64), default=None, help="Decoding threads [default: up to 4].")
 @click.option("--follow-links", is_flag=True,
@@ -159,7 +163,7 @@ class _Bar:
 @json_option
 @click.pass_context
 def index(ctx, paths, index_dir, model, weights, metric, index_type, faiss_factory, input_size, preset, resize,
-          pooling, head, refit, batch_size, workers, follow_links, as_json) -> None:
+          pooling, head, refit, batch_size, workers, follow_links, as_json, precision=None) -> None:
     """Index the photos under PATHS (recursively); re-runs only embed what changed.
 
     \b
@@ -184,7 +188,7 @@ def index(ctx, paths, index_dir, model, weights, metric, index_type, faiss_facto
         report = index_paths(paths, _index_dir(index_dir), model=model, weights=weights, metric=metric,
                              index_type=index_type, faiss_factory=faiss_factory, input_size=input_size,
                              preset=preset, resize=resize, pooling=pooling, head=head, refit=refit, batch_size=batch_size, workers=workers, progress=bar, on_skip=on_skip,
-                             follow_links=follow_links)
+                             follow_links=follow_links, **({"precision": precision} if precision else {}))
     finally:
         bar.close()
     if as_json:
@@ -223,7 +227,7 @@ def info(index_dir, as_json) -> None:
         updated = store.get_value("updated_at")
         d = {"index": str(store.directory), "model": st.model, "weights": st.weights_source,
              "input_size": st.preprocess.get("size"), "resize": st.preprocess.get("resize", "squash"),
-             "pooling": st.pooling, "search_defaults": st.search, "metric": st.metric, "index_type": st.index_type,
+             "pooling": st.pooling, "precision": st.precision, "search_defaults": st.search, "metric": st.metric, "index_type": st.index_type,
              "faiss_factory": st.faiss_factory, "dim": st.dim, "head": _head_text(store),
              "images": store.count(), "skipped_files": skipped,
              "size_bytes": store.size_on_disk(), "schema_version": st.schema_version,
@@ -419,6 +423,7 @@ def _explain_meta(store, explainer) -> dict:
     return {"model": store.settings.model if store else explainer.backbone.name, "metric": explainer.metric,
             "method": explainer.name, "input_size": explainer.backbone.preprocess.size,
             "centred": explainer.centre, "similarity": explained_words(explainer),
+            "precision": getattr(explainer.backbone, "precision", "fp32"),
             "index": str(store.directory) if store else None}
 
 

@@ -149,6 +149,7 @@ class Backbone:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     fast: str = "auto"  # "auto" | "onnx" | "jit" | "eager"
     pooling: Pooling = GAP  # feature map → embedding (retrieval/pooling.py)
+    precision: str = "fp32"  # "fp32" | "int8": the ONNX graph's arithmetic (retrieval/precision.py)
     _runners: dict = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -207,15 +208,18 @@ class Backbone:
 
     def _runner(self, hw: tuple) -> "_Runner":
         with self._lock:
-            runner = self._runners.get(hw)
+            key = (self.precision,) + tuple(hw)
+            runner = self._runners.get(key)
             if runner is None:
-                runner = self._runners[hw] = self._build_runner(hw)
+                runner = self._runners[key] = self._build_runner(hw)
             return runner
 
     def _build_runner(self, hw: tuple) -> "_Runner":
         mode = self.fast
         if len(hw) > 2:  # (h, w, layer): features_and_tap
             return self._build_tap_runner(hw[:2], hw[2])
+        if self.precision != "fp32":
+            return self._quantised_runner(hw)
         if self.device.type != "cpu":
             return _EagerRunner(self)  # cuDNN is the fast path on a GPU
         if mode in ("auto", "onnx"):
@@ -232,8 +236,27 @@ class Backbone:
                     raise RetrieveError(f"{self.name}: TorchScript fast path unavailable: {e}") from e
         return _EagerRunner(self)
 
+    def _quantised_runner(self, hw: tuple[int, int], net: nn.Module | None = None,
+                          layer: str | None = None) -> "_Runner":
+        """The ONNX Runtime path at ``self.precision`` (retrieval/precision.py); there is no other."""
+        from .precision import check_precision
+
+        check_precision(self.precision)
+        if self.device.type != "cpu":
+            raise RetrieveError(f"--precision {self.precision} runs on the CPU (ONNX Runtime); this backbone is on "
+                                f"{self.device}")
+        try:
+            return _OnnxRunner(self, hw, net, layer)
+        except RetrieveError:
+            raise
+        except Exception as e:
+            raise RetrieveError(f"{self.name}: --precision {self.precision} needs the ONNX Runtime path, which is "
+                                f"unavailable: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+
     def _build_tap_runner(self, hw: tuple[int, int], layer: str) -> "_Runner":
         net = _Tapped(self.net, layer)
+        if self.precision != "fp32":
+            return self._quantised_runner(hw, net, layer)
         if self.device.type == "cpu" and self.fast in ("auto", "onnx"):
             try:
                 return _OnnxRunner(self, hw, net, layer)
@@ -358,6 +381,16 @@ class _OnnxRunner(_Runner):
                 self.session = session(self.graph, dynamic=False)
                 if not self._matches_eager(net, hw):
                     raise RetrieveError(f"the ONNX export of {bb.name} does not reproduce it at {hw[0]}x{hw[1]}")
+        self.precision = bb.precision
+        if bb.precision == "int8":  # the verified fp32 graph, quantised once and cached beside it
+            from .precision import calibration_batches, calibration_shape, quant_variant, quantize_graph
+
+            q = self.graph.with_name(f"{self.graph.stem}-{quant_variant()}.onnx")
+            if not q.exists():
+                cal = calibration_shape(hw) if "-mod32-" in self.graph.name else hw
+                quantize_graph(self.graph, q, calibration_batches(bb.preprocess, cal))
+            self.graph = q
+            self.session = ort.InferenceSession(str(q), opts, providers=["CPUExecutionProvider"])
 
     def _matches_eager(self, net: nn.Module, hw: tuple[int, int]) -> bool:
         x = torch.randn(1, 3, *hw, generator=torch.Generator().manual_seed(0))

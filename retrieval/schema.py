@@ -77,6 +77,7 @@ class IndexSettings:
     head: dict = field(default_factory=dict)  # linear head config ({} = none); see retrieval/head.py
     pooling: str = "gap"  # feature map → embedding; see retrieval/pooling.py
     search: dict = field(default_factory=dict)  # search defaults of this index, e.g. {"verify": 60}; see PRESETS
+    precision: str = "fp32"  # the fast path's arithmetic, fp32 or int8 (retrieval/precision.py)
 
     def __post_init__(self) -> None:
         if self.metric not in METRICS:

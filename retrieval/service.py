@@ -67,6 +67,7 @@ def backbone_for_settings(settings: IndexSettings, device: str | None = None,
     bb = load_backbone(settings.model, weights, input_size=size, device=device, random_weights=random,
                        resize=settings.preprocess.get("resize", "squash"), pooling=settings.pooling,
                        expected_sha256=None if random else settings.weights_id)
+    bb.precision = getattr(settings, "precision", "fp32") or "fp32"  # search and explain as the index was built
     if bb.weights_id != settings.weights_id:
         raise SettingsMismatch(f"the weights of {settings.model} ({bb.weights_source}) differ from the ones the "
                                "index was built with; restore those weights, or index into another --index "
