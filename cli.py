@@ -66,11 +66,14 @@ def main(ctx: click.Context, threads: int | None) -> None:
 
 
 def _set_threads(ctx: click.Context) -> None:
-    import torch
-
     threads = (ctx.obj or {}).get("threads")
     if threads:
+        import os
+
+        import torch
+
         torch.set_num_threads(threads)
+        os.environ["RETRIEVE_THREADS"] = str(threads)  # the torch-free search path reads it
 
 
 # -- models -------------------------------------------------------------------------------------
@@ -300,9 +303,8 @@ def search(ctx, queries, index_dir, k, min_score, include_self, qe, dba, verify,
       retrieve search query.jpg --explain          # heat maps + report.html for every result
       retrieve search some/folder --json           # one JSON object per query image
     """
-    from explain.run import index_explainer
     from retrieval.search import Searcher, expand_queries
-    from retrieval.service import backbone_for_settings
+    from retrieval.service import backbone_for_settings, search_backbone_for_settings
     from retrieval.store import IndexStore
 
     _set_threads(ctx)
@@ -315,7 +317,10 @@ def search(ctx, queries, index_dir, k, min_score, include_self, qe, dba, verify,
     with IndexStore.open(_index_dir(index_dir)) as store:
         if verify is None:
             verify = int(store.settings.search.get("verify", 0))
-        searcher = Searcher(store, backbone_for_settings(store.settings), dba=dba)
+        searcher = Searcher(store, (backbone_for_settings if explain else search_backbone_for_settings)(store.settings),
+                            dba=dba)
+        if explain:
+            from explain.run import index_explainer
         explainer = index_explainer(store, searcher.backbone, method) if explain else None
         calibration = None
         if explain:
