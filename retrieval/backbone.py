@@ -247,6 +247,13 @@ class _JitRunner(_Runner):
             return self.module(x.contiguous())
 
 
+#: Input pixels per ONNX Runtime run (4 images at 224 px, 1 at 448): a batch is run in slices of this size. The
+#: runtime's memory arena keeps the largest activations it has seen (Lite0's first expanded layer alone is
+#: 4.8 MB per 224-px image), so a whole batch of 32 grew the process by ~880 MB, slices of 4 by ~120 MB, at
+#: the same speed (bench/results/footprint.md).
+ORT_RUN_PIXELS = 4 * 224 * 224
+
+
 class _OnnxRunner(_Runner):
     """ONNX Runtime on the CPU, from a graph exported once and cached on disk (see :func:`onnx_cache_key`).
 
@@ -320,7 +327,10 @@ class _OnnxRunner(_Runner):
                    for o, r in pairs)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        outs = self.session.run(None, {"x": x.detach().cpu().float().contiguous().numpy()})
+        x = x.detach().cpu().float().contiguous().numpy()
+        step = max(1, ORT_RUN_PIXELS // (x.shape[-2] * x.shape[-1]))
+        parts = [self.session.run(None, {"x": x[i:i + step]}) for i in range(0, len(x), step)]
+        outs = parts[0] if len(parts) == 1 else [np.concatenate(o) for o in zip(*parts)]
         return torch.from_numpy(outs[0]) if len(outs) == 1 else tuple(torch.from_numpy(o) for o in outs)
 
 
