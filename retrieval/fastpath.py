@@ -7,7 +7,7 @@ graph depends on (retrieve's and torch's versions, the sha256 of the network's s
 :func:`fast_backbone` rebuilds, from an index's settings alone, an object that embeds like the index's
 :class:`~retrieval.backbone.Backbone` -- the same cached graph, the same preprocessing and pooling -- as
 long as everything the manifest records still holds (versions read from package metadata, sources
-re-hashed); otherwise, and for any input shape not checked yet, it hands over to the full backbone
+and the weights file re-hashed); otherwise, and for any input shape not checked yet, it hands over to the full backbone
 (``full()``), which imports torch. Saves the ~1-2 s of importing torch and building the model.
 """
 from __future__ import annotations
@@ -161,6 +161,8 @@ def _cores() -> int:
 def fast_backbone(settings, full: Callable[[], object]):
     """A :class:`FastBackbone` for an index's settings when its graphs are cached and still valid, else None
     (then use ``full()``). Only registry models (recorded by name) with GAP or GeM pooling qualify."""
+    if os.environ.get("RETRIEVE_FAST_SEARCH", "1").strip() in ("0", "false", "no", "off"):
+        return None  # RETRIEVE_FAST_SEARCH=0: always the full backbone (comparisons, debugging)
     model = str(settings.model)
     if ":" in model or "/" in model or os.sep in model or Path(model).exists():  # a user's model: never
         return None
@@ -175,6 +177,17 @@ def fast_backbone(settings, full: Callable[[], object]):
         doc = json.loads(_manifest_path(folder, settings.model, settings.weights_id).read_text())
     except (OSError, ValueError):
         return None
-    if not _valid(doc):
+    if not _valid(doc) or not _weights_unchanged(settings):
         return None
     return FastBackbone(settings, doc, folder, full)
+
+
+def _weights_unchanged(settings) -> bool:
+    """The index's weights file still has the recorded sha256 (else the full path refuses it, in its words)."""
+    if settings.weights_id == "random":
+        return True
+    src = Path(settings.weights_source or "")
+    if not src.is_file():
+        return False
+    with open(src, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest() == settings.weights_id

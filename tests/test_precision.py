@@ -84,3 +84,32 @@ def test_one_graph_serves_two_input_shapes(lite0):
     got = lite0.features(x)
     assert got.shape == ref.shape == (1, lite0.feature_dim, 10, 14)
     assert float((got - ref).abs().max()) <= 1e-3 * float(ref.abs().max())
+
+
+def test_search_without_torch_when_the_graph_is_cached(int8_index):
+    """retrieve search loads ONNX Runtime alone (no torch) for an index whose graph is cached, with the same
+    embeddings as the full backbone."""
+    import subprocess
+    import sys
+
+    from clitools import ROOT
+    from retrieval.fastpath import FastBackbone, fast_backbone
+    from retrieval.images import load_image
+    from retrieval.service import backbone_for_settings
+    from retrieval.store import IndexStore
+
+    src, idx = int8_index
+    with IndexStore.open(idx) as store:
+        fb = fast_backbone(store.settings, lambda: None)
+        full = backbone_for_settings(store.settings)
+    assert isinstance(fb, FastBackbone) and fb.precision == "int8"
+    imgs = [load_image(src / "chelsea.jpg", min_side=224), load_image(src / "coffee.png", min_side=224)]
+    assert np.abs(fb.embed_images(imgs) - full.embed_images(imgs)).max() <= 1e-5
+    code = ("import sys, atexit\n"
+            "atexit.register(lambda: print('torch' in sys.modules, file=sys.stderr))\n"
+            "import cli\ncli.main(sys.argv[1:], prog_name='retrieve')\n")
+    r = subprocess.run([sys.executable, "-c", code, "search", str(src / "chelsea.jpg"), "--index", str(idx), "-k", "1"],
+                       capture_output=True, text=True, cwd=ROOT, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.strip().splitlines()[-1] == "False", r.stderr
+    assert "chelsea.jpg" in r.stdout
