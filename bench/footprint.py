@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -67,7 +68,7 @@ def subset(n: int) -> str:
     dest = Path(tempfile.mkdtemp(prefix="footprint-"))
     files = sorted(p for c in sorted(root.iterdir()) if c.is_dir() for p in sorted(c.iterdir()))[:n]
     for i, p in enumerate(files):
-        (dest / f"{i:05d}{p.suffix}").symlink_to(p)
+        shutil.copyfile(p, dest / f"{i:05d}{p.suffix}")
     return str(dest)
 
 

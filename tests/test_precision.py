@@ -22,7 +22,7 @@ def int8_index(photo_dir, tmp_path_factory):
     for name in ("chelsea.jpg", "coffee.png", "astronaut.jpg"):
         shutil.copy(photo_dir / name, src / name)
     idx = tmp_path_factory.mktemp("p8") / "idx"
-    r = run_process("index", src, "--index", idx, "--precision", "int8", "--json")
+    r = run_process("index", src, "--index", idx, "--precision", "int8", "--json", timeout=1200)  # exports + quantises
     assert r.returncode == 0, r.stderr
     return src, idx
 
