@@ -80,11 +80,14 @@ def main(ctx: click.Context, threads: int | None) -> None:
 
 
 def _set_threads(ctx: click.Context) -> None:
-    import torch
-
     threads = (ctx.obj or {}).get("threads")
     if threads:
+        import os
+
+        import torch
+
         torch.set_num_threads(threads)
+        os.environ["RETRIEVE_THREADS"] = str(threads)  # the torch-free search path reads it
 
 
 # -- models -------------------------------------------------------------------------------------
@@ -169,6 +172,10 @@ class _Bar:
 @click.option("--head", default=None, metavar="none|pca|pca-whiten[:D]",
               help="Linear head of a new index, fitted on the collection [default: none].")
 @click.option("--refit", is_flag=True, help="Re-fit the index's linear head on the whole collection now.")
+@click.option("--precision", type=click.Choice(["fp32", "int8", "bf16"]), default=None,
+              help="Arithmetic of a new index's network (search and explain use the same): fp32, or int8 (ONNX "
+                   "Runtime static quantisation; faster, slightly different embeddings: bench/results/precision.md) "
+                   "[default: fp32].")
 @click.option("--batch-size", type=click.IntRange(1, 1024), default=32, show_default=True)
 @click.option("--workers", type=click.IntRange(1, 64), default=None,
               help="Decoding threads [default: up to 4]; with --engine ray: embedding actors [default: one per free CPU].")
@@ -184,7 +191,8 @@ class _Bar:
 @json_option
 @click.pass_context
 def index(ctx, paths, index_dir, model, weights, metric, index_type, faiss_factory, input_size, preset, face_detector,
-          resize, pooling, head, refit, batch_size, workers, engine, ray_address, follow_links, as_json) -> None:
+          resize, pooling, head, refit, batch_size, workers, engine, ray_address, follow_links, as_json,
+          precision=None) -> None:
     """Index the photos under PATHS (recursively); re-runs only embed what changed.
 
     \b
@@ -212,7 +220,8 @@ def index(ctx, paths, index_dir, model, weights, metric, index_type, faiss_facto
                              index_type=index_type, faiss_factory=faiss_factory, input_size=input_size,
                              preset=preset, resize=resize, pooling=pooling, head=head, refit=refit, batch_size=batch_size, workers=workers, progress=bar, on_skip=on_skip,
                              follow_links=follow_links, engine=engine, ray_address=ray_address,
-                             **({"face_detector": face_detector} if face_detector else {}))
+                             **({"face_detector": face_detector} if face_detector else {}),
+                             **({"precision": precision} if precision else {}))
     finally:
         bar.close()
     if as_json:
@@ -258,7 +267,8 @@ def info(index_dir, as_json) -> None:
         updated = store.get_value("updated_at")
         d = {"index": str(store.directory), "database": store.where, "model": st.model, "weights": st.weights_source,
              "input_size": st.preprocess.get("size"), "resize": st.preprocess.get("resize", "squash"),
-             "pooling": st.pooling, "search_defaults": st.search, "metric": st.metric, "index_type": st.index_type,
+             "pooling": st.pooling, "precision": st.precision, "search_defaults": st.search, "metric": st.metric,
+             "index_type": st.index_type,
              **({"preset": st.preset} if st.preset else {}),
              "faiss_factory": st.faiss_factory, "dim": st.dim, "head": _head_text(store),
              "images": store.count(), "skipped_files": skipped,
@@ -342,9 +352,8 @@ def search(ctx, queries, index_dir, k, min_score, include_self, qe, dba, verify,
       retrieve search some/folder --json           # one JSON object per query image
       retrieve search photos/ --within catalogue/  # answers from the catalogue's images only
     """
-    from explain.run import index_explainer
     from retrieval.search import Searcher, expand_queries
-    from retrieval.service import backbone_for_settings
+    from retrieval.service import backbone_for_settings, search_backbone_for_settings
     from retrieval.store import IndexStore
 
     _set_threads(ctx)
@@ -366,7 +375,10 @@ def search(ctx, queries, index_dir, k, min_score, include_self, qe, dba, verify,
             verify = int(store.settings.search.get("verify", 0))
         if words is None:
             words = int(store.settings.search.get("words", 0))
-        searcher = Searcher(store, backbone_for_settings(store.settings), dba=dba, within=within)
+        searcher = Searcher(store, (backbone_for_settings if explain else search_backbone_for_settings)(store.settings),
+                            dba=dba, within=within)
+        if explain:
+            from explain.run import index_explainer
         explainer = index_explainer(store, searcher.backbone, method) if explain else None
         calibration = None
         if explain:
@@ -523,6 +535,7 @@ def _explain_meta(store, explainer) -> dict:
     return {"model": store.settings.model if store else explainer.backbone.name, "metric": explainer.metric,
             "method": explainer.name, "input_size": explainer.backbone.preprocess.size,
             "centred": explainer.centre, "similarity": explained_words(explainer),
+            "precision": getattr(explainer.backbone, "precision", "fp32"),
             "index": str(store.directory) if store else None}
 
 

@@ -102,6 +102,7 @@ class _Asked:
     pooling: str | None = None
     head: str | None = None
     preset: str | None = None
+    precision: str | None = None
     from_preset: tuple = ()  # the fields the preset filled in
     search: dict = field(default_factory=dict)
 
@@ -126,7 +127,7 @@ def index_paths(paths: Iterable[str | os.PathLike], index_dir: str | os.PathLike
                 weights: str | None = None, metric: str | None = None, index_type: str | None = None,
                 faiss_factory: str | None = None, input_size: int | None = None, head: str | None = None,
                 resize: str | None = None, pooling: str | None = None, preset: str | None = None,
-                refit: bool = False, batch_size: int = 32,
+                refit: bool = False, batch_size: int = 32, precision: str | None = None,
                 workers: int | None = None, progress: Progress | None = None,
                 on_skip: Callable[[str, str], None] | None = None,
                 backbone: Backbone | None = None, follow_links: bool = False, engine: str = "local",
@@ -153,7 +154,8 @@ def index_paths(paths: Iterable[str | os.PathLike], index_dir: str | os.PathLike
                                         head=head, refit=refit))
     t0 = time.perf_counter()
     asked = _asked(preset, model=model, weights=weights, metric=metric, index_type=index_type,
-                   faiss_factory=faiss_factory, input_size=input_size, resize=resize, pooling=pooling, head=head)
+                   faiss_factory=faiss_factory, input_size=input_size, resize=resize, pooling=pooling, head=head,
+                   precision=None if precision is None else _check_precision(precision))
     if batch_size < 1:
         raise RetrieveError(f"--batch-size must be at least 1, got {batch_size}")
     run_engine = _run
@@ -185,6 +187,7 @@ def index_paths(paths: Iterable[str | os.PathLike], index_dir: str | os.PathLike
         try:
             _refuse_changes(store, asked)
             bb = backbone or backbone_for_settings(store.settings)
+            bb.precision = store.settings.precision
         except BaseException:
             store.close()
             raise
@@ -194,6 +197,7 @@ def index_paths(paths: Iterable[str | os.PathLike], index_dir: str | os.PathLike
             raise RetrieveError(f"no images found in {', '.join(str(p) for p in paths)}; no index was created")
         bb = backbone or load_backbone(asked.model or DEFAULT_MODEL, asked.weights, input_size=asked.input_size,
                                        resize=asked.resize, pooling=asked.pooling)
+        bb.precision = asked.precision or "fp32"
         itype = "custom" if asked.faiss_factory else (asked.index_type or "flat")
         if asked.faiss_factory:
             _check_factory(asked.faiss_factory, bb.feature_dim)
@@ -202,7 +206,8 @@ def index_paths(paths: Iterable[str | os.PathLike], index_dir: str | os.PathLike
                                  dim=bb.feature_dim, index_type=itype,
                                  faiss_factory=asked.faiss_factory or factory_for(itype, bb.feature_dim, 0),
                                  explain=default_explain(bb.preprocess.size), head=parse_head(asked.head),
-                                 pooling=str(bb.pooling), search=asked.search, preset=asked.preset or "")
+                                 pooling=str(bb.pooling), search=asked.search, preset=asked.preset or "",
+                                 precision=bb.precision)
 
     report = IndexReport(index=str(index_dir))
     stop = threading.Event()
@@ -306,6 +311,7 @@ def _refuse_changes(store: IndexStore, a: _Asked) -> None:
     differs("pooling", "pooling", str(parse_pooling(a.pooling)) if a.pooling else None, st.pooling)
     differs("head", "head", parse_head(a.head) if a.head is not None else None, st.head, _head_text)
     differs("index_type", "index type", a.index_type, st.index_type)
+    differs("precision", "precision", a.precision, st.precision)
     if a.faiss_factory and (st.index_type != "custom" or a.faiss_factory != st.faiss_factory):
         has = f"FAISS factory {st.faiss_factory}" if st.index_type == "custom" else f"index type {st.index_type}"
         diffs.append(f"{has}, not --faiss {a.faiss_factory}")
@@ -315,6 +321,12 @@ def _refuse_changes(store: IndexStore, a: _Asked) -> None:
         raise RetrieveError(f"index {store.directory} has {'; '.join(diffs)}. These are fixed when the index is "
                             f"created: leave {given} out to update this index{refit}, or give another --index "
                             "directory to build a new one")
+
+
+def _check_precision(precision: str) -> str:
+    from retrieval.precision import check_precision
+
+    return check_precision(precision)
 
 
 def _check_factory(factory: str, dim: int) -> None:

@@ -12,7 +12,7 @@ import copy
 import hashlib
 import os
 import threading
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -23,94 +23,8 @@ from torch import nn
 
 from .errors import RetrieveError
 from .pooling import GAP, Pooling
-
-STRIDE = 32  # the networks' total stride: aspect-kept inputs have sides that are multiples of it
-_RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST, "lanczos": Image.LANCZOS}
-
-
-@dataclass(frozen=True)
-class Preprocess:
-    """How an image becomes the network's input; travels with the weights and is recorded in the index.
-
-    ``resize="squash"`` maps the whole image onto a ``size``×``size`` square (nothing is cropped away, so
-    every pixel of the photo can be explained and a map is resized back to the photo's own size exactly).
-    ``resize="long"`` keeps the aspect ratio: the long side becomes ``size`` and the short side the nearest
-    multiple of 32 (the network's stride), so a 4:3 photo at 448 is seen at 448×320 rather than squashed.
-    Nothing is cropped either way. Images of different shapes are batched separately (:func:`group_by_shape`).
-    """
-
-    size: int = 224
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-    interpolation: str = "bilinear"
-    resize: str = "squash"
-
-    def __post_init__(self) -> None:
-        if self.interpolation not in _RESAMPLE:
-            raise RetrieveError(f"unknown interpolation {self.interpolation!r}")
-        if self.resize not in ("squash", "long"):
-            raise RetrieveError(f"unknown resize policy {self.resize!r} (squash or long)")
-        if self.size < 32:
-            raise RetrieveError(f"input size {self.size} is too small (at least 32)")
-
-    @property
-    def input_shape(self) -> tuple[int, int]:
-        return (self.size, self.size)
-
-    def shape_for(self, width: int, height: int) -> tuple[int, int]:
-        """The network input (h, w) for an image of ``width``×``height`` pixels."""
-        if self.resize == "squash" or width == height:
-            return (self.size, self.size)
-        short = min(width, height) * self.size / max(width, height)
-        short = int(min(self.size, max(STRIDE, STRIDE * round(short / STRIDE))))
-        return (self.size, short) if height > width else (short, self.size)
-
-    def array(self, img: Image.Image) -> np.ndarray:
-        """One RGB image → normalised float32 array (3×h×w; h = w = size when squashing)."""
-        h, w = self.shape_for(*img.size)
-        img = img.resize((w, h), _RESAMPLE[self.interpolation])
-        x = np.asarray(img, dtype=np.float32) * (1.0 / 255.0)
-        x = (x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
-        return np.ascontiguousarray(x.transpose(2, 0, 1))
-
-    def batch(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """A list of RGB images of one input shape → N×3×h×w tensor."""
-        return torch.from_numpy(np.stack([self.array(im) for im in images]))
-
-    def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Preprocess":
-        d = dict(d)
-        for k in ("mean", "std"):
-            if k in d:
-                d[k] = tuple(d[k])
-        return cls(**d)
-
-    def replace(self, **changes) -> "Preprocess":
-        return Preprocess.from_dict({**self.to_dict(), **changes})
-
-
-def group_by_shape(arrays: Sequence[np.ndarray]) -> list[list[int]]:
-    """Indices of ``arrays`` grouped by shape, each group in order (one batch per input shape)."""
-    groups: dict[tuple, list[int]] = {}
-    for i, a in enumerate(arrays):
-        groups.setdefault(tuple(a.shape), []).append(i)
-    return list(groups.values())
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "retrieve"
+from .preprocess import (_RESAMPLE, STRIDE, Preprocess, cache_dir, file_sha256,  # noqa: F401 (re-exported)
+                         group_by_shape)
 
 
 def pick_device(device: str | None = None) -> torch.device:
@@ -149,6 +63,7 @@ class Backbone:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     fast: str = "auto"  # "auto" | "onnx" | "jit" | "eager"
     pooling: Pooling = GAP  # feature map → embedding (retrieval/pooling.py)
+    precision: str = "fp32"  # "fp32" | "int8": the ONNX graph's arithmetic (retrieval/precision.py)
     _runners: dict = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -207,15 +122,18 @@ class Backbone:
 
     def _runner(self, hw: tuple) -> "_Runner":
         with self._lock:
-            runner = self._runners.get(hw)
+            key = (self.precision,) + tuple(hw)
+            runner = self._runners.get(key)
             if runner is None:
-                runner = self._runners[hw] = self._build_runner(hw)
+                runner = self._runners[key] = self._build_runner(hw)
             return runner
 
     def _build_runner(self, hw: tuple) -> "_Runner":
         mode = self.fast
         if len(hw) > 2:  # (h, w, layer): features_and_tap
             return self._build_tap_runner(hw[:2], hw[2])
+        if self.precision != "fp32":
+            return self._quantised_runner(hw)
         if self.device.type != "cpu":
             return _EagerRunner(self)  # cuDNN is the fast path on a GPU
         if mode in ("auto", "onnx"):
@@ -232,8 +150,27 @@ class Backbone:
                     raise RetrieveError(f"{self.name}: TorchScript fast path unavailable: {e}") from e
         return _EagerRunner(self)
 
+    def _quantised_runner(self, hw: tuple[int, int], net: nn.Module | None = None,
+                          layer: str | None = None) -> "_Runner":
+        """The ONNX Runtime path at ``self.precision`` (retrieval/precision.py); there is no other."""
+        from .precision import check_precision
+
+        check_precision(self.precision)
+        if self.device.type != "cpu":
+            raise RetrieveError(f"--precision {self.precision} runs on the CPU (ONNX Runtime); this backbone is on "
+                                f"{self.device}")
+        try:
+            return _OnnxRunner(self, hw, net, layer)
+        except RetrieveError:
+            raise
+        except Exception as e:
+            raise RetrieveError(f"{self.name}: --precision {self.precision} needs the ONNX Runtime path, which is "
+                                f"unavailable: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+
     def _build_tap_runner(self, hw: tuple[int, int], layer: str) -> "_Runner":
         net = _Tapped(self.net, layer)
+        if self.precision != "fp32":
+            return self._quantised_runner(hw, net, layer)
         if self.device.type == "cpu" and self.fast in ("auto", "onnx"):
             try:
                 return _OnnxRunner(self, hw, net, layer)
@@ -310,6 +247,13 @@ class _JitRunner(_Runner):
             return self.module(x.contiguous())
 
 
+#: Input pixels per ONNX Runtime run (4 images at 224 px, 1 at 448): a batch is run in slices of this size. The
+#: runtime's memory arena keeps the largest activations it has seen (Lite0's first expanded layer alone is
+#: 4.8 MB per 224-px image), so a whole batch of 32 grew the process by ~880 MB, slices of 4 by ~120 MB, at
+#: the same speed (bench/results/footprint.md).
+ORT_RUN_PIXELS = 4 * 224 * 224
+
+
 class _OnnxRunner(_Runner):
     """ONNX Runtime on the CPU, from a graph exported once and cached on disk (see :func:`onnx_cache_key`).
 
@@ -358,6 +302,20 @@ class _OnnxRunner(_Runner):
                 self.session = session(self.graph, dynamic=False)
                 if not self._matches_eager(net, hw):
                     raise RetrieveError(f"the ONNX export of {bb.name} does not reproduce it at {hw[0]}x{hw[1]}")
+        self.precision = bb.precision
+        if bb.precision == "int8":  # the verified fp32 graph, quantised once and cached beside it
+            from .precision import calibration_batches, calibration_shape, quant_variant, quantize_graph
+
+            q = self.graph.with_name(f"{self.graph.stem}-{quant_variant()}.onnx")
+            if not q.exists():
+                cal = calibration_shape(hw) if "-mod32-" in self.graph.name else hw
+                quantize_graph(self.graph, q, calibration_batches(bb.preprocess, cal))
+            self.graph = q
+            self.session = ort.InferenceSession(str(q), opts, providers=["CPUExecutionProvider"])
+        if not tap and "-mod32-" in self.graph.name and not bb.name.startswith(("/", ".")) and ":" not in bb.name:
+            from .fastpath import record_graph  # search can then load this graph without torch
+
+            record_graph(folder, bb, hw, self.graph, verified.name, net)
 
     def _matches_eager(self, net: nn.Module, hw: tuple[int, int]) -> bool:
         x = torch.randn(1, 3, *hw, generator=torch.Generator().manual_seed(0))
@@ -369,7 +327,10 @@ class _OnnxRunner(_Runner):
                    for o, r in pairs)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        outs = self.session.run(None, {"x": x.detach().cpu().float().contiguous().numpy()})
+        x = x.detach().cpu().float().contiguous().numpy()
+        step = max(1, ORT_RUN_PIXELS // (x.shape[-2] * x.shape[-1]))
+        parts = [self.session.run(None, {"x": x[i:i + step]}) for i in range(0, len(x), step)]
+        outs = parts[0] if len(parts) == 1 else [np.concatenate(o) for o in zip(*parts)]
         return torch.from_numpy(outs[0]) if len(outs) == 1 else tuple(torch.from_numpy(o) for o in outs)
 
 
@@ -428,9 +389,17 @@ _SOURCE_HASHES: dict[str, str] = {}
 def onnx_cache_key(net: nn.Module) -> str:
     """A hash of what an exported graph depends on besides the weights: this retrieve's version, torch's
     (the exporter's) and the source files of every module class in ``net`` (the network's code)."""
-    import inspect
-
     from . import __version__
+
+    h = hashlib.sha256(f"retrieve {__version__}; torch {torch.__version__}".encode())
+    for f, digest in source_hashes(net).items():
+        h.update(f"{os.path.basename(f)} {digest}".encode())
+    return h.hexdigest()
+
+
+def source_hashes(net: nn.Module) -> dict[str, str]:
+    """{source file: sha256} of every module class in ``net``, sorted by path."""
+    import inspect
 
     files = set()
     for m in net.modules():
@@ -438,15 +407,15 @@ def onnx_cache_key(net: nn.Module) -> str:
             files.add(inspect.getsourcefile(type(m)) or "")
         except TypeError:  # a built-in class
             pass
-    h = hashlib.sha256(f"retrieve {__version__}; torch {torch.__version__}".encode())
+    out = {}
     for f in sorted(files - {""}):
         if f not in _SOURCE_HASHES:
             try:
                 _SOURCE_HASHES[f] = hashlib.sha256(Path(f).read_bytes()).hexdigest()
             except OSError:
                 _SOURCE_HASHES[f] = "unreadable"
-        h.update(f"{os.path.basename(f)} {_SOURCE_HASHES[f]}".encode())
-    return h.hexdigest()
+        out[f] = _SOURCE_HASHES[f]
+    return out
 
 
 def _safe(name: str) -> str:

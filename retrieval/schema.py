@@ -92,6 +92,7 @@ class IndexSettings:
     search: dict = field(default_factory=dict)  # search defaults of this index, e.g. {"verify": 60}; see PRESETS
     preset: str = ""  # the --preset it was created with ("" before schema 3 or without one); "faces": per-face rows
     faces: dict = field(default_factory=dict)  # faces index: detector, threshold (retrieval/presets.py FACES)
+    precision: str = "fp32"  # the fast path's arithmetic, fp32 or int8 (retrieval/precision.py)
 
     def __post_init__(self) -> None:
         if self.metric not in METRICS:

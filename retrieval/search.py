@@ -4,14 +4,16 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from .backbone import Backbone
 from .errors import ImageError
 from .images import load_image
 from .store import IndexStore
+
+if TYPE_CHECKING:  # a cached graph searches without torch (retrieval/fastpath.py)
+    from .backbone import Backbone
 
 HNSW_EF_SEARCH = 64  # with efConstruction 200: recall@10 0.998, p50 0.9 ms at 1 M vectors (bench/results)
 IVF_NPROBE = 32  # at least; an eighth of the lists for large indexes

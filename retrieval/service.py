@@ -67,8 +67,19 @@ def backbone_for_settings(settings: IndexSettings, device: str | None = None,
     bb = load_backbone(settings.model, weights, input_size=size, device=device, random_weights=random,
                        resize=settings.preprocess.get("resize", "squash"), pooling=settings.pooling,
                        expected_sha256=None if random else settings.weights_id)
+    bb.precision = getattr(settings, "precision", "fp32") or "fp32"  # search and explain as the index was built
     if bb.weights_id != settings.weights_id:
         raise SettingsMismatch(f"the weights of {settings.model} ({bb.weights_source}) differ from the ones the "
                                "index was built with; restore those weights, or index into another --index "
                                "directory")
     return bb
+
+
+def search_backbone_for_settings(settings: IndexSettings) -> Backbone:
+    """For searching an index: the same embeddings as :func:`backbone_for_settings`, through the index's cached
+    ONNX graph without importing torch when that graph is known (retrieval/fastpath.py), else the full one."""
+    from .fastpath import fast_backbone
+
+    # no trust check needed for the cached graph: only registry models are recorded (backbone_for_settings,
+    # the fallback, checks a user's model before loading it)
+    return fast_backbone(settings, lambda: backbone_for_settings(settings)) or backbone_for_settings(settings)

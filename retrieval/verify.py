@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .backbone import cache_dir
+from .preprocess import cache_dir
 from .errors import ImageError, RetrieveError
 from .images import load_image
 

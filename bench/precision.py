@@ -1,0 +1,152 @@
+"""int8 vs fp32 (ONNX Runtime): forward speed at 224 and 448 px, embedding agreement, and retrieval quality.
+
+    python bench/precision.py [--threads 2] [--batch 16] [--rounds 7] [--skip-quality]
+
+Speed: the two sessions (and, for the one-graph check, the per-shape fp32 graph) run interleaved
+(A B C A B C ...) on the same batch of real photos, median of the rounds after a warm-up; ratios are
+measured side by side in one run, with the load average printed beside them. Agreement: cosine between
+the int8 and fp32 pooled embeddings of 40 Caltech-101 photos. Quality: bench/quality.py's protocol (every
+image queries the rest, exact cosine search, no head) through the real indexing path at each precision,
+for the two presets' embeddings (gap-224-squash: faces, Caltech, instance; gem-448-long: instance).
+Saves bench/results/precision.md.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import _common
+import numpy as np
+import torch
+
+from retrieval.images import load_image
+from retrieval.models import load_backbone
+
+
+def caltech_photos(n: int) -> list[Path]:
+    root = _common.shared_dataset("caltech101")
+    cats = sorted(p for p in root.iterdir() if p.is_dir())
+    rnd = random.Random(0)
+    return [rnd.choice(sorted(c.iterdir())) for c in cats[:n]]
+
+
+def speed_rows(threads: int, batch: int, rounds: int, photos: list[Path]) -> tuple[list[list], list[list]]:
+    import onnxruntime as ort
+
+    from retrieval.backbone import _export
+
+    bb = load_backbone()
+    rows, graph_rows = [], []
+    for hw in [(224, 224), (448, 448)]:
+        pre = bb.preprocess.replace(size=hw[0])
+        x = np.stack([pre.array(load_image(p, min_side=hw[0])) for p in photos[:batch]])
+        r32 = bb._runner(hw)
+        r8 = dataclasses.replace(bb, precision="int8", _runners={})._runner(hw)
+        static = Path(tempfile.mkdtemp()) / f"static-{hw[0]}.onnx"  # the old per-shape graph, for comparison
+        _export(bb.net, hw, static, dynamic=False, names=["fmap"])
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        sess = {"fp32 per-shape graph": ort.InferenceSession(str(static), opts, providers=["CPUExecutionProvider"]),
+                "fp32 one dynamic graph": r32.session, "int8": r8.session}
+        outs = {k: s.run(None, {"x": x})[0] for k, s in sess.items()}  # warm-up
+        times = {k: [] for k in sess}
+        for _ in range(rounds):
+            for k, s in sess.items():
+                t = time.perf_counter()
+                s.run(None, {"x": x})
+                times[k].append(time.perf_counter() - t)
+        med = {k: float(np.median(v)) for k, v in times.items()}
+        load = os.getloadavg()[0]
+        base = med["fp32 one dynamic graph"]
+        for k in sess:
+            rows.append([f"{hw[0]}x{hw[1]}", k, round(batch / med[k], 1), f"{base / med[k]:.2f}x", f"{load:.1f}"])
+        d = float(np.abs(outs["fp32 one dynamic graph"] - outs["fp32 per-shape graph"]).max())
+        graph_rows.append([f"{hw[0]}x{hw[1]}", f"{d:.1e}", f"{med['fp32 per-shape graph'] / base:.2f}x",
+                           f"{os.path.getsize(r32.graph) / 1e6:.1f} MB", f"{os.path.getsize(r8.graph) / 1e6:.1f} MB"])
+        print(rows[-3:], graph_rows[-1], flush=True)
+    return rows, graph_rows
+
+
+def agreement_rows(photos: list[Path]) -> list[list]:
+    rows = []
+    for size, resize in ((224, "squash"), (448, "long")):
+        bb = load_backbone(input_size=size, resize=resize)
+        imgs = [load_image(p, min_side=size) for p in photos]
+        e32 = bb.embed_images(imgs)
+        e8 = dataclasses.replace(bb, precision="int8", _runners={}).embed_images(imgs)
+        cos = (e8 * e32).sum(1) / np.linalg.norm(e8, axis=1) / np.linalg.norm(e32, axis=1)
+        rows.append([f"{size} {resize}", len(imgs), round(float(cos.min()), 4), round(float(np.median(cos)), 4),
+                     round(float(cos.mean()), 4)])
+        print(rows[-1], flush=True)
+    return rows
+
+
+def quality_rows(datasets: list[str]) -> list[list]:
+    import quality
+
+    folders = {n: _common.shared_dataset(n) for n in ("att_faces", "caltech101") if n in datasets}
+    if "instance" in datasets:
+        from instance_set import build
+
+        folders["instance"] = build(_common.shared_dataset("caltech101"),
+                                    _common.ROOT / "bench" / ".cache" / "instance")
+    plan = [(n, "gap-224-squash") for n in folders] + [("instance", "gem-448-long")] * ("instance" in folders)
+    rows = []
+    for name, emb in plan:
+        got = {}
+        for prec in ("fp32", "int8"):
+            vecs, labels, paths, secs = quality.labelled_embeddings(folders[name],
+                                                                   {**quality.EMBEDDINGS[emb], "precision": prec})
+            is_ref = np.array([Path(p).stem == "ref" for p in paths]) if name == "instance" else None
+            got[prec] = quality.metrics(quality.ranking(vecs, "cosine"), labels, is_ref)
+            m = got[prec]
+            rows.append([name, emb, prec, round(m["R@1"], 3), round(m["mAP@R"], 3),
+                         round(m["photo→ref R@1"], 3) if "photo→ref R@1" in m else "-",
+                         round(1000 * secs / len(labels), 1)])
+            print(" | ".join(map(str, rows[-1])), flush=True)
+        rows.append([name, emb, "int8 − fp32", round(got["int8"]["R@1"] - got["fp32"]["R@1"], 3),
+                     round(got["int8"]["mAP@R"] - got["fp32"]["mAP@R"], 3), "", ""])
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--skip-quality", action="store_true")
+    ap.add_argument("--skip-speed", action="store_true")
+    ap.add_argument("--datasets", nargs="+", default=["att_faces", "caltech101", "instance"])
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    from retrieval.precision import cpu_flags, has_vnni
+
+    photos = caltech_photos(40)
+    speed, graphs = ([], []) if args.skip_speed else speed_rows(args.threads, args.batch, args.rounds, photos)
+    agree = [] if args.skip_speed else agreement_rows(photos)
+    flags = " ".join(sorted(f for f in cpu_flags() if f.startswith(("avx", "amx")))) or "unknown"
+    text = (f"int8 (ONNX Runtime static QDQ) vs fp32, efficientnet_lite0, {args.threads} threads, batch "
+            f"{args.batch} real photos, median of {args.rounds} interleaved rounds. CPU flags: {flags}; VNNI: "
+            f"{'yes' if has_vnni() else 'no (weights quantised to 7 bits)'}. Load = 1-min load average during "
+            "the run (the machine is shared: judge by the ratios).\n\n## Forward speed\n\n")
+    text += _common.table(["input", "path", "img/s", "vs fp32 dynamic", "load"], speed)
+    text += ("\n\n## One graph for every input shape (fp32)\n\n" + _common.table(
+        ["input", "max |Δ| dynamic vs per-shape graph", "per-shape graph time / dynamic", "fp32 graph", "int8 graph"],
+        graphs))
+    text += "\n\n## int8 vs fp32 embeddings (40 Caltech-101 photos)\n\n" + _common.table(
+        ["input", "photos", "cos min", "cos median", "cos mean"], agree)
+    if not args.skip_quality:
+        text += "\n\n## Retrieval quality (cosine, no head, exact)\n\n" + _common.table(
+            ["dataset", "embedding", "precision", "R@1", "mAP@R", "photo→ref R@1", "index ms/img"],
+            quality_rows(args.datasets))
+    _common.save("precision" + ("-quality" if args.skip_speed else ""), text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""How an image becomes the network's input, without torch: :class:`Preprocess` and the small helpers the
+torch-free search path (retrieval/fastpath.py) shares with retrieval/backbone.py, which re-exports them."""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+from .errors import RetrieveError
+
+STRIDE = 32  # the networks' total stride: aspect-kept inputs have sides that are multiples of it
+_RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST, "lanczos": Image.LANCZOS}
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How an image becomes the network's input; travels with the weights and is recorded in the index.
+
+    ``resize="squash"`` maps the whole image onto a ``size``×``size`` square (nothing is cropped away, so
+    every pixel of the photo can be explained and a map is resized back to the photo's own size exactly).
+    ``resize="long"`` keeps the aspect ratio: the long side becomes ``size`` and the short side the nearest
+    multiple of 32 (the network's stride), so a 4:3 photo at 448 is seen at 448×320 rather than squashed.
+    Nothing is cropped either way. Images of different shapes are batched separately (:func:`group_by_shape`).
+    """
+
+    size: int = 224
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    interpolation: str = "bilinear"
+    resize: str = "squash"
+
+    def __post_init__(self) -> None:
+        if self.interpolation not in _RESAMPLE:
+            raise RetrieveError(f"unknown interpolation {self.interpolation!r}")
+        if self.resize not in ("squash", "long"):
+            raise RetrieveError(f"unknown resize policy {self.resize!r} (squash or long)")
+        if self.size < 32:
+            raise RetrieveError(f"input size {self.size} is too small (at least 32)")
+
+    @property
+    def input_shape(self) -> tuple[int, int]:
+        return (self.size, self.size)
+
+    def shape_for(self, width: int, height: int) -> tuple[int, int]:
+        """The network input (h, w) for an image of ``width``×``height`` pixels."""
+        if self.resize == "squash" or width == height:
+            return (self.size, self.size)
+        short = min(width, height) * self.size / max(width, height)
+        short = int(min(self.size, max(STRIDE, STRIDE * round(short / STRIDE))))
+        return (self.size, short) if height > width else (short, self.size)
+
+    def array(self, img: Image.Image) -> np.ndarray:
+        """One RGB image → normalised float32 array (3×h×w; h = w = size when squashing)."""
+        h, w = self.shape_for(*img.size)
+        img = img.resize((w, h), _RESAMPLE[self.interpolation])
+        x = np.asarray(img, dtype=np.float32) * (1.0 / 255.0)
+        x = (x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+        return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+    def batch(self, images: Sequence[Image.Image]):
+        """A list of RGB images of one input shape → N×3×h×w tensor."""
+        import torch
+
+        return torch.from_numpy(np.stack([self.array(im) for im in images]))
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Preprocess":
+        d = dict(d)
+        for k in ("mean", "std"):
+            if k in d:
+                d[k] = tuple(d[k])
+        return cls(**d)
+
+    def replace(self, **changes) -> "Preprocess":
+        return Preprocess.from_dict({**self.to_dict(), **changes})
+
+
+def group_by_shape(arrays: Sequence[np.ndarray]) -> list[list[int]]:
+    """Indices of ``arrays`` grouped by shape, each group in order (one batch per input shape)."""
+    groups: dict[tuple, list[int]] = {}
+    for i, a in enumerate(arrays):
+        groups.setdefault(tuple(a.shape), []).append(i)
+    return list(groups.values())
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "retrieve"

@@ -1,0 +1,115 @@
+"""--precision: recorded when an index is created, enforced afterwards, int8 close to fp32; one ONNX graph for
+several input shapes."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from clitools import run_process
+
+# The smallest cosine between an int8 and the fp32 embedding of the same photo, measured on 40 Caltech-101
+# photos (bench/results/precision.md: min 0.89, mean 0.97 at 224 px, 7-bit weights on this AVX2 CPU), less a margin.
+INT8_COSINE_FLOOR = 0.85
+
+
+@pytest.fixture(scope="module")
+def int8_index(photo_dir, tmp_path_factory):
+    src = tmp_path_factory.mktemp("p8photos")
+    for name in ("chelsea.jpg", "coffee.png", "astronaut.jpg"):
+        shutil.copy(photo_dir / name, src / name)
+    idx = tmp_path_factory.mktemp("p8") / "idx"
+    r = run_process("index", src, "--index", idx, "--precision", "int8", "--json", timeout=1200)  # exports + quantises
+    assert r.returncode == 0, r.stderr
+    return src, idx
+
+
+def test_precision_recorded(int8_index):
+    _, idx = int8_index
+    r = run_process("info", "--index", idx, "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["precision"] == "int8"
+
+
+def test_other_precision_refused_and_index_kept(int8_index):
+    src, idx = int8_index
+    before = (idx / "index.db").read_bytes()
+    r = run_process("index", src, "--index", idx, "--precision", "fp32")
+    assert r.returncode != 0
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and "precision int8, not fp32" in lines[0], r.stderr
+    assert (idx / "index.db").read_bytes() == before
+
+
+def test_bf16_refused_in_one_line(tmp_path, photo_dir):
+    r = run_process("index", photo_dir, "--index", tmp_path / "idx", "--precision", "bf16")
+    assert r.returncode != 0
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and "bf16" in lines[0] and "--precision int8 or fp32" in lines[0], r.stderr
+    assert not (tmp_path / "idx" / "index.db").exists()
+
+
+def test_search_uses_the_recorded_precision(int8_index):
+    src, idx = int8_index
+    r = run_process("search", src / "chelsea.jpg", "--index", idx, "-k", "1", "--include-self", "--json")
+    assert r.returncode == 0, r.stderr
+    hit = json.loads(r.stdout.splitlines()[0])["results"][0]
+    assert hit["path"].endswith("chelsea.jpg")
+    assert hit["score"] > 0.999  # the query embedded at int8, as the index: the same vector (fp32 would be ~0.97)
+
+
+def test_int8_embeddings_close_to_fp32(lite0, photo_dir, int8_index):
+    from retrieval.images import load_image
+
+    imgs = [load_image(p, min_side=224) for p in sorted(photo_dir.rglob("*")) if p.suffix in (".jpg", ".png")]
+    b8 = dataclasses.replace(lite0, precision="int8", _runners={})
+    e8, e32 = b8.embed_images(imgs), lite0.embed_images(imgs)
+    cos = (e8 * e32).sum(1) / np.linalg.norm(e8, axis=1) / np.linalg.norm(e32, axis=1)
+    assert cos.min() >= INT8_COSINE_FLOOR, cos
+    assert not np.allclose(e8, e32, atol=1e-4)  # really another graph: quantised
+    assert "int8" in b8._runner((224, 224)).graph.name
+
+
+def test_one_graph_serves_two_input_shapes(lite0):
+    import torch
+
+    square, wide = lite0._runner((224, 224)), lite0._runner((320, 448))
+    assert square.graph == wide.graph and "-mod32-0x0" in square.graph.name
+    x = torch.randn(1, 3, 320, 448, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        ref = lite0.net(x)
+    got = lite0.features(x)
+    assert got.shape == ref.shape == (1, lite0.feature_dim, 10, 14)
+    assert float((got - ref).abs().max()) <= 1e-3 * float(ref.abs().max())
+
+
+def test_search_without_torch_when_the_graph_is_cached(int8_index):
+    """retrieve search loads ONNX Runtime alone (no torch) for an index whose graph is cached, with the same
+    embeddings as the full backbone."""
+    import subprocess
+    import sys
+
+    from clitools import ROOT
+    from retrieval.fastpath import FastBackbone, fast_backbone
+    from retrieval.images import load_image
+    from retrieval.service import backbone_for_settings
+    from retrieval.store import IndexStore
+
+    src, idx = int8_index
+    with IndexStore.open(idx) as store:
+        fb = fast_backbone(store.settings, lambda: None)
+        full = backbone_for_settings(store.settings)
+    assert isinstance(fb, FastBackbone) and fb.precision == "int8"
+    imgs = [load_image(src / "chelsea.jpg", min_side=224), load_image(src / "coffee.png", min_side=224)]
+    assert np.abs(fb.embed_images(imgs) - full.embed_images(imgs)).max() <= 1e-5
+    code = ("import sys, atexit\n"
+            "atexit.register(lambda: print('torch' in sys.modules, file=sys.stderr))\n"
+            "import cli\ncli.main(sys.argv[1:], prog_name='retrieve')\n")
+    r = subprocess.run([sys.executable, "-c", code, "search", str(src / "chelsea.jpg"), "--index", str(idx), "-k", "1"],
+                       capture_output=True, text=True, cwd=ROOT, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.strip().splitlines()[-1] == "False", r.stderr
+    assert "chelsea.jpg" in r.stdout
