@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
 import click
@@ -257,23 +256,11 @@ def info(index_dir, as_json) -> None:
       retrieve info
       retrieve info --index ~/products-index --json
     """
-    from retrieval.store import IndexStore, SkippedRow
-    from sqlalchemy import func, select
+    from retrieval.info import index_info
+    from retrieval.store import IndexStore
 
     with IndexStore.open(_index_dir(index_dir)) as store:
-        st = store.settings
-        with store.session() as s:
-            skipped = s.scalar(select(func.count()).select_from(SkippedRow)) or 0
-        updated = store.get_value("updated_at")
-        d = {"index": str(store.directory), "database": store.where, "model": st.model, "weights": st.weights_source,
-             "input_size": st.preprocess.get("size"), "resize": st.preprocess.get("resize", "squash"),
-             "pooling": st.pooling, "precision": st.precision, "search_defaults": st.search, "metric": st.metric,
-             "index_type": st.index_type,
-             **({"preset": st.preset} if st.preset else {}),
-             "faiss_factory": st.faiss_factory, "dim": st.dim, "head": _head_text(store),
-             "images": store.count(), "skipped_files": skipped,
-             "size_bytes": store.size_on_disk(), "schema_version": st.schema_version,
-             "created_at": _iso(st.created_at), "updated_at": _iso(updated) if updated else None}
+        d = index_info(store)
     if as_json:
         click.echo(json.dumps(d))
         return
@@ -284,19 +271,6 @@ def info(index_dir, as_json) -> None:
         elif k == "search_defaults":
             v = " ".join(f"--{o} {x}" for o, x in v.items()) or "none"
         click.echo(f"{k.replace('_', ' '):<{width}}  {v}")
-
-
-def _head_text(store) -> str:
-    cfg = store.settings.head
-    if not cfg:
-        return "none"
-    h = store.head
-    fitted = f"fitted on {h.fitted_on} images, {h.dim} dims" if h is not None else "not fitted yet"
-    return f"{cfg['type']}:{cfg['dim']} ({fitted})"
-
-
-def _iso(t: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(t))
 
 
 def _human(n: float) -> str:
@@ -396,21 +370,14 @@ def search(ctx, queries, index_dir, k, min_score, include_self, qe, dba, verify,
                     continue
             explained = {}
             if explainer is not None and not res.error and res.results:
-                from explain.run import default_out_dir, explain_hits
+                from explain.run import explain_hits
 
-                if out_dir:
-                    target = Path(out_dir) / (f"{qi + 1:02d}_{Path(res.query).stem}" if len(paths) > 1 else "")
-                else:
-                    target = default_out_dir(res.query)
+                target = _explain_target(out_dir, res.query, qi, len(paths))
                 explained = explain_hits(res.query, res.results, target, explainer, _explain_meta(store, explainer),
                                          on_error=lambda p, r: click.echo(f"{p}: {r}", err=True),
                                          calibration=calibration, map_max_side=None if full_maps else 1024)
             if as_json:
-                d = res.to_dict()
-                for h in d["results"]:
-                    if h["rank"] in explained:
-                        h["explanation"] = explained[h["rank"]]
-                click.echo(json.dumps(d))
+                click.echo(json.dumps(_with_explanations(res.to_dict(), explained)))
                 continue
             click.echo(f"{res.query}")
             if not res.results:
@@ -428,6 +395,24 @@ def search(ctx, queries, index_dir, k, min_score, include_self, qe, dba, verify,
                 click.echo(f"  report: {next(iter(explained.values()))['report']}")
     if failed:
         raise click.ClickException(f"{failed} of {len(paths)} queries could not be read")
+
+
+def _explain_target(out_dir, query: str, qi: int, n: int) -> Path:
+    """Where the explanations of query number ``qi`` (of ``n``) go: ``--out`` (one sub-folder per query when
+    there are several), else beside the query (explain.run.default_out_dir)."""
+    if out_dir:
+        return Path(out_dir) / (f"{qi + 1:02d}_{Path(query).stem}" if n > 1 else "")
+    from explain.run import default_out_dir
+
+    return default_out_dir(query)
+
+
+def _with_explanations(d: dict, explained: dict) -> dict:
+    """A search's JSON with each explained result's explanation under ``explanation``."""
+    for h in d["results"]:
+        if h["rank"] in explained:
+            h["explanation"] = explained[h["rank"]]
+    return d
 
 
 def _search_faces(store, paths, k, face, include_self, explain, out_dir, method, as_json) -> None:
@@ -448,20 +433,12 @@ def _search_faces(store, paths, k, face, include_self, explain, out_dir, method,
         explained = {}
         if explain and res.results:
             from explain.faces import explain_face_hits
-            from explain.run import default_out_dir
 
-            if out_dir:
-                target = Path(out_dir) / (f"{qi + 1:02d}_{Path(path).stem}" if len(paths) > 1 else "")
-            else:
-                target = default_out_dir(path)
+            target = _explain_target(out_dir, path, qi, len(paths))
             explained = explain_face_hits(searcher, res, target, method,
                                           on_error=lambda p, r: click.echo(f"{p}: {r}", err=True))
         if as_json:
-            d = res.to_dict()
-            for h in d["results"]:
-                if h["rank"] in explained:
-                    h["explanation"] = explained[h["rank"]]
-            click.echo(json.dumps(d))
+            click.echo(json.dumps(_with_explanations(res.to_dict(), explained)))
             continue
         click.echo(f"{path} (face {res.face} of {res.faces_in_query}, box {','.join(map(str, res.box))})")
         if not res.results:
@@ -530,13 +507,9 @@ def check(ctx, index_dir, repair, as_json) -> None:
 
 
 def _explain_meta(store, explainer) -> dict:
-    from explain.run import explained_words
+    from explain.run import explain_meta
 
-    return {"model": store.settings.model if store else explainer.backbone.name, "metric": explainer.metric,
-            "method": explainer.name, "input_size": explainer.backbone.preprocess.size,
-            "centred": explainer.centre, "similarity": explained_words(explainer),
-            "precision": getattr(explainer.backbone, "precision", "fp32"),
-            "index": str(store.directory) if store else None}
+    return explain_meta(store, explainer)
 
 
 # -- explain ------------------------------------------------------------------------------------

@@ -258,6 +258,11 @@ def explain_pair(a: str | Path, b: str | Path, out: Path, explainer: Explainer, 
     pair_figure(qa, rb, e, f"{rec['score_short']} · {title}", out / "pair.png", verdict.text)
     write_report(out / "report.html", title,
                  [ReportItem(f"{na} and {nb}", str(a), str(b), qa, rb, e, rec, verification)], meta)
+    return pair_document(a, b, meta, rec, files, out, e, verification)
+
+
+def pair_document(a, b, meta: dict, rec: dict, files: dict, out: Path, e, verification) -> dict:
+    """``explain.json`` of one pair (written to ``out``, its path added under ``files``), as returned."""
     doc = {"query": str(Path(a).resolve()), "result": str(Path(b).resolve()), **meta, **rec,
            "files": {**files, "pair": str(out / "pair.png"), "report": str(out / "report.html")}}
     doc["metric"] = e.metric
@@ -309,3 +314,12 @@ def explain_hits(query_path: str, hits: Sequence, out: Path, explainer: Explaine
             objs[h.rank]["inliers"] = v.inliers
     write_report(out / "report.html", f"Results for {Path(query_path).name}", items, meta)
     return objs
+
+
+def explain_meta(store, explainer) -> dict:
+    """What every explanation's JSON says about how it was made (``store``: the index, or None)."""
+    return {"model": store.settings.model if store else explainer.backbone.name, "metric": explainer.metric,
+            "method": explainer.name, "input_size": explainer.backbone.preprocess.size,
+            "centred": explainer.centre, "similarity": explained_words(explainer),
+            "precision": getattr(explainer.backbone, "precision", "fp32"),
+            "index": str(store.directory) if store else None}

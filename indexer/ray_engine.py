@@ -248,22 +248,12 @@ def portable(bb):
 
 # -- the driver -----------------------------------------------------------------------------------
 def _run_ray(store, bb, files, trees, report, batch_size, workers, progress, on_skip, stop, address) -> None:
-    from sqlalchemy import select
-
     from retrieval.images import decode_image, read_image_bytes
     from retrieval.scan import FileEntry
-    from retrieval.store import ImageRow, SkippedRow
 
-    from .plan import plan_changes
-    from .run import _commit_embedded, _Decoded, _delete_rows, _record_skip, _reuse
+    from .run import _commit_embedded, _Decoded, _delete_rows, _record_skip, _reuse, plan_run
 
-    with store.session() as s:
-        rows = s.execute(select(ImageRow.id, ImageRow.path, ImageRow.size, ImageRow.mtime_ns,
-                                ImageRow.sha256)).all()
-        bad = {r.path: r for r in s.execute(select(SkippedRow)).scalars()}
-    plan = plan_changes(files, rows, bad, trees)
-    report.unchanged += len(plan.unchanged)
-    report.skipped_before += len(plan.known_bad)
+    plan, rows = plan_run(store, files, trees, report)
     todo = plan.todo
     progress.start(len(todo))
 

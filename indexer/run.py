@@ -338,9 +338,9 @@ def _check_factory(factory: str, dim: int) -> None:
         raise RetrieveError(f"--faiss {factory!r}: not a valid FAISS factory string") from None
 
 
-def _run(store: IndexStore, bb: Backbone, files: list[FileEntry], trees: list[str], report: IndexReport,
-         batch_size: int, workers: int | None, progress: Progress, on_skip: Callable[[str, str], None],
-         stop: threading.Event) -> None:
+def plan_run(store: IndexStore, files: list[FileEntry], trees: list[str], report: IndexReport) -> tuple[ChangePlan, list]:
+    """What this run must do (indexer/plan.py) against the committed rows, and those rows (id, path, size,
+    mtime_ns, sha256); the unchanged and known-bad files are counted in ``report``."""
     with store.session() as s:
         rows = s.execute(select(ImageRow.id, ImageRow.path, ImageRow.size, ImageRow.mtime_ns,
                                 ImageRow.sha256)).all()
@@ -348,6 +348,13 @@ def _run(store: IndexStore, bb: Backbone, files: list[FileEntry], trees: list[st
     plan = plan_changes(files, rows, bad, trees)
     report.unchanged += len(plan.unchanged)
     report.skipped_before += len(plan.known_bad)
+    return plan, rows
+
+
+def _run(store: IndexStore, bb: Backbone, files: list[FileEntry], trees: list[str], report: IndexReport,
+         batch_size: int, workers: int | None, progress: Progress, on_skip: Callable[[str, str], None],
+         stop: threading.Event) -> None:
+    plan, _ = plan_run(store, files, trees, report)
     todo = plan.todo
     progress.start(len(todo))
 

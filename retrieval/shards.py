@@ -43,6 +43,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from .errors import IndexError_
+from .vectors import _fsync_dir
 
 MANIFEST = "manifest.json"
 FORMAT = 1
@@ -85,19 +86,6 @@ def _crc_file(path: Path, block: int = 1 << 22) -> int:
             if not b:
                 return crc
             crc = zlib.crc32(b, crc)
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _tmp(path: Path) -> Path:

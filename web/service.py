@@ -157,30 +157,10 @@ class Collection:
 
     # -- what is in the index -----------------------------------------------------------------
     def info(self) -> dict:
-        """The fields of ``retrieve info --json``."""
-        from sqlalchemy import func, select
+        """The fields of ``retrieve info --json`` (retrieval/info.py)."""
+        from retrieval.info import index_info
 
-        from retrieval.store import SkippedRow
-
-        store = self.current().store
-        st = store.settings
-        with store.session() as s:
-            skipped = s.scalar(select(func.count()).select_from(SkippedRow)) or 0
-        updated = store.get_value("updated_at")
-        cfg = st.head
-        if not cfg:
-            head = "none"
-        else:
-            h = store.head
-            fitted = f"fitted on {h.fitted_on} images, {h.dim} dims" if h is not None else "not fitted yet"
-            head = f"{cfg['type']}:{cfg['dim']} ({fitted})"
-        return {"index": str(store.directory), "model": st.model, "weights": st.weights_source,
-                "input_size": st.preprocess.get("size"), "resize": st.preprocess.get("resize", "squash"),
-                "pooling": st.pooling, "search_defaults": st.search, "metric": st.metric,
-                "index_type": st.index_type, "faiss_factory": st.faiss_factory, "dim": st.dim, "head": head,
-                "images": store.count(), "skipped_files": skipped, "size_bytes": store.size_on_disk(),
-                "schema_version": st.schema_version, "created_at": _iso(st.created_at),
-                "updated_at": _iso(updated) if updated else None}
+        return index_info(self.current().store)
 
     def health(self) -> dict:
         st = self.current()
@@ -372,20 +352,16 @@ class Collection:
         """What ``explain.run.explain_pair`` does, step for step and with the same document, except that the
         figure and the report (a second or more of image encoding) are drawn in the background: the page shows
         the maps at once, and a download of either waits for it (:meth:`explained_file`)."""
-        import json
-
         from explain.methods import own_size
         from explain.render import ReportItem, pair_figure, save_maps, write_report
-        from explain.run import (_display, _explain_all, _prepare_out, index_pair_score, pair_record,
+        from explain.run import (_display, _explain_all, _prepare_out, explain_meta, index_pair_score, pair_document,
+                                 pair_record,
                                  search_score_words)
         from explain.verdict import make_verdict
         from retrieval.images import load_image
 
         explainer = self._explainer(st, method)
-        # the same meta as the CLI's ``retrieve explain --index`` (cli._explain_meta)
-        meta = {"model": st.store.settings.model, "metric": explainer.metric, "method": explainer.name,
-                "input_size": explainer.backbone.preprocess.size, "centred": explainer.centre,
-                "similarity": _explained_words(explainer), "index": str(st.store.directory)}
+        meta = explain_meta(st.store, explainer)  # the same as the CLI's ``retrieve explain --index``
         verification = None
         if verify:
             from retrieval.verify import Verifier
@@ -404,16 +380,7 @@ class Collection:
         rec = pair_record(explainer, e, search["score"], what, verdict, corr, files, search.get("distance"))
         na, nb = names
         title = verdict.title(na, nb)
-        doc = {"query": str(Path(qpath).resolve()), "result": str(Path(rpath).resolve()), **meta, **rec,
-               "files": {**files, "pair": str(out / "pair.png"), "report": str(out / "report.html")}}
-        doc["metric"] = e.metric
-        if e.metric == "cosine" and e.cis is not None:
-            doc["cis_sums_to_score"] = bool(abs(doc["cis_sum"] - e.score) < 1e-5)
-        if verification is not None:
-            doc["inliers"] = verification.inliers
-            doc["confirmed"] = verification.confirmed
-        (out / "explain.json").write_text(json.dumps(doc, indent=2))
-        doc["files"]["json"] = str(out / "explain.json")
+        doc = pair_document(qpath, rpath, meta, rec, files, out, e, verification)
 
         def render():
             pair_figure(qa, rb, e, f"{rec['score_short']} · {title}", out / "pair.png", verdict.text)
@@ -452,12 +419,6 @@ class Collection:
         return p
 
 
-def _explained_words(explainer) -> str:
-    from explain.run import explained_words
-
-    return explained_words(explainer)
-
-
 def _heat_png(m, size: tuple[int, int], path: Path) -> None:
     """A map as the page's colour layer: the report's colours and alpha (explain.render), at most
     ``HEAT_MAX_SIDE`` px (maps are smooth: the browser scales them up), fast PNG compression."""
@@ -491,7 +452,3 @@ def _save_small(img, out: Path, side: int) -> None:
     tmp = out.with_name(out.name + f".{os.getpid()}.{threading.get_ident()}.tmp")
     tmp.write_bytes(buf.getvalue())
     os.replace(tmp, out)
-
-
-def _iso(t: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(t))
