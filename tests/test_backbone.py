@@ -181,3 +181,23 @@ def test_an_onnx_export_leaves_the_eager_network_as_it_was(tmp_path):
     _export(Twice(bb.net), (224, 224), tmp_path / "t.onnx", True, ["fmap"])
     with torch.no_grad():
         assert torch.equal(bb.eager_features(x), before)
+
+
+def test_preprocess_array_is_its_definition_bit_for_bit():
+    """Preprocess.array = ((resized pixels / 255) − mean) / std as 3×h×w float32, exactly (the fast in-place
+    form must not change a single embedding of an existing index)."""
+    import numpy as np
+    from PIL import Image
+
+    from retrieval.preprocess import Preprocess
+
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (301, 517, 3), dtype=np.uint8))
+    for pre in (Preprocess(), Preprocess(size=448, resize="long"), Preprocess(mean=(0.5, 0.4, 0.3), std=(0.2, 0.3, 0.4))):
+        h, w = pre.shape_for(*img.size)
+        a = np.asarray(img.resize((w, h), Image.BICUBIC if pre.interpolation == "bicubic" else Image.BILINEAR))
+        expect = ((a.astype(np.float32) * np.float32(1 / 255) - np.asarray(pre.mean, np.float32))
+                  / np.asarray(pre.std, np.float32)).transpose(2, 0, 1)
+        got = pre.array(img)
+        assert got.shape == (3, h, w) and got.dtype == np.float32 and got.flags["C_CONTIGUOUS"]
+        assert np.array_equal(got, expect)
