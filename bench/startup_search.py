@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import _common
+from startup import timed  # the same wall-clock timer as bench/startup.py
 import numpy as np
 
 BARE = """
@@ -50,12 +51,6 @@ def add_rows(index: Path, n: int) -> None:
             store.apply([], ids, vecs)
         store.update_mean()
         store.save_faiss()
-
-
-def timed(cmd: list[str], env: dict) -> float:
-    t = time.perf_counter()
-    subprocess.run(cmd, check=True, env=env, capture_output=True)
-    return time.perf_counter() - t
 
 
 def main() -> None:

@@ -6,13 +6,15 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
+
+from PIL import Image
 
 from retrieval.errors import ImageError, RetrieveError
 from retrieval.images import load_image
 
-from .methods import Explainer, make_explainer, own_size
+from .methods import Explainer, Explanation, make_explainer, own_size
 from .render import MAP_MAX_SIDE, ReportItem, pair_figure, save_maps, write_report
 
 
@@ -239,6 +241,29 @@ def explain_pair(a: str | Path, b: str | Path, out: Path, explainer: Explainer, 
     ``search``: the index's score for the pair (:func:`index_pair_score`), which every output leads with; None
     without an index (the explained similarity is then the score). ``calibration``: the index's score
     distributions for the verdict. ``verification``: SIFT inliers, in the report beside the maps."""
+    pair = prepare_pair(a, b, out, explainer, meta, verification, search, calibration, map_max_side)
+    pair.draw()
+    return pair.doc
+
+
+@dataclass
+class PreparedPair:
+    """One pair explained, its maps and explain.json written; ``draw()`` writes pair.png and report.html (the
+    costly image encoding, which the web app runs after answering)."""
+
+    doc: dict
+    out: Path  # the folder it was written to
+    explanation: Explanation
+    query_image: Image.Image  # as displayed (at most DISPLAY px)
+    result_image: Image.Image
+    draw: Callable[[], None]
+
+
+def prepare_pair(a: str | Path, b: str | Path, out: Path, explainer: Explainer, meta: dict, verification=None,
+                 search: dict | None = None, calibration=None, map_max_side: int | None = MAP_MAX_SIDE,
+                 names: tuple[str, str] | None = None) -> PreparedPair:
+    """:func:`explain_pair` up to its figure and report (see there); ``names``: the photos' names in the titles
+    (their file names by default)."""
     from .verdict import make_verdict
 
     side = explainer.backbone.preprocess.size
@@ -253,12 +278,15 @@ def explain_pair(a: str | Path, b: str | Path, out: Path, explainer: Explainer, 
     verdict = make_verdict(score if score is not None else explained_value(e), calibration if search else None,
                            verification)
     rec = pair_record(explainer, e, score, what, verdict, corr, files, (search or {}).get("distance"))
-    na, nb = Path(a).name, Path(b).name
+    na, nb = names or (Path(a).name, Path(b).name)
     title = verdict.title(na, nb)
-    pair_figure(qa, rb, e, f"{rec['score_short']} · {title}", out / "pair.png", verdict.text)
-    write_report(out / "report.html", title,
-                 [ReportItem(f"{na} and {nb}", str(a), str(b), qa, rb, e, rec, verification)], meta)
-    return pair_document(a, b, meta, rec, files, out, e, verification)
+
+    def draw() -> None:
+        pair_figure(qa, rb, e, f"{rec['score_short']} · {title}", out / "pair.png", verdict.text)
+        write_report(out / "report.html", title,
+                     [ReportItem(f"{na} and {nb}", str(a), str(b), qa, rb, e, rec, verification)], meta)
+
+    return PreparedPair(pair_document(a, b, meta, rec, files, out, e, verification), out, e, qa, rb, draw)
 
 
 def pair_document(a, b, meta: dict, rec: dict, files: dict, out: Path, e, verification) -> dict:

@@ -349,16 +349,11 @@ class Collection:
 
     def _explain_files(self, st: Loaded, key: str, qpath: str, rpath: str, method: str, verify: bool,
                        names: tuple[str, str]) -> dict:
-        """What ``explain.run.explain_pair`` does, step for step and with the same document, except that the
-        figure and the report (a second or more of image encoding) are drawn in the background: the page shows
-        the maps at once, and a download of either waits for it (:meth:`explained_file`)."""
+        """What ``explain.run.explain_pair`` does, with the same document (:func:`explain.run.prepare_pair`), except
+        that the figure and the report (a second or more of image encoding) are drawn in the background: the page
+        shows the maps at once, and a download of either waits for it (:meth:`explained_file`)."""
         from explain.methods import own_size
-        from explain.render import ReportItem, pair_figure, save_maps, write_report
-        from explain.run import (_display, _explain_all, _prepare_out, explain_meta, index_pair_score, pair_document,
-                                 pair_record,
-                                 search_score_words)
-        from explain.verdict import make_verdict
-        from retrieval.images import load_image
+        from explain.run import explain_meta, index_pair_score, prepare_pair
 
         explainer = self._explainer(st, method)
         meta = explain_meta(st.store, explainer)  # the same as the CLI's ``retrieve explain --index``
@@ -369,25 +364,10 @@ class Collection:
             v = Verifier()
             verification = v.verify(v.features(qpath), v.features(rpath))
         search = index_pair_score(st.store, self.backbone, qpath, rpath)
-        out = _prepare_out(self.cache_dir / "explain" / key)
-        side = explainer.backbone.preprocess.size
-        qa, rb = load_image(qpath, min_side=side), load_image(rpath, min_side=side)
-        (e,), (corr,) = _explain_all(explainer, qa, [rb])
-        qa, rb = _display(qa), _display(rb)
-        files = save_maps(out, "", e, (own_size(qa), own_size(rb)))
-        what = f"{search_score_words(explainer.metric)}, the score `retrieve search` ranks by in this index"
-        verdict = make_verdict(search["score"], st.calibration, verification)
-        rec = pair_record(explainer, e, search["score"], what, verdict, corr, files, search.get("distance"))
-        na, nb = names
-        title = verdict.title(na, nb)
-        doc = pair_document(qpath, rpath, meta, rec, files, out, e, verification)
-
-        def render():
-            pair_figure(qa, rb, e, f"{rec['score_short']} · {title}", out / "pair.png", verdict.text)
-            write_report(out / "report.html", title,
-                         [ReportItem(f"{na} and {nb}", qpath, rpath, qa, rb, e, rec, verification)], meta)
-
-        self._renders[key] = self._render_pool.submit(render)
+        pair = prepare_pair(qpath, rpath, self.cache_dir / "explain" / key, explainer, meta, verification, search,
+                            st.calibration, names=names)
+        doc, e, qa, rb, out = pair.doc, pair.explanation, pair.query_image, pair.result_image, pair.out
+        self._renders[key] = self._render_pool.submit(pair.draw)
         layers = {}
         for which, m in (("query", e.query_map), ("result", e.result_map)):
             _heat_png(m, own_size(qa if which == "query" else rb), out / f"{which}_heat.png")
