@@ -152,8 +152,9 @@ class _Bar:
 @click.option("--model", default=None, help="Backbone for a new index [default: efficientnet_lite0].")
 @click.option("--weights", type=click.Path(dir_okay=False), default=None, help="Local weights file (state dict).")
 @click.option("--metric", type=click.Choice(["cosine", "l2"]), default=None, help="Similarity [default: cosine].")
-@click.option("--index-type", type=click.Choice(["flat", "hnsw", "ivfpq"]), default=None,
-              help="FAISS index type of a new index [default: flat].")
+@click.option("--index-type", type=click.Choice(["flat", "hnsw", "ivfpq", "sharded"]), default=None,
+              help="FAISS index type of a new index [default: flat]; sharded: float16 shard files, IVF-PQ "
+                   "searched memory-mapped (millions of images).")
 @click.option("--faiss", "faiss_factory", default=None, metavar="FACTORY",
               help="Advanced: a FAISS factory string for a new index (instead of --index-type).")
 @click.option("--input-size", type=click.IntRange(32, 2048), default=None, help="Input side in pixels of a new index.")
@@ -270,6 +271,9 @@ def info(index_dir, as_json) -> None:
             k, v = "size on disk", _human(v)
         elif k == "search_defaults":
             v = " ".join(f"--{o} {x}" for o, x in v.items()) or "none"
+        elif k == "sharded_vectors":  # index type sharded: its shard collection in one line
+            k, v = "shards", ", ".join(f"{a.replace('_', ' ')} {_human(sum(b.values())) if a == 'disk_bytes' else b}"
+                                       for a, b in v.items())
         click.echo(f"{k.replace('_', ' '):<{width}}  {v}")
 
 

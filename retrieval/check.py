@@ -17,7 +17,7 @@ from sqlalchemy import delete, func, select
 from .store import ImageRow, IndexStore
 from .vectors import file_state
 
-PROBLEM_STATES = ("unreadable", "wrong dimension")
+PROBLEM_STATES = ("unreadable", "wrong dimension", "damaged")  # damaged: a shard file (index type sharded)
 
 
 @dataclass
@@ -30,6 +30,7 @@ class CheckReport:
     vectors_without_row: list = field(default_factory=list)  # ids (removed since; HNSW keeps them until a rebuild)
     bad_embeddings: list = field(default_factory=list)  # ids whose stored embedding is damaged
     missing_files: list = field(default_factory=list)  # paths
+    vector_problems: list = field(default_factory=list)  # index type sharded: each bad shard file, in words
     repaired: list = field(default_factory=list)  # what --repair did, in words
 
     @property
@@ -62,6 +63,7 @@ class CheckReport:
         out = []
         if self.faiss_file in PROBLEM_STATES:
             out.append(f"vector file {self.faiss_file}")
+        out += self.vector_problems
         if self.bad_embeddings:
             out.append(f"{len(self.bad_embeddings)} stored embeddings are damaged")
         out += [f"missing file: {p}" for p in self.missing_files]
@@ -89,6 +91,15 @@ def check_index(directory: str | os.PathLike) -> CheckReport:
         ids = np.array([r[0] for r in rows], np.int64)
         rep.bad_embeddings = [int(r[0]) for r in rows if r[2] != st.dim * 4]
         rep.missing_files = [r[1] for r in rows if not os.path.isfile(r[1])]
+        if st.index_type == "sharded":  # shard files with checksums instead of vectors.faiss
+            from .sharded_index import check_state
+
+            sh = check_state(store, full=True)
+            rep.faiss_file, rep.vectors, rep.vector_problems = sh["state"], sh["count"], sh["problems"]
+            if sh["state"] == "ok":
+                rep.rows_without_vector = np.setdiff1d(ids, sh["ids"]).tolist()
+                rep.vectors_without_row = np.setdiff1d(sh["ids"], ids).tolist()
+            return rep
         state, index, _ = file_state(store)
         rep.faiss_file = state
         if index is not None:

@@ -36,5 +36,12 @@ def index_info(store) -> dict:
             **({"preset": st.preset} if st.preset else {}),
             "faiss_factory": st.faiss_factory, "dim": st.dim, "head": head_text(store),
             "images": store.count(), "skipped_files": skipped,
+            **({"sharded_vectors": _sharded(store)} if st.index_type == "sharded" else {}),
             "size_bytes": store.size_on_disk(), "schema_version": st.schema_version,
             "created_at": iso(st.created_at), "updated_at": iso(updated) if updated else None}
+
+
+def _sharded(store) -> dict:
+    from .sharded_index import info
+
+    return info(store)

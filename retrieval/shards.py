@@ -37,6 +37,7 @@ import time
 import zlib
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -179,6 +180,31 @@ def _run_workers(jobs: list[tuple], workers: int, done: list[str], say) -> list[
             p.kill()
             p.wait()
     return results  # type: ignore[return-value]
+
+
+@contextmanager
+def _quiet_stdout():
+    """File descriptor 1 goes to /dev/null inside (C code's printf included: its buffer is flushed before
+    the descriptor is given back), so that ``--json`` output stays JSON."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None)
+        sys.stdout.flush()
+        saved = os.dup(1)
+    except (OSError, ValueError, AttributeError):
+        yield
+        return
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        libc.fflush(None)
+        os.dup2(null, 1)
+        yield
+    finally:
+        libc.fflush(None)
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(null)
 
 
 # -- the collection ---------------------------------------------------------------------------------------
@@ -574,8 +600,9 @@ class ShardedVectors:
             m = self.manifest.get("merged")
             if not m:
                 raise IndexError_(f"{self.directory}: the index is not built yet (call build())")
-            self._index = faiss.read_index(str(self.directory / m["index"]["file"]),
-                                           faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY)
+            with _quiet_stdout():  # FAISS prints "IO_FLAG_ONDISK_SAME_DIR: updating ondisk filename ..." there
+                self._index = faiss.read_index(str(self.directory / m["index"]["file"]),
+                                               faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY)
         ivf = faiss.extract_index_ivf(self._index)
         ivf.nprobe = nprobe or default_nprobe(ivf.nlist)
         return self._index
@@ -588,11 +615,13 @@ class ShardedVectors:
         return isinstance(faiss.downcast_InvertedLists(inv), faiss.OnDiskInvertedLists)
 
     def search(self, queries: np.ndarray, k: int = 10, nprobe: int | None = None,
-               rerank: int = RERANK) -> tuple[np.ndarray, np.ndarray]:
+               rerank: int = RERANK, keep: Callable[[np.ndarray], np.ndarray] | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
         """Top ``k`` per query: ``k × rerank`` IVF-PQ candidates re-scored exactly from the shard files.
 
         Returns ``(scores, ids)``: inner products (``ip``, best first) or squared L2 distances (``l2``,
         nearest first), exact for the stored vectors; -1 ids where fewer than ``k`` were found.
+        ``keep``: candidate ids → a boolean mask of those that may be returned (removed ids are not).
         """
         q = np.ascontiguousarray(np.atleast_2d(queries), np.float32)
         index = self.index(nprobe)
@@ -603,6 +632,8 @@ class ShardedVectors:
         ids = np.full((len(q), k), -1, np.int64)
         for i in range(len(q)):
             c = cand[i][cand[i] >= 0]
+            if keep is not None and len(c):
+                c = c[keep(c)]
             if not len(c):
                 continue
             v = self.vectors_of(c)

@@ -98,7 +98,7 @@ class IndexStore:
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self._server_lock: database.AdvisoryLock | None = None
         self._settings: IndexSettings | None = None
-        self._vectors = Vectors(self)
+        self._vectors_kept = None  # Vectors, or for index type "sharded" a ShardedIndex (see _vectors)
         self._lock: WriterLock | None = None
         self._created: list[Path] = []  # directories this store created (removed again by discard())
 
@@ -534,6 +534,19 @@ class IndexStore:
 
     _factory = factory
 
+    @property
+    def _vectors(self):
+        """The vector side of this index, made on first use: ``vectors.faiss`` (retrieval/vectors.py), or for
+        index type ``sharded`` the shard collection in ``DIR/shards`` (retrieval/sharded_index.py)."""
+        if self._vectors_kept is None:
+            if self.settings.index_type == "sharded":
+                from .sharded_index import ShardedIndex
+
+                self._vectors_kept = ShardedIndex(self)
+            else:
+                self._vectors_kept = Vectors(self)
+        return self._vectors_kept
+
     def faiss_index(self):
         """The FAISS index reconciled with the rows (loaded once per store)."""
         return self._vectors.get()
@@ -572,6 +585,10 @@ class IndexStore:
     def size_on_disk(self) -> int:
         """Bytes of the index directory's files (and of the index's tables, with a database server)."""
         local = sum(p.stat().st_size for p in self.directory.iterdir() if p.is_file()) if self.directory.is_dir() else 0
+        if (self.directory / "shards").is_dir():  # index type sharded: its shard collection
+            from .sharded_index import disk_bytes
+
+            local += disk_bytes(self.directory)
         return local + (database.size(self.engine) if self.server else 0)
 
 

@@ -1,0 +1,226 @@
+"""Index type ``sharded`` (retrieval/sharded_index.py) through the CLI: ``retrieve index --index-type sharded``,
+search, incremental runs, IVF-PQ trained at a few hundred vectors, ``kill -9`` while the shards are written,
+``check`` finding a corrupted shard and ``--repair`` healing it.
+
+Every search is checked against its definition: the exact cosine top-k computed here with numpy from the rows'
+stored embeddings (the rows are the truth; the shards hold float16 copies, so scores agree to 1e-3).
+The commands run through the CLI's entry point, forked from one warm process (tests/forkrun.py) so that a run
+can be killed at a chosen moment without paying the interpreter's start-up each time.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from clitools import ROOT, run_process
+from conftest import skimage_photo
+from test_reliability import _Forker
+
+from retrieval.sharded_index import POINTER, TRAIN_AT_ENV, read_pointer, shards_dir
+from retrieval.store import ImageRow, IndexStore
+
+SYNTHETIC = 700  # rows added straight to the database: enough to train IVF16,PQ64 (PQ wants ≥ 256, IVF16 ≥ 624)
+TOL = 1e-3  # float16 shards against the float32 rows: cosine scores differ by < 1e-4 (bench); 1e-3 leaves room
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """A collection (data/samples and scikit-image photos), a forker, and the index built from them."""
+    base = tmp_path_factory.mktemp("sharded")
+    photos = base / "photos"
+    photos.mkdir()
+    for p in sorted((ROOT / "data" / "samples").iterdir()):
+        if p.suffix.lower() in (".jpg", ".png"):
+            shutil.copy(p, photos / p.name)
+    for name in ("coffee", "rocket", "camera", "horse"):
+        skimage_photo(name).resize((256, 192)).save(photos / f"sk_{name}.jpg", quality=90)
+    for i, name in enumerate(("astronaut", "coffee", "rocket", "chelsea") * 2):  # crops: 23 photos in all
+        im = skimage_photo(name)
+        w, h = im.size
+        im.crop((i * w // 16, i * h // 20, w // 2 + i * w // 16, h // 2 + i * h // 20)).resize((128, 96)).save(
+            photos / f"crop_{i}_{name}.jpg", quality=88)
+    forker = _Forker(base / "children.log")
+    e = {"base": base, "photos": photos, "idx": base / "idx", "log": base / "children.log", "forker": forker}
+    yield e
+    forker.close()
+
+
+def cli(e, *args, kill_when=None, expect=0) -> str:
+    """Run ``retrieve ARGS`` (forked) and return what it printed; ``kill_when()`` true: ``kill -9`` it then."""
+    log: Path = e["log"]
+    pos = log.stat().st_size if log.exists() else 0
+    e["forker"].start(*args)
+    if kill_when is not None:
+        end = time.time() + 120
+        while not kill_when() and time.time() < end:
+            time.sleep(0.005)
+    code, _ = e["forker"].wait(kill=kill_when is not None)
+    out = log.read_text()[pos:]
+    assert code == expect, f"exit {code}, expected {expect}:\n{out[-3000:]}"
+    return out
+
+
+def definition(idx, queries, k):
+    """Exact cosine top-k of each (indexed) query's own stored embedding over every row: ids and scores."""
+    with IndexStore.open(idx) as store:
+        ids, vecs = zip(*store.iter_vectors())
+        ids, x = np.concatenate(ids), np.concatenate(vecs)
+        x = x / np.linalg.norm(x, axis=1, keepdims=True)
+        by_path = {store.row_by_path(str(q)).id: str(q) for q in queries}
+    out = {}
+    for i, q in by_path.items():
+        s = x @ x[ids == i][0]
+        order = np.argsort(-s, kind="stable")[:k]
+        out[q] = (ids[order].tolist(), s[order].tolist(), dict(zip(ids.tolist(), s.tolist())))
+    return out
+
+
+def search_json(e, queries, k) -> dict:
+    out = cli(e, "search", *queries, "--index", e["idx"], "-k", k, "--include-self", "--json")
+    return {d["query"]: d for d in map(json.loads, [ln for ln in out.splitlines() if ln.startswith("{")])}
+
+
+def assert_exact(got: dict, want, k):
+    """The returned hits are a true top-k: each hit's score is its exact score, and the k scores are the k best."""
+    for q, (ids, scores, all_scores) in want.items():
+        hits = got[q]["results"]
+        assert len(hits) == k
+        for h in hits:
+            assert abs(h["score"] - all_scores[h["id"]]) < TOL, (q, h)
+        np.testing.assert_allclose([h["score"] for h in hits], scores, atol=TOL)
+
+
+def test_index_search_equals_exact_and_info_check(env):
+    e = env
+    cli(e, "index", e["photos"], "--index", e["idx"], "--index-type", "sharded", "--json")
+    ptr = read_pointer(e["idx"])
+    assert ptr["factory"] == "Flat" and ptr["count"] == len(list(e["photos"].iterdir()))  # exact: too few to train
+    assert not (e["idx"] / "vectors.faiss").exists()  # the shards are the search structure
+    queries = sorted(e["photos"].iterdir())[:6]
+    k = 5
+    got, want = search_json(e, queries, k), definition(e["idx"], queries, k)
+    assert_exact(got, want, k)
+    for q in map(str, queries):  # exact search: exactly the definition's ranking (no near ties among these)
+        assert [h["id"] for h in got[q]["results"]] == want[q][0]
+    info = json.loads(cli(e, "info", "--index", e["idx"], "--json"))
+    sh = info["sharded_vectors"]
+    assert info["index_type"] == "sharded" and sh["vectors"] == info["images"] and sh["shards"] == 1
+    assert sh["disk_bytes"]["vectors"] == info["images"] * (1280 * 2 + 8)  # float16 vector + int64 id each
+    rep = json.loads(cli(e, "check", "--index", e["idx"], "--json"))
+    assert rep["consistent"] and not rep["trailing"] and rep["vectors"] == rep["images"]
+    # the index type is fixed at creation: another one is refused before anything changes
+    out = cli(e, "index", e["photos"], "--index", e["idx"], "--index-type", "flat", expect=1)
+    assert "index type sharded, not flat" in out
+
+
+def test_incremental_add_modify_delete(env):
+    e = env
+    photos = e["photos"]
+    with IndexStore.open(e["idx"]) as store:
+        old_horse = store.row_by_path(str(photos / "sk_horse.jpg")).id
+        old_rocket = store.row_by_path(str(photos / "sk_rocket.jpg")).id
+        n0 = store.count()
+    skimage_photo("astronaut").resize((200, 200)).save(photos / "sk_horse.jpg", quality=90)  # modified
+    os.remove(photos / "sk_rocket.jpg")  # deleted
+    skimage_photo("chelsea").rotate(90, expand=True).save(photos / "new_cat.jpg", quality=90)  # new
+    rep = json.loads(cli(e, "index", photos, "--index", e["idx"], "--json"))
+    assert (rep["indexed"], rep["removed"], rep["total"]) == (2, 1, len(list(photos.iterdir())))
+    with IndexStore.open(e["idx"]) as store:
+        sh = store.faiss_index()
+        # in the first shard, filtered out of searches (2 of 23: under the 10 % that triggers a rewrite)
+        assert set(sh.removed.tolist()) == {old_horse, old_rocket}
+        assert len(sh.disk_ids) == n0 + 2  # the first shard (both old rows still in it) + a new shard of 2
+        assert len(sh.sv.shards) == 2 and sh.ntotal - len(sh.removed) == store.count()
+    queries = [photos / "sk_horse.jpg", photos / "new_cat.jpg", photos / "chelsea.png"]
+    got = search_json(e, queries, 4)
+    assert_exact(got, definition(e["idx"], queries, 4), 4)
+    returned = {h["id"] for d in got.values() for h in d["results"]}
+    assert not returned & {old_horse, old_rocket}  # removed rows never come back
+    assert got[str(photos / "new_cat.jpg")]["results"][1]["path"] in (str(photos / "chelsea.png"),
+                                                                     str(photos / "chelsea_crop_flipped.jpg"))
+
+
+def _add_synthetic_rows(e, n: int) -> None:
+    """``n`` rows written straight to the database (as a second indexer would commit them): real embeddings of
+    the collection plus noise, for files that exist (empty) outside the scanned folder."""
+    extra = e["base"] / "synthetic"
+    extra.mkdir(exist_ok=True)
+    rng = np.random.default_rng(7)
+    with IndexStore.open(e["idx"], writable=True) as store:
+        _, real = zip(*store.iter_vectors())
+        real = np.concatenate(real)
+        base = real[rng.integers(0, len(real), n)]
+        x = np.maximum(base + 0.35 * rng.standard_normal(base.shape).astype(np.float32) * base.std(), 0)
+        with store.session() as s, s.begin():
+            for i, v in enumerate(x.astype(np.float32)):
+                p = extra / f"{i:04d}.jpg"
+                p.touch()
+                s.add(ImageRow(path=str(p), size=0, mtime_ns=0, sha256=f"{i:064d}", width=1, height=1,
+                               vector=v.tobytes(), indexed_at=0.0))
+
+
+def test_ivf_kill_9_while_shards_are_written_then_heals_and_recall(env, monkeypatch, capfd):
+    e = env
+    _add_synthetic_rows(e, SYNTHETIC)
+    with IndexStore.open(e["idx"]) as store:  # a reader sees the new rows at once: exact, from memory
+        assert store.faiss_index().ntotal - len(store.removed_ids()) == store.count()
+    gen = shards_dir(e["idx"]) / read_pointer(e["idx"])["generation"]
+    # the forker's children inherit its environment: train at a few hundred vectors
+    monkeypatch.setenv(TRAIN_AT_ENV, "300")
+    e["forker"].close()
+    e["forker"] = _Forker(e["base"] / "children.log")
+    # killed once the new shard is on disk, while the quantisers are trained or the shards added and merged
+    cli(e, "index", e["photos"], "--index", e["idx"], "--json",
+        kill_when=lambda: (gen / "shard-00002.vec").exists(), expect=-signal.SIGKILL)
+    manifest = json.loads((gen / "manifest.json").read_text())
+    assert manifest["merged"] is None  # the kill came before the merge
+    rep = json.loads(cli(e, "check", "--index", e["idx"], "--json"))
+    assert rep["consistent"], rep  # a committed shard that is not merged yet is no damage
+    # the next run completes: trained, every shard added and merged, the lists memory-mapped
+    cli(e, "index", e["photos"], "--index", e["idx"], "--json")
+    ptr = read_pointer(e["idx"])
+    assert ptr["factory"].startswith("IVF") and ptr["count"] >= SYNTHETIC
+    with IndexStore.open(e["idx"]) as store:
+        sh = store.faiss_index()
+        assert sh.covered == len(sh.sv.shards) and sh.sv.is_mmapped() and sh.mem.ntotal == 0
+        assert sh.ntotal - len(sh.removed) == store.count()
+    assert "IO_FLAG" not in capfd.readouterr().out  # FAISS's note on opening on-disk lists stays off stdout (--json)
+    rep = json.loads(cli(e, "check", "--index", e["idx"], "--json"))
+    assert rep["consistent"] and not rep["rows_without_vector"], rep  # the removed two: still filtered
+    queries = sorted(map(str, e["photos"].iterdir()))  # real photos; their neighbours: mostly synthetic rows
+    k = 10
+    got, want = search_json(e, queries, k), definition(e["idx"], queries, k)
+    recall = np.mean([len({h["id"] for h in got[q]["results"]} & set(want[q][0])) / k for q in want])
+    assert recall >= 0.9, recall  # IVF-PQ candidates (×50) re-scored exactly; measured 1.0
+    for q, (_, _, all_scores) in want.items():  # the scores are exact, best first
+        s = [h["score"] for h in got[q]["results"]]
+        assert s == sorted(s, reverse=True)
+        assert all(abs(h["score"] - all_scores[h["id"]]) < TOL for h in got[q]["results"])
+
+
+def test_corrupted_shard_found_by_check_and_repaired(env):
+    e = env
+    gen = shards_dir(e["idx"]) / read_pointer(e["idx"])["generation"]
+    vec = gen / "shard-00000.vec"
+    b = bytearray(vec.read_bytes())
+    b[len(b) // 2] ^= 0x5A  # same size: only the checksum can tell
+    vec.write_bytes(bytes(b))
+    r = run_process("check", "--index", e["idx"])  # the installed entry point, in its own process
+    assert r.returncode == 1
+    assert f"{vec}: vectors of ids" in r.stdout and "does not match its checksum" in r.stdout
+    assert "run `retrieve check --repair`" in r.stdout  # the hint, followed next
+    r = run_process("check", "--index", e["idx"], "--repair")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "rebuilt the vector file" in r.stdout
+    rep = json.loads(cli(e, "check", "--index", e["idx"], "--json"))
+    assert rep["consistent"] and not rep["trailing"] and rep["vectors"] == rep["images"]
+    new = read_pointer(e["idx"])["generation"]
+    assert new != gen.name and not gen.exists()  # a new generation, the damaged one removed
+    assert sorted(p.name for p in shards_dir(e["idx"]).iterdir()) == sorted([POINTER, new])
