@@ -32,6 +32,7 @@ import shutil
 import sqlite3
 import sys
 import time
+from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # a loaded machine: OpenMP threads must not spin
 
@@ -277,6 +278,121 @@ def run(args) -> None:
     log(f"{name}: saved {CACHE / (name + '.json')}")
 
 
+# -- factories side by side ---------------------------------------------------------------------------------------
+def _linked_copy(src: Path, dst: Path) -> ShardedVectors:
+    """A second collection over the same vector shard files (hard links), untrained: another factory's index."""
+    shutil.rmtree(dst, ignore_errors=True)
+    dst.mkdir(parents=True)
+    m = json.loads((src / shards.MANIFEST).read_text())
+    for s in m["shards"]:
+        for k in ("vectors", "ids"):
+            os.link(src / s[k]["file"], dst / s[k]["file"])
+        s["index"] = None
+    m.update(trained=None, merged=None, factory=None)
+    (dst / shards.MANIFEST).write_text(json.dumps(m))
+    return ShardedVectors.open(dst)
+
+
+def compare(args) -> None:
+    """Several factories over the same vectors in one run: build each, then search them query by query in turn
+    (the order alternating), so that load and page cache treat them alike; recall against the same truth."""
+    real = real_embeddings()
+    n, d = args.n, args.dim
+    name = f"compare-{n}-{d}"
+    work = CACHE / name
+    shutil.rmtree(work, ignore_errors=True)
+    gen = Generator(real, d, 0)
+    queries = Generator(real, d, 99).chunk(args.queries)
+    shard = args.shard or max(50_000, (n + 7) // 8)
+    res = {"n": n, "dim": d, "shard": shard, "workers": args.workers, "queries": args.queries,
+           "load_start": os.getloadavg(), "factories": []}
+    log(f"{name}: generating {n} vectors into float16 shards of {shard}")
+    base = ShardedVectors.create(work / "f0", d, "ip", "float16").lock()
+    for s in range(0, n, shard):
+        m = min(shard, n - s)
+        base.append(None, ((np.arange(s + a, s + a + min(50_000, m - a), dtype=np.int64), gen.chunk(min(50_000, m - a)))
+                           for a in range(0, m, 50_000)))
+    base.close()
+    cols = []
+    for i, factory in enumerate(args.factories):
+        sv = ShardedVectors.open(work / "f0") if i == 0 else _linked_copy(work / "f0", work / f"f{i}")
+        sv.lock()
+        t = time.perf_counter()
+        train_s = sv.train(factory, threads=args.threads)
+        times = sv.build(workers=args.workers)
+        build_s = time.perf_counter() - t
+        disk = sv.disk_bytes()
+        sv.close()
+        res["factories"].append({"factory": factory, "train_s": train_s, "add_s": times["add"],
+                                 "merge_s": times["merge"], "build_s": build_s, "disk": disk,
+                                 "load": os.getloadavg()[0]})
+        log(f"{name}: {factory} built in {build_s:.0f} s (train {train_s:.0f}, add {times['add']:.0f})")
+        cols.append(ShardedVectors.open(work / "f0" if i == 0 else work / f"f{i}"))
+    _, gt = cols[0].exact_search(queries, 10, chunk=65_536)
+    import faiss
+
+    faiss.omp_set_num_threads(1)
+    rows = []
+    for rerank in args.rerank:
+        for nprobe in args.nprobe:
+            lat = [[] for _ in cols]
+            rec = [[] for _ in cols]
+            for j, (q, g) in enumerate(zip(queries, gt)):
+                order = range(len(cols)) if j % 2 == 0 else reversed(range(len(cols)))
+                for c in order:
+                    if j < 20:  # warm the lists these queries visit, not timed
+                        cols[c].search(q, 10, nprobe=nprobe, rerank=rerank)
+                    t = time.perf_counter()
+                    _, ids = cols[c].search(q, 10, nprobe=nprobe, rerank=rerank)
+                    lat[c].append(time.perf_counter() - t)
+                    rec[c].append(len(set(ids[0].tolist()) & set(g.tolist())) / 10)
+            for c, f in enumerate(args.factories):
+                rows.append({"factory": f, "nprobe": nprobe, "rerank": rerank,
+                             "p50_ms": 1000 * float(np.percentile(lat[c], 50)),
+                             "p99_ms": 1000 * float(np.percentile(lat[c], 99)), "recall": float(np.mean(rec[c]))})
+                log(f"{name}: {rows[-1]}")
+    res["search"] = rows
+    res["load_end"] = os.getloadavg()
+    res["threads"] = {"train": args.threads, "add_workers": args.workers, "search": 1}
+    for c in cols:
+        c.close()
+    (CACHE / f"{name}.json").write_text(json.dumps(res, indent=1))
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+    _compare_section(res)
+
+
+def _compare_section(res: dict) -> None:
+    """Put the comparison into bench/results/scale-vectors.md between markers, the rest of it kept as it is."""
+    n, d = res["n"], res["dim"]
+    first = res["factories"][0]
+    rows = []
+    for sr in res["search"]:
+        b = next(f for f in res["factories"] if f["factory"] == sr["factory"])
+        ref = next(x for x in res["search"] if x["factory"] == first["factory"] and x["nprobe"] == sr["nprobe"]
+                   and x["rerank"] == sr["rerank"])
+        rows.append([sr["factory"], sr["nprobe"], f"exact, {10 * sr['rerank']}",
+                     f"{b['build_s']:.0f}", f"{b['build_s'] / first['build_s']:.2f}",
+                     f"{b['train_s']:.0f} / {b['add_s']:.0f} / {b['merge_s']:.0f}",
+                     f"{b['disk']['merged'] / n:.1f}", round(sr["p50_ms"], 2), f"{sr['p50_ms'] / ref['p50_ms']:.2f}",
+                     round(sr["p99_ms"], 2), round(sr["recall"], 3)])
+    text = (f"## Factories side by side: {n:,} × {d}\n\n`python bench/scale_vectors.py compare --n {n} --dim {d}` "
+            f"(same float16 shard files for every factory, hard-linked; built one after the other; then each query "
+            f"searched on every factory in turn, the order alternating; recall@10 against one exact ground truth; "
+            f"{res['queries']} queries; training {res['threads']['train']} FAISS thread, {res['workers']} add "
+            f"workers × 1 thread, searches 1 thread; load average {res['load_start'][0]:.1f} → "
+            f"{res['load_end'][0]:.1f} on 2 cores shared with other jobs). × first: against the first factory.\n\n")
+    text += _common.table(["factory", "nprobe", "re-score", "build s", "× first", "train/add/merge s",
+                           "merged B/vector", "p50 ms", "× first", "p99 ms", "recall@10"], rows) + "\n"
+    path = _common.ROOT / "bench" / "results" / "scale-vectors.md"
+    old = path.read_text() if path.exists() else ""
+    start, end = f"<!-- compare {n}x{d} -->", f"<!-- /compare {n}x{d} -->"
+    if start in old and end in old:
+        old = old[:old.index(start)] + old[old.index(end) + len(end):].lstrip("\n")
+    path.write_text(old.rstrip("\n") + f"\n\n{start}\n{text}{end}\n")
+    print(text)
+
+
 # -- the report -------------------------------------------------------------------------------------------------
 def report(_args) -> None:
     text = ""
@@ -344,9 +460,20 @@ def main() -> None:
     p.add_argument("--tag", default="", help="a suffix for the results' name (several factories at one size)")
     p.add_argument("--keep", action="store_true")
     p.add_argument("--search-only", action="store_true", help="search a collection kept by --keep again")
+    p = sub.add_parser("compare", help="several factories over the same vectors, side by side in one run")
+    p.add_argument("--n", type=int, required=True)
+    p.add_argument("--dim", type=int, required=True, choices=[128, 1280])
+    p.add_argument("--factories", nargs="+", default=["IVF1024,PQ64", "PCAR256,IVF1024,PQ64"])
+    p.add_argument("--queries", type=int, default=200)
+    p.add_argument("--shard", type=int, default=0)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--nprobe", type=int, nargs="+", default=[16])
+    p.add_argument("--rerank", type=int, nargs="+", default=[10, 50])
+    p.add_argument("--keep", action="store_true")
     sub.add_parser("report")
     args = ap.parse_args()
-    {"storage": storage, "run": run, "report": report}[args.cmd](args)
+    {"storage": storage, "run": run, "compare": compare, "report": report}[args.cmd](args)
 
 
 if __name__ == "__main__":
