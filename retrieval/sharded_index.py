@@ -61,6 +61,8 @@ TRAIN_AT_ENV = "RETRIEVE_SHARDED_TRAIN_AT"
 SHARD_ROWS = 500_000  # vectors per shard when the collection is (re)written from the rows
 FLUSH_ROWS = 65_536  # a run writes its new vectors out as a shard every this many (bounds the tail's memory)
 WORKERS = 2  # worker processes adding shards to the trained index in parallel
+PARALLEL_FROM = 100_000  # vectors to add before worker processes pay for their start (else added in-process)
+READER_ROWS_MAX = 200_000  # a search over stale shards reads at most this many rows into memory (1 GB at 1280-d)
 _GEN = re.compile(r"^gen-(\d{5,})$")
 
 
@@ -260,9 +262,13 @@ class ShardedIndex:
             self._clean_generations()
             return
         self.stale = why  # "": none written yet (not stale)
-        if self.store.writable and why and self.store.count():
+        n = self.store.count()
+        if self.store.writable and why and n:
             self.rebuild()  # a writer heals at once
             return
+        if why and n > READER_ROWS_MAX:  # too many to search exactly from the rows in this process's memory
+            raise IndexError_(f"{shards_dir(self.store.directory)}: {why}; rewrite the shards from the rows with "
+                              f"`retrieve check --repair --index {self.store.directory}`")
         self.sv, self.generation, self.covered = None, "", 0
         self.disk_ids, self.removed = np.zeros(0, np.int64), np.zeros(0, np.int64)
         self.mem = self._new_mem()
@@ -419,7 +425,8 @@ class ShardedIndex:
             sv.train(want)  # first training, or grown much larger: more lists (the shard files stay as they are)
             trained = True
         if trained and (_covered(sv.manifest) < len(sv.shards) or any(not s.get("index") for s in sv.shards)):
-            sv.build(workers=min(WORKERS, os.cpu_count() or 1))
+            todo = sum(s["count"] for s in sv.shards if not s.get("index"))  # a small addition: no process starts
+            sv.build(workers=min(WORKERS, os.cpu_count() or 1) if todo >= PARALLEL_FROM else 1)
         covered = _covered(sv.manifest) if trained else 0
         tail = self._tail_ids()
         if covered and covered == len(sv.shards):  # all merged: only the tail stays in memory

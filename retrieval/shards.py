@@ -527,7 +527,8 @@ class ShardedVectors:
         ivfdata = self.directory / f"merged-{gen}.ivfdata"
         ivfdata.unlink(missing_ok=True)
         index = faiss.read_index(trained)
-        merge_ondisk(index, [str(self.directory / s["index"]["file"]) for s in self.shards], str(ivfdata))
+        with _quiet_stdout():  # FAISS prints "resizing …" there: a --json caller's stdout stays JSON
+            merge_ondisk(index, [str(self.directory / s["index"]["file"]) for s in self.shards], str(ivfdata))
         with open(ivfdata, "rb") as f:
             os.fsync(f.fileno())
         merged = {"generation": gen, "index": _write_faiss(index, self.directory / f"merged-{gen}.index"),

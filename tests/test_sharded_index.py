@@ -224,3 +224,76 @@ def test_corrupted_shard_found_by_check_and_repaired(env):
     new = read_pointer(e["idx"])["generation"]
     assert new != gen.name and not gen.exists()  # a new generation, the damaged one removed
     assert sorted(p.name for p in shards_dir(e["idx"]).iterdir()) == sorted([POINTER, new])
+
+
+def test_a_run_writes_shards_as_it_goes_trains_compacts_and_retrains(tmp_path, monkeypatch, capfd):
+    """In-process, 64-d rows committed and applied batch by batch the way the indexer does (no model): the tail
+    is written out every FLUSH_ROWS, IVF-PQ is trained once there are enough, removals past 10 % rewrite the
+    collection, a collection grown 4× gets more lists; every search equals the exact definition's top-k."""
+    import retrieval.sharded_index as si
+    from retrieval.store import IndexSettings
+
+    monkeypatch.setattr(si, "FLUSH_ROWS", 200)
+    monkeypatch.setenv(TRAIN_AT_ENV, "500")
+    d = 64
+    settings = IndexSettings(model="test", weights_id="none", weights_source="", preprocess={"size": 224},
+                             metric="cosine", dim=d, index_type="sharded", faiss_factory="sharded")
+    rng = np.random.default_rng(3)
+    centres = rng.standard_normal((40, d)).astype(np.float32)
+
+    def commit(store, n):
+        x = np.abs(centres[rng.integers(0, 40, n)] + 0.5 * rng.standard_normal((n, d)).astype(np.float32))
+        with store.session() as s, s.begin():
+            rows = [ImageRow(path=f"/x/{rng.integers(1 << 62)}.jpg", size=1, mtime_ns=1, sha256="0" * 64, width=1,
+                             height=1, vector=v.tobytes(), indexed_at=0.0) for v in x]
+            s.add_all(rows)
+            s.flush()
+            ids = np.array([r.id for r in rows], np.int64)
+        store.apply([], ids, x)
+
+    def check_search(store, k=10):
+        ids, x = map(np.concatenate, zip(*store.iter_vectors()))
+        x = x / np.linalg.norm(x, axis=1, keepdims=True)
+        q = x[rng.integers(0, len(x), 20)]
+        s, got = store.faiss_index().search(q, k)
+        want = np.argsort(-(q @ x.T), axis=1, kind="stable")[:, :k]
+        recall = np.mean([len(set(g) & set(ids[w])) / k for g, w in zip(got, want)])
+        assert recall >= 0.95, recall
+        pos = np.searchsorted(ids, got)
+        np.testing.assert_allclose(s, np.einsum("qd,qkd->qk", q, x[pos]), atol=TOL)  # exact scores of those ids
+
+    store = IndexStore.create(tmp_path / "idx", settings)
+    try:
+        sh = store.faiss_index()
+        for _ in range(5):
+            commit(store, 100)
+        assert [s["count"] for s in sh.sv.shards] == [200, 200] and sh.covered == 0  # exact: 400 < 624
+        check_search(store)
+        for _ in range(3):
+            commit(store, 100)
+        assert sh.covered == len(sh.sv.shards) == 4 and sh.factory.startswith("IVF")  # trained at 800, merged
+        assert sh.mem.ntotal == 0 and sh.sv.is_mmapped()
+        check_search(store)
+        gone = store.row_ids()[::7]  # 115 of 800: over 10 %
+        with store.session() as s, s.begin():
+            s.execute(ImageRow.__table__.delete().where(ImageRow.id.in_(gone.tolist())))
+        store.apply(gone)
+        assert set(sh.removed.tolist()) == set(gone.tolist())
+        assert not set(store.faiss_index().search(np.eye(d, dtype=np.float32), 50)[1].ravel()) & set(gone.tolist())
+        old_gen = sh.generation
+        assert store.compact() and sh.generation != old_gen and not len(sh.removed)
+        assert not (shards_dir(store.directory) / old_gen).exists() and len(sh.disk_ids) == store.count()
+        check_search(store)
+        lists = si._nlist(sh.factory)
+        for _ in range(9):  # 2 250 more: 4 × the lists are due (IVF17 → IVF73)
+            commit(store, 250)
+        store.save_faiss()
+        assert si._nlist(sh.factory) >= 4 * lists and sh.covered == len(sh.sv.shards)
+        check_search(store)
+    finally:
+        store.close()
+    with IndexStore.open(tmp_path / "idx") as reader:  # a reader reconciles the same state from disk
+        r = reader.faiss_index()
+        assert r.covered and r.mem.ntotal == 0 and r.ntotal == reader.count()
+        check_search(reader)
+    assert not capfd.readouterr().out  # FAISS's notes (resizing, on-disk file names) kept off stdout
