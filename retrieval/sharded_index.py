@@ -289,7 +289,9 @@ class ShardedIndex:
         if covered:
             try:
                 sv.index()  # the merged index opens (its lists memory-mapped)
-            except (RuntimeError, IndexError_, OSError):
+                for k in range(covered):  # and every shard it re-scores from: mapped now, so that a long-lived
+                    sv._map(k)  # searcher keeps its files when a writer later replaces this generation
+            except (RuntimeError, IndexError_, OSError, ValueError):
                 covered = 0  # a damaged merged index: exact until a writer builds it again
         self.covered = covered
         self.factory = sv.manifest["factory"] if covered else "Flat"
