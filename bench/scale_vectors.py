@@ -298,14 +298,14 @@ def compare(args) -> None:
     (the order alternating), so that load and page cache treat them alike; recall against the same truth."""
     real = real_embeddings()
     n, d = args.n, args.dim
-    name = f"compare-{n}-{d}"
+    name = f"compare-{n}-{d}" + (f"-{args.tag}" if args.tag else "")
     work = CACHE / name
     shutil.rmtree(work, ignore_errors=True)
     gen = Generator(real, d, 0)
     queries = Generator(real, d, 99).chunk(args.queries)
     shard = args.shard or max(50_000, (n + 7) // 8)
     res = {"n": n, "dim": d, "shard": shard, "workers": args.workers, "queries": args.queries,
-           "load_start": os.getloadavg(), "factories": []}
+           "load_start": os.getloadavg(), "factories": [], "tag": args.tag}
     log(f"{name}: generating {n} vectors into float16 shards of {shard}")
     base = ShardedVectors.create(work / "f0", d, "ip", "float16").lock()
     for s in range(0, n, shard):
@@ -365,6 +365,7 @@ def compare(args) -> None:
 def _compare_section(res: dict) -> None:
     """Put the comparison into bench/results/scale-vectors.md between markers, the rest of it kept as it is."""
     n, d = res["n"], res["dim"]
+    tag = f" {res['tag']}" if res.get("tag") else ""
     first = res["factories"][0]
     rows = []
     for sr in res["search"]:
@@ -376,7 +377,8 @@ def _compare_section(res: dict) -> None:
                      f"{b['train_s']:.0f} / {b['add_s']:.0f} / {b['merge_s']:.0f}",
                      f"{b['disk']['merged'] / n:.1f}", round(sr["p50_ms"], 2), f"{sr['p50_ms'] / ref['p50_ms']:.2f}",
                      round(sr["p99_ms"], 2), round(sr["recall"], 3)])
-    text = (f"## Factories side by side: {n:,} × {d}\n\n`python bench/scale_vectors.py compare --n {n} --dim {d}` "
+    cmd = " ".join(["--factories", *(f["factory"] for f in res["factories"])] + (["--tag", res["tag"]] if tag else []))
+    text = (f"## Factories side by side: {n:,} × {d}{tag}\n\n`python bench/scale_vectors.py compare --n {n} --dim {d} {cmd}` "
             f"(same float16 shard files for every factory, hard-linked; built one after the other; then each query "
             f"searched on every factory in turn, the order alternating; recall@10 against one exact ground truth; "
             f"{res['queries']} queries; training {res['threads']['train']} FAISS thread, {res['workers']} add "
@@ -386,7 +388,7 @@ def _compare_section(res: dict) -> None:
                            "merged B/vector", "p50 ms", "× first", "p99 ms", "recall@10"], rows) + "\n"
     path = _common.ROOT / "bench" / "results" / "scale-vectors.md"
     old = path.read_text() if path.exists() else ""
-    start, end = f"<!-- compare {n}x{d} -->", f"<!-- /compare {n}x{d} -->"
+    start, end = f"<!-- compare {n}x{d}{tag} -->", f"<!-- /compare {n}x{d}{tag} -->"
     if start in old and end in old:
         old = old[:old.index(start)] + old[old.index(end) + len(end):].lstrip("\n")
     path.write_text(old.rstrip("\n") + f"\n\n{start}\n{text}{end}\n")
@@ -470,6 +472,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--nprobe", type=int, nargs="+", default=[16])
     p.add_argument("--rerank", type=int, nargs="+", default=[10, 50])
+    p.add_argument("--tag", default="", help="a suffix for the results' name (another order, another run)")
     p.add_argument("--keep", action="store_true")
     sub.add_parser("report")
     args = ap.parse_args()

@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .errors import IndexError_, RetrieveError
-from .vectors import REMOVED_MAX_SHARE, _fsync, _fsync_dir, _nlist, min_training
+from .vectors import REMOVED_MAX_SHARE, _fsync, _fsync_dir, min_training
 
 if TYPE_CHECKING:
     from .shards import ShardedVectors
@@ -111,6 +111,12 @@ def disk_bytes(index_dir: Path) -> int:
     if not d.is_dir():
         return 0
     return sum(p.stat().st_size for p in d.rglob("*") if p.is_file())
+
+
+def _lists(factory: str) -> int:
+    """The IVF lists of a factory string, wherever IVF stands in it (``PCAR256,IVF1024,PQ64``: 1024)."""
+    m = re.search(r"IVF(\d+)", factory or "")
+    return int(m.group(1)) if m else 1
 
 
 def _covered(manifest: dict) -> int:
@@ -423,7 +429,7 @@ class ShardedIndex:
         want = sharded_factory(sv.dim, max(n, 1))
         trained = bool(sv.manifest.get("trained") and sv.manifest.get("factory"))
         can = n >= max(train_at(), min_training(want))
-        if can and (not trained or _nlist(sv.manifest["factory"]) * 4 <= _nlist(want)):
+        if can and (not trained or _lists(sv.manifest["factory"]) * 4 <= _lists(want)):
             sv.train(want)  # first training, or grown much larger: more lists (the shard files stay as they are)
             trained = True
         if trained and (_covered(sv.manifest) < len(sv.shards) or any(not s.get("index") for s in sv.shards)):

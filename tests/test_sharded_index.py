@@ -26,7 +26,7 @@ from test_reliability import _Forker
 from retrieval.sharded_index import POINTER, TRAIN_AT_ENV, read_pointer, shards_dir
 from retrieval.store import ImageRow, IndexStore
 
-SYNTHETIC = 700  # rows added straight to the database: enough to train IVF16,PQ64 (PQ wants ≥ 256, IVF16 ≥ 624)
+SYNTHETIC = 700  # rows added straight to the database: enough to train PCAR256,IVF16,PQ64 (PQ ≥ 256, IVF16 ≥ 624)
 TOL = 1e-3  # float16 shards against the float32 rows: cosine scores differ by < 1e-4 (bench); 1e-3 leaves room
 
 
@@ -186,7 +186,7 @@ def test_ivf_kill_9_while_shards_are_written_then_heals_and_recall(env, monkeypa
     # the next run completes: trained, every shard added and merged, the lists memory-mapped
     cli(e, "index", e["photos"], "--index", e["idx"], "--json")
     ptr = read_pointer(e["idx"])
-    assert ptr["factory"].startswith("IVF") and ptr["count"] >= SYNTHETIC
+    assert ptr["factory"].startswith("PCAR256,IVF") and ptr["count"] >= SYNTHETIC  # 1280-d: PCA before IVF-PQ
     with IndexStore.open(e["idx"]) as store:
         sh = store.faiss_index()
         assert sh.covered == len(sh.sv.shards) and sh.sv.is_mmapped() and sh.mem.ntotal == 0
@@ -284,11 +284,11 @@ def test_a_run_writes_shards_as_it_goes_trains_compacts_and_retrains(tmp_path, m
         assert store.compact() and sh.generation != old_gen and not len(sh.removed)
         assert not (shards_dir(store.directory) / old_gen).exists() and len(sh.disk_ids) == store.count()
         check_search(store)
-        lists = si._nlist(sh.factory)
+        lists = si._lists(sh.factory)
         for _ in range(9):  # 2 250 more: 4 × the lists are due (IVF17 → IVF73)
             commit(store, 250)
         store.save_faiss()
-        assert si._nlist(sh.factory) >= 4 * lists and sh.covered == len(sh.sv.shards)
+        assert si._lists(sh.factory) >= 4 * lists and sh.covered == len(sh.sv.shards)
         check_search(store)
     finally:
         store.close()
