@@ -10,10 +10,10 @@ import numpy as np
 
 from .errors import ImageError
 from .images import load_image
-from .store import IndexStore
 
-if TYPE_CHECKING:  # a cached graph searches without torch (retrieval/fastpath.py)
-    from .backbone import Backbone
+if TYPE_CHECKING:  # a cached graph searches without torch (retrieval/fastpath.py), a plain SQLite index without
+    from .backbone import Backbone  # SQLAlchemy (retrieval/litestore.py)
+    from .store import IndexStore
 
 HNSW_EF_SEARCH = 64  # with efConstruction 200: recall@10 0.998, p50 0.9 ms at 1 M vectors (bench/results)
 IVF_NPROBE = 32  # at least; an eighth of the lists for large indexes
