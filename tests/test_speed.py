@@ -108,3 +108,77 @@ def test_unusual_indexes_take_the_full_path_with_its_errors(small_index, tmp_pat
     (served / "database.json").write_text(json.dumps({"url": "postgresql+psycopg://u@127.0.0.1:1/x"}))
     assert open_for_search(served) is None
     assert open_for_search(tmp_path / "missing") is None
+
+
+def test_unchanged_run_leaves_vector_file_and_mean(small_index, lite0, tmp_path, monkeypatch):
+    """An unchanged re-run neither recomputes μ nor rewrites the vector file; a run that adds a photo does both."""
+    from indexer import index_paths
+    from retrieval.store import IndexStore
+
+    src, idx = small_index
+    own = tmp_path / "idx"
+    shutil.copytree(idx, own)  # the same rows (paths under src), a private vector file
+    calls = []
+    real = IndexStore.update_mean
+    monkeypatch.setattr(IndexStore, "update_mean", lambda self: calls.append(1) or real(self))
+    index_paths([src], own, backbone=lite0)  # records what the vector file holds (first run of this code)
+    before = os.stat(own / "vectors.faiss")
+    with IndexStore.open(own) as store:
+        mean = store.mean
+    calls.clear()
+    report = index_paths([src], own, backbone=lite0)
+    after = os.stat(own / "vectors.faiss")
+    assert report.unchanged == 5 and report.indexed == report.removed == 0
+    assert not calls, "an unchanged run recomputed the mean"
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns), "vector file rewritten"
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    shutil.copy(src / "chelsea.jpg", extra / "chelsea_again.jpg")  # a copy: a new row, same vector
+    os.utime(src / "coffee.png")  # touched: unchanged content, the row's mtime follows
+    report = index_paths([src, extra], own, backbone=lite0)
+    assert report.indexed == 1 and calls, "a run that added a row kept the old mean"
+    assert os.stat(own / "vectors.faiss").st_ino != after.st_ino
+    with IndexStore.open(own) as store:
+        assert store.count() == 6 and store.faiss_index().ntotal == 6
+        assert not np.array_equal(store.mean, mean)
+        v = np.concatenate([v for _, v in store.iter_vectors()]).astype(np.float64).mean(0)
+        assert np.allclose(store.mean, v, atol=1e-6)
+
+
+def test_commit_is_bulk_and_keeps_ids(tmp_path):
+    """_commit_embedded: a few statements per batch (not one per row), each row with its own vector and the ids
+    handed to FAISS in the batch's order; a replaced row goes, a skipped record of the path goes."""
+    from sqlalchemy import event, select
+
+    from indexer.run import IndexReport, _commit_embedded, _Decoded
+    from retrieval.scan import FileEntry
+    from retrieval.store import ImageRow, IndexSettings, IndexStore, SkippedRow
+
+    st = IndexSettings(model="m", weights_id="w", weights_source="", preprocess={}, metric="cosine", dim=4,
+                       index_type="flat", faiss_factory="Flat")
+    with IndexStore.create(tmp_path / "idx", st) as store:
+        with store.session() as s, s.begin():
+            s.add(ImageRow(path="/p/3.jpg", size=1, mtime_ns=1, sha256="old", width=1, height=1,
+                           vector=np.zeros(4, np.float32).tobytes(), indexed_at=0.0))
+            s.add(SkippedRow(path="/p/5.jpg", size=1, mtime_ns=1, reason="broken"))
+        old = store.row_by_path("/p/3.jpg")
+        applied = []
+        store.apply = lambda removed=(), ids=(), raw=None: applied.append((list(removed), list(ids), raw))
+        batch = [_Decoded(FileEntry(f"/p/{i}.jpg", 10 + i, 20 + i), f"{i:064x}", 30 + i, 40 + i) for i in range(40)]
+        vecs = np.arange(160, dtype=np.float32).reshape(40, 4)
+        statements = []
+        event.listen(store.engine, "before_cursor_execute", lambda *a: statements.append(a[2]))
+        report = IndexReport()
+        _commit_embedded(store, batch, vecs, {"/p/3.jpg": old}, report)
+        assert report.indexed == 40
+        assert len(statements) <= 4, statements  # was 2 per row (a DELETE of the skipped record, an INSERT)
+        (removed, ids, raw), = applied
+        assert removed == [old.id] and raw is vecs and len(set(ids)) == 40
+        rows = store.rows_by_ids(ids)
+        for i, rid in enumerate(ids):
+            r = rows[rid]
+            assert (r.path, r.size, r.mtime_ns, r.width, r.height) == (f"/p/{i}.jpg", 10 + i, 20 + i, 30 + i, 40 + i)
+            assert np.array_equal(np.frombuffer(r.vector, np.float32), vecs[i])
+        with store.session() as s:
+            assert s.scalar(select(SkippedRow).where(SkippedRow.path == "/p/5.jpg")) is None
+        assert store.count() == 40
