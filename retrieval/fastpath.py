@@ -16,7 +16,6 @@ import hashlib
 import json
 import os
 import threading
-from importlib import metadata
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -35,6 +34,22 @@ def _manifest_path(folder: Path, name: str, weights_id: str) -> Path:
 
 
 def _torch_version() -> str:
+    """torch's ``__version__`` from its ``version.py``, read without importing torch or ``importlib.metadata``
+    (which costs ~50 ms of a search's start-up scanning the installed distributions); the metadata otherwise."""
+    import importlib.util
+    import re
+
+    try:
+        spec = importlib.util.find_spec("torch")
+        if spec is not None and spec.origin:
+            text = Path(spec.origin).with_name("version.py").read_text()
+            m = re.search(r"^__version__\s*(?::\s*str\s*)?=\s*['\"]([^'\"]+)['\"]", text, re.M)
+            if m:
+                return m.group(1)
+    except (OSError, ImportError, ValueError):
+        pass
+    from importlib import metadata
+
     try:
         return metadata.version("torch")
     except metadata.PackageNotFoundError:

@@ -160,7 +160,8 @@ class LiteStore:
         return self._conn.execute("SELECT count(*) FROM images").fetchone()[0] or 0
 
     def row_ids(self) -> np.ndarray:
-        return np.fromiter((r[0] for r in self._conn.execute("SELECT id FROM images")), np.int64)
+        rows = self._conn.execute("SELECT id FROM images").fetchall()
+        return np.array(rows, np.int64).reshape(len(rows))
 
     def rows_by_ids(self, ids: Iterable[int]) -> dict[int, LiteRow]:
         ids = [int(i) for i in ids]
