@@ -182,3 +182,17 @@ def test_commit_is_bulk_and_keeps_ids(tmp_path):
         with store.session() as s:
             assert s.scalar(select(SkippedRow).where(SkippedRow.path == "/p/5.jpg")) is None
         assert store.count() == 40
+
+
+def test_one_query_searches_on_one_faiss_thread():
+    """A single query runs FAISS on one OpenMP thread; the setting is restored afterwards."""
+    import faiss
+
+    from retrieval.search import _one_thread_for_one_query
+
+    n = faiss.omp_get_max_threads()
+    with _one_thread_for_one_query(1):
+        assert faiss.omp_get_max_threads() == 1
+    assert faiss.omp_get_max_threads() == n
+    with _one_thread_for_one_query(3):
+        assert faiss.omp_get_max_threads() == n
