@@ -29,7 +29,7 @@ class RetrieveGroup(click.Group):
 
 
 def _index_dir(value: str | None) -> Path:
-    from retrieval.store import default_index_dir
+    from retrieval.settings import default_index_dir  # no SQLAlchemy
 
     return Path(value).expanduser() if value else default_index_dir()
 
@@ -330,9 +330,9 @@ def search(ctx, queries, index_dir, k, min_score, include_self, qe, dba, verify,
       retrieve search some/folder --json           # one JSON object per query image
       retrieve search photos/ --within catalogue/  # answers from the catalogue's images only
     """
+    from retrieval.litestore import open_search_store
     from retrieval.search import Searcher, expand_queries
     from retrieval.service import backbone_for_settings, search_backbone_for_settings
-    from retrieval.store import IndexStore
 
     _set_threads(ctx)
     if (out_dir or method or full_maps) and not explain:
@@ -341,7 +341,8 @@ def search(ctx, queries, index_dir, k, min_score, include_self, qe, dba, verify,
     if not paths:
         raise click.ClickException("no images among the queries")
     failed = 0
-    with IndexStore.open(_index_dir(index_dir)) as store:
+    plain = not (explain or within or face is not None)  # then a plain SQLite index is read without SQLAlchemy
+    with open_search_store(_index_dir(index_dir), plain=plain, verify=verify, words=words) as store:
         if store.settings.preset == "faces":
             if qe or dba or verify or words or within or min_score is not None:
                 raise click.UsageError("--qe, --dba, --verify, --words, --within and --min-score do not apply to a "

@@ -7,7 +7,10 @@ Builds an index of data/samples (11 photos) and adds ``--rows`` rows with random
 FAISS file of that size; searching it is exact), then times fresh processes, interleaved, median of N:
 bare (`import onnxruntime`, load the cached graph, one forward of one 224-px input), `retrieve search
 chelsea.png -k 5` as it runs now (the torch-free path of retrieval/fastpath.py), and the same with
-RETRIEVE_FAST_SEARCH=0 (torch imported, the model built, as before). Saves bench/results/startup-search.md.
+RETRIEVE_FAST_SEARCH=0 (torch and SQLAlchemy imported, the model built, as before the fast path).
+``--before DIR``: also time the same search run from another checkout (``PYTHONPATH=DIR``, e.g. the main
+branch before a change), in the same interleaved rounds. Prints where the time goes in one search
+(``python -X importtime``: the modules that cost most). Saves bench/results/startup-search.md.
 """
 from __future__ import annotations
 
@@ -22,7 +25,6 @@ import time
 from pathlib import Path
 
 import _common
-from startup import timed  # the same wall-clock timer as bench/startup.py
 import numpy as np
 
 BARE = """
@@ -57,6 +59,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--rows", type=int, default=10000)
+    ap.add_argument("--before", metavar="DIR", help="another checkout of retrieve to time beside this one")
     args = ap.parse_args()
     q = str(_common.ROOT / "data" / "samples" / "chelsea.png")
     env = {**os.environ, "PYTHONPATH": str(_common.ROOT)}
@@ -77,8 +80,19 @@ def main() -> None:
         runs = {"bare: import onnxruntime, load the graph, one forward": [sys.executable, "-c", BARE, graph],
                 "retrieve search q.jpg -k 5 (ONNX Runtime alone)": retrieve + ["search", q, "--index", str(idx),
                                                                               "-k", "5", "--json"],
-                "retrieve search q.jpg -k 5, RETRIEVE_FAST_SEARCH=0 (torch, as before)":
+                "retrieve search q.jpg -k 5, RETRIEVE_FAST_SEARCH=0 (torch, SQLAlchemy)":
                     retrieve + ["search", q, "--index", str(idx), "-k", "5", "--json"]}
+        envs = {k: env for k in runs}
+        cwds = {k: str(_common.ROOT) for k in runs}
+        envs["retrieve search q.jpg -k 5, RETRIEVE_FAST_SEARCH=0 (torch, SQLAlchemy)"] = \
+            {**env, "RETRIEVE_FAST_SEARCH": "0"}
+        if args.before:
+            label = f"retrieve search q.jpg -k 5 from {args.before} (before)"
+            runs[label] = retrieve + ["search", q, "--index", str(idx), "-k", "5", "--json"]
+            envs[label] = {**env, "PYTHONPATH": str(Path(args.before).resolve())}
+            cwds[label] = str(Path(args.before).resolve())  # `python -m cli` imports cli.py from its cwd first
+            warm = subprocess.run(runs[label], env=envs[label], capture_output=True, text=True, cwd=cwds[label])
+            assert warm.returncode == 0, warm.stderr
         out = subprocess.run(runs["retrieve search q.jpg -k 5 (ONNX Runtime alone)"], env=env, capture_output=True,
                              text=True, check=True).stdout
         top = json.loads(out.splitlines()[0])["results"][0]["path"]
@@ -86,9 +100,11 @@ def main() -> None:
         loads = []
         for _ in range(args.rounds):
             for k, cmd in runs.items():
-                e = {**env, "RETRIEVE_FAST_SEARCH": "0"} if "FAST_SEARCH=0" in k else env
-                times[k].append(timed(cmd, e))
+                times[k].append(timed_in(cmd, envs[k], cwds[k]))
             loads.append(os.getloadavg()[0])
+        prof = subprocess.run([sys.executable, "-X", "importtime"] + retrieve[1:] + runs[
+            "retrieve search q.jpg -k 5 (ONNX Runtime alone)"][3:], env=env, capture_output=True, text=True)
+        top_imports = _top_level_imports(prof.stderr)
     bare = statistics.median(times[next(iter(runs))])
     rows = [[k, round(statistics.median(v), 2), f"{statistics.median(v) / bare:.2f}"] for k, v in times.items()]
     text = (f"Start-up of `retrieve search` on a {count}-image flat index (11 photos + {args.rows} random unit "
@@ -96,7 +112,29 @@ def main() -> None:
             f"load average {min(loads):.1f}-{max(loads):.1f} (a shared machine: judge by the ratios). Top hit: "
             f"{Path(top).name}.\n\n")
     text += _common.table(["command", "seconds", "vs bare"], rows)
+    text += ("\n\nImports of the ONNX Runtime search (`python -X importtime`, top-level modules over 10 ms, one run; "
+             "numpy and onnxruntime are in the bare start too):\n\n")
+    text += _common.table(["module", "ms"], [[m, round(us / 1000)] for m, us in top_imports if us >= 10000])
     _common.save("startup-search", text)
+
+
+def timed_in(cmd: list[str], env: dict, cwd: str) -> float:
+    """bench/startup.py's wall-clock timer, run in ``cwd``."""
+    t = time.perf_counter()
+    subprocess.run(cmd, check=True, env=env, capture_output=True, cwd=cwd)
+    return time.perf_counter() - t
+
+
+def _top_level_imports(stderr: str) -> list[tuple[str, int]]:
+    """(module, cumulative µs) of the top-level imports in ``python -X importtime`` output, most first."""
+    out = []
+    for line in stderr.splitlines():
+        if not line.startswith("import time:") or "|" not in line:
+            continue
+        _, cum, name = line.split("|")
+        if name.startswith(" ") and not name.startswith("  ") and cum.strip().isdigit():
+            out.append((name.strip(), int(cum)))
+    return sorted(out, key=lambda x: -x[1])
 
 
 if __name__ == "__main__":

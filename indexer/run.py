@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Protocol
 
 import numpy as np
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, insert, select, update
 
 from retrieval.backbone import Backbone
 from retrieval.errors import ImageError, RetrieveError
@@ -258,15 +258,21 @@ def _faces_index(index_dir) -> bool:
 
 
 def _finalise(store: IndexStore, report: IndexReport, refit: bool, bb: Backbone | None = None) -> None:
-    """Head fit, retraining or compaction, μ, and the vector file: one consistent state on disk."""
+    """Head fit, retraining or compaction, μ, and the vector file: one consistent state on disk. A run that
+    changed nothing (indexer/unchanged.py) leaves μ and the vector file as they are."""
+    from .unchanged import record as record_state, unchanged
+
+    rebuilt = True
     if not report.interrupted and (refit or store.head_is_stale()) and store.fit_head():
         store.rebuild_faiss()  # every vector changes with the head
     elif store.needs_retrain():
         store.rebuild_faiss()
     else:
-        store.compact()  # HNSW: one rebuild for the removals of the run, when they have grown too many
-    store.update_mean()
-    store.save_faiss()
+        rebuilt = store.compact()  # HNSW: one rebuild for the removals of the run, when they have grown too many
+    if rebuilt or not unchanged(store):
+        store.update_mean()
+        store.save_faiss()
+        record_state(store)
     if store.settings.search.get("words") and not report.interrupted:  # the visual-word inverted file
         from retrieval.words import update_index
 
@@ -496,22 +502,28 @@ def _embed_and_commit(store: IndexStore, bb: Backbone, batch: list[_Decoded], ro
 
 def _commit_embedded(store: IndexStore, batch: list[_Decoded], vecs: np.ndarray, rows: dict,
                      report: IndexReport) -> None:
-    """Commit ``batch`` with its embeddings ``vecs`` (one transaction; the Ray engine commits through it too)."""
-    replaced = []
+    """Commit ``batch`` with its embeddings ``vecs`` (one transaction; the Ray engine commits through it too).
+
+    In bulk: one DELETE of the rows the batch replaces, one of its paths' skipped records, one multi-row
+    INSERT … RETURNING (SQLAlchemy's "insertmanyvalues": SQLite ≥ 3.35, psycopg 3) -- instead of a round trip
+    per row (bench/results/scale-db.md)."""
     now = time.time()
+    replaced = [rows[d.entry.path].id for d in batch if rows.get(d.entry.path) is not None]
+    paths = [d.entry.path for d in batch]
+    values = [{"path": d.entry.path, "size": d.entry.size, "mtime_ns": d.entry.mtime_ns, "sha256": d.sha256,
+               "width": d.width, "height": d.height, "vector": v.tobytes(), "indexed_at": now}
+              for d, v in zip(batch, vecs)]
+    table = ImageRow.__table__
     with store.session() as s, s.begin():
-        new_rows = []
-        for d, v in zip(batch, vecs):
-            old = rows.get(d.entry.path)
-            if old is not None:
-                s.execute(delete(ImageRow).where(ImageRow.id == old.id))
-                replaced.append(old.id)
-            s.execute(delete(SkippedRow).where(SkippedRow.path == d.entry.path))
-            row = ImageRow(path=d.entry.path, size=d.entry.size, mtime_ns=d.entry.mtime_ns, sha256=d.sha256,
-                           width=d.width, height=d.height, vector=v.tobytes(), indexed_at=now)
-            s.add(row)
-            new_rows.append(row)
-        s.flush()
-        ids = np.array([r.id for r in new_rows], np.int64)
+        for i in range(0, len(replaced), 500):
+            s.execute(delete(ImageRow).where(ImageRow.id.in_(replaced[i:i + 500])))
+        for i in range(0, len(paths), 500):
+            s.execute(delete(SkippedRow).where(SkippedRow.path.in_(paths[i:i + 500])))
+        # RETURNING's row order is not promised (asking for it makes SQLAlchemy insert row by row on SQLite):
+        # each id is matched by its path instead, unique in the batch as in the table (a faces index has its own
+        # indexer, indexer/faces.py)
+        got = dict((p, i) for i, p in s.execute(insert(table).returning(table.c.id, table.c.path), values)) \
+            if values else {}
+        ids = np.array([got[p] for p in paths], np.int64)
     store.apply(replaced, ids, vecs)
     report.indexed += len(batch)

@@ -16,7 +16,6 @@ import hashlib
 import json
 import os
 import threading
-from importlib import metadata
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -35,6 +34,22 @@ def _manifest_path(folder: Path, name: str, weights_id: str) -> Path:
 
 
 def _torch_version() -> str:
+    """torch's ``__version__`` from its ``version.py``, read without importing torch or ``importlib.metadata``
+    (which costs ~50 ms of a search's start-up scanning the installed distributions); the metadata otherwise."""
+    import importlib.util
+    import re
+
+    try:
+        spec = importlib.util.find_spec("torch")
+        if spec is not None and spec.origin:
+            text = Path(spec.origin).with_name("version.py").read_text()
+            m = re.search(r"^__version__\s*(?::\s*str\s*)?=\s*['\"]([^'\"]+)['\"]", text, re.M)
+            if m:
+                return m.group(1)
+    except (OSError, ImportError, ValueError):
+        pass
+    from importlib import metadata
+
     try:
         return metadata.version("torch")
     except metadata.PackageNotFoundError:
@@ -168,18 +183,43 @@ def fast_backbone(settings, full: Callable[[], object]):
         return None
     if str(settings.pooling).partition(":")[0] not in ("gap", "gem"):
         return None
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        return None
     folder = cache_dir() / "onnx"
     try:
         doc = json.loads(_manifest_path(folder, settings.model, settings.weights_id).read_text())
     except (OSError, ValueError):
         return None
-    if not _valid(doc) or not _weights_unchanged(settings):
+    # the weights file is hashed (tens of ms; hashlib lets go of the GIL) while ONNX Runtime is imported
+    weights = _Background(_weights_unchanged, settings)
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        weights.result()
+        return None
+    if not weights.result() or not _valid(doc):
         return None
     return FastBackbone(settings, doc, folder, full)
+
+
+class _Background:
+    """``fn(*args)`` in a thread; :meth:`result` waits for it (and raises what it raised)."""
+
+    def __init__(self, fn, *args):
+        self._out: list = []
+        self._thread = threading.Thread(target=self._run, args=(fn, args), daemon=True)
+        self._thread.start()
+
+    def _run(self, fn, args) -> None:
+        try:
+            self._out.append((True, fn(*args)))
+        except BaseException as e:  # noqa: BLE001  (handed to result())
+            self._out.append((False, e))
+
+    def result(self):
+        self._thread.join()
+        ok, value = self._out[0]
+        if not ok:
+            raise value
+        return value
 
 
 def _weights_unchanged(settings) -> bool:

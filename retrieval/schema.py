@@ -1,17 +1,10 @@
 """The index database's tables (SQLAlchemy ORM) and the settings an index is created with."""
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
-
 from sqlalchemy import BigInteger, Float, Index, Integer, LargeBinary, String, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from .errors import IndexError_
-from .metric import METRICS
-
-SCHEMA_VERSION = 3  # 2: the `arrays` table (linear head); 3: per-face rows (images.face, images.box)
-DB_NAME = "index.db"
+from .settings import DB_NAME, SCHEMA_VERSION, IndexSettings  # noqa: F401  (without SQLAlchemy: retrieval/settings.py)
 
 
 # 64-bit on a database server (mtime_ns needs it; SQLite's INTEGER is 64-bit already, its DDL unchanged)
@@ -70,30 +63,3 @@ class SkippedRow(Base):
     size: Mapped[int] = mapped_column(Int64)
     mtime_ns: Mapped[int] = mapped_column(Int64)
     reason: Mapped[str] = mapped_column(String)
-
-
-@dataclass
-class IndexSettings:
-    """Fixed by the first run and recorded in the database, so search and explain use what indexing used."""
-
-    model: str
-    weights_id: str
-    weights_source: str
-    preprocess: dict
-    metric: str  # "cosine" | "l2"
-    dim: int
-    index_type: str  # "flat" | "hnsw" | "ivfpq" | "custom"
-    faiss_factory: str
-    schema_version: int = SCHEMA_VERSION
-    created_at: float = field(default_factory=time.time)
-    explain: dict = field(default_factory=dict)  # how explanations are made; see default_explain()
-    head: dict = field(default_factory=dict)  # linear head config ({} = none); see retrieval/head.py
-    pooling: str = "gap"  # feature map → embedding; see retrieval/pooling.py
-    search: dict = field(default_factory=dict)  # search defaults of this index, e.g. {"verify": 60}; see PRESETS
-    preset: str = ""  # the --preset it was created with ("" before schema 3 or without one); "faces": per-face rows
-    faces: dict = field(default_factory=dict)  # faces index: detector, threshold (retrieval/presets.py FACES)
-    precision: str = "fp32"  # the fast path's arithmetic, fp32 or int8 (retrieval/precision.py)
-
-    def __post_init__(self) -> None:
-        if self.metric not in METRICS:
-            raise IndexError_(f"unknown metric {self.metric!r} ({' or '.join(METRICS)})")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 
@@ -10,10 +11,10 @@ import numpy as np
 
 from .errors import ImageError
 from .images import load_image
-from .store import IndexStore
 
-if TYPE_CHECKING:  # a cached graph searches without torch (retrieval/fastpath.py)
-    from .backbone import Backbone
+if TYPE_CHECKING:  # a cached graph searches without torch (retrieval/fastpath.py), a plain SQLite index without
+    from .backbone import Backbone  # SQLAlchemy (retrieval/litestore.py)
+    from .store import IndexStore
 
 HNSW_EF_SEARCH = 64  # with efConstruction 200: recall@10 0.998, p50 0.9 ms at 1 M vectors (bench/results)
 IVF_NPROBE = 32  # at least; an eighth of the lists for large indexes
@@ -168,7 +169,8 @@ class Searcher:
         if self.hnsw is not None:
             self.hnsw.efSearch = ef
         params = self._selector.params(ef if self.hnsw is not None else None)
-        scores, ids = self.index.search(q, kk, params=params) if params is not None else self.index.search(q, kk)
+        with _one_thread_for_one_query(len(q)):
+            scores, ids = self.index.search(q, kk, params=params) if params is not None else self.index.search(q, kk)
         rows = self.store.rows_by_ids({int(i) for i in ids.ravel() if i >= 0})
         if self.rerank:
             scores, ids = self._exact_scores(q, ids, rows)
@@ -365,6 +367,24 @@ class _Excluding:
         p.sel = self._not
         self._params = p
         return p
+
+
+@contextmanager
+def _one_thread_for_one_query(nq: int):
+    """FAISS on one OpenMP thread (this thread's setting, restored after) while it answers a single query: its
+    searches divide the work by query, so a second thread has nothing to do, and waking it cost 50-80 ms of a
+    10 k-vector search on this busy 2-core machine against 3-20 ms alone (bench/results/startup-search.md)."""
+    if nq != 1:
+        yield
+        return
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
 
 
 def _within_ids(store: IndexStore, folder: str | os.PathLike) -> np.ndarray:

@@ -33,6 +33,7 @@ from .metric import Metric, metric as metric_named
 from .presets import PRESETS
 from .schema import (DB_NAME, SCHEMA_VERSION, ArrayRow, Base, ImageRow, IndexSettings, SettingRow,
                      SkippedRow)
+from .settings import default_index_dir  # without SQLAlchemy (cli.py, retrieval/litestore.py)
 from .vectors import _fsync_dir
 from .vectors import (FAISS_NAME, HNSW_EF_CONSTRUCTION, INDEX_TYPES, IVF_MAX_LISTS, IVF_MIN_LISTS,
                       IVF_MIN_TRAIN_PER_LIST, IVF_TRAIN_PER_LIST, META_NAME, Vectors, _nlist, clean_temporaries,
@@ -56,15 +57,6 @@ def default_explain(input_size: int) -> dict:
     SFAM with the CIS computed on μ-centred embeddings, at 448 px (twice the 224 default; an index built
     at 448 or more explains at its own size)."""
     return {"method": "sfam", "centre": True, "input_size": max(448, int(input_size))}
-
-
-def default_index_dir() -> Path:
-    """``$RETRIEVE_INDEX``, else the XDG data directory (``~/.local/share/retrieve``)."""
-    env = os.environ.get("RETRIEVE_INDEX")
-    if env:
-        return Path(env).expanduser()
-    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
-    return Path(base) / "retrieve"
 
 
 def index_path(directory: str | os.PathLike) -> Path:

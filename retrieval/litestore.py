@@ -1,0 +1,285 @@
+"""A read-only view of a plain local SQLite index through the standard library's ``sqlite3``: no SQLAlchemy.
+
+Importing SQLAlchemy (and declaring the ORM tables) costs about 0.45 s of a ``retrieve search`` that
+otherwise needs ONNX Runtime, FAISS and one forward pass (bench/results/startup-search.md). For the common
+case -- an SQLite index in its directory, opened to answer queries -- :func:`open_for_search` returns a
+:class:`LiteStore` that offers what :class:`retrieval.search.Searcher` asks of an
+:class:`~retrieval.store.IndexStore` (settings, the reconciled FAISS index, rows by id or path, vectors),
+with the same SQL and the same arithmetic, so the answers are identical.
+
+Anything out of the ordinary -- a ``--db`` or a recorded database server, a missing or unreadable database,
+settings that do not read cleanly, an older or newer schema, an index type this module does not know -- and
+it returns None: the caller then opens the full :class:`~retrieval.store.IndexStore`, which gives the
+answer, or the error, in its own words. ``RETRIEVE_FAST_SEARCH=0`` turns it off with the torch-free backbone.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+
+from .metric import Metric, metric as metric_named
+from .settings import DB_NAME, SCHEMA_VERSION, IndexSettings
+from .vectors import FAISS_NAME, INDEX_TYPES, Vectors, factory_for
+
+# The index types whose vector file this module reads as retrieval/vectors.py writes it; any other
+# (a user's FAISS factory, or a layout added later) goes through the full store.
+KNOWN_TYPES = ("flat", "hnsw", "ivfpq")
+_ROW_COLUMNS = ("id", "path", "size", "mtime_ns", "sha256", "width", "height", "vector", "indexed_at")
+
+
+class LiteRow:
+    """One image row, with the attributes of :class:`retrieval.schema.ImageRow` a search reads."""
+
+    __slots__ = _ROW_COLUMNS
+
+    def __init__(self, values: Sequence):
+        for k, v in zip(_ROW_COLUMNS, values):
+            setattr(self, k, v)
+
+
+def enabled() -> bool:
+    return os.environ.get("RETRIEVE_FAST_SEARCH", "1").strip() not in ("0", "false", "no", "off")
+
+
+def open_for_search(directory: str | os.PathLike) -> "LiteStore | None":
+    """A :class:`LiteStore` on ``directory`` when it is a plain local SQLite index that reads cleanly, else None."""
+    if not enabled():
+        return None
+    from . import database
+
+    if database.requested() is not None:  # --db / $RETRIEVE_DB: the full store checks and uses it
+        return None
+    p = Path(directory).expanduser()
+    try:
+        if not p.is_dir() or (p / database.RECORD_NAME).exists() or not (p / DB_NAME).is_file():
+            return None
+        p = p.resolve()
+    except OSError:
+        return None
+    store = None
+    try:
+        store = LiteStore(p)
+        if store._read_settings():
+            return store
+    except Exception:  # noqa: BLE001  (sqlite3.Error, a setting that does not parse: the full store words it)
+        pass
+    if store is not None:
+        store.close()
+    return None
+
+
+def open_search_store(directory: str | os.PathLike, *, plain: bool = True, verify: int | None = None,
+                      words: int | None = None):
+    """The store ``retrieve search`` reads: a :class:`LiteStore` when the search is ``plain`` (no explanations,
+    no ``--within``, no face) and neither verification nor visual words apply (asked for, or the index's
+    defaults), else the full :class:`~retrieval.store.IndexStore` (which imports SQLAlchemy)."""
+    if plain:
+        lite = open_for_search(directory)
+        if lite is not None:
+            st = lite.settings
+            v = verify if verify is not None else int(st.search.get("verify", 0))
+            w = words if words is not None else int(st.search.get("words", 0))
+            if st.preset != "faces" and not v and not w:
+                return lite
+            lite.close()
+    from .store import IndexStore
+
+    return IndexStore.open(directory)
+
+
+class LiteStore:
+    """See the module docstring. Read-only: it never writes the database or the vector file."""
+
+    server = False
+    writable = False
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+        self.db_url = f"sqlite:///{self.directory / DB_NAME}"
+        self._conn = None
+        self._conn = sqlite3.connect(str(self.directory / DB_NAME))
+        _pragmas(self._conn)
+        self._settings: IndexSettings | None = None
+        self._vectors = Vectors(self)
+
+    # -- opening --------------------------------------------------------------------------------
+    def _read_settings(self) -> bool:
+        rows = self._conn.execute("SELECT key, value FROM settings").fetchall()
+        if not rows:
+            return False
+        raw = {k: json.loads(v) for k, v in rows}
+        if raw.get("schema_version", 0) != SCHEMA_VERSION:
+            return False
+        known = {k: raw[k] for k in IndexSettings.__dataclass_fields__ if k in raw}
+        settings = IndexSettings(**known)
+        if settings.index_type not in KNOWN_TYPES or not (self.directory / FAISS_NAME).is_file():
+            return False
+        self._settings = settings
+        return True
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def __enter__(self) -> "LiteStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def where(self) -> str:
+        return str(self.directory / DB_NAME)
+
+    # -- settings (as IndexStore) ------------------------------------------------------------------
+    @property
+    def settings(self) -> IndexSettings:
+        return self._settings
+
+    @property
+    def metric(self) -> Metric:
+        return metric_named(self.settings.metric)
+
+    def get_value(self, key: str, default=None):
+        row = self._conn.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
+        return json.loads(row[0]) if row else default
+
+    @property
+    def mean(self) -> np.ndarray:
+        v = self.get_value("mean")
+        return np.asarray(v, np.float32) if v is not None else np.zeros(self.settings.dim, np.float32)
+
+    # -- rows (the same queries as IndexStore) ------------------------------------------------------
+    def count(self) -> int:
+        return self._conn.execute("SELECT count(*) FROM images").fetchone()[0] or 0
+
+    def row_ids(self) -> np.ndarray:
+        rows = self._conn.execute("SELECT id FROM images").fetchall()
+        return np.array(rows, np.int64).reshape(len(rows))
+
+    def rows_by_ids(self, ids: Iterable[int]) -> dict[int, LiteRow]:
+        ids = [int(i) for i in ids]
+        out: dict[int, LiteRow] = {}
+        cols = ", ".join(_ROW_COLUMNS)
+        for chunk in _chunks(ids, 500):
+            sql = f"SELECT {cols} FROM images WHERE id IN ({', '.join('?' * len(chunk))})"
+            for r in self._conn.execute(sql, chunk):
+                out[r[0]] = LiteRow(r)
+        return out
+
+    def row_by_path(self, path: str) -> LiteRow | None:
+        rows = self._conn.execute(f"SELECT {', '.join(_ROW_COLUMNS)} FROM images WHERE path = ?", (path,)).fetchall()
+        if len(rows) > 1:  # as scalar_one_or_none() (a faces index has a row per face; it never comes here)
+            from .errors import IndexError_
+
+            raise IndexError_(f"{self.where}: several rows for {path}")
+        return LiteRow(rows[0]) if rows else None
+
+    def iter_vectors(self, chunk: int = 2048) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        dim = self.settings.dim
+        last = -1
+        while True:
+            rows = self._conn.execute("SELECT id, vector FROM images WHERE id > ? ORDER BY id LIMIT ?",
+                                      (last, chunk)).fetchall()
+            if not rows:
+                return
+            ids = np.fromiter((r[0] for r in rows), np.int64, len(rows))
+            vecs = np.frombuffer(b"".join(r[1] for r in rows), np.float32).reshape(len(rows), dim)
+            last = int(ids[-1])
+            yield ids, vecs
+
+    def vectors_of(self, ids: Sequence[int], chunk: int = 1000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        ids = [int(i) for i in ids]
+        for part in _chunks(ids, chunk):
+            rows = self._conn.execute(f"SELECT id, vector FROM images WHERE id IN ({', '.join('?' * len(part))})",
+                                      part).fetchall()
+            if rows:
+                yield (np.array([r[0] for r in rows], np.int64),
+                       np.frombuffer(b"".join(r[1] for r in rows), np.float32).reshape(len(rows), -1))
+
+    def training_sample(self, m: int) -> np.ndarray:
+        rows = [r[0] for r in self._conn.execute("SELECT vector FROM images ORDER BY random() LIMIT ?", (m,))]
+        if not rows:
+            return np.zeros((0, self.settings.dim), np.float32)
+        return np.frombuffer(b"".join(rows), np.float32).reshape(len(rows), self.settings.dim)
+
+    # -- linear head and vector space (as IndexStore) --------------------------------------------------
+    @property
+    def head(self):
+        if not hasattr(self, "_head"):
+            self._head = None
+            if self.settings.head:
+                from .head import LinearHead
+
+                arrays = self._arrays(["head_mean", "head_proj"])
+                if len(arrays) == 2:
+                    self._head = LinearHead(arrays["head_mean"], arrays["head_proj"],
+                                            int(self.get_value("head_fitted_on", 0)))
+        return self._head
+
+    @property
+    def head_id(self) -> str:
+        import hashlib
+
+        h = self.head
+        if h is None:
+            return "none"
+        d = hashlib.sha256(np.ascontiguousarray(h.mean, np.float64).tobytes())
+        d.update(np.ascontiguousarray(h.proj, np.float64).tobytes())
+        return d.hexdigest()[:16]
+
+    def _arrays(self, names: list[str]) -> dict[str, np.ndarray]:
+        out = {}
+        try:
+            sql = f"SELECT name, shape, data FROM arrays WHERE name IN ({', '.join('?' * len(names))})"
+            for name, shape, data in self._conn.execute(sql, names):
+                out[name] = np.frombuffer(data, np.float64).reshape(json.loads(shape))
+        except sqlite3.OperationalError:
+            pass  # no arrays table
+        return out
+
+    @property
+    def vector_dim(self) -> int:
+        return self.head.dim if self.head is not None else self.settings.dim
+
+    def space(self) -> dict:
+        return {"head": self.head_id, "metric": self.settings.metric, "dim": self.vector_dim}
+
+    def transform(self, vecs: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(vecs, dtype=np.float32)
+        if self.head is not None:
+            x = self.head.apply(x)
+        return self.metric.normalise(x)
+
+    def factory(self, n: int) -> str:
+        st = self.settings
+        return factory_for(st.index_type, self.vector_dim, n) if st.index_type in INDEX_TYPES else st.faiss_factory
+
+    # -- vectors: reconciled with the rows in memory, as the full store does for a reader ----------------
+    def faiss_index(self):
+        return self._vectors.get()
+
+    def removed_ids(self) -> np.ndarray:
+        self._vectors.get()
+        return self._vectors.removed
+
+
+def _chunks(seq: Sequence, n: int) -> Iterator[Sequence]:
+    for i in range(0, len(seq), n):
+        yield seq[i:i + n]
+
+
+def _pragmas(conn: sqlite3.Connection) -> None:
+    """What retrieval/store.py sets on each SQLite connection."""
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")
+    except Exception:  # noqa: BLE001
+        pass  # read-only directory: plain rollback journal reads still work
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("PRAGMA busy_timeout=10000")

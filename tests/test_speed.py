@@ -1,0 +1,198 @@
+"""Issue 16's leftovers: `retrieve search` reads a plain SQLite index without SQLAlchemy (retrieval/litestore.py)
+with the same answers and the same errors; the indexer commits rows in bulk; an unchanged run leaves the
+vector file and the mean alone."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from clitools import ROOT, run_process
+
+
+@pytest.fixture(scope="module")
+def small_index(photo_dir, tmp_path_factory):
+    src = tmp_path_factory.mktemp("spphotos")
+    for name in ("chelsea.jpg", "coffee.png", "astronaut.jpg", "rocket.png"):
+        shutil.copy(photo_dir / name, src / name)
+    shutil.copy(photo_dir / "more" / "cat_crop.jpg", src / "cat_crop.jpg")
+    idx = tmp_path_factory.mktemp("sp") / "idx"
+    r = run_process("index", src, "--index", idx, "--json", timeout=1200)
+    assert r.returncode == 0, r.stderr
+    return src, idx
+
+
+def test_lite_store_answers_as_the_full_store(small_index):
+    """Same settings, rows, vector file and search results (plain, --qe, --dba) through sqlite3 as through
+    SQLAlchemy."""
+    from retrieval.litestore import LiteStore, open_for_search
+    from retrieval.search import Searcher
+    from retrieval.store import IndexStore
+
+    src, idx = small_index
+    lite = open_for_search(idx)
+    assert isinstance(lite, LiteStore)
+    with lite, IndexStore.open(idx) as full:
+        assert dataclasses.asdict(lite.settings) == dataclasses.asdict(full.settings)
+        assert sorted(lite.row_ids()) == sorted(full.row_ids()) and lite.count() == full.count() == 5
+        assert np.array_equal(lite.mean, full.mean) and lite.space() == full.space()
+        ids = [int(i) for i in full.row_ids()]
+        a, b = lite.rows_by_ids(ids), full.rows_by_ids(ids)
+        cols = ("id", "path", "size", "mtime_ns", "sha256", "width", "height", "vector", "indexed_at")
+        assert {i: [getattr(r, c) for c in cols] for i, r in a.items()} == \
+               {i: [getattr(r, c) for c in cols] for i, r in b.items()}
+        path = str(src / "coffee.png")
+        assert lite.row_by_path(path).id == full.row_by_path(path).id and lite.row_by_path("/nope") is None
+        raw = np.stack([np.frombuffer(b[i].vector, np.float32) for i in ids])
+        for opts in ({}, {"qe": 2}):
+            got = Searcher(lite, None).search_vectors(raw, 3, **opts)
+            want = Searcher(full, None).search_vectors(raw, 3, **opts)
+            assert [[h.to_dict() for h in hs] for hs in got] == [[h.to_dict() for h in hs] for hs in want]
+        got = Searcher(lite, None, dba=2).search_vectors(raw, 3)
+        want = Searcher(full, None, dba=2).search_vectors(raw, 3)
+        assert [[h.to_dict() for h in hs] for hs in got] == [[h.to_dict() for h in hs] for hs in want]
+
+
+WATCH = ("import sys, atexit\n"
+         "atexit.register(lambda: print('sqlalchemy' in sys.modules, 'torch' in sys.modules, file=sys.stderr))\n"
+         "import cli\ncli.main(sys.argv[1:], prog_name='retrieve')\n")
+
+
+def _search(*args, **env):
+    return subprocess.run([sys.executable, "-c", WATCH, "search", *map(str, args)], capture_output=True, text=True,
+                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **env}, timeout=600)
+
+
+def test_search_without_sqlalchemy_same_output(small_index):
+    """`retrieve search` imports neither SQLAlchemy nor torch on a plain index with a cached graph, and answers
+    as the full path does (RETRIEVE_FAST_SEARCH=0: SQLAlchemy and torch)."""
+    src, idx = small_index
+    fast = _search(src / "chelsea.jpg", src / "rocket.png", "--index", idx, "-k", "3", "--json")
+    assert fast.returncode == 0, fast.stderr
+    assert fast.stderr.strip().splitlines()[-1] == "False False", fast.stderr
+    full = _search(src / "chelsea.jpg", src / "rocket.png", "--index", idx, "-k", "3", "--json",
+                   RETRIEVE_FAST_SEARCH="0")
+    assert full.returncode == 0, full.stderr
+    assert full.stderr.strip().splitlines()[-1] == "True True", full.stderr
+    a = [json.loads(x) for x in fast.stdout.splitlines()]
+    b = [json.loads(x) for x in full.stdout.splitlines()]
+    assert [[(h["rank"], h["id"], h["path"]) for h in q["results"]] for q in a] == \
+           [[(h["rank"], h["id"], h["path"]) for h in q["results"]] for q in b]
+    assert a[0]["results"][0]["path"].endswith("cat_crop.jpg")
+    for qa, qb in zip(a, b):  # ONNX Runtime vs eager torch embeddings: equal to float rounding
+        assert np.allclose([h["score"] for h in qa["results"]], [h["score"] for h in qb["results"]], atol=1e-4)
+
+
+def test_unusual_indexes_take_the_full_path_with_its_errors(small_index, tmp_path):
+    """A damaged database or a database server's record: no lite store, and the error is the full store's."""
+    from retrieval.litestore import open_for_search
+
+    src, idx = small_index
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "index.db").write_bytes(b"not a database at all" * 100)
+    assert open_for_search(bad) is None
+    fast = _search(src / "chelsea.jpg", "--index", bad)
+    full = _search(src / "chelsea.jpg", "--index", bad, RETRIEVE_FAST_SEARCH="0")
+    assert fast.returncode == full.returncode != 0
+    assert fast.stderr.splitlines()[:-1] == full.stderr.splitlines()[:-1] and "index.db" in fast.stderr
+    served = tmp_path / "served"
+    served.mkdir()
+    shutil.copy(idx / "index.db", served / "index.db")
+    (served / "database.json").write_text(json.dumps({"url": "postgresql+psycopg://u@127.0.0.1:1/x"}))
+    assert open_for_search(served) is None
+    assert open_for_search(tmp_path / "missing") is None
+
+
+def test_unchanged_run_leaves_vector_file_and_mean(small_index, lite0, tmp_path, monkeypatch):
+    """An unchanged re-run neither recomputes μ nor rewrites the vector file; a run that adds a photo does both."""
+    from indexer import index_paths
+    from retrieval.store import IndexStore
+
+    src, idx = small_index
+    own = tmp_path / "idx"
+    shutil.copytree(idx, own)  # the same rows (paths under src), a private vector file
+    calls = []
+    real = IndexStore.update_mean
+    monkeypatch.setattr(IndexStore, "update_mean", lambda self: calls.append(1) or real(self))
+    index_paths([src], own, backbone=lite0)  # records what the vector file holds (first run of this code)
+    before = os.stat(own / "vectors.faiss")
+    with IndexStore.open(own) as store:
+        mean = store.mean
+    calls.clear()
+    report = index_paths([src], own, backbone=lite0)
+    after = os.stat(own / "vectors.faiss")
+    assert report.unchanged == 5 and report.indexed == report.removed == 0
+    assert not calls, "an unchanged run recomputed the mean"
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns), "vector file rewritten"
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    shutil.copy(src / "chelsea.jpg", extra / "chelsea_again.jpg")  # a copy: a new row, same vector
+    os.utime(src / "coffee.png")  # touched: unchanged content, the row's mtime follows
+    report = index_paths([src, extra], own, backbone=lite0)
+    assert report.indexed == 1 and calls, "a run that added a row kept the old mean"
+    assert os.stat(own / "vectors.faiss").st_ino != after.st_ino
+    with IndexStore.open(own) as store:
+        assert store.count() == 6 and store.faiss_index().ntotal == 6
+        assert not np.array_equal(store.mean, mean)
+        v = np.concatenate([v for _, v in store.iter_vectors()]).astype(np.float64).mean(0)
+        assert np.allclose(store.mean, v, atol=1e-6)
+
+
+def test_commit_is_bulk_and_keeps_ids(tmp_path):
+    """_commit_embedded: a few statements per batch (not one per row), each row with its own vector and the ids
+    handed to FAISS in the batch's order; a replaced row goes, a skipped record of the path goes."""
+    from sqlalchemy import event, select
+
+    from indexer.run import IndexReport, _commit_embedded, _Decoded
+    from retrieval.scan import FileEntry
+    from retrieval.store import ImageRow, IndexSettings, IndexStore, SkippedRow
+
+    st = IndexSettings(model="m", weights_id="w", weights_source="", preprocess={}, metric="cosine", dim=4,
+                       index_type="flat", faiss_factory="Flat")
+    with IndexStore.create(tmp_path / "idx", st) as store:
+        with store.session() as s, s.begin():
+            s.add(ImageRow(path="/p/3.jpg", size=1, mtime_ns=1, sha256="old", width=1, height=1,
+                           vector=np.zeros(4, np.float32).tobytes(), indexed_at=0.0))
+            s.add(SkippedRow(path="/p/5.jpg", size=1, mtime_ns=1, reason="broken"))
+        old = store.row_by_path("/p/3.jpg")
+        applied = []
+        store.apply = lambda removed=(), ids=(), raw=None: applied.append((list(removed), list(ids), raw))
+        batch = [_Decoded(FileEntry(f"/p/{i}.jpg", 10 + i, 20 + i), f"{i:064x}", 30 + i, 40 + i) for i in range(40)]
+        vecs = np.arange(160, dtype=np.float32).reshape(40, 4)
+        statements = []
+        event.listen(store.engine, "before_cursor_execute", lambda *a: statements.append(a[2]))
+        report = IndexReport()
+        _commit_embedded(store, batch, vecs, {"/p/3.jpg": old}, report)
+        assert report.indexed == 40
+        assert len(statements) <= 4, statements  # was 2 per row (a DELETE of the skipped record, an INSERT)
+        (removed, ids, raw), = applied
+        assert removed == [old.id] and raw is vecs and len(set(ids)) == 40
+        rows = store.rows_by_ids(ids)
+        for i, rid in enumerate(ids):
+            r = rows[rid]
+            assert (r.path, r.size, r.mtime_ns, r.width, r.height) == (f"/p/{i}.jpg", 10 + i, 20 + i, 30 + i, 40 + i)
+            assert np.array_equal(np.frombuffer(r.vector, np.float32), vecs[i])
+        with store.session() as s:
+            assert s.scalar(select(SkippedRow).where(SkippedRow.path == "/p/5.jpg")) is None
+        assert store.count() == 40
+
+
+def test_one_query_searches_on_one_faiss_thread():
+    """A single query runs FAISS on one OpenMP thread; the setting is restored afterwards."""
+    import faiss
+
+    from retrieval.search import _one_thread_for_one_query
+
+    n = faiss.omp_get_max_threads()
+    with _one_thread_for_one_query(1):
+        assert faiss.omp_get_max_threads() == 1
+    assert faiss.omp_get_max_threads() == n
+    with _one_thread_for_one_query(3):
+        assert faiss.omp_get_max_threads() == n
