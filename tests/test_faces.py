@@ -232,3 +232,60 @@ def test_missing_extra_is_one_line(monkeypatch):
     monkeypatch.setitem(sys.modules, "dlib", None)
     with pytest.raises(RetrieveError, match=r"pip install -e '\.\[faces\]'"):
         need_dlib()
+
+
+def test_chip_map_puts_cells_where_the_network_has_them():
+    """The face ResNet pads none of its strided layers: the 8×8 cells sit at 15 + 16·l on the 150 px chip (not
+    spread evenly over it), nothing lies beyond half a stride from the outer cells, and a one-cell map peaks
+    on its cell's centre."""
+    from explain.faces import chip_map
+
+    m = chip_map(np.ones((8, 8)))
+    assert m.shape == (150, 150)
+    assert np.allclose(m[7:136, 7:136], 1) and m[:7].max() == 0 and m[136:].max() == 0 and m[:, :7].max() == 0
+    for l, c in ((1, 6), (3, 5), (6, 2)):
+        raw = np.zeros((8, 8))
+        raw[l, c] = 1
+        yy, xx = np.unravel_index(np.argmax(chip_map(raw)), (150, 150))
+        assert (yy, xx) == (15 + 16 * l, 15 + 16 * c)
+    assert chip_map(np.ones((5, 5))) is None  # another grid: the caller keeps its own upsampling
+
+
+def test_explain_pair_on_a_faces_index(faces_index, face_photos, tmp_path):
+    """retrieve explain A B --index FACES: the distance `search A` gives B's face, dlib's verdict, SFAM maps
+    carried back onto both photos inside the face boxes."""
+    idx, _, _ = faces_index
+    s = json.loads(run_process("search", face_photos / "astronaut.png", "--index", idx, "-k", "10", "--json").stdout)
+    hit = next(h for h in s["results"] if h["path"].endswith("group.png") and h["face"] == 1)
+    out = tmp_path / "pair"
+    r = run_process("explain", face_photos / "astronaut.png", face_photos / "group.png", "--face-b", "1",
+                    "--index", idx, "--out", out, "--json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["face_a"] == 0 and d["face_b"] == 1 and d["faces_in_b"] == 3 and d["box_b"] == hit["box"]
+    assert abs(d["distance"] - hit["distance"]) < 1e-4 and d["same_person"]
+    assert d["verdict"] == f"same person (distance {d['distance']:.2f} < 0.6)" == hit["verdict"]
+    assert abs(d["cis_sum"] - d["cis_target"]) < 1e-6
+    for side, name in (("a", "astronaut.png"), ("b", "group.png")):
+        m = np.load(d["files"][f"{side}_map"])
+        photo = Image.open(face_photos / name)
+        assert m.shape == (photo.height, photo.width)
+        x0, y0, x1, y1 = d[f"box_{side}"]
+        yy, xx = np.unravel_index(np.argmax(m), m.shape)
+        assert x0 <= xx < x1 and y0 <= yy < y1 and d["energy_in_box"][side] > 0.6
+    assert "same person (distance" in (out / "report.html").read_text()
+    text = run("explain", face_photos / "astronaut.png", face_photos / "group.png", "--index", idx, "--out",
+               tmp_path / "t").stdout
+    assert "same person (distance" in text and "face 0 of 3" in text
+
+
+def test_explain_pair_photo_without_face(faces_index, face_photos, tmp_path):
+    idx, _, _ = faces_index
+    r = run_process("explain", face_photos / "coffee.png", face_photos / "astronaut.png", "--index", idx,
+                    "--out", tmp_path / "x")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and "coffee.png: no face found" in lines[0]
+    r = run_process("explain", face_photos / "astronaut.png", face_photos / "group.png", "--face-b", "5",
+                    "--index", idx, "--out", tmp_path / "y")
+    assert r.returncode != 0 and "--face-b 5:" in r.stderr and "has 3 faces" in r.stderr
