@@ -549,6 +549,7 @@ def explain_cmd(ctx, a, b, index_dir, model, weights, metric, method, input_size
     Examples:
       retrieve explain a.jpg b.jpg
       retrieve explain a.jpg b.jpg --index ~/my-index --verify
+      retrieve explain a.jpg group.jpg --index ~/faces-index --face-b 2   # a faces index: face against face
     """
     from explain.methods import make_explainer
     from explain.run import default_out_dir, explain_pair, index_explainer

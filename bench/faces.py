@@ -1,6 +1,6 @@
 """Faces: the face preset (detect, align, dlib's face ResNet through the port) against the general preset.
 
-Three measurements, side by side in one run (bench/results/faces.md):
+Side by side in one run (bench/results/faces.md):
 
 1. ORL (../shared/data/att_faces, 40 people × 10): leave-one-out retrieval, R@1 and mAP over photos. A photo
    in which no face is found is a miss as a query and absent from the gallery (counted in the table).
@@ -8,11 +8,16 @@ Three measurements, side by side in one run (bench/results/faces.md):
    choice of settings) pasted 1–4 per photo at random scale (face 92–200 px wide) and position into real
    photos (Caltech-101 backgrounds). Query: one other ORL photo of a person; task: "find every photo with
    this person". The face preset ranks a photo by its nearest face; the general preset by the whole photo.
-3. Where the maps fall: for each query's top same-person group photo, the share of the map's mass inside the
-   true face box (in the group photo's own pixels, after the inverse alignment), SFAM against Grad-CAM on
-   the same model and chips. And the indexing speed with HOG detection (faces/s, whole pipeline).
+3. Real photos (``--real DIR``: deepface's ``tests/unit/dataset``, MIT licence, public figures in varied pose,
+   light and resolution; ``git clone https://github.com/serengil/deepface``): identities from its labelled
+   pairs, leave-one-out over the labelled photos, its two group photos as distractors.
+4. Where the maps fall: for each query's best-ranked photo of the same person, the share of the map's mass
+   in the detector's face box (and, on group photos, in the pasted face photo), in the result photo's own
+   pixels after the inverse alignment, and on the eyes/nose/mouth region from the 5 landmarks: SFAM against
+   the project's Grad-CAM and pytorch-grad-cam's five methods (the bench extra) on the same network, chips
+   and L2 similarity. And the indexing speed with HOG detection (faces/s, whole pipeline).
 
-    python bench/faces.py [--groups 60] [--seed 0]
+    python bench/faces.py [--groups 60] [--seed 0] [--real deepface/tests/unit/dataset] [--sets orl,groups,real]
 """
 from __future__ import annotations
 
@@ -334,12 +339,16 @@ class _L2Target:
         return -((model_output - self.concept) ** 2).sum()
 
 
-def peer_chip_maps(gc, bb, pairs, layer: str, batch: int = 8) -> dict[str, list[np.ndarray]]:
+def peer_chip_maps(gc, bb, pairs, layer: str, batch: int = 8, placed: dict | None = None) -> dict[str, list[np.ndarray]]:
     """pytorch-grad-cam's five methods on the same ported dlib ResNet (bench/explain_eval.py's wrapper: one
     forward and one backward pass fill all five CAM objects' hooks), the target the L2 similarity to the
     query's descriptor; ``layer``: "final" (the 2×2 map whose average is the descriptor) or a module of the
-    network (e.g. ``net.units.9``, SFAM's finer layer). Maps over the result chips, 150×150."""
+    network (e.g. ``net.units.9``, SFAM's finer layer). Maps over the result chips, 150×150, resized by the
+    package; ``placed``, when given, receives each method's same map (ReLU, min–max as the package does) put
+    on the chip with each cell at its place (explain/faces.py ``chip_map``) instead."""
     import torch
+
+    from explain.faces import chip_map
     from explain_eval import PEERS, _Embedding
 
     model = _Embedding(bb).eval()
@@ -360,6 +369,13 @@ def peer_chip_maps(gc, bb, pairs, layer: str, batch: int = 8) -> dict[str, list[
             sum(t(o) for t, o in zip(targets, outputs)).backward()
             for name, cam in cams.items():
                 out[name] += list(cam.aggregate_multi_layers(cam.compute_cam_per_layer(x, targets, False)))
+                if placed is not None:  # the package's own map on the cell grid, each cell at its place
+                    acts = cam.activations_and_grads.activations[0].cpu().numpy()
+                    grads = cam.activations_and_grads.gradients[0].cpu().numpy()
+                    raw = np.maximum(cam.get_cam_image(x, target, targets, acts, grads, False), 0)
+                    for r in raw:
+                        r = r - r.min()
+                        placed.setdefault(name, []).append(chip_map(r / max(r.max(), 1e-7)))
     finally:
         for cam in cams.values():
             cam.activations_and_grads.release()
@@ -379,6 +395,10 @@ def localisation(pairs, face_bb, mu, gc, progress) -> list[list]:
     sfam.map_max_side = None
     old = SFAM(face_bb, metric="l2", mu=mu, tap=TAP)
     old.map_max_side, old.cell_geometry = None, False
+    x = face_bb.preprocess.batch([Image.fromarray(f.chip) for _, qf, _, rf, _ in pairs for f in (qf, rf)])
+    mu_tap = face_bb.features_and_tap(x, TAP)[1].double().mean((2, 3)).mean(0).numpy()
+    centred = SFAM(face_bb, metric="l2", mu=mu, tap=TAP, mu_tap=mu_tap)  # the tap centred on these chips' mean
+    centred.map_max_side = None
     gcam = make_explainer("gradcam", face_bb, metric="l2", mu=mu)
     gcam.map_max_side = None
     gcam_old = make_explainer("gradcam", face_bb, metric="l2", mu=mu)
@@ -394,23 +414,34 @@ def localisation(pairs, face_bb, mu, gc, progress) -> list[list]:
     sizes = []
     labels = {"sfam": "SFAM (the default map; cells at their place on the chip)",
               "sfam_old": "SFAM, cells spread evenly over the chip (before)",
+              "sfam_centred": "SFAM, cells at their place, 8×8 layer centred on the chips' mean (μ_tap)",
               "gradcam": "Grad-CAM (explain/methods.py; cells at their place)",
               "gradcam_old": "Grad-CAM (explain/methods.py; spread evenly, before)"}
     for k, (qp, qf, rp, rf, _) in enumerate(pairs):
         qimg, rimg = photo(qp), photo(rp)
         sizes.append((rimg.height, rimg.width))
-        for name, ex in (("sfam", sfam), ("sfam_old", old), ("gradcam", gcam), ("gradcam_old", gcam_old)):
+        for name, ex in (("sfam", sfam), ("sfam_old", old), ("sfam_centred", centred), ("gradcam", gcam),
+                         ("gradcam_old", gcam_old)):
             p = explain_pair(ex, qimg, qf, rimg, rf)
             chip_maps.setdefault(name, []).append(p["result_chip_map"])
         progress(f"maps {k + 1}/{len(pairs)}")
     if gc is not None:
+        placed: dict = {}
         for layer, what in (("final", "final 2×2 layer"), (TAP, "SFAM's 8×8 layer")):
-            for name, maps in peer_chip_maps(gc, face_bb, pairs, layer).items():
+            for name, maps in peer_chip_maps(gc, face_bb, pairs, layer,
+                                             placed=placed if layer == TAP else None).items():
                 key = f"peer {name} {layer}"
-                labels[key] = f"pytorch-grad-cam {name} ({what}, L2 target)"
+                labels[key] = f"pytorch-grad-cam {name} ({what}, L2 target; resized by the package)"
                 chip_maps[key] = maps
+        for name, maps in placed.items():
+            labels[f"placed {name}"] = f"pytorch-grad-cam {name} (SFAM's 8×8 layer, L2 target; cells at their place)"
+            chip_maps[f"placed {name}"] = maps
+    from explain.faces import chip_map
+
     chip_maps["uniform"] = [np.ones((150, 150), np.float32)] * len(pairs)
     labels["uniform"] = "uniform over the chip (baseline)"
+    chip_maps["uniform cells"] = [chip_map(np.ones((8, 8)))] * len(pairs)
+    labels["uniform cells"] = "uniform over the 8×8 cells' footprint on the chip (baseline)"
     rows = []
     for key, maps in chip_maps.items():
         box, true, parts = [], [], []

@@ -53,13 +53,16 @@ def _cell_weights(n: int, size: int) -> np.ndarray:
 
 def chip_map(raw: np.ndarray, size: int = CHIP_SIZE) -> np.ndarray | None:
     """A raw map of the face ResNet (8×8 at ``TAP`` or the final 2×2) on ``size``×``size`` chip pixels, each
-    cell at its place on the chip (``CELLS``); None for a grid of another shape."""
+    cell at its place on the chip (``CELLS``), max-normalised to [0, 1] like explain.methods.upsample; None
+    for a grid of another shape."""
     raw = np.asarray(raw, np.float64)
     n = raw.shape[0]
     if raw.ndim != 2 or raw.shape != (n, n) or n not in CELLS:
         return None
     w = _cell_weights(n, size)
-    return (w @ raw @ w.T).astype(np.float32)
+    m = np.clip(w @ raw @ w.T, 0, None)
+    top = m.max()
+    return (m / top if top > 0 else m).astype(np.float32)
 
 
 def face_explainer(searcher: FaceSearcher, method: str | None = None):
