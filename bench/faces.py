@@ -397,7 +397,8 @@ def localisation(pairs, face_bb, mu, gc, progress) -> list[list]:
     old.map_max_side, old.cell_geometry = None, False
     x = face_bb.preprocess.batch([Image.fromarray(f.chip) for _, qf, _, rf, _ in pairs for f in (qf, rf)])
     mu_tap = face_bb.features_and_tap(x, TAP)[1].double().mean((2, 3)).mean(0).numpy()
-    centred = SFAM(face_bb, metric="l2", mu=mu, tap=TAP, mu_tap=mu_tap)  # the tap centred on these chips' mean
+    # the default: the tap centred on μ_tap (the index keeps it over up to 128 indexed faces; here: these chips)
+    centred = SFAM(face_bb, metric="l2", mu=mu, tap=TAP, mu_tap=mu_tap)
     centred.map_max_side = None
     gcam = make_explainer("gradcam", face_bb, metric="l2", mu=mu)
     gcam.map_max_side = None
@@ -412,9 +413,9 @@ def localisation(pairs, face_bb, mu, gc, progress) -> list[list]:
 
     chip_maps: dict[str, list] = {}
     sizes = []
-    labels = {"sfam": "SFAM (the default map; cells at their place on the chip)",
-              "sfam_old": "SFAM, cells spread evenly over the chip (before)",
-              "sfam_centred": "SFAM, cells at their place, 8×8 layer centred on the chips' mean (μ_tap)",
+    labels = {"sfam": "SFAM, cells at their place, 8×8 layer uncentred",
+              "sfam_old": "SFAM, cells spread evenly, uncentred (before)",
+              "sfam_centred": "SFAM, the default map: cells at their place, 8×8 layer centred on μ_tap",
               "gradcam": "Grad-CAM (explain/methods.py; cells at their place)",
               "gradcam_old": "Grad-CAM (explain/methods.py; spread evenly, before)"}
     for k, (qp, qf, rp, rf, _) in enumerate(pairs):
@@ -566,7 +567,9 @@ def main() -> None:
     text += ("\"Cells at their place\": the face ResNet pads none of its strided layers, so the cells of its "
              "8×8 (and 2×2) maps sit on a grid of stride 16 (64) starting 15 (53) px into the chip, not spread "
              "evenly over the 150 px (explain/faces.py `CELLS`); the maps are resampled that way before they are "
-             "carried onto the photo. Mass outside the box is on the chip's margin (hair, ears, chin): the chip "
+             "carried onto the photo. μ_tap: the mean of the 8×8 layer's spatially averaged map, which SFAM "
+             "centres that layer on (as the general preset centres its stride-16 layer); an index stores it over up "
+             "to 128 of its faces, here it is the mean over the measured pairs' chips. Mass outside the box is on the chip's margin (hair, ears, chin): the chip "
              "reaches 25 % beyond the landmarks on each side (dlib's padding), never elsewhere in the photo.\n\n")
     if g or o:
         text += "## Indexing speed (HOG)\n\n"

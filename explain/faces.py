@@ -21,7 +21,7 @@ from retrieval.faces import Face, warp_to_photo
 from .methods import SFAM
 from .render import REPORT_CSS, _heat_uri, _jpeg_uri, _legend_css, overlay
 
-TAP = "net.units.9"  # 128 channels, 8×8 on a chip: the finer layer SFAM's default map fuses with the last one
+from retrieval.dlib_face import TAP, stored_tap_mean  # noqa: E402  (TAP: 8×8 on a chip, fused with the last map)
 
 #: Where the cells of the face ResNet's maps sit on the 150×150 chip, by grid side: (centre of cell 0, stride)
 #: in chip pixels. The network pads none of its strided layers (7×7/2 and 3×3/2 convolutions, 3×3/2 max
@@ -66,13 +66,14 @@ def chip_map(raw: np.ndarray, size: int = CHIP_SIZE) -> np.ndarray | None:
 
 
 def face_explainer(searcher: FaceSearcher, method: str | None = None):
-    """SFAM (the default map: final layer × finer layer × correspondence gate) or any other method of
-    explain/methods.py, on chips, for the index's L2 metric, CIS relative to the collection's mean face."""
+    """SFAM (the default map: final layer × finer layer centred on the collection's μ_tap × correspondence
+    gate) or any other method of explain/methods.py, on chips, for the index's L2 metric, CIS relative to the
+    collection's mean face."""
     from .methods import make_explainer
 
     mu = searcher.store.mean if searcher.store.count() else None
-    if method in (None, "sfam"):
-        ex = SFAM(searcher.backbone, metric="l2", mu=mu, tap=TAP)
+    if method in (None, "sfam"):  # the 8×8 layer centred on the collection's μ_tap (stored by the indexer)
+        ex = SFAM(searcher.backbone, metric="l2", mu=mu, tap=TAP, mu_tap=stored_tap_mean(searcher.store))
     else:
         ex = make_explainer(method, searcher.backbone, metric="l2", mu=mu)
     ex.map_max_side = None  # chip-sized maps (150×150)

@@ -139,6 +139,9 @@ def test_preset_recorded_in_index(faces_index):
         st = store.settings
         assert st.preset == "faces" and st.metric == "l2" and st.model == "dlib_face_resnet"
         assert st.faces == {"detector": "hog", "upsample": 1, "threshold": 0.6} and st.schema_version == 3
+        ref = store.get_value("faces_explain_reference")  # SFAM's μ_tap: the 8×8 layer's mean over the faces
+        assert ref["tap"] == "net.units.9" and ref["sampled"] == ref["images"] == store.count()
+        assert len(ref["mean_tap"]) == 128 and min(ref["mean_tap"]) >= 0  # after a ReLU
     assert json.loads(run("info", "--index", idx, "--json").stdout)["preset"] == "faces"
 
 
@@ -171,7 +174,8 @@ def test_search_by_face_with_maps_on_the_faces(faces_index, face_photos, tmp_pat
         photo = Image.open(h["path"])
         assert m.shape == (photo.height, photo.width)
         yy, xx = np.unravel_index(np.argmax(m), m.shape)
-        assert x0 <= xx < x1 and y0 <= yy < y1  # the peak on the face
+        g = (x1 - x0) // 8  # the peak on the face: the detector's tight box, brows and temples at its edge
+        assert x0 - g <= xx < x1 + g and y0 - g <= yy < y1 + g
         assert e["energy_in_box"]["result"] > 0.5 and e["energy_in_box"]["query"] > 0.5
         assert abs(e["cis_sum"] - e["cis_target"]) < 1e-6  # SFAM's decomposition is exact for this model
     qm = np.load(out / same[0]["explanation"]["files"]["query_map"])
@@ -272,7 +276,8 @@ def test_explain_pair_on_a_faces_index(faces_index, face_photos, tmp_path):
         assert m.shape == (photo.height, photo.width)
         x0, y0, x1, y1 = d[f"box_{side}"]
         yy, xx = np.unravel_index(np.argmax(m), m.shape)
-        assert x0 <= xx < x1 and y0 <= yy < y1 and d["energy_in_box"][side] > 0.6
+        g = (x1 - x0) // 8
+        assert x0 - g <= xx < x1 + g and y0 - g <= yy < y1 + g and d["energy_in_box"][side] > 0.8
     assert "same person (distance" in (out / "report.html").read_text()
     text = run("explain", face_photos / "astronaut.png", face_photos / "group.png", "--index", idx, "--out",
                tmp_path / "t").stdout
