@@ -481,6 +481,8 @@ def main() -> None:
     if "real" in sets and args.real is None:
         print(REAL_HINT)
         sets.discard("real")
+    if not sets:
+        return
     from retrieval.dlib_face import load_backbone
     from retrieval.faces import FaceFinder
 
