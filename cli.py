@@ -536,11 +536,15 @@ def _explain_meta(store, explainer) -> dict:
               help="Output directory [default: ./retrieve-explain-<A>-<time>].")
 @click.option("--verify", is_flag=True, help="Also match SIFT points under one homography; draw the inliers.")
 @click.option("--full-maps", is_flag=True, help="Save the .npy maps at each photo's full size [default: long side ≤ 1024 px].")
+@click.option("--face-a", type=click.IntRange(0), default=None, metavar="N",
+              help="Faces index (--preset faces): which face of A to explain, 0 = the largest [default: 0].")
+@click.option("--face-b", type=click.IntRange(0), default=None, metavar="N",
+              help="Faces index: which face of B [default: 0, the largest].")
 @trust_option
 @json_option
 @click.pass_context
 def explain_cmd(ctx, a, b, index_dir, model, weights, metric, method, input_size, out_dir, verify, full_maps,
-                as_json) -> None:
+                as_json, face_a=None, face_b=None) -> None:
     """Audit one pair: how similar A and B are, where that stands, and which regions made them similar.
 
     With --index the score is the one `retrieve search A` gives B in that index, and the maps explain the
@@ -550,6 +554,7 @@ def explain_cmd(ctx, a, b, index_dir, model, weights, metric, method, input_size
     Examples:
       retrieve explain a.jpg b.jpg
       retrieve explain a.jpg b.jpg --index ~/my-index --verify
+      retrieve explain a.jpg group.jpg --index ~/faces-index --face-b 2   # a faces index: face against face
     """
     from explain.methods import make_explainer
     from explain.run import default_out_dir, explain_pair, index_explainer
@@ -562,6 +567,10 @@ def explain_cmd(ctx, a, b, index_dir, model, weights, metric, method, input_size
         load_image(p)  # a clear one-line error before any model is loaded
     if index_dir and (model or metric or weights):
         raise click.UsageError("give --index or --model/--metric/--weights, not both")
+    if index_dir and _explain_faces(a, b, index_dir, face_a, face_b, method, input_size, out_dir, verify, as_json):
+        return
+    if face_a is not None or face_b is not None:
+        raise click.UsageError("--face-a/--face-b go with a faces index (--index DIR built with --preset faces)")
     search = calibration = None
     if index_dir:
         from retrieval.calibration import for_search
@@ -601,6 +610,40 @@ def explain_cmd(ctx, a, b, index_dir, model, weights, metric, method, input_size
         click.echo(f"  region pair {c['rank']}: query {_box(c['query_box'])} ↔ result {_box(c['result_box'])}  "
                    f"{c['share']:6.1%} of the evidence for the match")
     click.echo(f"report: {doc['files']['report']}")
+
+
+def _explain_faces(a, b, index_dir, face_a, face_b, method, input_size, out_dir, verify, as_json) -> bool:
+    """``retrieve explain A B --index FACES`` (explain/faces.py explain_face_pair); False when the index is not
+    a faces index (the general explain goes on)."""
+    from explain.run import default_out_dir
+    from retrieval.store import IndexStore
+
+    with IndexStore.open(_index_dir(index_dir)) as store:
+        if store.settings.preset != "faces":
+            return False
+        for given, opt in ((input_size, "--input-size"), (verify, "--verify")):
+            if given:
+                raise click.UsageError(f"{opt} does not apply to a faces index (the maps live on 150×150 aligned chips)")
+        if method not in (None, "sfam", "gradcam"):
+            raise click.UsageError(f"--method {method}: a faces index explains with sfam or gradcam")
+        from explain.faces import explain_face_pair
+        from retrieval.face_search import FaceSearcher
+        from retrieval.service import backbone_for_settings
+
+        searcher = FaceSearcher(store, backbone_for_settings(store.settings))
+        doc = explain_face_pair(searcher, a, b, Path(out_dir) if out_dir else default_out_dir(a), face_a, face_b,
+                                method)
+    if as_json:
+        click.echo(json.dumps(doc))
+        return True
+    click.echo(f"A: {a} (face {doc['face_a']} of {doc['faces_in_a']}, box {','.join(map(str, doc['box_a']))})")
+    click.echo(f"B: {b} (face {doc['face_b']} of {doc['faces_in_b']}, box {','.join(map(str, doc['box_b']))})")
+    click.echo(doc["verdict"])
+    cis = f"; Σ CIS {doc['cis_sum']:.4f} = {doc['cis_target']:.4f}" if doc["cis_sum"] is not None else ""
+    click.echo(f"explained: {doc['explained']}{cis}; share of the map inside the face box: "
+               f"A {doc['energy_in_box']['a']:.0%}, B {doc['energy_in_box']['b']:.0%}")
+    click.echo(f"report: {doc['files']['report']}")
+    return True
 
 
 def _box(b) -> str:

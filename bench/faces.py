@@ -1,6 +1,6 @@
 """Faces: the face preset (detect, align, dlib's face ResNet through the port) against the general preset.
 
-Three measurements, side by side in one run (bench/results/faces.md):
+Side by side in one run (bench/results/faces.md):
 
 1. ORL (../shared/data/att_faces, 40 people × 10): leave-one-out retrieval, R@1 and mAP over photos. A photo
    in which no face is found is a miss as a query and absent from the gallery (counted in the table).
@@ -8,11 +8,16 @@ Three measurements, side by side in one run (bench/results/faces.md):
    choice of settings) pasted 1–4 per photo at random scale (face 92–200 px wide) and position into real
    photos (Caltech-101 backgrounds). Query: one other ORL photo of a person; task: "find every photo with
    this person". The face preset ranks a photo by its nearest face; the general preset by the whole photo.
-3. Where the maps fall: for each query's top same-person group photo, the share of the map's mass inside the
-   true face box (in the group photo's own pixels, after the inverse alignment), SFAM against Grad-CAM on
-   the same model and chips. And the indexing speed with HOG detection (faces/s, whole pipeline).
+3. Real photos (``--real DIR``: deepface's ``tests/unit/dataset``, MIT licence, public figures in varied pose,
+   light and resolution; ``git clone https://github.com/serengil/deepface``): identities from its labelled
+   pairs, leave-one-out over the labelled photos, its two group photos as distractors.
+4. Where the maps fall: for each query's best-ranked photo of the same person, the share of the map's mass
+   in the detector's face box (and, on group photos, in the pasted face photo), in the result photo's own
+   pixels after the inverse alignment, and on the eyes/nose/mouth region from the 5 landmarks: SFAM against
+   the project's Grad-CAM and pytorch-grad-cam's five methods (the bench extra) on the same network, chips
+   and L2 similarity. And the indexing speed with HOG detection (faces/s, whole pipeline).
 
-    python bench/faces.py [--groups 60] [--seed 0]
+    python bench/faces.py [--groups 60] [--seed 0] [--real deepface/tests/unit/dataset] [--sets orl,groups,real]
 """
 from __future__ import annotations
 
@@ -138,8 +143,6 @@ def make_groups(orl_root: Path, bg_root: Path, n: int, rng: random.Random, out: 
 
 
 def groups(orl_root, bg_root, n, seed, finder, face_bb, gen_bb, progress, work: Path) -> dict:
-    from explain.faces import TAP, energy_in_box, explain_pair
-    from explain.methods import SFAM, make_explainer
     from retrieval.face_search import _iou
 
     photos, queries = make_groups(orl_root, bg_root, n, random.Random(seed), work)
@@ -179,12 +182,7 @@ def groups(orl_root, bg_root, n, seed, finder, face_bb, gen_bb, progress, work: 
     gen_m = ranks_metrics(gd_rows, rels)
     chance = float(np.mean([r.mean() for r in rels]))
     # where the maps fall: each query's best same-person photo (true face box of that person)
-    mu = np.mean(np.concatenate([v for _, _, v in gallery if len(v)]), 0)
-    sfam = SFAM(face_bb, metric="l2", mu=mu, tap=TAP)
-    sfam.map_max_side = None
-    gcam = make_explainer("gradcam", face_bb, metric="l2", mu=mu)
-    gcam.map_max_side = None
-    energies = {"sfam": [], "gradcam": [], "sfam_det": [], "gradcam_det": []}
+    pairs = []
     for (pid, _), info, rel, d in zip(queries, qinfo, rels, fd_rows):
         if info is None:
             continue
@@ -195,17 +193,268 @@ def groups(orl_root, bg_root, n, seed, finder, face_bb, gen_bb, progress, work: 
             img, faces, vecs = gallery[gi]
             box = next(b for p, b in photos[gi][1] if p == pid)
             cand = [f for f in faces if _iou(f.box, box) > 0.3]
-            if not cand:
-                break
-            rface = cand[0]
-            for name, ex in (("sfam", sfam), ("gradcam", gcam)):
-                p = explain_pair(ex, qimg, qface, img, rface)
-                energies[name].append(energy_in_box(p["result_photo_map"], box))
-                energies[name + "_det"].append(energy_in_box(p["result_photo_map"], rface.box))
+            if cand:
+                pairs.append((qimg, qface, img, cand[0], box))
             break
+    mu = np.mean(np.concatenate([v for _, _, v in gallery if len(v)]), 0)
     return {"photos": len(photos), "true_faces": true_faces, "found": found, "detected": n_faces,
             "index_s": index_s, "index_cpu": index_cpu, "faces": face_m, "general": gen_m, "chance": chance, "queries": len(queries),
-            "energy": {k: (float(np.mean(v)) if v else float("nan"), len(v)) for k, v in energies.items()}}
+            "pairs": pairs, "mu": mu}
+
+
+# -- a real varied face set: deepface's test photos ---------------------------------------------------
+REAL_HINT = ("skip: the real face set row needs deepface's test photos (MIT licence): "
+             "git clone https://github.com/serengil/deepface and pass --real deepface/tests/unit/dataset")
+LABEL_FILES = ("master.csv", "face-recognition-pivot.csv")  # pairs of photos, "Yes" = the same person
+DISTRACTORS = ("couple.jpg", "selfie-many-people.jpg")  # unlabelled group photos: in the gallery, never relevant
+
+
+def real_identities(root: Path) -> tuple[dict[str, int], list[str], dict]:
+    """({photo: identity}, distractors, notes) of deepface's tests/unit/dataset: identities are the connected
+    components of the pairs marked "Yes" in its label files; a "No" pair inside a component is an error."""
+    import csv
+
+    pairs = []
+    for name in LABEL_FILES:
+        if (root / name).is_file():
+            with open(root / name, newline="") as fh:
+                for r in csv.DictReader(fh):
+                    d = (r.get("Decision") or r.get("decision") or "").strip()
+                    pairs.append((Path(r["file_x"]).name, Path(r["file_y"]).name, d, name))
+    if not pairs:
+        raise SystemExit(f"{root}: no master.csv of labelled pairs (is it deepface's tests/unit/dataset?)")
+    parent: dict[str, str] = {}
+
+    def find(x: str) -> str:
+        parent.setdefault(x, x)
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for a, b, d, _ in pairs:
+        find(a), find(b)
+        if d == "Yes":
+            parent[find(a)] = find(b)
+    clash = [(a, b) for a, b, d, _ in pairs if d == "No" and find(a) == find(b)]
+    if clash:
+        raise SystemExit(f"{root}: 'No' pairs inside one identity, e.g. {clash[:3]}")
+    roots = sorted({find(x) for x in parent})
+    ident = {x: roots.index(find(x)) for x in sorted(parent) if (root / x).is_file()}
+    distractors = [d for d in DISTRACTORS if (root / d).is_file() and d not in ident]
+    unlabelled = sorted(p.name for p in root.glob("*.jpg") if p.name not in ident and p.name not in distractors)
+    counts = {name: sum(1 for *_, n in pairs if n == name) for name in LABEL_FILES}
+    return ident, distractors, {"pairs": counts, "yes": sum(1 for _, _, d, _ in pairs if d == "Yes"),
+                                "no": sum(1 for _, _, d, _ in pairs if d == "No"), "unlabelled": unlabelled}
+
+
+def real(root: Path, finder, face_bb, gen_bb, progress) -> dict:
+    """Leave-one-out over the labelled photos whose identity has ≥ 2 photos; the gallery is every other photo
+    (labelled ones and the group-photo distractors). Face preset: the query photo's largest face against each
+    photo's nearest face; general preset: whole photos, cosine."""
+    from retrieval.images import load_image
+
+    ident, distractors, notes = real_identities(root)
+    files = sorted(ident) + distractors
+    labels = np.array([ident.get(f, -1) for f in files])
+    sizes = np.bincount(labels[labels >= 0])
+    faces, vecs, gvecs, dims = [], [], [], []
+    face_s = gen_s = 0.0
+    for k, f in enumerate(files):
+        img = load_image(str(root / f)).convert("RGB")
+        dims.append(img.size)
+        t0 = time.perf_counter()
+        fs = finder.faces(np.asarray(img))
+        vecs.append(face_bb.embed_images([Image.fromarray(x.chip) for x in fs]) if fs else np.zeros((0, 128)))
+        face_s += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        gvecs.append(gen_bb.embed_images([img])[0])
+        gen_s += time.perf_counter() - t0
+        faces.append(fs)
+        progress(f"real faces {k + 1}/{len(files)}")
+    gd = cosine_dist(np.array(gvecs), np.array(gvecs))
+    queries = [q for q in range(len(files)) if labels[q] >= 0 and sizes[labels[q]] >= 2]
+    fd_rows, gd_rows, rels, pairs = [], [], [], []
+    for q in queries:
+        mask = np.arange(len(files)) != q
+        rel = (labels == labels[q])[mask]
+        rels.append(rel)
+        gd_rows.append(gd[q][mask])
+        if not faces[q]:
+            fd_rows.append(None)
+            continue
+        qv = vecs[q][0]
+        d = np.array([np.linalg.norm(v - qv, axis=1).min() if len(v) else np.inf for v in vecs])
+        fd_rows.append(d[mask])
+        # the pair whose maps are measured: the best-ranked photo of the same person, its nearest face
+        others = [g for g in np.argsort(d, kind="stable") if g != q and labels[g] == labels[q] and len(vecs[g])]
+        if others:
+            g = others[0]
+            pairs.append((root / files[q], faces[q][0], root / files[g],
+                          faces[g][int(np.argmin(np.linalg.norm(vecs[g] - qv, axis=1)))], None))
+    return {"files": len(files), "identities": int((sizes > 0).sum()), "labelled": len(ident),
+            "distractors": distractors, "queries": len(queries), "sizes": (int(sizes[sizes > 0].min()),
+                                                                         int(sizes.max())),
+            "no_face": sum(1 for f in faces if not f), "faces": sum(len(f) for f in faces),
+            "multi": sum(1 for f in faces if len(f) > 1), "notes": notes,
+            "min_side": min(min(d) for d in dims), "max_side": max(max(d) for d in dims),
+            "chance": float(np.mean([r.mean() for r in rels])), "face_s": face_s, "gen_s": gen_s,
+            "faces_m": ranks_metrics(fd_rows, rels), "general": ranks_metrics(gd_rows, rels), "pairs": pairs}
+
+
+# -- where the maps fall: face box, eyes/nose/mouth ------------------------------------------------------
+def parts_rect(face) -> tuple[float, float, float, float]:
+    """The eyes/nose/mouth region in the aligned chip's pixels (eyes level there), from the 5 landmarks (four
+    eye corners, the base of the nose): across the outer eye corners, from half the eye-to-nose distance ``d``
+    above the eyes' line (the brows) to ``d`` below the base of the nose (the mouth; not the chin)."""
+    from retrieval.faces import invert
+
+    inv = invert(face.to_photo)
+    p = (inv @ np.c_[face.landmarks, np.ones(len(face.landmarks))].T).T
+    eyes, nose = p[:4], p[4]
+    ye = eyes[:, 1].mean()
+    d = nose[1] - ye
+    return float(eyes[:, 0].min()), float(ye - 0.5 * d), float(eyes[:, 0].max()), float(nose[1] + d)
+
+
+def energy_in_rect(heat: np.ndarray, rect) -> float:
+    """Share of a map's mass on the pixels whose centres lie inside ``rect`` (x0, y0, x1, y1, fractional)."""
+    h = np.clip(np.asarray(heat, np.float64), 0, None)
+    total = h.sum()
+    if total <= 0:
+        return 0.0
+    x0, y0, x1, y1 = rect
+    ys, xs = np.arange(h.shape[0]), np.arange(h.shape[1])
+    return float(h[np.ix_((ys >= y0) & (ys <= y1), (xs >= x0) & (xs <= x1))].sum() / total)
+
+
+class _L2Target:
+    """pytorch-grad-cam target for an L2 face model: −‖descriptor − the query's‖², the similarity the index
+    ranks by (what explain/methods.py's Grad-CAM differentiates too)."""
+
+    def __init__(self, concept):
+        self.concept = concept
+
+    def __call__(self, model_output):
+        return -((model_output - self.concept) ** 2).sum()
+
+
+def peer_chip_maps(gc, bb, pairs, layer: str, batch: int = 8, placed: dict | None = None) -> dict[str, list[np.ndarray]]:
+    """pytorch-grad-cam's five methods on the same ported dlib ResNet (bench/explain_eval.py's wrapper: one
+    forward and one backward pass fill all five CAM objects' hooks), the target the L2 similarity to the
+    query's descriptor; ``layer``: "final" (the 2×2 map whose average is the descriptor) or a module of the
+    network (e.g. ``net.units.9``, SFAM's finer layer). Maps over the result chips, 150×150, resized by the
+    package; ``placed``, when given, receives each method's same map (ReLU, min–max as the package does) put
+    on the chip with each cell at its place (explain/faces.py ``chip_map``) instead."""
+    import torch
+
+    from explain.faces import chip_map
+    from explain_eval import PEERS, _Embedding
+
+    model = _Embedding(bb).eval()
+    target = model.features if layer == "final" else model.features.get_submodule(layer)
+    cams = {name: getattr(gc, name)(model=model, target_layers=[target]) for name in PEERS}
+    out: dict[str, list] = {name: [] for name in PEERS}
+    pre = bb.preprocess
+    try:
+        for i in range(0, len(pairs), batch):
+            part = pairs[i:i + batch]
+            with torch.no_grad():
+                concepts = model(pre.batch([Image.fromarray(q.chip) for _, q, _, _, _ in part]))
+            x = pre.batch([Image.fromarray(r.chip) for _, _, _, r, _ in part]).requires_grad_(True)
+            targets = [_L2Target(c) for c in concepts]
+            for cam in cams.values():
+                cam.activations_and_grads.gradients, cam.activations_and_grads.activations = [], []
+            outputs = model(x)
+            sum(t(o) for t, o in zip(targets, outputs)).backward()
+            for name, cam in cams.items():
+                out[name] += list(cam.aggregate_multi_layers(cam.compute_cam_per_layer(x, targets, False)))
+                if placed is not None:  # the package's own map on the cell grid, each cell at its place
+                    acts = cam.activations_and_grads.activations[0].cpu().numpy()
+                    grads = cam.activations_and_grads.gradients[0].cpu().numpy()
+                    raw = np.maximum(cam.get_cam_image(x, target, targets, acts, grads, False), 0)
+                    for r in raw:
+                        r = r - r.min()
+                        placed.setdefault(name, []).append(chip_map(r / max(r.max(), 1e-7)))
+    finally:
+        for cam in cams.values():
+            cam.activations_and_grads.release()
+    return out
+
+
+def localisation(pairs, face_bb, mu, gc, progress) -> list[list]:
+    """Rows (method, face box share, pasted-photo share or "-", eyes/nose/mouth share, pairs) for ``pairs``
+    of (query photo, query face, result photo, result face, true box or None). Shares of the result's map:
+    on the result photo's pixels for the boxes (the chip map carried back through the alignment), on the
+    chip for the eyes/nose/mouth region (``parts_rect``)."""
+    from explain.faces import TAP, energy_in_box, explain_pair
+    from explain.methods import SFAM, make_explainer
+    from retrieval.faces import warp_to_photo
+
+    sfam = SFAM(face_bb, metric="l2", mu=mu, tap=TAP)
+    sfam.map_max_side = None
+    old = SFAM(face_bb, metric="l2", mu=mu, tap=TAP)
+    old.map_max_side, old.cell_geometry = None, False
+    x = face_bb.preprocess.batch([Image.fromarray(f.chip) for _, qf, _, rf, _ in pairs for f in (qf, rf)])
+    mu_tap = face_bb.features_and_tap(x, TAP)[1].double().mean((2, 3)).mean(0).numpy()
+    # the default: the tap centred on μ_tap (the index keeps it over up to 128 indexed faces; here: these chips)
+    centred = SFAM(face_bb, metric="l2", mu=mu, tap=TAP, mu_tap=mu_tap)
+    centred.map_max_side = None
+    gcam = make_explainer("gradcam", face_bb, metric="l2", mu=mu)
+    gcam.map_max_side = None
+    gcam_old = make_explainer("gradcam", face_bb, metric="l2", mu=mu)
+    gcam_old.map_max_side, gcam_old.cell_geometry = None, False
+    def photo(p):
+        if not isinstance(p, (str, Path)):
+            return p
+        from retrieval.images import load_image
+
+        return load_image(str(p)).convert("RGB")
+
+    chip_maps: dict[str, list] = {}
+    sizes = []
+    labels = {"sfam": "SFAM, cells at their place, 8×8 layer uncentred",
+              "sfam_old": "SFAM, cells spread evenly, uncentred (before)",
+              "sfam_centred": "SFAM, the default map: cells at their place, 8×8 layer centred on μ_tap",
+              "gradcam": "Grad-CAM (explain/methods.py; cells at their place)",
+              "gradcam_old": "Grad-CAM (explain/methods.py; spread evenly, before)"}
+    for k, (qp, qf, rp, rf, _) in enumerate(pairs):
+        qimg, rimg = photo(qp), photo(rp)
+        sizes.append((rimg.height, rimg.width))
+        for name, ex in (("sfam", sfam), ("sfam_old", old), ("sfam_centred", centred), ("gradcam", gcam),
+                         ("gradcam_old", gcam_old)):
+            p = explain_pair(ex, qimg, qf, rimg, rf)
+            chip_maps.setdefault(name, []).append(p["result_chip_map"])
+        progress(f"maps {k + 1}/{len(pairs)}")
+    if gc is not None:
+        placed: dict = {}
+        for layer, what in (("final", "final 2×2 layer"), (TAP, "SFAM's 8×8 layer")):
+            for name, maps in peer_chip_maps(gc, face_bb, pairs, layer,
+                                             placed=placed if layer == TAP else None).items():
+                key = f"peer {name} {layer}"
+                labels[key] = f"pytorch-grad-cam {name} ({what}, L2 target; resized by the package)"
+                chip_maps[key] = maps
+        for name, maps in placed.items():
+            labels[f"placed {name}"] = f"pytorch-grad-cam {name} (SFAM's 8×8 layer, L2 target; cells at their place)"
+            chip_maps[f"placed {name}"] = maps
+    from explain.faces import chip_map
+
+    chip_maps["uniform"] = [np.ones((150, 150), np.float32)] * len(pairs)
+    labels["uniform"] = "uniform over the chip (baseline)"
+    chip_maps["uniform cells"] = [chip_map(np.ones((8, 8)))] * len(pairs)
+    labels["uniform cells"] = "uniform over the 8×8 cells' footprint on the chip (baseline)"
+    rows = []
+    for key, maps in chip_maps.items():
+        box, true, parts = [], [], []
+        for m, (_, _, _, rf, tb), hw in zip(maps, pairs, sizes):
+            pm = warp_to_photo(np.asarray(m, np.float32), rf.to_photo, hw)
+            box.append(energy_in_box(pm, rf.box))
+            if tb is not None:
+                true.append(energy_in_box(pm, tb))
+            parts.append(energy_in_rect(m, parts_rect(rf)))
+        rows.append([labels[key], f"{np.mean(box):.3f}", f"{np.mean(true):.3f}" if true else "-",
+                     f"{np.mean(parts):.3f}", len(maps)])
+    return rows
 
 
 def main() -> None:
@@ -213,18 +462,31 @@ def main() -> None:
     ap.add_argument("--groups", type=int, default=60)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--real", type=Path, default=None, metavar="DIR",
+                    help="deepface's tests/unit/dataset (git clone https://github.com/serengil/deepface): the real "
+                         "varied face set row")
+    ap.add_argument("--sets", default="orl,groups,real",
+                    help="which sets to run (comma-separated; anything short of all three saves faces-partial.md)")
     args = ap.parse_args()
     import tempfile
 
     import torch
 
     torch.set_num_threads(args.threads)
+    sets = {x.strip() for x in args.sets.split(",") if x.strip()}
     orl_root = _common.shared_dataset("att_faces")
     bg_root = _common.shared_dataset("caltech101")
     if orl_root is None or bg_root is None:
         return
+    if "real" in sets and args.real is None:
+        print(REAL_HINT)
+        sets.discard("real")
+    if not sets:
+        return
     from retrieval.dlib_face import load_backbone
     from retrieval.faces import FaceFinder
+
+    from explain_eval import grad_cam_package
 
     tty = sys.stderr.isatty()
 
@@ -234,50 +496,101 @@ def main() -> None:
 
     finder = FaceFinder("hog")
     face_bb, gen_bb = load_backbone(), general_backbone()
+    gc = grad_cam_package()
     load0 = os.getloadavg()
-    o = orl(orl_root, finder, face_bb, gen_bb, progress)
+    o = orl(orl_root, finder, face_bb, gen_bb, progress) if "orl" in sets else None
+    g = rl = None
+    loc_g = loc_r = None
     with tempfile.TemporaryDirectory() as tmp:
-        g = groups(orl_root, bg_root, args.groups, args.seed, finder, face_bb, gen_bb, progress, Path(tmp))
+        if "groups" in sets:
+            g = groups(orl_root, bg_root, args.groups, args.seed, finder, face_bb, gen_bb, progress, Path(tmp))
+            loc_g = localisation(g["pairs"], face_bb, g["mu"], gc, progress)
+    if "real" in sets:
+        rl = real(args.real, finder, face_bb, gen_bb, progress)
+        mu = np.mean([f for f in face_bb.embed_images([Image.fromarray(p[1].chip) for p in rl["pairs"]])], 0)
+        loc_r = localisation(rl["pairs"], face_bb, mu, gc, progress)
     load1 = os.getloadavg()
     if tty:
         print(file=sys.stderr)
-    rows = [
-        ["ORL (40 people × 10, leave-one-out)", f"{o['faces'][0]:.4f}", f"{o['general'][0]:.4f}",
-         f"{o['faces'][1]:.4f}", f"{o['general'][1]:.4f}", f"{o['no_face']} of {o['n']} photos without a face found"],
-        [f"group photos ({g['photos']} photos, {g['true_faces']} faces of 10 held-out people; {g['queries']} queries)",
-         f"{g['faces'][0]:.4f}", f"{g['general'][0]:.4f}", f"{g['faces'][1]:.4f}", f"{g['general'][1]:.4f}",
-         f"chance (share of relevant photos) {g['chance']:.3f}; {g['found']}/{g['true_faces']} pasted faces detected"],
-    ]
+    rows = []
+    if o:
+        rows.append(["ORL (40 people × 10, leave-one-out)", f"{o['faces'][0]:.4f}", f"{o['general'][0]:.4f}",
+                     f"{o['faces'][1]:.4f}", f"{o['general'][1]:.4f}",
+                     f"{o['no_face']} of {o['n']} photos without a face found"])
+    if g:
+        rows.append([f"group photos ({g['photos']} photos, {g['true_faces']} faces of 10 held-out people; "
+                     f"{g['queries']} queries)", f"{g['faces'][0]:.4f}", f"{g['general'][0]:.4f}",
+                     f"{g['faces'][1]:.4f}", f"{g['general'][1]:.4f}",
+                     f"chance (share of relevant photos) {g['chance']:.3f}; {g['found']}/{g['true_faces']} pasted "
+                     "faces detected"])
+    if rl:
+        rows.append([f"real photos: deepface's test set ({rl['labelled']} photos of {rl['identities']} public "
+                     f"figures, {rl['sizes'][0]}–{rl['sizes'][1]} each, + {len(rl['distractors'])} group photos "
+                     f"as distractors; {rl['queries']} queries, leave-one-out)",
+                     f"{rl['faces_m'][0]:.4f}", f"{rl['general'][0]:.4f}", f"{rl['faces_m'][1]:.4f}",
+                     f"{rl['general'][1]:.4f}",
+                     f"chance {rl['chance']:.3f}; {rl['no_face']} photos without a face found, {rl['multi']} with "
+                     f"several ({rl['faces']} faces); photos {rl['min_side']}–{rl['max_side']} px"])
+    cmd = f"python bench/faces.py --groups {args.groups} --seed {args.seed}" + (
+        " --real DIR" if args.real else "") + (f" --sets {args.sets}" if sets != {"orl", "groups", "real"} else "")
     text = ("# Faces: the face preset against the general preset\n\n"
-            f"`python bench/faces.py --groups {args.groups} --seed {args.seed}` · torch threads {args.threads} · "
+            f"`{cmd}` · torch threads {args.threads} · "
             f"load average {load0[0]:.1f} → {load1[0]:.1f} (2 cores, shared machine)\n\n"
             "Face preset: dlib HOG detection (+1 upsampling step below 320 px, the CNN detector where HOG finds "
             "nothing in such a small photo), 5-point alignment, dlib's face "
             "ResNet through the PyTorch port, L2; a photo ranks by its nearest face. General preset: "
             "efficientnet_lite0, 224 px squashed, GAP, cosine, the whole photo.\n\n")
     text += _common.table(["set", "R@1 faces", "R@1 general", "mAP faces", "mAP general", "notes"], rows)
-    e = g["energy"]
-    text += ("\n\n## Where the maps fall (group photos)\n\nShare of the map's mass inside the true face box of the "
-             "person in the result photo (its own pixels, after the inverse alignment), for each query's best-ranked "
-             "photo of that person; same model, same chips, same L2 similarity:\n\n")
-    text += _common.table(["method", "mass in the pasted face photo (92×112 frame, scaled)",
-                           "mass in the detector's face box (tighter)", "pairs"],
-                          [["SFAM (the default map)", f"{e['sfam'][0]:.3f}", f"{e['sfam_det'][0]:.3f}", e["sfam"][1]],
-                           ["Grad-CAM (explain/methods.py)", f"{e['gradcam'][0]:.3f}", f"{e['gradcam_det'][0]:.3f}",
-                            e["gradcam"][1]]])
-    text += ("\n\nThe maps live on the aligned chip, which reaches 25 % beyond the landmarks on each side (dlib's "
-             "padding) and so beyond the detector's box: mass outside the box is on the chip's margin (hair, ears, "
-             "chin), never elsewhere in the photo.\n\n## Indexing speed (HOG)\n\n")
-    text += _common.table(["what", "value"], [
-        ["group photos: detect + align + embed", f"{g['detected'] / g['index_s']:.1f} faces/s "
-         f"({g['detected']} faces in {g['photos']} photos, {g['index_s']:.1f} s)"],
-        ["group photos: CPU time (all threads) per face", f"{g['index_cpu'] / max(g['detected'], 1) * 1000:.0f} ms "
-         f"(= {g['detected'] / g['index_cpu']:.1f} faces per CPU-second: the rate one free core gives; the wall rate above is load-bound)"],
-        ["ORL: detect + align + embed", f"{(o['n'] - o['no_face']) / o['face_s']:.1f} faces/s ({o['face_s']:.1f} s)"],
-        ["ORL: general preset embedding", f"{o['n'] / o['gen_s']:.1f} photos/s ({o['gen_s']:.1f} s)"]])
-    text += ("\n\nReal varied face set: none found that a PyPI package ships offline (scikit-image ships one face, "
-             "the astronaut; sklearn's LFW/Olivetti loaders download at run time), so that row is not measured.\n")
-    _common.save("faces", text)
+    if rl:
+        n = rl["notes"]
+        text += ("\n\nReal photos: `tests/unit/dataset` of [serengil/deepface](https://github.com/serengil/deepface) "
+                 "(MIT licence; photos of public figures, varied pose, light and resolution). Identities: the "
+                 f"connected components of the {n['yes']} pairs marked \"Yes\" in its `master.csv` and "
+                 f"`face-recognition-pivot.csv` ({', '.join(f'{k} {v}' for k, v in n['pairs'].items())} pairs); none "
+                 f"of the {n['no']} \"No\" pairs falls inside one. Left out (no label): "
+                 f"{', '.join(n['unlabelled']) or 'none'}; in the gallery as distractors, never relevant: "
+                 f"{', '.join(rl['distractors'])}. Every labelled photo is a query (each identity has ≥ 2).")
+    head = ["method", "share in the detector's face box", "share in the pasted face photo (92×112 frame, scaled)",
+            "share on eyes/nose/mouth", "pairs"]
+    text += ("\n\n## Where the maps fall\n\nFor each query, its best-ranked photo of the same person: shares of "
+             "the map's mass over the result face (the query's face against it; same model, same chips, same L2 "
+             "similarity for every method). Face box: the detector's box in the result photo's own pixels, the "
+             "chip map carried back through the inverse alignment. Eyes/nose/mouth: a rectangle in the aligned "
+             "chip's pixels (eyes level there) from the 5 landmarks — across the outer eye corners, from half the "
+             "eye-to-nose distance d above the eyes' line (the brows) to d below the base of the nose (the "
+             "mouth, not the chin). pytorch-grad-cam (the bench extra) runs on the same ported network with the "
+             "target −‖descriptor − query's‖², at the final 2×2 map (whose average is the descriptor) and at "
+             "SFAM's finer 8×8 layer; its maps are resized over the chip by the package itself.\n\n")
+    if loc_g:
+        text += "### Group photos\n\n" + _common.table(head, loc_g) + "\n\n"
+    if loc_r:
+        text += "### Real photos (deepface's test set)\n\n" + _common.table(
+            [h for h in head if "pasted" not in h], [[r[0], r[1], r[3], r[4]] for r in loc_r]) + "\n\n"
+    text += ("\"Cells at their place\": the face ResNet pads none of its strided layers, so the cells of its "
+             "8×8 (and 2×2) maps sit on a grid of stride 16 (64) starting 15 (53) px into the chip, not spread "
+             "evenly over the 150 px (explain/faces.py `CELLS`); the maps are resampled that way before they are "
+             "carried onto the photo. μ_tap: the mean of the 8×8 layer's spatially averaged map, which SFAM "
+             "centres that layer on (as the general preset centres its stride-16 layer); an index stores it over up "
+             "to 128 of its faces, here it is the mean over the measured pairs' chips. Mass outside the box is on the chip's margin (hair, ears, chin): the chip "
+             "reaches 25 % beyond the landmarks on each side (dlib's padding), never elsewhere in the photo.\n\n")
+    if g or o:
+        text += "## Indexing speed (HOG)\n\n"
+        srows = []
+        if g:
+            srows += [["group photos: detect + align + embed", f"{g['detected'] / g['index_s']:.1f} faces/s "
+                       f"({g['detected']} faces in {g['photos']} photos, {g['index_s']:.1f} s)"],
+                      ["group photos: CPU time (all threads) per face",
+                       f"{g['index_cpu'] / max(g['detected'], 1) * 1000:.0f} ms (= {g['detected'] / g['index_cpu']:.1f} "
+                       "faces per CPU-second)"]]
+        if o:
+            srows += [["ORL: detect + align + embed", f"{(o['n'] - o['no_face']) / o['face_s']:.1f} faces/s "
+                       f"({o['face_s']:.1f} s)"],
+                      ["ORL: general preset embedding", f"{o['n'] / o['gen_s']:.1f} photos/s ({o['gen_s']:.1f} s)"]]
+        if rl:
+            srows += [[f"real photos ({rl['min_side']}–{rl['max_side']} px): detect + align + embed",
+                       f"{rl['faces'] / rl['face_s']:.1f} faces/s ({rl['faces']} faces, {rl['face_s']:.1f} s)"]]
+        text += _common.table(["what", "value"], srows) + "\n"
+    _common.save("faces" if sets == {"orl", "groups", "real"} else "faces-partial", text)
 
 
 if __name__ == "__main__":

@@ -14,23 +14,66 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from retrieval.dlib_face import CHIP_SIZE
 from retrieval.face_search import FaceHit, FaceQuery, FaceSearcher, _iou
 from retrieval.faces import Face, warp_to_photo
 
 from .methods import SFAM
 from .render import REPORT_CSS, _heat_uri, _jpeg_uri, _legend_css, overlay
 
-TAP = "net.units.9"  # 128 channels, 8×8 on a chip: the finer layer SFAM's default map fuses with the last one
+from retrieval.dlib_face import TAP, stored_tap_mean  # noqa: E402  (TAP: 8×8 on a chip, fused with the last map)
+
+#: Where the cells of the face ResNet's maps sit on the 150×150 chip, by grid side: (centre of cell 0, stride)
+#: in chip pixels. The network pads none of its strided layers (7×7/2 and 3×3/2 convolutions, 3×3/2 max
+#: pool, 2×2/2 average-pool shortcuts added at the top-left corner), so its grids do not spread evenly over
+#: the chip as a 'same'-padded network's do: the 8×8 grid of ``TAP`` has stride 16 and cell l centred at
+#: 16·l + 15 (the mean of the residual path's 16·l + 17 and the shortcut's 16·l + 13), the final 2×2 grid
+#: stride 64 and 64·l + 53 (paths at 64·l + 65 and 64·l + 41). Resampling a map with the image-wide
+#: convention instead (cell l at (l + ½)·150/n) stretches it by 150/128 towards the chip's margin.
+CELLS = {8: (15.0, 16.0), 2: (53.0, 64.0)}
+
+
+def _cell_weights(n: int, size: int) -> np.ndarray:
+    """size × n bilinear weights from a grid of ``n`` cells (``CELLS``) to ``size`` chip pixels; 0 beyond half
+    a stride from the outer cells' centres."""
+    off, stride = CELLS[n]
+    u = (np.arange(size, dtype=np.float64) * (CHIP_SIZE / size) + (CHIP_SIZE / size - 1) / 2 - off) / stride
+    inside = (u >= -0.5) & (u <= n - 0.5)
+    uc = np.clip(u, 0, n - 1)
+    i0 = np.minimum(np.floor(uc).astype(int), n - 1)
+    i1 = np.minimum(i0 + 1, n - 1)
+    t = uc - i0
+    w = np.zeros((size, n))
+    rows = np.arange(size)
+    np.add.at(w, (rows, i0), 1 - t)
+    np.add.at(w, (rows, i1), t)
+    w[~inside] = 0
+    return w
+
+
+def chip_map(raw: np.ndarray, size: int = CHIP_SIZE) -> np.ndarray | None:
+    """A raw map of the face ResNet (8×8 at ``TAP`` or the final 2×2) on ``size``×``size`` chip pixels, each
+    cell at its place on the chip (``CELLS``), max-normalised to [0, 1] like explain.methods.upsample; None
+    for a grid of another shape."""
+    raw = np.asarray(raw, np.float64)
+    n = raw.shape[0]
+    if raw.ndim != 2 or raw.shape != (n, n) or n not in CELLS:
+        return None
+    w = _cell_weights(n, size)
+    m = np.clip(w @ raw @ w.T, 0, None)
+    top = m.max()
+    return (m / top if top > 0 else m).astype(np.float32)
 
 
 def face_explainer(searcher: FaceSearcher, method: str | None = None):
-    """SFAM (the default map: final layer × finer layer × correspondence gate) or any other method of
-    explain/methods.py, on chips, for the index's L2 metric, CIS relative to the collection's mean face."""
+    """SFAM (the default map: final layer × finer layer centred on the collection's μ_tap × correspondence
+    gate) or any other method of explain/methods.py, on chips, for the index's L2 metric, CIS relative to the
+    collection's mean face."""
     from .methods import make_explainer
 
     mu = searcher.store.mean if searcher.store.count() else None
-    if method in (None, "sfam"):
-        ex = SFAM(searcher.backbone, metric="l2", mu=mu, tap=TAP)
+    if method in (None, "sfam"):  # the 8×8 layer centred on the collection's μ_tap (stored by the indexer)
+        ex = SFAM(searcher.backbone, metric="l2", mu=mu, tap=TAP, mu_tap=stored_tap_mean(searcher.store))
     else:
         ex = make_explainer(method, searcher.backbone, metric="l2", mu=mu)
     ex.map_max_side = None  # chip-sized maps (150×150)
@@ -57,12 +100,18 @@ def explain_pair(explainer, qimg: Image.Image, qface: Face, rimg: Image.Image, r
     e = explainer.explain(Image.fromarray(qface.chip), Image.fromarray(rface.chip))
     qh, qw = qimg.height, qimg.width
     rh, rw = rimg.height, rimg.width
-    qmap = warp_to_photo(e.query_map, qface.to_photo, (qh, qw))
-    rmap = warp_to_photo(e.result_map, rface.to_photo, (rh, rw))
+    qchip, rchip = e.query_map, e.result_map
+    if getattr(explainer, "cell_geometry", True):  # each cell at its place on the chip (CELLS)
+        qc, rc = chip_map(e.query_raw, qchip.shape[0]), chip_map(e.result_raw, rchip.shape[0])
+        if qc is not None and rc is not None and qchip.shape[0] == qchip.shape[1]:
+            qchip, rchip = qc, rc
+    qmap = warp_to_photo(qchip, qface.to_photo, (qh, qw))
+    rmap = warp_to_photo(rchip, rface.to_photo, (rh, rw))
     for m in (qmap, rmap):
         if m.max() > 0:
             m /= m.max()
-    return {"explanation": e, "query_photo_map": qmap, "result_photo_map": rmap,
+    return {"explanation": e, "query_chip_map": qchip, "result_chip_map": rchip, "query_photo_map": qmap,
+            "result_photo_map": rmap,
             "energy_in_box": {"query": energy_in_box(qmap, qface.box), "result": energy_in_box(rmap, rface.box)}}
 
 
@@ -121,8 +170,8 @@ def explain_face_hits(searcher: FaceSearcher, res: FaceQuery, out: Path, method:
                  "query_map": f"{stem}_query_map.npy", "result_map": f"{stem}_result_map.npy"}
         _boxed(qimg, p["query_photo_map"], qface.box).save(out / files["query_overlay"])
         _boxed(rimg, p["result_photo_map"], rface.box).save(out / files["result_overlay"])
-        overlay(Image.fromarray(qface.chip), e.query_map).save(out / files["query_chip"])
-        overlay(Image.fromarray(rface.chip), e.result_map).save(out / files["result_chip"])
+        overlay(Image.fromarray(qface.chip), p["query_chip_map"]).save(out / files["query_chip"])
+        overlay(Image.fromarray(rface.chip), p["result_chip_map"]).save(out / files["result_chip"])
         np.save(out / files["query_map"], p["query_photo_map"].astype(np.float32))
         np.save(out / files["result_map"], p["result_photo_map"].astype(np.float32))
         rec = {**h.to_dict(), "explained": e.similarity, "cis_sum": float(e.cis.sum()) if e.cis is not None else None,
@@ -158,3 +207,76 @@ def explain_face_hits(searcher: FaceSearcher, res: FaceQuery, out: Path, method:
     (out / "report.html").write_text("\n".join(page), encoding="utf-8")
     (out / "results.json").write_text(json.dumps({**res.to_dict(), "explained": records}, indent=1))
     return records
+
+
+def pick_face(searcher: FaceSearcher, path: str, n: int | None, option: str) -> tuple[Image.Image, Face, int]:
+    """(photo, face, number of faces) of face ``n`` (None: the largest) of the photo at ``path``; a photo
+    without a face, or with fewer faces than ``n + 1``, is a one-line error naming it."""
+    from retrieval.errors import RetrieveError
+
+    img, faces = searcher.faces_of(path)
+    if not faces:
+        raise RetrieveError(f"{path}: no face found (the {searcher.finder.detector_name.upper()} detector of "
+                            "this faces index finds none)")
+    n = 0 if n is None else n
+    if n >= len(faces):
+        raise RetrieveError(f"{option} {n}: {path} has {len(faces)} face{'s' if len(faces) != 1 else ''} "
+                            f"({option} 0 to {len(faces) - 1}, 0 the largest)")
+    return img.convert("RGB"), faces[n], len(faces)
+
+
+def explain_face_pair(searcher: FaceSearcher, a: str, b: str, out: Path, face_a: int | None = None,
+                      face_b: int | None = None, method: str | None = None) -> dict:
+    """``retrieve explain A B --index FACES``: one face of each photo (the largest unless ``face_a``/``face_b``),
+    the distance and dlib's verdict exactly as ``retrieve search A`` reports B's face (the same chips, the same
+    network), SFAM on the two chips carried back onto both photos with the face boxes. Writes overlays, chips,
+    .npy maps in photo pixels, explain.json and report.html under ``out``; returns explain.json's document."""
+    from retrieval.face_search import verdict
+
+    aimg, fa, na = pick_face(searcher, a, face_a, "--face-a")
+    bimg, fb, nb = pick_face(searcher, b, face_b, "--face-b")
+    va, vb = searcher.backbone.embed_images([Image.fromarray(fa.chip), Image.fromarray(fb.chip)])
+    d = float(np.linalg.norm(va.astype(np.float64) - vb.astype(np.float64)))
+    thr = searcher.threshold
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    p = explain_pair(face_explainer(searcher, method), aimg, fa, bimg, fb)
+    e = p["explanation"]
+    files = {"a_overlay": "a.png", "b_overlay": "b.png", "a_chip": "a_chip.png", "b_chip": "b_chip.png",
+             "a_map": "a_map.npy", "b_map": "b_map.npy", "report": "report.html", "json": "explain.json"}
+    _boxed(aimg, p["query_photo_map"], fa.box).save(out / files["a_overlay"])
+    _boxed(bimg, p["result_photo_map"], fb.box).save(out / files["b_overlay"])
+    overlay(Image.fromarray(fa.chip), p["query_chip_map"]).save(out / files["a_chip"])
+    overlay(Image.fromarray(fb.chip), p["result_chip_map"]).save(out / files["b_chip"])
+    np.save(out / files["a_map"], p["query_photo_map"].astype(np.float32))
+    np.save(out / files["b_map"], p["result_photo_map"].astype(np.float32))
+    cis_sum = float(e.cis.sum()) if e.cis is not None else None
+    doc = {"a": str(a), "b": str(b), "face_a": fa.index, "face_b": fb.index, "faces_in_a": na, "faces_in_b": nb,
+           "box_a": list(fa.box), "box_b": list(fb.box), "metric": "l2", "distance": round(d, 6),
+           "threshold": thr, "same_person": d < thr, "verdict": verdict(d, thr), "method": e.method,
+           "explained": e.similarity, "cis_sum": cis_sum, "cis_target": e.cis_target,
+           "energy_in_box": {"a": p["energy_in_box"]["query"], "b": p["energy_in_box"]["result"]},
+           "files": {k: str(out / v) for k, v in files.items()}}
+    E = html.escape
+    cis = (f"; Σ CIS = {cis_sum:.4f}, target {e.cis_target:.4f}" if cis_sum is not None else "")
+    page = [f"<!doctype html><html lang='en'><meta charset='utf-8'><title>{E(Path(a).name)} ↔ {E(Path(b).name)}</title>",
+            f"<style>{REPORT_CSS}.pair figure img.photo{{max-width:100%}}</style>",
+            f"<h1>Face {fa.index} of {E(Path(a).name)} ↔ face {fb.index} of {E(Path(b).name)}</h1>",
+            f"<p class='verdict lead'><b>{E(doc['verdict'])}</b></p>",
+            f"<p class='muted'>Distance between the two 128-d face descriptors (dlib's face ResNet, PyTorch port); "
+            f"dlib's documented threshold: under {thr:g} is the same person. Maps: {E(e.method)} on the aligned chips "
+            f"(explained: {E(e.similarity)}{cis}), carried onto each photo through the inverse of its alignment. "
+            f"Share of the map inside the face box: A {p['energy_in_box']['query']:.0%}, B "
+            f"{p['energy_in_box']['result']:.0%}.</p>",
+            "<div class='legend'><span>heat map:</span><span>low</span>"
+            f"<span class='bar' style='background:{_legend_css()}'></span><span>high</span></div>",
+            "<div class='pair'>" + _panel("A", str(a), aimg, p["query_photo_map"], fa.box)
+            + _panel("B", str(b), bimg, p["result_photo_map"], fb.box) + "</div>",
+            "<p class='muted'>Aligned chips (150×150) with their maps:</p><div class='pair'>"
+            f"<figure><img class='photo' alt='A chip' src='{_jpeg_uri(Image.open(out / files['a_chip']))}'>"
+            "<figcaption>A chip</figcaption></figure><figure><img class='photo' alt='B chip' "
+            f"src='{_jpeg_uri(Image.open(out / files['b_chip']))}'><figcaption>B chip</figcaption></figure></div>",
+            "</html>"]
+    (out / files["report"]).write_text("\n".join(page), encoding="utf-8")
+    (out / files["json"]).write_text(json.dumps(doc, indent=1))
+    return doc

@@ -125,6 +125,7 @@ def index_faces(paths: Iterable[str | os.PathLike], index_dir, *, detector: str 
         raise
 
     report = FaceIndexReport(index=str(index_dir))
+    sample: list = []  # chips of this run's first faces, for SFAM's μ_tap
     stop = threading.Event()
     discarded = False
     with _sigint_deferred(stop):
@@ -133,7 +134,7 @@ def index_faces(paths: Iterable[str | os.PathLike], index_dir, *, detector: str 
         new = settings is not None and not store.count()
         try:
             store.faiss_index()
-            _run(store, bb, finder, files, trees, report, batch_size, workers, progress, on_skip, stop)
+            _run(store, bb, finder, files, trees, report, batch_size, workers, progress, on_skip, stop, sample)
         except KeyboardInterrupt:
             report.interrupted = True
         finally:
@@ -142,6 +143,10 @@ def index_faces(paths: Iterable[str | os.PathLike], index_dir, *, detector: str 
                     store.discard()
                     discarded = True
                 else:
+                    if sample and not report.interrupted and not stop.is_set():
+                        from retrieval.dlib_face import refresh_tap_reference
+
+                        refresh_tap_reference(store, bb, sample)  # SFAM's μ_tap (explain/faces.py)
                     if store.needs_retrain():
                         store.rebuild_faiss()
                     store.update_mean()
@@ -159,7 +164,7 @@ def index_faces(paths: Iterable[str | os.PathLike], index_dir, *, detector: str 
 
 
 def _run(store: IndexStore, bb, finder, files, trees, report: IndexReport, batch_size: int, workers,
-         progress, on_skip, stop: threading.Event) -> None:
+         progress, on_skip, stop: threading.Event, sample: list | None = None) -> None:
     with store.session() as s:
         rows = s.execute(select(ImageRow.id, ImageRow.path, ImageRow.size, ImageRow.mtime_ns)).all()
         bad = {r.path: r for r in s.execute(select(SkippedRow)).scalars()}
@@ -228,6 +233,10 @@ def _run(store: IndexStore, bb, finder, files, trees, report: IndexReport, batch
                 progress.advance(1)
                 continue
             vecs = bb.embed_images([Image.fromarray(f.chip) for f in faces])
+            if sample is not None:
+                from retrieval.dlib_face import REFERENCE_SAMPLE
+
+                sample.extend(f.chip for f in faces[:max(0, REFERENCE_SAMPLE - len(sample))])
             now = time.time()
             with store.session() as s, s.begin():
                 if old_ids:

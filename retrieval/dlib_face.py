@@ -323,6 +323,46 @@ def load_backbone(weights: str | os.PathLike | None = None, *, device: str | Non
     return Backbone(MODEL_NAME, DlibFaceFeatures(net), pre, 128, src, sha, pick_device(device), fast)
 
 
+#: The finer layer SFAM's default map fuses with the last one (128 channels, 8×8 on a chip; a name in Backbone.net).
+TAP = "net.units.9"
+#: The index value holding μ_tap, the mean of ``TAP``'s spatially averaged map over a sample of indexed faces:
+#: SFAM centres that layer on it, as the general preset centres its stride-16 layer (retrieval/reference.py).
+REFERENCE_KEY = "faces_explain_reference"
+REFERENCE_SAMPLE = 128  # faces of an indexing run whose chips are kept for it
+
+
+def tap_reference(backbone, chips: list[np.ndarray], images: int) -> dict:
+    """{"tap", "mean_tap", "sampled", "images"} from 150×150 chips (``images``: faces in the index)."""
+    from PIL import Image
+
+    total = None
+    for i in range(0, len(chips), 32):
+        x = backbone.preprocess.batch([Image.fromarray(c) for c in chips[i:i + 32]])
+        part = backbone.features_and_tap(x, TAP)[1].double().mean((2, 3)).sum(0).numpy()
+        total = part if total is None else total + part
+    return {"tap": TAP, "mean_tap": (total / len(chips)).tolist(), "sampled": len(chips), "images": int(images)}
+
+
+def refresh_tap_reference(store, backbone, chips: list[np.ndarray]) -> None:
+    """Store μ_tap from ``chips`` (faces of this indexing run) when the index has none, or the collection has
+    halved or doubled since it was sampled (the rule of retrieval/reference.py)."""
+    n = store.count()
+    old = store.get_value(REFERENCE_KEY)
+    if not n or not chips:
+        return
+    if old and old.get("tap") == TAP and old["images"] / 2 <= n <= 2 * max(old["images"], 1):
+        return
+    store.set_value(REFERENCE_KEY, tap_reference(backbone, chips, n))
+
+
+def stored_tap_mean(store) -> np.ndarray | None:
+    """The index's μ_tap (None for an index built before it was stored: SFAM then leaves that layer uncentred)."""
+    ref = store.get_value(REFERENCE_KEY)
+    if not ref or ref.get("tap") != TAP or ref.get("mean_tap") is None:
+        return None
+    return np.asarray(ref["mean_tap"], np.float64)
+
+
 def chip_tensor(chips: list[np.ndarray]) -> torch.Tensor:
     """150×150×3 uint8 RGB chips → the network's input, exactly as dlib scales it."""
     net, inp, _ = load_net()

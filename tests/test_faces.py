@@ -139,6 +139,9 @@ def test_preset_recorded_in_index(faces_index):
         st = store.settings
         assert st.preset == "faces" and st.metric == "l2" and st.model == "dlib_face_resnet"
         assert st.faces == {"detector": "hog", "upsample": 1, "threshold": 0.6} and st.schema_version == 3
+        ref = store.get_value("faces_explain_reference")  # SFAM's μ_tap: the 8×8 layer's mean over the faces
+        assert ref["tap"] == "net.units.9" and ref["sampled"] == ref["images"] == store.count()
+        assert len(ref["mean_tap"]) == 128 and min(ref["mean_tap"]) >= 0  # after a ReLU
     assert json.loads(run("info", "--index", idx, "--json").stdout)["preset"] == "faces"
 
 
@@ -171,7 +174,8 @@ def test_search_by_face_with_maps_on_the_faces(faces_index, face_photos, tmp_pat
         photo = Image.open(h["path"])
         assert m.shape == (photo.height, photo.width)
         yy, xx = np.unravel_index(np.argmax(m), m.shape)
-        assert x0 <= xx < x1 and y0 <= yy < y1  # the peak on the face
+        g = (x1 - x0) // 8  # the peak on the face: the detector's tight box, brows and temples at its edge
+        assert x0 - g <= xx < x1 + g and y0 - g <= yy < y1 + g
         assert e["energy_in_box"]["result"] > 0.5 and e["energy_in_box"]["query"] > 0.5
         assert abs(e["cis_sum"] - e["cis_target"]) < 1e-6  # SFAM's decomposition is exact for this model
     qm = np.load(out / same[0]["explanation"]["files"]["query_map"])
@@ -232,3 +236,61 @@ def test_missing_extra_is_one_line(monkeypatch):
     monkeypatch.setitem(sys.modules, "dlib", None)
     with pytest.raises(RetrieveError, match=r"pip install -e '\.\[faces\]'"):
         need_dlib()
+
+
+def test_chip_map_puts_cells_where_the_network_has_them():
+    """The face ResNet pads none of its strided layers: the 8×8 cells sit at 15 + 16·l on the 150 px chip (not
+    spread evenly over it), nothing lies beyond half a stride from the outer cells, and a one-cell map peaks
+    on its cell's centre."""
+    from explain.faces import chip_map
+
+    m = chip_map(np.ones((8, 8)))
+    assert m.shape == (150, 150)
+    assert np.allclose(m[7:136, 7:136], 1) and m[:7].max() == 0 and m[136:].max() == 0 and m[:, :7].max() == 0
+    for l, c in ((1, 6), (3, 5), (6, 2)):
+        raw = np.zeros((8, 8))
+        raw[l, c] = 1
+        yy, xx = np.unravel_index(np.argmax(chip_map(raw)), (150, 150))
+        assert (yy, xx) == (15 + 16 * l, 15 + 16 * c)
+    assert chip_map(np.ones((5, 5))) is None  # another grid: the caller keeps its own upsampling
+
+
+def test_explain_pair_on_a_faces_index(faces_index, face_photos, tmp_path):
+    """retrieve explain A B --index FACES: the distance `search A` gives B's face, dlib's verdict, SFAM maps
+    carried back onto both photos inside the face boxes."""
+    idx, _, _ = faces_index
+    s = json.loads(run("search", face_photos / "astronaut.png", "--index", idx, "-k", "10", "--json").stdout)
+    hit = next(h for h in s["results"] if h["path"].endswith("group.png") and h["face"] == 1)
+    out = tmp_path / "pair"
+    r = run_process("explain", face_photos / "astronaut.png", face_photos / "group.png", "--face-b", "1",
+                    "--index", idx, "--out", out, "--json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["face_a"] == 0 and d["face_b"] == 1 and d["faces_in_b"] == 3 and d["box_b"] == hit["box"]
+    assert abs(d["distance"] - hit["distance"]) < 1e-4 and d["same_person"]
+    assert d["verdict"] == f"same person (distance {d['distance']:.2f} < 0.6)" == hit["verdict"]
+    assert abs(d["cis_sum"] - d["cis_target"]) < 1e-6
+    for side, name in (("a", "astronaut.png"), ("b", "group.png")):
+        m = np.load(d["files"][f"{side}_map"])
+        photo = Image.open(face_photos / name)
+        assert m.shape == (photo.height, photo.width)
+        x0, y0, x1, y1 = d[f"box_{side}"]
+        yy, xx = np.unravel_index(np.argmax(m), m.shape)
+        g = (x1 - x0) // 8
+        assert x0 - g <= xx < x1 + g and y0 - g <= yy < y1 + g and d["energy_in_box"][side] > 0.8
+    assert "same person (distance" in (out / "report.html").read_text()
+    text = run("explain", face_photos / "astronaut.png", face_photos / "group.png", "--index", idx, "--out",
+               tmp_path / "t").stdout
+    assert "same person (distance" in text and "face 0 of 3" in text
+
+
+def test_explain_pair_photo_without_face(faces_index, face_photos, tmp_path):
+    idx, _, _ = faces_index
+    r = run_process("explain", face_photos / "coffee.png", face_photos / "astronaut.png", "--index", idx,
+                    "--out", tmp_path / "x")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and "coffee.png: no face found" in lines[0]
+    r = run("explain", face_photos / "astronaut.png", face_photos / "group.png", "--face-b", "5", "--index", idx,
+            "--out", tmp_path / "y", ok=False)
+    assert r.exit_code != 0 and "--face-b 5:" in r.stderr and "has 3 faces" in r.stderr
