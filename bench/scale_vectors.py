@@ -440,7 +440,11 @@ def report(_args) -> None:
         text += _common.table(["N", "dim", "factory", "nprobe", "re-score", "build s", "train/add/merge s",
                                "peak RSS GB", "worker RSS GB", "disk B/vector", "p50 ms", "p99 ms", "recall@10"], rows)
         text += "\n\n" + "\n".join(notes) + "\n"
-    _common.save("scale-vectors", text)
+    import re
+
+    old = _common.RESULTS / "scale-vectors.md"  # compare's sections (written by that command) are kept
+    kept = re.findall(r"<!-- compare .*? -->.*?<!-- /compare .*? -->", old.read_text(), re.S) if old.exists() else []
+    _common.save("scale-vectors", text + "".join(f"\n{k}\n" for k in kept))
 
 
 def main() -> None:
