@@ -410,7 +410,8 @@ def report(_args) -> None:
         text += _common.table(["storage", "write vectors/s", "× SQLite", "stream vectors/s", "× SQLite",
                                "gather 100 ms", "bytes/vector", "CRC-32 check GB/s", "scores"], s["rows"]) + "\n\n"
     rows, notes = [], []
-    for f in sorted(CACHE.glob("*-*.json"), key=lambda p: (int(p.stem.split("-")[1]), int(p.stem.split("-")[0]), p.stem)):
+    runs = [p for p in CACHE.glob("*-*.json") if not p.stem.startswith("compare-")]  # compare writes its own section
+    for f in sorted(runs, key=lambda p: (int(p.stem.split("-")[1]), int(p.stem.split("-")[0]), p.stem)):
         r = json.loads(f.read_text())
         n = r["n"]
         for sr in r["search"]:
@@ -439,7 +440,11 @@ def report(_args) -> None:
         text += _common.table(["N", "dim", "factory", "nprobe", "re-score", "build s", "train/add/merge s",
                                "peak RSS GB", "worker RSS GB", "disk B/vector", "p50 ms", "p99 ms", "recall@10"], rows)
         text += "\n\n" + "\n".join(notes) + "\n"
-    _common.save("scale-vectors", text)
+    import re
+
+    old = _common.RESULTS / "scale-vectors.md"  # compare's sections (written by that command) are kept
+    kept = re.findall(r"<!-- compare .*? -->.*?<!-- /compare .*? -->", old.read_text(), re.S) if old.exists() else []
+    _common.save("scale-vectors", text + "".join(f"\n{k}\n" for k in kept))
 
 
 def main() -> None:
