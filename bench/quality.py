@@ -326,11 +326,13 @@ def catalogue_section(args) -> None:
     load = tuple(round(a, 1) for a in load + os.getloadavg())
     text = ("## Photo → catalogue (instance set, `--preset instance`)\n\n"
             f"bench/catalogue.py via `python bench/quality.py --catalogue`: {len(paths)} images (100 catalogue "
-            f"images + 400 phone photos), {rows[0][2]} phone-photo queries (view1 of each object), {args.threads} "
+            f"images + 400 phone photos), {rows[0][3]} phone-photo queries (view1 of each object), {args.threads} "
             f"threads, load average {load[:3]} at the start, {load[3:]} at the end; {pv.ms_per_pair():.1f} ms "
             f"per verified pair, {pv.extract_ms:.0f} ms per query extraction; vocabularies trained in "
             f"{build_s:.0f} s (both). verify K: global shortlist verified; words W: the inverted file's top W "
-            "added (confirmed ones only count). mixed: one index of all 500; within: the same, answers from "
+            "added (confirmed ones only count); catalogue C: the catalogue role (`index --catalogue`, "
+            "`search --catalogue C`): the top C catalogue images by the embedding and the top C by words added "
+            "(confirmed ones only count). mixed: one index of all 500; within: the same, answers from "
             "the catalogue folder only (`search --within`); catalogue-only: an index of the 100 catalogue "
             "images. s/query: ranking + query SIFT + pairs × ms/pair + lookup (not the query's embedding).\n\n")
     text += _common.table(catalogue.HEADERS, rows)
