@@ -63,7 +63,10 @@ def product_order(q: int, order: np.ndarray, pv, k: int, wl: list[int], pairs: l
 
 
 def run(folder: Path, paths: list[str], vecs: np.ndarray, pv, n_queries: int = 100,
-        configs=((60, 0, 0), (60, 30, 0), (60, 30, 20), (30, 30, 20), (30, 20, 10))) -> tuple[list[list], list[list]]:
+        configs=((60, 0, 0), (60, 30, 0), (60, 30, 20), (30, 30, 20), (30, 20, 10), (20, 20, 20)),
+        before=None, configs_before=((60, 30, 0), (60, 30, 20))) -> tuple[list[list], list[list]]:
+    """Rows of HEADERS: ``configs`` (K, W, C) with the verifier ``pv``, first ``configs_before`` with ``before``
+    (a PairVerifier with the previous verification settings), side by side."""
     labels = np.array([Path(p).parent.name for p in paths])
     is_ref = np.array([Path(p).stem == "ref" for p in paths])
     queries = [i for i, p in enumerate(paths) if Path(p).stem == "view1"][:n_queries]
@@ -77,7 +80,9 @@ def run(folder: Path, paths: list[str], vecs: np.ndarray, pv, n_queries: int = 1
     wi_cat = _index(pv.feats, refs)
     build_s = time.perf_counter() - t
     rows = []
-    for k, w, c in configs:
+    runs = [(k, w, c, before, "before") for k, w, c in (configs_before if before is not None else ())]
+    runs += [(k, w, c, pv, "now") for k, w, c in configs]
+    for k, w, c, pv, which in runs:
         res = {"mixed": [], "within": [], "catalogue-only": []}
         pairs = {name: [] for name in res}
         lookup = []
@@ -121,7 +126,7 @@ def run(folder: Path, paths: list[str], vecs: np.ndarray, pv, n_queries: int = 1
         cat = np.mean([labels[o[0]] == labels[q] for q, o in zip(queries, res["catalogue-only"])])
         s_q = {name: t_rank / n + pv.extract_ms / 1000 + float(np.mean(p)) * pv.ms_per_pair() / 1000
                + float(np.mean(lookup)) for name, p in pairs.items()}
-        rows.append([k, w, c, n, round(float(r1), 3), round(float(np.mean(ap10)), 3), round(float(p2c), 3),
+        rows.append([which, k, w, c, n, round(float(r1), 3), round(float(np.mean(ap10)), 3), round(float(p2c), 3),
                      round(float(within), 3), round(float(cat), 3), round(float(np.mean(pairs["mixed"])), 1),
                      round(1000 * float(np.mean(lookup)), 1), round(s_q["mixed"], 3), round(s_q["within"], 3),
                      round(s_q["catalogue-only"], 3)])
@@ -129,7 +134,7 @@ def run(folder: Path, paths: list[str], vecs: np.ndarray, pv, n_queries: int = 1
     return rows, build_s
 
 
-HEADERS = ["verify K", "words W", "catalogue C", "queries", "R@1", "mAP@10", "photo→cat R@1 (mixed)", "photo→cat R@1 (within)",
+HEADERS = ["verification", "verify K", "words W", "catalogue C", "queries", "R@1", "mAP@10", "photo→cat R@1 (mixed)", "photo→cat R@1 (within)",
            "photo→cat R@1 (catalogue-only)", "pairs/query (mixed)", "words lookup ms", "s/query mixed",
            "s/query within", "s/query catalogue-only"]
 

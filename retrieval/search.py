@@ -217,11 +217,15 @@ class Searcher:
                 from .images import decode_image, read_image_bytes
 
                 data = read_image_bytes(p)  # read once: embedded, and its keypoints looked up or extracted
-                # decoded once, at the size both need (as the indexer decodes: the same embedding as at indexing)
-                img = decode_image(data, p, min_side=max(pre.size, self.verifier.max_side))
+                # decoded as the indexer decodes (the same embedding as at indexing): an index whose searches
+                # verify by default decodes once, at the size both need; any other at the network's size
+                side = self.verifier.max_side
+                once = bool(self.store.settings.search.get("verify"))
+                img = decode_image(data, p, min_side=max(pre.size, side) if once else pre.size)
                 feats = self.verifier.cached(data)
                 if feats is None:
-                    feats = self.verifier.extract(img)
+                    feats = self.verifier.extract(img if once or pre.size >= side else
+                                                  decode_image(data, p, min_side=side))
                 local[p] = feats
                 return pre.array(img), None
             except ImageError as e:
