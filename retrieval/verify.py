@@ -172,14 +172,13 @@ class Verifier:
                 continue
             first = seg.argmax(1)
             s1 = seg[rows, first]
-            back = seg.argmax(0) if self.mutual else None  # each candidate point's nearest query point
             seg[rows, first] = -np.inf  # (a view into sim, not needed again)
             s2 = seg.max(1)
             dist1, dist2 = np.sqrt(np.maximum(2 - 2 * s1, 0)), np.sqrt(np.maximum(2 - 2 * s2, 0))
-            ok = dist1 < self.ratio * dist2
-            if back is not None:
-                ok &= back[first] == rows
-            good = np.nonzero(ok)[0]
+            good = np.nonzero(dist1 < self.ratio * dist2)[0]
+            if self.mutual and len(good):  # mutual: no other query point is nearer to the match's candidate
+                # point (its own similarity was set to -inf above; only the few matches' columns are read)
+                good = good[seg[:, first[good]].max(0) < s1[good]]
             good = good[np.argsort(dist1[good] / np.maximum(dist2[good], 1e-12), kind="stable")]  # best first
             out[i] = self._ransac(q, rs[i], good, first[good])
 
