@@ -187,12 +187,15 @@ class _Bar:
 @click.option("--follow-links", is_flag=True,
               help="Follow symbolic links that lead out of PATHS (by default they are not: a link to / would index "
                    "the whole disk). Paths are stored as real paths either way.")
+@click.option("--catalogue", "as_catalogue", is_flag=True,
+              help="PATHS are the index's catalogue (clean reference images): searches of this index also verify "
+                   "the top catalogue images beside the global shortlist (search --catalogue N).")
 @trust_option
 @json_option
 @click.pass_context
 def index(ctx, paths, index_dir, model, weights, metric, index_type, faiss_factory, input_size, preset, face_detector,
           resize, pooling, head, refit, batch_size, workers, engine, ray_address, follow_links, as_json,
-          precision=None) -> None:
+          precision=None, as_catalogue=False) -> None:
     """Index the photos under PATHS (recursively); re-runs only embed what changed.
 
     \b
@@ -208,6 +211,8 @@ def index(ctx, paths, index_dir, model, weights, metric, index_type, faiss_facto
         raise click.UsageError("give --index-type or --faiss, not both")
     if ray_address and engine != "ray":
         raise click.UsageError("--ray-address needs --engine ray")
+    if as_catalogue:
+        _check_catalogue_paths(paths, preset, _index_dir(index_dir))
     bar = _Bar(enabled=not as_json and sys.stderr.isatty(), label="indexing")
 
     def on_skip(path: str, reason: str) -> None:
@@ -239,9 +244,28 @@ def index(ctx, paths, index_dir, model, weights, metric, index_type, faiss_facto
                    f"{report.unchanged} unchanged, {report.removed} removed, {report.skipped} skipped"
                    + (f" (+{report.skipped_before} known bad)" if report.skipped_before else "")
                    + f" in {report.seconds:.1f}s")
+    if as_catalogue and report.total:
+        from retrieval import catalogue
+        from retrieval.store import IndexStore
+
+        with IndexStore.open(_index_dir(index_dir), writable=True) as store:
+            roots = catalogue.record(store, paths)
+        if not as_json:
+            click.echo(f"catalogue: {', '.join(roots)}")
     if report.interrupted:
         click.echo("Interrupted: the work done so far is kept; run the same command again to continue.", err=True)
         ctx.exit(130)
+
+
+def _check_catalogue_paths(paths, preset, index_dir: Path) -> None:
+    """``index --catalogue``: PATHS must exist, and a faces index has no catalogue (one-line usage errors)."""
+    from indexer.faces import is_faces_index
+
+    if preset == "faces" or is_faces_index(index_dir):
+        raise click.UsageError("--catalogue does not apply to a faces index (--preset faces)")
+    for p in paths:
+        if not Path(p).exists():
+            raise click.UsageError(f"--catalogue: {p} does not exist")
 
 
 # -- info ---------------------------------------------------------------------------------------
@@ -269,6 +293,8 @@ def info(index_dir, as_json) -> None:
     for k, v in d.items():
         if k == "size_bytes":
             k, v = "size on disk", _human(v)
+        elif k == "catalogue":
+            v = ", ".join(v)
         elif k == "search_defaults":
             v = " ".join(f"--{o} {x}" for o, x in v.items()) or "none"
         elif k == "sharded_vectors":  # index type sharded: its shard collection in one line
@@ -305,6 +331,9 @@ def _human(n: float) -> str:
                    "[default: the index's, 30 with --preset instance, else 0].")
 @click.option("--within", "within", type=click.Path(), default=None, metavar="DIR",
               help="Answer only with indexed images under DIR (catalogue mode: photos against the catalogue).")
+@click.option("--catalogue", "catalogue_n", type=click.IntRange(0, 1000), default=None, metavar="N",
+              help="With --verify, on an index with a catalogue (index --catalogue): also verify its top N catalogue "
+                   "images by the embedding and by visual words (0 = off) [default: 20 when it has one].")
 @click.option("--explain", is_flag=True, help="Write heat maps and a report explaining each result.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="With --explain: output directory [default: ./retrieve-explain-<query>-<time>].")
@@ -320,7 +349,7 @@ def _human(n: float) -> str:
 @json_option
 @click.pass_context
 def search(ctx, queries, index_dir, k, min_score, include_self, qe, dba, verify, words, within, explain, out_dir,
-           method, full_maps, face, as_json) -> None:
+           method, full_maps, face, as_json, catalogue_n=None) -> None:
     """Find the nearest neighbours of QUERIES (image files or folders of them).
 
     \b
@@ -341,8 +370,10 @@ def search(ctx, queries, index_dir, k, min_score, include_self, qe, dba, verify,
     if not paths:
         raise click.ClickException("no images among the queries")
     failed = 0
-    plain = not (explain or within or face is not None)  # then a plain SQLite index is read without SQLAlchemy
+    plain = not (explain or within or face is not None or catalogue_n)  # then a plain SQLite index is read without SQLAlchemy
     with open_search_store(_index_dir(index_dir), plain=plain, verify=verify, words=words) as store:
+        if store.settings.preset == "faces" and catalogue_n:
+            raise click.UsageError("--catalogue does not apply to a faces index")
         if store.settings.preset == "faces":
             if qe or dba or verify or words or within or min_score is not None:
                 raise click.UsageError("--qe, --dba, --verify, --words, --within and --min-score do not apply to a "
@@ -354,6 +385,7 @@ def search(ctx, queries, index_dir, k, min_score, include_self, qe, dba, verify,
             verify = int(store.settings.search.get("verify", 0))
         if words is None:
             words = int(store.settings.search.get("words", 0))
+        catalogue_n = _catalogue_depth(store, catalogue_n, verify)
         searcher = Searcher(store, (backbone_for_settings if explain else search_backbone_for_settings)(store.settings),
                             dba=dba, within=within)
         if explain:
@@ -365,7 +397,7 @@ def search(ctx, queries, index_dir, k, min_score, include_self, qe, dba, verify,
 
             calibration = for_search(store)
         results = searcher.search_paths(paths, k, include_self=include_self, min_score=min_score, qe=qe,
-                                        verify=verify, words=words,
+                                        verify=verify, words=words, catalogue=catalogue_n,
                                         on_error=lambda p, r: click.echo(f"{p}: {r}", err=True))
         for qi, res in enumerate(results):
             if res.error:
@@ -400,6 +432,22 @@ def search(ctx, queries, index_dir, k, min_score, include_self, qe, dba, verify,
                 click.echo(f"  report: {next(iter(explained.values()))['report']}")
     if failed:
         raise click.ClickException(f"{failed} of {len(paths)} queries could not be read")
+
+
+def _catalogue_depth(store, n, verify: int) -> int:
+    """``search --catalogue N``: the index's default (retrieval.catalogue.DEPTH when it records a catalogue), or
+    N checked: it needs --verify and an index with a catalogue."""
+    from retrieval import catalogue
+
+    roots = catalogue.folders(store)
+    if n is None:
+        return catalogue.DEPTH if roots and verify else 0
+    if n and not verify:
+        raise click.UsageError("--catalogue N goes with --verify K (K > 0)")
+    if n and not roots:
+        raise click.ClickException(f"--catalogue: index {store.directory} has no catalogue (record one with "
+                                   f"`retrieve index CATALOGUE --index {store.directory} --catalogue`)")
+    return n
 
 
 def _explain_target(out_dir, query: str, qi: int, n: int) -> Path:

@@ -6,7 +6,9 @@ The instance set (bench/instance_set.py): 100 objects × (one clean catalogue im
 photos). Queries: one phone photo per object (view1), as the product ranks (retrieval/search.py):
 global embedding (gem-448-long, pca-whiten:128 fitted on the collection, cosine), the top K verified
 (retrieval/verify.py), plus, with words W > 0, the top W of the visual-word inverted file
-(retrieval/words.py) that are not in the top K; a words candidate counts only when confirmed.
+(retrieval/words.py) that are not in the top K, plus, with catalogue C > 0 (the index's catalogue
+role, ``index --catalogue``), the top C catalogue images by the embedding and the top C by words that are
+not among those; a words or catalogue candidate counts only when confirmed.
 
 - mixed: the index holds all 500 images; R@1 (the first result shows the same object), mAP@10 (its 4
   other images), photo→catalogue R@1 (the first catalogue image among the results is its own);
@@ -61,7 +63,10 @@ def product_order(q: int, order: np.ndarray, pv, k: int, wl: list[int], pairs: l
 
 
 def run(folder: Path, paths: list[str], vecs: np.ndarray, pv, n_queries: int = 100,
-        configs=((60, 0), (30, 20), (60, 30))) -> tuple[list[list], list[list]]:
+        configs=((60, 0, 0), (60, 30, 0), (60, 30, 20), (30, 30, 20), (30, 20, 10), (20, 20, 20)),
+        before=None, configs_before=((60, 30, 0), (60, 30, 20))) -> tuple[list[list], list[list]]:
+    """Rows of HEADERS: ``configs`` (K, W, C) with the verifier ``pv``, first ``configs_before`` with ``before``
+    (a PairVerifier with the previous verification settings), side by side."""
     labels = np.array([Path(p).parent.name for p in paths])
     is_ref = np.array([Path(p).stem == "ref" for p in paths])
     queries = [i for i, p in enumerate(paths) if Path(p).stem == "view1"][:n_queries]
@@ -75,7 +80,9 @@ def run(folder: Path, paths: list[str], vecs: np.ndarray, pv, n_queries: int = 1
     wi_cat = _index(pv.feats, refs)
     build_s = time.perf_counter() - t
     rows = []
-    for k, w in configs:
+    runs = [(k, w, c, before, "before") for k, w, c in (configs_before if before is not None else ())]
+    runs += [(k, w, c, pv, "now") for k, w, c in configs]
+    for k, w, c, pv, which in runs:
         res = {"mixed": [], "within": [], "catalogue-only": []}
         pairs = {name: [] for name in res}
         lookup = []
@@ -90,6 +97,15 @@ def run(folder: Path, paths: list[str], vecs: np.ndarray, pv, n_queries: int = 1
             t = time.perf_counter()
             wl = [c for c, _ in wi_all.search(pv.feats[q].descriptors, w, exclude=[q])] if w else []
             lookup.append(time.perf_counter() - t)
+            if c:  # the catalogue role (retrieval/catalogue.py): its top C by the embedding and by words
+                taken = set(int(i) for i in order[:k]) | set(wl)
+                gc = [int(i) for i in order if is_ref[i] and int(i) not in taken][:c]
+                taken |= set(gc)
+                t = time.perf_counter()
+                wc = [i for i, _ in wi_all.search(pv.feats[q].descriptors, c + len(taken), allowed=refs,
+                                                  exclude=taken | {q})][:c] if w else []
+                lookup[-1] += time.perf_counter() - t
+                wl = wl + gc + wc
             res["mixed"].append(product_order(q, order, pv, k, wl, pairs["mixed"]))
             o_within = [c for c in order if is_ref[c]]
             wl_in = [c for c, _ in wi_all.search(pv.feats[q].descriptors, w, allowed=refs, exclude=[q])] if w else []
@@ -110,7 +126,7 @@ def run(folder: Path, paths: list[str], vecs: np.ndarray, pv, n_queries: int = 1
         cat = np.mean([labels[o[0]] == labels[q] for q, o in zip(queries, res["catalogue-only"])])
         s_q = {name: t_rank / n + pv.extract_ms / 1000 + float(np.mean(p)) * pv.ms_per_pair() / 1000
                + float(np.mean(lookup)) for name, p in pairs.items()}
-        rows.append([k, w, n, round(float(r1), 3), round(float(np.mean(ap10)), 3), round(float(p2c), 3),
+        rows.append([which, k, w, c, n, round(float(r1), 3), round(float(np.mean(ap10)), 3), round(float(p2c), 3),
                      round(float(within), 3), round(float(cat), 3), round(float(np.mean(pairs["mixed"])), 1),
                      round(1000 * float(np.mean(lookup)), 1), round(s_q["mixed"], 3), round(s_q["within"], 3),
                      round(s_q["catalogue-only"], 3)])
@@ -118,7 +134,7 @@ def run(folder: Path, paths: list[str], vecs: np.ndarray, pv, n_queries: int = 1
     return rows, build_s
 
 
-HEADERS = ["verify K", "words W", "queries", "R@1", "mAP@10", "photo→cat R@1 (mixed)", "photo→cat R@1 (within)",
+HEADERS = ["verification", "verify K", "words W", "catalogue C", "queries", "R@1", "mAP@10", "photo→cat R@1 (mixed)", "photo→cat R@1 (within)",
            "photo→cat R@1 (catalogue-only)", "pairs/query (mixed)", "words lookup ms", "s/query mixed",
            "s/query within", "s/query catalogue-only"]
 

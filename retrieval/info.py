@@ -23,6 +23,7 @@ def index_info(store) -> dict:
     """The index's settings, size and dates, in the order ``retrieve info`` prints them."""
     from sqlalchemy import func, select
 
+    from .catalogue import folders as catalogue_folders
     from .schema import SkippedRow
 
     st = store.settings
@@ -34,6 +35,7 @@ def index_info(store) -> dict:
             "pooling": st.pooling, "precision": st.precision, "search_defaults": st.search, "metric": st.metric,
             "index_type": st.index_type,
             **({"preset": st.preset} if st.preset else {}),
+            **({"catalogue": roots} if (roots := catalogue_folders(store)) else {}),
             "faiss_factory": st.faiss_factory, "dim": st.dim, "head": head_text(store),
             "images": store.count(), "skipped_files": skipped,
             **({"sharded_vectors": _sharded(store)} if st.index_type == "sharded" else {}),

@@ -159,8 +159,10 @@ class Searcher:
                 out.append(h)
         return out
 
-    def _search(self, q: np.ndarray, k: int, exclude: Sequence[set[int]], min_score) -> list[list[Hit]]:
-        n = self._selector.count(self.index.ntotal)
+    def _search(self, q: np.ndarray, k: int, exclude: Sequence[set[int]], min_score,
+                selector: "_Excluding | None" = None) -> list[list[Hit]]:
+        selector = self._selector if selector is None else selector  # (an _Excluding with no ids is falsy)
+        n = selector.count(self.index.ntotal)
         if n <= 0 or k <= 0:
             return [[] for _ in range(len(q))]
         extra = max((len(e) for e in exclude), default=0)
@@ -168,7 +170,7 @@ class Searcher:
         ef = max(HNSW_EF_SEARCH, kk)  # the beam must hold at least the k asked for
         if self.hnsw is not None:
             self.hnsw.efSearch = ef
-        params = self._selector.params(ef if self.hnsw is not None else None)
+        params = selector.params(ef if self.hnsw is not None else None)
         with _one_thread_for_one_query(len(q)):
             scores, ids = self.index.search(q, kk, params=params) if params is not None else self.index.search(q, kk)
         rows = self.store.rows_by_ids({int(i) for i in ids.ravel() if i >= 0})
@@ -193,12 +195,14 @@ class Searcher:
 
     def search_paths(self, paths: Sequence[str], k: int = 10, *, include_self: bool = False,
                      min_score: float | None = None, qe: int = 0, verify: int = 0, words: int = 0,
-                     batch_size: int = 32, workers: int = 2, on_error=None) -> Iterator[QueryResult]:
+                     batch_size: int = 32, workers: int = 2, on_error=None, catalogue: int = 0) -> Iterator[QueryResult]:
         """Decode (in threads) and embed (in batches) the query images; yield one result per query, in order.
 
         ``verify`` = K > 0: re-rank the top K by geometric verification (``self.verifier``; see
         retrieval/verify.py) and keep the best ``k``; hits then carry ``inliers``. ``words`` = W > 0 (with
         ``verify``): the top W of the visual-word inverted file (retrieval/words.py) are verified too.
+        ``catalogue`` = N > 0 (with ``verify``, on an index with catalogue folders, retrieval/catalogue.py):
+        the top N catalogue images by the global embedding and by the inverted file are verified too.
         """
         if verify and self.verifier is None:
             from .verify import Verifier
@@ -215,11 +219,15 @@ class Searcher:
                 from .images import decode_image, read_image_bytes
 
                 data = read_image_bytes(p)  # read once: embedded, and its keypoints looked up or extracted
-                img = decode_image(data, p, min_side=pre.size)
+                # decoded as the indexer decodes (the same embedding as at indexing): an index whose searches
+                # verify by default decodes once, at the size both need; any other at the network's size
+                side = self.verifier.max_side
+                once = bool(self.store.settings.search.get("verify"))
+                img = decode_image(data, p, min_side=max(pre.size, side) if once else pre.size)
                 feats = self.verifier.cached(data)
                 if feats is None:
-                    side = self.verifier.max_side
-                    feats = self.verifier.extract(img if pre.size >= side else decode_image(data, p, min_side=side))
+                    feats = self.verifier.extract(img if once or pre.size >= side else
+                                                  decode_image(data, p, min_side=side))
                 local[p] = feats
                 return pre.array(img), None
             except ImageError as e:
@@ -244,6 +252,9 @@ class Searcher:
                         if verify:
                             more = self._word_hits(local.get(chunk[i]), words, hits[:verify], excl[x], e,
                                                    min_score) if words else []
+                            if catalogue:
+                                more += self._catalogue_hits(local.get(chunk[i]), catalogue, hits[:verify] + more,
+                                                             excl[x], e, min_score, words > 0)
                             hits = self._verified(chunk[i], hits, k, verify, on_error, more, local.pop(chunk[i], None))
                         hits_for[i], emb_for[i] = hits, e
                 for i, p in enumerate(chunk):
@@ -312,6 +323,38 @@ class Searcher:
             if min_score is not None and score < min_score:
                 continue
             out.append(Hit(0, i, rows[i].path, float(score), distance=distance))
+        return out
+
+    def catalogue_selector(self) -> "_Excluding | None":
+        """Search parameters for the catalogue images (retrieval/catalogue.py) that are answers; None when the
+        index records no catalogue, or none of its images is in it, or ``within`` restricts the answers."""
+        if not hasattr(self, "_catalogue"):
+            from . import catalogue
+
+            ids = catalogue.ids(self.store) if self.allowed is None else np.zeros(0, np.int64)
+            self._catalogue = _Excluding(self._selector.ids, ids) if len(ids) else None
+        return self._catalogue
+
+    def _catalogue_hits(self, feats, n: int, have: Sequence[Hit], exclude: set[int], raw: np.ndarray, min_score,
+                        words: bool = True) -> list[Hit]:
+        """The top ``n`` catalogue images by the global embedding and (``words``) the top ``n`` by the inverted
+        file, those not in ``have`` nor excluded, as hits scored by the global similarity."""
+        sel = self.catalogue_selector()
+        if sel is None:
+            return []
+        taken = {h.id for h in have} | set(exclude)
+        q = self.store.transform(np.atleast_2d(np.asarray(raw, np.float32)))
+        out = [h for h in self._search(q, n, [taken], min_score, sel)[0]]
+        wi = self.words() if words and feats is not None else None
+        if wi is not None:
+            taken |= {h.id for h in out}
+            found = [i for i, _ in wi.search(feats.descriptors, n + len(taken), sel.allowed, taken)][:n]
+            rows = self.store.rows_by_ids(found)
+            found = [i for i in found if i in rows]
+            for i, vec in zip(found, self._vectors(found) if found else []):
+                score, distance = self._metric.score(self._metric.raw(vec, q[0]))
+                if min_score is None or score >= min_score:
+                    out.append(Hit(0, i, rows[i].path, float(score), distance=distance))
         return out
 
     def _exact_scores(self, q: np.ndarray, ids: np.ndarray, rows: dict) -> tuple[np.ndarray, np.ndarray]:

@@ -193,3 +193,50 @@ def test_tf_idf_scores_match_their_definition():
     allowed = np.array([11, 12])
     assert set(dict(wi.search(desc, 6, allowed))) <= {11, 12}
     assert 13 not in dict(wi.search(desc, 6, exclude=[13]))
+
+
+@pytest.fixture(scope="module")
+def shop_with_role(shop, tmp_path_factory):
+    """A copy of ``shop``'s index whose catalogue/ folder is recorded as its catalogue (index --catalogue)."""
+    import shutil
+
+    root, idx, query = shop
+    idx2 = tmp_path_factory.mktemp("role") / "idx"
+    shutil.copytree(idx, idx2)
+    p = run_process("index", root / "catalogue", "--index", idx2, "--catalogue")
+    assert p.returncode == 0, p.stderr
+    assert f"catalogue: {(root / 'catalogue').resolve()}" in p.stdout
+    return root, idx2, query
+
+
+def test_catalogue_role_verifies_its_images_beyond_the_global_shortlist(shop, shop_with_role):
+    root, idx, query = shop_with_role
+    info = run_json("info", "--index", idx)
+    assert info["catalogue"] == [str((root / "catalogue").resolve())]
+    # without words, the global top 30 (all look-alikes) alone never reaches the catalogue image (rank > 60) ...
+    off = run_json("search", query, "--index", idx, "-k", "5", "--verify", "30", "--words", "0", "--catalogue", "0")
+    assert all(not h["path"].endswith("astronaut.jpg") for h in off["results"]), off["results"]
+    # ... the role's catalogue stage does: the top 20 catalogue images by the embedding are verified too (the
+    # global ranks 31-50 after the top 30 are look-alikes, so only a stage restricted to the catalogue finds it)
+    res = run_json("search", query, "--index", idx, "-k", "5", "--verify", "30", "--words", "0")
+    top = res["results"][0]
+    assert top["path"].endswith("astronaut.jpg") and top["inliers"] >= MIN_INLIERS, res["results"]
+    # the unconfirmed catalogue candidates are not answers: only the confirmed one joined the results
+    assert sum("/catalogue/" in h["path"] for h in res["results"]) == 1, res["results"]
+    # an index without the role is unchanged (the shop fixture's own index)
+    plain = run_json("search", shop[2], "--index", shop[1], "-k", "5", "--verify", "30", "--words", "0")
+    assert all(not h["path"].endswith("astronaut.jpg") for h in plain["results"])
+
+
+def test_catalogue_role_refusals(shop, tmp_path):
+    root, idx, query = shop
+    p = run_process("search", query, "--index", idx, "--catalogue", "5")
+    assert p.returncode != 0 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert "--catalogue" in p.stderr and "has no catalogue" in p.stderr and "--catalogue`" in p.stderr
+    p = run_process("search", query, "--index", idx, "--catalogue", "5", "--verify", "0")
+    assert p.returncode != 0 and "--catalogue N goes with --verify" in p.stderr, p.stderr
+    p = run_process("index", root / "catalogue", "--index", tmp_path / "faces", "--preset", "faces", "--catalogue")
+    assert p.returncode != 0 and "--catalogue does not apply to a faces index" in p.stderr, p.stderr
+    assert not (tmp_path / "faces").exists()  # refused before anything was created
+    p = run_process("index", tmp_path / "nowhere", "--index", idx, "--catalogue")
+    assert p.returncode != 0 and "does not exist" in p.stderr and "nowhere" in p.stderr, p.stderr
