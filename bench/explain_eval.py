@@ -165,20 +165,34 @@ def mean_tap(bb, images) -> np.ndarray | None:
 
 
 DEFAULT = "sfam (default: D32·D16·G16), centred (μ at the explain px)"
-VARIANTS = [  # (label, method, metric, centre, μ: "explain" px | "224" | None, where: L(ocalisation) F(aithfulness))
-    (DEFAULT, "sfam", "cosine", True, "explain", "LF"),
+VARIANTS = [  # (label, method, metric, centre, μ: "explain" px | "224" | None, where: L(ocalisation) F(aithfulness)
+    #             at 224 px, 4: faithfulness of the map at 448 px, the index default)
+    (DEFAULT, "sfam", "cosine", True, "explain", "LF4"),
     ("sfam default, μ at 224 px (what an index stores today)", "sfam", "cosine", True, "224", "L"),
     ("sfam default, no μ (explain A B without an index)", "sfam", "cosine", False, None, "L"),
     ("sfam default, l2 (μ)", "sfam", "l2", False, "explain", ""),  # localisation: the same map as centred cosine
     ("sfam default without the gate (D32·D16)", "sfam", "cosine", True, "explain", "L"),
     ("sfam default with the gate weighted by the match's cosine (until 2026-11-30)", "sfam", "cosine", True,
-     "explain", "L"),
+     "explain", "L4"),
     ("sfam-plain cosine (the paper's map)", "sfam-plain", "cosine", False, None, "LF"),
-    ("sfam-plain cosine, centred (μ) (the previous default)", "sfam-plain", "cosine", True, "explain", "L"),
+    ("sfam-plain cosine, centred (μ) (the previous default)", "sfam-plain", "cosine", True, "explain", "L4"),
     ("sfam-plain l2 (μ)", "sfam-plain", "l2", False, "explain", ""),
     ("gradcam cosine (this project's)", "gradcam", "cosine", False, None, "LF"),
     ("occlusion cosine", "occlusion", "cosine", False, None, "L"),
 ]
+SETTINGS = {  # label → the explainer attributes its row sets (after make_explainer)
+    "sfam default without the gate (D32·D16)": {"gate": False},
+    "sfam default with the gate weighted by the match's cosine (until 2026-11-30)": {"gate_kind": "cosine"},
+}
+
+
+def tweak(ex, label: str):
+    """Set the attributes that the row ``label`` asks for (SETTINGS) on the explainer ``ex``."""
+    for k, v in SETTINGS.get(label, {}).items():
+        setattr(ex, k, v)
+    return ex
+
+
 SLOW = ("gradcam", "occlusion")  # eager forward/backward or hundreds of passes per pair: sets A and B only
 
 
@@ -269,10 +283,7 @@ def run_localisation(sizes, rng, quick, peers: bool = True) -> tuple[list, dict]
                     continue
                 mu, mu_tap = mus[mu_at]
                 ex = make_explainer(method, bb, metric=metric, mu=mu, centre=centre, mu_tap=mu_tap)
-                if "without the gate" in label:
-                    ex.gate = False
-                if "weighted by the match's cosine" in label:
-                    ex.gate_kind = "cosine"
+                tweak(ex, label)
                 log(f"localisation {set_name} {size}px {label}")
                 es, ps = [], []
                 t = time.perf_counter()
@@ -365,26 +376,22 @@ def run_faithfulness(quick: bool, only: list[str] | None = None) -> list:
             if "F" not in where:
                 continue
             ex = make_explainer(method, bb, metric=metric, mu=mus[mu_at][0], centre=centre, mu_tap=mus[mu_at][1])
-            if "weighted by the match's cosine" in label:
-                ex.gate_kind = "cosine"
+            tweak(ex, label)
             log(f"faithfulness {ds} {label}")
             res = [deletion_insertion(bb, ex, q, r, ex.explain(q, r).result_raw) for q, r in pairs]
             d, i = pooled_auc(res)
             rows.append([ds, len(pairs), label, round(d, 3), round(i, 3)])
         bb448 = load_backbone(input_size=448)
-        mu448, tap448 = mean_embedding(bb448, images), mean_tap(bb448, images)
-        for label, method in ((f"{DEFAULT}, map at 448 px (the index default)", "sfam"),
-                              ("sfam default, gate weighted by the match's cosine (until 2026-11-30), map at 448 px",
-                               "sfam"),
-                              ("sfam-plain cosine, centred (μ), map at 448 px (the previous default)", "sfam-plain")):
-            if only and not any(t in label for t in only):
+        mus448 = {"explain": (mean_embedding(bb448, images), mean_tap(bb448, images)), None: (None, None)}
+        for label, method, metric, centre, mu_at, where in VARIANTS:  # the maps at 448 px, the index default
+            if "4" not in where:
                 continue
-            ex448 = make_explainer(method, bb448, metric="cosine", mu=mu448, centre=True, mu_tap=tap448)
-            if "weighted by the match's cosine" in label:
-                ex448.gate_kind = "cosine"
-            log(f"faithfulness {ds} {label}")
+            ex448 = make_explainer(method, bb448, metric=metric, mu=mus448[mu_at][0], centre=centre,
+                                   mu_tap=mus448[mu_at][1])
+            tweak(ex448, label)
+            log(f"faithfulness {ds} {label}, map at 448 px")
             d, i = pooled_auc([deletion_insertion(bb, ex448, q, r, ex448.explain(q, r).result_raw) for q, r in pairs])
-            rows.append([ds, len(pairs), label, round(d, 3), round(i, 3)])
+            rows.append([ds, len(pairs), f"{label}, map at 448 px", round(d, 3), round(i, 3)])
         for metric in ("cosine",) if not only else ():
             for label, heat_fn in (("centre prior", lambda: centre_prior(7, 7)),
                                    ("random map", lambda: np.random.default_rng(1).random((7, 7)))):

@@ -301,6 +301,16 @@ def _to(m: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(m[:, None], size=hw, mode="bilinear", align_corners=False)[:, 0]
 
 
+def _unit_max(m: torch.Tensor) -> torch.Tensor:
+    """Each non-negative map of a batch (N×H×W) divided by its maximum (an all-zero map stays zero)."""
+    mx = m.amax((-2, -1), keepdim=True)
+    return m / torch.where(mx > 0, mx, torch.ones_like(mx))
+
+
+PAPER_WEIGHT = 0.0  # λ of SFAM's default map (see the class docstring)
+PAPER_POWER = 1.0  # γ
+
+
 class SFAM(Explainer):
     """SFAM, the default map: CIS-weighted feature maps at two depths, gated by local correspondence.
 
@@ -334,8 +344,10 @@ class SFAM(Explainer):
     name = "sfam"
 
     def __init__(self, *args, mu_tap: np.ndarray | None = None, tap: str | None = "auto", gate: bool = True,
-                 gate_kind: str = "match", **kw):
+                 gate_kind: str = "match", paper: float = PAPER_WEIGHT, paper_power: float = PAPER_POWER, **kw):
         super().__init__(*args, **kw)
+        self.paper = float(paper)  # λ: the weight of the paper's map added to the gated product (0: none)
+        self.paper_power = float(paper_power)  # γ: the paper's map (max-normalised) enters raised to this power
         self.mu_tap = None if mu_tap is None else np.asarray(mu_tap, np.float64).reshape(-1)
         self.tap = TAP_LAYERS.get(self.backbone.name) if tap == "auto" else tap
         self.gate = gate
@@ -442,6 +454,28 @@ class SFAM(Explainer):
         r = pooling.pool(a).numpy()
         q, m = side["q"], side["m"]
         infos = [self.similarity(q, r[i]) for i in range(n)]
+        mq, mr, infos = self._gated_batch(side, a, tr, r, infos, threads)
+        if self.paper > 0:
+            # the paper's map with the same CIS, ReLU(Σ_k CIS_k C_k), on the final grid, upsampled to the map's
+            cis = torch.from_numpy(np.stack([info["cis"] for info in infos]))  # N×C
+            cr = pooling.contributions(a).flatten(2)
+            h, w = side["hw"]
+            pq = torch.relu(cis @ (side["cq"] + m[:, None])).reshape(n, h, w)
+            pr = torch.relu(torch.bmm(cis[:, None], cr)[:, 0]).reshape(n, *a.shape[-2:])
+            lam, gamma = self.paper, self.paper_power
+            mq = _unit_max(mq) + lam * _unit_max(_to(pq, tuple(mq.shape[-2:]))) ** gamma
+            mr = _unit_max(mr) + lam * _unit_max(_to(pr, tuple(mr.shape[-2:]))) ** gamma
+            power = f"^{gamma:g}" if gamma != 1 else ""
+            for info in infos:
+                info["details"]["map"] = f"{info['details']['map']}/max + {lam:g}·(SFAM_paper↑/max){power}"
+        return list(mq.clamp_min(0).numpy()), list(mr.clamp_min(0).numpy()), infos
+
+    def _gated_batch(self, side: dict, a: torch.Tensor, tr: torch.Tensor | None, r: np.ndarray, infos: list,
+                     threads: int | None) -> tuple[torch.Tensor, torch.Tensor, list]:
+        """The gated product (N×H×W each side, before the paper's map is added) for :meth:`_maps_batch`."""
+        n = a.shape[0]
+        pooling = self.backbone.pooling
+        q, m = side["q"], side["m"]
         wq, wr, _ = self._weights(q, r)
         wq, wr = torch.from_numpy(np.ascontiguousarray(wq)), torch.from_numpy(np.ascontiguousarray(wr))
         cr = pooling.contributions(a).flatten(2)  # N×C×h·w; Σ_k wr_k (cr_k − m_k) = Σ_k wr_k cr_k − wr·m
@@ -452,7 +486,7 @@ class SFAM(Explainer):
         if tr is None:
             for info in infos:
                 info["details"] = dict(details)
-            return list(dq.clamp_min(0).numpy()), list(dr.clamp_min(0).numpy()), infos
+            return dq, dr, infos
         mt, tcq, q16 = side["mt"], side["tc"], side["q16"]
         tc = tr.double().flatten(2) - mt[None, :, None]  # N×C'×L
         r16 = tc.mean(2)
@@ -472,7 +506,7 @@ class SFAM(Explainer):
         for i, info in enumerate(infos):
             info["details"] = {"map": base["map"], "layers": list(base["layers"]), "tap_similarity": float(sims[i]),
                                "tap_centred": base["tap_centred"]}
-        return list(dq.clamp_min(0).numpy()), list(dr.clamp_min(0).numpy()), infos
+        return dq, dr, infos
 
     def raw_maps(self, xq, xr, aq, ar):
         tq = tr = None
