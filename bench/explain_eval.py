@@ -16,8 +16,9 @@
    map. μ (and the stride-16 layer's mean) = the mean over the set's source photos at the explain size.
 2. Faithfulness on real matched pairs (att_faces: two photos of one person; caltech101: two photos of
    one category): deletion AUC (most salient pixels replaced by a blurred copy first, 5 % steps; lower
-   is better) and insertion AUC (from the blurred image, most salient first; higher is better), as the
-   similarity normalised by the unmodified pair's.
+   is better) and insertion AUC (from the blurred image, most salient first; higher is better) of the
+   plain cosine, rescaled so that the fully blurred result is 0 and the intact one 1 (mean AUC / mean gap
+   over the pairs). Pixels of equal saliency (a map's zeros) are taken in a fixed random order.
 3. Sanity: randomised backbone weights must change the SFAM maps (Spearman rank correlation).
 4. Cost per explanation per method, and SFAM's default and plain maps for a top-10 vs 11 bare forward passes.
 
@@ -164,10 +165,16 @@ def mean_tap(bb, images) -> np.ndarray | None:
                      ).double().mean(0).numpy()
 
 
-DEFAULT = "sfam (default: D32·D16·G16), centred (μ at the explain px)"
+DEFAULT = "sfam (default: g ⊕ 0.5·paper map⁴, g = D32·D16·G16), centred (μ at the explain px)"
+GATED = "sfam gated product D32·D16·G16 alone (the default until 2026-11-30)"
 VARIANTS = [  # (label, method, metric, centre, μ: "explain" px | "224" | None, where: L(ocalisation) F(aithfulness)
     #             at 224 px, 4: faithfulness of the map at 448 px, the index default)
-    (DEFAULT, "sfam", "cosine", True, "explain", "LF4"),
+    (DEFAULT, "sfam", "cosine", True, "explain", "L4"),
+    (GATED, "sfam", "cosine", True, "explain", "L4"),
+    ("candidate: g + 0.5·paper map⁴ (sum)", "sfam", "cosine", True, "explain", "L4"),
+    ("candidate: g + 0.3·paper map (sum)", "sfam", "cosine", True, "explain", "L4"),
+    ("candidate: g + 0.5·paper map⁸ (sum)", "sfam", "cosine", True, "explain", "L4"),
+    ("candidate: g + 0.05·paper map (sum)", "sfam", "cosine", True, "explain", "L4"),
     ("sfam default, μ at 224 px (what an index stores today)", "sfam", "cosine", True, "224", "L"),
     ("sfam default, no μ (explain A B without an index)", "sfam", "cosine", False, None, "L"),
     ("sfam default, l2 (μ)", "sfam", "l2", False, "explain", ""),  # localisation: the same map as centred cosine
@@ -181,8 +188,14 @@ VARIANTS = [  # (label, method, metric, centre, μ: "explain" px | "224" | None,
     ("occlusion cosine", "occlusion", "cosine", False, None, "L"),
 ]
 SETTINGS = {  # label → the explainer attributes its row sets (after make_explainer)
-    "sfam default without the gate (D32·D16)": {"gate": False},
-    "sfam default with the gate weighted by the match's cosine (until 2026-11-30)": {"gate_kind": "cosine"},
+    GATED: {"paper": 0.0},
+    "candidate: g + 0.5·paper map⁴ (sum)": {"paper": 0.5, "paper_power": 4.0, "paper_mix": "sum"},
+    "candidate: g + 0.3·paper map (sum)": {"paper": 0.3, "paper_power": 1.0, "paper_mix": "sum"},
+    "candidate: g + 0.5·paper map⁸ (sum)": {"paper": 0.5, "paper_power": 8.0, "paper_mix": "sum"},
+    "candidate: g + 0.05·paper map (sum)": {"paper": 0.05, "paper_power": 1.0, "paper_mix": "sum"},
+    "sfam default without the gate (D32·D16)": {"gate": False, "paper": 0.0},
+    "sfam default with the gate weighted by the match's cosine (until 2026-11-30)": {"gate_kind": "cosine",
+                                                                                      "paper": 0.0},
 }
 
 
@@ -430,9 +443,11 @@ def cost(timing: dict, sizes, rounds: int = 3) -> list:
         bb = load_backbone(input_size=size)
         ex = make_explainer("sfam", bb, mu=np.zeros(bb.feature_dim) + 0.1, centre=True)
         plain = make_explainer("sfam-plain", bb, mu=np.zeros(bb.feature_dim) + 0.1, centre=True)
+        gated = tweak(make_explainer("sfam", bb, mu=np.zeros(bb.feature_dim) + 0.1, centre=True), GATED)
         ex.explain_many(q, results)  # warm (the default's two-output graph is exported once)
         plain.explain_many(q, results)
-        fw, pf, sf, sp = [], [], [], []
+        gated.explain_many(q, results)
+        fw, pf, sf, sp, sg = [], [], [], [], []
         for _ in range(rounds):  # interleaved rounds, best of each
             t = time.perf_counter()
             xq, xr = bb.preprocess.batch([q]), bb.preprocess.batch(results)
@@ -448,7 +463,11 @@ def cost(timing: dict, sizes, rounds: int = 3) -> list:
             t = time.perf_counter()
             plain.explain_many(q, results)
             sp.append(time.perf_counter() - t)
-        for what, ts in (("SFAM default", sf), ("sfam-plain", sp)):
+            t = time.perf_counter()
+            gated.explain_many(q, results)
+            sg.append(time.perf_counter() - t)
+        for what, ts in (("SFAM default", sf), ("SFAM gated product alone (the default until 2026-11-30)", sg),
+                         ("sfam-plain", sp)):
             rows.append([f"{what} top-10 maps at {size} px (query + 10 results)", round(1000 * min(ts), 1),
                          f"{min(ts) / min(fw):.2f}x the 11 bare forward passes, {min(ts) / min(pf):.2f}x with "
                          "their preprocessing"])
