@@ -326,16 +326,18 @@ def run_localisation(sizes, rng, quick, peers: bool = True) -> tuple[list, dict]
     return rows, timing
 
 
-def matched_pairs(quick: bool) -> dict[str, list]:
+def matched_pairs(quick: bool, n: int = 20) -> dict[str, list]:
+    """``n`` pairs per dataset (8 with ``quick``): the first n people; every (100 // n)-th category."""
     out = {}
+    n = 8 if quick else n
     faces = _common.shared_dataset("att_faces")
     if faces is not None:
-        people = sorted(p for p in faces.iterdir() if p.is_dir())[: 8 if quick else 20]
+        people = sorted(p for p in faces.iterdir() if p.is_dir())[:n]
         out["att_faces"] = [(Image.open(p / "1.pgm").convert("RGB"), Image.open(p / "2.pgm").convert("RGB"))
                             for p in people]
     cal = _common.shared_dataset("caltech101")
     if cal is not None:
-        cats = sorted(p for p in cal.iterdir() if p.is_dir())[:: 5][: 8 if quick else 20]
+        cats = sorted(p for p in cal.iterdir() if p.is_dir())[:: 5 if n <= 20 else max(1, 100 // n)][:n]
         out["caltech101"] = [tuple(Image.open(f).convert("RGB") for f in sorted(c.glob("*.jpg"))[:2]) for c in cats]
     return out
 
@@ -378,10 +380,10 @@ def pooled_auc(res: list[tuple]) -> tuple[float, float]:
     return float(np.mean([d for d, _, _ in res]) / gap), float(np.mean([i for _, i, _ in res]) / gap)
 
 
-def run_faithfulness(quick: bool, only: list[str] | None = None) -> list:
+def run_faithfulness(quick: bool, only: list[str] | None = None, pairs: int = 20) -> list:
     rows = []
     bb = load_backbone()
-    pairs_by = matched_pairs(quick)
+    pairs_by = matched_pairs(quick, pairs)
     for ds, pairs in pairs_by.items():
         images = [p[0] for p in pairs] + [p[1] for p in pairs]
         mus = {"explain": (mean_embedding(bb, images), mean_tap(bb, images)), None: (None, None)}
@@ -489,6 +491,8 @@ def main() -> None:
     ap.add_argument("--only", nargs="+", default=None, metavar="TEXT",
                     help="only the SFAM rows whose label contains TEXT (no peers, no slow baselines, no sanity): "
                          "localisation and faithfulness side by side in one run, saved as bench/results/explain-only.md")
+    ap.add_argument("--pairs", type=int, default=20, help="matched pairs per dataset for faithfulness (with --only; "
+                    "other than 20: localisation skipped, saved as bench/results/explain-only-pairsN.md)")
     ap.add_argument("--cost-only", action="store_true",
                     help="only the top-10 cost rows (5 interleaved rounds), saved as bench/results/explain-cost.md")
     args = ap.parse_args()
@@ -500,15 +504,16 @@ def main() -> None:
         return
     if args.only:
         VARIANTS[:] = [v for v in VARIANTS if any(t in v[0] for t in args.only)]
-        loc, _ = run_localisation(args.sizes, rng, args.quick, peers=False)
         text = (f"Threads: {args.threads}; rows whose label contains {' or '.join(map(repr, args.only))}, side by side "
                 "in one run (`python bench/explain_eval.py --only …`; the peers' rows: bench/results/explain.md).\n\n")
-        text += "## Localisation (result map on the composite, scored at the photo's own size)\n\n"
-        text += _common.table(["set", "input px", "map", "energy-in-box", "pointing"], loc)
-        faith = run_faithfulness(args.quick, only=args.only)
+        if args.pairs == 20:
+            loc, _ = run_localisation(args.sizes, rng, args.quick, peers=False)
+            text += "## Localisation (result map on the composite, scored at the photo's own size)\n\n"
+            text += _common.table(["set", "input px", "map", "energy-in-box", "pointing"], loc)
+        faith = run_faithfulness(args.quick, only=args.only, pairs=args.pairs)
         text += "\n\n## Faithfulness on real matched pairs (224 px; deletion: lower is better, insertion: higher)\n\n"
         text += _common.table(["dataset", "pairs", "map", "deletion AUC", "insertion AUC"], faith)
-        _common.save("explain-only", text)
+        _common.save("explain-only" if args.pairs == 20 else f"explain-only-pairs{args.pairs}", text)
         return
     loc, timing = run_localisation(args.sizes, rng, args.quick)
     text = (f"Threads: {args.threads}; input sizes: {', '.join(map(str, args.sizes))} px (pytorch-grad-cam "
