@@ -16,8 +16,9 @@
    map. μ (and the stride-16 layer's mean) = the mean over the set's source photos at the explain size.
 2. Faithfulness on real matched pairs (att_faces: two photos of one person; caltech101: two photos of
    one category): deletion AUC (most salient pixels replaced by a blurred copy first, 5 % steps; lower
-   is better) and insertion AUC (from the blurred image, most salient first; higher is better), as the
-   similarity normalised by the unmodified pair's.
+   is better) and insertion AUC (from the blurred image, most salient first; higher is better) of the
+   plain cosine, rescaled so that the fully blurred result is 0 and the intact one 1 (mean AUC / mean gap
+   over the pairs). Pixels of equal saliency (a map's zeros) are taken in a fixed random order.
 3. Sanity: randomised backbone weights must change the SFAM maps (Spearman rank correlation).
 4. Cost per explanation per method, and SFAM's default and plain maps for a top-10 vs 11 bare forward passes.
 
@@ -164,21 +165,47 @@ def mean_tap(bb, images) -> np.ndarray | None:
                      ).double().mean(0).numpy()
 
 
-DEFAULT = "sfam (default: D32·D16·G16), centred (μ at the explain px)"
-VARIANTS = [  # (label, method, metric, centre, μ: "explain" px | "224" | None, where: L(ocalisation) F(aithfulness))
-    (DEFAULT, "sfam", "cosine", True, "explain", "LF"),
+DEFAULT = "sfam (default: g ⊕ 0.5·paper map⁴, g = D32·D16·G16), centred (μ at the explain px)"
+GATED = "sfam gated product D32·D16·G16 alone (the default until 2026-11-30)"
+VARIANTS = [  # (label, method, metric, centre, μ: "explain" px | "224" | None, where: L(ocalisation) F(aithfulness)
+    #             at 224 px, 4: faithfulness of the map at 448 px, the index default)
+    (DEFAULT, "sfam", "cosine", True, "explain", "L4"),
+    (GATED, "sfam", "cosine", True, "explain", "L4"),
+    ("candidate: g + 0.5·paper map⁴ (sum)", "sfam", "cosine", True, "explain", "L4"),
+    ("candidate: g + 0.3·paper map (sum)", "sfam", "cosine", True, "explain", "L4"),
+    ("candidate: g + 0.5·paper map⁸ (sum)", "sfam", "cosine", True, "explain", "L4"),
+    ("candidate: g + 0.05·paper map (sum)", "sfam", "cosine", True, "explain", "L4"),
     ("sfam default, μ at 224 px (what an index stores today)", "sfam", "cosine", True, "224", "L"),
     ("sfam default, no μ (explain A B without an index)", "sfam", "cosine", False, None, "L"),
     ("sfam default, l2 (μ)", "sfam", "l2", False, "explain", ""),  # localisation: the same map as centred cosine
     ("sfam default without the gate (D32·D16)", "sfam", "cosine", True, "explain", "L"),
     ("sfam default with the gate weighted by the match's cosine (until 2026-11-30)", "sfam", "cosine", True,
-     "explain", "L"),
+     "explain", "L4"),
     ("sfam-plain cosine (the paper's map)", "sfam-plain", "cosine", False, None, "LF"),
-    ("sfam-plain cosine, centred (μ) (the previous default)", "sfam-plain", "cosine", True, "explain", "L"),
+    ("sfam-plain cosine, centred (μ) (the previous default)", "sfam-plain", "cosine", True, "explain", "L4"),
     ("sfam-plain l2 (μ)", "sfam-plain", "l2", False, "explain", ""),
     ("gradcam cosine (this project's)", "gradcam", "cosine", False, None, "LF"),
     ("occlusion cosine", "occlusion", "cosine", False, None, "L"),
 ]
+SETTINGS = {  # label → the explainer attributes its row sets (after make_explainer)
+    GATED: {"paper": 0.0},
+    "candidate: g + 0.5·paper map⁴ (sum)": {"paper": 0.5, "paper_power": 4.0, "paper_mix": "sum"},
+    "candidate: g + 0.3·paper map (sum)": {"paper": 0.3, "paper_power": 1.0, "paper_mix": "sum"},
+    "candidate: g + 0.5·paper map⁸ (sum)": {"paper": 0.5, "paper_power": 8.0, "paper_mix": "sum"},
+    "candidate: g + 0.05·paper map (sum)": {"paper": 0.05, "paper_power": 1.0, "paper_mix": "sum"},
+    "sfam default without the gate (D32·D16)": {"gate": False, "paper": 0.0},
+    "sfam default with the gate weighted by the match's cosine (until 2026-11-30)": {"gate_kind": "cosine",
+                                                                                      "paper": 0.0},
+}
+
+
+def tweak(ex, label: str):
+    """Set the attributes that the row ``label`` asks for (SETTINGS) on the explainer ``ex``."""
+    for k, v in SETTINGS.get(label, {}).items():
+        setattr(ex, k, v)
+    return ex
+
+
 SLOW = ("gradcam", "occlusion")  # eager forward/backward or hundreds of passes per pair: sets A and B only
 
 
@@ -269,10 +296,7 @@ def run_localisation(sizes, rng, quick, peers: bool = True) -> tuple[list, dict]
                     continue
                 mu, mu_tap = mus[mu_at]
                 ex = make_explainer(method, bb, metric=metric, mu=mu, centre=centre, mu_tap=mu_tap)
-                if "without the gate" in label:
-                    ex.gate = False
-                if "weighted by the match's cosine" in label:
-                    ex.gate_kind = "cosine"
+                tweak(ex, label)
                 log(f"localisation {set_name} {size}px {label}")
                 es, ps = [], []
                 t = time.perf_counter()
@@ -302,16 +326,18 @@ def run_localisation(sizes, rng, quick, peers: bool = True) -> tuple[list, dict]
     return rows, timing
 
 
-def matched_pairs(quick: bool) -> dict[str, list]:
+def matched_pairs(quick: bool, n: int = 20) -> dict[str, list]:
+    """``n`` pairs per dataset (8 with ``quick``): the first n people; every (100 // n)-th category."""
     out = {}
+    n = 8 if quick else n
     faces = _common.shared_dataset("att_faces")
     if faces is not None:
-        people = sorted(p for p in faces.iterdir() if p.is_dir())[: 8 if quick else 20]
+        people = sorted(p for p in faces.iterdir() if p.is_dir())[:n]
         out["att_faces"] = [(Image.open(p / "1.pgm").convert("RGB"), Image.open(p / "2.pgm").convert("RGB"))
                             for p in people]
     cal = _common.shared_dataset("caltech101")
     if cal is not None:
-        cats = sorted(p for p in cal.iterdir() if p.is_dir())[:: 5][: 8 if quick else 20]
+        cats = sorted(p for p in cal.iterdir() if p.is_dir())[:: 5 if n <= 20 else max(1, 100 // n)][:n]
         out["caltech101"] = [tuple(Image.open(f).convert("RGB") for f in sorted(c.glob("*.jpg"))[:2]) for c in cats]
     return out
 
@@ -354,10 +380,10 @@ def pooled_auc(res: list[tuple]) -> tuple[float, float]:
     return float(np.mean([d for d, _, _ in res]) / gap), float(np.mean([i for _, i, _ in res]) / gap)
 
 
-def run_faithfulness(quick: bool, only: list[str] | None = None) -> list:
+def run_faithfulness(quick: bool, only: list[str] | None = None, pairs: int = 20) -> list:
     rows = []
     bb = load_backbone()
-    pairs_by = matched_pairs(quick)
+    pairs_by = matched_pairs(quick, pairs)
     for ds, pairs in pairs_by.items():
         images = [p[0] for p in pairs] + [p[1] for p in pairs]
         mus = {"explain": (mean_embedding(bb, images), mean_tap(bb, images)), None: (None, None)}
@@ -365,26 +391,22 @@ def run_faithfulness(quick: bool, only: list[str] | None = None) -> list:
             if "F" not in where:
                 continue
             ex = make_explainer(method, bb, metric=metric, mu=mus[mu_at][0], centre=centre, mu_tap=mus[mu_at][1])
-            if "weighted by the match's cosine" in label:
-                ex.gate_kind = "cosine"
+            tweak(ex, label)
             log(f"faithfulness {ds} {label}")
             res = [deletion_insertion(bb, ex, q, r, ex.explain(q, r).result_raw) for q, r in pairs]
             d, i = pooled_auc(res)
             rows.append([ds, len(pairs), label, round(d, 3), round(i, 3)])
         bb448 = load_backbone(input_size=448)
-        mu448, tap448 = mean_embedding(bb448, images), mean_tap(bb448, images)
-        for label, method in ((f"{DEFAULT}, map at 448 px (the index default)", "sfam"),
-                              ("sfam default, gate weighted by the match's cosine (until 2026-11-30), map at 448 px",
-                               "sfam"),
-                              ("sfam-plain cosine, centred (μ), map at 448 px (the previous default)", "sfam-plain")):
-            if only and not any(t in label for t in only):
+        mus448 = {"explain": (mean_embedding(bb448, images), mean_tap(bb448, images)), None: (None, None)}
+        for label, method, metric, centre, mu_at, where in VARIANTS:  # the maps at 448 px, the index default
+            if "4" not in where:
                 continue
-            ex448 = make_explainer(method, bb448, metric="cosine", mu=mu448, centre=True, mu_tap=tap448)
-            if "weighted by the match's cosine" in label:
-                ex448.gate_kind = "cosine"
-            log(f"faithfulness {ds} {label}")
+            ex448 = make_explainer(method, bb448, metric=metric, mu=mus448[mu_at][0], centre=centre,
+                                   mu_tap=mus448[mu_at][1])
+            tweak(ex448, label)
+            log(f"faithfulness {ds} {label}, map at 448 px")
             d, i = pooled_auc([deletion_insertion(bb, ex448, q, r, ex448.explain(q, r).result_raw) for q, r in pairs])
-            rows.append([ds, len(pairs), label, round(d, 3), round(i, 3)])
+            rows.append([ds, len(pairs), f"{label}, map at 448 px", round(d, 3), round(i, 3)])
         for metric in ("cosine",) if not only else ():
             for label, heat_fn in (("centre prior", lambda: centre_prior(7, 7)),
                                    ("random map", lambda: np.random.default_rng(1).random((7, 7)))):
@@ -423,9 +445,11 @@ def cost(timing: dict, sizes, rounds: int = 3) -> list:
         bb = load_backbone(input_size=size)
         ex = make_explainer("sfam", bb, mu=np.zeros(bb.feature_dim) + 0.1, centre=True)
         plain = make_explainer("sfam-plain", bb, mu=np.zeros(bb.feature_dim) + 0.1, centre=True)
+        gated = tweak(make_explainer("sfam", bb, mu=np.zeros(bb.feature_dim) + 0.1, centre=True), GATED)
         ex.explain_many(q, results)  # warm (the default's two-output graph is exported once)
         plain.explain_many(q, results)
-        fw, pf, sf, sp = [], [], [], []
+        gated.explain_many(q, results)
+        fw, pf, sf, sp, sg = [], [], [], [], []
         for _ in range(rounds):  # interleaved rounds, best of each
             t = time.perf_counter()
             xq, xr = bb.preprocess.batch([q]), bb.preprocess.batch(results)
@@ -441,7 +465,11 @@ def cost(timing: dict, sizes, rounds: int = 3) -> list:
             t = time.perf_counter()
             plain.explain_many(q, results)
             sp.append(time.perf_counter() - t)
-        for what, ts in (("SFAM default", sf), ("sfam-plain", sp)):
+            t = time.perf_counter()
+            gated.explain_many(q, results)
+            sg.append(time.perf_counter() - t)
+        for what, ts in (("SFAM default", sf), ("SFAM gated product alone (the default until 2026-11-30)", sg),
+                         ("sfam-plain", sp)):
             rows.append([f"{what} top-10 maps at {size} px (query + 10 results)", round(1000 * min(ts), 1),
                          f"{min(ts) / min(fw):.2f}x the 11 bare forward passes, {min(ts) / min(pf):.2f}x with "
                          "their preprocessing"])
@@ -463,6 +491,8 @@ def main() -> None:
     ap.add_argument("--only", nargs="+", default=None, metavar="TEXT",
                     help="only the SFAM rows whose label contains TEXT (no peers, no slow baselines, no sanity): "
                          "localisation and faithfulness side by side in one run, saved as bench/results/explain-only.md")
+    ap.add_argument("--pairs", type=int, default=20, help="matched pairs per dataset for faithfulness (with --only; "
+                    "other than 20: localisation skipped, saved as bench/results/explain-only-pairsN.md)")
     ap.add_argument("--cost-only", action="store_true",
                     help="only the top-10 cost rows (5 interleaved rounds), saved as bench/results/explain-cost.md")
     args = ap.parse_args()
@@ -474,15 +504,16 @@ def main() -> None:
         return
     if args.only:
         VARIANTS[:] = [v for v in VARIANTS if any(t in v[0] for t in args.only)]
-        loc, _ = run_localisation(args.sizes, rng, args.quick, peers=False)
         text = (f"Threads: {args.threads}; rows whose label contains {' or '.join(map(repr, args.only))}, side by side "
                 "in one run (`python bench/explain_eval.py --only …`; the peers' rows: bench/results/explain.md).\n\n")
-        text += "## Localisation (result map on the composite, scored at the photo's own size)\n\n"
-        text += _common.table(["set", "input px", "map", "energy-in-box", "pointing"], loc)
-        faith = run_faithfulness(args.quick, only=args.only)
+        if args.pairs == 20:
+            loc, _ = run_localisation(args.sizes, rng, args.quick, peers=False)
+            text += "## Localisation (result map on the composite, scored at the photo's own size)\n\n"
+            text += _common.table(["set", "input px", "map", "energy-in-box", "pointing"], loc)
+        faith = run_faithfulness(args.quick, only=args.only, pairs=args.pairs)
         text += "\n\n## Faithfulness on real matched pairs (224 px; deletion: lower is better, insertion: higher)\n\n"
         text += _common.table(["dataset", "pairs", "map", "deletion AUC", "insertion AUC"], faith)
-        _common.save("explain-only", text)
+        _common.save("explain-only" if args.pairs == 20 else f"explain-only-pairs{args.pairs}", text)
         return
     loc, timing = run_localisation(args.sizes, rng, args.quick)
     text = (f"Threads: {args.threads}; input sizes: {', '.join(map(str, args.sizes))} px (pytorch-grad-cam "

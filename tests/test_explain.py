@@ -263,11 +263,12 @@ def test_mutual_gate_is_the_mutual_nearest_neighbour_cosine(seed):
 
 
 def test_default_map_equals_its_formula(lite0):
-    """raw_maps on random feature maps: ReLU(D32↑)·ReLU(D16)·G16, and the CIS stays exact."""
+    """raw_maps on random feature maps: the gated product ReLU(D32↑)·ReLU(D16)·G16 (paper=0: without the
+    paper's map that the default adds, tested below), and the CIS stays exact."""
     mu, mu16 = _maps(3, 1280, (1, 1)).flatten() * 0.5, torch.randn(112, dtype=torch.float64) * 0.1
     aq, ar = _maps(1, 1280, (4, 3)), _maps(2, 1280, (4, 3))
     tq, tr = torch.randn(112, 8, 6, dtype=torch.float64), torch.randn(112, 8, 6, dtype=torch.float64)
-    ex = SFAM(lite0, metric="cosine", mu=mu.numpy(), centre=True, mu_tap=mu16.numpy())
+    ex = SFAM(lite0, metric="cosine", mu=mu.numpy(), centre=True, mu_tap=mu16.numpy(), paper=0)
     mq, mr, info = ex.raw_maps(None, None, (aq[None], tq[None]), (ar[None], tr[None]))
     q, r = aq.mean((1, 2)), ar.mean((1, 2))
     cis = cis_cosine(q.numpy(), r.numpy(), mu.numpy())
@@ -293,13 +294,13 @@ def test_default_map_equals_its_formula(lite0):
 def test_default_map_without_the_gate_or_the_tap(lite0):
     aq, ar = _maps(5, 1280, (4, 4)), _maps(6, 1280, (4, 4))
     tq, tr = torch.randn(112, 8, 8, dtype=torch.float64), torch.randn(112, 8, 8, dtype=torch.float64)
-    gated = SFAM(lite0).raw_maps(None, None, (aq[None], tq[None]), (ar[None], tr[None]))[1]
-    ungated = SFAM(lite0, gate=False).raw_maps(None, None, (aq[None], tq[None]), (ar[None], tr[None]))[1]
+    gated = SFAM(lite0, paper=0).raw_maps(None, None, (aq[None], tq[None]), (ar[None], tr[None]))[1]
+    ungated = SFAM(lite0, gate=False, paper=0).raw_maps(None, None, (aq[None], tq[None]), (ar[None], tr[None]))[1]
     gr = mutual_gate(tq, tr, torch.zeros(112, dtype=torch.float64))[1].numpy()
     np.testing.assert_allclose(gated, ungated * (gr > 0), rtol=1e-12, atol=1e-15)
-    cosine = SFAM(lite0, gate_kind="cosine").raw_maps(None, None, (aq[None], tq[None]), (ar[None], tr[None]))[1]
+    cosine = SFAM(lite0, gate_kind="cosine", paper=0).raw_maps(None, None, (aq[None], tq[None]), (ar[None], tr[None]))[1]
     np.testing.assert_allclose(cosine, ungated * gr, rtol=1e-12, atol=1e-15)
-    final_only = SFAM(lite0, tap=None).raw_maps(None, None, aq[None], ar[None])[1]
+    final_only = SFAM(lite0, tap=None, paper=0).raw_maps(None, None, aq[None], ar[None])[1]
     q, r = aq.mean((1, 2)), ar.mean((1, 2))  # uncentred: D32 = Σ_k q_k A_k / (‖q‖‖r‖)
     expect = torch.relu(torch.einsum("c,chw->hw", q / (q.norm() * r.norm()), ar)).numpy()
     np.testing.assert_allclose(final_only, expect, rtol=1e-9)
@@ -364,3 +365,43 @@ def test_default_map_finds_a_small_object_pasted_into_another_photo(lite0):
                 yy, xx = np.unravel_index(np.argmax(m), m.shape)
                 assert x0 <= xx < x1 and y0 <= yy < y1, (obj, scene)
     assert np.mean(energy["new"]) > 0.5 and np.mean(energy["new"]) > np.mean(energy["old"]) + 0.1, energy
+
+
+@pytest.mark.parametrize("lam,gamma,mix", [(0.5, 4.0, "or"), (0.2, 1.0, "or"), (0.5, 4.0, "sum")])
+def test_default_map_adds_the_papers_map(lite0, lam, gamma, mix):
+    """With g = gated/max and s = λ·(up(ReLU(Σ_k CIS_k A_k))/max)^γ (the paper's map with the same CIS):
+    map = g + s·(1 − g) ("or", the default: 1 − (1 − g)(1 − s)) or g + s ("sum"). s fills in the locations the
+    gated product leaves at 0; the CIS (and what it sums to) is unchanged."""
+    mu, mu16 = _maps(13, 1280, (1, 1)).flatten() * 0.5, torch.randn(112, dtype=torch.float64) * 0.1
+    aq, ar = _maps(11, 1280, (4, 3)), _maps(12, 1280, (4, 3))
+    tq, tr = torch.randn(112, 8, 6, dtype=torch.float64), torch.randn(112, 8, 6, dtype=torch.float64)
+    kw = {"metric": "cosine", "mu": mu.numpy(), "centre": True, "mu_tap": mu16.numpy()}
+    feats = (None, None, (aq[None], tq[None]), (ar[None], tr[None]))
+    gq, gr, info0 = SFAM(lite0, paper=0, **kw).raw_maps(*feats)
+    mq, mr, info = SFAM(lite0, paper=lam, paper_power=gamma, paper_mix=mix, **kw).raw_maps(*feats)
+    cis = cis_cosine(aq.mean((1, 2)).numpy(), ar.mean((1, 2)).numpy(), mu.numpy())
+    np.testing.assert_allclose(info["cis"], cis, rtol=1e-12)
+    assert abs(info["cis"].sum() - info["cis_target"]) < 1e-12 and info["cis_target"] == info0["cis_target"]
+    up = lambda x: torch.nn.functional.interpolate(x[None, None], size=(8, 6), mode="bilinear",  # noqa: E731
+                                                   align_corners=False)[0, 0].numpy()
+    c = torch.as_tensor(cis)
+    paper_q = up(torch.relu(torch.einsum("c,chw->hw", c, aq)))
+    paper_r = up(torch.relu(torch.einsum("c,chw->hw", c, ar)))
+    assert gr.max() > 0 and (gr == 0).any() and paper_r.max() > 0
+    for got, gated, paper in ((mr, gr, paper_r), (mq, gq, paper_q)):
+        g, sp = gated / gated.max(), lam * (paper / paper.max()) ** gamma
+        expect = 1 - (1 - g) * (1 - sp) if mix == "or" else g + sp
+        np.testing.assert_allclose(got, expect, rtol=1e-9, atol=1e-12)
+        if mix == "or":  # the gated map's maximum stays the map's (pointing unchanged), and the map stays in [0, 1]
+            assert got.max() == 1.0 and np.all(got[g < 1] < 1) and got.min() >= 0
+    assert (mr > 0).sum() > (gr > 0).sum()  # denser: fewer ties for deletion/insertion to order at random
+    assert "SFAM_paper" in info["details"]["map"]
+
+
+def test_default_map_weight_of_the_papers_map(lite0):
+    from explain.methods import PAPER_WEIGHT
+
+    from explain.methods import PAPER_POWER
+
+    assert SFAM(lite0).paper == PAPER_WEIGHT == make_explainer("sfam", lite0).paper
+    assert SFAM(lite0).paper_power == PAPER_POWER and SFAM(lite0).paper_mix == "or"
