@@ -391,14 +391,14 @@ def localisation(pairs, face_bb, mu, gc, progress) -> list[list]:
     from explain.methods import SFAM, make_explainer
     from retrieval.faces import warp_to_photo
 
-    sfam = SFAM(face_bb, metric="l2", mu=mu, tap=TAP)
+    sfam = SFAM(face_bb, metric="l2", mu=mu, tap=TAP, paper=0)
     sfam.map_max_side = None
-    old = SFAM(face_bb, metric="l2", mu=mu, tap=TAP)
+    old = SFAM(face_bb, metric="l2", mu=mu, tap=TAP, paper=0)
     old.map_max_side, old.cell_geometry = None, False
     x = face_bb.preprocess.batch([Image.fromarray(f.chip) for _, qf, _, rf, _ in pairs for f in (qf, rf)])
     mu_tap = face_bb.features_and_tap(x, TAP)[1].double().mean((2, 3)).mean(0).numpy()
     # the default: the tap centred on μ_tap (the index keeps it over up to 128 indexed faces; here: these chips)
-    centred = SFAM(face_bb, metric="l2", mu=mu, tap=TAP, mu_tap=mu_tap)
+    centred = SFAM(face_bb, metric="l2", mu=mu, tap=TAP, mu_tap=mu_tap, paper=0)
     centred.map_max_side = None
     gcam = make_explainer("gradcam", face_bb, metric="l2", mu=mu)
     gcam.map_max_side = None
