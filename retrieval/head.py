@@ -71,3 +71,4 @@ def fit_head(chunks: Iterable[np.ndarray], config: dict, shrink: float = 0.1) ->
     else:
         scale = np.ones(d)
     return LinearHead(mean=mean, proj=(vec * scale).T, fitted_on=n)
+

@@ -23,8 +23,9 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 
 from .metric import Metric, metric as metric_named
+from .space import VectorSpace
 from .settings import DB_NAME, SCHEMA_VERSION, IndexSettings
-from .vectors import FAISS_NAME, INDEX_TYPES, Vectors, factory_for
+from .vectors import FAISS_NAME, Vectors
 
 # The index types whose vector file this module reads as retrieval/vectors.py writes it; any other
 # (a user's FAISS factory, or a layout added later) goes through the full store.
@@ -92,7 +93,7 @@ def open_search_store(directory: str | os.PathLike, *, plain: bool = True, verif
     return IndexStore.open(directory)
 
 
-class LiteStore:
+class LiteStore(VectorSpace):
     """See the module docstring. Read-only: it never writes the database or the vector file."""
 
     server = False
@@ -210,30 +211,6 @@ class LiteStore:
         return np.frombuffer(b"".join(rows), np.float32).reshape(len(rows), self.settings.dim)
 
     # -- linear head and vector space (as IndexStore) --------------------------------------------------
-    @property
-    def head(self):
-        if not hasattr(self, "_head"):
-            self._head = None
-            if self.settings.head:
-                from .head import LinearHead
-
-                arrays = self._arrays(["head_mean", "head_proj"])
-                if len(arrays) == 2:
-                    self._head = LinearHead(arrays["head_mean"], arrays["head_proj"],
-                                            int(self.get_value("head_fitted_on", 0)))
-        return self._head
-
-    @property
-    def head_id(self) -> str:
-        import hashlib
-
-        h = self.head
-        if h is None:
-            return "none"
-        d = hashlib.sha256(np.ascontiguousarray(h.mean, np.float64).tobytes())
-        d.update(np.ascontiguousarray(h.proj, np.float64).tobytes())
-        return d.hexdigest()[:16]
-
     def _arrays(self, names: list[str]) -> dict[str, np.ndarray]:
         out = {}
         try:
@@ -243,23 +220,6 @@ class LiteStore:
         except sqlite3.OperationalError:
             pass  # no arrays table
         return out
-
-    @property
-    def vector_dim(self) -> int:
-        return self.head.dim if self.head is not None else self.settings.dim
-
-    def space(self) -> dict:
-        return {"head": self.head_id, "metric": self.settings.metric, "dim": self.vector_dim}
-
-    def transform(self, vecs: np.ndarray) -> np.ndarray:
-        x = np.ascontiguousarray(vecs, dtype=np.float32)
-        if self.head is not None:
-            x = self.head.apply(x)
-        return self.metric.normalise(x)
-
-    def factory(self, n: int) -> str:
-        st = self.settings
-        return factory_for(st.index_type, self.vector_dim, n) if st.index_type in INDEX_TYPES else st.faiss_factory
 
     # -- vectors: reconciled with the rows in memory, as the full store does for a reader ----------------
     def faiss_index(self):

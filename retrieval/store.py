@@ -14,7 +14,6 @@ settings), ``presets``, ``lock``, ``metric`` and ``vectors`` and are re-exported
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import asdict
@@ -30,6 +29,7 @@ from . import database
 from .errors import IndexError_, SettingsMismatch
 from .lock import LOCK_NAME, WriterLock
 from .metric import Metric, metric as metric_named
+from .space import VectorSpace
 from .presets import PRESETS
 from .schema import (DB_NAME, SCHEMA_VERSION, ArrayRow, Base, ImageRow, IndexSettings, SettingRow,
                      SkippedRow)
@@ -76,7 +76,7 @@ def index_path(directory: str | os.PathLike) -> Path:
     return p.resolve()
 
 
-class IndexStore:
+class IndexStore(VectorSpace):
     """One index directory: settings, rows, vectors. Use :meth:`open` or :meth:`create`."""
 
     def __init__(self, directory: Path, db_url: str | None = None, *, writable: bool = False):
@@ -438,30 +438,6 @@ class IndexStore:
         return mean
 
     # -- linear head ---------------------------------------------------------------------------
-    @property
-    def head(self):
-        """The fitted :class:`retrieval.head.LinearHead`, or None (no head configured, or not fitted yet)."""
-        if not hasattr(self, "_head"):
-            self._head = None
-            if self.settings.head:
-                from .head import LinearHead
-
-                arrays = self._arrays(["head_mean", "head_proj"])
-                if len(arrays) == 2:
-                    self._head = LinearHead(arrays["head_mean"], arrays["head_proj"],
-                                            int(self.get_value("head_fitted_on", 0)))
-        return self._head
-
-    @property
-    def head_id(self) -> str:
-        """The fitted head's identity (a hash of its arrays), ``none`` without one."""
-        h = self.head
-        if h is None:
-            return "none"
-        d = hashlib.sha256(np.ascontiguousarray(h.mean, np.float64).tobytes())
-        d.update(np.ascontiguousarray(h.proj, np.float64).tobytes())
-        return d.hexdigest()[:16]
-
     def _arrays(self, names: list[str]) -> dict[str, np.ndarray]:
         out = {}
         try:
@@ -501,30 +477,6 @@ class IndexStore:
         if head is None:
             return n >= 32
         return n >= 2 * max(head.fitted_on, 1)
-
-    @property
-    def vector_dim(self) -> int:
-        """The dimension of the vectors FAISS holds (the head's output, else the backbone's)."""
-        return self.head.dim if self.head is not None else self.settings.dim
-
-    def space(self) -> dict:
-        """What the vectors FAISS holds depend on: the head, the metric and the dimension."""
-        return {"head": self.head_id, "metric": self.settings.metric, "dim": self.vector_dim}
-
-    # -- vectors (FAISS; see retrieval/vectors.py) -----------------------------------------------
-    def transform(self, vecs: np.ndarray) -> np.ndarray:
-        """Raw pooled embeddings → the vectors FAISS holds (through the head; L2-normalised for cosine)."""
-        x = np.ascontiguousarray(vecs, dtype=np.float32)
-        if self.head is not None:
-            x = self.head.apply(x)
-        return self.metric.normalise(x)
-
-    def factory(self, n: int) -> str:
-        """The FAISS factory string this index wants at ``n`` vectors (before the training fallback)."""
-        st = self.settings
-        return factory_for(st.index_type, self.vector_dim, n) if st.index_type in INDEX_TYPES else st.faiss_factory
-
-    _factory = factory
 
     @property
     def _vectors(self):

@@ -1,0 +1,59 @@
+"""The vector space of an index store: shared by retrieval/store.py (SQLAlchemy) and retrieval/litestore.py
+(the standard library's sqlite3, for a fast `retrieve search`)."""
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+from .head import LinearHead
+from .vectors import INDEX_TYPES, factory_for
+
+
+class VectorSpace:
+    """The vector space of an index store (IndexStore, and LiteStore that reads SQLite without SQLAlchemy):
+    its linear head, the vectors FAISS holds and their factory, from the store's ``settings``, ``metric``,
+    ``_arrays(names)`` and ``get_value(key)``."""
+
+    @property
+    def head(self) -> LinearHead | None:
+        """The fitted :class:`LinearHead`, or None (no head configured, or not fitted yet)."""
+        if not hasattr(self, "_head"):
+            self._head = None
+            if self.settings.head:
+                arrays = self._arrays(["head_mean", "head_proj"])
+                if len(arrays) == 2:
+                    self._head = LinearHead(arrays["head_mean"], arrays["head_proj"],
+                                            int(self.get_value("head_fitted_on", 0)))
+        return self._head
+
+    @property
+    def head_id(self) -> str:
+        """The fitted head's identity (a hash of its arrays), ``none`` without one."""
+        h = self.head
+        if h is None:
+            return "none"
+        d = hashlib.sha256(np.ascontiguousarray(h.mean, np.float64).tobytes())
+        d.update(np.ascontiguousarray(h.proj, np.float64).tobytes())
+        return d.hexdigest()[:16]
+
+    @property
+    def vector_dim(self) -> int:
+        """The dimension of the vectors FAISS holds (the head's output, else the backbone's)."""
+        return self.head.dim if self.head is not None else self.settings.dim
+
+    def space(self) -> dict:
+        """What the vectors FAISS holds depend on: the head, the metric and the dimension."""
+        return {"head": self.head_id, "metric": self.settings.metric, "dim": self.vector_dim}
+
+    def transform(self, vecs: np.ndarray) -> np.ndarray:
+        """Raw pooled embeddings → the vectors FAISS holds (through the head; L2-normalised for cosine)."""
+        x = np.ascontiguousarray(vecs, dtype=np.float32)
+        if self.head is not None:
+            x = self.head.apply(x)
+        return self.metric.normalise(x)
+
+    def factory(self, n: int) -> str:
+        """The FAISS factory string this index wants at ``n`` vectors (before the training fallback)."""
+        st = self.settings
+        return factory_for(st.index_type, self.vector_dim, n) if st.index_type in INDEX_TYPES else st.faiss_factory
