@@ -117,6 +117,15 @@ def explain_pair(explainer, qimg: Image.Image, qface: Face, rimg: Image.Image, r
             "energy_in_box": {"query": energy_in_box(qmap, qface.box), "result": energy_in_box(rmap, rface.box)}}
 
 
+def _save_pair(out: Path, p: dict, query: tuple, result: tuple) -> None:
+    """Write one pair's pictures and maps: per side (image, face, overlay name, chip name, map name), the photo
+    with its map and face box, the chip with its map, and the photo-sized map (.npy, float32)."""
+    for (img, face, over, chip, npy), side in ((query, "query"), (result, "result")):
+        _boxed(img, p[f"{side}_photo_map"], face.box).save(out / over)
+        overlay(Image.fromarray(face.chip), p[f"{side}_chip_map"]).save(out / chip)
+        np.save(out / npy, p[f"{side}_photo_map"].astype(np.float32))
+
+
 def _boxed(img: Image.Image, heat: np.ndarray, box, colour=(0, 229, 255)) -> Image.Image:
     out = overlay(img.convert("RGB"), heat)
     d = ImageDraw.Draw(out)
@@ -170,12 +179,8 @@ def explain_face_hits(searcher: FaceSearcher, res: FaceQuery, out: Path, method:
         files = {"query_overlay": f"{stem}_query.png", "result_overlay": f"{stem}_result.png",
                  "query_chip": f"{stem}_query_chip.png", "result_chip": f"{stem}_result_chip.png",
                  "query_map": f"{stem}_query_map.npy", "result_map": f"{stem}_result_map.npy"}
-        _boxed(qimg, p["query_photo_map"], qface.box).save(out / files["query_overlay"])
-        _boxed(rimg, p["result_photo_map"], rface.box).save(out / files["result_overlay"])
-        overlay(Image.fromarray(qface.chip), p["query_chip_map"]).save(out / files["query_chip"])
-        overlay(Image.fromarray(rface.chip), p["result_chip_map"]).save(out / files["result_chip"])
-        np.save(out / files["query_map"], p["query_photo_map"].astype(np.float32))
-        np.save(out / files["result_map"], p["result_photo_map"].astype(np.float32))
+        _save_pair(out, p, (qimg, qface, files["query_overlay"], files["query_chip"], files["query_map"]),
+                   (rimg, rface, files["result_overlay"], files["result_chip"], files["result_map"]))
         rec = {**h.to_dict(), "explained": e.similarity, "cis_sum": float(e.cis.sum()) if e.cis is not None else None,
                "cis_target": e.cis_target, "energy_in_box": p["energy_in_box"], "files": files,
                "report": str(out / "report.html")}
@@ -246,12 +251,8 @@ def explain_face_pair(searcher: FaceSearcher, a: str, b: str, out: Path, face_a:
     e = p["explanation"]
     files = {"a_overlay": "a.png", "b_overlay": "b.png", "a_chip": "a_chip.png", "b_chip": "b_chip.png",
              "a_map": "a_map.npy", "b_map": "b_map.npy", "report": "report.html", "json": "explain.json"}
-    _boxed(aimg, p["query_photo_map"], fa.box).save(out / files["a_overlay"])
-    _boxed(bimg, p["result_photo_map"], fb.box).save(out / files["b_overlay"])
-    overlay(Image.fromarray(fa.chip), p["query_chip_map"]).save(out / files["a_chip"])
-    overlay(Image.fromarray(fb.chip), p["result_chip_map"]).save(out / files["b_chip"])
-    np.save(out / files["a_map"], p["query_photo_map"].astype(np.float32))
-    np.save(out / files["b_map"], p["result_photo_map"].astype(np.float32))
+    _save_pair(out, p, (aimg, fa, files["a_overlay"], files["a_chip"], files["a_map"]),
+               (bimg, fb, files["b_overlay"], files["b_chip"], files["b_map"]))
     cis_sum = float(e.cis.sum()) if e.cis is not None else None
     doc = {"a": str(a), "b": str(b), "face_a": fa.index, "face_b": fb.index, "faces_in_a": na, "faces_in_b": nb,
            "box_a": list(fa.box), "box_b": list(fb.box), "metric": "l2", "distance": round(d, 6),
