@@ -439,9 +439,9 @@ def _catalogue_depth(store, n, verify: int) -> int:
     N checked: it needs --verify and an index with a catalogue."""
     from retrieval import catalogue
 
-    roots = catalogue.folders(store)
     if n is None:
-        return catalogue.DEPTH if roots and verify else 0
+        return catalogue.default_depth(store, verify)
+    roots = catalogue.folders(store)
     if n and not verify:
         raise click.UsageError("--catalogue N goes with --verify K (K > 0)")
     if n and not roots:

@@ -29,6 +29,12 @@ def folders(store: "IndexStore") -> list[str]:
     return [str(p) for p in v] if isinstance(v, list) else []
 
 
+def default_depth(store: "IndexStore", verify: int) -> int:
+    """The catalogue candidates per stage a search verifies when not told (``search`` without ``--catalogue``,
+    the web app): ``DEPTH`` on an index with catalogue folders, when it verifies; else 0."""
+    return DEPTH if verify and folders(store) else 0
+
+
 def record(store: "IndexStore", paths: Iterable[str | os.PathLike]) -> list[str]:
     """Add ``paths`` (folders or image files, by real path) to the index's catalogue; the whole list."""
     have = folders(store)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 import random
 
 import numpy as np
@@ -226,6 +227,20 @@ def test_catalogue_role_verifies_its_images_beyond_the_global_shortlist(shop, sh
     # an index without the role is unchanged (the shop fixture's own index)
     plain = run_json("search", shop[2], "--index", shop[1], "-k", "5", "--verify", "30", "--words", "0")
     assert all(not h["path"].endswith("astronaut.jpg") for h in plain["results"])
+
+
+def test_the_web_app_searches_an_index_with_a_catalogue_as_the_cli_does(shop_with_role, tmp_path):
+    """`retrieve serve`'s search uses the index's words and catalogue stage, as `retrieve search` does without
+    options (it passed neither before, so the catalogue image beyond the global shortlist was missing)."""
+    from web.service import Collection
+
+    root, idx, query = shop_with_role
+    cli = run_json("search", query, "--index", idx, "-k", "5", "--verify", "30")
+    c = Collection(idx, cache_dir=tmp_path / "cache")
+    token = c.add_upload(Path(query).read_bytes(), Path(query).name)["token"]
+    web = c.search(f"upload:{token}", k=5, verify=30)
+    assert [h["path"] for h in web["results"]] == [h["path"] for h in cli["results"]], (web["results"], cli)
+    assert web["results"][0]["path"].endswith("astronaut.jpg")
 
 
 def test_catalogue_role_refusals(shop, tmp_path):

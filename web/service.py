@@ -274,18 +274,23 @@ class Collection:
         """``retrieve search`` for one query (``search --json``'s fields), each hit with its verdict; a page of
         ``k`` results starting at ``offset``."""
         from explain.verdict import make_verdict
+        from retrieval.catalogue import default_depth
 
         k = _int(k, "k", 1, MAX_K, 10)
         offset = _int(offset, "offset", 0, 10_000, 0)
         qe = _int(qe, "qe", 0, 100, 0)
         st = self.current()
         verify = _int(verify, "verify", 0, 1000, int(st.store.settings.search.get("verify", 0)))
+        # as `retrieve search` without options: the index's visual words and, on an index with a catalogue,
+        # its top catalogue candidates, verified beside the global shortlist (retrieval/catalogue.py)
+        words = int(st.store.settings.search.get("words", 0)) if verify else 0
+        catalogue = default_depth(st.store, verify)
         path, _, shown = self._query(q)
         include_self = not str(q).isdigit()
         t0 = time.perf_counter()
         with self._model:
             (res,) = list(st.searcher.search_paths([path], offset + k, include_self=include_self, qe=qe,
-                                                   verify=verify))
+                                                   verify=verify, words=words, catalogue=catalogue))
         if res.error:
             raise BadRequest(f"{shown['name']}: {res.error}")
         d = res.to_dict()
