@@ -23,7 +23,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 
 from .metric import Metric, metric as metric_named
-from .space import VectorSpace
+from .space import VectorSpace, as_vectors, chunks, ids_and_vectors
 from .settings import DB_NAME, SCHEMA_VERSION, IndexSettings
 from .vectors import FAISS_NAME, Vectors
 
@@ -168,7 +168,7 @@ class LiteStore(VectorSpace):
         ids = [int(i) for i in ids]
         out: dict[int, LiteRow] = {}
         cols = ", ".join(_ROW_COLUMNS)
-        for chunk in _chunks(ids, 500):
+        for chunk in chunks(ids, 500):
             sql = f"SELECT {cols} FROM images WHERE id IN ({', '.join('?' * len(chunk))})"
             for r in self._conn.execute(sql, chunk):
                 out[r[0]] = LiteRow(r)
@@ -190,25 +190,23 @@ class LiteStore(VectorSpace):
                                       (last, chunk)).fetchall()
             if not rows:
                 return
-            ids = np.fromiter((r[0] for r in rows), np.int64, len(rows))
-            vecs = np.frombuffer(b"".join(r[1] for r in rows), np.float32).reshape(len(rows), dim)
+            ids, vecs = ids_and_vectors(rows, dim)
             last = int(ids[-1])
             yield ids, vecs
 
     def vectors_of(self, ids: Sequence[int], chunk: int = 1000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         ids = [int(i) for i in ids]
-        for part in _chunks(ids, chunk):
+        for part in chunks(ids, chunk):
             rows = self._conn.execute(f"SELECT id, vector FROM images WHERE id IN ({', '.join('?' * len(part))})",
                                       part).fetchall()
             if rows:
-                yield (np.array([r[0] for r in rows], np.int64),
-                       np.frombuffer(b"".join(r[1] for r in rows), np.float32).reshape(len(rows), -1))
+                yield ids_and_vectors(rows)
 
     def training_sample(self, m: int) -> np.ndarray:
         rows = [r[0] for r in self._conn.execute("SELECT vector FROM images ORDER BY random() LIMIT ?", (m,))]
         if not rows:
             return np.zeros((0, self.settings.dim), np.float32)
-        return np.frombuffer(b"".join(rows), np.float32).reshape(len(rows), self.settings.dim)
+        return as_vectors(rows, self.settings.dim)
 
     # -- linear head and vector space (as IndexStore) --------------------------------------------------
     def _arrays(self, names: list[str]) -> dict[str, np.ndarray]:
@@ -228,11 +226,6 @@ class LiteStore(VectorSpace):
     def removed_ids(self) -> np.ndarray:
         self._vectors.get()
         return self._vectors.removed
-
-
-def _chunks(seq: Sequence, n: int) -> Iterator[Sequence]:
-    for i in range(0, len(seq), n):
-        yield seq[i:i + n]
 
 
 def _pragmas(conn: sqlite3.Connection) -> None:

@@ -3,11 +3,28 @@
 from __future__ import annotations
 
 import hashlib
+from typing import Iterator, Sequence
 
 import numpy as np
 
 from .head import LinearHead
 from .vectors import INDEX_TYPES, factory_for
+
+
+
+def as_vectors(blobs: Sequence[bytes], dim: int = -1) -> np.ndarray:
+    """Stored embedding blobs (float32 bytes, one per row) → an (n, dim) array."""
+    return np.frombuffer(b"".join(blobs), np.float32).reshape(len(blobs), dim)
+
+
+def ids_and_vectors(rows: Sequence, dim: int = -1) -> tuple[np.ndarray, np.ndarray]:
+    """(id, blob) rows → (int64 ids, float32 vectors)."""
+    return (np.fromiter((r[0] for r in rows), np.int64, len(rows)), as_vectors([r[1] for r in rows], dim))
+
+
+def chunks(seq: Sequence, n: int) -> Iterator[Sequence]:
+    for i in range(0, len(seq), n):
+        yield seq[i:i + n]
 
 
 class VectorSpace:

@@ -29,7 +29,7 @@ from . import database
 from .errors import IndexError_, SettingsMismatch
 from .lock import LOCK_NAME, WriterLock
 from .metric import Metric, metric as metric_named
-from .space import VectorSpace
+from .space import VectorSpace, as_vectors, chunks, ids_and_vectors
 from .presets import PRESETS
 from .schema import (DB_NAME, SCHEMA_VERSION, ArrayRow, Base, ImageRow, IndexSettings, SettingRow,
                      SkippedRow)
@@ -383,7 +383,7 @@ class IndexStore(VectorSpace):
         ids = [int(i) for i in ids]
         out: dict[int, ImageRow] = {}
         with self.session() as s:
-            for chunk in _chunks(ids, 500):
+            for chunk in chunks(ids, 500):
                 for r in s.execute(select(ImageRow).where(ImageRow.id.in_(chunk))).scalars():
                     out[r.id] = r
         return out
@@ -402,8 +402,7 @@ class IndexStore(VectorSpace):
                                  .order_by(ImageRow.id).limit(chunk)).all()
                 if not rows:
                     return
-                ids = np.fromiter((r[0] for r in rows), np.int64, len(rows))
-                vecs = np.frombuffer(b"".join(r[1] for r in rows), np.float32).reshape(len(rows), dim)
+                ids, vecs = ids_and_vectors(rows, dim)
                 last = int(ids[-1])
                 yield ids, vecs
 
@@ -411,11 +410,10 @@ class IndexStore(VectorSpace):
         """(ids, raw vectors) of the rows with these ids, in chunks."""
         ids = [int(i) for i in ids]
         with Session(self.engine) as s:
-            for part in _chunks(ids, chunk):
+            for part in chunks(ids, chunk):
                 rows = s.execute(select(ImageRow.id, ImageRow.vector).where(ImageRow.id.in_(part))).all()
                 if rows:
-                    yield (np.array([r[0] for r in rows], np.int64),
-                           np.frombuffer(b"".join(r[1] for r in rows), np.float32).reshape(len(rows), -1))
+                    yield ids_and_vectors(rows)
 
     def training_sample(self, m: int) -> np.ndarray:
         """At most ``m`` stored embeddings drawn at random (all of them when there are fewer)."""
@@ -423,7 +421,7 @@ class IndexStore(VectorSpace):
             rows = s.execute(select(ImageRow.vector).order_by(func.random()).limit(m)).scalars().all()
         if not rows:
             return np.zeros((0, self.settings.dim), np.float32)
-        return np.frombuffer(b"".join(rows), np.float32).reshape(len(rows), self.settings.dim)
+        return as_vectors(rows, self.settings.dim)
 
     _training_sample = training_sample
 
@@ -534,11 +532,6 @@ class IndexStore(VectorSpace):
 
             local += disk_bytes(self.directory)
         return local + (database.size(self.engine) if self.server else 0)
-
-
-def _chunks(seq: Sequence, n: int) -> Iterator[Sequence]:
-    for i in range(0, len(seq), n):
-        yield seq[i:i + n]
 
 
 def _remove_empty(created: Sequence[Path] | None) -> None:
