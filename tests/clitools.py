@@ -40,3 +40,51 @@ def run_process(*args: str, timeout: float = 300, **kw) -> subprocess.CompletedP
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run(entry_point() + [str(a) for a in args], capture_output=True, text=True, timeout=timeout,
                           env=env, cwd=kw.pop("cwd", ROOT), **kw)
+
+
+class Forker:
+    """tests/forkrun.py: ``retrieve`` runs forked from one warm process, killed at will (output to ``log``)."""
+
+    def __init__(self, log):
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "RETRIEVE_THREADS": "1", "RETRIEVE_LOG": str(log)}
+        self.p = subprocess.Popen([sys.executable, str(ROOT / "tests" / "forkrun.py")], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, text=True, env=env)
+        self.pending = False
+        assert self._line(120) == "ready"
+
+    def _line(self, timeout: float) -> str:
+        import select
+
+        if not select.select([self.p.stdout], [], [], timeout)[0]:
+            self.p.kill()
+            raise AssertionError(f"the forked run gave no answer within {timeout} s")
+        return self.p.stdout.readline().strip()
+
+    def _send(self, line: str) -> None:
+        self.p.stdin.write(line + "\n")
+        self.p.stdin.flush()
+
+    def start(self, *args) -> int:
+        self._send(json.dumps([str(a) for a in args]))
+        kind, pid = self._line(60).split()
+        assert kind == "pid"
+        self.pending = True
+        return int(pid)
+
+    def wait(self, kill: bool = False, timeout: float = 300) -> tuple[int, float]:
+        """(exit status or minus the signal, seconds the run lasted)."""
+        self._send("kill" if kill else "wait")
+        self.pending = False
+        kind, code, seconds = self._line(timeout).split()
+        assert kind == "exit"
+        return int(code), float(seconds)
+
+    def close(self) -> None:
+        if self.p.poll() is None:
+            if self.pending:  # a test failed with a run under way: end it
+                self._send("kill")
+            self.p.stdin.close()
+            try:
+                self.p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.p.kill()

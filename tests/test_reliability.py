@@ -7,7 +7,6 @@ import signal
 import sqlite3
 import struct
 import subprocess
-import sys
 import time
 import zlib
 
@@ -16,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clitools import ROOT, entry_point, run, run_json, run_process
+from clitools import ROOT, Forker, entry_point, run, run_json, run_process
 from conftest import skimage_photo
 from retrieval.check import check_index
 from retrieval.store import IndexStore
@@ -178,54 +177,6 @@ def _small_photos(d, n: int, seed: int):
         src.crop((x0, y0, x0 + cw, y0 + ch)).resize((96, 72)).save(d / f"{seed}_{i:03d}.jpg", quality=85)
 
 
-class _Forker:
-    """tests/forkrun.py: ``retrieve`` runs forked from one warm process, killed at will."""
-
-    def __init__(self, log):
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "RETRIEVE_THREADS": "1", "RETRIEVE_LOG": str(log)}
-        self.p = subprocess.Popen([sys.executable, str(ROOT / "tests" / "forkrun.py")], stdin=subprocess.PIPE,
-                                  stdout=subprocess.PIPE, text=True, env=env)
-        self.pending = False
-        assert self._line(120) == "ready"
-
-    def _line(self, timeout: float) -> str:
-        import select
-
-        if not select.select([self.p.stdout], [], [], timeout)[0]:
-            self.p.kill()
-            raise AssertionError(f"the forked run gave no answer within {timeout} s")
-        return self.p.stdout.readline().strip()
-
-    def _send(self, line: str) -> None:
-        self.p.stdin.write(line + "\n")
-        self.p.stdin.flush()
-
-    def start(self, *args) -> int:
-        self._send(json.dumps([str(a) for a in args]))
-        kind, pid = self._line(60).split()
-        assert kind == "pid"
-        self.pending = True
-        return int(pid)
-
-    def wait(self, kill: bool = False, timeout: float = 300) -> tuple[int, float]:
-        """(exit status or minus the signal, seconds the run lasted)."""
-        self._send("kill" if kill else "wait")
-        self.pending = False
-        kind, code, seconds = self._line(timeout).split()
-        assert kind == "exit"
-        return int(code), float(seconds)
-
-    def close(self) -> None:
-        if self.p.poll() is None:
-            if self.pending:  # a test failed with a run under way: end it
-                self._send("kill")
-            self.p.stdin.close()
-            try:
-                self.p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.p.kill()
-
-
 def _change_collection(photos, rng, seed: int) -> None:
     """Work of every kind for the next run — a removal, a move, a modified photo, new photos — kept small (a
     few percent of the collection) so that each run is short and the moments to kill it are many."""
@@ -249,7 +200,7 @@ def test_kill_9_at_random_moments_check_is_green_and_the_next_run_completes(tmp_
     _small_photos(photos, 40, seed=1)
     args = ("index", photos, "--index", idx, "--batch-size", "8", "--head", "pca-whiten:8", "--json")
     rng = np.random.default_rng(14)
-    forker = _Forker(log)
+    forker = Forker(log)
     try:
         # Untouched runs into another index warm the ONNX cache and time a whole run and one with nothing to do
         forker.start(*args[:3], tmp_path / "warm", *args[4:])

@@ -6,6 +6,9 @@ Every search is checked against its definition: the exact cosine top-k computed 
 stored embeddings (the rows are the truth; the shards hold float16 copies, so scores agree to 1e-3).
 The commands run through the CLI's entry point, forked from one warm process (tests/forkrun.py) so that a run
 can be killed at a chosen moment without paying the interpreter's start-up each time.
+
+One index goes through the stages in turn, each a module fixture that needs the one before (``built`` →
+``changed`` → ``trained``), so any test, run alone, first brings the index to the stage it checks.
 """
 from __future__ import annotations
 
@@ -19,9 +22,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from clitools import ROOT, run_process
+from clitools import ROOT, Forker, run_process
 from conftest import skimage_photo
-from test_reliability import _Forker
 
 from retrieval.sharded_index import POINTER, TRAIN_AT_ENV, read_pointer, shards_dir
 from retrieval.store import ImageRow, IndexStore
@@ -46,7 +48,7 @@ def env(tmp_path_factory):
         w, h = im.size
         im.crop((i * w // 16, i * h // 20, w // 2 + i * w // 16, h // 2 + i * h // 20)).resize((128, 96)).save(
             photos / f"crop_{i}_{name}.jpg", quality=88)
-    forker = _Forker(base / "children.log")
+    forker = Forker(base / "children.log")
     e = {"base": base, "photos": photos, "idx": base / "idx", "log": base / "children.log", "forker": forker}
     yield e
     forker.close()
@@ -97,9 +99,15 @@ def assert_exact(got: dict, want, k):
         np.testing.assert_allclose([h["score"] for h in hits], scores, atol=TOL)
 
 
-def test_index_search_equals_exact_and_info_check(env):
-    e = env
-    cli(e, "index", e["photos"], "--index", e["idx"], "--index-type", "sharded", "--json")
+@pytest.fixture(scope="module")
+def built(env):
+    """The collection indexed with ``--index-type sharded``: too few rows to train, so exact."""
+    cli(env, "index", env["photos"], "--index", env["idx"], "--index-type", "sharded", "--json")
+    return env
+
+
+def test_index_search_equals_exact_and_info_check(built):
+    e = built
     ptr = read_pointer(e["idx"])
     assert ptr["factory"] == "Flat" and ptr["count"] == len(list(e["photos"].iterdir()))  # exact: too few to train
     assert not (e["idx"] / "vectors.faiss").exists()  # the shards are the search structure
@@ -120,17 +128,26 @@ def test_index_search_equals_exact_and_info_check(env):
     assert "index type sharded, not flat" in out
 
 
-def test_incremental_add_modify_delete(env):
-    e = env
+@pytest.fixture(scope="module")
+def changed(built):
+    """``built``, then a photo modified, one deleted and one added, and the next run's JSON report."""
+    e = built
     photos = e["photos"]
     with IndexStore.open(e["idx"]) as store:
-        old_horse = store.row_by_path(str(photos / "sk_horse.jpg")).id
-        old_rocket = store.row_by_path(str(photos / "sk_rocket.jpg")).id
-        n0 = store.count()
+        e["old_horse"] = store.row_by_path(str(photos / "sk_horse.jpg")).id
+        e["old_rocket"] = store.row_by_path(str(photos / "sk_rocket.jpg")).id
+        e["n0"] = store.count()
     skimage_photo("astronaut").resize((200, 200)).save(photos / "sk_horse.jpg", quality=90)  # modified
     os.remove(photos / "sk_rocket.jpg")  # deleted
     skimage_photo("chelsea").rotate(90, expand=True).save(photos / "new_cat.jpg", quality=90)  # new
-    rep = json.loads(cli(e, "index", photos, "--index", e["idx"], "--json"))
+    e["changed_report"] = json.loads(cli(e, "index", photos, "--index", e["idx"], "--json"))
+    return e
+
+
+def test_incremental_add_modify_delete(changed):
+    e = changed
+    photos = e["photos"]
+    old_horse, old_rocket, n0, rep = e["old_horse"], e["old_rocket"], e["n0"], e["changed_report"]
     assert (rep["indexed"], rep["removed"], rep["total"]) == (2, 1, len(list(photos.iterdir())))
     with IndexStore.open(e["idx"]) as store:
         sh = store.faiss_index()
@@ -166,25 +183,36 @@ def _add_synthetic_rows(e, n: int) -> None:
                                vector=v.tobytes(), indexed_at=0.0))
 
 
-def test_ivf_kill_9_while_shards_are_written_then_heals_and_recall(env, monkeypatch, capfd):
-    e = env
+@pytest.fixture(scope="module")
+def trained(changed):
+    """``changed`` plus SYNTHETIC rows; a run training at 300 vectors is killed once its new shard is on disk
+    (the manifest and ``check`` right after the kill are kept), then a run completes."""
+    e = changed
     _add_synthetic_rows(e, SYNTHETIC)
     with IndexStore.open(e["idx"]) as store:  # a reader sees the new rows at once: exact, from memory
-        assert store.faiss_index().ntotal - len(store.removed_ids()) == store.count()
+        e["exact_before_training"] = store.faiss_index().ntotal - len(store.removed_ids()) == store.count()
     gen = shards_dir(e["idx"]) / read_pointer(e["idx"])["generation"]
     # the forker's children inherit its environment: train at a few hundred vectors
-    monkeypatch.setenv(TRAIN_AT_ENV, "300")
     e["forker"].close()
-    e["forker"] = _Forker(e["base"] / "children.log")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(TRAIN_AT_ENV, "300")
+        e["forker"] = Forker(e["base"] / "children.log")
     # killed once the new shard is on disk, while the quantisers are trained or the shards added and merged
     cli(e, "index", e["photos"], "--index", e["idx"], "--json",
         kill_when=lambda: (gen / "shard-00002.vec").exists(), expect=-signal.SIGKILL)
-    manifest = json.loads((gen / "manifest.json").read_text())
-    assert manifest["merged"] is None  # the kill came before the merge
-    rep = json.loads(cli(e, "check", "--index", e["idx"], "--json"))
-    assert rep["consistent"], rep  # a committed shard that is not merged yet is no damage
+    e["manifest_after_kill"] = json.loads((gen / "manifest.json").read_text())
+    e["check_after_kill"] = json.loads(cli(e, "check", "--index", e["idx"], "--json"))
     # the next run completes: trained, every shard added and merged, the lists memory-mapped
     cli(e, "index", e["photos"], "--index", e["idx"], "--json")
+    return e
+
+
+def test_ivf_kill_9_while_shards_are_written_then_heals_and_recall(trained, capfd):
+    e = trained
+    assert e["exact_before_training"]
+    assert e["manifest_after_kill"]["merged"] is None  # the kill came before the merge
+    rep = e["check_after_kill"]
+    assert rep["consistent"], rep  # a committed shard that is not merged yet is no damage
     ptr = read_pointer(e["idx"])
     assert ptr["factory"].startswith("PCAR256,IVF") and ptr["count"] >= SYNTHETIC  # 1280-d: PCA before IVF-PQ
     with IndexStore.open(e["idx"]) as store:
@@ -205,8 +233,8 @@ def test_ivf_kill_9_while_shards_are_written_then_heals_and_recall(env, monkeypa
         assert all(abs(h["score"] - all_scores[h["id"]]) < TOL for h in got[q]["results"])
 
 
-def test_corrupted_shard_found_by_check_and_repaired(env):
-    e = env
+def test_corrupted_shard_found_by_check_and_repaired(trained):
+    e = trained
     gen = shards_dir(e["idx"]) / read_pointer(e["idx"])["generation"]
     vec = gen / "shard-00000.vec"
     b = bytearray(vec.read_bytes())
