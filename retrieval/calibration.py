@@ -56,23 +56,30 @@ def quantiles(scores: np.ndarray, n: int = QUANTILES) -> np.ndarray:
     return np.quantile(np.asarray(scores, np.float64), np.linspace(0.0, 1.0, n))
 
 
+TIE = 1e-5  # relative: scores closer than this are one score (see percentile)
+
+
 def percentile(q: np.ndarray, score: float) -> float:
     """The share (0–100) of a distribution, given by its evenly spaced quantiles ``q``, that lies below ``score``.
 
     Piecewise linear between quantiles (the inverse of ``np.quantile``'s interpolation); ties count half;
-    0 below the minimum, 100 above the maximum.
+    0 below the minimum, 100 above the maximum. A tie is a difference under ``TIE`` (relative): the search
+    scores a pair in float32 (FAISS) and the sample scored the same pair in float64, so the two differ in
+    the 7th digit, and without the tolerance a pair that is one of the sampled ones fell just below its own
+    flat stretch of quantiles (in a collection of 11 photos, the closest pair came out at 98.2 % instead of 99.1 %).
     """
     q = np.asarray(q, np.float64)
     n = len(q)
     if n < 2:
         return 50.0
     s = float(score)
-    if s < q[0]:
+    tol = TIE * max(1.0, abs(s))
+    if s < q[0] - tol:
         return 0.0
-    if s > q[-1]:
+    if s > q[-1] + tol:
         return 100.0
-    lo = int(np.searchsorted(q, s, side="left"))
-    hi = int(np.searchsorted(q, s, side="right"))
+    lo = int(np.searchsorted(q, s - tol, side="left"))
+    hi = int(np.searchsorted(q, s + tol, side="right"))
     if hi > lo:  # s equals one or more quantiles: the middle of that flat stretch
         return 100.0 * (lo + hi - 1) / 2 / (n - 1)
     a, b = q[lo - 1], q[lo]

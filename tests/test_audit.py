@@ -29,6 +29,15 @@ def test_percentile_on_a_known_distribution():
         assert percentile(qx, v) == pytest.approx(100 * np.mean(x < v), abs=0.15)
     flat = quantiles(np.r_[np.zeros(500), np.ones(500)])  # ties count half
     assert percentile(flat, 0.0) == pytest.approx(25, abs=0.1) and percentile(flat, 1.0) == pytest.approx(75, abs=0.1)
+    # the search's float32 score of a sampled pair is that pair's score (float64 in the sample) ± 1e-7: a tie
+    pair = 0.9025915861129761
+    scores = np.r_[np.linspace(0, 0.8, 900), np.full(50, pair), np.linspace(0.93, 0.95, 50)]
+    qp = quantiles(scores)
+    mid = percentile(qp, pair)
+    assert mid == pytest.approx(92.5, abs=0.2)  # the middle of the flat stretch 90 %–95 %
+    for noisy in (pair - 6e-8, pair + 6e-8, float(np.float32(pair))):
+        assert percentile(qp, noisy) == mid
+    assert percentile(qp, pair + 1e-3) > 94.9 and percentile(qp, pair - 1e-3) < 90.1  # not a tie
 
 
 def test_verdict_words_and_neutral_title():
