@@ -8,6 +8,13 @@ through Backbone.embed_arrays; and `indexer.index_paths` on ``--index-count`` Ca
 batch" sets retrieval.backbone.ORT_RUN_PIXELS to a batch of 32 (what the code did before), "slices" keeps
 the default (4 images at 224 px). Speed: both settings interleaved in one process (A B A B ..., median).
 Saves bench/results/footprint.md.
+
+    python bench/footprint.py --collection 1000 10000 [--tree before=/work/main] [--keep /tmp/photos]
+
+Peak RSS of `retrieve index` over a whole collection (bench/collection_rss.py: VmRSS sampled from outside
+with the phase it is in, VmHWM at exit), for this tree and each ``--tree NAME=PATH`` (another checkout, e.g.
+the code before a change), runs interleaved per size, a warm ONNX cache shared by all; img/s of the run and
+of its embedding phase. The new table goes on top of bench/results/footprint.md, the earlier ones stay below.
 """
 from __future__ import annotations
 
@@ -72,12 +79,60 @@ def subset(n: int) -> str:
     return str(dest)
 
 
+def collection(args) -> None:
+    import tempfile
+    from pathlib import Path
+
+    import collection_rss as C
+
+    trees = [("this tree", _common.ROOT)] + [(t.split("=", 1)[0], Path(t.split("=", 1)[1]).resolve()) for t in args.tree]
+    keep = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="footprint-photos-"))
+    cache = keep / "cache"
+    env = {"XDG_CACHE_HOME": str(cache), **({"RETRIEVE_FAST_INDEX": "0"} if args.no_fast else {})}
+    warm = C.make_collection(keep / "p16", 16, _common.SHARED_DATA)
+    for name, tree in trees:  # exports and checks the graphs once (the cache is shared), at nobody's cost
+        C.index_run(tree, warm, keep / "idx-warm", args.threads, env)
+    rows = []
+    for n in args.collection:
+        photos = C.make_collection(keep / f"p{n}", n, _common.SHARED_DATA)
+        for name, tree in trees:
+            load = os.getloadavg()[0]
+            r = C.index_run(tree, photos, keep / "idx", args.threads, env)
+            rep = json.loads(r["stdout"].strip().splitlines()[-1])
+            emb = [t for t, _, ph in r["samples"] if ph == "embedding"]
+            fin = [t for t, _, ph in r["samples"] if ph == "finalise"]
+            emb_s = (fin[0] if fin else r["seconds"]) - (emb[0] if emb else 0)
+            rows.append([name, n, r["max"], r["peak"]["start-up"], r["peak"]["embedding"], r["peak"]["finalise"],
+                         "yes" if r["torch"] else "no", round(r["seconds"], 1), round(rep["indexed"] / r["seconds"], 1),
+                         round(rep["indexed"] / max(emb_s, 1e-9), 1), round(n * 1280 * 4 / 2**20, 1), f"{load:.2f}"])
+            print(rows[-1], flush=True)
+    text = (f"## `retrieve index`: peak RSS over a collection\n\nJPEGs re-encoded from Caltech-101 and AT&T faces with "
+            f"small variations (bench/collection_rss.py), a new index each, efficientnet_lite0 at 224 px, "
+            f"{args.threads} threads (RETRIEVE_THREADS), warm ONNX cache, runs interleaved per size. Peak = the child's "
+            "VmHWM; per phase from VmRSS sampled every 50 ms (start-up: until ONNX Runtime is loaded; embedding: until "
+            "the vector file is written; finalise: calibration and the 448-px explain reference). img/s: of the whole "
+            "run, and of its embedding phase. `python bench/footprint.py --collection "
+            f"{' '.join(map(str, args.collection))}" + "".join(f" --tree {t}" for t in args.tree) + "`.\n\n")
+    text += _common.table(["code", "images", "peak RSS MiB", "start-up MiB", "embedding MiB", "finalise MiB",
+                           "torch imported", "seconds", "img/s run", "img/s embedding", "FAISS flat MiB",
+                           "load avg"], rows)
+    old = _common.RESULTS / "footprint.md"
+    earlier = old.read_text() if old.exists() else ""
+    _common.save("footprint", text + ("\n\n## Earlier measurements\n\n" + earlier if earlier else ""))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--index-count", type=int, default=300)
+    ap.add_argument("--collection", type=int, nargs="*", help="collection sizes: the peak RSS of `retrieve index`")
+    ap.add_argument("--tree", action="append", default=[], help="NAME=PATH: another checkout measured beside this one")
+    ap.add_argument("--keep", help="folder for the photos, indexes and ONNX cache (reused when it has them)")
+    ap.add_argument("--no-fast", action="store_true", help="RETRIEVE_FAST_INDEX=0 for every run")
     args = ap.parse_args()
+    if args.collection:
+        return collection(args)
     import torch
 
     torch.set_num_threads(args.threads)
