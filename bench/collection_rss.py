@@ -60,12 +60,12 @@ def _mapped(pid: int, names: tuple[str, ...]) -> set[str]:
     return {n for n in names if n in text}
 
 
-def run_sampled(argv: list[str], env: dict, index_dir: Path) -> dict:
+def run_sampled(argv: list[str], env: dict, index_dir: Path, cwd: Path | None = None) -> dict:
     """Run ``argv``; return peak RSS (MiB) overall and per phase, seconds, whether torch was loaded."""
     from retrieval.vectors import FAISS_NAME
 
     t0 = time.perf_counter()
-    p = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(argv, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     streams: dict = {}
     readers = [threading.Thread(target=lambda k, f: streams.__setitem__(k, f.read()), args=(k, f), daemon=True)
                for k, f in (("out", p.stdout), ("err", p.stderr))]
@@ -114,4 +114,4 @@ def index_run(tree: Path, photos: Path, index_dir: Path, threads: int, extra_env
            **(extra_env or {})}
     shutil.rmtree(index_dir, ignore_errors=True)
     return run_sampled([sys.executable, "-m", "cli", "index", str(photos), "--index", str(index_dir), "--json"],
-                       env, index_dir)
+                       env, index_dir, cwd=tree)  # `-m cli` imports from the working directory first

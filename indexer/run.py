@@ -270,10 +270,7 @@ def _new_index_backbone(a: _Asked, fast: bool = True):
                               preprocess=got["preprocess"], metric="cosine", dim=int(got["dim"]), index_type="flat",
                               faiss_factory="Flat", explain=default_explain(got["preprocess"]["size"]),
                               head=None, pooling=got["pooling"], precision=a.precision or "fp32")
-        bb = _index_backbone(probe)
-        if getattr(bb, "kind", "") == "onnxruntime" and hasattr(bb, "pool_arrays"):
-            bb.weights_source, bb.pooling = got["weights_source"], got["pooling"]
-            return bb
+        return _index_backbone(probe)  # the cached graphs, else the full backbone for these settings
     from retrieval.models import load_backbone
     from retrieval.service import apply_threads
 

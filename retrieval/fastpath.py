@@ -138,6 +138,8 @@ class FastBackbone:
     def __init__(self, settings, doc: dict, folder: Path, full: Callable[[], object]):
         self.name = settings.model
         self.weights_id = settings.weights_id
+        self.weights_source = settings.weights_source
+        self.pooling = str(settings.pooling)  # its name: pooled here in numpy (_pool)
         self.preprocess = Preprocess.from_dict(settings.preprocess)
         self.feature_dim = int(settings.dim)
         self.precision = getattr(settings, "precision", "fp32") or "fp32"
@@ -402,11 +404,16 @@ def _prepare(spec: dict) -> dict:
     if explain and not explain[1]:
         e = bb.at_size(int(explain[0]))
         e._runner(e.preprocess.input_shape)  # recorded as any graph of the final map
-    elif explain and bb.precision == "fp32":
+    elif explain:
         e = bb.at_size(int(explain[0]))
         hw = e.preprocess.input_shape
         graph = getattr(e._runner(hw + (explain[1],)), "graph", None)
-        ok = f"{graph.stem}.ok-{hw[0]}x{hw[1]}" if graph is not None else ""
+        stem = graph.stem if graph is not None else ""
+        if bb.precision != "fp32":  # the quantised graph is named after the checked fp32 one (retrieval/backbone.py)
+            from .precision import quant_variant
+
+            stem = stem.removesuffix(f"-{quant_variant()}")
+        ok = f"{stem}.ok-{hw[0]}x{hw[1]}"
         if graph is not None and "-mod32-" in graph.name and (graph.parent / ok).exists():
             record_graph(folder, e, hw, graph, ok, bb.net, tap=explain[1])
     if weights is None and not random and bb.name in REGISTRY:  # found again by name (new_index_identity)
@@ -490,9 +497,7 @@ def index_backbone(settings, full: Callable[[], object]):
     def usable(fb) -> bool:
         if fb is None or not fb.ready(fb.preprocess.input_shape):
             return False
-        if not tap:
-            return fb.at_size(size).ready((size, size))
-        return precision != "fp32" or fb.at_size(size).ready((size, size), tap)
+        return fb.at_size(size).ready((size, size), tap)
 
     fb = fast_backbone(settings, full, "RETRIEVE_FAST_INDEX")
     if usable(fb):
