@@ -433,7 +433,8 @@ def new_index_identity(model: str | None, weights: str | None, input_size: int |
     None where indexing keeps the torch path: a user's model, ``RETRIEVE_FAST_INDEX=0``, ONNX Runtime
     missing, or the child failed."""
     model = model or DEFAULT_MODEL
-    if _fast_disabled("RETRIEVE_FAST_INDEX") or not _registry_name(model) or resize == "long":
+    if _fast_disabled("RETRIEVE_FAST_INDEX") or not _registry_name(model) or resize == "long" \
+            or str(pooling or "gap").partition(":")[0] not in ("gap", "gem"):
         return None  # resize "long": many input shapes, each checked by the full backbone (index_backbone)
     try:
         import onnxruntime  # noqa: F401
@@ -484,9 +485,10 @@ def index_backbone(settings, full: Callable[[], object]):
     """For indexing into an index with ``settings``: a :class:`FastBackbone` whose graphs for the index's input
     shape and for the explain reference (448-px tap graph) are cached -- prepared in a child process when they
     are not -- else ``full()`` (imports torch). A user's model, ``resize="long"`` (many input shapes: each new
-    one is checked by the full backbone) and ``RETRIEVE_FAST_INDEX=0`` go the full way."""
+    one is checked by the full backbone), R-MAC pooling and ``RETRIEVE_FAST_INDEX=0`` go the full way."""
     if _fast_disabled("RETRIEVE_FAST_INDEX") or not _registry_name(str(settings.model)) \
-            or (settings.preprocess or {}).get("resize", "squash") != "squash":
+            or (settings.preprocess or {}).get("resize", "squash") != "squash" \
+            or str(settings.pooling).partition(":")[0] not in ("gap", "gem"):  # R-MAC: pooled by the full one
         return full()
     size = int((settings.explain or {}).get("input_size") or settings.preprocess.get("size"))
     from .reference import tap_layer
