@@ -78,8 +78,13 @@ def main(ctx: click.Context, threads: int | None) -> None:
     ctx.obj["threads"] = threads
 
 
-def _set_threads(ctx: click.Context) -> None:
+def _set_threads(ctx: click.Context, torch_now: bool = True) -> None:
     threads = (ctx.obj or {}).get("threads")
+    if threads and not torch_now:  # `retrieve index` without torch: whoever imports it applies RETRIEVE_THREADS
+        import os
+
+        os.environ["RETRIEVE_THREADS"] = str(threads)  # (retrieval/service.py apply_threads, retrieval/fastpath.py)
+        return
     if threads:
         import os
 
@@ -206,7 +211,7 @@ def index(ctx, paths, index_dir, model, weights, metric, index_type, faiss_facto
     """
     from indexer import index_paths
 
-    _set_threads(ctx)
+    _set_threads(ctx, torch_now=False)
     if index_type and faiss_factory:
         raise click.UsageError("give --index-type or --faiss, not both")
     if ray_address and engine != "ray":

@@ -19,17 +19,15 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Protocol
+from typing import TYPE_CHECKING, Callable, Iterable, Protocol
 
 import numpy as np
 from sqlalchemy import delete, insert, select, update
 
-from retrieval.backbone import Backbone
 from retrieval.errors import ImageError, RetrieveError
+from retrieval.fastpath import DEFAULT_MODEL
 from retrieval.images import decode_image, read_image_bytes
-from retrieval.models import DEFAULT_MODEL, load_backbone
 from retrieval.head import parse_head
-from retrieval.pooling import parse_pooling
 from retrieval.service import backbone_for_settings
 from retrieval.calibration import refresh as refresh_calibration
 from retrieval.reference import refresh as refresh_reference
@@ -40,6 +38,9 @@ from retrieval.store import (PRESETS, ImageRow, IncompleteIndex, IndexSettings, 
 from retrieval.scan import FileEntry, check_paths, scan_paths
 
 from .plan import ChangePlan, plan_changes
+
+if TYPE_CHECKING:  # torch is imported only where the cached ONNX graphs cannot serve (retrieval/fastpath.py)
+    from retrieval.backbone import Backbone
 
 
 class Progress(Protocol):
@@ -186,7 +187,8 @@ def index_paths(paths: Iterable[str | os.PathLike], index_dir: str | os.PathLike
     if store is not None:
         try:
             _refuse_changes(store, asked)
-            bb = backbone or backbone_for_settings(store.settings)
+            bb = backbone or (_index_backbone(store.settings) if engine == "local"  # Ray ships the torch one
+                              else backbone_for_settings(store.settings))
             bb.precision = store.settings.precision
         except BaseException:
             store.close()
@@ -195,8 +197,7 @@ def index_paths(paths: Iterable[str | os.PathLike], index_dir: str | os.PathLike
     else:
         if not files:
             raise RetrieveError(f"no images found in {', '.join(str(p) for p in paths)}; no index was created")
-        bb = backbone or load_backbone(asked.model or DEFAULT_MODEL, asked.weights, input_size=asked.input_size,
-                                       resize=asked.resize, pooling=asked.pooling)
+        bb = backbone or _new_index_backbone(asked, fast=engine == "local")
         bb.precision = asked.precision or "fp32"
         itype = "custom" if asked.faiss_factory else (asked.index_type or "flat")
         if asked.faiss_factory:
@@ -249,6 +250,33 @@ def _sigint_deferred(stop: threading.Event):
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def _index_backbone(settings: IndexSettings):
+    """The backbone that embeds for an index with ``settings``: its cached ONNX graphs without torch where they
+    serve (retrieval/fastpath.py, prepared in a child process when missing), else the full one."""
+    from retrieval.fastpath import index_backbone
+
+    return index_backbone(settings, lambda: backbone_for_settings(settings))
+
+
+def _new_index_backbone(a: _Asked, fast: bool = True):
+    """The backbone of a new index built with ``a``'s options, through the cached graphs where they serve."""
+    from retrieval.fastpath import new_index_identity
+
+    got = fast and new_index_identity(a.model, a.weights, a.input_size, a.resize, a.pooling, a.precision or "fp32")
+    if got:
+        probe = IndexSettings(model=got["model"], weights_id=got["weights_id"], weights_source=got["weights_source"],
+                              preprocess=got["preprocess"], metric="cosine", dim=int(got["dim"]), index_type="flat",
+                              faiss_factory="Flat", explain=default_explain(got["preprocess"]["size"]),
+                              head=None, pooling=got["pooling"], precision=a.precision or "fp32")
+        return _index_backbone(probe)  # the cached graphs, else the full backbone for these settings
+    from retrieval.models import load_backbone
+    from retrieval.service import apply_threads
+
+    apply_threads()
+    return load_backbone(a.model or DEFAULT_MODEL, a.weights, input_size=a.input_size, resize=a.resize,
+                         pooling=a.pooling)
 
 
 def _faces_index(index_dir) -> bool:
@@ -314,7 +342,10 @@ def _refuse_changes(store: IndexStore, a: _Asked) -> None:
             diffs.append(f"weights {st.weights_source or st.weights_id}, not {a.weights}")
     differs("input_size", "input size", a.input_size, st.preprocess.get("size"))
     differs("resize", "resize", a.resize, st.preprocess.get("resize", "squash"))
-    differs("pooling", "pooling", str(parse_pooling(a.pooling)) if a.pooling else None, st.pooling)
+    if a.pooling:
+        from retrieval.pooling import parse_pooling
+
+        differs("pooling", "pooling", str(parse_pooling(a.pooling)), st.pooling)
     differs("head", "head", parse_head(a.head) if a.head is not None else None, st.head, _head_text)
     differs("index_type", "index type", a.index_type, st.index_type)
     differs("precision", "precision", a.precision, st.precision)

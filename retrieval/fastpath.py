@@ -9,6 +9,12 @@ graph depends on (retrieve's and torch's versions, the sha256 of the network's s
 long as everything the manifest records still holds (versions read from package metadata, sources
 and the weights file re-hashed); otherwise, and for any input shape not checked yet, it hands over to the full backbone
 (``full()``), which imports torch. Saves the ~1-2 s of importing torch and building the model.
+
+Indexing goes the same way (:func:`index_backbone`, :func:`new_index_identity`): through the cached graphs,
+including the two-output (feature map, stride-16 tap) graph the explain reference runs at 448 px, so that
+``retrieve index`` never imports torch (~400 MiB of RSS before any work, bench/results/footprint.md). When
+a graph is not cached yet, a short-lived child process (``python -m retrieval.fastpath``) builds the
+backbone, exports, checks and records the graphs, and exits: torch lives and dies there.
 """
 from __future__ import annotations
 
@@ -25,6 +31,10 @@ from .preprocess import STRIDE, Preprocess, cache_dir, group_by_shape
 
 MANIFEST_SUFFIX = ".fast.json"
 GEM_EPS = 1e-6  # as retrieval/pooling.py
+#: Input pixels per ONNX Runtime run, as retrieval/backbone.py's ORT_RUN_PIXELS (which imports torch): the
+#: runtime's arena keeps the largest activations it has seen, so a batch runs in slices of 4 images at 224 px.
+ORT_RUN_PIXELS = 4 * 224 * 224
+DEFAULT_MODEL = "efficientnet_lite0"  # as retrieval/models.py (which imports torch); a test pins that they agree
 
 
 def _manifest_path(folder: Path, name: str, weights_id: str) -> Path:
@@ -56,8 +66,14 @@ def _torch_version() -> str:
         return ""
 
 
-def record_graph(folder: Path, bb, hw: tuple[int, int], graph: Path, ok_name: str, net) -> None:
-    """Note in the manifest that ``graph`` serves ``bb`` at ``bb.precision`` for ``hw``'s remainder class."""
+def _key(precision: str, hw: tuple[int, int], tap: str | None = None) -> str:
+    return f"{precision}:{hw[0] % STRIDE}x{hw[1] % STRIDE}" + (f":tap={tap}" if tap else "")
+
+
+def record_graph(folder: Path, bb, hw: tuple[int, int], graph: Path, ok_name: str, net,
+                 tap: str | None = None) -> None:
+    """Note in the manifest that ``graph`` serves ``bb`` at ``bb.precision`` for ``hw``'s remainder class
+    (``tap``: the two-output graph of features_and_tap for that layer)."""
     import torch
 
     from . import __version__
@@ -71,17 +87,33 @@ def record_graph(folder: Path, bb, hw: tuple[int, int], graph: Path, ok_name: st
     deps = {"retrieve": __version__, "torch": torch.__version__, "sources": source_hashes(net)}
     if {k: doc.get(k) for k in deps} != deps:
         doc = dict(deps, graphs={})
-    key = f"{bb.precision}:{hw[0] % STRIDE}x{hw[1] % STRIDE}"
+    key = _key(bb.precision, hw, tap)
     entry = {"graph": graph.name, "checked": ok_name.rsplit(".ok-", 1)[0]}
     if doc["graphs"].get(key) == entry:
         return
     doc["graphs"][key] = entry
+    _write(path, doc)
+
+
+def _write(path: Path, doc: dict) -> None:
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     try:
         tmp.write_text(json.dumps(doc, indent=1))
         os.replace(tmp, path)
     except OSError:
         tmp.unlink(missing_ok=True)
+
+
+def _record_identity(folder: Path, bb, identity: dict) -> None:
+    """Note beside ``bb``'s graphs what a new index records about it (:func:`new_index_identity`)."""
+    path = _manifest_path(folder, bb.name, bb.weights_id)
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return  # no graph recorded: nothing to find it by
+    if doc.get("identity") != identity:
+        doc["identity"] = identity
+        _write(path, doc)
 
 
 def _valid(doc: dict) -> bool:
@@ -106,6 +138,8 @@ class FastBackbone:
     def __init__(self, settings, doc: dict, folder: Path, full: Callable[[], object]):
         self.name = settings.model
         self.weights_id = settings.weights_id
+        self.weights_source = settings.weights_source
+        self.pooling = str(settings.pooling)  # its name: pooled here in numpy (_pool)
         self.preprocess = Preprocess.from_dict(settings.preprocess)
         self.feature_dim = int(settings.dim)
         self.precision = getattr(settings, "precision", "fp32") or "fp32"
@@ -123,30 +157,63 @@ class FastBackbone:
                 self._full = self._full_factory()
             return self._full
 
-    def _session(self, hw: tuple[int, int]):
+    def at_size(self, size: int) -> "FastBackbone":
+        """The same graphs with another input side (the explain reference runs at 448 px); sessions shared."""
+        if size == self.preprocess.size:
+            return self
+        other = object.__new__(FastBackbone)
+        other.__dict__.update(self.__dict__)
+        other.preprocess = self.preprocess.replace(size=size)
+        other._full = None
+        other._full_factory = lambda: self.full().at_size(size)
+        other._lock = threading.Lock()
+        return other
+
+    def _entry(self, hw: tuple[int, int], tap: str | None = None) -> dict | None:
+        """The manifest's graph for ``hw`` (and ``tap``) when it has been checked against eager at ``hw``."""
+        entry = self._doc["graphs"].get(_key(self.precision, hw, tap))
+        if entry and (self._folder / f"{entry['checked']}.ok-{hw[0]}x{hw[1]}").exists() \
+                and (self._folder / entry["graph"]).is_file():
+            return entry
+        return None
+
+    def ready(self, hw: tuple[int, int], tap: str | None = None) -> bool:
+        return self._entry(hw, tap) is not None
+
+    def _session(self, hw: tuple[int, int], tap: str | None = None):
         with self._lock:
-            if hw in self._sessions:
-                return self._sessions[hw]
-            entry = self._doc["graphs"].get(f"{self.precision}:{hw[0] % STRIDE}x{hw[1] % STRIDE}")
+            if (hw, tap) in self._sessions:
+                return self._sessions[(hw, tap)]
+            entry = self._entry(hw, tap)
             sess = None
-            if entry and (self._folder / f"{entry['checked']}.ok-{hw[0]}x{hw[1]}").exists() \
-                    and (self._folder / entry["graph"]).is_file():
+            if entry:
                 import onnxruntime as ort
 
-                opts = ort.SessionOptions()
-                opts.intra_op_num_threads = int(os.environ.get("RETRIEVE_THREADS") or 0) or _cores()
-                opts.inter_op_num_threads = 1
-                opts.log_severity_level = 3
-                opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-                sess = ort.InferenceSession(str(self._folder / entry["graph"]), opts,
+                if tap:  # the explain reference runs after the embeddings: their session and its arena (~120 MB
+                    # of the largest activations seen) go first; made again (~0.1 s) if asked for again
+                    for k in [k for k in self._sessions if k[1] is None]:
+                        del self._sessions[k]
+
+                sess = ort.InferenceSession(str(self._folder / entry["graph"]), session_options(),
                                             providers=["CPUExecutionProvider"])
-            self._sessions[hw] = sess
+            self._sessions[(hw, tap)] = sess
             return sess
+
+    @staticmethod
+    def _run(sess, x: np.ndarray) -> list[np.ndarray]:
+        """All outputs for the batch ``x``, run in slices of ORT_RUN_PIXELS (see there)."""
+        step = max(1, ORT_RUN_PIXELS // (x.shape[-2] * x.shape[-1]))
+        parts = [sess.run(None, {"x": np.ascontiguousarray(x[i:i + step])}) for i in range(0, len(x), step)]
+        return parts[0] if len(parts) == 1 else [np.concatenate(o) for o in zip(*parts)]
 
     def _pool(self, a: np.ndarray) -> np.ndarray:
         if self._p == 1.0:
             return a.mean(axis=(2, 3))
         return np.power(np.power(np.maximum(a, GEM_EPS), self._p).mean(axis=(2, 3)), 1.0 / self._p)
+
+    def pool_arrays(self, a: np.ndarray) -> np.ndarray:
+        """The index's pooling of feature maps ``a`` (N×C×h×w) in ``a``'s dtype (float64 for the reference)."""
+        return self._pool(a)
 
     def embed_arrays(self, arrays: Sequence[np.ndarray], batch_size: int = 32) -> np.ndarray:
         out = np.zeros((len(arrays), self.feature_dim), np.float32)
@@ -158,12 +225,51 @@ class FastBackbone:
                 continue
             for i in range(0, len(idx), batch_size):
                 part = idx[i:i + batch_size]
-                a = sess.run(None, {"x": np.ascontiguousarray(np.stack([arrays[j] for j in part]))})[0]
-                out[part] = self._pool(a)
+                out[part] = self._pool(self._run(sess, np.stack([arrays[j] for j in part]))[0])
         return out
+
+    def features_and_tap_arrays(self, x: np.ndarray, tap: str) -> tuple[np.ndarray, np.ndarray]:
+        """(feature map, output of layer ``tap``) of the batch ``x`` (N×3×h×w float32), as
+        Backbone.features_and_tap, through the cached two-output graph (else the full backbone)."""
+        sess = self._session(tuple(x.shape[-2:]), tap)
+        if sess is None:
+            import torch
+
+            a, t = self.full().features_and_tap(torch.from_numpy(x), tap)
+            return a.numpy(), t.numpy()
+        a, t = self._run(sess, x)
+        return a, t
+
+    def features_arrays(self, x: np.ndarray) -> np.ndarray:
+        """The feature map of the batch ``x`` (N×3×h×w float32), as Backbone.features."""
+        sess = self._session(tuple(x.shape[-2:]))
+        if sess is None:
+            import torch
+
+            return self.full().features(torch.from_numpy(x)).numpy()
+        return self._run(sess, x)[0]
 
     def embed_images(self, images) -> np.ndarray:
         return self.embed_arrays([self.preprocess.array(im) for im in images])
+
+
+def session_options():
+    """ONNX Runtime session options of the torch-free path: ``RETRIEVE_THREADS`` (else every core) intra-op
+    threads, no spinning (idle cores go to decoding). ``RETRIEVE_ORT_ARENA=0`` turns the CPU memory arena off
+    (bench/footprint.py measures both)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = int(os.environ.get("RETRIEVE_THREADS") or 0) or _cores()
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    arena = os.environ.get("RETRIEVE_ORT_ARENA", "").strip()
+    if arena in ("0", "off", "false", "no"):
+        opts.enable_cpu_mem_arena = False
+    elif arena == "same":  # grow the arena by what is asked, not by doubling
+        opts.add_session_config_entry("session.arena_extend_strategy", "kSameAsRequested")
+    return opts
 
 
 def _cores() -> int:
@@ -173,11 +279,11 @@ def _cores() -> int:
         return os.cpu_count() or 1
 
 
-def fast_backbone(settings, full: Callable[[], object]):
+def fast_backbone(settings, full: Callable[[], object], env: str = "RETRIEVE_FAST_SEARCH"):
     """A :class:`FastBackbone` for an index's settings when its graphs are cached and still valid, else None
     (then use ``full()``). Only registry models (recorded by name) with GAP or GeM pooling qualify."""
-    if os.environ.get("RETRIEVE_FAST_SEARCH", "1").strip() in ("0", "false", "no", "off"):
-        return None  # RETRIEVE_FAST_SEARCH=0: always the full backbone (comparisons, debugging)
+    if _fast_disabled(env):
+        return None  # RETRIEVE_FAST_SEARCH=0 (RETRIEVE_FAST_INDEX=0): always the full backbone (comparisons)
     model = str(settings.model)
     if ":" in model or "/" in model or os.sep in model or Path(model).exists():  # a user's model: never
         return None
@@ -231,3 +337,185 @@ def _weights_unchanged(settings) -> bool:
         return False
     with open(src, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest() == settings.weights_id
+
+
+# -- indexing without torch -------------------------------------------------------------------------------------
+def _fast_disabled(var: str) -> bool:
+    return os.environ.get(var, "1").strip() in ("0", "false", "no", "off")
+
+
+def _registry_name(model: str) -> bool:
+    return not (":" in model or "/" in model or os.sep in model or Path(model).exists() or model == "dlib_face_resnet")
+
+
+def explain_target(model: str, size: int) -> tuple[int, str | None]:
+    """(explain input side, stride-16 tap layer) the end-of-run reference uses for a new index of ``model``."""
+    from .reference import tap_layer
+    from .store import default_explain
+
+    return int(default_explain(size)["input_size"]), tap_layer(model)
+
+
+def _prepare_in_child(spec: dict) -> dict | None:
+    """Run :func:`_prepare` in a short-lived child process (torch is imported there, never here); its answer
+    (the backbone's identity, see there), or None when it failed (the caller then builds the backbone here,
+    which reports the failure in its own words)."""
+    import subprocess
+    import sys
+
+    root = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
+    try:
+        r = subprocess.run([sys.executable, "-m", "retrieval.fastpath", json.dumps(spec)], capture_output=True,
+                           text=True, env=env, timeout=1800)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if r.returncode != 0:
+        return None
+    try:
+        return json.loads(r.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return None
+
+
+def _prepare(spec: dict) -> dict:
+    """In the child: build the backbone ``spec`` describes, export/check/record its graph at ``shapes`` and the
+    tap graph at ``explain`` ([size, layer]), record its identity; return the settings fields a new index takes
+    from it (name, weights_id, weights_source, preprocess, dim, pooling)."""
+    import torch
+
+    from .backbone import _Tapped  # noqa: F401  (the tap runner wraps the network itself)
+    from .models import REGISTRY, load_backbone
+
+    if spec.get("threads"):
+        torch.set_num_threads(int(spec["threads"]))
+    weights = spec.get("weights")
+    random = spec.get("weights_id") == "random"
+    bb = load_backbone(spec["model"], weights, input_size=spec.get("input_size"), resize=spec.get("resize"),
+                       pooling=spec.get("pooling"), random_weights=random,
+                       expected_sha256=None if random else spec.get("weights_id"))
+    bb.precision = spec.get("precision") or "fp32"
+    for hw in spec.get("shapes") or [bb.preprocess.input_shape]:
+        bb._runner(tuple(hw))  # exports, checks against eager and records the graph (retrieval/backbone.py)
+    folder = cache_dir() / "onnx"
+    explain = spec.get("explain")
+    if explain == "auto":
+        explain = explain_target(bb.name, bb.preprocess.size)
+    if explain and not explain[1]:
+        e = bb.at_size(int(explain[0]))
+        e._runner(e.preprocess.input_shape)  # recorded as any graph of the final map
+    elif explain:
+        e = bb.at_size(int(explain[0]))
+        hw = e.preprocess.input_shape
+        graph = getattr(e._runner(hw + (explain[1],)), "graph", None)
+        stem = graph.stem if graph is not None else ""
+        if bb.precision != "fp32":  # the quantised graph is named after the checked fp32 one (retrieval/backbone.py)
+            from .precision import quant_variant
+
+            stem = stem.removesuffix(f"-{quant_variant()}")
+        ok = f"{stem}.ok-{hw[0]}x{hw[1]}"
+        if graph is not None and "-mod32-" in graph.name and (graph.parent / ok).exists():
+            record_graph(folder, e, hw, graph, ok, bb.net, tap=explain[1])
+    if weights is None and not random and bb.name in REGISTRY:  # found again by name (new_index_identity)
+        _record_identity(folder, bb, {"name": bb.name, "weights_id": bb.weights_id,
+                                      "weights_source": bb.weights_source, "dim": int(bb.feature_dim),
+                                      "default_weights": True,
+                                      "preprocess": REGISTRY[bb.name].preprocess.to_dict()})
+    return {"model": bb.name, "weights_id": bb.weights_id, "weights_source": bb.weights_source,
+            "preprocess": bb.preprocess.to_dict(), "dim": int(bb.feature_dim), "pooling": str(bb.pooling)}
+
+
+def new_index_identity(model: str | None, weights: str | None, input_size: int | None, resize: str | None,
+                       pooling: str | None, precision: str) -> dict | None:
+    """The settings a new index takes from its backbone (model, weights_id, weights_source, preprocess, dim,
+    pooling) as :func:`retrieval.models.load_backbone` would give them, without importing torch: from the
+    manifest of the cached graphs, else from a child process that builds the backbone (and caches its graphs).
+    None where indexing keeps the torch path: a user's model, ``RETRIEVE_FAST_INDEX=0``, ONNX Runtime
+    missing, or the child failed."""
+    model = model or DEFAULT_MODEL
+    if _fast_disabled("RETRIEVE_FAST_INDEX") or not _registry_name(model) or resize == "long" \
+            or str(pooling or "gap").partition(":")[0] not in ("gap", "gem"):
+        return None  # resize "long": many input shapes, each checked by the full backbone (index_backbone)
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return None
+    if pooling in (None, "gap") and not weights:
+        got = _identity_from_manifest(model, input_size, resize)
+        if got is not None:
+            return got
+    return _prepare_in_child({"model": model, "weights": str(Path(weights).expanduser().resolve()) if weights else None,
+                              "input_size": input_size, "resize": resize, "pooling": pooling, "precision": precision,
+                              "explain": "auto", "threads": os.environ.get("RETRIEVE_THREADS")})
+
+
+def _identity_from_manifest(model: str, input_size: int | None, resize: str | None) -> dict | None:
+    """A registry model with its default weights, GAP pooling: the identity recorded beside its graphs, when
+    the weights file still has the recorded hash."""
+    folder = cache_dir() / "onnx"
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in model)[-60:]
+    here = _manifest_path(folder, model, "x" * 16).name.rsplit("-", 1)[1]
+    for path in sorted(folder.glob(f"{safe}-*-{here}")):
+        try:
+            doc = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        ident = doc.get("identity") or {}
+        if ident.get("name") != model or not ident.get("default_weights") or not ident.get("preprocess") \
+                or not _valid(doc):
+            continue
+        src = Path(ident.get("weights_source") or "")
+        try:
+            with open(src, "rb") as f:
+                if hashlib.file_digest(f, "sha256").hexdigest() != ident.get("weights_id"):
+                    continue
+        except OSError:
+            continue
+        pre = Preprocess.from_dict(ident["preprocess"])
+        if input_size is not None:
+            pre = pre.replace(size=int(input_size))
+        if resize is not None:
+            pre = pre.replace(resize=resize)
+        return {"model": model, "weights_id": ident["weights_id"], "weights_source": ident["weights_source"],
+                "preprocess": pre.to_dict(), "dim": int(ident["dim"]), "pooling": "gap"}
+    return None
+
+
+def index_backbone(settings, full: Callable[[], object]):
+    """For indexing into an index with ``settings``: a :class:`FastBackbone` whose graphs for the index's input
+    shape and for the explain reference (448-px tap graph) are cached -- prepared in a child process when they
+    are not -- else ``full()`` (imports torch). A user's model, ``resize="long"`` (many input shapes: each new
+    one is checked by the full backbone), R-MAC pooling and ``RETRIEVE_FAST_INDEX=0`` go the full way."""
+    if _fast_disabled("RETRIEVE_FAST_INDEX") or not _registry_name(str(settings.model)) \
+            or (settings.preprocess or {}).get("resize", "squash") != "squash" \
+            or str(settings.pooling).partition(":")[0] not in ("gap", "gem"):  # R-MAC: pooled by the full one
+        return full()
+    size = int((settings.explain or {}).get("input_size") or settings.preprocess.get("size"))
+    from .reference import tap_layer
+
+    tap = tap_layer(str(settings.model))
+    precision = getattr(settings, "precision", "fp32") or "fp32"
+
+    def usable(fb) -> bool:
+        if fb is None or not fb.ready(fb.preprocess.input_shape):
+            return False
+        return fb.at_size(size).ready((size, size), tap)
+
+    fb = fast_backbone(settings, full, "RETRIEVE_FAST_INDEX")
+    if usable(fb):
+        return fb
+    if _prepare_in_child({"model": settings.model, "weights": settings.weights_source
+                          if settings.weights_id != "random" else None, "weights_id": settings.weights_id,
+                          "input_size": settings.preprocess.get("size"), "resize": settings.preprocess.get("resize"),
+                          "pooling": settings.pooling, "precision": precision, "explain": [size, tap],
+                          "threads": os.environ.get("RETRIEVE_THREADS")}) is not None:
+        fb = fast_backbone(settings, full, "RETRIEVE_FAST_INDEX")
+        if fb is not None and fb.ready(fb.preprocess.input_shape):
+            return fb  # the reference falls back to the full backbone if its graph could not be made
+    return full()
+
+
+if __name__ == "__main__":  # the child of _prepare_in_child
+    import sys
+
+    print(json.dumps(_prepare(json.loads(sys.argv[1]))))

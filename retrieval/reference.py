@@ -38,12 +38,14 @@ def tap_layer(model: str) -> str | None:
 
 def compute(store, backbone, size: int, tap: str | None, sample: int = SAMPLE,
             rng: np.random.Generator | None = None) -> dict | None:
-    """Means of a sample of the indexed photos at ``size`` px (see the module doc); None when none can be read."""
-    import torch
+    """Means of a sample of the indexed photos at ``size`` px (see the module doc); None when none can be read.
 
-    from .backbone import group_by_shape
+    ``backbone``: a :class:`~retrieval.backbone.Backbone`, or the torch-free
+    :class:`~retrieval.fastpath.FastBackbone` the indexer uses when its graphs are cached. Photos are read
+    :data:`CHUNK` at a time (128 preprocessed photos at 448 px would hold 300 MB at once)."""
     from .errors import ImageError
     from .images import load_image
+    from .preprocess import group_by_shape
 
     rng = rng or np.random.default_rng(0)
     n = store.count()
@@ -51,31 +53,51 @@ def compute(store, backbone, size: int, tap: str | None, sample: int = SAMPLE,
         return None
     ids = store.row_ids()  # ids only: the embeddings are not needed here
     pick = sorted(int(i) for i in rng.choice(ids, min(sample, len(ids)), replace=False))
-    rows = store.rows_by_ids(pick)
     bb = backbone.at_size(size)
-    arrays = []
-    for i in pick:
-        try:
-            arrays.append(bb.preprocess.array(load_image(rows[i].path, min_side=size)))
-        except (ImageError, KeyError):
-            continue  # moved or unreadable since: the sample is a little smaller
-    if not arrays:
-        return None
     total = np.zeros(bb.feature_dim, np.float64)
     total_tap = None
-    for idx in group_by_shape(arrays):
-        for start in range(0, len(idx), 16):
-            x = torch.from_numpy(np.stack([arrays[j] for j in idx[start:start + 16]]))
-            if tap:
-                a, t = bb.features_and_tap(x, tap)
-                part = t.double().mean((2, 3)).sum(0).numpy()
+    k = 0
+    for c in range(0, len(pick), CHUNK):
+        rows = store.rows_by_ids(pick[c:c + CHUNK])
+        arrays = []
+        for i in pick[c:c + CHUNK]:
+            try:
+                arrays.append(bb.preprocess.array(load_image(rows[i].path, min_side=size)))
+            except (ImageError, KeyError):
+                continue  # moved or unreadable since: the sample is a little smaller
+        k += len(arrays)
+        for idx in group_by_shape(arrays):
+            a, t = _forward(bb, np.stack([arrays[j] for j in idx]), tap)
+            if t is not None:
+                part = t.astype(np.float64).mean((2, 3)).sum(0)
                 total_tap = part if total_tap is None else total_tap + part
-            else:
-                a = bb.features(x)
-            total += bb.pooling.pool(a.double()).sum(0).numpy()
-    k = len(arrays)
+            total += a.sum(0)
+    if not k:
+        return None
     return {"size": int(size), "tap": tap, "mean": (total / k).tolist(),
             "mean_tap": None if total_tap is None else (total_tap / k).tolist(), "sampled": k, "images": n}
+
+
+CHUNK = 16  # photos read and run at a time
+
+
+def _forward(bb, x: np.ndarray, tap: str | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """(pooled embeddings N×C float64, the tap layer's map or None) of the batch ``x``."""
+    if hasattr(bb, "features_and_tap_arrays"):  # the torch-free backbone (retrieval/fastpath.py)
+        if tap:
+            a, t = bb.features_and_tap_arrays(x, tap)
+        else:
+            a, t = bb.features_arrays(x), None
+        return bb.pool_arrays(a.astype(np.float64)), t
+    import torch
+
+    xt = torch.from_numpy(x)
+    if tap:
+        a, t = bb.features_and_tap(xt, tap)
+        t = t.numpy()
+    else:
+        a, t = bb.features(xt), None
+    return bb.pooling.pool(a.double()).numpy(), t
 
 
 def _fits(ref: dict | None, size: int, tap: str | None) -> bool:

@@ -50,6 +50,17 @@ def check_trusted(model: str) -> None:
                          f"the command again with --trust-model (or set {TRUST_ENV}=1)")
 
 
+def apply_threads() -> None:
+    """torch's intra-op threads from ``RETRIEVE_THREADS`` (``--threads``), for a command that imports torch only
+    when it needs it (``retrieve index`` through the cached graphs: retrieval/fastpath.py)."""
+    threads = os.environ.get("RETRIEVE_THREADS", "").strip()
+    if threads.isdigit() and int(threads) > 0:
+        import torch
+
+        if torch.get_num_threads() != int(threads):
+            torch.set_num_threads(int(threads))
+
+
 def backbone_for_settings(settings: IndexSettings, device: str | None = None,
                           input_size: int | None = None) -> Backbone:
     """The backbone an index was built with: same model, weights (verified by hash before they are
@@ -59,6 +70,7 @@ def backbone_for_settings(settings: IndexSettings, device: str | None = None,
     """
     from .models import load_backbone
 
+    apply_threads()
     check_trusted(settings.model)
     src = Path(settings.weights_source)
     weights = src if settings.weights_source not in ("", "random") and src.is_file() else None

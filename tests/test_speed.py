@@ -196,3 +196,54 @@ def test_one_query_searches_on_one_faiss_thread():
     assert faiss.omp_get_max_threads() == n
     with _one_thread_for_one_query(3):
         assert faiss.omp_get_max_threads() == n
+
+
+def _index(*args, **env):  # args: retrieve's (a main option such as --threads first), then index's
+    return subprocess.run([sys.executable, "-c", WATCH, *map(str, args)], capture_output=True, text=True,
+                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **env}, timeout=1200)
+
+
+def _vectors(idx):
+    from retrieval.store import IndexStore
+
+    with IndexStore.open(idx) as store:
+        rows = store.rows_by_ids([int(i) for i in store.row_ids()])
+        ref = store.get_value("explain_reference")
+        return {r.path: np.frombuffer(r.vector, np.float32) for r in rows.values()}, ref
+
+
+def _close(a, b) -> bool:  # the tolerance retrieval/backbone.py checks an ONNX graph against eager with
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return a.shape == b.shape and bool(np.abs(a - b).max() <= 1e-3 * np.abs(b).max() + 1e-6)
+
+
+def test_index_through_cached_graphs_imports_no_torch(small_index, tmp_path):
+    """`retrieve index` never imports torch for the default preset: from a cold ONNX cache the graphs (224 px, and
+    the 448-px two-output graph of the explain reference) are made in a child process; a warm update (with
+    --threads) needs none. Its embeddings and explain reference equal the torch path's (RETRIEVE_FAST_INDEX=0)."""
+    from retrieval import fastpath
+    from retrieval.models import DEFAULT_MODEL
+
+    assert fastpath.DEFAULT_MODEL == DEFAULT_MODEL
+    src, _ = small_index
+    cold = {"XDG_CACHE_HOME": str(tmp_path / "cold-cache")}
+    fast = _index("index", src, "--index", tmp_path / "fast", "--json", **cold)
+    assert fast.returncode == 0, fast.stderr
+    assert fast.stderr.strip().splitlines()[-1].split()[1] == "False", fast.stderr  # torch never imported here
+    assert list((tmp_path / "cold-cache" / "retrieve" / "onnx").glob("*-tap-*.onnx"))  # made by the child
+    full = _index("index", src, "--index", tmp_path / "full", "--json", RETRIEVE_FAST_INDEX="0")
+    assert full.returncode == 0, full.stderr
+    assert full.stderr.strip().splitlines()[-1].split()[1] == "True", full.stderr
+    (a, ref_a), (b, ref_b) = _vectors(tmp_path / "fast"), _vectors(tmp_path / "full")
+    assert sorted(a) == sorted(b) and len(a) == 5
+    for p in a:
+        assert _close(a[p], b[p]), p
+    assert ref_a["size"] == ref_b["size"] == 448 and ref_a["sampled"] == ref_b["sampled"] == 5
+    assert _close(ref_a["mean"], ref_b["mean"]) and _close(ref_a["mean_tap"], ref_b["mean_tap"])
+    more = tmp_path / "more"
+    more.mkdir()
+    shutil.copy(ROOT / "data" / "samples" / "horse.png", more / "horse.png")
+    upd = _index("--threads", "1", "index", src, more, "--index", tmp_path / "fast", "--json", **cold)
+    assert upd.returncode == 0, upd.stderr
+    assert upd.stderr.strip().splitlines()[-1].split()[1] == "False", upd.stderr
+    assert json.loads(upd.stdout.strip().splitlines()[-1])["indexed"] == 1
