@@ -64,7 +64,8 @@ def product_order(q: int, order: np.ndarray, pv, k: int, wl: list[int], pairs: l
 
 def run(folder: Path, paths: list[str], vecs: np.ndarray, pv, n_queries: int = 100,
         configs=((60, 0, 0), (60, 30, 0), (60, 30, 20), (30, 30, 20), (30, 20, 10), (20, 20, 20)),
-        before=None, configs_before=((60, 30, 0), (60, 30, 20))) -> tuple[list[list], list[list]]:
+        before=None, configs_before=((60, 30, 0), (60, 30, 20)),
+        names=("before", "now")) -> tuple[list[list], list[list]]:
     """Rows of HEADERS: ``configs`` (K, W, C) with the verifier ``pv``, first ``configs_before`` with ``before``
     (a PairVerifier with the previous verification settings), side by side."""
     labels = np.array([Path(p).parent.name for p in paths])
@@ -80,8 +81,8 @@ def run(folder: Path, paths: list[str], vecs: np.ndarray, pv, n_queries: int = 1
     wi_cat = _index(pv.feats, refs)
     build_s = time.perf_counter() - t
     rows = []
-    runs = [(k, w, c, before, "before") for k, w, c in (configs_before if before is not None else ())]
-    runs += [(k, w, c, pv, "now") for k, w, c in configs]
+    runs = [(k, w, c, before, names[0]) for k, w, c in (configs_before if before is not None else ())]
+    runs += [(k, w, c, pv, names[1]) for k, w, c in configs]
     for k, w, c, pv, which in runs:
         res = {"mixed": [], "within": [], "catalogue-only": []}
         pairs = {name: [] for name in res}
