@@ -292,8 +292,13 @@ def test_batched_matching_equals_the_definition_pair_by_pair(matched, dims):
         assert np.array_equal(alone[0], qi) and np.array_equal(alone[1], ri)
     astro = set(zip(*(x.tolist() for x in batched[1])))
     assert len(astro) > 5 * max(len(batched[0][0]), len(batched[2][0]))  # the same object matches most
-    many = v.verify_many(photo, others)
-    assert [m.inliers for m in many] == [v.verify(photo, r).inliers for r in others]
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(2):  # the pool: one candidate per thread (as on a 2-core machine)
+        many = v.verify_many(photo, others)
+    chunked = Verifier(cache=False, projection=v.projection, pool=False).verify_many(photo, others)
+    assert [m.inliers for m in many] == [m.inliers for m in chunked] == [v.verify(photo, r).inliers for r in others]
+    assert all(np.array_equal(m.query_points, c.query_points) for m, c in zip(many, chunked))
     assert many[1].confirmed and not many[0].confirmed and not many[2].confirmed
 
 
