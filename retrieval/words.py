@@ -146,7 +146,7 @@ class WordIndex:
         self.signature = signature  # the local features' settings (Verifier.cache's name)
         self.bags: dict[int, tuple[str, np.ndarray, np.ndarray]] = {}  # id → (sha256, words, counts)
         self._ivf = None  # built lazily from ``bags``
-        self._last_bag = None  # (the query's descriptors, their bag): the last query's, reused
+        self._last_bag = None  # (the query's descriptors, the inverted file, every row's score): reused
 
     # -- keeping it equal to the rows ---------------------------------------------------------------
     def set(self, i: int, sha: str, words: np.ndarray, counts: np.ndarray) -> None:
@@ -208,21 +208,14 @@ class WordIndex:
         first, as (id, score); ``allowed``: only these ids (sorted array); ``exclude``: never these."""
         if n <= 0 or not self.bags or not len(desc):
             return []
-        ids, post_img, post_w, ptr, idf, df = self._inverted()
+        ivf = self._inverted()
+        ids = ivf[0]
         last = self._last_bag
-        if last is None or last[0] is not desc:  # the words and catalogue stages ask with the same query:
-            last = self._last_bag = (desc, self.vocab.bag(desc))  # it is quantised once
-        qw, qn = last[1]
-        keep = df[qw] <= max(STOP_SHARE * len(ids), STOP_MIN)
-        qw, qn = qw[keep], qn[keep]
-        q = np.sqrt(qn.astype(np.float32)) * idf[qw]
-        q /= max(float(np.linalg.norm(q)), 1e-12)
-        starts, lens = ptr[qw], ptr[qw + 1] - ptr[qw]
-        total = int(lens.sum())
-        if not total:
+        if last is None or last[0] is not desc or last[1] is not ivf:  # the words and catalogue stages ask
+            last = self._last_bag = (desc, ivf, self._scores(desc, ivf))  # with the same query: scored once
+        if last[2] is None:
             return []
-        at = np.repeat(starts - np.concatenate([[0], np.cumsum(lens)[:-1]]), lens) + np.arange(total)
-        scores = np.bincount(post_img[at], post_w[at] * np.repeat(q, lens), minlength=len(ids))
+        scores = last[2].copy()
         if allowed is not None:
             scores[~np.isin(ids, allowed)] = 0
         ex = np.fromiter((int(i) for i in exclude), np.int64)
@@ -233,6 +226,21 @@ class WordIndex:
             cand = cand[np.argpartition(-scores[cand], n - 1)[:n]]
         cand = cand[np.argsort(-scores[cand], kind="stable")]
         return [(int(ids[c]), float(scores[c])) for c in cand]
+
+    def _scores(self, desc: np.ndarray, ivf) -> np.ndarray | None:
+        """Every row's score (cosine of tf-idf vectors) for the query descriptors ``desc``; None: no word in common."""
+        ids, post_img, post_w, ptr, idf, df = ivf
+        qw, qn = self.vocab.bag(desc)
+        keep = df[qw] <= max(STOP_SHARE * len(ids), STOP_MIN)
+        qw, qn = qw[keep], qn[keep]
+        q = np.sqrt(qn.astype(np.float32)) * idf[qw]
+        q /= max(float(np.linalg.norm(q)), 1e-12)
+        starts, lens = ptr[qw], ptr[qw + 1] - ptr[qw]
+        total = int(lens.sum())
+        if not total:
+            return None
+        at = np.repeat(starts - np.concatenate([[0], np.cumsum(lens)[:-1]]), lens) + np.arange(total)
+        return np.bincount(post_img[at], post_w[at] * np.repeat(q, lens), minlength=len(ids))
 
     # -- the file ---------------------------------------------------------------------------------------
     def fingerprint(self) -> dict:
