@@ -235,12 +235,11 @@ class Verifier:
             dist1, dist2 = np.sqrt(np.maximum(2 - 2 * s1, 0)), np.sqrt(np.maximum(2 - 2 * s2, 0))
             good = np.nonzero(dist1 < self.ratio * dist2)[0]
             if self.mutual and len(good):  # mutual: no other query point is nearer to the match's candidate
-                # point. Only the few matches' columns are read; the nearest similarities were set to -inf
-                # above, so the query points whose nearest is the same candidate point are compared apart:
-                # of several such, only the nearest keeps the match (before, all of them did)
-                best = np.full(n, -np.inf, np.float32)
-                np.maximum.at(best, first, s1)
-                good = good[(seg[:, first[good]].max(0) < s1[good]) & (s1[good] >= best[first[good]])]
+                # point — among the query points whose own nearest is another candidate point (their nearest
+                # similarities were set to -inf above; only the few matches' columns are read). Several query
+                # points sharing one nearest candidate point all keep it: measured, making them compete costs
+                # faces (att_faces, instance preset, K 60: mAP@10 0.719 → 0.717; no head: 0.831 → 0.821)
+                good = good[seg[:, first[good]].max(0) < s1[good]]
             good = good[np.argsort(dist1[good] / np.maximum(dist2[good], 1e-12), kind="stable")]  # best first
             yield good, first[good]
 
