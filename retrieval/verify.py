@@ -369,14 +369,9 @@ def verify_hits(verifier: Verifier, query_path: str, hits: Sequence, k: int,
         except (ImageError, OSError) as e:  # the result's file went away: keep it, unverified
             return LocalFeatures(np.zeros((0, 2), np.float32), np.zeros((0, 128), np.uint8), (1, 1)), e
 
-    threads = blas_threads() if verifier.pool else 1
-    if threads > 1 and len(hits) > 1:  # read from the per-content cache in parallel (file reads, CRCs)
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(min(threads, len(hits))) as pool:
-            loaded = list(pool.map(load, hits))
-    else:
-        loaded = [load(h) for h in hits]
+    # one by one: np.load parses each member's header with ast.literal_eval, which CPython 3.11 cannot run in
+    # several threads at once (SystemError "AST constructor recursion depth mismatch", seen in the tests)
+    loaded = [load(h) for h in hits]
     feats = []
     for h, (f, e) in zip(hits, loaded):  # errors reported in the hits' order
         if e is not None and on_error:
