@@ -47,13 +47,33 @@ def _index(feats: list, positions: np.ndarray) -> W.WordIndex:
     return wi
 
 
-def product_order(q: int, order: np.ndarray, pv, k: int, wl: list[int], pairs: list) -> list[int]:
+def product_order(q: int, order: np.ndarray, pv, k: int, wl: list[int], pairs: list, early: int = 0,
+                  is_cat: np.ndarray | None = None) -> list[int]:
     """retrieval.search.Searcher._verified on a full global order (``order``: candidates best first);
-    appends the number of verified pairs to ``pairs``."""
+    appends the number of verified pairs to ``pairs``. ``early`` = E > 0 (simulated early exit): the
+    candidates are verified 16 at a time, alternately from the global shortlist and the other stages, best
+    first, and verification stops after the 16 in which a candidate (with ``is_cat``: a catalogue image)
+    reached E inliers; the rest count as not confirmed."""
     head = [int(c) for c in order[:k]]
     extra = [c for c in wl if c not in set(head)]
-    pairs.append(len(head) + len(extra))
-    inl = pv.inliers(q, np.array(head + extra, np.int64)) if head + extra else np.zeros(0)
+    cands = head + extra
+    inl = pv.inliers(q, np.array(cands, np.int64)) if cands else np.zeros(0)
+    if early and cands:
+        pos = {c: j for j, c in enumerate(cands)}
+        prio = [c for pair in zip(head + [None] * len(extra), extra + [None] * len(head)) for c in pair
+                if c is not None]
+        prio = list(dict.fromkeys(prio))
+        done = len(prio)
+        for at in range(0, len(prio), 16):
+            if max((inl[pos[c]] for c in prio[:at + 16] if is_cat is None or is_cat[c]), default=0) >= early:
+                done = min(len(prio), at + 16)
+                break
+        keep = np.zeros(len(cands), bool)
+        keep[[pos[c] for c in prio[:done]]] = True
+        inl = np.where(keep, inl, 0)
+        pairs.append(done)
+    else:
+        pairs.append(len(cands))
     vs = [Verification(int(i)) for i in inl]
     out = rerank(head + extra, vs, len(head) + len(extra))
     conf = {c for c, v in zip(head + extra, vs) if v.confirmed}
@@ -64,7 +84,8 @@ def product_order(q: int, order: np.ndarray, pv, k: int, wl: list[int], pairs: l
 
 def run(folder: Path, paths: list[str], vecs: np.ndarray, pv, n_queries: int = 100,
         configs=((60, 0, 0), (60, 30, 0), (60, 30, 20), (30, 30, 20), (30, 20, 10), (20, 20, 20)),
-        before=None, configs_before=((60, 30, 0), (60, 30, 20))) -> tuple[list[list], list[list]]:
+        before=None, configs_before=((60, 30, 0), (60, 30, 20)),
+        names=("before", "now")) -> tuple[list[list], list[list]]:
     """Rows of HEADERS: ``configs`` (K, W, C) with the verifier ``pv``, first ``configs_before`` with ``before``
     (a PairVerifier with the previous verification settings), side by side."""
     labels = np.array([Path(p).parent.name for p in paths])
@@ -80,9 +101,12 @@ def run(folder: Path, paths: list[str], vecs: np.ndarray, pv, n_queries: int = 1
     wi_cat = _index(pv.feats, refs)
     build_s = time.perf_counter() - t
     rows = []
-    runs = [(k, w, c, before, "before") for k, w, c in (configs_before if before is not None else ())]
-    runs += [(k, w, c, pv, "now") for k, w, c in configs]
-    for k, w, c, pv, which in runs:
+    runs = [(*cfg, before, names[0]) for cfg in (configs_before if before is not None else ())]
+    runs += [(*cfg, pv, names[1]) for cfg in configs]
+    for cfg in runs:
+        k, w, c = cfg[:3]
+        e = cfg[3] if len(cfg) == 6 else 0  # (K, W, C[, early exit at E inliers])
+        pv, which = cfg[-2], cfg[-1]
         res = {"mixed": [], "within": [], "catalogue-only": []}
         pairs = {name: [] for name in res}
         lookup = []
@@ -106,13 +130,13 @@ def run(folder: Path, paths: list[str], vecs: np.ndarray, pv, n_queries: int = 1
                                                   exclude=taken | {q})][:c] if w else []
                 lookup[-1] += time.perf_counter() - t
                 wl = wl + gc + wc
-            res["mixed"].append(product_order(q, order, pv, k, wl, pairs["mixed"]))
+            res["mixed"].append(product_order(q, order, pv, k, wl, pairs["mixed"], e, is_ref if c else None))
             o_within = [c for c in order if is_ref[c]]
             wl_in = [c for c, _ in wi_all.search(pv.feats[q].descriptors, w, allowed=refs, exclude=[q])] if w else []
-            res["within"].append(product_order(q, np.array(o_within), pv, k, wl_in, pairs["within"]))
+            res["within"].append(product_order(q, np.array(o_within), pv, k, wl_in, pairs["within"], e))
             oc = refs[np.argsort(-(xc[q] @ xc[refs].T), kind="stable")]
             wl_c = [c for c, _ in wi_cat.search(pv.feats[q].descriptors, w)] if w else []
-            res["catalogue-only"].append(product_order(q, oc, pv, k, wl_c, pairs["catalogue-only"]))
+            res["catalogue-only"].append(product_order(q, oc, pv, k, wl_c, pairs["catalogue-only"], e))
         n = len(queries)
         mixed = res["mixed"]
         r1 = np.mean([labels[o[0]] == labels[q] for q, o in zip(queries, mixed)])
@@ -126,7 +150,7 @@ def run(folder: Path, paths: list[str], vecs: np.ndarray, pv, n_queries: int = 1
         cat = np.mean([labels[o[0]] == labels[q] for q, o in zip(queries, res["catalogue-only"])])
         s_q = {name: t_rank / n + pv.extract_ms / 1000 + float(np.mean(p)) * pv.ms_per_pair() / 1000
                + float(np.mean(lookup)) for name, p in pairs.items()}
-        rows.append([which, k, w, c, n, round(float(r1), 3), round(float(np.mean(ap10)), 3), round(float(p2c), 3),
+        rows.append([which, k, w, c, e or "-", n, round(float(r1), 3), round(float(np.mean(ap10)), 3), round(float(p2c), 3),
                      round(float(within), 3), round(float(cat), 3), round(float(np.mean(pairs["mixed"])), 1),
                      round(1000 * float(np.mean(lookup)), 1), round(s_q["mixed"], 3), round(s_q["within"], 3),
                      round(s_q["catalogue-only"], 3)])
@@ -134,7 +158,7 @@ def run(folder: Path, paths: list[str], vecs: np.ndarray, pv, n_queries: int = 1
     return rows, build_s
 
 
-HEADERS = ["verification", "verify K", "words W", "catalogue C", "queries", "R@1", "mAP@10", "photo→cat R@1 (mixed)", "photo→cat R@1 (within)",
+HEADERS = ["verification", "verify K", "words W", "catalogue C", "early exit E", "queries", "R@1", "mAP@10", "photo→cat R@1 (mixed)", "photo→cat R@1 (within)",
            "photo→cat R@1 (catalogue-only)", "pairs/query (mixed)", "words lookup ms", "s/query mixed",
            "s/query within", "s/query catalogue-only"]
 

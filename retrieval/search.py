@@ -297,6 +297,8 @@ class Searcher:
 
                 self.verifier = Verifier()
             self._words = words.sync(self.store, self.verifier) or False
+            if self._words and self._words.vocab.projection is not None:  # verification matches in its subspace
+                self.verifier.projection = self._words.vocab.projection
         return self._words or None
 
     def _word_hits(self, feats, n: int, head: Sequence[Hit], exclude: set[int], raw: np.ndarray,

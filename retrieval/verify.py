@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -29,6 +30,7 @@ from .images import load_image
 
 RANSAC_ITERS = 500  # enough for ≥ 15 % inliers at 99.5 % confidence; caps the cost of hopeless pairs
 MATCH_CHUNK = 16  # candidates whose descriptor similarities are computed together (memory stays ~256 MB)
+FEATURE_MEMO = 256  # candidates' features (and their matching matrices) kept in memory by content hash
 MIN_INLIERS = 10  # confirmed from here on: 0.03 % of unrelated pairs reach it on the instance set, 88 % of
                   # true pairs do (SIFT 2000 keypoints, RootSIFT, 640 px, mutual ratio-0.85 matches, PROSAC;
                   # bench/results/quality.md)
@@ -39,6 +41,8 @@ class LocalFeatures:
     points: np.ndarray  # N×2 float32, (x, y) in the photo's own pixels
     descriptors: np.ndarray  # N×128 uint8 (SIFT)
     size: tuple[int, int]  # the photo's own (width, height)
+    # matching matrices (RootSIFT, projected) by projection key: computed once per content and projection
+    prepared: dict = field(default_factory=dict, repr=False, compare=False)
 
 
 @dataclass
@@ -74,16 +78,32 @@ class Verifier:
     (0.9) lets in so many clutter matches that RANSAC finds fewer true homographies (86 %), not more."""
 
     def __init__(self, max_side: int = 640, n_features: int = 2000, contrast: float = 0.02, ratio: float = 0.85,
-                 reproj_px: float = 8.0, cache: bool = True, mutual: bool = True, prosac: bool = True):
+                 reproj_px: float = 8.0, cache: bool = True, mutual: bool = True, prosac: bool = True,
+                 projection: np.ndarray | None = None, pool: bool = True):
         self.max_side = max_side
+        self.pool = pool  # match candidates in parallel threads (see verify_many)
         self.n_features = n_features
         self.ratio = ratio
         self.mutual = mutual  # keep a match only when each point is the other's nearest (see _match)
         self.prosac = prosac  # RANSAC samples the best matches first (else uniformly: USAC_DEFAULT)
         self.reproj_px = reproj_px  # RANSAC threshold, in pixels of the max_side-scaled image
         self.cache = cache_dir() / "local" / f"sift-{max_side}-{n_features}-{contrast:g}" if cache else None
+        # 128 × d: RootSIFT is matched in this d-dimensional subspace (renormalised), learned with the index's
+        # vocabulary (retrieval/words.py); None: in all 128 dimensions
+        self.projection = projection  # (a property: its key names the matrices it made)
+        self._memo: OrderedDict[str, LocalFeatures] = OrderedDict()  # sha256 → features (FEATURE_MEMO)
+        self._memo_lock = threading.Lock()
         cv2 = _cv2()
         self._sift = cv2.SIFT_create(nfeatures=n_features, contrastThreshold=contrast)
+
+    @property
+    def projection(self) -> np.ndarray | None:
+        return self._projection
+
+    @projection.setter
+    def projection(self, p: np.ndarray | None) -> None:
+        self._projection = None if p is None else np.ascontiguousarray(p, np.float32)
+        self._pkey = None if p is None else hashlib.sha1(self._projection.tobytes()).hexdigest()
 
     # -- features -------------------------------------------------------------------------------
     def extract(self, img) -> LocalFeatures:
@@ -106,14 +126,22 @@ class Verifier:
             return self.extract(load_image(path, min_side=self.max_side))
         if sha256 is None:
             sha256 = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        with self._memo_lock:
+            feats = self._memo.get(sha256)
+            if feats is not None:
+                self._memo.move_to_end(sha256)
+                return feats
         f = self.cache / sha256[:2] / f"{sha256}.npz"
         try:
             with np.load(f) as z:
-                return LocalFeatures(z["points"], z["descriptors"], tuple(int(v) for v in z["size"]))
+                feats = LocalFeatures(z["points"], z["descriptors"], tuple(int(v) for v in z["size"]))
         except (OSError, KeyError, ValueError):
-            pass
-        feats = self.extract(load_image(path, min_side=self.max_side))
-        self.save(sha256, feats)
+            feats = self.extract(load_image(path, min_side=self.max_side))
+            self.save(sha256, feats)
+        with self._memo_lock:
+            self._memo[sha256] = feats
+            while len(self._memo) > FEATURE_MEMO:
+                self._memo.popitem(last=False)
         return feats
 
     def cached(self, data: bytes) -> LocalFeatures | None:
@@ -146,29 +174,59 @@ class Verifier:
         return self.verify_many(q, [r])[0]
 
     def verify_many(self, q: LocalFeatures, rs: Sequence[LocalFeatures]) -> list[Verification]:
-        """:meth:`verify` for many candidates: one matrix product per ``MATCH_CHUNK`` candidates for the
-        descriptor distances (faster than OpenCV's brute-force matcher pair by pair), then a ratio test and
-        RANSAC per candidate."""
+        """:meth:`verify` for many candidates. ``pool`` (default): one candidate at a time per thread,
+        each matrix product on one BLAS thread, as many threads as BLAS has (the similarities of one pair,
+        ~6 MB, stay in the cache for the top-two passes; RANSAC runs in parallel too); else one matrix
+        product per ``MATCH_CHUNK`` candidates on all BLAS threads, then the ratio test and RANSAC one by
+        one. Both give the same matches (tests/test_instance.py)."""
         out = [Verification(0) for _ in rs]
         keep = [i for i, r in enumerate(rs) if len(r.points) >= 4]
         if len(q.points) < 4 or not keep:
             return out
-        a = _root(q.descriptors)
-        for at in range(0, len(keep), MATCH_CHUNK):  # bounded memory: 2000 × 16 × 2000 similarities at most
-            self._match(q, a, rs, keep[at:at + MATCH_CHUNK], out)
+        a = self.matrix(q)
+        self.matrices([rs[i] for i in keep])  # projected in one product
+        threads = blas_threads() if self.pool else 1
+        if self.pool and threads > 1 and len(keep) > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            def one(i: int) -> Verification:
+                qi, ri = next(self._pairs(a, [self.matrix(rs[i])]))
+                return self._ransac(q, rs[i], qi, ri)
+
+            with one_blas_thread(), ThreadPoolExecutor(min(threads, len(keep))) as pool:
+                for i, v in zip(keep, pool.map(one, keep)):
+                    out[i] = v
+            return out
+        chunk = 1 if self.pool else MATCH_CHUNK
+        for at in range(0, len(keep), chunk):  # bounded memory: 2000 × 16 × 2000 similarities at most
+            self._match(q, a, rs, keep[at:at + chunk], out)
         return out
 
     def _match(self, q: LocalFeatures, a: np.ndarray, rs: Sequence[LocalFeatures], keep: list[int],
                out: list[Verification]) -> None:
-        b = _root(np.concatenate([rs[i].descriptors for i in keep]))
-        sim = a @ b.T  # RootSIFT vectors have unit length: squared distance = 2 − 2·similarity
+        for i, (qi, ri) in zip(keep, self._pairs(a, self.matrices([rs[i] for i in keep]))):
+            out[i] = self._ransac(q, rs[i], qi, ri)
+
+    def matches(self, q: LocalFeatures, rs: Sequence[LocalFeatures]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """The matches :meth:`verify_many` hands to RANSAC: for each of ``rs``, (query rows, candidate rows),
+        best first (ratio test, mutual nearest neighbours, in the verifier's projection)."""
+        a = self.matrix(q)
+        out = []
+        for at in range(0, len(rs), MATCH_CHUNK):
+            out += list(self._pairs(a, self.matrices(rs[at:at + MATCH_CHUNK])))
+        return out
+
+    def _pairs(self, a: np.ndarray, bs: list[np.ndarray]):
+        """(query rows, candidate rows) of each candidate matrix in ``bs``: one matrix product for all."""
+        sim = a @ np.concatenate(bs).T  # the rows have unit length: squared distance = 2 − 2·similarity
         rows = np.arange(len(a))
         start = 0
-        for i in keep:
-            n = len(rs[i].points)
+        for b in bs:
+            n = len(b)
             seg = sim[:, start:start + n]
             start += n
             if n < 2:
+                yield np.zeros(0, np.int64), np.zeros(0, np.int64)
                 continue
             first = seg.argmax(1)
             s1 = seg[rows, first]
@@ -177,10 +235,31 @@ class Verifier:
             dist1, dist2 = np.sqrt(np.maximum(2 - 2 * s1, 0)), np.sqrt(np.maximum(2 - 2 * s2, 0))
             good = np.nonzero(dist1 < self.ratio * dist2)[0]
             if self.mutual and len(good):  # mutual: no other query point is nearer to the match's candidate
-                # point (its own similarity was set to -inf above; only the few matches' columns are read)
+                # point — among the query points whose own nearest is another candidate point (their nearest
+                # similarities were set to -inf above; only the few matches' columns are read). Several query
+                # points sharing one nearest candidate point all keep it: measured, making them compete costs
+                # faces (att_faces, instance preset, K 60: mAP@10 0.719 → 0.717; no head: 0.831 → 0.821)
                 good = good[seg[:, first[good]].max(0) < s1[good]]
             good = good[np.argsort(dist1[good] / np.maximum(dist2[good], 1e-12), kind="stable")]  # best first
-            out[i] = self._ransac(q, rs[i], good, first[good])
+            yield good, first[good]
+
+    def matrix(self, f: LocalFeatures) -> np.ndarray:
+        """The rows ``f`` is matched with: RootSIFT, projected and renormalised when the verifier has a
+        projection; computed once per features object and projection (kept in ``f.prepared``)."""
+        return self.matrices([f])[0]
+
+    def matrices(self, fs: Sequence[LocalFeatures]) -> list[np.ndarray]:
+        """:meth:`matrix` of each of ``fs``; those not prepared yet are projected in one product."""
+        key = self._pkey
+        todo = [f for f in fs if key not in f.prepared]
+        if todo:
+            m = project(_root(np.concatenate([f.descriptors for f in todo])), self._projection)
+            at = 0
+            for f in todo:
+                f.prepared.clear()  # one projection at a time: a features object is not kept for several
+                f.prepared[key] = m[at:at + len(f.descriptors)]
+                at += len(f.descriptors)
+        return [f.prepared[key] for f in fs]
 
     def _ransac(self, q: LocalFeatures, r: LocalFeatures, qi: np.ndarray, ri: np.ndarray) -> Verification:
         cv2 = _cv2()
@@ -215,6 +294,52 @@ def _root(desc: np.ndarray) -> np.ndarray:
     return np.sqrt(d / np.maximum(d.sum(1, keepdims=True), 1e-6))
 
 
+_CONTROLLER = None
+
+
+def one_blas_thread():
+    """A context in which NumPy's BLAS runs on one thread. Small products (projecting a few thousand
+    descriptors, quantising them in the vocabulary tree's clusters) lose more to waking and joining BLAS
+    threads than they gain; on a loaded machine, 4-6x more (bench/results/catalogue-speed.md). The large
+    matching product keeps every thread. Without threadpoolctl: a no-op."""
+    global _CONTROLLER
+    try:
+        if _CONTROLLER is None:
+            from threadpoolctl import ThreadpoolController
+
+            _CONTROLLER = ThreadpoolController()
+        return _CONTROLLER.limit(limits=1, user_api="blas")
+    except Exception:  # noqa: BLE001 - not installed, or an unknown BLAS: the default threads
+        import contextlib
+
+        return contextlib.nullcontext()
+
+
+def blas_threads() -> int:
+    """The threads NumPy's BLAS runs on now (1 without threadpoolctl)."""
+    global _CONTROLLER
+    try:
+        if _CONTROLLER is None:
+            from threadpoolctl import ThreadpoolController
+
+            _CONTROLLER = ThreadpoolController()
+        return max([int(i.get("num_threads", 1)) for i in _CONTROLLER.info() if i.get("user_api") == "blas"] or [1])
+    except Exception:  # noqa: BLE001 - not installed: no pool
+        return 1
+
+
+def project(root: np.ndarray, projection: np.ndarray | None) -> np.ndarray:
+    """RootSIFT rows in the subspace of ``projection`` (128 × d), back to unit length (float32, contiguous);
+    the rows themselves when None. Matching compares cosines, so the subspace keeps the rows' directions:
+    retrieval.words.fit_projection takes it from the uncentred second moments."""
+    if projection is None:
+        return np.ascontiguousarray(root, np.float32)
+    with one_blas_thread():  # (measured: no faster on two BLAS threads, even for 130 candidates at once)
+        y = root @ projection
+    y /= np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12)
+    return np.ascontiguousarray(y, np.float32)
+
+
 def rerank(candidates: Sequence, verifications: Sequence[Verification], k: int) -> list:
     """The top ``k`` after verification: confirmed first (most inliers first, ties in global order), then
     the unconfirmed in their global order. Candidates are in global order; a confirmed one is never left
@@ -238,14 +363,20 @@ def verify_hits(verifier: Verifier, query_path: str, hits: Sequence, k: int,
         if on_error:
             on_error(str(query_path), getattr(e, "reason", None) or str(e))
         return list(hits[:k])
-    feats = []
-    for h in hits:
+    def load(h):
         try:
-            feats.append(verifier.features(h.path, sha_of(h.id)))
+            return verifier.features(h.path, sha_of(h.id)), None
         except (ImageError, OSError) as e:  # the result's file went away: keep it, unverified
-            if on_error:
-                on_error(h.path, getattr(e, "reason", None) or str(e))
-            feats.append(LocalFeatures(np.zeros((0, 2), np.float32), np.zeros((0, 128), np.uint8), (1, 1)))
+            return LocalFeatures(np.zeros((0, 2), np.float32), np.zeros((0, 128), np.uint8), (1, 1)), e
+
+    # one by one: np.load parses each member's header with ast.literal_eval, which CPython 3.11 cannot run in
+    # several threads at once (SystemError "AST constructor recursion depth mismatch", seen in the tests)
+    loaded = [load(h) for h in hits]
+    feats = []
+    for h, (f, e) in zip(hits, loaded):  # errors reported in the hits' order
+        if e is not None and on_error:
+            on_error(h.path, getattr(e, "reason", None) or str(e))
+        feats.append(f)
     vs = verifier.verify_many(qf, feats)
     for h, v in zip(hits, vs):
         h.inliers = v.inliers

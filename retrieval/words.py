@@ -43,6 +43,7 @@ RETRAIN_GROWTH = 4  # the vocabulary is trained again when the collection has gr
 STOP_SHARE = 0.15  # query words in more than this share of the images (and more than STOP_MIN of them) are
 STOP_MIN = 20      # skipped: they cost time in proportion to the collection and hardly inform
 SHORTLIST = 30  # the inverted file's top candidates merged with the global shortlist (bench/results/quality.md)
+PROJECTION_DIMS = 64  # verification matches RootSIFT in this many dimensions, learned with the vocabulary
 
 
 def _root(desc: np.ndarray) -> np.ndarray:
@@ -51,12 +52,27 @@ def _root(desc: np.ndarray) -> np.ndarray:
     return root(desc)
 
 
-class Vocabulary:
-    """A two-level k-means tree over RootSIFT descriptors: word = top · k2 + sub."""
+def fit_projection(sample: np.ndarray, dims: int = PROJECTION_DIMS) -> np.ndarray | None:
+    """128 × ``dims``: the top eigenvectors of the *uncentred* second moments of RootSIFT rows ``sample`` —
+    the subspace that best keeps the rows themselves, hence their cosines, which matching compares
+    (retrieval.verify.project). None when the sample is too small to fit it."""
+    x = np.asarray(sample, np.float32)
+    if len(x) < 4 * x.shape[1] or dims >= x.shape[1]:
+        return None
+    w, v = np.linalg.eigh((x.T @ x).astype(np.float64) / len(x))
+    basis = v[:, ::-1][:, :dims]
+    basis *= np.where(basis.sum(0) < 0, -1.0, 1.0)  # a fixed sign per axis: the same sample, the same basis
+    return np.ascontiguousarray(basis, np.float32)
 
-    def __init__(self, top: np.ndarray, sub: np.ndarray):
+
+class Vocabulary:
+    """A two-level k-means tree over RootSIFT descriptors: word = top · k2 + sub; and the subspace that
+    verification matches RootSIFT in (``projection``, 128 × d; None in a file written before it)."""
+
+    def __init__(self, top: np.ndarray, sub: np.ndarray, projection: np.ndarray | None = None):
         self.top = np.ascontiguousarray(top, np.float32)  # k1 × 128
         self.sub = np.ascontiguousarray(sub, np.float32)  # k1 × k2 × 128
+        self.projection = None if projection is None else np.ascontiguousarray(projection, np.float32)
         self._top_half = 0.5 * (self.top ** 2).sum(1)
         self._sub_half = 0.5 * (self.sub ** 2).sum(2)
 
@@ -98,18 +114,21 @@ class Vocabulary:
                                  min_points_per_centroid=1)
             km2.train(np.ascontiguousarray(part))
             sub[c] = km2.centroids
-        return cls(top, sub)
+        return cls(top, sub, fit_projection(x))
 
     def quantise(self, root: np.ndarray) -> np.ndarray:
         """The word of each RootSIFT descriptor (rows of ``root``)."""
+        from .verify import one_blas_thread
+
         if not len(root):
             return np.zeros(0, np.int32)
-        t = np.argmax(root @ self.top.T - self._top_half, axis=1)
-        out = np.empty(len(root), np.int64)
-        for c in np.unique(t):
-            sel = np.nonzero(t == c)[0]
-            s = np.argmax(root[sel] @ self.sub[c].T - self._sub_half[c], axis=1)
-            out[sel] = c * self.sub.shape[1] + s
+        with one_blas_thread():  # one product per cluster, each small (retrieval.verify.one_blas_thread)
+            t = np.argmax(root @ self.top.T - self._top_half, axis=1)
+            out = np.empty(len(root), np.int64)
+            for c in np.unique(t):
+                sel = np.nonzero(t == c)[0]
+                s = np.argmax(root[sel] @ self.sub[c].T - self._sub_half[c], axis=1)
+                out[sel] = c * self.sub.shape[1] + s
         return out.astype(np.int32)
 
     def bag(self, desc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -127,6 +146,7 @@ class WordIndex:
         self.signature = signature  # the local features' settings (Verifier.cache's name)
         self.bags: dict[int, tuple[str, np.ndarray, np.ndarray]] = {}  # id → (sha256, words, counts)
         self._ivf = None  # built lazily from ``bags``
+        self._last_bag = None  # (the query's descriptors, the inverted file, every row's score): reused
 
     # -- keeping it equal to the rows ---------------------------------------------------------------
     def set(self, i: int, sha: str, words: np.ndarray, counts: np.ndarray) -> None:
@@ -166,11 +186,11 @@ class WordIndex:
         lens = np.fromiter((len(b[1]) for b in self.bags.values()), np.int64, len(self.bags))
         V = self.vocab.size
         if lens.sum():
-            words = np.concatenate([b[1] for b in self.bags.values()]).astype(np.int64)
+            words = np.concatenate([b[1] for b in self.bags.values()]).astype(np.int32)  # (half an int64's memory)
             tf = np.sqrt(np.concatenate([b[2] for b in self.bags.values()]).astype(np.float32))
         else:
-            words, tf = np.zeros(0, np.int64), np.zeros(0, np.float32)
-        img = np.repeat(np.arange(len(ids)), lens)
+            words, tf = np.zeros(0, np.int32), np.zeros(0, np.float32)
+        img = np.repeat(np.arange(len(ids), dtype=np.int32), lens)
         df = np.bincount(words, minlength=V).astype(np.float32)
         idf = np.log((len(ids) + 1) / (df + 1)).astype(np.float32)
         w = tf * idf[words]
@@ -188,7 +208,28 @@ class WordIndex:
         first, as (id, score); ``allowed``: only these ids (sorted array); ``exclude``: never these."""
         if n <= 0 or not self.bags or not len(desc):
             return []
-        ids, post_img, post_w, ptr, idf, df = self._inverted()
+        ivf = self._inverted()
+        ids = ivf[0]
+        last = self._last_bag
+        if last is None or last[0] is not desc or last[1] is not ivf:  # the words and catalogue stages ask
+            last = self._last_bag = (desc, ivf, self._scores(desc, ivf))  # with the same query: scored once
+        if last[2] is None:
+            return []
+        scores = last[2].copy()
+        if allowed is not None:
+            scores[~np.isin(ids, allowed)] = 0
+        ex = np.fromiter((int(i) for i in exclude), np.int64)
+        if len(ex):  # one pass, not one per excluded id (the catalogue stage excludes ~100)
+            scores[np.isin(ids, ex)] = 0
+        cand = np.nonzero(scores > 0)[0]
+        if len(cand) > n:
+            cand = cand[np.argpartition(-scores[cand], n - 1)[:n]]
+        cand = cand[np.argsort(-scores[cand], kind="stable")]
+        return [(int(ids[c]), float(scores[c])) for c in cand]
+
+    def _scores(self, desc: np.ndarray, ivf) -> np.ndarray | None:
+        """Every row's score (cosine of tf-idf vectors) for the query descriptors ``desc``; None: no word in common."""
+        ids, post_img, post_w, ptr, idf, df = ivf
         qw, qn = self.vocab.bag(desc)
         keep = df[qw] <= max(STOP_SHARE * len(ids), STOP_MIN)
         qw, qn = qw[keep], qn[keep]
@@ -197,18 +238,9 @@ class WordIndex:
         starts, lens = ptr[qw], ptr[qw + 1] - ptr[qw]
         total = int(lens.sum())
         if not total:
-            return []
+            return None
         at = np.repeat(starts - np.concatenate([[0], np.cumsum(lens)[:-1]]), lens) + np.arange(total)
-        scores = np.bincount(post_img[at], post_w[at] * np.repeat(q, lens), minlength=len(ids))
-        if allowed is not None:
-            scores[~np.isin(ids, allowed)] = 0
-        for i in exclude:
-            scores[ids == int(i)] = 0
-        cand = np.nonzero(scores > 0)[0]
-        if len(cand) > n:
-            cand = cand[np.argpartition(-scores[cand], n - 1)[:n]]
-        cand = cand[np.argsort(-scores[cand], kind="stable")]
-        return [(int(ids[c]), float(scores[c])) for c in cand]
+        return np.bincount(post_img[at], post_w[at] * np.repeat(q, lens), minlength=len(ids))
 
     # -- the file ---------------------------------------------------------------------------------------
     def fingerprint(self) -> dict:
@@ -229,9 +261,10 @@ class WordIndex:
         counts = np.concatenate([b[2] for b in self.bags.values()]) if len(ids) else np.zeros(0, np.uint16)
         shas = np.array([b[0] for b in self.bags.values()], dtype="S64")
         try:
+            extra = {} if self.vocab.projection is None else {"projection": self.vocab.projection}
             with open(tmp, "wb") as f:
                 np.savez(f, top=self.vocab.top, sub=self.vocab.sub, ids=ids, shas=shas, ptr=ptr,
-                         words=words.astype(np.int32), counts=counts.astype(np.uint16))
+                         words=words.astype(np.int32), counts=counts.astype(np.uint16), **extra)
             _fsync(tmp)
             meta = self.fingerprint()
             meta["bytes"] = tmp.stat().st_size
@@ -257,13 +290,15 @@ class WordIndex:
             with np.load(path, allow_pickle=False) as z:  # reading every member checks its CRC
                 top, sub, ids, shas, ptr = z["top"], z["sub"], z["ids"], z["shas"], z["ptr"]
                 words, counts = z["words"], z["counts"]
+                projection = z["projection"] if "projection" in z.files else None  # absent: written before it
         except Exception:  # noqa: BLE001 - missing, truncated, damaged (BadZipFile, CRC, zlib, ValueError…)
             return None
         if (list(sub.shape[:2]) != meta.get("vocabulary") or len(ids) != meta.get("count") or len(ptr) != len(ids) + 1
                 or ptr[-1] != len(words) or len(counts) != len(words) or top.shape[0] != sub.shape[0]
-                or (len(words) and (words.min() < 0 or words.max() >= sub.shape[0] * sub.shape[1]))):
+                or (len(words) and (words.min() < 0 or words.max() >= sub.shape[0] * sub.shape[1]))
+                or (projection is not None and (projection.ndim != 2 or projection.shape[0] != top.shape[1]))):
             return None
-        out = cls(Vocabulary(top, sub), int(meta.get("trained_on", len(ids))), signature)
+        out = cls(Vocabulary(top, sub, projection), int(meta.get("trained_on", len(ids))), signature)
         for j, i in enumerate(ids.tolist()):
             out.bags[i] = (shas[j].decode(), words[ptr[j]:ptr[j + 1]], counts[ptr[j]:ptr[j + 1]])
         return out
@@ -296,8 +331,8 @@ def _features(verifier: "Verifier"):
     return get
 
 
-def _train(rows: dict[int, tuple[str, str]], features, seed: int = 0) -> Vocabulary | None:
-    """A vocabulary from a seeded sample of the rows' descriptors (None: too few to train one)."""
+def _sample(rows: dict[int, tuple[str, str]], features, seed: int = 0) -> np.ndarray | None:
+    """A seeded sample of the rows' RootSIFT descriptors (None: too few to train a vocabulary on)."""
     rng = np.random.default_rng(seed)
     order = sorted(rows)
     per = max(50, TRAIN_DESCRIPTORS // max(len(order), 1))
@@ -312,7 +347,13 @@ def _train(rows: dict[int, tuple[str, str]], features, seed: int = 0) -> Vocabul
         parts.append(_root(d))
     if not parts or sum(len(p) for p in parts) < 4 * TRAIN_PER_WORD:
         return None
-    return Vocabulary.train(np.concatenate(parts), seed)
+    return np.concatenate(parts)
+
+
+def _train(rows: dict[int, tuple[str, str]], features, seed: int = 0) -> Vocabulary | None:
+    """A vocabulary (and projection) from a seeded sample of the rows' descriptors (None: too few)."""
+    sample = _sample(rows, features, seed)
+    return None if sample is None else Vocabulary.train(sample, seed)
 
 
 def sync(store: "IndexStore", verifier: "Verifier", save: bool = True) -> WordIndex | None:
@@ -328,6 +369,10 @@ def sync(store: "IndexStore", verifier: "Verifier", save: bool = True) -> WordIn
         if vocab is None:
             return None
         wi, changed = WordIndex(vocab, len(rows), sig), True
+    elif wi.vocab.projection is None:  # a file written before projections: the vocabulary's own sample adds one
+        sample = _sample(rows, features)
+        wi.vocab.projection = None if sample is None else fit_projection(sample)
+        changed = wi.vocab.projection is not None
     changed = wi.reconcile(rows, features) > 0 or changed
     if changed and save:
         wi.save(store.directory)

@@ -255,3 +255,35 @@ def test_catalogue_role_refusals(shop, tmp_path):
     assert not (tmp_path / "faces").exists()  # refused before anything was created
     p = run_process("index", tmp_path / "nowhere", "--index", idx, "--catalogue")
     assert p.returncode != 0 and "does not exist" in p.stderr and "nowhere" in p.stderr, p.stderr
+
+
+def test_word_file_stores_the_projection_and_an_old_file_gets_one(shop, tmp_path):
+    """The 64-d subspace verification matches in is learned with the vocabulary, stored in words.npz, and set
+    on the searcher's verifier; a words.npz written before it (no projection) is still searched, and is
+    given one, learned from the same seeded sample."""
+    import shutil
+    from types import SimpleNamespace
+
+    from retrieval.search import Searcher
+
+    root, idx, query = shop
+    old = tmp_path / "old"
+    shutil.copytree(idx, old)
+    v = Verifier()
+    wi = words.WordIndex.load(old, words.signature(v))
+    basis = wi.vocab.projection
+    assert basis is not None and basis.shape == (128, words.PROJECTION_DIMS)
+    with IndexStore.open(old) as store:  # the searcher's verifier gets it with the word index
+        s = SimpleNamespace(_words=None, verifier=Verifier(), store=store)
+        assert Searcher.words(s) is not None and np.array_equal(s.verifier.projection, basis)
+    wi.vocab.projection = None  # as written before projections
+    wi.save(old)
+    with np.load(old / words.WORDS_NAME) as z:
+        assert "projection" not in z.files
+    assert words.WordIndex.load(old, words.signature(v)).vocab.projection is None
+    res = run_json("search", query, "--index", old, "-k", "3")
+    top = res["results"][0]
+    assert top["path"].endswith("astronaut.jpg") and top["inliers"] >= MIN_INLIERS, res["results"]
+    again = words.WordIndex.load(old, words.signature(v))
+    assert again.vocab.projection is not None and np.allclose(again.vocab.projection, basis, atol=1e-5)
+    assert np.array_equal(again.vocab.top, wi.vocab.top)  # the vocabulary itself was kept

@@ -244,3 +244,79 @@ def test_dba_ranks_by_augmented_vectors_and_reports_true_scores(photos, tmp_path
     assert res["results"][0]["path"].endswith("cat_crop.jpg")
     assert json.dumps(res)  # stable JSON, same keys as a plain search
     assert set(res["results"][0]) == {"rank", "id", "path", "score"}
+
+
+# -- matching in a learned subspace (retrieval.verify.project, retrieval.words.fit_projection) -------------
+@pytest.fixture(scope="module")
+def matched():
+    """A phone photo of the astronaut and four real photos, their SIFT, and a 64-d subspace learned on them."""
+    from retrieval.verify import _root
+    from retrieval.words import fit_projection
+
+    v = Verifier(cache=False)
+    photo = v.extract(rephotographed(skimage_photo("astronaut"), skimage_photo("coffee")))
+    others = [v.extract(skimage_photo(n)) for n in ("rocket", "astronaut", "camera", "chelsea")]
+    basis = fit_projection(np.concatenate([_root(f.descriptors) for f in [photo] + others]))
+    return photo, others, basis
+
+
+def _matches_by_definition(v: Verifier, q, r) -> set[tuple[int, int]]:
+    """Matches that pass the ratio test and are mutual — no query point whose own nearest is another
+    candidate point is nearer to the match's candidate point (query points sharing one nearest all keep it) —
+    from Euclidean distances computed one by one (float64) between the (projected, renormalised) RootSIFT
+    rows: the rule retrieval/verify.py states, not its code."""
+    from scipy.spatial.distance import cdist
+
+    from retrieval.verify import _root, project
+
+    a = project(_root(q.descriptors), v.projection).astype(np.float64)
+    b = project(_root(r.descriptors), v.projection).astype(np.float64)
+    d = cdist(a, b)
+    nearest = d.argmin(1)
+    out = set()
+    for i in range(len(a)):
+        j1, j2 = np.argsort(d[i], kind="stable")[:2]
+        others = [i2 for i2 in range(len(a)) if i2 != i and nearest[i2] != j1]
+        if d[i, j1] < v.ratio * d[i, j2] and (not others or d[others, j1].min() > d[i, j1]):
+            out.add((i, int(j1)))
+    return out
+
+
+@pytest.mark.parametrize("dims", [None, 64])
+def test_batched_matching_equals_the_definition_pair_by_pair(matched, dims):
+    photo, others, basis = matched
+    v = Verifier(cache=False, projection=None if dims is None else basis)
+    batched = v.matches(photo, others)  # one matrix product for all four
+    for r, (qi, ri) in zip(others, batched):
+        got = set(zip(qi.tolist(), ri.tolist()))
+        want = _matches_by_definition(v, photo, r)
+        assert len(got) == len(qi)  # each query point once
+        assert len(got ^ want) <= max(1, len(want) // 200), (len(got), len(want), len(got ^ want))  # float32
+        alone = v.matches(photo, [r])[0]  # the same matches, in the same order, one pair at a time
+        assert np.array_equal(alone[0], qi) and np.array_equal(alone[1], ri)
+    astro = set(zip(*(x.tolist() for x in batched[1])))
+    assert len(astro) > 3 * max(len(batched[0][0]), len(batched[2][0]))  # the same object matches most
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(2):  # the pool: one candidate per thread (as on a 2-core machine)
+        many = v.verify_many(photo, others)
+    chunked = Verifier(cache=False, projection=v.projection, pool=False).verify_many(photo, others)
+    assert [m.inliers for m in many] == [m.inliers for m in chunked] == [v.verify(photo, r).inliers for r in others]
+    assert all(np.array_equal(m.query_points, c.query_points) for m, c in zip(many, chunked))
+    assert many[1].confirmed and not many[0].confirmed and not many[2].confirmed
+
+
+def test_projection_is_the_top_uncentred_subspace_and_keeps_the_verdicts(matched):
+    from retrieval.verify import _root
+    from retrieval.words import fit_projection
+
+    photo, others, basis = matched
+    assert basis.shape == (128, 64) and np.allclose(basis.T @ basis, np.eye(64), atol=1e-4)  # orthonormal
+    x = np.concatenate([_root(f.descriptors) for f in [photo] + others]).astype(np.float64)
+    vt = np.linalg.svd(x, full_matrices=False)[2][:64]  # right singular vectors of the uncentred sample
+    assert np.allclose(basis @ basis.T, vt.T @ vt, atol=1e-3)  # the same subspace
+    assert fit_projection(x[:100]) is None  # too small a sample to learn 64 directions from
+    exact = Verifier(cache=False).verify_many(photo, others)
+    low = Verifier(cache=False, projection=basis).verify_many(photo, others)
+    assert [e.confirmed for e in exact] == [lo.confirmed for lo in low] == [False, True, False, False]
+    assert abs(low[1].inliers - exact[1].inliers) <= 0.2 * exact[1].inliers, (low[1].inliers, exact[1].inliers)
