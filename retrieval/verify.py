@@ -36,6 +36,17 @@ MIN_INLIERS = 10  # confirmed from here on: 0.03 % of unrelated pairs reach it o
                   # bench/results/quality.md)
 
 
+# np.load parses each member's header with ast.literal_eval, which CPython 3.11 cannot run in several threads at
+# once (SystemError "AST constructor recursion depth mismatch", python/cpython#106905): the search's loader threads
+# and the verifier's read cached features one file at a time.
+_NPZ_LOCK = threading.Lock()
+
+
+def _read_features(path: Path) -> "LocalFeatures":
+    with _NPZ_LOCK, np.load(path) as z:
+        return LocalFeatures(z["points"], z["descriptors"], tuple(int(v) for v in z["size"]))
+
+
 @dataclass
 class LocalFeatures:
     points: np.ndarray  # N×2 float32, (x, y) in the photo's own pixels
@@ -131,10 +142,8 @@ class Verifier:
             if feats is not None:
                 self._memo.move_to_end(sha256)
                 return feats
-        f = self.cache / sha256[:2] / f"{sha256}.npz"
         try:
-            with np.load(f) as z:
-                feats = LocalFeatures(z["points"], z["descriptors"], tuple(int(v) for v in z["size"]))
+            feats = _read_features(self.cache / sha256[:2] / f"{sha256}.npz")
         except (OSError, KeyError, ValueError):
             feats = self.extract(load_image(path, min_side=self.max_side))
             self.save(sha256, feats)
@@ -150,8 +159,7 @@ class Verifier:
             return None
         sha256 = hashlib.sha256(data).hexdigest()
         try:
-            with np.load(self.cache / sha256[:2] / f"{sha256}.npz") as z:
-                return LocalFeatures(z["points"], z["descriptors"], tuple(int(v) for v in z["size"]))
+            return _read_features(self.cache / sha256[:2] / f"{sha256}.npz")
         except (OSError, KeyError, ValueError):
             return None
 
