@@ -309,6 +309,31 @@ def _unit_max(m: torch.Tensor) -> torch.Tensor:
 
 PAPER_WEIGHT = 0.5  # λ of SFAM's default map (see the class docstring; bench/results/explain-only.md)
 PAPER_POWER = 4.0  # γ
+FRAME_RAMP = (0.25, 0.5)  # (κ₀, κ₁): the gate's coverage over which the map turns to the whole-frame map
+FRAME_BLUR = 1.0  # σ of the whole-frame map's Gaussian smoothing, in cells of the stride-16 grid
+
+
+def gaussian_blur(m: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Gaussian smoothing of maps (N×H×W) with standard deviation ``sigma`` cells: separable, the kernel
+    exp(−x²/2σ²)/Σ on x = −R…R with R = int(4σ + 0.5), edges extended by their own values (as
+    ``scipy.ndimage.gaussian_filter(m, sigma, mode="nearest")`` per map). ``sigma`` ≤ 0: ``m`` itself."""
+    if sigma <= 0:
+        return m
+    rad = int(4 * sigma + 0.5)
+    x = torch.arange(-rad, rad + 1, dtype=m.dtype)
+    k = torch.exp(-0.5 * (x / sigma) ** 2)
+    k = (k / k.sum()).flip(0)
+    n, h, w = m.shape
+    t = F.pad(m[:, None], (rad, rad, rad, rad), mode="replicate")  # N×1×(H+2R)×(W+2R)
+    t = F.conv2d(t, k.view(1, 1, 1, -1))  # along W
+    t = F.conv2d(t, k.view(1, 1, -1, 1))  # along H
+    return t[:, 0]
+
+
+def frame_weight(coverage: torch.Tensor, ramp: tuple[float, float]) -> torch.Tensor:
+    """w = clip((κ − κ₀)/(κ₁ − κ₀), 0, 1): how far the match covers the whole frame (κ: the gate's coverage)."""
+    lo, hi = ramp
+    return ((coverage - lo) / (hi - lo)).clamp(0, 1)
 
 
 class SFAM(Explainer):
@@ -357,8 +382,11 @@ class SFAM(Explainer):
 
     def __init__(self, *args, mu_tap: np.ndarray | None = None, tap: str | None = "auto", gate: bool = True,
                  gate_kind: str = "match", paper: float = PAPER_WEIGHT, paper_power: float = PAPER_POWER,
-                 paper_mix: str = "or", **kw):
+                 paper_mix: str = "or", frame: tuple[float, float] | None = FRAME_RAMP,
+                 frame_blur: float = FRAME_BLUR, **kw):
         super().__init__(*args, **kw)
+        self.frame = None if frame is None else (float(frame[0]), float(frame[1]))  # None: no whole-frame turn
+        self.frame_blur = float(frame_blur)
         self.paper = float(paper)  # λ: the weight of the paper's map added to the gated product (0: none)
         self.paper_power = float(paper_power)  # γ: the paper's map (max-normalised) enters raised to this power
         self.paper_mix = paper_mix  # "or": g + s·(1 − g) (the default); "sum": g + s
@@ -490,6 +518,19 @@ class SFAM(Explainer):
             for info in infos:
                 info["details"]["map"] = (f"{form}, g = {info['details']['map']}/max, "
                                           f"s = {lam:g}·(SFAM_paper↑/max){power}")
+            if self.frame is not None and "gate_coverage" in infos[0]["details"]:
+                # a match that covers the frame: turn to the paper's map, smoothed, in proportion w
+                cov = torch.tensor([info["details"]["gate_coverage"] for info in infos], dtype=mq.dtype)  # N×2
+                w_q, w_r = frame_weight(cov[:, 0], self.frame), frame_weight(cov[:, 1], self.frame)
+                f_q = _unit_max(gaussian_blur(_to(pq, tuple(mq.shape[-2:])), self.frame_blur))
+                f_r = _unit_max(gaussian_blur(_to(pr, tuple(mr.shape[-2:])), self.frame_blur))
+                mq = (1 - w_q)[:, None, None] * mq + w_q[:, None, None] * f_q
+                mr = (1 - w_r)[:, None, None] * mr + w_r[:, None, None] * f_r
+                for i, info in enumerate(infos):
+                    info["details"]["frame_weight"] = [float(w_q[i]), float(w_r[i])]
+                    info["details"]["map"] = (f"(1 − w)·({info['details']['map']}) + w·blur(SFAM_paper↑)/max, "
+                                              f"w = clip((κ − {self.frame[0]:g})/{self.frame[1] - self.frame[0]:g}, "
+                                              f"0, 1), κ = G16's coverage")
         return list(mq.clamp_min(0).numpy()), list(mr.clamp_min(0).numpy()), infos
 
     def _gated_batch(self, side: dict, a: torch.Tensor, tr: torch.Tensor | None, r: np.ndarray, infos: list,
@@ -519,8 +560,11 @@ class SFAM(Explainer):
         dr = _to(dr, tuple(tr.shape[-2:])) * er
         sims = (r16 @ q16) / z
         base = {"map": "ReLU(D32↑)·ReLU(D16)", "layers": ["final", self.tap], "tap_centred": self.mu_tap is not None}
+        cov = None
         if self.gate:
             gq, gr = _mutual(side["uq"], _unit(tc.to(tr.dtype)), threads)
+            # κ: the share of each side's stride-16 cells with a mutual match (how much of the frame matches)
+            cov = torch.stack([(gq > 0).double().mean(1), (gr > 0).double().mean(1)], 1)  # N×2 (query, result)
             if self.gate_kind == "match":
                 gq, gr = (gq > 0).to(dq.dtype), (gr > 0).to(dr.dtype)
             dq, dr = dq * gq.reshape(dq.shape), dr * gr.reshape(dr.shape)
@@ -528,6 +572,8 @@ class SFAM(Explainer):
         for i, info in enumerate(infos):
             info["details"] = {"map": base["map"], "layers": list(base["layers"]), "tap_similarity": float(sims[i]),
                                "tap_centred": base["tap_centred"]}
+            if cov is not None:
+                info["details"]["gate_coverage"] = [float(cov[i, 0]), float(cov[i, 1])]
         return dq, dr, infos
 
     def raw_maps(self, xq, xr, aq, ar):
