@@ -360,16 +360,28 @@ class SFAM(Explainer):
        map, the same CIS; λ = ``PAPER_WEIGHT`` = 0.5, γ = ``PAPER_POWER`` = 4), joined to the gated product
        ``g = ReLU(D32↑) · ReLU(D16) · G16 / max`` by a probabilistic OR: ``map = 1 − (1 − g)(1 − s) = g + s·(1 − g)``.
 
+    5. **The whole frame** (``frame`` = ``FRAME_RAMP`` = (κ₀, κ₁) = (0.25, 0.5)): with κ the share of that side's
+       stride-16 cells that ``G16`` keeps, ``w = clip((κ − κ₀)/(κ₁ − κ₀), 0, 1)`` and
+       ``map = (1 − w)·(g ⊕ s) + w·blur(P↑)/max`` (blur: Gaussian, σ = ``FRAME_BLUR`` = 1 cell; :func:`gaussian_blur`).
+       A small κ says a region of one photo is found in the other (every composite of
+       bench/results/explain.md: κ ≤ 0.28): ``g`` says where, unchanged. A large κ says the photos match across
+       the frame (two photos of one face: κ 0.27–0.84, mean 0.58): there is no region to single out, ``g``'s
+       peaks pick a few cells among many that match as well, and the map turns to the score's own spread, the
+       paper's map, smoothed to the scale at which the gate decides (one cell). Measured
+       (bench/results/explain-sweep.md): faces deletion 0.442 vs 0.495 without the turn (the paper's map:
+       0.444), set C energy 0.698 vs 0.704. Applied with the floor (``paper`` > 0) and the gate; ``frame=None``:
+       no turn.
+
     ``g`` lives on the stride-16 grid (``↑``: bilinear upsampling of the 14×14 final map to 28×28 at 448 px):
     a location lights up where the final layer's decomposition of the score is positive, the finer layer's
     decomposition agrees, and the local feature has a mutual match in the other image (chosen by measurement,
     bench/results/explain.md, set C). ``g`` alone is 0 on most locations (≈ 85 % on real pairs), which
     deletion/insertion then order at random; ``s`` ranks them by the paper's map, sharpened (γ = 4) so that
     little mass lands outside the matched region, and the OR keeps ``g``'s maximum the map's maximum (``s ≤
-    λ < 1``: pointing is ``g``'s). Measured side by side (bench/results/explain-only.md): insertion AUC on
-    real matched pairs back to the paper's map's level (Caltech 0.853 vs 0.854, faces 0.545 vs 0.523; ``g``
-    alone 0.676 / 0.466), Caltech deletion better (0.349 vs 0.376), faces deletion not (0.495 vs 0.444), with
-    the localisation targets kept (set C pointing 0.94, energy 0.70; ``g`` alone 0.94 / 0.78). ``paper=0``: ``g``
+    λ < 1``: where w = 0, pointing is ``g``'s). Measured side by side before step 5 (bench/results/explain-only.md,
+    superseded by explain.md): insertion AUC on real matched pairs back to the paper's map's level (Caltech
+    0.853 vs 0.854, faces 0.545 vs 0.523; ``g`` alone 0.676 / 0.466), Caltech deletion better (0.349 vs 0.376),
+    faces deletion not (0.495 vs 0.444, which step 5 fixes), with the localisation targets kept (set C pointing 0.94, energy 0.70; ``g`` alone 0.94 / 0.78). ``paper=0``: ``g``
     alone (the default until 2026-11-30); ``paper_mix="sum"``: ``g + s``. Backbones without a known stride-16
     layer get ``g = ReLU(D32)``. ``cis``/``cis_target`` are the final layer's, exact as before.
 
