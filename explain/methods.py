@@ -322,12 +322,16 @@ def gaussian_blur(m: torch.Tensor, sigma: float) -> torch.Tensor:
     rad = int(4 * sigma + 0.5)
     x = torch.arange(-rad, rad + 1, dtype=m.dtype)
     k = torch.exp(-0.5 * (x / sigma) ** 2)
-    k = (k / k.sum()).flip(0)
-    n, h, w = m.shape
-    t = F.pad(m[:, None], (rad, rad, rad, rad), mode="replicate")  # N×1×(H+2R)×(W+2R)
-    t = F.conv2d(t, k.view(1, 1, 1, -1))  # along W
-    t = F.conv2d(t, k.view(1, 1, -1, 1))  # along H
-    return t[:, 0]
+    k = k / k.sum()
+
+    def along(n: int) -> torch.Tensor:  # n×n: row i = Σ_j k_j e_clip(i+j) (edges repeated)
+        rows = torch.arange(n).repeat_interleave(2 * rad + 1)
+        cols = (torch.arange(n)[:, None] + torch.arange(-rad, rad + 1)[None]).clamp(0, n - 1).reshape(-1)
+        b = torch.zeros(n, n, dtype=m.dtype)
+        b.index_put_((rows, cols), k.repeat(n), accumulate=True)
+        return b
+
+    return torch.matmul(torch.matmul(along(m.shape[-2]), m), along(m.shape[-1]).T)  # two small matrix products
 
 
 def frame_weight(coverage: torch.Tensor, ramp: tuple[float, float]) -> torch.Tensor:
@@ -378,10 +382,11 @@ class SFAM(Explainer):
     bench/results/explain.md, set C). ``g`` alone is 0 on most locations (≈ 85 % on real pairs), which
     deletion/insertion then order at random; ``s`` ranks them by the paper's map, sharpened (γ = 4) so that
     little mass lands outside the matched region, and the OR keeps ``g``'s maximum the map's maximum (``s ≤
-    λ < 1``: where w = 0, pointing is ``g``'s). Measured side by side before step 5 (bench/results/explain-only.md,
-    superseded by explain.md): insertion AUC on real matched pairs back to the paper's map's level (Caltech
+    λ < 1``: where w = 0, pointing is ``g``'s). Measured side by side before step 5 (the 10:06 run of
+    bench/results/explain-only.md): insertion AUC on real matched pairs back to the paper's map's level (Caltech
     0.853 vs 0.854, faces 0.545 vs 0.523; ``g`` alone 0.676 / 0.466), Caltech deletion better (0.349 vs 0.376),
-    faces deletion not (0.495 vs 0.444, which step 5 fixes), with the localisation targets kept (set C pointing 0.94, energy 0.70; ``g`` alone 0.94 / 0.78). ``paper=0``: ``g``
+    faces deletion not (0.495 vs 0.444, which step 5 fixes), with the localisation targets kept (set C
+    pointing 0.94, energy 0.70; ``g`` alone 0.94 / 0.78). ``paper=0``: ``g``
     alone (the default until 2026-11-30); ``paper_mix="sum"``: ``g + s``. Backbones without a known stride-16
     layer get ``g = ReLU(D32)``. ``cis``/``cis_target`` are the final layer's, exact as before.
 
@@ -534,10 +539,12 @@ class SFAM(Explainer):
                 # a match that covers the frame: turn to the paper's map, smoothed, in proportion w
                 cov = torch.tensor([info["details"]["gate_coverage"] for info in infos], dtype=mq.dtype)  # N×2
                 w_q, w_r = frame_weight(cov[:, 0], self.frame), frame_weight(cov[:, 1], self.frame)
-                f_q = _unit_max(gaussian_blur(_to(pq, tuple(mq.shape[-2:])), self.frame_blur))
-                f_r = _unit_max(gaussian_blur(_to(pr, tuple(mr.shape[-2:])), self.frame_blur))
-                mq = (1 - w_q)[:, None, None] * mq + w_q[:, None, None] * f_q
-                mr = (1 - w_r)[:, None, None] * mr + w_r[:, None, None] * f_r
+                if bool((w_q > 0).any()):
+                    f_q = _unit_max(gaussian_blur(_to(pq, tuple(mq.shape[-2:])), self.frame_blur))
+                    mq = (1 - w_q)[:, None, None] * mq + w_q[:, None, None] * f_q
+                if bool((w_r > 0).any()):
+                    f_r = _unit_max(gaussian_blur(_to(pr, tuple(mr.shape[-2:])), self.frame_blur))
+                    mr = (1 - w_r)[:, None, None] * mr + w_r[:, None, None] * f_r
                 for i, info in enumerate(infos):
                     info["details"]["frame_weight"] = [float(w_q[i]), float(w_r[i])]
                     info["details"]["map"] = (f"(1 − w)·({info['details']['map']}) + w·blur(SFAM_paper↑)/max, "
