@@ -165,22 +165,21 @@ def mean_tap(bb, images) -> np.ndarray | None:
                      ).double().mean(0).numpy()
 
 
-DEFAULT = "sfam (default: g ⊕ 0.5·paper map⁴, g = D32·D16·G16), centred (μ at the explain px)"
+DEFAULT = ("sfam (default: g ⊕ 0.5·paper map⁴, g = D32·D16·G16, turning to the smoothed paper map as G16 covers "
+           "the frame), centred (μ at the explain px)")
 GATED = "sfam gated product D32·D16·G16 alone (the default until 2026-11-30)"
+NOFRAME = "sfam g ⊕ 0.5·paper map⁴ without the frame turn (the default before it)"
 VARIANTS = [  # (label, method, metric, centre, μ: "explain" px | "224" | None, where: L(ocalisation) F(aithfulness)
     #             at 224 px, 4: faithfulness of the map at 448 px, the index default)
     (DEFAULT, "sfam", "cosine", True, "explain", "L4"),
     (GATED, "sfam", "cosine", True, "explain", "L4"),
-    ("candidate: g + 0.5·paper map⁴ (sum)", "sfam", "cosine", True, "explain", "L4"),
-    ("candidate: g + 0.3·paper map (sum)", "sfam", "cosine", True, "explain", "L4"),
-    ("candidate: g + 0.5·paper map⁸ (sum)", "sfam", "cosine", True, "explain", "L4"),
-    ("candidate: g + 0.05·paper map (sum)", "sfam", "cosine", True, "explain", "L4"),
+    (NOFRAME, "sfam", "cosine", True, "explain", "L4"),
     ("sfam default, μ at 224 px (what an index stores today)", "sfam", "cosine", True, "224", "L"),
     ("sfam default, no μ (explain A B without an index)", "sfam", "cosine", False, None, "L"),
     ("sfam default, l2 (μ)", "sfam", "l2", False, "explain", ""),  # localisation: the same map as centred cosine
     ("sfam default without the gate (D32·D16)", "sfam", "cosine", True, "explain", "L"),
     ("sfam default with the gate weighted by the match's cosine (until 2026-11-30)", "sfam", "cosine", True,
-     "explain", "L4"),
+     "explain", "L"),
     ("sfam-plain cosine (the paper's map)", "sfam-plain", "cosine", False, None, "LF"),
     ("sfam-plain cosine, centred (μ) (the previous default)", "sfam-plain", "cosine", True, "explain", "L4"),
     ("sfam-plain l2 (μ)", "sfam-plain", "l2", False, "explain", ""),
@@ -189,10 +188,7 @@ VARIANTS = [  # (label, method, metric, centre, μ: "explain" px | "224" | None,
 ]
 SETTINGS = {  # label → the explainer attributes its row sets (after make_explainer)
     GATED: {"paper": 0.0},
-    "candidate: g + 0.5·paper map⁴ (sum)": {"paper": 0.5, "paper_power": 4.0, "paper_mix": "sum"},
-    "candidate: g + 0.3·paper map (sum)": {"paper": 0.3, "paper_power": 1.0, "paper_mix": "sum"},
-    "candidate: g + 0.5·paper map⁸ (sum)": {"paper": 0.5, "paper_power": 8.0, "paper_mix": "sum"},
-    "candidate: g + 0.05·paper map (sum)": {"paper": 0.05, "paper_power": 1.0, "paper_mix": "sum"},
+    NOFRAME: {"frame": None},
     "sfam default without the gate (D32·D16)": {"gate": False, "paper": 0.0},
     "sfam default with the gate weighted by the match's cosine (until 2026-11-30)": {"gate_kind": "cosine",
                                                                                       "paper": 0.0},

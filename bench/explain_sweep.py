@@ -8,7 +8,8 @@ pairs, μ and metric functions as bench/explain_eval.py (its rows for g and the 
     (with L and F: faithfulness only for the variants that keep the localisation targets)
 
 Prints the table; bench/results/explain-sweep.md holds the 2026-11-30 runs. A research script: the shipped
-map is explain/methods.py SFAM (paper=0.5, paper_power=4, the OR form), measured by explain_eval.py.
+map is explain/methods.py SFAM (paper=0.5, paper_power=4, the OR form, and since 12:30 the whole-frame turn
+of bench/explain_adaptive.py), measured by explain_eval.py.
 """
 import os
 import sys

@@ -309,6 +309,35 @@ def _unit_max(m: torch.Tensor) -> torch.Tensor:
 
 PAPER_WEIGHT = 0.5  # λ of SFAM's default map (see the class docstring; bench/results/explain-only.md)
 PAPER_POWER = 4.0  # γ
+FRAME_RAMP = (0.25, 0.5)  # (κ₀, κ₁): the gate's coverage over which the map turns to the whole-frame map
+FRAME_BLUR = 1.0  # σ of the whole-frame map's Gaussian smoothing, in cells of the stride-16 grid
+
+
+def gaussian_blur(m: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Gaussian smoothing of maps (N×H×W) with standard deviation ``sigma`` cells: separable, the kernel
+    exp(−x²/2σ²)/Σ on x = −R…R with R = int(4σ + 0.5), edges extended by their own values (as
+    ``scipy.ndimage.gaussian_filter(m, sigma, mode="nearest")`` per map). ``sigma`` ≤ 0: ``m`` itself."""
+    if sigma <= 0:
+        return m
+    rad = int(4 * sigma + 0.5)
+    x = torch.arange(-rad, rad + 1, dtype=m.dtype)
+    k = torch.exp(-0.5 * (x / sigma) ** 2)
+    k = k / k.sum()
+
+    def along(n: int) -> torch.Tensor:  # n×n: row i = Σ_j k_j e_clip(i+j) (edges repeated)
+        rows = torch.arange(n).repeat_interleave(2 * rad + 1)
+        cols = (torch.arange(n)[:, None] + torch.arange(-rad, rad + 1)[None]).clamp(0, n - 1).reshape(-1)
+        b = torch.zeros(n, n, dtype=m.dtype)
+        b.index_put_((rows, cols), k.repeat(n), accumulate=True)
+        return b
+
+    return torch.matmul(torch.matmul(along(m.shape[-2]), m), along(m.shape[-1]).T)  # two small matrix products
+
+
+def frame_weight(coverage: torch.Tensor, ramp: tuple[float, float]) -> torch.Tensor:
+    """w = clip((κ − κ₀)/(κ₁ − κ₀), 0, 1): how far the match covers the whole frame (κ: the gate's coverage)."""
+    lo, hi = ramp
+    return ((coverage - lo) / (hi - lo)).clamp(0, 1)
 
 
 class SFAM(Explainer):
@@ -335,16 +364,29 @@ class SFAM(Explainer):
        map, the same CIS; λ = ``PAPER_WEIGHT`` = 0.5, γ = ``PAPER_POWER`` = 4), joined to the gated product
        ``g = ReLU(D32↑) · ReLU(D16) · G16 / max`` by a probabilistic OR: ``map = 1 − (1 − g)(1 − s) = g + s·(1 − g)``.
 
+    5. **The whole frame** (``frame`` = ``FRAME_RAMP`` = (κ₀, κ₁) = (0.25, 0.5)): with κ the share of that side's
+       stride-16 cells that ``G16`` keeps, ``w = clip((κ − κ₀)/(κ₁ − κ₀), 0, 1)`` and
+       ``map = (1 − w)·(g ⊕ s) + w·blur(P↑)/max`` (blur: Gaussian, σ = ``FRAME_BLUR`` = 1 cell; :func:`gaussian_blur`).
+       A small κ says a region of one photo is found in the other (every composite of
+       bench/results/explain.md: κ ≤ 0.28): ``g`` says where, unchanged. A large κ says the photos match across
+       the frame (two photos of one face: κ 0.27–0.84, mean 0.58): there is no region to single out, ``g``'s
+       peaks pick a few cells among many that match as well, and the map turns to the score's own spread, the
+       paper's map, smoothed to the scale at which the gate decides (one cell). Measured
+       (bench/results/explain-sweep.md): faces deletion 0.442 vs 0.495 without the turn (the paper's map:
+       0.444), set C energy 0.698 vs 0.704. Applied with the floor (``paper`` > 0) and the gate; ``frame=None``:
+       no turn.
+
     ``g`` lives on the stride-16 grid (``↑``: bilinear upsampling of the 14×14 final map to 28×28 at 448 px):
     a location lights up where the final layer's decomposition of the score is positive, the finer layer's
     decomposition agrees, and the local feature has a mutual match in the other image (chosen by measurement,
     bench/results/explain.md, set C). ``g`` alone is 0 on most locations (≈ 85 % on real pairs), which
     deletion/insertion then order at random; ``s`` ranks them by the paper's map, sharpened (γ = 4) so that
     little mass lands outside the matched region, and the OR keeps ``g``'s maximum the map's maximum (``s ≤
-    λ < 1``: pointing is ``g``'s). Measured side by side (bench/results/explain-only.md): insertion AUC on
-    real matched pairs back to the paper's map's level (Caltech 0.853 vs 0.854, faces 0.545 vs 0.523; ``g``
-    alone 0.676 / 0.466), Caltech deletion better (0.349 vs 0.376), faces deletion not (0.495 vs 0.444), with
-    the localisation targets kept (set C pointing 0.94, energy 0.70; ``g`` alone 0.94 / 0.78). ``paper=0``: ``g``
+    λ < 1``: where w = 0, pointing is ``g``'s). Measured side by side before step 5 (the 10:06 run of
+    bench/results/explain-only.md): insertion AUC on real matched pairs back to the paper's map's level (Caltech
+    0.853 vs 0.854, faces 0.545 vs 0.523; ``g`` alone 0.676 / 0.466), Caltech deletion better (0.349 vs 0.376),
+    faces deletion not (0.495 vs 0.444, which step 5 fixes), with the localisation targets kept (set C
+    pointing 0.94, energy 0.70; ``g`` alone 0.94 / 0.78). ``paper=0``: ``g``
     alone (the default until 2026-11-30); ``paper_mix="sum"``: ``g + s``. Backbones without a known stride-16
     layer get ``g = ReLU(D32)``. ``cis``/``cis_target`` are the final layer's, exact as before.
 
@@ -357,8 +399,11 @@ class SFAM(Explainer):
 
     def __init__(self, *args, mu_tap: np.ndarray | None = None, tap: str | None = "auto", gate: bool = True,
                  gate_kind: str = "match", paper: float = PAPER_WEIGHT, paper_power: float = PAPER_POWER,
-                 paper_mix: str = "or", **kw):
+                 paper_mix: str = "or", frame: tuple[float, float] | None = FRAME_RAMP,
+                 frame_blur: float = FRAME_BLUR, **kw):
         super().__init__(*args, **kw)
+        self.frame = None if frame is None else (float(frame[0]), float(frame[1]))  # None: no whole-frame turn
+        self.frame_blur = float(frame_blur)
         self.paper = float(paper)  # λ: the weight of the paper's map added to the gated product (0: none)
         self.paper_power = float(paper_power)  # γ: the paper's map (max-normalised) enters raised to this power
         self.paper_mix = paper_mix  # "or": g + s·(1 − g) (the default); "sum": g + s
@@ -490,6 +535,21 @@ class SFAM(Explainer):
             for info in infos:
                 info["details"]["map"] = (f"{form}, g = {info['details']['map']}/max, "
                                           f"s = {lam:g}·(SFAM_paper↑/max){power}")
+            if self.frame is not None and "gate_coverage" in infos[0]["details"]:
+                # a match that covers the frame: turn to the paper's map, smoothed, in proportion w
+                cov = torch.tensor([info["details"]["gate_coverage"] for info in infos], dtype=mq.dtype)  # N×2
+                w_q, w_r = frame_weight(cov[:, 0], self.frame), frame_weight(cov[:, 1], self.frame)
+                if bool((w_q > 0).any()):
+                    f_q = _unit_max(gaussian_blur(_to(pq, tuple(mq.shape[-2:])), self.frame_blur))
+                    mq = (1 - w_q)[:, None, None] * mq + w_q[:, None, None] * f_q
+                if bool((w_r > 0).any()):
+                    f_r = _unit_max(gaussian_blur(_to(pr, tuple(mr.shape[-2:])), self.frame_blur))
+                    mr = (1 - w_r)[:, None, None] * mr + w_r[:, None, None] * f_r
+                for i, info in enumerate(infos):
+                    info["details"]["frame_weight"] = [float(w_q[i]), float(w_r[i])]
+                    info["details"]["map"] = (f"(1 − w)·({info['details']['map']}) + w·blur(SFAM_paper↑)/max, "
+                                              f"w = clip((κ − {self.frame[0]:g})/{self.frame[1] - self.frame[0]:g}, "
+                                              f"0, 1), κ = G16's coverage")
         return list(mq.clamp_min(0).numpy()), list(mr.clamp_min(0).numpy()), infos
 
     def _gated_batch(self, side: dict, a: torch.Tensor, tr: torch.Tensor | None, r: np.ndarray, infos: list,
@@ -519,8 +579,11 @@ class SFAM(Explainer):
         dr = _to(dr, tuple(tr.shape[-2:])) * er
         sims = (r16 @ q16) / z
         base = {"map": "ReLU(D32↑)·ReLU(D16)", "layers": ["final", self.tap], "tap_centred": self.mu_tap is not None}
+        cov = None
         if self.gate:
             gq, gr = _mutual(side["uq"], _unit(tc.to(tr.dtype)), threads)
+            # κ: the share of each side's stride-16 cells with a mutual match (how much of the frame matches)
+            cov = torch.stack([(gq > 0).double().mean(1), (gr > 0).double().mean(1)], 1)  # N×2 (query, result)
             if self.gate_kind == "match":
                 gq, gr = (gq > 0).to(dq.dtype), (gr > 0).to(dr.dtype)
             dq, dr = dq * gq.reshape(dq.shape), dr * gr.reshape(dr.shape)
@@ -528,6 +591,8 @@ class SFAM(Explainer):
         for i, info in enumerate(infos):
             info["details"] = {"map": base["map"], "layers": list(base["layers"]), "tap_similarity": float(sims[i]),
                                "tap_centred": base["tap_centred"]}
+            if cov is not None:
+                info["details"]["gate_coverage"] = [float(cov[i, 0]), float(cov[i, 1])]
         return dq, dr, infos
 
     def raw_maps(self, xq, xr, aq, ar):

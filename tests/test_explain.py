@@ -375,7 +375,7 @@ def test_default_map_adds_the_papers_map(lite0, lam, gamma, mix):
     mu, mu16 = _maps(13, 1280, (1, 1)).flatten() * 0.5, torch.randn(112, dtype=torch.float64) * 0.1
     aq, ar = _maps(11, 1280, (4, 3)), _maps(12, 1280, (4, 3))
     tq, tr = torch.randn(112, 8, 6, dtype=torch.float64), torch.randn(112, 8, 6, dtype=torch.float64)
-    kw = {"metric": "cosine", "mu": mu.numpy(), "centre": True, "mu_tap": mu16.numpy()}
+    kw = {"metric": "cosine", "mu": mu.numpy(), "centre": True, "mu_tap": mu16.numpy(), "frame": None}
     feats = (None, None, (aq[None], tq[None]), (ar[None], tr[None]))
     gq, gr, info0 = SFAM(lite0, paper=0, **kw).raw_maps(*feats)
     mq, mr, info = SFAM(lite0, paper=lam, paper_power=gamma, paper_mix=mix, **kw).raw_maps(*feats)
@@ -405,3 +405,68 @@ def test_default_map_weight_of_the_papers_map(lite0):
 
     assert SFAM(lite0).paper == PAPER_WEIGHT == make_explainer("sfam", lite0).paper
     assert SFAM(lite0).paper_power == PAPER_POWER and SFAM(lite0).paper_mix == "or"
+
+
+def _blur_by_definition(m: np.ndarray, sigma: float) -> np.ndarray:
+    """Σ_ij k_i k_j m[y+i, x+j], k ∝ exp(−i²/2σ²) on −R…R, R = int(4σ + 0.5), edges repeated."""
+    rad = int(4 * sigma + 0.5)
+    k = np.exp(-0.5 * (np.arange(-rad, rad + 1) / sigma) ** 2)
+    k /= k.sum()
+    p = np.pad(m, rad, mode="edge")
+    out = np.zeros_like(m)
+    for i in range(-rad, rad + 1):
+        for j in range(-rad, rad + 1):
+            out += k[i + rad] * k[j + rad] * p[rad + i:rad + i + m.shape[0], rad + j:rad + j + m.shape[1]]
+    return out
+
+
+def test_gaussian_blur_and_frame_weight_equal_their_definitions():
+    from explain.methods import frame_weight, gaussian_blur
+
+    m = torch.rand(2, 9, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    for sigma in (0.6, 1.0, 1.7):
+        got = gaussian_blur(m, sigma).numpy()
+        for a, b in zip(got, m.numpy()):
+            np.testing.assert_allclose(a, _blur_by_definition(b, sigma), rtol=1e-12, atol=1e-14)
+    assert torch.equal(gaussian_blur(m, 0), m)
+    kappa = torch.tensor([0.0, 0.25, 0.3, 0.375, 0.5, 0.9], dtype=torch.float64)
+    np.testing.assert_allclose(frame_weight(kappa, (0.25, 0.5)).numpy(), [0, 0, 0.2, 0.5, 1, 1], atol=1e-12)
+
+
+def test_default_map_turns_to_the_smoothed_papers_map_when_the_match_covers_the_frame(lite0):
+    """The default map = (1 − w)·(g ⊕ s) + w·blur(P↑)/max with w = clip((κ − κ₀)/(κ₁ − κ₀), 0, 1), κ = the share
+    of that side's stride-16 cells with a mutual match (G16 > 0), P the paper's map with the same CIS, the blur
+    Gaussian with σ = FRAME_BLUR cells. Each side has its own κ; the CIS is unchanged."""
+    from explain.methods import FRAME_BLUR, FRAME_RAMP
+
+    assert SFAM(lite0).frame == FRAME_RAMP and FRAME_RAMP[0] < FRAME_RAMP[1] and SFAM(lite0).frame_blur == FRAME_BLUR
+    mu, mu16 = _maps(23, 1280, (1, 1)).flatten() * 0.5, torch.randn(112, dtype=torch.float64) * 0.1
+    aq, ar = _maps(21, 1280, (4, 3)), _maps(22, 1280, (4, 3))
+    tq, tr = torch.randn(112, 8, 6, dtype=torch.float64), torch.randn(112, 8, 6, dtype=torch.float64)
+    tr[:, :3] = tq[:, :3] + 0.3 * tr[:, :3]  # part of the result matches: more mutual pairs than chance
+    kw = {"metric": "cosine", "mu": mu.numpy(), "centre": True, "mu_tap": mu16.numpy()}
+    feats = (None, None, (aq[None], tq[None]), (ar[None], tr[None]))
+    gq, gr = mutual_gate(tq, tr, mu16)
+    kq, kr = float((gq > 0).double().mean()), float((gr > 0).double().mean())
+    assert 0 < kr < 1
+    ramp = (kr - 0.1, kr + 0.3)  # w = 0.25 on the result side
+    base_q, base_r, _ = SFAM(lite0, frame=None, **kw).raw_maps(*feats)
+    mq, mr, info = SFAM(lite0, frame=ramp, frame_blur=1.0, **kw).raw_maps(*feats)
+    cis = cis_cosine(aq.mean((1, 2)).numpy(), ar.mean((1, 2)).numpy(), mu.numpy())
+    np.testing.assert_allclose(info["cis"], cis, rtol=1e-12)
+    up = lambda x: torch.nn.functional.interpolate(x[None, None], size=(8, 6), mode="bilinear",  # noqa: E731
+                                                   align_corners=False)[0, 0].numpy()
+    c = torch.as_tensor(cis)
+    for got, base, a, kappa in ((mr, base_r, ar, kr), (mq, base_q, aq, kq)):
+        w = min(max((kappa - ramp[0]) / (ramp[1] - ramp[0]), 0.0), 1.0)
+        frame = _blur_by_definition(up(torch.relu(torch.einsum("c,chw->hw", c, a))), 1.0)
+        np.testing.assert_allclose(got, (1 - w) * base + w * frame / frame.max(), rtol=1e-9, atol=1e-12)
+    assert info["details"]["gate_coverage"] == pytest.approx([kq, kr]) and info["details"]["frame_weight"][1] == \
+        pytest.approx(0.25)
+    assert not np.allclose(mr, base_r)  # the turn changed the map
+    # below κ₀ nothing changes; above κ₁ the map is the smoothed paper's map alone
+    low = SFAM(lite0, frame=(kr + 0.01, kr + 0.2), **kw).raw_maps(*feats)[1]
+    np.testing.assert_allclose(low, base_r, rtol=1e-12, atol=1e-15)
+    high = SFAM(lite0, frame=(0.0, kr / 2), **kw).raw_maps(*feats)[1]
+    frame = _blur_by_definition(up(torch.relu(torch.einsum("c,chw->hw", c, ar))), 1.0)
+    np.testing.assert_allclose(high, frame / frame.max(), rtol=1e-9, atol=1e-12)
