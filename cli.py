@@ -256,7 +256,7 @@ def index(ctx, paths, index_dir, model, weights, metric, index_type, faiss_facto
         with IndexStore.open(_index_dir(index_dir), writable=True) as store:
             roots = catalogue.record(store, paths)
         if not as_json:
-            click.echo(f"catalogue: {', '.join(roots)}")
+            click.echo(f"catalogue: {_paths_text(roots)}")
     if report.interrupted:
         click.echo("Interrupted: the work done so far is kept; run the same command again to continue.", err=True)
         ctx.exit(130)
@@ -299,13 +299,21 @@ def info(index_dir, as_json) -> None:
         if k == "size_bytes":
             k, v = "size on disk", _human(v)
         elif k == "catalogue":
-            v = ", ".join(v)
+            v = _paths_text(v)
         elif k == "search_defaults":
             v = " ".join(f"--{o} {x}" for o, x in v.items()) or "none"
         elif k == "sharded_vectors":  # index type sharded: its shard collection in one line
             k, v = "shards", ", ".join(f"{a.replace('_', ' ')} {_human(sum(b.values())) if a == 'disk_bytes' else b}"
                                        for a, b in v.items())
         click.echo(f"{k.replace('_', ' '):<{width}}  {v}")
+
+
+def _paths_text(paths: list[str], most: int = 3) -> str:
+    """Paths for one line: all of them when few, else the count, the first ``most`` and how many more
+    (``--json`` keeps the whole list)."""
+    if len(paths) <= most + 1:
+        return ", ".join(paths)
+    return f"{len(paths)} paths: {', '.join(paths[:most])} and {len(paths) - most} more (--json lists all)"
 
 
 def _human(n: float) -> str:

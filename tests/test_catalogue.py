@@ -210,6 +210,24 @@ def shop_with_role(shop, tmp_path_factory):
     return root, idx2, query
 
 
+def test_a_catalogue_of_many_files_is_one_short_line_and_json_lists_all(shop, tmp_path):
+    """Catalogue images given one by one (a shell glob) are recorded each; the text output names the count and
+    the first three instead of a line as long as the catalogue; ``--json`` keeps every path."""
+    import shutil
+
+    root, idx, _ = shop
+    idx2 = tmp_path / "idx"
+    shutil.copytree(idx, idx2)
+    files = sorted(str(p.resolve()) for p in (root / "catalogue").iterdir())
+    assert len(files) == 5
+    out = run("index", *files, "--index", idx2, "--catalogue").stdout
+    want = f"catalogue: 5 paths: {', '.join(files[:3])} and 2 more (--json lists all)"
+    assert want in out.splitlines()
+    line = next(ln for ln in run("info", "--index", idx2).stdout.splitlines() if ln.startswith("catalogue"))
+    assert line.split(None, 1)[1] == want.split(": ", 1)[1]
+    assert run_json("info", "--index", idx2)["catalogue"] == files
+
+
 def test_catalogue_role_verifies_its_images_beyond_the_global_shortlist(shop, shop_with_role):
     root, idx, query = shop_with_role
     info = run_json("info", "--index", idx)
