@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import explain_eval as ev
 import explain_sweep as sw
-from explain.methods import SFAM, SFAMPlain, upsample
+from explain.methods import SFAM, upsample
 from retrieval.models import load_backbone
 
 torch.set_num_threads(int(os.environ.get("THREADS", "2")))
@@ -32,18 +32,14 @@ def build_cache():
     sets = ev.localisation_sets(rng)
     bb = load_backbone(input_size=448)
     for set_name, (pairs, sources) in sets.items():
-        mu, mt = ev.mean_embedding(bb, sources), ev.mean_tap(bb, sources)
-        ex = SFAM(bb, mu=mu, centre=True, mu_tap=mt)
-        pl = SFAMPlain(bb, mu=mu, centre=True)
+        ex, pl = sw.explainers(bb, sources)
         t = time.time()
         out["L"][set_name] = [(sw.components(ex, pl, q, comp), (comp.height, comp.width), box)
                               for q, comp, box in pairs]
         print(set_name, f"{time.time() - t:.0f}s", file=sys.stderr, flush=True)
     for ds, pairs in ev.matched_pairs(False, NPAIRS).items():
         images = [p[0] for p in pairs] + [p[1] for p in pairs]
-        mu, mt = ev.mean_embedding(bb, images), ev.mean_tap(bb, images)
-        ex = SFAM(bb, mu=mu, centre=True, mu_tap=mt)
-        pl = SFAMPlain(bb, mu=mu, centre=True)
+        ex, pl = sw.explainers(bb, images)
         out["F"][ds] = [sw.components(ex, pl, q, r) for q, r in pairs]
         print(ds, len(pairs), file=sys.stderr, flush=True)
     with open(CACHE, "wb") as f:

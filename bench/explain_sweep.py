@@ -106,6 +106,12 @@ def variants(c):
         V = {k: v for k, v in V.items() if k in only.split("|")}
     return V
 
+def explainers(bb, images):
+    """The default SFAM and the paper's map for ``bb``, centred on ``images``' means (embedding and stride-16 tap)."""
+    mu, mt = ev.mean_embedding(bb, images), ev.mean_tap(bb, images)
+    return SFAM(bb, mu=mu, centre=True, mu_tap=mt), SFAMPlain(bb, mu=mu, centre=True)
+
+
 FMODE = [False]
 
 
@@ -117,9 +123,7 @@ def main():
         sets = ev.localisation_sets(rng)
         bb = load_backbone(input_size=448)
         for set_name, (pairs, sources) in sets.items():
-            mu, mt = ev.mean_embedding(bb, sources), ev.mean_tap(bb, sources)
-            ex = SFAM(bb, mu=mu, centre=True, mu_tap=mt)
-            pl = SFAMPlain(bb, mu=mu, centre=True)
+            ex, pl = explainers(bb, sources)
             acc = {}
             t = time.time()
             for q, comp, box in pairs:
@@ -146,9 +150,7 @@ def main():
             if NPAIRS != 20:
                 pairs = matched(ds, NPAIRS)
             images = [p[0] for p in pairs] + [p[1] for p in pairs]
-            mu, mt = ev.mean_embedding(bb448, images), ev.mean_tap(bb448, images)
-            ex = SFAM(bb448, mu=mu, centre=True, mu_tap=mt)
-            pl = SFAMPlain(bb448, mu=mu, centre=True)
+            ex, pl = explainers(bb448, images)
             acc = {}
             t = time.time()
             for q, r in pairs:

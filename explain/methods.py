@@ -539,18 +539,20 @@ class SFAM(Explainer):
                 # a match that covers the frame: turn to the paper's map, smoothed, in proportion w
                 cov = torch.tensor([info["details"]["gate_coverage"] for info in infos], dtype=mq.dtype)  # N×2
                 w_q, w_r = frame_weight(cov[:, 0], self.frame), frame_weight(cov[:, 1], self.frame)
-                if bool((w_q > 0).any()):
-                    f_q = _unit_max(gaussian_blur(_to(pq, tuple(mq.shape[-2:])), self.frame_blur))
-                    mq = (1 - w_q)[:, None, None] * mq + w_q[:, None, None] * f_q
-                if bool((w_r > 0).any()):
-                    f_r = _unit_max(gaussian_blur(_to(pr, tuple(mr.shape[-2:])), self.frame_blur))
-                    mr = (1 - w_r)[:, None, None] * mr + w_r[:, None, None] * f_r
+                mq, mr = self._turn(mq, pq, w_q), self._turn(mr, pr, w_r)
                 for i, info in enumerate(infos):
                     info["details"]["frame_weight"] = [float(w_q[i]), float(w_r[i])]
                     info["details"]["map"] = (f"(1 − w)·({info['details']['map']}) + w·blur(SFAM_paper↑)/max, "
                                               f"w = clip((κ − {self.frame[0]:g})/{self.frame[1] - self.frame[0]:g}, "
                                               f"0, 1), κ = G16's coverage")
         return list(mq.clamp_min(0).numpy()), list(mr.clamp_min(0).numpy()), infos
+
+    def _turn(self, m: torch.Tensor, p: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """One side's maps ``m`` (N×H×W) turned by ``w`` (N) to its paper's maps ``p``, smoothed: step 5."""
+        if not bool((w > 0).any()):
+            return m
+        f = _unit_max(gaussian_blur(_to(p, tuple(m.shape[-2:])), self.frame_blur))
+        return (1 - w)[:, None, None] * m + w[:, None, None] * f
 
     def _gated_batch(self, side: dict, a: torch.Tensor, tr: torch.Tensor | None, r: np.ndarray, infos: list,
                      threads: int | None) -> tuple[torch.Tensor, torch.Tensor, list]:

@@ -348,6 +348,14 @@ def _registry_name(model: str) -> bool:
     return not (":" in model or "/" in model or os.sep in model or Path(model).exists() or model == "dlib_face_resnet")
 
 
+def _indexes_without_torch(model: str, resize: str | None, pooling) -> bool:
+    """Whether indexing with these settings can go through the cached graphs: a registry model, squashed to a
+    square (``resize="long"``: many input shapes, each checked by the full backbone), GAP or GeM pooling (R-MAC
+    is pooled by the full one), and ``RETRIEVE_FAST_INDEX`` not 0."""
+    return (not _fast_disabled("RETRIEVE_FAST_INDEX") and _registry_name(model) and (resize or "squash") == "squash"
+            and str(pooling or "gap").partition(":")[0] in ("gap", "gem"))
+
+
 def explain_target(model: str, size: int) -> tuple[int, str | None]:
     """(explain input side, stride-16 tap layer) the end-of-run reference uses for a new index of ``model``."""
     from .reference import tap_layer
@@ -433,9 +441,8 @@ def new_index_identity(model: str | None, weights: str | None, input_size: int |
     None where indexing keeps the torch path: a user's model, ``RETRIEVE_FAST_INDEX=0``, ONNX Runtime
     missing, or the child failed."""
     model = model or DEFAULT_MODEL
-    if _fast_disabled("RETRIEVE_FAST_INDEX") or not _registry_name(model) or resize == "long" \
-            or str(pooling or "gap").partition(":")[0] not in ("gap", "gem"):
-        return None  # resize "long": many input shapes, each checked by the full backbone (index_backbone)
+    if not _indexes_without_torch(model, resize, pooling):
+        return None
     try:
         import onnxruntime  # noqa: F401
     except ImportError:
@@ -486,9 +493,8 @@ def index_backbone(settings, full: Callable[[], object]):
     shape and for the explain reference (448-px tap graph) are cached -- prepared in a child process when they
     are not -- else ``full()`` (imports torch). A user's model, ``resize="long"`` (many input shapes: each new
     one is checked by the full backbone), R-MAC pooling and ``RETRIEVE_FAST_INDEX=0`` go the full way."""
-    if _fast_disabled("RETRIEVE_FAST_INDEX") or not _registry_name(str(settings.model)) \
-            or (settings.preprocess or {}).get("resize", "squash") != "squash" \
-            or str(settings.pooling).partition(":")[0] not in ("gap", "gem"):  # R-MAC: pooled by the full one
+    resize = (settings.preprocess or {}).get("resize")
+    if not _indexes_without_torch(str(settings.model), resize, str(settings.pooling)):  # None pooling: the full one
         return full()
     size = int((settings.explain or {}).get("input_size") or settings.preprocess.get("size"))
     from .reference import tap_layer

@@ -23,7 +23,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 
 from .metric import Metric, metric as metric_named
-from .space import VectorSpace, as_vectors, chunks, ids_and_vectors
+from .space import VectorSpace, as_vectors, chunks, paged_vectors, vectors_by_ids
 from .settings import DB_NAME, SCHEMA_VERSION, IndexSettings
 from .vectors import FAISS_NAME, Vectors
 
@@ -183,24 +183,13 @@ class LiteStore(VectorSpace):
         return LiteRow(rows[0]) if rows else None
 
     def iter_vectors(self, chunk: int = 2048) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        dim = self.settings.dim
-        last = -1
-        while True:
-            rows = self._conn.execute("SELECT id, vector FROM images WHERE id > ? ORDER BY id LIMIT ?",
-                                      (last, chunk)).fetchall()
-            if not rows:
-                return
-            ids, vecs = ids_and_vectors(rows, dim)
-            last = int(ids[-1])
-            yield ids, vecs
+        yield from paged_vectors(lambda last, n: self._conn.execute(
+            "SELECT id, vector FROM images WHERE id > ? ORDER BY id LIMIT ?", (last, n)).fetchall(),
+            self.settings.dim, chunk)
 
     def vectors_of(self, ids: Sequence[int], chunk: int = 1000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        ids = [int(i) for i in ids]
-        for part in chunks(ids, chunk):
-            rows = self._conn.execute(f"SELECT id, vector FROM images WHERE id IN ({', '.join('?' * len(part))})",
-                                      part).fetchall()
-            if rows:
-                yield ids_and_vectors(rows)
+        yield from vectors_by_ids(lambda part: self._conn.execute(
+            f"SELECT id, vector FROM images WHERE id IN ({', '.join('?' * len(part))})", part).fetchall(), ids, chunk)
 
     def training_sample(self, m: int) -> np.ndarray:
         rows = [r[0] for r in self._conn.execute("SELECT vector FROM images ORDER BY random() LIMIT ?", (m,))]

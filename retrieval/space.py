@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -25,6 +25,29 @@ def ids_and_vectors(rows: Sequence, dim: int = -1) -> tuple[np.ndarray, np.ndarr
 def chunks(seq: Sequence, n: int) -> Iterator[Sequence]:
     for i in range(0, len(seq), n):
         yield seq[i:i + n]
+
+
+def paged_vectors(after: Callable[[int, int], Sequence], dim: int,
+                  chunk: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(ids, raw vectors) of every row in id order, ``chunk`` rows at a time: ``after(last_id, n)`` gives the
+    (id, vector) rows with an id above ``last_id``, in id order, at most ``n`` of them (each store's query)."""
+    last = -1
+    while True:
+        rows = after(last, chunk)
+        if not rows:
+            return
+        ids, vecs = ids_and_vectors(rows, dim)
+        last = int(ids[-1])
+        yield ids, vecs
+
+
+def vectors_by_ids(among: Callable[[Sequence[int]], Sequence], ids: Sequence[int],
+                   chunk: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(ids, raw vectors) of the rows with ``ids``, ``chunk`` ids per ``among(part)`` query (each store's)."""
+    for part in chunks([int(i) for i in ids], chunk):
+        rows = among(part)
+        if rows:
+            yield ids_and_vectors(rows)
 
 
 class VectorSpace:

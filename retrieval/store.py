@@ -29,7 +29,7 @@ from . import database
 from .errors import IndexError_, SettingsMismatch
 from .lock import LOCK_NAME, WriterLock
 from .metric import Metric, metric as metric_named
-from .space import VectorSpace, as_vectors, chunks, ids_and_vectors
+from .space import VectorSpace, as_vectors, chunks, paged_vectors, vectors_by_ids
 from .presets import PRESETS
 from .schema import (DB_NAME, SCHEMA_VERSION, ArrayRow, Base, ImageRow, IndexSettings, SettingRow,
                      SkippedRow)
@@ -394,26 +394,16 @@ class IndexStore(VectorSpace):
 
     def iter_vectors(self, chunk: int = 2048) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(ids, raw vectors) in chunks, in id order: streams, so memory does not grow with the index."""
-        dim = self.settings.dim
-        last = -1
         with Session(self.engine) as s:
-            while True:
-                rows = s.execute(select(ImageRow.id, ImageRow.vector).where(ImageRow.id > last)
-                                 .order_by(ImageRow.id).limit(chunk)).all()
-                if not rows:
-                    return
-                ids, vecs = ids_and_vectors(rows, dim)
-                last = int(ids[-1])
-                yield ids, vecs
+            yield from paged_vectors(lambda last, n: s.execute(
+                select(ImageRow.id, ImageRow.vector).where(ImageRow.id > last).order_by(ImageRow.id).limit(n)).all(),
+                self.settings.dim, chunk)
 
     def vectors_of(self, ids: Sequence[int], chunk: int = 1000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(ids, raw vectors) of the rows with these ids, in chunks."""
-        ids = [int(i) for i in ids]
         with Session(self.engine) as s:
-            for part in chunks(ids, chunk):
-                rows = s.execute(select(ImageRow.id, ImageRow.vector).where(ImageRow.id.in_(part))).all()
-                if rows:
-                    yield ids_and_vectors(rows)
+            yield from vectors_by_ids(lambda part: s.execute(
+                select(ImageRow.id, ImageRow.vector).where(ImageRow.id.in_(part))).all(), ids, chunk)
 
     def training_sample(self, m: int) -> np.ndarray:
         """At most ``m`` stored embeddings drawn at random (all of them when there are fewer)."""

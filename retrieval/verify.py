@@ -305,18 +305,23 @@ def _root(desc: np.ndarray) -> np.ndarray:
 _CONTROLLER = None
 
 
+def _controller():
+    """threadpoolctl's controller of the loaded thread pools, made once (it inspects every loaded library)."""
+    global _CONTROLLER
+    if _CONTROLLER is None:
+        from threadpoolctl import ThreadpoolController
+
+        _CONTROLLER = ThreadpoolController()
+    return _CONTROLLER
+
+
 def one_blas_thread():
     """A context in which NumPy's BLAS runs on one thread. Small products (projecting a few thousand
     descriptors, quantising them in the vocabulary tree's clusters) lose more to waking and joining BLAS
     threads than they gain; on a loaded machine, 4-6x more (bench/results/catalogue-speed.md). The large
     matching product keeps every thread. Without threadpoolctl: a no-op."""
-    global _CONTROLLER
     try:
-        if _CONTROLLER is None:
-            from threadpoolctl import ThreadpoolController
-
-            _CONTROLLER = ThreadpoolController()
-        return _CONTROLLER.limit(limits=1, user_api="blas")
+        return _controller().limit(limits=1, user_api="blas")
     except Exception:  # noqa: BLE001 - not installed, or an unknown BLAS: the default threads
         import contextlib
 
@@ -325,13 +330,8 @@ def one_blas_thread():
 
 def blas_threads() -> int:
     """The threads NumPy's BLAS runs on now (1 without threadpoolctl)."""
-    global _CONTROLLER
     try:
-        if _CONTROLLER is None:
-            from threadpoolctl import ThreadpoolController
-
-            _CONTROLLER = ThreadpoolController()
-        return max([int(i.get("num_threads", 1)) for i in _CONTROLLER.info() if i.get("user_api") == "blas"] or [1])
+        return max([int(i.get("num_threads", 1)) for i in _controller().info() if i.get("user_api") == "blas"] or [1])
     except Exception:  # noqa: BLE001 - not installed: no pool
         return 1
 
