@@ -35,6 +35,17 @@ GEM_EPS = 1e-6  # as retrieval/pooling.py
 #: runtime's arena keeps the largest activations it has seen, so a batch runs in slices of 4 images at 224 px.
 ORT_RUN_PIXELS = 4 * 224 * 224
 DEFAULT_MODEL = "efficientnet_lite0"  # as retrieval/models.py (which imports torch); a test pins that they agree
+# retrieval/models.py's REGISTRY names, known here without torch (a test pins that they agree): an unknown name is
+# refused before a child process spends seconds importing torch only to say so
+TORCHSCRIPT_SUFFIXES = (".pt", ".pth", ".ts", ".torchscript")  # a name ending so is a (missing) TorchScript file
+MODEL_NAMES = ("convnext_tiny", "efficientnet_b0", "efficientnet_lite0", "mobilenet_v3_large", "resnet18", "resnet50")
+
+
+def unknown_model(name: str):
+    """The error for a model ``name`` that is neither in the registry, nor a TorchScript file, nor module:function."""
+    from .errors import UnknownModel
+
+    return UnknownModel(f"unknown model {name!r}; known: {', '.join(MODEL_NAMES)}, a TorchScript file, or module:function")
 
 
 def _manifest_path(folder: Path, name: str, weights_id: str) -> Path:
@@ -441,6 +452,8 @@ def new_index_identity(model: str | None, weights: str | None, input_size: int |
     None where indexing keeps the torch path: a user's model, ``RETRIEVE_FAST_INDEX=0``, ONNX Runtime
     missing, or the child failed."""
     model = model or DEFAULT_MODEL
+    if _registry_name(model) and model not in MODEL_NAMES and Path(model).suffix not in TORCHSCRIPT_SUFFIXES:
+        raise unknown_model(model)
     if not _indexes_without_torch(model, resize, pooling):
         return None
     try:

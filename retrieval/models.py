@@ -22,6 +22,7 @@ from torch import nn
 
 from .backbone import Backbone, Preprocess, _FeatureNet, pick_device
 from .errors import RetrieveError, SettingsMismatch, UnknownModel, WeightsUnavailable
+from .fastpath import TORCHSCRIPT_SUFFIXES, unknown_model
 from .pooling import Pooling, parse_pooling
 
 DEFAULT_MODEL = "efficientnet_lite0"
@@ -236,7 +237,7 @@ def _load_user_model(name: str, input_size: int | None, dev: torch.device, fast:
                      expected_sha256: str | None = None) -> Backbone:
     pre = Preprocess(input_size or 224, **IMAGENET)
     path = Path(name).expanduser()
-    if path.suffix in (".pt", ".pth", ".ts", ".torchscript") or path.exists():
+    if path.suffix in TORCHSCRIPT_SUFFIXES or path.exists():
         if not path.is_file():
             raise UnknownModel(f"{name}: no such TorchScript file")
         data, wid = _read_verified(path, expected_sha256, "TorchScript")
@@ -259,8 +260,7 @@ def _load_user_model(name: str, input_size: int | None, dev: torch.device, fast:
         net = _LayerOutput(model, layer)
         source, wid, spec_name = name, _state_hash(model), name
     else:
-        known = ", ".join(sorted(REGISTRY))
-        raise UnknownModel(f"unknown model {name!r}; known: {known}, a TorchScript file, or module:function")
+        raise unknown_model(name)
     with torch.inference_mode():
         probe = net.eval()(torch.zeros(1, 3, pre.size, pre.size))
     if probe.ndim != 4:

@@ -113,8 +113,17 @@ def test_user_module_function_with_layer(tmp_path, monkeypatch):
 
 
 def test_unknown_model_lists_known_ones():
+    from retrieval import fastpath
+    from retrieval.models import REGISTRY
+
     with pytest.raises(UnknownModel, match="efficientnet_lite0"):
         load_backbone("no_such_net")
+    assert fastpath.MODEL_NAMES == tuple(sorted(REGISTRY))  # the torch-free list (fastpath) is the registry's
+    with pytest.raises(UnknownModel, match="no such TorchScript file"):
+        load_backbone("missing.pt")
+    with pytest.raises(UnknownModel, match="unknown model 'no_such_net'"):
+        fastpath.new_index_identity("no_such_net", None, None, None, None, "fp32")
+    assert fastpath.new_index_identity("missing.pt", None, None, None, None, "fp32") is None  # the torch path says
 
 
 def test_at_size_shares_the_weights_and_changes_only_the_input(lite0):

@@ -226,6 +226,9 @@ def test_index_through_cached_graphs_imports_no_torch(small_index, tmp_path):
 
     assert fastpath.DEFAULT_MODEL == DEFAULT_MODEL
     src, _ = small_index
+    bad = _index("index", src, "--index", tmp_path / "bad", "--model", "no_such_net")  # refused before any child
+    assert bad.returncode == 1 and bad.stderr.startswith("Error: unknown model 'no_such_net'; known: "), bad.stderr
+    assert bad.stderr.strip().splitlines()[-1].split()[1] == "False" and not (tmp_path / "bad").exists(), bad.stderr
     cold = {"XDG_CACHE_HOME": str(tmp_path / "cold-cache")}
     fast = _index("index", src, "--index", tmp_path / "fast", "--json", **cold)
     assert fast.returncode == 0, fast.stderr
