@@ -14,6 +14,15 @@ MATCH_RANDOM = 99.0  # % of random pairs a match must beat
 MATCH_NN = 5.0  # and the percentile of nearest-neighbour scores it must reach
 
 
+def nearest_share(images: int) -> float:
+    """The share (in %) of a collection's pairs that can be nearest-neighbour pairs: each of ``images`` photos has
+    one nearest, so at most ``images`` of its images·(images − 1)/2 pairs, 200 / (images − 1) %. Below 201 photos
+    this is more than the 1 % that ``MATCH_RANDOM`` leaves: the bar cannot be passed by all of them, and a
+    near-duplicate that is not the very closest pair of a small collection stays under it (in the 11 sample photos,
+    a cropped mirror image at cosine 0.90 is the second-closest of 55 pairs: 98.2 %)."""
+    return 200.0 / max(images - 1, 1)
+
+
 @dataclass
 class Verdict:
     match: bool  # something says these two match (see the module doc)
@@ -79,6 +88,11 @@ def make_verdict(score: float, calibration=None, verification=None) -> Verdict:
         headline = "no collection to compare with"
     elif match:
         headline = "a close match"
+    elif (data.get("nn_percentile", 0) >= MATCH_NN and 100 - nearest_share(calibration.images) < MATCH_RANDOM
+          and data["random_percentile"] >= 100 - nearest_share(calibration.images)):
+        # among the closest pairs of a collection too small for the bar: say so, instead of "somewhat similar"
+        headline = "among the closest pairs of a small collection"
+        parts.append(f"{calibration.images} photos are too few for a score alone to show a match")
     elif data.get("random_percentile", 0) >= 90:
         headline = "somewhat similar"
     else:

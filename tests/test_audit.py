@@ -58,6 +58,27 @@ def test_verdict_words_and_neutral_title():
     assert not alone.match and "no collection" in alone.text.lower() and alone.title("a", "b").startswith("a and b:")
 
 
+def test_verdict_in_a_small_collection_says_it_is_small():
+    """Below 201 photos the 99 %-of-random-pairs bar cannot be passed by all of a collection's nearest-neighbour
+    pairs (at most n of its n(n−1)/2 pairs): a pair among the closest 200/(n−1) % says so instead of "somewhat
+    similar"; the match rule itself is unchanged."""
+    from explain.verdict import make_verdict, nearest_share
+    from retrieval.calibration import Calibration
+
+    assert nearest_share(11) == pytest.approx(20.0) and nearest_share(201) == pytest.approx(1.0)
+    uniform = np.linspace(0.0, 1.0, 1001)  # percentile(score) = 100·score among random pairs
+    nearest = np.linspace(0.5, 1.0, 1001)  # 5th percentile of nearest-neighbour scores: 0.525
+    small = Calibration(uniform, nearest, 11, 20000, 11)
+    v = make_verdict(0.95, small)  # 95 % ≥ 100 − 20, yet under the bar
+    assert not v.match and v.headline == "among the closest pairs of a small collection"
+    assert "11 photos are too few for a score alone to show a match" in v.text
+    assert make_verdict(0.995, small).headline == "a close match"  # the bar still decides a match
+    assert make_verdict(0.78, small).headline == "not a close match"  # below 80 %: not among the closest
+    assert make_verdict(0.81, Calibration(uniform, np.linspace(0.9, 1.0, 1001), 11, 20000, 11)).headline \
+        == "not a close match"  # weaker than every nearest-neighbour pair
+    assert make_verdict(0.95, Calibration(uniform, nearest, 1000, 20000, 500)).headline == "somewhat similar"
+
+
 def test_calibration_is_sampled_when_indexing_and_matches_brute_force(photos, tmp_path):
     from retrieval.calibration import load
     from retrieval.store import IndexStore
