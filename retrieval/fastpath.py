@@ -14,7 +14,8 @@ Indexing goes the same way (:func:`index_backbone`, :func:`new_index_identity`):
 including the two-output (feature map, stride-16 tap) graph the explain reference runs at 448 px, so that
 ``retrieve index`` never imports torch (~400 MiB of RSS before any work, bench/results/footprint.md). When
 a graph is not cached yet, a short-lived child process (``python -m retrieval.fastpath``) builds the
-backbone, exports, checks and records the graphs, and exits: torch lives and dies there.
+backbone, exports, checks and records the graphs, and exits: torch lives and dies there. Aspect-kept inputs
+(``resize="long"``) are prepared at the common photo shapes (:meth:`Preprocess.common_shapes`).
 """
 from __future__ import annotations
 
@@ -359,11 +360,13 @@ def _registry_name(model: str) -> bool:
     return not (":" in model or "/" in model or os.sep in model or Path(model).exists() or model == "dlib_face_resnet")
 
 
-def _indexes_without_torch(model: str, resize: str | None, pooling) -> bool:
-    """Whether indexing with these settings can go through the cached graphs: a registry model, squashed to a
-    square (``resize="long"``: many input shapes, each checked by the full backbone), GAP or GeM pooling (R-MAC
-    is pooled by the full one), and ``RETRIEVE_FAST_INDEX`` not 0."""
-    return (not _fast_disabled("RETRIEVE_FAST_INDEX") and _registry_name(model) and (resize or "squash") == "squash"
+def _indexes_without_torch(model: str, pooling) -> bool:
+    """Whether indexing with these settings can go through the cached graphs: a registry model, GAP or GeM
+    pooling (R-MAC is pooled by the full one), and ``RETRIEVE_FAST_INDEX`` not 0. Aspect-kept inputs
+    (``resize="long"``, the instance preset) have one graph (every side a multiple of the stride), checked against
+    eager at the common photo shapes in the child (Preprocess.common_shapes); another shape, when first met, by the
+    full backbone (which imports torch)."""
+    return (not _fast_disabled("RETRIEVE_FAST_INDEX") and _registry_name(model)
             and str(pooling or "gap").partition(":")[0] in ("gap", "gem"))
 
 
@@ -414,7 +417,7 @@ def _prepare(spec: dict) -> dict:
                        pooling=spec.get("pooling"), random_weights=random,
                        expected_sha256=None if random else spec.get("weights_id"))
     bb.precision = spec.get("precision") or "fp32"
-    for hw in spec.get("shapes") or [bb.preprocess.input_shape]:
+    for hw in spec.get("shapes") or bb.preprocess.common_shapes():
         bb._runner(tuple(hw))  # exports, checks against eager and records the graph (retrieval/backbone.py)
     folder = cache_dir() / "onnx"
     explain = spec.get("explain")
@@ -425,16 +428,16 @@ def _prepare(spec: dict) -> dict:
         e._runner(e.preprocess.input_shape)  # recorded as any graph of the final map
     elif explain:
         e = bb.at_size(int(explain[0]))
-        hw = e.preprocess.input_shape
-        graph = getattr(e._runner(hw + (explain[1],)), "graph", None)
-        stem = graph.stem if graph is not None else ""
-        if bb.precision != "fp32":  # the quantised graph is named after the checked fp32 one (retrieval/backbone.py)
-            from .precision import quant_variant
+        for hw in e.preprocess.common_shapes():  # the reference keeps the index's aspect policy
+            graph = getattr(e._runner(hw + (explain[1],)), "graph", None)
+            stem = graph.stem if graph is not None else ""
+            if bb.precision != "fp32":  # the quantised graph is named after the checked fp32 one (retrieval/backbone.py)
+                from .precision import quant_variant
 
-            stem = stem.removesuffix(f"-{quant_variant()}")
-        ok = f"{stem}.ok-{hw[0]}x{hw[1]}"
-        if graph is not None and "-mod32-" in graph.name and (graph.parent / ok).exists():
-            record_graph(folder, e, hw, graph, ok, bb.net, tap=explain[1])
+                stem = stem.removesuffix(f"-{quant_variant()}")
+            ok = f"{stem}.ok-{hw[0]}x{hw[1]}"
+            if graph is not None and "-mod32-" in graph.name and (graph.parent / ok).exists():
+                record_graph(folder, e, hw, graph, ok, bb.net, tap=explain[1])
     if weights is None and not random and bb.name in REGISTRY:  # found again by name (new_index_identity)
         _record_identity(folder, bb, {"name": bb.name, "weights_id": bb.weights_id,
                                       "weights_source": bb.weights_source, "dim": int(bb.feature_dim),
@@ -454,7 +457,7 @@ def new_index_identity(model: str | None, weights: str | None, input_size: int |
     model = model or DEFAULT_MODEL
     if _registry_name(model) and model not in MODEL_NAMES and Path(model).suffix not in TORCHSCRIPT_SUFFIXES:
         raise unknown_model(model)
-    if not _indexes_without_torch(model, resize, pooling):
+    if not _indexes_without_torch(model, pooling):
         return None
     try:
         import onnxruntime  # noqa: F401
@@ -504,10 +507,9 @@ def _identity_from_manifest(model: str, input_size: int | None, resize: str | No
 def index_backbone(settings, full: Callable[[], object]):
     """For indexing into an index with ``settings``: a :class:`FastBackbone` whose graphs for the index's input
     shape and for the explain reference (448-px tap graph) are cached -- prepared in a child process when they
-    are not -- else ``full()`` (imports torch). A user's model, ``resize="long"`` (many input shapes: each new
-    one is checked by the full backbone), R-MAC pooling and ``RETRIEVE_FAST_INDEX=0`` go the full way."""
-    resize = (settings.preprocess or {}).get("resize")
-    if not _indexes_without_torch(str(settings.model), resize, str(settings.pooling)):  # None pooling: the full one
+    are not -- else ``full()`` (imports torch). The common photo shapes of the index's preprocessing must have been
+    checked (Preprocess.common_shapes). A user's model, R-MAC pooling and ``RETRIEVE_FAST_INDEX=0`` go the full way."""
+    if not _indexes_without_torch(str(settings.model), str(settings.pooling)):  # None pooling: the full one
         return full()
     size = int((settings.explain or {}).get("input_size") or settings.preprocess.get("size"))
     from .reference import tap_layer
@@ -516,9 +518,10 @@ def index_backbone(settings, full: Callable[[], object]):
     precision = getattr(settings, "precision", "fp32") or "fp32"
 
     def usable(fb) -> bool:
-        if fb is None or not fb.ready(fb.preprocess.input_shape):
+        if fb is None or not all(fb.ready(hw) for hw in fb.preprocess.common_shapes()):
             return False
-        return fb.at_size(size).ready((size, size), tap)
+        e = fb.at_size(size)
+        return all(e.ready(hw, tap) for hw in e.preprocess.common_shapes())
 
     fb = fast_backbone(settings, full, "RETRIEVE_FAST_INDEX")
     if usable(fb):

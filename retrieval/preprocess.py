@@ -14,6 +14,7 @@ from PIL import Image
 from .errors import RetrieveError
 
 STRIDE = 32  # the networks' total stride: aspect-kept inputs have sides that are multiples of it
+COMMON_ASPECTS = ((1, 1), (4, 3), (3, 2), (16, 9))  # long : short of most photos (phones, cameras; either way round)
 _RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST, "lanczos": Image.LANCZOS}
 
 
@@ -45,6 +46,18 @@ class Preprocess:
     @property
     def input_shape(self) -> tuple[int, int]:
         return (self.size, self.size)
+
+    def common_shapes(self) -> list[tuple[int, int]]:
+        """The input (h, w) of photos at the common camera aspect ratios (``COMMON_ASPECTS``, either way round):
+        the square alone when squashing; with ``resize="long"`` 7 of the 27 shapes at 448 px. The graphs made
+        ahead for indexing without torch (retrieval/fastpath.py) serve these; another shape is checked by the
+        full backbone when first met."""
+        out: list[tuple[int, int]] = []
+        for long, short in COMMON_ASPECTS:  # e.g. 4000 × 3000: exact sides, as a camera's
+            for hw in (self.shape_for(1000 * long, 1000 * short), self.shape_for(1000 * short, 1000 * long)):
+                if hw not in out:
+                    out.append(hw)
+        return out
 
     def shape_for(self, width: int, height: int) -> tuple[int, int]:
         """The network input (h, w) for an image of ``width``×``height`` pixels."""

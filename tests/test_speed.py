@@ -250,3 +250,37 @@ def test_index_through_cached_graphs_imports_no_torch(small_index, tmp_path):
     assert upd.returncode == 0, upd.stderr
     assert upd.stderr.strip().splitlines()[-1].split()[1] == "False", upd.stderr
     assert json.loads(upd.stdout.strip().splitlines()[-1])["indexed"] == 1
+
+
+def test_instance_preset_indexes_common_photo_shapes_without_torch(tmp_path):
+    """`retrieve index --preset instance` (448 px, aspect kept) goes through the cached graphs too: from a cold
+    cache the child process checks the one graph at the common photo shapes (Preprocess.common_shapes: 4:3, 3:2,
+    16:9 either way round, and the square), for the embeddings and the explain reference; photos of those shapes
+    never import torch here, and their embeddings and reference equal the torch path's."""
+    from conftest import skimage_photo
+    from retrieval.preprocess import Preprocess
+
+    pre = Preprocess(size=448, resize="long")
+    shapes = pre.common_shapes()
+    assert len(shapes) == 7 and (448, 448) in shapes
+    assert {pre.shape_for(4032, 3024), pre.shape_for(3024, 4032), pre.shape_for(6000, 4000),
+            pre.shape_for(1920, 1080), pre.shape_for(1080, 1920)} <= set(shapes)
+    src = tmp_path / "photos"
+    src.mkdir()
+    for name, size in (("chelsea", (640, 480)), ("coffee", (480, 640)), ("astronaut", (600, 600)),
+                       ("rocket", (1920, 1080))):
+        skimage_photo(name).resize(size).save(src / f"{name}.jpg", quality=92)
+    cold = {"XDG_CACHE_HOME": str(tmp_path / "cold-cache")}
+    fast = _index("index", src, "--index", tmp_path / "fast", "--preset", "instance", "--json", **cold)
+    assert fast.returncode == 0, fast.stderr
+    assert fast.stderr.strip().splitlines()[-1].split()[1] == "False", fast.stderr  # torch never imported here
+    full = _index("index", src, "--index", tmp_path / "full", "--preset", "instance", "--json", RETRIEVE_FAST_INDEX="0",
+                  **cold)
+    assert full.returncode == 0, full.stderr
+    assert full.stderr.strip().splitlines()[-1].split()[1] == "True", full.stderr
+    (a, ref_a), (b, ref_b) = _vectors(tmp_path / "fast"), _vectors(tmp_path / "full")
+    assert sorted(a) == sorted(b) and len(a) == 4
+    for p in a:
+        assert _close(a[p], b[p]), p
+    assert ref_a["size"] == ref_b["size"] == 448 and ref_a["sampled"] == ref_b["sampled"] == 4
+    assert _close(ref_a["mean"], ref_b["mean"]) and _close(ref_a["mean_tap"], ref_b["mean_tap"])
