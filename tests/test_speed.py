@@ -217,6 +217,16 @@ def _close(a, b) -> bool:  # the tolerance retrieval/backbone.py checks an ONNX 
     return a.shape == b.shape and bool(np.abs(a - b).max() <= 1e-3 * np.abs(b).max() + 1e-6)
 
 
+def _same_index(fast, full, n: int) -> None:
+    """The two indexes hold the same ``n`` embeddings and explain reference (448 px), within the graph check's tolerance."""
+    (a, ref_a), (b, ref_b) = _vectors(fast), _vectors(full)
+    assert sorted(a) == sorted(b) and len(a) == n
+    for p in a:
+        assert _close(a[p], b[p]), p
+    assert ref_a["size"] == ref_b["size"] == 448 and ref_a["sampled"] == ref_b["sampled"] == n
+    assert _close(ref_a["mean"], ref_b["mean"]) and _close(ref_a["mean_tap"], ref_b["mean_tap"])
+
+
 def test_index_through_cached_graphs_imports_no_torch(small_index, tmp_path):
     """`retrieve index` never imports torch for the default preset: from a cold ONNX cache the graphs (224 px, and
     the 448-px two-output graph of the explain reference) are made in a child process; a warm update (with
@@ -237,12 +247,7 @@ def test_index_through_cached_graphs_imports_no_torch(small_index, tmp_path):
     full = _index("index", src, "--index", tmp_path / "full", "--json", RETRIEVE_FAST_INDEX="0")
     assert full.returncode == 0, full.stderr
     assert full.stderr.strip().splitlines()[-1].split()[1] == "True", full.stderr
-    (a, ref_a), (b, ref_b) = _vectors(tmp_path / "fast"), _vectors(tmp_path / "full")
-    assert sorted(a) == sorted(b) and len(a) == 5
-    for p in a:
-        assert _close(a[p], b[p]), p
-    assert ref_a["size"] == ref_b["size"] == 448 and ref_a["sampled"] == ref_b["sampled"] == 5
-    assert _close(ref_a["mean"], ref_b["mean"]) and _close(ref_a["mean_tap"], ref_b["mean_tap"])
+    _same_index(tmp_path / "fast", tmp_path / "full", 5)
     more = tmp_path / "more"
     more.mkdir()
     shutil.copy(ROOT / "data" / "samples" / "horse.png", more / "horse.png")
@@ -278,9 +283,4 @@ def test_instance_preset_indexes_common_photo_shapes_without_torch(tmp_path):
                   **cold)
     assert full.returncode == 0, full.stderr
     assert full.stderr.strip().splitlines()[-1].split()[1] == "True", full.stderr
-    (a, ref_a), (b, ref_b) = _vectors(tmp_path / "fast"), _vectors(tmp_path / "full")
-    assert sorted(a) == sorted(b) and len(a) == 4
-    for p in a:
-        assert _close(a[p], b[p]), p
-    assert ref_a["size"] == ref_b["size"] == 448 and ref_a["sampled"] == ref_b["sampled"] == 4
-    assert _close(ref_a["mean"], ref_b["mean"]) and _close(ref_a["mean_tap"], ref_b["mean_tap"])
+    _same_index(tmp_path / "fast", tmp_path / "full", 4)
