@@ -2,9 +2,10 @@
 
     python bench/precision.py [--threads 2] [--batch 16] [--rounds 7] [--skip-quality]
 
-Speed: the two sessions (and, for the one-graph check, the per-shape fp32 graph) run interleaved
-(A B C A B C ...) on the same batch of real photos, median of the rounds after a warm-up; ratios are
-measured side by side in one run, with the load average printed beside them. Agreement: cosine between
+Speed: the sessions (fp32, int8, and for comparison the per-shape fp32 graph and the int8 graph as it was made
+before, QDQ) run interleaved (A B C D A B C D ...) on the same batch of real photos, as one run and in the
+product's slices, median of the rounds after a warm-up; ratios are measured side by side in one run, with the
+load average printed beside them. Agreement: cosine between
 the int8 and fp32 pooled embeddings of 40 Caltech-101 photos. Quality: bench/quality.py's protocol (every
 image queries the rest, exact cosine search, no head) through the real indexing path at each precision,
 for the two presets' embeddings (gap-224-squash: faces, Caltech, instance; gem-448-long: instance).
@@ -37,8 +38,10 @@ def caltech_photos(n: int) -> list[Path]:
 
 def speed_rows(threads: int, batch: int, rounds: int, photos: list[Path]) -> tuple[list[list], list[list]]:
     import onnxruntime as ort
+    from int8_variants import make, variants
 
-    from retrieval.backbone import _export
+    from retrieval.backbone import ORT_RUN_PIXELS, _export
+    from retrieval.precision import calibration_batches
 
     bb = load_backbone()
     rows, graph_rows = [], []
@@ -47,29 +50,41 @@ def speed_rows(threads: int, batch: int, rounds: int, photos: list[Path]) -> tup
         x = np.stack([pre.array(load_image(p, min_side=hw[0])) for p in photos[:batch]])
         r32 = bb._runner(hw)
         r8 = dataclasses.replace(bb, precision="int8", _runners={})._runner(hw)
+        before = "before (QDQ, per-channel, 7-bit)"  # the int8 graph of 977297a, for comparison
+        old8 = make(before, variants(r32.graph)[before], r32.graph, calibration_batches(bb.preprocess, (224, 224)))
         static = Path(tempfile.mkdtemp()) / f"static-{hw[0]}.onnx"  # the old per-shape graph, for comparison
         _export(bb.net, hw, static, dynamic=False, names=["fmap"])
         opts = ort.SessionOptions()
         opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+        opts.log_severity_level = 3
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         sess = {"fp32 per-shape graph": ort.InferenceSession(str(static), opts, providers=["CPUExecutionProvider"]),
-                "fp32 one dynamic graph": r32.session, "int8": r8.session}
+                "fp32 one dynamic graph": r32.session,
+                "int8 before (QDQ)": ort.InferenceSession(str(old8), opts, providers=["CPUExecutionProvider"]),
+                "int8 (QOperator, pads folded)": r8.session}
         outs = {k: s.run(None, {"x": x})[0] for k, s in sess.items()}  # warm-up
-        times = {k: [] for k in sess}
-        for _ in range(rounds):
-            for k, s in sess.items():
-                t = time.perf_counter()
-                s.run(None, {"x": x})
-                times[k].append(time.perf_counter() - t)
-        med = {k: float(np.median(v)) for k, v in times.items()}
-        load = os.getloadavg()[0]
-        base = med["fp32 one dynamic graph"]
-        for k in sess:
-            rows.append([f"{hw[0]}x{hw[1]}", k, round(batch / med[k], 1), f"{base / med[k]:.2f}x", f"{load:.1f}"])
+        # the whole batch in one run, and in the slices the product runs (retrieval/backbone.py ORT_RUN_PIXELS)
+        for step in (batch, max(1, ORT_RUN_PIXELS // (hw[0] * hw[1]))):
+            times = {k: [] for k in sess}
+            loads = []
+            for _ in range(rounds):
+                for k, s in sess.items():
+                    t = time.perf_counter()
+                    for i in range(0, len(x), step):
+                        s.run(None, {"x": x[i:i + step]})
+                    times[k].append(time.perf_counter() - t)
+                loads.append(os.getloadavg()[0])
+            med = {k: float(np.median(v)) for k, v in times.items()}
+            base = med["fp32 one dynamic graph"]
+            for k in sess:
+                rows.append([f"{hw[0]}x{hw[1]}", step, k, round(batch / med[k], 1), f"{base / med[k]:.2f}x",
+                             f"{min(loads):.1f}-{max(loads):.1f}"])
+            print(rows[-len(sess):], flush=True)
         d = float(np.abs(outs["fp32 one dynamic graph"] - outs["fp32 per-shape graph"]).max())
-        graph_rows.append([f"{hw[0]}x{hw[1]}", f"{d:.1e}", f"{med['fp32 per-shape graph'] / base:.2f}x",
-                           f"{os.path.getsize(r32.graph) / 1e6:.1f} MB", f"{os.path.getsize(r8.graph) / 1e6:.1f} MB"])
-        print(rows[-3:], graph_rows[-1], flush=True)
+        d8 = float(np.abs(outs["int8 (QOperator, pads folded)"] - outs["int8 before (QDQ)"]).max())
+        graph_rows.append([f"{hw[0]}x{hw[1]}", f"{d:.1e}", f"{d8:.1e}", f"{os.path.getsize(r32.graph) / 1e6:.1f} MB",
+                           f"{os.path.getsize(r8.graph) / 1e6:.1f} MB"])
+        print(graph_rows[-1], flush=True)
     return rows, graph_rows
 
 
@@ -131,14 +146,14 @@ def main() -> None:
     speed, graphs = ([], []) if args.skip_speed else speed_rows(args.threads, args.batch, args.rounds, photos)
     agree = [] if args.skip_speed else agreement_rows(photos)
     flags = " ".join(sorted(f for f in cpu_flags() if f.startswith(("avx", "amx")))) or "unknown"
-    text = (f"int8 (ONNX Runtime static QDQ) vs fp32, efficientnet_lite0, {args.threads} threads, batch "
+    text = (f"int8 (ONNX Runtime static, QOperator, pads folded) vs fp32, efficientnet_lite0, {args.threads} threads, batch "
             f"{args.batch} real photos, median of {args.rounds} interleaved rounds. CPU flags: {flags}; VNNI: "
             f"{'yes' if has_vnni() else 'no (weights quantised to 7 bits)'}. Load = 1-min load average during "
             "the run (the machine is shared: judge by the ratios).\n\n## Forward speed\n\n")
-    text += _common.table(["input", "path", "img/s", "vs fp32 dynamic", "load"], speed)
-    text += ("\n\n## One graph for every input shape (fp32)\n\n" + _common.table(
-        ["input", "max |Δ| dynamic vs per-shape graph", "per-shape graph time / dynamic", "fp32 graph", "int8 graph"],
-        graphs))
+    text += _common.table(["input", "images per run", "path", "img/s", "vs fp32 dynamic", "load"], speed)
+    text += ("\n\n## Graphs\n\n" + _common.table(
+        ["input", "fp32: max |Δ| dynamic vs per-shape graph", "int8: max |Δ| QOperator vs QDQ", "fp32 graph",
+         "int8 graph"], graphs))
     text += "\n\n## int8 vs fp32 embeddings (40 Caltech-101 photos)\n\n" + _common.table(
         ["input", "photos", "cos min", "cos median", "cos mean"], agree)
     if not args.skip_quality:
