@@ -52,11 +52,13 @@ def variants(fp32: Path) -> dict[str, dict]:
                 activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
     return {
         "product (QOperator, pads folded)": None,  # retrieval/precision.py quantize_graph
+        "fp32, pads folded (not the product)": "fp32-fold",  # what the same folding would give fp32
         "before (QDQ, per-channel, 7-bit)": base,
         "QOperator": {**base, "quant_format": QuantFormat.QOperator},
         "per-tensor": {**base, "per_channel": False},
         "8-bit weights": {**base, "reduce_range": False},
         "depthwise fp32": {**base, "nodes_to_exclude": dw},
+        "QOperator, depthwise fp32": {**base, "quant_format": QuantFormat.QOperator, "nodes_to_exclude": dw},
         "stem+head fp32": {**base, "nodes_to_exclude": [other[0], other[-1]]},
         "stem+head+dw fp32": {**base, "nodes_to_exclude": dw + [other[0], other[-1]]},
         "s8 activations": {**base, "activation_type": QuantType.QInt8,
@@ -84,6 +86,15 @@ def make(name: str, kw: dict, fp32: Path, batches: list[np.ndarray]) -> Path:
         from retrieval.precision import quantize_graph
 
         quantize_graph(fp32, dst, batches)
+        return dst
+    if kw == "fp32-fold":
+        import onnx
+
+        from retrieval.precision import fold_pads
+
+        model = onnx.load(str(fp32))
+        print(f"{name}: {fold_pads(model, ('Conv',))} pads folded")
+        onnx.save(model, str(dst))
         return dst
     quantize_static(str(fp32), str(dst), Reader(), calibrate_method=CalibrationMethod.MinMax,
                     calibration_providers=["CPUExecutionProvider"], **kw)
@@ -116,8 +127,13 @@ def op_counts(path: Path, threads: int) -> str:
     return ", ".join(f"{k} {c[k]}" for k in keep if c[k])
 
 
+def _layer(node_name: str) -> str:
+    """Which of Lite0's kinds of layer a node belongs to, from its name (fp32's fused nodes lose theirs)."""
+    return next((k for k in ("depthwise", "expand", "project", "stem", "head") if k in node_name), "other")
+
+
 def profile_ops(path: Path, x: np.ndarray, threads: int, runs: int = 3) -> dict[str, float]:
-    """Mean ms per run by op type."""
+    """Mean ms per run: convolutions by kind of layer, paddings, (de)quantisation, layout changes, the rest."""
     prefix = str(CACHE / f"prof-{path.stem}")
     s = session(path, threads, profile=prefix)
     for _ in range(runs + 1):
@@ -126,7 +142,13 @@ def profile_ops(path: Path, x: np.ndarray, threads: int, runs: int = 3) -> dict[
     per = collections.defaultdict(float)
     for e in events:
         if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
-            per[e["args"]["op_name"]] += e["dur"] / 1000
+            op = e["args"]["op_name"]
+            group = ("convolutions: " + _layer(e["name"]) if "Conv" in op
+                     else "Pad" if op == "Pad"
+                     else "Quantize / Dequantize" if op in ("QuantizeLinear", "DequantizeLinear")
+                     else "layout (Reorder*, Transpose)" if op.startswith(("Reorder", "Transpose"))
+                     else "other")
+            per[group] += e["dur"] / 1000
     return {k: v / (runs + 1) for k, v in sorted(per.items(), key=lambda kv: -kv[1])}
 
 
@@ -191,10 +213,12 @@ def main() -> None:
     text += "\n\n## Ops after ONNX Runtime's graph optimisation\n\n" + _common.table(
         ["graph", "ops"], [[n, o] for n, o in ops.items()])
     if prof:
-        kinds = sorted({k for v in prof.values() for k in v}, key=lambda k: -max(v.get(k, 0) for v in prof.values()))
-        text += "\n\n## ms per batch by op type (profiling, mean of 4 runs)\n\n" + _common.table(
-            ["input", "graph", "total"] + kinds[:8],
-            [[s, n, round(sum(v.values()), 1)] + [round(v.get(k, 0), 1) for k in kinds[:8]] for (s, n), v in prof.items()])
+        kinds = sorted({k for v in prof.values() for k in v})
+        text += ("\n\n## ms per run by kind of node (profiling, mean of 4 runs, the batch in one run; fp32's fused "
+                 "convolutions lose their layer names: 'other')\n\n" + _common.table(
+                     ["input", "graph", "total"] + kinds,
+                     [[s, n, round(sum(v.values()), 1)] + [round(v.get(k, 0), 1) for k in kinds]
+                      for (s, n), v in prof.items()]))
     _common.save(args.name, text)
 
 

@@ -1,15 +1,17 @@
 """int8 vs fp32 (ONNX Runtime): forward speed at 224 and 448 px, embedding agreement, and retrieval quality.
 
-    python bench/precision.py [--threads 2] [--batch 16] [--rounds 7] [--skip-quality]
+    python bench/precision.py [--threads 2] [--batch 16] [--rounds 7] [--skip-quality | --skip-speed]
+                              [--datasets att_faces caltech101 instance] [--heads none pca-whiten:128] [--name N]
 
 Speed: the sessions (fp32, int8, and for comparison the per-shape fp32 graph and the int8 graph as it was made
 before, QDQ) run interleaved (A B C D A B C D ...) on the same batch of real photos, as one run and in the
 product's slices, median of the rounds after a warm-up; ratios are measured side by side in one run, with the
 load average printed beside them. Agreement: cosine between
 the int8 and fp32 pooled embeddings of 40 Caltech-101 photos. Quality: bench/quality.py's protocol (every
-image queries the rest, exact cosine search, no head) through the real indexing path at each precision,
-for the two presets' embeddings (gap-224-squash: faces, Caltech, instance; gem-448-long: instance).
-Saves bench/results/precision.md.
+image queries the rest, exact cosine search; no head, or ``--heads`` fitted on the collection) through the real
+indexing path at each precision, for the two presets' embeddings (gap-224-squash: faces, Caltech, instance;
+gem-448-long: instance), with the queries whose top-1 is right at one precision only (paired: is a difference
+more than noise). Saves bench/results/precision.md (precision-quality.md with --skip-speed).
 """
 from __future__ import annotations
 
@@ -102,8 +104,10 @@ def agreement_rows(photos: list[Path]) -> list[list]:
     return rows
 
 
-def quality_rows(datasets: list[str]) -> list[list]:
+def quality_rows(datasets: list[str], heads: list[str]) -> list[list]:
     import quality
+
+    from retrieval.head import fit_head, parse_head
 
     folders = {n: _common.shared_dataset(n) for n in ("att_faces", "caltech101") if n in datasets}
     if "instance" in datasets:
@@ -118,15 +122,24 @@ def quality_rows(datasets: list[str]) -> list[list]:
         for prec in ("fp32", "int8"):
             vecs, labels, paths, secs = quality.labelled_embeddings(folders[name],
                                                                    {**quality.EMBEDDINGS[emb], "precision": prec})
+            order = np.argsort(paths)  # the same order at both precisions: hits compared query by query
+            vecs, labels, paths = vecs[order], labels[order], [paths[i] for i in order]
             is_ref = np.array([Path(p).stem == "ref" for p in paths]) if name == "instance" else None
-            got[prec] = quality.metrics(quality.ranking(vecs, "cosine"), labels, is_ref)
-            m = got[prec]
-            rows.append([name, emb, prec, round(m["R@1"], 3), round(m["mAP@R"], 3),
-                         round(m["photo→ref R@1"], 3) if "photo→ref R@1" in m else "-",
-                         round(1000 * secs / len(labels), 1)])
+            for h in heads:
+                head = None if h == "none" else fit_head([vecs], parse_head(h))
+                rank = quality.ranking(vecs, "cosine", head)
+                m = quality.metrics(rank, labels, is_ref)
+                got[prec, h] = m, labels[rank[:, 0]] == labels
+                rows.append([name, emb, h, prec, round(m["R@1"], 3), round(m["mAP@R"], 3),
+                             round(m["photo→ref R@1"], 3) if "photo→ref R@1" in m else "-", "",
+                             round(1000 * secs / len(labels), 1)])
+                print(" | ".join(map(str, rows[-1])), flush=True)
+        for h in heads:
+            (m32, hit32), (m8, hit8) = got["fp32", h], got["int8", h]
+            rows.append([name, emb, h, "int8 − fp32", round(m8["R@1"] - m32["R@1"], 3),
+                         round(m8["mAP@R"] - m32["mAP@R"], 3), "",
+                         f"{int((hit32 & ~hit8).sum())} / {int((hit8 & ~hit32).sum())}", ""])
             print(" | ".join(map(str, rows[-1])), flush=True)
-        rows.append([name, emb, "int8 − fp32", round(got["int8"]["R@1"] - got["fp32"]["R@1"], 3),
-                     round(got["int8"]["mAP@R"] - got["fp32"]["mAP@R"], 3), "", ""])
     return rows
 
 
@@ -138,6 +151,9 @@ def main() -> None:
     ap.add_argument("--skip-quality", action="store_true")
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--datasets", nargs="+", default=["att_faces", "caltech101", "instance"])
+    ap.add_argument("--heads", nargs="+", default=["none"], help="heads fitted on the collection: none, pca-whiten:128")
+    ap.add_argument("--name", default=None, help="results file name (default precision, or precision-quality "
+                                                 "with --skip-speed)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from retrieval.precision import cpu_flags, has_vnni
@@ -157,10 +173,10 @@ def main() -> None:
     text += "\n\n## int8 vs fp32 embeddings (40 Caltech-101 photos)\n\n" + _common.table(
         ["input", "photos", "cos min", "cos median", "cos mean"], agree)
     if not args.skip_quality:
-        text += "\n\n## Retrieval quality (cosine, no head, exact)\n\n" + _common.table(
-            ["dataset", "embedding", "precision", "R@1", "mAP@R", "photo→ref R@1", "index ms/img"],
-            quality_rows(args.datasets))
-    _common.save("precision" + ("-quality" if args.skip_speed else ""), text)
+        text += "\n\n## Retrieval quality (cosine, exact)\n\n" + _common.table(
+            ["dataset", "embedding", "head", "precision", "R@1", "mAP@R", "photo→ref R@1",
+             "top-1 hits only fp32 / only int8", "index ms/img"], quality_rows(args.datasets, args.heads))
+    _common.save(args.name or "precision" + ("-quality" if args.skip_speed else ""), text)
 
 
 if __name__ == "__main__":

@@ -151,12 +151,14 @@ def quantize_graph(src: Path, dst: Path, batches: list[np.ndarray]) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def fold_pads(model) -> int:
+def fold_pads(model, ops: tuple[str, ...] = ("QLinearConv",)) -> int:
     """Fold each constant Pad that feeds only a QLinearConv, padding with that convolution's input zero point
     (the quantised 0.0), into the convolution's own ``pads`` (which ONNX Runtime fills with the zero point):
     the same arithmetic without copying the feature map. TF-"same" padding is asymmetric (e.g. 0 before,
     1 after); ``pads`` holds begin and end separately. Pads whose amounts are not constants are left as they
-    are. Returns how many were folded."""
+    are. ``ops=("Conv",)`` does the same for float convolutions and zero padding (bench/int8_variants.py
+    measures what that would give the fp32 graph; the product leaves the fp32 graph as exported). Returns how
+    many were folded."""
     import onnx
     from onnx import numpy_helper
     from onnx.reference import ReferenceEvaluator
@@ -196,20 +198,24 @@ def fold_pads(model) -> int:
     for pad in [n for n in g.node if n.op_type == "Pad"]:
         mode = next((a.s for a in pad.attribute if a.name == "mode"), b"constant")
         users = consumers.get(pad.output[0], [])
-        if mode != b"constant" or len(users) != 1 or users[0].op_type != "QLinearConv" \
+        if mode != b"constant" or len(users) != 1 or users[0].op_type not in ops \
                 or any(o.name == pad.output[0] for o in g.output):
             continue
         conv = users[0]
         amounts = constant(pad.input[1])
         value = constant(pad.input[2]) if len(pad.input) > 2 and pad.input[2] else None
-        zero = inits.get(conv.input[2])
-        if amounts is None or zero is None or len(pad.input) > 3 and pad.input[3]:
+        if conv.op_type == "QLinearConv":  # pads with its input's zero point
+            zero = inits.get(conv.input[2])
+            if zero is None or value is None or np.asarray(value).dtype != zero.dtype \
+                    or int(np.asarray(value).ravel()[0]) != int(zero.ravel()[0]):
+                continue
+        elif value is not None and float(np.asarray(value).ravel()[0]) != 0.0:  # Conv pads with 0
+            continue
+        if amounts is None or len(pad.input) > 3 and pad.input[3]:
             continue
         amounts = [int(v) for v in np.asarray(amounts).ravel()]
         if len(amounts) != 8 or min(amounts) < 0 or any(amounts[i] for i in (0, 1, 4, 5)):
             continue  # only height and width, never cropping
-        if value is None or np.asarray(value).dtype != zero.dtype or int(np.asarray(value).ravel()[0]) != int(zero.ravel()[0]):
-            continue
         attrs = {a.name: a for a in conv.attribute}
         if attrs.get("auto_pad") is not None and attrs["auto_pad"].s not in (b"", b"NOTSET"):
             continue
