@@ -1,14 +1,17 @@
 """int8 vs fp32 (ONNX Runtime): forward speed at 224 and 448 px, embedding agreement, and retrieval quality.
 
-    python bench/precision.py [--threads 2] [--batch 16] [--rounds 7] [--skip-quality]
+    python bench/precision.py [--threads 2] [--batch 16] [--rounds 7] [--skip-quality | --skip-speed]
+                              [--datasets att_faces caltech101 instance] [--heads none pca-whiten:128] [--name N]
 
-Speed: the two sessions (and, for the one-graph check, the per-shape fp32 graph) run interleaved
-(A B C A B C ...) on the same batch of real photos, median of the rounds after a warm-up; ratios are
-measured side by side in one run, with the load average printed beside them. Agreement: cosine between
+Speed: the sessions (fp32, int8, and for comparison the per-shape fp32 graph and the int8 graph as it was made
+before, QDQ) run interleaved (A B C D A B C D ...) on the same batch of real photos, as one run and in the
+product's slices, median of the rounds after a warm-up; ratios are measured side by side in one run, with the
+load average printed beside them. Agreement: cosine between
 the int8 and fp32 pooled embeddings of 40 Caltech-101 photos. Quality: bench/quality.py's protocol (every
-image queries the rest, exact cosine search, no head) through the real indexing path at each precision,
-for the two presets' embeddings (gap-224-squash: faces, Caltech, instance; gem-448-long: instance).
-Saves bench/results/precision.md.
+image queries the rest, exact cosine search; no head, or ``--heads`` fitted on the collection) through the real
+indexing path at each precision, for the two presets' embeddings (gap-224-squash: faces, Caltech, instance;
+gem-448-long: instance), with the queries whose top-1 is right at one precision only (paired: is a difference
+more than noise). Saves bench/results/precision.md (precision-quality.md with --skip-speed).
 """
 from __future__ import annotations
 
@@ -37,8 +40,10 @@ def caltech_photos(n: int) -> list[Path]:
 
 def speed_rows(threads: int, batch: int, rounds: int, photos: list[Path]) -> tuple[list[list], list[list]]:
     import onnxruntime as ort
+    from int8_variants import make, variants
 
-    from retrieval.backbone import _export
+    from retrieval.backbone import ORT_RUN_PIXELS, _export
+    from retrieval.precision import calibration_batches
 
     bb = load_backbone()
     rows, graph_rows = [], []
@@ -47,29 +52,41 @@ def speed_rows(threads: int, batch: int, rounds: int, photos: list[Path]) -> tup
         x = np.stack([pre.array(load_image(p, min_side=hw[0])) for p in photos[:batch]])
         r32 = bb._runner(hw)
         r8 = dataclasses.replace(bb, precision="int8", _runners={})._runner(hw)
+        before = "before (QDQ, per-channel, 7-bit)"  # the int8 graph of 977297a, for comparison
+        old8 = make(before, variants(r32.graph)[before], r32.graph, calibration_batches(bb.preprocess, (224, 224)))
         static = Path(tempfile.mkdtemp()) / f"static-{hw[0]}.onnx"  # the old per-shape graph, for comparison
         _export(bb.net, hw, static, dynamic=False, names=["fmap"])
         opts = ort.SessionOptions()
         opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+        opts.log_severity_level = 3
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         sess = {"fp32 per-shape graph": ort.InferenceSession(str(static), opts, providers=["CPUExecutionProvider"]),
-                "fp32 one dynamic graph": r32.session, "int8": r8.session}
+                "fp32 one dynamic graph": r32.session,
+                "int8 before (QDQ)": ort.InferenceSession(str(old8), opts, providers=["CPUExecutionProvider"]),
+                "int8 (QOperator, pads folded)": r8.session}
         outs = {k: s.run(None, {"x": x})[0] for k, s in sess.items()}  # warm-up
-        times = {k: [] for k in sess}
-        for _ in range(rounds):
-            for k, s in sess.items():
-                t = time.perf_counter()
-                s.run(None, {"x": x})
-                times[k].append(time.perf_counter() - t)
-        med = {k: float(np.median(v)) for k, v in times.items()}
-        load = os.getloadavg()[0]
-        base = med["fp32 one dynamic graph"]
-        for k in sess:
-            rows.append([f"{hw[0]}x{hw[1]}", k, round(batch / med[k], 1), f"{base / med[k]:.2f}x", f"{load:.1f}"])
+        # the whole batch in one run, and in the slices the product runs (retrieval/backbone.py ORT_RUN_PIXELS)
+        for step in (batch, max(1, ORT_RUN_PIXELS // (hw[0] * hw[1]))):
+            times = {k: [] for k in sess}
+            loads = []
+            for _ in range(rounds):
+                for k, s in sess.items():
+                    t = time.perf_counter()
+                    for i in range(0, len(x), step):
+                        s.run(None, {"x": x[i:i + step]})
+                    times[k].append(time.perf_counter() - t)
+                loads.append(os.getloadavg()[0])
+            med = {k: float(np.median(v)) for k, v in times.items()}
+            base = med["fp32 one dynamic graph"]
+            for k in sess:
+                rows.append([f"{hw[0]}x{hw[1]}", step, k, round(batch / med[k], 1), f"{base / med[k]:.2f}x",
+                             f"{min(loads):.1f}-{max(loads):.1f}"])
+            print(rows[-len(sess):], flush=True)
         d = float(np.abs(outs["fp32 one dynamic graph"] - outs["fp32 per-shape graph"]).max())
-        graph_rows.append([f"{hw[0]}x{hw[1]}", f"{d:.1e}", f"{med['fp32 per-shape graph'] / base:.2f}x",
-                           f"{os.path.getsize(r32.graph) / 1e6:.1f} MB", f"{os.path.getsize(r8.graph) / 1e6:.1f} MB"])
-        print(rows[-3:], graph_rows[-1], flush=True)
+        d8 = float(np.abs(outs["int8 (QOperator, pads folded)"] - outs["int8 before (QDQ)"]).max())
+        graph_rows.append([f"{hw[0]}x{hw[1]}", f"{d:.1e}", f"{d8:.1e}", f"{os.path.getsize(r32.graph) / 1e6:.1f} MB",
+                           f"{os.path.getsize(r8.graph) / 1e6:.1f} MB"])
+        print(graph_rows[-1], flush=True)
     return rows, graph_rows
 
 
@@ -87,8 +104,10 @@ def agreement_rows(photos: list[Path]) -> list[list]:
     return rows
 
 
-def quality_rows(datasets: list[str]) -> list[list]:
+def quality_rows(datasets: list[str], heads: list[str]) -> list[list]:
     import quality
+
+    from retrieval.head import fit_head, parse_head
 
     folders = {n: _common.shared_dataset(n) for n in ("att_faces", "caltech101") if n in datasets}
     if "instance" in datasets:
@@ -103,15 +122,24 @@ def quality_rows(datasets: list[str]) -> list[list]:
         for prec in ("fp32", "int8"):
             vecs, labels, paths, secs = quality.labelled_embeddings(folders[name],
                                                                    {**quality.EMBEDDINGS[emb], "precision": prec})
+            order = np.argsort(paths)  # the same order at both precisions: hits compared query by query
+            vecs, labels, paths = vecs[order], labels[order], [paths[i] for i in order]
             is_ref = np.array([Path(p).stem == "ref" for p in paths]) if name == "instance" else None
-            got[prec] = quality.metrics(quality.ranking(vecs, "cosine"), labels, is_ref)
-            m = got[prec]
-            rows.append([name, emb, prec, round(m["R@1"], 3), round(m["mAP@R"], 3),
-                         round(m["photo→ref R@1"], 3) if "photo→ref R@1" in m else "-",
-                         round(1000 * secs / len(labels), 1)])
+            for h in heads:
+                head = None if h == "none" else fit_head([vecs], parse_head(h))
+                rank = quality.ranking(vecs, "cosine", head)
+                m = quality.metrics(rank, labels, is_ref)
+                got[prec, h] = m, labels[rank[:, 0]] == labels
+                rows.append([name, emb, h, prec, round(m["R@1"], 3), round(m["mAP@R"], 3),
+                             round(m["photo→ref R@1"], 3) if "photo→ref R@1" in m else "-", "",
+                             round(1000 * secs / len(labels), 1)])
+                print(" | ".join(map(str, rows[-1])), flush=True)
+        for h in heads:
+            (m32, hit32), (m8, hit8) = got["fp32", h], got["int8", h]
+            rows.append([name, emb, h, "int8 − fp32", round(m8["R@1"] - m32["R@1"], 3),
+                         round(m8["mAP@R"] - m32["mAP@R"], 3), "",
+                         f"{int((hit32 & ~hit8).sum())} / {int((hit8 & ~hit32).sum())}", ""])
             print(" | ".join(map(str, rows[-1])), flush=True)
-        rows.append([name, emb, "int8 − fp32", round(got["int8"]["R@1"] - got["fp32"]["R@1"], 3),
-                     round(got["int8"]["mAP@R"] - got["fp32"]["mAP@R"], 3), "", ""])
     return rows
 
 
@@ -123,6 +151,9 @@ def main() -> None:
     ap.add_argument("--skip-quality", action="store_true")
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--datasets", nargs="+", default=["att_faces", "caltech101", "instance"])
+    ap.add_argument("--heads", nargs="+", default=["none"], help="heads fitted on the collection: none, pca-whiten:128")
+    ap.add_argument("--name", default=None, help="results file name (default precision, or precision-quality "
+                                                 "with --skip-speed)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from retrieval.precision import cpu_flags, has_vnni
@@ -131,21 +162,21 @@ def main() -> None:
     speed, graphs = ([], []) if args.skip_speed else speed_rows(args.threads, args.batch, args.rounds, photos)
     agree = [] if args.skip_speed else agreement_rows(photos)
     flags = " ".join(sorted(f for f in cpu_flags() if f.startswith(("avx", "amx")))) or "unknown"
-    text = (f"int8 (ONNX Runtime static QDQ) vs fp32, efficientnet_lite0, {args.threads} threads, batch "
+    text = (f"int8 (ONNX Runtime static, QOperator, pads folded) vs fp32, efficientnet_lite0, {args.threads} threads, batch "
             f"{args.batch} real photos, median of {args.rounds} interleaved rounds. CPU flags: {flags}; VNNI: "
             f"{'yes' if has_vnni() else 'no (weights quantised to 7 bits)'}. Load = 1-min load average during "
             "the run (the machine is shared: judge by the ratios).\n\n## Forward speed\n\n")
-    text += _common.table(["input", "path", "img/s", "vs fp32 dynamic", "load"], speed)
-    text += ("\n\n## One graph for every input shape (fp32)\n\n" + _common.table(
-        ["input", "max |Δ| dynamic vs per-shape graph", "per-shape graph time / dynamic", "fp32 graph", "int8 graph"],
-        graphs))
+    text += _common.table(["input", "images per run", "path", "img/s", "vs fp32 dynamic", "load"], speed)
+    text += ("\n\n## Graphs\n\n" + _common.table(
+        ["input", "fp32: max |Δ| dynamic vs per-shape graph", "int8: max |Δ| QOperator vs QDQ", "fp32 graph",
+         "int8 graph"], graphs))
     text += "\n\n## int8 vs fp32 embeddings (40 Caltech-101 photos)\n\n" + _common.table(
         ["input", "photos", "cos min", "cos median", "cos mean"], agree)
     if not args.skip_quality:
-        text += "\n\n## Retrieval quality (cosine, no head, exact)\n\n" + _common.table(
-            ["dataset", "embedding", "precision", "R@1", "mAP@R", "photo→ref R@1", "index ms/img"],
-            quality_rows(args.datasets))
-    _common.save("precision" + ("-quality" if args.skip_speed else ""), text)
+        text += "\n\n## Retrieval quality (cosine, exact)\n\n" + _common.table(
+            ["dataset", "embedding", "head", "precision", "R@1", "mAP@R", "photo→ref R@1",
+             "top-1 hits only fp32 / only int8", "index ms/img"], quality_rows(args.datasets, args.heads))
+    _common.save(args.name or "precision" + ("-quality" if args.skip_speed else ""), text)
 
 
 if __name__ == "__main__":

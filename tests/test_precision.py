@@ -70,7 +70,82 @@ def test_int8_embeddings_close_to_fp32(lite0, photo_dir, int8_index):
     cos = (e8 * e32).sum(1) / np.linalg.norm(e8, axis=1) / np.linalg.norm(e32, axis=1)
     assert cos.min() >= INT8_COSINE_FLOOR, cos
     assert not np.allclose(e8, e32, atol=1e-4)  # really another graph: quantised
-    assert "int8" in b8._runner((224, 224)).graph.name
+    graph = b8._runner((224, 224)).graph
+    assert "int8" in graph.name
+
+
+def test_int8_graph_stays_uint8_between_layers(lite0, int8_index):
+    """The int8 graph is QOperator with its paddings folded (bench/results/int8-variants.md: 2x fp32 instead
+    of 1.5x): one QuantizeLinear (the input), one DequantizeLinear (the output), and no Pad left but the
+    stem's, on the float input."""
+    import collections
+
+    import onnx
+
+    graph = dataclasses.replace(lite0, precision="int8", _runners={})._runner((224, 224)).graph
+    ops = collections.Counter(n.op_type for n in onnx.load(str(graph)).graph.node)
+    assert ops["QLinearConv"] == 49 and ops["Conv"] == 0, ops
+    assert ops["QuantizeLinear"] == 1 and ops["DequantizeLinear"] == 1, ops
+    assert ops["Pad"] == 1, ops
+
+
+def _tiny_quantised_graph(pad_value: int, conv_pads: list[int]):
+    """x (float) -> QuantizeLinear (zero point 128) -> Pad (0 before, 1 after on H and W; ``pad_value``) ->
+    depthwise 3x3 QLinearConv stride 2 (``conv_pads``) -> DequantizeLinear -> y."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    init = [numpy_helper.from_array(np.array(0.05, np.float32), "s"),
+            numpy_helper.from_array(np.array(128, np.uint8), "zp"),
+            numpy_helper.from_array(np.array(pad_value, np.uint8), "pv"),
+            numpy_helper.from_array(np.array([0, 0, 0, 0, 0, 0, 1, 1], np.int64), "pads"),
+            numpy_helper.from_array(rng.integers(-60, 60, (4, 1, 3, 3)).astype(np.int8), "w"),
+            numpy_helper.from_array(np.full(4, 0.01, np.float32), "ws"),
+            numpy_helper.from_array(np.zeros(4, np.int8), "wz"),
+            numpy_helper.from_array(np.array(0.1, np.float32), "ys"),
+            numpy_helper.from_array(np.array(100, np.uint8), "yz")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "zp"], ["xq"]),
+             helper.make_node("Pad", ["xq", "pads", "pv"], ["xp"], mode="constant"),
+             helper.make_node("QLinearConv", ["xp", "s", "zp", "w", "ws", "wz", "ys", "yz"], ["yq"],
+                              kernel_shape=[3, 3], strides=[2, 2], group=4, pads=conv_pads),
+             helper.make_node("DequantizeLinear", ["yq", "ys", "yz"], ["y"])]
+    g = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 9, 10])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], init)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("conv_pads", [[0, 0, 0, 0], [1, 0, 0, 1]])
+def test_fold_pads_gives_the_same_output(conv_pads):
+    """A Pad of the zero point folded into the convolution's pads: the same numbers, no Pad, asymmetric
+    amounts added to the ones the convolution had."""
+    import onnxruntime as ort
+
+    from retrieval.precision import fold_pads
+
+    x = np.random.default_rng(1).normal(0, 2, (1, 4, 9, 10)).astype(np.float32)
+
+    def run(model):
+        return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+    model = _tiny_quantised_graph(128, conv_pads)
+    ref = run(model)
+    assert fold_pads(model) == 1
+    assert [n.op_type for n in model.graph.node] == ["QuantizeLinear", "QLinearConv", "DequantizeLinear"]
+    conv = model.graph.node[1]
+    assert list(next(a.ints for a in conv.attribute if a.name == "pads")) == \
+        [conv_pads[0], conv_pads[1], conv_pads[2] + 1, conv_pads[3] + 1]
+    got = run(model)
+    assert got.shape == ref.shape and np.array_equal(got, ref)
+
+
+def test_fold_pads_keeps_a_pad_of_another_value():
+    """Padding with anything but the zero point is not what the convolution pads with: left as it is."""
+    from retrieval.precision import fold_pads
+
+    model = _tiny_quantised_graph(7, [0, 0, 0, 0])
+    assert fold_pads(model) == 0
+    assert [n.op_type for n in model.graph.node].count("Pad") == 1
 
 
 def test_one_graph_serves_two_input_shapes(lite0):
