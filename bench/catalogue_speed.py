@@ -53,52 +53,80 @@ def _candidates(q: int, x: np.ndarray, is_ref: np.ndarray, wi: W.WordIndex, feat
 
 
 def profile(paths: list[str], x: np.ndarray, is_ref: np.ndarray, wi: W.WordIndex, queries: list[int],
-            projection) -> list[list]:
-    """Per-stage milliseconds of one query (median over ``queries``), in 128 and in 64 dimensions."""
+            projection, variants=None) -> list[list]:
+    """Per-stage milliseconds of one query (median over ``queries``) for each of ``variants`` (label, projection,
+    pool, cache format), the variants interleaved query by query (A, B, A, B ...) so that the load is shared."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from retrieval.images import load_image
-    from retrieval.verify import LocalFeatures
+    from retrieval.verify import _decode, _read_npz, blas_threads
 
-    rows = []
-    for label, proj, pool in (("128-d, 16 per product (before)", None, False),
-                              ("64-d, 16 per product", projection, False), ("64-d, pool (now)", projection, True)):
-        v = Verifier(projection=proj, pool=pool)
-        t_stage: dict[str, list[float]] = {}
+    variants = variants or (("64-d, pool, npz cache, one by one (before)", projection, True, "npz"),
+                            ("64-d, pool, raw cache, in threads (now)", projection, True, "raw"))
+    vs = [Verifier(projection=proj, pool=pool) for _, proj, pool, _ in variants]
+    for v, var in zip(vs, variants):
+        for p in paths:  # both formats on disk (and warm in the page cache): each variant reads its own
+            sha = _sha(p)
+            if not v.cache_file(sha).with_suffix(".npz").is_file():
+                f = v.features(p, sha)
+                np.savez(v.cache_file(sha).with_suffix(".npz"), points=f.points, descriptors=f.descriptors,
+                         size=np.int64(f.size))
+            if not v.cache_file(sha).is_file():
+                v.features(p, sha)
+    feats = [vs[0].features(p) for p in paths]
+    t_stage: list[dict[str, list[float]]] = [{} for _ in variants]
 
-        def add(name, t0):
-            t_stage.setdefault(name, []).append(1000 * (time.perf_counter() - t0))
+    for q in queries:
+        cands = _candidates(q, x, is_ref, wi, feats)
+        for (label, proj, pool, fmt), v, ts in zip(variants, vs, t_stage):
+            def add(name, t0):
+                ts.setdefault(name, []).append(1000 * (time.perf_counter() - t0))
 
-        feats = [v.features(p) for p in paths]  # (warm the disk cache: the loading stage reads them again)
-        for q in queries:
             t = time.perf_counter(); img = load_image(paths[q], min_side=v.max_side); add("decode query", t)
             t = time.perf_counter(); qf = v.extract(img); add("query SIFT", t)
             t = time.perf_counter(); sims = x[q] @ x.T; np.argsort(-sims)[:61]; add("global search", t)
-            t = time.perf_counter(); cands = _candidates(q, x, is_ref, wi, feats); add("words + catalogue lookup", t)
+            t = time.perf_counter(); _candidates(q, x, is_ref, wi, feats); add("words + catalogue lookup", t)
+            files = [v.cache_file(_sha(paths[c])) for c in cands]
             t = time.perf_counter()
-            loaded = []
-            for c in cands:  # as the product reads them: from the per-content cache on disk
-                with np.load(v.cache / f"{_sha(paths[c])[:2]}" / f"{_sha(paths[c])}.npz") as z:
-                    loaded.append(LocalFeatures(z["points"], z["descriptors"], tuple(int(s) for s in z["size"])))
+            if fmt == "npz":  # as the product read them: one by one, np.load under its lock
+                loaded = [_read_npz(f.with_suffix(".npz")) for f in files]
+            else:  # format 2, in the verifier's threads, no lock
+                with ThreadPoolExecutor(blas_threads()) as pool:
+                    loaded = list(pool.map(lambda f: _decode(f.read_bytes()), files))
             add("load candidates' keypoints", t)
-            t = time.perf_counter(); [v.matrix(f) for f in loaded]; v.matrix(qf); add("RootSIFT + projection", t)
-            ransac = []
-            orig = v._ransac
+            timed_calls: dict[str, list[float]] = {"PROSAC": [], "RootSIFT + projection": []}
+            orig_r, orig_m = v._ransac, v.matrices
 
-            def timed(*a, **k):
-                t0 = time.perf_counter()
-                r = orig(*a, **k)
-                ransac.append(time.perf_counter() - t0)
-                return r
+            def wrap(fn, name):
+                def timed(*a, **k):
+                    t0 = time.perf_counter()
+                    r = fn(*a, **k)
+                    timed_calls[name].append(time.perf_counter() - t0)
+                    return r
+                return timed
 
-            v._ransac = timed
-            t = time.perf_counter(); v.verify_many(qf, loaded); total = 1000 * (time.perf_counter() - t)
-            v._ransac = orig
-            t_stage.setdefault("descriptor matching", []).append(total - 1000 * sum(ransac))
-            t_stage.setdefault("PROSAC", []).append(1000 * sum(ransac))
-            t_stage.setdefault("pairs", []).append(len(cands))
-        med = {k: statistics.median(vs) for k, vs in t_stage.items()}
+            v._ransac, v.matrices = wrap(orig_r, "PROSAC"), wrap(orig_m, "RootSIFT + projection")
+            t = time.perf_counter()
+            if fmt == "npz":  # as before: every candidate projected in one product before the threads start
+                v.matrices([f for f in loaded if len(f.points) >= 4])
+            v.verify_many(qf, loaded)
+            total = 1000 * (time.perf_counter() - t)
+            v._ransac, v.matrices = orig_r, orig_m
+            summed = {k: 1000 * sum(c) for k, c in timed_calls.items()}
+            ts.setdefault("RootSIFT + projection", []).append(summed["RootSIFT + projection"])
+            ts.setdefault("descriptor matching", []).append(total - sum(summed.values()))
+            ts.setdefault("PROSAC", []).append(summed["PROSAC"])
+            ts.setdefault("(verification wall time)", []).append(total)
+            ts.setdefault("pairs", []).append(len(cands))
+    rows = []
+    for (label, *_), ts in zip(variants, t_stage):
+        med = {k: statistics.median(v) for k, v in ts.items()}
         pairs = med.pop("pairs")
+        wall = med.pop("(verification wall time)")
         for k, ms in med.items():
             rows.append([label, k, round(ms, 1), round(ms / pairs, 2) if k in PER_PAIR else "-"])
+        rows.append([label, "verification (wall: projection + matching + PROSAC)", round(wall, 1),
+                     round(wall / pairs, 2)])
         rows.append([label, f"**total** ({pairs:.0f} pairs)", round(sum(med.values()), 1), "-"])
     return rows
 
