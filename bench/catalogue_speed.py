@@ -85,6 +85,7 @@ def profile(paths: list[str], x: np.ndarray, is_ref: np.ndarray, wi: W.WordIndex
             t = time.perf_counter(); img = load_image(paths[q], min_side=v.max_side); add("decode query", t)
             t = time.perf_counter(); qf = v.extract(img); add("query SIFT", t)
             t = time.perf_counter(); sims = x[q] @ x.T; np.argsort(-sims)[:61]; add("global search", t)
+            wi._last_bag = None  # (the query's word scores are kept for its next lookup: score it afresh)
             t = time.perf_counter(); _candidates(q, x, is_ref, wi, feats); add("words + catalogue lookup", t)
             files = [v.cache_file(_sha(paths[c])) for c in cands]
             t = time.perf_counter()
@@ -193,6 +194,9 @@ def main() -> None:
     ap.add_argument("--now-only", action="store_true", help="the quality table without the 128-d rows")
     ap.add_argument("--growth-only", action="store_true",
                     help="only the growth table, replacing the one in bench/results/catalogue-speed.md")
+    ap.add_argument("--top", action="store_true",
+                    help="only the stage profile (before vs now, interleaved) and the default configuration's quality "
+                         "(before vs now), as a new section at the top of bench/results/catalogue-speed.md")
     args = ap.parse_args()
     with IndexStore.open(args.index) as store:
         ids, vecs = zip(*store.iter_vectors())
@@ -222,6 +226,8 @@ def main() -> None:
             at = text.index(GROWTH)
             path.write_text(text[:at] + _growth_text(grow, load) + "\n")
             return
+        if args.top:
+            return _top(args, paths, vecs, x, is_ref, wi, queries, proj, load0)
         stages = profile(paths, x, is_ref, wi, queries[:args.profile], proj)
         print(stages, flush=True)
         quality = []
@@ -253,6 +259,56 @@ def main() -> None:
         text += _common.table(catalogue.HEADERS + ["ms/pair"], quality)
     text += "\n" + _growth_text(grow, load)
     _common.save("catalogue-speed", text)
+
+
+class _ProjectedFirst(Verifier):
+    """The verification before format 2 and threaded loading: every candidate projected in one product on the
+    calling thread, then the pool (the same matching otherwise)."""
+
+    def verify_many(self, q, rs):
+        self.matrices([r for r in rs if len(r.points) >= 4])
+        return super().verify_many(q, rs)
+
+
+def _ratios(stages: list[list]) -> list[list]:
+    """Rows (stage, before ms, now ms, before / now) from the profile's rows of its two variants."""
+    labels = list(dict.fromkeys(r[0] for r in stages))
+    by = [{r[1]: r[2] for r in stages if r[0] == lab} for lab in labels[:2]]
+    return [[k, by[0][k], by[1][k], round(by[0][k] / by[1][k], 2) if by[1][k] else "-"] for k in by[0] if k in by[1]]
+
+
+def _top(args, paths, vecs, x, is_ref, wi, queries, proj, load0) -> None:
+    """``--top``: stages before/now interleaved, the default configuration's quality before/now, prepended."""
+    import datetime
+    import platform
+
+    stages = profile(paths, x, is_ref, wi, queries[:args.profile], proj)
+    print(stages, flush=True)
+    before = PairVerifier(paths, cold=False, verifier=_ProjectedFirst(projection=proj))
+    now = PairVerifier(paths, cold=False, verifier=Verifier(projection=proj))
+    quality = []
+    for pv, name in ((before, "before: projected in one product, npz cache"), (now, "now: raw cache, in threads")):
+        rows, _ = catalogue.run(Path(paths[0]).parent.parent, paths, vecs, pv, args.queries, configs=((60, 30, 20),),
+                                names=("", name))
+        quality += [r + [round(pv.ms_per_pair(), 2)] for r in rows]
+    load = tuple(round(a, 1) for a in load0 + os.getloadavg())
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
+    text = (f"<!-- {stamp} UTC · {platform.machine()} · {os.cpu_count()} cores · threads {args.threads} · load average "
+            f"{load[:3]} → {load[3:]} -->\n## Cache format 2 and loading in threads (`python bench/catalogue_speed.py "
+            f"--index INDEX --top`)\n\nStages of one query, median over {args.profile} phone-photo queries, each "
+            "against its real candidates; the two verifications interleaved query by query (before, now, before, "
+            "now ...). \"RootSIFT + projection\" and \"PROSAC\" are the sums of their calls (in the verifier's two "
+            "threads they overlap), \"descriptor matching\" the verification's wall time minus those sums; the "
+            "verification's wall time is its own row. The query's SIFT is timed alone here; `retrieve search` now "
+            "runs it while the network embeds the query.\n\n")
+    text += _common.table(["verification", "stage", "ms/query", "ms/pair"], stages)
+    text += "\n\nThe same, side by side:\n\n" + _common.table(["stage", "before ms", "now ms", "before / now"],
+                                                              _ratios(stages))
+    text += ("\n\nQuality, bench/catalogue.py's protocol, K 60, W 30, C 20 (the default), both in this run (ms/pair: "
+             "the measured cost of one verified pair, features in memory):\n\n")
+    text += _common.table(catalogue.HEADERS + ["ms/pair"], quality)
+    path = _common.RESULTS / "catalogue-speed.md"
+    path.write_text(text + "\n\n" + path.read_text())
 
 
 GROWTH = "## Growth with the collection"
