@@ -208,6 +208,8 @@ class Searcher:
             from .verify import Verifier
 
             self.verifier = Verifier()
+        from .verify import one_blas_thread
+
         pre = self.backbone.preprocess
         metric = self.metric
         local: dict[str, object] = {}  # query path → its local features (the query is decoded once)
@@ -255,10 +257,11 @@ class Searcher:
                                              range(len(good))):
                         if verify:
                             qf = features_of(chunk[i])
-                            more = self._word_hits(qf, words, hits[:verify], excl[x], e, min_score) if words else []
-                            if catalogue:
-                                more += self._catalogue_hits(qf, catalogue, hits[:verify] + more,
-                                                             excl[x], e, min_score, words > 0)
+                            with one_blas_thread():  # small products (the head on ~50 vectors): see its docstring
+                                more = self._word_hits(qf, words, hits[:verify], excl[x], e, min_score) if words else []
+                                if catalogue:
+                                    more += self._catalogue_hits(qf, catalogue, hits[:verify] + more,
+                                                                 excl[x], e, min_score, words > 0)
                             hits = self._verified(chunk[i], hits, k, verify, on_error, more, qf)
                         hits_for[i], emb_for[i] = hits, e
                 for i, p in enumerate(chunk):
