@@ -1,6 +1,7 @@
 """Phone photo → catalogue: where a query's time goes, matching in 64 vs 128 dimensions, and growth to 100 k.
 
     python bench/catalogue_speed.py --index INDEX [--queries 100] [--threads 2] [--sizes 1000 10000 100000]
+    python bench/catalogue_speed.py --index INDEX --top   # stages and quality before/now, prepended to the results
 
 INDEX: ``retrieve index bench/.cache/instance --preset instance --index INDEX`` (bench/instance_set.py).
 Writes bench/results/catalogue-speed.md with three tables:
