@@ -1,6 +1,7 @@
 """Phone photo → catalogue: where a query's time goes, matching in 64 vs 128 dimensions, and growth to 100 k.
 
     python bench/catalogue_speed.py --index INDEX [--queries 100] [--threads 2] [--sizes 1000 10000 100000]
+    python bench/catalogue_speed.py --index INDEX --top   # stages and quality before/now, prepended to the results
 
 INDEX: ``retrieve index bench/.cache/instance --preset instance --index INDEX`` (bench/instance_set.py).
 Writes bench/results/catalogue-speed.md with three tables:
@@ -53,52 +54,81 @@ def _candidates(q: int, x: np.ndarray, is_ref: np.ndarray, wi: W.WordIndex, feat
 
 
 def profile(paths: list[str], x: np.ndarray, is_ref: np.ndarray, wi: W.WordIndex, queries: list[int],
-            projection) -> list[list]:
-    """Per-stage milliseconds of one query (median over ``queries``), in 128 and in 64 dimensions."""
+            projection, variants=None) -> list[list]:
+    """Per-stage milliseconds of one query (median over ``queries``) for each of ``variants`` (label, projection,
+    pool, cache format), the variants interleaved query by query (A, B, A, B ...) so that the load is shared."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from retrieval.images import load_image
-    from retrieval.verify import LocalFeatures
+    from retrieval.verify import _decode, _read_npz, blas_threads
 
-    rows = []
-    for label, proj, pool in (("128-d, 16 per product (before)", None, False),
-                              ("64-d, 16 per product", projection, False), ("64-d, pool (now)", projection, True)):
-        v = Verifier(projection=proj, pool=pool)
-        t_stage: dict[str, list[float]] = {}
+    variants = variants or (("64-d, pool, npz cache, one by one (before)", projection, True, "npz"),
+                            ("64-d, pool, raw cache, in threads (now)", projection, True, "raw"))
+    vs = [Verifier(projection=proj, pool=pool) for _, proj, pool, _ in variants]
+    for v, var in zip(vs, variants):
+        for p in paths:  # both formats on disk (and warm in the page cache): each variant reads its own
+            sha = _sha(p)
+            if not v.cache_file(sha).with_suffix(".npz").is_file():
+                f = v.features(p, sha)
+                np.savez(v.cache_file(sha).with_suffix(".npz"), points=f.points, descriptors=f.descriptors,
+                         size=np.int64(f.size))
+            if not v.cache_file(sha).is_file():
+                v.features(p, sha)
+    feats = [vs[0].features(p) for p in paths]
+    t_stage: list[dict[str, list[float]]] = [{} for _ in variants]
 
-        def add(name, t0):
-            t_stage.setdefault(name, []).append(1000 * (time.perf_counter() - t0))
+    for q in queries:
+        cands = _candidates(q, x, is_ref, wi, feats)
+        for (label, proj, pool, fmt), v, ts in zip(variants, vs, t_stage):
+            def add(name, t0):
+                ts.setdefault(name, []).append(1000 * (time.perf_counter() - t0))
 
-        feats = [v.features(p) for p in paths]  # (warm the disk cache: the loading stage reads them again)
-        for q in queries:
             t = time.perf_counter(); img = load_image(paths[q], min_side=v.max_side); add("decode query", t)
             t = time.perf_counter(); qf = v.extract(img); add("query SIFT", t)
             t = time.perf_counter(); sims = x[q] @ x.T; np.argsort(-sims)[:61]; add("global search", t)
-            t = time.perf_counter(); cands = _candidates(q, x, is_ref, wi, feats); add("words + catalogue lookup", t)
+            wi._last_bag = None  # (the query's word scores are kept for its next lookup: score it afresh)
+            t = time.perf_counter(); _candidates(q, x, is_ref, wi, feats); add("words + catalogue lookup", t)
+            files = [v.cache_file(_sha(paths[c])) for c in cands]
             t = time.perf_counter()
-            loaded = []
-            for c in cands:  # as the product reads them: from the per-content cache on disk
-                with np.load(v.cache / f"{_sha(paths[c])[:2]}" / f"{_sha(paths[c])}.npz") as z:
-                    loaded.append(LocalFeatures(z["points"], z["descriptors"], tuple(int(s) for s in z["size"])))
+            if fmt == "npz":  # as the product read them: one by one, np.load under its lock
+                loaded = [_read_npz(f.with_suffix(".npz")) for f in files]
+            else:  # format 2, in the verifier's threads, no lock
+                with ThreadPoolExecutor(blas_threads()) as pool:
+                    loaded = list(pool.map(lambda f: _decode(f.read_bytes()), files))
             add("load candidates' keypoints", t)
-            t = time.perf_counter(); [v.matrix(f) for f in loaded]; v.matrix(qf); add("RootSIFT + projection", t)
-            ransac = []
-            orig = v._ransac
+            timed_calls: dict[str, list[float]] = {"PROSAC": [], "RootSIFT + projection": []}
+            orig_r, orig_m = v._ransac, v.matrices
 
-            def timed(*a, **k):
-                t0 = time.perf_counter()
-                r = orig(*a, **k)
-                ransac.append(time.perf_counter() - t0)
-                return r
+            def wrap(fn, name):
+                def timed(*a, **k):
+                    t0 = time.perf_counter()
+                    r = fn(*a, **k)
+                    timed_calls[name].append(time.perf_counter() - t0)
+                    return r
+                return timed
 
-            v._ransac = timed
-            t = time.perf_counter(); v.verify_many(qf, loaded); total = 1000 * (time.perf_counter() - t)
-            v._ransac = orig
-            t_stage.setdefault("descriptor matching", []).append(total - 1000 * sum(ransac))
-            t_stage.setdefault("PROSAC", []).append(1000 * sum(ransac))
-            t_stage.setdefault("pairs", []).append(len(cands))
-        med = {k: statistics.median(vs) for k, vs in t_stage.items()}
+            v._ransac, v.matrices = wrap(orig_r, "PROSAC"), wrap(orig_m, "RootSIFT + projection")
+            t = time.perf_counter()
+            if fmt == "npz":  # as before: every candidate projected in one product before the threads start
+                v.matrices([f for f in loaded if len(f.points) >= 4])
+            v.verify_many(qf, loaded)
+            total = 1000 * (time.perf_counter() - t)
+            v._ransac, v.matrices = orig_r, orig_m
+            summed = {k: 1000 * sum(c) for k, c in timed_calls.items()}
+            ts.setdefault("RootSIFT + projection", []).append(summed["RootSIFT + projection"])
+            ts.setdefault("descriptor matching", []).append(total - sum(summed.values()))
+            ts.setdefault("PROSAC", []).append(summed["PROSAC"])
+            ts.setdefault("(verification wall time)", []).append(total)
+            ts.setdefault("pairs", []).append(len(cands))
+    rows = []
+    for (label, *_), ts in zip(variants, t_stage):
+        med = {k: statistics.median(v) for k, v in ts.items()}
         pairs = med.pop("pairs")
+        wall = med.pop("(verification wall time)")
         for k, ms in med.items():
             rows.append([label, k, round(ms, 1), round(ms / pairs, 2) if k in PER_PAIR else "-"])
+        rows.append([label, "verification (wall: projection + matching + PROSAC)", round(wall, 1),
+                     round(wall / pairs, 2)])
         rows.append([label, f"**total** ({pairs:.0f} pairs)", round(sum(med.values()), 1), "-"])
     return rows
 
@@ -165,6 +195,9 @@ def main() -> None:
     ap.add_argument("--now-only", action="store_true", help="the quality table without the 128-d rows")
     ap.add_argument("--growth-only", action="store_true",
                     help="only the growth table, replacing the one in bench/results/catalogue-speed.md")
+    ap.add_argument("--top", action="store_true",
+                    help="only the stage profile (before vs now, interleaved) and the default configuration's quality "
+                         "(before vs now), as a new section at the top of bench/results/catalogue-speed.md")
     args = ap.parse_args()
     with IndexStore.open(args.index) as store:
         ids, vecs = zip(*store.iter_vectors())
@@ -194,6 +227,8 @@ def main() -> None:
             at = text.index(GROWTH)
             path.write_text(text[:at] + _growth_text(grow, load) + "\n")
             return
+        if args.top:
+            return _top(args, paths, vecs, x, is_ref, wi, queries, proj, load0)
         stages = profile(paths, x, is_ref, wi, queries[:args.profile], proj)
         print(stages, flush=True)
         quality = []
@@ -225,6 +260,56 @@ def main() -> None:
         text += _common.table(catalogue.HEADERS + ["ms/pair"], quality)
     text += "\n" + _growth_text(grow, load)
     _common.save("catalogue-speed", text)
+
+
+class _ProjectedFirst(Verifier):
+    """The verification before format 2 and threaded loading: every candidate projected in one product on the
+    calling thread, then the pool (the same matching otherwise)."""
+
+    def verify_many(self, q, rs):
+        self.matrices([r for r in rs if len(r.points) >= 4])
+        return super().verify_many(q, rs)
+
+
+def _ratios(stages: list[list]) -> list[list]:
+    """Rows (stage, before ms, now ms, before / now) from the profile's rows of its two variants."""
+    labels = list(dict.fromkeys(r[0] for r in stages))
+    by = [{r[1]: r[2] for r in stages if r[0] == lab} for lab in labels[:2]]
+    return [[k, by[0][k], by[1][k], round(by[0][k] / by[1][k], 2) if by[1][k] else "-"] for k in by[0] if k in by[1]]
+
+
+def _top(args, paths, vecs, x, is_ref, wi, queries, proj, load0) -> None:
+    """``--top``: stages before/now interleaved, the default configuration's quality before/now, prepended."""
+    import datetime
+    import platform
+
+    stages = profile(paths, x, is_ref, wi, queries[:args.profile], proj)
+    print(stages, flush=True)
+    before = PairVerifier(paths, cold=False, verifier=_ProjectedFirst(projection=proj))
+    now = PairVerifier(paths, cold=False, verifier=Verifier(projection=proj))
+    quality = []
+    for pv, name in ((before, "before: projected in one product, npz cache"), (now, "now: raw cache, in threads")):
+        rows, _ = catalogue.run(Path(paths[0]).parent.parent, paths, vecs, pv, args.queries, configs=((60, 30, 20),),
+                                names=("", name))
+        quality += [r + [round(pv.ms_per_pair(), 2)] for r in rows]
+    load = tuple(round(a, 1) for a in load0 + os.getloadavg())
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
+    text = (f"<!-- {stamp} UTC · {platform.machine()} · {os.cpu_count()} cores · threads {args.threads} · load average "
+            f"{load[:3]} → {load[3:]} -->\n## Cache format 2 and loading in threads (`python bench/catalogue_speed.py "
+            f"--index INDEX --top`)\n\nStages of one query, median over {args.profile} phone-photo queries, each "
+            "against its real candidates; the two verifications interleaved query by query (before, now, before, "
+            "now ...). \"RootSIFT + projection\" and \"PROSAC\" are the sums of their calls (in the verifier's two "
+            "threads they overlap), \"descriptor matching\" the verification's wall time minus those sums; the "
+            "verification's wall time is its own row. The query's SIFT is timed alone here; `retrieve search` now "
+            "runs it while the network embeds the query.\n\n")
+    text += _common.table(["verification", "stage", "ms/query", "ms/pair"], stages)
+    text += "\n\nThe same, side by side:\n\n" + _common.table(["stage", "before ms", "now ms", "before / now"],
+                                                              _ratios(stages))
+    text += ("\n\nQuality, bench/catalogue.py's protocol, K 60, W 30, C 20 (the default), both in this run (ms/pair: "
+             "the measured cost of one verified pair, features in memory):\n\n")
+    text += _common.table(catalogue.HEADERS + ["ms/pair"], quality)
+    path = _common.RESULTS / "catalogue-speed.md"
+    path.write_text(text + "\n\n" + path.read_text())
 
 
 GROWTH = "## Growth with the collection"

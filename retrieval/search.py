@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
@@ -208,6 +208,8 @@ class Searcher:
             from .verify import Verifier
 
             self.verifier = Verifier()
+        from .verify import one_blas_thread
+
         pre = self.backbone.preprocess
         metric = self.metric
         local: dict[str, object] = {}  # query path → its local features (the query is decoded once)
@@ -225,15 +227,19 @@ class Searcher:
                 once = bool(self.store.settings.search.get("verify"))
                 img = decode_image(data, p, min_side=max(pre.size, side) if once else pre.size)
                 feats = self.verifier.cached(data)
-                if feats is None:
-                    feats = self.verifier.extract(img if once or pre.size >= side else
-                                                  decode_image(data, p, min_side=side))
-                local[p] = feats
+                # the query's own SIFT does not need the network: extracted in a thread of its own while the
+                # batch is embedded (the verification waits for it)
+                local[p] = feats if feats is not None else sift.submit(
+                    self._query_features, data, p, img if once or pre.size >= side else None, side)
                 return pre.array(img), None
             except ImageError as e:
                 return None, e.reason
 
-        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        def features_of(p: str):
+            f = local.pop(p, None)
+            return f.result() if isinstance(f, Future) else f
+
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, ThreadPoolExecutor(1) as sift:
             for start in range(0, len(paths), batch_size):
                 chunk = list(paths[start:start + batch_size])
                 loaded = list(pool.map(load, chunk))
@@ -250,17 +256,28 @@ class Searcher:
                     for i, hits, e, x in zip(good, self.search_vectors(raw, kk, excl, min_score, qe), raw,
                                              range(len(good))):
                         if verify:
-                            more = self._word_hits(local.get(chunk[i]), words, hits[:verify], excl[x], e,
-                                                   min_score) if words else []
-                            if catalogue:
-                                more += self._catalogue_hits(local.get(chunk[i]), catalogue, hits[:verify] + more,
-                                                             excl[x], e, min_score, words > 0)
-                            hits = self._verified(chunk[i], hits, k, verify, on_error, more, local.pop(chunk[i], None))
+                            qf = features_of(chunk[i])
+                            with one_blas_thread():  # small products (the head on ~50 vectors): see its docstring
+                                more = self._word_hits(qf, words, hits[:verify], excl[x], e, min_score) if words else []
+                                if catalogue:
+                                    more += self._catalogue_hits(qf, catalogue, hits[:verify] + more,
+                                                                 excl[x], e, min_score, words > 0)
+                            hits = self._verified(chunk[i], hits, k, verify, on_error, more, qf)
                         hits_for[i], emb_for[i] = hits, e
                 for i, p in enumerate(chunk):
                     err = loaded[i][1]
                     yield QueryResult(p, metric, hits_for.get(i, []), err, emb_for.get(i))
 
+
+    def _query_features(self, data: bytes, path: str, img, side: int):
+        """The local features of a query (``img``: decoded at a size they can use; None: decode it at
+        ``side``); None when it cannot be decoded at that size (verification then reports the error)."""
+        from .images import decode_image
+
+        try:
+            return self.verifier.extract(img if img is not None else decode_image(data, path, min_side=side))
+        except ImageError:
+            return None
 
     def _verified(self, query_path: str, hits: list[Hit], k: int, depth: int, on_error, more: Sequence[Hit] = (),
                   query_features=None) -> list[Hit]:

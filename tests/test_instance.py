@@ -207,9 +207,9 @@ def test_instance_preset_records_its_settings_and_verifies_by_default(clutter, t
     assert "--verify 60" in run("info", "--index", idx).stdout
     import hashlib
 
-    cache = Verifier().cache  # the indexer extracted every photo's keypoints, so searches find them cached
+    cache = Verifier()  # the indexer extracted every photo's keypoints, so searches find them cached
     for p in photos.iterdir():
-        assert (cache / (sha := hashlib.sha256(p.read_bytes()).hexdigest())[:2] / f"{sha}.npz").is_file(), p
+        assert cache.cache_file(hashlib.sha256(p.read_bytes()).hexdigest()).is_file(), p
     res = run_json("search", query, "--index", idx, "-k", "2")
     assert res["results"][0]["path"].endswith("astronaut.jpg") and res["results"][0]["inliers"] >= MIN_INLIERS
     off = run_json("search", query, "--index", idx, "-k", "2", "--verify", "0")
