@@ -156,8 +156,8 @@ def fold_pads(model, ops: tuple[str, ...] = ("QLinearConv",)) -> int:
     (the quantised 0.0), into the convolution's own ``pads`` (which ONNX Runtime fills with the zero point):
     the same arithmetic without copying the feature map. TF-"same" padding is asymmetric (e.g. 0 before,
     1 after); ``pads`` holds begin and end separately. Pads whose amounts are not constants are left as they
-    are. ``ops=("Conv",)`` does the same for float convolutions and zero padding (bench/int8_variants.py
-    measures what that would give the fp32 graph; the product leaves the fp32 graph as exported). Returns how
+    are. ``ops=("Conv",)`` does the same for float convolutions and zero padding: the product's fp32 graph is
+    folded so when exported (retrieval/backbone.py _fold_pads), and the int8 graph is made from it. Returns how
     many were folded."""
     import onnx
     from onnx import numpy_helper
