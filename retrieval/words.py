@@ -42,6 +42,9 @@ TRAIN_PER_WORD = 20  # the branch grows with the training sample: branch² ≤ s
 RETRAIN_GROWTH = 4  # the vocabulary is trained again when the collection has grown this much since
 STOP_SHARE = 0.15  # query words in more than this share of the images (and more than STOP_MIN of them) are
 STOP_MIN = 20      # skipped: they cost time in proportion to the collection and hardly inform
+POSTINGS_BUDGET = 1_000_000  # at most this many postings are read per query: its most informative words
+# (highest idf × √tf) first, so a lookup costs the same at 100 k images as at 10 k; at 500 images no query
+# comes near it (bench/results/catalogue-speed.md, "Growth with the collection")
 SHORTLIST = 30  # the inverted file's top candidates merged with the global shortlist (bench/results/quality.md)
 PROJECTION_DIMS = 64  # verification matches RootSIFT in this many dimensions, learned with the vocabulary
 
@@ -195,7 +198,9 @@ class WordIndex:
         idf = np.log((len(ids) + 1) / (df + 1)).astype(np.float32)
         w = tf * idf[words]
         norm = np.sqrt(np.bincount(img, w * w, minlength=len(ids))).astype(np.float32)
-        order = np.argsort(words, kind="stable")
+        # stable: each word's postings in row order. Words fit int16 (branch ≤ 128: ≤ 16,384 words), whose
+        # stable argsort is a radix sort, twice as fast as int32's at 100 k images (the same order)
+        order = np.argsort(words.astype(np.int16) if V <= np.iinfo(np.int16).max + 1 else words, kind="stable")
         ptr = np.zeros(V + 1, np.int64)
         np.cumsum(np.bincount(words, minlength=V), out=ptr[1:])
         self._ivf = (ids, img[order].astype(np.int32), (w / np.maximum(norm[img], 1e-12))[order].astype(np.float32),
@@ -229,18 +234,34 @@ class WordIndex:
 
     def _scores(self, desc: np.ndarray, ivf) -> np.ndarray | None:
         """Every row's score (cosine of tf-idf vectors) for the query descriptors ``desc``; None: no word in common."""
-        ids, post_img, post_w, ptr, idf, df = ivf
         qw, qn = self.vocab.bag(desc)
+        return self.score_bag(qw, qn, ivf)
+
+    def score_bag(self, qw: np.ndarray, qn: np.ndarray, ivf=None, budget: int | None = None) -> np.ndarray | None:
+        """Every row's score for a query bag (distinct words ``qw``, their counts ``qn``): the cosine of tf-idf
+        vectors over the query words that are not stop words and that fit the budget — the words taken by
+        weight (idf × √tf, highest first) while their postings add up to at most ``budget``
+        (default :data:`POSTINGS_BUDGET`; 0: no cap). None: no word in common."""
+        ids, post_img, post_w, ptr, idf, df = self._inverted() if ivf is None else ivf
+        budget = POSTINGS_BUDGET if budget is None else budget
+        qw = np.asarray(qw, np.int64)
         keep = df[qw] <= max(STOP_SHARE * len(ids), STOP_MIN)
-        qw, qn = qw[keep], qn[keep]
+        qw, qn = qw[keep], np.asarray(qn)[keep]
         q = np.sqrt(qn.astype(np.float32)) * idf[qw]
+        starts, ends = ptr[qw], ptr[qw + 1]
+        if budget and int((ends - starts).sum()) > budget:  # the best words whose postings fit the budget
+            best = np.argsort(-q, kind="stable")
+            best = np.sort(best[np.cumsum((ends - starts)[best]) <= budget])  # (kept in word order)
+            qw, q, starts, ends = qw[best], q[best], starts[best], ends[best]
         q /= max(float(np.linalg.norm(q)), 1e-12)
-        starts, lens = ptr[qw], ptr[qw + 1] - ptr[qw]
-        total = int(lens.sum())
-        if not total:
+        lens = ends - starts
+        if not int(lens.sum()):
             return None
-        at = np.repeat(starts - np.concatenate([[0], np.cumsum(lens)[:-1]]), lens) + np.arange(total)
-        return np.bincount(post_img[at], post_w[at] * np.repeat(q, lens), minlength=len(ids))
+        s, e = starts.tolist(), ends.tolist()  # each word's postings are one slice: no index array
+        img = np.concatenate([post_img[a:b] for a, b in zip(s, e)])
+        w = np.concatenate([post_w[a:b] for a, b in zip(s, e)])
+        w *= np.repeat(q, lens)
+        return np.bincount(img, w, minlength=len(ids))
 
     # -- the file ---------------------------------------------------------------------------------------
     def fingerprint(self) -> dict:

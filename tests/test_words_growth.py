@@ -1,0 +1,139 @@
+"""The visual-word lookup's postings budget (retrieval/words.py POSTINGS_BUDGET): equal to the tf-idf cosine's
+definition when nothing exceeds it, at most the budget read when a query does, a true image still found."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from retrieval import words as W
+
+
+def _index(bags: dict[int, tuple[np.ndarray, np.ndarray]], branch: int = 16) -> W.WordIndex:
+    rng = np.random.default_rng(0)
+    top = rng.random((branch, 128), dtype=np.float32)
+    vocab = W.Vocabulary(top, rng.random((branch, branch, 128), dtype=np.float32))
+    wi = W.WordIndex(vocab, len(bags), "test")
+    for i, (w, n) in bags.items():
+        wi.set(i, "sha", np.asarray(w, np.int32), np.asarray(n, np.uint16))
+    return wi
+
+
+def _definition(wi: W.WordIndex, qw, qn, only=None) -> dict[int, float]:
+    """Cosine of tf-idf vectors (tf = √count, idf = log((N + 1) / (df + 1))), dense, from the bags; the query
+    without stop words (df above STOP_SHARE of N and STOP_MIN) and, with ``only``, restricted to those words."""
+    ids = sorted(wi.bags)
+    V, N = wi.vocab.size, len(ids)
+    tf = np.zeros((N, V))
+    for r, i in enumerate(ids):
+        _, w, n = wi.bags[i]
+        tf[r, w] = np.sqrt(n)
+    df = (tf > 0).sum(0)
+    idf = np.log((N + 1) / (df + 1))
+    x = tf * idf
+    x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    q = np.zeros(V)
+    q[qw] = np.sqrt(qn) * idf[qw]
+    q[df > max(W.STOP_SHARE * N, W.STOP_MIN)] = 0
+    if only is not None:
+        mask = np.zeros(V, bool)
+        mask[list(only)] = True
+        q[~mask] = 0
+    q /= max(np.linalg.norm(q), 1e-12)
+    return dict(zip(ids, x @ q))
+
+
+class Counting(np.ndarray):
+    """An array that counts the elements read through slices (the postings the lookup reads)."""
+    read = 0
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            a, b, _ = key.indices(len(self))
+            Counting.read += max(0, b - a)
+        return super().__getitem__(key)
+
+
+def _counted(wi: W.WordIndex):
+    ivf = list(wi._inverted())
+    ivf[1] = ivf[1].view(Counting)
+    wi._ivf = tuple(ivf)
+    Counting.read = 0
+    return wi._ivf
+
+
+def _random_bags(n: int, V: int, seed: int = 1):
+    rng = np.random.default_rng(seed)
+    p = 1.0 / np.arange(1, V + 1)  # Zipf-like word frequencies: a few common words, many rare
+    p /= p.sum()
+    out = {}
+    for i in range(n):
+        w = np.unique(rng.choice(V, rng.integers(5, 60), p=p))
+        out[10 + 3 * i] = (w, rng.integers(1, 5, len(w)))
+    return out
+
+
+def test_uncapped_equals_definition_and_a_budget_nothing_exceeds_changes_nothing():
+    wi = _index(_random_bags(300, 256))
+    ids = wi._inverted()[0]
+    qw, qn = np.unique(np.random.default_rng(5).choice(256, 80)), None
+    qn = np.random.default_rng(6).integers(1, 4, len(qw))
+    want = _definition(wi, qw, qn)
+    free = wi.score_bag(qw, qn, budget=0)
+    np.testing.assert_allclose(free, [want[int(i)] for i in ids], rtol=1e-5, atol=1e-6)
+    total = int(sum(wi._inverted()[5][w] for w in qw))  # ≥ the postings read (stop words are skipped)
+    np.testing.assert_array_equal(wi.score_bag(qw, qn, budget=total), free)  # bit for bit
+    np.testing.assert_array_equal(wi.score_bag(qw, qn), free)  # the default budget is far above this
+
+
+@pytest.mark.parametrize("budget", [40, 300, 1000])
+def test_a_query_over_the_budget_reads_at_most_it_its_best_words_first(budget):
+    wi = _index(_random_bags(300, 256))
+    ids, _, _, ptr, idf, df = ivf = _counted(wi)
+    rng = np.random.default_rng(7)
+    qw = np.unique(rng.choice(256, 120))
+    qn = rng.integers(1, 4, len(qw))
+    stop = df > max(W.STOP_SHARE * len(ids), W.STOP_MIN)
+    assert df[qw[~stop[qw]]].sum() > budget  # the cap bites
+    got = wi.score_bag(qw, qn, ivf, budget=budget)
+    assert 0 < Counting.read <= budget
+    # the definition restricted to the words a reader would pick: by weight √tf·idf, best first, while they fit
+    order = sorted((w for w in range(len(qw)) if not stop[qw[w]]), key=lambda j: -np.sqrt(qn[j]) * idf[qw[j]])
+    chosen, used = [], 0
+    for j in order:
+        if used + df[qw[j]] > budget:
+            break
+        chosen.append(int(qw[j]))
+        used += int(df[qw[j]])
+    assert used == Counting.read
+    want = _definition(wi, qw, qn, only=chosen)
+    np.testing.assert_allclose(got, [want[int(i)] for i in ids], rtol=1e-5, atol=1e-6)
+
+
+def test_the_true_image_is_still_found_when_the_cap_bites(monkeypatch):
+    """400 distractors share the query's common words (each in ~50 images: under the stop share); the true image
+    also shares its rare words. With a budget far below the common words' postings, the search (through its
+    descriptors) still ranks it first."""
+    rng = np.random.default_rng(3)
+    bags = {}
+    for i in range(400):
+        w = np.unique(np.r_[rng.choice(40, 5, replace=False), 40 + rng.choice(200, 6, replace=False)])
+        bags[i] = (w, np.ones(len(w)))
+    rare = np.arange(240, 256)  # in the query and in the true image only (and in few others)
+    for i in range(5):
+        bags[400 + i] = (np.r_[rng.choice(40, 10, replace=False), rare[i * 3:i * 3 + 3]], np.ones(13))
+    true = 999
+    bags[true] = (np.r_[np.arange(0, 30, 3), rare], np.ones(26))
+    wi = _index(bags)
+    qw = np.r_[np.arange(0, 40), rare]
+    qn = np.ones(len(qw), np.int64)
+    wi.vocab.bag = lambda desc: (qw.astype(np.int32), qn.astype(np.uint16))  # the query's words, whatever the SIFT
+    ivf = _counted(wi)
+    df = ivf[5]
+    kept = qw[df[qw] <= max(W.STOP_SHARE * len(bags), W.STOP_MIN)]
+    assert df[kept].sum() > 200  # unstopped common words alone exceed the budget below
+    monkeypatch.setattr(W, "POSTINGS_BUDGET", 200)
+    hits = wi.search(np.zeros((3, 128), np.uint8), 5)
+    assert Counting.read <= 200
+    assert hits[0][0] == true
+    free = wi.score_bag(qw, qn, ivf, budget=0)
+    assert int(ivf[0][np.argmax(free)]) == true  # the uncapped lookup agrees
