@@ -43,14 +43,23 @@ def _definition(wi: W.WordIndex, qw, qn, only=None) -> dict[int, float]:
 
 
 class Counting(np.ndarray):
-    """An array that counts the elements read through slices (the postings the lookup reads)."""
+    """An array that counts the elements read through slices or index arrays (the postings the lookup reads)."""
     read = 0
 
     def __getitem__(self, key):
         if isinstance(key, slice):
             a, b, _ = key.indices(len(self))
             Counting.read += max(0, b - a)
+        elif isinstance(key, np.ndarray):
+            Counting.read += int(key.sum()) if key.dtype == bool else len(key)
         return super().__getitem__(key)
+
+
+@pytest.fixture(params=["slices", "index array"])
+def path(request, monkeypatch):
+    """Both ways of reading the postings (retrieval/words.py SLICE_MIN)."""
+    monkeypatch.setattr(W, "SLICE_MIN", 0 if request.param == "slices" else 10**9)
+    return request.param
 
 
 def _counted(wi: W.WordIndex):
@@ -72,7 +81,7 @@ def _random_bags(n: int, V: int, seed: int = 1):
     return out
 
 
-def test_uncapped_equals_definition_and_a_budget_nothing_exceeds_changes_nothing():
+def test_uncapped_equals_definition_and_a_budget_nothing_exceeds_changes_nothing(path):
     wi = _index(_random_bags(300, 256))
     ids = wi._inverted()[0]
     qw, qn = np.unique(np.random.default_rng(5).choice(256, 80)), None
@@ -86,7 +95,7 @@ def test_uncapped_equals_definition_and_a_budget_nothing_exceeds_changes_nothing
 
 
 @pytest.mark.parametrize("budget", [40, 300, 1000])
-def test_a_query_over_the_budget_reads_at_most_it_its_best_words_first(budget):
+def test_a_query_over_the_budget_reads_at_most_it_its_best_words_first(budget, path):
     wi = _index(_random_bags(300, 256))
     ids, _, _, ptr, idf, df = ivf = _counted(wi)
     rng = np.random.default_rng(7)
@@ -109,7 +118,7 @@ def test_a_query_over_the_budget_reads_at_most_it_its_best_words_first(budget):
     np.testing.assert_allclose(got, [want[int(i)] for i in ids], rtol=1e-5, atol=1e-6)
 
 
-def test_the_true_image_is_still_found_when_the_cap_bites(monkeypatch):
+def test_the_true_image_is_still_found_when_the_cap_bites(monkeypatch, path):
     """400 distractors share the query's common words (each in ~50 images: under the stop share); the true image
     also shares its rare words. With a budget far below the common words' postings, the search (through its
     descriptors) still ranks it first."""
@@ -137,3 +146,58 @@ def test_the_true_image_is_still_found_when_the_cap_bites(monkeypatch):
     assert hits[0][0] == true
     free = wi.score_bag(qw, qn, ivf, budget=0)
     assert int(ivf[0][np.argmax(free)]) == true  # the uncapped lookup agrees
+
+
+def _rewrite(directory, drop=(), **replace):
+    """words.npz rewritten without the members ``drop`` / with ``replace``d ones (its fingerprint's size too)."""
+    import json
+
+    f = directory / W.WORDS_NAME
+    with np.load(f) as z:
+        members = {k: z[k] for k in z.files if k not in drop}
+    members.update(replace)
+    with open(f, "wb") as out:
+        np.savez(out, **members)
+    meta = json.loads((directory / W.META_NAME).read_text())
+    meta["bytes"] = f.stat().st_size
+    (directory / W.META_NAME).write_text(json.dumps(meta))
+
+
+def test_the_inverted_file_is_stored_read_back_as_built_and_an_old_file_still_read(tmp_path):
+    bags = _random_bags(200, 256)
+    built = _index(bags)._inverted()
+    _index(bags).save(tmp_path)
+    loaded = W.WordIndex.load(tmp_path, "test")
+    assert loaded._ivf is not None  # read, not built
+    for a, b in zip(loaded._ivf, built):
+        np.testing.assert_array_equal(a, b)
+    qw, qn = np.arange(0, 256, 5), np.ones(52, np.int64)
+    np.testing.assert_array_equal(loaded.score_bag(qw, qn), _index(bags).score_bag(qw, qn))
+    loaded.set(10, "new", np.array([1, 2, 3], np.int32), np.ones(3, np.uint16))  # a change: built again
+    assert loaded._ivf is None and len(loaded._inverted()[1]) == len(built[1]) - len(bags[10][0]) + 3
+    _rewrite(tmp_path, drop=("post_img", "post_w", "post_ptr"))  # as written before the inverted file was stored
+    old = W.WordIndex.load(tmp_path, "test")
+    assert old is not None and old._ivf is None
+    for a, b in zip(old._inverted(), built):
+        np.testing.assert_array_equal(a, b)
+    _index(bags).save(tmp_path)
+    with np.load(tmp_path / W.WORDS_NAME) as z:
+        bad = z["post_img"].copy()
+    bad[7] = len(bags)  # a position past the rows: not trusted, built from the bags
+    _rewrite(tmp_path, post_img=bad)
+    odd = W.WordIndex.load(tmp_path, "test")
+    assert odd is not None and odd._ivf is None
+    np.testing.assert_array_equal(odd._inverted()[1], built[1])
+
+
+def test_both_ways_of_reading_the_postings_give_the_same_scores(monkeypatch):
+    wi = _index(_random_bags(300, 256))
+    rng = np.random.default_rng(9)
+    qw = np.unique(rng.choice(256, 90))
+    qn = rng.integers(1, 4, len(qw))
+    got = []
+    for slice_min in (0, 10**9):
+        monkeypatch.setattr(W, "SLICE_MIN", slice_min)
+        got.append([wi.score_bag(qw, qn, budget=b) for b in (0, 500)])
+    for a, b in zip(*got):
+        np.testing.assert_array_equal(a, b)
