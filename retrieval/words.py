@@ -422,6 +422,7 @@ def sync(store: "IndexStore", verifier: "Verifier", save: bool = True) -> WordIn
         sample = _sample(rows, features)
         wi.vocab.projection = None if sample is None else fit_projection(sample)
         changed = wi.vocab.projection is not None
+    changed = changed or wi._ivf is None  # a file without the inverted file (written before it): written with it
     changed = wi.reconcile(rows, features) > 0 or changed
     if changed and save:
         wi.save(store.directory)

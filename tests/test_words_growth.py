@@ -201,3 +201,27 @@ def test_both_ways_of_reading_the_postings_give_the_same_scores(monkeypatch):
         got.append([wi.score_bag(qw, qn, budget=b) for b in (0, 500)])
     for a, b in zip(*got):
         np.testing.assert_array_equal(a, b)
+
+
+def test_opening_a_file_without_the_inverted_file_writes_it_back_once(tmp_path, monkeypatch):
+    """words.sync (what a search that opens the index runs) upgrades a file written before the inverted file
+    was stored: the next open reads it; an up-to-date file is not written again."""
+    from types import SimpleNamespace
+
+    bags = _random_bags(50, 256)
+    verifier = SimpleNamespace(cache=None, max_side=640, n_features=2000)
+    sig = W.signature(verifier)
+    wi = _index(bags)
+    wi.signature = sig
+    wi.vocab.projection = np.eye(128, W.PROJECTION_DIMS, dtype=np.float32)  # (none: sync would fit one)
+    wi.save(tmp_path)
+    _rewrite(tmp_path, drop=("post_img", "post_w", "post_ptr"))
+    assert W.WordIndex.load(tmp_path, sig)._ivf is None
+    monkeypatch.setattr(W, "_rows", lambda store: {i: (f"/x/{i}.jpg", "sha") for i in bags})
+    store = SimpleNamespace(directory=tmp_path)
+    W.sync(store, verifier)
+    again = W.WordIndex.load(tmp_path, sig)
+    assert again._ivf is not None and set(again.bags) == set(bags)
+    stamp = (tmp_path / W.WORDS_NAME).stat().st_mtime_ns
+    W.sync(store, verifier)
+    assert (tmp_path / W.WORDS_NAME).stat().st_mtime_ns == stamp
