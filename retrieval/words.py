@@ -155,7 +155,8 @@ class WordIndex:
         self.signature = signature  # the local features' settings (Verifier.cache's name)
         self.bags: dict[int, tuple[str, np.ndarray, np.ndarray]] = {}  # id → (sha256, words, counts)
         self._ivf = None  # built lazily from ``bags``
-        self._last_bag = None  # (the query's descriptors, the inverted file, every row's score): reused
+        self._last_bag = None  # (the query's descriptors, the inverted file, its bag, every row's score): reused
+        self._part = None  # (allowed ids, the inverted file, the allowed rows' own inverted file or None)
 
     # -- keeping it equal to the rows ---------------------------------------------------------------
     def set(self, i: int, sha: str, words: np.ndarray, counts: np.ndarray) -> None:
@@ -216,19 +217,25 @@ class WordIndex:
     def search(self, desc: np.ndarray, n: int, allowed: np.ndarray | None = None,
                exclude: Iterable[int] = ()) -> list[tuple[int, float]]:
         """The ``n`` rows whose words best match the descriptors ``desc`` (cosine of tf-idf vectors), best
-        first, as (id, score); ``allowed``: only these ids (sorted array); ``exclude``: never these."""
+        first, as (id, score); ``allowed``: only these ids (sorted array); ``exclude``: never these. When the
+        allowed rows hold at most ``POSTINGS_BUDGET`` postings (a catalogue), all of theirs are read: their
+        scores are the uncapped ones, whatever the collection's size."""
         if n <= 0 or not self.bags or not len(desc):
             return []
         ivf = self._inverted()
-        ids = ivf[0]
         last = self._last_bag
         if last is None or last[0] is not desc or last[1] is not ivf:  # the words and catalogue stages ask
-            last = self._last_bag = (desc, ivf, self._scores(desc, ivf))  # with the same query: scored once
-        if last[2] is None:
+            bag = self.vocab.bag(desc)  # with the same query: quantised (and scored) once
+            last = self._last_bag = (desc, ivf, bag, self.score_bag(*bag, ivf))
+        part = self._allowed_part(allowed, ivf) if allowed is not None else None
+        if part is not None:
+            ids, scores = part[0], self.score_bag(*last[2], ivf, part=part)
+        else:
+            ids, scores = ivf[0], None if last[3] is None else last[3].copy()
+            if scores is not None and allowed is not None:
+                scores[~np.isin(ids, allowed)] = 0
+        if scores is None:
             return []
-        scores = last[2].copy()
-        if allowed is not None:
-            scores[~np.isin(ids, allowed)] = 0
         ex = np.fromiter((int(i) for i in exclude), np.int64)
         if len(ex):  # one pass, not one per excluded id (the catalogue stage excludes ~100)
             scores[np.isin(ids, ex)] = 0
@@ -238,22 +245,48 @@ class WordIndex:
         cand = cand[np.argsort(-scores[cand], kind="stable")]
         return [(int(ids[c]), float(scores[c])) for c in cand]
 
-    def _scores(self, desc: np.ndarray, ivf) -> np.ndarray | None:
-        """Every row's score (cosine of tf-idf vectors) for the query descriptors ``desc``; None: no word in common."""
-        qw, qn = self.vocab.bag(desc)
-        return self.score_bag(qw, qn, ivf)
+    def _allowed_part(self, allowed: np.ndarray, ivf):
+        """The inverted file of the rows ``allowed`` alone, weighted as in the whole collection's (the same idf
+        and row norms), as (ids, rows, weights, word pointers); None when they hold more than
+        ``POSTINGS_BUDGET`` postings. Kept for the next query with the same ``allowed``."""
+        have = self._part
+        if have is not None and have[1] is ivf and np.array_equal(have[0], allowed):
+            return have[2]
+        ids, idf = ivf[0], ivf[4]
+        rows = np.nonzero(np.isin(ids, allowed))[0]
+        bags = [self.bags[int(ids[r])] for r in rows]
+        lens = np.fromiter((len(b[1]) for b in bags), np.int64, len(bags))
+        part = None
+        if lens.sum() <= POSTINGS_BUDGET:
+            V = self.vocab.size
+            words = np.concatenate([b[1] for b in bags] + [np.zeros(0, np.int32)]).astype(np.int32)
+            tf = np.sqrt(np.concatenate([b[2] for b in bags] + [np.zeros(0, np.uint16)]).astype(np.float32))
+            img = np.repeat(np.arange(len(rows), dtype=np.int32), lens)
+            w = tf * idf[words]
+            norm = np.sqrt(np.bincount(img, w * w, minlength=len(rows))).astype(np.float32)  # (as _inverted's)
+            order = np.argsort(words, kind="stable")
+            ptr = np.zeros(V + 1, np.int64)
+            np.cumsum(np.bincount(words, minlength=V), out=ptr[1:])
+            part = (ids[rows], img[order].astype(np.int32),
+                    (w / np.maximum(norm[img], 1e-12))[order].astype(np.float32), ptr)
+        self._part = (np.array(allowed, copy=True), ivf, part)
+        return part
 
-    def score_bag(self, qw: np.ndarray, qn: np.ndarray, ivf=None, budget: int | None = None) -> np.ndarray | None:
+    def score_bag(self, qw: np.ndarray, qn: np.ndarray, ivf=None, budget: int | None = None,
+                  part=None) -> np.ndarray | None:
         """Every row's score for a query bag (distinct words ``qw``, their counts ``qn``): the cosine of tf-idf
         vectors over the query words that are not stop words and that fit the budget — the words taken by
         weight (idf × √tf, highest first) while their postings add up to at most ``budget``
-        (default :data:`POSTINGS_BUDGET`; 0: no cap). None: no word in common."""
+        (default :data:`POSTINGS_BUDGET`; 0: no cap). ``part``: the rows of :meth:`_allowed_part` only (the
+        query weighted by the whole collection). None: no word in common."""
         ids, post_img, post_w, ptr, idf, df = self._inverted() if ivf is None else ivf
         budget = POSTINGS_BUDGET if budget is None else budget
         qw = np.asarray(qw, np.int64)
         keep = df[qw] <= max(STOP_SHARE * len(ids), STOP_MIN)
         qw, qn = qw[keep], np.asarray(qn)[keep]
         q = np.sqrt(qn.astype(np.float32)) * idf[qw]
+        if part is not None:
+            ids, post_img, post_w, ptr = part
         starts, ends = ptr[qw], ptr[qw + 1]
         if budget and int((ends - starts).sum()) > budget:  # the best words whose postings fit the budget
             best = np.argsort(-q, kind="stable")

@@ -225,3 +225,35 @@ def test_opening_a_file_without_the_inverted_file_writes_it_back_once(tmp_path, 
     stamp = (tmp_path / W.WORDS_NAME).stat().st_mtime_ns
     W.sync(store, verifier)
     assert (tmp_path / W.WORDS_NAME).stat().st_mtime_ns == stamp
+
+
+def test_a_catalogue_within_the_budget_is_scored_uncapped_while_the_collection_is_capped(monkeypatch):
+    """search(allowed=…): when the allowed rows hold at most the budget's postings, all of them are read, so
+    their scores are the uncapped ones (the same idf and norms as the whole collection) although the whole
+    collection's lookup is capped; allowed rows over the budget fall back to the capped scores."""
+    rng = np.random.default_rng(4)
+    bags = {i: (np.unique(rng.choice(200, 15)), np.ones(15)) for i in range(300)}
+    for i in range(300, 306):
+        bags[i] = (np.unique(np.r_[rng.choice(200, 8), 200 + rng.choice(56, 4)]), np.ones(12))
+    bags = {i: (w, np.ones(len(w))) for i, (w, _) in bags.items()}
+    wi = _index(bags)
+    rng2 = np.random.default_rng(8)
+    qw = np.unique(np.r_[rng2.choice(200, 30), 200 + rng2.choice(56, 10)]).astype(np.int32)
+    qn = np.ones(len(qw), np.uint16)
+    wi.vocab.bag = lambda desc: (qw, qn)
+    ivf = wi._inverted()
+    monkeypatch.setattr(W, "POSTINGS_BUDGET", 150)
+    uncapped, capped = wi.score_bag(qw, qn, budget=0), wi.score_bag(qw, qn)
+    assert not np.array_equal(uncapped, capped)  # the cap bites for the whole collection
+
+    def best(scores, allowed, n):
+        pos = np.nonzero(np.isin(ivf[0], allowed) & (scores > 0))[0]
+        pos = pos[np.argsort(-scores[pos], kind="stable")][:n]
+        return [(int(ivf[0][p]), float(scores[p])) for p in pos]
+
+    catalogue = np.array([3, 17, 300, 301, 302, 303, 304, 305], np.int64)  # 8 rows, ≤ 150 postings
+    desc = np.zeros((2, 128), np.uint8)
+    assert wi.search(desc, 5, allowed=catalogue) == best(uncapped, catalogue, 5)
+    assert wi.search(desc, 5, allowed=catalogue, exclude=[300]) == best(uncapped, catalogue[catalogue != 300], 5)
+    many = np.arange(0, 300, 2, dtype=np.int64)  # 150 rows: over the budget
+    assert wi.search(desc, 5, allowed=many) == best(capped, many, 5)
