@@ -205,11 +205,11 @@ def main() -> None:
             del syn
             tg, tb, tn = [], [], []
             for q in queries[:args.timed]:  # interleaved: before, now, global (fresh descriptors: no reuse)
-                for x, times in ((before, tb), (big, tn)):  # words top 30, then the catalogue's top 20, as search does
+                for wx, times in ((before, tb), (big, tn)):  # words top 30, then the catalogue's top 20, as search does
                     d = desc[q].copy()
                     t = time.perf_counter()
-                    taken = {i for i, _ in x.search(d, args.shortlist, exclude=[q])} | {q}
-                    x.search(d, 20, allowed=refs, exclude=taken)
+                    taken = {i for i, _ in wx.search(d, args.shortlist, exclude=[q])} | {q}
+                    wx.search(d, 20, allowed=refs, exclude=taken)
                     times.append(time.perf_counter() - t)
                 t = time.perf_counter(); index.search(db[pos[q]:pos[q] + 1], 61); tg.append(time.perf_counter() - t)
             del index, db
