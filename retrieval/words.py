@@ -16,7 +16,11 @@ vocabulary shape, row count, file size), written after it, both atomically (temp
 rename). The file is a cache derived from the rows and the local features (cached per content hash):
 on every open it is reconciled with the rows (ids missing, gone, or whose content changed), and a file
 that is missing, damaged (numpy checks the zip's CRCs) or described by another fingerprint is rebuilt
-from them — never searched as it is. The indexer brings it up to date at the end of every run.
+from them — never searched as it is. The indexer brings it up to date at the end of every run. It also
+holds the inverted file itself (each word's postings: row positions and weights), so a search that opens
+the index reads it instead of building it from the bags (at 100 k images 1.4 GB read in seconds against
+half a minute's build; bench/results/words-growth.md); a file without them (written before) is still read,
+its inverted file built at the first search.
 """
 from __future__ import annotations
 
@@ -42,7 +46,12 @@ TRAIN_PER_WORD = 20  # the branch grows with the training sample: branch² ≤ s
 RETRAIN_GROWTH = 4  # the vocabulary is trained again when the collection has grown this much since
 STOP_SHARE = 0.15  # query words in more than this share of the images (and more than STOP_MIN of them) are
 STOP_MIN = 20      # skipped: they cost time in proportion to the collection and hardly inform
+POSTINGS_BUDGET = 1_000_000  # at most this many postings are read per query: its most informative words
+# (highest idf × √tf) first, so a lookup costs the same at 100 k images as at 10 k; at 500 images no query
+# comes near it (bench/results/catalogue-speed.md, "Growth with the collection")
 SHORTLIST = 30  # the inverted file's top candidates merged with the global shortlist (bench/results/quality.md)
+SLICE_MIN = 100  # words with this many postings on average are read as slices (one Python step per word), fewer
+# through one index array (one step per posting; 3× faster at 500 images, 2× slower at 100 k)
 PROJECTION_DIMS = 64  # verification matches RootSIFT in this many dimensions, learned with the vocabulary
 
 
@@ -146,7 +155,8 @@ class WordIndex:
         self.signature = signature  # the local features' settings (Verifier.cache's name)
         self.bags: dict[int, tuple[str, np.ndarray, np.ndarray]] = {}  # id → (sha256, words, counts)
         self._ivf = None  # built lazily from ``bags``
-        self._last_bag = None  # (the query's descriptors, the inverted file, every row's score): reused
+        self._last_bag = None  # (the query's descriptors, the inverted file, its bag, every row's score): reused
+        self._part = None  # (allowed ids, the inverted file, the allowed rows' own inverted file or None)
 
     # -- keeping it equal to the rows ---------------------------------------------------------------
     def set(self, i: int, sha: str, words: np.ndarray, counts: np.ndarray) -> None:
@@ -195,7 +205,9 @@ class WordIndex:
         idf = np.log((len(ids) + 1) / (df + 1)).astype(np.float32)
         w = tf * idf[words]
         norm = np.sqrt(np.bincount(img, w * w, minlength=len(ids))).astype(np.float32)
-        order = np.argsort(words, kind="stable")
+        # stable: each word's postings in row order. Words fit int16 (branch ≤ 128: ≤ 16,384 words), whose
+        # stable argsort is a radix sort, twice as fast as int32's at 100 k images (the same order)
+        order = np.argsort(words.astype(np.int16) if V <= np.iinfo(np.int16).max + 1 else words, kind="stable")
         ptr = np.zeros(V + 1, np.int64)
         np.cumsum(np.bincount(words, minlength=V), out=ptr[1:])
         self._ivf = (ids, img[order].astype(np.int32), (w / np.maximum(norm[img], 1e-12))[order].astype(np.float32),
@@ -205,19 +217,25 @@ class WordIndex:
     def search(self, desc: np.ndarray, n: int, allowed: np.ndarray | None = None,
                exclude: Iterable[int] = ()) -> list[tuple[int, float]]:
         """The ``n`` rows whose words best match the descriptors ``desc`` (cosine of tf-idf vectors), best
-        first, as (id, score); ``allowed``: only these ids (sorted array); ``exclude``: never these."""
+        first, as (id, score); ``allowed``: only these ids (sorted array); ``exclude``: never these. When the
+        allowed rows hold at most ``POSTINGS_BUDGET`` postings (a catalogue), all of theirs are read: their
+        scores are the uncapped ones, whatever the collection's size."""
         if n <= 0 or not self.bags or not len(desc):
             return []
         ivf = self._inverted()
-        ids = ivf[0]
         last = self._last_bag
         if last is None or last[0] is not desc or last[1] is not ivf:  # the words and catalogue stages ask
-            last = self._last_bag = (desc, ivf, self._scores(desc, ivf))  # with the same query: scored once
-        if last[2] is None:
+            bag = self.vocab.bag(desc)  # with the same query: quantised (and scored) once
+            last = self._last_bag = (desc, ivf, bag, self.score_bag(*bag, ivf))
+        part = self._allowed_part(allowed, ivf) if allowed is not None else None
+        if part is not None:
+            ids, scores = part[0], self.score_bag(*last[2], ivf, part=part)
+        else:
+            ids, scores = ivf[0], None if last[3] is None else last[3].copy()
+            if scores is not None and allowed is not None:
+                scores[~np.isin(ids, allowed)] = 0
+        if scores is None:
             return []
-        scores = last[2].copy()
-        if allowed is not None:
-            scores[~np.isin(ids, allowed)] = 0
         ex = np.fromiter((int(i) for i in exclude), np.int64)
         if len(ex):  # one pass, not one per excluded id (the catalogue stage excludes ~100)
             scores[np.isin(ids, ex)] = 0
@@ -227,20 +245,67 @@ class WordIndex:
         cand = cand[np.argsort(-scores[cand], kind="stable")]
         return [(int(ids[c]), float(scores[c])) for c in cand]
 
-    def _scores(self, desc: np.ndarray, ivf) -> np.ndarray | None:
-        """Every row's score (cosine of tf-idf vectors) for the query descriptors ``desc``; None: no word in common."""
-        ids, post_img, post_w, ptr, idf, df = ivf
-        qw, qn = self.vocab.bag(desc)
+    def _allowed_part(self, allowed: np.ndarray, ivf):
+        """The inverted file of the rows ``allowed`` alone, weighted as in the whole collection's (the same idf
+        and row norms), as (ids, rows, weights, word pointers); None when they hold more than
+        ``POSTINGS_BUDGET`` postings. Kept for the next query with the same ``allowed``."""
+        have = self._part
+        if have is not None and have[1] is ivf and np.array_equal(have[0], allowed):
+            return have[2]
+        ids, idf = ivf[0], ivf[4]
+        rows = np.nonzero(np.isin(ids, allowed))[0]
+        bags = [self.bags[int(ids[r])] for r in rows]
+        lens = np.fromiter((len(b[1]) for b in bags), np.int64, len(bags))
+        part = None
+        if lens.sum() <= POSTINGS_BUDGET:
+            V = self.vocab.size
+            words = np.concatenate([b[1] for b in bags] + [np.zeros(0, np.int32)]).astype(np.int32)
+            tf = np.sqrt(np.concatenate([b[2] for b in bags] + [np.zeros(0, np.uint16)]).astype(np.float32))
+            img = np.repeat(np.arange(len(rows), dtype=np.int32), lens)
+            w = tf * idf[words]
+            norm = np.sqrt(np.bincount(img, w * w, minlength=len(rows))).astype(np.float32)  # (as _inverted's)
+            order = np.argsort(words, kind="stable")
+            ptr = np.zeros(V + 1, np.int64)
+            np.cumsum(np.bincount(words, minlength=V), out=ptr[1:])
+            part = (ids[rows], img[order].astype(np.int32),
+                    (w / np.maximum(norm[img], 1e-12))[order].astype(np.float32), ptr)
+        self._part = (np.array(allowed, copy=True), ivf, part)
+        return part
+
+    def score_bag(self, qw: np.ndarray, qn: np.ndarray, ivf=None, budget: int | None = None,
+                  part=None) -> np.ndarray | None:
+        """Every row's score for a query bag (distinct words ``qw``, their counts ``qn``): the cosine of tf-idf
+        vectors over the query words that are not stop words and that fit the budget — the words taken by
+        weight (idf × √tf, highest first) while their postings add up to at most ``budget``
+        (default :data:`POSTINGS_BUDGET`; 0: no cap). ``part``: the rows of :meth:`_allowed_part` only (the
+        query weighted by the whole collection). None: no word in common."""
+        ids, post_img, post_w, ptr, idf, df = self._inverted() if ivf is None else ivf
+        budget = POSTINGS_BUDGET if budget is None else budget
+        qw = np.asarray(qw, np.int64)
         keep = df[qw] <= max(STOP_SHARE * len(ids), STOP_MIN)
-        qw, qn = qw[keep], qn[keep]
+        qw, qn = qw[keep], np.asarray(qn)[keep]
         q = np.sqrt(qn.astype(np.float32)) * idf[qw]
+        if part is not None:
+            ids, post_img, post_w, ptr = part
+        starts, ends = ptr[qw], ptr[qw + 1]
+        if budget and int((ends - starts).sum()) > budget:  # the best words whose postings fit the budget
+            best = np.argsort(-q, kind="stable")
+            best = np.sort(best[np.cumsum((ends - starts)[best]) <= budget])  # (kept in word order)
+            qw, q, starts, ends = qw[best], q[best], starts[best], ends[best]
         q /= max(float(np.linalg.norm(q)), 1e-12)
-        starts, lens = ptr[qw], ptr[qw + 1] - ptr[qw]
+        lens = ends - starts
         total = int(lens.sum())
         if not total:
             return None
-        at = np.repeat(starts - np.concatenate([[0], np.cumsum(lens)[:-1]]), lens) + np.arange(total)
-        return np.bincount(post_img[at], post_w[at] * np.repeat(q, lens), minlength=len(ids))
+        if total >= SLICE_MIN * len(qw):  # each word's postings one slice: no index array
+            s, e = starts.tolist(), ends.tolist()
+            img = np.concatenate([post_img[a:b] for a, b in zip(s, e)])
+            w = np.concatenate([post_w[a:b] for a, b in zip(s, e)])
+        else:  # the postings' positions in one array (the same order)
+            at = np.repeat(starts - np.concatenate([[0], np.cumsum(lens)[:-1]]), lens) + np.arange(total)
+            img, w = post_img[at], post_w[at]
+        w *= np.repeat(q, lens)
+        return np.bincount(img, w, minlength=len(ids))
 
     # -- the file ---------------------------------------------------------------------------------------
     def fingerprint(self) -> dict:
@@ -260,8 +325,10 @@ class WordIndex:
         words = np.concatenate([b[1] for b in self.bags.values()]) if len(ids) else np.zeros(0, np.int32)
         counts = np.concatenate([b[2] for b in self.bags.values()]) if len(ids) else np.zeros(0, np.uint16)
         shas = np.array([b[0] for b in self.bags.values()], dtype="S64")
+        ivf = self._inverted()  # (the same ids, in the same order)
         try:
             extra = {} if self.vocab.projection is None else {"projection": self.vocab.projection}
+            extra.update(post_img=ivf[1], post_w=ivf[2], post_ptr=ivf[3])
             with open(tmp, "wb") as f:
                 np.savez(f, top=self.vocab.top, sub=self.vocab.sub, ids=ids, shas=shas, ptr=ptr,
                          words=words.astype(np.int32), counts=counts.astype(np.uint16), **extra)
@@ -291,6 +358,7 @@ class WordIndex:
                 top, sub, ids, shas, ptr = z["top"], z["sub"], z["ids"], z["shas"], z["ptr"]
                 words, counts = z["words"], z["counts"]
                 projection = z["projection"] if "projection" in z.files else None  # absent: written before it
+                post = (z["post_img"], z["post_w"], z["post_ptr"]) if "post_ptr" in z.files else None  # idem
         except Exception:  # noqa: BLE001 - missing, truncated, damaged (BadZipFile, CRC, zlib, ValueError…)
             return None
         if (list(sub.shape[:2]) != meta.get("vocabulary") or len(ids) != meta.get("count") or len(ptr) != len(ids) + 1
@@ -301,7 +369,21 @@ class WordIndex:
         out = cls(Vocabulary(top, sub, projection), int(meta.get("trained_on", len(ids))), signature)
         for j, i in enumerate(ids.tolist()):
             out.bags[i] = (shas[j].decode(), words[ptr[j]:ptr[j + 1]], counts[ptr[j]:ptr[j + 1]])
+        if post is not None:
+            out._ivf = cls._stored_inverted(ids, *post, out.vocab.size, len(words))
         return out
+
+    @staticmethod
+    def _stored_inverted(ids, post_img, post_w, post_ptr, V: int, n: int):
+        """The inverted file as stored (what :meth:`_inverted` builds from the same bags), or None when its
+        arrays do not fit the bags (then it is built again)."""
+        if (post_img.shape != (n,) or post_w.shape != (n,) or post_ptr.shape != (V + 1,) or post_img.dtype != np.int32
+                or post_w.dtype != np.float32 or post_ptr.dtype != np.int64 or post_ptr[0] != 0 or post_ptr[-1] != n
+                or np.any(np.diff(post_ptr) < 0) or (n and (post_img.min() < 0 or post_img.max() >= len(ids)))):
+            return None
+        df = np.diff(post_ptr).astype(np.float32)
+        idf = np.log((len(ids) + 1) / (df + 1)).astype(np.float32)
+        return ids, post_img, post_w, post_ptr, idf, df
 
 
 # -- one index's word index -------------------------------------------------------------------------------
@@ -373,6 +455,7 @@ def sync(store: "IndexStore", verifier: "Verifier", save: bool = True) -> WordIn
         sample = _sample(rows, features)
         wi.vocab.projection = None if sample is None else fit_projection(sample)
         changed = wi.vocab.projection is not None
+    changed = changed or wi._ivf is None  # a file without the inverted file (written before it): written with it
     changed = wi.reconcile(rows, features) > 0 or changed
     if changed and save:
         wi.save(store.directory)

@@ -1,0 +1,259 @@
+"""The visual-word lookup's postings budget (retrieval/words.py POSTINGS_BUDGET): equal to the tf-idf cosine's
+definition when nothing exceeds it, at most the budget read when a query does, a true image still found."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from retrieval import words as W
+
+
+def _index(bags: dict[int, tuple[np.ndarray, np.ndarray]], branch: int = 16) -> W.WordIndex:
+    rng = np.random.default_rng(0)
+    top = rng.random((branch, 128), dtype=np.float32)
+    vocab = W.Vocabulary(top, rng.random((branch, branch, 128), dtype=np.float32))
+    wi = W.WordIndex(vocab, len(bags), "test")
+    for i, (w, n) in bags.items():
+        wi.set(i, "sha", np.asarray(w, np.int32), np.asarray(n, np.uint16))
+    return wi
+
+
+def _definition(wi: W.WordIndex, qw, qn, only=None) -> dict[int, float]:
+    """Cosine of tf-idf vectors (tf = √count, idf = log((N + 1) / (df + 1))), dense, from the bags; the query
+    without stop words (df above STOP_SHARE of N and STOP_MIN) and, with ``only``, restricted to those words."""
+    ids = sorted(wi.bags)
+    V, N = wi.vocab.size, len(ids)
+    tf = np.zeros((N, V))
+    for r, i in enumerate(ids):
+        _, w, n = wi.bags[i]
+        tf[r, w] = np.sqrt(n)
+    df = (tf > 0).sum(0)
+    idf = np.log((N + 1) / (df + 1))
+    x = tf * idf
+    x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    q = np.zeros(V)
+    q[qw] = np.sqrt(qn) * idf[qw]
+    q[df > max(W.STOP_SHARE * N, W.STOP_MIN)] = 0
+    if only is not None:
+        mask = np.zeros(V, bool)
+        mask[list(only)] = True
+        q[~mask] = 0
+    q /= max(np.linalg.norm(q), 1e-12)
+    return dict(zip(ids, x @ q))
+
+
+class Counting(np.ndarray):
+    """An array that counts the elements read through slices or index arrays (the postings the lookup reads)."""
+    read = 0
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            a, b, _ = key.indices(len(self))
+            Counting.read += max(0, b - a)
+        elif isinstance(key, np.ndarray):
+            Counting.read += int(key.sum()) if key.dtype == bool else len(key)
+        return super().__getitem__(key)
+
+
+@pytest.fixture(params=["slices", "index array"])
+def path(request, monkeypatch):
+    """Both ways of reading the postings (retrieval/words.py SLICE_MIN)."""
+    monkeypatch.setattr(W, "SLICE_MIN", 0 if request.param == "slices" else 10**9)
+    return request.param
+
+
+def _counted(wi: W.WordIndex):
+    ivf = list(wi._inverted())
+    ivf[1] = ivf[1].view(Counting)
+    wi._ivf = tuple(ivf)
+    Counting.read = 0
+    return wi._ivf
+
+
+def _random_bags(n: int, V: int, seed: int = 1):
+    rng = np.random.default_rng(seed)
+    p = 1.0 / np.arange(1, V + 1)  # Zipf-like word frequencies: a few common words, many rare
+    p /= p.sum()
+    out = {}
+    for i in range(n):
+        w = np.unique(rng.choice(V, rng.integers(5, 60), p=p))
+        out[10 + 3 * i] = (w, rng.integers(1, 5, len(w)))
+    return out
+
+
+def test_uncapped_equals_definition_and_a_budget_nothing_exceeds_changes_nothing(path):
+    wi = _index(_random_bags(300, 256))
+    ids = wi._inverted()[0]
+    qw, qn = np.unique(np.random.default_rng(5).choice(256, 80)), None
+    qn = np.random.default_rng(6).integers(1, 4, len(qw))
+    want = _definition(wi, qw, qn)
+    free = wi.score_bag(qw, qn, budget=0)
+    np.testing.assert_allclose(free, [want[int(i)] for i in ids], rtol=1e-5, atol=1e-6)
+    total = int(sum(wi._inverted()[5][w] for w in qw))  # ≥ the postings read (stop words are skipped)
+    np.testing.assert_array_equal(wi.score_bag(qw, qn, budget=total), free)  # bit for bit
+    np.testing.assert_array_equal(wi.score_bag(qw, qn), free)  # the default budget is far above this
+
+
+@pytest.mark.parametrize("budget", [40, 300, 1000])
+def test_a_query_over_the_budget_reads_at_most_it_its_best_words_first(budget, path):
+    wi = _index(_random_bags(300, 256))
+    ids, _, _, ptr, idf, df = ivf = _counted(wi)
+    rng = np.random.default_rng(7)
+    qw = np.unique(rng.choice(256, 120))
+    qn = rng.integers(1, 4, len(qw))
+    stop = df > max(W.STOP_SHARE * len(ids), W.STOP_MIN)
+    assert df[qw[~stop[qw]]].sum() > budget  # the cap bites
+    got = wi.score_bag(qw, qn, ivf, budget=budget)
+    assert 0 < Counting.read <= budget
+    # the definition restricted to the words a reader would pick: by weight √tf·idf, best first, while they fit
+    order = sorted((w for w in range(len(qw)) if not stop[qw[w]]), key=lambda j: -np.sqrt(qn[j]) * idf[qw[j]])
+    chosen, used = [], 0
+    for j in order:
+        if used + df[qw[j]] > budget:
+            break
+        chosen.append(int(qw[j]))
+        used += int(df[qw[j]])
+    assert used == Counting.read
+    want = _definition(wi, qw, qn, only=chosen)
+    np.testing.assert_allclose(got, [want[int(i)] for i in ids], rtol=1e-5, atol=1e-6)
+
+
+def test_the_true_image_is_still_found_when_the_cap_bites(monkeypatch, path):
+    """400 distractors share the query's common words (each in ~50 images: under the stop share); the true image
+    also shares its rare words. With a budget far below the common words' postings, the search (through its
+    descriptors) still ranks it first."""
+    rng = np.random.default_rng(3)
+    bags = {}
+    for i in range(400):
+        w = np.unique(np.r_[rng.choice(40, 5, replace=False), 40 + rng.choice(200, 6, replace=False)])
+        bags[i] = (w, np.ones(len(w)))
+    rare = np.arange(240, 256)  # in the query and in the true image only (and in few others)
+    for i in range(5):
+        bags[400 + i] = (np.r_[rng.choice(40, 10, replace=False), rare[i * 3:i * 3 + 3]], np.ones(13))
+    true = 999
+    bags[true] = (np.r_[np.arange(0, 30, 3), rare], np.ones(26))
+    wi = _index(bags)
+    qw = np.r_[np.arange(0, 40), rare]
+    qn = np.ones(len(qw), np.int64)
+    wi.vocab.bag = lambda desc: (qw.astype(np.int32), qn.astype(np.uint16))  # the query's words, whatever the SIFT
+    ivf = _counted(wi)
+    df = ivf[5]
+    kept = qw[df[qw] <= max(W.STOP_SHARE * len(bags), W.STOP_MIN)]
+    assert df[kept].sum() > 200  # unstopped common words alone exceed the budget below
+    monkeypatch.setattr(W, "POSTINGS_BUDGET", 200)
+    hits = wi.search(np.zeros((3, 128), np.uint8), 5)
+    assert Counting.read <= 200
+    assert hits[0][0] == true
+    free = wi.score_bag(qw, qn, ivf, budget=0)
+    assert int(ivf[0][np.argmax(free)]) == true  # the uncapped lookup agrees
+
+
+def _rewrite(directory, drop=(), **replace):
+    """words.npz rewritten without the members ``drop`` / with ``replace``d ones (its fingerprint's size too)."""
+    import json
+
+    f = directory / W.WORDS_NAME
+    with np.load(f) as z:
+        members = {k: z[k] for k in z.files if k not in drop}
+    members.update(replace)
+    with open(f, "wb") as out:
+        np.savez(out, **members)
+    meta = json.loads((directory / W.META_NAME).read_text())
+    meta["bytes"] = f.stat().st_size
+    (directory / W.META_NAME).write_text(json.dumps(meta))
+
+
+def test_the_inverted_file_is_stored_read_back_as_built_and_an_old_file_still_read(tmp_path):
+    bags = _random_bags(200, 256)
+    built = _index(bags)._inverted()
+    _index(bags).save(tmp_path)
+    loaded = W.WordIndex.load(tmp_path, "test")
+    assert loaded._ivf is not None  # read, not built
+    for a, b in zip(loaded._ivf, built):
+        np.testing.assert_array_equal(a, b)
+    qw, qn = np.arange(0, 256, 5), np.ones(52, np.int64)
+    np.testing.assert_array_equal(loaded.score_bag(qw, qn), _index(bags).score_bag(qw, qn))
+    loaded.set(10, "new", np.array([1, 2, 3], np.int32), np.ones(3, np.uint16))  # a change: built again
+    assert loaded._ivf is None and len(loaded._inverted()[1]) == len(built[1]) - len(bags[10][0]) + 3
+    _rewrite(tmp_path, drop=("post_img", "post_w", "post_ptr"))  # as written before the inverted file was stored
+    old = W.WordIndex.load(tmp_path, "test")
+    assert old is not None and old._ivf is None
+    for a, b in zip(old._inverted(), built):
+        np.testing.assert_array_equal(a, b)
+    _index(bags).save(tmp_path)
+    with np.load(tmp_path / W.WORDS_NAME) as z:
+        bad = z["post_img"].copy()
+    bad[7] = len(bags)  # a position past the rows: not trusted, built from the bags
+    _rewrite(tmp_path, post_img=bad)
+    odd = W.WordIndex.load(tmp_path, "test")
+    assert odd is not None and odd._ivf is None
+    np.testing.assert_array_equal(odd._inverted()[1], built[1])
+
+
+def test_both_ways_of_reading_the_postings_give_the_same_scores(monkeypatch):
+    wi = _index(_random_bags(300, 256))
+    rng = np.random.default_rng(9)
+    qw = np.unique(rng.choice(256, 90))
+    qn = rng.integers(1, 4, len(qw))
+    got = []
+    for slice_min in (0, 10**9):
+        monkeypatch.setattr(W, "SLICE_MIN", slice_min)
+        got.append([wi.score_bag(qw, qn, budget=b) for b in (0, 500)])
+    for a, b in zip(*got):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_opening_a_file_without_the_inverted_file_writes_it_back_once(tmp_path, monkeypatch):
+    """words.sync (what a search that opens the index runs) upgrades a file written before the inverted file
+    was stored: the next open reads it; an up-to-date file is not written again."""
+    from types import SimpleNamespace
+
+    bags = _random_bags(50, 256)
+    verifier = SimpleNamespace(cache=None, max_side=640, n_features=2000)
+    sig = W.signature(verifier)
+    wi = _index(bags)
+    wi.signature = sig
+    wi.vocab.projection = np.eye(128, W.PROJECTION_DIMS, dtype=np.float32)  # (none: sync would fit one)
+    wi.save(tmp_path)
+    _rewrite(tmp_path, drop=("post_img", "post_w", "post_ptr"))
+    assert W.WordIndex.load(tmp_path, sig)._ivf is None
+    monkeypatch.setattr(W, "_rows", lambda store: {i: (f"/x/{i}.jpg", "sha") for i in bags})
+    store = SimpleNamespace(directory=tmp_path)
+    W.sync(store, verifier)
+    again = W.WordIndex.load(tmp_path, sig)
+    assert again._ivf is not None and set(again.bags) == set(bags)
+    stamp = (tmp_path / W.WORDS_NAME).stat().st_mtime_ns
+    W.sync(store, verifier)
+    assert (tmp_path / W.WORDS_NAME).stat().st_mtime_ns == stamp
+
+
+def test_a_catalogue_within_the_budget_is_scored_uncapped_while_the_collection_is_capped(monkeypatch):
+    """search(allowed=…): when the allowed rows hold at most the budget's postings, all of them are read, so
+    their scores are the uncapped ones (the same idf and norms as the whole collection) although the whole
+    collection's lookup is capped; allowed rows over the budget fall back to the capped scores."""
+    rng = np.random.default_rng(4)
+    bags = {i: (np.unique(rng.choice(200, 15)), np.ones(15)) for i in range(300)}
+    for i in range(300, 306):
+        bags[i] = (np.unique(np.r_[rng.choice(200, 8), 200 + rng.choice(56, 4)]), np.ones(12))
+    bags = {i: (w, np.ones(len(w))) for i, (w, _) in bags.items()}
+    wi = _index(bags)
+    rng2 = np.random.default_rng(8)
+    qw = np.unique(np.r_[rng2.choice(200, 30), 200 + rng2.choice(56, 10)]).astype(np.int32)
+    qn = np.ones(len(qw), np.uint16)
+    wi.vocab.bag = lambda desc: (qw, qn)
+    ivf = wi._inverted()
+    monkeypatch.setattr(W, "POSTINGS_BUDGET", 150)
+    uncapped, capped = wi.score_bag(qw, qn, budget=0), wi.score_bag(qw, qn)
+    assert not np.array_equal(uncapped, capped)  # the cap bites for the whole collection
+
+    def best(scores, allowed, n):
+        pos = np.nonzero(np.isin(ivf[0], allowed) & (scores > 0))[0]
+        pos = pos[np.argsort(-scores[pos], kind="stable")][:n]
+        return [(int(ivf[0][p]), float(scores[p])) for p in pos]
+
+    catalogue = np.array([3, 17, 300, 301, 302, 303, 304, 305], np.int64)  # 8 rows, ≤ 150 postings
+    desc = np.zeros((2, 128), np.uint8)
+    assert wi.search(desc, 5, allowed=catalogue) == best(uncapped, catalogue, 5)
+    assert wi.search(desc, 5, allowed=catalogue, exclude=[300]) == best(uncapped, catalogue[catalogue != 300], 5)
+    many = np.arange(0, 300, 2, dtype=np.int64)  # 150 rows: over the budget
+    assert wi.search(desc, 5, allowed=many) == best(capped, many, 5)
