@@ -28,11 +28,9 @@ from pathlib import Path
 import numpy as np
 
 import _common
-from catalogue_speed import _candidates
+from catalogue_speed import _candidates, instance_index
 
 from retrieval import words as W
-from retrieval.head import fit_head, parse_head
-from retrieval.store import IndexStore
 from retrieval.verify import MIN_INLIERS, LocalFeatures, Verifier, _root, project
 
 
@@ -83,15 +81,7 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=100)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    with IndexStore.open(args.index) as store:
-        ids, vecs = zip(*store.iter_vectors())
-        ids, vecs = np.concatenate(ids), np.concatenate(vecs)
-        rows = store.rows_by_ids(ids.tolist())
-    paths = [rows[int(i)].path for i in ids]
-    is_ref = np.array([Path(p).stem == "ref" for p in paths])
-    queries = [i for i, p in enumerate(paths) if Path(p).stem == "view1"][:args.queries]
-    x = fit_head([vecs], parse_head("pca-whiten:128")).apply(vecs.astype(np.float64))
-    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    ids, vecs, paths, is_ref, queries, x = instance_index(args.index, args.queries)
     v = Verifier()
     stored = W.WordIndex.load(Path(args.index), W.signature(v))
     if stored is None or stored.vocab.projection is None:

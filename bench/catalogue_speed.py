@@ -182,6 +182,24 @@ def growth(x: np.ndarray, wi: W.WordIndex, feats, sizes, queries: list[int], k=6
     return out
 
 
+def instance_index(index: str, n_queries: int):
+    """An index of the instance set: its row ids and raw vectors, paths, which rows are catalogue images (``ref``), the first
+    ``n_queries`` phone photos (``view1``) as queries, and the vectors in the preset's space (pca-whiten:128 fitted
+    on them, unit length)."""
+    from retrieval.head import fit_head, parse_head
+
+    with IndexStore.open(index) as store:
+        ids, vecs = zip(*store.iter_vectors())
+        ids, vecs = np.concatenate(ids), np.concatenate(vecs)
+        rows = store.rows_by_ids(ids.tolist())
+    paths = [rows[int(i)].path for i in ids]
+    is_ref = np.array([Path(p).stem == "ref" for p in paths])
+    queries = [i for i, p in enumerate(paths) if Path(p).stem == "view1"][:n_queries]
+    x = fit_head([vecs], parse_head("pca-whiten:128")).apply(vecs.astype(np.float64))
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    return ids, vecs, paths, is_ref, queries, x
+
+
 def main() -> None:
     from threadpoolctl import threadpool_limits
 
@@ -199,18 +217,7 @@ def main() -> None:
                     help="only the stage profile (before vs now, interleaved) and the default configuration's quality "
                          "(before vs now), as a new section at the top of bench/results/catalogue-speed.md")
     args = ap.parse_args()
-    with IndexStore.open(args.index) as store:
-        ids, vecs = zip(*store.iter_vectors())
-        ids, vecs = np.concatenate(ids), np.concatenate(vecs)
-        rows = store.rows_by_ids(ids.tolist())
-    paths = [rows[int(i)].path for i in ids]
-    is_ref = np.array([Path(p).stem == "ref" for p in paths])
-    queries = [i for i, p in enumerate(paths) if Path(p).stem == "view1"][:args.queries]
-    from retrieval.head import fit_head, parse_head
-
-    head = fit_head([vecs], parse_head("pca-whiten:128"))
-    x = head.apply(vecs.astype(np.float64))
-    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    ids, vecs, paths, is_ref, queries, x = instance_index(args.index, args.queries)
     load0 = os.getloadavg()
     with threadpool_limits(args.threads):
         import faiss
