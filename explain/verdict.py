@@ -82,14 +82,15 @@ def make_verdict(score: float, calibration=None, verification=None) -> Verdict:
         else:
             parts.append(f"same object not confirmed ({verification.inliers} matching points agree on one "
                          "geometry; 10 needed)")
+    # the share of random pairs the closest ``images`` of them beat: under MATCH_RANDOM in a small collection
+    closest = 100 - nearest_share(calibration.images) if calibration is not None else 100.0
     if verification is not None and verification.confirmed:
         headline = "the same object"
     elif calibration is None:
         headline = "no collection to compare with"
     elif match:
         headline = "a close match"
-    elif (data.get("nn_percentile", 0) >= MATCH_NN and 100 - nearest_share(calibration.images) < MATCH_RANDOM
-          and data["random_percentile"] >= 100 - nearest_share(calibration.images)):
+    elif data.get("nn_percentile", 0) >= MATCH_NN and closest < MATCH_RANDOM and data["random_percentile"] >= closest:
         # among the closest pairs of a collection too small for the bar: say so, instead of "somewhat similar"
         headline = "among the closest pairs of a small collection"
         parts.append(f"{calibration.images} photos are too few for a score alone to show a match")

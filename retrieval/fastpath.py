@@ -36,9 +36,9 @@ GEM_EPS = 1e-6  # as retrieval/pooling.py
 #: runtime's arena keeps the largest activations it has seen, so a batch runs in slices of 4 images at 224 px.
 ORT_RUN_PIXELS = 4 * 224 * 224
 DEFAULT_MODEL = "efficientnet_lite0"  # as retrieval/models.py (which imports torch); a test pins that they agree
+TORCHSCRIPT_SUFFIXES = (".pt", ".pth", ".ts", ".torchscript")  # a name ending so is a (missing) TorchScript file
 # retrieval/models.py's REGISTRY names, known here without torch (a test pins that they agree): an unknown name is
 # refused before a child process spends seconds importing torch only to say so
-TORCHSCRIPT_SUFFIXES = (".pt", ".pth", ".ts", ".torchscript")  # a name ending so is a (missing) TorchScript file
 MODEL_NAMES = ("convnext_tiny", "efficientnet_b0", "efficientnet_lite0", "mobilenet_v3_large", "resnet18", "resnet50")
 
 
@@ -428,13 +428,14 @@ def _prepare(spec: dict) -> dict:
         e._runner(e.preprocess.input_shape)  # recorded as any graph of the final map
     elif explain:
         e = bb.at_size(int(explain[0]))
+        suffix = ""
+        if bb.precision != "fp32":  # the quantised graph is named after the checked fp32 one (retrieval/backbone.py)
+            from .precision import quant_variant
+
+            suffix = f"-{quant_variant()}"
         for hw in e.preprocess.common_shapes():  # the reference keeps the index's aspect policy
             graph = getattr(e._runner(hw + (explain[1],)), "graph", None)
-            stem = graph.stem if graph is not None else ""
-            if bb.precision != "fp32":  # the quantised graph is named after the checked fp32 one (retrieval/backbone.py)
-                from .precision import quant_variant
-
-                stem = stem.removesuffix(f"-{quant_variant()}")
+            stem = graph.stem.removesuffix(suffix) if graph is not None else ""
             ok = f"{stem}.ok-{hw[0]}x{hw[1]}"
             if graph is not None and "-mod32-" in graph.name and (graph.parent / ok).exists():
                 record_graph(folder, e, hw, graph, ok, bb.net, tap=explain[1])

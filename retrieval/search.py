@@ -268,7 +268,6 @@ class Searcher:
                     err = loaded[i][1]
                     yield QueryResult(p, metric, hits_for.get(i, []), err, emb_for.get(i))
 
-
     def _query_features(self, data: bytes, path: str, img, side: int):
         """The local features of a query (``img``: decoded at a size they can use; None: decode it at
         ``side``); None when it cannot be decoded at that size (verification then reports the error)."""

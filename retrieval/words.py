@@ -193,25 +193,8 @@ class WordIndex:
         if self._ivf is not None:
             return self._ivf
         ids = np.fromiter(self.bags.keys(), np.int64, len(self.bags))
-        lens = np.fromiter((len(b[1]) for b in self.bags.values()), np.int64, len(self.bags))
-        V = self.vocab.size
-        if lens.sum():
-            words = np.concatenate([b[1] for b in self.bags.values()]).astype(np.int32)  # (half an int64's memory)
-            tf = np.sqrt(np.concatenate([b[2] for b in self.bags.values()]).astype(np.float32))
-        else:
-            words, tf = np.zeros(0, np.int32), np.zeros(0, np.float32)
-        img = np.repeat(np.arange(len(ids), dtype=np.int32), lens)
-        df = np.bincount(words, minlength=V).astype(np.float32)
-        idf = np.log((len(ids) + 1) / (df + 1)).astype(np.float32)
-        w = tf * idf[words]
-        norm = np.sqrt(np.bincount(img, w * w, minlength=len(ids))).astype(np.float32)
-        # stable: each word's postings in row order. Words fit int16 (branch ≤ 128: ≤ 16,384 words), whose
-        # stable argsort is a radix sort, twice as fast as int32's at 100 k images (the same order)
-        order = np.argsort(words.astype(np.int16) if V <= np.iinfo(np.int16).max + 1 else words, kind="stable")
-        ptr = np.zeros(V + 1, np.int64)
-        np.cumsum(np.bincount(words, minlength=V), out=ptr[1:])
-        self._ivf = (ids, img[order].astype(np.int32), (w / np.maximum(norm[img], 1e-12))[order].astype(np.float32),
-                     ptr, idf, df)
+        post_img, post_w, ptr, idf, df = _postings(list(self.bags.values()), self.vocab.size)
+        self._ivf = (ids, post_img, post_w, ptr, idf, df)
         return self._ivf
 
     def search(self, desc: np.ndarray, n: int, allowed: np.ndarray | None = None,
@@ -258,17 +241,8 @@ class WordIndex:
         lens = np.fromiter((len(b[1]) for b in bags), np.int64, len(bags))
         part = None
         if lens.sum() <= POSTINGS_BUDGET:
-            V = self.vocab.size
-            words = np.concatenate([b[1] for b in bags] + [np.zeros(0, np.int32)]).astype(np.int32)
-            tf = np.sqrt(np.concatenate([b[2] for b in bags] + [np.zeros(0, np.uint16)]).astype(np.float32))
-            img = np.repeat(np.arange(len(rows), dtype=np.int32), lens)
-            w = tf * idf[words]
-            norm = np.sqrt(np.bincount(img, w * w, minlength=len(rows))).astype(np.float32)  # (as _inverted's)
-            order = np.argsort(words, kind="stable")
-            ptr = np.zeros(V + 1, np.int64)
-            np.cumsum(np.bincount(words, minlength=V), out=ptr[1:])
-            part = (ids[rows], img[order].astype(np.int32),
-                    (w / np.maximum(norm[img], 1e-12))[order].astype(np.float32), ptr)
+            post_img, post_w, ptr, _, _ = _postings(bags, self.vocab.size, idf)
+            part = (ids[rows], post_img, post_w, ptr)
         self._part = (np.array(allowed, copy=True), ivf, part)
         return part
 
@@ -384,6 +358,28 @@ class WordIndex:
         df = np.diff(post_ptr).astype(np.float32)
         idf = np.log((len(ids) + 1) / (df + 1)).astype(np.float32)
         return ids, post_img, post_w, post_ptr, idf, df
+
+
+def _postings(bags: list, V: int, idf: np.ndarray | None = None):
+    """The inverted file of ``bags`` ((sha256, words, counts) per row, in row order) over ``V`` words: each
+    posting's row (int32) and weight (√tf·idf over the row's norm, float32), sorted by word and, within a word,
+    by row; the words' pointers into them (V + 1); the idf and document frequencies. ``idf``: these weights
+    (another collection's, for a part of it) instead of the bags' own."""
+    lens = np.fromiter((len(b[1]) for b in bags), np.int64, len(bags))
+    words = np.concatenate([b[1] for b in bags] + [np.zeros(0, np.int32)]).astype(np.int32)  # (half an int64's memory)
+    tf = np.sqrt(np.concatenate([b[2] for b in bags] + [np.zeros(0, np.uint16)]).astype(np.float32))
+    img = np.repeat(np.arange(len(bags), dtype=np.int32), lens)
+    df = np.bincount(words, minlength=V).astype(np.float32)
+    if idf is None:
+        idf = np.log((len(bags) + 1) / (df + 1)).astype(np.float32)
+    w = tf * idf[words]
+    norm = np.sqrt(np.bincount(img, w * w, minlength=len(bags))).astype(np.float32)
+    # stable: each word's postings in row order. Words fit int16 (branch ≤ 128: ≤ 16,384 words), whose
+    # stable argsort is a radix sort, twice as fast as int32's at 100 k images (the same order)
+    order = np.argsort(words.astype(np.int16) if V <= np.iinfo(np.int16).max + 1 else words, kind="stable")
+    ptr = np.zeros(V + 1, np.int64)
+    np.cumsum(np.bincount(words, minlength=V), out=ptr[1:])
+    return img[order], (w / np.maximum(norm[img], 1e-12))[order].astype(np.float32), ptr, idf, df
 
 
 # -- one index's word index -------------------------------------------------------------------------------
