@@ -632,7 +632,7 @@ def explain_cmd(ctx, a, b, index_dir, model, weights, metric, method, input_size
         return
     if face_a is not None or face_b is not None:
         raise click.UsageError("--face-a/--face-b go with a faces index (--index DIR built with --preset faces)")
-    search = calibration = None
+    search = calibration = verifier = None
     if index_dir:
         from retrieval.calibration import for_search
         from retrieval.service import backbone_for_settings
@@ -645,6 +645,10 @@ def explain_cmd(ctx, a, b, index_dir, model, weights, metric, method, input_size
             meta = _explain_meta(store, explainer)
             search = index_pair_score(store, bb, a, b)
             calibration = for_search(store)
+            if verify:  # inliers counted as the index's searches count them (retrieval.words.index_verifier)
+                from retrieval.words import index_verifier
+
+                verifier = index_verifier(store)
     else:
         bb = load_backbone(model or DEFAULT_MODEL, weights, input_size=input_size)
         if not input_size:  # maps at the resolution an index explains at (retrieval.store.default_explain)
@@ -657,7 +661,7 @@ def explain_cmd(ctx, a, b, index_dir, model, weights, metric, method, input_size
     if verify:
         from retrieval.verify import Verifier
 
-        v = Verifier()
+        v = verifier or Verifier()
         verification = v.verify(v.features(a), v.features(b))
     doc = explain_pair(a, b, Path(out_dir) if out_dir else default_out_dir(a), explainer, meta, verification,
                        search=search, calibration=calibration, map_max_side=None if full_maps else 1024)

@@ -458,6 +458,40 @@ def sync(store: "IndexStore", verifier: "Verifier", save: bool = True) -> WordIn
     return wi
 
 
+def stored_projection(directory: Path, signature: str) -> np.ndarray | None:
+    """The matching subspace (128 × d) in the index's ``words.npz``, read without the rest of the file (the
+    bags and the inverted file); None when there is no whole file of this fingerprint, or it holds none."""
+    directory = Path(directory)
+    path = directory / WORDS_NAME
+    try:
+        meta = json.loads((directory / META_NAME).read_text())
+        if (not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("features") != signature
+                or meta.get("bytes") != path.stat().st_size):
+            return None
+        with np.load(path, allow_pickle=False) as z:  # (one member read, its CRC checked)
+            if "projection" not in z.files:
+                return None
+            p = z["projection"]
+    except Exception:  # noqa: BLE001 - missing, truncated, damaged: as WordIndex.load
+        return None
+    return p if p.ndim == 2 and p.shape[0] == 128 and p.dtype == np.float32 else None
+
+
+def index_verifier(store: "IndexStore") -> "Verifier":
+    """The verifier a default search of ``store`` verifies with: in the subspace stored with its visual words
+    when its searches use them (words or a catalogue by default; Searcher.words), else in all 128 dimensions —
+    so that ``retrieve explain --index --verify`` and the web app's pair page count the inliers the search
+    reported for the same pair."""
+    from .catalogue import default_depth
+    from .verify import Verifier
+
+    v = Verifier()
+    search = store.settings.search
+    if int(search.get("words", 0)) > 0 or default_depth(store, int(search.get("verify", 0))) > 0:
+        v.projection = stored_projection(store.directory, signature(v))
+    return v
+
+
 def file_state(store: "IndexStore", verifier: "Verifier") -> str:
     """``ok``, ``missing`` or ``stale`` (damaged, another fingerprint, or behind the rows): for tests/checks."""
     if not (store.directory / WORDS_NAME).exists():

@@ -305,3 +305,30 @@ def test_word_file_stores_the_projection_and_an_old_file_gets_one(shop, tmp_path
     again = words.WordIndex.load(old, words.signature(v))
     assert again.vocab.projection is not None and np.allclose(again.vocab.projection, basis, atol=1e-5)
     assert np.array_equal(again.vocab.top, wi.vocab.top)  # the vocabulary itself was kept
+
+
+def test_explain_and_the_web_pair_page_count_the_inliers_the_search_reported(shop, tmp_path):
+    """A search with visual words verifies in the subspace stored with them; `retrieve explain --index --verify`
+    and the web app's pair page verify the same pair the same way, so the report shows the search's inliers
+    (they counted in all 128 dimensions before: another number for the same pair)."""
+    from web.service import Collection
+
+    root, idx, query = shop
+    res = run_json("search", query, "--index", idx, "-k", "3")  # the preset's words 30
+    top = res["results"][0]
+    assert top["path"].endswith("astronaut.jpg") and top["inliers"] >= MIN_INLIERS
+    doc = run_json("explain", query, top["path"], "--index", idx, "--verify", "--out", tmp_path / "x")
+    assert doc["inliers"] == top["inliers"], (doc["inliers"], top["inliers"])
+    full = Verifier()  # all 128 dimensions, as without an index: here another count for the same pair
+    assert full.verify(full.features(str(query)), full.features(top["path"])).inliers != top["inliers"]
+    c = Collection(idx, cache_dir=tmp_path / "cache")
+    token = c.add_upload(Path(query).read_bytes(), Path(query).name)["token"]
+    row = c.search(f"upload:{token}", k=1)["results"][0]
+    page = c.explain(f"upload:{token}", row["id"], verify=True)
+    assert row["inliers"] == page["inliers"] == top["inliers"], (row["inliers"], page["inliers"])
+    with IndexStore.open(idx) as store:  # the rule: the stored subspace when the index's searches use words
+        v = words.index_verifier(store)
+        assert np.array_equal(v.projection, words.WordIndex.load(idx, words.signature(v)).vocab.projection)
+        store.settings.search["words"] = 0  # (in memory only) an index that searches without words: 128-d
+        assert words.index_verifier(store).projection is None
+    assert words.stored_projection(tmp_path, words.signature(v)) is None  # no words.npz there

@@ -363,10 +363,10 @@ class Collection:
         explainer = self._explainer(st, method)
         meta = explain_meta(st.store, explainer)  # the same as the CLI's ``retrieve explain --index``
         verification = None
-        if verify:
-            from retrieval.verify import Verifier
+        if verify:  # inliers counted as the index's searches count them
+            from retrieval.words import index_verifier
 
-            v = Verifier()
+            v = index_verifier(st.store)
             verification = v.verify(v.features(qpath), v.features(rpath))
         search = index_pair_score(st.store, self.backbone, qpath, rpath)
         pair = prepare_pair(qpath, rpath, self.cache_dir / "explain" / key, explainer, meta, verification, search,
