@@ -341,9 +341,16 @@ class Verifier:
         # Count distinct points on both sides: SIFT puts several keypoints at one spot (one per orientation)
         # and a degenerate homography can map many query points onto a few result points; without this a
         # look-alike texture reaches 25 "inliers" where only 6 distinct result points agree.
-        distinct = min(len(np.unique(np.rint(a[keep] * sq / 2), axis=0)),
-                       len(np.unique(np.rint(b[keep] * sr / 2), axis=0)))
+        distinct = min(_distinct(a[keep] * sq), _distinct(b[keep] * sr))
         return Verification(int(distinct), a[keep], b[keep])
+
+
+def _distinct(pts: np.ndarray) -> int:
+    """How many distinct cells of a 2-px grid the points (matching-scale pixels) fall in: the rows of
+    np.unique(np.rint(pts / 2), axis=0), counted through one integer key per point (np.unique with an axis
+    views each row as a structured item: ~4x slower, a tenth of a pair's verification)."""
+    cell = np.rint(pts / 2).astype(np.int64)
+    return len(np.unique(cell[:, 0] * (1 << 32) + cell[:, 1]))
 
 
 def _root(desc: np.ndarray) -> np.ndarray:

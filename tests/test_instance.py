@@ -131,6 +131,19 @@ def test_verification_confirms_the_same_object_and_not_a_lookalike():
     assert [m.inliers for m in many] == [other.inliers, same.inliers]  # batched = one by one
 
 
+def test_inliers_count_distinct_grid_cells():
+    """Verification counts inliers as the distinct cells of a 2-px grid (SIFT puts several keypoints at one spot):
+    the rows of np.unique(np.rint(points / 2), axis=0), by definition."""
+    from retrieval.verify import _distinct
+
+    rng = np.random.default_rng(3)
+    for n in (0, 1, 7, 400):
+        pts = (rng.random((n, 2)) * 640).astype(np.float32)
+        pts = np.concatenate([pts, pts[: n // 2] + 0.3, pts[: n // 3]])  # same spots, once more and nearly
+        assert _distinct(pts) == len(np.unique(np.rint(pts / 2), axis=0))
+    assert _distinct(np.float32([[0, 0], [0.9, 0.9], [1.1, 0], [0, 3.2], [3.2, 0]])) == 4  # (0,0) twice
+
+
 def test_rerank_never_drops_a_confirmed_result():
     rng = np.random.default_rng(0)
     for _ in range(500):
