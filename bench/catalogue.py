@@ -30,6 +30,7 @@ import numpy as np
 
 from retrieval import words as W
 from retrieval.head import fit_head, parse_head
+from retrieval.search import whole_budget
 from retrieval.verify import Verification, rerank
 
 
@@ -131,12 +132,17 @@ def run(folder: Path, paths: list[str], vecs: np.ndarray, pv, n_queries: int = 1
                 lookup[-1] += time.perf_counter() - t
                 wl = wl + gc + wc
             res["mixed"].append(product_order(q, order, pv, k, wl, pairs["mixed"], e, is_ref if c else None))
+            # with words, a collection within the verification budget is verified whole (retrieval.search,
+            # whole_budget): here the 100 catalogue images of --within and of the catalogue-only index
+            whole = w > 0 and len(refs) <= whole_budget(k, w, c)
             o_within = [c for c in order if is_ref[c]]
             wl_in = [c for c, _ in wi_all.search(pv.feats[q].descriptors, w, allowed=refs, exclude=[q])] if w else []
-            res["within"].append(product_order(q, np.array(o_within), pv, k, wl_in, pairs["within"], e))
+            res["within"].append(product_order(q, np.array(o_within), pv, len(refs) if whole else k,
+                                               [] if whole else wl_in, pairs["within"], e))
             oc = refs[np.argsort(-(xc[q] @ xc[refs].T), kind="stable")]
             wl_c = [c for c, _ in wi_cat.search(pv.feats[q].descriptors, w)] if w else []
-            res["catalogue-only"].append(product_order(q, oc, pv, k, wl_c, pairs["catalogue-only"], e))
+            res["catalogue-only"].append(product_order(q, oc, pv, len(refs) if whole else k, [] if whole else wl_c,
+                                                       pairs["catalogue-only"], e))
         n = len(queries)
         mixed = res["mixed"]
         r1 = np.mean([labels[o[0]] == labels[q] for q, o in zip(queries, mixed)])

@@ -329,7 +329,7 @@ def catalogue_section(args) -> None:
     load = tuple(round(a, 1) for a in load + os.getloadavg())
     text = ("## Photo → catalogue (instance set, `--preset instance`)\n\n"
             f"bench/catalogue.py via `python bench/quality.py --catalogue`: {len(paths)} images (100 catalogue "
-            f"images + 400 phone photos), {rows[0][4]} phone-photo queries (view1 of each object), {args.threads} "
+            f"images + 400 phone photos), {rows[0][catalogue.HEADERS.index('queries')]} phone-photo queries (view1 of each object), {args.threads} "
             f"threads, load average {load[:3]} at the start, {load[3:]} at the end; {pv.ms_per_pair():.1f} ms "
             f"per verified pair ({before.ms_per_pair():.1f} ms with the verification before), {pv.extract_ms:.0f} ms per query extraction; vocabularies trained in "
             f"{build_s:.0f} s (both). verify K: global shortlist verified; words W: the inverted file's top W "
@@ -337,7 +337,9 @@ def catalogue_section(args) -> None:
             "`search --catalogue C`): the top C catalogue images by the embedding and the top C by words added "
             "(confirmed ones only count). mixed: one index of all 500; within: the same, answers from "
             "the catalogue folder only (`search --within`); catalogue-only: an index of the 100 catalogue "
-            "images. verification: *before* = ratio test 0.8, uniform USAC; *now* = mutual nearest neighbours with "
+            "images; with words (W > 0) the 100 catalogue images of within and catalogue-only are within the "
+            "verification budget (K + W + 2 × max(C, 20), retrieval.search.whole_budget) and verified whole, as "
+            "`retrieve search` does. verification: *before* = ratio test 0.8, uniform USAC; *now* = mutual nearest neighbours with "
             "ratio 0.85, PROSAC (retrieval/verify.py). s/query: ranking + query SIFT + pairs × ms/pair + lookup "
             "(not the query's embedding).\n\n")
     text += _common.table(catalogue.HEADERS, rows)

@@ -332,3 +332,22 @@ def test_explain_and_the_web_pair_page_count_the_inliers_the_search_reported(sho
         store.settings.search["words"] = 0  # (in memory only) an index that searches without words: 128-d
         assert words.index_verifier(store).projection is None
     assert words.stored_projection(tmp_path, words.signature(v)) is None  # no words.npz there
+
+
+def test_a_collection_within_the_verification_budget_is_verified_whole(shop):
+    """With visual words, a collection no larger than the pairs a query would verify anyway (K + W + 2 × the
+    catalogue depth: 130 at the instance preset) is verified whole: every result has been verified, not only
+    the global top K and what the stages ranked; with a smaller budget, or without words, it is not."""
+    from retrieval.search import whole_budget
+
+    root, idx, query = shop
+    n = len(list((root / "catalogue").iterdir())) + len(list((root / "photos").iterdir()))
+    assert n == 71 and whole_budget(60, 30, 0) == 130 and whole_budget(10, 5, 0) == 55 < n
+    res = run_json("search", query, "--index", idx, "-k", "100")  # the preset's verify 60, words 30
+    assert len(res["results"]) == n and all(h.get("inliers") is not None for h in res["results"])
+    confirmed = [h["inliers"] >= MIN_INLIERS for h in res["results"]]
+    assert confirmed[0] and confirmed == sorted(confirmed, reverse=True)  # the confirmed first
+    small = run_json("search", query, "--index", idx, "-k", "100", "--verify", "10", "--words", "5")
+    assert sum(h.get("inliers") is None for h in small["results"]) >= n - 10 - 5
+    off = run_json("search", query, "--index", idx, "-k", "100", "--words", "0")
+    assert sum(h.get("inliers") is None for h in off["results"]) == n - 60
