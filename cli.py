@@ -342,6 +342,10 @@ def _human(n: float) -> str:
 @click.option("--words", type=click.IntRange(0, 1000), default=None, metavar="N",
               help="With --verify: also verify the top N of the index's visual-word inverted file (0 = off) "
                    "[default: the index's, 30 with --preset instance, else 0].")
+@click.option("--expand", type=click.IntRange(0, 1000), default=None, metavar="E",
+              help="With --words: the result confirmed with the most inliers (at least 20) brings its own top E by "
+                   "visual words and by the embedding, each verified against the query (0 = off) [default: 10 with "
+                   "visual words, else 0].")
 @click.option("--within", "within", type=click.Path(), default=None, metavar="DIR",
               help="Answer only with indexed images under DIR (catalogue mode: photos against the catalogue).")
 @click.option("--catalogue", "catalogue_n", type=click.IntRange(0, 1000), default=None, metavar="N",
@@ -362,7 +366,7 @@ def _human(n: float) -> str:
 @json_option
 @click.pass_context
 def search(ctx, queries, index_dir, k, min_score, include_self, qe, dba, verify, words, within, explain, out_dir,
-           method, full_maps, face, as_json, catalogue_n=None) -> None:
+           method, full_maps, face, as_json, catalogue_n=None, expand=None) -> None:
     """Find the nearest neighbours of QUERIES (image files or folders of them).
 
     \b
@@ -388,9 +392,9 @@ def search(ctx, queries, index_dir, k, min_score, include_self, qe, dba, verify,
         if store.settings.preset == "faces" and catalogue_n:
             raise click.UsageError("--catalogue does not apply to a faces index")
         if store.settings.preset == "faces":
-            if qe or dba or verify or words or within or min_score is not None:
-                raise click.UsageError("--qe, --dba, --verify, --words, --within and --min-score do not apply to a "
-                                       "faces index")
+            if qe or dba or verify or words or expand or within or min_score is not None:
+                raise click.UsageError("--qe, --dba, --verify, --words, --expand, --within and --min-score do not "
+                                       "apply to a faces index")
             return _search_faces(store, paths, k, face, include_self, explain, out_dir, method, as_json)
         if face is not None:
             raise click.UsageError(f"--face goes with a faces index (--preset faces); {store.directory} is not one")
@@ -410,7 +414,7 @@ def search(ctx, queries, index_dir, k, min_score, include_self, qe, dba, verify,
 
             calibration = for_search(store)
         results = searcher.search_paths(paths, k, include_self=include_self, min_score=min_score, qe=qe,
-                                        verify=verify, words=words, catalogue=catalogue_n,
+                                        verify=verify, words=words, catalogue=catalogue_n, expand=expand,
                                         on_error=lambda p, r: click.echo(f"{p}: {r}", err=True))
         for qi, res in enumerate(results):
             if res.error:

@@ -30,7 +30,7 @@ import numpy as np
 
 from retrieval import words as W
 from retrieval.head import fit_head, parse_head
-from retrieval.search import whole_budget
+from retrieval.search import EXPAND, EXPAND_MIN, whole_budget
 from retrieval.verify import Verification, rerank
 
 
@@ -86,7 +86,7 @@ def product_order(q: int, order: np.ndarray, pv, k: int, wl: list[int], pairs: l
 def run(folder: Path, paths: list[str], vecs: np.ndarray, pv, n_queries: int = 100,
         configs=((60, 0, 0), (60, 30, 0), (60, 30, 20), (30, 30, 20), (30, 20, 10), (20, 20, 20)),
         before=None, configs_before=((60, 30, 0), (60, 30, 20)),
-        names=("before", "now")) -> tuple[list[list], list[list]]:
+        names=("before", "now"), expand: int = EXPAND) -> tuple[list[list], list[list]]:
     """Rows of HEADERS: ``configs`` (K, W, C) with the verifier ``pv``, first ``configs_before`` with ``before``
     (a PairVerifier with the previous verification settings), side by side."""
     labels = np.array([Path(p).parent.name for p in paths])
@@ -131,6 +131,17 @@ def run(folder: Path, paths: list[str], vecs: np.ndarray, pv, n_queries: int = 1
                                                   exclude=taken | {q})][:c] if w else []
                 lookup[-1] += time.perf_counter() - t
                 wl = wl + gc + wc
+            if w and expand:  # verified query expansion (retrieval.search, EXPAND): the best-confirmed candidate's
+                # own top EXPAND by words and by the embedding, verified against the query
+                cands = [int(i) for i in order[:k]] + [i for i in wl if i not in set(int(j) for j in order[:k])]
+                inl = pv.inliers(q, np.array(cands, np.int64))
+                if len(inl) and inl.max() >= EXPAND_MIN:
+                    best = cands[int(np.argmax(inl))]
+                    taken = set(cands) | {q, best}
+                    ew = [i for i, _ in wi_all.search(pv.feats[best].descriptors, expand, exclude=taken)]
+                    taken |= set(ew)
+                    eg = [int(i) for i in np.argsort(-(x[best] @ x.T), kind="stable") if int(i) not in taken][:expand]
+                    wl = wl + ew + eg
             res["mixed"].append(product_order(q, order, pv, k, wl, pairs["mixed"], e, is_ref if c else None))
             # with words, a collection within the verification budget is verified whole (retrieval.search,
             # whole_budget): here the 100 catalogue images of --within and of the catalogue-only index

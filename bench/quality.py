@@ -323,7 +323,10 @@ def catalogue_section(args) -> None:
 
         pv = PairVerifier(paths, cold=False)
         before = PairVerifier(paths, cold=False, verifier=Verifier(ratio=0.8, mutual=False, prosac=False))
-        rows, build_s = catalogue.run(folder, paths, vecs, pv, args.queries, before=before)
+        rows, build_s = catalogue.run(folder, paths, vecs, pv, args.queries, before=before, expand=0,
+                                      names=("before", "now, no expansion"))
+        rows += catalogue.run(folder, paths, vecs, pv, args.queries, configs=((60, 30, 0), (60, 30, 20), (30, 30, 20)),
+                              names=("", f"now, expansion {catalogue.EXPAND}"))[0]
         wi = catalogue._index(pv.feats, np.arange(len(paths)))
         grow = catalogue.growth(wi, pv.feats)
     load = tuple(round(a, 1) for a in load + os.getloadavg())
@@ -339,7 +342,9 @@ def catalogue_section(args) -> None:
             "the catalogue folder only (`search --within`); catalogue-only: an index of the 100 catalogue "
             "images; with words (W > 0) the 100 catalogue images of within and catalogue-only are within the "
             "verification budget (K + W + 2 × max(C, 20), retrieval.search.whole_budget) and verified whole, as "
-            "`retrieve search` does. verification: *before* = ratio test 0.8, uniform USAC; *now* = mutual nearest neighbours with "
+            "`retrieve search` does; expansion E: the best-confirmed candidate (≥ 20 inliers) brings its own top E "
+            "by words and by the embedding, verified against the query (retrieval.search EXPAND; the confirmed "
+            "count). verification: *before* = ratio test 0.8, uniform USAC; *now* = mutual nearest neighbours with "
             "ratio 0.85, PROSAC (retrieval/verify.py). s/query: ranking + query SIFT + pairs × ms/pair + lookup "
             "(not the query's embedding).\n\n")
     text += _common.table(catalogue.HEADERS, rows)

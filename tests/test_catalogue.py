@@ -351,3 +351,45 @@ def test_a_collection_within_the_verification_budget_is_verified_whole(shop):
     assert sum(h.get("inliers") is None for h in small["results"]) >= n - 10 - 5
     off = run_json("search", query, "--index", idx, "-k", "100", "--words", "0")
     assert sum(h.get("inliers") is None for h in off["results"]) == n - 60
+
+
+@pytest.fixture(scope="module")
+def shop_with_photos(shop, tmp_path_factory):
+    """A copy of ``shop``'s index with two more phone photos of the astronaut product (other scenes)."""
+    import shutil
+
+    root, idx, query = shop
+    idx2 = tmp_path_factory.mktemp("more") / "idx"
+    shutil.copytree(idx, idx2)
+    more = tmp_path_factory.mktemp("field")
+    for i, bg in enumerate(("rocket", "chelsea")):
+        phone_photo(skimage_photo("astronaut"), skimage_photo(bg), seed=10 + i).save(more / f"astro{i}.jpg", quality=85)
+    run("index", more, "--index", idx2)
+    return root, idx2, query
+
+
+def test_verified_expansion_finds_the_objects_other_photos_through_its_best_match(shop_with_photos, tmp_path):
+    """The result confirmed with the most inliers brings its own neighbours (by visual words and by the
+    embedding), each verified against the query; confirmed ones join, the others do not (Chum et al. 2007)."""
+    from retrieval.search import EXPAND_MIN, Searcher
+    from retrieval.service import search_backbone_for_settings
+
+    root, idx, query = shop_with_photos
+    astro = ("astronaut.jpg", "astro0.jpg", "astro1.jpg")
+    # a budget too small to verify the 73 images whole (1 + 1 + 2 × 20 < 73): the global top 1 and the words' top 1
+    off = run_json("search", query, "--index", idx, "-k", "10", "--verify", "1", "--words", "1", "--expand", "0")
+    on = run_json("search", query, "--index", idx, "-k", "10", "--verify", "1", "--words", "1")  # default: 10
+    conf = lambda res: [h for h in res["results"] if (h.get("inliers") or 0) >= MIN_INLIERS]  # noqa: E731
+    assert len(conf(off)) == 1 and conf(off)[0]["path"].endswith(astro), off["results"]
+    assert conf(off)[0]["inliers"] >= EXPAND_MIN
+    assert sorted(Path(h["path"]).name for h in conf(on)) == sorted(astro), on["results"]  # all three now
+    assert [h["inliers"] for h in conf(on)] == sorted((h["inliers"] for h in conf(on)), reverse=True)
+    assert [h["path"] for h in on["results"][:len(conf(on))]] == [h["path"] for h in conf(on)]  # confirmed first
+    assert len(on["results"]) == 10 and all(h["score"] <= 1 for h in on["results"])
+    # the unconfirmed expansion candidates are not answers, and the scores stay the query's own similarity
+    with IndexStore.open(idx) as store:
+        s = Searcher(store, search_backbone_for_settings(store.settings))
+        (res,) = s.search_paths([str(query)], 10, verify=1, words=1)
+        plain = {h.id: h.score for h in next(iter(s.search_paths([str(query)], 80, verify=0))).results}
+    assert {h.path for h in res.results} == {h["path"] for h in on["results"]}
+    assert all(abs(h.score - plain[h.id]) < 1e-5 for h in res.results)
