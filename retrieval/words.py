@@ -321,13 +321,11 @@ class WordIndex:
     @classmethod
     def load(cls, directory: Path, signature: str) -> "WordIndex | None":
         """The stored word index when its fingerprint describes this very file (else None: rebuild)."""
-        directory = Path(directory)
-        path = directory / WORDS_NAME
         try:
-            meta = json.loads((directory / META_NAME).read_text())
-            if (not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("features") != signature
-                    or meta.get("bytes") != path.stat().st_size):
+            described = _described(directory, signature)
+            if described is None:
                 return None
+            path, meta = described
             with np.load(path, allow_pickle=False) as z:  # reading every member checks its CRC
                 top, sub, ids, shas, ptr = z["top"], z["sub"], z["ids"], z["shas"], z["ptr"]
                 words, counts = z["words"], z["counts"]
@@ -458,17 +456,25 @@ def sync(store: "IndexStore", verifier: "Verifier", save: bool = True) -> WordIn
     return wi
 
 
+def _described(directory: Path, signature: str) -> tuple[Path, dict] | None:
+    """``words.npz`` and its fingerprint when the fingerprint describes this very file (format, SIFT settings,
+    size), else None; OSError or ValueError when either cannot be read."""
+    path = Path(directory) / WORDS_NAME
+    meta = json.loads((Path(directory) / META_NAME).read_text())
+    if (not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("features") != signature
+            or meta.get("bytes") != path.stat().st_size):
+        return None
+    return path, meta
+
+
 def stored_projection(directory: Path, signature: str) -> np.ndarray | None:
     """The matching subspace (128 × d) in the index's ``words.npz``, read without the rest of the file (the
     bags and the inverted file); None when there is no whole file of this fingerprint, or it holds none."""
-    directory = Path(directory)
-    path = directory / WORDS_NAME
     try:
-        meta = json.loads((directory / META_NAME).read_text())
-        if (not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("features") != signature
-                or meta.get("bytes") != path.stat().st_size):
+        described = _described(directory, signature)
+        if described is None:
             return None
-        with np.load(path, allow_pickle=False) as z:  # (one member read, its CRC checked)
+        with np.load(described[0], allow_pickle=False) as z:  # (one member read, its CRC checked)
             if "projection" not in z.files:
                 return None
             p = z["projection"]
