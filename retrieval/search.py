@@ -224,7 +224,8 @@ class Searcher:
         if verify and words and self._selector.count(self.index.ntotal) <= whole_budget(verify, words, catalogue):
             # a collection this small is verified whole: no more pairs than the words and catalogue stages would
             # verify on a larger index, and no image left out because neither stage ranked it (a 100-image
-            # catalogue: photo→catalogue R@1 0.93 → 0.95 for 100 pairs a query instead of 71; quality.md)
+            # catalogue in bench/catalogue.py's model: photo→catalogue R@1 0.93 → 0.95 for 100 pairs a query
+            # instead of 71; quality.md)
             verify, words, catalogue, expand = max(verify, self._selector.count(self.index.ntotal)), 0, 0, 0
             self.words()  # (matched in the subspace of the index's visual words, as the stages would have)
 
@@ -313,8 +314,9 @@ class Searcher:
         out = verify_hits(self.verifier, query_path, head + extra, len(head) + len(extra),
                           sha_of=lambda i: rows[i].sha256 if i in rows else None, on_error=on_error,
                           query_features=query_features)
-        best = max((h for h in out if h.verification.confirmed), key=lambda h: h.inliers, default=None)
-        if expansion is not None and best is not None and best.inliers >= EXPAND_MIN:
+        best = None if expansion is None else max((h for h in out if h.verification.confirmed),
+                                                   key=lambda h: h.inliers, default=None)
+        if best is not None and best.inliers >= EXPAND_MIN:
             n, exclude, raw, min_score = expansion
             new = self._expansion_hits(best, rows.get(best.id), n, out + tail, exclude, raw, min_score)
             if new:
