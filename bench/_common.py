@@ -42,3 +42,21 @@ def save(name: str, text: str) -> Path:
     print(text)
     print(f"\nsaved {path.relative_to(ROOT)}")
     return path
+
+
+def interleaved_runs(sessions: dict, x, step: int, rounds: int) -> tuple[dict, list[float]]:
+    """Each ONNX Runtime session of ``sessions`` (name → session, input ``x``) run over ``x`` in slices of ``step``,
+    ``rounds`` times, the sessions interleaved within each round so that they share the machine's load: the median
+    seconds of each, and the 1-minute load average after each round."""
+    import statistics
+
+    times: dict = {n: [] for n in sessions}
+    loads = []
+    for _ in range(rounds):
+        for n, s in sessions.items():
+            t = time.perf_counter()
+            for i in range(0, len(x), step):
+                s.run(None, {"x": x[i:i + step]})
+            times[n].append(time.perf_counter() - t)
+        loads.append(os.getloadavg()[0])
+    return {n: float(statistics.median(v)) for n, v in times.items()}, loads

@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import os
-import time
 from pathlib import Path
 
 import _common
@@ -175,7 +173,7 @@ def main() -> None:
     graphs = {"fp32": fp32, **{n: make(n, specs[n], fp32, batches) for n in names}}
     ops = {n: op_counts(p, args.threads) for n, p in graphs.items()}
     photos = caltech_photos(40)
-    rows, cos_rows, prof = [], [], {}
+    rows, prof = [], {}
     for size in args.sizes:
         pre = bb.preprocess.replace(size=size)
         x = np.stack([pre.array(load_image(p, min_side=size)) for p in photos[:args.batch]])
@@ -188,16 +186,7 @@ def main() -> None:
             cos[n] = (e * e32).sum(1) / np.linalg.norm(e, axis=1) / np.linalg.norm(e32, axis=1)
         # the whole batch in one run, and in the product's slices (retrieval/backbone.py ORT_RUN_PIXELS)
         for step in sorted({args.batch, max(1, ORT_RUN_PIXELS // (size * size))}, reverse=True):
-            times = {n: [] for n in sess}
-            loads = []
-            for _ in range(args.rounds):
-                for n, s in sess.items():
-                    t = time.perf_counter()
-                    for i in range(0, len(x), step):
-                        s.run(None, {"x": x[i:i + step]})
-                    times[n].append(time.perf_counter() - t)
-                loads.append(os.getloadavg()[0])
-            med = {n: float(np.median(v)) for n, v in times.items()}
+            med, loads = _common.interleaved_runs(sess, x, step, args.rounds)
             for n in sess:
                 rows.append([size, step, n, round(args.batch / med[n], 1), f"{med['fp32'] / med[n]:.2f}x",
                              f"{min(loads):.1f}-{max(loads):.1f}", round(float(cos[n].min()), 4),

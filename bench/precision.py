@@ -20,7 +20,6 @@ import dataclasses
 import os
 import random
 import tempfile
-import time
 from pathlib import Path
 
 import _common
@@ -69,16 +68,7 @@ def speed_rows(threads: int, batch: int, rounds: int, photos: list[Path]) -> tup
         outs = {k: s.run(None, {"x": x})[0] for k, s in sess.items()}  # warm-up
         # the whole batch in one run, and in the slices the product runs (retrieval/backbone.py ORT_RUN_PIXELS)
         for step in (batch, max(1, ORT_RUN_PIXELS // (hw[0] * hw[1]))):
-            times = {k: [] for k in sess}
-            loads = []
-            for _ in range(rounds):
-                for k, s in sess.items():
-                    t = time.perf_counter()
-                    for i in range(0, len(x), step):
-                        s.run(None, {"x": x[i:i + step]})
-                    times[k].append(time.perf_counter() - t)
-                loads.append(os.getloadavg()[0])
-            med = {k: float(np.median(v)) for k, v in times.items()}
+            med, loads = _common.interleaved_runs(sess, x, step, rounds)
             base, now = med[first], med["fp32 now (pads folded)"]
             for k in sess:
                 rows.append([f"{hw[0]}x{hw[1]}", step, k, round(batch / med[k], 1), f"{base / med[k]:.2f}x",

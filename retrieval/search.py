@@ -221,12 +221,13 @@ class Searcher:
 
         if expand is None:
             expand = EXPAND if verify and words else 0
-        if verify and words and self._selector.count(self.index.ntotal) <= whole_budget(verify, words, catalogue):
+        searchable = self._selector.count(self.index.ntotal)
+        if verify and words and searchable <= whole_budget(verify, words, catalogue):
             # a collection this small is verified whole: no more pairs than the words and catalogue stages would
             # verify on a larger index, and no image left out because neither stage ranked it (a 100-image
             # catalogue in bench/catalogue.py's model: photo→catalogue R@1 0.93 → 0.95 for 100 pairs a query
             # instead of 71; quality.md)
-            verify, words, catalogue, expand = max(verify, self._selector.count(self.index.ntotal)), 0, 0, 0
+            verify, words, catalogue, expand = max(verify, searchable), 0, 0, 0
             self.words()  # (matched in the subspace of the index's visual words, as the stages would have)
 
         pre = self.backbone.preprocess
@@ -306,7 +307,7 @@ class Searcher:
         its place among the confirmed, one that is not is left out (it was not in the global top).
         ``expansion``: (E, the query's excluded ids, its raw embedding, min_score): verified query expansion
         (see search_paths); its candidates are treated as ``more``."""
-        from .verify import verify_hits
+        from .verify import rerank, verify_hits
 
         head, tail = hits[:depth], hits[depth:]  # the tail keeps its ranks, depth + 1 onwards
         extra = list(more)
@@ -324,12 +325,9 @@ class Searcher:
                 found = verify_hits(self.verifier, query_path, new, len(new),
                                     sha_of=lambda i: rows[i].sha256 if i in rows else None, on_error=on_error,
                                     query_features=query_features)
-                joined = [h for h in found if h.verification.confirmed]
                 extra += new
-                # the confirmed, most inliers first (ties: the earlier first); then the unconfirmed in their order
-                order = {id(h): j for j, h in enumerate(out + joined)}
-                out = sorted(out + joined, key=lambda h: (not h.verification.confirmed,
-                                                          -h.inliers if h.verification.confirmed else 0, order[id(h)]))
+                out += [h for h in found if h.verification.confirmed]
+                out = rerank(out, [h.verification for h in out], len(out))  # the confirmed joined by inliers
         if extra:
             extra_ids = {h.id for h in extra}
             out = [h for h in out if h.id not in extra_ids or h.verification.confirmed]
@@ -366,51 +364,35 @@ class Searcher:
         found = [i for i, _ in wi.search(feats.descriptors, n + len(have), self.allowed, have)][:n]
         removed = set(self._selector.ids.tolist())
         found = [i for i in found if i not in removed]
-        if not found:
-            return []
-        rows = self.store.rows_by_ids(found)
-        found = [i for i in found if i in rows]
-        if not found:
+        return self._scored_hits(found, raw, min_score)
+
+    def _scored_hits(self, ids: Sequence[int], raw: np.ndarray, min_score) -> list[Hit]:
+        """Hits for ``ids`` (those still in the index), in that order, scored by their global similarity with the
+        query's raw embedding ``raw``; those under ``min_score`` left out."""
+        rows = self.store.rows_by_ids(ids) if len(ids) else {}
+        ids = [i for i in ids if i in rows]
+        if not ids:
             return []
         q = self.store.transform(np.atleast_2d(np.asarray(raw, np.float32)))[0]
         out = []
-        for i, vec in zip(found, self._vectors(found)):
+        for i, vec in zip(ids, self._vectors(ids)):
             score, distance = self._metric.score(self._metric.raw(vec, q))
-            if min_score is not None and score < min_score:
-                continue
-            out.append(Hit(0, i, rows[i].path, float(score), distance=distance))
+            if min_score is None or score >= min_score:
+                out.append(Hit(0, i, rows[i].path, float(score), distance=distance))
         return out
 
     def _expansion_hits(self, best: Hit, row, n: int, have: Sequence[Hit], exclude: set[int], raw: np.ndarray,
                         min_score) -> list[Hit]:
         """The confirmed result ``best``'s own top ``n`` by visual words and top ``n`` by the embedding that are not
         in ``have`` (nor excluded, nor outside ``within``), as hits scored by the query's global similarity."""
-        taken = {h.id for h in have} | set(exclude) | {best.id}
-        found: list[int] = []
-        wi = self.words()
-        if wi is not None and row is not None:
-            try:
-                feats = self.verifier.features(best.path, row.sha256)
-            except (ImageError, OSError):
-                feats = None
-            if feats is not None:
-                found = [i for i, _ in wi.search(feats.descriptors, n + len(taken), self.allowed, taken)][:n]
-                removed = set(self._selector.ids.tolist())
-                found = [i for i in found if i not in removed]
-        taken |= set(found)
+        try:
+            feats = self.verifier.features(best.path, row.sha256) if row is not None else None
+        except (ImageError, OSError):
+            feats = None
+        out = self._word_hits(feats, n, [*have, best], exclude, raw, min_score)
+        taken = {h.id for h in [*have, best, *out]} | set(exclude)
         own = np.ascontiguousarray(self._vectors([best.id]), np.float32)  # (in the index's space already)
-        found += [h.id for h in self._search(own, n, [taken], None)[0]]
-        rows = self.store.rows_by_ids(found)
-        found = [i for i in found if i in rows]
-        if not found:
-            return []
-        q = self.store.transform(np.atleast_2d(np.asarray(raw, np.float32)))
-        out = []
-        for i, vec in zip(found, self._vectors(found)):
-            score, distance = self._metric.score(self._metric.raw(vec, q[0]))
-            if min_score is None or score >= min_score:
-                out.append(Hit(0, i, rows[i].path, float(score), distance=distance))
-        return out
+        return out + self._scored_hits([h.id for h in self._search(own, n, [taken], None)[0]], raw, min_score)
 
     def catalogue_selector(self) -> "_Excluding | None":
         """Search parameters for the catalogue images (retrieval/catalogue.py) that are answers; None when the
@@ -436,12 +418,7 @@ class Searcher:
         if wi is not None:
             taken |= {h.id for h in out}
             found = [i for i, _ in wi.search(feats.descriptors, n + len(taken), sel.allowed, taken)][:n]
-            rows = self.store.rows_by_ids(found)
-            found = [i for i in found if i in rows]
-            for i, vec in zip(found, self._vectors(found) if found else []):
-                score, distance = self._metric.score(self._metric.raw(vec, q[0]))
-                if min_score is None or score >= min_score:
-                    out.append(Hit(0, i, rows[i].path, float(score), distance=distance))
+            out += self._scored_hits(found, raw, min_score)
         return out
 
     def _exact_scores(self, q: np.ndarray, ids: np.ndarray, rows: dict) -> tuple[np.ndarray, np.ndarray]:
