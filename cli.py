@@ -165,7 +165,7 @@ class _Bar:
 @click.option("--input-size", type=click.IntRange(32, 2048), default=None, help="Input side in pixels of a new index.")
 @click.option("--preset", type=click.Choice(["general", "instance", "faces"]), default=None,
               help="What a new index is for: general similarity (fast, the default), or the same object/product "
-                   "seen elsewhere (448 px aspect kept, GeM, PCA-whitening, --verify 60 when searching), or "
+                   "seen elsewhere (448 px aspect kept, GeM, PCA-whitening, --verify 10 --words 30 when searching), or "
                    "faces: one row per detected face, dlib's face model (needs pip install -e '.[faces]').")
 @click.option("--face-detector", type=click.Choice(["hog", "cnn"]), default=None,
               help="With --preset faces: dlib's HOG detector (fast, the default) or its CNN detector (finds "
@@ -338,7 +338,7 @@ def _human(n: float) -> str:
               help="Database-side augmentation: rank against each image averaged with its N nearest (0 = off).")
 @click.option("--verify", type=click.IntRange(0, 1000), default=None, metavar="K",
               help="Re-rank the top K by SIFT matches confirmed by a RANSAC homography (0 = off) "
-                   "[default: the index's, 60 with --preset instance, else 0].")
+                   "[default: the index's, 10 with --preset instance, else 0].")
 @click.option("--words", type=click.IntRange(0, 1000), default=None, metavar="N",
               help="With --verify: also verify the top N of the index's visual-word inverted file (0 = off) "
                    "[default: the index's, 30 with --preset instance, else 0].")
@@ -350,7 +350,7 @@ def _human(n: float) -> str:
               help="Answer only with indexed images under DIR (catalogue mode: photos against the catalogue).")
 @click.option("--catalogue", "catalogue_n", type=click.IntRange(0, 1000), default=None, metavar="N",
               help="With --verify, on an index with a catalogue (index --catalogue): also verify its top N catalogue "
-                   "images by the embedding and by visual words (0 = off) [default: 20 when it has one].")
+                   "images by the embedding and by visual words (0 = off) [default: 5 when it has one].")
 @click.option("--explain", is_flag=True, help="Write heat maps and a report explaining each result.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="With --explain: output directory [default: ./retrieve-explain-<query>-<time>].")

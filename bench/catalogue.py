@@ -38,12 +38,54 @@ def _order(x: np.ndarray, q: np.ndarray) -> np.ndarray:
     return np.argsort(-(q @ x.T), axis=1, kind="stable")
 
 
-def _index(feats: list, positions: np.ndarray) -> W.WordIndex:
+class TfIdf(W.WordIndex):
+    """The inverted file's scoring before ASMK* (1f020e9): the cosine of tf-idf bags (tf = √count) over the same
+    words, every query word's postings read (at 500 images no query comes near the budget), the allowed rows'
+    scores masked from the whole collection's."""
+
+    def _inverted(self):
+        if self._ivf is None:
+            bags = list(self.bags.values())
+            ids = np.fromiter(self.bags.keys(), np.int64, len(bags))
+            lens = np.fromiter((len(b[1]) for b in bags), np.int64, len(bags))
+            words = np.concatenate([b[1] for b in bags]).astype(np.int32)
+            tf = np.sqrt(np.concatenate([b[2] for b in bags]).astype(np.float32))
+            img = np.repeat(np.arange(len(bags), dtype=np.int32), lens)
+            df = np.bincount(words, minlength=self.vocab.size).astype(np.float32)
+            idf = np.log((len(bags) + 1) / (df + 1)).astype(np.float32)
+            w = tf * idf[words]
+            norm = np.sqrt(np.bincount(img, w * w, minlength=len(bags))).astype(np.float32)
+            order = np.argsort(words, kind="stable")
+            ptr = np.zeros(self.vocab.size + 1, np.int64)
+            np.cumsum(np.bincount(words, minlength=self.vocab.size), out=ptr[1:])
+            self._ivf = (ids, img[order], (w / np.maximum(norm[img], 1e-12))[order].astype(np.float32), ptr, idf, df,
+                         None)
+        return self._ivf
+
+    def _allowed_part(self, allowed, ivf):
+        return None
+
+    def score_bag(self, qw, qn, qs=None, ivf=None, budget=None, part=None):
+        ids, post_img, post_w, ptr, idf, df, _ = self._inverted() if ivf is None else ivf
+        qw = np.asarray(qw, np.int64)
+        keep = df[qw] <= max(W.STOP_SHARE * len(ids), W.STOP_MIN)
+        qw, qn = qw[keep], np.asarray(qn)[keep]
+        q = np.sqrt(qn.astype(np.float32)) * idf[qw]
+        q /= max(float(np.linalg.norm(q)), 1e-12)
+        starts, lens = ptr[qw], ptr[qw + 1] - ptr[qw]
+        total = int(lens.sum())
+        if not total:
+            return None
+        at = np.repeat(starts - np.concatenate([[0], np.cumsum(lens)[:-1]]), lens) + np.arange(total)
+        return np.bincount(post_img[at], post_w[at] * np.repeat(q, lens), minlength=len(ids))
+
+
+def _index(feats: list, positions: np.ndarray, cls=W.WordIndex) -> W.WordIndex:
     """A word index over ``positions`` (ids = positions), its vocabulary trained on them."""
     rows = {int(p): ("", str(p)) for p in positions}
     get = lambda path, sha: feats[int(sha)]  # noqa: E731
     vocab = W._train(rows, get)
-    wi = W.WordIndex(vocab, len(rows), "bench")
+    wi = cls(vocab, len(rows), "bench")
     wi.reconcile(rows, get)
     return wi
 
@@ -86,7 +128,7 @@ def product_order(q: int, order: np.ndarray, pv, k: int, wl: list[int], pairs: l
 def run(folder: Path, paths: list[str], vecs: np.ndarray, pv, n_queries: int = 100,
         configs=((60, 0, 0), (60, 30, 0), (60, 30, 20), (30, 30, 20), (30, 20, 10), (20, 20, 20)),
         before=None, configs_before=((60, 30, 0), (60, 30, 20)),
-        names=("before", "now"), expand: int = EXPAND) -> tuple[list[list], list[list]]:
+        names=("before", "now"), expand: int = EXPAND, words_cls=W.WordIndex) -> tuple[list[list], list[list]]:
     """Rows of HEADERS: ``configs`` (K, W, C) with the verifier ``pv``, first ``configs_before`` with ``before``
     (a PairVerifier with the previous verification settings), side by side."""
     labels = np.array([Path(p).parent.name for p in paths])
@@ -98,8 +140,8 @@ def run(folder: Path, paths: list[str], vecs: np.ndarray, pv, n_queries: int = 1
     hc = fit_head([vecs[refs]], parse_head("pca-whiten:128"))
     xc = hc.apply(vecs.astype(np.float64)); xc /= np.linalg.norm(xc, axis=1, keepdims=True)
     t = time.perf_counter()
-    wi_all = _index(pv.feats, np.arange(len(paths)))
-    wi_cat = _index(pv.feats, refs)
+    wi_all = _index(pv.feats, np.arange(len(paths)), words_cls)
+    wi_cat = _index(pv.feats, refs, words_cls)
     build_s = time.perf_counter() - t
     rows = []
     runs = [(*cfg, before, names[0]) for cfg in (configs_before if before is not None else ())]
@@ -175,6 +217,41 @@ def run(folder: Path, paths: list[str], vecs: np.ndarray, pv, n_queries: int = 1
     return rows, build_s
 
 
+def stage_recall(paths: list[str], vecs: np.ndarray, feats: list, n_queries: int = 100, tops=(1, 5, 10, 30)) -> list[list]:
+    """Before any verification: how often each candidate stage alone ranks the phone photo's own catalogue image
+    within its top n, and what share of the object's 4 other images it holds in its top 10 (the mixed index, the
+    query itself left out): the global embedding, tf-idf words (before) and ASMK* words (now), one vocabulary."""
+    labels = np.array([Path(p).parent.name for p in paths])
+    is_ref = np.array([Path(p).stem == "ref" for p in paths])
+    queries = [i for i, p in enumerate(paths) if Path(p).stem == "view1"][:n_queries]
+    head = fit_head([vecs], parse_head("pca-whiten:128"))
+    x = head.apply(vecs.astype(np.float64))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    asmk = _index(feats, np.arange(len(paths)))
+    tfidf = TfIdf(asmk.vocab, asmk.trained_on, "bench")
+    tfidf.bags = dict(asmk.bags)
+    stages = {"global embedding": lambda q: [int(i) for i in np.argsort(-(x[q] @ x.T), kind="stable") if i != q],
+              "tf-idf words (before)": lambda q: [i for i, _ in tfidf.search(feats[q].descriptors, len(paths), exclude=[q])],
+              "ASMK* words (now)": lambda q: [i for i, _ in asmk.search(feats[q].descriptors, len(paths), exclude=[q])]}
+    rows = []
+    for name, ranked in stages.items():
+        at = {n: 0 for n in tops}
+        share = 0.0
+        for q in queries:
+            order = ranked(q)
+            own = [j for j, c in enumerate(order) if is_ref[c] and labels[c] == labels[q]]
+            for n in tops:
+                at[n] += bool(own) and own[0] < n
+            share += sum(labels[c] == labels[q] for c in order[:10]) / 4
+        rows.append([name, len(queries), *[round(at[n] / len(queries), 2) for n in tops], round(share / len(queries), 3)])
+        print(" | ".join(map(str, rows[-1])), flush=True)
+    return rows
+
+
+STAGE_HEADERS = ["candidate stage", "queries", "own catalogue image in top 1", "top 5", "top 10", "top 30",
+                 "object's other images in top 10"]
+
+
 HEADERS = ["verification", "verify K", "words W", "catalogue C", "early exit E", "queries", "R@1", "mAP@10", "photo→cat R@1 (mixed)", "photo→cat R@1 (within)",
            "photo→cat R@1 (catalogue-only)", "pairs/query (mixed)", "words lookup ms", "s/query mixed",
            "s/query within", "s/query catalogue-only"]
@@ -190,9 +267,9 @@ def growth(wi: W.WordIndex, feats: list, sizes=(1_000, 10_000, 30_000), queries:
     for n in sizes:
         big = W.WordIndex(wi.vocab, n, "synthetic")
         for i in range(n):
-            sha, w, c = real[i % len(real)]
+            w = real[i % len(real)][1]
             nw = np.unique(allw[rng.integers(0, len(allw), len(w))]).astype(np.int32)
-            big.set(i, "", nw, np.ones(len(nw), np.uint16))
+            big.set(i, "", nw, np.ones(len(nw), np.uint16), rng.integers(0, 2**63, len(nw), dtype=np.uint64))
         t = time.perf_counter()
         big._inverted()
         build = time.perf_counter() - t

@@ -164,11 +164,11 @@ def growth(x: np.ndarray, wi: W.WordIndex, feats, sizes, queries: list[int], k=6
         index.add(db)
         big = W.WordIndex(wi.vocab, n, "synthetic")
         for i, b in wi.bags.items():
-            big.set(i, b[0], b[1], b[2])
+            big.set(i, *b)
         for i in range(len(x), n):
-            sha, ws, cs = real[i % len(real)]
+            ws = real[i % len(real)][1]
             nw = np.unique(allw[rng.integers(0, len(allw), len(ws))]).astype(np.int32)
-            big.set(i, "", nw, np.ones(len(nw), np.uint16))
+            big.set(i, "", nw, np.ones(len(nw), np.uint16), rng.integers(0, 2**63, len(nw), dtype=np.uint64))
         t = time.perf_counter()
         big._inverted()
         build = time.perf_counter() - t

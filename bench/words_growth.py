@@ -54,8 +54,8 @@ class Before(W.WordIndex):
     def _allowed_part(self, allowed, ivf):
         return None  # (the allowed rows' scores were the shared ones, masked)
 
-    def score_bag(self, qw, qn, ivf=None, budget=None, part=None):
-        ids, post_img, post_w, ptr, idf, df = ivf
+    def score_bag(self, qw, qn, qs=None, ivf=None, budget=None, part=None):
+        ids, post_img, post_w, ptr, idf, df = ivf[:6]
         keep = df[qw] <= max(W.STOP_SHARE * len(ids), W.STOP_MIN)
         qw, qn = qw[keep], qn[keep]
         q = np.sqrt(qn.astype(np.float32)) * idf[qw]
@@ -107,7 +107,7 @@ def grown(wi: W.WordIndex, n: int, seed: int = 0) -> W.WordIndex:
     first = max(wi.bags) + 1
     for j in range(max(0, n - len(real))):
         nw = np.unique(allw[rng.integers(0, len(allw), len(real[j % len(real)][1]))]).astype(np.int32)
-        big.bags[first + j] = ("", nw, np.ones(len(nw), np.uint16))
+        big.bags[first + j] = ("", nw, np.ones(len(nw), np.uint16), rng.integers(0, 2**63, len(nw), dtype=np.uint64))
     return big
 
 
@@ -222,9 +222,9 @@ def main() -> None:
             part = big._allowed_part(refs, ivf)  # the references' own postings (the product's catalogue lookup)
             ref_postings = sum(len(big.bags[int(i)][1]) for i in refs)
             for q in queries:
-                qw, qn = bag[q]
+                qw, qn, qs = bag[q]
                 for b in args.budgets:
-                    t = time.perf_counter(); s = big.score_bag(qw, qn, ivf, budget=b); dt = time.perf_counter() - t
+                    t = time.perf_counter(); s = big.score_bag(qw, qn, qs, ivf, budget=b); dt = time.perf_counter() - t
                     r = per[b]
                     r["t"].append(dt)
                     unc = qw[ivf[5][qw] <= max(W.STOP_SHARE * n, W.STOP_MIN)]
@@ -238,7 +238,7 @@ def main() -> None:
                     cat = _top(s, post_ids, 20, q, refs) if s is not None else set()
                     r["cat"].append(ref_of[q] in cat)
                     if part is not None and (not b or ref_postings <= b):
-                        sp = big.score_bag(qw, qn, ivf, part=part)
+                        sp = big.score_bag(qw, qn, qs, ivf, part=part)
                         cat = _top(sp, part[0], 20, q) if sp is not None else set()
                     r["catp"].append(ref_of[q] in cat)
             for b in args.budgets:

@@ -22,8 +22,9 @@ DBA_MAX = 200_000  # search --dba computes an exact k-NN graph of the collection
 RERANK_FACTOR = 10  # compressed (PQ) indexes: fetch k×this candidates, re-score them exactly from the rows
 EXPAND = 10  # spatially verified query expansion (Chum et al., "Total Recall", ICCV 2007): the best-confirmed
 EXPAND_MIN = 20  # result (at least this many inliers) brings its own top EXPAND by visual words and by the
-# embedding, each verified against the query; the confirmed join. Instance set, mixed index: mAP@10 0.747 → ~0.83
-# for ~18 more pairs a query (bench/results/quality.md). On by default wherever visual words are (search --expand)
+# embedding, each verified against the query; the confirmed join. Instance set, mixed index, K 10, W 20, C 5 (ASMK*
+# words): mAP@10 0.853 → 0.898 for ~18 more pairs a query (bench/results/quality.md). On by default wherever visual
+# words are (search --expand)
 
 
 @dataclass
@@ -208,7 +209,7 @@ class Searcher:
         ``verify``): the top W of the visual-word inverted file (retrieval/words.py) are verified too.
         ``catalogue`` = N > 0 (with ``verify``, on an index with catalogue folders, retrieval/catalogue.py):
         the top N catalogue images by the global embedding and by the inverted file are verified too. With
-        ``words``, a collection of at most :func:`whole_budget` images (130 at the instance preset) is verified
+        ``words``, a collection of at most :func:`whole_budget` images (50 at the instance preset) is verified
         whole instead. ``expand`` = E > 0 (with ``words``; None: ``EXPAND`` when ``words``, else 0): the result
         confirmed with the most inliers (at least ``EXPAND_MIN``) brings its own top E by visual words and by the
         embedding, each verified against the query; the confirmed ones join the results.
@@ -224,9 +225,9 @@ class Searcher:
         searchable = self._selector.count(self.index.ntotal)
         if verify and words and searchable <= whole_budget(verify, words, catalogue):
             # a collection this small is verified whole: no more pairs than the words and catalogue stages would
-            # verify on a larger index, and no image left out because neither stage ranked it (a 100-image
-            # catalogue in bench/catalogue.py's model: photo→catalogue R@1 0.93 → 0.95 for 100 pairs a query
-            # instead of 71; quality.md)
+            # verify on a larger index, and no image left out because neither stage ranked it (with tf-idf words, a
+            # 100-image catalogue in bench/catalogue.py's model: photo→catalogue R@1 0.93 → 0.95 for 100 pairs a
+            # query instead of 71)
             verify, words, catalogue, expand = max(verify, searchable), 0, 0, 0
             self.words()  # (matched in the subspace of the index's visual words, as the stages would have)
 
@@ -478,8 +479,8 @@ class _Excluding:
 
 def whole_budget(verify: int, words: int, catalogue: int) -> int:
     """The largest collection a search with visual words verifies whole: the pairs a query verifies on a larger
-    index with a catalogue (the global top K, the words' top W, the catalogue's top 2 × max(C, its default)): 130
-    at the instance preset's K 60, W 30."""
+    index with a catalogue (the global top K, the words' top W, the catalogue's top 2 × max(C, its default)): 50
+    at the instance preset's K 10, W 30."""
     from .catalogue import DEPTH
 
     return verify + words + 2 * max(catalogue, DEPTH)

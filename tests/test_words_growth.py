@@ -1,4 +1,4 @@
-"""The visual-word lookup's postings budget (retrieval/words.py POSTINGS_BUDGET): equal to the tf-idf cosine's
+"""The visual-word lookup's postings budget (retrieval/words.py POSTINGS_BUDGET): equal to the ASMK* score's
 definition when nothing exceeds it, at most the budget read when a query does, a true image still found."""
 from __future__ import annotations
 
@@ -8,38 +8,55 @@ import pytest
 from retrieval import words as W
 
 
-def _index(bags: dict[int, tuple[np.ndarray, np.ndarray]], branch: int = 16) -> W.WordIndex:
+def _sigs(words, seed) -> np.ndarray:
+    """Signatures for ``words``: a word's bits mostly shared between images (so that σ has work to do), the rest
+    drawn per image."""
+    words = np.asarray(words, np.int64)
+    base = np.random.default_rng(12345).integers(0, 2**63, 4096, dtype=np.uint64)[words]
+    noise = np.random.default_rng(seed).integers(0, 2**63, len(words), dtype=np.uint64)
+    mask = np.random.default_rng(seed + 1).integers(0, 2**63, len(words), dtype=np.uint64)
+    mask &= np.random.default_rng(seed + 2).integers(0, 2**63, len(words), dtype=np.uint64)  # ~1/4 of the bits
+    return (base & ~mask) | (noise & mask)
+
+
+def _index(bags: dict[int, tuple], branch: int = 16) -> W.WordIndex:
+    """A word index over ``bags``: id → (words, counts[, signatures]) (signatures drawn by :func:`_sigs` when
+    not given)."""
     rng = np.random.default_rng(0)
     top = rng.random((branch, 128), dtype=np.float32)
     vocab = W.Vocabulary(top, rng.random((branch, branch, 128), dtype=np.float32))
     wi = W.WordIndex(vocab, len(bags), "test")
-    for i, (w, n) in bags.items():
-        wi.set(i, "sha", np.asarray(w, np.int32), np.asarray(n, np.uint16))
+    for i, (w, n, *s) in bags.items():
+        wi.set(i, "sha", np.asarray(w, np.int32), np.asarray(n, np.uint16),
+               np.asarray(s[0], np.uint64) if s else _sigs(w, i))
     return wi
 
 
-def _definition(wi: W.WordIndex, qw, qn, only=None) -> dict[int, float]:
-    """Cosine of tf-idf vectors (tf = √count, idf = log((N + 1) / (df + 1))), dense, from the bags; the query
-    without stop words (df above STOP_SHARE of N and STOP_MIN) and, with ``only``, restricted to those words."""
+def _definition(wi: W.WordIndex, qw, qn, qs, only=None) -> dict[int, float]:
+    """ASMK* from the bags, one image at a time: Σ over the words it shares with the query of
+    idf × σ(1 − 2h/64) (h: the signatures' Hamming distance, σ(u) = u³ for u > 0, else 0), over √(Σ idf) of the
+    image's words and of the query's (idf = log((N + 1) / (df + 1))); the query without stop words (df above
+    STOP_SHARE of N and STOP_MIN) and, with ``only``, restricted to those words. (``qn`` only orders the words
+    for the budget.)"""
     ids = sorted(wi.bags)
-    V, N = wi.vocab.size, len(ids)
-    tf = np.zeros((N, V))
-    for r, i in enumerate(ids):
-        _, w, n = wi.bags[i]
-        tf[r, w] = np.sqrt(n)
-    df = (tf > 0).sum(0)
+    N = len(ids)
+    df = np.zeros(wi.vocab.size)
+    for i in ids:
+        df[wi.bags[i][1]] += 1
     idf = np.log((N + 1) / (df + 1))
-    x = tf * idf
-    x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-    q = np.zeros(V)
-    q[qw] = np.sqrt(qn) * idf[qw]
-    q[df > max(W.STOP_SHARE * N, W.STOP_MIN)] = 0
-    if only is not None:
-        mask = np.zeros(V, bool)
-        mask[list(only)] = True
-        q[~mask] = 0
-    q /= max(np.linalg.norm(q), 1e-12)
-    return dict(zip(ids, x @ q))
+    query = {int(w): int(s) for w, s in zip(qw, np.asarray(qs, np.uint64))
+             if df[w] <= max(W.STOP_SHARE * N, W.STOP_MIN) and (only is None or int(w) in only)}
+    qnorm = np.sqrt(sum(idf[w] for w in query))
+    out = {}
+    for i in ids:
+        _, w, _, s = wi.bags[i]
+        total = 0.0
+        for word, sig in zip(w.tolist(), s.tolist()):
+            if word in query:
+                u = 1 - 2 * bin(query[word] ^ sig).count("1") / 64
+                total += idf[word] * (u ** 3 if u > 0 else 0.0)
+        out[i] = total / np.sqrt(idf[w].sum()) / max(qnorm, 1e-12)
+    return out
 
 
 class Counting(np.ndarray):
@@ -81,29 +98,36 @@ def _random_bags(n: int, V: int, seed: int = 1):
     return out
 
 
+def _query(qw, seed=99):
+    return _sigs(qw, seed)
+
+
 def test_uncapped_equals_definition_and_a_budget_nothing_exceeds_changes_nothing(path):
     wi = _index(_random_bags(300, 256))
     ids = wi._inverted()[0]
     qw, qn = np.unique(np.random.default_rng(5).choice(256, 80)), None
     qn = np.random.default_rng(6).integers(1, 4, len(qw))
-    want = _definition(wi, qw, qn)
-    free = wi.score_bag(qw, qn, budget=0)
+    qs = _query(qw)
+    want = _definition(wi, qw, qn, qs)
+    free = wi.score_bag(qw, qn, qs, budget=0)
+    assert np.count_nonzero(free) > 50 and len({round(float(v), 6) for v in free}) > 50  # σ sees varied agreements
     np.testing.assert_allclose(free, [want[int(i)] for i in ids], rtol=1e-5, atol=1e-6)
     total = int(sum(wi._inverted()[5][w] for w in qw))  # ≥ the postings read (stop words are skipped)
-    np.testing.assert_array_equal(wi.score_bag(qw, qn, budget=total), free)  # bit for bit
-    np.testing.assert_array_equal(wi.score_bag(qw, qn), free)  # the default budget is far above this
+    np.testing.assert_array_equal(wi.score_bag(qw, qn, qs, budget=total), free)  # bit for bit
+    np.testing.assert_array_equal(wi.score_bag(qw, qn, qs), free)  # the default budget is far above this
 
 
 @pytest.mark.parametrize("budget", [40, 300, 1000])
 def test_a_query_over_the_budget_reads_at_most_it_its_best_words_first(budget, path):
     wi = _index(_random_bags(300, 256))
-    ids, _, _, ptr, idf, df = ivf = _counted(wi)
+    ids, _, _, ptr, idf, df, _ = ivf = _counted(wi)
     rng = np.random.default_rng(7)
     qw = np.unique(rng.choice(256, 120))
     qn = rng.integers(1, 4, len(qw))
     stop = df > max(W.STOP_SHARE * len(ids), W.STOP_MIN)
     assert df[qw[~stop[qw]]].sum() > budget  # the cap bites
-    got = wi.score_bag(qw, qn, ivf, budget=budget)
+    qs = _query(qw)
+    got = wi.score_bag(qw, qn, qs, ivf, budget=budget)
     assert 0 < Counting.read <= budget
     # the definition restricted to the words a reader would pick: by weight √tf·idf, best first, while they fit
     order = sorted((w for w in range(len(qw)) if not stop[qw[w]]), key=lambda j: -np.sqrt(qn[j]) * idf[qw[j]])
@@ -114,7 +138,7 @@ def test_a_query_over_the_budget_reads_at_most_it_its_best_words_first(budget, p
         chosen.append(int(qw[j]))
         used += int(df[qw[j]])
     assert used == Counting.read
-    want = _definition(wi, qw, qn, only=chosen)
+    want = _definition(wi, qw, qn, qs, only=set(chosen))
     np.testing.assert_allclose(got, [want[int(i)] for i in ids], rtol=1e-5, atol=1e-6)
 
 
@@ -135,7 +159,8 @@ def test_the_true_image_is_still_found_when_the_cap_bites(monkeypatch, path):
     wi = _index(bags)
     qw = np.r_[np.arange(0, 40), rare]
     qn = np.ones(len(qw), np.int64)
-    wi.vocab.bag = lambda desc: (qw.astype(np.int32), qn.astype(np.uint16))  # the query's words, whatever the SIFT
+    qs = _query(qw)
+    wi.vocab.bag = lambda desc: (qw.astype(np.int32), qn.astype(np.uint16), qs)  # the query's words, whatever the SIFT
     ivf = _counted(wi)
     df = ivf[5]
     kept = qw[df[qw] <= max(W.STOP_SHARE * len(bags), W.STOP_MIN)]
@@ -144,7 +169,7 @@ def test_the_true_image_is_still_found_when_the_cap_bites(monkeypatch, path):
     hits = wi.search(np.zeros((3, 128), np.uint8), 5)
     assert Counting.read <= 200
     assert hits[0][0] == true
-    free = wi.score_bag(qw, qn, ivf, budget=0)
+    free = wi.score_bag(qw, qn, qs, ivf, budget=0)
     assert int(ivf[0][np.argmax(free)]) == true  # the uncapped lookup agrees
 
 
@@ -172,10 +197,13 @@ def test_the_inverted_file_is_stored_read_back_as_built_and_an_old_file_still_re
     for a, b in zip(loaded._ivf, built):
         np.testing.assert_array_equal(a, b)
     qw, qn = np.arange(0, 256, 5), np.ones(52, np.int64)
-    np.testing.assert_array_equal(loaded.score_bag(qw, qn), _index(bags).score_bag(qw, qn))
-    loaded.set(10, "new", np.array([1, 2, 3], np.int32), np.ones(3, np.uint16))  # a change: built again
+    qs = _query(qw)
+    np.testing.assert_array_equal(loaded.score_bag(qw, qn, qs), _index(bags).score_bag(qw, qn, qs))
+    for i in bags:
+        np.testing.assert_array_equal(loaded.bags[i][3], _sigs(bags[i][0], i))  # the signatures read back
+    loaded.set(10, "new", np.array([1, 2, 3], np.int32), np.ones(3, np.uint16), _sigs([1, 2, 3], 0))  # built again
     assert loaded._ivf is None and len(loaded._inverted()[1]) == len(built[1]) - len(bags[10][0]) + 3
-    _rewrite(tmp_path, drop=("post_img", "post_w", "post_ptr"))  # as written before the inverted file was stored
+    _rewrite(tmp_path, drop=("post_img", "post_w", "post_ptr", "post_sig"))  # as written before it was stored
     old = W.WordIndex.load(tmp_path, "test")
     assert old is not None and old._ivf is None
     for a, b in zip(old._inverted(), built):
@@ -198,7 +226,7 @@ def test_both_ways_of_reading_the_postings_give_the_same_scores(monkeypatch):
     got = []
     for slice_min in (0, 10**9):
         monkeypatch.setattr(W, "SLICE_MIN", slice_min)
-        got.append([wi.score_bag(qw, qn, budget=b) for b in (0, 500)])
+        got.append([wi.score_bag(qw, qn, _query(qw), budget=b) for b in (0, 500)])
     for a, b in zip(*got):
         np.testing.assert_array_equal(a, b)
 
@@ -215,7 +243,7 @@ def test_opening_a_file_without_the_inverted_file_writes_it_back_once(tmp_path, 
     wi.signature = sig
     wi.vocab.projection = np.eye(128, W.PROJECTION_DIMS, dtype=np.float32)  # (none: sync would fit one)
     wi.save(tmp_path)
-    _rewrite(tmp_path, drop=("post_img", "post_w", "post_ptr"))
+    _rewrite(tmp_path, drop=("post_img", "post_w", "post_ptr", "post_sig"))
     assert W.WordIndex.load(tmp_path, sig)._ivf is None
     monkeypatch.setattr(W, "_rows", lambda store: {i: (f"/x/{i}.jpg", "sha") for i in bags})
     store = SimpleNamespace(directory=tmp_path)
@@ -235,15 +263,16 @@ def test_a_catalogue_within_the_budget_is_scored_uncapped_while_the_collection_i
     bags = {i: (np.unique(rng.choice(200, 15)), np.ones(15)) for i in range(300)}
     for i in range(300, 306):
         bags[i] = (np.unique(np.r_[rng.choice(200, 8), 200 + rng.choice(56, 4)]), np.ones(12))
-    bags = {i: (w, np.ones(len(w))) for i, (w, _) in bags.items()}
+    bags = {i: (w, np.ones(len(w))) for i, (w, *_) in bags.items()}
     wi = _index(bags)
     rng2 = np.random.default_rng(8)
     qw = np.unique(np.r_[rng2.choice(200, 30), 200 + rng2.choice(56, 10)]).astype(np.int32)
     qn = np.ones(len(qw), np.uint16)
-    wi.vocab.bag = lambda desc: (qw, qn)
+    qs = _query(qw)
+    wi.vocab.bag = lambda desc: (qw, qn, qs)
     ivf = wi._inverted()
     monkeypatch.setattr(W, "POSTINGS_BUDGET", 150)
-    uncapped, capped = wi.score_bag(qw, qn, budget=0), wi.score_bag(qw, qn)
+    uncapped, capped = wi.score_bag(qw, qn, qs, budget=0), wi.score_bag(qw, qn, qs)
     assert not np.array_equal(uncapped, capped)  # the cap bites for the whole collection
 
     def best(scores, allowed, n):
