@@ -210,3 +210,22 @@ def test_preprocess_array_is_its_definition_bit_for_bit():
         got = pre.array(img)
         assert got.shape == (3, h, w) and got.dtype == np.float32 and got.flags["C_CONTIGUOUS"]
         assert np.array_equal(got, expect)
+
+
+def test_cuda_is_picked_without_tf32():
+    """On CUDA, TF32 moved embeddings by up to 7e-4 and SFAM maps by up to 10 % of their peak against the CPU's
+    (bench/results/cuda-check.md): picking a CUDA device turns it off for convolutions and matrix products;
+    picking the CPU leaves the settings alone. (torch.device("cuda") needs no GPU.)"""
+    import torch
+
+    from retrieval.backbone import pick_device
+
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+        assert pick_device("cpu").type == "cpu"
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+        assert pick_device("cuda").type == "cuda"
+        assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
