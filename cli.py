@@ -344,8 +344,8 @@ def _human(n: float) -> str:
                    "[default: the index's, 30 with --preset instance, else 0].")
 @click.option("--expand", type=click.IntRange(0, 1000), default=None, metavar="E",
               help="With --words: the result confirmed with the most inliers (at least 20) brings its own top E by "
-                   "visual words and by the embedding, each verified against the query (0 = off) [default: 10 with "
-                   "visual words, else 0].")
+                   "visual words and by the embedding, each verified against the query (0 = off) [default: 0; 10 "
+                   "raises mAP@10 on the instance set 0.858 -> 0.898 for 39 % more verified pairs].")
 @click.option("--within", "within", type=click.Path(), default=None, metavar="DIR",
               help="Answer only with indexed images under DIR (catalogue mode: photos against the catalogue).")
 @click.option("--catalogue", "catalogue_n", type=click.IntRange(0, 1000), default=None, metavar="N",

@@ -376,7 +376,7 @@ def test_a_collection_within_the_verification_budget_is_verified_whole(shop):
     confirmed = [h["inliers"] >= MIN_INLIERS for h in res["results"]]
     assert confirmed[0] and confirmed == sorted(confirmed, reverse=True)  # the confirmed first
     small = run_json("search", query, "--index", idx, "-k", "100")  # the preset's: 50 < 71
-    assert sum(h.get("inliers") is None for h in small["results"]) >= n - 10 - 30 - 2 * 10  # (expansion: 10 + 10)
+    assert sum(h.get("inliers") is None for h in small["results"]) >= n - 10 - 30
     off = run_json("search", query, "--index", idx, "-k", "100", "--verify", "60", "--words", "0")
     assert sum(h.get("inliers") is None for h in off["results"]) == n - 60
 
@@ -404,9 +404,9 @@ def test_verified_expansion_finds_the_objects_other_photos_through_its_best_matc
 
     root, idx, query = shop_with_photos
     astro = ("astronaut.jpg", "astro0.jpg", "astro1.jpg")
-    # a budget too small to verify the 73 images whole (1 + 1 + 2 × 20 < 73): the global top 1 and the words' top 1
-    off = run_json("search", query, "--index", idx, "-k", "10", "--verify", "1", "--words", "1", "--expand", "0")
-    on = run_json("search", query, "--index", idx, "-k", "10", "--verify", "1", "--words", "1")  # default: 10
+    # a budget too small to verify the 73 images whole (1 + 1 + 2 × 5 < 73): the global top 1 and the words' top 1
+    off = run_json("search", query, "--index", idx, "-k", "10", "--verify", "1", "--words", "1")  # default: off
+    on = run_json("search", query, "--index", idx, "-k", "10", "--verify", "1", "--words", "1", "--expand", "10")
     conf = lambda res: [h for h in res["results"] if (h.get("inliers") or 0) >= MIN_INLIERS]  # noqa: E731
     assert len(conf(off)) == 1 and conf(off)[0]["path"].endswith(astro), off["results"]
     assert conf(off)[0]["inliers"] >= EXPAND_MIN
@@ -417,7 +417,7 @@ def test_verified_expansion_finds_the_objects_other_photos_through_its_best_matc
     # the unconfirmed expansion candidates are not answers, and the scores stay the query's own similarity
     with IndexStore.open(idx) as store:
         s = Searcher(store, search_backbone_for_settings(store.settings))
-        (res,) = s.search_paths([str(query)], 10, verify=1, words=1)
+        (res,) = s.search_paths([str(query)], 10, verify=1, words=1, expand=10)
         plain = {h.id: h.score for h in next(iter(s.search_paths([str(query)], 80, verify=0))).results}
     assert {h.path for h in res.results} == {h["path"] for h in on["results"]}
     assert all(abs(h.score - plain[h.id]) < 1e-5 for h in res.results)
