@@ -129,7 +129,7 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="*", default=[500, 1000, 10_000, 30_000, 100_000])
     ap.add_argument("--queries", type=int, default=100)
     ap.add_argument("--timed", type=int, default=20)
-    ap.add_argument("--budgets", type=int, nargs="*", default=[0, 250_000, 500_000, 1_000_000, 2_000_000])
+    ap.add_argument("--budgets", type=int, nargs="*", default=[0, 1_000_000, 2_000_000, 4_000_000])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--shortlist", type=int, default=W.SHORTLIST)
     args = ap.parse_args()

@@ -25,7 +25,7 @@ on every open it is reconciled with the rows (ids missing, gone, or whose conten
 that is missing, damaged (numpy checks the zip's CRCs) or described by another fingerprint is rebuilt
 from them — never searched as it is. The indexer brings it up to date at the end of every run. It also
 holds the inverted file itself (each word's postings: row positions and weights), so a search that opens
-the index reads it instead of building it from the bags (at 100 k images 1.4 GB read in seconds against
+the index reads it instead of building it from the bags (at 100 k images 3 GB read in 5 s against
 half a minute's build; bench/results/words-growth.md); a file without them (written before) is still read,
 its inverted file built at the first search.
 """
@@ -53,9 +53,11 @@ TRAIN_PER_WORD = 20  # the branch grows with the training sample: branch² ≤ s
 RETRAIN_GROWTH = 4  # the vocabulary is trained again when the collection has grown this much since
 STOP_SHARE = 0.15  # query words in more than this share of the images (and more than STOP_MIN of them) are
 STOP_MIN = 20      # skipped: they cost time in proportion to the collection and hardly inform
-POSTINGS_BUDGET = 1_000_000  # at most this many postings are read per query: its most informative words
-# (highest idf × √tf) first, so a lookup costs the same at 100 k images as at 10 k; at 500 images no query
-# comes near it (bench/results/catalogue-speed.md, "Growth with the collection")
+POSTINGS_BUDGET = 4_000_000  # at most this many postings are read per query: its most informative words
+# (highest idf × √tf) first, so a lookup stops growing with the collection; at 500 images and at 10 k no query
+# comes near it. At 100 k (synthetic distractors, bench/results/words-growth.md) ASMK* scores them in ~134 ms
+# with the true images' recall in the words top 30 at 0.84 against 0.87 uncapped (443 ms); 1 M postings took
+# 34 ms but kept 0.60 (tf-idf scoring had lost nothing to 1 M)
 SHORTLIST = 30  # the inverted file's top candidates merged with the global shortlist (the instance preset's words W)
 SLICE_MIN = 100  # words with this many postings on average are read as slices (one Python step per word), fewer
 # through one index array (one step per posting; 3× faster at 500 images, 2× slower at 100 k)
