@@ -8,11 +8,13 @@ For each dataset (../shared/data): `retrieve index DATASET --preset instance` in
 `retrieve search DATASET -k 10 --json` (every image a query, itself excluded) with each tree's defaults and with
 each ``--variant`` (its label, then search options as one string, run by this tree): R@1 and mAP@10 (the other
 images of the query's folder relevant), seconds for all the queries, start-up included. Issue 15 asks that faces
-and Caltech be no worse than before. Writes bench/results/candidates-check.md.
+and Caltech be no worse than before. Writes bench/results/candidates-check.md. (It replaces bench/expansion_check.py,
+whose run is kept in bench/results/expansion-check.md: that one is ``--variant 'expansion 10' '--expand 10'``.)
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import subprocess
@@ -22,7 +24,6 @@ import time
 from pathlib import Path
 
 import _common
-from expansion_check import _scores
 
 
 def _run(root: Path, *args: str) -> str:
@@ -31,6 +32,25 @@ def _run(root: Path, *args: str) -> str:
     if p.returncode:
         raise SystemExit(f"retrieve {' '.join(args[:2])} ({root}): {p.stderr.strip()[-500:]}")
     return p.stdout
+
+
+def _scores(out: str) -> tuple[int, float, float]:
+    r1, aps = [], []
+    for line in out.splitlines():
+        r = json.loads(line)
+        label = Path(r["query"]).parent.name
+        rel = [Path(h["path"]).parent.name == label for h in r["results"]]
+        if not rel:
+            continue
+        n_rel = sum(1 for p in Path(r["query"]).parent.iterdir() if p.suffix.lower() in (".jpg", ".pgm", ".png")) - 1
+        hits, s = 0, 0.0
+        for i, x in enumerate(rel[:10]):
+            if x:
+                hits += 1
+                s += hits / (i + 1)
+        r1.append(rel[0])
+        aps.append(s / max(1, min(n_rel, 10)))
+    return len(r1), sum(r1) / len(r1), sum(aps) / len(aps)
 
 
 def main() -> None:

@@ -41,48 +41,20 @@ from pathlib import Path
 import numpy as np
 
 import _common
+from catalogue import TfIdf
 
 from retrieval import words as W
 from retrieval.store import IndexStore
 from retrieval.verify import Verifier
 
 
-class Before(W.WordIndex):
-    """The scoring and inverted file of 977297a, verbatim: every query word's postings (stop words aside), the
-    allowed rows' scores masked from the whole collection's."""
-
-    def _allowed_part(self, allowed, ivf):
-        return None  # (the allowed rows' scores were the shared ones, masked)
-
-    def score_bag(self, qw, qn, qs=None, ivf=None, budget=None, part=None):
-        ids, post_img, post_w, ptr, idf, df = ivf[:6]
-        keep = df[qw] <= max(W.STOP_SHARE * len(ids), W.STOP_MIN)
-        qw, qn = qw[keep], qn[keep]
-        q = np.sqrt(qn.astype(np.float32)) * idf[qw]
-        q /= max(float(np.linalg.norm(q)), 1e-12)
-        starts, lens = ptr[qw], ptr[qw + 1] - ptr[qw]
-        total = int(lens.sum())
-        if not total:
-            return None
-        at = np.repeat(starts - np.concatenate([[0], np.cumsum(lens)[:-1]]), lens) + np.arange(total)
-        return np.bincount(post_img[at], post_w[at] * np.repeat(q, lens), minlength=len(ids))
+class Before(TfIdf):
+    """The scoring and inverted file of 977297a: tf-idf bags (bench/catalogue.py TfIdf), every query word's
+    postings (stop words aside), the allowed rows' scores masked from the whole collection's."""
 
     def inverted_before(self):
-        ids = np.fromiter(self.bags.keys(), np.int64, len(self.bags))
-        lens = np.fromiter((len(b[1]) for b in self.bags.values()), np.int64, len(self.bags))
-        V = self.vocab.size
-        words = np.concatenate([b[1] for b in self.bags.values()]).astype(np.int32)
-        tf = np.sqrt(np.concatenate([b[2] for b in self.bags.values()]).astype(np.float32))
-        img = np.repeat(np.arange(len(ids), dtype=np.int32), lens)
-        df = np.bincount(words, minlength=V).astype(np.float32)
-        idf = np.log((len(ids) + 1) / (df + 1)).astype(np.float32)
-        w = tf * idf[words]
-        norm = np.sqrt(np.bincount(img, w * w, minlength=len(ids))).astype(np.float32)
-        order = np.argsort(words, kind="stable")
-        ptr = np.zeros(V + 1, np.int64)
-        np.cumsum(np.bincount(words, minlength=V), out=ptr[1:])
-        return (ids, img[order].astype(np.int32), (w / np.maximum(norm[img], 1e-12))[order].astype(np.float32),
-                ptr, idf, df)
+        self._ivf = None
+        return self._inverted()
 
 
 def _without_postings(directory: Path) -> None:
@@ -168,7 +140,7 @@ def main() -> None:
             before.bags = big.bags
             t = time.perf_counter(); ivf_before = before.inverted_before(); t_before = time.perf_counter() - t
             t = time.perf_counter(); ivf = big._inverted(); t_now = time.perf_counter() - t
-            same = all(np.array_equal(a, b) for a, b in zip(ivf, ivf_before))
+            same = all(np.array_equal(ivf[i], ivf_before[i]) for i in (0, 1, 3))  # rows, postings, word pointers
             before._ivf = ivf_before
             del ivf_before
             mem_bags = sum(b[1].nbytes + b[2].nbytes for b in big.bags.values()) / 2**20
@@ -298,7 +270,7 @@ def _text(args, main_rows, recall_rows, open_rows, load) -> str:
             "built from the bags at the first search (int32 stable argsort). Now: the file also holds the inverted "
             "file, read with it (no build); *open s now, old file*: a file written before (without it), its inverted "
             "file built with the int16 radix sort (as an index run that changed rows builds it before writing the "
-            "file); *same*: the arrays built now identical to before's. Memory: the bags' arrays, the inverted file's arrays, and this "
+            "file); *same*: the postings (rows, their order, the word pointers) built now identical to before's (the weights differ: ASMK* against tf-idf). Memory: the bags' arrays, the inverted file's arrays, and this "
             "process's peak resident size so far.\n\n"
             + _common.table(["images", "load s before", "build s before", "open s before", "open s now (load)",
                              "open s now, old file", "same", "words.npz MB before", "MB now", "bags MB",
