@@ -5,7 +5,7 @@ catalogue image beyond any shortlist it gives, although the two share hundreds o
 classic mobile-visual-search answer is a *bag of visual words* (Sivic & Zisserman 2003; Nistér &
 Stewénius 2006): every RootSIFT descriptor (retrieval/verify.py) is quantised to its nearest word in a
 two-level vocabulary tree (faiss k-means, ``k1 × k2`` words, trained on a sample of the collection's
-descriptors), each image becomes a sparse tf-idf vector (square-rooted counts against burstiness), and
+descriptors), each image becomes a bag of words, and
 an inverted file (word → images) scores a query against the whole collection in time proportional to
 the postings of its words, not to the collection. The score is ASMK* (Tolias, Avrithis & Jégou, "To aggregate
 or not to aggregate: selective match kernels for image search", ICCV 2013): each image keeps, per word, the
@@ -55,9 +55,9 @@ STOP_SHARE = 0.15  # query words in more than this share of the images (and more
 STOP_MIN = 20      # skipped: they cost time in proportion to the collection and hardly inform
 POSTINGS_BUDGET = 4_000_000  # at most this many postings are read per query: its most informative words
 # (highest idf × √tf) first, so a lookup stops growing with the collection; at 500 images and at 10 k no query
-# comes near it. At 100 k (synthetic distractors, bench/results/words-growth.md) ASMK* scores them in ~134 ms
-# with the true images' recall in the words top 30 at 0.84 against 0.87 uncapped (443 ms); 1 M postings took
-# 34 ms but kept 0.60 (tf-idf scoring had lost nothing to 1 M)
+# comes near it. At 100 k (synthetic distractors, bench/results/words-growth.md) ASMK* scores them in ~127 ms
+# with the true images' recall in the words top 30 at 0.84 against 0.87 uncapped (396 ms); 1 M postings took
+# 32 ms but kept 0.60 (tf-idf scoring had lost nothing to 1 M)
 SHORTLIST = 30  # the inverted file's top candidates merged with the global shortlist (the instance preset's words W)
 SLICE_MIN = 100  # words with this many postings on average are read as slices (one Python step per word), fewer
 # through one index array (one step per posting; 3× faster at 500 images, 2× slower at 100 k)
@@ -73,6 +73,11 @@ def _popcount(x: np.ndarray) -> np.ndarray:
     if hasattr(np, "bitwise_count"):
         return np.bitwise_count(x)
     return _POP8[np.ascontiguousarray(x, np.uint64).view(np.uint8)].reshape(-1, 8).sum(1)
+
+
+def _empty_bag() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The bag of an image without descriptors: no words, counts or signatures."""
+    return np.zeros(0, np.int32), np.zeros(0, np.uint16), np.zeros(0, np.uint64)
 
 
 def selectivity(agree: np.ndarray) -> np.ndarray:
@@ -173,7 +178,7 @@ class Vocabulary:
         root = _root(desc)
         words = self.quantise(root)
         if not len(words):
-            return np.zeros(0, np.int32), np.zeros(0, np.uint16), np.zeros(0, np.uint64)
+            return _empty_bag()
         basis = self._basis()
         order = np.argsort(words, kind="stable")
         words = words[order]
@@ -230,9 +235,7 @@ class WordIndex:
             if have is not None and have[0] == sha:
                 continue
             f = features(path, sha)
-            bag = self.vocab.bag(f.descriptors) if f is not None else \
-                (np.zeros(0, np.int32), np.zeros(0, np.uint16), np.zeros(0, np.uint64))
-            self.set(i, sha, *bag)
+            self.set(i, sha, *(self.vocab.bag(f.descriptors) if f is not None else _empty_bag()))
             changed += 1
         return changed
 
@@ -330,8 +333,7 @@ class WordIndex:
             img, w, sig = post_img[at], post_w[at], post_sig[at]
         agree = 1 - _popcount(sig ^ np.repeat(qs, lens)).astype(np.float32) * np.float32(2 / SIG_BITS)
         w *= selectivity(agree)
-        w *= np.float32(1 / math.sqrt(max(float(idf[qw].sum()), 1e-12)))
-        return np.bincount(img, w, minlength=len(ids))
+        return np.bincount(img, w, minlength=len(ids)) / math.sqrt(max(float(idf[qw].sum()), 1e-12))
 
     # -- the file ---------------------------------------------------------------------------------------
     def fingerprint(self) -> dict:
