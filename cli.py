@@ -387,8 +387,8 @@ def search(ctx, queries, index_dir, k, min_score, include_self, qe, dba, verify,
     if not paths:
         raise click.ClickException("no images among the queries")
     failed = 0
-    plain = not (explain or within or face is not None or catalogue_n)  # then a plain SQLite index is read without SQLAlchemy
-    with open_search_store(_index_dir(index_dir), plain=plain, verify=verify, words=words) as store:
+    plain = not (explain or face is not None)  # then a plain SQLite index is read without SQLAlchemy
+    with open_search_store(_index_dir(index_dir), plain=plain) as store:
         if store.settings.preset == "faces" and catalogue_n:
             raise click.UsageError("--catalogue does not apply to a faces index")
         if store.settings.preset == "faces":

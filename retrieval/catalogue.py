@@ -49,16 +49,10 @@ def record(store: "IndexStore", paths: Iterable[str | os.PathLike]) -> list[str]
 
 def ids(store: "IndexStore", roots: Iterable[str] | None = None) -> np.ndarray:
     """The sorted ids of the indexed images under the catalogue folders (or equal to a catalogue file)."""
-    from sqlalchemy import select
-
-    from .store import ImageRow
-
     roots = list(folders(store) if roots is None else roots)
     if not roots:
         return np.zeros(0, np.int64)
     prefixes = tuple(r.rstrip(os.sep) + os.sep for r in roots)
     exact = set(roots)
-    with store.session() as s:
-        found = [r.id for r in s.execute(select(ImageRow.id, ImageRow.path))
-                 if r.path.startswith(prefixes) or r.path in exact]
+    found = [i for i, path, _ in store.row_paths() if path.startswith(prefixes) or path in exact]
     return np.unique(np.asarray(found, np.int64))

@@ -4,8 +4,9 @@ Importing SQLAlchemy (and declaring the ORM tables) costs about 0.45 s of a ``re
 otherwise needs ONNX Runtime, FAISS and one forward pass (bench/results/startup-search.md). For the common
 case -- an SQLite index in its directory, opened to answer queries -- :func:`open_for_search` returns a
 :class:`LiteStore` that offers what :class:`retrieval.search.Searcher` asks of an
-:class:`~retrieval.store.IndexStore` (settings, the reconciled FAISS index, rows by id or path, vectors),
-with the same SQL and the same arithmetic, so the answers are identical.
+:class:`~retrieval.store.IndexStore` (settings, the reconciled FAISS index, rows by id or path, vectors,
+every row's path for the visual words, the catalogue role and ``--within``), with the same SQL and the same
+arithmetic, so the answers are identical.
 
 Anything out of the ordinary -- a ``--db`` or a recorded database server, a missing or unreadable database,
 settings that do not read cleanly, an older or newer schema, an index type this module does not know -- and
@@ -74,18 +75,14 @@ def open_for_search(directory: str | os.PathLike) -> "LiteStore | None":
     return None
 
 
-def open_search_store(directory: str | os.PathLike, *, plain: bool = True, verify: int | None = None,
-                      words: int | None = None):
+def open_search_store(directory: str | os.PathLike, *, plain: bool = True):
     """The store ``retrieve search`` reads: a :class:`LiteStore` when the search is ``plain`` (no explanations,
-    no ``--within``, no face) and neither verification nor visual words apply (asked for, or the index's
-    defaults), else the full :class:`~retrieval.store.IndexStore` (which imports SQLAlchemy)."""
+    no face) on an index that is not a faces index -- verification, visual words, the catalogue role and
+    ``--within`` included -- else the full :class:`~retrieval.store.IndexStore` (which imports SQLAlchemy)."""
     if plain:
         lite = open_for_search(directory)
         if lite is not None:
-            st = lite.settings
-            v = verify if verify is not None else int(st.search.get("verify", 0))
-            w = words if words is not None else int(st.search.get("words", 0))
-            if st.preset != "faces" and not v and not w:
+            if lite.settings.preset != "faces":
                 return lite
             lite.close()
     from .store import IndexStore
@@ -173,6 +170,9 @@ class LiteStore(VectorSpace):
             for r in self._conn.execute(sql, chunk):
                 out[r[0]] = LiteRow(r)
         return out
+
+    def row_paths(self) -> list[tuple[int, str, str]]:
+        return self._conn.execute("SELECT id, path, sha256 FROM images").fetchall()
 
     def row_by_path(self, path: str) -> LiteRow | None:
         rows = self._conn.execute(f"SELECT {', '.join(_ROW_COLUMNS)} FROM images WHERE path = ?", (path,)).fetchall()

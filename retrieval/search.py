@@ -506,17 +506,13 @@ def _one_thread_for_one_query(nq: int):
 
 def _within_ids(store: IndexStore, folder: str | os.PathLike) -> np.ndarray:
     """The sorted ids of the indexed images under ``folder`` (by real path); RetrieveError when none is."""
-    from sqlalchemy import select
-
     from .errors import RetrieveError
-    from .store import ImageRow
 
     root = os.path.realpath(folder)
     if not os.path.isdir(root):
         raise RetrieveError(f"--within {folder}: not a folder")
     prefix = root.rstrip(os.sep) + os.sep
-    with store.session() as s:
-        ids = [r.id for r in s.execute(select(ImageRow.id, ImageRow.path)) if r.path.startswith(prefix)]
+    ids = [i for i, path, _ in store.row_paths() if path.startswith(prefix)]
     if not ids:
         raise RetrieveError(f"--within {folder}: none of the images in index {store.directory} is under it "
                             f"(add them with `retrieve index {folder} --index {store.directory}`)")

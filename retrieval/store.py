@@ -388,6 +388,12 @@ class IndexStore(VectorSpace):
                     out[r.id] = r
         return out
 
+    def row_paths(self) -> list[tuple[int, str, str]]:
+        """(id, path, sha256) of every row: what the visual words and the catalogue and ``--within`` folders
+        read (retrieval/words.py, retrieval/catalogue.py)."""
+        with Session(self.engine) as s:
+            return [(r.id, r.path, r.sha256) for r in s.execute(select(ImageRow.id, ImageRow.path, ImageRow.sha256))]
+
     def row_by_path(self, path: str) -> ImageRow | None:
         with self.session() as s:
             return s.execute(select(ImageRow).where(ImageRow.path == path)).scalar_one_or_none()

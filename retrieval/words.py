@@ -448,12 +448,7 @@ def signature(verifier: "Verifier") -> str:
 
 
 def _rows(store: "IndexStore") -> dict[int, tuple[str, str]]:
-    from sqlalchemy import select
-
-    from .store import ImageRow
-
-    with store.session() as s:
-        return {r.id: (r.path, r.sha256) for r in s.execute(select(ImageRow.id, ImageRow.path, ImageRow.sha256))}
+    return {i: (path, sha) for i, path, sha in store.row_paths()}
 
 
 def _features(verifier: "Verifier"):

@@ -42,6 +42,18 @@ def run_process(*args: str, timeout: float = 300, **kw) -> subprocess.CompletedP
                           env=env, cwd=kw.pop("cwd", ROOT), **kw)
 
 
+WATCH = ("import sys, atexit\n"
+         "atexit.register(lambda: print('sqlalchemy' in sys.modules, 'torch' in sys.modules, file=sys.stderr))\n"
+         "import cli\ncli.main(sys.argv[1:], prog_name='retrieve')\n")
+
+
+def run_watching_imports(*args, timeout: float = 600, **env) -> subprocess.CompletedProcess:
+    """``retrieve ARGS`` in a fresh process (``env`` added) whose last line of stderr says whether it imported
+    SQLAlchemy and torch ("False False": neither)."""
+    return subprocess.run([sys.executable, "-c", WATCH, *map(str, args)], capture_output=True, text=True,
+                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **env}, timeout=timeout)
+
+
 class Forker:
     """tests/forkrun.py: ``retrieve`` runs forked from one warm process, killed at will (output to ``log``)."""
 

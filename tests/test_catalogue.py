@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
-from clitools import run, run_json, run_process
+from clitools import run, run_json, run_process, run_watching_imports
 from conftest import skimage_photo
 from retrieval import words
 from retrieval.store import IndexStore
@@ -286,6 +286,38 @@ def test_the_web_app_searches_an_index_with_a_catalogue_as_the_cli_does(shop_wit
     web = c.search(f"upload:{token}", k=5, verify=30)
     assert [h["path"] for h in web["results"]] == [h["path"] for h in cli["results"]], (web["results"], cli)
     assert web["results"][0]["path"].endswith("astronaut.jpg")
+
+
+def test_a_verified_search_reads_the_index_without_sqlalchemy(shop_with_role):
+    """Verification, visual words, the catalogue role and ``--within`` read a plain SQLite index through sqlite3
+    (retrieval/litestore.py): the same hits, scores and inliers as through SQLAlchemy with the same network; and
+    ``retrieve search`` with the index's defaults (verify, words, catalogue) imports neither SQLAlchemy nor torch."""
+    import json
+
+    from retrieval import catalogue
+    from retrieval.litestore import LiteStore, open_search_store
+    from retrieval.search import Searcher
+    from retrieval.service import search_backbone_for_settings
+
+    root, idx, query = shop_with_role
+    lite = open_search_store(idx)
+    assert isinstance(lite, LiteStore)
+    with lite, IndexStore.open(idx) as full:
+        assert sorted(lite.row_paths()) == sorted(full.row_paths()) and len(lite.row_paths()) == 71
+        backbone = search_backbone_for_settings(full.settings)
+        for within in (None, root / "catalogue"):
+            def hits(store):
+                res = next(Searcher(store, backbone, within=within).search_paths(
+                    [str(query)], 5, verify=10, words=30, catalogue=catalogue.DEPTH if within is None else 0))
+                return [(h.id, h.path, h.score, h.inliers) for h in res.results]
+
+            got = hits(lite)
+            assert got == hits(full) and got[0][1].endswith("astronaut.jpg") and got[0][3] >= MIN_INLIERS, got
+    p = run_watching_imports("search", query, "--index", idx, "-k", "5", "--json")
+    assert p.returncode == 0, p.stderr
+    assert p.stderr.strip().splitlines()[-1] == "False False", p.stderr
+    top = json.loads(p.stdout)["results"][0]
+    assert top["path"].endswith("astronaut.jpg") and top["inliers"] >= MIN_INLIERS
 
 
 def test_catalogue_role_refusals(shop, tmp_path):

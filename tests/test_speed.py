@@ -7,13 +7,11 @@ import dataclasses
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from clitools import ROOT, run_process
+from clitools import ROOT, run_process, run_watching_imports
 
 
 @pytest.fixture(scope="module")
@@ -59,14 +57,8 @@ def test_lite_store_answers_as_the_full_store(small_index):
         assert [[h.to_dict() for h in hs] for hs in got] == [[h.to_dict() for h in hs] for hs in want]
 
 
-WATCH = ("import sys, atexit\n"
-         "atexit.register(lambda: print('sqlalchemy' in sys.modules, 'torch' in sys.modules, file=sys.stderr))\n"
-         "import cli\ncli.main(sys.argv[1:], prog_name='retrieve')\n")
-
-
 def _search(*args, **env):
-    return subprocess.run([sys.executable, "-c", WATCH, "search", *map(str, args)], capture_output=True, text=True,
-                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **env}, timeout=600)
+    return run_watching_imports("search", *args, **env)
 
 
 def test_search_without_sqlalchemy_same_output(small_index):
@@ -199,8 +191,7 @@ def test_one_query_searches_on_one_faiss_thread():
 
 
 def _index(*args, **env):  # args: retrieve's (a main option such as --threads first), then index's
-    return subprocess.run([sys.executable, "-c", WATCH, *map(str, args)], capture_output=True, text=True,
-                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **env}, timeout=1200)
+    return run_watching_imports(*args, timeout=1200, **env)
 
 
 def _vectors(idx):
