@@ -165,7 +165,7 @@ class _Bar:
 @click.option("--input-size", type=click.IntRange(32, 2048), default=None, help="Input side in pixels of a new index.")
 @click.option("--preset", type=click.Choice(["general", "instance", "faces"]), default=None,
               help="What a new index is for: general similarity (fast, the default), or the same object/product "
-                   "seen elsewhere (448 px aspect kept, GeM, PCA-whitening, --verify 10 --words 30 when searching), or "
+                   "seen elsewhere (448 px aspect kept, GeM, PCA-whitening, --verify 8 --words 25 when searching), or "
                    "faces: one row per detected face, dlib's face model (needs pip install -e '.[faces]').")
 @click.option("--face-detector", type=click.Choice(["hog", "cnn"]), default=None,
               help="With --preset faces: dlib's HOG detector (fast, the default) or its CNN detector (finds "

@@ -20,8 +20,9 @@ if TYPE_CHECKING:
     from .store import IndexStore
 
 KEY = "catalogue"
-DEPTH = 5  # catalogue candidates per stage (global, words) verified by default on an index with a catalogue
-# (20 with tf-idf words; with ASMK* words the photo→catalogue R@1 is the same at 5: bench/results/quality.md)
+DEPTH = 3  # catalogue candidates per stage (global, words) verified by default on an index with a catalogue
+# (20 with tf-idf words; with ASMK* words the photo→catalogue R@1 is the same at 5 and at 3, for 4 fewer pairs a
+# query: bench/results/quality.md)
 
 
 def folders(store: "IndexStore") -> list[str]:

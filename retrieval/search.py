@@ -209,7 +209,7 @@ class Searcher:
         ``verify``): the top W of the visual-word inverted file (retrieval/words.py) are verified too.
         ``catalogue`` = N > 0 (with ``verify``, on an index with catalogue folders, retrieval/catalogue.py):
         the top N catalogue images by the global embedding and by the inverted file are verified too. With
-        ``words``, a collection of at most :func:`whole_budget` images (50 at the instance preset) is verified
+        ``words``, a collection of at most :func:`whole_budget` images (39 at the instance preset) is verified
         whole instead. ``expand`` = E > 0 (with ``words``; None: 0, off; :data:`EXPAND` is a good E): the result
         confirmed with the most inliers (at least ``EXPAND_MIN``) brings its own top E by visual words and by the
         embedding, each verified against the query; the confirmed ones join the results.
@@ -480,7 +480,7 @@ class _Excluding:
 def whole_budget(verify: int, words: int, catalogue: int) -> int:
     """The largest collection a search with visual words verifies whole: the pairs a query verifies on a larger
     index with a catalogue (the global top K, the words' top W, the catalogue's top 2 × max(C, its default)): 50
-    at the instance preset's K 10, W 30."""
+    at the instance preset's K 8, W 25."""
     from .catalogue import DEPTH
 
     return verify + words + 2 * max(catalogue, DEPTH)

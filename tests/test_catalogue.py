@@ -87,7 +87,7 @@ def test_photo_beyond_the_global_shortlist_is_found_through_the_inverted_file(sh
     rank = _rank(base, "astronaut.jpg")
     assert rank is not None and rank > 60, rank  # the global embedding puts it beyond a verified top 60
     assert next(h for h in base["results"] if h["rank"] == rank).get("inliers") is None  # never verified
-    res = run_json("search", query, "--index", idx, "-k", "5")  # the preset's verify 10, words 30
+    res = run_json("search", query, "--index", idx, "-k", "5")  # the preset's verify 8, words 25
     top = res["results"][0]
     assert top["path"].endswith("astronaut.jpg") and top["inliers"] >= MIN_INLIERS, res["results"]
 
@@ -308,7 +308,7 @@ def test_a_verified_search_reads_the_index_without_sqlalchemy(shop_with_role):
         for within in (None, root / "catalogue"):
             def hits(store):
                 res = next(Searcher(store, backbone, within=within).search_paths(
-                    [str(query)], 5, verify=10, words=30, catalogue=catalogue.DEPTH if within is None else 0))
+                    [str(query)], 5, verify=8, words=25, catalogue=catalogue.DEPTH if within is None else 0))
                 return [(h.id, h.path, h.score, h.inliers) for h in res.results]
 
             got = hits(lite)
@@ -373,7 +373,7 @@ def test_explain_and_the_web_pair_page_count_the_inliers_the_search_reported(sho
     from web.service import Collection
 
     root, idx, query = shop
-    res = run_json("search", query, "--index", idx, "-k", "3")  # the preset's words 30
+    res = run_json("search", query, "--index", idx, "-k", "3")  # the preset's words 25
     top = res["results"][0]
     assert top["path"].endswith("astronaut.jpg") and top["inliers"] >= MIN_INLIERS
     doc = run_json("explain", query, top["path"], "--index", idx, "--verify", "--out", tmp_path / "x")
@@ -395,20 +395,20 @@ def test_explain_and_the_web_pair_page_count_the_inliers_the_search_reported(sho
 
 def test_a_collection_within_the_verification_budget_is_verified_whole(shop):
     """With visual words, a collection no larger than the pairs a query would verify anyway (K + W + 2 × the
-    catalogue depth: 50 at the instance preset, 100 at K 60, W 30) is verified whole: every result has been
+    catalogue depth: 39 at the instance preset, 96 at K 60, W 30) is verified whole: every result has been
     verified, not only the global top K and what the stages ranked; with a smaller budget, or without words, it
     is not."""
     from retrieval.search import whole_budget
 
     root, idx, query = shop
     n = len(list((root / "catalogue").iterdir())) + len(list((root / "photos").iterdir()))
-    assert n == 71 and whole_budget(60, 30, 0) == 100 and whole_budget(10, 30, 0) == 50 < n
+    assert n == 71 and whole_budget(60, 30, 0) == 96 and whole_budget(8, 25, 0) == 39 < n
     res = run_json("search", query, "--index", idx, "-k", "100", "--verify", "60", "--words", "30")
     assert len(res["results"]) == n and all(h.get("inliers") is not None for h in res["results"])
     confirmed = [h["inliers"] >= MIN_INLIERS for h in res["results"]]
     assert confirmed[0] and confirmed == sorted(confirmed, reverse=True)  # the confirmed first
-    small = run_json("search", query, "--index", idx, "-k", "100")  # the preset's: 50 < 71
-    assert sum(h.get("inliers") is None for h in small["results"]) >= n - 10 - 30
+    small = run_json("search", query, "--index", idx, "-k", "100")  # the preset's: 39 < 71
+    assert sum(h.get("inliers") is None for h in small["results"]) >= n - 8 - 25
     off = run_json("search", query, "--index", idx, "-k", "100", "--verify", "60", "--words", "0")
     assert sum(h.get("inliers") is None for h in off["results"]) == n - 60
 

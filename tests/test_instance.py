@@ -216,8 +216,8 @@ def test_instance_preset_records_its_settings_and_verifies_by_default(clutter, t
     run("index", photos, "--index", idx, "--preset", "instance")
     info = run_json("info", "--index", idx)
     assert (info["input_size"], info["resize"], info["pooling"]) == (448, "long", "gem:3")
-    assert info["head"].startswith("pca-whiten") and info["search_defaults"] == {"verify": 10, "words": 30}
-    assert "--verify 10" in run("info", "--index", idx).stdout
+    assert info["head"].startswith("pca-whiten") and info["search_defaults"] == {"verify": 8, "words": 25}
+    assert "--verify 8" in run("info", "--index", idx).stdout
     import hashlib
 
     cache = Verifier()  # the indexer extracted every photo's keypoints, so searches find them cached
