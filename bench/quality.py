@@ -29,7 +29,9 @@ import numpy as np
 import torch
 
 from indexer import index_paths
+from retrieval.catalogue import DEPTH
 from retrieval.head import fit_head, parse_head
+from retrieval.presets import PRESETS
 from retrieval.store import IndexStore
 
 EMBEDDINGS = {  # name → index_paths settings
@@ -321,19 +323,22 @@ def catalogue_section(args) -> None:
     with threadpool_limits(args.threads):
 
         pv = PairVerifier(paths, cold=False)
+        # verified as `retrieve search` verifies: RootSIFT in the 64-d subspace learned with the vocabulary (the same
+        # seeded training as catalogue.run's, so the same subspace)
+        wi = catalogue._index(pv.feats, np.arange(len(paths)))
+        pv.v.projection = wi.vocab.projection
         # the inverted file's scoring before (tf-idf bags, 1f020e9) and now (ASMK*), the same pairs memoised
         rows, build_s = catalogue.run(folder, paths, vecs, pv, args.queries, configs=((60, 0, 0), (60, 30, 20)),
                                       names=("", "tf-idf words, no expansion"), expand=0, words_cls=catalogue.TfIdf)
         rows += catalogue.run(folder, paths, vecs, pv, args.queries, configs=((60, 30, 20),),
                               names=("", f"tf-idf words, expansion {catalogue.EXPAND} (before)"),
                               words_cls=catalogue.TfIdf)[0]
-        rows += catalogue.run(folder, paths, vecs, pv, args.queries, configs=((60, 30, 20), (10, 30, 5)),
-                              names=("", "ASMK* words, no expansion"), expand=0)[0]
         rows += catalogue.run(folder, paths, vecs, pv, args.queries,
-                              configs=((60, 30, 20), (20, 30, 5), (10, 30, 5), (10, 20, 5), (10, 10, 5)),
+                              configs=((60, 30, 20), (10, 30, 5), (10, 25, 3), (8, 25, 3), (5, 25, 3), (8, 20, 3)),
+                              names=("", "ASMK* words, no expansion"), expand=0)[0]
+        rows += catalogue.run(folder, paths, vecs, pv, args.queries, configs=((60, 30, 20), (10, 30, 5), (8, 25, 3)),
                               names=("", f"ASMK* words, expansion {catalogue.EXPAND}"))[0]
         stages = catalogue.stage_recall(paths, vecs, pv.feats, args.queries)
-        wi = catalogue._index(pv.feats, np.arange(len(paths)))
         grow = catalogue.growth(wi, pv.feats)
     load = tuple(round(a, 1) for a in load + os.getloadavg())
     text = ("## Photo → catalogue (instance set, `--preset instance`)\n\n"
@@ -347,16 +352,19 @@ def catalogue_section(args) -> None:
             "(confirmed ones only count). mixed: one index of all 500; within: the same, answers from "
             "the catalogue folder only (`search --within`); catalogue-only: an index of the 100 catalogue "
             "images; with words (W > 0) the 100 catalogue images of within and catalogue-only are within the "
-            "verified whole when they fit the verification budget (K + W + 2 × max(C, 5), "
+            f"verified whole when they fit the verification budget (K + W + 2 × max(C, {DEPTH}), "
             "retrieval.search.whole_budget), as `retrieve search` does; expansion E: the best-confirmed candidate (≥ 20 inliers) "
             "brings its own top E by words and by the embedding, verified against the query (retrieval.search "
             "EXPAND; the confirmed count). Words: *tf-idf* = the cosine of tf-idf bags (the inverted file's scoring "
             "before, bench/catalogue.py TfIdf); *ASMK\\** = the selective match kernel on per-word residual "
             "signatures (retrieval/words.py). The same vocabulary and the same verified pairs for both. s/query: "
-            "ranking + query SIFT + pairs × ms/pair + lookup (not the query's embedding).\n\n")
+            "ranking + query SIFT + pairs × ms/pair + lookup (not the query's embedding). Verification matches "
+            f"RootSIFT in the {pv.v.projection.shape[1]}-d subspace learned with the vocabulary, as "
+            "`retrieve search` does.\n\n")
     text += _common.table(catalogue.HEADERS, rows)
+    preset = PRESETS["instance"]["search"]
     text += ("\n\nEach candidate stage alone, before verification (bench/catalogue.py stage_recall; the instance "
-             "preset's search verifies the global top 10 and the words' top 30):\n\n")
+             f"preset's search verifies the global top {preset['verify']} and the words' top {preset['words']}):\n\n")
     text += _common.table(catalogue.STAGE_HEADERS, stages)
     path = _common.RESULTS / f"{args.name}.md"
     old = path.read_text() if path.exists() else ""
