@@ -30,7 +30,10 @@ from .errors import ImageError, RetrieveError
 from .images import load_image
 
 RANSAC_ITERS = 500  # enough for ≥ 15 % inliers at 99.5 % confidence; caps the cost of hopeless pairs
-MATCH_CHUNK = 16  # candidates whose descriptor similarities are computed together (memory stays ~256 MB)
+MATCH_ROWS = 512  # query rows whose similarities to a candidate's are computed at once: the block (~2.6 MB for
+                  # ~1300 candidate points) stays in the cache for the passes that follow (the top two per row, the
+                  # column maxima); 6.0-6.8 ms a pair against 6.6-8.3 ms for the whole 2000-row matrix at once
+                  # (one thread, best and median of 6 rounds over 60 candidates; the same matches)
 FEATURE_MEMO = 256  # candidates' features (and their matching matrices) kept in memory by content hash
 MIN_INLIERS = 10  # confirmed from here on: 0.03 % of unrelated pairs reach it on the instance set, 88 % of
                   # true pairs do (SIFT 2000 keypoints, RootSIFT, 640 px, mutual ratio-0.85 matches, PROSAC;
@@ -231,10 +234,9 @@ class Verifier:
 
     def verify_many(self, q: LocalFeatures, rs: Sequence[LocalFeatures]) -> list[Verification]:
         """:meth:`verify` for many candidates. ``pool`` (default): one candidate at a time per thread,
-        each matrix product on one BLAS thread, as many threads as BLAS has (the similarities of one pair,
-        ~6 MB, stay in the cache for the top-two passes; RANSAC runs in parallel too); else one matrix
-        product per ``MATCH_CHUNK`` candidates on all BLAS threads, then the ratio test and RANSAC one by
-        one. Both give the same matches (tests/test_instance.py)."""
+        each matrix product on one BLAS thread, as many threads as BLAS has (RANSAC runs in parallel too);
+        else one candidate after another, each product on all BLAS threads. Both give the same matches
+        (tests/test_instance.py)."""
         out = [Verification(0) for _ in rs]
         keep = [i for i, r in enumerate(rs) if len(r.points) >= 4]
         if len(q.points) < 4 or not keep:
@@ -253,52 +255,53 @@ class Verifier:
                 for i, v in zip(keep, pool.map(one, keep)):
                     out[i] = v
             return out
-        self.matrices([rs[i] for i in keep])  # projected in one product
-        chunk = 1 if self.pool else MATCH_CHUNK
-        for at in range(0, len(keep), chunk):  # bounded memory: 2000 × 16 × 2000 similarities at most
-            self._match(q, a, rs, keep[at:at + chunk], out)
-        return out
-
-    def _match(self, q: LocalFeatures, a: np.ndarray, rs: Sequence[LocalFeatures], keep: list[int],
-               out: list[Verification]) -> None:
-        for i, (qi, ri) in zip(keep, self._pairs(a, self.matrices([rs[i] for i in keep]))):
+        bs = self.matrices([rs[i] for i in keep])  # projected in one product
+        for i, (qi, ri) in zip(keep, self._pairs(a, bs)):
             out[i] = self._ransac(q, rs[i], qi, ri)
+        return out
 
     def matches(self, q: LocalFeatures, rs: Sequence[LocalFeatures]) -> list[tuple[np.ndarray, np.ndarray]]:
         """The matches :meth:`verify_many` hands to RANSAC: for each of ``rs``, (query rows, candidate rows),
         best first (ratio test, mutual nearest neighbours, in the verifier's projection)."""
-        a = self.matrix(q)
-        out = []
-        for at in range(0, len(rs), MATCH_CHUNK):
-            out += list(self._pairs(a, self.matrices(rs[at:at + MATCH_CHUNK])))
-        return out
+        return list(self._pairs(self.matrix(q), self.matrices(rs)))
 
     def _pairs(self, a: np.ndarray, bs: list[np.ndarray]):
-        """(query rows, candidate rows) of each candidate matrix in ``bs``: one matrix product for all."""
-        sim = a @ np.concatenate(bs).T  # the rows have unit length: squared distance = 2 − 2·similarity
-        rows = np.arange(len(a))
-        start = 0
+        """(query rows, candidate rows) of each candidate matrix in ``bs``, one candidate at a time."""
         for b in bs:
-            n = len(b)
-            seg = sim[:, start:start + n]
-            start += n
-            if n < 2:
-                yield np.zeros(0, np.int64), np.zeros(0, np.int64)
-                continue
-            first = seg.argmax(1)
-            s1 = seg[rows, first]
-            seg[rows, first] = -np.inf  # (a view into sim, not needed again)
-            s2 = seg.max(1)
-            dist1, dist2 = np.sqrt(np.maximum(2 - 2 * s1, 0)), np.sqrt(np.maximum(2 - 2 * s2, 0))
-            good = np.nonzero(dist1 < self.ratio * dist2)[0]
-            if self.mutual and len(good):  # mutual: no other query point is nearer to the match's candidate
-                # point — among the query points whose own nearest is another candidate point (their nearest
-                # similarities were set to -inf above; only the few matches' columns are read). Several query
-                # points sharing one nearest candidate point all keep it: measured, making them compete costs
-                # faces (att_faces, instance preset, K 60: mAP@10 0.719 → 0.717; no head: 0.831 → 0.821)
-                good = good[seg[:, first[good]].max(0) < s1[good]]
-            good = good[np.argsort(dist1[good] / np.maximum(dist2[good], 1e-12), kind="stable")]  # best first
-            yield good, first[good]
+            yield self._pair(a, b)
+
+    def _pair(self, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The matches of query rows ``a`` and candidate rows ``b`` (unit length: squared distance = 2 − 2·similarity),
+        best first; the similarities are computed ``MATCH_ROWS`` query rows at a time."""
+        n, m = len(a), len(b)
+        if m < 2:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        first = np.empty(n, np.int64)
+        s1 = np.empty(n, np.float32)
+        s2 = np.empty(n, np.float32)
+        # each candidate point's highest similarity among the query points whose own nearest is another candidate
+        # point (their nearest similarities are set to -inf before the column maxima are taken)
+        colmax = np.full(m, -np.inf, np.float32)
+        bt = b.T
+        for at in range(0, n, MATCH_ROWS):
+            seg = a[at:at + MATCH_ROWS] @ bt
+            rows = np.arange(len(seg))
+            f = seg.argmax(1)
+            first[at:at + len(seg)] = f
+            s1[at:at + len(seg)] = seg[rows, f]
+            seg[rows, f] = -np.inf
+            s2[at:at + len(seg)] = seg.max(1)
+            if self.mutual:
+                np.maximum(colmax, seg.max(0), out=colmax)
+        dist1, dist2 = np.sqrt(np.maximum(2 - 2 * s1, 0)), np.sqrt(np.maximum(2 - 2 * s2, 0))
+        good = np.nonzero(dist1 < self.ratio * dist2)[0]
+        if self.mutual and len(good):  # mutual: no other query point is nearer to the match's candidate point —
+            # among the query points whose own nearest is another candidate point. Several query points sharing one
+            # nearest candidate point all keep it: measured, making them compete costs faces (att_faces, instance
+            # preset, K 60: mAP@10 0.719 → 0.717; no head: 0.831 → 0.821)
+            good = good[colmax[first[good]] < s1[good]]
+        good = good[np.argsort(dist1[good] / np.maximum(dist2[good], 1e-12), kind="stable")]  # best first
+        return good, first[good]
 
     def matrix(self, f: LocalFeatures) -> np.ndarray:
         """The rows ``f`` is matched with: RootSIFT, projected and renormalised when the verifier has a

@@ -299,7 +299,7 @@ def _matches_by_definition(v: Verifier, q, r) -> set[tuple[int, int]]:
 def test_batched_matching_equals_the_definition_pair_by_pair(matched, dims):
     photo, others, basis = matched
     v = Verifier(cache=False, projection=None if dims is None else basis)
-    batched = v.matches(photo, others)  # one matrix product for all four
+    batched = v.matches(photo, others)  # the four at once (each in blocks of MATCH_ROWS query rows)
     for r, (qi, ri) in zip(others, batched):
         got = set(zip(qi.tolist(), ri.tolist()))
         want = _matches_by_definition(v, photo, r)
@@ -317,6 +317,23 @@ def test_batched_matching_equals_the_definition_pair_by_pair(matched, dims):
     assert [m.inliers for m in many] == [m.inliers for m in chunked] == [v.verify(photo, r).inliers for r in others]
     assert all(np.array_equal(m.query_points, c.query_points) for m, c in zip(many, chunked))
     assert many[1].confirmed and not many[0].confirmed and not many[2].confirmed
+
+
+def test_matching_in_blocks_of_query_rows_equals_one_block(matched, monkeypatch):
+    """The similarities are computed MATCH_ROWS query rows at a time; the top two per row and the mutual check's
+    column maxima, gathered across the blocks, give the matches of the whole matrix at once."""
+    from retrieval import verify
+
+    photo, others, basis = matched
+    v = Verifier(cache=False, projection=basis)
+    monkeypatch.setattr(verify, "MATCH_ROWS", 1 << 30)
+    whole = v.matches(photo, others)
+    monkeypatch.setattr(verify, "MATCH_ROWS", 37)  # not a divisor: a short last block
+    assert len(photo.points) > 10 * 37 and len(photo.points) % 37
+    blocks = v.matches(photo, others)
+    assert sum(len(qi) for qi, _ in whole) > 50
+    for (qa, ra), (qb, rb) in zip(whole, blocks):
+        assert np.array_equal(qa, qb) and np.array_equal(ra, rb)
 
 
 def test_projection_is_the_top_uncentred_subspace_and_keeps_the_verdicts(matched):
