@@ -1,8 +1,10 @@
 """Shared bits of the benchmark scripts: where results go, a table printer, the shared data folder."""
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -42,6 +44,18 @@ def save(name: str, text: str) -> Path:
     print(text)
     print(f"\nsaved {path.relative_to(ROOT)}")
     return path
+
+
+@contextlib.contextmanager
+def worktree(rev: str, where: Path):
+    """A detached git worktree of revision ``rev`` at ``where`` (its own CLI, run by a benchmark beside this
+    tree's), removed afterwards."""
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(where), rev], check=True,
+                   capture_output=True)
+    try:
+        yield where
+    finally:
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(where)], capture_output=True)
 
 
 def interleaved_runs(sessions: dict, x, step: int, rounds: int) -> tuple[dict, list[float]]:

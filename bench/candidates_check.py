@@ -14,6 +14,7 @@ whose run is kept in bench/results/expansion-check.md: that one is ``--variant '
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -62,34 +63,27 @@ def main() -> None:
     args = ap.parse_args()
     rows = []
     load0 = os.getloadavg()
-    with tempfile.TemporaryDirectory(prefix="retrieve-candidates-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="retrieve-candidates-") as tmp, contextlib.ExitStack() as stack:
         trees = [("now", _common.ROOT)]
         if args.before:
-            wt = Path(tmp) / "before"
-            subprocess.run(["git", "-C", str(_common.ROOT), "worktree", "add", "--detach", str(wt), args.before],
-                           check=True, capture_output=True)
-            trees.insert(0, (f"before ({args.before})", wt))
-        try:
-            for name in args.datasets:
-                src = _common.shared_dataset(name)
-                if src is None:
-                    continue
-                for label, root in trees:
-                    idx = Path(tmp) / f"{name}-{label.split()[0]}"
-                    _run(root, "index", str(src), "--preset", "instance", "--index", str(idx))
-                    runs = [(f"{label}: defaults", [])]
-                    if root == _common.ROOT:
-                        runs += [(f"{label}: {v}", shlex.split(a)) for v, a in args.variant]
-                    for run_label, extra in runs:
-                        t = time.perf_counter()
-                        out = _run(root, "search", str(src), "--index", str(idx), "-k", "10", "--json", *extra)
-                        n, r1, m = _scores(out)
-                        rows.append([name, run_label, n, round(r1, 3), round(m, 3), round(time.perf_counter() - t, 1)])
-                        print(" | ".join(map(str, rows[-1])), flush=True)
-        finally:
-            if args.before:
-                subprocess.run(["git", "-C", str(_common.ROOT), "worktree", "remove", "--force", str(wt)],
-                               capture_output=True)
+            trees.insert(0, (f"before ({args.before})", stack.enter_context(
+                _common.worktree(args.before, Path(tmp) / "before"))))
+        for name in args.datasets:
+            src = _common.shared_dataset(name)
+            if src is None:
+                continue
+            for label, root in trees:
+                idx = Path(tmp) / f"{name}-{label.split()[0]}"
+                _run(root, "index", str(src), "--preset", "instance", "--index", str(idx))
+                runs = [(f"{label}: defaults", [])]
+                if root == _common.ROOT:
+                    runs += [(f"{label}: {v}", shlex.split(a)) for v, a in args.variant]
+                for run_label, extra in runs:
+                    t = time.perf_counter()
+                    out = _run(root, "search", str(src), "--index", str(idx), "-k", "10", "--json", *extra)
+                    n, r1, m = _scores(out)
+                    rows.append([name, run_label, n, round(r1, 3), round(m, 3), round(time.perf_counter() - t, 1)])
+                    print(" | ".join(map(str, rows[-1])), flush=True)
     load = tuple(round(a, 1) for a in load0 + os.getloadavg())
     text = (f"`python bench/candidates_check.py {' '.join(shlex.quote(a) for a in sys.argv[1:])}`: each dataset "
             f"indexed with `--preset instance` (by each tree), every image queried (`retrieve search DATASET -k 10 "
