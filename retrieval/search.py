@@ -23,8 +23,8 @@ RERANK_FACTOR = 10  # compressed (PQ) indexes: fetch k×this candidates, re-scor
 EXPAND = 10  # spatially verified query expansion (Chum et al., "Total Recall", ICCV 2007), search --expand E: the
 EXPAND_MIN = 20  # best-confirmed result (at least this many inliers) brings its own top E by visual words and by the
 # embedding, each verified against the query; the confirmed join. Off by default: with ASMK* words, at the instance
-# preset (K 10, W 30, C 5) it raises mAP@10 0.858 → 0.898 for 39 % more pairs a query (47.5 → 65.9; R@1 and
-# photo→catalogue unchanged; bench/results/quality.md); with tf-idf words it had raised it 0.747 → 0.827
+# preset (K 8, W 25, C 3) it raises mAP@10 0.858 → 0.9 for 50 % more pairs a query (37.0 → 55.4; R@1 and
+# photo→catalogue unchanged; bench/results/quality.md); with tf-idf words it had raised it 0.747 → 0.829
 
 
 @dataclass
