@@ -89,7 +89,7 @@ def query(rows: np.ndarray, cells: np.ndarray, probes: int) -> Query:
 
 
 def match(q: Query, b: Prepared, ratio: float, mutual: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """(query rows, candidate rows) of the matches, best first — retrieval.verify.Verifier._pairs restricted to
+    """(query rows, candidate rows) of the matches, best first — retrieval.verify.Verifier._pair restricted to
     the probed cells: a query row's nearest candidate row passes the ratio test against its second nearest
     (squared distance 2 − 2·similarity; a row that sees fewer than two candidate rows has no match), and with ``mutual`` no other query row that probes the match's cell
     and whose own nearest is another candidate row is nearer to it; sorted by the ratio, ties by query row."""

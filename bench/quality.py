@@ -266,9 +266,7 @@ HEADERS = ["dataset", "embedding", "metric", "head", "QE", "DBA", "verify K", "R
 
 
 def preset_rows(rows: list[list]) -> list[list]:
-    """The rows of each preset (retrieval.store.PRESETS): the defaults, as they measure."""
-    from retrieval.store import PRESETS
-
+    """The rows of each preset (retrieval.presets.PRESETS): the defaults, as they measure."""
     out = []
     for name, p in PRESETS.items():
         size = p["input_size"] or 224

@@ -479,7 +479,7 @@ class _Excluding:
 
 def whole_budget(verify: int, words: int, catalogue: int) -> int:
     """The largest collection a search with visual words verifies whole: the pairs a query verifies on a larger
-    index with a catalogue (the global top K, the words' top W, the catalogue's top 2 × max(C, its default)): 50
+    index with a catalogue (the global top K, the words' top W, the catalogue's top 2 × max(C, its default)): 39
     at the instance preset's K 8, W 25."""
     from .catalogue import DEPTH
 

@@ -248,7 +248,7 @@ class Verifier:
 
             def one(i: int) -> Verification:  # projected in the thread too (one product's rows up to float32
                 # rounding; verdicts and the quality table unchanged: bench/results/catalogue-speed.md)
-                qi, ri = next(self._pairs(a, [self.matrix(rs[i])]))
+                qi, ri = self._pair(a, self.matrix(rs[i]))
                 return self._ransac(q, rs[i], qi, ri)
 
             with one_blas_thread(), ThreadPoolExecutor(min(threads, len(keep))) as pool:
@@ -256,19 +256,16 @@ class Verifier:
                     out[i] = v
             return out
         bs = self.matrices([rs[i] for i in keep])  # projected in one product
-        for i, (qi, ri) in zip(keep, self._pairs(a, bs)):
+        for i, b in zip(keep, bs):
+            qi, ri = self._pair(a, b)
             out[i] = self._ransac(q, rs[i], qi, ri)
         return out
 
     def matches(self, q: LocalFeatures, rs: Sequence[LocalFeatures]) -> list[tuple[np.ndarray, np.ndarray]]:
         """The matches :meth:`verify_many` hands to RANSAC: for each of ``rs``, (query rows, candidate rows),
         best first (ratio test, mutual nearest neighbours, in the verifier's projection)."""
-        return list(self._pairs(self.matrix(q), self.matrices(rs)))
-
-    def _pairs(self, a: np.ndarray, bs: list[np.ndarray]):
-        """(query rows, candidate rows) of each candidate matrix in ``bs``, one candidate at a time."""
-        for b in bs:
-            yield self._pair(a, b)
+        a = self.matrix(q)
+        return [self._pair(a, b) for b in self.matrices(rs)]
 
     def _pair(self, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The matches of query rows ``a`` and candidate rows ``b`` (unit length: squared distance = 2 − 2·similarity),
