@@ -29,7 +29,7 @@ class RetrieveGroup(click.Group):
 
 
 def _index_dir(value: str | None) -> Path:
-    from retrieval.settings import default_index_dir  # no SQLAlchemy
+    from retrieval.index.settings import default_index_dir  # no SQLAlchemy
 
     return Path(value).expanduser() if value else default_index_dir()
 
@@ -41,7 +41,7 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Machine-read
 
 def _use_db(ctx: click.Context, _param, value: str | None) -> str | None:
     if not ctx.resilient_parsing:
-        from retrieval import database
+        from retrieval.index import database
 
         database.use(value)  # a bad URL: one line, from the RetrieveGroup
     return value
@@ -55,7 +55,7 @@ db_option = click.option("--db", metavar="URL", envvar="RETRIEVE_DB", expose_val
 
 def _trust_model(ctx: click.Context, _param, value: bool) -> bool:
     if not ctx.resilient_parsing:
-        from retrieval.service import trust_models
+        from retrieval.models.loader import trust_models
 
         trust_models(value)
     return value
@@ -83,7 +83,7 @@ def _set_threads(ctx: click.Context, torch_now: bool = True) -> None:
     if threads and not torch_now:  # `retrieve index` without torch: whoever imports it applies RETRIEVE_THREADS
         import os
 
-        os.environ["RETRIEVE_THREADS"] = str(threads)  # (retrieval/service.py apply_threads, retrieval/fastpath.py)
+        os.environ["RETRIEVE_THREADS"] = str(threads)  # (retrieval/models/loader.py apply_threads, retrieval/models/runtime.py)
         return
     if threads:
         import os
@@ -105,7 +105,8 @@ def models(as_json: bool) -> None:
       retrieve models             # name, embedding size, feature map, offline or not
       retrieve models --json      # the same as a JSON list
     """
-    from retrieval.models import REGISTRY, weights_location
+    from retrieval.models.loading import weights_location
+    from retrieval.models.registry import REGISTRY
 
     rows = []
     for name, spec in REGISTRY.items():
@@ -250,8 +251,8 @@ def index(ctx, paths, index_dir, model, weights, metric, index_type, faiss_facto
                    + (f" (+{report.skipped_before} known bad)" if report.skipped_before else "")
                    + f" in {report.seconds:.1f}s")
     if as_catalogue and report.total:
-        from retrieval import catalogue
-        from retrieval.store import IndexStore
+        from retrieval.index import catalogue
+        from retrieval.index.store import IndexStore
 
         with IndexStore.open(_index_dir(index_dir), writable=True) as store:
             roots = catalogue.record(store, paths)
@@ -286,8 +287,8 @@ def info(index_dir, as_json) -> None:
       retrieve info
       retrieve info --index ~/products-index --json
     """
-    from retrieval.info import index_info
-    from retrieval.store import IndexStore
+    from retrieval.index.info import index_info
+    from retrieval.index.store import IndexStore
 
     with IndexStore.open(_index_dir(index_dir)) as store:
         d = index_info(store)
@@ -376,9 +377,9 @@ def search(ctx, queries, index_dir, k, min_score, include_self, qe, dba, verify,
       retrieve search some/folder --json           # one JSON object per query image
       retrieve search photos/ --within catalogue/  # answers from the catalogue's images only
     """
-    from retrieval.litestore import open_search_store
-    from retrieval.search import Searcher, expand_queries
-    from retrieval.service import backbone_for_settings, search_backbone_for_settings
+    from retrieval.index.litestore import open_search_store
+    from retrieval.match.search import Searcher, expand_queries
+    from retrieval.models.loader import backbone_for_settings, search_backbone_for_settings
 
     _set_threads(ctx)
     if (out_dir or method or full_maps) and not explain:
@@ -410,7 +411,7 @@ def search(ctx, queries, index_dir, k, min_score, include_self, qe, dba, verify,
         explainer = index_explainer(store, searcher.backbone, method) if explain else None
         calibration = None
         if explain:
-            from retrieval.calibration import for_search
+            from retrieval.index.calibration import for_search
 
             calibration = for_search(store)
         results = searcher.search_paths(paths, k, include_self=include_self, min_score=min_score, qe=qe,
@@ -452,9 +453,9 @@ def search(ctx, queries, index_dir, k, min_score, include_self, qe, dba, verify,
 
 
 def _catalogue_depth(store, n, verify: int) -> int:
-    """``search --catalogue N``: the index's default (retrieval.catalogue.DEPTH when it records a catalogue), or
+    """``search --catalogue N``: the index's default (retrieval.index.catalogue.DEPTH when it records a catalogue), or
     N checked: it needs --verify and an index with a catalogue."""
-    from retrieval import catalogue
+    from retrieval.index import catalogue
 
     if n is None:
         return catalogue.default_depth(store, verify)
@@ -486,9 +487,9 @@ def _with_explanations(d: dict, explained: dict) -> dict:
 
 
 def _search_faces(store, paths, k, face, include_self, explain, out_dir, method, as_json) -> None:
-    """``retrieve search`` on a faces index: one face of each query photo (retrieval/face_search.py)."""
-    from retrieval.face_search import FaceSearcher
-    from retrieval.service import backbone_for_settings
+    """``retrieve search`` on a faces index: one face of each query photo (retrieval/faces/search.py)."""
+    from retrieval.faces.search import FaceSearcher
+    from retrieval.models.loader import backbone_for_settings
 
     searcher = FaceSearcher(store, backbone_for_settings(store.settings))
     failed = 0
@@ -540,12 +541,12 @@ def check(ctx, index_dir, repair, as_json) -> None:
       retrieve check
       retrieve check --repair     # re-embed or drop damaged rows, rebuild the vector file
     """
-    from retrieval.check import check_index, repair_index
+    from retrieval.index.check import check_index, repair_index
 
     directory = _index_dir(index_dir)
     if repair:
-        from retrieval.service import backbone_for_settings
-        from retrieval.store import IndexStore
+        from retrieval.models.loader import backbone_for_settings
+        from retrieval.index.store import IndexStore
 
         def reembed(paths):
             from retrieval.images import load_image
@@ -624,8 +625,9 @@ def explain_cmd(ctx, a, b, index_dir, model, weights, metric, method, input_size
     from explain.methods import make_explainer
     from explain.run import default_out_dir, explain_pair, index_explainer
     from retrieval.images import load_image
-    from retrieval.models import DEFAULT_MODEL, load_backbone
-    from retrieval.store import IndexStore
+    from retrieval.models.loading import load_backbone
+    from retrieval.models.registry import DEFAULT_MODEL
+    from retrieval.index.store import IndexStore
 
     _set_threads(ctx)
     for p in (a, b):
@@ -638,8 +640,8 @@ def explain_cmd(ctx, a, b, index_dir, model, weights, metric, method, input_size
         raise click.UsageError("--face-a/--face-b go with a faces index (--index DIR built with --preset faces)")
     search = calibration = verifier = None
     if index_dir:
-        from retrieval.calibration import for_search
-        from retrieval.service import backbone_for_settings
+        from retrieval.index.calibration import for_search
+        from retrieval.models.loader import backbone_for_settings
 
         from explain.run import index_pair_score
 
@@ -649,21 +651,21 @@ def explain_cmd(ctx, a, b, index_dir, model, weights, metric, method, input_size
             meta = _explain_meta(store, explainer)
             search = index_pair_score(store, bb, a, b)
             calibration = for_search(store)
-            if verify:  # inliers counted as the index's searches count them (retrieval.words.index_verifier)
-                from retrieval.words import index_verifier
+            if verify:  # inliers counted as the index's searches count them (retrieval.match.words.index_verifier)
+                from retrieval.match.words import index_verifier
 
                 verifier = index_verifier(store)
     else:
         bb = load_backbone(model or DEFAULT_MODEL, weights, input_size=input_size)
-        if not input_size:  # maps at the resolution an index explains at (retrieval.store.default_explain)
-            from retrieval.store import default_explain
+        if not input_size:  # maps at the resolution an index explains at (retrieval.index.store.default_explain)
+            from retrieval.index.store import default_explain
 
             bb = bb.at_size(default_explain(bb.preprocess.size)["input_size"])
         explainer = make_explainer(method or "sfam", bb, metric=metric or "cosine", mu=None)
         meta = _explain_meta(None, explainer)
     verification = None
     if verify:
-        from retrieval.verify import Verifier
+        from retrieval.match.verify import Verifier
 
         v = verifier or Verifier()
         verification = v.verify(v.features(a), v.features(b))
@@ -685,7 +687,7 @@ def _explain_faces(a, b, index_dir, face_a, face_b, method, input_size, out_dir,
     """``retrieve explain A B --index FACES`` (explain/faces.py explain_face_pair); False when the index is not
     a faces index (the general explain goes on)."""
     from explain.run import default_out_dir
-    from retrieval.store import IndexStore
+    from retrieval.index.store import IndexStore
 
     with IndexStore.open(_index_dir(index_dir)) as store:
         if store.settings.preset != "faces":
@@ -696,8 +698,8 @@ def _explain_faces(a, b, index_dir, face_a, face_b, method, input_size, out_dir,
         if method not in (None, "sfam", "gradcam"):
             raise click.UsageError(f"--method {method}: a faces index explains with sfam or gradcam")
         from explain.faces import explain_face_pair
-        from retrieval.face_search import FaceSearcher
-        from retrieval.service import backbone_for_settings
+        from retrieval.faces.search import FaceSearcher
+        from retrieval.models.loader import backbone_for_settings
 
         searcher = FaceSearcher(store, backbone_for_settings(store.settings))
         doc = explain_face_pair(searcher, a, b, Path(out_dir) if out_dir else default_out_dir(a), face_a, face_b,

@@ -13,7 +13,7 @@ import time
 import _common  # noqa: F401  (sets sys.path)
 import torch
 
-from retrieval.models import load_backbone
+from retrieval.models.loading import load_backbone
 
 
 def main() -> None:

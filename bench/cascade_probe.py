@@ -4,7 +4,7 @@
 
 INDEX: a mixed instance index with the catalogue role (bench/results/catalogue-speed.md). For each phone-photo
 query (view1), its real candidates (global top 60 + words top 30 + catalogue 20 + 20, bench/catalogue_speed.py)
-are verified by the product's matcher (retrieval/verify.py, 64-d, ≥ MIN_INLIERS inliers = confirmed) and by each
+are verified by the product's matcher (retrieval/match/verify.py, 64-d, ≥ MIN_INLIERS inliers = confirmed) and by each
 cheap first test; a cascade (cheap test, then the full matcher on the pairs that pass) is only worth having when
 it drops no confirmed pair and passes few of the others. Tests:
 
@@ -30,8 +30,8 @@ import numpy as np
 import _common
 from catalogue_speed import _candidates, instance_index
 
-from retrieval import words as W
-from retrieval.verify import MIN_INLIERS, LocalFeatures, Verifier, _root, project
+from retrieval.match import words as W
+from retrieval.match.verify import MIN_INLIERS, LocalFeatures, Verifier, _root, project
 
 
 def _shared_words(qw: np.ndarray, cw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -3,10 +3,10 @@
     python bench/catalogue.py [--queries 100] [--threads 2]   (called by bench/quality.py --catalogue)
 
 The instance set (bench/instance_set.py): 100 objects × (one clean catalogue image ``ref.jpg`` + 4 phone
-photos). Queries: one phone photo per object (view1), as the product ranks (retrieval/search.py):
+photos). Queries: one phone photo per object (view1), as the product ranks (retrieval/match/search.py):
 global embedding (gem-448-long, pca-whiten:128 fitted on the collection, cosine), the top K verified
-(retrieval/verify.py), plus, with words W > 0, the top W of the visual-word inverted file
-(retrieval/words.py) that are not in the top K, plus, with catalogue C > 0 (the index's catalogue
+(retrieval/match/verify.py), plus, with words W > 0, the top W of the visual-word inverted file
+(retrieval/match/words.py) that are not in the top K, plus, with catalogue C > 0 (the index's catalogue
 role, ``index --catalogue``), the top C catalogue images by the embedding and the top C by words that are
 not among those; a words or catalogue candidate counts only when confirmed.
 
@@ -28,10 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
-from retrieval import words as W
-from retrieval.head import fit_head, parse_head
-from retrieval.search import EXPAND, EXPAND_MIN, whole_budget
-from retrieval.verify import Verification, rerank
+from retrieval.match import words as W
+from retrieval.index.head import fit_head, parse_head
+from retrieval.match.search import EXPAND, EXPAND_MIN, whole_budget
+from retrieval.match.verify import Verification, rerank
 
 
 def _order(x: np.ndarray, q: np.ndarray) -> np.ndarray:
@@ -92,7 +92,7 @@ def _index(feats: list, positions: np.ndarray, cls=W.WordIndex) -> W.WordIndex:
 
 def product_order(q: int, order: np.ndarray, pv, k: int, wl: list[int], pairs: list, early: int = 0,
                   is_cat: np.ndarray | None = None) -> list[int]:
-    """retrieval.search.Searcher._verified on a full global order (``order``: candidates best first);
+    """retrieval.match.search.Searcher._verified on a full global order (``order``: candidates best first);
     appends the number of verified pairs to ``pairs``. ``early`` = E > 0 (simulated early exit): the
     candidates are verified 16 at a time, alternately from the global shortlist and the other stages, best
     first, and verification stops after the 16 in which a candidate (with ``is_cat``: a catalogue image)
@@ -164,7 +164,7 @@ def run(folder: Path, paths: list[str], vecs: np.ndarray, pv, n_queries: int = 1
             t = time.perf_counter()
             wl = [c for c, _ in wi_all.search(pv.feats[q].descriptors, w, exclude=[q])] if w else []
             lookup.append(time.perf_counter() - t)
-            if c:  # the catalogue role (retrieval/catalogue.py): its top C by the embedding and by words
+            if c:  # the catalogue role (retrieval/index/catalogue.py): its top C by the embedding and by words
                 taken = set(int(i) for i in order[:k]) | set(wl)
                 gc = [int(i) for i in order if is_ref[i] and int(i) not in taken][:c]
                 taken |= set(gc)
@@ -173,7 +173,7 @@ def run(folder: Path, paths: list[str], vecs: np.ndarray, pv, n_queries: int = 1
                                                   exclude=taken | {q})][:c] if w else []
                 lookup[-1] += time.perf_counter() - t
                 wl = wl + gc + wc
-            if w and expand:  # verified query expansion (retrieval.search, EXPAND): the best-confirmed candidate's
+            if w and expand:  # verified query expansion (retrieval.match.search, EXPAND): the best-confirmed candidate's
                 # own top EXPAND by words and by the embedding, verified against the query
                 cands = [int(i) for i in order[:k]] + [i for i in wl if i not in set(int(j) for j in order[:k])]
                 inl = pv.inliers(q, np.array(cands, np.int64))
@@ -185,7 +185,7 @@ def run(folder: Path, paths: list[str], vecs: np.ndarray, pv, n_queries: int = 1
                     eg = [int(i) for i in np.argsort(-(x[best] @ x.T), kind="stable") if int(i) not in taken][:expand]
                     wl = wl + ew + eg
             res["mixed"].append(product_order(q, order, pv, k, wl, pairs["mixed"], e, is_ref if c else None))
-            # with words, a collection within the verification budget is verified whole (retrieval.search,
+            # with words, a collection within the verification budget is verified whole (retrieval.match.search,
             # whole_budget): here the 100 catalogue images of --within and of the catalogue-only index
             whole = w > 0 and len(refs) <= whole_budget(k, w, c)
             o_within = [c for c in order if is_ref[c]]

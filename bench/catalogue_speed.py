@@ -13,7 +13,7 @@ Writes bench/results/catalogue-speed.md with three tables:
    (the same for every preset with this backbone; bench/results/quality.md).
 2. **Quality side by side**: bench/catalogue.py's protocol (R@1, mAP@10, photo→catalogue mixed / within /
    catalogue-only) with verification matching RootSIFT in all 128 dimensions (before) and in the 64-d
-   subspace learned with the index's vocabulary (now, retrieval/words.py ``fit_projection``), in one run.
+   subspace learned with the index's vocabulary (now, retrieval/match/words.py ``fit_projection``), in one run.
 3. **Growth**: the index's real rows plus synthetic distractors up to ``--sizes`` (global vectors drawn
    from a Gaussian with the real rows' mean and covariance, renormalised; visual-word bags drawn from the
    real word frequencies), each stage timed per query.
@@ -32,9 +32,9 @@ import _common
 import catalogue
 from quality import PairVerifier
 
-from retrieval import words as W
-from retrieval.store import IndexStore
-from retrieval.verify import Verifier
+from retrieval.match import words as W
+from retrieval.index.store import IndexStore
+from retrieval.match.verify import Verifier
 
 
 def _candidates(q: int, x: np.ndarray, is_ref: np.ndarray, wi: W.WordIndex, feats, k=60, w=30, c=20) -> list[int]:
@@ -60,7 +60,7 @@ def profile(paths: list[str], x: np.ndarray, is_ref: np.ndarray, wi: W.WordIndex
     from concurrent.futures import ThreadPoolExecutor
 
     from retrieval.images import load_image
-    from retrieval.verify import _decode, _read_npz, blas_threads
+    from retrieval.match.verify import _decode, _read_npz, blas_threads
 
     variants = variants or (("64-d, pool, npz cache, one by one (before)", projection, True, "npz"),
                             ("64-d, pool, raw cache, in threads (now)", projection, True, "raw"))
@@ -186,7 +186,7 @@ def instance_index(index: str, n_queries: int):
     """An index of the instance set: its row ids and raw vectors, paths, which rows are catalogue images (``ref``), the first
     ``n_queries`` phone photos (``view1``) as queries, and the vectors in the preset's space (pca-whiten:128 fitted
     on them, unit length)."""
-    from retrieval.head import fit_head, parse_head
+    from retrieval.index.head import fit_head, parse_head
 
     with IndexStore.open(index) as store:
         ids, vecs = zip(*store.iter_vectors())

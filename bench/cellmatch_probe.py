@@ -3,7 +3,7 @@
     python bench/cellmatch_probe.py --index INDEX [--queries 100] [--threads 2] [--cells 8:0.85 16:0.85 ...]
 
 INDEX: a mixed instance index with the catalogue role and a current words.npz (bench/results/catalogue-speed.md).
-Geometric verification (retrieval/verify.py) matches each query descriptor against every candidate descriptor:
+Geometric verification (retrieval/match/verify.py) matches each query descriptor against every candidate descriptor:
 2000 × ~1250 similarities a pair (one matrix product in BLAS), most of a query's time. Descriptors that match lie
 close together, hence almost always in the same or neighbouring cells of a k-means partition — the inverted-file
 idea (faiss IVF; Jégou et al., ECCV 2008) applied to one pair. Here a candidate's descriptors are assigned to their
@@ -30,8 +30,8 @@ import catalogue
 from catalogue_speed import instance_index
 from quality import PairVerifier
 
-from retrieval import words as W
-from retrieval.verify import MIN_INLIERS, LocalFeatures, Verification, Verifier, one_blas_thread
+from retrieval.match import words as W
+from retrieval.match.verify import MIN_INLIERS, LocalFeatures, Verification, Verifier, one_blas_thread
 
 
 def cells_of(vocab_top: np.ndarray, projection: np.ndarray) -> np.ndarray:
@@ -89,7 +89,7 @@ def query(rows: np.ndarray, cells: np.ndarray, probes: int) -> Query:
 
 
 def match(q: Query, b: Prepared, ratio: float, mutual: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """(query rows, candidate rows) of the matches, best first — retrieval.verify.Verifier._pair restricted to
+    """(query rows, candidate rows) of the matches, best first — retrieval.match.verify.Verifier._pair restricted to
     the probed cells: a query row's nearest candidate row passes the ratio test against its second nearest
     (squared distance 2 − 2·similarity; a row that sees fewer than two candidate rows has no match), and with ``mutual`` no other query row that probes the match's cell
     and whose own nearest is another candidate row is nearer to it; sorted by the ratio, ties by query row."""
@@ -174,7 +174,7 @@ def _kernels():
 
 
 class CellVerifier(Verifier):
-    """retrieval.verify.Verifier whose matching is restricted to ``cells`` (``probes`` per query descriptor)."""
+    """retrieval.match.verify.Verifier whose matching is restricted to ``cells`` (``probes`` per query descriptor)."""
 
     def __init__(self, cells: np.ndarray, probes: int, **kw):
         super().__init__(**kw)
@@ -183,7 +183,7 @@ class CellVerifier(Verifier):
     def verify_many(self, q: LocalFeatures, rs) -> list[Verification]:
         from concurrent.futures import ThreadPoolExecutor
 
-        from retrieval.verify import blas_threads
+        from retrieval.match.verify import blas_threads
 
         out = [Verification(0) for _ in rs]
         keep = [i for i, r in enumerate(rs) if len(r.points) >= 4]

@@ -62,7 +62,7 @@ def _mapped(pid: int, names: tuple[str, ...]) -> set[str]:
 
 def run_sampled(argv: list[str], env: dict, index_dir: Path, cwd: Path | None = None) -> dict:
     """Run ``argv``; return peak RSS (MiB) overall and per phase, seconds, whether torch was loaded."""
-    from retrieval.vectors import FAISS_NAME
+    from retrieval.index.vectors import FAISS_NAME
 
     t0 = time.perf_counter()
     p = subprocess.Popen(argv, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -3,7 +3,7 @@
     python bench/cuda_check.py   (on a machine with an NVIDIA GPU; writes bench/results/cuda-check.md)
 
 The product targets the CPU, but where CUDA is present torch's device is picked automatically
-(retrieval.backbone.pick_device), so an index built on a laptop may be searched, or a match explained, on a GPU
+(retrieval.models.backbone.pick_device), so an index built on a laptop may be searched, or a match explained, on a GPU
 machine. Checked here, on the bundled samples (data/samples):
 
 1. **Embeddings** of the default backbone at the general preset (224 px squashed, GAP) and at the instance
@@ -47,7 +47,7 @@ def embeddings() -> list[list]:
     import torch
 
     from retrieval.images import load_image
-    from retrieval.models import load_backbone
+    from retrieval.models.loading import load_backbone
 
     paths = sorted(p for p in SAMPLES.iterdir() if p.suffix.lower() in (".png", ".jpg"))
     rows = []

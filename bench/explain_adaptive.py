@@ -19,7 +19,7 @@ import torch
 import explain_eval as ev
 import explain_sweep as sw
 from explain.methods import SFAM, upsample
-from retrieval.models import load_backbone
+from retrieval.models.loading import load_backbone
 
 torch.set_num_threads(int(os.environ.get("THREADS", "2")))
 CACHE = os.environ.get("CACHE", "/tmp/audit_components.pkl")

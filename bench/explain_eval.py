@@ -35,7 +35,7 @@ import torch
 from PIL import Image, ImageFilter
 
 from explain.methods import TAP_LAYERS, make_explainer, upsample
-from retrieval.models import load_backbone
+from retrieval.models.loading import load_backbone
 
 OBJECTS = ("chelsea", "coffee", "astronaut", "rocket", "camera", "coins")
 SCENES = ("brick", "grass", "gravel", "hubble_deep_field", "moon", "page")

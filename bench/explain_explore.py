@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from explain_eval import energy_pointing, localisation_sets
 from explain.methods import upsample
-from retrieval.models import load_backbone
+from retrieval.models.loading import load_backbone
 
 CACHE = _common.ROOT / "bench" / ".cache" / "explore"
 

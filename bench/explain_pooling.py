@@ -18,8 +18,8 @@ import torch
 from explain_eval import energy_pointing, localisation_sets
 
 from explain.methods import make_explainer
-from retrieval.models import load_backbone
-from retrieval.pooling import parse_pooling
+from retrieval.models.loading import load_backbone
+from retrieval.models.pooling import parse_pooling
 
 
 def main() -> None:

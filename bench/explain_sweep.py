@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import explain_eval as ev
 from explain.methods import SFAM, SFAMPlain, upsample, _unit, _mutual, _to
-from retrieval.models import load_backbone
+from retrieval.models.loading import load_backbone
 
 torch.set_num_threads(2)
 NPAIRS = int(os.environ.get("NPAIRS", "20"))

@@ -55,7 +55,7 @@ def ranks_metrics(dist_rows: list[np.ndarray], relevant_rows: list[np.ndarray]) 
 
 
 def general_backbone():
-    from retrieval.models import load_backbone
+    from retrieval.models.loading import load_backbone
 
     return load_backbone()  # the general preset: efficientnet_lite0, 224 squash, GAP, cosine
 
@@ -143,7 +143,7 @@ def make_groups(orl_root: Path, bg_root: Path, n: int, rng: random.Random, out: 
 
 
 def groups(orl_root, bg_root, n, seed, finder, face_bb, gen_bb, progress, work: Path) -> dict:
-    from retrieval.face_search import _iou
+    from retrieval.faces.search import _iou
 
     photos, queries = make_groups(orl_root, bg_root, n, random.Random(seed), work)
     t0, c0 = time.perf_counter(), time.process_time()
@@ -307,7 +307,7 @@ def parts_rect(face) -> tuple[float, float, float, float]:
     """The eyes/nose/mouth region in the aligned chip's pixels (eyes level there), from the 5 landmarks (four
     eye corners, the base of the nose): across the outer eye corners, from half the eye-to-nose distance ``d``
     above the eyes' line (the brows) to ``d`` below the base of the nose (the mouth; not the chin)."""
-    from retrieval.faces import invert
+    from retrieval.faces.detect import invert
 
     inv = invert(face.to_photo)
     p = (inv @ np.c_[face.landmarks, np.ones(len(face.landmarks))].T).T
@@ -389,7 +389,7 @@ def localisation(pairs, face_bb, mu, gc, progress) -> list[list]:
     chip for the eyes/nose/mouth region (``parts_rect``)."""
     from explain.faces import TAP, energy_in_box, explain_pair
     from explain.methods import SFAM, make_explainer
-    from retrieval.faces import warp_to_photo
+    from retrieval.faces.detect import warp_to_photo
 
     sfam = SFAM(face_bb, metric="l2", mu=mu, tap=TAP, paper=0)
     sfam.map_max_side = None
@@ -483,8 +483,8 @@ def main() -> None:
         sets.discard("real")
     if not sets:
         return
-    from retrieval.dlib_face import load_backbone
-    from retrieval.faces import FaceFinder
+    from retrieval.faces.network import load_backbone
+    from retrieval.faces.detect import FaceFinder
 
     from explain_eval import grad_cam_package
 

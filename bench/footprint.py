@@ -5,7 +5,7 @@
 ONNX Runtime's CPU memory arena keeps the largest activations it has seen. Each configuration runs in a
 fresh process (peak RSS = VmHWM): import, load efficientnet_lite0, embed 4 batches of 32 photos at 224 px
 through Backbone.embed_arrays; and `indexer.index_paths` on ``--index-count`` Caltech-101 photos. "whole
-batch" sets retrieval.backbone.ORT_RUN_PIXELS to a batch of 32 (what the code did before), "slices" keeps
+batch" sets retrieval.models.backbone.ORT_RUN_PIXELS to a batch of 32 (what the code did before), "slices" keeps
 the default (4 images at 224 px). Speed: both settings interleaved in one process (A B A B ..., median).
 Saves bench/results/footprint.md.
 
@@ -37,7 +37,7 @@ sys.path.insert(0, {root!r})
 def hwm():
     return int([l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]) // 1024
 import torch; torch.set_num_threads({threads})
-import retrieval.backbone as B
+import retrieval.models.backbone as B
 if {whole}: B.ORT_RUN_PIXELS = {WHOLE}
 out = {{}}
 if {count}:
@@ -48,7 +48,7 @@ if {count}:
         t = time.perf_counter(); rep = index_paths([src], Path(tmp) / "idx"); out["secs"] = time.perf_counter() - t
         out["indexed"] = rep.indexed
 else:
-    from retrieval.models import load_backbone
+    from retrieval.models.registry import load_backbone
     bb = load_backbone()
     out["after load"] = hwm()
     x = [np.random.RandomState(i).rand(3, 224, 224).astype(np.float32) for i in range(32)]
@@ -146,9 +146,9 @@ def pipeline_ab(args) -> str:
     import collection_rss as C
     import indexer.run as R
     from indexer import index_paths
-    from retrieval.fastpath import index_backbone
-    from retrieval.service import backbone_for_settings
-    from retrieval.store import IndexStore
+    from retrieval.models.runtime import index_backbone
+    from retrieval.models.loader import backbone_for_settings
+    from retrieval.index.store import IndexStore
 
     os.environ["RETRIEVE_THREADS"] = str(args.threads)
     torch.set_num_threads(args.threads)
@@ -211,8 +211,8 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    import retrieval.backbone as B
-    from retrieval.models import load_backbone
+    import retrieval.models.backbone as B
+    from retrieval.models.loading import load_backbone
 
     default = B.ORT_RUN_PIXELS
     bb = load_backbone()

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from indexer import index_paths
-from retrieval.models import load_backbone
+from retrieval.models.loading import load_backbone
 
 
 def make_collection(src: list[Path], dest: Path, long_side: int) -> float:

@@ -3,7 +3,7 @@ cached fp32 Lite0 graph side by side (ONNX Runtime, CPU).
 
     python bench/int8_variants.py [--threads 2] [--batch 16] [--rounds 7] [--variants NAME ...] [--profile]
 
-Each variant is made from the same fp32 dynamic graph and the same calibration batches (retrieval/precision.py),
+Each variant is made from the same fp32 dynamic graph and the same calibration batches (retrieval/models/precision.py),
 into bench/.cache/int8-variants/. For each: the ops left after ONNX Runtime's optimisation (saved through
 ``SessionOptions.optimized_model_filepath``), the forward speed at 224 and 448 px (all sessions interleaved,
 median of the rounds, one batch of real Caltech photos) and the cosine of its pooled embeddings to fp32's.
@@ -21,9 +21,9 @@ import _common
 import numpy as np
 import torch
 
-from retrieval.backbone import ORT_RUN_PIXELS
+from retrieval.models.backbone import ORT_RUN_PIXELS
 from retrieval.images import load_image
-from retrieval.models import load_backbone
+from retrieval.models.loading import load_backbone
 
 CACHE = _common.ROOT / "bench" / ".cache" / "int8-variants"
 
@@ -43,13 +43,13 @@ def variants(fp32: Path) -> dict[str, dict]:
     import onnx
     from onnxruntime.quantization import QuantFormat, QuantType
 
-    from retrieval.precision import has_vnni
+    from retrieval.models.precision import has_vnni
 
     dw, other = _convs(onnx.load(str(fp32)))
     base = dict(quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=not has_vnni(),
                 activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
     return {
-        "product (QOperator, pads folded)": None,  # retrieval/precision.py quantize_graph
+        "product (QOperator, pads folded)": None,  # retrieval/models/precision.py quantize_graph
         "fp32, pads folded (not the product)": "fp32-fold",  # what the same folding would give fp32
         "before (QDQ, per-channel, 7-bit)": base,
         "QOperator": {**base, "quant_format": QuantFormat.QOperator},
@@ -81,14 +81,14 @@ def make(name: str, kw: dict, fp32: Path, batches: list[np.ndarray]) -> Path:
 
     CACHE.mkdir(parents=True, exist_ok=True)
     if kw is None:
-        from retrieval.precision import quantize_graph
+        from retrieval.models.precision import quantize_graph
 
         quantize_graph(fp32, dst, batches)
         return dst
     if kw == "fp32-fold":
         import onnx
 
-        from retrieval.precision import fold_pads
+        from retrieval.models.precision import fold_pads
 
         model = onnx.load(str(fp32))
         print(f"{name}: {fold_pads(model, ('Conv',))} pads folded")
@@ -163,7 +163,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from precision import caltech_photos
 
-    from retrieval.precision import calibration_batches
+    from retrieval.models.precision import calibration_batches
 
     bb = load_backbone()
     fp32 = bb._runner((224, 224)).graph
@@ -184,7 +184,7 @@ def main() -> None:
         for n in sess:
             e = outs[n].mean((2, 3))
             cos[n] = (e * e32).sum(1) / np.linalg.norm(e, axis=1) / np.linalg.norm(e32, axis=1)
-        # the whole batch in one run, and in the product's slices (retrieval/backbone.py ORT_RUN_PIXELS)
+        # the whole batch in one run, and in the product's slices (retrieval/models/backbone.py ORT_RUN_PIXELS)
         for step in sorted({args.batch, max(1, ORT_RUN_PIXELS // (size * size))}, reverse=True):
             med, loads = _common.interleaved_runs(sess, x, step, args.rounds)
             for n in sess:

@@ -29,9 +29,9 @@ import torch
 from PIL import Image
 
 import indexer.run as run
-from retrieval.backbone import Backbone, Preprocess
+from retrieval.models.backbone import Backbone, Preprocess
 from retrieval.images import load_image
-from retrieval.models import load_backbone
+from retrieval.models.loading import load_backbone
 
 
 def make_12mp(dest: Path, count: int) -> list[Path]:

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from retrieval.images import load_image
-from retrieval.models import load_backbone
+from retrieval.models.loading import load_backbone
 
 
 def caltech_photos(n: int) -> list[Path]:
@@ -41,8 +41,8 @@ def speed_rows(threads: int, batch: int, rounds: int, photos: list[Path]) -> tup
     import onnxruntime as ort
     from int8_variants import make, variants
 
-    from retrieval.backbone import ORT_RUN_PIXELS, _export
-    from retrieval.precision import calibration_batches
+    from retrieval.models.backbone import ORT_RUN_PIXELS, _export
+    from retrieval.models.precision import calibration_batches
 
     bb = load_backbone()
     rows, graph_rows = [], []
@@ -66,7 +66,7 @@ def speed_rows(threads: int, batch: int, rounds: int, photos: list[Path]) -> tup
                 "int8 before (QDQ)": ort.InferenceSession(str(old8), opts, providers=["CPUExecutionProvider"]),
                 "int8 now (QOperator, pads folded)": r8.session}
         outs = {k: s.run(None, {"x": x})[0] for k, s in sess.items()}  # warm-up
-        # the whole batch in one run, and in the slices the product runs (retrieval/backbone.py ORT_RUN_PIXELS)
+        # the whole batch in one run, and in the slices the product runs (retrieval/models/backbone.py ORT_RUN_PIXELS)
         for step in (batch, max(1, ORT_RUN_PIXELS // (hw[0] * hw[1]))):
             med, loads = _common.interleaved_runs(sess, x, step, rounds)
             base, now = med[first], med["fp32 now (pads folded)"]
@@ -99,7 +99,7 @@ def agreement_rows(photos: list[Path]) -> list[list]:
 def quality_rows(datasets: list[str], heads: list[str]) -> list[list]:
     import quality
 
-    from retrieval.head import fit_head, parse_head
+    from retrieval.index.head import fit_head, parse_head
 
     folders = {n: _common.shared_dataset(n) for n in ("att_faces", "caltech101") if n in datasets}
     if "instance" in datasets:
@@ -148,7 +148,7 @@ def main() -> None:
                                                  "with --skip-speed)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    from retrieval.precision import cpu_flags, has_vnni
+    from retrieval.models.precision import cpu_flags, has_vnni
 
     photos = caltech_photos(40)
     speed, graphs = ([], []) if args.skip_speed else speed_rows(args.threads, args.batch, args.rounds, photos)

@@ -12,7 +12,7 @@ Datasets (folder = class; every image queries all the others, exact search):
 Each embedding configuration (input size, squash/aspect-kept, GAP/GeM) indexes every dataset through
 the real indexing path; on its embeddings, every search option is ranked as the product ranks: linear
 head (fitted on the collection), query expansion (QE), database-side augmentation (DBA) and geometric
-verification of the top K (SIFT + RANSAC homography, retrieval/verify.py). Reports R@1, mAP@R
+verification of the top K (SIFT + RANSAC homography, retrieval/match/verify.py). Reports R@1, mAP@R
 (R = class size − 1), mAP@10, index ms per image and search ms per query; saves bench/results/quality.md.
 Needs ../shared/data (skips with a one-line message when absent).
 """
@@ -29,10 +29,10 @@ import numpy as np
 import torch
 
 from indexer import index_paths
-from retrieval.catalogue import DEPTH
-from retrieval.head import fit_head, parse_head
+from retrieval.index.catalogue import DEPTH
+from retrieval.index.head import fit_head, parse_head
 from retrieval.presets import PRESETS
-from retrieval.store import IndexStore
+from retrieval.index.store import IndexStore
 
 EMBEDDINGS = {  # name → index_paths settings
     "gap-224-squash": dict(input_size=224, resize="squash", pooling="gap"),
@@ -51,7 +51,7 @@ def warm_exports(folder: Path, settings: dict) -> None:
     cached on disk), so that index timings measure indexing."""
     from PIL import Image
 
-    from retrieval.models import load_backbone
+    from retrieval.models.loading import load_backbone
 
     bb = load_backbone(input_size=settings["input_size"], resize=settings["resize"], pooling=settings["pooling"])
     shapes = set()
@@ -92,7 +92,7 @@ def _norm(x: np.ndarray) -> np.ndarray:
 def ranking(vecs: np.ndarray, metric: str, head=None, qe: int = 0, dba: int = 0) -> np.ndarray:
     """Every item's ranking of all the others (N×(N−1) indices, best first), as the product ranks:
     through the linear head, L2-normalised for cosine, with DBA on the database side and average QE
-    on the query side (retrieval/search.py)."""
+    on the query side (retrieval/match/search.py)."""
     x = vecs.astype(np.float64)
     if head is not None:
         x = head.apply(x).astype(np.float64)
@@ -120,7 +120,7 @@ class PairVerifier:
 
     def __init__(self, paths: list[str], cold: bool = True, verifier=None):
         from retrieval.images import load_image
-        from retrieval.verify import Verifier
+        from retrieval.match.verify import Verifier
 
         old = os.environ.get("XDG_CACHE_HOME")
         if cold:
@@ -156,8 +156,8 @@ class PairVerifier:
 
 
 def verified(order: np.ndarray, pv: PairVerifier, k: int) -> np.ndarray:
-    """Re-rank each row's top ``k`` with the product's own rule (retrieval.verify.rerank)."""
-    from retrieval.verify import Verification, rerank
+    """Re-rank each row's top ``k`` with the product's own rule (retrieval.match.verify.rerank)."""
+    from retrieval.match.verify import Verification, rerank
 
     out = order.copy()
     for q in range(len(order)):
@@ -286,7 +286,7 @@ def report(rows: list[list], threads: int, name: str = "quality") -> None:
              "raw 448 and 320 embeddings (multi-scale). head: linear head fitted on the collection (`--head`). "
              "QE: average query expansion with the top N (`search --qe N`). DBA: database-side augmentation "
              "with N neighbours (`search --dba N`). verify K: SIFT + RANSAC re-ranking of the top K (`search "
-             "--verify K`; confirmed = at least retrieval.verify.MIN_INLIERS distinct inliers); K = 60 and 100 "
+             "--verify K`; confirmed = at least retrieval.match.verify.MIN_INLIERS distinct inliers); K = 60 and 100 "
              "on the instance set for the presets' embeddings, K = 60 on faces and Caltech for gem-448-long "
              "(a second run: `--datasets caltech101 att_faces --embeddings gem-448-long --verify 20 60 "
              "--deep-everywhere`; the rows of both runs are in bench/results/raw/quality-rows.txt). index ms/img: indexing through the product (decode, "
@@ -351,11 +351,11 @@ def catalogue_section(args) -> None:
             "the catalogue folder only (`search --within`); catalogue-only: an index of the 100 catalogue "
             "images; with words (W > 0) the 100 catalogue images of within and catalogue-only are within the "
             f"verified whole when they fit the verification budget (K + W + 2 × max(C, {DEPTH}), "
-            "retrieval.search.whole_budget), as `retrieve search` does; expansion E: the best-confirmed candidate (≥ 20 inliers) "
-            "brings its own top E by words and by the embedding, verified against the query (retrieval.search "
+            "retrieval.match.search.whole_budget), as `retrieve search` does; expansion E: the best-confirmed candidate (≥ 20 inliers) "
+            "brings its own top E by words and by the embedding, verified against the query (retrieval.match.search "
             "EXPAND; the confirmed count). Words: *tf-idf* = the cosine of tf-idf bags (the inverted file's scoring "
             "before, bench/catalogue.py TfIdf); *ASMK\\** = the selective match kernel on per-word residual "
-            "signatures (retrieval/words.py). The same vocabulary and the same verified pairs for both. s/query: "
+            "signatures (retrieval/match/words.py). The same vocabulary and the same verified pairs for both. s/query: "
             "ranking + query SIFT + pairs × ms/pair + lookup (not the query's embedding). Verification matches "
             f"RootSIFT in the {pv.v.projection.shape[1]}-d subspace learned with the vocabulary, as "
             "`retrieve search` does.\n\n")

@@ -37,9 +37,9 @@ from sqlalchemy import create_engine, delete, event, func, insert, select
 sys.path.insert(0, str(_common.ROOT / "tests"))
 
 from indexer.plan import plan_changes  # noqa: E402
-from retrieval.schema import Base, ImageRow, SkippedRow  # noqa: E402
+from retrieval.index.schema import Base, ImageRow, SkippedRow  # noqa: E402
 from retrieval.scan import FileEntry  # noqa: E402
-from retrieval.store import _sqlite_pragmas  # noqa: E402
+from retrieval.index.store import _sqlite_pragmas  # noqa: E402
 
 
 def _say(msg: str) -> None:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from indexer import index_paths
-from retrieval.models import load_backbone
+from retrieval.models.loading import load_backbone
 
 
 class Clock:

@@ -7,7 +7,7 @@
 
 ``storage`` writes, streams and randomly gathers the same 1280-d vectors as SQLite blobs (the
 product's table layout and pragmas) and as float32 / float16 shard files with CRC-32 checksums
-(retrieval/shards.py), side by side in one run.
+(retrieval/index/shards.py), side by side in one run.
 
 ``run`` generates realistic synthetic vectors the way bench/search.py does (sampled around real
 Lite0 embeddings with noise along their top 64 principal directions, clipped at 0 like ReLU6); at
@@ -39,8 +39,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # a loaded machine: OpenMP 
 import _common
 import numpy as np
 
-from retrieval import shards
-from retrieval.shards import ShardedVectors, sharded_factory
+from retrieval.index import shards
+from retrieval.index.shards import ShardedVectors, sharded_factory
 
 CACHE = _common.ROOT / "bench" / ".cache" / "scale-vectors"
 
@@ -76,7 +76,7 @@ class Generator:
         self.basis = (vt[:64] * (sv[:64, None] / np.sqrt(len(real)))).astype(np.float32)
         self.dim = dim
         if dim != real.shape[1]:  # the instance preset's head, fitted on 100 k generated 1280-d vectors
-            from retrieval.head import fit_head
+            from retrieval.index.head import fit_head
 
             fit = np.random.default_rng(12345)
             head = fit_head((self._raw(20_000, fit) for _ in range(5)), {"type": "pca-whiten", "dim": dim})

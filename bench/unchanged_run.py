@@ -29,7 +29,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     from indexer.unchanged import record, unchanged
-    from retrieval.store import IndexStore
+    from retrieval.index.store import IndexStore
 
     env = {**os.environ, "PYTHONPATH": str(_common.ROOT)}
     out, loads = [], []

@@ -43,9 +43,9 @@ import numpy as np
 import _common
 from catalogue import TfIdf
 
-from retrieval import words as W
-from retrieval.store import IndexStore
-from retrieval.verify import Verifier
+from retrieval.match import words as W
+from retrieval.index.store import IndexStore
+from retrieval.match.verify import Verifier
 
 
 class Before(TfIdf):
@@ -115,7 +115,7 @@ def main() -> None:
         rows = store.rows_by_ids(sorted(wi.bags))
         ids, vecs = zip(*store.iter_vectors())
         ids, vecs = np.concatenate(ids), np.concatenate(vecs)
-    from retrieval.head import fit_head, parse_head
+    from retrieval.index.head import fit_head, parse_head
 
     head = fit_head([vecs], parse_head("pca-whiten:128"))
     x = head.apply(vecs.astype(np.float64))

@@ -1,7 +1,7 @@
 """Explaining face matches: SFAM on the aligned chips, mapped back onto both photos.
 
 The descriptor of dlib's face ResNet is a linear layer over the global average of the last feature map,
-so SFAM's CIS decomposes the explained similarity exactly (retrieval/dlib_face.py folds that layer into
+so SFAM's CIS decomposes the explained similarity exactly (retrieval/faces/network.py folds that layer into
 the map). The maps are computed on the two 150×150 aligned chips, then carried onto each photo through the
 inverse of its alignment (the chip → photo similarity transform), where the face boxes are drawn.
 """
@@ -14,14 +14,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from retrieval.dlib_face import CHIP_SIZE
-from retrieval.face_search import FaceHit, FaceQuery, FaceSearcher, _iou
-from retrieval.faces import Face, warp_to_photo
+from retrieval.faces.network import CHIP_SIZE
+from retrieval.faces.search import FaceHit, FaceQuery, FaceSearcher, _iou
+from retrieval.faces.detect import Face, warp_to_photo
 
 from .methods import SFAM
 from .render import REPORT_CSS, _heat_uri, _jpeg_uri, _legend_css, overlay
 
-from retrieval.dlib_face import TAP, stored_tap_mean  # noqa: E402  (TAP: 8×8 on a chip, fused with the last map)
+from retrieval.faces.network import TAP, stored_tap_mean  # noqa: E402  (TAP: 8×8 on a chip, fused with the last map)
 
 #: Where the cells of the face ResNet's maps sit on the 150×150 chip, by grid side: (centre of cell 0, stride)
 #: in chip pixels. The network pads none of its strided layers (7×7/2 and 3×3/2 convolutions, 3×3/2 max
@@ -238,7 +238,7 @@ def explain_face_pair(searcher: FaceSearcher, a: str, b: str, out: Path, face_a:
     the distance and dlib's verdict exactly as ``retrieve search A`` reports B's face (the same chips, the same
     network), SFAM on the two chips carried back onto both photos with the face boxes. Writes overlays, chips,
     .npy maps in photo pixels, explain.json and report.html under ``out``; returns explain.json's document."""
-    from retrieval.face_search import verdict
+    from retrieval.faces.search import verdict
 
     aimg, fa, na = pick_face(searcher, a, face_a, "--face-a")
     bimg, fb, nb = pick_face(searcher, b, face_b, "--face-b")

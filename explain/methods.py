@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from retrieval.backbone import Backbone, group_by_shape
+from retrieval.models.backbone import Backbone, group_by_shape
 from retrieval.errors import RetrieveError
 
 from .cis import cis_cosine, cis_head, cis_l2, l2_target, top_channels
@@ -127,7 +127,7 @@ class Explainer:
         self.backbone = backbone
         self.metric = metric
         self.mu = None if mu is None else np.asarray(mu, np.float64).reshape(-1)
-        self.head = head  # retrieval.head.LinearHead: e = P(a − m); it centres by itself
+        self.head = head  # retrieval.index.head.LinearHead: e = P(a − m); it centres by itself
         self.centre = centre and mu is not None and metric == "cosine" and head is None
         self.map_max_side: int | None = MAP_MAX_SIDE  # long side of query_map/result_map (None: own size)
 
@@ -222,7 +222,7 @@ class SFAMPlain(Explainer):
         return mq, mr, info
 
 
-from retrieval.reference import TAP_LAYERS  # noqa: E402  (the stride-16 layer per backbone; the indexer samples its μ)
+from retrieval.models.registry import TAP_LAYERS  # noqa: E402  (the stride-16 layer per backbone; the indexer samples its μ)
 
 
 def share_maps(wq: torch.Tensor, wr: torch.Tensor, cq: torch.Tensor, cr: torch.Tensor,

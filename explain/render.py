@@ -170,7 +170,7 @@ class ReportItem:
     result: Image.Image
     explanation: Explanation
     record: dict  # explain.run.pair_record(): score, verdict, explained similarity, correspondences, channels
-    verification: object = None  # retrieval.verify.Verification, when the result was verified
+    verification: object = None  # retrieval.match.verify.Verification, when the result was verified
 
 
 _E = html.escape

@@ -35,14 +35,14 @@ def index_explain_settings(store) -> ExplainSettings:
 
 def index_explainer(store, backbone=None, method: str | None = None, input_size: int | None = None) -> Explainer:
     """The explainer an index prescribes (its recorded explain settings), on ``backbone``'s weights if given."""
-    from retrieval.service import backbone_for_settings
+    from retrieval.models.loader import backbone_for_settings
 
-    from retrieval.reference import for_explain, tap_layer
+    from retrieval.index.reference import for_explain, tap_layer
 
     ex = index_explain_settings(store)
     size = int(input_size or ex.input_size or store.settings.preprocess.get("size"))
     bb = backbone.at_size(size) if backbone is not None else backbone_for_settings(store.settings, input_size=size)
-    # μ (and the stride-16 layer's μ) at the explain resolution, sampled by the indexer (retrieval/reference.py)
+    # μ (and the stride-16 layer's μ) at the explain resolution, sampled by the indexer (retrieval/index/reference.py)
     mu, mu_tap = for_explain(store, bb, size, tap_layer(store.settings.model))
     return make_explainer(method or ex.method, bb, metric=store.settings.metric,
                           mu=store.mean if mu is None else mu, centre=ex.centre, head=store.head, mu_tap=mu_tap)
@@ -160,7 +160,7 @@ def _features(explainer: Explainer, images: Sequence):
     """Feature maps (1×C×h×w each) of images at the explainer's input size, batched by input shape."""
     import torch
 
-    from retrieval.backbone import group_by_shape
+    from retrieval.models.backbone import group_by_shape
 
     pre = explainer.backbone.preprocess
     xs = [pre.batch([im]) for im in images]

@@ -1,6 +1,6 @@
 """A verdict in words: where a pair's score stands in *this* collection, and what verification says.
 
-The numbers come from :mod:`retrieval.calibration` (score quantiles of random pairs and of nearest-neighbour
+The numbers come from :mod:`retrieval.index.calibration` (score quantiles of random pairs and of nearest-neighbour
 pairs, sampled when the index is built or updated). A pair is called a *match* only when something says
 so: geometric verification confirmed it, or its score is both above ``MATCH_RANDOM`` % of random pairs
 and at or above the ``MATCH_NN``-th percentile of nearest-neighbour scores. Otherwise the title stays
@@ -61,7 +61,7 @@ def nn_words(p: float) -> str:
 
 def make_verdict(score: float, calibration=None, verification=None) -> Verdict:
     """The verdict for one pair scored ``score`` (the search's score) in a collection (``calibration``:
-    :class:`retrieval.calibration.Calibration` or None); ``verification``: a Verification or None."""
+    :class:`retrieval.index.calibration.Calibration` or None); ``verification``: a Verification or None."""
     data: dict = {}
     parts = []
     match = False

@@ -25,8 +25,10 @@ from retrieval.errors import ImageError, RetrieveError
 from retrieval.images import decode_image, read_image_bytes
 from retrieval.presets import FACES
 from retrieval.scan import check_paths, scan_paths
-from retrieval.store import (ImageRow, IncompleteIndex, IndexSettings, IndexStore, SkippedRow, factory_for,
-                             index_path)
+from retrieval.index.schema import ImageRow, SkippedRow
+from retrieval.index.settings import IndexSettings
+from retrieval.index.store import IncompleteIndex, IndexStore, index_path
+from retrieval.index.vectors import factory_for
 
 from .run import IndexReport, _NoProgress, _sigint_deferred
 
@@ -63,8 +65,8 @@ def index_faces(paths: Iterable[str | os.PathLike], index_dir, *, detector: str 
                 refused: dict | None = None, backbone=None) -> IndexReport:
     """Index the faces in the photos under ``paths``; see the module docstring. ``refused``: options of the
     general indexer that were given (they do not apply to a faces index: a one-line error names them)."""
-    from retrieval.dlib_face import load_backbone
-    from retrieval.faces import FaceFinder
+    from retrieval.faces.network import load_backbone
+    from retrieval.faces.detect import FaceFinder
 
     given = [k for k, v in (refused or {}).items() if v]
     if given:
@@ -104,14 +106,13 @@ def index_faces(paths: Iterable[str | os.PathLike], index_dir, *, detector: str 
             if not files:
                 raise RetrieveError(f"no images found in {', '.join(str(p) for p in paths)}; no index was created")
             bb = backbone or load_backbone()
-            detector = detector or FACES["detector"]
-            upsample = FACES["upsample"] if upsample is None else int(upsample)
+            faces = FACES.face_settings(detector, upsample)
+            detector, upsample = faces["detector"], faces["upsample"]
             settings = IndexSettings(model=bb.name, weights_id=bb.weights_id, weights_source=bb.weights_source,
-                                     preprocess=bb.preprocess.to_dict(), metric=FACES["metric"], dim=bb.feature_dim,
+                                     preprocess=bb.preprocess.to_dict(), metric=FACES.metric, dim=bb.feature_dim,
                                      index_type="flat", faiss_factory=factory_for("flat", bb.feature_dim, 0),
                                      explain={"method": "sfam", "input_size": bb.preprocess.size}, preset="faces",
-                                     faces={"detector": detector, "upsample": upsample,
-                                            "threshold": FACES["threshold"]})
+                                     faces=faces)
         FaceFinder(detector, upsample)  # fails here (one line) when dlib or the models are missing
         local = threading.local()  # dlib's detectors are not thread-safe: one per decoding thread
 
@@ -144,7 +145,7 @@ def index_faces(paths: Iterable[str | os.PathLike], index_dir, *, detector: str 
                     discarded = True
                 else:
                     if sample and not report.interrupted and not stop.is_set():
-                        from retrieval.dlib_face import refresh_tap_reference
+                        from retrieval.faces.network import refresh_tap_reference
 
                         refresh_tap_reference(store, bb, sample)  # SFAM's μ_tap (explain/faces.py)
                     if store.needs_retrain():
@@ -234,7 +235,7 @@ def _run(store: IndexStore, bb, finder, files, trees, report: IndexReport, batch
                 continue
             vecs = bb.embed_images([Image.fromarray(f.chip) for f in faces])
             if sample is not None:
-                from retrieval.dlib_face import REFERENCE_SAMPLE
+                from retrieval.faces.network import REFERENCE_SAMPLE
 
                 sample.extend(f.chip for f in faces[:max(0, REFERENCE_SAMPLE - len(sample))])
             now = time.time()

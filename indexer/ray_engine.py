@@ -167,7 +167,7 @@ def decode_batch(batch: dict, known: np.ndarray, preprocess, min_side: int, veri
     known = _resolved(known)
     verifier = None
     if verify:
-        from retrieval.verify import Verifier
+        from retrieval.match.verify import Verifier
 
         verifier = Verifier(cache=False)
     out = {k: [] for k in ("status", "reason", "sha256", "width", "height", "array", "h", "w", "feats")}
@@ -214,7 +214,7 @@ class Embedder:
     def __init__(self, backbone, threads: int):
         import torch
 
-        from retrieval.backbone import pick_device
+        from retrieval.models.backbone import pick_device
 
         torch.set_num_threads(threads)  # before the fast path is built: ONNX Runtime takes the same count
         try:
@@ -259,7 +259,7 @@ def _run_ray(store, bb, files, trees, report, batch_size, workers, progress, on_
 
     verifier = None
     if store.settings.search.get("verify"):
-        from retrieval.verify import LocalFeatures, Verifier
+        from retrieval.match.verify import LocalFeatures, Verifier
 
         verifier = Verifier()
     min_side = max(bb.preprocess.size, verifier.max_side if verifier else 0)

@@ -25,22 +25,25 @@ import numpy as np
 from sqlalchemy import delete, insert, select, update
 
 from retrieval.errors import ImageError, RetrieveError
-from retrieval.fastpath import DEFAULT_MODEL
+from retrieval.models.runtime import DEFAULT_MODEL
 from retrieval.images import decode_image, read_image_bytes
-from retrieval.head import parse_head
-from retrieval.service import backbone_for_settings
-from retrieval.calibration import refresh as refresh_calibration
-from retrieval.reference import refresh as refresh_reference
-from retrieval.reference import tap_layer
-from retrieval.store import (PRESETS, ImageRow, IncompleteIndex, IndexSettings, IndexStore, SkippedRow,
-                             default_explain, factory_for, index_path)
+from retrieval.index.head import parse_head
+from retrieval.models.loader import backbone_for_settings
+from retrieval.index.calibration import refresh as refresh_calibration
+from retrieval.index.reference import refresh as refresh_reference
+from retrieval.index.reference import tap_layer
+from retrieval.index.schema import ImageRow, SkippedRow
+from retrieval.index.settings import IndexSettings
+from retrieval.index.store import IncompleteIndex, IndexStore, default_explain, index_path
+from retrieval.index.vectors import factory_for
+from retrieval.presets import preset_named
 
 from retrieval.scan import FileEntry, check_paths, scan_paths
 
 from .plan import ChangePlan, plan_changes
 
-if TYPE_CHECKING:  # torch is imported only where the cached ONNX graphs cannot serve (retrieval/fastpath.py)
-    from retrieval.backbone import Backbone
+if TYPE_CHECKING:  # torch is imported only where the cached ONNX graphs cannot serve (retrieval/models/runtime.py)
+    from retrieval.models.backbone import Backbone
 
 
 class Progress(Protocol):
@@ -110,17 +113,15 @@ class _Asked:
 
 def _asked(preset: str | None, **given) -> _Asked:
     a = _Asked(**given, preset=preset)
-    if preset is not None:  # fills in what the caller left open
-        if preset not in PRESETS:
-            raise RetrieveError(f"unknown preset {preset!r} ({', '.join(PRESETS)})")
-        p = PRESETS[preset]
+    p = preset_named(preset)
+    if p is not None:  # fills in what the caller left open
         filled = []
-        for name in ("input_size", "resize", "pooling", "head"):
-            if getattr(a, name) is None and p[name] is not None:
-                setattr(a, name, p[name])
+        for name, value in p.options().items():
+            if getattr(a, name) is None:
+                setattr(a, name, value)
                 filled.append(name)
         a.from_preset = tuple(filled)
-        a.search = dict(p["search"])
+        a.search = dict(p.search)
     return a
 
 
@@ -254,15 +255,15 @@ def _sigint_deferred(stop: threading.Event):
 
 def _index_backbone(settings: IndexSettings):
     """The backbone that embeds for an index with ``settings``: its cached ONNX graphs without torch where they
-    serve (retrieval/fastpath.py, prepared in a child process when missing), else the full one."""
-    from retrieval.fastpath import index_backbone
+    serve (retrieval/models/runtime.py, prepared in a child process when missing), else the full one."""
+    from retrieval.models.runtime import index_backbone
 
     return index_backbone(settings, lambda: backbone_for_settings(settings))
 
 
 def _new_index_backbone(a: _Asked, fast: bool = True):
     """The backbone of a new index built with ``a``'s options, through the cached graphs where they serve."""
-    from retrieval.fastpath import new_index_identity
+    from retrieval.models.runtime import new_index_identity
 
     got = fast and new_index_identity(a.model, a.weights, a.input_size, a.resize, a.pooling, a.precision or "fp32")
     if got:
@@ -271,8 +272,8 @@ def _new_index_backbone(a: _Asked, fast: bool = True):
                               faiss_factory="Flat", explain=default_explain(got["preprocess"]["size"]),
                               head=None, pooling=got["pooling"], precision=a.precision or "fp32")
         return _index_backbone(probe)  # the cached graphs, else the full backbone for these settings
-    from retrieval.models import load_backbone
-    from retrieval.service import apply_threads
+    from retrieval.models.loading import load_backbone
+    from retrieval.models.loader import apply_threads
 
     apply_threads()
     return load_backbone(a.model or DEFAULT_MODEL, a.weights, input_size=a.input_size, resize=a.resize,
@@ -302,7 +303,7 @@ def _finalise(store: IndexStore, report: IndexReport, refit: bool, bb: Backbone 
         store.save_faiss()
         record_state(store)
     if store.settings.search.get("words") and not report.interrupted:  # the visual-word inverted file
-        from retrieval.words import update_index
+        from retrieval.match.words import update_index
 
         update_index(store)
     if not report.interrupted:
@@ -336,14 +337,14 @@ def _refuse_changes(store: IndexStore, a: _Asked) -> None:
         w = Path(a.weights).expanduser()
         if not w.is_file():
             raise RetrieveError(f"--weights {a.weights}: no such file")
-        from retrieval.backbone import file_sha256
+        from retrieval.models.backbone import file_sha256
 
         if file_sha256(w) != st.weights_id:
             diffs.append(f"weights {st.weights_source or st.weights_id}, not {a.weights}")
     differs("input_size", "input size", a.input_size, st.preprocess.get("size"))
     differs("resize", "resize", a.resize, st.preprocess.get("resize", "squash"))
     if a.pooling:
-        from retrieval.pooling import parse_pooling
+        from retrieval.models.pooling import parse_pooling
 
         differs("pooling", "pooling", str(parse_pooling(a.pooling)), st.pooling)
     differs("head", "head", parse_head(a.head) if a.head is not None else None, st.head, _head_text)
@@ -361,7 +362,7 @@ def _refuse_changes(store: IndexStore, a: _Asked) -> None:
 
 
 def _check_precision(precision: str) -> str:
-    from retrieval.precision import check_precision
+    from retrieval.models.precision import check_precision
 
     return check_precision(precision)
 
@@ -397,7 +398,7 @@ def _run(store: IndexStore, bb: Backbone, files: list[FileEntry], trees: list[st
 
     verifier = None  # an index whose searches verify gets its keypoints while it is indexed
     if store.settings.search.get("verify"):
-        from retrieval.verify import Verifier
+        from retrieval.match.verify import Verifier
 
         verifier = Verifier()
 

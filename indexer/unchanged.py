@@ -26,7 +26,7 @@ def state(store) -> dict | None:
     try:
         import faiss
 
-        from retrieval.vectors import FAISS_NAME, read_meta
+        from retrieval.index.vectors import FAISS_NAME, read_meta
 
         vectors = getattr(store, "_vectors", None)
         index = getattr(vectors, "index", None)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from PIL import Image, ImageFile, ImageOps
 
-from .errors import ImageError, RetrieveError
+from retrieval.errors import ImageError, RetrieveError
 
 #: Extensions treated as images when scanning a folder (lower case, with the dot).
 IMAGE_EXTENSIONS = frozenset(

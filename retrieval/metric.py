@@ -64,6 +64,6 @@ def metric(name: str) -> Metric:
     try:
         return METRICS[name]
     except KeyError:
-        from .errors import RetrieveError
+        from retrieval.errors import RetrieveError
 
         raise RetrieveError(f"unknown metric {name!r} ({' or '.join(METRICS)})") from None

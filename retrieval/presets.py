@@ -1,23 +1,113 @@
-"""What a new index is built for (``--preset``) and how its explanations are made by default."""
+"""What an index is built for (``retrieve index --preset``): one object per preset, which the indexer, search,
+explanations and the web app ask instead of comparing names.
+
+A preset says how a photo becomes rows (the whole photo, or each face in it), which backbone, input, pooling and
+linear head a new index gets, which metric ranks, what its searches verify by default, and which searcher answers
+its queries. Every option of a new index can still be given on its own (``--input-size``, ``--pooling``, …);
+what an index was built with is recorded in its settings, and :func:`preset_of` gives the preset object for an
+index's settings (an index made without ``--preset`` behaves as ``general`` with its own recorded options).
+
+Chosen by measurement (docs/presets.md, bench/results/quality.md): ``general`` is the best of the cheap settings on
+faces and categories; ``instance`` finds the same object photographed elsewhere (448 px aspect kept, GeM, PCA
+whitening; its searches verify the global top 8 and the visual words' top 25 by geometric verification); ``faces``
+detects every face, aligns it and embeds it with dlib's face network, one row per face.
+"""
 from __future__ import annotations
 
-PRESETS = {
-    # What a new index is built for; every value can be overridden by its own option. Chosen by measurement
-    # (bench/results/quality.md): "general" is the best of the cheap settings on faces and categories;
-    # "instance" finds the same object photographed elsewhere (R@1 0.14 → 0.88 on the instance set with the
-    # global top 60 verified) for about 6.5x the indexing time (448 px input, SIFT keypoints extracted while
-    # indexing); on faces and categories it costs a little R@1 (Caltech 0.86 → 0.84). Its searches verify the
-    # global top 8 and the visual words' top 25 (ASMK*, retrieval/words.py): on the instance set R@1 0.96,
-    # mAP@10 0.858 for ~37 pairs a query, the same as the global top 10 and the words' top 30 for ~48 (and 0.95,
-    # 0.827 for ~142 with the global top 60 and tf-idf words' top 30 before; bench/results/quality.md, "Photo →
-    # catalogue"); W 20 misses one more catalogue image in a catalogue-only index (0.94), K 5 costs mAP@10 (0.855;
-    # att_faces 0.768 → 0.763, bench/results/candidates-check.md).
-    "general": {"input_size": None, "resize": "squash", "pooling": "gap", "head": None, "search": {}},
-    "instance": {"input_size": 448, "resize": "long", "pooling": "gem", "head": "pca-whiten:128",
-                 "search": {"verify": 8, "words": 25}},
-}
+from dataclasses import dataclass, field
 
-# ``--preset faces`` (kept out of PRESETS: it is not a set of backbone options but its own pipeline, indexer/faces.py):
-# detect every face (dlib HOG, or its CNN detector), align on 5 landmarks, embed with dlib's face ResNet (the
-# PyTorch port, retrieval/dlib_face.py), one row per face; L2 metric, and dlib's documented same-person distance.
-FACES = {"model": "dlib_face_resnet", "metric": "l2", "detector": "hog", "upsample": 1, "threshold": 0.6}
+
+@dataclass(frozen=True)
+class Preset:
+    """One way of turning photos into an index and answering queries against it (see the module docstring)."""
+
+    name: str
+    summary: str  # one line, for --help and docs
+    input_size: int | None = None  # None: the backbone's own (224 for the registry models)
+    resize: str | None = None  # None: squash (the backbone's preprocessing)
+    pooling: str | None = None  # None: gap
+    head: str | None = None  # a linear head fitted on the collection (retrieval/index/head.py), None: none
+    metric: str = "cosine"
+    search: dict = field(default_factory=dict)  # search defaults recorded in a new index, e.g. {"verify": 8}
+    per_face: bool = False  # one row per face (detector, alignment, the face network), not one per photo
+    # options of retrieve index that a preset fixes itself (given anyway: a one-line error names them)
+    fixes: tuple[str, ...] = ()
+
+    #: the backbone options a preset fills in when the caller leaves them open
+    OPTIONS = ("input_size", "resize", "pooling", "head")
+
+    def options(self) -> dict:
+        """The options of a new index this preset fills in (those it leaves to the backbone are absent)."""
+        return {k: getattr(self, k) for k in self.OPTIONS if getattr(self, k) is not None}
+
+    def backbone(self, settings, input_size: int | None = None, fast: bool = False):
+        """The network an index with ``settings`` was built with (weights verified by their hash before they are
+        loaded; a user's model needs --trust-model). ``fast``: for searching, through the index's cached ONNX
+        graph without importing torch where it serves. ``input_size``: another input side (explanations)."""
+        from retrieval.models.loader import backbone_for_settings, search_backbone_for_settings
+
+        if fast and input_size is None:
+            return search_backbone_for_settings(settings)
+        return backbone_for_settings(settings, input_size=input_size)
+
+    def searcher(self, store, backbone, **options):
+        """What answers queries against ``store`` (retrieval/match/search.py's :class:`Searcher`)."""
+        from retrieval.match.search import Searcher
+
+        return Searcher(store, backbone, **options)
+
+
+@dataclass(frozen=True)
+class FacesPreset(Preset):
+    """Faces: detect every face (dlib's HOG detector, or its CNN detector), align it on 5 landmarks, embed it with
+    dlib's face ResNet (the PyTorch port, retrieval/faces/network.py), one row per face; dlib's documented
+    same-person distance decides the verdict."""
+
+    detector: str = "hog"
+    upsample: int = 1
+    threshold: float = 0.6  # dlib's documented threshold on the Euclidean distance of two descriptors
+    model: str = "dlib_face_resnet"
+
+    def face_settings(self, detector: str | None = None, upsample: int | None = None) -> dict:
+        """What a new faces index records about finding faces (``IndexSettings.faces``)."""
+        return {"detector": detector or self.detector, "upsample": self.upsample if upsample is None else int(upsample),
+                "threshold": self.threshold}
+
+    def backbone(self, settings, input_size: int | None = None, fast: bool = False):
+        from retrieval.faces.network import load_backbone
+
+        return load_backbone(expected_sha256=settings.weights_id if settings else None)
+
+    def searcher(self, store, backbone, **options):
+        from retrieval.faces.search import FaceSearcher
+
+        return FaceSearcher(store, backbone)
+
+
+GENERAL = Preset("general", "general similarity: what kind of thing is in the photo (fast, the default)")
+INSTANCE = Preset("instance", "the same object or product seen elsewhere (448 px aspect kept, GeM, PCA-whitening, "
+                  "geometric verification of the top 8 and the visual words' top 25)",
+                  input_size=448, resize="long", pooling="gem", head="pca-whiten:128",
+                  search={"verify": 8, "words": 25})
+FACES = FacesPreset("faces", "faces: one row per detected face, dlib's face network (needs the faces extra)",
+                    metric="l2", per_face=True,
+                    fixes=("model", "weights", "metric", "index_type", "faiss", "input_size", "resize", "pooling",
+                           "head", "refit"))
+PRESETS: dict[str, Preset] = {p.name: p for p in (GENERAL, INSTANCE, FACES)}
+
+
+def preset_named(name: str | None) -> Preset | None:
+    """The preset called ``name`` (None for None); an unknown name is a one-line error listing the known ones."""
+    if name is None:
+        return None
+    try:
+        return PRESETS[name]
+    except KeyError:
+        from retrieval.errors import RetrieveError
+
+        raise RetrieveError(f"unknown preset {name!r} ({', '.join(PRESETS)})") from None
+
+
+def preset_of(settings) -> Preset:
+    """The preset an index was built with (its recorded name); ``general`` for an index made without one."""
+    return PRESETS.get(getattr(settings, "preset", "") or "", GENERAL)

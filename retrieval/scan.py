@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from .errors import RetrieveError
-from .images import is_image_path
+from retrieval.errors import RetrieveError
+from retrieval.images import is_image_path
 
 
 @dataclass(frozen=True)

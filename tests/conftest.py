@@ -64,6 +64,6 @@ def photos(photo_dir, tmp_path) -> Path:
 
 @pytest.fixture(scope="session")
 def lite0():
-    from retrieval.models import load_backbone
+    from retrieval.models.loading import load_backbone
 
     return load_backbone("efficientnet_lite0")

@@ -18,8 +18,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import cli  # noqa: E402  (the heavy imports happen here, once)
 import indexer.run  # noqa: E402,F401
-import retrieval.check  # noqa: E402,F401
-import retrieval.models  # noqa: E402,F401
+import retrieval.index.check  # noqa: E402,F401
+import retrieval.models.registry  # noqa: E402,F401
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ from conftest import skimage_photo
 
 # -- the verdict's numbers -----------------------------------------------------------------------
 def test_percentile_on_a_known_distribution():
-    from retrieval.calibration import percentile, quantiles
+    from retrieval.index.calibration import percentile, quantiles
 
     q = quantiles(np.linspace(0, 1, 100_001))  # uniform on [0, 1]: the percentile of v is 100 v
     for v in (0.001, 0.25, 0.5, 0.9, 0.992, 0.9995):
@@ -42,7 +42,7 @@ def test_percentile_on_a_known_distribution():
 
 def test_verdict_words_and_neutral_title():
     from explain.verdict import make_verdict
-    from retrieval.calibration import Calibration, quantiles
+    from retrieval.index.calibration import Calibration, quantiles
 
     rng = np.random.default_rng(0)
     cal = Calibration(quantiles(rng.normal(0.2, 0.1, 20000)), quantiles(rng.normal(0.8, 0.05, 500)), 1000, 20000, 500)
@@ -63,7 +63,7 @@ def test_verdict_in_a_small_collection_says_it_is_small():
     pairs (at most n of its n(n−1)/2 pairs): a pair among the closest 200/(n−1) % says so instead of "somewhat
     similar"; the match rule itself is unchanged."""
     from explain.verdict import make_verdict, nearest_share
-    from retrieval.calibration import Calibration
+    from retrieval.index.calibration import Calibration
 
     assert nearest_share(11) == pytest.approx(20.0) and nearest_share(201) == pytest.approx(1.0)
     uniform = np.linspace(0.0, 1.0, 1001)  # percentile(score) = 100·score among random pairs
@@ -80,8 +80,8 @@ def test_verdict_in_a_small_collection_says_it_is_small():
 
 
 def test_calibration_is_sampled_when_indexing_and_matches_brute_force(photos, tmp_path):
-    from retrieval.calibration import load
-    from retrieval.store import IndexStore
+    from retrieval.index.calibration import load
+    from retrieval.index.store import IndexStore
 
     idx = tmp_path / "idx"
     run("index", photos, "--index", idx)
@@ -104,8 +104,8 @@ def test_calibration_is_sampled_when_indexing_and_matches_brute_force(photos, tm
 def test_pair_terms_add_up_to_the_explained_similarity(pooling):
     from explain.correspond import pair_terms
     from explain.methods import Explainer
-    from retrieval.head import LinearHead
-    from retrieval.pooling import parse_pooling
+    from retrieval.index.head import LinearHead
+    from retrieval.models.pooling import parse_pooling
 
     rng = np.random.default_rng(3)
     c = 24

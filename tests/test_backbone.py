@@ -8,7 +8,8 @@ from torch import nn
 
 from conftest import skimage_photo
 from retrieval.errors import UnknownModel, WeightsUnavailable
-from retrieval.models import REGISTRY, imagenet_classifier, load_backbone
+from retrieval.models.loading import imagenet_classifier, load_backbone
+from retrieval.models.registry import REGISTRY
 
 EGYPTIAN_CAT, ESPRESSO = 285, 967
 
@@ -113,8 +114,8 @@ def test_user_module_function_with_layer(tmp_path, monkeypatch):
 
 
 def test_unknown_model_lists_known_ones():
-    from retrieval import fastpath
-    from retrieval.models import REGISTRY
+    from retrieval.models import runtime as fastpath
+    from retrieval.models.registry import REGISTRY
 
     with pytest.raises(UnknownModel, match="efficientnet_lite0"):
         load_backbone("no_such_net")
@@ -142,7 +143,7 @@ def test_one_onnx_graph_serves_three_shapes_exactly_and_its_cache_is_kept_clean(
     import subprocess
 
     import retrieval
-    from retrieval.backbone import onnx_cache_key
+    from retrieval.models.backbone import onnx_cache_key
 
     pytest.importorskip("onnxruntime")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
@@ -173,7 +174,7 @@ def test_one_onnx_graph_serves_three_shapes_exactly_and_its_cache_is_kept_clean(
 
 
 def test_an_onnx_export_leaves_the_eager_network_as_it_was(tmp_path):
-    from retrieval.backbone import _export
+    from retrieval.models.backbone import _export
 
     class Twice(nn.Module):  # a new wrapper (in training mode, as new modules are) with a layer registered twice
         def __init__(self, net):
@@ -198,7 +199,7 @@ def test_preprocess_array_is_its_definition_bit_for_bit():
     import numpy as np
     from PIL import Image
 
-    from retrieval.preprocess import Preprocess
+    from retrieval.models.preprocess import Preprocess
 
     rng = np.random.default_rng(0)
     img = Image.fromarray(rng.integers(0, 256, (301, 517, 3), dtype=np.uint8))
@@ -218,7 +219,7 @@ def test_cuda_is_picked_without_tf32():
     picking the CPU leaves the settings alone. (torch.device("cuda") needs no GPU.)"""
     import torch
 
-    from retrieval.backbone import pick_device
+    from retrieval.models.backbone import pick_device
 
     before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     try:

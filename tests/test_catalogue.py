@@ -1,4 +1,4 @@
-"""Phone photo → catalogue: the visual-word inverted file (retrieval/words.py) and ``search --within``."""
+"""Phone photo → catalogue: the visual-word inverted file (retrieval/match/words.py) and ``search --within``."""
 from __future__ import annotations
 
 import io
@@ -11,9 +11,9 @@ from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
 from clitools import run, run_json, run_process, run_watching_imports
 from conftest import skimage_photo
-from retrieval import words
-from retrieval.store import IndexStore
-from retrieval.verify import MIN_INLIERS, Verifier
+from retrieval.match import words
+from retrieval.index.store import IndexStore
+from retrieval.match.verify import MIN_INLIERS, Verifier
 
 CATALOGUE = ("astronaut", "rocket", "camera", "coins", "horse")
 
@@ -290,14 +290,14 @@ def test_the_web_app_searches_an_index_with_a_catalogue_as_the_cli_does(shop_wit
 
 def test_a_verified_search_reads_the_index_without_sqlalchemy(shop_with_role):
     """Verification, visual words, the catalogue role and ``--within`` read a plain SQLite index through sqlite3
-    (retrieval/litestore.py): the same hits, scores and inliers as through SQLAlchemy with the same network; and
+    (retrieval/index/litestore.py): the same hits, scores and inliers as through SQLAlchemy with the same network; and
     ``retrieve search`` with the index's defaults (verify, words, catalogue) imports neither SQLAlchemy nor torch."""
     import json
 
-    from retrieval import catalogue
-    from retrieval.litestore import LiteStore, open_search_store
-    from retrieval.search import Searcher
-    from retrieval.service import search_backbone_for_settings
+    from retrieval.index import catalogue
+    from retrieval.index.litestore import LiteStore, open_search_store
+    from retrieval.match.search import Searcher
+    from retrieval.models.loader import search_backbone_for_settings
 
     root, idx, query = shop_with_role
     lite = open_search_store(idx)
@@ -341,7 +341,7 @@ def test_word_file_stores_the_projection_and_an_old_file_gets_one(shop, tmp_path
     import shutil
     from types import SimpleNamespace
 
-    from retrieval.search import Searcher
+    from retrieval.match.search import Searcher
 
     root, idx, query = shop
     old = tmp_path / "old"
@@ -398,7 +398,7 @@ def test_a_collection_within_the_verification_budget_is_verified_whole(shop):
     catalogue depth: 39 at the instance preset, 96 at K 60, W 30) is verified whole: every result has been
     verified, not only the global top K and what the stages ranked; with a smaller budget, or without words, it
     is not."""
-    from retrieval.search import whole_budget
+    from retrieval.match.search import whole_budget
 
     root, idx, query = shop
     n = len(list((root / "catalogue").iterdir())) + len(list((root / "photos").iterdir()))
@@ -431,8 +431,8 @@ def shop_with_photos(shop, tmp_path_factory):
 def test_verified_expansion_finds_the_objects_other_photos_through_its_best_match(shop_with_photos, tmp_path):
     """The result confirmed with the most inliers brings its own neighbours (by visual words and by the
     embedding), each verified against the query; confirmed ones join, the others do not (Chum et al. 2007)."""
-    from retrieval.search import EXPAND_MIN, Searcher
-    from retrieval.service import search_backbone_for_settings
+    from retrieval.match.search import EXPAND_MIN, Searcher
+    from retrieval.models.loader import search_backbone_for_settings
 
     root, idx, query = shop_with_photos
     astro = ("astronaut.jpg", "astro0.jpg", "astro1.jpg")

@@ -106,7 +106,7 @@ def test_result_map_points_at_the_pasted_object(lite0):
 
 
 def test_random_weights_change_the_maps(lite0):
-    from retrieval.models import load_backbone
+    from retrieval.models.loading import load_backbone
 
     q, r = skimage_photo("coffee"), skimage_photo("chelsea")
     a = SFAM(lite0).explain(q, r).result_map
@@ -182,7 +182,7 @@ def test_search_explain_outputs(photos, tmp_path):
 
 
 def test_search_explain_with_uncentred_settings_explains_the_search_score(photos, tmp_path):
-    from retrieval.store import IndexStore
+    from retrieval.index.store import IndexStore
 
     idx = tmp_path / "idx"
     run_json("index", photos, "--index", idx)

@@ -55,7 +55,7 @@ def faces_index(face_photos, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def finder():
-    from retrieval.faces import FaceFinder
+    from retrieval.faces.detect import FaceFinder
 
     return FaceFinder("hog")
 
@@ -70,7 +70,7 @@ def test_port_equals_dlib(face_photos, finder):
     import dlib
     import torch
 
-    from retrieval.dlib_face import chip_tensor, load_net, model_file
+    from retrieval.faces.network import chip_tensor, load_net, model_file
 
     chips = [f.chip for name in ("astronaut.png", "group.png")
              for f in finder.faces(np.asarray(Image.open(face_photos / name).convert("RGB")))]
@@ -82,7 +82,7 @@ def test_port_equals_dlib(face_photos, finder):
         got = net.descriptor(chip_tensor(chips)).numpy()
     assert np.abs(got - want).max() <= 1e-4
     # and through the project's Backbone (its fast path, its preprocessing): GAP of the map = the descriptor
-    from retrieval.dlib_face import load_backbone
+    from retrieval.faces.network import load_backbone
 
     bb = load_backbone(fast="eager")  # (the ONNX path is what the CLI tests below run)
     a, pooled = bb.embed(bb.preprocess.batch([Image.fromarray(c) for c in chips]))
@@ -133,7 +133,7 @@ def _photos_of(idx: Path) -> str:
 
 def test_preset_recorded_in_index(faces_index):
     idx, _, _ = faces_index
-    from retrieval.store import IndexStore
+    from retrieval.index.store import IndexStore
 
     with IndexStore.open(idx) as store:
         st = store.settings
@@ -146,7 +146,7 @@ def test_preset_recorded_in_index(faces_index):
 
 
 def test_verdict_words():
-    from retrieval.face_search import verdict
+    from retrieval.faces.search import verdict
 
     assert verdict(0.41, 0.6) == "same person (distance 0.41 < 0.6)"
     assert verdict(0.6, 0.6).startswith("different people")
@@ -198,8 +198,9 @@ def test_schema2_index_upgrades_to_per_face_rows(tmp_path):
     """A schema-2 database (path unique alone, no face/box) gains the columns step by step on a writable open."""
     from sqlalchemy.exc import IntegrityError
 
-    from retrieval.schema import ImageRow
-    from retrieval.store import IndexSettings, IndexStore
+    from retrieval.index.schema import ImageRow
+    from retrieval.index.settings import IndexSettings
+    from retrieval.index.store import IndexStore
 
     st = IndexSettings(model="efficientnet_lite0", weights_id="x", weights_source="x", preprocess={"size": 224},
                        metric="cosine", dim=4, index_type="flat", faiss_factory="Flat")
@@ -230,7 +231,7 @@ def test_schema2_index_upgrades_to_per_face_rows(tmp_path):
 def test_missing_extra_is_one_line(monkeypatch):
     import sys
 
-    from retrieval.dlib_face import need_dlib
+    from retrieval.faces.network import need_dlib
     from retrieval.errors import RetrieveError
 
     monkeypatch.setitem(sys.modules, "dlib", None)

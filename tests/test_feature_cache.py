@@ -1,4 +1,4 @@
-"""The per-content cache of local features (retrieval/verify.py, format 2): round trip, the old npz format
+"""The per-content cache of local features (retrieval/match/verify.py, format 2): round trip, the old npz format
 still read, damaged files re-extracted, reads in threads, and verification that loads in threads."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import skimage_photo
-from retrieval.verify import FORMAT_MAGIC, MIN_INLIERS, Verifier, verify_hits
+from retrieval.match.verify import FORMAT_MAGIC, MIN_INLIERS, Verifier, verify_hits
 
 
 @pytest.fixture
@@ -82,7 +82,7 @@ def test_a_damaged_file_is_extracted_again_and_rewritten(cached, damage):
 
 
 def test_reads_in_threads_need_no_lock(cached, monkeypatch):
-    import retrieval.verify as verify
+    import retrieval.match.verify as verify
 
     v, p, sha = cached
     want = v.features(p, sha)
@@ -115,8 +115,8 @@ def test_verify_hits_loads_in_threads_and_keeps_the_verdicts(cached, tmp_path):
     loaded and projected in threads (2 BLAS threads) or one by one; a vanished candidate stays, unverified."""
     from threadpoolctl import threadpool_limits
 
-    from retrieval.words import fit_projection
-    from retrieval.verify import _root
+    from retrieval.match.words import fit_projection
+    from retrieval.match.verify import _root
     from test_instance import rephotographed
 
     v, p, sha = cached

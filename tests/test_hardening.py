@@ -14,8 +14,10 @@ from sqlalchemy import create_engine, delete
 
 from clitools import run, run_json
 from conftest import skimage_photo
-from retrieval.check import check_index
-from retrieval.store import Base, ImageRow, IndexSettings, IndexStore
+from retrieval.index.check import check_index
+from retrieval.index.schema import Base, ImageRow
+from retrieval.index.settings import IndexSettings
+from retrieval.index.store import IndexStore
 
 N_PHOTOS = 9
 
@@ -108,8 +110,8 @@ def test_ctrl_c_during_finalisation_is_deferred_until_the_vector_file_is_written
 
 # -- 3. HNSW: removals without a rebuild per batch ---------------------------------------------------------
 def test_hnsw_removals_are_filtered_then_compacted_once(tmp_path, monkeypatch):
-    from retrieval.search import Searcher
-    from retrieval.vectors import Vectors
+    from retrieval.match.search import Searcher
+    from retrieval.index.vectors import Vectors
 
     store, vecs = synthetic(tmp_path / "idx", 2000, index_type="hnsw")
     store.faiss_index()
@@ -159,7 +161,7 @@ def test_an_interrupted_creation_does_not_leave_a_stuck_index(photos, tmp_path):
 
 
 def test_creation_is_atomic(photos, tmp_path, monkeypatch):
-    import retrieval.store as store_mod
+    import retrieval.index.store as store_mod
 
     class Killed(BaseException):
         pass
@@ -248,7 +250,7 @@ def test_custom_factory_not_starting_with_ivf_is_exact_until_trainable(photos, t
 
 
 def test_custom_factory_trains_once_enough_vectors_exist(tmp_path):
-    from retrieval.vectors import min_training, trainable_factory
+    from retrieval.index.vectors import min_training, trainable_factory
 
     assert min_training("OPQ8,IVF64,PQ8") == 39 * 64 and trainable_factory("OPQ8,IVF64,PQ8", 100, 32) == "Flat"
     assert trainable_factory("PCA16,SQ8", 0, 32) == "Flat" and trainable_factory("PCA16,SQ8", 5, 32) == "PCA16,SQ8"
@@ -262,7 +264,7 @@ def test_custom_factory_trains_once_enough_vectors_exist(tmp_path):
     assert small.needs_retrain()
     index = small.rebuild_faiss()
     assert not isinstance(faiss.downcast_index(index.index), faiss.IndexFlat) and not small.needs_retrain()
-    from retrieval.search import Searcher
+    from retrieval.match.search import Searcher
 
     hits = Searcher(small, None).search_vectors(vecs[:5], 3)
     assert all(len(h) == 3 for h in hits)

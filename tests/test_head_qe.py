@@ -9,8 +9,8 @@ import pytest
 from clitools import run, run_json
 from explain.cis import cis_head
 from explain.methods import SFAM
-from retrieval.head import fit_head
-from retrieval.store import IndexStore
+from retrieval.index.head import fit_head
+from retrieval.index.store import IndexStore
 
 
 def test_fitted_head_is_linear_and_whitens():

@@ -11,7 +11,7 @@ from PIL import Image
 
 from clitools import run, run_json
 from conftest import skimage_photo
-from retrieval.store import IndexStore
+from retrieval.index.store import IndexStore
 
 N_PHOTOS = 9  # eight photos + one crop in a sub-folder; notes.txt is not an image
 
@@ -22,7 +22,7 @@ def consistent(index_dir) -> dict[str, int]:
     """Open the index and check SQLite and FAISS agree exactly; return path → id."""
     with IndexStore.open(index_dir) as store:
         with store.session() as s:
-            from retrieval.store import ImageRow
+            from retrieval.index.schema import ImageRow
             from sqlalchemy import select
 
             rows = dict(s.execute(select(ImageRow.path, ImageRow.id)).all())

@@ -12,10 +12,10 @@ from PIL import Image
 from clitools import run, run_json
 from conftest import skimage_photo
 from explain.methods import SFAM
-from retrieval.backbone import Preprocess
-from retrieval.pooling import GAP, parse_pooling
+from retrieval.models.backbone import Preprocess
+from retrieval.models.pooling import GAP, parse_pooling
 from retrieval.errors import RetrieveError
-from retrieval.verify import MIN_INLIERS, Verification, Verifier, rerank
+from retrieval.match.verify import MIN_INLIERS, Verification, Verifier, rerank
 
 
 # -- pooling -----------------------------------------------------------------------------------
@@ -30,7 +30,7 @@ def test_gem_pools_and_splits_over_space_exactly():
     torch.testing.assert_close(parse_pooling("gem:1").pool(a), a.mean((2, 3)))  # p = 1 is GAP
     assert parse_pooling(None) is GAP and GAP.contributions(a) is a
     rmac = parse_pooling("rmac")  # Σ over regions of L2-normalised regional maxima, by its definition
-    from retrieval.pooling import rmac_regions
+    from retrieval.models.pooling import rmac_regions
 
     regions = rmac_regions(7, 5)
     assert len(regions) >= 6 and all(y + s <= 7 and x + s <= 5 for y, x, s in regions)
@@ -134,7 +134,7 @@ def test_verification_confirms_the_same_object_and_not_a_lookalike():
 def test_inliers_count_distinct_grid_cells():
     """Verification counts inliers as the distinct cells of a 2-px grid (SIFT puts several keypoints at one spot):
     the rows of np.unique(np.rint(points / 2), axis=0), by definition."""
-    from retrieval.verify import _distinct
+    from retrieval.match.verify import _distinct
 
     rng = np.random.default_rng(3)
     for n in (0, 1, 7, 400):
@@ -237,8 +237,8 @@ def test_instance_preset_records_its_settings_and_verifies_by_default(clutter, t
 
 # -- database-side augmentation -----------------------------------------------------------------
 def test_dba_ranks_by_augmented_vectors_and_reports_true_scores(photos, tmp_path):
-    from retrieval.search import Searcher
-    from retrieval.store import IndexStore
+    from retrieval.match.search import Searcher
+    from retrieval.index.store import IndexStore
 
     idx = tmp_path / "idx"
     run("index", photos, "--index", idx)
@@ -259,12 +259,12 @@ def test_dba_ranks_by_augmented_vectors_and_reports_true_scores(photos, tmp_path
     assert set(res["results"][0]) == {"rank", "id", "path", "score"}
 
 
-# -- matching in a learned subspace (retrieval.verify.project, retrieval.words.fit_projection) -------------
+# -- matching in a learned subspace (retrieval.match.verify.project, retrieval.match.words.fit_projection) -------------
 @pytest.fixture(scope="module")
 def matched():
     """A phone photo of the astronaut and four real photos, their SIFT, and a 64-d subspace learned on them."""
-    from retrieval.verify import _root
-    from retrieval.words import fit_projection
+    from retrieval.match.verify import _root
+    from retrieval.match.words import fit_projection
 
     v = Verifier(cache=False)
     photo = v.extract(rephotographed(skimage_photo("astronaut"), skimage_photo("coffee")))
@@ -277,10 +277,10 @@ def _matches_by_definition(v: Verifier, q, r) -> set[tuple[int, int]]:
     """Matches that pass the ratio test and are mutual — no query point whose own nearest is another
     candidate point is nearer to the match's candidate point (query points sharing one nearest all keep it) —
     from Euclidean distances computed one by one (float64) between the (projected, renormalised) RootSIFT
-    rows: the rule retrieval/verify.py states, not its code."""
+    rows: the rule retrieval/match/verify.py states, not its code."""
     from scipy.spatial.distance import cdist
 
-    from retrieval.verify import _root, project
+    from retrieval.match.verify import _root, project
 
     a = project(_root(q.descriptors), v.projection).astype(np.float64)
     b = project(_root(r.descriptors), v.projection).astype(np.float64)
@@ -322,7 +322,7 @@ def test_batched_matching_equals_the_definition_pair_by_pair(matched, dims):
 def test_matching_in_blocks_of_query_rows_equals_one_block(matched, monkeypatch):
     """The similarities are computed MATCH_ROWS query rows at a time; the top two per row and the mutual check's
     column maxima, gathered across the blocks, give the matches of the whole matrix at once."""
-    from retrieval import verify
+    from retrieval.match import verify
 
     photo, others, basis = matched
     v = Verifier(cache=False, projection=basis)
@@ -337,8 +337,8 @@ def test_matching_in_blocks_of_query_rows_equals_one_block(matched, monkeypatch)
 
 
 def test_projection_is_the_top_uncentred_subspace_and_keeps_the_verdicts(matched):
-    from retrieval.verify import _root
-    from retrieval.words import fit_projection
+    from retrieval.match.verify import _root
+    from retrieval.match.words import fit_projection
 
     photo, others, basis = matched
     assert basis.shape == (128, 64) and np.allclose(basis.T @ basis, np.eye(64), atol=1e-4)  # orthonormal

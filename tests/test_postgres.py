@@ -16,8 +16,8 @@ from sqlalchemy import create_engine, func, inspect, select, text
 from clitools import ROOT, entry_point, run, run_json, run_process
 from conftest import skimage_photo
 from pgserver import new_database, server
-from retrieval import database
-from retrieval.schema import SCHEMA_VERSION, Base, ImageRow, SettingRow
+from retrieval.index import database
+from retrieval.index.schema import SCHEMA_VERSION, Base, ImageRow, SettingRow
 
 
 @pytest.fixture(scope="module")

@@ -77,7 +77,7 @@ def test_int8_embeddings_close_to_fp32(lite0, photo_dir, int8_index):
 def test_int8_graph_stays_uint8_between_layers(lite0, int8_index):
     """The int8 graph is QOperator with its paddings folded (bench/results/int8-variants.md: 2x fp32 instead
     of 1.5x): one QuantizeLinear (the input), one DequantizeLinear (the output), and no Pad left. The fp32
-    graph it is made from has its zero paddings folded into its convolutions too (retrieval/backbone.py
+    graph it is made from has its zero paddings folded into its convolutions too (retrieval/models/backbone.py
     _fold_pads: 1.2-1.7x faster), checked against eager like any graph."""
     import collections
 
@@ -125,7 +125,7 @@ def test_fold_pads_gives_the_same_output(conv_pads):
     amounts added to the ones the convolution had."""
     import onnxruntime as ort
 
-    from retrieval.precision import fold_pads
+    from retrieval.models.precision import fold_pads
 
     x = np.random.default_rng(1).normal(0, 2, (1, 4, 9, 10)).astype(np.float32)
 
@@ -145,7 +145,7 @@ def test_fold_pads_gives_the_same_output(conv_pads):
 
 def test_fold_pads_keeps_a_pad_of_another_value():
     """Padding with anything but the zero point is not what the convolution pads with: left as it is."""
-    from retrieval.precision import fold_pads
+    from retrieval.models.precision import fold_pads
 
     model = _tiny_quantised_graph(7, [0, 0, 0, 0])
     assert fold_pads(model) == 0
@@ -172,10 +172,10 @@ def test_search_without_torch_when_the_graph_is_cached(int8_index):
     import sys
 
     from clitools import ROOT
-    from retrieval.fastpath import FastBackbone, fast_backbone
+    from retrieval.models.runtime import FastBackbone, fast_backbone
     from retrieval.images import load_image
-    from retrieval.service import backbone_for_settings
-    from retrieval.store import IndexStore
+    from retrieval.models.loader import backbone_for_settings
+    from retrieval.index.store import IndexStore
 
     src, idx = int8_index
     with IndexStore.open(idx) as store:

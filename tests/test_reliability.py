@@ -17,8 +17,8 @@ from PIL import Image
 
 from clitools import ROOT, Forker, entry_point, run, run_json, run_process
 from conftest import skimage_photo
-from retrieval.check import check_index
-from retrieval.store import IndexStore
+from retrieval.index.check import check_index
+from retrieval.index.store import IndexStore
 
 
 def png_bomb(path, w=60000, h=60000):
@@ -254,7 +254,7 @@ def test_kill_9_at_random_moments_check_is_green_and_the_next_run_completes(tmp_
         with store.session() as s:
             from sqlalchemy import select
 
-            from retrieval.store import ImageRow
+            from retrieval.index.schema import ImageRow
 
             paths = s.execute(select(ImageRow.path)).scalars().all()
         assert store.head is not None and store.head.fitted_on >= 32
@@ -346,7 +346,7 @@ def test_read_only_index_dir(photos, tmp_path, monkeypatch):
     run_json("index", photos, "--index", idx)
     before = (idx / "index.db").read_bytes()
     if os.geteuid() == 0:  # root ignores permission bits: make the directory refuse writes the way it would
-        import retrieval.store as store_mod
+        import retrieval.index.store as store_mod
 
         real_open = os.open
 

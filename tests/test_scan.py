@@ -13,7 +13,7 @@ from PIL import Image
 from clitools import run, run_json
 from retrieval.errors import RetrieveError
 from retrieval.scan import scan_paths
-from retrieval.search import expand_queries
+from retrieval.match.search import expand_queries
 
 
 def _png(path: Path, colour=(200, 30, 30)) -> Path:

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from clitools import run, run_json
-from retrieval.store import IndexSettings, IndexStore, ImageRow
+from retrieval.index.schema import ImageRow
+from retrieval.index.settings import IndexSettings
+from retrieval.index.store import IndexStore
 
 
 def jsonl(stdout: str) -> list[dict]:
@@ -115,7 +117,7 @@ def test_index_types_at_scale_train_delete_and_agree_with_exact(tmp_path, index_
         import faiss
 
         assert not isinstance(faiss.downcast_index(index.index), faiss.IndexFlat)  # trained, not the fallback
-    from retrieval.search import Searcher
+    from retrieval.match.search import Searcher
 
     searcher = Searcher(store, backbone=None)
     queries = vecs[:50] + 0.05 * rng.normal(size=(50, dim)).astype(np.float32)

@@ -1,4 +1,4 @@
-"""Index type ``sharded`` (retrieval/sharded_index.py) through the CLI: ``retrieve index --index-type sharded``,
+"""Index type ``sharded`` (retrieval/index/sharded.py) through the CLI: ``retrieve index --index-type sharded``,
 search, incremental runs, IVF-PQ trained at a few hundred vectors, ``kill -9`` while the shards are written,
 ``check`` finding a corrupted shard and ``--repair`` healing it.
 
@@ -25,8 +25,9 @@ import pytest
 from clitools import ROOT, Forker, run_process
 from conftest import skimage_photo
 
-from retrieval.sharded_index import POINTER, TRAIN_AT_ENV, read_pointer, shards_dir
-from retrieval.store import ImageRow, IndexStore
+from retrieval.index.sharded import POINTER, TRAIN_AT_ENV, read_pointer, shards_dir
+from retrieval.index.schema import ImageRow
+from retrieval.index.store import IndexStore
 
 SYNTHETIC = 700  # rows added straight to the database: enough to train PCAR256,IVF16,PQ64 (PQ ≥ 256, IVF16 ≥ 624)
 TOL = 1e-3  # float16 shards against the float32 rows: cosine scores differ by < 1e-4 (bench); 1e-3 leaves room
@@ -258,8 +259,8 @@ def test_a_run_writes_shards_as_it_goes_trains_compacts_and_retrains(tmp_path, m
     """In-process, 64-d rows committed and applied batch by batch the way the indexer does (no model): the tail
     is written out every FLUSH_ROWS, IVF-PQ is trained once there are enough, removals past 10 % rewrite the
     collection, a collection grown 4× gets more lists; every search equals the exact definition's top-k."""
-    import retrieval.sharded_index as si
-    from retrieval.store import IndexSettings
+    import retrieval.index.sharded as si
+    from retrieval.index.settings import IndexSettings
 
     monkeypatch.setattr(si, "FLUSH_ROWS", 200)
     monkeypatch.setenv(TRAIN_AT_ENV, "500")

@@ -1,4 +1,4 @@
-"""Sharded vectors (retrieval/shards.py): build in parallel, merge on disk, search memory-mapped, re-score exactly.
+"""Sharded vectors (retrieval/index/shards.py): build in parallel, merge on disk, search memory-mapped, re-score exactly.
 
 20 k clustered 64-d vectors in 4 shards; the checks are against brute force computed here with numpy.
 """
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from retrieval.errors import IndexError_
-from retrieval.shards import MANIFEST, ShardedVectors, ShardError
+from retrieval.index.shards import MANIFEST, ShardedVectors, ShardError
 
 N, D, SHARDS = 20_000, 64, 4
 FACTORY = "IVF128,PQ16"

@@ -1,4 +1,4 @@
-"""Issue 16's leftovers: `retrieve search` reads a plain SQLite index without SQLAlchemy (retrieval/litestore.py)
+"""Issue 16's leftovers: `retrieve search` reads a plain SQLite index without SQLAlchemy (retrieval/index/litestore.py)
 with the same answers and the same errors; the indexer commits rows in bulk; an unchanged run leaves the
 vector file and the mean alone."""
 from __future__ import annotations
@@ -29,9 +29,9 @@ def small_index(photo_dir, tmp_path_factory):
 def test_lite_store_answers_as_the_full_store(small_index):
     """Same settings, rows, vector file and search results (plain, --qe, --dba) through sqlite3 as through
     SQLAlchemy."""
-    from retrieval.litestore import LiteStore, open_for_search
-    from retrieval.search import Searcher
-    from retrieval.store import IndexStore
+    from retrieval.index.litestore import LiteStore, open_for_search
+    from retrieval.match.search import Searcher
+    from retrieval.index.store import IndexStore
 
     src, idx = small_index
     lite = open_for_search(idx)
@@ -83,7 +83,7 @@ def test_search_without_sqlalchemy_same_output(small_index):
 
 def test_unusual_indexes_take_the_full_path_with_its_errors(small_index, tmp_path):
     """A damaged database or a database server's record: no lite store, and the error is the full store's."""
-    from retrieval.litestore import open_for_search
+    from retrieval.index.litestore import open_for_search
 
     src, idx = small_index
     bad = tmp_path / "bad"
@@ -105,7 +105,7 @@ def test_unusual_indexes_take_the_full_path_with_its_errors(small_index, tmp_pat
 def test_unchanged_run_leaves_vector_file_and_mean(small_index, lite0, tmp_path, monkeypatch):
     """An unchanged re-run neither recomputes μ nor rewrites the vector file; a run that adds a photo does both."""
     from indexer import index_paths
-    from retrieval.store import IndexStore
+    from retrieval.index.store import IndexStore
 
     src, idx = small_index
     own = tmp_path / "idx"
@@ -144,7 +144,9 @@ def test_commit_is_bulk_and_keeps_ids(tmp_path):
 
     from indexer.run import IndexReport, _commit_embedded, _Decoded
     from retrieval.scan import FileEntry
-    from retrieval.store import ImageRow, IndexSettings, IndexStore, SkippedRow
+    from retrieval.index.schema import ImageRow, SkippedRow
+    from retrieval.index.settings import IndexSettings
+    from retrieval.index.store import IndexStore
 
     st = IndexSettings(model="m", weights_id="w", weights_source="", preprocess={}, metric="cosine", dim=4,
                        index_type="flat", faiss_factory="Flat")
@@ -180,7 +182,7 @@ def test_one_query_searches_on_one_faiss_thread():
     """A single query runs FAISS on one OpenMP thread; the setting is restored afterwards."""
     import faiss
 
-    from retrieval.search import _one_thread_for_one_query
+    from retrieval.match.search import _one_thread_for_one_query
 
     n = faiss.omp_get_max_threads()
     with _one_thread_for_one_query(1):
@@ -195,7 +197,7 @@ def _index(*args, **env):  # args: retrieve's (a main option such as --threads f
 
 
 def _vectors(idx):
-    from retrieval.store import IndexStore
+    from retrieval.index.store import IndexStore
 
     with IndexStore.open(idx) as store:
         rows = store.rows_by_ids([int(i) for i in store.row_ids()])
@@ -203,7 +205,7 @@ def _vectors(idx):
         return {r.path: np.frombuffer(r.vector, np.float32) for r in rows.values()}, ref
 
 
-def _close(a, b) -> bool:  # the tolerance retrieval/backbone.py checks an ONNX graph against eager with
+def _close(a, b) -> bool:  # the tolerance retrieval/models/backbone.py checks an ONNX graph against eager with
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return a.shape == b.shape and bool(np.abs(a - b).max() <= 1e-3 * np.abs(b).max() + 1e-6)
 
@@ -222,8 +224,8 @@ def test_index_through_cached_graphs_imports_no_torch(small_index, tmp_path):
     """`retrieve index` never imports torch for the default preset: from a cold ONNX cache the graphs (224 px, and
     the 448-px two-output graph of the explain reference) are made in a child process; a warm update (with
     --threads) needs none. Its embeddings and explain reference equal the torch path's (RETRIEVE_FAST_INDEX=0)."""
-    from retrieval import fastpath
-    from retrieval.models import DEFAULT_MODEL
+    from retrieval.models import runtime as fastpath
+    from retrieval.models.registry import DEFAULT_MODEL
 
     assert fastpath.DEFAULT_MODEL == DEFAULT_MODEL
     src, _ = small_index
@@ -254,7 +256,7 @@ def test_instance_preset_indexes_common_photo_shapes_without_torch(tmp_path):
     16:9 either way round, and the square), for the embeddings and the explain reference; photos of those shapes
     never import torch here, and their embeddings and reference equal the torch path's."""
     from conftest import skimage_photo
-    from retrieval.preprocess import Preprocess
+    from retrieval.models.preprocess import Preprocess
 
     pre = Preprocess(size=448, resize="long")
     shapes = pre.common_shapes()

@@ -107,7 +107,7 @@ def test_torch_below_2_6_is_refused_for_weights_and_the_package_requires_2_6(tmp
     from packaging.requirements import Requirement
 
     from retrieval.errors import WeightsUnavailable
-    from retrieval.models import load_backbone
+    from retrieval.models.loading import load_backbone
 
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     torch_req = next(Requirement(d) for d in deps if Requirement(d).name == "torch")

@@ -1,11 +1,11 @@
-"""The visual-word lookup's postings budget (retrieval/words.py POSTINGS_BUDGET): equal to the ASMK* score's
+"""The visual-word lookup's postings budget (retrieval/match/words.py POSTINGS_BUDGET): equal to the ASMK* score's
 definition when nothing exceeds it, at most the budget read when a query does, a true image still found."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from retrieval import words as W
+from retrieval.match import words as W
 
 
 def _sigs(words, seed) -> np.ndarray:
@@ -74,7 +74,7 @@ class Counting(np.ndarray):
 
 @pytest.fixture(params=["slices", "index array"])
 def path(request, monkeypatch):
-    """Both ways of reading the postings (retrieval/words.py SLICE_MIN)."""
+    """Both ways of reading the postings (retrieval/match/words.py SLICE_MIN)."""
     monkeypatch.setattr(W, "SLICE_MIN", 0 if request.param == "slices" else 10**9)
     return request.param
 

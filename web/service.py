@@ -90,8 +90,8 @@ class Collection:
 
     def __init__(self, index_dir: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
                  max_upload_bytes: int = MAX_UPLOAD_BYTES):
-        from retrieval.service import backbone_for_settings
-        from retrieval.store import IndexStore, index_path
+        from retrieval.models.loader import backbone_for_settings
+        from retrieval.index.store import IndexStore, index_path
 
         self.index_dir = index_path(index_dir)
         with IndexStore.open(self.index_dir) as probe:  # a clear error before anything else
@@ -113,9 +113,9 @@ class Collection:
 
     # -- the committed state ------------------------------------------------------------------
     def _load(self) -> Loaded:
-        from retrieval.calibration import for_search
-        from retrieval.search import Searcher
-        from retrieval.store import IndexStore
+        from retrieval.index.calibration import for_search
+        from retrieval.match.search import Searcher
+        from retrieval.index.store import IndexStore
 
         store = IndexStore.open(self.index_dir)
         try:
@@ -157,8 +157,8 @@ class Collection:
 
     # -- what is in the index -----------------------------------------------------------------
     def info(self) -> dict:
-        """The fields of ``retrieve info --json`` (retrieval/info.py)."""
-        from retrieval.info import index_info
+        """The fields of ``retrieve info --json`` (retrieval/index/info.py)."""
+        from retrieval.index.info import index_info
 
         return index_info(self.current().store)
 
@@ -171,7 +171,7 @@ class Collection:
         """One page of the indexed photos, by path."""
         from sqlalchemy import func, select
 
-        from retrieval.schema import ImageRow
+        from retrieval.index.schema import ImageRow
 
         offset = _int(offset, "offset", 0, 10**9, 0)
         limit = _int(limit, "limit", 1, 500, 48)
@@ -274,7 +274,7 @@ class Collection:
         """``retrieve search`` for one query (``search --json``'s fields), each hit with its verdict; a page of
         ``k`` results starting at ``offset``."""
         from explain.verdict import make_verdict
-        from retrieval.catalogue import default_depth
+        from retrieval.index.catalogue import default_depth
 
         k = _int(k, "k", 1, MAX_K, 10)
         offset = _int(offset, "offset", 0, 10_000, 0)
@@ -282,7 +282,7 @@ class Collection:
         st = self.current()
         verify = _int(verify, "verify", 0, 1000, int(st.store.settings.search.get("verify", 0)))
         # as `retrieve search` without options: the index's visual words and, on an index with a catalogue,
-        # its top catalogue candidates, verified beside the global shortlist (retrieval/catalogue.py)
+        # its top catalogue candidates, verified beside the global shortlist (retrieval/index/catalogue.py)
         words = int(st.store.settings.search.get("words", 0)) if verify else 0
         catalogue = default_depth(st.store, verify)
         path, _, shown = self._query(q)
@@ -364,7 +364,7 @@ class Collection:
         meta = explain_meta(st.store, explainer)  # the same as the CLI's ``retrieve explain --index``
         verification = None
         if verify:  # inliers counted as the index's searches count them
-            from retrieval.words import index_verifier
+            from retrieval.match.words import index_verifier
 
             v = index_verifier(st.store)
             verification = v.verify(v.features(qpath), v.features(rpath))

@@ -1,0 +1,1 @@
+"""Faces: detection and alignment, dlib's face network (ported), search by face."""

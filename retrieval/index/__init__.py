@@ -1,0 +1,1 @@
+"""The index on disk: settings, rows, vectors, the collection's statistics and checks."""

@@ -1,0 +1,65 @@
+"""The index database's tables (SQLAlchemy ORM) and the settings an index is created with."""
+from __future__ import annotations
+
+from sqlalchemy import BigInteger, Float, Index, Integer, LargeBinary, String, text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from retrieval.index.settings import DB_NAME, SCHEMA_VERSION, IndexSettings  # noqa: F401  (without SQLAlchemy: retrieval/index/settings.py)
+
+
+# 64-bit on a database server (mtime_ns needs it; SQLite's INTEGER is 64-bit already, its DDL unchanged)
+Int64 = Integer().with_variant(BigInteger(), "postgresql")
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class SettingRow(Base):
+    __tablename__ = "settings"
+    key: Mapped[str] = mapped_column(String, primary_key=True)
+    value: Mapped[str] = mapped_column(String)
+
+
+class ImageRow(Base):
+    """One indexed image. ``id`` is its FAISS id; ids are never reused (AUTOINCREMENT).
+
+    In a faces index (``--preset faces``) a row is one face: ``face`` is its number in the photo (largest
+    first) and ``box`` its ``x0,y0,x1,y1`` in the photo's pixels, so a photo has as many rows as faces;
+    elsewhere both are NULL and a path has one row ((path, face) is unique either way). Both columns are
+    deferred: a reader of a schema-2 index (no such columns before a writer upgrades it) never selects them.
+    """
+
+    __tablename__ = "images"
+    __table_args__ = (Index("ux_images_path_face", "path", text("coalesce(face, -1)"), unique=True),
+                      {"sqlite_autoincrement": True})
+    id: Mapped[int] = mapped_column(Int64, primary_key=True, autoincrement=True)
+    path: Mapped[str] = mapped_column(String, index=True)
+    size: Mapped[int] = mapped_column(Int64)
+    mtime_ns: Mapped[int] = mapped_column(Int64)
+    sha256: Mapped[str] = mapped_column(String(64), index=True)
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    vector: Mapped[bytes] = mapped_column(LargeBinary)  # raw pooled embedding, float32
+    indexed_at: Mapped[float] = mapped_column(Float)
+    face: Mapped[int | None] = mapped_column(Integer, nullable=True, deferred=True)
+    box: Mapped[str | None] = mapped_column(String, nullable=True, deferred=True)
+
+
+class ArrayRow(Base):
+    """Named float64 arrays fitted on the collection (the linear head)."""
+
+    __tablename__ = "arrays"
+    name: Mapped[str] = mapped_column(String, primary_key=True)
+    shape: Mapped[str] = mapped_column(String)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class SkippedRow(Base):
+    """A file that could not be decoded; not retried until its size or mtime changes."""
+
+    __tablename__ = "skipped"
+    path: Mapped[str] = mapped_column(String, primary_key=True)
+    size: Mapped[int] = mapped_column(Int64)
+    mtime_ns: Mapped[int] = mapped_column(Int64)
+    reason: Mapped[str] = mapped_column(String)

@@ -1,0 +1,1 @@
+"""Answering queries: nearest neighbours, visual words and geometric verification."""

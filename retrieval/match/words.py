@@ -1,0 +1,576 @@
+"""Visual words: an inverted file over the collection's local descriptors, a second candidate stage.
+
+The global embedding ranks whole photos; a phone photo of a product in clutter can rank its own clean
+catalogue image beyond any shortlist it gives, although the two share hundreds of SIFT matches. The
+classic mobile-visual-search answer is a *bag of visual words* (Sivic & Zisserman 2003; Nistér &
+Stewénius 2006): every RootSIFT descriptor (retrieval/match/verify.py) is quantised to its nearest word in a
+two-level vocabulary tree (faiss k-means, ``k1 × k2`` words, trained on a sample of the collection's
+descriptors), each image becomes a bag of words, and
+an inverted file (word → images) scores a query against the whole collection in time proportional to
+the postings of its words, not to the collection. The score is ASMK* (Tolias, Avrithis & Jégou, "To aggregate
+or not to aggregate: selective match kernels for image search", ICCV 2013): each image keeps, per word, the
+sign of the sum of its descriptors' residuals from the word's centre (64 bits, in the matching subspace), and
+a word shared by query and image counts idf × σ(1 − 2h/64), with h the Hamming distance of the two signatures
+and σ(u) = u³ for u > 0, else 0 — two descriptors in one word count only when they also agree within it, and
+bursts of similar descriptors count once. On the instance set it puts the catalogue image in a phone photo's
+top 5 for 94 % of the photos against 21 % for tf-idf bags of the same words and 36 % for the global
+embedding (bench/results/quality.md). :class:`retrieval.match.search.Searcher` merges its top
+candidates with the global shortlist before geometric verification.
+
+**Stored with the index.** ``words.npz`` in the index directory holds the vocabulary and each row's
+words, keyed by row id *and content hash*; ``words.json`` is its fingerprint (format, SIFT settings,
+vocabulary shape, row count, file size), written after it, both atomically (temporary file, fsync,
+rename). The file is a cache derived from the rows and the local features (cached per content hash):
+on every open it is reconciled with the rows (ids missing, gone, or whose content changed), and a file
+that is missing, damaged (numpy checks the zip's CRCs) or described by another fingerprint is rebuilt
+from them — never searched as it is. The indexer brings it up to date at the end of every run. It also
+holds the inverted file itself (each word's postings: row positions and weights), so a search that opens
+the index reads it instead of building it from the bags (at 100 k images 3 GB read in 5 s against
+half a minute's build; bench/results/words-growth.md); a file without them (written before) is still read,
+its inverted file built at the first search.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Iterable
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from retrieval.index.store import IndexStore
+    from retrieval.match.verify import LocalFeatures, Verifier
+
+WORDS_NAME = "words.npz"
+META_NAME = "words.json"
+FORMAT = 2  # 2: per-word residual signatures (ASMK*) with the bags and the postings; a file of format 1 is rebuilt
+TEMPORARY_GLOBS = (f".{WORDS_NAME}.*.tmp", f".{META_NAME}.*.tmp")
+BRANCH_MAX = 128  # words = branch²: 16,384 for a large collection
+TRAIN_DESCRIPTORS = 300_000  # at most this many descriptors (a seeded sample) train the vocabulary
+TRAIN_PER_WORD = 20  # the branch grows with the training sample: branch² ≤ sample / this
+RETRAIN_GROWTH = 4  # the vocabulary is trained again when the collection has grown this much since
+STOP_SHARE = 0.15  # query words in more than this share of the images (and more than STOP_MIN of them) are
+STOP_MIN = 20      # skipped: they cost time in proportion to the collection and hardly inform
+POSTINGS_BUDGET = 4_000_000  # at most this many postings are read per query: its most informative words
+# (highest idf × √tf) first, so a lookup stops growing with the collection; at 500 images and at 10 k no query
+# comes near it. At 100 k (synthetic distractors, bench/results/words-growth.md) ASMK* scores them in ~127 ms
+# with the true images' recall in the words top 30 at 0.84 against 0.87 uncapped (396 ms); 1 M postings took
+# 32 ms but kept 0.60 (tf-idf scoring had lost nothing to 1 M)
+SHORTLIST = 30  # the inverted file's top candidates merged with the global shortlist (the instance preset's words W)
+SLICE_MIN = 100  # words with this many postings on average are read as slices (one Python step per word), fewer
+# through one index array (one step per posting; 3× faster at 500 images, 2× slower at 100 k)
+PROJECTION_DIMS = 64  # verification matches RootSIFT in this many dimensions, learned with the vocabulary
+SIG_BITS = 64  # ASMK* signature: the signs of a word's aggregated residual in the first 64 axes of that subspace
+ASMK_ALPHA = 3.0  # selectivity: σ(u) = u**α for u > τ; α 3, τ 0 as in the paper (α 1: catalogue image in the
+ASMK_TAU = 0.0    # top 5 for 80 % of the phone photos, against 94 %; bench/results/quality.md)
+_POP8 = np.array([bin(i).count("1") for i in range(256)], np.uint8)
+
+
+def _popcount(x: np.ndarray) -> np.ndarray:
+    """Set bits of each uint64 (numpy ≥ 2 has it built in)."""
+    if hasattr(np, "bitwise_count"):
+        return np.bitwise_count(x)
+    return _POP8[np.ascontiguousarray(x, np.uint64).view(np.uint8)].reshape(-1, 8).sum(1)
+
+
+def _empty_bag() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The bag of an image without descriptors: no words, counts or signatures."""
+    return np.zeros(0, np.int32), np.zeros(0, np.uint16), np.zeros(0, np.uint64)
+
+
+def selectivity(agree: np.ndarray) -> np.ndarray:
+    """ASMK's σ of the signatures' agreement u = 1 − 2h/64 (h: Hamming distance): u³ above τ, else 0."""
+    u = np.asarray(agree, np.float32)
+    return np.where(u > ASMK_TAU, u ** ASMK_ALPHA, 0).astype(np.float32)
+
+
+def _root(desc: np.ndarray) -> np.ndarray:
+    from retrieval.match.verify import _root as root
+
+    return root(desc)
+
+
+def fit_projection(sample: np.ndarray, dims: int = PROJECTION_DIMS) -> np.ndarray | None:
+    """128 × ``dims``: the top eigenvectors of the *uncentred* second moments of RootSIFT rows ``sample`` —
+    the subspace that best keeps the rows themselves, hence their cosines, which matching compares
+    (retrieval.match.verify.project). None when the sample is too small to fit it."""
+    x = np.asarray(sample, np.float32)
+    if len(x) < 4 * x.shape[1] or dims >= x.shape[1]:
+        return None
+    w, v = np.linalg.eigh((x.T @ x).astype(np.float64) / len(x))
+    basis = v[:, ::-1][:, :dims]
+    basis *= np.where(basis.sum(0) < 0, -1.0, 1.0)  # a fixed sign per axis: the same sample, the same basis
+    return np.ascontiguousarray(basis, np.float32)
+
+
+class Vocabulary:
+    """A two-level k-means tree over RootSIFT descriptors: word = top · k2 + sub; and the subspace that
+    verification matches RootSIFT in (``projection``, 128 × d; None in a file written before it)."""
+
+    def __init__(self, top: np.ndarray, sub: np.ndarray, projection: np.ndarray | None = None):
+        self.top = np.ascontiguousarray(top, np.float32)  # k1 × 128
+        self.sub = np.ascontiguousarray(sub, np.float32)  # k1 × k2 × 128
+        self.projection = None if projection is None else np.ascontiguousarray(projection, np.float32)
+        self._top_half = 0.5 * (self.top ** 2).sum(1)
+        self._sub_half = 0.5 * (self.sub ** 2).sum(2)
+
+    @property
+    def size(self) -> int:
+        return self.sub.shape[0] * self.sub.shape[1]
+
+    @classmethod
+    def train(cls, sample: np.ndarray, seed: int = 0) -> "Vocabulary":
+        """k-means (faiss) on RootSIFT ``sample``: ``k1`` clusters, then ``k2`` within each."""
+        import faiss
+
+        threads = faiss.omp_get_max_threads()
+        faiss.omp_set_num_threads(1)  # many small k-means: OpenMP's barriers cost more than they save
+        try:
+            return cls._train(sample, seed)
+        finally:
+            faiss.omp_set_num_threads(threads)
+
+    @classmethod
+    def _train(cls, sample: np.ndarray, seed: int) -> "Vocabulary":
+        import faiss
+
+        x = np.ascontiguousarray(sample, np.float32)
+        k = max(2, min(BRANCH_MAX, int(math.sqrt(len(x) / TRAIN_PER_WORD))))
+        km = faiss.Kmeans(x.shape[1], k, niter=20, seed=seed, max_points_per_centroid=1 << 30,
+                          min_points_per_centroid=1)
+        km.train(x)
+        top = km.centroids.copy()
+        assign = np.argmax(x @ top.T - 0.5 * (top ** 2).sum(1), axis=1)
+        sub = np.empty((k, k, x.shape[1]), np.float32)
+        for c in range(k):
+            part = x[assign == c]
+            if len(part) <= k:  # too few to split: the cluster's points (or its centre) as its words
+                sub[c] = top[c]
+                sub[c, :len(part)] = part
+                continue
+            km2 = faiss.Kmeans(x.shape[1], k, niter=15, seed=seed + 1 + c, max_points_per_centroid=1 << 30,
+                                 min_points_per_centroid=1)
+            km2.train(np.ascontiguousarray(part))
+            sub[c] = km2.centroids
+        return cls(top, sub, fit_projection(x))
+
+    def quantise(self, root: np.ndarray) -> np.ndarray:
+        """The word of each RootSIFT descriptor (rows of ``root``)."""
+        from retrieval.match.verify import one_blas_thread
+
+        if not len(root):
+            return np.zeros(0, np.int32)
+        with one_blas_thread():  # one product per cluster, each small (retrieval.match.verify.one_blas_thread)
+            t = np.argmax(root @ self.top.T - self._top_half, axis=1)
+            out = np.empty(len(root), np.int64)
+            for c in np.unique(t):
+                sel = np.nonzero(t == c)[0]
+                s = np.argmax(root[sel] @ self.sub[c].T - self._sub_half[c], axis=1)
+                out[sel] = c * self.sub.shape[1] + s
+        return out.astype(np.int32)
+
+    def bag(self, desc: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(distinct words, their counts, their ASMK* signatures) of an image's SIFT descriptors (uint8): a
+        word's signature has bit j set when the sum of its descriptors' residuals from the word's centre
+        (RootSIFT), projected on axis j of the matching subspace, is positive (bit 63 − j of the uint64)."""
+        root = _root(desc)
+        words = self.quantise(root)
+        if not len(words):
+            return _empty_bag()
+        basis = self._basis()
+        order = np.argsort(words, kind="stable")
+        words = words[order]
+        w, start, n = np.unique(words, return_index=True, return_counts=True)
+        res = root[order] - self.sub.reshape(-1, self.sub.shape[2])[words]
+        from retrieval.match.verify import one_blas_thread
+
+        with one_blas_thread():
+            agg = np.add.reduceat(res, start, axis=0) @ basis
+        sig = np.packbits(agg > 0, axis=1).view(">u8").ravel().astype(np.uint64)
+        return w.astype(np.int32), n.astype(np.uint16), sig
+
+    def _basis(self) -> np.ndarray:
+        """128 × 64: the axes the signatures' bits are signs on (the matching subspace, or RootSIFT's first 64)."""
+        if self.projection is not None and self.projection.shape[1] >= SIG_BITS:
+            return self.projection[:, :SIG_BITS]
+        return np.eye(self.top.shape[1], SIG_BITS, dtype=np.float32)
+
+
+class WordIndex:
+    """Every row's bag of words, and the inverted file over them (see the module docstring)."""
+
+    def __init__(self, vocab: Vocabulary, trained_on: int, signature: str):
+        self.vocab = vocab
+        self.trained_on = trained_on
+        self.signature = signature  # the local features' settings (Verifier.cache's name)
+        self.bags: dict[int, tuple] = {}  # id → (sha256, words, counts, signatures)
+        self._ivf = None  # built lazily from ``bags``
+        self._last_bag = None  # (the query's descriptors, the inverted file, its bag, every row's score): reused
+        self._part = None  # (allowed ids, the inverted file, the allowed rows' own inverted file or None)
+
+    # -- keeping it equal to the rows ---------------------------------------------------------------
+    def set(self, i: int, sha: str, words: np.ndarray, counts: np.ndarray, sigs: np.ndarray) -> None:
+        self.bags[int(i)] = (sha, words, counts, sigs)
+        self._ivf = None
+
+    def remove(self, ids: Iterable[int]) -> None:
+        for i in ids:
+            self.bags.pop(int(i), None)
+        self._ivf = None
+
+    def reconcile(self, rows: dict[int, tuple[str, str]],
+                  features: Callable[[str, str], "LocalFeatures | None"]) -> int:
+        """Make the bags those of ``rows`` (id → (path, sha256)): ids gone leave, ids new or whose content
+        changed get their bag (``features(path, sha)``; None: an unreadable image, an empty bag). Returns
+        how many changed."""
+        changed = 0
+        gone = [i for i in self.bags if i not in rows]
+        if gone:
+            self.remove(gone)
+            changed += len(gone)
+        for i, (path, sha) in rows.items():
+            have = self.bags.get(i)
+            if have is not None and have[0] == sha:
+                continue
+            f = features(path, sha)
+            self.set(i, sha, *(self.vocab.bag(f.descriptors) if f is not None else _empty_bag()))
+            changed += 1
+        return changed
+
+    # -- the inverted file ------------------------------------------------------------------------------
+    def _inverted(self):
+        if self._ivf is not None:
+            return self._ivf
+        ids = np.fromiter(self.bags.keys(), np.int64, len(self.bags))
+        post_img, post_w, ptr, idf, df, post_sig = _postings(list(self.bags.values()), self.vocab.size)
+        self._ivf = (ids, post_img, post_w, ptr, idf, df, post_sig)
+        return self._ivf
+
+    def search(self, desc: np.ndarray, n: int, allowed: np.ndarray | None = None,
+               exclude: Iterable[int] = ()) -> list[tuple[int, float]]:
+        """The ``n`` rows whose words best match the descriptors ``desc`` (ASMK*, :meth:`score_bag`), best
+        first, as (id, score); ``allowed``: only these ids (sorted array); ``exclude``: never these. When the
+        allowed rows hold at most ``POSTINGS_BUDGET`` postings (a catalogue), all of theirs are read: their
+        scores are the uncapped ones, whatever the collection's size."""
+        if n <= 0 or not self.bags or not len(desc):
+            return []
+        ivf = self._inverted()
+        last = self._last_bag
+        if last is None or last[0] is not desc or last[1] is not ivf:  # the words and catalogue stages ask
+            bag = self.vocab.bag(desc)  # with the same query: quantised (and scored) once
+            last = self._last_bag = (desc, ivf, bag, self.score_bag(*bag, ivf))
+        part = self._allowed_part(allowed, ivf) if allowed is not None else None
+        if part is not None:
+            ids, scores = part[0], self.score_bag(*last[2], ivf, part=part)
+        else:
+            ids, scores = ivf[0], None if last[3] is None else last[3].copy()
+            if scores is not None and allowed is not None:
+                scores[~np.isin(ids, allowed)] = 0
+        if scores is None:
+            return []
+        ex = np.fromiter((int(i) for i in exclude), np.int64)
+        if len(ex):  # one pass, not one per excluded id (the catalogue stage excludes ~100)
+            scores[np.isin(ids, ex)] = 0
+        cand = np.nonzero(scores > 0)[0]
+        if len(cand) > n:
+            cand = cand[np.argpartition(-scores[cand], n - 1)[:n]]
+        cand = cand[np.argsort(-scores[cand], kind="stable")]
+        return [(int(ids[c]), float(scores[c])) for c in cand]
+
+    def _allowed_part(self, allowed: np.ndarray, ivf):
+        """The inverted file of the rows ``allowed`` alone, weighted as in the whole collection's (the same idf
+        and row norms), as (ids, rows, weights, word pointers); None when they hold more than
+        ``POSTINGS_BUDGET`` postings. Kept for the next query with the same ``allowed``."""
+        have = self._part
+        if have is not None and have[1] is ivf and np.array_equal(have[0], allowed):
+            return have[2]
+        ids, idf = ivf[0], ivf[4]
+        rows = np.nonzero(np.isin(ids, allowed))[0]
+        bags = [self.bags[int(ids[r])] for r in rows]
+        lens = np.fromiter((len(b[1]) for b in bags), np.int64, len(bags))
+        part = None
+        if lens.sum() <= POSTINGS_BUDGET:
+            post_img, post_w, ptr, _, _, post_sig = _postings(bags, self.vocab.size, idf)
+            part = (ids[rows], post_img, post_w, ptr, post_sig)
+        self._part = (np.array(allowed, copy=True), ivf, part)
+        return part
+
+    def score_bag(self, qw: np.ndarray, qn: np.ndarray, qs: np.ndarray, ivf=None, budget: int | None = None,
+                  part=None) -> np.ndarray | None:
+        """Every row's score for a query bag (distinct words ``qw``, their counts ``qn``, their signatures ``qs``):
+        ASMK*, Σ over the words shared with the row of idf × σ(1 − 2h/64) (h: the Hamming distance of the two
+        signatures, σ: :func:`selectivity`), over √(Σ idf) of the row's words and of the query's — over the query
+        words that are not stop words and that fit the budget: the words taken by weight (idf × √tf, highest
+        first) while their postings add up to at most ``budget`` (default :data:`POSTINGS_BUDGET`; 0: no cap).
+        ``part``: the rows of :meth:`_allowed_part` only (the query weighted by the whole collection). None: no
+        word in common."""
+        ids, post_img, post_w, ptr, idf, df, post_sig = self._inverted() if ivf is None else ivf
+        budget = POSTINGS_BUDGET if budget is None else budget
+        qw = np.asarray(qw, np.int64)
+        keep = df[qw] <= max(STOP_SHARE * len(ids), STOP_MIN)
+        qw, qn, qs = qw[keep], np.asarray(qn)[keep], np.asarray(qs, np.uint64)[keep]
+        q = np.sqrt(qn.astype(np.float32)) * idf[qw]
+        if part is not None:
+            ids, post_img, post_w, ptr, post_sig = part
+        starts, ends = ptr[qw], ptr[qw + 1]
+        if budget and int((ends - starts).sum()) > budget:  # the best words whose postings fit the budget
+            best = np.argsort(-q, kind="stable")
+            best = np.sort(best[np.cumsum((ends - starts)[best]) <= budget])  # (kept in word order)
+            qw, qs, starts, ends = qw[best], qs[best], starts[best], ends[best]
+        lens = ends - starts
+        total = int(lens.sum())
+        if not total:
+            return None
+        if total >= SLICE_MIN * len(qw):  # each word's postings one slice: no index array
+            s, e = starts.tolist(), ends.tolist()
+            img = np.concatenate([post_img[a:b] for a, b in zip(s, e)])
+            w = np.concatenate([post_w[a:b] for a, b in zip(s, e)])
+            sig = np.concatenate([post_sig[a:b] for a, b in zip(s, e)])
+        else:  # the postings' positions in one array (the same order)
+            at = np.repeat(starts - np.concatenate([[0], np.cumsum(lens)[:-1]]), lens) + np.arange(total)
+            img, w, sig = post_img[at], post_w[at], post_sig[at]
+        agree = 1 - _popcount(sig ^ np.repeat(qs, lens)).astype(np.float32) * np.float32(2 / SIG_BITS)
+        w *= selectivity(agree)
+        return np.bincount(img, w, minlength=len(ids)) / math.sqrt(max(float(idf[qw].sum()), 1e-12))
+
+    # -- the file ---------------------------------------------------------------------------------------
+    def fingerprint(self) -> dict:
+        return {"format": FORMAT, "features": self.signature, "vocabulary": list(self.vocab.sub.shape[:2]),
+                "trained_on": self.trained_on, "count": len(self.bags), "bytes": 0}
+
+    def save(self, directory: Path) -> None:
+        """Write ``words.npz``, then its fingerprint, each atomically; an unwritable directory only costs time."""
+        from retrieval.index.files import fsync, fsync_dir
+
+        directory = Path(directory)
+        tmp = directory / f".{WORDS_NAME}.{os.getpid()}.tmp"
+        tmp_meta = directory / f".{META_NAME}.{os.getpid()}.tmp"
+        ids = np.fromiter(self.bags.keys(), np.int64, len(self.bags))
+        lens = np.fromiter((len(b[1]) for b in self.bags.values()), np.int64, len(self.bags))
+        ptr = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+        words = np.concatenate([b[1] for b in self.bags.values()]) if len(ids) else np.zeros(0, np.int32)
+        counts = np.concatenate([b[2] for b in self.bags.values()]) if len(ids) else np.zeros(0, np.uint16)
+        sigs = np.concatenate([b[3] for b in self.bags.values()]) if len(ids) else np.zeros(0, np.uint64)
+        shas = np.array([b[0] for b in self.bags.values()], dtype="S64")
+        ivf = self._inverted()  # (the same ids, in the same order)
+        try:
+            extra = {} if self.vocab.projection is None else {"projection": self.vocab.projection}
+            extra.update(post_img=ivf[1], post_w=ivf[2], post_ptr=ivf[3], post_sig=ivf[6])
+            with open(tmp, "wb") as f:
+                np.savez(f, top=self.vocab.top, sub=self.vocab.sub, ids=ids, shas=shas, ptr=ptr,
+                         words=words.astype(np.int32), counts=counts.astype(np.uint16), sigs=sigs.astype(np.uint64),
+                         **extra)
+            fsync(tmp)
+            meta = self.fingerprint()
+            meta["bytes"] = tmp.stat().st_size
+            tmp_meta.write_text(json.dumps(meta))
+            fsync(tmp_meta)
+            os.replace(tmp, directory / WORDS_NAME)
+            os.replace(tmp_meta, directory / META_NAME)
+            fsync_dir(directory)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            tmp_meta.unlink(missing_ok=True)
+
+    @classmethod
+    def load(cls, directory: Path, signature: str) -> "WordIndex | None":
+        """The stored word index when its fingerprint describes this very file (else None: rebuild)."""
+        try:
+            described = _described(directory, signature)
+            if described is None:
+                return None
+            path, meta = described
+            with np.load(path, allow_pickle=False) as z:  # reading every member checks its CRC
+                top, sub, ids, shas, ptr = z["top"], z["sub"], z["ids"], z["shas"], z["ptr"]
+                words, counts, sigs = z["words"], z["counts"], z["sigs"]
+                projection = z["projection"] if "projection" in z.files else None  # absent: written before it
+                post = (z["post_img"], z["post_w"], z["post_ptr"], z["post_sig"]) if "post_ptr" in z.files else None
+        except Exception:  # noqa: BLE001 - missing, truncated, damaged (BadZipFile, CRC, zlib, ValueError…)
+            return None
+        if (list(sub.shape[:2]) != meta.get("vocabulary") or len(ids) != meta.get("count") or len(ptr) != len(ids) + 1
+                or ptr[-1] != len(words) or len(counts) != len(words) or sigs.shape != words.shape
+                or sigs.dtype != np.uint64 or top.shape[0] != sub.shape[0]
+                or (len(words) and (words.min() < 0 or words.max() >= sub.shape[0] * sub.shape[1]))
+                or (projection is not None and (projection.ndim != 2 or projection.shape[0] != top.shape[1]))):
+            return None
+        out = cls(Vocabulary(top, sub, projection), int(meta.get("trained_on", len(ids))), signature)
+        for j, i in enumerate(ids.tolist()):
+            a, b = ptr[j], ptr[j + 1]
+            out.bags[i] = (shas[j].decode(), words[a:b], counts[a:b], sigs[a:b])
+        if post is not None:
+            out._ivf = cls._stored_inverted(ids, *post, out.vocab.size, len(words))
+        return out
+
+    @staticmethod
+    def _stored_inverted(ids, post_img, post_w, post_ptr, post_sig, V: int, n: int):
+        """The inverted file as stored (what :meth:`_inverted` builds from the same bags), or None when its
+        arrays do not fit the bags (then it is built again)."""
+        if (post_img.shape != (n,) or post_w.shape != (n,) or post_sig.shape != (n,) or post_sig.dtype != np.uint64
+                or post_ptr.shape != (V + 1,) or post_img.dtype != np.int32
+                or post_w.dtype != np.float32 or post_ptr.dtype != np.int64 or post_ptr[0] != 0 or post_ptr[-1] != n
+                or np.any(np.diff(post_ptr) < 0) or (n and (post_img.min() < 0 or post_img.max() >= len(ids)))):
+            return None
+        df = np.diff(post_ptr).astype(np.float32)
+        idf = np.log((len(ids) + 1) / (df + 1)).astype(np.float32)
+        return ids, post_img, post_w, post_ptr, idf, df, post_sig
+
+
+def _postings(bags: list, V: int, idf: np.ndarray | None = None):
+    """The inverted file of ``bags`` ((sha256, words, counts, signatures) per row, in row order) over ``V`` words:
+    each posting's row (int32), weight (the word's idf over √(Σ idf) of the row's words: ASMK*'s normalisation,
+    float32) and signature (uint64), sorted by word and, within a word, by row; the words' pointers into them
+    (V + 1); the idf and document frequencies. ``idf``: these weights (another collection's, for a part of it)
+    instead of the bags' own."""
+    lens = np.fromiter((len(b[1]) for b in bags), np.int64, len(bags))
+    words = np.concatenate([b[1] for b in bags] + [np.zeros(0, np.int32)]).astype(np.int32)  # (half an int64's memory)
+    sigs = np.concatenate([b[3] for b in bags] + [np.zeros(0, np.uint64)]).astype(np.uint64)
+    img = np.repeat(np.arange(len(bags), dtype=np.int32), lens)
+    df = np.bincount(words, minlength=V).astype(np.float32)
+    if idf is None:
+        idf = np.log((len(bags) + 1) / (df + 1)).astype(np.float32)
+    w = idf[words]
+    norm = np.sqrt(np.bincount(img, w, minlength=len(bags))).astype(np.float32)
+    # stable: each word's postings in row order. Words fit int16 (branch ≤ 128: ≤ 16,384 words), whose
+    # stable argsort is a radix sort, twice as fast as int32's at 100 k images (the same order)
+    order = np.argsort(words.astype(np.int16) if V <= np.iinfo(np.int16).max + 1 else words, kind="stable")
+    ptr = np.zeros(V + 1, np.int64)
+    np.cumsum(np.bincount(words, minlength=V), out=ptr[1:])
+    return (img[order], (w / np.maximum(norm[img], 1e-12))[order].astype(np.float32), ptr, idf, df,
+            sigs[order])
+
+
+# -- one index's word index -------------------------------------------------------------------------------
+def signature(verifier: "Verifier") -> str:
+    return Path(str(verifier.cache)).name if verifier.cache is not None else \
+        f"sift-{verifier.max_side}-{verifier.n_features}"
+
+
+def _rows(store: "IndexStore") -> dict[int, tuple[str, str]]:
+    return {i: (path, sha) for i, path, sha in store.row_paths()}
+
+
+def _features(verifier: "Verifier"):
+    from retrieval.errors import ImageError
+
+    def get(path: str, sha: str):
+        try:
+            return verifier.features(path, sha)
+        except (ImageError, OSError):
+            return None  # the file went away and its features were never cached: no words for it
+
+    return get
+
+
+def _sample(rows: dict[int, tuple[str, str]], features, seed: int = 0) -> np.ndarray | None:
+    """A seeded sample of the rows' RootSIFT descriptors (None: too few to train a vocabulary on)."""
+    rng = np.random.default_rng(seed)
+    order = sorted(rows)
+    per = max(50, TRAIN_DESCRIPTORS // max(len(order), 1))
+    parts = []
+    for i in order:
+        f = features(*rows[i])
+        if f is None or not len(f.descriptors):
+            continue
+        d = f.descriptors
+        if len(d) > per:
+            d = d[np.sort(rng.choice(len(d), per, replace=False))]
+        parts.append(_root(d))
+    if not parts or sum(len(p) for p in parts) < 4 * TRAIN_PER_WORD:
+        return None
+    return np.concatenate(parts)
+
+
+def _train(rows: dict[int, tuple[str, str]], features, seed: int = 0) -> Vocabulary | None:
+    """A vocabulary (and projection) from a seeded sample of the rows' descriptors (None: too few)."""
+    sample = _sample(rows, features, seed)
+    return None if sample is None else Vocabulary.train(sample, seed)
+
+
+def sync(store: "IndexStore", verifier: "Verifier", save: bool = True) -> WordIndex | None:
+    """The word index of ``store``, equal to its rows: loaded, reconciled (or trained and built), and
+    written back when it changed and ``save``. None when the collection has too few descriptors."""
+    sig = signature(verifier)
+    rows = _rows(store)
+    features = _features(verifier)
+    wi = WordIndex.load(store.directory, sig)
+    changed = False
+    if wi is None or len(rows) >= RETRAIN_GROWTH * max(wi.trained_on, 1):
+        vocab = _train(rows, features)
+        if vocab is None:
+            return None
+        wi, changed = WordIndex(vocab, len(rows), sig), True
+    elif wi.vocab.projection is None:  # a file written before projections: the vocabulary's own sample adds one
+        sample = _sample(rows, features)
+        wi.vocab.projection = None if sample is None else fit_projection(sample)
+        changed = wi.vocab.projection is not None
+    changed = changed or wi._ivf is None  # a file without the inverted file (written before it): written with it
+    changed = wi.reconcile(rows, features) > 0 or changed
+    if changed and save:
+        wi.save(store.directory)
+    return wi
+
+
+def _described(directory: Path, signature: str) -> tuple[Path, dict] | None:
+    """``words.npz`` and its fingerprint when the fingerprint describes this very file (format, SIFT settings,
+    size), else None; OSError or ValueError when either cannot be read."""
+    path = Path(directory) / WORDS_NAME
+    meta = json.loads((Path(directory) / META_NAME).read_text())
+    if (not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("features") != signature
+            or meta.get("bytes") != path.stat().st_size):
+        return None
+    return path, meta
+
+
+def stored_projection(directory: Path, signature: str) -> np.ndarray | None:
+    """The matching subspace (128 × d) in the index's ``words.npz``, read without the rest of the file (the
+    bags and the inverted file); None when there is no whole file of this fingerprint, or it holds none."""
+    try:
+        described = _described(directory, signature)
+        if described is None:
+            return None
+        with np.load(described[0], allow_pickle=False) as z:  # (one member read, its CRC checked)
+            if "projection" not in z.files:
+                return None
+            p = z["projection"]
+    except Exception:  # noqa: BLE001 - missing, truncated, damaged: as WordIndex.load
+        return None
+    return p if p.ndim == 2 and p.shape[0] == 128 and p.dtype == np.float32 else None
+
+
+def index_verifier(store: "IndexStore") -> "Verifier":
+    """The verifier a default search of ``store`` verifies with: in the subspace stored with its visual words
+    when its searches use them (words or a catalogue by default; Searcher.words), else in all 128 dimensions —
+    so that ``retrieve explain --index --verify`` and the web app's pair page count the inliers the search
+    reported for the same pair."""
+    from retrieval.index.catalogue import default_depth
+    from retrieval.match.verify import Verifier
+
+    v = Verifier()
+    search = store.settings.search
+    if int(search.get("words", 0)) > 0 or default_depth(store, int(search.get("verify", 0))) > 0:
+        v.projection = stored_projection(store.directory, signature(v))
+    return v
+
+
+def file_state(store: "IndexStore", verifier: "Verifier") -> str:
+    """``ok``, ``missing`` or ``stale`` (damaged, another fingerprint, or behind the rows): for tests/checks."""
+    if not (store.directory / WORDS_NAME).exists():
+        return "missing"
+    wi = WordIndex.load(store.directory, signature(verifier))
+    if wi is None:
+        return "stale"
+    rows = _rows(store)
+    same = len(rows) == len(wi.bags) and all(wi.bags.get(i, ("",))[0] == sha for i, (_, sha) in rows.items())
+    return "ok" if same else "stale"
+
+
+def update_index(store: "IndexStore") -> WordIndex | None:
+    """The indexer's hook (end of a run, holding the writer lock): temporaries of a killed writer go, then
+    :func:`sync` brings the stored word index up to date (only new or changed rows are quantised)."""
+    from retrieval.index.vectors import clean_temporaries
+    from retrieval.match.verify import Verifier
+
+    clean_temporaries(store.directory, TEMPORARY_GLOBS)
+    return sync(store, Verifier())

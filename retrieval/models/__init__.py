@@ -1,0 +1,1 @@
+"""The networks: backbones, their preprocessing and pooling, and the paths that run them."""

