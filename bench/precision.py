@@ -129,7 +129,8 @@ def quality_rows(datasets: list[str], heads: list[str]) -> list[list]:
 
     from retrieval.head import fit_head, parse_head
 
-    folders = {n: _common.shared_dataset(n) for n in ("att_faces", "caltech101") if n in datasets}
+    folders = {n: f for n in ("att_faces", "caltech101")
+               if n in datasets and (f := _common.shared_dataset(n)) is not None}
     if "instance" in datasets:
         from instance_set import build
 
@@ -175,6 +176,8 @@ def main() -> None:
     ap.add_argument("--name", default=None, help="results file name (default precision, or precision-quality "
                                                  "with --skip-speed)")
     args = ap.parse_args()
+    if _common.shared_dataset("caltech101") is None:  # the photos timed, and the instance set's source
+        return
     torch.set_num_threads(args.threads)
     from retrieval.precision import cpu_flags, has_vnni
 
