@@ -84,6 +84,8 @@ def main() -> None:
                     n, r1, m = _scores(out)
                     rows.append([name, run_label, n, round(r1, 3), round(m, 3), round(time.perf_counter() - t, 1)])
                     print(" | ".join(map(str, rows[-1])), flush=True)
+    if not rows:  # no dataset found (each said so in one line): nothing to save
+        return
     load = tuple(round(a, 1) for a in load0 + os.getloadavg())
     text = (f"`python bench/candidates_check.py {' '.join(shlex.quote(a) for a in sys.argv[1:])}`: each dataset "
             f"indexed with `--preset instance` (by each tree), every image queried (`retrieve search DATASET -k 10 "

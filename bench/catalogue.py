@@ -1,6 +1,6 @@
 """Phone photo → catalogue on the instance set: the global shortlist alone against global + visual words.
 
-    python bench/catalogue.py [--queries 100] [--threads 2]   (called by bench/quality.py --catalogue)
+    python bench/quality.py --catalogue [INDEX] [--queries 100] [--threads 2]   (this module has no command of its own)
 
 The instance set (bench/instance_set.py): 100 objects × (one clean catalogue image ``ref.jpg`` + 4 phone
 photos). Queries: one phone photo per object (view1), as the product ranks (retrieval/match/search.py):

@@ -202,6 +202,10 @@ def main() -> None:
     ap.add_argument("--no-fast", action="store_true", help="RETRIEVE_FAST_INDEX=0 for every run")
     ap.add_argument("--pipeline-ab", type=int, default=0, help="N photos: the pipeline alone, torch-free vs full")
     args = ap.parse_args()
+    needs = (("caltech101", "att_faces") if args.collection or args.pipeline_ab
+             else ("caltech101",) * bool(args.index_count))
+    if any(_common.shared_dataset(n) is None for n in needs):
+        return
     if args.pipeline_ab:
         text = pipeline_ab(args)
         print(text)

@@ -123,6 +123,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "retrieve-12mp")
     args = ap.parse_args()
+    if _common.shared_dataset("caltech101") is None:
+        return
     torch.set_num_threads(args.threads)
     args.dir = args.dir / f"n{args.count}"  # exactly --count photos in the indexed folder
     files = make_12mp(args.dir, args.count)

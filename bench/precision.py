@@ -37,9 +37,38 @@ def caltech_photos(n: int) -> list[Path]:
     return [rnd.choice(sorted(c.iterdir())) for c in cats[:n]]
 
 
+QDQ_CACHE = _common.ROOT / "bench" / ".cache" / "precision"
+
+
+def qdq_before(fp32: Path, batches: list[np.ndarray]) -> Path:
+    """The int8 graph as the product made it up to 977297a, for comparison: ``fp32`` quantised statically in QDQ
+    format, per channel, 7-bit weights on a CPU without VNNI, MinMax calibration on ``batches``; made once into
+    bench/.cache/precision (bench/int8_variants.py's "before" variant, that script since removed)."""
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
+
+    from retrieval.models.precision import has_vnni
+
+    dst = QDQ_CACHE / "int8-before-qdq.onnx"
+    if dst.exists():
+        return dst
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter([{"x": b} for b in batches])
+
+        def get_next(self):
+            return next(self.it, None)
+
+    QDQ_CACHE.mkdir(parents=True, exist_ok=True)
+    quantize_static(str(fp32), str(dst), Reader(), calibrate_method=CalibrationMethod.MinMax,
+                    calibration_providers=["CPUExecutionProvider"], quant_format=QuantFormat.QDQ, per_channel=True,
+                    reduce_range=not has_vnni(), activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    return dst
+
+
 def speed_rows(threads: int, batch: int, rounds: int, photos: list[Path]) -> tuple[list[list], list[list]]:
     import onnxruntime as ort
-    from int8_variants import make, variants
 
     from retrieval.models.backbone import ORT_RUN_PIXELS, _export
     from retrieval.models.precision import calibration_batches
@@ -54,8 +83,7 @@ def speed_rows(threads: int, batch: int, rounds: int, photos: list[Path]) -> tup
         tmp = Path(tempfile.mkdtemp())
         exported = tmp / f"exported-{hw[0]}.onnx"  # the fp32 graph of a9487a0 and before: Pads as exported
         _export(bb.net, hw, exported, dynamic=True, names=["fmap"], fold=False)
-        before = "before (QDQ, per-channel, 7-bit)"  # the int8 graph of 977297a, for comparison
-        old8 = make(before, variants(exported)[before], exported, calibration_batches(bb.preprocess, (224, 224)))
+        old8 = qdq_before(exported, calibration_batches(bb.preprocess, (224, 224)))  # int8 of 977297a
         opts = ort.SessionOptions()
         opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
         opts.log_severity_level = 3
@@ -101,7 +129,8 @@ def quality_rows(datasets: list[str], heads: list[str]) -> list[list]:
 
     from retrieval.index.head import fit_head, parse_head
 
-    folders = {n: _common.shared_dataset(n) for n in ("att_faces", "caltech101") if n in datasets}
+    folders = {n: f for n in ("att_faces", "caltech101")
+               if n in datasets and (f := _common.shared_dataset(n)) is not None}
     if "instance" in datasets:
         from instance_set import build
 
@@ -147,6 +176,8 @@ def main() -> None:
     ap.add_argument("--name", default=None, help="results file name (default precision, or precision-quality "
                                                  "with --skip-speed)")
     args = ap.parse_args()
+    if _common.shared_dataset("caltech101") is None:  # the photos timed, and the instance set's source
+        return
     torch.set_num_threads(args.threads)
     from retrieval.models.precision import cpu_flags, has_vnni
 

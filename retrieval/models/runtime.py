@@ -436,7 +436,7 @@ def _prepare(spec: dict) -> dict:
 def new_index_identity(model: str | None, weights: str | None, input_size: int | None, resize: str | None,
                        pooling: str | None, precision: str) -> dict | None:
     """The settings a new index takes from its backbone (model, weights_id, weights_source, preprocess, dim,
-    pooling) as :func:`retrieval.models.registry.load_backbone` would give them, without importing torch: from the
+    pooling) as :func:`retrieval.models.loading.load_backbone` would give them, without importing torch: from the
     manifest of the cached graphs, else from a child process that builds the backbone (and caches its graphs).
     None where indexing keeps the torch path: a user's model, ``RETRIEVE_FAST_INDEX=0``, ONNX Runtime
     missing, or the child failed."""
