@@ -5,7 +5,7 @@
 ONNX Runtime's CPU memory arena keeps the largest activations it has seen. Each configuration runs in a
 fresh process (peak RSS = VmHWM): import, load efficientnet_lite0, embed 4 batches of 32 photos at 224 px
 through Backbone.embed_arrays; and `indexer.index_paths` on ``--index-count`` Caltech-101 photos. "whole
-batch" sets retrieval.models.backbone.ORT_RUN_PIXELS to a batch of 32 (what the code did before), "slices" keeps
+batch" sets retrieval.models.graphs.ORT_RUN_PIXELS to a batch of 32 (what the code did before), "slices" keeps
 the default (4 images at 224 px). Speed: both settings interleaved in one process (A B A B ..., median).
 Saves bench/results/footprint.md.
 
@@ -37,7 +37,7 @@ sys.path.insert(0, {root!r})
 def hwm():
     return int([l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]) // 1024
 import torch; torch.set_num_threads({threads})
-import retrieval.models.backbone as B
+import retrieval.models.graphs as B
 if {whole}: B.ORT_RUN_PIXELS = {WHOLE}
 out = {{}}
 if {count}:
@@ -146,7 +146,6 @@ def pipeline_ab(args) -> str:
     import collection_rss as C
     import indexer.run as R
     from indexer import index_paths
-    from retrieval.models.runtime import index_backbone
     from retrieval.models.loader import backbone_for_settings
     from retrieval.index.store import IndexStore
 
@@ -159,12 +158,13 @@ def pipeline_ab(args) -> str:
     index_paths([C.make_collection(keep / "p16", 16, _common.SHARED_DATA)], warm)  # graphs cached (child)
     with IndexStore.open(warm) as st:
         settings = st.settings
-    full = backbone_for_settings(settings)
-    fast = index_backbone(settings, lambda: full)
-    assert type(fast).__name__ == "FastBackbone", "the cached graphs do not serve"
+    fast = backbone_for_settings(settings, purpose="index")
+    full = fast.replace(manifest=None)  # the network's own path (torch built here, the same graphs)
+    full.net
+    assert fast.ready(fast.preprocess.input_shape), "the cached graphs do not serve"
     real = R._finalise
     R._finalise = lambda store, report, refit, bb=None: None  # the pipeline only
-    times: dict = {"torch-free (FastBackbone)": [], "full (Backbone, ONNX Runtime)": []}
+    times: dict = {"torch-free (cached graphs)": [], "full (network built, ONNX Runtime)": []}
     loads = []
     try:
         for _ in range(args.rounds):
@@ -215,7 +215,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    import retrieval.models.backbone as B
+    import retrieval.models.graphs as B
     from retrieval.models.loading import load_backbone
 
     default = B.ORT_RUN_PIXELS

@@ -29,7 +29,8 @@ import torch
 from PIL import Image
 
 import indexer.run as run
-from retrieval.models.backbone import Backbone, Preprocess
+from retrieval.models.backbone import Backbone
+from retrieval.models.preprocess import Preprocess
 from retrieval.images import load_image
 from retrieval.models.loading import load_backbone
 

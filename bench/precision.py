@@ -70,7 +70,7 @@ def qdq_before(fp32: Path, batches: list[np.ndarray]) -> Path:
 def speed_rows(threads: int, batch: int, rounds: int, photos: list[Path]) -> tuple[list[list], list[list]]:
     import onnxruntime as ort
 
-    from retrieval.models.backbone import ORT_RUN_PIXELS, _export
+    from retrieval.models.graphs import ORT_RUN_PIXELS, export as _export
     from retrieval.models.precision import calibration_batches
 
     bb = load_backbone()

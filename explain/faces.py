@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from retrieval.faces.network import CHIP_SIZE
-from retrieval.faces.search import FaceHit, FaceQuery, FaceSearcher, _iou
+from retrieval.faces.search import FaceQuery, FaceSearcher, _iou
 from retrieval.faces.detect import Face, warp_to_photo
 
 from .methods import SFAM

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from retrieval.models.backbone import Backbone, group_by_shape
+from retrieval.models.backbone import Backbone
+from retrieval.models.preprocess import group_by_shape
 from retrieval.errors import RetrieveError
 
 from .cis import cis_cosine, cis_head, cis_l2, l2_target, top_channels

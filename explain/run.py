@@ -160,7 +160,7 @@ def _features(explainer: Explainer, images: Sequence):
     """Feature maps (1×C×h×w each) of images at the explainer's input size, batched by input shape."""
     import torch
 
-    from retrieval.models.backbone import group_by_shape
+    from retrieval.models.preprocess import group_by_shape
 
     pre = explainer.backbone.preprocess
     xs = [pre.batch([im]) for im in images]

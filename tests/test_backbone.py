@@ -114,17 +114,15 @@ def test_user_module_function_with_layer(tmp_path, monkeypatch):
 
 
 def test_unknown_model_lists_known_ones():
-    from retrieval.models import runtime as fastpath
-    from retrieval.models.registry import REGISTRY
+    from retrieval.models.prepare import new_index_identity
 
     with pytest.raises(UnknownModel, match="efficientnet_lite0"):
         load_backbone("no_such_net")
-    assert fastpath.MODEL_NAMES == tuple(sorted(REGISTRY))  # the torch-free list (fastpath) is the registry's
     with pytest.raises(UnknownModel, match="no such TorchScript file"):
         load_backbone("missing.pt")
-    with pytest.raises(UnknownModel, match="unknown model 'no_such_net'"):
-        fastpath.new_index_identity("no_such_net", None, None, None, None, "fp32")
-    assert fastpath.new_index_identity("missing.pt", None, None, None, None, "fp32") is None  # the torch path says
+    with pytest.raises(UnknownModel, match="unknown model 'no_such_net'"):  # refused without torch, before a child
+        new_index_identity("no_such_net", None, None, None, None, "fp32")
+    assert new_index_identity("missing.pt", None, None, None, None, "fp32") is None  # the torch path says
 
 
 def test_at_size_shares_the_weights_and_changes_only_the_input(lite0):
@@ -143,7 +141,7 @@ def test_one_onnx_graph_serves_three_shapes_exactly_and_its_cache_is_kept_clean(
     import subprocess
 
     import retrieval
-    from retrieval.models.backbone import onnx_cache_key
+    from retrieval.models.graphs import onnx_cache_key
 
     pytest.importorskip("onnxruntime")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
@@ -174,7 +172,7 @@ def test_one_onnx_graph_serves_three_shapes_exactly_and_its_cache_is_kept_clean(
 
 
 def test_an_onnx_export_leaves_the_eager_network_as_it_was(tmp_path):
-    from retrieval.models.backbone import _export
+    from retrieval.models.graphs import export as _export
 
     class Twice(nn.Module):  # a new wrapper (in training mode, as new modules are) with a layer registered twice
         def __init__(self, net):
@@ -219,7 +217,7 @@ def test_cuda_is_picked_without_tf32():
     picking the CPU leaves the settings alone. (torch.device("cuda") needs no GPU.)"""
     import torch
 
-    from retrieval.models.backbone import pick_device
+    from retrieval.models.networks import pick_device
 
     before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     try:

@@ -12,7 +12,7 @@ from PIL import Image
 from clitools import run, run_json
 from conftest import skimage_photo
 from explain.methods import SFAM
-from retrieval.models.backbone import Preprocess
+from retrieval.models.preprocess import Preprocess
 from retrieval.models.pooling import GAP, parse_pooling
 from retrieval.errors import RetrieveError
 from retrieval.match.verify import MIN_INLIERS, Verification, Verifier, rerank
@@ -44,10 +44,7 @@ def test_gem_pools_and_splits_over_space_exactly():
 
 @pytest.mark.parametrize("centre", [False, True])
 def test_sfam_with_gem_is_exact_on_real_photos(lite0, centre):
-    bb = lite0.at_size(224)
-    import dataclasses
-
-    bb = dataclasses.replace(bb, pooling=parse_pooling("gem"))
+    bb = lite0.at_size(224).replace(pooling=parse_pooling("gem"))
     q, r = skimage_photo("chelsea"), skimage_photo("coffee")
     mu = np.full(1280, 0.1)
     e = SFAM(bb, "cosine", mu=mu, centre=centre).explain(q, r)
@@ -74,9 +71,7 @@ def test_long_side_resize_keeps_the_aspect_within_one_stride():
 
 
 def test_mixed_shapes_embed_in_order_and_match_one_by_one(lite0):
-    import dataclasses
-
-    bb = dataclasses.replace(lite0, preprocess=lite0.preprocess.replace(size=256, resize="long"), _runners={})
+    bb = lite0.replace(preprocess=lite0.preprocess.replace(size=256, resize="long"))
     imgs = [skimage_photo(n) for n in ("chelsea", "astronaut", "coffee")]
     imgs.append(imgs[0].transpose(Image.ROTATE_90))  # landscape, square, landscape, portrait: 3 shapes
     arrays = [bb.preprocess.array(im) for im in imgs]

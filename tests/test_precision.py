@@ -2,7 +2,6 @@
 several input shapes."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 
@@ -65,7 +64,7 @@ def test_int8_embeddings_close_to_fp32(lite0, photo_dir, int8_index):
     from retrieval.images import load_image
 
     imgs = [load_image(p, min_side=224) for p in sorted(photo_dir.rglob("*")) if p.suffix in (".jpg", ".png")]
-    b8 = dataclasses.replace(lite0, precision="int8", _runners={})
+    b8 = lite0.replace(precision="int8")
     e8, e32 = b8.embed_images(imgs), lite0.embed_images(imgs)
     cos = (e8 * e32).sum(1) / np.linalg.norm(e8, axis=1) / np.linalg.norm(e32, axis=1)
     assert cos.min() >= INT8_COSINE_FLOOR, cos
@@ -83,12 +82,12 @@ def test_int8_graph_stays_uint8_between_layers(lite0, int8_index):
 
     import onnx
 
-    graph = dataclasses.replace(lite0, precision="int8", _runners={})._runner((224, 224)).graph
+    graph = lite0.replace(precision="int8")._runner((224, 224)).graph
     ops = collections.Counter(n.op_type for n in onnx.load(str(graph)).graph.node)
     assert ops["QLinearConv"] == 49 and ops["Conv"] == 0, ops
     assert ops["QuantizeLinear"] == 1 and ops["DequantizeLinear"] == 1, ops
     assert ops["Pad"] == 0, ops
-    fp32 = dataclasses.replace(lite0, _runners={})._runner((224, 224)).graph
+    fp32 = lite0.replace()._runner((224, 224)).graph
     ops = collections.Counter(n.op_type for n in onnx.load(str(fp32)).graph.node)
     assert ops["Conv"] == 49 and ops["Pad"] == 0, ops
 
@@ -172,18 +171,20 @@ def test_search_without_torch_when_the_graph_is_cached(int8_index):
     import sys
 
     from clitools import ROOT
-    from retrieval.models.runtime import FastBackbone, fast_backbone
     from retrieval.images import load_image
-    from retrieval.models.loader import backbone_for_settings
     from retrieval.index.store import IndexStore
+    from retrieval.models.loader import backbone_for_settings
 
     src, idx = int8_index
     with IndexStore.open(idx) as store:
-        fb = fast_backbone(store.settings, lambda: None)
-        full = backbone_for_settings(store.settings)
-    assert isinstance(fb, FastBackbone) and fb.precision == "int8"
+        fb = backbone_for_settings(store.settings)
+    assert fb.manifest is not None and fb.precision == "int8" and fb.ready((224, 224))
+    assert fb._network.module is None  # the cached graph serves: no network built
     imgs = [load_image(src / "chelsea.jpg", min_side=224), load_image(src / "coffee.png", min_side=224)]
-    assert np.abs(fb.embed_images(imgs) - full.embed_images(imgs)).max() <= 1e-5
+    got = fb.embed_images(imgs)
+    assert fb._network.module is None
+    full = fb.replace(manifest=None)  # the network's own path: the graph exported and checked in this process
+    assert np.abs(got - full.embed_images(imgs)).max() <= 1e-5
     code = ("import sys, atexit\n"
             "atexit.register(lambda: print('torch' in sys.modules, file=sys.stderr))\n"
             "import cli\ncli.main(sys.argv[1:], prog_name='retrieve')\n")

@@ -53,8 +53,12 @@ def test_an_index_whose_model_is_python_code_needs_trust_model(tmp_path, monkeyp
         sys.modules.pop("evil_model", None)
         marker.unlink(missing_ok=True)
 
+    more = tmp_path / "more"  # a photo the index does not hold: indexing it runs the model
+    more.mkdir()
+    shutil.copy(two_photos / "chelsea.jpg", more / "again.jpg")
+    (more / "again.jpg").write_bytes((more / "again.jpg").read_bytes() + b"\0")  # other bytes: embedded, not copied
     for cmd in (["search", q], ["explain", q, two_photos / "coffee.png", "--out", tmp_path / "x"],
-                ["index", two_photos]):
+                ["index", two_photos, more]):
         fresh()
         line = _one_error_line(run(*cmd, "--index", idx, ok=False), "'evil_model:build'", "module 'evil_model'",
                                "--trust-model", "RETRIEVE_TRUST_MODEL=1")

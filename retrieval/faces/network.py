@@ -309,7 +309,9 @@ def load_backbone(weights: str | os.PathLike | None = None, *, device: str | Non
     """The port as a :class:`retrieval.models.backbone.Backbone`: 150×150 chips, dlib's input scaling
     (``(pixel − mean) / 256`` as mean/std over [0, 1] pixels), the 128-channel map of
     :class:`DlibFaceFeatures` (GAP = the descriptor)."""
-    from retrieval.models.backbone import Backbone, Preprocess, pick_device
+    from retrieval.models.backbone import Backbone
+    from retrieval.models.networks import pick_device
+    from retrieval.models.preprocess import Preprocess
     from retrieval.errors import SettingsMismatch
 
     net, inp, sha = load_net(weights)

@@ -27,8 +27,8 @@ def compute(store, backbone, size: int, tap: str | None, sample: int = SAMPLE,
             rng: np.random.Generator | None = None) -> dict | None:
     """Means of a sample of the indexed photos at ``size`` px (see the module doc); None when none can be read.
 
-    ``backbone``: a :class:`~retrieval.models.backbone.Backbone`, or the torch-free
-    :class:`~retrieval.models.runtime.FastBackbone` the indexer uses when its graphs are cached. Photos are read
+    ``backbone``: a :class:`~retrieval.models.backbone.Backbone` (through its cached graphs where they serve). Photos
+    are read
     :data:`CHUNK` at a time (128 preprocessed photos at 448 px would hold 300 MB at once)."""
     from retrieval.errors import ImageError
     from retrieval.images import load_image
@@ -70,21 +70,8 @@ CHUNK = 16  # photos read and run at a time
 
 def _forward(bb, x: np.ndarray, tap: str | None) -> tuple[np.ndarray, np.ndarray | None]:
     """(pooled embeddings N×C float64, the tap layer's map or None) of the batch ``x``."""
-    if hasattr(bb, "features_and_tap_arrays"):  # the torch-free backbone (retrieval/models/runtime.py)
-        if tap:
-            a, t = bb.features_and_tap_arrays(x, tap)
-        else:
-            a, t = bb.features_arrays(x), None
-        return bb.pool_arrays(a.astype(np.float64)), t
-    import torch
-
-    xt = torch.from_numpy(x)
-    if tap:
-        a, t = bb.features_and_tap(xt, tap)
-        t = t.numpy()
-    else:
-        a, t = bb.features(xt), None
-    return bb.pooling.pool(a.double()).numpy(), t
+    a, t = bb.features_and_tap_arrays(x, tap) if tap else (bb.features_arrays(x), None)
+    return bb.pool_arrays(a.astype(np.float64)), t
 
 
 def _fits(ref: dict | None, size: int, tap: str | None) -> bool:

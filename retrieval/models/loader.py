@@ -52,7 +52,7 @@ def check_trusted(model: str) -> None:
 
 def apply_threads() -> None:
     """torch's intra-op threads from ``RETRIEVE_THREADS`` (``--threads``), for a command that imports torch only
-    when it needs it (``retrieve index`` through the cached graphs: retrieval/models/runtime.py)."""
+    when it needs it (``retrieve index`` through the cached graphs: retrieval/models/prepare.py)."""
     threads = os.environ.get("RETRIEVE_THREADS", "").strip()
     if threads.isdigit() and int(threads) > 0:
         import torch
@@ -61,37 +61,87 @@ def apply_threads() -> None:
             torch.set_num_threads(int(threads))
 
 
-def backbone_for_settings(settings: IndexSettings, device: str | None = None,
-                          input_size: int | None = None) -> Backbone:
-    """The backbone an index was built with: same model, weights (verified by hash before they are
-    loaded) and preprocessing. A user's program as the model needs :func:`trust_models` (see above).
+def backbone_for_settings(settings: IndexSettings, input_size: int | None = None, *,
+                          purpose: str = "search") -> Backbone:
+    """The backbone an index was built with: the same model, weights and preprocessing (``input_size``: another
+    input side, for the explanations). It runs the index's cached ONNX graphs without importing torch while they
+    serve (retrieval/models/graphs.py: a registry model with GAP or GeM pooling, its weights file still the recorded
+    one), and builds the network -- weights verified by their hash before they are parsed; a user's program only
+    with :func:`trust_models` -- when first needed.
 
-    ``input_size`` overrides the input side (explanations may run at a higher resolution than search).
-    """
+    ``purpose``: ``search`` (also explanations), or ``index``: the graphs the run needs (the index's input shapes and
+    the explain reference's) are made first, in a child process, when any is missing (retrieval/models/prepare.py).
+    ``RETRIEVE_FAST_SEARCH=0`` / ``RETRIEVE_FAST_INDEX=0`` leave the cached graphs aside (comparisons, tests)."""
+    from retrieval.models.backbone import Backbone
+    from retrieval.models.pooling import parse_pooling
+    from retrieval.models.prepare import ensure_graphs, without_torch
+    from retrieval.models.preprocess import Preprocess
+
+    check_trusted(settings.model)
+    pre = Preprocess.from_dict(settings.preprocess)
+    if input_size is not None:
+        pre = pre.replace(size=int(input_size))
+    cached = without_torch(settings.model, settings.pooling) and not _disabled(
+        "RETRIEVE_FAST_INDEX" if purpose == "index" else "RETRIEVE_FAST_SEARCH")
+    bb = Backbone(settings.model, None, pre, settings.dim, settings.weights_source, settings.weights_id,
+                  pooling=parse_pooling(settings.pooling), precision=getattr(settings, "precision", "fp32") or "fp32",
+                  load_net=lambda: _network(settings), manifest=_manifest(settings) if cached else None)
+    if purpose == "index" and cached:
+        from retrieval.models.registry import tap_layer
+
+        size = (settings.explain or {}).get("input_size") or pre.size
+        ensure_graphs(bb, (int(size), tap_layer(settings.model)))
+    return bb
+
+
+def _network(settings: IndexSettings):
+    """The feature-map network an index records, its weights verified by hash before they are parsed."""
     from retrieval.models.loading import load_backbone
 
     apply_threads()
     check_trusted(settings.model)
     src = Path(settings.weights_source)
     weights = src if settings.weights_source not in ("", "random") and src.is_file() else None
-    size = input_size or settings.preprocess.get("size")
     random = settings.weights_id == "random"
-    bb = load_backbone(settings.model, weights, input_size=size, device=device, random_weights=random,
-                       resize=settings.preprocess.get("resize", "squash"), pooling=settings.pooling,
+    bb = load_backbone(settings.model, weights, input_size=settings.preprocess.get("size"), random_weights=random,
                        expected_sha256=None if random else settings.weights_id)
-    bb.precision = getattr(settings, "precision", "fp32") or "fp32"  # search and explain as the index was built
     if bb.weights_id != settings.weights_id:
         raise SettingsMismatch(f"the weights of {settings.model} ({bb.weights_source}) differ from the ones the "
                                "index was built with; restore those weights, or index into another --index "
                                "directory")
-    return bb
+    return bb.net
 
 
-def search_backbone_for_settings(settings: IndexSettings) -> Backbone:
-    """For searching an index: the same embeddings as :func:`backbone_for_settings`, through the index's cached
-    ONNX graph without importing torch when that graph is known (retrieval/models/runtime.py), else the full one."""
-    from retrieval.models.runtime import fast_backbone
+def _disabled(var: str) -> bool:
+    return os.environ.get(var, "1").strip() in ("0", "false", "no", "off")
 
-    # no trust check needed for the cached graph: only registry models are recorded (backbone_for_settings,
-    # the fallback, checks a user's model before loading it)
-    return fast_backbone(settings, lambda: backbone_for_settings(settings)) or backbone_for_settings(settings)
+
+def _manifest(settings: IndexSettings):
+    """The cached graphs' manifest of an index's backbone when it still holds (this retrieve, this torch, these
+    network sources, the weights file with the recorded hash) and ONNX Runtime is installed; else None."""
+    from retrieval.models.graphs import Background, Manifest
+
+    m = Manifest.load(settings.model, settings.weights_id)
+    if m is None:
+        return None
+    # the weights file is hashed (tens of ms; hashlib lets go of the GIL) while ONNX Runtime is imported
+    weights = Background(_weights_unchanged, settings)
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        weights.result()
+        return None
+    return m if weights.result() and m.valid() else None
+
+
+def _weights_unchanged(settings) -> bool:
+    """The index's weights file still has the recorded sha256 (else the network's path refuses it, in its words)."""
+    import hashlib
+
+    if settings.weights_id == "random":
+        return True
+    src = Path(settings.weights_source or "")
+    if not src.is_file():
+        return False
+    with open(src, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest() == settings.weights_id

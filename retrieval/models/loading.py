@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from retrieval.errors import RetrieveError, SettingsMismatch, UnknownModel, WeightsUnavailable
-from retrieval.models.backbone import Backbone, pick_device
+from retrieval.models.backbone import Backbone
+from retrieval.models.networks import pick_device
 from retrieval.models.pooling import Pooling, parse_pooling
 from retrieval.models.preprocess import Preprocess
 from retrieval.models.registry import (DEFAULT_MODEL, IMAGENET, REGISTRY, TORCHSCRIPT_SUFFIXES, ModelSpec,

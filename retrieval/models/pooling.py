@@ -19,8 +19,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from retrieval.errors import RetrieveError
 
 GEM_EPS = 1e-6  # GeM is defined on non-negative maps; clamp so that p-th roots and shares are finite
@@ -28,41 +26,63 @@ GEM_EPS = 1e-6  # GeM is defined on non-negative maps; clamp so that p-th roots 
 
 @dataclass(frozen=True)
 class Pooling:
+    """GAP and GeM on numpy arrays and torch tensors alike (one formula: the torch-free search path and the
+    explanations pool the same way); R-MAC through torch."""
+
     kind: str = "gap"
     p: float = 1.0
 
     def __str__(self) -> str:
         return self.kind if self.kind in ("gap", "rmac") else f"gem:{self.p:g}"
 
-    def pool(self, a: torch.Tensor) -> torch.Tensor:
-        """N×C×h×w → N×C."""
+    def pool(self, a):
+        """N×C×h×w → N×C, in ``a``'s kind of array and dtype."""
         if self.kind == "gap":
-            return a.mean(dim=(2, 3))
+            return a.mean(axis=(2, 3))
         if self.kind == "rmac":
-            out = 0
-            for y, x, s in rmac_regions(*a.shape[-2:]):
-                r = a[:, :, y:y + s, x:x + s].amax(dim=(2, 3))
-                out = out + r / r.norm(dim=1, keepdim=True).clamp_min(1e-12)
-            return out
-        return a.clamp_min(GEM_EPS).pow(self.p).mean(dim=(2, 3)).pow(1.0 / self.p)
+            return _rmac(a)
+        return (a.clip(min=GEM_EPS) ** self.p).mean(axis=(2, 3)) ** (1.0 / self.p)
 
-    def contributions(self, a: torch.Tensor) -> torch.Tensor:
+    def contributions(self, a):
         """N×C×h×w maps whose spatial mean is exactly :meth:`pool` (see the module docstring)."""
         if self.kind == "gap":
             return a
         if self.kind == "rmac":
-            n, c, h, w = a.shape
-            out = torch.zeros(n, c, h * w, dtype=a.dtype, device=a.device)
-            for y, x, s in rmac_regions(h, w):
-                reg = a[:, :, y:y + s, x:x + s].reshape(n, c, s * s)
-                val, arg = reg.max(dim=2)
-                weight = val / val.norm(dim=1, keepdim=True).clamp_min(1e-12)
-                flat = (y + arg // s) * w + (x + arg % s)  # the maximum's location in the whole map
-                out.scatter_add_(2, flat.unsqueeze(2), weight.unsqueeze(2))
-            return (out * (h * w)).reshape(n, c, h, w)
-        ap = a.clamp_min(GEM_EPS).pow(self.p)
-        share = ap / ap.mean(dim=(2, 3), keepdim=True)
+            return _rmac_contributions(a)
+        ap = a.clip(min=GEM_EPS) ** self.p
+        share = ap / ap.mean(axis=(2, 3), keepdims=True)
         return share * self.pool(a)[..., None, None]
+
+
+def _torch(a):
+    import torch
+
+    return torch.as_tensor(a)
+
+
+def _rmac(a):
+    out = 0
+    t = _torch(a)
+    for y, x, s in rmac_regions(*t.shape[-2:]):
+        r = t[:, :, y:y + s, x:x + s].amax(dim=(2, 3))
+        out = out + r / r.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    return out if t is a else out.numpy()
+
+
+def _rmac_contributions(a):
+    import torch
+
+    t = _torch(a)
+    n, c, h, w = t.shape
+    out = torch.zeros(n, c, h * w, dtype=t.dtype, device=t.device)
+    for y, x, s in rmac_regions(h, w):
+        reg = t[:, :, y:y + s, x:x + s].reshape(n, c, s * s)
+        val, arg = reg.max(dim=2)
+        weight = val / val.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        flat = (y + arg // s) * w + (x + arg % s)  # the maximum's location in the whole map
+        out.scatter_add_(2, flat.unsqueeze(2), weight.unsqueeze(2))
+    out = (out * (h * w)).reshape(n, c, h, w)
+    return out if t is a else out.numpy()
 
 
 GAP = Pooling()

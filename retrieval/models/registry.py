@@ -42,7 +42,7 @@ def _lite0():
 
 
 def _lite0_features(m):
-    from retrieval.models.backbone import FeatureNet
+    from retrieval.models.networks import FeatureNet
 
     return FeatureNet(m)
 

@@ -1,0 +1,65 @@
+"""What every indexing pipeline shares (photos, faces, Ray): the run's report, progress, and Ctrl-C deferred until
+the run is in a state it can stop in."""
+from __future__ import annotations
+
+import signal
+import threading
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Protocol
+
+
+class Progress(Protocol):
+    def start(self, total: int) -> None: ...
+    def advance(self, n: int) -> None: ...
+
+
+class NoProgress:
+    def start(self, total: int) -> None:
+        pass
+
+    def advance(self, n: int) -> None:
+        pass
+
+
+@dataclass
+class IndexReport:
+    """What one run did; ``--json`` prints this."""
+
+    index: str = ""
+    indexed: int = 0  # embedded by this run (new or changed content; a faces index: photos)
+    unchanged: int = 0  # already indexed, nothing to do
+    moved: int = 0  # same content at a new path: vector reused
+    removed: int = 0  # gone from the scanned folders
+    skipped: int = 0  # could not be decoded (this run)
+    skipped_before: int = 0  # recorded as undecodable by an earlier run and unchanged since: not retried
+    total: int = 0  # rows in the index after the run (a faces index: faces)
+    seconds: float = 0.0
+    interrupted: bool = False
+    skipped_files: list = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["seconds"] = round(self.seconds, 3)
+        return d
+
+
+@dataclass
+class FaceIndexReport(IndexReport):
+    """:class:`IndexReport` of a faces index: ``indexed`` counts photos, ``faces`` their faces."""
+
+    faces: int = 0  # faces indexed by this run
+    no_face: int = 0  # photos in which this run found no face (reported, remembered, not errors)
+
+
+@contextmanager
+def sigint_deferred(stop: threading.Event):
+    """While inside, SIGINT (Ctrl-C) only sets ``stop`` (main thread only; elsewhere nothing changes)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -1,0 +1,80 @@
+"""A photo index's rows through an indexing run (the local and the Ray pipelines alike): what the run must do against
+the committed rows, and each kind of change committed in one transaction and mirrored in the vectors."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from retrieval.scan import FileEntry
+
+from .common import IndexReport
+from .plan import ChangePlan, plan_changes
+
+
+@dataclass
+class Decoded:
+    entry: FileEntry
+    sha256: str = ""
+    width: int = 0
+    height: int = 0
+    array: np.ndarray | None = None
+    error: str | None = None
+    reuse: str | None = None  # "touched" | "moved" | "copied": indexed without embedding (see ChangePlan.classify)
+
+
+def plan_run(store, files: list[FileEntry], trees: list[str], report: IndexReport) -> ChangePlan:
+    """What this run must do (indexer/plan.py) against the committed rows; the unchanged and known-bad files are
+    counted in ``report``."""
+    plan = plan_changes(files, store.files(), store.skipped(), trees)
+    report.unchanged += len(plan.unchanged)
+    report.skipped_before += len(plan.known_bad)
+    return plan
+
+
+def record_skip(store, d: Decoded, rows: dict) -> None:
+    """``d``'s file could not be read: remembered (not retried until it changes); a once-good file leaves the index."""
+    old = rows.get(d.entry.path)
+    replaced = [old.id] if old is not None else []
+    store.record_skip(d.entry.path, d.entry.size, d.entry.mtime_ns, d.error, replaced)
+    store.apply(replaced)
+
+
+def reuse(store, d: Decoded, plan: ChangePlan, report: IndexReport) -> bool:
+    """Index ``d`` without decoding it (touched, moved or copied content). False: must be embedded after all."""
+    e = d.entry
+    old = plan.rows.get(e.path)  # what was at this path before, if anything
+    replaced = [old.id] if old is not None else []
+    if d.reuse == "touched":  # same path, same content, new mtime
+        store.update_file(old.id, e.path, e.size, e.mtime_ns)
+        report.unchanged += 1
+        return True
+    src = plan.claim_move(d.sha256)
+    if src is not None:  # moved: the row follows the file, keeping its id and vector
+        store.update_file(src.id, e.path, e.size, e.mtime_ns, replace=replaced)
+        store.apply(replaced)
+        report.moved += 1
+        return True
+    src = store.rows_by_ids([plan.by_hash.get(d.sha256, -1)]).get(plan.by_hash.get(d.sha256, -1))
+    if src is None:  # a copy of indexed content whose row went away meanwhile
+        return False
+    (new_id,) = store.insert_rows([{"path": e.path, "size": e.size, "mtime_ns": e.mtime_ns, "sha256": d.sha256,
+                                    "width": src.width, "height": src.height, "vector": src.vector,
+                                    "indexed_at": time.time()}], replace=replaced)
+    store.apply(replaced, [int(new_id)], np.frombuffer(src.vector, np.float32)[None])
+    report.indexed += 1
+    return True
+
+
+def commit_embedded(store, batch: list[Decoded], vecs: np.ndarray, rows: dict, report: IndexReport) -> None:
+    """Commit ``batch`` with its embeddings ``vecs`` in one transaction (IndexStore.insert_rows: in bulk), replacing
+    the rows its paths had, and mirror it in the vectors."""
+    now = time.time()
+    replaced = [rows[d.entry.path].id for d in batch if rows.get(d.entry.path) is not None]
+    values = [{"path": d.entry.path, "size": d.entry.size, "mtime_ns": d.entry.mtime_ns, "sha256": d.sha256,
+               "width": d.width, "height": d.height, "vector": v.tobytes(), "indexed_at": now}
+              for d, v in zip(batch, vecs)]
+    ids = store.insert_rows(values, replace=replaced)
+    store.apply(replaced, ids, vecs)
+    report.indexed += len(batch)
