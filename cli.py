@@ -83,7 +83,7 @@ def _set_threads(ctx: click.Context, torch_now: bool = True) -> None:
     if threads and not torch_now:  # `retrieve index` without torch: whoever imports it applies RETRIEVE_THREADS
         import os
 
-        os.environ["RETRIEVE_THREADS"] = str(threads)  # (retrieval/models/loader.py apply_threads, retrieval/models/runtime.py)
+        os.environ["RETRIEVE_THREADS"] = str(threads)  # (retrieval/models/loader.py apply_threads, retrieval/models/graphs.py)
         return
     if threads:
         import os
@@ -265,9 +265,14 @@ def index(ctx, paths, index_dir, model, weights, metric, index_type, faiss_facto
 
 def _check_catalogue_paths(paths, preset, index_dir: Path) -> None:
     """``index --catalogue``: PATHS must exist, and a faces index has no catalogue (one-line usage errors)."""
-    from indexer.faces import is_faces_index
+    from retrieval.index.store import IndexStore
+    from retrieval.presets import preset_named, preset_of
 
-    if preset == "faces" or is_faces_index(index_dir):
+    asked = preset_named(preset)
+    if asked is None and IndexStore.exists(index_dir):
+        with IndexStore.open(index_dir) as store:
+            asked = preset_of(store.settings)
+    if asked is not None and asked.per_face:
         raise click.UsageError("--catalogue does not apply to a faces index (--preset faces)")
     for p in paths:
         if not Path(p).exists():
@@ -377,9 +382,9 @@ def search(ctx, queries, index_dir, k, min_score, include_self, qe, dba, verify,
       retrieve search some/folder --json           # one JSON object per query image
       retrieve search photos/ --within catalogue/  # answers from the catalogue's images only
     """
-    from retrieval.index.litestore import open_search_store
+    from retrieval.index.store import IndexStore
     from retrieval.match.search import Searcher, expand_queries
-    from retrieval.models.loader import backbone_for_settings, search_backbone_for_settings
+    from retrieval.models.loader import backbone_for_settings
 
     _set_threads(ctx)
     if (out_dir or method or full_maps) and not explain:
@@ -388,8 +393,7 @@ def search(ctx, queries, index_dir, k, min_score, include_self, qe, dba, verify,
     if not paths:
         raise click.ClickException("no images among the queries")
     failed = 0
-    plain = not (explain or face is not None)  # then a plain SQLite index is read without SQLAlchemy
-    with open_search_store(_index_dir(index_dir), plain=plain) as store:
+    with IndexStore.open(_index_dir(index_dir)) as store:
         if store.settings.preset == "faces" and catalogue_n:
             raise click.UsageError("--catalogue does not apply to a faces index")
         if store.settings.preset == "faces":
@@ -404,7 +408,7 @@ def search(ctx, queries, index_dir, k, min_score, include_self, qe, dba, verify,
         if words is None:
             words = int(store.settings.search.get("words", 0))
         catalogue_n = _catalogue_depth(store, catalogue_n, verify)
-        searcher = Searcher(store, (backbone_for_settings if explain else search_backbone_for_settings)(store.settings),
+        searcher = Searcher(store, backbone_for_settings(store.settings),
                             dba=dba, within=within)
         if explain:
             from explain.run import index_explainer
@@ -489,9 +493,9 @@ def _with_explanations(d: dict, explained: dict) -> dict:
 def _search_faces(store, paths, k, face, include_self, explain, out_dir, method, as_json) -> None:
     """``retrieve search`` on a faces index: one face of each query photo (retrieval/faces/search.py)."""
     from retrieval.faces.search import FaceSearcher
-    from retrieval.models.loader import backbone_for_settings
+    from retrieval.presets import preset_of
 
-    searcher = FaceSearcher(store, backbone_for_settings(store.settings))
+    searcher = FaceSearcher(store, preset_of(store.settings).backbone(store.settings))
     failed = 0
     for qi, path in enumerate(paths):
         res = searcher.search(path, k, face=face, include_self=include_self)
@@ -699,9 +703,9 @@ def _explain_faces(a, b, index_dir, face_a, face_b, method, input_size, out_dir,
             raise click.UsageError(f"--method {method}: a faces index explains with sfam or gradcam")
         from explain.faces import explain_face_pair
         from retrieval.faces.search import FaceSearcher
-        from retrieval.models.loader import backbone_for_settings
+        from retrieval.presets import preset_of
 
-        searcher = FaceSearcher(store, backbone_for_settings(store.settings))
+        searcher = FaceSearcher(store, preset_of(store.settings).backbone(store.settings))
         doc = explain_face_pair(searcher, a, b, Path(out_dir) if out_dir else default_out_dir(a), face_a, face_b,
                                 method)
     if as_json:

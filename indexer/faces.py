@@ -14,45 +14,22 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import numpy as np
 from PIL import Image
-from sqlalchemy import delete, select
 
 from retrieval.errors import ImageError, RetrieveError
 from retrieval.images import decode_image, read_image_bytes
-from retrieval.presets import FACES
+from retrieval.presets import FACES, preset_of
 from retrieval.scan import check_paths, scan_paths
-from retrieval.index.schema import ImageRow, SkippedRow
 from retrieval.index.settings import IndexSettings
 from retrieval.index.store import IncompleteIndex, IndexStore, index_path
 from retrieval.index.vectors import factory_for
 
-from .run import IndexReport, _NoProgress, _sigint_deferred
+from .common import FaceIndexReport, IndexReport, NoProgress, sigint_deferred
 
 NO_FACE = "no face found"
-
-
-@dataclass
-class FaceIndexReport(IndexReport):
-    """:class:`IndexReport` of a faces index: ``indexed`` counts photos, ``faces`` their faces."""
-
-    faces: int = 0  # faces indexed by this run
-    no_face: int = 0  # photos in which this run found no face (reported, remembered, not errors)
-
-
-def is_faces_index(index_dir) -> bool:
-    """Whether ``index_dir`` holds an index built with ``--preset faces``."""
-    d = index_path(index_dir)
-    if not IndexStore.exists(d):
-        return False
-    try:
-        with IndexStore.open(d) as store:
-            return store.settings.preset == "faces"
-    except IncompleteIndex:
-        return False
 
 
 def _within(path: str, trees: list[str]) -> bool:
@@ -75,7 +52,7 @@ def index_faces(paths: Iterable[str | os.PathLike], index_dir, *, detector: str 
     t0 = time.perf_counter()
     paths = list(paths)
     roots = check_paths(paths)
-    progress = progress or _NoProgress()
+    progress = progress or NoProgress()
     on_skip = on_skip or (lambda p, r: None)
     index_dir = index_path(index_dir)
     scan = scan_paths(roots, follow_links=True) if follow_links else scan_paths(roots)
@@ -94,9 +71,9 @@ def index_faces(paths: Iterable[str | os.PathLike], index_dir, *, detector: str 
     try:
         if store is not None:
             st = store.settings
-            if st.preset != "faces":
-                raise RetrieveError(f"{index_dir} is a {st.preset or 'general'} index, not a faces index; give the "
-                                    "faces their own --index directory")
+            if not preset_of(st).per_face:
+                raise RetrieveError(f"{index_dir} is a {preset_of(st).name} index; --preset faces needs another "
+                                    "--index directory")
             if detector is not None and detector != st.faces.get("detector"):
                 raise RetrieveError(f"{index_dir} finds faces with --face-detector {st.faces.get('detector')}; "
                                     f"index with that, or into another --index directory")
@@ -129,7 +106,7 @@ def index_faces(paths: Iterable[str | os.PathLike], index_dir, *, detector: str 
     sample: list = []  # chips of this run's first faces, for SFAM's μ_tap
     stop = threading.Event()
     discarded = False
-    with _sigint_deferred(stop):
+    with sigint_deferred(stop):
         if store is None:
             store = IndexStore.create(index_dir, settings, what="retrieve index")
         new = settings is not None and not store.count()
@@ -152,7 +129,7 @@ def index_faces(paths: Iterable[str | os.PathLike], index_dir, *, detector: str 
                         store.rebuild_faiss()
                     store.update_mean()
                     store.save_faiss()
-                    store.set_value("updated_at", time.time())
+                    store.mark_updated()
                     report.total = store.count()
             finally:
                 store.close()
@@ -166,9 +143,7 @@ def index_faces(paths: Iterable[str | os.PathLike], index_dir, *, detector: str 
 
 def _run(store: IndexStore, bb, finder, files, trees, report: IndexReport, batch_size: int, workers,
          progress, on_skip, stop: threading.Event, sample: list | None = None) -> None:
-    with store.session() as s:
-        rows = s.execute(select(ImageRow.id, ImageRow.path, ImageRow.size, ImageRow.mtime_ns)).all()
-        bad = {r.path: r for r in s.execute(select(SkippedRow)).scalars()}
+    rows, bad = store.files(), store.skipped()
     by_path: dict[str, list] = {}
     for r in rows:
         by_path.setdefault(r.path, []).append(r)
@@ -220,10 +195,7 @@ def _run(store: IndexStore, bb, finder, files, trees, report: IndexReport, batch
             old_ids = [r.id for r in by_path.get(e.path, [])]
             if err or not faces:
                 reason = err or NO_FACE
-                with store.session() as s, s.begin():
-                    if old_ids:
-                        s.execute(delete(ImageRow).where(ImageRow.id.in_(old_ids)))
-                    s.merge(SkippedRow(path=e.path, size=e.size, mtime_ns=e.mtime_ns, reason=reason))
+                store.record_skip(e.path, e.size, e.mtime_ns, reason, old_ids)
                 store.apply(old_ids)
                 if err:
                     report.skipped += 1
@@ -239,24 +211,16 @@ def _run(store: IndexStore, bb, finder, files, trees, report: IndexReport, batch
 
                 sample.extend(f.chip for f in faces[:max(0, REFERENCE_SAMPLE - len(sample))])
             now = time.time()
-            with store.session() as s, s.begin():
-                if old_ids:
-                    s.execute(delete(ImageRow).where(ImageRow.id.in_(old_ids)))
-                s.execute(delete(SkippedRow).where(SkippedRow.path == e.path))
-                new_rows = [ImageRow(path=e.path, size=e.size, mtime_ns=e.mtime_ns, sha256=sha, width=img.width,
-                                     height=img.height, vector=v.tobytes(), indexed_at=now, face=f.index,
-                                     box=f.box_text()) for f, v in zip(faces, vecs)]
-                s.add_all(new_rows)
-                s.flush()
-                ids = np.array([r.id for r in new_rows], np.int64)
+            ids = store.insert_rows([{"path": e.path, "size": e.size, "mtime_ns": e.mtime_ns, "sha256": sha,
+                                      "width": img.width, "height": img.height, "vector": v.tobytes(), "indexed_at": now,
+                                      "face": f.index, "box": f.box_text()} for f, v in zip(faces, vecs)],
+                                    replace=old_ids)
             store.apply(old_ids, ids, vecs)
             report.indexed += 1
             report.faces += len(faces)
             progress.advance(1)
     gone = [r.id for p, rs in by_path.items() if p not in seen and _within(p, trees) for r in rs]
     if gone:
-        with store.session() as s, s.begin():
-            for i in range(0, len(gone), 500):
-                s.execute(delete(ImageRow).where(ImageRow.id.in_(gone[i:i + 500])))
+        store.delete_rows(gone)
         store.apply(gone)
         report.removed = len({p for p, rs in by_path.items() if p not in seen and _within(p, trees)})

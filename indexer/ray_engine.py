@@ -1,7 +1,7 @@
 """``retrieve index --engine ray``: the embedding step of an index run on a Ray cluster (or a local Ray).
 
 The driver (this process) scans, plans and commits exactly as the local engine does (indexer/run.py,
-indexer/plan.py, one transaction per batch through ``_commit_embedded``); only reading, decoding and
+indexer/plan.py, one transaction per batch through ``indexer/rows.py``'s ``commit_embedded``); only reading, decoding and
 embedding move out, into a Ray Data pipeline:
 
     from_items(files to do) → map_batches(read, hash, decode, preprocess)        Ray tasks
@@ -22,7 +22,6 @@ import hashlib
 import io
 import logging
 import os
-import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
@@ -214,19 +213,14 @@ class Embedder:
     def __init__(self, backbone, threads: int):
         import torch
 
-        from retrieval.models.backbone import pick_device
+        from retrieval.models.networks import pick_device
 
         torch.set_num_threads(threads)  # before the fast path is built: ONNX Runtime takes the same count
         try:
             torch.set_num_interop_threads(1)
         except RuntimeError:
             pass
-        bb = _resolved(backbone)
-        bb._lock = threading.Lock()
-        bb._runners = {}
-        bb.device = pick_device(None)
-        bb.net = bb.net.to(bb.device)
-        self.bb = bb
+        self.bb = _resolved(backbone).to(pick_device(None))
 
     def __call__(self, batch: dict) -> dict:
         n = len(batch["path"])
@@ -242,8 +236,11 @@ class Embedder:
 
 
 def portable(bb):
-    """A copy of ``bb`` that pickles: without its built fast paths (ONNX sessions) and its lock."""
-    return dataclasses.replace(bb, _runners={}, _lock=None)
+    """A copy of ``bb`` that pickles with its network (built here) and without this machine's graph cache (ONNX
+    sessions and their paths stay behind: Backbone.__getstate__)."""
+    bb = bb.replace(manifest=None)
+    bb.net  # built before it travels
+    return bb
 
 
 # -- the driver -----------------------------------------------------------------------------------
@@ -251,9 +248,9 @@ def _run_ray(store, bb, files, trees, report, batch_size, workers, progress, on_
     from retrieval.images import decode_image, read_image_bytes
     from retrieval.scan import FileEntry
 
-    from .run import _commit_embedded, _Decoded, _delete_rows, _record_skip, _reuse, plan_run
+    from .rows import Decoded, commit_embedded, plan_run, record_skip, reuse
 
-    plan, rows = plan_run(store, files, trees, report)
+    plan = plan_run(store, files, trees, report)
     todo = plan.todo
     progress.start(len(todo))
 
@@ -268,13 +265,13 @@ def _run_ray(store, bb, files, trees, report, batch_size, workers, progress, on_
     vecs: list = []
 
     def flush() -> None:
-        _commit_embedded(store, batch, np.stack(vecs), plan.rows, report)
+        commit_embedded(store, batch, np.stack(vecs), plan.rows, report)
         progress.advance(len(batch))
         batch.clear()
         vecs.clear()
 
     def skip(d) -> None:
-        _record_skip(store, d, plan.rows)
+        record_skip(store, d, plan.rows)
         report.skipped += 1
         report.skipped_files.append({"path": d.entry.path, "reason": d.error})
         on_skip(d.entry.path, d.error)
@@ -299,7 +296,7 @@ def _run_ray(store, bb, files, trees, report, batch_size, workers, progress, on_
             ctx = ray.data.DataContext.get_current()
             ctx.enable_progress_bars = False
             ctx.print_on_execution_start = False
-            known = ray.put(known_prefixes(r.sha256 for r in rows))
+            known = ray.put(known_prefixes(r.sha256 for r in plan.rows.values()))
             model = ray.put(portable(bb))
             items = [{"path": e.path, "size": e.size, "mtime_ns": e.mtime_ns} for e in todo]
             per_block = max(4, min(batch_size, -(-len(items) // (2 * shape.workers))))
@@ -317,7 +314,7 @@ def _run_ray(store, bb, files, trees, report, batch_size, workers, progress, on_
                         if stop.is_set():
                             raise KeyboardInterrupt
                         e = FileEntry(str(b["path"][i]), int(b["size"][i]), int(b["mtime_ns"][i]))
-                        d = _Decoded(e, sha256=str(b["sha256"][i]))
+                        d = Decoded(e, sha256=str(b["sha256"][i]))
                         status = b["status"][i]
                         v = None
                         if status == "error":
@@ -325,7 +322,7 @@ def _run_ray(store, bb, files, trees, report, batch_size, workers, progress, on_
                         elif status == "known":
                             kind, _ = plan.classify(e.path, d.sha256)
                             d.reuse = kind if kind != "embed" else None
-                            if d.reuse is not None and _reuse(store, d, plan, report):
+                            if d.reuse is not None and reuse(store, d, plan, report):
                                 progress.advance(1)
                                 continue
                             d.reuse = None
@@ -356,6 +353,6 @@ def _run_ray(store, bb, files, trees, report, batch_size, workers, progress, on_
                 if close is not None:
                     close()
     gone_ids = [r.id for r in plan.removed()]
-    _delete_rows(store, gone_ids)
+    store.delete_rows(gone_ids)
     store.apply(gone_ids)
     report.removed = len(gone_ids)

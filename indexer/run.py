@@ -11,85 +11,35 @@ from __future__ import annotations
 
 import hashlib
 import os
-import signal
 import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Protocol
+from typing import TYPE_CHECKING, Callable, Iterable
 
-import numpy as np
-from sqlalchemy import delete, insert, select, update
 
 from retrieval.errors import ImageError, RetrieveError
-from retrieval.models.runtime import DEFAULT_MODEL
+from retrieval.models.registry import DEFAULT_MODEL
 from retrieval.images import decode_image, read_image_bytes
 from retrieval.index.head import parse_head
 from retrieval.models.loader import backbone_for_settings
 from retrieval.index.calibration import refresh as refresh_calibration
 from retrieval.index.reference import refresh as refresh_reference
 from retrieval.index.reference import tap_layer
-from retrieval.index.schema import ImageRow, SkippedRow
 from retrieval.index.settings import IndexSettings
 from retrieval.index.store import IncompleteIndex, IndexStore, default_explain, index_path
 from retrieval.index.vectors import factory_for
-from retrieval.presets import preset_named
+from retrieval.presets import FACES, GENERAL, preset_named, preset_of
 
 from retrieval.scan import FileEntry, check_paths, scan_paths
 
-from .plan import ChangePlan, plan_changes
+from .common import IndexReport, NoProgress, Progress, sigint_deferred
+from .rows import Decoded, commit_embedded, plan_run, record_skip, reuse
 
-if TYPE_CHECKING:  # torch is imported only where the cached ONNX graphs cannot serve (retrieval/models/runtime.py)
+if TYPE_CHECKING:  # torch is imported only where the cached ONNX graphs cannot serve (retrieval/models/graphs.py)
     from retrieval.models.backbone import Backbone
-
-
-class Progress(Protocol):
-    def start(self, total: int) -> None: ...
-    def advance(self, n: int) -> None: ...
-
-
-class _NoProgress:
-    def start(self, total: int) -> None:
-        pass
-
-    def advance(self, n: int) -> None:
-        pass
-
-
-@dataclass
-class IndexReport:
-    """What one run did; ``--json`` prints this."""
-
-    index: str = ""
-    indexed: int = 0  # embedded by this run (new or changed content)
-    unchanged: int = 0  # already indexed, nothing to do
-    moved: int = 0  # same content at a new path: vector reused
-    removed: int = 0  # gone from the scanned folders
-    skipped: int = 0  # could not be decoded (this run)
-    skipped_before: int = 0  # recorded as undecodable by an earlier run and unchanged since: not retried
-    total: int = 0  # images in the index after the run
-    seconds: float = 0.0
-    interrupted: bool = False
-    skipped_files: list = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["seconds"] = round(self.seconds, 3)
-        return d
-
-
-@dataclass
-class _Decoded:
-    entry: FileEntry
-    sha256: str = ""
-    width: int = 0
-    height: int = 0
-    array: np.ndarray | None = None
-    error: str | None = None
-    reuse: str | None = None  # "touched" | "moved" | "copied": indexed without embedding (see ChangePlan.classify)
 
 
 @dataclass
@@ -144,9 +94,11 @@ def index_paths(paths: Iterable[str | os.PathLike], index_dir: str | os.PathLike
     indexer/ray_engine.py). ``backbone`` substitutes a ready-made backbone (tests). A new index into which nothing could be
     indexed (no images, or none decodable) is not created: :class:`RetrieveError`.
     """
-    if preset not in (None, "faces") and _faces_index(index_dir):
-        raise RetrieveError(f"{index_path(index_dir)} is a faces index; --preset {preset} needs another --index directory")
-    if preset == "faces" or face_detector is not None or (preset is None and _faces_index(index_dir)):
+    asked_preset, existing = preset_named(preset), _existing_preset(index_dir)
+    if asked_preset is not None and existing is not None and asked_preset.per_face != existing.per_face:
+        raise RetrieveError(f"{index_path(index_dir)} is a {existing.name} index; --preset {preset} needs another "
+                            "--index directory")
+    if (asked_preset or existing or (FACES if face_detector is not None else GENERAL)).per_face:
         from .faces import index_faces  # one row per face: its own pipeline (indexer/faces.py)
 
         return index_faces(paths, index_dir, detector=face_detector, batch_size=batch_size, workers=workers,
@@ -169,7 +121,7 @@ def index_paths(paths: Iterable[str | os.PathLike], index_dir: str | os.PathLike
         raise RetrieveError(f"unknown engine {engine!r} (local or ray)")
     paths = list(paths)
     roots = check_paths(paths)
-    progress = progress or _NoProgress()
+    progress = progress or NoProgress()
     on_skip = on_skip or (lambda p, r: None)
     index_dir = index_path(index_dir)
     what = "retrieve index"
@@ -188,8 +140,7 @@ def index_paths(paths: Iterable[str | os.PathLike], index_dir: str | os.PathLike
     if store is not None:
         try:
             _refuse_changes(store, asked)
-            bb = backbone or (_index_backbone(store.settings) if engine == "local"  # Ray ships the torch one
-                              else backbone_for_settings(store.settings))
+            bb = backbone or _index_backbone(store.settings, engine)
             bb.precision = store.settings.precision
         except BaseException:
             store.close()
@@ -198,7 +149,7 @@ def index_paths(paths: Iterable[str | os.PathLike], index_dir: str | os.PathLike
     else:
         if not files:
             raise RetrieveError(f"no images found in {', '.join(str(p) for p in paths)}; no index was created")
-        bb = backbone or _new_index_backbone(asked, fast=engine == "local")
+        bb = backbone or _new_index_backbone(asked, engine)
         bb.precision = asked.precision or "fp32"
         itype = "custom" if asked.faiss_factory else (asked.index_type or "flat")
         if asked.faiss_factory:
@@ -214,7 +165,7 @@ def index_paths(paths: Iterable[str | os.PathLike], index_dir: str | os.PathLike
     report = IndexReport(index=str(index_dir))
     stop = threading.Event()
     discarded = False
-    with _sigint_deferred(stop):  # Ctrl-C sets ``stop``; the run stops between items, after finalising
+    with sigint_deferred(stop):  # Ctrl-C sets ``stop``; the run stops between items, after finalising
         if store is None:
             store = IndexStore.create(index_dir, settings, what=what)
         new = settings is not None and not store.count()
@@ -240,50 +191,49 @@ def index_paths(paths: Iterable[str | os.PathLike], index_dir: str | os.PathLike
     return report
 
 
-@contextmanager
-def _sigint_deferred(stop: threading.Event):
-    """While inside, SIGINT (Ctrl-C) only sets ``stop`` (main thread only; elsewhere nothing changes)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
+def _index_backbone(settings: IndexSettings, engine: str = "local"):
+    """The backbone that embeds for an index with ``settings``: through its cached ONNX graphs without torch where
+    they serve (made in a child process when missing, retrieval/models/prepare.py). Ray ships the network itself to
+    its workers (the graph cache is this machine's)."""
+    bb = backbone_for_settings(settings, purpose="index" if engine == "local" else "search")
+    if engine != "local":
+        bb.manifest = None
+        bb.net  # built here, pickled with the backbone
+    return bb
 
 
-def _index_backbone(settings: IndexSettings):
-    """The backbone that embeds for an index with ``settings``: its cached ONNX graphs without torch where they
-    serve (retrieval/models/runtime.py, prepared in a child process when missing), else the full one."""
-    from retrieval.models.runtime import index_backbone
-
-    return index_backbone(settings, lambda: backbone_for_settings(settings))
-
-
-def _new_index_backbone(a: _Asked, fast: bool = True):
+def _new_index_backbone(a: _Asked, engine: str = "local"):
     """The backbone of a new index built with ``a``'s options, through the cached graphs where they serve."""
-    from retrieval.models.runtime import new_index_identity
+    from retrieval.models.prepare import new_index_identity
+    from retrieval.models.registry import REGISTRY
 
-    got = fast and new_index_identity(a.model, a.weights, a.input_size, a.resize, a.pooling, a.precision or "fp32")
+    model = a.model or DEFAULT_MODEL
+    size = a.input_size or (REGISTRY[model].preprocess.size if model in REGISTRY else 224)
+    got = engine == "local" and new_index_identity(a.model, a.weights, a.input_size, a.resize, a.pooling,
+                                                   a.precision or "fp32", default_explain(size)["input_size"])
     if got:
         probe = IndexSettings(model=got["model"], weights_id=got["weights_id"], weights_source=got["weights_source"],
                               preprocess=got["preprocess"], metric="cosine", dim=int(got["dim"]), index_type="flat",
                               faiss_factory="Flat", explain=default_explain(got["preprocess"]["size"]),
                               head=None, pooling=got["pooling"], precision=a.precision or "fp32")
-        return _index_backbone(probe)  # the cached graphs, else the full backbone for these settings
-    from retrieval.models.loading import load_backbone
+        return _index_backbone(probe)  # the cached graphs, else the network for these settings
     from retrieval.models.loader import apply_threads
+    from retrieval.models.loading import load_backbone
 
     apply_threads()
-    return load_backbone(a.model or DEFAULT_MODEL, a.weights, input_size=a.input_size, resize=a.resize,
-                         pooling=a.pooling)
+    return load_backbone(model, a.weights, input_size=a.input_size, resize=a.resize, pooling=a.pooling)
 
 
-def _faces_index(index_dir) -> bool:
-    from .faces import is_faces_index
-
-    return is_faces_index(index_dir)
+def _existing_preset(index_dir):
+    """The preset of the index already in ``index_dir`` (None: no index there yet)."""
+    d = index_path(index_dir)
+    if not IndexStore.exists(d):
+        return None
+    try:
+        with IndexStore.open(d) as store:
+            return preset_of(store.settings)
+    except IncompleteIndex:
+        return None
 
 
 def _finalise(store: IndexStore, report: IndexReport, refit: bool, bb: Backbone | None = None) -> None:
@@ -311,7 +261,7 @@ def _finalise(store: IndexStore, report: IndexReport, refit: bool, bb: Backbone 
         if bb is not None:  # μ at the explain resolution, for the explanations' centring
             size = (store.settings.explain or {}).get("input_size") or bb.preprocess.size
             refresh_reference(store, bb, int(size), tap_layer(store.settings.model))
-    store.set_value("updated_at", time.time())
+    store.mark_updated()
     report.total = store.count()
 
 
@@ -337,7 +287,7 @@ def _refuse_changes(store: IndexStore, a: _Asked) -> None:
         w = Path(a.weights).expanduser()
         if not w.is_file():
             raise RetrieveError(f"--weights {a.weights}: no such file")
-        from retrieval.models.backbone import file_sha256
+        from retrieval.models.preprocess import file_sha256
 
         if file_sha256(w) != st.weights_id:
             diffs.append(f"weights {st.weights_source or st.weights_id}, not {a.weights}")
@@ -376,23 +326,10 @@ def _check_factory(factory: str, dim: int) -> None:
         raise RetrieveError(f"--faiss {factory!r}: not a valid FAISS factory string") from None
 
 
-def plan_run(store: IndexStore, files: list[FileEntry], trees: list[str], report: IndexReport) -> tuple[ChangePlan, list]:
-    """What this run must do (indexer/plan.py) against the committed rows, and those rows (id, path, size,
-    mtime_ns, sha256); the unchanged and known-bad files are counted in ``report``."""
-    with store.session() as s:
-        rows = s.execute(select(ImageRow.id, ImageRow.path, ImageRow.size, ImageRow.mtime_ns,
-                                ImageRow.sha256)).all()
-        bad = {r.path: r for r in s.execute(select(SkippedRow)).scalars()}
-    plan = plan_changes(files, rows, bad, trees)
-    report.unchanged += len(plan.unchanged)
-    report.skipped_before += len(plan.known_bad)
-    return plan, rows
-
-
 def _run(store: IndexStore, bb: Backbone, files: list[FileEntry], trees: list[str], report: IndexReport,
          batch_size: int, workers: int | None, progress: Progress, on_skip: Callable[[str, str], None],
          stop: threading.Event) -> None:
-    plan, _ = plan_run(store, files, trees, report)
+    plan = plan_run(store, files, trees, report)
     todo = plan.todo
     progress.start(len(todo))
 
@@ -402,8 +339,8 @@ def _run(store: IndexStore, bb: Backbone, files: list[FileEntry], trees: list[st
 
         verifier = Verifier()
 
-    def decode(e: FileEntry, allow_reuse: bool = True) -> _Decoded:
-        d = _Decoded(e)
+    def decode(e: FileEntry, allow_reuse: bool = True) -> Decoded:
+        d = Decoded(e)
         try:
             data = read_image_bytes(e.path)  # refused before reading when larger than the limit
         except ImageError as exc:
@@ -427,10 +364,11 @@ def _run(store: IndexStore, bb: Backbone, files: list[FileEntry], trees: list[st
         return d
 
     workers = workers or min(4, max(1, (os.cpu_count() or 2)))
-    batch: list[_Decoded] = []
+    batch: list[Decoded] = []
 
     def flush() -> None:
-        _embed_and_commit(store, bb, batch, plan.rows, report)
+        commit_embedded(store, batch, bb.embed_arrays([d.array for d in batch], batch_size=len(batch)), plan.rows,
+                        report)
         progress.advance(len(batch))
         batch.clear()
 
@@ -449,10 +387,10 @@ def _run(store: IndexStore, bb: Backbone, files: list[FileEntry], trees: list[st
                 nxt = next(it, None)
                 if nxt is not None:
                     window.append(pool.submit(decode, nxt))
-                if d.reuse is not None and not _reuse(store, d, plan, report):
+                if d.reuse is not None and not reuse(store, d, plan, report):
                     d = decode(d.entry, allow_reuse=False)  # the row to copy from went away meanwhile
                 if d.error:
-                    _record_skip(store, d, plan.rows)
+                    record_skip(store, d, plan.rows)
                     report.skipped += 1
                     report.skipped_files.append({"path": d.entry.path, "reason": d.error})
                     on_skip(d.entry.path, d.error)
@@ -471,91 +409,6 @@ def _run(store: IndexStore, bb: Backbone, files: list[FileEntry], trees: list[st
             raise
     # Files that vanished from the scanned folders and did not turn up elsewhere leave the index.
     gone_ids = [r.id for r in plan.removed()]
-    _delete_rows(store, gone_ids)
+    store.delete_rows(gone_ids)
     store.apply(gone_ids)
     report.removed = len(gone_ids)
-
-
-def _delete_rows(store: IndexStore, ids: list[int]) -> None:
-    with store.session() as s, s.begin():
-        for i in range(0, len(ids), 500):
-            s.execute(delete(ImageRow).where(ImageRow.id.in_(ids[i:i + 500])))
-
-
-def _record_skip(store: IndexStore, d: _Decoded, rows: dict) -> None:
-    with store.session() as s, s.begin():
-        old = rows.get(d.entry.path)
-        if old is not None:  # a once-good file is now broken: it leaves the index
-            s.execute(delete(ImageRow).where(ImageRow.id == old.id))
-        s.merge(SkippedRow(path=d.entry.path, size=d.entry.size, mtime_ns=d.entry.mtime_ns, reason=d.error))
-    store.apply([old.id] if old is not None else [])
-
-
-def _reuse(store: IndexStore, d: _Decoded, plan: ChangePlan, report: IndexReport) -> bool:
-    """Index ``d`` without decoding it (touched, moved or copied content). False: must be embedded after all."""
-    e = d.entry
-    old = plan.rows.get(e.path)  # what was at this path before, if anything
-    if d.reuse == "touched":  # same path, same content, new mtime
-        with store.session() as s, s.begin():
-            s.execute(update(ImageRow).where(ImageRow.id == old.id).values(size=e.size, mtime_ns=e.mtime_ns))
-        report.unchanged += 1
-        return True
-    src = plan.claim_move(d.sha256)
-    if src is not None:  # moved: the row follows the file, keeping its id and vector
-        with store.session() as s, s.begin():
-            if old is not None:
-                s.execute(delete(ImageRow).where(ImageRow.id == old.id))
-            s.execute(update(ImageRow).where(ImageRow.id == src.id).values(path=e.path, size=e.size,
-                                                                            mtime_ns=e.mtime_ns))
-        store.apply([old.id] if old is not None else [])
-        report.moved += 1
-        return True
-    with store.session() as s, s.begin():  # a copy of indexed content: a new row with the same vector
-        src = s.get(ImageRow, plan.by_hash.get(d.sha256, -1))
-        if src is None:
-            return False
-        if old is not None:
-            s.execute(delete(ImageRow).where(ImageRow.id == old.id))
-        row = ImageRow(path=e.path, size=e.size, mtime_ns=e.mtime_ns, sha256=d.sha256, width=src.width,
-                       height=src.height, vector=src.vector, indexed_at=time.time())
-        s.add(row)
-        s.flush()
-        new_id, vec = row.id, np.frombuffer(src.vector, np.float32)[None]
-    store.apply([old.id] if old is not None else [], [new_id], vec)
-    report.indexed += 1
-    return True
-
-
-def _embed_and_commit(store: IndexStore, bb: Backbone, batch: list[_Decoded], rows: dict,
-                      report: IndexReport) -> None:
-    vecs = bb.embed_arrays([d.array for d in batch], batch_size=len(batch))
-    _commit_embedded(store, batch, vecs, rows, report)
-
-
-def _commit_embedded(store: IndexStore, batch: list[_Decoded], vecs: np.ndarray, rows: dict,
-                     report: IndexReport) -> None:
-    """Commit ``batch`` with its embeddings ``vecs`` (one transaction; the Ray engine commits through it too).
-
-    In bulk: one DELETE of the rows the batch replaces, one of its paths' skipped records, one multi-row
-    INSERT … RETURNING (SQLAlchemy's "insertmanyvalues": SQLite ≥ 3.35, psycopg 3) -- instead of a round trip
-    per row (bench/results/scale-db.md)."""
-    now = time.time()
-    replaced = [rows[d.entry.path].id for d in batch if rows.get(d.entry.path) is not None]
-    paths = [d.entry.path for d in batch]
-    values = [{"path": d.entry.path, "size": d.entry.size, "mtime_ns": d.entry.mtime_ns, "sha256": d.sha256,
-               "width": d.width, "height": d.height, "vector": v.tobytes(), "indexed_at": now}
-              for d, v in zip(batch, vecs)]
-    table = ImageRow.__table__
-    with store.session() as s, s.begin():
-        for i in range(0, len(replaced), 500):
-            s.execute(delete(ImageRow).where(ImageRow.id.in_(replaced[i:i + 500])))
-        for i in range(0, len(paths), 500):
-            s.execute(delete(SkippedRow).where(SkippedRow.path.in_(paths[i:i + 500])))
-        # RETURNING's row order is not promised (asking for it makes SQLAlchemy insert row by row on SQLite):
-        # each id is matched by its path instead, unique in the batch as in the table (a faces index has its own
-        # indexer, indexer/faces.py)
-        got = dict((p, i) for i, p in s.execute(insert(table).returning(table.c.id, table.c.path), values)) \
-            if values else {}
-        ids = np.array([got[p] for p in paths], np.int64)
-    store.apply(replaced, ids, vecs)
-    report.indexed += len(batch)

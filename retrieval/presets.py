@@ -40,15 +40,14 @@ class Preset:
         """The options of a new index this preset fills in (those it leaves to the backbone are absent)."""
         return {k: getattr(self, k) for k in self.OPTIONS if getattr(self, k) is not None}
 
-    def backbone(self, settings, input_size: int | None = None, fast: bool = False):
-        """The network an index with ``settings`` was built with (weights verified by their hash before they are
-        loaded; a user's model needs --trust-model). ``fast``: for searching, through the index's cached ONNX
-        graph without importing torch where it serves. ``input_size``: another input side (explanations)."""
-        from retrieval.models.loader import backbone_for_settings, search_backbone_for_settings
+    def backbone(self, settings, input_size: int | None = None, purpose: str = "search"):
+        """The network an index with ``settings`` was built with (retrieval/models/loader.py: through its cached
+        graphs without torch where they serve; weights verified by their hash before they are loaded; a user's
+        model needs --trust-model). ``input_size``: another input side (explanations); ``purpose``: "index" makes
+        the graphs an indexing run needs first."""
+        from retrieval.models.loader import backbone_for_settings
 
-        if fast and input_size is None:
-            return search_backbone_for_settings(settings)
-        return backbone_for_settings(settings, input_size=input_size)
+        return backbone_for_settings(settings, input_size=input_size, purpose=purpose)
 
     def searcher(self, store, backbone, **options):
         """What answers queries against ``store`` (retrieval/match/search.py's :class:`Searcher`)."""
@@ -73,7 +72,7 @@ class FacesPreset(Preset):
         return {"detector": detector or self.detector, "upsample": self.upsample if upsample is None else int(upsample),
                 "threshold": self.threshold}
 
-    def backbone(self, settings, input_size: int | None = None, fast: bool = False):
+    def backbone(self, settings, input_size: int | None = None, purpose: str = "search"):
         from retrieval.faces.network import load_backbone
 
         return load_backbone(expected_sha256=settings.weights_id if settings else None)
@@ -84,7 +83,8 @@ class FacesPreset(Preset):
         return FaceSearcher(store, backbone)
 
 
-GENERAL = Preset("general", "general similarity: what kind of thing is in the photo (fast, the default)")
+GENERAL = Preset("general", "general similarity: what kind of thing is in the photo (fast, the default)",
+                 resize="squash", pooling="gap")
 INSTANCE = Preset("instance", "the same object or product seen elsewhere (448 px aspect kept, GeM, PCA-whitening, "
                   "geometric verification of the top 8 and the visual words' top 25)",
                   input_size=448, resize="long", pooling="gem", head="pca-whiten:128",

@@ -290,21 +290,21 @@ def test_the_web_app_searches_an_index_with_a_catalogue_as_the_cli_does(shop_wit
 
 def test_a_verified_search_reads_the_index_without_sqlalchemy(shop_with_role):
     """Verification, visual words, the catalogue role and ``--within`` read a plain SQLite index through sqlite3
-    (retrieval/index/litestore.py): the same hits, scores and inliers as through SQLAlchemy with the same network; and
+    (retrieval/index/store.py's light path): the same hits, scores and inliers as through SQLAlchemy with the same
+    network; and
     ``retrieve search`` with the index's defaults (verify, words, catalogue) imports neither SQLAlchemy nor torch."""
     import json
 
     from retrieval.index import catalogue
-    from retrieval.index.litestore import LiteStore, open_search_store
     from retrieval.match.search import Searcher
-    from retrieval.models.loader import search_backbone_for_settings
+    from retrieval.models.loader import backbone_for_settings
 
     root, idx, query = shop_with_role
-    lite = open_search_store(idx)
-    assert isinstance(lite, LiteStore)
-    with lite, IndexStore.open(idx) as full:
+    lite = IndexStore.open(idx)
+    assert lite._sqlite is not None  # read through sqlite3
+    with lite, IndexStore(idx.resolve()) as full:  # the same rows through SQLAlchemy
         assert sorted(lite.row_paths()) == sorted(full.row_paths()) and len(lite.row_paths()) == 71
-        backbone = search_backbone_for_settings(full.settings)
+        backbone = backbone_for_settings(full.settings)
         for within in (None, root / "catalogue"):
             def hits(store):
                 res = next(Searcher(store, backbone, within=within).search_paths(
@@ -432,7 +432,7 @@ def test_verified_expansion_finds_the_objects_other_photos_through_its_best_matc
     """The result confirmed with the most inliers brings its own neighbours (by visual words and by the
     embedding), each verified against the query; confirmed ones join, the others do not (Chum et al. 2007)."""
     from retrieval.match.search import EXPAND_MIN, Searcher
-    from retrieval.models.loader import search_backbone_for_settings
+    from retrieval.models.loader import backbone_for_settings
 
     root, idx, query = shop_with_photos
     astro = ("astronaut.jpg", "astro0.jpg", "astro1.jpg")
@@ -448,7 +448,7 @@ def test_verified_expansion_finds_the_objects_other_photos_through_its_best_matc
     assert len(on["results"]) == 10 and all(h["score"] <= 1 for h in on["results"])
     # the unconfirmed expansion candidates are not answers, and the scores stay the query's own similarity
     with IndexStore.open(idx) as store:
-        s = Searcher(store, search_backbone_for_settings(store.settings))
+        s = Searcher(store, backbone_for_settings(store.settings))
         (res,) = s.search_paths([str(query)], 10, verify=1, words=1, expand=10)
         plain = {h.id: h.score for h in next(iter(s.search_paths([str(query)], 80, verify=0))).results}
     assert {h.path for h in res.results} == {h["path"] for h in on["results"]}

@@ -1,4 +1,4 @@
-"""Issue 16's leftovers: `retrieve search` reads a plain SQLite index without SQLAlchemy (retrieval/index/litestore.py)
+"""Issue 16's leftovers: `retrieve search` reads a plain SQLite index without SQLAlchemy (retrieval/index/store.py)
 with the same answers and the same errors; the indexer commits rows in bulk; an unchanged run leaves the
 vector file and the mean alone."""
 from __future__ import annotations
@@ -29,14 +29,13 @@ def small_index(photo_dir, tmp_path_factory):
 def test_lite_store_answers_as_the_full_store(small_index):
     """Same settings, rows, vector file and search results (plain, --qe, --dba) through sqlite3 as through
     SQLAlchemy."""
-    from retrieval.index.litestore import LiteStore, open_for_search
-    from retrieval.match.search import Searcher
     from retrieval.index.store import IndexStore
+    from retrieval.match.search import Searcher
 
     src, idx = small_index
-    lite = open_for_search(idx)
-    assert isinstance(lite, LiteStore)
-    with lite, IndexStore.open(idx) as full:
+    lite = IndexStore.open(idx)
+    assert lite._sqlite is not None  # read through sqlite3
+    with lite, IndexStore(idx.resolve()) as full:  # the same rows through SQLAlchemy
         assert dataclasses.asdict(lite.settings) == dataclasses.asdict(full.settings)
         assert sorted(lite.row_ids()) == sorted(full.row_ids()) and lite.count() == full.count() == 5
         assert np.array_equal(lite.mean, full.mean) and lite.space() == full.space()
@@ -83,13 +82,13 @@ def test_search_without_sqlalchemy_same_output(small_index):
 
 def test_unusual_indexes_take_the_full_path_with_its_errors(small_index, tmp_path):
     """A damaged database or a database server's record: no lite store, and the error is the full store's."""
-    from retrieval.index.litestore import open_for_search
+    from retrieval.index.store import IndexStore
 
     src, idx = small_index
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "index.db").write_bytes(b"not a database at all" * 100)
-    assert open_for_search(bad) is None
+    assert IndexStore._open_light(bad) is None
     fast = _search(src / "chelsea.jpg", "--index", bad)
     full = _search(src / "chelsea.jpg", "--index", bad, RETRIEVE_FAST_SEARCH="0")
     assert fast.returncode == full.returncode != 0
@@ -98,8 +97,8 @@ def test_unusual_indexes_take_the_full_path_with_its_errors(small_index, tmp_pat
     served.mkdir()
     shutil.copy(idx / "index.db", served / "index.db")
     (served / "database.json").write_text(json.dumps({"url": "postgresql+psycopg://u@127.0.0.1:1/x"}))
-    assert open_for_search(served) is None
-    assert open_for_search(tmp_path / "missing") is None
+    assert IndexStore._open_light(served) is None
+    assert IndexStore._open_light(tmp_path / "missing") is None
 
 
 def test_unchanged_run_leaves_vector_file_and_mean(small_index, lite0, tmp_path, monkeypatch):
@@ -138,11 +137,12 @@ def test_unchanged_run_leaves_vector_file_and_mean(small_index, lite0, tmp_path,
 
 
 def test_commit_is_bulk_and_keeps_ids(tmp_path):
-    """_commit_embedded: a few statements per batch (not one per row), each row with its own vector and the ids
+    """indexer.rows.commit_embedded: a few statements per batch (not one per row), each row with its own vector and the ids
     handed to FAISS in the batch's order; a replaced row goes, a skipped record of the path goes."""
-    from sqlalchemy import event, select
+    from sqlalchemy import event
 
-    from indexer.run import IndexReport, _commit_embedded, _Decoded
+    from indexer.common import IndexReport
+    from indexer.rows import Decoded, commit_embedded
     from retrieval.scan import FileEntry
     from retrieval.index.schema import ImageRow, SkippedRow
     from retrieval.index.settings import IndexSettings
@@ -158,12 +158,12 @@ def test_commit_is_bulk_and_keeps_ids(tmp_path):
         old = store.row_by_path("/p/3.jpg")
         applied = []
         store.apply = lambda removed=(), ids=(), raw=None: applied.append((list(removed), list(ids), raw))
-        batch = [_Decoded(FileEntry(f"/p/{i}.jpg", 10 + i, 20 + i), f"{i:064x}", 30 + i, 40 + i) for i in range(40)]
+        batch = [Decoded(FileEntry(f"/p/{i}.jpg", 10 + i, 20 + i), f"{i:064x}", 30 + i, 40 + i) for i in range(40)]
         vecs = np.arange(160, dtype=np.float32).reshape(40, 4)
         statements = []
         event.listen(store.engine, "before_cursor_execute", lambda *a: statements.append(a[2]))
         report = IndexReport()
-        _commit_embedded(store, batch, vecs, {"/p/3.jpg": old}, report)
+        commit_embedded(store, batch, vecs, {"/p/3.jpg": old}, report)
         assert report.indexed == 40
         assert len(statements) <= 4, statements  # was 2 per row (a DELETE of the skipped record, an INSERT)
         (removed, ids, raw), = applied
@@ -173,8 +173,7 @@ def test_commit_is_bulk_and_keeps_ids(tmp_path):
             r = rows[rid]
             assert (r.path, r.size, r.mtime_ns, r.width, r.height) == (f"/p/{i}.jpg", 10 + i, 20 + i, 30 + i, 40 + i)
             assert np.array_equal(np.frombuffer(r.vector, np.float32), vecs[i])
-        with store.session() as s:
-            assert s.scalar(select(SkippedRow).where(SkippedRow.path == "/p/5.jpg")) is None
+        assert "/p/5.jpg" not in store.skipped()
         assert store.count() == 40
 
 
@@ -224,10 +223,6 @@ def test_index_through_cached_graphs_imports_no_torch(small_index, tmp_path):
     """`retrieve index` never imports torch for the default preset: from a cold ONNX cache the graphs (224 px, and
     the 448-px two-output graph of the explain reference) are made in a child process; a warm update (with
     --threads) needs none. Its embeddings and explain reference equal the torch path's (RETRIEVE_FAST_INDEX=0)."""
-    from retrieval.models import runtime as fastpath
-    from retrieval.models.registry import DEFAULT_MODEL
-
-    assert fastpath.DEFAULT_MODEL == DEFAULT_MODEL
     src, _ = small_index
     bad = _index("index", src, "--index", tmp_path / "bad", "--model", "no_such_net")  # refused before any child
     assert bad.returncode == 1 and bad.stderr.startswith("Error: unknown model 'no_such_net'; known: "), bad.stderr

@@ -90,12 +90,12 @@ class Collection:
 
     def __init__(self, index_dir: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
                  max_upload_bytes: int = MAX_UPLOAD_BYTES):
-        from retrieval.models.loader import backbone_for_settings
+        from retrieval.presets import preset_of
         from retrieval.index.store import IndexStore, index_path
 
         self.index_dir = index_path(index_dir)
         with IndexStore.open(self.index_dir) as probe:  # a clear error before anything else
-            self.backbone = backbone_for_settings(probe.settings)
+            self.backbone = preset_of(probe.settings).backbone(probe.settings)
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir(self.index_dir)
         (self.cache_dir / "thumbs").mkdir(parents=True, exist_ok=True)
         (self.cache_dir / "explain").mkdir(parents=True, exist_ok=True)
@@ -169,17 +169,9 @@ class Collection:
 
     def images(self, offset=0, limit=48) -> dict:
         """One page of the indexed photos, by path."""
-        from sqlalchemy import func, select
-
-        from retrieval.index.schema import ImageRow
-
         offset = _int(offset, "offset", 0, 10**9, 0)
         limit = _int(limit, "limit", 1, 500, 48)
-        store = self.current().store
-        with store.session() as s:
-            total = s.scalar(select(func.count()).select_from(ImageRow)) or 0
-            rows = s.execute(select(ImageRow.id, ImageRow.path, ImageRow.sha256).order_by(ImageRow.path)
-                             .offset(offset).limit(limit)).all()
+        total, rows = self.current().store.page(offset, limit)
         return {"total": total, "offset": offset, "limit": limit,
                 "images": [{"id": r[0], "path": r[1], "name": Path(r[1]).name, "thumb": _thumb_url(r[0], r[2])}
                            for r in rows]}

@@ -10,12 +10,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image
-from sqlalchemy import select
 
 from retrieval.errors import RetrieveError
 from retrieval.faces.detect import Face, FaceFinder
 from retrieval.images import load_image
-from retrieval.index.schema import ImageRow
 
 
 def verdict(distance: float, threshold: float) -> str:
@@ -114,9 +112,7 @@ class FaceSearcher:
         want = min(n, k + 8)
         dist, ids = index.search(np.ascontiguousarray(q[None], np.float32), want)
         ids = [int(i) for i in ids[0] if i >= 0]
-        with self.store.session() as s:
-            rows = {r.id: r for r in s.execute(select(ImageRow.id, ImageRow.path, ImageRow.face, ImageRow.box,
-                                                      ImageRow.vector).where(ImageRow.id.in_(ids)))}
+        rows = self.store.face_rows(ids)
         hits = []
         import os
 

@@ -12,9 +12,7 @@ import os
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-from sqlalchemy import delete, func, select
 
-from retrieval.index.schema import ImageRow
 from retrieval.index.store import IndexStore
 from retrieval.index.vectors import file_state
 
@@ -86,8 +84,7 @@ def check_index(directory: str | os.PathLike) -> CheckReport:
     with IndexStore.open(directory) as store:
         st = store.settings
         rep = CheckReport(index=str(store.directory))
-        with store.session() as s:
-            rows = s.execute(select(ImageRow.id, ImageRow.path, func.length(ImageRow.vector))).all()
+        rows = store.embedding_sizes()
         rep.images = len(rows)
         ids = np.array([r[0] for r in rows], np.int64)
         rep.bad_embeddings = [int(r[0]) for r in rows if r[2] != st.dim * 4]
@@ -119,22 +116,17 @@ def repair_index(directory: str | os.PathLike, reembed=None) -> CheckReport:
     rep = check_index(directory)
     with IndexStore.open(directory, writable=True, what="retrieve check --repair") as store:
         drop = set(rep.missing_files)
-        with store.session() as s, s.begin():
-            bad = s.execute(select(ImageRow.id, ImageRow.path).where(ImageRow.id.in_(rep.bad_embeddings))).all()
+        bad = [(r.id, r.path) for r in store.rows_by_ids(rep.bad_embeddings).values()]
         fixable = [(i, p) for i, p in bad if p not in drop and os.path.isfile(p)]
         if fixable and reembed is not None:
             vecs = reembed([p for _, p in fixable])
-            with store.session() as s, s.begin():
-                for (i, _), v in zip(fixable, vecs):
-                    s.get(ImageRow, i).vector = np.asarray(v, np.float32).tobytes()
+            store.set_vectors([i for i, _ in fixable], vecs)
             rep.repaired.append(f"re-embedded {len(fixable)} images with damaged embeddings")
         else:
             drop |= {p for _, p in fixable}
         drop |= {p for i, p in bad if not os.path.isfile(p)}
         if drop:
-            with store.session() as s, s.begin():
-                for p in drop:
-                    s.execute(delete(ImageRow).where(ImageRow.path == p))
+            store.delete_rows([i for i, p, _ in store.embedding_sizes() if p in drop])
             rep.repaired.append(f"dropped {len(drop)} images whose files are gone or unreadable")
         if not rep.consistent or rep.trailing or drop:
             store.rebuild_faiss()

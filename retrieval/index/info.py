@@ -21,14 +21,10 @@ def head_text(store) -> str:
 
 def index_info(store) -> dict:
     """The index's settings, size and dates, in the order ``retrieve info`` prints them."""
-    from sqlalchemy import func, select
-
     from retrieval.index.catalogue import folders as catalogue_folders
-    from retrieval.index.schema import SkippedRow
 
     st = store.settings
-    with store.session() as s:
-        skipped = s.scalar(select(func.count()).select_from(SkippedRow)) or 0
+    skipped = store.skipped_count()
     updated = store.get_value("updated_at")
     return {"index": str(store.directory), "database": store.where, "model": st.model, "weights": st.weights_source,
             "input_size": st.preprocess.get("size"), "resize": st.preprocess.get("resize", "squash"),

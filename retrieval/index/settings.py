@@ -1,5 +1,5 @@
 """The settings an index is created with, and the schema's version: no SQLAlchemy here, so that a plain
-read (retrieval/index/litestore.py, the fast search path) gets them without importing it. retrieval/index/schema.py
+read (retrieval/index/store.py's light path) gets them without importing it. retrieval/index/schema.py
 re-exports them beside the tables."""
 from __future__ import annotations
 

@@ -1,9 +1,8 @@
-"""The vector space of an index store: shared by retrieval/index/store.py (SQLAlchemy) and retrieval/index/litestore.py
-(the standard library's sqlite3, for a fast `retrieve search`)."""
+"""The vector space of an index: its linear head, the vectors FAISS holds and their factory (retrieval/index/store.py)."""
 from __future__ import annotations
 
 import hashlib
-from typing import Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -11,15 +10,9 @@ from retrieval.index.head import LinearHead
 from retrieval.index.vectors import INDEX_TYPES, factory_for
 
 
-
 def as_vectors(blobs: Sequence[bytes], dim: int = -1) -> np.ndarray:
     """Stored embedding blobs (float32 bytes, one per row) → an (n, dim) array."""
     return np.frombuffer(b"".join(blobs), np.float32).reshape(len(blobs), dim)
-
-
-def ids_and_vectors(rows: Sequence, dim: int = -1) -> tuple[np.ndarray, np.ndarray]:
-    """(id, blob) rows → (int64 ids, float32 vectors)."""
-    return (np.fromiter((r[0] for r in rows), np.int64, len(rows)), as_vectors([r[1] for r in rows], dim))
 
 
 def chunks(seq: Sequence, n: int) -> Iterator[Sequence]:
@@ -27,33 +20,9 @@ def chunks(seq: Sequence, n: int) -> Iterator[Sequence]:
         yield seq[i:i + n]
 
 
-def paged_vectors(after: Callable[[int, int], Sequence], dim: int,
-                  chunk: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(ids, raw vectors) of every row in id order, ``chunk`` rows at a time: ``after(last_id, n)`` gives the
-    (id, vector) rows with an id above ``last_id``, in id order, at most ``n`` of them (each store's query)."""
-    last = -1
-    while True:
-        rows = after(last, chunk)
-        if not rows:
-            return
-        ids, vecs = ids_and_vectors(rows, dim)
-        last = int(ids[-1])
-        yield ids, vecs
-
-
-def vectors_by_ids(among: Callable[[Sequence[int]], Sequence], ids: Sequence[int],
-                   chunk: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(ids, raw vectors) of the rows with ``ids``, ``chunk`` ids per ``among(part)`` query (each store's)."""
-    for part in chunks([int(i) for i in ids], chunk):
-        rows = among(part)
-        if rows:
-            yield ids_and_vectors(rows)
-
-
 class VectorSpace:
-    """The vector space of an index store (IndexStore, and LiteStore that reads SQLite without SQLAlchemy):
-    its linear head, the vectors FAISS holds and their factory, from the store's ``settings``, ``metric``,
-    ``_arrays(names)`` and ``get_value(key)``."""
+    """The vector space of an index store: its linear head, the vectors FAISS holds and their factory, from the
+    store's ``settings``, ``metric``, ``_arrays(names)`` and ``get_value(key)``."""
 
     @property
     def head(self) -> LinearHead | None:

@@ -1,51 +1,86 @@
-"""The index on disk: SQLite rows (through SQLAlchemy) and a FAISS file, the row id being the FAISS id.
+"""The index on disk: its rows (SQLite in the index directory, or a PostgreSQL server) and its vectors, the row id
+being the FAISS id. :class:`IndexStore` is the one way the rest of retrieve reads and writes an index.
 
-SQLite is the source of truth: each image row keeps its raw pooled embedding, so the FAISS file is a
-derived cache (retrieval/index/vectors.py: reconciled with the rows on every open, fingerprinted, written
-atomically). An interrupted run therefore never leaves an index that disagrees with itself, and a
-damaged FAISS file is rebuilt rather than lost. A new index's database is created complete (tables and
-settings) under a temporary name and renamed into place, so a killed creation leaves no half-made index.
-One writer at a time holds ``DIR/lock`` (retrieval/index/lock.py); readers need no lock (SQLite WAL).
-With ``--db`` the rows live on a PostgreSQL server instead (retrieval/index/database.py: created in one
+The rows are the truth: each image row keeps its raw pooled embedding, so the vector file is a derived cache
+(retrieval/index/vectors.py: reconciled with the rows on every open, fingerprinted, written atomically; the sharded
+type keeps checksummed shard files, retrieval/index/sharded.py). An interrupted run therefore never leaves an index
+that disagrees with itself, and a damaged vector file is rebuilt rather than lost. A new index's database is created
+complete (tables and settings) under a temporary name and renamed into place, so a killed creation leaves no
+half-made index. One writer at a time holds ``DIR/lock`` (retrieval/index/lock.py); readers need no lock (SQLite
+WAL). With ``--db`` the rows live on a PostgreSQL server instead (retrieval/index/database.py: created in one
 transaction, the writer lock an advisory lock on the server, the URL recorded in ``DIR/database.json``).
 
-:class:`IndexStore` is the facade the rest of retrieve uses; the pieces live in ``schema`` (tables,
-settings), ``presets``, ``lock``, ``metric`` and ``vectors`` and are re-exported here.
+**Two ways to the same rows.** Every read is one SQL text with named parameters, run through SQLAlchemy (writers,
+database servers) or, for a plain local SQLite index opened to read, through the standard library's ``sqlite3``:
+importing SQLAlchemy and declaring the ORM tables costs about 0.45 s of a ``retrieve search`` that otherwise needs
+ONNX Runtime, FAISS and one forward pass (bench/results/startup-search.md). Anything out of the ordinary on that
+light path -- a ``--db``, a recorded server, a database that does not read cleanly, an older or newer schema --
+and the store opens through SQLAlchemy, which gives the answer or the error in its own words.
+``RETRIEVE_FAST_SEARCH=0`` turns the light path off.
 """
 from __future__ import annotations
 
 import json
 import os
+import threading
+import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
-from sqlalchemy import create_engine, delete, event, func, inspect, select
-from sqlalchemy.exc import DatabaseError, OperationalError
-from sqlalchemy.orm import Session
 
 from retrieval.errors import IndexError_, SettingsMismatch
 from retrieval.index import database
 from retrieval.index.files import first_line, fsync_dir
 from retrieval.index.lock import LOCK_NAME, WriterLock
-from retrieval.index.schema import ArrayRow, Base, ImageRow, SettingRow
 from retrieval.index.settings import DB_NAME, SCHEMA_VERSION, IndexSettings
-from retrieval.index.space import VectorSpace, as_vectors, chunks, paged_vectors, vectors_by_ids
+from retrieval.index.space import VectorSpace, as_vectors, chunks
 from retrieval.index.vectors import FAISS_NAME, META_NAME, Vectors, clean_temporaries
 from retrieval.metric import Metric, metric as metric_named
 
 DB_TEMPORARY_GLOB = f".{DB_NAME}.*.tmp*"
+ROW_COLUMNS = ("id", "path", "size", "mtime_ns", "sha256", "width", "height", "vector", "indexed_at")
+_COLS = ", ".join(ROW_COLUMNS)
 
 
 class IncompleteIndex(IndexError_):
     """The directory holds an empty database without settings (a creation was interrupted): no index yet."""
 
 
+class FileRow(NamedTuple):
+    """What an indexing run plans against (indexer/plan.py): a row's file as it was indexed."""
+
+    id: int
+    path: str
+    size: int
+    mtime_ns: int
+    sha256: str
+
+
+class Skipped(NamedTuple):
+    """A file recorded as undecodable (or without a face): not retried until its size or mtime changes."""
+
+    size: int
+    mtime_ns: int
+    reason: str
+
+
+class Row:
+    """One image row (a face's row in a faces index: ``face`` its number in the photo, ``box`` x0,y0,x1,y1)."""
+
+    __slots__ = ROW_COLUMNS + ("face", "box")
+
+    def __init__(self, values: Sequence, columns: Sequence[str] = ROW_COLUMNS):
+        self.face = self.box = None
+        for k, v in zip(columns, values):
+            setattr(self, k, v)
+
+
 def default_explain(input_size: int) -> dict:
-    """The explanation defaults recorded in a new index, chosen by measurement (bench/results/explain.md):
-    SFAM with the CIS computed on μ-centred embeddings, at 448 px (twice the 224 default; an index built
-    at 448 or more explains at its own size)."""
+    """The explanation defaults recorded in a new index, chosen by measurement (docs/explanations.md): SFAM with the
+    CIS computed on μ-centred embeddings, at 448 px (twice the 224 default; an index built at 448 or more explains at
+    its own size)."""
     return {"method": "sfam", "centre": True, "input_size": max(448, int(input_size))}
 
 
@@ -66,23 +101,45 @@ def index_path(directory: str | os.PathLike) -> Path:
     return p.resolve()
 
 
+def _in(name: str, values: Sequence) -> tuple[str, dict]:
+    """``IN (:name0, :name1, …)`` and its parameters: a list in SQL text that both sqlite3 and SQLAlchemy bind."""
+    params = {f"{name}{i}": v for i, v in enumerate(values)}
+    return "(" + ", ".join(f":{k}" for k in params) + ")", params
+
+
 class IndexStore(VectorSpace):
     """One index directory: settings, rows, vectors. Use :meth:`open` or :meth:`create`."""
 
-    def __init__(self, directory: Path, db_url: str | None = None, *, writable: bool = False):
+    def __init__(self, directory: Path, db_url: str | None = None, *, writable: bool = False, sqlite=None):
         self.directory = Path(directory)
-        self.db_url = db_url or database.url_for(self.directory, self.directory / DB_NAME) \
+        self._sqlite = sqlite  # a sqlite3 connection: the light read path (see the module docstring)
+        self._sqlite_lock = threading.Lock()  # one query at a time on it (the web app answers in threads)
+        self.db_url = db_url or (None if sqlite else database.url_for(self.directory, self.directory / DB_NAME)) \
             or f"sqlite:///{self.directory / DB_NAME}"
         self.server = not self.db_url.startswith("sqlite")  # rows on a database server (--db), not in DIR
         self.writable = writable
-        self.engine = database.make_engine(self.db_url) if self.server else create_engine(self.db_url)
-        if self.engine.dialect.name == "sqlite":
-            event.listen(self.engine, "connect", _sqlite_pragmas)
+        self._engine = None if sqlite else self._make_engine()
         self._server_lock: database.AdvisoryLock | None = None
         self._settings: IndexSettings | None = None
         self._vectors_kept = None  # Vectors, or for index type "sharded" a ShardedIndex (see _vectors)
         self._lock: WriterLock | None = None
         self._created: list[Path] = []  # directories this store created (removed again by discard())
+
+    def _make_engine(self):
+        if self.server:
+            return database.make_engine(self.db_url)
+        from sqlalchemy import create_engine, event
+
+        engine = create_engine(self.db_url)
+        event.listen(engine, "connect", lambda conn, _record: _sqlite_pragmas(conn))
+        return engine
+
+    @property
+    def engine(self):
+        """The SQLAlchemy engine (made when first needed on the light read path)."""
+        if self._engine is None:
+            self._engine = self._make_engine()
+        return self._engine
 
     # -- opening ------------------------------------------------------------------------------
     @classmethod
@@ -98,6 +155,10 @@ class IndexStore(VectorSpace):
 
     @classmethod
     def open(cls, directory: str | os.PathLike, *, writable: bool = False, what: str = "retrieve") -> "IndexStore":
+        if not writable:
+            light = cls._open_light(directory)
+            if light is not None:
+                return light
         directory = index_path(directory)
         if not cls.exists(directory):
             raise IndexError_(f"no index at {directory} (create one with `retrieve index PHOTOS --index {directory}`)")
@@ -126,8 +187,42 @@ class IndexStore(VectorSpace):
             raise
         return store
 
+    @classmethod
+    def _open_light(cls, directory: str | os.PathLike) -> "IndexStore | None":
+        """A reader through ``sqlite3`` when ``directory`` is a plain local SQLite index that reads cleanly in the
+        current schema, else None (see the module docstring)."""
+        import sqlite3
+
+        if os.environ.get("RETRIEVE_FAST_SEARCH", "1").strip() in ("0", "false", "no", "off"):
+            return None
+        if database.requested() is not None:  # --db / $RETRIEVE_DB: the SQLAlchemy path checks and uses it
+            return None
+        p = Path(directory).expanduser()
+        try:
+            if not p.is_dir() or (p / database.RECORD_NAME).exists() or not (p / DB_NAME).is_file():
+                return None
+            p = p.resolve()
+        except OSError:
+            return None
+        conn = None
+        try:
+            conn = sqlite3.connect(str(p / DB_NAME), check_same_thread=False)
+            _sqlite_pragmas(conn)
+            store = cls(p, sqlite=conn)
+            raw = store._read_settings_or_none()
+            if raw and raw.get("schema_version") == SCHEMA_VERSION:
+                store._settings = IndexSettings(**{k: raw[k] for k in IndexSettings.__dataclass_fields__ if k in raw})
+                return store
+        except Exception:  # noqa: BLE001  (sqlite3.Error, a setting that does not parse: SQLAlchemy words it)
+            pass
+        if conn is not None:
+            conn.close()
+        return None
+
     def _upgrade(self) -> None:
         """Step-by-step schema upgrades (each step additive, in one transaction with the version bump)."""
+        from retrieval.index.schema import ArrayRow, Base
+
         version = self.settings.schema_version
         if version < 2:
             Base.metadata.create_all(self.engine, tables=[ArrayRow.__table__])
@@ -152,6 +247,8 @@ class IndexStore(VectorSpace):
         place: a kill at any moment leaves either no index or a whole one. An empty database without
         settings (left by an interrupted creation of an older retrieve) is replaced.
         """
+        from sqlalchemy.exc import DatabaseError, OperationalError
+
         directory = index_path(directory)
         created = []
         for d in reversed([directory, *directory.parents]):
@@ -195,15 +292,19 @@ class IndexStore(VectorSpace):
             database.create_index(self.engine, asdict(settings))
             database.record(self.directory, self.db_url)
             return
+        from sqlalchemy import create_engine, insert
+
+        from retrieval.index.schema import Base, SettingRow
+
         final = self.directory / DB_NAME
         tmp = self.directory / f".{DB_NAME}.{os.getpid()}.tmp"
         tmp.unlink(missing_ok=True)
         engine = create_engine(f"sqlite:///{tmp}")  # rollback journal: one file, complete once committed
         try:
             Base.metadata.create_all(engine)
-            with Session(engine) as s, s.begin():
-                for k, v in asdict(settings).items():
-                    s.add(SettingRow(key=k, value=json.dumps(v)))
+            with engine.begin() as c:
+                c.execute(insert(SettingRow.__table__), [{"key": k, "value": json.dumps(v)}
+                                                         for k, v in asdict(settings).items()])
         finally:
             engine.dispose()
         with open(tmp, "rb") as f:
@@ -213,12 +314,13 @@ class IndexStore(VectorSpace):
 
     def _is_empty_shell(self) -> bool:
         """No settings and no image rows: what an interrupted creation leaves."""
+        from sqlalchemy import inspect
+        from sqlalchemy.exc import DatabaseError, OperationalError
+
         try:
-            insp = inspect(self.engine)
-            if "images" not in insp.get_table_names():
+            if "images" not in inspect(self.engine).get_table_names():
                 return True
-            with Session(self.engine) as s:
-                return not s.scalar(select(func.count()).select_from(ImageRow))
+            return not self.count()
         except (OperationalError, DatabaseError):
             return False
 
@@ -269,7 +371,11 @@ class IndexStore(VectorSpace):
         _remove_empty(self._created)
 
     def close(self) -> None:
-        self.engine.dispose()
+        if self._sqlite is not None:
+            self._sqlite.close()
+            self._sqlite = None
+        if self._engine is not None:
+            self._engine.dispose()
         if self._lock:
             self._lock.release()
             self._lock = None
@@ -281,11 +387,26 @@ class IndexStore(VectorSpace):
     def __exit__(self, *exc) -> None:
         self.close()
 
+    # -- reading: one SQL text, two connections -------------------------------------------------------------------
+    def query(self, sql: str, params: dict | None = None) -> list[tuple]:
+        """The rows of one SELECT (``:name`` parameters), through sqlite3 on the light path, else SQLAlchemy."""
+        if self._sqlite is not None:
+            with self._sqlite_lock:
+                return self._sqlite.execute(sql, params or {}).fetchall()
+        from sqlalchemy import text
+
+        with self.engine.connect() as c:
+            return [tuple(r) for r in c.execute(text(sql), params or {})]
+
     # -- settings -----------------------------------------------------------------------------
     def _read_settings_or_none(self) -> dict | None:
+        if self._sqlite is not None:
+            rows = self.query("SELECT key, value FROM settings")
+            return {k: json.loads(v) for k, v in rows} if rows else None
+        from sqlalchemy.exc import DatabaseError, OperationalError
+
         try:
-            with Session(self.engine) as s:
-                rows = s.execute(select(SettingRow)).scalars().all()
+            rows = self.query("SELECT key, value FROM settings")
         except OperationalError as e:
             if database.is_missing_table(e):
                 return None
@@ -297,13 +418,15 @@ class IndexStore(VectorSpace):
                 return None
             raise IndexError_(f"{self.where}: not a valid index database ({first_line(e)}); "
                               "rebuild the index in a new directory") from None
-        return {r.key: json.loads(r.value) for r in rows} if rows else None
+        return {k: json.loads(v) for k, v in rows} if rows else None
 
     @property
     def settings(self) -> IndexSettings:
         if self._settings is None:
             raw = self._read_settings_or_none()
             if raw is None:
+                from retrieval.index.schema import Base
+
                 if self.server and not database.table_names(self.engine) & set(Base.metadata.tables):
                     raise IncompleteIndex(f"no index in the database {self.where} (create one with `retrieve index "
                                           f"PHOTOS --index {self.directory} --db {self.where}`)")
@@ -327,13 +450,22 @@ class IndexStore(VectorSpace):
         return metric_named(self.settings.metric)
 
     def get_value(self, key: str, default=None):
-        with Session(self.engine) as s:
-            row = s.get(SettingRow, key)
-            return json.loads(row.value) if row else default
+        rows = self.query("SELECT value FROM settings WHERE key = :key", {"key": key})
+        return json.loads(rows[0][0]) if rows else default
 
     def set_value(self, key: str, value) -> None:
-        with Session(self.engine) as s, s.begin():
-            s.merge(SettingRow(key=key, value=json.dumps(value)))
+        self.set_values({key: value})
+
+    def set_values(self, values: dict) -> None:
+        """Settings values, replaced in one transaction."""
+        from sqlalchemy import delete, insert
+
+        from retrieval.index.schema import SettingRow
+
+        table = SettingRow.__table__
+        with self.engine.begin() as c:
+            c.execute(delete(table).where(table.c.key.in_(list(values))))
+            c.execute(insert(table), [{"key": k, "value": json.dumps(v)} for k, v in values.items()])
 
     def check_compatible(self, model: str | None, metric: str | None, weights_id: str | None = None,
                          preprocess: dict | None = None) -> None:
@@ -358,58 +490,173 @@ class IndexStore(VectorSpace):
         return np.asarray(v, np.float32) if v is not None else np.zeros(self.settings.dim, np.float32)
 
     # -- rows ---------------------------------------------------------------------------------
-    def session(self) -> Session:
-        return Session(self.engine, expire_on_commit=False)
-
     def count(self) -> int:
-        with Session(self.engine) as s:
-            return s.scalar(select(func.count()).select_from(ImageRow)) or 0
+        return self.query("SELECT count(*) FROM images")[0][0] or 0
 
     def row_ids(self) -> np.ndarray:
-        with Session(self.engine) as s:
-            return np.fromiter(s.execute(select(ImageRow.id)).scalars(), np.int64)
+        rows = self.query("SELECT id FROM images")
+        return np.fromiter((r[0] for r in rows), np.int64, len(rows))
 
-    def rows_by_ids(self, ids: Iterable[int]) -> dict[int, ImageRow]:
-        ids = [int(i) for i in ids]
-        out: dict[int, ImageRow] = {}
-        with self.session() as s:
-            for chunk in chunks(ids, 500):
-                for r in s.execute(select(ImageRow).where(ImageRow.id.in_(chunk))).scalars():
-                    out[r.id] = r
+    def rows_by_ids(self, ids: Iterable[int]) -> dict[int, Row]:
+        out: dict[int, Row] = {}
+        for part in chunks([int(i) for i in ids], 500):
+            where, params = _in("i", part)
+            for r in self.query(f"SELECT {_COLS} FROM images WHERE id IN {where}", params):
+                out[r[0]] = Row(r)
         return out
 
     def row_paths(self) -> list[tuple[int, str, str]]:
         """(id, path, sha256) of every row: what the visual words and the catalogue and ``--within`` folders
         read (retrieval/match/words.py, retrieval/index/catalogue.py)."""
-        with Session(self.engine) as s:
-            return [(r.id, r.path, r.sha256) for r in s.execute(select(ImageRow.id, ImageRow.path, ImageRow.sha256))]
+        return self.query("SELECT id, path, sha256 FROM images")
 
-    def row_by_path(self, path: str) -> ImageRow | None:
-        with self.session() as s:
-            return s.execute(select(ImageRow).where(ImageRow.path == path)).scalar_one_or_none()
+    def row_by_path(self, path: str) -> Row | None:
+        rows = self.query(f"SELECT {_COLS} FROM images WHERE path = :path", {"path": path})
+        if len(rows) > 1:  # a faces index has a row per face: face_rows
+            raise IndexError_(f"{self.where}: several rows for {path}")
+        return Row(rows[0]) if rows else None
+
+    def face_rows(self, ids: Iterable[int]) -> dict[int, Row]:
+        """Rows of a faces index by id, with their face number and box (retrieval/faces/search.py)."""
+        cols = ("id", "path", "face", "box", "vector", "sha256", "width", "height")
+        out: dict[int, Row] = {}
+        for part in chunks([int(i) for i in ids], 500):
+            where, params = _in("i", part)
+            for r in self.query(f"SELECT {', '.join(cols)} FROM images WHERE id IN {where}", params):
+                out[r[0]] = Row(r, cols)
+        return out
+
+    def files(self) -> list[FileRow]:
+        """(id, path, size, mtime_ns, sha256) of every row: what an indexing run plans against (indexer/plan.py)."""
+        return [FileRow(*r) for r in self.query("SELECT id, path, size, mtime_ns, sha256 FROM images")]
+
+    def page(self, offset: int, limit: int) -> tuple[int, list[tuple[int, str, str]]]:
+        """(how many rows, (id, path, sha256) of ``limit`` rows from ``offset`` in path order): the web app's list."""
+        rows = self.query("SELECT id, path, sha256 FROM images ORDER BY path, id LIMIT :limit OFFSET :offset",
+                          {"limit": int(limit), "offset": int(offset)})
+        return self.count(), rows
+
+    def embedding_sizes(self) -> list[tuple[int, str, int]]:
+        """(id, path, bytes of the stored embedding) of every row (``retrieve check``)."""
+        return self.query("SELECT id, path, length(vector) FROM images")
+
+    def skipped(self) -> dict[str, Skipped]:
+        """{path: (size, mtime_ns, reason)} of the files recorded as undecodable (or without a face)."""
+        return {p: Skipped(s, m, r) for p, s, m, r in self.query("SELECT path, size, mtime_ns, reason FROM skipped")}
+
+    def skipped_count(self) -> int:
+        return self.query("SELECT count(*) FROM skipped")[0][0] or 0
 
     def iter_vectors(self, chunk: int = 2048) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(ids, raw vectors) in chunks, in id order: streams, so memory does not grow with the index."""
-        with Session(self.engine) as s:
-            yield from paged_vectors(lambda last, n: s.execute(
-                select(ImageRow.id, ImageRow.vector).where(ImageRow.id > last).order_by(ImageRow.id).limit(n)).all(),
-                self.settings.dim, chunk)
+        last = -1
+        while True:
+            rows = self.query("SELECT id, vector FROM images WHERE id > :last ORDER BY id LIMIT :n",
+                              {"last": last, "n": chunk})
+            if not rows:
+                return
+            ids = np.fromiter((r[0] for r in rows), np.int64, len(rows))
+            last = int(ids[-1])
+            yield ids, as_vectors([r[1] for r in rows], self.settings.dim)
 
     def vectors_of(self, ids: Sequence[int], chunk: int = 1000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(ids, raw vectors) of the rows with these ids, in chunks."""
-        with Session(self.engine) as s:
-            yield from vectors_by_ids(lambda part: s.execute(
-                select(ImageRow.id, ImageRow.vector).where(ImageRow.id.in_(part))).all(), ids, chunk)
+        for part in chunks([int(i) for i in ids], chunk):
+            where, params = _in("i", part)
+            rows = self.query(f"SELECT id, vector FROM images WHERE id IN {where}", params)
+            if rows:
+                yield (np.fromiter((r[0] for r in rows), np.int64, len(rows)),
+                       as_vectors([r[1] for r in rows], self.settings.dim))
 
     def training_sample(self, m: int) -> np.ndarray:
         """At most ``m`` stored embeddings drawn at random (all of them when there are fewer)."""
-        with Session(self.engine) as s:
-            rows = s.execute(select(ImageRow.vector).order_by(func.random()).limit(m)).scalars().all()
+        rows = self.query("SELECT vector FROM images ORDER BY random() LIMIT :m", {"m": int(m)})
         if not rows:
             return np.zeros((0, self.settings.dim), np.float32)
-        return as_vectors(rows, self.settings.dim)
+        return as_vectors([r[0] for r in rows], self.settings.dim)
 
-    _training_sample = training_sample
+    def session(self):
+        """An ORM session on the rows (tests and benchmarks that write rows by hand; retrieve itself writes through
+        the methods below)."""
+        from sqlalchemy.orm import Session
+
+        return Session(self.engine, expire_on_commit=False)
+
+    # -- writing rows (one transaction each; the vector side follows through apply()) ---------------------------
+    def _begin(self):
+        if not self.writable:
+            raise IndexError_(f"{self.directory}: opened to read, not to write")
+        return self.engine.begin()
+
+    def insert_rows(self, values: list[dict], replace: Sequence[int] = ()) -> np.ndarray:
+        """Insert rows (dicts of the image columns, ``vector`` as float32 bytes; ``face``/``box`` for a faces index)
+        after deleting the rows ``replace`` and the skipped records of their paths, in one transaction: one DELETE,
+        one multi-row INSERT … RETURNING (SQLAlchemy's "insertmanyvalues": SQLite ≥ 3.35, psycopg 3) instead of a
+        round trip per row (bench/results/scale-db.md). Returns the new ids in the order of ``values``."""
+        from sqlalchemy import delete, insert
+
+        from retrieval.index.schema import ImageRow, SkippedRow
+
+        table, skipped = ImageRow.__table__, SkippedRow.__table__
+        replace = [int(i) for i in replace]
+        paths = sorted({v["path"] for v in values})
+        with self._begin() as c:
+            for part in chunks(replace, 500):
+                c.execute(delete(table).where(table.c.id.in_(part)))
+            for part in chunks(paths, 500):
+                c.execute(delete(skipped).where(skipped.c.path.in_(part)))
+            # RETURNING's row order is not promised (asking for it makes SQLAlchemy insert row by row on SQLite):
+            # each id is matched by its (path, face) instead, unique as in the table
+            got = {(p, f): i for i, p, f in c.execute(insert(table).returning(table.c.id, table.c.path, table.c.face),
+                                                      values)} if values else {}
+        return np.array([got[(v["path"], v.get("face"))] for v in values], np.int64)
+
+    def delete_rows(self, ids: Sequence[int]) -> None:
+        from sqlalchemy import delete
+
+        from retrieval.index.schema import ImageRow
+
+        table = ImageRow.__table__
+        with self._begin() as c:
+            for part in chunks([int(i) for i in ids], 500):
+                c.execute(delete(table).where(table.c.id.in_(part)))
+
+    def record_skip(self, path: str, size: int, mtime_ns: int, reason: str, replace: Sequence[int] = ()) -> None:
+        """Remember that ``path`` (this size and mtime) could not be indexed, and drop its rows ``replace``."""
+        from sqlalchemy import delete, insert
+
+        from retrieval.index.schema import ImageRow, SkippedRow
+
+        table, skipped = ImageRow.__table__, SkippedRow.__table__
+        with self._begin() as c:
+            for part in chunks([int(i) for i in replace], 500):
+                c.execute(delete(table).where(table.c.id.in_(part)))
+            c.execute(delete(skipped).where(skipped.c.path == path))
+            c.execute(insert(skipped), [{"path": path, "size": size, "mtime_ns": mtime_ns, "reason": reason}])
+
+    def update_file(self, row_id: int, path: str, size: int, mtime_ns: int, replace: Sequence[int] = ()) -> None:
+        """A row follows its file: a new path (moved) or only a new size and mtime (touched); ``replace``: the rows
+        at that path before, dropped in the same transaction."""
+        from sqlalchemy import delete, update
+
+        from retrieval.index.schema import ImageRow
+
+        table = ImageRow.__table__
+        with self._begin() as c:
+            for part in chunks([int(i) for i in replace], 500):
+                c.execute(delete(table).where(table.c.id.in_(part)))
+            c.execute(update(table).where(table.c.id == int(row_id)).values(path=path, size=size, mtime_ns=mtime_ns))
+
+    def set_vectors(self, ids: Sequence[int], vectors: np.ndarray) -> None:
+        """Replace the stored embeddings of rows ``ids`` (``retrieve check --repair`` re-embedding damaged ones)."""
+        from sqlalchemy import update
+
+        from retrieval.index.schema import ImageRow
+
+        table = ImageRow.__table__
+        with self._begin() as c:
+            for i, v in zip(ids, vectors):
+                c.execute(update(table).where(table.c.id == int(i)).values(vector=np.asarray(v, np.float32).tobytes()))
 
     def update_mean(self) -> np.ndarray:
         total = np.zeros(self.settings.dim, np.float64)
@@ -421,34 +668,43 @@ class IndexStore(VectorSpace):
         self.set_value("mean", [float(x) for x in mean])
         return mean
 
+    def mark_updated(self) -> None:
+        """The end of a run that changed the index: readers (the web app) load the new state."""
+        self.set_value("updated_at", time.time())
+
     # -- linear head ---------------------------------------------------------------------------
     def _arrays(self, names: list[str]) -> dict[str, np.ndarray]:
-        out = {}
+        where, params = _in("n", names)
         try:
-            with Session(self.engine) as s:
-                for r in s.execute(select(ArrayRow).where(ArrayRow.name.in_(names))).scalars():
-                    out[r.name] = np.frombuffer(r.data, np.float64).reshape(json.loads(r.shape))
-        except OperationalError:
-            pass  # schema 1: no arrays table yet
-        return out
+            rows = self.query(f"SELECT name, shape, data FROM arrays WHERE name IN {where}", params)
+        except Exception as e:  # noqa: BLE001  (schema 1: no arrays table yet)
+            if "arrays" not in str(e):
+                raise
+            return {}
+        return {name: np.frombuffer(data, np.float64).reshape(json.loads(shape)) for name, shape, data in rows}
 
     def fit_head(self) -> bool:
         """(Re)fit the configured head on the stored embeddings; the FAISS index must then be rebuilt.
 
         The vector file's fingerprint names the head it was built with, so a run killed between this
         commit and the rebuild leaves a file that the next open rebuilds rather than searches."""
+        from sqlalchemy import delete, insert
+
         from retrieval.index.head import fit_head
+        from retrieval.index.schema import ArrayRow, SettingRow
 
         if not self.settings.head:
             return False
         head = fit_head((v for _, v in self.iter_vectors()), self.settings.head)
-        with Session(self.engine) as s, s.begin():
-            s.execute(delete(ArrayRow).where(ArrayRow.name.in_(["head_mean", "head_proj"])))
+        arrays, settings = ArrayRow.__table__, SettingRow.__table__
+        with self._begin() as c:
+            c.execute(delete(arrays).where(arrays.c.name.in_(["head_mean", "head_proj"])))
             if head is not None:
-                for name, arr in (("head_mean", head.mean), ("head_proj", head.proj)):
-                    s.add(ArrayRow(name=name, shape=json.dumps(list(arr.shape)),
-                                   data=np.ascontiguousarray(arr, np.float64).tobytes()))
-                s.merge(SettingRow(key="head_fitted_on", value=json.dumps(head.fitted_on)))
+                c.execute(insert(arrays), [{"name": name, "shape": json.dumps(list(arr.shape)),
+                                            "data": np.ascontiguousarray(arr, np.float64).tobytes()}
+                                           for name, arr in (("head_mean", head.mean), ("head_proj", head.proj))])
+                c.execute(delete(settings).where(settings.c.key == "head_fitted_on"))
+                c.execute(insert(settings), [{"key": "head_fitted_on", "value": json.dumps(head.fitted_on)}])
         self._head = head
         return True
 
@@ -462,6 +718,7 @@ class IndexStore(VectorSpace):
             return n >= 32
         return n >= 2 * max(head.fitted_on, 1)
 
+    # -- vectors --------------------------------------------------------------------------------
     @property
     def _vectors(self):
         """The vector side of this index, made on first use: ``vectors.faiss`` (retrieval/index/vectors.py), or for
@@ -483,10 +740,6 @@ class IndexStore(VectorSpace):
         """Ids still in the FAISS index whose rows are gone (an HNSW graph between rebuilds): never results."""
         self._vectors.get()
         return self._vectors.removed
-
-    def add_vectors(self, index, ids: np.ndarray, raw: np.ndarray) -> None:
-        if len(ids):
-            index.add_with_ids(self.transform(raw), np.ascontiguousarray(ids, np.int64))
 
     def rebuild_faiss(self):
         """A fresh FAISS index from the rows (training types trained on the stored vectors when enough exist)."""
@@ -529,11 +782,12 @@ def _remove_empty(created: Sequence[Path] | None) -> None:
             break
 
 
-def _sqlite_pragmas(dbapi_conn, _record) -> None:
-    cur = dbapi_conn.cursor()
+def _sqlite_pragmas(conn) -> None:
+    """WAL (readers never wait for the writer), normal sync, and a busy timeout, on every SQLite connection."""
+    cur = conn.cursor()
     try:
         cur.execute("PRAGMA journal_mode=WAL")
-    except Exception:
+    except Exception:  # noqa: BLE001
         pass  # read-only directory: plain rollback journal reads still work
     cur.execute("PRAGMA synchronous=NORMAL")
     cur.execute("PRAGMA busy_timeout=10000")

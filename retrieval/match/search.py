@@ -13,7 +13,7 @@ from retrieval.errors import ImageError
 from retrieval.images import load_image
 
 if TYPE_CHECKING:  # a cached graph searches without torch (retrieval/models/runtime.py), a plain SQLite index without
-    from retrieval.models.backbone import Backbone  # SQLAlchemy (retrieval/index/litestore.py)
+    from retrieval.models.backbone import Backbone  # SQLAlchemy (retrieval/index/store.py)
     from retrieval.index.store import IndexStore
 
 HNSW_EF_SEARCH = 64  # with efConstruction 200: recall@10 0.998, p50 0.9 ms at 1 M vectors (bench/results)
