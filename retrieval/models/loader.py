@@ -14,9 +14,8 @@ from typing import TYPE_CHECKING
 
 from retrieval.errors import RetrieveError, SettingsMismatch
 
-if TYPE_CHECKING:  # torch is imported only when a backbone is built (``retrieve check`` does without it)
+if TYPE_CHECKING:  # torch is imported only when a network is built (``retrieve check`` does without it)
     from retrieval.models.backbone import Backbone
-    from retrieval.index.settings import IndexSettings
 
 TRUST_ENV = "RETRIEVE_TRUST_MODEL"
 _trusted = False
@@ -61,7 +60,7 @@ def apply_threads() -> None:
             torch.set_num_threads(int(threads))
 
 
-def backbone_for_settings(settings: IndexSettings, input_size: int | None = None, *,
+def backbone_for_settings(settings, input_size: int | None = None, *,
                           purpose: str = "search") -> Backbone:
     """The backbone an index was built with: the same model, weights and preprocessing (``input_size``: another
     input side, for the explanations). It runs the index's cached ONNX graphs without importing torch while they
@@ -94,7 +93,7 @@ def backbone_for_settings(settings: IndexSettings, input_size: int | None = None
     return bb
 
 
-def _network(settings: IndexSettings):
+def _network(settings):
     """The feature-map network an index records, its weights verified by hash before they are parsed."""
     from retrieval.models.loading import load_backbone
 
@@ -116,7 +115,7 @@ def _disabled(var: str) -> bool:
     return os.environ.get(var, "1").strip() in ("0", "false", "no", "off")
 
 
-def _manifest(settings: IndexSettings):
+def _manifest(settings):
     """The cached graphs' manifest of an index's backbone when it still holds (this retrieve, this torch, these
     network sources, the weights file with the recorded hash) and ONNX Runtime is installed; else None."""
     from retrieval.models.graphs import Background, Manifest
