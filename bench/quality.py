@@ -2,6 +2,7 @@
 
     python bench/quality.py [--datasets att_faces caltech101 instance] [--threads 2] [--quick]
     python bench/quality.py --centring --threads 1   # the general preset's ranking space: quality-centring.md
+    python bench/quality.py --sizes 10 20 35 50 100 200 500 --threads 1   # instance head vs size: quality-sizes.md
 
 Datasets (folder = class; every image queries all the others, exact search):
 - att_faces: ORL faces, 40 people × 10 photos (../shared/data/att_faces);
@@ -46,6 +47,10 @@ EMBEDDINGS = {  # name → index_paths settings
 DEEP = ("gap-224-squash", "gem-448-long")  # the two presets' embeddings: verify K = 60, 100 on the instance set
 MULTISCALE = {"gem-448+320-long": ("gem-448-long", "gem-320-long")}  # mean of the raw embeddings
 EXPLAIN_448 = dict(input_size=448, resize="squash", pooling="gap")  # the general preset's explain resolution
+SIZES_VARIANTS = ("(i) pca-whiten:128 shrink 0.1 fitted on the collection (today)",
+                  "(i') the same, fitted below MIN_FIT too", "(ii) no head", "(iii) centring on the collection's mean",
+                  "(iv) pca-whiten:128 shrink 1.0", "(iv') pca-whiten:128 shrink max(0.1, 128/n)",
+                  "(v) pca-whiten:128 fitted on 500 spare Caltech photos", "(vi) centring on the spare photos' mean")
 
 
 def warm_exports(folder: Path, settings: dict) -> None:
@@ -242,11 +247,15 @@ def main() -> None:
     ap.add_argument("--centring", action="store_true",
                     help="only the general preset's ranking space: plain cosine against cosine of x − μ, at 224 and "
                          "at the explain resolution (448 squashed); saves bench/results/quality-centring.md")
+    ap.add_argument("--sizes", type=int, nargs="+", default=None, metavar="N",
+                    help="only the instance head against the collection size: subsets of N images of the instance "
+                         "set (whole objects); saves bench/results/quality-sizes.md")
+    ap.add_argument("--draws", type=int, default=10, help="with --sizes: random subsets per size (one at the full set)")
     args = ap.parse_args()
-    if args.centring:
+    if args.centring or args.sizes:
         os.environ["RETRIEVE_THREADS"] = str(args.threads)  # the indexer's ONNX Runtime path reads it
         torch.set_num_threads(args.threads)
-        return centring_section(args)
+        return centring_section(args) if args.centring else sizes_section(args)
     if args.catalogue is not None:
         torch.set_num_threads(args.threads)
         return catalogue_section(args)
@@ -388,6 +397,123 @@ def centring_section(args) -> None:
     text += _common.table(["dataset", "images", "224 wall ms/img", "448 wall ms/img", "224 CPU ms/img",
                            "448 CPU ms/img", "448 / 224 (CPU)"], trows)
     _common.save(args.name if args.name != "quality" else "quality-centring", text)
+
+
+def sizes_section(args) -> None:
+    """The instance preset's head against the collection's size (issue 27, "small collections"): subsets of\n    whole objects of the instance set, global embedding only (no verification)."""
+    import shutil
+
+    from retrieval import head as head_module
+    from instance_set import build, spare
+
+    src = _common.shared_dataset("caltech101")
+    if src is None:
+        return
+    folder = build(src, _common.ROOT / "bench" / ".cache" / "instance")
+    ext_dir = _common.ROOT / "bench" / ".cache" / "spare"
+    photos = spare(src)
+    if not ext_dir.is_dir() or sum(1 for _ in ext_dir.rglob("*.jpg")) != len(photos):
+        shutil.rmtree(ext_dir, ignore_errors=True)
+        for p in photos:
+            (ext_dir / p.parent.name).mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(p, ext_dir / p.parent.name / p.name)
+    st = dict(EMBEDDINGS["gem-448-long"], workers=args.threads)
+    load0 = os.getloadavg()
+    warm_exports(folder, st)
+    vecs, labels, paths, _ = labelled_embeddings(folder, st)
+    warm_exports(ext_dir, st)
+    ext = labelled_embeddings(ext_dir, st)[0]
+    is_ref = np.array([Path(p).stem == "ref" for p in paths])
+    cfg = parse_head("pca-whiten:128")
+    dim = cfg["dim"]
+    ext_head, ext_mean = fit_head([ext], cfg), ext.astype(np.float64).mean(0)
+    objects = np.unique(labels)
+    per = len(labels) // len(objects)
+    res: dict = {}  # (n, variant) → list of per-draw dicts
+    for n in args.sizes:
+        k = max(1, n // per)
+        full = k >= len(objects)
+        rng = np.random.default_rng(n)
+        for _ in range(1 if full else args.draws):
+            pick = objects if full else rng.choice(objects, k, replace=False)
+            m = np.isin(labels, pick)
+            x, lab, ref = vecs[m].astype(np.float64), labels[m], is_ref[m]
+            forced = None
+            if len(x) < head_module.MIN_FIT:
+                old, head_module.MIN_FIT = head_module.MIN_FIT, 2
+                try:
+                    forced = fit_head([x], cfg)
+                finally:
+                    head_module.MIN_FIT = old
+            variants = {SIZES_VARIANTS[0]: fit_head([x], cfg), SIZES_VARIANTS[1]: forced,
+                        SIZES_VARIANTS[2]: None, SIZES_VARIANTS[3]: x.mean(0),
+                        SIZES_VARIANTS[4]: fit_head([x], cfg, shrink=1.0),
+                        SIZES_VARIANTS[5]: fit_head([x], cfg, shrink=max(0.1, dim / len(x))),
+                        SIZES_VARIANTS[6]: ext_head, SIZES_VARIANTS[7]: ext_mean}
+            for vname, h in variants.items():
+                if vname == SIZES_VARIANTS[1] and forced is None:
+                    continue
+                z = x - h if isinstance(h, np.ndarray) else (h.apply(x) if h is not None else x)
+                q = per_query(ranking(z, "cosine"), lab, ref)
+                sc = score_stats(cosine_scores(z), lab)
+                res.setdefault((len(x), vname), []).append(dict(
+                    {k2: float(np.nanmean(v)) for k2, v in q.items()}, q=q, labels=lab,
+                    dims=(h.dim if h is not None and not isinstance(h, np.ndarray) else "-"),
+                    top1=float(np.median(sc["top1"])), true=float(np.median(sc["true"])),
+                    unrelated=float(np.median(sc["unrelated"])), neg=float(np.mean(sc["top1"] <= 0))))
+            print(f"n {len(x)}: draw {len(res[(len(x), SIZES_VARIANTS[2])])}", flush=True)
+
+    def ms(vals: list[float], boot=None) -> str:
+        if len(vals) > 1:
+            return f"{np.mean(vals):.3f} ± {np.std(vals, ddof=1):.3f}"
+        return f"{vals[0]:.3f}" + (f" ± {np.std(boot):.3f}" if boot is not None else "")
+
+    rows, drows = [], []
+    for (n, vname), ds in res.items():
+        one = ds if len(ds) > 1 else None
+        cells = []
+        for key in ("R@1", "mAP@10", "photo→ref R@1"):
+            boot = None if one else cluster_bootstrap(ds[0]["q"][key], ds[0]["labels"])
+            cells.append(ms([d[key] for d in ds], boot))
+        rows.append([n, len(ds), vname, ds[0]["dims"] if len({str(d["dims"]) for d in ds}) == 1 else "varies"] + cells
+                    + [f"{np.mean([d[k] for d in ds]):+.3f}" for k in ("top1", "true", "unrelated")]
+                    + [f"{np.mean([d['neg'] for d in ds]):.2f}"])
+        cells = []
+        for key in ("R@1", "mAP@10"):
+            for ref_v in (SIZES_VARIANTS[0], SIZES_VARIANTS[2], SIZES_VARIANTS[3]):
+                base = res[(n, ref_v)]
+                diffs = [d[key] - b[key] for d, b in zip(ds, base)]
+                if vname == ref_v:
+                    cells.append("-")
+                elif len(diffs) > 1:
+                    cells.append(f"{np.mean(diffs):+.3f} ± {np.std(diffs, ddof=1) / np.sqrt(len(diffs)):.3f}")
+                else:
+                    boot = cluster_bootstrap(ds[0]["q"][key] - base[0]["q"][key], ds[0]["labels"])
+                    cells.append(f"{diffs[0]:+.3f} ± {np.std(boot):.3f}")
+        drows.append([n, vname.split(")")[0] + ")"] + cells)
+    load = tuple(round(a, 1) for a in load0[:1] + os.getloadavg()[:1])
+    text = ("# The instance head against the collection's size\n\n"
+            f"`python bench/quality.py --sizes {' '.join(map(str, args.sizes))} --draws {args.draws} --threads "
+            f"{args.threads}` · efficientnet_lite0, 448 px long side, GeM p = 3 (the instance preset's embedding), "
+            f"{args.threads} thread(s) · load average {load[0]} → {load[1]} · instance set {len(labels)} images "
+            f"({len(objects)} objects × {per}: 1 reference + {per - 1} synthetic phone photos); spare sample "
+            f"{len(ext)} Caltech-101 photos of the same 100 categories used neither as an object nor as a "
+            "background (bench/instance_set.py `spare`). Global embedding only, no geometric verification.\n\n"
+            f"Each size n: n / {per} objects drawn at random (whole objects), {args.draws} draws (1 at the full set); "
+            "every image queries the other n − 1. Cells: mean ± sd over the draws (at the full set: ± the sd from "
+            "resampling its objects, 2000 draws). Head dims: min(128, n − 1); '-' = no head. "
+            f"(i) is what `--preset instance` does: below retrieval.head.MIN_FIT = {head_module.MIN_FIT} vectors it "
+            "fits no head (= (ii)); (i') fits there anyway, to show the trend. Scores: the mean over the draws "
+            "of the median rank-1 score (top-1), of the median score of each query's best relevant item (true "
+            "match) and of the median score of pairs of different objects (unrelated); top-1 ≤ 0: the share "
+            "of queries whose rank-1 score is zero or negative.\n\n")
+    text += _common.table(["n", "draws", "ranking", "head dims", "R@1", "mAP@10", "photo→ref R@1", "top-1 score",
+                           "true match", "unrelated", "top-1 ≤ 0"], rows)
+    text += ("\n\n## Paired differences\n\nThe same subsets ranked two ways: mean difference ± its standard error "
+             "over the draws (at the full set: ± the sd from resampling the objects).\n\n")
+    text += _common.table(["n", "ranking", "ΔR@1 vs (i)", "ΔR@1 vs (ii)", "ΔR@1 vs (iii)", "ΔmAP@10 vs (i)",
+                           "ΔmAP@10 vs (ii)", "ΔmAP@10 vs (iii)"], drows)
+    _common.save(args.name if args.name != "quality" else "quality-sizes", text)
 
 
 HEADERS = ["dataset", "embedding", "metric", "head", "QE", "DBA", "verify K", "R@1", "mAP@R", "mAP@10",
