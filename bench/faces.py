@@ -18,6 +18,7 @@ Side by side in one run (bench/results/faces.md):
    and L2 similarity. And the indexing speed with HOG detection (faces/s, whole pipeline).
 
     python bench/faces.py [--groups 60] [--seed 0] [--real deepface/tests/unit/dataset] [--sets orl,groups,real]
+    python bench/faces.py --metric [--real DIR] --threads 1   # L2 / cosine / centred cosine: faces-metric.md
 """
 from __future__ import annotations
 
@@ -92,7 +93,8 @@ def orl(root: Path, finder, face_bb, gen_bb, progress) -> dict:
     gv = gen_bb.embed_images(imgs)
     gen_s = time.perf_counter() - t0
     gd = cosine_dist(gv, gv)
-    out = {"n": len(imgs), "no_face": len(imgs) - len(ok), "face_s": face_s, "gen_s": gen_s}
+    out = {"n": len(imgs), "no_face": len(imgs) - len(ok), "face_s": face_s, "gen_s": gen_s, "labels": labels,
+           "vecs": [fv[list(ok).index(k)][None] if k in ok else np.zeros((0, fv.shape[1])) for k in range(len(imgs))]}
     for name, d, valid in (("faces", fd, set(ok.tolist())), ("general", gd, set(range(len(imgs))))):
         rows, rels = [], []
         for q in range(len(imgs)):
@@ -299,7 +301,118 @@ def real(root: Path, finder, face_bb, gen_bb, progress) -> dict:
             "multi": sum(1 for f in faces if len(f) > 1), "notes": notes,
             "min_side": min(min(d) for d in dims), "max_side": max(max(d) for d in dims),
             "chance": float(np.mean([r.mean() for r in rels])), "face_s": face_s, "gen_s": gen_s,
+            "vecs": vecs, "labels": labels, "query_ids": queries,
             "faces_m": ranks_metrics(fd_rows, rels), "general": ranks_metrics(gd_rows, rels), "pairs": pairs}
+
+
+# -- the faces preset's metric: L2 against cosine, plain or centred ----------------------------------------
+METRICS = ("L2 (today)", "cosine", "cosine of x − μ")
+
+
+def photo_distances(vecs: list[np.ndarray], q: int, metric: str, mu: np.ndarray) -> np.ndarray:
+    """Distance (lower = better) from photo ``q``'s first face to every photo's nearest face (inf: no face)."""
+    qv = vecs[q][0]
+    out = np.full(len(vecs), np.inf)
+    for i, v in enumerate(vecs):
+        if not len(v):
+            continue
+        if metric == METRICS[0]:
+            out[i] = np.linalg.norm(v - qv, axis=1).min()
+        else:
+            a, b = (v - mu, qv - mu) if metric == METRICS[2] else (v, qv)
+            out[i] = 1 - (a @ b / (np.linalg.norm(a, axis=1) * np.linalg.norm(b))).max()
+    return out
+
+
+def pair_auc(dist: np.ndarray, same: np.ndarray) -> float:
+    """Probability that a same-person pair is closer than a different-person pair (ties count half)."""
+    from scipy.stats import rankdata
+
+    r = rankdata(-dist)
+    n1, n0 = same.sum(), (~same).sum()
+    return float((r[same].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+
+def metric_rows(set_name: str, vecs: list[np.ndarray], labels: np.ndarray, queries: list[int]) -> tuple[list, list]:
+    """R@1, mAP, pair AUC per metric, and how far each one's rankings are from L2's, leave-one-out over
+    ``queries`` (a photo without a face: a miss, as ranks_metrics counts it)."""
+    allv = np.concatenate([v for v in vecs if len(v)])
+    mu = allv.mean(0)
+    orders, rows = {}, []
+    for metric in METRICS:
+        d_rows, rels, order, dists, sames = [], [], {}, [], []
+        for q in queries:
+            mask = np.arange(len(vecs)) != q
+            rel = (labels == labels[q])[mask]
+            rels.append(rel)
+            if not len(vecs[q]):
+                d_rows.append(None)
+                continue
+            d = photo_distances(vecs, q, metric, mu)[mask]
+            d_rows.append(d)
+            order[q] = np.argsort(d, kind="stable")
+            fin = np.isfinite(d)
+            dists.append(d[fin])
+            sames.append(rel[fin])
+        orders[metric] = order
+        r1, mean_ap = ranks_metrics(d_rows, rels)
+        dd, ss = np.concatenate(dists), np.concatenate(sames)
+        sim = (lambda d: d) if metric == METRICS[0] else (lambda d: 1 - d)  # cosines shown as similarities
+        row = [set_name, metric, f"{r1:.4f}", f"{mean_ap:.4f}", f"{pair_auc(dd, ss):.4f}",
+               f"{np.median(sim(dd[ss])):.3f} / {np.median(sim(dd[~ss])):.3f}",
+               f"{(dd[ss] < 0.6).mean():.3f} / {(dd[~ss] >= 0.6).mean():.3f}" if metric == METRICS[0] else "-"]
+        if metric != METRICS[0]:
+            base = orders[METRICS[0]]
+            top1 = [q for q in order if order[q][0] != base[q][0]]
+            rel_of = {q: (labels == labels[q])[np.arange(len(vecs)) != q] for q in order}
+            fixed = sum(1 for q in top1 if rel_of[q][order[q][0]] and not rel_of[q][base[q][0]])
+            broke = sum(1 for q in top1 if not rel_of[q][order[q][0]] and rel_of[q][base[q][0]])
+            top10 = sum(1 for q in order if set(order[q][:10]) != set(base[q][:10]))
+            same = sum(1 for q in order if np.array_equal(order[q], base[q]))
+            row += [f"{len(top1)} ({fixed} now right, {broke} now wrong)", top10, f"{same}/{len(order)}"]
+        else:
+            row += ["-", "-", "-"]
+        rows.append(row)
+    norms = np.linalg.norm(allv, axis=1)
+    centred = np.linalg.norm(allv - mu, axis=1)
+    nrows = [[set_name, len(allv), f"{norms.mean():.3f}", f"{norms.min():.3f}", f"{norms.max():.3f}",
+              f"{norms.std() / norms.mean():.3f}", f"{np.linalg.norm(mu):.3f}", f"{centred.mean():.3f}"]]
+    return rows, nrows
+
+
+def metric_report(args, o: dict | None, rl: dict | None, load: tuple) -> None:
+    rows, nrows = [], []
+    if o:
+        r, n = metric_rows("ORL (400 photos, 40 people, leave-one-out)", o["vecs"], o["labels"], list(range(o["n"])))
+        rows, nrows = rows + r, nrows + n
+    if rl:
+        r, n = metric_rows(f"real photos: deepface's test set ({rl['files']} photos, {rl['queries']} queries)",
+                           rl["vecs"], rl["labels"], rl["query_ids"])
+        rows, nrows = rows + r, nrows + n
+    cmd = "python bench/faces.py --metric" + (" --real DIR" if args.real else "") + f" --threads {args.threads}"
+    text = ("# The faces preset's metric: L2 (today), cosine, or cosine of descriptors centred on the collection\n\n"
+            f"`{cmd}` · torch threads {args.threads} · load average {load[0]:.1f} → {load[1]:.1f} (2 cores, shared "
+            "machine) · dlib HOG detection, 5-point alignment, dlib's face ResNet through the PyTorch port "
+            "(the faces preset's pipeline as bench/faces.py runs it); a photo ranks by its nearest face; the "
+            "query is the photo's first face. μ: the mean of every face descriptor of that collection. Sets as in "
+            "bench/results/faces.md (ORL: every photo queries the other 399; real photos: every labelled photo "
+            "queries the rest, 2 group photos as distractors; DIR: `tests/unit/dataset` of serengil/deepface).\n\n"
+            "median same / different person: the median L2 distance (L2) or cosine (the others) of the same-person and "
+            "the different-person pairs. pair AUC: over every (query, gallery photo) pair, the probability that a same-person pair is closer "
+            "than a different-person pair (how well one threshold could separate them). Top-1 changed: queries "
+            "whose rank-1 photo differs from L2's. Top-10 changed: queries whose top-10 set differs. Ranking "
+            "identical: queries whose whole ranking equals L2's. At dlib's 0.6 (the preset's same-person "
+            "threshold, retrieval/face_search.py): the share of same-person pairs closer than 0.6 and of "
+            "different-person pairs at 0.6 or more (L2 only: the cosines have no documented threshold). L2 "
+            "distances are the same for x and x − μ: L2 is already centred.\n\n")
+    text += _common.table(["set", "metric", "R@1", "mAP", "pair AUC", "median same / different person",
+                           "at dlib's 0.6: same < / different ≥",
+                           "top-1 changed vs L2", "top-10 changed", "ranking identical"], rows)
+    text += ("\n\n## Descriptor norms\n\n‖x‖ of every face descriptor: mean, min, max, coefficient of variation "
+             "(sd / mean); ‖μ‖; mean ‖x − μ‖. For unit-norm descriptors L2 and cosine rank identically "
+             "(‖a − b‖² = 2 − 2 cos); the spread of the norms is what can make them differ.\n\n")
+    text += _common.table(["set", "faces", "mean ‖x‖", "min", "max", "sd/mean", "‖μ‖", "mean ‖x − μ‖"], nrows)
+    _common.save("faces-metric", text)
 
 
 # -- where the maps fall: face box, eyes/nose/mouth ------------------------------------------------------
@@ -467,6 +580,9 @@ def main() -> None:
                          "varied face set row")
     ap.add_argument("--sets", default="orl,groups,real",
                     help="which sets to run (comma-separated; anything short of all three saves faces-partial.md)")
+    ap.add_argument("--metric", action="store_true",
+                    help="only the metric table (L2, cosine, centred cosine) on ORL (and --real): "
+                         "bench/results/faces-metric.md")
     args = ap.parse_args()
     import tempfile
 
@@ -496,6 +612,11 @@ def main() -> None:
 
     finder = FaceFinder("hog")
     face_bb, gen_bb = load_backbone(), general_backbone()
+    if args.metric:
+        load0 = os.getloadavg()
+        o = orl(orl_root, finder, face_bb, gen_bb, progress) if "orl" in sets else None
+        rl = real(args.real, finder, face_bb, gen_bb, progress) if "real" in sets else None
+        return metric_report(args, o, rl, (load0[0], os.getloadavg()[0]))
     gc = grad_cam_package()
     load0 = os.getloadavg()
     o = orl(orl_root, finder, face_bb, gen_bb, progress) if "orl" in sets else None
