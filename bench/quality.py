@@ -328,7 +328,10 @@ def _command(args, extra: str) -> str:
 
 
 def centring_section(args) -> None:
-    """The general preset's ranking space (issue 27, "one number"): today it ranks by the plain cosine of\n    224 px GAP embeddings, while its maps decompose the cosine of x − μ at 448 px (squashed, μ the\n    collection's mean there). R@1, mAP@R, mAP@10 (photo→ref R@1 on the instance set), the scores' spread,\n    and the embedding time per image at each size, through the real indexing path."""
+    """The general preset's ranking space (issue 27, "one number"): today it ranks by the plain cosine of
+    224 px GAP embeddings, while its maps decompose the cosine of x − μ at 448 px (squashed, μ the
+    collection's mean there). R@1, mAP@R, mAP@10 (photo→ref R@1 on the instance set), the scores' spread,
+    and the embedding time per image at each size, through the real indexing path."""
     folders = dataset_folders(args.datasets)
     if not folders:
         return
@@ -400,11 +403,13 @@ def centring_section(args) -> None:
 
 
 def sizes_section(args) -> None:
-    """The instance preset's head against the collection's size (issue 27, "small collections"): subsets of\n    whole objects of the instance set, global embedding only (no verification)."""
+    """The instance preset's head against the collection's size (issue 27, "small collections"): subsets of
+    whole objects of the instance set, global embedding only (no verification)."""
     import shutil
 
-    from retrieval import head as head_module
     from instance_set import build, spare
+
+    from retrieval import head as head_module
 
     src = _common.shared_dataset("caltech101")
     if src is None:
