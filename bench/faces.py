@@ -19,6 +19,7 @@ Side by side in one run (bench/results/faces.md):
 
     python bench/faces.py [--groups 60] [--seed 0] [--real deepface/tests/unit/dataset] [--sets orl,groups,real]
     python bench/faces.py --metric [--real DIR] --threads 1   # L2 / cosine / centred cosine: faces-metric.md
+    python bench/faces.py --metric --fixed-mean --real DIR --threads 1   # + a fixed mean μ_f, cross-set (same file)
 """
 from __future__ import annotations
 
@@ -380,7 +381,7 @@ def metric_rows(set_name: str, vecs: list[np.ndarray], labels: np.ndarray, queri
     return rows, nrows
 
 
-def metric_report(args, o: dict | None, rl: dict | None, load: tuple) -> None:
+def metric_report(args, o: dict | None, rl: dict | None, load: tuple, save: bool = True) -> str:
     rows, nrows = [], []
     if o:
         r, n = metric_rows("ORL (400 photos, 40 people, leave-one-out)", o["vecs"], o["labels"], list(range(o["n"])))
@@ -389,7 +390,8 @@ def metric_report(args, o: dict | None, rl: dict | None, load: tuple) -> None:
         r, n = metric_rows(f"real photos: deepface's test set ({rl['files']} photos, {rl['queries']} queries)",
                            rl["vecs"], rl["labels"], rl["query_ids"])
         rows, nrows = rows + r, nrows + n
-    cmd = "python bench/faces.py --metric" + (" --real DIR" if args.real else "") + f" --threads {args.threads}"
+    cmd = ("python bench/faces.py --metric" + (" --fixed-mean" if getattr(args, "fixed_mean", False) else "")
+           + (" --real DIR" if args.real else "") + f" --threads {args.threads}")
     text = ("# The faces preset's metric: L2 (today), cosine, or cosine of descriptors centred on the collection\n\n"
             f"`{cmd}` · torch threads {args.threads} · load average {load[0]:.1f} → {load[1]:.1f} (2 cores, shared "
             "machine) · dlib HOG detection, 5-point alignment, dlib's face ResNet through the PyTorch port "
@@ -412,7 +414,56 @@ def metric_report(args, o: dict | None, rl: dict | None, load: tuple) -> None:
              "(sd / mean); ‖μ‖; mean ‖x − μ‖. For unit-norm descriptors L2 and cosine rank identically "
              "(‖a − b‖² = 2 − 2 cos); the spread of the norms is what can make them differ.\n\n")
     text += _common.table(["set", "faces", "mean ‖x‖", "min", "max", "sd/mean", "‖μ‖", "mean ‖x − μ‖"], nrows)
-    _common.save("faces-metric", text)
+    if save:
+        _common.save("faces-metric", text)
+    return text
+
+
+class _NoGeneral:
+    """Stands in for the general preset's backbone where only face descriptors are wanted (--metric,
+    --fixed-mean): orl() and real() embed the whole photos too, for a column those reports do not show."""
+
+    def embed_images(self, imgs) -> np.ndarray:
+        return np.ones((len(imgs), 1), np.float32)
+
+
+def descriptor_sets(args, sets: set, orl_root: Path, finder, progress) -> tuple[dict | None, dict | None]:
+    """The face descriptors of ORL and of the real photos (what metric_report and fixed_mean_report read),
+    computed by orl()/real() or read back from ``--descriptors FILE.npz`` (written there when absent)."""
+    cache = args.descriptors
+    if cache is not None and cache.is_file():
+        z = np.load(cache, allow_pickle=False)
+
+        def unpack(tag: str) -> list[np.ndarray]:
+            flat, counts = z[f"{tag}_vecs"], z[f"{tag}_counts"]
+            return np.split(flat, np.cumsum(counts)[:-1])
+
+        o = rl = None
+        if "orl" in sets and "orl_vecs" in z:
+            o = {"n": int(len(z["orl_counts"])), "vecs": unpack("orl"), "labels": z["orl_labels"]}
+        if "real" in sets and "real_vecs" in z:
+            rl = {"files": int(len(z["real_counts"])), "vecs": unpack("real"), "labels": z["real_labels"],
+                  "query_ids": [int(q) for q in z["real_queries"]]}
+            rl["queries"] = len(rl["query_ids"])
+        print(f"descriptors read from {cache}", file=sys.stderr)
+        return o, rl
+    from retrieval.dlib_face import load_backbone
+
+    face_bb, gen = load_backbone(), _NoGeneral()
+    o = orl(orl_root, finder, face_bb, gen, progress) if "orl" in sets else None
+    rl = real(args.real, finder, face_bb, gen, progress) if "real" in sets and args.real else None
+    if cache is not None:
+        out = {}
+        for tag, d in (("orl", o), ("real", rl)):
+            if d is None:
+                continue
+            out[f"{tag}_vecs"] = np.concatenate([v.reshape(-1, 128) for v in d["vecs"]])
+            out[f"{tag}_counts"] = np.array([len(v) for v in d["vecs"]])
+            out[f"{tag}_labels"] = np.asarray(d["labels"])
+            if tag == "real":
+                out["real_queries"] = np.array(d["query_ids"])
+        np.savez(cache, **out)
+    return o, rl
 
 
 # -- where the maps fall: face box, eyes/nose/mouth ------------------------------------------------------
@@ -583,6 +634,13 @@ def main() -> None:
     ap.add_argument("--metric", action="store_true",
                     help="only the metric table (L2, cosine, centred cosine) on ORL (and --real): "
                          "bench/results/faces-metric.md")
+    ap.add_argument("--fixed-mean", action="store_true",
+                    help="the metric table and, after it, the cross-set study of a fixed population mean μ_f "
+                         "(ranking, same-person threshold, small collections) on ORL and --real: "
+                         "bench/results/faces-metric.md and faces-mu.json")
+    ap.add_argument("--descriptors", type=Path, default=None, metavar="FILE.npz",
+                    help="with --metric/--fixed-mean: reuse the face descriptors saved in FILE (computed and "
+                         "saved there when absent); only the descriptors are kept, every number is recomputed")
     args = ap.parse_args()
     import tempfile
 
@@ -611,12 +669,20 @@ def main() -> None:
             print(f"\r{msg}   ", end="", file=sys.stderr, flush=True)
 
     finder = FaceFinder("hog")
-    face_bb, gen_bb = load_backbone(), general_backbone()
-    if args.metric:
+    if args.metric or args.fixed_mean:
         load0 = os.getloadavg()
-        o = orl(orl_root, finder, face_bb, gen_bb, progress) if "orl" in sets else None
-        rl = real(args.real, finder, face_bb, gen_bb, progress) if "real" in sets else None
-        return metric_report(args, o, rl, (load0[0], os.getloadavg()[0]))
+        o, rl = descriptor_sets(args, sets, orl_root, finder, progress)
+        if tty:
+            print(file=sys.stderr)
+        load = (load0[0], os.getloadavg()[0])
+        text = metric_report(args, o, rl, load, save=not args.fixed_mean)
+        if args.fixed_mean:
+            if o is None or rl is None:
+                raise SystemExit("--fixed-mean needs both sets (ORL and --real DIR): each one's mean is applied "
+                                 "to the other")
+            fixed_mean_report(args, o, rl, load, text)
+        return
+    face_bb, gen_bb = load_backbone(), general_backbone()
     gc = grad_cam_package()
     load0 = os.getloadavg()
     o = orl(orl_root, finder, face_bb, gen_bb, progress) if "orl" in sets else None
