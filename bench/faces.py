@@ -18,6 +18,8 @@ Side by side in one run (bench/results/faces.md):
    and L2 similarity. And the indexing speed with HOG detection (faces/s, whole pipeline).
 
     python bench/faces.py [--groups 60] [--seed 0] [--real deepface/tests/unit/dataset] [--sets orl,groups,real]
+    python bench/faces.py --metric [--real DIR] --threads 1   # L2 / cosine / centred cosine: faces-metric.md
+    python bench/faces.py --metric --fixed-mean --real DIR --threads 1   # + a fixed mean μ_f, cross-set (same file)
 """
 from __future__ import annotations
 
@@ -92,7 +94,8 @@ def orl(root: Path, finder, face_bb, gen_bb, progress) -> dict:
     gv = gen_bb.embed_images(imgs)
     gen_s = time.perf_counter() - t0
     gd = cosine_dist(gv, gv)
-    out = {"n": len(imgs), "no_face": len(imgs) - len(ok), "face_s": face_s, "gen_s": gen_s}
+    out = {"n": len(imgs), "no_face": len(imgs) - len(ok), "face_s": face_s, "gen_s": gen_s, "labels": labels,
+           "vecs": [fv[list(ok).index(k)][None] if k in ok else np.zeros((0, fv.shape[1])) for k in range(len(imgs))]}
     for name, d, valid in (("faces", fd, set(ok.tolist())), ("general", gd, set(range(len(imgs))))):
         rows, rels = [], []
         for q in range(len(imgs)):
@@ -299,7 +302,643 @@ def real(root: Path, finder, face_bb, gen_bb, progress) -> dict:
             "multi": sum(1 for f in faces if len(f) > 1), "notes": notes,
             "min_side": min(min(d) for d in dims), "max_side": max(max(d) for d in dims),
             "chance": float(np.mean([r.mean() for r in rels])), "face_s": face_s, "gen_s": gen_s,
+            "vecs": vecs, "labels": labels, "query_ids": queries,
             "faces_m": ranks_metrics(fd_rows, rels), "general": ranks_metrics(gd_rows, rels), "pairs": pairs}
+
+
+# -- the faces preset's metric: L2 against cosine, plain or centred ----------------------------------------
+METRICS = ("L2 (today)", "cosine", "cosine of x − μ")
+
+
+def photo_distances(vecs: list[np.ndarray], q: int, metric: str, mu: np.ndarray) -> np.ndarray:
+    """Distance (lower = better) from photo ``q``'s first face to every photo's nearest face (inf: no face)."""
+    qv = vecs[q][0]
+    out = np.full(len(vecs), np.inf)
+    for i, v in enumerate(vecs):
+        if not len(v):
+            continue
+        if metric == METRICS[0]:
+            out[i] = np.linalg.norm(v - qv, axis=1).min()
+        else:
+            a, b = (v - mu, qv - mu) if metric == METRICS[2] else (v, qv)
+            out[i] = 1 - (a @ b / (np.linalg.norm(a, axis=1) * np.linalg.norm(b))).max()
+    return out
+
+
+def pair_auc(dist: np.ndarray, same: np.ndarray) -> float:
+    """Probability that a same-person pair is closer than a different-person pair (ties count half)."""
+    from scipy.stats import rankdata
+
+    r = rankdata(-dist)
+    n1, n0 = same.sum(), (~same).sum()
+    return float((r[same].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+
+def metric_rows(set_name: str, vecs: list[np.ndarray], labels: np.ndarray, queries: list[int]) -> tuple[list, list]:
+    """R@1, mAP, pair AUC per metric, and how far each one's rankings are from L2's, leave-one-out over
+    ``queries`` (a photo without a face: a miss, as ranks_metrics counts it)."""
+    allv = np.concatenate([v for v in vecs if len(v)])
+    mu = allv.mean(0)
+    orders, rows = {}, []
+    for metric in METRICS:
+        d_rows, rels, order, dists, sames = [], [], {}, [], []
+        for q in queries:
+            mask = np.arange(len(vecs)) != q
+            rel = (labels == labels[q])[mask]
+            rels.append(rel)
+            if not len(vecs[q]):
+                d_rows.append(None)
+                continue
+            d = photo_distances(vecs, q, metric, mu)[mask]
+            d_rows.append(d)
+            order[q] = np.argsort(d, kind="stable")
+            fin = np.isfinite(d)
+            dists.append(d[fin])
+            sames.append(rel[fin])
+        orders[metric] = order
+        r1, mean_ap = ranks_metrics(d_rows, rels)
+        dd, ss = np.concatenate(dists), np.concatenate(sames)
+        sim = (lambda d: d) if metric == METRICS[0] else (lambda d: 1 - d)  # cosines shown as similarities
+        row = [set_name, metric, f"{r1:.4f}", f"{mean_ap:.4f}", f"{pair_auc(dd, ss):.4f}",
+               f"{np.median(sim(dd[ss])):.3f} / {np.median(sim(dd[~ss])):.3f}",
+               f"{(dd[ss] < 0.6).mean():.3f} / {(dd[~ss] >= 0.6).mean():.3f}" if metric == METRICS[0] else "-"]
+        if metric != METRICS[0]:
+            base = orders[METRICS[0]]
+            top1 = [q for q in order if order[q][0] != base[q][0]]
+            rel_of = {q: (labels == labels[q])[np.arange(len(vecs)) != q] for q in order}
+            fixed = sum(1 for q in top1 if rel_of[q][order[q][0]] and not rel_of[q][base[q][0]])
+            broke = sum(1 for q in top1 if not rel_of[q][order[q][0]] and rel_of[q][base[q][0]])
+            top10 = sum(1 for q in order if set(order[q][:10]) != set(base[q][:10]))
+            same = sum(1 for q in order if np.array_equal(order[q], base[q]))
+            row += [f"{len(top1)} ({fixed} now right, {broke} now wrong)", top10, f"{same}/{len(order)}"]
+        else:
+            row += ["-", "-", "-"]
+        rows.append(row)
+    norms = np.linalg.norm(allv, axis=1)
+    centred = np.linalg.norm(allv - mu, axis=1)
+    nrows = [[set_name, len(allv), f"{norms.mean():.3f}", f"{norms.min():.3f}", f"{norms.max():.3f}",
+              f"{norms.std() / norms.mean():.3f}", f"{np.linalg.norm(mu):.3f}", f"{centred.mean():.3f}"]]
+    return rows, nrows
+
+
+def metric_report(args, o: dict | None, rl: dict | None, load: tuple, save: bool = True) -> str:
+    rows, nrows = [], []
+    if o:
+        r, n = metric_rows("ORL (400 photos, 40 people, leave-one-out)", o["vecs"], o["labels"], list(range(o["n"])))
+        rows, nrows = rows + r, nrows + n
+    if rl:
+        r, n = metric_rows(f"real photos: deepface's test set ({rl['files']} photos, {rl['queries']} queries)",
+                           rl["vecs"], rl["labels"], rl["query_ids"])
+        rows, nrows = rows + r, nrows + n
+    cmd = ("python bench/faces.py --metric" + (" --fixed-mean" if getattr(args, "fixed_mean", False) else "")
+           + (" --real DIR" if args.real else "") + f" --threads {args.threads}")
+    text = ("# The faces preset's metric: L2 (today), cosine, or cosine of descriptors centred on the collection\n\n"
+            f"`{cmd}` · torch threads {args.threads} · load average {load[0]:.1f} → {load[1]:.1f} (2 cores, shared "
+            "machine) · dlib HOG detection, 5-point alignment, dlib's face ResNet through the PyTorch port "
+            "(the faces preset's pipeline as bench/faces.py runs it); a photo ranks by its nearest face; the "
+            "query is the photo's first face. μ: the mean of every face descriptor of that collection. Sets as in "
+            "bench/results/faces.md (ORL: every photo queries the other 399; real photos: every labelled photo "
+            "queries the rest, 2 group photos as distractors; DIR: `tests/unit/dataset` of serengil/deepface).\n\n"
+            "median same / different person: the median L2 distance (L2) or cosine (the others) of the same-person and "
+            "the different-person pairs. pair AUC: over every (query, gallery photo) pair, the probability that a same-person pair is closer "
+            "than a different-person pair (how well one threshold could separate them). Top-1 changed: queries "
+            "whose rank-1 photo differs from L2's. Top-10 changed: queries whose top-10 set differs. Ranking "
+            "identical: queries whose whole ranking equals L2's. At dlib's 0.6 (the preset's same-person "
+            "threshold, retrieval/face_search.py): the share of same-person pairs closer than 0.6 and of "
+            "different-person pairs at 0.6 or more (L2 only: the cosines have no documented threshold). L2 "
+            "distances are the same for x and x − μ: L2 is already centred.\n\n")
+    text += _common.table(["set", "metric", "R@1", "mAP", "pair AUC", "median same / different person",
+                           "at dlib's 0.6: same < / different ≥",
+                           "top-1 changed vs L2", "top-10 changed", "ranking identical"], rows)
+    text += ("\n\n## Descriptor norms\n\n‖x‖ of every face descriptor: mean, min, max, coefficient of variation "
+             "(sd / mean); ‖μ‖; mean ‖x − μ‖. For unit-norm descriptors L2 and cosine rank identically "
+             "(‖a − b‖² = 2 − 2 cos); the spread of the norms is what can make them differ.\n\n")
+    text += _common.table(["set", "faces", "mean ‖x‖", "min", "max", "sd/mean", "‖μ‖", "mean ‖x − μ‖"], nrows)
+    if save:
+        _common.save("faces-metric", text)
+    return text
+
+
+class _NoGeneral:
+    """Stands in for the general preset's backbone where only face descriptors are wanted (--metric,
+    --fixed-mean): orl() and real() embed the whole photos too, for a column those reports do not show."""
+
+    def embed_images(self, imgs) -> np.ndarray:
+        return np.ones((len(imgs), 1), np.float32)
+
+
+def descriptor_sets(args, sets: set, orl_root: Path, finder, progress) -> tuple[dict | None, dict | None]:
+    """The face descriptors of ORL and of the real photos (what metric_report and fixed_mean_report read),
+    computed by orl()/real() or read back from ``--descriptors FILE.npz`` (written there when absent)."""
+    cache = args.descriptors
+    if cache is not None and cache.is_file():
+        z = np.load(cache, allow_pickle=False)
+
+        def unpack(tag: str) -> list[np.ndarray]:
+            flat, counts = z[f"{tag}_vecs"], z[f"{tag}_counts"]
+            return np.split(flat, np.cumsum(counts)[:-1])
+
+        o = rl = None
+        if "orl" in sets and "orl_vecs" in z:
+            o = {"n": int(len(z["orl_counts"])), "vecs": unpack("orl"), "labels": z["orl_labels"]}
+        if "real" in sets and "real_vecs" in z:
+            rl = {"files": int(len(z["real_counts"])), "vecs": unpack("real"), "labels": z["real_labels"],
+                  "query_ids": [int(q) for q in z["real_queries"]]}
+            rl["queries"] = len(rl["query_ids"])
+        print(f"descriptors read from {cache}", file=sys.stderr)
+        return o, rl
+    from retrieval.dlib_face import load_backbone
+
+    face_bb, gen = load_backbone(), _NoGeneral()
+    o = orl(orl_root, finder, face_bb, gen, progress) if "orl" in sets else None
+    rl = real(args.real, finder, face_bb, gen, progress) if "real" in sets and args.real else None
+    if cache is not None:
+        out = {}
+        for tag, d in (("orl", o), ("real", rl)):
+            if d is None:
+                continue
+            out[f"{tag}_vecs"] = np.concatenate([v.reshape(-1, 128) for v in d["vecs"]])
+            out[f"{tag}_counts"] = np.array([len(v) for v in d["vecs"]])
+            out[f"{tag}_labels"] = np.asarray(d["labels"])
+            if tag == "real":
+                out["real_queries"] = np.array(d["query_ids"])
+        np.savez(cache, **out)
+    return o, rl
+
+
+# -- a fixed population mean μ_f, cross-set (--fixed-mean) ---------------------------------------------------
+# Cosine of descriptors centred on a reference μ decomposes exactly into channel terms (SFAM's CIS):
+# CIS_k = (q−μ)_k (r−μ)_k / (‖q−μ‖‖r−μ‖). The question: which μ. A collection's own mean moves with the collection
+# (two faces: −1 for every pair); a fixed μ_f shipped with the preset does not. Each set's μ is applied to the other
+# set, and thresholds are chosen on one set and reported on the other: nothing is tuned on what it reports.
+BOOT = 2000  # identity-bootstrap draws for the intervals
+
+
+class FaceSet:
+    """One set's descriptors: ``vecs`` per photo (k × 128, k ≥ 0 faces, the first the largest), identity labels
+    (−1: a distractor, never relevant), the query photos."""
+
+    def __init__(self, name: str, short: str, vecs: list[np.ndarray], labels, queries: list[int]):
+        self.name, self.short = name, short
+        self.vecs = [np.asarray(v, np.float64).reshape(-1, 128) for v in vecs]
+        self.labels = np.asarray(labels)
+        self.queries = list(queries)
+        self.n = len(self.vecs)
+        self.F = np.concatenate([v for v in self.vecs if len(v)])
+        self.owner = np.concatenate([np.full(len(v), i) for i, v in enumerate(self.vecs)]).astype(int)
+        self.mu = self.F.mean(0)
+        # verification pairs: the first face of every labelled photo, every unordered pair of two of them
+        self.vidx = [i for i in range(self.n) if self.labels[i] >= 0 and len(self.vecs[i])]
+        self.X = np.array([self.vecs[i][0] for i in self.vidx])
+        self.xl = self.labels[self.vidx]
+        self.iu = np.triu_indices(len(self.vidx), 1)
+        self.same = (self.xl[:, None] == self.xl[None])[self.iu]
+
+
+def face_sim(qv: np.ndarray, F: np.ndarray, kind: str, mu) -> np.ndarray:
+    """Similarity (higher = closer) of ``qv`` to each row of ``F``: ``l2`` −‖q − r‖; ``cos`` cosine of q − μ and
+    r − μ (μ None: plain cosine); ``dot`` (q − μ)·(r − μ) = ½(‖q−μ‖² + ‖r−μ‖² − ‖q−r‖²), the L2-implied similarity
+    SFAM's spec decomposes for an L2 model (what the faces maps explain today, μ the index's mean)."""
+    if kind == "l2":
+        return -np.linalg.norm(F - qv, axis=1)
+    a, b = (F, qv) if mu is None else (F - mu, qv - mu)
+    if kind == "dot":
+        return a @ b
+    return a @ b / (np.linalg.norm(a, axis=1) * np.linalg.norm(b))
+
+
+def photo_sims(S: FaceSet, q: int, kind: str, mu) -> np.ndarray:
+    """Every photo's similarity to photo ``q``'s first face: its closest face's (−inf: no face)."""
+    out = np.full(S.n, -np.inf)
+    np.maximum.at(out, S.owner, face_sim(S.vecs[q][0], S.F, kind, mu))
+    return out
+
+
+def pair_sims(X: np.ndarray, iu, kind: str, mu) -> np.ndarray:
+    """Similarity of every unordered pair (``iu``) of the rows of ``X``."""
+    if kind == "l2":
+        return -np.linalg.norm(X[:, None] - X[None], axis=-1)[iu]
+    a = X if mu is None else X - mu
+    g = a @ a.T
+    if kind == "cos":
+        n = np.sqrt(np.diag(g))
+        g = g / np.outer(n, n)
+    return g[iu]
+
+
+def per_query(S: FaceSet, kind: str, mu) -> dict:
+    """Leave-one-out over S.queries: per query its ranking (photo indices of the others, best first), relevance
+    in that order, rank-1 hit, average precision; a query photo without a face: a miss (R@1 0, AP 0)."""
+    out = {"r1": [], "ap": [], "order": [], "hits": [], "sims": []}
+    for q in S.queries:
+        others = np.flatnonzero(np.arange(S.n) != q)
+        rel = S.labels[others] == S.labels[q]
+        if not len(S.vecs[q]):
+            out["r1"].append(0.0), out["ap"].append(0.0), out["order"].append(None)
+            out["hits"].append(None), out["sims"].append(None)
+            continue
+        sim = photo_sims(S, q, kind, mu)[others]
+        order = np.argsort(-sim, kind="stable")
+        hits = rel[order]
+        prec = np.cumsum(hits) / np.arange(1, len(hits) + 1)
+        out["r1"].append(float(hits[0]))
+        out["ap"].append(float((prec * hits).sum() / max(hits.sum(), 1)))
+        out["order"].append(others[order])
+        out["hits"].append(hits)
+        out["sims"].append(sim[order])
+    out["r1"], out["ap"] = np.array(out["r1"]), np.array(out["ap"])
+    return out
+
+
+def boot_diff(S: FaceSet, diff: np.ndarray, rng: np.random.Generator) -> tuple[float, float]:
+    """95 % interval of the mean of a per-query difference, resampling identities (a person's queries together)."""
+    ids = S.labels[S.queries]
+    uniq = np.unique(ids)
+    pos = {u: i for i, u in enumerate(uniq)}
+    col = np.array([pos[i] for i in ids])
+    means = []
+    for _ in range(BOOT):
+        w = np.bincount(rng.integers(0, len(uniq), len(uniq)), minlength=len(uniq))[col]
+        means.append((w * diff).sum() / w.sum())
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def fm_ranking(B: FaceSet, A: FaceSet, mu_pool: np.ndarray, rng) -> list[list]:
+    """Ranking quality on B, each μ named by where it comes from."""
+    specs = [("L2 (today)", "l2", None),
+             ("cosine (plain, μ = 0)", "cos", None),
+             ("cosine centred on B's own mean", "cos", B.mu),
+             (f"cosine centred on μ_f = {A.short}'s mean (cross-set)", "cos", A.mu),
+             ("cosine centred on μ_pool = both sets' means averaged (includes B)", "cos", mu_pool),
+             ("centred dot (q−μ)·(r−μ), μ = B's own mean (the maps' number today)", "dot", B.mu),
+             (f"centred dot (q−μ)·(r−μ), μ = {A.short}'s mean", "dot", A.mu)]
+    base = per_query(B, "l2", None)
+    rows = []
+    for label, kind, mu in specs:
+        m = base if kind == "l2" else per_query(B, kind, mu)
+        if kind == "l2":
+            d_r1 = d_ap = top1 = "-"
+        else:
+            lo, hi = boot_diff(B, m["r1"] - base["r1"], rng)
+            d_r1 = f"{(m['r1'] - base['r1']).mean():+.4f} [{lo:+.4f}, {hi:+.4f}]"
+            lo, hi = boot_diff(B, m["ap"] - base["ap"], rng)
+            d_ap = f"{(m['ap'] - base['ap']).mean():+.4f} [{lo:+.4f}, {hi:+.4f}]"
+            ch = [i for i, (a, b) in enumerate(zip(m["order"], base["order"])) if a is not None and a[0] != b[0]]
+            top1 = (f"{len(ch)} ({sum(1 for i in ch if m['r1'][i] > base['r1'][i])} now right, "
+                    f"{sum(1 for i in ch if m['r1'][i] < base['r1'][i])} now wrong)")
+        rows.append([B.name, label.replace("B's", f"{B.short}'s").replace("(includes B)", f"(includes {B.short})"),
+                     f"{m['r1'].mean():.4f}", f"{m['ap'].mean():.4f}", d_r1, d_ap, top1])
+    return rows
+
+
+def fm_stability(O: FaceSet, R: FaceSet, rng) -> tuple[list[list], list[list]]:
+    """How far apart the two sets' means are, against how far faces lie from a mean; and how far a mean of n
+    faces drawn from a set lies from that set's full mean (the own-mean of a collection of n faces)."""
+    d = O.mu - R.mu
+    cos = float(O.mu @ R.mu / (np.linalg.norm(O.mu) * np.linalg.norm(R.mu)))
+    rows = [["cosine between the two means", f"{cos:.4f}"],
+            [f"‖μ_{O.short}‖ / ‖μ_{R.short}‖", f"{np.linalg.norm(O.mu):.3f} / {np.linalg.norm(R.mu):.3f}"],
+            [f"‖μ_{O.short} − μ_{R.short}‖", f"{np.linalg.norm(d):.3f}"]]
+    for S, T in ((O, R), (R, O)):
+        own = np.linalg.norm(S.F - S.mu, axis=1)
+        other = np.linalg.norm(S.F - T.mu, axis=1)
+        turn = np.einsum("ij,ij->i", S.F - S.mu, S.F - T.mu) / (own * other)
+        rows += [[f"{S.short}: mean ‖x − μ_own‖ / mean ‖x − μ_{T.short}‖", f"{own.mean():.3f} / {other.mean():.3f}"],
+                 [f"{S.short}: ‖μ_{O.short} − μ_{R.short}‖ / mean ‖x − μ_own‖", f"{np.linalg.norm(d) / own.mean():.2f}"],
+                 [f"{S.short}: cosine of x − μ_own and x − μ_{T.short}, median [min]",
+                  f"{np.median(turn):.3f} [{turn.min():.3f}]"]]
+    srows = []
+    for n in (2, 5, 10, 20, 50, 100):
+        row = [n]
+        for S in (O, R):
+            if n >= len(S.F):
+                row.append("-")
+                continue
+            dist = [np.linalg.norm(S.F[rng.choice(len(S.F), n, replace=False)].mean(0) - S.mu) for _ in range(500)]
+            row.append(f"{np.mean(dist):.3f}")
+        srows.append(row)
+    return rows, srows
+
+
+def threshold_at(sim_same, sim_diff, far=None, frr=None) -> float:
+    """A threshold t (same person iff similarity ≥ t) giving the nearest achievable false-accept rate ``far``
+    (share of different-person pairs ≥ t) or false-reject rate ``frr`` (same-person pairs < t), or, with neither,
+    the equal-error point (|FAR − FRR| smallest, then FAR + FRR); t halfway between two neighbouring scores."""
+    if far is not None:
+        v = np.sort(sim_diff)[::-1]
+        k = int(round(far * len(v)))
+        return float(v[0] + 1e-9) if k == 0 else float((v[k - 1] + v[k]) / 2) if k < len(v) else float(v[-1])
+    if frr is not None:
+        v = np.sort(sim_same)
+        k = int(round(frr * len(v)))
+        return float(v[0]) if k == 0 else float((v[k - 1] + v[k]) / 2) if k < len(v) else float(v[-1] + 1e-9)
+    cand = np.unique(np.concatenate([sim_same, sim_diff]))
+    cand = np.concatenate([[cand[0] - 1e-9], (cand[1:] + cand[:-1]) / 2, [cand[-1] + 1e-9]])
+    fa = np.array([(sim_diff >= t).mean() for t in cand])
+    fr = np.array([(sim_same < t).mean() for t in cand])
+    best = np.lexsort((fa + fr, np.abs(fa - fr)))[0]
+    return float(cand[best])
+
+
+def rates(sims: np.ndarray, same: np.ndarray, t: float) -> tuple[str, str]:
+    """FAR and FRR at t as 'share (count/of)'."""
+    fa, nd = int((sims[~same] >= t).sum()), int((~same).sum())
+    fr, ns = int((sims[same] < t).sum()), int(same.sum())
+    return f"{fa / nd:.4f} ({fa}/{nd})", f"{fr / ns:.4f} ({fr}/{ns})"
+
+
+def fm_thresholds(A: FaceSet, B: FaceSet, mu_pool: np.ndarray) -> tuple[list[list], dict]:
+    """Thresholds chosen on A and reported on B. Strict: μ = A's mean on both (nothing of B used). Pooled: μ = the
+    average of both sets' means on both (B's descriptors enter μ, B's labels nothing)."""
+    l2a, l2b = pair_sims(A.X, A.iu, "l2", None), pair_sims(B.X, B.iu, "l2", None)
+    far_a = float((l2a[~A.same] >= -0.6).mean())
+    frr_a = float((l2a[A.same] < -0.6).mean())
+    l2_eer = threshold_at(l2a[A.same], l2a[~A.same])
+    what = f"chosen on {A.short} → reported on {B.short}"
+    rows = [[what, "-", "L2 < 0.6 (dlib's, chosen on neither)", "0.6", *rates(l2a, A.same, -0.6),
+             *rates(l2b, B.same, -0.6)],
+            [what, "-", f"L2 at {A.short}'s equal-error point", f"{-l2_eer:.3f}", *rates(l2a, A.same, l2_eer),
+             *rates(l2b, B.same, l2_eer)]]
+    chosen = {}
+    for tag, mu, mu_label in (("strict", A.mu, f"μ_{A.short} (strict)"),
+                              ("pooled", mu_pool, f"μ_pool (includes {B.short}'s descriptors)")):
+        ca, cb = pair_sims(A.X, A.iu, "cos", mu), pair_sims(B.X, B.iu, "cos", mu)
+        chosen[tag] = {"far": threshold_at(ca[A.same], ca[~A.same], far=far_a),
+                       "frr": threshold_at(ca[A.same], ca[~A.same], frr=frr_a),
+                       "eer": threshold_at(ca[A.same], ca[~A.same])}
+        for key, label in (("far", "FAR of L2 < 0.6"), ("frr", "FRR of L2 < 0.6"), ("eer", "equal error")):
+            t = chosen[tag][key]
+            rows.append([what, mu_label, f"centred cosine ≥ t, t matching {A.short}'s {label}", f"{t:.3f}",
+                         *rates(ca, A.same, t), *rates(cb, B.same, t)])
+    return rows, chosen
+
+
+def fm_sweep(B: FaceSet, A: FaceSet, t: float) -> list[list]:
+    """On B, μ moved from B's own mean towards (and past) A's: μ = μ_B + α(μ_A − μ_B). How the scores, the best
+    threshold and the fixed threshold ``t``'s error rates move with ‖μ − μ_B‖ (α = 1.5: extrapolated, no real set)."""
+    gap = np.linalg.norm(A.mu - B.mu)
+    rows = []
+    for alpha in (0.0, 0.25, 0.5, 0.75, 1.0, 1.5):
+        mu = B.mu + alpha * (A.mu - B.mu)
+        c = pair_sims(B.X, B.iu, "cos", mu)
+        te = threshold_at(c[B.same], c[~B.same])
+        fa, fr = rates(c, B.same, t)
+        rows.append([B.short, f"{alpha:g}" + (" (μ_pool)" if alpha == 0.5 else f" (μ_{A.short})" if alpha == 1 else
+                                              " (own mean)" if alpha == 0 else " (extrapolated)" if alpha > 1 else ""),
+                     f"{alpha * gap:.2f}", f"{np.median(c[B.same]):.3f}", f"{np.median(c[~B.same]):.3f}",
+                     f"{te:.3f}", fa, fr])
+    l2 = pair_sims(B.X, B.iu, "l2", None)
+    rows.append([B.short, "L2 < 0.6 (no μ)", "any", "-", "-", "-", *rates(l2, B.same, -0.6)])
+    return rows
+
+
+def inversions(words: np.ndarray, k: int) -> tuple[bool, bool, int]:
+    """In the first k of a ranking whose words are ``words`` (True = "same person"): rank 1 "different" with a
+    "same" below it; any "different" above a "same"; how many such (i < j) pairs."""
+    v = np.asarray(words[:k], bool)
+    below_same = np.cumsum(v[::-1])[::-1]  # "same" words at or below each rank
+    n_inv = int(below_same[~v].sum())
+    return bool(not v[0] and v.any()), n_inv > 0, n_inv
+
+
+def fm_consistency(B: FaceSet, mu: np.ndarray, t: float, k: int = 10) -> tuple[list[list], list[list]]:
+    """Rank by one number and word the verdict by another: how often the words contradict the order (a
+    "different" above a "same" within the first k), and how often the two verdicts disagree on a pair."""
+    spec = {"L2": ("l2", None, -0.6), "centred cosine": ("cos", mu, t)}
+    rankings = {name: per_query(B, kind, m) for name, (kind, m, _) in spec.items()}
+    rows = []
+    for rank_by, verdict_by in (("L2", "L2"), ("centred cosine", "centred cosine"), ("centred cosine", "L2"),
+                                ("L2", "centred cosine")):
+        kind, m, thr = spec[verdict_by]
+        r1_diff = anyinv = total = n = 0
+        for q, order in zip(B.queries, rankings[rank_by]["order"]):
+            if order is None:
+                continue
+            n += 1
+            a, b, c = inversions(photo_sims(B, q, kind, m)[order] >= thr, k)
+            r1_diff, anyinv, total = r1_diff + a, anyinv + b, total + c
+        rows.append([f"rank by {rank_by}, words by {verdict_by}", f"{r1_diff}/{n}", f"{anyinv}/{n}", total])
+    both = l2_only = cos_only = tot = 0  # every (query, other photo with a face) pair
+    has_face = np.array([len(v) > 0 for v in B.vecs])
+    for q in B.queries:
+        if not len(B.vecs[q]):
+            continue
+        mask = (np.arange(B.n) != q) & has_face
+        sl = photo_sims(B, q, "l2", None)[mask] >= -0.6
+        sc = photo_sims(B, q, "cos", mu)[mask] >= t
+        tot += len(sl)
+        both += int((sl & sc).sum())
+        l2_only += int((sl & ~sc).sum())
+        cos_only += int((~sl & sc).sum())
+    return rows, [tot, both, l2_only, cos_only, f"{(l2_only + cos_only) / tot:.4f}"]
+
+
+def fm_small(B: FaceSet, scores: list[tuple], rng, draws: int = 1000) -> list[list]:
+    """Collections of 2 and 5 faces drawn from B (first faces of labelled photos). "with a true pair": the query,
+    one other photo of the same person, and (5 faces) 3 photos of 3 other people; "no true pair": 2 or 5 different
+    people. The query is one of the collection's faces (an indexed photo searched against the rest). ``scores``:
+    (label, kind, μ or "own", same-person threshold); L2's threshold is a distance."""
+    X, lab = B.X, B.xl
+    by = {u: np.flatnonzero(lab == u) for u in np.unique(lab)}
+    multi = [u for u, ix in by.items() if len(ix) >= 2]
+    people = list(by)
+    rows = []
+    for size in (2, 5):
+        colls = {"true": [], "none": []}
+        for _ in range(draws):
+            u = multi[rng.integers(len(multi))]
+            qi, ti = rng.choice(by[u], 2, replace=False)
+            others = rng.choice([p for p in people if p != u], size - 2, replace=False)
+            colls["true"].append([qi, ti] + [rng.choice(by[p]) for p in others])
+            colls["none"].append([rng.choice(by[p]) for p in rng.choice(people, size, replace=False)])
+        for label, kind, mu, thr in scores:
+            true, diff, r1, wrong_t, wrong_n = [], [], [], [], []
+            for case, cl in colls.items():
+                for coll in cl:
+                    C = X[coll]
+                    s = face_sim(C[0], C[1:], kind, C.mean(0) if isinstance(mu, str) else mu)
+                    same = (-s < thr) if kind == "l2" else (s >= thr)
+                    if case == "true":
+                        true.append(s[0])
+                        diff += list(s[1:])
+                        r1.append(float(np.argmax(s) == 0))
+                        wrong_t.append(float(not same[0] or same[1:].any()))
+                    else:
+                        diff += list(s)
+                        wrong_n.append(float(same.any()))
+            sign = -1 if kind == "l2" else 1
+
+            def dist(x):
+                x = sign * np.asarray(x)
+                return f"{np.median(x):.3f} [{np.percentile(x, 5):.3f}, {np.percentile(x, 95):.3f}]"
+
+            rows.append([B.short, size, label, dist(true), dist(diff), f"{np.mean(r1):.3f}" if size > 2 else "-",
+                         f"{np.mean(wrong_t):.3f}", f"{np.mean(wrong_n):.3f}"])
+    return rows
+
+
+def fm_candidate(O: FaceSet, R: FaceSet, t: float, chosen: dict, path: Path, cmd: str) -> np.ndarray:
+    """μ_f to ship: the two sets' means averaged (each set weighs the same; ORL alone has 400 of the 468 faces)."""
+    import json
+
+    mu = (O.mu + R.mu) / 2
+    path.write_text(json.dumps({
+        "what": "candidate fixed reference mean μ_f for the faces preset's score: the centred cosine "
+                "cos(q − μ_f, r − μ_f) of two dlib face descriptors (128-d); same person iff ≥ threshold",
+        "how": f"the average of two set means, each the mean of every face descriptor of that set: ORL "
+               f"({len(O.F)} faces, 40 people, grayscale 92×112 studio photos) and deepface's tests/unit/dataset "
+               f"({len(R.F)} faces in {R.n} photos, 13 public figures + 2 group photos); dlib HOG detection, "
+               f"5-point alignment, 150 px chip with 0.25 padding, dlib_face_recognition_resnet_model_v1 through "
+               f"the project's PyTorch port (retrieval/dlib_face.py); float64 mean, rounded to 7 decimals",
+        "command": cmd,
+        "results": "bench/results/faces-metric.md (section: A fixed reference mean μ_f)",
+        "threshold": t,
+        "threshold_how": "the mean of the two equal-error thresholds chosen with this μ_f on one set each "
+                         "(ORL {:.3f}, real {:.3f}), rounded to 0.01".format(chosen["on ORL"]["pooled"]["eer"],
+                                                                           chosen["on real"]["pooled"]["eer"]),
+        "norm": round(float(np.linalg.norm(mu)), 6),
+        "set_means_cosine": round(float(O.mu @ R.mu / np.linalg.norm(O.mu) / np.linalg.norm(R.mu)), 6),
+        "set_means_distance": round(float(np.linalg.norm(O.mu - R.mu)), 6),
+        "mu": [round(float(x), 7) for x in mu],
+    }, indent=1, ensure_ascii=False) + "\n")
+    return mu
+
+
+def fixed_mean_report(args, o: dict, rl: dict, load: tuple, head: str) -> None:
+    rng = np.random.default_rng(args.seed)
+    O = FaceSet("ORL (400 photos, 40 people, leave-one-out)", "ORL", o["vecs"], o["labels"], list(range(o["n"])))
+    R = FaceSet(f"real photos: deepface's test set ({rl['files']} photos, {rl['queries']} queries)", "real",
+                rl["vecs"], rl["labels"], rl["query_ids"])
+    mu_pool = (O.mu + R.mu) / 2
+    rank_rows = fm_ranking(O, R, mu_pool, rng) + fm_ranking(R, O, mu_pool, rng)
+    stab, sub = fm_stability(O, R, rng)
+    t_rows, chosen = [], {}
+    for A, B in ((O, R), (R, O)):
+        rows, c = fm_thresholds(A, B, mu_pool)
+        t_rows += rows
+        chosen[f"on {A.short}"] = c
+    t_cand = round((chosen["on ORL"]["pooled"]["eer"] + chosen["on real"]["pooled"]["eer"]) / 2, 2)
+    cand_rows = []
+    for S in (O, R):
+        c = pair_sims(S.X, S.iu, "cos", mu_pool)
+        cand_rows.append([S.short, f"centred cosine (μ_pool) ≥ {t_cand:.2f}", *rates(c, S.same, t_cand)])
+        cand_rows.append([S.short, "L2 < 0.6 (today)", *rates(pair_sims(S.X, S.iu, "l2", None), S.same, -0.6)])
+    sweep = fm_sweep(O, R, t_cand) + fm_sweep(R, O, t_cand)
+    cons, prows, small = [], [], []
+    for A, B in ((R, O), (O, R)):  # reported on B
+        t_strict = chosen[f"on {A.short}"]["strict"]["eer"]
+        for cfg, mu, t in ((f"strict: μ_{A.short}, t = {t_strict:.3f} ({A.short}'s equal error)", A.mu, t_strict),
+                           (f"candidate: μ_pool, t = {t_cand:.2f}", mu_pool, t_cand)):
+            c, p = fm_consistency(B, mu, t)
+            cons += [[B.short, cfg, *r] for r in c]
+            prows.append([B.short, cfg, *p])
+        small += fm_small(B, [(f"centred cosine, μ_{A.short} fixed (strict), ≥ {t_strict:.3f}", "cos", A.mu, t_strict),
+                              (f"centred cosine, μ_pool fixed (candidate), ≥ {t_cand:.2f}", "cos", mu_pool, t_cand),
+                              (f"centred cosine, the collection's own mean, ≥ {t_cand:.2f}", "cos", "own", t_cand),
+                              ("L2 distance, < 0.6 (today)", "l2", None, 0.6)], rng)
+    cmd = f"python bench/faces.py --metric --fixed-mean --real DIR --threads {args.threads} --seed {args.seed}"
+    fm_candidate(O, R, t_cand, chosen, _common.RESULTS / "faces-mu.json", cmd)
+    text = head + "\n\n" + FM_TEXT.format(cmd=cmd, boot=BOOT, no=len(O.F), nr=len(R.F), so=int(O.same.sum()),
+                                           do=int((~O.same).sum()), sr=int(R.same.sum()), dr=int((~R.same).sum()),
+                                           vr=len(R.vidx), l0=load[0], l1=load[1])
+    text += "\n\n### 1. Ranking\n\n" + FM_RANK + "\n\n" + _common.table(
+        ["set", "ranked by", "R@1", "mAP", "ΔR@1 vs L2 [95 %]", "ΔmAP vs L2 [95 %]", "top-1 changed vs L2"], rank_rows)
+    text += "\n\n### How stable is μ_f\n\n" + FM_STAB + "\n\n" + _common.table(["what", "value"], stab)
+    text += "\n\n" + FM_SUB + "\n\n" + _common.table(
+        ["faces in the collection", "ORL: mean ‖μ_n − μ_ORL‖", "real: mean ‖μ_n − μ_real‖"], sub)
+    text += "\n\n### 2. A same-person threshold for the centred cosine\n\n" + FM_THR + "\n\n" + _common.table(
+        ["protocol", "μ", "verdict", "threshold", "FAR where chosen", "FRR where chosen", "FAR where reported",
+         "FRR where reported"], t_rows)
+    text += "\n\n" + FM_SWEEP.format(t=t_cand) + "\n\n" + _common.table(
+        ["set", "α", "‖μ − μ_own‖", "median same", "median different", "equal-error t there",
+         f"FAR at t = {t_cand:.2f}", f"FRR at t = {t_cand:.2f}"], sweep)
+    text += "\n\n" + FM_CAND_T.format(t=t_cand, to=chosen["on ORL"]["pooled"]["eer"],
+                                      tr=chosen["on real"]["pooled"]["eer"]) + "\n\n" + _common.table(
+        ["set", "verdict", "FAR", "FRR"], cand_rows)
+    text += "\n\n" + FM_CONS + "\n\n" + _common.table(
+        ["set", "μ and t", "ranking / words", "rank 1 \"different\", a \"same\" below it (top 10)",
+         "queries with any \"different\" above a \"same\" (top 10)", "such (i < j) pairs"], cons)
+    text += "\n\n" + FM_PAIRS + "\n\n" + _common.table(
+        ["set", "μ and t", "(query, photo) pairs", "same by both", "same by L2 only", "same by cosine only",
+         "verdicts differ"], prows)
+    text += "\n\n### 3. Small collections\n\n" + FM_SMALL + "\n\n" + _common.table(
+        ["set", "faces", "score", "true pair: median [5 %, 95 %]", "different pairs: median [5 %, 95 %]", "R@1",
+         "wrong word, with a true pair", "wrong word, no true pair"], small)
+    text += "\n\n" + FM_CAND
+    _common.save("faces-metric", text)
+
+
+FM_TEXT = """## A fixed reference mean μ_f (cross-set)
+
+`{cmd}` · torch threads 1 (RETRIEVE_THREADS=1 OMP_NUM_THREADS=1) · load average {l0:.1f} → {l1:.1f} · the same
+descriptors as the tables above (ORL: {no} faces; real photos: {nr} faces). Cosine of descriptors centred on a
+reference μ decomposes exactly into per-channel terms, CIS_k = (q−μ)_k (r−μ)_k / (‖q−μ‖ ‖r−μ‖), Σ_k CIS_k = the
+score; L2 (and d²) decomposes only into terms −(q_k − r_k)² ≤ 0. Which μ: the collection's own mean moves with the
+collection; a fixed μ_f would ship with the preset. Protocol: each set's mean is applied to the other set, and
+thresholds are chosen on one set and reported on the other. Rows that do not follow it say so: the own-mean rows,
+and μ_pool (the average of both sets' means: the reported set's descriptors enter it, its labels never), given
+because a shipped μ_f would sit between populations, not on one. Intervals: 95 % bootstrap over identities
+({boot} draws; a person's queries resampled together), paired against L2 on the same queries. Verification pairs
+(§2, §3): the first (largest) face of every labelled photo with a face, every unordered pair of two of them (ORL:
+{so} same-person / {do} different-person pairs; real photos: {vr} faces, {sr} / {dr}; the 2 group photos are left
+out there, their people unknown)."""
+
+FM_RANK = """Leave-one-out as in the first table (a photo ranks by its closest face to the query's first face).
+Rows: L2 (today); plain cosine; cosine centred on the set's own mean (the collection's, as in the first table);
+centred on μ_f = the other set's mean (the strict cross-set number); centred on μ_pool (the candidate saved in
+faces-mu.json; includes the reported set's descriptors); and the centred dot product (q−μ)·(r−μ) =
+½(‖q−μ‖² + ‖r−μ‖² − d²), the number the faces maps decompose today (SFAM spec, metric l2, μ the index's mean),
+ranked by directly. One query of 400 is 0.0025 of R@1 on ORL, one of 61 is 0.0164 on the real photos."""
+
+FM_STAB = """The two sets are as different as face photos get here (ORL: 40 mostly young people, grayscale 92×112
+studio photos; real: colour photos of 13 public figures, 7 to 1000+ px, varied pose and light). "cosine of
+x − μ_own and x − μ_other": for every face, how far its centred direction turns when centred on the other set's
+mean instead of its own (1 = not at all)."""
+
+FM_SUB = """A collection's own mean from n faces (drawn at random from one set, 500 draws): its mean distance from
+that set's full mean. Compare with ‖μ_ORL − μ_real‖ above (and with 0.16, μ_pool's distance from each set's mean):
+below the size where these rows fall under it, a collection's own mean is a worse estimate of its population's
+mean than the fixed one."""
+
+FM_THR = """Same person iff similarity ≥ t (L2: iff d < t). Chosen on one set, then applied unchanged, with the same
+μ, to the other. μ strict: the choosing set's own mean (nothing of the reported set used); μ_pool: both means
+averaged. "FAR of L2 < 0.6": t such that the centred cosine falsely accepts as many different-person pairs of the
+choosing set as dlib's 0.6 does there; "FRR": as many same-person pairs rejected; "equal error": FAR = FRR on the
+choosing set. For comparison: dlib's 0.6 (chosen on LFW, on neither set) and L2 at the choosing set's own
+equal-error point, transferred the same way."""
+
+FM_SWEEP = """Why the strict rows fail: a centred cosine's scale depends on where μ sits. If μ is off the collection's
+own mean by δ, every centred vector gains the common part −δ, and different people's cosine rises from about 0
+towards ‖δ‖² / (‖x − μ_own‖² + ‖δ‖²). Below: on each set, μ moved from its own mean (α = 0) through μ_pool
+(α = 0.5) to the other set's mean (α = 1) and beyond (α = 1.5, extrapolated: no real set behind it); the fixed
+t = {t:.2f} (the candidate below) against the threshold that set itself would want. L2 < 0.6 has no μ."""
+
+FM_CAND_T = """The candidate: μ_f = μ_pool, t = {t:.2f} = the mean of the two μ_pool equal-error thresholds (chosen on
+ORL {to:.3f}, on the real photos {tr:.3f}; each one's transfer to the other set is in the μ_pool rows above). Its
+error rates on both sets — not held out (μ_pool and t saw both), for the reading beside today's rule:"""
+
+FM_CONS = """Words and order. Each query's ranking (leave-one-out, photos), the first 10 results, each worded "same
+person" or "different" by a verdict rule. When the ranking and the words come from the same number, a "different"
+can never sit above a "same" (0 by construction: the first two rows of each block check it); mixed, they can."""
+
+FM_PAIRS = """Every (query, other photo) pair of the leave-one-out: how often the two verdicts (L2 < 0.6;
+centred cosine ≥ t) disagree."""
+
+FM_SMALL = """Random collections of first faces of labelled photos (1000 draws of each kind and size): "with a true
+pair" = the query, one other photo of the same person and (5 faces) photos of 3 other people; "no true pair" = 2 or
+5 different people. The query is one of the collection's faces (an indexed photo searched against the rest); the
+scores are the query's against the others. Scores as similarities for the cosines, as distances for L2. A fixed μ
+makes a pair's score independent of the collection; the collection's own mean does not (2 faces: the two centred
+vectors are opposite, −1 for every pair). "Wrong word": a collection where some pair is worded wrongly (a
+different person called "same", or the true pair "different"); the own-mean rows use the candidate's t, to show
+that a threshold does not carry over between μ's. R@1: the true pair ranked first (5 faces)."""
+
+FM_CAND = """### The candidate μ_f
+
+`bench/results/faces-mu.json`: 128 floats (μ_pool, the average of the two sets' means: each set weighs the same;
+ORL alone holds 400 of the 468 faces), the threshold t above, and how both were computed. A candidate, not product
+code: nothing in retrieval/ reads it."""
 
 
 # -- where the maps fall: face box, eyes/nose/mouth ------------------------------------------------------
@@ -467,6 +1106,16 @@ def main() -> None:
                          "varied face set row")
     ap.add_argument("--sets", default="orl,groups,real",
                     help="which sets to run (comma-separated; anything short of all three saves faces-partial.md)")
+    ap.add_argument("--metric", action="store_true",
+                    help="only the metric table (L2, cosine, centred cosine) on ORL (and --real): "
+                         "bench/results/faces-metric.md")
+    ap.add_argument("--fixed-mean", action="store_true",
+                    help="the metric table and, after it, the cross-set study of a fixed population mean μ_f "
+                         "(ranking, same-person threshold, small collections) on ORL and --real: "
+                         "bench/results/faces-metric.md and faces-mu.json")
+    ap.add_argument("--descriptors", type=Path, default=None, metavar="FILE.npz",
+                    help="with --metric/--fixed-mean: reuse the face descriptors saved in FILE (computed and "
+                         "saved there when absent); only the descriptors are kept, every number is recomputed")
     args = ap.parse_args()
     import tempfile
 
@@ -495,6 +1144,19 @@ def main() -> None:
             print(f"\r{msg}   ", end="", file=sys.stderr, flush=True)
 
     finder = FaceFinder("hog")
+    if args.metric or args.fixed_mean:
+        load0 = os.getloadavg()
+        o, rl = descriptor_sets(args, sets, orl_root, finder, progress)
+        if tty:
+            print(file=sys.stderr)
+        load = (load0[0], os.getloadavg()[0])
+        text = metric_report(args, o, rl, load, save=not args.fixed_mean)
+        if args.fixed_mean:
+            if o is None or rl is None:
+                raise SystemExit("--fixed-mean needs both sets (ORL and --real DIR): each one's mean is applied "
+                                 "to the other")
+            fixed_mean_report(args, o, rl, load, text)
+        return
     face_bb, gen_bb = load_backbone(), general_backbone()
     gc = grad_cam_package()
     load0 = os.getloadavg()

@@ -99,6 +99,21 @@ def build(source: Path, out: Path, objects: int = 100, views: int = 4, seed: int
     return out
 
 
+def spare(source: Path, objects: int = 100, views: int = 4, seed: int = 0) -> list[Path]:
+    """The photos of ``source`` that :func:`build` (same arguments) uses neither as an object nor as a
+    background: a sample of the same kind of photos, disjoint from the set (500 with the defaults, from
+    the same 100 categories). Which backgrounds are used depends only on the seeded shuffle, repeated here."""
+    rng = random.Random(seed)
+    cats = sorted(p for p in source.iterdir() if p.is_dir() and not p.name.startswith(("_", ".")))[:objects]
+    photos = {c: sorted(p for p in c.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png")) for c in cats}
+    backgrounds = [(c, p) for c in cats for p in photos[c][1:]]
+    rng.shuffle(backgrounds)
+    for c in cats:
+        for _ in range(views):
+            backgrounds.pop(next(i for i, b in enumerate(backgrounds) if b[0] != c))
+    return sorted(p for _, p in backgrounds)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--objects", type=int, default=100)

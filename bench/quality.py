@@ -1,6 +1,8 @@
 """Retrieval quality of every option, side by side, on faces, categories and an instance-level set.
 
     python bench/quality.py [--datasets att_faces caltech101 instance] [--threads 2] [--quick]
+    python bench/quality.py --centring --threads 1   # the general preset's ranking space: quality-centring.md
+    python bench/quality.py --sizes 10 20 35 50 100 200 500 --threads 1   # instance head vs size: quality-sizes.md
 
 Datasets (folder = class; every image queries all the others, exact search):
 - att_faces: ORL faces, 40 people × 10 photos (../shared/data/att_faces);
@@ -44,6 +46,11 @@ EMBEDDINGS = {  # name → index_paths settings
 }
 DEEP = ("gap-224-squash", "gem-448-long")  # the two presets' embeddings: verify K = 60, 100 on the instance set
 MULTISCALE = {"gem-448+320-long": ("gem-448-long", "gem-320-long")}  # mean of the raw embeddings
+EXPLAIN_448 = dict(input_size=448, resize="squash", pooling="gap")  # the general preset's explain resolution
+SIZES_VARIANTS = ("(i) pca-whiten:128 shrink 0.1 fitted on the collection (today)",
+                  "(i') the same, fitted below MIN_FIT too", "(ii) no head", "(iii) centring on the collection's mean",
+                  "(iv) pca-whiten:128 shrink 1.0", "(iv') pca-whiten:128 shrink max(0.1, 128/n)",
+                  "(v) pca-whiten:128 fitted on 500 spare Caltech photos", "(vi) centring on the spare photos' mean")
 
 
 def warm_exports(folder: Path, settings: dict) -> None:
@@ -67,7 +74,7 @@ def labelled_embeddings(folder: Path, settings: dict) -> tuple[np.ndarray, np.nd
     """Index ``folder`` into a temporary index; return (raw embeddings, labels, paths, seconds)."""
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
-        rep = index_paths([folder], Path(tmp) / "idx", **settings)
+        rep = index_paths([folder], Path(tmp) / "idx", **settings)  # settings may name the decode workers
         secs = time.perf_counter() - t
         with IndexStore.open(Path(tmp) / "idx") as store:
             ids, vecs = zip(*store.iter_vectors())
@@ -166,22 +173,60 @@ def verified(order: np.ndarray, pv: PairVerifier, k: int) -> np.ndarray:
     return out
 
 
-def metrics(order: np.ndarray, labels: np.ndarray, is_ref: np.ndarray | None) -> dict:
+def per_query(order: np.ndarray, labels: np.ndarray, is_ref: np.ndarray | None) -> dict[str, np.ndarray]:
+    """Each query's R@1, AP@R and AP@10 (NaN where it has no relevant item) and, on the instance set, its
+    photo→reference hit (NaN for the references themselves)."""
     rel = labels[order] == labels[:, None]
-    aps, ap10 = [], []
+    aps, ap10 = np.full(len(order), np.nan), np.full(len(order), np.nan)
     for i in range(len(order)):
         R = int((labels == labels[i]).sum()) - 1
         if R == 0:
             continue
         hits = rel[i, :R]
-        aps.append(float((np.cumsum(hits) / np.arange(1, R + 1) * hits).sum() / R))
+        aps[i] = (np.cumsum(hits) / np.arange(1, R + 1) * hits).sum() / R
         h10 = rel[i, :10]
-        ap10.append(float((np.cumsum(h10) / np.arange(1, len(h10) + 1) * h10).sum() / min(R, 10)))
-    out = {"R@1": float(rel[:, 0].mean()), "mAP@R": float(np.mean(aps)), "mAP@10": float(np.mean(ap10))}
+        ap10[i] = (np.cumsum(h10) / np.arange(1, len(h10) + 1) * h10).sum() / min(R, 10)
+    out = {"R@1": rel[:, 0].astype(float), "mAP@R": aps, "mAP@10": ap10}
     if is_ref is not None:  # photo → reference: the first reference in a photo's results is its own
-        firsts = [labels[order[i][is_ref[order[i]]][0]] == labels[i] for i in range(len(order)) if not is_ref[i]]
-        out["photo→ref R@1"] = float(np.mean(firsts))
+        out["photo→ref R@1"] = np.array([np.nan if is_ref[i] else float(labels[order[i][is_ref[order[i]]][0]] == labels[i])
+                                         for i in range(len(order))])
     return out
+
+
+def metrics(order: np.ndarray, labels: np.ndarray, is_ref: np.ndarray | None) -> dict:
+    return {k: float(np.nanmean(v)) for k, v in per_query(order, labels, is_ref).items()}
+
+
+def cluster_bootstrap(values: np.ndarray, labels: np.ndarray, draws: int = 2000, seed: int = 0) -> np.ndarray:
+    """Means of per-query ``values`` (NaN: left out) over ``draws`` resamplings of the classes with replacement
+    (queries of one class are not independent: they share their relevant items)."""
+    ok = ~np.isnan(values)
+    cls, inv = np.unique(labels[ok], return_inverse=True)
+    sums, counts = np.bincount(inv, values[ok], len(cls)), np.bincount(inv, minlength=len(cls))
+    pick = np.random.default_rng(seed).integers(0, len(cls), (draws, len(cls)))
+    return sums[pick].sum(1) / counts[pick].sum(1)
+
+
+def cosine_scores(x: np.ndarray) -> np.ndarray:
+    """All pairs' cosine similarities (the diagonal −inf)."""
+    x = _norm(np.asarray(x, np.float64))
+    s = x @ x.T
+    np.fill_diagonal(s, -np.inf)
+    return s
+
+
+def score_stats(sim: np.ndarray, labels: np.ndarray) -> dict:
+    """Readability of the scores: each query's top-1 score, its best relevant item's score ("true match"),
+    all pairs of distinct images and the pairs of different classes ("unrelated")."""
+    off = ~np.eye(len(sim), dtype=bool)
+    same = labels[:, None] == labels[None, :]
+    true = np.where(same & off, sim, -np.inf).max(1)
+    return {"top1": sim.max(1), "true": true[np.isfinite(true)], "pairs": sim[off], "unrelated": sim[~same]}
+
+
+def pct(v: np.ndarray) -> str:
+    """mean [5th, 95th percentile]"""
+    return f"{np.mean(v):.3f} [{np.percentile(v, 5):.3f}, {np.percentile(v, 95):.3f}]"
 
 
 def main() -> None:
@@ -199,23 +244,25 @@ def main() -> None:
                     help="only the photo→catalogue section (bench/catalogue.py), added to bench/results/NAME.md; "
                          "INDEX: an index of the instance set made with --preset instance, to reuse its vectors")
     ap.add_argument("--queries", type=int, default=100, help="with --catalogue: phone photos queried (one per object)")
+    ap.add_argument("--centring", action="store_true",
+                    help="only the general preset's ranking space: plain cosine against cosine of x − μ, at 224 and "
+                         "at the explain resolution (448 squashed); saves bench/results/quality-centring.md")
+    ap.add_argument("--sizes", type=int, nargs="+", default=None, metavar="N",
+                    help="only the instance head against the collection size: subsets of N images of the instance "
+                         "set (whole objects); saves bench/results/quality-sizes.md")
+    ap.add_argument("--draws", type=int, default=10, help="with --sizes: random subsets per size (one at the full set)")
     args = ap.parse_args()
+    if args.centring or args.sizes:
+        os.environ["RETRIEVE_THREADS"] = str(args.threads)  # the indexer's ONNX Runtime path reads it
+        torch.set_num_threads(args.threads)
+        return centring_section(args) if args.centring else sizes_section(args)
     if args.catalogue is not None:
         torch.set_num_threads(args.threads)
         return catalogue_section(args)
     if args.from_log:
         return report([r for p in args.from_log for r in rows_from_log(p)], args.threads, args.name)
     torch.set_num_threads(args.threads)
-    folders = {}
-    for name in args.datasets:
-        if name == "instance":
-            from instance_set import build
-
-            src = _common.shared_dataset("caltech101")
-            if src is not None:
-                folders[name] = build(src, _common.ROOT / "bench" / ".cache" / "instance")
-        elif (f := _common.shared_dataset(name)) is not None:
-            folders[name] = f
+    folders = dataset_folders(args.datasets)
     if not folders:
         return
     rows = []
@@ -259,6 +306,219 @@ def main() -> None:
                                  round(index_ms + (pv.extract_ms if k else 0), 1), round(q_ms, 1)])
                     print(" | ".join(str(c) for c in rows[-1]), flush=True)
     report(rows, args.threads, args.name)
+
+
+def dataset_folders(names: list[str]) -> dict[str, Path]:
+    folders = {}
+    for name in names:
+        if name == "instance":
+            from instance_set import build
+
+            src = _common.shared_dataset("caltech101")
+            if src is not None:
+                folders[name] = build(src, _common.ROOT / "bench" / ".cache" / "instance")
+        elif (f := _common.shared_dataset(name)) is not None:
+            folders[name] = f
+    return folders
+
+
+def _command(args, extra: str) -> str:
+    ds = "" if args.datasets == ["att_faces", "caltech101", "instance"] else " --datasets " + " ".join(args.datasets)
+    return f"python bench/quality.py {extra}{ds} --threads {args.threads}"
+
+
+def centring_section(args) -> None:
+    """The general preset's ranking space (issue 27, "one number"): today it ranks by the plain cosine of
+    224 px GAP embeddings, while its maps decompose the cosine of x − μ at 448 px (squashed, μ the
+    collection's mean there). R@1, mAP@R, mAP@10 (photo→ref R@1 on the instance set), the scores' spread,
+    and the embedding time per image at each size, through the real indexing path."""
+    folders = dataset_folders(args.datasets)
+    if not folders:
+        return
+    embs = {"gap-224-squash": EMBEDDINGS["gap-224-squash"], "gap-448-squash": EXPLAIN_448}
+    configs = [("(a) plain cosine, 224 (today)", "gap-224-squash", None),
+               ("(b) cosine of x − μ, 224", "gap-224-squash", "all"),
+               ("(b') cosine of x − μ, 224, μ of 128 sampled photos", "gap-224-squash", "sample"),
+               ("(c) cosine of x − μ, 448 (what the maps decompose)", "gap-448-squash", "all"),
+               ("(d) plain cosine, 448", "gap-448-squash", None)]
+    rows, srows, trows, sizes = [], [], [], {}
+    load0 = os.getloadavg()
+    for name, folder in folders.items():
+        got, cpu = {}, {}
+        for e, st in embs.items():
+            warm_exports(folder, st)
+            c = time.process_time()
+            got[e] = labelled_embeddings(folder, dict(st, workers=args.threads))
+            cpu[e] = time.process_time() - c
+        labels, paths = got["gap-224-squash"][1], got["gap-224-squash"][2]
+        assert got["gap-448-squash"][2] == paths
+        sizes[name] = (len(labels), len(set(labels)))
+        is_ref = np.array([Path(p).stem == "ref" for p in paths]) if name == "instance" else None
+        trows.append([name, len(labels)] + [round(1000 * got[e][3] / len(labels), 1) for e in embs]
+                     + [round(1000 * cpu[e] / len(labels), 1) for e in embs]
+                     + [round(cpu["gap-448-squash"] / cpu["gap-224-squash"], 2)])
+        base = None
+        for cname, e, centre in configs:
+            x = got[e][0].astype(np.float64)
+            if centre == "all":
+                x = x - x.mean(0)
+            elif centre == "sample":  # as the index stores it (retrieval/reference.py: up to 128 photos)
+                x = x - x[np.random.default_rng(0).choice(len(x), min(128, len(x)), replace=False)].mean(0)
+            q = per_query(ranking(x, "cosine"), labels, is_ref)
+            base = base or q
+            row = [name, cname] + [round(float(np.nanmean(q[k])), 3) for k in ("R@1", "mAP@R", "mAP@10")]
+            row.append(round(float(np.nanmean(q["photo→ref R@1"])), 3) if is_ref is not None else "-")
+            for k in ("R@1", "mAP@R"):  # paired against (a), the classes resampled: 95 % interval
+                d = q[k] - base[k]
+                lo, hi = np.percentile(cluster_bootstrap(d, labels), [2.5, 97.5])
+                row.append("-" if q is base else f"{np.nanmean(d):+.3f} [{lo:+.3f}, {hi:+.3f}]")
+            rows.append(row)
+            st = score_stats(cosine_scores(x), labels)
+            srows.append([name, cname, pct(st["top1"]), pct(st["true"]), pct(st["pairs"]),
+                          round(float(np.mean(st["top1"]) - np.mean(st["pairs"])), 3)])
+            print(" | ".join(str(c) for c in rows[-1]), "|", " | ".join(str(c) for c in srows[-1][2:]), flush=True)
+    load = tuple(round(a, 1) for a in load0[:1] + os.getloadavg()[:1])
+    text = ("# The general preset's ranking space: plain cosine or centred, 224 or 448 px\n\n"
+            f"`{_command(args, '--centring')}` · efficientnet_lite0, GAP, squashed; {args.threads} thread(s) "
+            f"(torch, ONNX Runtime, decoding) · load average {load[0]} → {load[1]} (2 cores, shared machine) · "
+            "datasets: " + ", ".join(f"{k} {n} images / {c} classes" for k, (n, c) in sizes.items())
+            + ". Every image queries all the others, exact search (bench/quality.py `ranking`).\n\n"
+            "μ: the mean of the collection's own raw embeddings at that size (the whole collection; (b') μ of "
+            "128 photos drawn at random, as retrieval/reference.py samples the explain reference). Δ vs (a): the "
+            "paired difference over the queries, with a 95 % interval from resampling the classes (2000 draws; "
+            "a class's queries share their relevant items, so the class is the unit).\n\n")
+    text += _common.table(["dataset", "ranking", "R@1", "mAP@R", "mAP@10", "photo→ref R@1", "ΔR@1 vs (a)",
+                           "ΔmAP@R vs (a)"], rows)
+    text += ("\n\n## Scores: are they readable?\n\nmean [5th, 95th percentile] over the queries of the top-1 "
+             "score (the rank-1 result's cosine, whatever it is) and of the best relevant item's score (the "
+             "true match), and over all pairs of distinct images (random pairs). gap = mean top-1 − mean "
+             "random pair.\n\n")
+    text += _common.table(["dataset", "ranking", "top-1 score", "true match score", "random pairs", "gap"], srows)
+    text += ("\n\n## Embedding time\n\nms per image through the real indexing path (decode, preprocess, "
+             f"network, store), {args.threads} thread(s), ONNX graphs exported beforehand: wall clock (which the "
+             "shared machine's load inflates) and this process's CPU time.\n\n")
+    text += _common.table(["dataset", "images", "224 wall ms/img", "448 wall ms/img", "224 CPU ms/img",
+                           "448 CPU ms/img", "448 / 224 (CPU)"], trows)
+    _common.save(args.name if args.name != "quality" else "quality-centring", text)
+
+
+def sizes_section(args) -> None:
+    """The instance preset's head against the collection's size (issue 27, "small collections"): subsets of
+    whole objects of the instance set, global embedding only (no verification)."""
+    import shutil
+
+    from instance_set import build, spare
+
+    from retrieval import head as head_module
+
+    src = _common.shared_dataset("caltech101")
+    if src is None:
+        return
+    folder = build(src, _common.ROOT / "bench" / ".cache" / "instance")
+    ext_dir = _common.ROOT / "bench" / ".cache" / "spare"
+    photos = spare(src)
+    if not ext_dir.is_dir() or sum(1 for _ in ext_dir.rglob("*.jpg")) != len(photos):
+        shutil.rmtree(ext_dir, ignore_errors=True)
+        for p in photos:
+            (ext_dir / p.parent.name).mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(p, ext_dir / p.parent.name / p.name)
+    st = dict(EMBEDDINGS["gem-448-long"], workers=args.threads)
+    load0 = os.getloadavg()
+    warm_exports(folder, st)
+    vecs, labels, paths, _ = labelled_embeddings(folder, st)
+    warm_exports(ext_dir, st)
+    ext = labelled_embeddings(ext_dir, st)[0]
+    is_ref = np.array([Path(p).stem == "ref" for p in paths])
+    cfg = parse_head("pca-whiten:128")
+    dim = cfg["dim"]
+    ext_head, ext_mean = fit_head([ext], cfg), ext.astype(np.float64).mean(0)
+    objects = np.unique(labels)
+    per = len(labels) // len(objects)
+    res: dict = {}  # (n, variant) → list of per-draw dicts
+    for n in args.sizes:
+        k = max(1, n // per)
+        full = k >= len(objects)
+        rng = np.random.default_rng(n)
+        for _ in range(1 if full else args.draws):
+            pick = objects if full else rng.choice(objects, k, replace=False)
+            m = np.isin(labels, pick)
+            x, lab, ref = vecs[m].astype(np.float64), labels[m], is_ref[m]
+            forced = None
+            if len(x) < head_module.MIN_FIT:
+                old, head_module.MIN_FIT = head_module.MIN_FIT, 2
+                try:
+                    forced = fit_head([x], cfg)
+                finally:
+                    head_module.MIN_FIT = old
+            variants = {SIZES_VARIANTS[0]: fit_head([x], cfg), SIZES_VARIANTS[1]: forced,
+                        SIZES_VARIANTS[2]: None, SIZES_VARIANTS[3]: x.mean(0),
+                        SIZES_VARIANTS[4]: fit_head([x], cfg, shrink=1.0),
+                        SIZES_VARIANTS[5]: fit_head([x], cfg, shrink=max(0.1, dim / len(x))),
+                        SIZES_VARIANTS[6]: ext_head, SIZES_VARIANTS[7]: ext_mean}
+            for vname, h in variants.items():
+                if vname == SIZES_VARIANTS[1] and forced is None:
+                    continue
+                z = x - h if isinstance(h, np.ndarray) else (h.apply(x) if h is not None else x)
+                q = per_query(ranking(z, "cosine"), lab, ref)
+                sc = score_stats(cosine_scores(z), lab)
+                res.setdefault((len(x), vname), []).append(dict(
+                    {k2: float(np.nanmean(v)) for k2, v in q.items()}, q=q, labels=lab,
+                    dims=(h.dim if h is not None and not isinstance(h, np.ndarray) else "-"),
+                    top1=float(np.median(sc["top1"])), true=float(np.median(sc["true"])),
+                    unrelated=float(np.median(sc["unrelated"])), neg=float(np.mean(sc["top1"] <= 0))))
+            print(f"n {len(x)}: draw {len(res[(len(x), SIZES_VARIANTS[2])])}", flush=True)
+
+    def ms(vals: list[float], boot=None) -> str:
+        if len(vals) > 1:
+            return f"{np.mean(vals):.3f} ± {np.std(vals, ddof=1):.3f}"
+        return f"{vals[0]:.3f}" + (f" ± {np.std(boot):.3f}" if boot is not None else "")
+
+    rows, drows = [], []
+    for (n, vname), ds in res.items():
+        one = ds if len(ds) > 1 else None
+        cells = []
+        for key in ("R@1", "mAP@10", "photo→ref R@1"):
+            boot = None if one else cluster_bootstrap(ds[0]["q"][key], ds[0]["labels"])
+            cells.append(ms([d[key] for d in ds], boot))
+        rows.append([n, len(ds), vname, ds[0]["dims"] if len({str(d["dims"]) for d in ds}) == 1 else "varies"] + cells
+                    + [f"{np.mean([d[k] for d in ds]):+.3f}" for k in ("top1", "true", "unrelated")]
+                    + [f"{np.mean([d['neg'] for d in ds]):.2f}"])
+        cells = []
+        for key in ("R@1", "mAP@10"):
+            for ref_v in (SIZES_VARIANTS[0], SIZES_VARIANTS[2], SIZES_VARIANTS[3]):
+                base = res[(n, ref_v)]
+                diffs = [d[key] - b[key] for d, b in zip(ds, base)]
+                if vname == ref_v:
+                    cells.append("-")
+                elif len(diffs) > 1:
+                    cells.append(f"{np.mean(diffs):+.3f} ± {np.std(diffs, ddof=1) / np.sqrt(len(diffs)):.3f}")
+                else:
+                    boot = cluster_bootstrap(ds[0]["q"][key] - base[0]["q"][key], ds[0]["labels"])
+                    cells.append(f"{diffs[0]:+.3f} ± {np.std(boot):.3f}")
+        drows.append([n, vname.split(")")[0] + ")"] + cells)
+    load = tuple(round(a, 1) for a in load0[:1] + os.getloadavg()[:1])
+    text = ("# The instance head against the collection's size\n\n"
+            f"`python bench/quality.py --sizes {' '.join(map(str, args.sizes))} --draws {args.draws} --threads "
+            f"{args.threads}` · efficientnet_lite0, 448 px long side, GeM p = 3 (the instance preset's embedding), "
+            f"{args.threads} thread(s) · load average {load[0]} → {load[1]} · instance set {len(labels)} images "
+            f"({len(objects)} objects × {per}: 1 reference + {per - 1} synthetic phone photos); spare sample "
+            f"{len(ext)} Caltech-101 photos of the same 100 categories used neither as an object nor as a "
+            "background (bench/instance_set.py `spare`). Global embedding only, no geometric verification.\n\n"
+            f"Each size n: n / {per} objects drawn at random (whole objects), {args.draws} draws (1 at the full set); "
+            "every image queries the other n − 1. Cells: mean ± sd over the draws (at the full set: ± the sd from "
+            "resampling its objects, 2000 draws). Head dims: min(128, n − 1); '-' = no head. "
+            f"(i) is what `--preset instance` does: below retrieval.head.MIN_FIT = {head_module.MIN_FIT} vectors it "
+            "fits no head (= (ii)); (i') fits there anyway, to show the trend. Scores: the mean over the draws "
+            "of the median rank-1 score (top-1), of the median score of each query's best relevant item (true "
+            "match) and of the median score of pairs of different objects (unrelated); top-1 ≤ 0: the share "
+            "of queries whose rank-1 score is zero or negative.\n\n")
+    text += _common.table(["n", "draws", "ranking", "head dims", "R@1", "mAP@10", "photo→ref R@1", "top-1 score",
+                           "true match", "unrelated", "top-1 ≤ 0"], rows)
+    text += ("\n\n## Paired differences\n\nThe same subsets ranked two ways: mean difference ± its standard error "
+             "over the draws (at the full set: ± the sd from resampling the objects).\n\n")
+    text += _common.table(["n", "ranking", "ΔR@1 vs (i)", "ΔR@1 vs (ii)", "ΔR@1 vs (iii)", "ΔmAP@10 vs (i)",
+                           "ΔmAP@10 vs (ii)", "ΔmAP@10 vs (iii)"], drows)
+    _common.save(args.name if args.name != "quality" else "quality-sizes", text)
 
 
 HEADERS = ["dataset", "embedding", "metric", "head", "QE", "DBA", "verify K", "R@1", "mAP@R", "mAP@10",
