@@ -88,8 +88,8 @@ def index_faces(paths: Iterable[str | os.PathLike], index_dir, *, detector: str 
             settings = IndexSettings(model=bb.name, weights_id=bb.weights_id, weights_source=bb.weights_source,
                                      preprocess=bb.preprocess.to_dict(), metric=FACES.metric, dim=bb.feature_dim,
                                      index_type="flat", faiss_factory=factory_for("flat", bb.feature_dim, 0),
-                                     explain={"method": "sfam", "input_size": bb.preprocess.size}, preset="faces",
-                                     faces=faces)
+                                     explain={"method": "sfam", "input_size": bb.preprocess.size}, preset=FACES.name,
+                                     head={"type": "centre", "fixed": "the mean face"}, faces=faces)
         FaceFinder(detector, upsample)  # fails here (one line) when dlib or the models are missing
         local = threading.local()  # dlib's detectors are not thread-safe: one per decoding thread
 
@@ -109,6 +109,7 @@ def index_faces(paths: Iterable[str | os.PathLike], index_dir, *, detector: str 
     with sigint_deferred(stop):
         if store is None:
             store = IndexStore.create(index_dir, settings, what="retrieve index")
+            store.set_head(FACES.fixed_head())  # the score's reference point, before any row
         new = settings is not None and not store.count()
         try:
             store.faiss_index()

@@ -248,6 +248,8 @@ def _run_ray(store, bb, files, trees, report, batch_size, workers, progress, on_
     from retrieval.images import decode_image, read_image_bytes
     from retrieval.scan import FileEntry
 
+    from retrieval.match.verify import decode_side
+
     from .rows import Decoded, commit_embedded, plan_run, record_skip, reuse
 
     plan = plan_run(store, files, trees, report)
@@ -259,7 +261,7 @@ def _run_ray(store, bb, files, trees, report, batch_size, workers, progress, on_
         from retrieval.match.verify import LocalFeatures, Verifier
 
         verifier = Verifier()
-    min_side = max(bb.preprocess.size, verifier.max_side if verifier else 0)
+    min_side = decode_side(store.settings)  # one decode rule for every embedding (retrieval/presets.py)
 
     batch: list = []
     vecs: list = []

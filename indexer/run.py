@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Callable, Iterable
 from retrieval.errors import ImageError, RetrieveError
 from retrieval.models.registry import DEFAULT_MODEL
 from retrieval.images import decode_image, read_image_bytes
-from retrieval.index.head import parse_head
+from retrieval.index.head import head_text, parse_head
 from retrieval.models.loader import backbone_for_settings
 from retrieval.index.calibration import refresh as refresh_calibration
 from retrieval.index.reference import refresh as refresh_reference
@@ -31,6 +31,7 @@ from retrieval.index.reference import tap_layer
 from retrieval.index.settings import IndexSettings
 from retrieval.index.store import IncompleteIndex, IndexStore, default_explain, index_path
 from retrieval.index.vectors import factory_for
+from retrieval.match.verify import decode_side
 from retrieval.presets import FACES, GENERAL, preset_named, preset_of
 
 from retrieval.scan import FileEntry, check_paths, scan_paths
@@ -95,6 +96,8 @@ def index_paths(paths: Iterable[str | os.PathLike], index_dir: str | os.PathLike
     indexed (no images, or none decodable) is not created: :class:`RetrieveError`.
     """
     asked_preset, existing = preset_named(preset), _existing_preset(index_dir)
+    if existing is None and asked_preset is None and face_detector is None:
+        preset, asked_preset = GENERAL.name, GENERAL  # a new index without --preset: the general one
     if asked_preset is not None and existing is not None and asked_preset.per_face != existing.per_face:
         raise RetrieveError(f"{index_path(index_dir)} is a {existing.name} index; --preset {preset} needs another "
                             "--index directory")
@@ -265,10 +268,6 @@ def _finalise(store: IndexStore, report: IndexReport, refit: bool, bb: Backbone 
     report.total = store.count()
 
 
-def _head_text(cfg: dict) -> str:
-    return f"{cfg['type']}:{cfg['dim']}" if cfg else "none"
-
-
 def _refuse_changes(store: IndexStore, a: _Asked) -> None:
     """Every option that fixes a new index must agree with the existing index's settings (or be left out)."""
     st = store.settings
@@ -297,7 +296,7 @@ def _refuse_changes(store: IndexStore, a: _Asked) -> None:
         from retrieval.models.pooling import parse_pooling
 
         differs("pooling", "pooling", str(parse_pooling(a.pooling)), st.pooling)
-    differs("head", "head", parse_head(a.head) if a.head is not None else None, st.head, _head_text)
+    differs("head", "head", parse_head(a.head) if a.head is not None else None, st.head, head_text)
     differs("index_type", "index type", a.index_type, st.index_type)
     differs("precision", "precision", a.precision, st.precision)
     if a.faiss_factory and (st.index_type != "custom" or a.faiss_factory != st.faiss_factory):
@@ -333,6 +332,7 @@ def _run(store: IndexStore, bb: Backbone, files: list[FileEntry], trees: list[st
     todo = plan.todo
     progress.start(len(todo))
 
+    embed_side = decode_side(store.settings)  # one decode rule for every embedding (retrieval/presets.py)
     verifier = None  # an index whose searches verify gets its keypoints while it is indexed
     if store.settings.search.get("verify"):
         from retrieval.match.verify import Verifier
@@ -353,7 +353,7 @@ def _run(store: IndexStore, bb: Backbone, files: list[FileEntry], trees: list[st
                 d.reuse = kind  # touched, moved or copied: its vector is reused
                 return d
         try:
-            img = decode_image(data, e.path, min_side=max(bb.preprocess.size, verifier.max_side if verifier else 0))
+            img = decode_image(data, e.path, min_side=embed_side)
         except ImageError as exc:
             d.error = exc.reason
             return d
@@ -412,3 +412,23 @@ def _run(store: IndexStore, bb: Backbone, files: list[FileEntry], trees: list[st
     store.delete_rows(gone_ids)
     store.apply(gone_ids)
     report.removed = len(gone_ids)
+
+
+def repair_index(directory):
+    """``retrieve check --repair`` (retrieval/index/check.py), re-embedding damaged rows as this indexer embeds them."""
+    from retrieval.index.check import repair_index as repair
+
+    return repair(directory, _reembedder)
+
+
+def _reembedder(settings):
+    """Embeds photos as the indexer embeds them for an index with ``settings`` (None for a faces index: its rows are
+    faces, dropped and found again by the next ``retrieve index``)."""
+    from retrieval.images import load_image
+
+    preset = preset_of(settings)
+    if preset.per_face:
+        return None
+    bb = preset.backbone(settings)
+    return lambda paths: bb.embed_arrays([bb.preprocess.array(load_image(p, min_side=decode_side(settings)))
+                                         for p in paths])

@@ -55,22 +55,37 @@ class Preset:
 
         return Searcher(store, backbone, **options)
 
+    def same_person(self, score: float, settings) -> bool | None:
+        """The face test on a pair's score (None: this preset has none)."""
+        return None
+
 
 @dataclass(frozen=True)
 class FacesPreset(Preset):
     """Faces: detect every face (dlib's HOG detector, or its CNN detector), align it on 5 landmarks, embed it with
-    dlib's face ResNet (the PyTorch port, retrieval/faces/network.py), one row per face; dlib's documented
-    same-person distance decides the verdict."""
+    dlib's face ResNet (the PyTorch port, retrieval/faces/network.py), one row per face. The score is the cosine of
+    two descriptors measured from a fixed mean face, never re-estimated from the collection (so a pair's score does
+    not depend on what else is indexed), and "the same person" is that score at or above the threshold chosen with
+    that mean: across two sets of faces, each checked on the other, its error rates are those of dlib's documented
+    distance rule (bench/results/faces-metric.md)."""
 
     detector: str = "hog"
     upsample: int = 1
-    threshold: float = 0.6  # dlib's documented threshold on the Euclidean distance of two descriptors
     model: str = "dlib_face_resnet"
 
     def face_settings(self, detector: str | None = None, upsample: int | None = None) -> dict:
-        """What a new faces index records about finding faces (``IndexSettings.faces``)."""
+        """What a new faces index records about finding faces and its same-person threshold (``IndexSettings.faces``)."""
+        from retrieval.faces.network import mean_face
+
         return {"detector": detector or self.detector, "upsample": self.upsample if upsample is None else int(upsample),
-                "threshold": self.threshold}
+                "threshold": mean_face()[1]}
+
+    def fixed_head(self):
+        """The head a new faces index records: centring on the mean face (retrieval/index/head.py, fixed)."""
+        from retrieval.faces.network import mean_face
+        from retrieval.index.head import LinearHead
+
+        return LinearHead(mean_face()[0])
 
     def backbone(self, settings, input_size: int | None = None, purpose: str = "search"):
         from retrieval.faces.network import load_backbone
@@ -82,15 +97,20 @@ class FacesPreset(Preset):
 
         return FaceSearcher(store, backbone)
 
+    def same_person(self, score: float, settings) -> bool:
+        from retrieval.faces.search import same_person
+
+        return same_person(score, settings)
+
 
 GENERAL = Preset("general", "general similarity: what kind of thing is in the photo (fast, the default)",
-                 resize="squash", pooling="gap")
+                 resize="squash", pooling="gap", head="centre")
 INSTANCE = Preset("instance", "the same object or product seen elsewhere (448 px aspect kept, GeM, PCA-whitening, "
                   "geometric verification of the top 8 and the visual words' top 25)",
                   input_size=448, resize="long", pooling="gem", head="pca-whiten:128",
                   search={"verify": 8, "words": 25})
 FACES = FacesPreset("faces", "faces: one row per detected face, dlib's face network (needs the faces extra)",
-                    metric="l2", per_face=True,
+                    head="centre", per_face=True,
                     fixes=("model", "weights", "metric", "index_type", "faiss", "input_size", "resize", "pooling",
                            "head", "refit"))
 PRESETS: dict[str, Preset] = {p.name: p for p in (GENERAL, INSTANCE, FACES)}

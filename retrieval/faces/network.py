@@ -374,6 +374,16 @@ def chip_tensor(chips: list[np.ndarray]) -> torch.Tensor:
     return (x - m) / 256.0
 
 
+def mean_face() -> tuple[np.ndarray, float]:
+    """(μ, t): the mean face descriptor the faces preset measures its cosine from, and the threshold at which that
+    cosine says "the same person" (retrieval/faces/mean_face.json: chosen across two sets of faces, ORL and public
+    figures' photos, each checked on the other: bench/results/faces-metric.md)."""
+    import json
+
+    d = json.loads((Path(__file__).with_name("mean_face.json")).read_text())
+    return np.asarray(d["mu"], np.float64), float(d["threshold"])
+
+
 def need_dlib():
     """The dlib module, or a one-line error naming the extra."""
     try:

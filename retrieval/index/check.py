@@ -110,14 +110,17 @@ def check_index(directory: str | os.PathLike) -> CheckReport:
 
 
 def repair_index(directory: str | os.PathLike, reembed=None) -> CheckReport:
-    """Restore consistency: rows with damaged embeddings are re-embedded (``reembed(paths) -> vectors``)
-    when their file exists, else dropped; rows of vanished files are dropped; the FAISS file is rebuilt
-    from the rows. Returns the report of the state before, with ``repaired`` filled in."""
+    """Restore consistency: rows with damaged embeddings are re-embedded when their file exists (``reembed(settings)``
+    gives the function ``paths -> vectors`` for the index, or None: indexer/run.py repair_index passes the indexer's),
+    else dropped; rows of vanished files are dropped; the FAISS file is rebuilt from the rows. Returns the report of
+    the state before, with ``repaired`` filled in."""
     rep = check_index(directory)
     with IndexStore.open(directory, writable=True, what="retrieve check --repair") as store:
         drop = set(rep.missing_files)
         bad = [(r.id, r.path) for r in store.rows_by_ids(rep.bad_embeddings).values()]
         fixable = [(i, p) for i, p in bad if p not in drop and os.path.isfile(p)]
+        if fixable and reembed is not None:
+            reembed = reembed(store.settings)
         if fixable and reembed is not None:
             vecs = reembed([p for _, p in fixable])
             store.set_vectors([i for i, _ in fixable], vecs)

@@ -11,12 +11,20 @@ def iso(t: float) -> str:
 
 def head_text(store) -> str:
     """The linear head in words: ``none``, or its type and size and what it was fitted on."""
+    from retrieval.index.head import head_text as spec
+
     cfg = store.settings.head
     if not cfg:
         return "none"
     h = store.head
-    fitted = f"fitted on {h.fitted_on} images, {h.dim} dims" if h is not None else "not fitted yet"
-    return f"{cfg['type']}:{cfg['dim']} ({fitted})"
+    if h is not None and cfg.get("fixed"):
+        fitted = f"fixed: {cfg['fixed']}, {h.dim} dims"
+    elif h is not None:
+        fitted = f"fitted on {h.fitted_on} images, {h.dim} dims" + (", centring only" if h.proj is None and
+                                                                      cfg["type"] != "centre" else "")
+    else:
+        fitted = "not fitted yet"
+    return f"{spec(cfg)} ({fitted})"
 
 
 def index_info(store) -> dict:

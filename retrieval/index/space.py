@@ -31,8 +31,8 @@ class VectorSpace:
             self._head = None
             if self.settings.head:
                 arrays = self._arrays(["head_mean", "head_proj"])
-                if len(arrays) == 2:
-                    self._head = LinearHead(arrays["head_mean"], arrays["head_proj"],
+                if "head_mean" in arrays:
+                    self._head = LinearHead(arrays["head_mean"], arrays.get("head_proj"),
                                             int(self.get_value("head_fitted_on", 0)))
         return self._head
 
@@ -43,7 +43,8 @@ class VectorSpace:
         if h is None:
             return "none"
         d = hashlib.sha256(np.ascontiguousarray(h.mean, np.float64).tobytes())
-        d.update(np.ascontiguousarray(h.proj, np.float64).tobytes())
+        if h.proj is not None:
+            d.update(np.ascontiguousarray(h.proj, np.float64).tobytes())
         return d.hexdigest()[:16]
 
     @property

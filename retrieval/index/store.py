@@ -684,38 +684,47 @@ class IndexStore(VectorSpace):
         return {name: np.frombuffer(data, np.float64).reshape(json.loads(shape)) for name, shape, data in rows}
 
     def fit_head(self) -> bool:
-        """(Re)fit the configured head on the stored embeddings; the FAISS index must then be rebuilt.
+        """(Re)fit the configured head on the stored embeddings (retrieval/index/head.py); the vectors must then be
+        rebuilt. False when nothing was fitted (no head configured, or a fixed one).
 
-        The vector file's fingerprint names the head it was built with, so a run killed between this
-        commit and the rebuild leaves a file that the next open rebuilds rather than searches."""
+        The vector file's fingerprint names the head it was built with, so a run killed between this commit and the
+        rebuild leaves a file that the next open rebuilds rather than searches."""
+        from retrieval.index.head import fit_head
+
+        if not self.settings.head or self.settings.head.get("fixed"):
+            return False
+        self.set_head(fit_head((v for _, v in self.iter_vectors()), self.settings.head))
+        return True
+
+    def set_head(self, head) -> None:
+        """Store ``head`` (a :class:`~retrieval.index.head.LinearHead`, or None: none yet) in one transaction."""
         from sqlalchemy import delete, insert
 
-        from retrieval.index.head import fit_head
         from retrieval.index.schema import ArrayRow, SettingRow
 
-        if not self.settings.head:
-            return False
-        head = fit_head((v for _, v in self.iter_vectors()), self.settings.head)
         arrays, settings = ArrayRow.__table__, SettingRow.__table__
         with self._begin() as c:
             c.execute(delete(arrays).where(arrays.c.name.in_(["head_mean", "head_proj"])))
             if head is not None:
+                parts = [("head_mean", head.mean)] + ([("head_proj", head.proj)] if head.proj is not None else [])
                 c.execute(insert(arrays), [{"name": name, "shape": json.dumps(list(arr.shape)),
                                             "data": np.ascontiguousarray(arr, np.float64).tobytes()}
-                                           for name, arr in (("head_mean", head.mean), ("head_proj", head.proj))])
+                                           for name, arr in parts])
                 c.execute(delete(settings).where(settings.c.key == "head_fitted_on"))
                 c.execute(insert(settings), [{"key": "head_fitted_on", "value": json.dumps(head.fitted_on)}])
         self._head = head
-        return True
 
     def head_is_stale(self) -> bool:
-        """A configured head that is missing, or was fitted on less than half of today's collection."""
-        if not self.settings.head:
+        """A configured head that is missing (and could be fitted now), or was fitted on less than half of today's
+        collection."""
+        from retrieval.index.head import MIN_CENTRE
+
+        if not self.settings.head or self.settings.head.get("fixed"):
             return False
         head = self.head
         n = self.count()
         if head is None:
-            return n >= 32
+            return n >= MIN_CENTRE
         return n >= 2 * max(head.fitted_on, 1)
 
     # -- vectors --------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import numpy as np
 
 from retrieval.errors import ImageError
 from retrieval.images import load_image
+from retrieval.match.verify import decode_side
 
 if TYPE_CHECKING:  # a cached graph searches without torch (retrieval/models/runtime.py), a plain SQLite index without
     from retrieval.models.backbone import Backbone  # SQLAlchemy (retrieval/index/store.py)
@@ -36,6 +37,8 @@ class Hit:
     distance: float | None = None  # l2 only: squared Euclidean distance
     inliers: int | None = None  # with --verify: local matches that agree on one homography
     verification: object = field(default=None, repr=False, compare=False)  # retrieval.match.verify.Verification
+    face: int | None = None  # a faces index: the face's number in its photo (largest first)
+    box: tuple | None = None  # and its box, x0, y0, x1, y1 in the photo's own pixels
 
     def to_dict(self) -> dict:
         d = {"rank": self.rank, "id": self.id, "path": self.path, "score": self.score}
@@ -43,6 +46,8 @@ class Hit:
             d["distance"] = self.distance
         if self.inliers is not None:
             d["inliers"] = self.inliers
+        if self.face is not None:
+            d["face"], d["box"] = self.face, list(self.box)
         return d
 
 
@@ -53,9 +58,17 @@ class QueryResult:
     results: list[Hit] = field(default_factory=list)
     error: str | None = None
     embedding: np.ndarray | None = field(default=None, repr=False)  # raw pooled query embedding
+    face: int | None = None  # a faces index: which face of the query photo was searched for
+    box: tuple | None = None
+    faces_in_query: int | None = None
+    query_face: object = field(default=None, repr=False)  # retrieval.faces.detect.Face
+    query_image: object = field(default=None, repr=False)  # the query photo as decoded for its faces
 
     def to_dict(self) -> dict:
         d = {"query": self.query, "metric": self.metric, "results": [h.to_dict() for h in self.results]}
+        if self.faces_in_query is not None:
+            d.update({"face": self.face, "box": list(self.box) if self.box else None,
+                      "faces_in_query": self.faces_in_query})
         if self.error:
             d["error"] = self.error
         return d
@@ -235,23 +248,22 @@ class Searcher:
         metric = self.metric
         local: dict[str, object] = {}  # query path → its local features (the query is decoded once)
 
+        embed_side = decode_side(self.store.settings)  # decoded as the indexer decodes: the same embedding
+
         def load(p: str):
             try:
                 if not verify:
-                    return pre.array(load_image(p, min_side=pre.size)), None
+                    return pre.array(load_image(p, min_side=embed_side)), None
                 from retrieval.images import decode_image, read_image_bytes
 
                 data = read_image_bytes(p)  # read once: embedded, and its keypoints looked up or extracted
-                # decoded as the indexer decodes (the same embedding as at indexing): an index whose searches
-                # verify by default decodes once, at the size both need; any other at the network's size
                 side = self.verifier.max_side
-                once = bool(self.store.settings.search.get("verify"))
-                img = decode_image(data, p, min_side=max(pre.size, side) if once else pre.size)
+                img = decode_image(data, p, min_side=embed_side)
                 feats = self.verifier.cached(data)
                 # the query's own SIFT does not need the network: extracted in a thread of its own while the
                 # batch is embedded (the verification waits for it)
                 local[p] = feats if feats is not None else sift.submit(
-                    self._query_features, data, p, img if once or pre.size >= side else None, side)
+                    self._query_features, data, p, img if embed_side >= side else None, side)
                 return pre.array(img), None
             except ImageError as e:
                 return None, e.reason
