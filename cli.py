@@ -175,8 +175,9 @@ class _Bar:
               help="Input shape of a new index: squash to a square, or keep the aspect (long side = input size).")
 @click.option("--pooling", default=None, metavar="gap|gem[:P]|rmac",
               help="Feature map → embedding for a new index: average, generalised mean (P = 3) or regional max (R-MAC).")
-@click.option("--head", default=None, metavar="none|pca|pca-whiten[:D]",
-              help="Linear head of a new index, fitted on the collection [default: none].")
+@click.option("--head", default=None, metavar="none|centre|pca|pca-whiten[:D]",
+              help="Linear head of a new index, fitted on the collection [default: the preset's; general: "
+                   "centre, instance: pca-whiten:128].")
 @click.option("--refit", is_flag=True, help="Re-fit the index's linear head on the whole collection now.")
 @click.option("--precision", type=click.Choice(["fp32", "int8", "bf16"]), default=None,
               help="Arithmetic of a new index's network (search and explain use the same): fp32, or int8 (ONNX "
@@ -382,94 +383,66 @@ def search(ctx, queries, index_dir, k, min_score, include_self, qe, dba, verify,
       retrieve search some/folder --json           # one JSON object per query image
       retrieve search photos/ --within catalogue/  # answers from the catalogue's images only
     """
-    from retrieval.index.store import IndexStore
-    from retrieval.match.search import Searcher, expand_queries
-    from retrieval.models.loader import backbone_for_settings
+    from explain.collection import Collection
+    from retrieval.match.search import expand_queries
 
     _set_threads(ctx)
     if (out_dir or method or full_maps) and not explain:
         raise click.UsageError("--out, --method and --full-maps go with --explain")
     paths = expand_queries(queries)
-    if not paths:
-        raise click.ClickException("no images among the queries")
     failed = 0
-    with IndexStore.open(_index_dir(index_dir)) as store:
-        if store.settings.preset == "faces" and catalogue_n:
-            raise click.UsageError("--catalogue does not apply to a faces index")
-        if store.settings.preset == "faces":
-            if qe or dba or verify or words or expand or within or min_score is not None:
-                raise click.UsageError("--qe, --dba, --verify, --words, --expand, --within and --min-score do not "
-                                       "apply to a faces index")
-            return _search_faces(store, paths, k, face, include_self, explain, out_dir, method, as_json)
-        if face is not None:
-            raise click.UsageError(f"--face goes with a faces index (--preset faces); {store.directory} is not one")
-        if verify is None:
-            verify = int(store.settings.search.get("verify", 0))
-        if words is None:
-            words = int(store.settings.search.get("words", 0))
-        catalogue_n = _catalogue_depth(store, catalogue_n, verify)
-        searcher = Searcher(store, backbone_for_settings(store.settings),
-                            dba=dba, within=within)
-        if explain:
-            from explain.run import index_explainer
-        explainer = index_explainer(store, searcher.backbone, method) if explain else None
-        calibration = None
-        if explain:
-            from retrieval.index.calibration import for_search
-
-            calibration = for_search(store)
-        results = searcher.search_paths(paths, k, include_self=include_self, min_score=min_score, qe=qe,
-                                        verify=verify, words=words, catalogue=catalogue_n, expand=expand,
-                                        on_error=lambda p, r: click.echo(f"{p}: {r}", err=True))
+    on_error = lambda p, r: click.echo(f"{p}: {r}", err=True)  # noqa: E731
+    with Collection(_index_dir(index_dir)) as c:
+        if c.preset.per_face:
+            if qe or dba or verify or words or expand or within or catalogue_n or min_score is not None:
+                raise click.UsageError("--qe, --dba, --verify, --words, --expand, --within, --catalogue and "
+                                       "--min-score do not apply to a faces index")
+            options = {"include_self": include_self}
+        else:
+            options = dict(c.search_options(verify, words, catalogue_n), include_self=include_self,
+                           min_score=min_score, qe=qe, expand=expand, on_error=on_error)
+        results = c.search(paths, k, searcher=c.searcher(dba=dba, within=within), face=face, **options)
         for qi, res in enumerate(results):
             if res.error:
                 failed += 1
                 click.echo(f"{res.query}: {res.error}", err=True)
-                if not as_json:
-                    continue
+                if as_json:
+                    click.echo(json.dumps(res.to_dict()))
+                continue
             explained = {}
-            if explainer is not None and not res.error and res.results:
-                from explain.run import explain_hits
-
-                target = _explain_target(out_dir, res.query, qi, len(paths))
-                explained = explain_hits(res.query, res.results, target, explainer, _explain_meta(store, explainer),
-                                         on_error=lambda p, r: click.echo(f"{p}: {r}", err=True),
-                                         calibration=calibration, map_max_side=None if full_maps else 1024)
+            if explain and res.results:
+                explained = c.explain_results(res, _explain_target(out_dir, res.query, qi, len(paths)), method,
+                                              full_maps, on_error)
+            verdicts = {h.rank: explained[h.rank]["verdict"] if h.rank in explained else c.verdict(h.score).to_dict()
+                        for h in res.results} if (explained or c.preset.per_face) else {}
             if as_json:
-                click.echo(json.dumps(_with_explanations(res.to_dict(), explained)))
+                click.echo(json.dumps(_with_verdicts(res.to_dict(), explained, verdicts)))
                 continue
-            click.echo(f"{res.query}")
-            if not res.results:
-                click.echo("  (no results)")
-                continue
-            verified = any(h.inliers is not None for h in res.results)
-            score_head = "score" if res.metric == "cosine" else "-distance"
-            click.echo(f"  {'rank':>4}  {score_head:>9}" + (f"  {'inliers':>7}" if verified else "")
-                       + ("  verdict" if explained else "") + "  path")
-            for h in res.results:
-                inl = "" if not verified else f"  {'' if h.inliers is None else h.inliers:>7}"
-                ver = f"  {explained[h.rank]['verdict']['headline']}" if h.rank in explained else ""
-                click.echo(f"  {h.rank:>4}  {h.score:>9.4f}{inl}{ver}  {h.path}")
-            if explained:
-                click.echo(f"  report: {next(iter(explained.values()))['report']}")
+            _print_results(res, explained, verdicts)
     if failed:
-        raise click.ClickException(f"{failed} of {len(paths)} queries could not be read")
+        raise click.ClickException(f"{failed} of {len(paths)} queries could not be read"
+                                   if not c.preset.per_face else f"{failed} of {len(paths)} queries had no usable face")
 
 
-def _catalogue_depth(store, n, verify: int) -> int:
-    """``search --catalogue N``: the index's default (retrieval.index.catalogue.DEPTH when it records a catalogue), or
-    N checked: it needs --verify and an index with a catalogue."""
-    from retrieval.index import catalogue
-
-    if n is None:
-        return catalogue.default_depth(store, verify)
-    roots = catalogue.folders(store)
-    if n and not verify:
-        raise click.UsageError("--catalogue N goes with --verify K (K > 0)")
-    if n and not roots:
-        raise click.ClickException(f"--catalogue: index {store.directory} has no catalogue (record one with "
-                                   f"`retrieve index CATALOGUE --index {store.directory} --catalogue`)")
-    return n
+def _print_results(res, explained: dict, verdicts: dict) -> None:
+    """A query's results as a table: rank, score, inliers (verified), verdict, face box (faces), path."""
+    face = res.faces_in_query is not None
+    click.echo(f"{res.query}" + (f" (face {res.face} of {res.faces_in_query}, box {','.join(map(str, res.box))})"
+                                 if face else ""))
+    if not res.results:
+        click.echo("  (no results)")
+        return
+    verified = any(h.inliers is not None for h in res.results)
+    score_head = "score" if res.metric == "cosine" else "-distance"
+    click.echo(f"  {'rank':>4}  {score_head:>9}" + (f"  {'inliers':>7}" if verified else "")
+               + (f"  {'face box':<19}" if face else "") + ("  verdict" if verdicts else "") + "  path")
+    for h in res.results:
+        inl = "" if not verified else f"  {'' if h.inliers is None else h.inliers:>7}"
+        box = f"  {h.face}:{','.join(map(str, h.box)):<17}" if face else ""
+        ver = f"  {verdicts[h.rank]['headline']}" if h.rank in verdicts else ""
+        click.echo(f"  {h.rank:>4}  {h.score:>9.4f}{inl}{box}{ver}  {h.path}")
+    if explained:
+        click.echo(f"  report: {next(iter(explained.values()))['report']}")
 
 
 def _explain_target(out_dir, query: str, qi: int, n: int) -> Path:
@@ -482,51 +455,15 @@ def _explain_target(out_dir, query: str, qi: int, n: int) -> Path:
     return default_out_dir(query)
 
 
-def _with_explanations(d: dict, explained: dict) -> dict:
-    """A search's JSON with each explained result's explanation under ``explanation``."""
+def _with_verdicts(d: dict, explained: dict, verdicts: dict) -> dict:
+    """A search's JSON with each explained result's explanation under ``explanation`` and its verdict under
+    ``verdict`` (with --explain, and always on a faces index)."""
     for h in d["results"]:
         if h["rank"] in explained:
             h["explanation"] = explained[h["rank"]]
+        if h["rank"] in verdicts:
+            h["verdict"] = verdicts[h["rank"]]
     return d
-
-
-def _search_faces(store, paths, k, face, include_self, explain, out_dir, method, as_json) -> None:
-    """``retrieve search`` on a faces index: one face of each query photo (retrieval/faces/search.py)."""
-    from retrieval.faces.search import FaceSearcher
-    from retrieval.presets import preset_of
-
-    searcher = FaceSearcher(store, preset_of(store.settings).backbone(store.settings))
-    failed = 0
-    for qi, path in enumerate(paths):
-        res = searcher.search(path, k, face=face, include_self=include_self)
-        if res.error:
-            failed += 1
-            click.echo(f"{path}: {res.error}", err=True)
-            if as_json:
-                click.echo(json.dumps(res.to_dict()))
-            continue
-        explained = {}
-        if explain and res.results:
-            from explain.faces import explain_face_hits
-
-            target = _explain_target(out_dir, path, qi, len(paths))
-            explained = explain_face_hits(searcher, res, target, method,
-                                          on_error=lambda p, r: click.echo(f"{p}: {r}", err=True))
-        if as_json:
-            click.echo(json.dumps(_with_explanations(res.to_dict(), explained)))
-            continue
-        click.echo(f"{path} (face {res.face} of {res.faces_in_query}, box {','.join(map(str, res.box))})")
-        if not res.results:
-            click.echo("  (no results)")
-            continue
-        click.echo(f"  {'rank':>4}  {'distance':>8}  {'face box':<19}  verdict  path")
-        for h in res.results:
-            click.echo(f"  {h.rank:>4}  {h.distance:>8.4f}  {h.face}:{','.join(map(str, h.box)):<17}  "
-                       f"{h.verdict}  {h.path}")
-        if explained:
-            click.echo(f"  report: {next(iter(explained.values()))['report']}")
-    if failed:
-        raise click.ClickException(f"{failed} of {len(paths)} queries had no usable face")
 
 
 # -- check --------------------------------------------------------------------------------------
@@ -545,22 +482,12 @@ def check(ctx, index_dir, repair, as_json) -> None:
       retrieve check
       retrieve check --repair     # re-embed or drop damaged rows, rebuild the vector file
     """
-    from retrieval.index.check import check_index, repair_index
+    from indexer import repair_index
+    from retrieval.index.check import check_index
 
     directory = _index_dir(index_dir)
     if repair:
-        from retrieval.models.loader import backbone_for_settings
-        from retrieval.index.store import IndexStore
-
-        def reembed(paths):
-            from retrieval.images import load_image
-
-            with IndexStore.open(directory) as store:
-                bb = backbone_for_settings(store.settings)
-            imgs = [load_image(p, min_side=bb.preprocess.size) for p in paths]
-            return bb.embed_images(imgs)
-
-        before = repair_index(directory, reembed)
+        before = repair_index(directory)
         rep = check_index(directory)
         rep.repaired = before.repaired
     else:
@@ -579,12 +506,6 @@ def check(ctx, index_dir, repair, as_json) -> None:
                    + ("consistent" if rep.consistent else "NOT consistent (run `retrieve check --repair`)"))
     if not rep.consistent:
         ctx.exit(1)
-
-
-def _explain_meta(store, explainer) -> dict:
-    from explain.run import explain_meta
-
-    return explain_meta(store, explainer)
 
 
 # -- explain ------------------------------------------------------------------------------------
@@ -626,99 +547,45 @@ def explain_cmd(ctx, a, b, index_dir, model, weights, metric, method, input_size
       retrieve explain a.jpg b.jpg --index ~/my-index --verify
       retrieve explain a.jpg group.jpg --index ~/faces-index --face-b 2   # a faces index: face against face
     """
-    from explain.methods import make_explainer
-    from explain.run import default_out_dir, explain_pair, index_explainer
+    from explain.run import default_out_dir
     from retrieval.images import load_image
-    from retrieval.models.loading import load_backbone
-    from retrieval.models.registry import DEFAULT_MODEL
-    from retrieval.index.store import IndexStore
 
     _set_threads(ctx)
     for p in (a, b):
         load_image(p)  # a clear one-line error before any model is loaded
     if index_dir and (model or metric or weights):
         raise click.UsageError("give --index or --model/--metric/--weights, not both")
-    if index_dir and _explain_faces(a, b, index_dir, face_a, face_b, method, input_size, out_dir, verify, as_json):
-        return
-    if face_a is not None or face_b is not None:
-        raise click.UsageError("--face-a/--face-b go with a faces index (--index DIR built with --preset faces)")
-    search = calibration = verifier = None
+    out = Path(out_dir) if out_dir else default_out_dir(a)
     if index_dir:
-        from retrieval.index.calibration import for_search
-        from retrieval.models.loader import backbone_for_settings
+        from explain.collection import Collection
 
-        from explain.run import index_pair_score
-
-        with IndexStore.open(_index_dir(index_dir)) as store:
-            bb = backbone_for_settings(store.settings)
-            explainer = index_explainer(store, bb, method, input_size)
-            meta = _explain_meta(store, explainer)
-            search = index_pair_score(store, bb, a, b)
-            calibration = for_search(store)
-            if verify:  # inliers counted as the index's searches count them (retrieval.match.words.index_verifier)
-                from retrieval.match.words import index_verifier
-
-                verifier = index_verifier(store)
+        with Collection(_index_dir(index_dir)) as c:
+            doc = c.explain_pair(a, b, out, method, verify, input_size, full_maps, face_a=face_a, face_b=face_b)
     else:
-        bb = load_backbone(model or DEFAULT_MODEL, weights, input_size=input_size)
-        if not input_size:  # maps at the resolution an index explains at (retrieval.index.store.default_explain)
-            from retrieval.index.store import default_explain
+        if face_a is not None or face_b is not None:
+            raise click.UsageError("--face-a/--face-b go with a faces index (--index DIR built with --preset faces)")
+        from explain.run import explain_alone
 
-            bb = bb.at_size(default_explain(bb.preprocess.size)["input_size"])
-        explainer = make_explainer(method or "sfam", bb, metric=metric or "cosine", mu=None)
-        meta = _explain_meta(None, explainer)
-    verification = None
-    if verify:
-        from retrieval.match.verify import Verifier
-
-        v = verifier or Verifier()
-        verification = v.verify(v.features(a), v.features(b))
-    doc = explain_pair(a, b, Path(out_dir) if out_dir else default_out_dir(a), explainer, meta, verification,
-                       search=search, calibration=calibration, map_max_side=None if full_maps else 1024)
+        doc = explain_alone(a, b, out, model, weights, metric, method, input_size, verify, full_maps)
     if as_json:
         click.echo(json.dumps(doc))
         return
+    for side, key in (("A", "a"), ("B", "b")):
+        if f"face_{key}" in doc:
+            click.echo(f"{side}: {doc['query' if key == 'a' else 'result']} (face {doc['face_' + key]} of "
+                       f"{doc['faces_in_' + key]}, box {','.join(map(str, doc['box_' + key]))})")
     click.echo(doc["score_text"])
     click.echo(doc["verdict"]["text"])
+    if doc.get("collection_note"):
+        click.echo(doc["collection_note"][0].upper() + doc["collection_note"][1:] + ".")
     click.echo(doc["explained"]["text"])
     for c in doc["correspondences"]:
         click.echo(f"  region pair {c['rank']}: query {_box(c['query_box'])} ↔ result {_box(c['result_box'])}  "
                    f"{c['share']:6.1%} of the evidence for the match")
+    if "energy_in_box" in doc:
+        click.echo(f"share of the map inside the face box: A {doc['energy_in_box']['query']:.0%}, "
+                   f"B {doc['energy_in_box']['result']:.0%}")
     click.echo(f"report: {doc['files']['report']}")
-
-
-def _explain_faces(a, b, index_dir, face_a, face_b, method, input_size, out_dir, verify, as_json) -> bool:
-    """``retrieve explain A B --index FACES`` (explain/faces.py explain_face_pair); False when the index is not
-    a faces index (the general explain goes on)."""
-    from explain.run import default_out_dir
-    from retrieval.index.store import IndexStore
-
-    with IndexStore.open(_index_dir(index_dir)) as store:
-        if store.settings.preset != "faces":
-            return False
-        for given, opt in ((input_size, "--input-size"), (verify, "--verify")):
-            if given:
-                raise click.UsageError(f"{opt} does not apply to a faces index (the maps live on 150×150 aligned chips)")
-        if method not in (None, "sfam", "gradcam"):
-            raise click.UsageError(f"--method {method}: a faces index explains with sfam or gradcam")
-        from explain.faces import explain_face_pair
-        from retrieval.faces.search import FaceSearcher
-        from retrieval.presets import preset_of
-
-        searcher = FaceSearcher(store, preset_of(store.settings).backbone(store.settings))
-        doc = explain_face_pair(searcher, a, b, Path(out_dir) if out_dir else default_out_dir(a), face_a, face_b,
-                                method)
-    if as_json:
-        click.echo(json.dumps(doc))
-        return True
-    click.echo(f"A: {a} (face {doc['face_a']} of {doc['faces_in_a']}, box {','.join(map(str, doc['box_a']))})")
-    click.echo(f"B: {b} (face {doc['face_b']} of {doc['faces_in_b']}, box {','.join(map(str, doc['box_b']))})")
-    click.echo(doc["verdict"])
-    cis = f"; Σ CIS {doc['cis_sum']:.4f} = {doc['cis_target']:.4f}" if doc["cis_sum"] is not None else ""
-    click.echo(f"explained: {doc['explained']}{cis}; share of the map inside the face box: "
-               f"A {doc['energy_in_box']['a']:.0%}, B {doc['energy_in_box']['b']:.0%}")
-    click.echo(f"report: {doc['files']['report']}")
-    return True
 
 
 def _box(b) -> str:

@@ -1,72 +1,114 @@
-"""Channel-wise contribution importance scores (CIS) — the heart of SFAM (arXiv:2506.01636).
+"""Channel-wise contribution importance scores (CIS) — the heart of SFAM (arXiv:2506.01636) — of the score an index
+ranks a pair by. One module: the score, its CIS, the channel table and the weights the heat maps draw with all come
+from :func:`decompose`.
 
-For pooled embeddings ``q`` and ``r`` (global averages of the feature maps), a CIS vector splits the
-pair's similarity into one term per channel, so that the terms add up to it exactly:
+The index's vector space (retrieval/index/space.py) maps a raw pooled embedding ``a`` to ``e = P (a − m)`` (a linear
+head: centring, PCA or PCA-whitening; none: ``e = a``), L2-normalised for the cosine. For the cosine
+``s = ⟨e_q, e_r⟩ / (‖e_q‖‖e_r‖)`` the CIS in backbone-channel space, with ``G = PᵀP``, are
 
-- cosine: ``CIS_k = q_k r_k / (‖q‖ ‖r‖)``, ``Σ_k CIS_k = cos(q, r)``; with a reference point μ
-  (centred cosine) the same on ``q − μ`` and ``r − μ``.
-- l2: ``CIS_k = (q_k − μ_k)(r_k − μ_k)``, ``Σ_k CIS_k = ½(‖q−μ‖² + ‖r−μ‖² − ‖q−r‖²)``: how much closer
-  the two are to each other than to a typical image (μ = the collection mean; μ = 0 gives ``q·r``).
-  The literal per-channel split of the distance, ``−(q_k − r_k)²``, is never positive and so gives
-  empty maps; see the spec.
+    CIS_k = (q − m)_k · (G (r − m))_k / (‖e_q‖‖e_r‖),        Σ_k CIS_k = s exactly,
+
+and ``Σ_k wr_k (r − m)_k = Σ_k (q − m)_k wq_k = s`` with ``wr = G (q − m)/z``, ``wq = G (r − m)/z``: the weights the heat
+maps give each channel's map (explain/methods.py), each map's spatial mean the score (per channel they equal the
+CIS when ``G = I``). For ``l2`` (``s = −‖e_q − e_r‖²``) the per-channel split of the
+distance is never positive and draws nothing; the CIS then split ``⟨e_q, e_r⟩`` relative to the collection mean,
+"how much closer the two are to each other than to a typical photo" (the spec's choice), and the outputs say so.
+
+An index made before the general preset centred its embeddings ranks by the plain cosine (``m = 0``): its CIS split
+that cosine exactly, and its maps draw the part of each channel's CIS centred on the collection mean (weights
+``(q − μ)/z``): with plain weights the maps localise markedly worse (bench/results/explain-ranking-cis.md, rows B and
+B″), with these they are the centred cosine's maps.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
 
-def _vec(x) -> np.ndarray:
-    return np.asarray(x, dtype=np.float64).reshape(-1)
+@dataclass
+class Decomposition:
+    """One pair's score and its split over the backbone's channels (see the module docstring)."""
+
+    score: float  # what ranks the pair: the cosine, or minus the squared distance (l2)
+    distance: float | None  # l2: the squared Euclidean distance
+    cis: np.ndarray  # C channel terms
+    total: float  # Σ CIS: the score itself for the cosine
+    wq: np.ndarray  # the query map's channel weights
+    wr: np.ndarray  # the result map's channel weights
+    centre: np.ndarray  # the point the weights' maps are centred on (the space's centre, or the collection mean)
+    head: object = None  # the space's LinearHead (G = PᵀP between channels), None: G = I
+    z: float = 1.0  # the cosine's normaliser ‖e_q‖‖e_r‖ (1 for l2)
+
+    @property
+    def exact(self) -> bool:
+        """Σ CIS is the score (the cosine), not a related number (l2)."""
+        return self.distance is None
+
+    def to_dict(self) -> dict:
+        d = {"score": self.score, "cis_sum": float(self.cis.sum()), "exact": self.exact}
+        if self.distance is not None:
+            d["distance"] = self.distance
+            d["cis_target"] = self.total
+        return d
 
 
-def cis_cosine(q, r, mu=None) -> np.ndarray:
-    """Per-channel terms of the cosine similarity of ``q − μ`` and ``r − μ`` (μ = 0 when None)."""
-    q, r = _vec(q), _vec(r)
-    if mu is not None:
-        m = _vec(mu)
-        q, r = q - m, r - m
-    denom = max(np.linalg.norm(q) * np.linalg.norm(r), 1e-12)
-    return q * r / denom
+def _rows(x) -> np.ndarray:
+    return np.atleast_2d(np.asarray(x, np.float64))
 
 
-def cis_l2(q, r, mu=None) -> np.ndarray:
-    """Per-channel terms of the similarity that squared L2 implies relative to μ (see the module doc)."""
-    q, r = _vec(q), _vec(r)
-    m = _vec(mu) if mu is not None else np.zeros_like(q)
-    return (q - m) * (r - m)
-
-
-def cis_head(q, r, mean, proj, metric: str) -> dict:
-    """CIS through a linear head ``e = P(a − m)``, in backbone-channel space (``G = PᵀP``).
-
-    ``CIS_k = (q − m)_k (G (r − m))_k``, divided by ``‖e_q‖‖e_r‖`` for cosine; it sums to ``cos(e_q, e_r)``
-    (cosine) or to ``e_q·e_r = ½(‖e_q‖² + ‖e_r‖² − ‖e_q − e_r‖²)`` (l2). Returns the score fields.
-    """
-    q, r, m, p = _vec(q), _vec(r), _vec(mean), np.asarray(proj, np.float64)
+def decompose(q, r, metric, head=None, mean=None) -> list[Decomposition]:
+    """The decompositions of query ``q`` (C) against each row of ``r`` (N×C, raw pooled embeddings) in a vector space:
+    ``metric`` (a :class:`retrieval.metric.Metric`), ``head`` (a :class:`retrieval.index.head.LinearHead` or None) and
+    ``mean`` (the collection's mean embedding: the l2 reference point, and the maps' centre without a head)."""
+    q = _rows(q)[0]
+    r = _rows(r)
+    c = q.shape[0]
+    mu = np.zeros(c) if mean is None else np.asarray(mean, np.float64).reshape(-1)
+    m = np.asarray(head.mean, np.float64) if head is not None else (mu if not metric.normalised else np.zeros(c))
     qc, rc = q - m, r - m
-    eq, er = p @ qc, p @ rc
-    cis = qc * (p.T @ er)
-    if metric == "cosine":
-        cis = cis / max(np.linalg.norm(eq) * np.linalg.norm(er), 1e-12)
-        return {"score": float(cis.sum()), "cis": cis, "cis_target": float(eq @ er / max(np.linalg.norm(eq) * np.linalg.norm(er), 1e-12))}
-    d = float(((eq - er) ** 2).sum())
-    return {"score": -d, "distance": d, "cis": cis, "cis_target": float(0.5 * (eq @ eq + er @ er - d))}
+    gq = head.gram_apply(qc) if head is not None else qc  # G (q − m)
+    gr = head.gram_apply(rc) if head is not None else rc  # G (r − m), row-wise
+    proj = None if head is None else head.proj
+    eq, er = (qc, rc) if proj is None else (qc @ proj.T, rc @ proj.T)  # e = P (a − m), in float64
+    out = []
+    for i in range(len(r)):
+        if metric.normalised:
+            z = max(float(np.linalg.norm(eq) * np.linalg.norm(er[i])), 1e-12)
+            cis = qc * gr[i] / z
+            score, distance, total = float(cis.sum()), None, float(cis.sum())
+            if head is None:  # the plain cosine: the maps draw its part centred on the collection mean
+                wq, wr, centre = (r[i] - mu) / z, (q - mu) / z, mu
+            else:
+                wq, wr, centre = gr[i] / z, gq / z, m
+        else:
+            d = float(((eq - er[i]) ** 2).sum())
+            cis = qc * gr[i]
+            score, distance, total, z = -d, d, float(cis.sum()), 1.0
+            wq, wr, centre = gr[i], gq, m
+        out.append(Decomposition(score, distance, cis, total, wq, wr, centre, head, z))
+    return out
 
 
-def cosine(q, r, mu=None) -> float:
-    return float(cis_cosine(q, r, mu).sum())
+def decompose_in(space, q, r) -> list[Decomposition]:
+    """:func:`decompose` in an index's vector space (its metric, fitted head and collection mean)."""
+    return decompose(q, r, space.metric, space.head, space.mean)
 
 
-def l2_target(q, r, mu=None) -> float:
-    """``½(‖q−μ‖² + ‖r−μ‖² − ‖q−r‖²)``: what the l2 CIS sums to."""
-    q, r = _vec(q), _vec(r)
-    m = _vec(mu) if mu is not None else np.zeros_like(q)
-    return float(0.5 * (((q - m) ** 2).sum() + ((r - m) ** 2).sum() - ((q - r) ** 2).sum()))
-
-
-def top_channels(cis: np.ndarray, n: int = 10) -> list[dict]:
-    """The channels that carried the match: index, CIS, and share of the total (Σ CIS)."""
-    total = float(cis.sum())
-    order = np.argsort(-cis)[:n]
-    return [{"channel": int(k), "cis": float(cis[k]), "share": float(cis[k] / total) if total else 0.0}
-            for k in order]
+def channel_rows(cis, n: int = 10) -> tuple[list[dict], str]:
+    """The top ``n`` channels for the match, each with its share of the evidence *for* it (the sum of the positive
+    terms), so shares lie in [0, 1]; and a sentence on what the terms add up to."""
+    if cis is None:
+        return [], ""
+    cis = np.asarray(cis, np.float64)
+    pos = float(cis[cis > 0].sum())
+    neg = float(-cis[cis < 0].sum())
+    rows = [{"channel": int(k), "cis": float(cis[k]), "share": float(cis[k] / pos)}
+            for k in np.argsort(-cis)[:n] if cis[k] > 0]
+    if pos <= neg:
+        note = (f"the channels against the match outweigh those for it ({pos:.4f} for, {neg:.4f} against): the maps "
+                "show the little the two photos have in common")
+    else:
+        top = sum(r["share"] for r in rows)
+        note = f"{len(rows)} channels carry {top:.0%} of the evidence for the match; {pos:.4f} for, {neg:.4f} against"
+    return rows, note

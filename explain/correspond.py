@@ -39,27 +39,23 @@ class Correspondence:
                 "term": self.term, "share": self.share}
 
 
-def pair_terms(explainer, aq: torch.Tensor, ar: torch.Tensor) -> np.ndarray:
-    """``S`` (n_q × n_r, row-major locations of each feature map) for feature maps ``aq``, ``ar`` (1×C×h×w)."""
+def pair_terms(explainer, aq: torch.Tensor, ar: torch.Tensor, pair=None) -> np.ndarray:
+    """``S`` (n_q × n_r, row-major locations of each feature map) for feature maps ``aq``, ``ar`` (1×C×h×w): the
+    bilinear form of the pair's score (explain/cis.py: ``G`` and the normaliser of its space) between the two maps'
+    per-location contributions, centred on the point the maps are centred on. ``pair``: the index's decomposition
+    (None: the explainer's own similarity at its resolution, whose terms add up to it exactly)."""
     pooling = explainer.backbone.pooling
     cq = pooling.contributions(aq.double())[0].reshape(aq.shape[1], -1).numpy()  # C × n_q
     cr = pooling.contributions(ar.double())[0].reshape(ar.shape[1], -1).numpy()
-    q, r = cq.mean(1), cr.mean(1)
-    head, metric = explainer.head, explainer.metric
-    if head is not None:
-        m = np.asarray(head.mean, np.float64)
-        p = np.asarray(head.proj, np.float64)
-        u, v = cq - m[:, None], p.T @ (p @ (cr - m[:, None]))
-        norm = np.linalg.norm(p @ (q - m)) * np.linalg.norm(p @ (r - m)) if metric == "cosine" else 1.0
+    if pair is None:
+        pair = explainer.decompose(cq.mean(1), cr.mean(1)[None])[0]
+        m = np.asarray(pair.centre, np.float64)
     else:
-        if metric == "cosine":
-            m = explainer.mu if explainer.centre else None
-        else:
-            m = explainer.mu
-        m = np.zeros(cq.shape[0]) if m is None else np.asarray(m, np.float64)
-        u, v = cq - m[:, None], cr - m[:, None]
-        norm = np.linalg.norm(q - m) * np.linalg.norm(r - m) if metric == "cosine" else 1.0
-    return (u.T @ v) / (cq.shape[1] * cr.shape[1] * max(norm, 1e-12))
+        m = explainer._ref(cq.shape[0], [pair]) if hasattr(explainer, "_ref") else np.asarray(pair.centre)
+    u, v = cq - m[:, None], cr - m[:, None]
+    if pair.head is not None:
+        v = pair.head.gram_apply(v.T).T
+    return (u.T @ v) / (cq.shape[1] * cr.shape[1] * max(pair.z, 1e-12))
 
 
 def window(grid: tuple[int, int], fraction: float = WINDOW_FRACTION) -> tuple[int, int]:

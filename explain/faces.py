@@ -1,27 +1,27 @@
 """Explaining face matches: SFAM on the aligned chips, mapped back onto both photos.
 
-The descriptor of dlib's face ResNet is a linear layer over the global average of the last feature map,
-so SFAM's CIS decomposes the explained similarity exactly (retrieval/faces/network.py folds that layer into
-the map). The maps are computed on the two 150×150 aligned chips, then carried onto each photo through the
-inverse of its alignment (the chip → photo similarity transform), where the face boxes are drawn.
+The descriptor of dlib's face ResNet is a linear layer over the global average of the last feature map, so the CIS
+of a faces index's score (the cosine of the two descriptors measured from the mean face: explain/cis.py) split it
+exactly (retrieval/faces/network.py folds that layer into the map). The maps are computed on the two 150×150 aligned
+chips, then carried onto each photo through the inverse of its alignment (the chip → photo similarity transform),
+where the face boxes are drawn. Records, verdicts and the report are the photos' own (explain/run.py): one score, one
+verdict vocabulary, one report.
 """
 from __future__ import annotations
 
-import html
-import json
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
-from retrieval.faces.network import CHIP_SIZE
-from retrieval.faces.search import FaceQuery, FaceSearcher, _iou
+from retrieval.errors import RetrieveError
 from retrieval.faces.detect import Face, warp_to_photo
+from retrieval.faces.network import CHIP_SIZE, TAP, stored_tap_mean
+from retrieval.faces.search import _iou
+from retrieval.verdict import verdict as make_verdict
 
-from .methods import SFAM
-from .render import REPORT_CSS, _heat_uri, _jpeg_uri, _legend_css, overlay
-
-from retrieval.faces.network import TAP, stored_tap_mean  # noqa: E402  (TAP: 8×8 on a chip, fused with the last map)
+from .methods import MAP_MAX_SIDE, SFAM, map_size
+from .render import ReportItem, overlay, pair_figure, save_maps, saved_side, write_report
 
 #: Where the cells of the face ResNet's maps sit on the 150×150 chip, by grid side: (centre of cell 0, stride)
 #: in chip pixels. The network pads none of its strided layers (7×7/2 and 3×3/2 convolutions, 3×3/2 max
@@ -65,29 +65,29 @@ def chip_map(raw: np.ndarray, size: int = CHIP_SIZE) -> np.ndarray | None:
     return (m / top if top > 0 else m).astype(np.float32)
 
 
-def face_explainer(searcher: FaceSearcher, method: str | None = None):
-    """SFAM (the default map: final layer × finer layer centred on the collection's μ_tap × correspondence
-    gate) or any other method of explain/methods.py, on chips, for the index's L2 metric, CIS relative to the
-    collection's mean face."""
+def face_explainer(store, backbone, method: str | None = None):
+    """SFAM (the default map: final layer × finer layer centred on the collection's μ_tap × correspondence gate) or
+    any other method of explain/methods.py, on chips, in the index's space (its metric, the mean face)."""
     from .methods import make_explainer
 
-    mu = searcher.store.mean if searcher.store.count() else None
+    mu = store.mean if store.count() and not store.metric.normalised else None  # an index made before: l2 on μ
     if method in (None, "sfam"):  # the 8×8 layer centred on the collection's μ_tap (stored by the indexer)
         # paper=0: the gated map alone, as measured on faces (bench/results/faces.md: 0.92 of the map in the face
         # box); the general preset's floor of the paper's map was chosen on Lite0 and not measured on face chips
-        ex = SFAM(searcher.backbone, metric="l2", mu=mu, tap=TAP, mu_tap=stored_tap_mean(searcher.store), paper=0)
+        ex = SFAM(backbone, metric=store.metric, mu=mu, head=store.head, tap=TAP, mu_tap=stored_tap_mean(store),
+                  paper=0)
     else:
-        ex = make_explainer(method, searcher.backbone, metric="l2", mu=mu)
+        ex = make_explainer(method, backbone, metric=store.metric, mu=mu, head=store.head)
     ex.map_max_side = None  # chip-sized maps (150×150)
     return ex
 
 
-def energy_in_box(heat: np.ndarray, box) -> float:
-    """The share of a map's mass inside ``box`` (x0, y0, x1, y1)."""
+def energy_in_box(heat: np.ndarray, box, scale: float = 1.0) -> float:
+    """The share of a map's mass inside ``box`` (x0, y0, x1, y1 in photo pixels; the map ``scale`` of them)."""
     total = float(np.clip(heat, 0, None).sum())
     if total <= 0:
         return 0.0
-    x0, y0, x1, y1 = box
+    x0, y0, x1, y1 = (int(round(v * scale)) for v in box)
     return float(np.clip(heat[y0:y1, x0:x1], 0, None).sum() / total)
 
 
@@ -97,130 +97,34 @@ def match_face(faces: list[Face], box) -> Face | None:
     return best if best is not None and _iou(best.box, box) > 0.3 else None
 
 
-def explain_pair(explainer, qimg: Image.Image, qface: Face, rimg: Image.Image, rface: Face) -> dict:
-    """Maps on both chips and on both photos (each photo's own pixels), and the SFAM explanation."""
-    e = explainer.explain(Image.fromarray(qface.chip), Image.fromarray(rface.chip))
-    qh, qw = qimg.height, qimg.width
-    rh, rw = rimg.height, rimg.width
+def _to_photo(chip: np.ndarray, face: Face, own_hw: tuple[int, int], max_side: int | None) -> np.ndarray:
+    """A chip map carried onto its photo through the alignment, at the map size of the photo (``max_side``)."""
+    h, w = map_size(own_hw, max_side)
+    s = w / own_hw[1]
+    m = warp_to_photo(chip, np.diag([s, s]) @ face.to_photo, (h, w))
+    return m / m.max() if m.max() > 0 else m
+
+
+def explain_face(explainer, qimg: Image.Image, qface: Face, rimg: Image.Image, rface: Face, pair=None,
+                 max_side: int | None = MAP_MAX_SIDE):
+    """The explanation of one pair of faces with its maps on both photos (their own aspect, long side at most
+    ``max_side``) and, in ``details``, on both chips and the share of each photo map inside its face box."""
+    e = explainer.explain(Image.fromarray(qface.chip), Image.fromarray(rface.chip), pair)
     qchip, rchip = e.query_map, e.result_map
-    if getattr(explainer, "cell_geometry", True):  # each cell at its place on the chip (CELLS)
-        qc, rc = chip_map(e.query_raw, qchip.shape[0]), chip_map(e.result_raw, rchip.shape[0])
-        if qc is not None and rc is not None and qchip.shape[0] == qchip.shape[1]:
-            qchip, rchip = qc, rc
-    qmap = warp_to_photo(qchip, qface.to_photo, (qh, qw))
-    rmap = warp_to_photo(rchip, rface.to_photo, (rh, rw))
-    for m in (qmap, rmap):
-        if m.max() > 0:
-            m /= m.max()
-    return {"explanation": e, "query_chip_map": qchip, "result_chip_map": rchip, "query_photo_map": qmap,
-            "result_photo_map": rmap,
-            "energy_in_box": {"query": energy_in_box(qmap, qface.box), "result": energy_in_box(rmap, rface.box)}}
+    qc, rc = chip_map(e.query_raw, qchip.shape[0]), chip_map(e.result_raw, rchip.shape[0])
+    if qc is not None and rc is not None and qchip.shape[0] == qchip.shape[1]:  # each cell at its place (CELLS)
+        qchip, rchip = qc, rc
+    qo, ro = (qimg.height, qimg.width), (rimg.height, rimg.width)
+    e.query_map, e.result_map = _to_photo(qchip, qface, qo, max_side), _to_photo(rchip, rface, ro, max_side)
+    e.details["chip_maps"] = (qchip, rchip)
+    e.details["energy_in_box"] = {"query": energy_in_box(e.query_map, qface.box, e.query_map.shape[1] / qo[1]),
+                                  "result": energy_in_box(e.result_map, rface.box, e.result_map.shape[1] / ro[1])}
+    return e
 
 
-def _save_pair(out: Path, p: dict, query: tuple, result: tuple) -> None:
-    """Write one pair's pictures and maps: per side (image, face, overlay name, chip name, map name), the photo
-    with its map and face box, the chip with its map, and the photo-sized map (.npy, float32)."""
-    for (img, face, over, chip, npy), side in ((query, "query"), (result, "result")):
-        _boxed(img, p[f"{side}_photo_map"], face.box).save(out / over)
-        overlay(Image.fromarray(face.chip), p[f"{side}_chip_map"]).save(out / chip)
-        np.save(out / npy, p[f"{side}_photo_map"].astype(np.float32))
-
-
-def _boxed(img: Image.Image, heat: np.ndarray, box, colour=(0, 229, 255)) -> Image.Image:
-    out = overlay(img.convert("RGB"), heat)
-    d = ImageDraw.Draw(out)
-    w = max(2, round(max(img.size) / 250))
-    d.rectangle([box[0], box[1], box[2] - 1, box[3] - 1], outline=colour, width=w)
-    return out
-
-
-def _face_box_svg(size, box, label: str) -> str:
-    w, h = size
-    sw = max(w, h) / 250
-    return (f"<svg class='marks' viewBox='0 0 {w} {h}' preserveAspectRatio='none'><rect x='{box[0]}' y='{box[1]}' "
-            f"width='{box[2] - box[0]}' height='{box[3] - box[1]}' fill='none' stroke='#00e5ff' "
-            f"stroke-width='{sw:.2f}'/></svg>")
-
-
-def _panel(label: str, path: str, img: Image.Image, heat: np.ndarray, box) -> str:
-    E = html.escape
-    return (f"<figure><div class='stack'><img class='photo' alt='{E(label)} photo' src='{_jpeg_uri(img)}'>"
-            f"<img class='heat' alt='{E(label)} heat map' src='{_heat_uri(heat)}' style='opacity:.6'>"
-            f"{_face_box_svg(img.size, box, label)}</div><figcaption>{E(label)}: <code>{E(path)}</code> "
-            f"({img.width}×{img.height}), face box {box[0]},{box[1]}–{box[2]},{box[3]}</figcaption></figure>")
-
-
-def explain_face_hits(searcher: FaceSearcher, res: FaceQuery, out: Path, method: str | None = None,
-                      on_error=None) -> dict[int, dict]:
-    """For each hit of ``res``: overlay PNGs (both photos with the face boxes, both chips), .npy maps in
-    each photo's pixels, and one report.html. Returns {rank: record}."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    explainer = face_explainer(searcher, method)
-    qimg, qface = res.query_image.convert("RGB"), res.query_face
-    records: dict[int, dict] = {}
-    sections = []
-    for h in res.results:
-        try:
-            rimg, rfaces = searcher.faces_of(h.path)
-        except Exception as e:  # the photo went away or broke since it was indexed
-            if on_error:
-                on_error(h.path, str(e))
-            continue
-        rface = match_face(rfaces, h.box)
-        if rface is None:
-            if on_error:
-                on_error(h.path, f"the indexed face at {h.box} is no longer found; re-index")
-            continue
-        rimg = rimg.convert("RGB")
-        p = explain_pair(explainer, qimg, qface, rimg, rface)
-        e = p["explanation"]
-        stem = f"{h.rank:02d}"
-        files = {"query_overlay": f"{stem}_query.png", "result_overlay": f"{stem}_result.png",
-                 "query_chip": f"{stem}_query_chip.png", "result_chip": f"{stem}_result_chip.png",
-                 "query_map": f"{stem}_query_map.npy", "result_map": f"{stem}_result_map.npy"}
-        _save_pair(out, p, (qimg, qface, files["query_overlay"], files["query_chip"], files["query_map"]),
-                   (rimg, rface, files["result_overlay"], files["result_chip"], files["result_map"]))
-        rec = {**h.to_dict(), "explained": e.similarity, "cis_sum": float(e.cis.sum()) if e.cis is not None else None,
-               "cis_target": e.cis_target, "energy_in_box": p["energy_in_box"], "files": files,
-               "report": str(out / "report.html")}
-        records[h.rank] = rec
-        E = html.escape
-        sections.append(
-            f"<section><h2>#{h.rank} · {E(Path(h.path).name)} · face {h.face}</h2>"
-            f"<p class='verdict lead'><b>{E(h.verdict)}</b></p>"
-            f"<p class='muted'>Distance between the two 128-d face descriptors (dlib's face ResNet); dlib's "
-            f"documented threshold: under {searcher.threshold:g} is the same person. Maps: SFAM on the aligned "
-            f"chips (explained: {E(e.similarity)}; Σ CIS = {rec['cis_sum']:.4f}, target {e.cis_target:.4f}), "
-            f"carried onto each photo through the inverse of its alignment. Share of the map inside the face "
-            f"box: query {p['energy_in_box']['query']:.0%}, result {p['energy_in_box']['result']:.0%}.</p>"
-            "<div class='pair'>" + _panel("query", res.query, qimg, p["query_photo_map"], qface.box)
-            + _panel("result", h.path, rimg, p["result_photo_map"], rface.box) + "</div>"
-            f"<p class='muted'>Aligned chips (150×150) with their maps:</p><div class='pair'>"
-            f"<figure><img class='photo' alt='query chip' src='{_jpeg_uri(Image.open(out / files['query_chip']))}'>"
-            f"<figcaption>query chip</figcaption></figure><figure><img class='photo' alt='result chip' "
-            f"src='{_jpeg_uri(Image.open(out / files['result_chip']))}'><figcaption>result chip</figcaption>"
-            "</figure></div></section>")
-    title = f"Faces like face {res.face} of {Path(res.query).name}"
-    page = [f"<!doctype html><html lang='en'><meta charset='utf-8'><title>{html.escape(title)}</title>",
-            f"<style>{REPORT_CSS}.pair figure img.photo{{max-width:100%}}</style>",
-            f"<h1>{html.escape(title)}</h1>",
-            f"<p class='muted'>query: <code>{html.escape(res.query)}</code> · face {res.face} of "
-            f"{res.faces_in_query} · box {res.box} · model: dlib face ResNet (PyTorch port) · metric: L2</p>",
-            "<div class='legend'><span>heat map:</span><span>low</span>"
-            f"<span class='bar' style='background:{_legend_css()}'></span><span>high</span></div>"]
-    page += sections
-    page.append("</html>")
-    (out / "report.html").write_text("\n".join(page), encoding="utf-8")
-    (out / "results.json").write_text(json.dumps({**res.to_dict(), "explained": records}, indent=1))
-    return records
-
-
-def pick_face(searcher: FaceSearcher, path: str, n: int | None, option: str) -> tuple[Image.Image, Face, int]:
-    """(photo, face, number of faces) of face ``n`` (None: the largest) of the photo at ``path``; a photo
-    without a face, or with fewer faces than ``n + 1``, is a one-line error naming it."""
-    from retrieval.errors import RetrieveError
-
+def pick_face(searcher, path: str, n: int | None, option: str) -> tuple[Image.Image, Face, int]:
+    """(photo, face, number of faces) of face ``n`` (None: the largest) of the photo at ``path``; a photo without a
+    face, or with fewer faces than ``n + 1``, is a one-line error naming it."""
     img, faces = searcher.faces_of(path)
     if not faces:
         raise RetrieveError(f"{path}: no face found (the {searcher.finder.detector_name.upper()} detector of "
@@ -232,54 +136,92 @@ def pick_face(searcher: FaceSearcher, path: str, n: int | None, option: str) -> 
     return img.convert("RGB"), faces[n], len(faces)
 
 
-def explain_face_pair(searcher: FaceSearcher, a: str, b: str, out: Path, face_a: int | None = None,
-                      face_b: int | None = None, method: str | None = None) -> dict:
-    """``retrieve explain A B --index FACES``: one face of each photo (the largest unless ``face_a``/``face_b``),
-    the distance and dlib's verdict exactly as ``retrieve search A`` reports B's face (the same chips, the same
-    network), SFAM on the two chips carried back onto both photos with the face boxes. Writes overlays, chips,
-    .npy maps in photo pixels, explain.json and report.html under ``out``; returns explain.json's document."""
-    from retrieval.faces.search import verdict
+def face_item(label: str, a: str, b: str, qimg, qface, rimg, rface, e, rec, files: dict) -> ReportItem:
+    """A report section for a pair of faces: the photos with their maps and face boxes, the chips with theirs."""
+    qchip, rchip = e.details["chip_maps"]
+    chips = (overlay(Image.fromarray(qface.chip), qchip), overlay(Image.fromarray(rface.chip), rchip))
+    return ReportItem(label, a, b, qimg, rimg, e, rec, face_boxes=(qface.box, rface.box), chips=chips)
+
+
+def face_record(rec: dict, e, qface: Face, rface: Face) -> dict:
+    """The faces' own fields beside a pair's record: face numbers, boxes, the map's share in each box."""
+    return {**rec, "query_face": qface.index, "query_box": list(qface.box), "face": rface.index,
+            "box": list(rface.box), "energy_in_box": e.details["energy_in_box"]}
+
+
+def explain_face_hits(searcher, explainer, res, out: Path, meta: dict, pairs: dict, score_is: str, same,
+                      on_error=None, map_max_side: int | None = MAP_MAX_SIDE) -> dict[int, dict]:
+    """For each hit of ``res`` (a faces search's query result): the maps of its face against the query face on both
+    photos and chips, one report.html, NN_query_map.npy / NN_result_map.npy / NN.png; {rank: record}.
+    ``pairs``: {hit id: the decomposition of its score}; ``same(score)``: the preset's face test."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    qimg, qface = res.query_image.convert("RGB"), res.query_face
+    records, items = {}, []
+    for h in res.results:
+        try:
+            rimg, rfaces = searcher.faces_of(h.path)
+        except Exception as exc:  # noqa: BLE001  (the photo went away or broke since it was indexed)
+            if on_error:
+                on_error(h.path, str(exc))
+            continue
+        rface = match_face(rfaces, h.box)
+        if rface is None:
+            if on_error:
+                on_error(h.path, f"the indexed face at {h.box} is no longer found; re-index")
+            continue
+        rimg = rimg.convert("RGB")
+        e = explain_face(explainer, qimg, qface, rimg, rface, pairs[h.id], map_max_side)
+        records[h.rank], item = _face_outputs(out, f"{h.rank:02d}", res.query, h.path, qimg, qface, rimg, rface, e,
+                                              score_is, same, f"#{h.rank} · {Path(h.path).name} · face {h.face}",
+                                              map_max_side)
+        items.append(item)
+    write_report(out / "report.html", f"Faces like face {res.face} of {Path(res.query).name}", items, meta)
+    return records
+
+
+def _face_outputs(out: Path, stem: str, a, b, qimg, qface, rimg, rface, e, score_is: str, same, label: str,
+                  max_side: int | None = MAP_MAX_SIDE):
+    from .run import pair_record
+
+    files = save_maps(out, f"{stem}_" if stem else "", e, ((qimg.height, qimg.width), (rimg.height, rimg.width)),
+                      max_side=saved_side(max_side))
+    v = make_verdict(e.score, same_person=same(e.score))
+    rec = face_record(pair_record(e, score_is, v, [], files), e, qface, rface)
+    png = out / (f"{stem}.png" if stem else "pair.png")
+    pair_figure(qimg, rimg, e, f"{rec['score_short']} · {label}: {v.headline}", png, v.text)
+    rec.update({"png": str(png), "report": str(out / "report.html")})
+    return rec, face_item(f"{label} — {v.headline}", str(a), str(b), qimg, qface, rimg, rface, e, rec, files)
+
+
+def explain_face_pair(searcher, explainer, a: str, b: str, out: Path, meta: dict, score_is: str, same,
+                      face_a: int | None = None, face_b: int | None = None,
+                      map_max_side: int | None = MAP_MAX_SIDE) -> dict:
+    """``retrieve explain A B --index FACES``: one face of each photo (the largest unless ``face_a``/``face_b``), the
+    score exactly as ``retrieve search A`` gives B's face (the same chips, the same network, the same space), the
+    face test's verdict, the maps on the chips carried back onto both photos. Writes query_map.npy, result_map.npy,
+    pair.png, explain.json and report.html under ``out``; returns explain.json's document."""
+    import json
+
+    from .cis import decompose_in
 
     aimg, fa, na = pick_face(searcher, a, face_a, "--face-a")
     bimg, fb, nb = pick_face(searcher, b, face_b, "--face-b")
     va, vb = searcher.backbone.embed_images([Image.fromarray(fa.chip), Image.fromarray(fb.chip)])
-    d = float(np.linalg.norm(va.astype(np.float64) - vb.astype(np.float64)))
-    thr = searcher.threshold
+    pair = decompose_in(searcher.store, va, vb[None])[0]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    p = explain_pair(face_explainer(searcher, method), aimg, fa, bimg, fb)
-    e = p["explanation"]
-    files = {"a_overlay": "a.png", "b_overlay": "b.png", "a_chip": "a_chip.png", "b_chip": "b_chip.png",
-             "a_map": "a_map.npy", "b_map": "b_map.npy", "report": "report.html", "json": "explain.json"}
-    _save_pair(out, p, (aimg, fa, files["a_overlay"], files["a_chip"], files["a_map"]),
-               (bimg, fb, files["b_overlay"], files["b_chip"], files["b_map"]))
-    cis_sum = float(e.cis.sum()) if e.cis is not None else None
-    doc = {"a": str(a), "b": str(b), "face_a": fa.index, "face_b": fb.index, "faces_in_a": na, "faces_in_b": nb,
-           "box_a": list(fa.box), "box_b": list(fb.box), "metric": "l2", "distance": round(d, 6),
-           "threshold": thr, "same_person": d < thr, "verdict": verdict(d, thr), "method": e.method,
-           "explained": e.similarity, "cis_sum": cis_sum, "cis_target": e.cis_target,
-           "energy_in_box": {"a": p["energy_in_box"]["query"], "b": p["energy_in_box"]["result"]},
-           "files": {k: str(out / v) for k, v in files.items()}}
-    E = html.escape
-    cis = (f"; Σ CIS = {cis_sum:.4f}, target {e.cis_target:.4f}" if cis_sum is not None else "")
-    page = [f"<!doctype html><html lang='en'><meta charset='utf-8'><title>{E(Path(a).name)} ↔ {E(Path(b).name)}</title>",
-            f"<style>{REPORT_CSS}.pair figure img.photo{{max-width:100%}}</style>",
-            f"<h1>Face {fa.index} of {E(Path(a).name)} ↔ face {fb.index} of {E(Path(b).name)}</h1>",
-            f"<p class='verdict lead'><b>{E(doc['verdict'])}</b></p>",
-            f"<p class='muted'>Distance between the two 128-d face descriptors (dlib's face ResNet, PyTorch port); "
-            f"dlib's documented threshold: under {thr:g} is the same person. Maps: {E(e.method)} on the aligned chips "
-            f"(explained: {E(e.similarity)}{cis}), carried onto each photo through the inverse of its alignment. "
-            f"Share of the map inside the face box: A {p['energy_in_box']['query']:.0%}, B "
-            f"{p['energy_in_box']['result']:.0%}.</p>",
-            "<div class='legend'><span>heat map:</span><span>low</span>"
-            f"<span class='bar' style='background:{_legend_css()}'></span><span>high</span></div>",
-            "<div class='pair'>" + _panel("A", str(a), aimg, p["query_photo_map"], fa.box)
-            + _panel("B", str(b), bimg, p["result_photo_map"], fb.box) + "</div>",
-            "<p class='muted'>Aligned chips (150×150) with their maps:</p><div class='pair'>"
-            f"<figure><img class='photo' alt='A chip' src='{_jpeg_uri(Image.open(out / files['a_chip']))}'>"
-            "<figcaption>A chip</figcaption></figure><figure><img class='photo' alt='B chip' "
-            f"src='{_jpeg_uri(Image.open(out / files['b_chip']))}'><figcaption>B chip</figcaption></figure></div>",
-            "</html>"]
-    (out / files["report"]).write_text("\n".join(page), encoding="utf-8")
-    (out / files["json"]).write_text(json.dumps(doc, indent=1))
+    e = explain_face(explainer, aimg, fa, bimg, fb, pair, map_max_side)
+    rec, item = _face_outputs(out, "", a, b, aimg, fa, bimg, fb, e, score_is, same,
+                              f"face {fa.index} of {Path(a).name} and face {fb.index} of {Path(b).name}", map_max_side)
+    write_report(out / "report.html", item.label, [item], meta)
+    for key in ("query_face", "query_box", "face", "box"):  # a search hit's names; a pair's are face_a ... box_b
+        rec.pop(key)
+    doc = {"query": str(Path(a).resolve()), "result": str(Path(b).resolve()), **meta, **rec,
+           "face_a": fa.index, "face_b": fb.index, "faces_in_a": na, "faces_in_b": nb,
+           "box_a": list(fa.box), "box_b": list(fb.box), "files": {"query_map": rec["query_map"],
+                                                                    "result_map": rec["result_map"],
+                                                                    "pair": rec["png"], "report": rec["report"]}}
+    (out / "explain.json").write_text(json.dumps(doc, indent=1))
+    doc["files"]["json"] = str(out / "explain.json")
     return doc

@@ -18,7 +18,7 @@ from retrieval.models.backbone import Backbone
 from retrieval.models.preprocess import group_by_shape
 from retrieval.errors import RetrieveError
 
-from .cis import cis_cosine, cis_head, cis_l2, l2_target, top_channels
+from .cis import Decomposition, channel_rows, decompose
 
 
 @dataclass
@@ -32,26 +32,21 @@ class Explanation:
     result_map: np.ndarray  # float32, H_r × W_r
     query_raw: np.ndarray  # unnormalised map at feature-map resolution
     result_raw: np.ndarray
-    cis: np.ndarray | None = None  # per-channel contributions (SFAM)
-    cis_target: float | None = None  # what Σ CIS equals: the cosine, or ½(‖q−μ‖²+‖r−μ‖²−d) for l2
+    cis: np.ndarray | None = None  # per-channel contributions (SFAM): explain/cis.py
+    cis_target: float | None = None  # what Σ CIS equals: the score (cosine), or ½(‖q−μ‖²+‖r−μ‖²−d) for l2
     distance: float | None = None  # l2: squared Euclidean distance
     similarity: str = ""  # what the score is, in words (Explainer.describe)
     details: dict = field(default_factory=dict)  # how the map was made (SFAM: layers, tap similarity, gate)
     features: tuple | None = field(default=None, repr=False, compare=False)  # (A_q, A_r) final maps, 1×C×h×w
 
-    def channels(self, n: int = 10) -> list[dict]:
-        return top_channels(self.cis, n) if self.cis is not None else []
+    @property
+    def exact(self) -> bool:
+        """The maps' channel terms add up to the score shown: SFAM's CIS of a cosine (not a baseline's map, not l2)."""
+        return self.cis is not None and self.distance is None and self.cis_target is not None \
+            and abs(float(self.cis_target) - float(self.score)) <= 1e-6 * max(1.0, abs(float(self.score)))
 
-    def summary(self, n: int = 10) -> dict:
-        d = {"method": self.method, "metric": self.metric, "similarity": self.similarity, "score": self.score,
-             "top_channels": self.channels(n)}
-        if self.distance is not None:
-            d["distance"] = self.distance
-        if self.cis is not None:
-            d["cis_sum"] = float(self.cis.sum())
-            d["cis_target"] = self.cis_target
-            d["cis_sum_error"] = abs(float(self.cis.sum()) - float(self.cis_target))
-        return d
+    def channels(self, n: int = 10) -> list[dict]:
+        return channel_rows(self.cis, n)[0]
 
 
 def own_size(img: Image.Image) -> tuple[int, int]:
@@ -60,7 +55,7 @@ def own_size(img: Image.Image) -> tuple[int, int]:
     return int(h), int(w)
 
 
-MAP_MAX_SIDE = 1024  # maps: long side at most this by default (a 100 MP photo's map would be 400 MB)
+MAP_MAX_SIDE = 1024  # maps in memory: long side at most this by default (a 100 MP photo's map would be 400 MB)
 
 
 def map_size(size: tuple[int, int], max_side: int | None) -> tuple[int, int]:
@@ -121,16 +116,26 @@ class Explainer:
     name = "base"
     needs_grad = False
 
-    def __init__(self, backbone: Backbone, metric: str = "cosine", mu: np.ndarray | None = None,
+    def __init__(self, backbone: Backbone, metric="cosine", mu: np.ndarray | None = None,
                  centre: bool = False, head=None):
-        if metric not in ("cosine", "l2"):
-            raise RetrieveError(f"unknown metric {metric!r}")
+        from retrieval.metric import Metric, metric as metric_named
+
+        self._metric = metric if isinstance(metric, Metric) else metric_named(metric)
         self.backbone = backbone
-        self.metric = metric
+        self.metric = self._metric.name
         self.mu = None if mu is None else np.asarray(mu, np.float64).reshape(-1)
         self.head = head  # retrieval.index.head.LinearHead: e = P(a − m); it centres by itself
-        self.centre = centre and mu is not None and metric == "cosine" and head is None
+        self.centre = centre and mu is not None and self._metric.normalised and head is None
         self.map_max_side: int | None = MAP_MAX_SIDE  # long side of query_map/result_map (None: own size)
+
+    @property
+    def space_head(self):
+        """The head of the similarity this explainer computes itself: the index's, or centring on μ (``centre``)."""
+        if self.head is None and self.centre:
+            from retrieval.index.head import LinearHead
+
+            return LinearHead(self.mu)
+        return self.head
 
     def describe(self) -> str:
         """What similarity the maps explain, in words (goes into reports and JSON)."""
@@ -143,12 +148,17 @@ class Explainer:
         return f"squared L2 distance at {size} px; CIS relative to {'μ' if self.mu is not None else 'the origin'}"
 
     # -- the shared pipeline --------------------------------------------------------------------
-    def explain(self, query: Image.Image, result: Image.Image) -> Explanation:
-        return self.explain_many(query, [result])[0]
+    def explain(self, query: Image.Image, result: Image.Image, pair: Decomposition | None = None) -> Explanation:
+        return self.explain_many(query, [result], pairs=None if pair is None else [pair])[0]
 
     def explain_many(self, query: Image.Image, results: Sequence[Image.Image],
-                     query_features: torch.Tensor | None = None) -> list[Explanation]:
-        """Explain each (query, result) pair: the backbone runs once on the query, once batched on results."""
+                     query_features: torch.Tensor | None = None,
+                     pairs: Sequence[Decomposition] | None = None) -> list[Explanation]:
+        """Explain each (query, result) pair: the backbone runs once on the query, once batched on results.
+
+        ``pairs``: the decompositions of the score the index ranks each pair by (explain/cis.py): the explanations
+        then show that score and its CIS, and the maps draw with its channel weights. None: the explainer's own
+        similarity at its resolution (no index)."""
         pre = self.backbone.preprocess
         xq = pre.batch([query])
         xr = [pre.batch([r]) for r in results]  # aspect-kept inputs may differ in shape: one tensor each
@@ -162,7 +172,8 @@ class Explainer:
                     ar[i] = feats[j:j + 1]
         out = []
         for i, res in enumerate(results):
-            raw_q, raw_r, info = self.raw_maps(xq, xr[i], aq, None if ar is None else ar[i])
+            raw_q, raw_r, info = self.raw_maps(xq, xr[i], aq, None if ar is None else ar[i],
+                                               pair=None if pairs is None else pairs[i])
             out.append(Explanation(method=self.name, metric=self.metric, query_map=self._map(raw_q, query),
                                    result_map=self._map(raw_r, res), query_raw=np.asarray(raw_q, np.float32),
                                    result_raw=np.asarray(raw_r, np.float32), similarity=self.describe(),
@@ -176,46 +187,59 @@ class Explainer:
         """The index's pooling (feature map → embedding), differentiable."""
         return self.backbone.pooling.pool(a)
 
+    def decompose(self, q, r) -> list[Decomposition]:
+        """The explainer's own similarity of pooled vectors ``q`` (C) and the rows of ``r`` (explain/cis.py): in its
+        space (the index's head, or centring on μ), μ the l2 reference point."""
+        return decompose(q, r, self._metric, self.space_head, None if self._metric.normalised else self.mu)
+
     def similarity(self, q, r) -> dict:
         """Score fields for pooled vectors ``q``, ``r`` (numpy), with the CIS and what it sums to."""
-        if self.head is not None:
-            return cis_head(q, r, self.head.mean, self.head.proj, self.metric)
-        if self.metric == "cosine":
-            mu = self.mu if self.centre else None
-            cis = cis_cosine(q, r, mu)
-            return {"score": float(cis.sum()), "cis": cis, "cis_target": float(cis.sum())}
-        d = float(((np.asarray(q, np.float64) - np.asarray(r, np.float64)) ** 2).sum())
-        return {"score": -d, "distance": d, "cis": cis_l2(q, r, self.mu), "cis_target": l2_target(q, r, self.mu)}
+        return _pair_info(self.decompose(q, np.atleast_2d(r))[0])
 
     def torch_similarity(self, q: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         """Differentiable similarity of pooled vectors (batch × C), higher is better."""
-        if self.head is not None:
-            m = torch.as_tensor(self.head.mean, dtype=q.dtype, device=q.device)
-            p = torch.as_tensor(self.head.proj, dtype=q.dtype, device=q.device)
-            q, r = (q - m) @ p.T, (r - m) @ p.T
-        elif self.metric == "cosine" and self.centre:
-            m = torch.as_tensor(self.mu, dtype=q.dtype, device=q.device)
+        head = self.space_head
+        if head is not None:
+            m = torch.as_tensor(head.mean, dtype=q.dtype, device=q.device)
             q, r = q - m, r - m
-        if self.metric == "cosine":
+            if head.proj is not None:
+                p = torch.as_tensor(head.proj, dtype=q.dtype, device=q.device)
+                q, r = q @ p.T, r @ p.T
+        if self._metric.normalised:
             return F.cosine_similarity(q, r, dim=-1)
         return -((q - r) ** 2).sum(-1)
 
+    def pair_info(self, q, r, pair: Decomposition | None, cis: bool = True) -> dict:
+        """The score fields of one pair: the index's decomposition when given, else the explainer's own similarity
+        of the pooled vectors ``q``, ``r``; without the CIS (``cis=False``) for a method that does not use it."""
+        info = _pair_info(pair if pair is not None else self.decompose(q, np.atleast_2d(r))[0])
+        if not cis:
+            info["cis"] = info["cis_target"] = None
+        return info
+
     # -- the hook ---------------------------------------------------------------------------------
     def raw_maps(self, xq: torch.Tensor, xr: torch.Tensor, aq: torch.Tensor | None,
-                 ar: torch.Tensor | None) -> tuple[np.ndarray, np.ndarray, dict]:
+                 ar: torch.Tensor | None, pair: Decomposition | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
         raise NotImplementedError
 
 
+def _pair_info(d: Decomposition) -> dict:
+    info = {"score": float(d.score), "cis": d.cis, "cis_target": float(d.total)}
+    if d.distance is not None:
+        info["distance"] = float(d.distance)
+    return info
+
+
 class SFAMPlain(Explainer):
-    """The paper's literal map: ``ReLU(Σ_k CIS_k A_k)`` for each image, CIS from the two pooled embeddings."""
+    """The paper's literal map: ``ReLU(Σ_k CIS_k A_k)`` for each image (the CIS of the pair's score)."""
 
     name = "sfam-plain"
 
-    def raw_maps(self, xq, xr, aq, ar):
+    def raw_maps(self, xq, xr, aq, ar, pair=None):
         aq, ar = aq.double(), ar.double()
         pooling = self.backbone.pooling
         q, r = pooling.pool(aq)[0].numpy(), pooling.pool(ar)[0].numpy()
-        info = self.similarity(q, r)
+        info = self.pair_info(q, r, pair)
         w = torch.as_tensor(info["cis"], dtype=torch.float64)
         # A itself for average pooling; for GeM each location's share of the pooled value (pooling.py)
         mq = torch.relu(torch.einsum("c,chw->hw", w, pooling.contributions(aq)[0])).numpy()
@@ -413,7 +437,7 @@ class SFAM(Explainer):
         self.gate = gate
         self.gate_kind = gate_kind  # "match": 1 where mutual nearest neighbours (cosine > 0); "cosine": that cosine
 
-    def explain_many(self, query, results, query_features=None):
+    def explain_many(self, query, results, query_features=None, pairs=None):
         if not results:
             return []
         pre = self.backbone.preprocess
@@ -431,10 +455,11 @@ class SFAM(Explainer):
             batches.append((idx, fr))
         threads = torch.get_num_threads()
         with _torch_threads(1):
-            side = self._query_side(*fq)
+            side = self._query_side(*fq, pairs=pairs)
             raws: list = [None] * len(results)
             for idx, fr in batches:
-                mq, mr, infos = self._maps_batch(side, *fr, threads=threads)
+                mq, mr, infos = self._maps_batch(side, *fr, threads=threads,
+                                                 pairs=None if pairs is None else [pairs[i] for i in idx])
                 for j, i in enumerate(idx):
                     raws[i] = (mq[j], mr[j], infos[j], fr[0][j:j + 1])
             qmaps = upsample_many(torch.from_numpy(np.stack([r[0] for r in raws])),
@@ -456,43 +481,35 @@ class SFAM(Explainer):
                                    features=(fq[0], ar), **info))
         return out
 
-    def _ref(self, dim: int) -> np.ndarray:
-        """``m``, the reference point of the explained similarity (see the class docstring)."""
+    def _ref(self, dim: int, pairs=None) -> np.ndarray:
+        """``m``, the point the maps' channels are centred on: with the index's pairs, the collection's mean at the
+        explain resolution (μ) when known, else their space's centre; for the explainer's own similarity its
+        reference point (see the class docstring)."""
+        if pairs:
+            return self.mu if self.mu is not None else np.asarray(pairs[0].centre, np.float64)
         if self.head is not None:
             return np.asarray(self.head.mean, np.float64)
         if self.centre or (self.metric == "l2" and self.mu is not None):
             return self.mu
         return np.zeros(dim)
 
-    def _weights(self, q: np.ndarray, r: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(wq, wr, m): CIS_k = wr_k (r_k − m_k) = (q_k − m_k) wq_k... for the explained similarity.
-        ``r`` may be N×C (N results against one query): then wq, wr are N×C."""
-        q, r = np.asarray(q, np.float64), np.asarray(r, np.float64)
-        m = self._ref(q.shape[-1])
-        qc, rc = q - m, r - m
-        one = r.ndim == 1
-        rc2 = rc[None] if one else rc
-        if self.head is not None:
-            p = np.asarray(self.head.proj, np.float64)
-            eq, er = p @ qc, rc2 @ p.T  # PᵀP x = Pᵀ(P x): no C×C matrix
-            z = np.ones(len(rc2))
-            if self.metric == "cosine":
-                z = np.maximum(np.linalg.norm(eq) * np.linalg.norm(er, axis=1), 1e-12)
-            wq, wr = (er @ p) / z[:, None], (p.T @ eq)[None] / z[:, None]
-        else:
-            z = np.ones(len(rc2))
-            if self.metric == "cosine":
-                z = np.maximum(np.linalg.norm(qc) * np.linalg.norm(rc2, axis=1), 1e-12)
-            wq, wr = rc2 / z[:, None], qc[None] / z[:, None]
+    def _weights(self, q: np.ndarray, r: np.ndarray, pairs=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(wq, wr, m): the channel weights of the query's and the result's maps (explain/cis.py: the spatial mean of
+        Σ_k wr_k (C_k − m_k) is the explained similarity), from the index's ``pairs`` or the explainer's own
+        similarity. ``r`` may be N×C (N results against one query): then wq, wr are N×C."""
+        one = np.ndim(r) == 1
+        ds = pairs if pairs else self.decompose(q, np.atleast_2d(r))
+        wq, wr = np.stack([d.wq for d in ds]), np.stack([d.wr for d in ds])
+        m = self._ref(np.shape(q)[-1], pairs)
         return (wq[0], wr[0], m) if one else (wq, wr, m)
 
-    def _query_side(self, aq: torch.Tensor, tq: torch.Tensor | None) -> dict:
+    def _query_side(self, aq: torch.Tensor, tq: torch.Tensor | None, pairs=None) -> dict:
         """What a query contributes to every pair, computed once: its pooled vector, its centred
         contributions (C×h·w), and at the tap its centred pooled vector, centred maps and unit features."""
         a = aq.double()
         pooling = self.backbone.pooling
         q = pooling.pool(a)[0].numpy()
-        m = torch.as_tensor(self._ref(q.shape[0]), dtype=torch.float64)
+        m = torch.from_numpy(np.array(self._ref(q.shape[0], pairs), dtype=np.float64))  # a copy: the ref may be read-only
         side = {"q": q, "m": m, "hw": tuple(a.shape[-2:]),
                 "cq": (pooling.contributions(a)[0] - m[:, None, None]).flatten(1)}
         if tq is not None:
@@ -505,16 +522,17 @@ class SFAM(Explainer):
         return side
 
     def _maps_batch(self, side: dict, ar: torch.Tensor, tr: torch.Tensor | None,
-                    threads: int | None = None) -> tuple[list, list, list]:
+                    threads: int | None = None, pairs=None) -> tuple[list, list, list]:
         """Raw maps (query's, result's; numpy float64) and info for N results (``ar`` N×C×h×w, ``tr`` N×C'×H×W
-        or None) against the query of ``side``; ``threads``: torch's threads for the gate's product."""
+        or None) against the query of ``side``; ``threads``: torch's threads for the gate's product; ``pairs``: the
+        index's decompositions of the N pairs' scores (None: the explainer's own similarity)."""
         n = ar.shape[0]
         a = ar.double()
         pooling = self.backbone.pooling
         r = pooling.pool(a).numpy()
         q, m = side["q"], side["m"]
-        infos = [self.similarity(q, r[i]) for i in range(n)]
-        mq, mr, infos = self._gated_batch(side, a, tr, r, infos, threads)
+        infos = [self.pair_info(q, r[i], None if pairs is None else pairs[i]) for i in range(n)]
+        mq, mr, infos = self._gated_batch(side, a, tr, r, infos, threads, pairs)
         if self.paper > 0:
             # the paper's map with the same CIS, ReLU(Σ_k CIS_k C_k), on the final grid, upsampled to the map's
             cis = torch.from_numpy(np.stack([info["cis"] for info in infos]))  # N×C
@@ -556,12 +574,12 @@ class SFAM(Explainer):
         return (1 - w)[:, None, None] * m + w[:, None, None] * f
 
     def _gated_batch(self, side: dict, a: torch.Tensor, tr: torch.Tensor | None, r: np.ndarray, infos: list,
-                     threads: int | None) -> tuple[torch.Tensor, torch.Tensor, list]:
+                     threads: int | None, pairs=None) -> tuple[torch.Tensor, torch.Tensor, list]:
         """The gated product (N×H×W each side, before the paper's map is added) for :meth:`_maps_batch`."""
         n = a.shape[0]
         pooling = self.backbone.pooling
         q, m = side["q"], side["m"]
-        wq, wr, _ = self._weights(q, r)
+        wq, wr, _ = self._weights(q, r, pairs)
         wq, wr = torch.from_numpy(np.ascontiguousarray(wq)), torch.from_numpy(np.ascontiguousarray(wr))
         cr = pooling.contributions(a).flatten(2)  # N×C×h·w; Σ_k wr_k (cr_k − m_k) = Σ_k wr_k cr_k − wr·m
         h, w = side["hw"]
@@ -598,11 +616,12 @@ class SFAM(Explainer):
                 info["details"]["gate_coverage"] = [float(cov[i, 0]), float(cov[i, 1])]
         return dq, dr, infos
 
-    def raw_maps(self, xq, xr, aq, ar):
+    def raw_maps(self, xq, xr, aq, ar, pair=None):
         tq = tr = None
         if isinstance(aq, tuple):
             (aq, tq), (ar, tr) = aq, ar
-        mq, mr, infos = self._maps_batch(self._query_side(aq, tq), ar, tr)
+        pairs = None if pair is None else [pair]
+        mq, mr, infos = self._maps_batch(self._query_side(aq, tq, pairs), ar, tr, pairs=pairs)
         return mq[0], mr[0], infos[0]
 
 
@@ -612,7 +631,7 @@ class GradCAM(Explainer):
     name = "gradcam"
     needs_grad = True
 
-    def raw_maps(self, xq, xr, aq, ar):
+    def raw_maps(self, xq, xr, aq, ar, pair=None):
         with torch.enable_grad():
             aq = self.backbone.eager_features(xq).detach().requires_grad_(True)
             ar = self.backbone.eager_features(xr).detach().requires_grad_(True)
@@ -622,10 +641,8 @@ class GradCAM(Explainer):
         for a, g in ((aq, gq), (ar, gr)):
             w = g[0].mean((1, 2))
             maps.append(torch.relu(torch.einsum("c,chw->hw", w, a[0])).detach().cpu().double().numpy())
-        info = self.similarity(self.pool(aq.detach())[0].cpu().double().numpy(),
-                               self.pool(ar.detach())[0].cpu().double().numpy())
-        info["cis"] = None
-        info["cis_target"] = None
+        info = self.pair_info(self.pool(aq.detach())[0].cpu().double().numpy(),
+                              self.pool(ar.detach())[0].cpu().double().numpy(), pair, cis=False)
         return maps[0], maps[1], info
 
 
@@ -668,12 +685,10 @@ class Occlusion(Explainer):
             cnt[y:y + p, xx:xx + p] += 1
         return np.maximum(acc / np.maximum(cnt, 1), 0)
 
-    def raw_maps(self, xq, xr, aq, ar):
+    def raw_maps(self, xq, xr, aq, ar, pair=None):
         q, r = self.pool(aq), self.pool(ar)
         base = float(self.torch_similarity(q.double(), r.double())[0])
-        info = self.similarity(q[0].double().numpy(), r[0].double().numpy())
-        info["cis"] = None
-        info["cis_target"] = None
+        info = self.pair_info(q[0].double().numpy(), r[0].double().numpy(), pair, cis=False)
         return self._drop_map(xq, r, base), self._drop_map(xr, q, base), info
 
 
@@ -681,7 +696,7 @@ METHODS: dict[str, type[Explainer]] = {"sfam": SFAM, "sfam-plain": SFAMPlain, "g
                                        "occlusion": Occlusion}
 
 
-def make_explainer(method: str, backbone: Backbone, metric: str = "cosine", mu: np.ndarray | None = None,
+def make_explainer(method: str, backbone: Backbone, metric="cosine", mu: np.ndarray | None = None,
                    centre: bool = False, head=None, mu_tap: np.ndarray | None = None) -> Explainer:
     """``mu_tap``: the collection's mean of the stride-16 layer's pooled maps at the explain resolution
     (SFAM's default map centres that layer with it; see :class:`SFAM`)."""

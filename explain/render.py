@@ -16,12 +16,20 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from .methods import MAP_MAX_SIDE, Explanation, map_size
+from .methods import Explanation, map_size
 
 COLORMAP = "inferno"
 ALPHA = 0.5
-PHOTO_MAX_SIDE = 1024  # photos inlined in the report
+PHOTO_MAX_SIDE = 768  # photos inlined in the report
 HEAT_MAX_SIDE = 384  # heat layers inlined in the report (maps are smooth: the browser scales them up)
+SAVED_MAP_SIDE = 256  # the .npy maps written: long side at most this (they come from grids of ~28 cells and are smooth;
+# --full-maps: the photo's own size)
+
+
+def saved_side(map_max_side: int | None) -> int | None:
+    """The long side of the maps written beside a report: ``SAVED_MAP_SIDE``, or the photo's own (None) when the maps
+    in memory are at the photo's own size (``--full-maps``)."""
+    return None if map_max_side is None else SAVED_MAP_SIDE
 
 
 def overlay(img: Image.Image, heat: np.ndarray, alpha: float = ALPHA) -> Image.Image:
@@ -103,8 +111,9 @@ def draw_matches(draw, verification, qo: tuple, ro: tuple, limit: int = 150) -> 
             draw.ellipse([x - 2, y - 2, x + 2, y + 2], outline=colour)
 
 
-def save_maps(out: Path, prefix: str, e: Explanation, sizes: tuple | None = None, max_side: int | None = MAP_MAX_SIDE) -> dict:
-    """``{prefix}query_map.npy`` and ``{prefix}result_map.npy`` (float32, values in [0, 1]) at the photo's own
+def save_maps(out: Path, prefix: str, e: Explanation, sizes: tuple | None = None,
+              max_side: int | None = SAVED_MAP_SIDE) -> dict:
+    """``{prefix}query_map.npy`` and ``{prefix}result_map.npy`` (float16, values in [0, 1]) at the photo's own
     aspect, the long side at most ``max_side`` (None: the photo's own size); returns their paths and scales
     (map pixels per photo pixel, so a box in the photo maps to ``box × scale`` in the map)."""
     out_d = {}
@@ -114,7 +123,7 @@ def save_maps(out: Path, prefix: str, e: Explanation, sizes: tuple | None = None
         if m.shape != target:
             m = resize_map(m, target)
         path = out / f"{prefix}{name}_map.npy"
-        np.save(path, np.ascontiguousarray(m, np.float32))
+        np.save(path, np.ascontiguousarray(m, np.float16))
         out_d[f"{name}_map"] = str(path)
         out_d[f"{name}_map_scale"] = round(target[1] / size[1], 6)
     return out_d
@@ -171,6 +180,8 @@ class ReportItem:
     explanation: Explanation
     record: dict  # explain.run.pair_record(): score, verdict, explained similarity, correspondences, channels
     verification: object = None  # retrieval.match.verify.Verification, when the result was verified
+    face_boxes: tuple | None = None  # a faces index: (query box, result box) in each photo's own pixels, drawn
+    chips: tuple | None = None  # and the two aligned chips with their maps (PIL images)
 
 
 _E = html.escape
@@ -179,6 +190,7 @@ REPORT_CSS = (
     "body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:1100px;padding:0 1em;color:#222}"
     "h1{font-size:1.5em}h2{font-size:1.15em;margin:0 0 .3em}section{margin:0 0 2.5em;padding-top:1em;"
     "border-top:1px solid #ddd}.lead{font-size:1.1em}.verdict{margin:.2em 0}.muted{color:#555}"
+    ".note{background:#fff8e1;border-left:3px solid #ffb300;padding:.4em .8em}"
     ".pair{display:flex;gap:1em;align-items:flex-start}.pair figure{flex:1;margin:0}"
     ".stack{position:relative;display:inline-block;max-width:100%;line-height:0}"
     ".stack img.photo{display:block;max-width:100%;height:auto;border:1px solid #ccc}"
@@ -197,6 +209,7 @@ REPORT_JS = (
     "if(t.classList.contains('t-heat'))s.querySelectorAll('.heat').forEach(function(h){h.style.display=t.checked?'':'none'});"
     "if(t.classList.contains('t-marks'))s.querySelectorAll('.marks').forEach(function(m){m.style.display=t.checked?'':'none'})}"
     "document.addEventListener('input',upd);document.addEventListener('change',upd);"
+    "document.querySelectorAll('img[data-same]').forEach(function(i){i.src=document.getElementById(i.dataset.same).src});"
 )
 
 MARK_COLOURS = ("#00e5ff", "#76ff03", "#ffea00", "#ff4081", "#ffffff", "#ff9100", "#d500f9", "#1de9b6")
@@ -218,15 +231,41 @@ def _marks_svg(size: tuple[int, int], boxes: list[tuple[int, tuple]]) -> str:
     return "".join(parts)
 
 
-def _panel(label: str, path: str, img: Image.Image, heat: np.ndarray, boxes: list) -> str:
+def _face_svg(size: tuple[int, int], box) -> str:
+    """The face box, always shown (a faces index's pair)."""
+    w, h = size
+    return (f"<svg class='face' viewBox='0 0 {w} {h}' preserveAspectRatio='none' style='position:absolute;left:0;"
+            f"top:0;width:100%;height:100%'><rect x='{box[0]}' y='{box[1]}' width='{box[2] - box[0]}' "
+            f"height='{box[3] - box[1]}' fill='none' stroke='#00e5ff' stroke-width='{max(w, h) / 250:.2f}'/></svg>")
+
+
+class _Photos:
+    """Each photo inlined once per report: the query photo of a search's report appears beside every result, and
+    later appearances take its data from the first through the report's script (``data-same``)."""
+
+    def __init__(self):
+        self.seen: dict[int, str] = {}
+
+    def img(self, label: str, img: Image.Image) -> str:
+        key = id(img)
+        if key in self.seen:
+            return f"<img class='photo' alt='{_E(label)} photo' data-same='{self.seen[key]}'>"
+        self.seen[key] = f"photo-{len(self.seen) + 1}"
+        return f"<img class='photo' alt='{_E(label)} photo' id='{self.seen[key]}' src='{_jpeg_uri(img)}'>"
+
+
+def _panel(label: str, path: str, img: Image.Image, heat: np.ndarray, boxes: list, face=None,
+           photos: _Photos | None = None) -> str:
     w0, h0 = img.info.get("original_size", img.size)
-    return (f"<figure><div class='stack'><img class='photo' alt='{_E(label)} photo' src='{_jpeg_uri(img)}'>"
+    return (f"<figure><div class='stack'>{(photos or _Photos()).img(label, img)}"
             f"<img class='heat' alt='{_E(label)} heat map' src='{_heat_uri(heat)}' style='opacity:.6'>"
-            f"{_marks_svg((w0, h0), boxes)}</div>"
-            f"<figcaption>{_E(label)}: <code>{_E(path)}</code> ({w0}×{h0})</figcaption></figure>")
+            f"{_marks_svg((w0, h0), boxes)}{_face_svg((w0, h0), face) if face is not None else ''}</div>"
+            f"<figcaption>{_E(label)}: <code>{_E(path)}</code> ({w0}×{h0})"
+            + (f", face box {face[0]},{face[1]}–{face[2]},{face[3]}" if face is not None else "")
+            + "</figcaption></figure>")
 
 
-def report_item_html(it: ReportItem) -> str:
+def report_item_html(it: ReportItem, photos: _Photos | None = None) -> str:
     """One result's section: search score, verdict, both maps with their controls, region pairs, channels."""
     rec = it.record
     parts = [f"<section><h2>{_E(rec['score_short'])} · {_E(it.label)}</h2>",
@@ -241,10 +280,16 @@ def report_item_html(it: ReportItem) -> str:
     qb = [(c["rank"], tuple(c["query_box"])) for c in corr]
     rb = [(c["rank"], tuple(c["result_box"])) for c in corr]
     e = it.explanation
-    parts.append("<div class='pair'>" + _panel("query", it.query_path, it.query, e.query_map, qb)
-                 + _panel("result", it.result_path, it.result, e.result_map, rb) + "</div>")
+    fq, fr = it.face_boxes or (None, None)
+    parts.append("<div class='pair'>" + _panel("query", it.query_path, it.query, e.query_map, qb, fq, photos)
+                 + _panel("result", it.result_path, it.result, e.result_map, rb, fr, photos) + "</div>")
+    if it.chips:
+        parts.append("<p class='muted'>The aligned face chips (150×150) the network saw, with their maps:</p>"
+                     "<div class='pair'>" + "".join(f"<figure><img class='chip' alt='{w} chip' src='{_jpeg_uri(c)}'>"
+                                                    f"<figcaption>{w} chip</figcaption></figure>"
+                                                    for w, c in zip(("query", "result"), it.chips)) + "</div>")
     if corr:
-        parts.append("<p>Region pairs that carried the explained similarity (numbered on both photos when "
+        parts.append("<p>Region pairs that carried the score (numbered on both photos when "
                      "<i>numbered region pairs</i> is ticked; boxes in each photo's own pixels):</p>"
                      "<table><tr><th>pair</th><th>share</th><th>query region</th><th>result region</th></tr>")
         parts += [f"<tr><td>{c['rank']}</td><td>{c['share']:.1%}</td><td>{_box(c['query_box'])}</td>"
@@ -255,13 +300,16 @@ def report_item_html(it: ReportItem) -> str:
     v = it.verification
     if v is not None:
         verdict = "confirmed" if v.confirmed else "not confirmed"
-        parts.append(f"<p>Geometric verification: <b>{v.inliers} inliers</b> (same object {verdict}; 10 needed) — "
+        from retrieval.match.verify import MIN_INLIERS
+
+        parts.append(f"<p>Geometric verification: <b>{v.inliers} inliers</b> (same object {verdict}; {MIN_INLIERS} "
+                     "needed) — "
                      "SIFT points that agree on one homography, joined by lines on the plain photos:</p>")
         parts.append(f"<img class='matches' alt='inlier matches' "
                      f"src='{_jpeg_uri(_matches_image(it.query, it.result, v), 1024)}'>")
     chans = rec.get("top_channels") or []
     if chans:
-        parts.append(f"<details><summary>Channels behind the explained similarity ({_E(rec['channels_note'])})"
+        parts.append(f"<details><summary>Channels behind the score ({_E(rec['channels_note'])})"
                      "</summary><table><tr><th>channel</th><th>CIS</th><th>share of the evidence for</th></tr>")
         parts += [f"<tr><td>{c['channel']}</td><td>{c['cis']:+.5f}</td><td>{c['share']:.1%}</td></tr>" for c in chans]
         parts.append("</table></details>")
@@ -274,18 +322,24 @@ def _box(b) -> str:
     return f"x {x0}–{x1}, y {y0}–{y1}"
 
 
-def write_report(path: Path, title: str, items: Sequence[ReportItem], meta: dict) -> None:
-    """One self-contained HTML file (images inlined, no external CSS or JS), results in rank order."""
+def write_report(path: Path, title: str, items: Sequence[ReportItem], meta: dict, note: str | None = None) -> None:
+    """One self-contained HTML file (images inlined, no external CSS or JS), results in rank order; ``note``: what to
+    say once about the collection (a small one: retrieval/verdict.py collection_note)."""
     parts = [f"<!doctype html><html lang='en'><meta charset='utf-8'><title>{_E(title)}</title>",
              f"<style>{REPORT_CSS}</style>", f"<h1>{_E(title)}</h1>",
              "<p class='muted'>" + " · ".join(f"{_E(str(k))}: <code>{_E(str(v))}</code>" for k, v in meta.items()
-                                             if v is not None) + "</p>",
+                                             if v is not None) + "</p>"]
+    if note:
+        parts.append(f"<p class='note'>{_E(note[0].upper() + note[1:])}.</p>")
+    parts += [
              "<div class='legend'><span>heat map:</span><span>low</span>"
              f"<span class='bar' style='background:{_legend_css()}'></span><span>high</span></div>",
              "<p class='muted'>The heat maps show which regions of each photo made the two embeddings similar "
-             "(SFAM: each channel's contribution to the similarity weighting that photo's own feature map; each map "
-             "is scaled to its own maximum). Use the controls above each pair to fade or hide them.</p>"]
-    parts += [report_item_html(it) for it in items]
+             "(built on SFAM: each channel's share of the score weights that photo's own feature map, at two depths of "
+             "the network, kept where the two photos' local features match each other; each map is scaled to its "
+             "own maximum). Use the controls above each pair to fade or hide them.</p>"]
+    photos = _Photos()
+    parts += [report_item_html(it, photos) for it in items]
     parts.append(f"<script>{REPORT_JS}</script></html>")
     path.write_text("\n".join(parts), encoding="utf-8")
 

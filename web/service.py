@@ -65,12 +65,20 @@ def default_cache_dir(index_dir: Path) -> Path:
 
 @dataclass
 class Loaded:
-    """One committed state of the index: the store, its searcher and its calibration."""
+    """One committed state of the index: the index opened as the CLI opens it (explain/collection.py: its store,
+    preset, backbone, calibration and explainers) and its searcher."""
 
-    store: object
+    index: object  # explain.collection.Collection
     searcher: object
-    calibration: object
     stamp: object  # the index's ``updated_at`` when it was loaded
+
+    @property
+    def store(self):
+        return self.index.store
+
+    @property
+    def calibration(self):
+        return self.index.calibration
 
 
 def _int(value, name: str, lo: int, hi: int, default: int) -> int:
@@ -90,8 +98,8 @@ class Collection:
 
     def __init__(self, index_dir: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
                  max_upload_bytes: int = MAX_UPLOAD_BYTES):
-        from retrieval.presets import preset_of
         from retrieval.index.store import IndexStore, index_path
+        from retrieval.presets import preset_of
 
         self.index_dir = index_path(index_dir)
         with IndexStore.open(self.index_dir) as probe:  # a clear error before anything else
@@ -103,7 +111,6 @@ class Collection:
         self.max_upload_bytes = int(max_upload_bytes)
         self._model = threading.Lock()  # torch and the explainers: one request at a time
         self._state_lock = threading.Lock()
-        self._explainers: dict[str, object] = {}
         self._uploads: OrderedDict[str, tuple[int, int]] = OrderedDict()  # token → own (H, W)
         self._explained: OrderedDict[str, dict] = OrderedDict()  # key → the explain document
         self._old: list = []
@@ -113,18 +120,18 @@ class Collection:
 
     # -- the committed state ------------------------------------------------------------------
     def _load(self) -> Loaded:
-        from retrieval.index.calibration import for_search
-        from retrieval.match.search import Searcher
-        from retrieval.index.store import IndexStore
+        from explain.collection import Collection as Index
 
-        store = IndexStore.open(self.index_dir)
+        index = Index(self.index_dir)
         try:
-            stamp = store.get_value("updated_at")
-            searcher = Searcher(store, self.backbone)
-            searcher.index  # the FAISS index, loaded and reconciled now
-            return Loaded(store, searcher, for_search(store), stamp)
+            index._backbone = self.backbone  # loaded once, for every committed state
+            stamp = index.store.get_value("updated_at")
+            searcher = index.searcher()
+            index.store.faiss_index()  # the FAISS index, loaded and reconciled now
+            index.calibration
+            return Loaded(index, searcher, stamp)
         except BaseException:
-            store.close()
+            index.close()
             raise
 
     def current(self) -> Loaded:
@@ -143,16 +150,15 @@ class Collection:
                 except Exception:
                     return st
                 self.state = new
-                self._explainers = {k: v for k, v in self._explainers.items() if k[0] == id(new)}
                 self._old.append(st)  # closed later: requests in flight may still read it
                 while len(self._old) > 2:
-                    self._old.pop(0).store.close()
+                    self._old.pop(0).index.close()
             return self.state
 
     def close(self) -> None:
         self._render_pool.shutdown(wait=True)
         for st in [*self._old, self.state]:
-            st.store.close()
+            st.index.close()
         shutil.rmtree(self.upload_dir, ignore_errors=True)
 
     # -- what is in the index -----------------------------------------------------------------
@@ -265,24 +271,23 @@ class Collection:
     def search(self, q: str, k=10, offset=0, qe=0, verify=None) -> dict:
         """``retrieve search`` for one query (``search --json``'s fields), each hit with its verdict; a page of
         ``k`` results starting at ``offset``."""
-        from explain.verdict import make_verdict
-        from retrieval.index.catalogue import default_depth
-
         k = _int(k, "k", 1, MAX_K, 10)
         offset = _int(offset, "offset", 0, 10_000, 0)
         qe = _int(qe, "qe", 0, 100, 0)
         st = self.current()
-        verify = _int(verify, "verify", 0, 1000, int(st.store.settings.search.get("verify", 0)))
+        faces = st.index.preset.per_face
+        verify = 0 if faces else _int(verify, "verify", 0, 1000, int(st.store.settings.search.get("verify", 0)))
         # as `retrieve search` without options: the index's visual words and, on an index with a catalogue,
         # its top catalogue candidates, verified beside the global shortlist (retrieval/index/catalogue.py)
-        words = int(st.store.settings.search.get("words", 0)) if verify else 0
-        catalogue = default_depth(st.store, verify)
+        options = {} if faces else dict(st.index.search_options(verify), qe=qe)
         path, _, shown = self._query(q)
         include_self = not str(q).isdigit()
+        if faces and not include_self:  # an indexed face's tile: that face of the photo is the query
+            options["face"] = st.store.face_rows([int(q)])[int(q)].face
         t0 = time.perf_counter()
         with self._model:
-            (res,) = list(st.searcher.search_paths([path], offset + k, include_self=include_self, qe=qe,
-                                                   verify=verify, words=words, catalogue=catalogue))
+            (res,) = list(st.index.search([path], offset + k, searcher=st.searcher, include_self=include_self,
+                                          **options))
         if res.error:
             raise BadRequest(f"{shown['name']}: {res.error}")
         d = res.to_dict()
@@ -295,21 +300,12 @@ class Collection:
             h["name"] = Path(h["path"]).name
             sha = rows[h["id"]].sha256 if h["id"] in rows else ""
             h["thumb"] = _thumb_url(h["id"], sha)
-            h["verdict"] = make_verdict(hit.score, st.calibration, hit.verification).to_dict()
+            h["verdict"] = st.index.verdict(hit.score, hit.verification).to_dict()
         d.update({"results": page, "k": k, "offset": offset, "qe": qe, "verify": verify, "shown": shown,
                   "more": len(res.results) == offset + k, "seconds": round(time.perf_counter() - t0, 4)})
         return d
 
     # -- explain ------------------------------------------------------------------------------
-    def _explainer(self, st: Loaded, method: str):
-        from explain.run import index_explainer
-
-        key = (id(st), method)  # an explainer belongs to one committed state (its μ, its head)
-        ex = self._explainers.get(key)
-        if ex is None:
-            ex = self._explainers[key] = index_explainer(st.store, self.backbone, method)
-        return ex
-
     def explain(self, q: str, r, method: str = "sfam", verify=False) -> dict:
         """``retrieve explain Q R --index I --json`` (with ``--verify`` when asked), Q a query, R an indexed
         photo; plus the page's layers (heat-map PNGs, own sizes, inlier points) and download links."""
@@ -318,6 +314,9 @@ class Collection:
             raise BadRequest(f"method: {method[:20]!r} is not one of {', '.join(METHODS)}")
         verify = str(verify).lower() in ("1", "true", "yes", "on")
         st = self.current()
+        if st.index.preset.per_face:
+            raise BadRequest("the pair page audits photos, not faces: for a faces index run `retrieve explain A B "
+                             f"--index {self.index_dir}` (its --face-a/--face-b pick the faces)")
         qpath, qsize, shown = self._query(q)
         row = self.row(r)
         rpath = str(self.photo_path(row.id))
@@ -350,19 +349,11 @@ class Collection:
         that the figure and the report (a second or more of image encoding) are drawn in the background: the page
         shows the maps at once, and a download of either waits for it (:meth:`explained_file`)."""
         from explain.methods import own_size
-        from explain.run import explain_meta, index_pair_score, prepare_pair
 
-        explainer = self._explainer(st, method)
-        meta = explain_meta(st.store, explainer)  # the same as the CLI's ``retrieve explain --index``
-        verification = None
-        if verify:  # inliers counted as the index's searches count them
-            from retrieval.match.words import index_verifier
-
-            v = index_verifier(st.store)
-            verification = v.verify(v.features(qpath), v.features(rpath))
-        search = index_pair_score(st.store, self.backbone, qpath, rpath)
-        pair = prepare_pair(qpath, rpath, self.cache_dir / "explain" / key, explainer, meta, verification, search,
-                            st.calibration, names=names)
+        # the CLI's ``retrieve explain --index`` (explain/collection.py), the figure and report drawn afterwards
+        pair = st.index.explain_pair(qpath, rpath, self.cache_dir / "explain" / key, method, verify, names=names,
+                                     prepare_only=True)
+        verification = pair.verification
         doc, e, qa, rb, out = pair.doc, pair.explanation, pair.query_image, pair.result_image, pair.out
         self._renders[key] = self._render_pool.submit(pair.draw)
         layers = {}
