@@ -132,24 +132,35 @@ def _photos_of(idx: Path) -> str:
 
 
 def test_preset_recorded_in_index(faces_index):
+    """A new faces index: cosine of descriptors centred on the shipped mean face (a fixed head, not fitted on the
+    collection), the same-person threshold shipped with it, the faces' μ_tap for the maps."""
     idx, _, _ = faces_index
+    from retrieval.faces.network import mean_face
     from retrieval.index.store import IndexStore
 
+    mu, threshold = mean_face()
     with IndexStore.open(idx) as store:
         st = store.settings
-        assert st.preset == "faces" and st.metric == "l2" and st.model == "dlib_face_resnet"
-        assert st.faces == {"detector": "hog", "upsample": 1, "threshold": 0.6} and st.schema_version == 3
+        assert st.preset == "faces" and st.metric == "cosine" and st.model == "dlib_face_resnet"
+        assert st.faces == {"detector": "hog", "upsample": 1, "threshold": threshold} and st.schema_version == 3
+        assert store.head.proj is None and np.allclose(store.head.mean, mu) and st.head["fixed"]
         ref = store.get_value("faces_explain_reference")  # SFAM's μ_tap: the 8×8 layer's mean over the faces
         assert ref["tap"] == "net.units.9" and ref["sampled"] == ref["images"] == store.count()
         assert len(ref["mean_tap"]) == 128 and min(ref["mean_tap"]) >= 0  # after a ReLU
     assert json.loads(run("info", "--index", idx, "--json").stdout)["preset"] == "faces"
 
 
-def test_verdict_words():
-    from retrieval.faces.search import verdict
+def test_same_person_rule():
+    """At or above the threshold on the centred cosine; an index made before this score keeps dlib's rule on its
+    stored -d² (a Euclidean distance under 0.6)."""
+    from types import SimpleNamespace
 
-    assert verdict(0.41, 0.6) == "same person (distance 0.41 < 0.6)"
-    assert verdict(0.6, 0.6).startswith("different people")
+    from retrieval.faces.search import same_person
+
+    new = SimpleNamespace(metric="cosine", faces={"threshold": 0.5})
+    assert same_person(0.5, new) and same_person(0.93, new) and not same_person(0.4999, new)
+    old = SimpleNamespace(metric="l2", faces={"threshold": 0.6})
+    assert same_person(-0.41 ** 2, old) and not same_person(-0.6 ** 2, old) and not same_person(-0.7 ** 2, old)
 
 
 def test_search_by_face_with_maps_on_the_faces(faces_index, face_photos, tmp_path):
@@ -159,32 +170,36 @@ def test_search_by_face_with_maps_on_the_faces(faces_index, face_photos, tmp_pat
                     "--out", out, "--json")
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
-    assert d["face"] == 1 and d["faces_in_query"] == 3 and d["threshold"] == 0.6
+    assert d["face"] == 1 and d["faces_in_query"] == 3 and d["metric"] == "cosine"
     hits = d["results"]
-    same = [h for h in hits if h["same_person"]]
-    # the other two pasted faces and the astronaut's own face: the same person, under dlib's 0.6
+    same = [h for h in hits if h["verdict"]["same_person"]]
+    # the other two pasted faces and the astronaut's own face: the same person, at or above the threshold
     assert len(same) == 3 and {Path(h["path"]).name for h in same} == {"group.png", "astronaut.png"}
-    assert all(h["verdict"] == f"same person (distance {h['distance']:.2f} < 0.6)" for h in same)
-    assert all(h["distance"] >= 0.6 and h["verdict"].startswith("different people") for h in hits if not h["same_person"])
+    assert all(h["score"] >= 0.5 and h["verdict"]["headline"] == "the same person" for h in same)
+    assert all(h["score"] < 0.5 and h["verdict"]["headline"] == "not the same person"
+               for h in hits if not h["verdict"]["same_person"])
     assert len(hits) == 4  # the query face itself is left out; the astronaut's suit detection is the one "different"
+    for h in hits:  # the explanation's score and verdict are the search's
+        assert abs(h["explanation"]["score"] - h["score"]) < 1e-5 and h["explanation"]["verdict"] == h["verdict"]
     for h in same:
         e = h["explanation"]
         x0, y0, x1, y1 = h["box"]
-        m = np.load(out / e["files"]["result_map"])
+        m, s = np.load(out / e["result_map"]), e["result_map_scale"]  # saved at most 256 px, s of the photo's size
         photo = Image.open(h["path"])
-        assert m.shape == (photo.height, photo.width)
-        yy, xx = np.unravel_index(np.argmax(m), m.shape)
+        assert m.dtype == np.float16 and max(m.shape) <= 256
+        assert abs(m.shape[0] - photo.height * s) <= 1 and abs(m.shape[1] - photo.width * s) <= 1
+        yy, xx = (np.array(np.unravel_index(np.argmax(m), m.shape)) + 0.5) / s  # the peak in the photo's pixels
         g = (x1 - x0) // 8  # the peak on the face: the detector's tight box, brows and temples at its edge
         assert x0 - g <= xx < x1 + g and y0 - g <= yy < y1 + g
         assert e["energy_in_box"]["result"] > 0.5 and e["energy_in_box"]["query"] > 0.5
-        assert abs(e["cis_sum"] - e["cis_target"]) < 1e-6  # SFAM's decomposition is exact for this model
-    qm = np.load(out / same[0]["explanation"]["files"]["query_map"])
-    qx0, qy0, qx1, qy1 = d["box"]
-    pad = (qx1 - qx0)  # nothing of the map lands farther than the aligned chip reaches from the box
+        assert abs(e["cis_sum"] - e["score"]) < 1e-6 and e["explained"]["exact"]  # Σ CIS = the score
+    qm, s = np.load(out / same[0]["explanation"]["query_map"]), same[0]["explanation"]["query_map_scale"]
+    qx0, qy0, qx1, qy1 = (np.array(d["box"]) * s).round().astype(int)
+    pad = (qx1 - qx0) + 1  # nothing of the map lands farther than the aligned chip reaches from the box
     mask = np.zeros_like(qm, bool)
     mask[max(0, qy0 - pad):qy1 + pad, max(0, qx0 - pad):qx1 + pad] = True
     assert qm[~mask].max() == 0
-    assert (out / "report.html").read_text().count("same person (distance") == 3
+    assert (out / "report.html").read_text().count("— the same person</h2>") == 3  # each one's heading
 
 
 def test_face_number_out_of_range(faces_index, face_photos):
@@ -268,21 +283,22 @@ def test_explain_pair_on_a_faces_index(faces_index, face_photos, tmp_path):
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
     assert d["face_a"] == 0 and d["face_b"] == 1 and d["faces_in_b"] == 3 and d["box_b"] == hit["box"]
-    assert abs(d["distance"] - hit["distance"]) < 1e-4 and d["same_person"]
-    assert d["verdict"] == f"same person (distance {d['distance']:.2f} < 0.6)" == hit["verdict"]
-    assert abs(d["cis_sum"] - d["cis_target"]) < 1e-6
+    assert abs(d["score"] - hit["score"]) < 1e-5 and d["verdict"] == hit["verdict"] and d["verdict"]["same_person"]
+    assert abs(d["cis_sum"] - d["score"]) < 1e-6 and d["explained"]["exact"]
+    assert "query_face" not in d and "box" not in d  # a pair's faces are face_a/face_b, box_a/box_b
     for side, name in (("a", "astronaut.png"), ("b", "group.png")):
-        m = np.load(d["files"][f"{side}_map"])
+        key = {"a": "query", "b": "result"}[side]
+        m, s = np.load(d["files"][f"{key}_map"]), d[f"{key}_map_scale"]
         photo = Image.open(face_photos / name)
-        assert m.shape == (photo.height, photo.width)
+        assert abs(m.shape[0] - photo.height * s) <= 1 and abs(m.shape[1] - photo.width * s) <= 1
         x0, y0, x1, y1 = d[f"box_{side}"]
-        yy, xx = np.unravel_index(np.argmax(m), m.shape)
+        yy, xx = (np.array(np.unravel_index(np.argmax(m), m.shape)) + 0.5) / s
         g = (x1 - x0) // 8
-        assert x0 - g <= xx < x1 + g and y0 - g <= yy < y1 + g and d["energy_in_box"][side] > 0.8
-    assert "same person (distance" in (out / "report.html").read_text()
+        assert x0 - g <= xx < x1 + g and y0 - g <= yy < y1 + g and d["energy_in_box"][key] > 0.8
+    assert "the same person" in (out / "report.html").read_text().lower()
     text = run("explain", face_photos / "astronaut.png", face_photos / "group.png", "--index", idx, "--out",
                tmp_path / "t").stdout
-    assert "same person (distance" in text and "face 0 of 3" in text
+    assert "The same person." in text and "face 0 of 3" in text and "score 1.0000" in text  # face 0: a pixel copy
 
 
 def test_explain_pair_photo_without_face(faces_index, face_photos, tmp_path):

@@ -206,7 +206,7 @@ def test_options_fixed_at_creation_are_refused_and_every_hint_works(photos, tmp_
         (["--metric", "l2"], "metric cosine, not l2"),
         (["--pooling", "gem"], "pooling gap, not gem:3"),
         (["--resize", "long"], "resize squash, not long"),
-        (["--head", "pca:16"], "head none, not pca:16"),
+        (["--head", "pca:16"], "head centre, not pca:16"),
         (["--model", "resnet18"], "model efficientnet_lite0, not resnet18"),
         (["--preset", "instance"], "input size 224, not 448 (from --preset instance)"),
     ]

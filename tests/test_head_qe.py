@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from clitools import run, run_json
-from explain.cis import cis_head
+from explain.cis import decompose
+from retrieval.metric import metric as metric_named
 from explain.methods import SFAM
 from retrieval.index.head import fit_head
 from retrieval.index.store import IndexStore
@@ -25,7 +26,32 @@ def test_fitted_head_is_linear_and_whitens():
     np.testing.assert_allclose(e.mean(0), 0, atol=1e-4)
     lam = np.linalg.eigvalsh(np.cov(e.T))
     assert lam.max() / lam.min() < 20  # whitened (with shrinkage), far from the raw spread
-    assert fit_head([x[:10]], {"type": "pca-whiten", "dim": 16}) is None  # too few to fit
+    assert fit_head([x[:9]], {"type": "pca-whiten", "dim": 16}) is None  # too few to fit
+
+
+def test_head_by_collection_size_against_its_definition():
+    """Below MIN_CENTRE vectors no head; below MIN_WHITEN a PCA head only centres; from there the top-D axes scaled by
+    (λ + s·λ̄)^-1/2 with the shrinkage s = max(0.1, D/n) (bench/results/quality-sizes.md). Checked against an eigen-
+    decomposition of the covariance computed here."""
+    from retrieval.index.head import MIN_CENTRE, MIN_WHITEN
+
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(600, 40)) @ rng.normal(size=(40, 40)) + 3.0
+    cfg = {"type": "pca-whiten", "dim": 16}
+    assert fit_head([x[:MIN_CENTRE - 1]], cfg) is None and fit_head([x[:MIN_CENTRE - 1]], {"type": "centre"}) is None
+    for kind in (cfg, {"type": "centre"}):
+        h = fit_head([x[:MIN_WHITEN - 1]], kind)
+        assert h.proj is None and h.dim == 40 and np.allclose(h.mean, x[:MIN_WHITEN - 1].mean(0))
+        np.testing.assert_allclose(h.apply(x[:3]), x[:3] - h.mean, rtol=1e-5, atol=1e-5)
+    assert fit_head([x], {"type": "centre"}).proj is None  # centring only, at any size
+    for n in (MIN_WHITEN, 600):
+        h = fit_head([x[:n]], cfg)
+        lam, vec = np.linalg.eigh(np.cov(x[:n].T, bias=True))
+        lam, vec = lam[::-1][:16], vec[:, ::-1][:, :16]
+        s = max(0.1, 16 / n)
+        expect = (vec / np.sqrt(lam + s * lam.mean())).T
+        signs = np.sign((h.proj * expect).sum(1))  # eigenvectors are defined up to sign
+        np.testing.assert_allclose(h.proj * signs[:, None], expect, rtol=1e-6, atol=1e-9)
 
 
 @pytest.mark.parametrize("metric", ["cosine", "l2"])
@@ -34,20 +60,20 @@ def test_cis_through_the_head_is_exact(metric):
     x = np.maximum(rng.normal(size=(300, 64)), 0)
     head = fit_head([x], {"type": "pca-whiten", "dim": 24})
     q, r = x[0], x[1]
-    info = cis_head(q, r, head.mean, head.proj, metric)
+    (info,) = decompose(q, r[None], metric_named(metric), head)
     eq, er = head.apply(q)[0].astype(np.float64), head.apply(r)[0].astype(np.float64)
     if metric == "cosine":
         expect = eq @ er / (np.linalg.norm(eq) * np.linalg.norm(er))
-        assert info["cis"].sum() == pytest.approx(expect, abs=1e-5) and info["score"] == pytest.approx(expect, abs=1e-5)
+        assert info.cis.sum() == pytest.approx(expect, abs=1e-5) and info.score == pytest.approx(expect, abs=1e-5)
     else:
         d = ((eq - er) ** 2).sum()
-        assert info["distance"] == pytest.approx(d, rel=1e-4)
-        assert info["cis"].sum() == pytest.approx(0.5 * (eq @ eq + er @ er - d), rel=1e-4)
+        assert info.distance == pytest.approx(d, rel=1e-4)
+        assert info.cis.sum() == pytest.approx(eq @ er, rel=1e-4)  # ⟨e_q, e_r⟩: the head centres by itself
 
 
 def test_head_is_stored_refit_and_searched(photos, tmp_path):
     idx = tmp_path / "idx"
-    # 9 photos are too few to fit (MIN_FIT): the index works without a head until enough exist
+    # 9 photos are too few to fit (MIN_CENTRE): the index works without a head until enough exist
     rep = run_json("index", photos, "--index", idx, "--head", "pca-whiten:8")
     assert rep["total"] == 9
     with IndexStore.open(idx) as store:
@@ -58,20 +84,20 @@ def test_head_is_stored_refit_and_searched(photos, tmp_path):
     for p in sorted(photos.glob("*.*g")):
         im = Image.open(p).convert("RGB")
         w, h = im.size
-        for i in range(4):
-            im.crop((i * w // 10, i * h // 10, w - i * w // 12, h - (3 - i) * h // 12)).save(photos / f"{p.stem}_{i}.png")
+        for i in range(6):  # 57 photos: enough to whiten (MIN_WHITEN)
+            im.crop((i * w // 14, i * h // 14, w - i * w // 16, h - (5 - i) * h // 16)).save(photos / f"{p.stem}_{i}.png")
     rep = run_json("index", photos, "--index", idx)
-    assert rep["total"] == 9 + 32
+    assert rep["total"] == 9 + 48
     with IndexStore.open(idx) as store:
         head = store.head
-        assert head is not None and head.dim == 8 and head.fitted_on == 41
+        assert head is not None and head.dim == 8 and head.fitted_on == 57
         assert store.faiss_index().d == 8
         raw = np.frombuffer(store.row_by_path(str(photos / "chelsea.jpg")).vector, np.float32)
         t = store.transform(raw[None])[0]
         e = head.apply(raw[None])[0]
         np.testing.assert_allclose(t, e / np.linalg.norm(e), rtol=1e-5, atol=1e-6)
     info = run_json("info", "--index", idx)
-    assert info["head"] == "pca-whiten:8 (fitted on 41 images, 8 dims)"
+    assert info["head"] == "pca-whiten:8 (fitted on 57 images, 8 dims)"
     # search scores are cosines of head outputs, and an explanation with the head decomposes them exactly
     (res,) = [json.loads(l) for l in run("search", photos / "chelsea.jpg", "--index", idx, "--json", "-k", "3")
               .stdout.splitlines()]
