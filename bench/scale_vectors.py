@@ -7,7 +7,7 @@
 
 ``storage`` writes, streams and randomly gathers the same 1280-d vectors as SQLite blobs (the
 product's table layout and pragmas) and as float32 / float16 shard files with CRC-32 checksums
-(retrieval/index/shards.py), side by side in one run.
+(retrieval/index/sharded.py), side by side in one run.
 
 ``run`` generates realistic synthetic vectors the way bench/search.py does (sampled around real
 Lite0 embeddings with noise along their top 64 principal directions, clipped at 0 like ReLU6); at
@@ -39,8 +39,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # a loaded machine: OpenMP 
 import _common
 import numpy as np
 
-from retrieval.index import shards
-from retrieval.index.shards import ShardedVectors, sharded_factory
+from retrieval.index import sharded
+from retrieval.index.sharded import ShardedVectors, sharded_factory
 
 CACHE = _common.ROOT / "bench" / ".cache" / "scale-vectors"
 
@@ -148,9 +148,10 @@ def storage(args) -> None:
     def shard_round(r: int, dtype: str):
         sdir = work / f"{dtype}-{r}"
         t = time.perf_counter()
-        sv = ShardedVectors.create(sdir, d, "ip", dtype).lock()
+        sv = ShardedVectors.new(sdir, d, "ip", dtype)
         for s in range(0, n, 10_000):  # 10 k-vector shards: the same unit of work as 10 SQLite commits
             sv.append(ids[s:s + 10_000], x[s:s + 10_000])
+            sv.commit()
         write = time.perf_counter() - t
         t = time.perf_counter()
         sum(len(v) for _, v in sv.iter_chunks())
@@ -216,7 +217,7 @@ def run(args) -> None:
         res = {"n": n, "dim": d, "shard": shard, "workers": args.workers, "queries": args.queries,
                "dtype": "float16", "load_start": os.getloadavg()}
         log(f"{name}: generating {n} vectors into float16 shards of {shard}")
-        sv = ShardedVectors.create(work, d, "ip", "float16").lock()
+        sv = ShardedVectors.new(work, d, "ip", "float16")
         gen_s, t0 = 0.0, time.perf_counter()
         for s in range(0, n, shard):
             m = min(shard, n - s)
@@ -236,10 +237,11 @@ def run(args) -> None:
         factory = args.factory or sharded_factory(d, n)
         log(f"{name}: training {factory}")
         res["factory"] = factory
-        res["ivf_niter"] = shards.IVF_NITER
+        res["ivf_niter"] = sharded.IVF_NITER
         res["train_s"] = sv.train(factory, threads=args.threads)
         log(f"{name}: trained in {res['train_s']:.0f} s; adding {len(sv.shards)} shards with {args.workers} workers")
         times = sv.build(workers=args.workers, progress=lambda m: log(f"{name}: {m}"))
+        sv.commit()
         res.update(add_s=times["add"], merge_s=times["merge"])
         res["build_s"] = res["train_s"] + res["add_s"] + res["merge_s"]
         res["disk"] = sv.disk_bytes()
@@ -282,15 +284,14 @@ def run(args) -> None:
 def _linked_copy(src: Path, dst: Path) -> ShardedVectors:
     """A second collection over the same vector shard files (hard links), untrained: another factory's index."""
     shutil.rmtree(dst, ignore_errors=True)
-    dst.mkdir(parents=True)
-    m = json.loads((src / shards.MANIFEST).read_text())
-    for s in m["shards"]:
+    base = ShardedVectors.open(src)
+    sv = ShardedVectors.new(dst, base.dim, base.doc["metric"], base.dtype)
+    for s in base.shards:
         for k in ("vectors", "ids"):
-            os.link(src / s[k]["file"], dst / s[k]["file"])
-        s["index"] = None
-    m.update(trained=None, merged=None, factory=None)
-    (dst / shards.MANIFEST).write_text(json.dumps(m))
-    return ShardedVectors.open(dst)
+            os.link(base.directory / s[k]["file"], sv.directory / s[k]["file"])
+        sv.shards.append({**s, "index": None})
+    sv.commit()
+    return sv
 
 
 def compare(args) -> None:
@@ -307,19 +308,20 @@ def compare(args) -> None:
     res = {"n": n, "dim": d, "shard": shard, "workers": args.workers, "queries": args.queries,
            "load_start": os.getloadavg(), "factories": [], "tag": args.tag}
     log(f"{name}: generating {n} vectors into float16 shards of {shard}")
-    base = ShardedVectors.create(work / "f0", d, "ip", "float16").lock()
+    base = ShardedVectors.new(work / "f0", d, "ip", "float16")
     for s in range(0, n, shard):
         m = min(shard, n - s)
         base.append(None, ((np.arange(s + a, s + a + min(50_000, m - a), dtype=np.int64), gen.chunk(min(50_000, m - a)))
                            for a in range(0, m, 50_000)))
+    base.commit()
     base.close()
     cols = []
     for i, factory in enumerate(args.factories):
-        sv = ShardedVectors.open(work / "f0") if i == 0 else _linked_copy(work / "f0", work / f"f{i}")
-        sv.lock()
+        sv = ShardedVectors.open(work / "f0", writable=True) if i == 0 else _linked_copy(work / "f0", work / f"f{i}")
         t = time.perf_counter()
         train_s = sv.train(factory, threads=args.threads)
         times = sv.build(workers=args.workers)
+        sv.commit()
         build_s = time.perf_counter() - t
         disk = sv.disk_bytes()
         sv.close()

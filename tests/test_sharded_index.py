@@ -25,7 +25,7 @@ import pytest
 from clitools import ROOT, Forker, run_process
 from conftest import skimage_photo
 
-from retrieval.index.sharded import POINTER, TRAIN_AT_ENV, read_pointer, shards_dir
+from retrieval.index.sharded import POINTER, TRAIN_AT_ENV, shards_dir
 from retrieval.index.schema import ImageRow
 from retrieval.index.store import IndexStore
 
@@ -53,6 +53,11 @@ def env(tmp_path_factory):
     e = {"base": base, "photos": photos, "idx": base / "idx", "log": base / "children.log", "forker": forker}
     yield e
     forker.close()
+
+
+def current(idx) -> dict:
+    """What ``DIR/shards/current.json`` commits: the generation, its files, the vector space, the counts."""
+    return json.loads((shards_dir(idx) / POINTER).read_text())
 
 
 def cli(e, *args, kill_when=None, expect=0) -> str:
@@ -109,8 +114,9 @@ def built(env):
 
 def test_index_search_equals_exact_and_info_check(built):
     e = built
-    ptr = read_pointer(e["idx"])
-    assert ptr["factory"] == "Flat" and ptr["count"] == len(list(e["photos"].iterdir()))  # exact: too few to train
+    ptr = current(e["idx"])
+    assert ptr["trained"] is None and ptr["merged"] is None  # exact: too few to train
+    assert ptr["count"] == len(list(e["photos"].iterdir()))
     assert not (e["idx"] / "vectors.faiss").exists()  # the shards are the search structure
     queries = sorted(e["photos"].iterdir())[:6]
     k = 5
@@ -187,12 +193,12 @@ def _add_synthetic_rows(e, n: int) -> None:
 @pytest.fixture(scope="module")
 def trained(changed):
     """``changed`` plus SYNTHETIC rows; a run training at 300 vectors is killed once its new shard is on disk
-    (the manifest and ``check`` right after the kill are kept), then a run completes."""
+    (``current.json`` and ``check`` right after the kill are kept), then a run completes."""
     e = changed
     _add_synthetic_rows(e, SYNTHETIC)
     with IndexStore.open(e["idx"]) as store:  # a reader sees the new rows at once: exact, from memory
         e["exact_before_training"] = store.faiss_index().ntotal - len(store.removed_ids()) == store.count()
-    gen = shards_dir(e["idx"]) / read_pointer(e["idx"])["generation"]
+    gen = shards_dir(e["idx"]) / current(e["idx"])["generation"]
     # the forker's children inherit its environment: train at a few hundred vectors
     e["forker"].close()
     with pytest.MonkeyPatch.context() as mp:
@@ -201,7 +207,8 @@ def trained(changed):
     # killed once the new shard is on disk, while the quantisers are trained or the shards added and merged
     cli(e, "index", e["photos"], "--index", e["idx"], "--json",
         kill_when=lambda: (gen / "shard-00002.vec").exists(), expect=-signal.SIGKILL)
-    e["manifest_after_kill"] = json.loads((gen / "manifest.json").read_text())
+    e["written_at_kill"] = (gen / "shard-00002.vec").exists()
+    e["committed_at_kill"] = current(e["idx"])
     e["check_after_kill"] = json.loads(cli(e, "check", "--index", e["idx"], "--json"))
     # the next run completes: trained, every shard added and merged, the lists memory-mapped
     cli(e, "index", e["photos"], "--index", e["idx"], "--json")
@@ -211,15 +218,19 @@ def trained(changed):
 def test_ivf_kill_9_while_shards_are_written_then_heals_and_recall(trained, capfd):
     e = trained
     assert e["exact_before_training"]
-    assert e["manifest_after_kill"]["merged"] is None  # the kill came before the merge
+    killed = e["committed_at_kill"]  # the kill came after the new shard's file and before the commit: none of it counts
+    assert e["written_at_kill"] and killed["merged"] is None and [s["name"] for s in killed["shards"]] == [
+        "shard-00000", "shard-00001"]
     rep = e["check_after_kill"]
     assert rep["consistent"], rep  # a committed shard that is not merged yet is no damage
-    ptr = read_pointer(e["idx"])
+    ptr = current(e["idx"])
     assert ptr["factory"].startswith("PCAR256,IVF") and ptr["count"] >= SYNTHETIC  # 1280-d: PCA before IVF-PQ
     with IndexStore.open(e["idx"]) as store:
         sh = store.faiss_index()
         assert sh.covered == len(sh.sv.shards) and sh.sv.is_mmapped() and sh.mem.ntotal == 0
         assert sh.ntotal - len(sh.removed) == store.count()
+        # the killed run's files were removed by the next writer: only what current.json names is there
+        assert sorted(p.name for p in sh.sv.directory.iterdir()) == sorted(d["file"] for d in sh.sv._named())
     assert "IO_FLAG" not in capfd.readouterr().out  # FAISS's note on opening on-disk lists stays off stdout (--json)
     rep = json.loads(cli(e, "check", "--index", e["idx"], "--json"))
     assert rep["consistent"] and not rep["rows_without_vector"], rep  # the removed two: still filtered
@@ -236,7 +247,7 @@ def test_ivf_kill_9_while_shards_are_written_then_heals_and_recall(trained, capf
 
 def test_corrupted_shard_found_by_check_and_repaired(trained):
     e = trained
-    gen = shards_dir(e["idx"]) / read_pointer(e["idx"])["generation"]
+    gen = shards_dir(e["idx"]) / current(e["idx"])["generation"]
     vec = gen / "shard-00000.vec"
     b = bytearray(vec.read_bytes())
     b[len(b) // 2] ^= 0x5A  # same size: only the checksum can tell
@@ -250,7 +261,7 @@ def test_corrupted_shard_found_by_check_and_repaired(trained):
     assert "rebuilt the vector file" in r.stdout
     rep = json.loads(cli(e, "check", "--index", e["idx"], "--json"))
     assert rep["consistent"] and not rep["trailing"] and rep["vectors"] == rep["images"]
-    new = read_pointer(e["idx"])["generation"]
+    new = current(e["idx"])["generation"]
     assert new != gen.name and not gen.exists()  # a new generation, the damaged one removed
     assert sorted(p.name for p in shards_dir(e["idx"]).iterdir()) == sorted([POINTER, new])
 
