@@ -104,7 +104,7 @@ def test_search_upload_then_audit_a_pair(server, browser):
     assert "chelsea.png" in title and "uploaded photo" in title
     assert page.inner_text("#score").startswith("score 0.")
     assert "random pairs in this collection" in page.inner_text("#verdict")
-    assert "heat maps explain" in page.inner_text("#explained")
+    assert "heat maps draw this score" in page.inner_text("#explained")  # the maps are of the score above
     for sel in ("#photo-q", "#photo-r", "#heat-q", "#heat-r"):
         page.wait_for_function(f"() => document.querySelector('{sel}').complete && "
                                f"document.querySelector('{sel}').naturalWidth > 0")

@@ -76,10 +76,14 @@ def cli(e, *args, kill_when=None, expect=0) -> str:
 
 
 def definition(idx, queries, k):
-    """Exact cosine top-k of each (indexed) query's own stored embedding over every row: ids and scores."""
+    """Exact cosine top-k of each (indexed) query's own stored embedding over every row, in the index's space
+    (centred on the head's mean, projected by its matrix where it has one): ids and scores."""
     with IndexStore.open(idx) as store:
         ids, vecs = zip(*store.iter_vectors())
-        ids, x = np.concatenate(ids), np.concatenate(vecs)
+        ids, x = np.concatenate(ids), np.concatenate(vecs).astype(np.float64)
+        if store.head is not None:
+            x = x - store.head.mean
+            x = x if store.head.proj is None else x @ store.head.proj.T
         x = x / np.linalg.norm(x, axis=1, keepdims=True)
         by_path = {store.row_by_path(str(q)).id: str(q) for q in queries}
     out = {}
@@ -107,8 +111,10 @@ def assert_exact(got: dict, want, k):
 
 @pytest.fixture(scope="module")
 def built(env):
-    """The collection indexed with ``--index-type sharded``: too few rows to train, so exact."""
-    cli(env, "index", env["photos"], "--index", env["idx"], "--index-type", "sharded", "--json")
+    """The collection indexed with ``--index-type sharded``: too few rows to train, so exact. No head: a head
+    re-fitted when the collection doubles rewrites every shard, and these tests follow the shards added one run
+    at a time."""
+    cli(env, "index", env["photos"], "--index", env["idx"], "--index-type", "sharded", "--head", "none", "--json")
     return env
 
 
@@ -133,6 +139,18 @@ def test_index_search_equals_exact_and_info_check(built):
     # the index type is fixed at creation: another one is refused before anything changes
     out = cli(e, "index", e["photos"], "--index", e["idx"], "--index-type", "flat", expect=1)
     assert "index type sharded, not flat" in out
+
+
+def test_sharded_with_the_default_head_equals_exact(env):
+    """The default (centre) head, fitted at 23 photos: the shards hold the centred vectors and a search is the exact
+    top-k of the centred cosine."""
+    e = {**env, "idx": env["base"] / "idx-head"}
+    cli(e, "index", e["photos"], "--index", e["idx"], "--index-type", "sharded", "--json")
+    with IndexStore.open(e["idx"]) as store:
+        assert store.head is not None and store.head.proj is None and store.head.fitted_on == 23
+    queries = sorted(e["photos"].iterdir())[:6]
+    got, want = search_json(e, queries, 5), definition(e["idx"], queries, 5)
+    assert_exact(got, want, 5)
 
 
 @pytest.fixture(scope="module")
