@@ -37,11 +37,11 @@ def models_trusted() -> bool:
 
 def check_trusted(model: str) -> None:
     """Raise :class:`UntrustedModel` (naming the code and the opt-in) unless ``model`` may be loaded."""
-    from retrieval.models.registry import is_user_code
+    from retrieval.models.registry import is_user_code, model_kind
 
     if not is_user_code(model) or models_trusted():
         return
-    if ":" in model and not Path(model).expanduser().exists():
+    if model_kind(model) == "function":
         what = f"the Python function {model!r}: loading it imports module {model.partition(':')[0]!r}"
     else:
         what = f"the TorchScript program {model}: loading it runs that file's code"

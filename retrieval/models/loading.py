@@ -23,7 +23,7 @@ from retrieval.models.backbone import Backbone
 from retrieval.models.networks import pick_device
 from retrieval.models.pooling import Pooling, parse_pooling
 from retrieval.models.preprocess import Preprocess
-from retrieval.models.registry import (DEFAULT_MODEL, IMAGENET, REGISTRY, TORCHSCRIPT_SUFFIXES, ModelSpec,
+from retrieval.models.registry import (DEFAULT_MODEL, IMAGENET, REGISTRY, ModelSpec, model_kind,
                                        lite0_weights_file, unknown_model)
 
 def _torchvision_weights(name: str):
@@ -164,7 +164,8 @@ def _load_user_model(name: str, input_size: int | None, dev: torch.device, fast:
                      expected_sha256: str | None = None) -> Backbone:
     pre = Preprocess(input_size or 224, **IMAGENET)
     path = Path(name).expanduser()
-    if path.suffix in TORCHSCRIPT_SUFFIXES or path.exists():
+    kind = model_kind(name)
+    if kind == "torchscript":
         if not path.is_file():
             raise UnknownModel(f"{name}: no such TorchScript file")
         data, wid = _read_verified(path, expected_sha256, "TorchScript")
@@ -174,7 +175,7 @@ def _load_user_model(name: str, input_size: int | None, dev: torch.device, fast:
             raise UnknownModel(f"{name}: not a TorchScript file ({type(e).__name__})") from None
         source = str(path.resolve())
         spec_name = str(path.resolve())
-    elif ":" in name:
+    elif kind == "function":
         mod_name, _, fn_name = name.partition(":")
         try:
             fn = getattr(importlib.import_module(mod_name), fn_name)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from retrieval.models.graphs import Manifest, folder, manifest_path, record_identity, safe_name
 from retrieval.models.preprocess import Preprocess
-from retrieval.models.registry import DEFAULT_MODEL, MODEL_NAMES, REGISTRY, TORCHSCRIPT_SUFFIXES, is_registry_name, \
+from retrieval.models.registry import DEFAULT_MODEL, REGISTRY, is_registry_name, model_kind, \
     unknown_model
 
 
@@ -56,7 +56,7 @@ def new_index_identity(model: str | None, weights: str | None, input_size: int |
     reference's at ``explain_size``). None where indexing takes the torch path: a user's model, ONNX Runtime missing,
     or the child failed."""
     model = model or DEFAULT_MODEL
-    if is_registry_name(model) and model not in MODEL_NAMES and Path(model).suffix not in TORCHSCRIPT_SUFFIXES:
+    if model_kind(model) == "unknown":
         raise unknown_model(model)
     if not without_torch(model, pooling):
         return None

@@ -94,16 +94,32 @@ def tap_layer(model: str) -> str | None:
     return TAP_LAYERS.get(model)
 
 
+def model_kind(name: str) -> str:
+    """What a model name means, decided in this one place: ``registry`` (a backbone retrieve knows), ``faces``
+    (dlib's face network), ``torchscript`` (a file: an existing path, or a name ending like one), ``function``
+    (``module:function``), or ``unknown`` (a plain name the registry does not know)."""
+    if name in REGISTRY:
+        return "registry"
+    if name == FACE_MODEL:
+        return "faces"
+    path = Path(name).expanduser()
+    if path.suffix in TORCHSCRIPT_SUFFIXES or path.exists():
+        return "torchscript"
+    if ":" in name:
+        return "function"
+    return "torchscript" if ("/" in name or os.sep in name) else "unknown"
+
+
 def is_user_code(name: str) -> bool:
     """Whether model ``name`` is a user's program (a TorchScript file or ``module:function``), not a name retrieve
     knows: loading it runs code the index folder names (retrieval/models/loader.py asks for --trust-model)."""
-    return name not in REGISTRY and name != FACE_MODEL
+    return model_kind(name) not in ("registry", "faces")
 
 
 def is_registry_name(name: str) -> bool:
     """Whether ``name`` can only mean a registry backbone (not a file, a path or ``module:function``); such a name that
     the registry does not know is refused at once (:func:`unknown_model`)."""
-    return not (":" in name or "/" in name or os.sep in name or Path(name).exists() or name == FACE_MODEL)
+    return model_kind(name) in ("registry", "unknown")
 
 
 def unknown_model(name: str):
