@@ -20,7 +20,7 @@ from torch import nn
 
 from retrieval.errors import RetrieveError, SettingsMismatch, UnknownModel, WeightsUnavailable
 from retrieval.models.backbone import Backbone
-from retrieval.models.networks import pick_device
+from retrieval.models.networks import LayerOutput, pick_device
 from retrieval.models.pooling import Pooling, parse_pooling
 from retrieval.models.preprocess import Preprocess
 from retrieval.models.registry import (DEFAULT_MODEL, IMAGENET, REGISTRY, ModelSpec, model_kind,
@@ -185,7 +185,9 @@ def _load_user_model(name: str, input_size: int | None, dev: torch.device, fast:
         if not (isinstance(got, tuple) and len(got) == 2 and isinstance(got[0], nn.Module)):
             raise UnknownModel(f"{name}: must return (nn.Module, layer_name)")
         model, layer = got
-        net = _LayerOutput(model, layer)
+        if layer not in dict(model.named_modules()):
+            raise UnknownModel(f"{name}: the model has no layer {layer!r}")
+        net = LayerOutput(model, layer)
         source, wid, spec_name = name, _state_hash(model), name
     else:
         raise unknown_model(name)
@@ -194,28 +196,6 @@ def _load_user_model(name: str, input_size: int | None, dev: torch.device, fast:
     if probe.ndim != 4:
         raise UnknownModel(f"{name}: the feature map must be N×C×H×W, got shape {tuple(probe.shape)}")
     return Backbone(spec_name, net, pre, int(probe.shape[1]), source, wid, dev, fast)
-
-
-class _LayerOutput(nn.Module):
-    """Runs ``model`` and returns the output of its submodule ``layer`` (a forward hook)."""
-
-    def __init__(self, model: nn.Module, layer: str):
-        super().__init__()
-        self.model = model
-        try:
-            self.layer = model.get_submodule(layer)
-        except AttributeError:
-            raise UnknownModel(f"model has no layer {layer!r}") from None
-        self._out: torch.Tensor | None = None
-        self.layer.register_forward_hook(self._keep)
-
-    def _keep(self, _m, _inp, out) -> None:
-        self._out = out
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.model(x)
-        out, self._out = self._out, None
-        return out
 
 
 def _state_hash(model: nn.Module) -> str:

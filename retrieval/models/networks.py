@@ -59,6 +59,14 @@ class Tapped(nn.Module):
         return a, box[-1]
 
 
+class LayerOutput(Tapped):
+    """``net`` returning only the output of its submodule ``layer``: a user's ``module:function`` model, whose
+    feature map is that layer's output."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x)[1]
+
+
 class EagerRunner:
     """The network itself (any device); float32 arrays on the CPU out."""
 
