@@ -218,8 +218,6 @@ def index(ctx, paths, index_dir, model, weights, metric, index_type, faiss_facto
         raise click.UsageError("give --index-type or --faiss, not both")
     if ray_address and engine != "ray":
         raise click.UsageError("--ray-address needs --engine ray")
-    if as_catalogue:
-        _check_catalogue_paths(paths, preset, _index_dir(index_dir))
     bar = _Bar(enabled=not as_json and sys.stderr.isatty(), label="indexing")
 
     def on_skip(path: str, reason: str) -> None:
@@ -232,7 +230,7 @@ def index(ctx, paths, index_dir, model, weights, metric, index_type, faiss_facto
                              index_type=index_type, faiss_factory=faiss_factory, input_size=input_size,
                              preset=preset, resize=resize, pooling=pooling, head=head, refit=refit, batch_size=batch_size, workers=workers, progress=bar, on_skip=on_skip,
                              follow_links=follow_links, engine=engine, ray_address=ray_address,
-                             **({"face_detector": face_detector} if face_detector else {}),
+                             catalogue=as_catalogue, **({"face_detector": face_detector} if face_detector else {}),
                              **({"precision": precision} if precision else {}))
     finally:
         bar.close()
@@ -251,33 +249,11 @@ def index(ctx, paths, index_dir, model, weights, metric, index_type, faiss_facto
                    f"{report.unchanged} unchanged, {report.removed} removed, {report.skipped} skipped"
                    + (f" (+{report.skipped_before} known bad)" if report.skipped_before else "")
                    + f" in {report.seconds:.1f}s")
-    if as_catalogue and report.total:
-        from retrieval.index import catalogue
-        from retrieval.index.store import IndexStore
-
-        with IndexStore.open(_index_dir(index_dir), writable=True) as store:
-            roots = catalogue.record(store, paths)
-        if not as_json:
-            click.echo(f"catalogue: {_paths_text(roots)}")
+    if report.catalogue and not as_json:
+        click.echo(f"catalogue: {_paths_text(report.catalogue)}")
     if report.interrupted:
         click.echo("Interrupted: the work done so far is kept; run the same command again to continue.", err=True)
         ctx.exit(130)
-
-
-def _check_catalogue_paths(paths, preset, index_dir: Path) -> None:
-    """``index --catalogue``: PATHS must exist, and a faces index has no catalogue (one-line usage errors)."""
-    from retrieval.index.store import IndexStore
-    from retrieval.presets import preset_named, preset_of
-
-    asked = preset_named(preset)
-    if asked is None and IndexStore.exists(index_dir):
-        with IndexStore.open(index_dir) as store:
-            asked = preset_of(store.settings)
-    if asked is not None and asked.per_face:
-        raise click.UsageError("--catalogue does not apply to a faces index (--preset faces)")
-    for p in paths:
-        if not Path(p).exists():
-            raise click.UsageError(f"--catalogue: {p} does not exist")
 
 
 # -- info ---------------------------------------------------------------------------------------
@@ -486,12 +462,7 @@ def check(ctx, index_dir, repair, as_json) -> None:
     from retrieval.index.check import check_index
 
     directory = _index_dir(index_dir)
-    if repair:
-        before = repair_index(directory)
-        rep = check_index(directory)
-        rep.repaired = before.repaired
-    else:
-        rep = check_index(directory)
+    rep = repair_index(directory) if repair else check_index(directory)
     if as_json:
         click.echo(json.dumps(rep.to_dict()))
     else:

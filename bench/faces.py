@@ -404,7 +404,7 @@ def metric_report(args, o: dict | None, rl: dict | None, load: tuple, save: bool
             "than a different-person pair (how well one threshold could separate them). Top-1 changed: queries "
             "whose rank-1 photo differs from L2's. Top-10 changed: queries whose top-10 set differs. Ranking "
             "identical: queries whose whole ranking equals L2's. At dlib's 0.6 (the preset's same-person "
-            "threshold, retrieval/face_search.py): the share of same-person pairs closer than 0.6 and of "
+            "threshold, retrieval/faces/search.py): the share of same-person pairs closer than 0.6 and of "
             "different-person pairs at 0.6 or more (L2 only: the cosines have no documented threshold). L2 "
             "distances are the same for x and x − μ: L2 is already centred.\n\n")
     text += _common.table(["set", "metric", "R@1", "mAP", "pair AUC", "median same / different person",
@@ -790,7 +790,7 @@ def fm_candidate(O: FaceSet, R: FaceSet, t: float, chosen: dict, path: Path, cmd
                f"({len(O.F)} faces, 40 people, grayscale 92×112 studio photos) and deepface's tests/unit/dataset "
                f"({len(R.F)} faces in {R.n} photos, 13 public figures + 2 group photos); dlib HOG detection, "
                f"5-point alignment, 150 px chip with 0.25 padding, dlib_face_recognition_resnet_model_v1 through "
-               f"the project's PyTorch port (retrieval/dlib_face.py); float64 mean, rounded to 7 decimals",
+               f"the project's PyTorch port (retrieval/faces/network.py); float64 mean, rounded to 7 decimals",
         "command": cmd,
         "results": "bench/results/faces-metric.md (section: A fixed reference mean μ_f)",
         "threshold": t,

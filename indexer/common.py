@@ -37,10 +37,13 @@ class IndexReport:
     seconds: float = 0.0
     interrupted: bool = False
     skipped_files: list = field(default_factory=list)
+    catalogue: list | None = None  # --catalogue: the folders and files recorded as the catalogue
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["seconds"] = round(self.seconds, 3)
+        if d["catalogue"] is None:
+            d.pop("catalogue")
         return d
 
 

@@ -84,7 +84,8 @@ def index_paths(paths: Iterable[str | os.PathLike], index_dir: str | os.PathLike
                 workers: int | None = None, progress: Progress | None = None,
                 on_skip: Callable[[str, str], None] | None = None,
                 backbone: Backbone | None = None, follow_links: bool = False, engine: str = "local",
-                ray_address: str | None = None, face_detector: str | None = None) -> IndexReport:
+                ray_address: str | None = None, face_detector: str | None = None,
+                catalogue: bool = False) -> IndexReport:
     """Index (or update the index of) the images under ``paths`` into ``index_dir``; see the module docstring.
 
     ``model``/``weights``/``metric``/``index_type``/``faiss_factory``/``input_size``/``resize``/``pooling``/
@@ -93,9 +94,16 @@ def index_paths(paths: Iterable[str | os.PathLike], index_dir: str | os.PathLike
     linear head on the whole collection (it is also re-fitted when the collection has doubled since).
     ``engine``: "local" (this process) or "ray" (embedding on a Ray cluster at ``ray_address``, or a local one;
     indexer/ray_engine.py). ``backbone`` substitutes a ready-made backbone (tests). A new index into which nothing could be
-    indexed (no images, or none decodable) is not created: :class:`RetrieveError`.
+    indexed (no images, or none decodable) is not created: :class:`RetrieveError`. ``catalogue``: ``paths`` are
+    the collection's catalogue (reference photos; retrieval/index/catalogue.py), recorded once they are indexed.
     """
     asked_preset, existing = preset_named(preset), _existing_preset(index_dir)
+    if catalogue:
+        if (asked_preset or existing or (FACES if face_detector is not None else GENERAL)).per_face:
+            raise RetrieveError("--catalogue does not apply to a faces index (--preset faces)")
+        for p in paths:
+            if not Path(p).exists():
+                raise RetrieveError(f"--catalogue: {p} does not exist")
     if existing is None and asked_preset is None and face_detector is None:
         preset, asked_preset = GENERAL.name, GENERAL  # a new index without --preset: the general one
     if asked_preset is not None and existing is not None and asked_preset.per_face != existing.per_face:
@@ -191,6 +199,11 @@ def index_paths(paths: Iterable[str | os.PathLike], index_dir: str | os.PathLike
     if discarded and not report.interrupted:
         raise RetrieveError(f"none of the {len(files)} images found could be indexed ({report.skipped} could not "
                             "be read, see above); no index was created")
+    if catalogue and report.total:
+        from retrieval.index import catalogue as catalogue_role
+
+        with IndexStore.open(index_dir, writable=True) as store:
+            report.catalogue = catalogue_role.record(store, paths)
     return report
 
 
@@ -415,10 +428,15 @@ def _run(store: IndexStore, bb: Backbone, files: list[FileEntry], trees: list[st
 
 
 def repair_index(directory):
-    """``retrieve check --repair`` (retrieval/index/check.py), re-embedding damaged rows as this indexer embeds them."""
+    """``retrieve check --repair`` (retrieval/index/check.py), re-embedding damaged rows as this indexer embeds them:
+    the index checked again after the repair, with what was repaired."""
+    from retrieval.index.check import check_index
     from retrieval.index.check import repair_index as repair
 
-    return repair(directory, _reembedder)
+    done = repair(directory, _reembedder)
+    after = check_index(directory)
+    after.repaired = done.repaired
+    return after
 
 
 def _reembedder(settings):
