@@ -18,7 +18,7 @@ from retrieval.models.backbone import Backbone
 from retrieval.models.preprocess import group_by_shape
 from retrieval.errors import RetrieveError
 
-from .cis import Decomposition, channel_rows, decompose
+from .cis import Decomposition, decompose
 
 
 @dataclass
@@ -44,9 +44,6 @@ class Explanation:
         """The maps' channel terms add up to the score shown: SFAM's CIS of a cosine (not a baseline's map, not l2)."""
         return self.cis is not None and self.distance is None and self.cis_target is not None \
             and abs(float(self.cis_target) - float(self.score)) <= 1e-6 * max(1.0, abs(float(self.score)))
-
-    def channels(self, n: int = 10) -> list[dict]:
-        return channel_rows(self.cis, n)[0]
 
 
 def own_size(img: Image.Image) -> tuple[int, int]:

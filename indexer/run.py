@@ -27,7 +27,7 @@ from retrieval.index.head import head_text, parse_head
 from retrieval.models.loader import backbone_for_settings
 from retrieval.index.calibration import refresh as refresh_calibration
 from retrieval.index.reference import refresh as refresh_reference
-from retrieval.index.reference import tap_layer
+from retrieval.models.registry import tap_layer
 from retrieval.index.settings import IndexSettings
 from retrieval.index.store import IncompleteIndex, IndexStore, default_explain, index_path
 from retrieval.index.vectors import factory_for

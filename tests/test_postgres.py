@@ -17,7 +17,8 @@ from clitools import ROOT, entry_point, run, run_json, run_process
 from conftest import skimage_photo
 from pgserver import new_database, server
 from retrieval.index import database
-from retrieval.index.schema import SCHEMA_VERSION, Base, ImageRow, SettingRow
+from retrieval.index.schema import Base, ImageRow, SettingRow
+from retrieval.index.settings import SCHEMA_VERSION
 
 
 @pytest.fixture(scope="module")

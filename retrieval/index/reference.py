@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from retrieval.models.registry import tap_layer  # noqa: F401  (re-exported for the indexer)
 
 KEY = "explain_reference"
 SAMPLE = 128  # photos embedded at the explain resolution when the index is built or updated

@@ -4,8 +4,6 @@ from __future__ import annotations
 from sqlalchemy import BigInteger, Float, Index, Integer, LargeBinary, String, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from retrieval.index.settings import DB_NAME, SCHEMA_VERSION, IndexSettings  # noqa: F401  (without SQLAlchemy: retrieval/index/settings.py)
-
 
 # 64-bit on a database server (mtime_ns needs it; SQLite's INTEGER is 64-bit already, its DDL unchanged)
 Int64 = Integer().with_variant(BigInteger(), "postgresql")
