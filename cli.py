@@ -587,14 +587,14 @@ def serve(ctx, index_dir, host, port, max_upload_mb) -> None:
     web.require()
     from web.app import create_app
     from web.server import bind, is_loopback, serve as run_server
-    from web.service import Collection
+    from web.service import Service
 
     _set_threads(ctx)
     if not is_loopback(host):
         click.echo(f"Warning: listening on {host}, not on this machine only: anyone who can reach it can search "
                    "this index and see its photos.", err=True)
     sock = bind(host, port)  # before the model loads: a busy port is said at once
-    collection = Collection(_index_dir(index_dir), max_upload_bytes=int(max_upload_mb * 1_000_000))
+    collection = Service(_index_dir(index_dir), max_upload_bytes=int(max_upload_mb * 1_000_000))
     try:
         run_server(create_app(collection), sock, on_ready=lambda url: click.echo(
             f"Serving {collection.index_dir} ({collection.state.store.count()} images) at {url}  (Ctrl-C to stop)"))

@@ -447,7 +447,7 @@ def descriptor_sets(args, sets: set, orl_root: Path, finder, progress) -> tuple[
             rl["queries"] = len(rl["query_ids"])
         print(f"descriptors read from {cache}", file=sys.stderr)
         return o, rl
-    from retrieval.dlib_face import load_backbone
+    from retrieval.faces.network import load_backbone
 
     face_bb, gen = load_backbone(), _NoGeneral()
     o = orl(orl_root, finder, face_bb, gen, progress) if "orl" in sets else None

@@ -7,7 +7,7 @@ The index: the 11 photos of data/samples indexed for real (``indexer.index_paths
 ``--size`` − 11 rows added to it with synthetic embeddings sampled around the real ones (bench/search.py's
 ``sample_around``), (per-channel noise with the real spread), each row a hard link to one of the sample photos (so every hit has a real file to show and
 explain), committed through the store like the indexer does (rows, FAISS, μ, calibration, ``updated_at``).
-The server is the app ``retrieve serve`` runs (web.app over web.service.Collection), on uvicorn on a free
+The server is the app ``retrieve serve`` runs (web.app over web.service.Service), on uvicorn on a free
 127.0.0.1 port in this process; requests go through httpx over the socket.
 
 Rows: a warm search (k = 10) by an uploaded photo and by an indexed photo, against ``Searcher.search_paths``
@@ -125,9 +125,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     import httpx
 
-    from explain.run import explain_pair, explained_words, index_pair_score
     from web.app import create_app
-    from web.service import Collection
+    from web.service import Service
 
     base = Path(tempfile.mkdtemp(prefix="retrieve-bench-serve-"))
     os.environ["XDG_CACHE_HOME"] = str(base / "cache")
@@ -136,7 +135,7 @@ def main() -> None:
         index = build_index(base, args.size)
         build_s = time.perf_counter() - t
         t = time.perf_counter()
-        c = Collection(index)
+        c = Service(index)
         load_s = time.perf_counter() - t
         srv = Server(create_app(c))
         http = httpx.Client(base_url=srv.url, timeout=120)
@@ -169,10 +168,6 @@ def main() -> None:
 
         # pair explanation: a new pair each request (nothing cached), and the library call
         st = c.state
-        explainer = c._explainer(st, "sfam")
-        meta = {"model": st.store.settings.model, "metric": explainer.metric, "method": explainer.name,
-                "input_size": explainer.backbone.preprocess.size, "centred": explainer.centre,
-                "similarity": explained_words(explainer), "index": str(st.store.directory)}
         get(f"/api/explain?q={cat}&r={photo_ids[0]}")  # warm
         targets = [i for i in ids if i != cat][1:args.explains + 1]
         web_ms, full_ms, lib_ms = [], [], []
@@ -189,10 +184,8 @@ def main() -> None:
             full_ms.append((time.perf_counter() - t0) * 1000)
             rp = c.row(r).path
 
-            def direct(_):
-                explain_pair(c.row(cat).path, rp, base / "direct" / str(i), explainer, meta,
-                             search=index_pair_score(st.store, c.backbone, c.row(cat).path, rp),
-                             calibration=st.calibration)
+            def direct(_):  # the call `retrieve explain A B --index` makes (maps, JSON, figure and report)
+                st.index.explain_pair(c.row(cat).path, rp, base / "direct" / str(i))
             lib_ms += timed(direct, 1)
         (w50, w90), (l50, l90) = stats(web_ms), stats(lib_ms)
         rows.append(["pair explanation (SFAM), new pair: answered", len(targets), w50, w90, l50, w50 / l50])

@@ -54,7 +54,8 @@ with torch.inference_mode():
 
 
 def add_rows(index: Path, n: int) -> None:
-    from retrieval.index.store import ImageRow, IndexStore
+    from retrieval.index.schema import ImageRow
+    from retrieval.index.store import IndexStore
 
     rng = np.random.default_rng(0)
     with IndexStore.open(index, writable=True) as store:

@@ -51,7 +51,8 @@ def index_explainer(store, backbone=None, method: str | None = None, input_size:
     Its maps are centred on the collection's mean at the explain resolution (μ, sampled by the indexer:
     retrieval/index/reference.py); its own similarity (the gradient and occlusion baselines' target) is the index's
     when it explains at the index's own resolution, else the μ-centred cosine at the explain resolution."""
-    from retrieval.index.reference import for_explain, tap_layer
+    from retrieval.index.reference import for_explain
+    from retrieval.models.registry import tap_layer
     from retrieval.presets import preset_of
 
     ex = index_explain_settings(store)

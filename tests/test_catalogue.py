@@ -277,11 +277,11 @@ def test_catalogue_role_verifies_its_images_beyond_the_global_shortlist(shop, sh
 def test_the_web_app_searches_an_index_with_a_catalogue_as_the_cli_does(shop_with_role, tmp_path):
     """`retrieve serve`'s search uses the index's words and catalogue stage, as `retrieve search` does without
     options (it passed neither before, so the catalogue image beyond the global shortlist was missing)."""
-    from web.service import Collection
+    from web.service import Service
 
     root, idx, query = shop_with_role
     cli = run_json("search", query, "--index", idx, "-k", "5", "--verify", "30")
-    c = Collection(idx, cache_dir=tmp_path / "cache")
+    c = Service(idx, cache_dir=tmp_path / "cache")
     token = c.add_upload(Path(query).read_bytes(), Path(query).name)["token"]
     web = c.search(f"upload:{token}", k=5, verify=30)
     assert [h["path"] for h in web["results"]] == [h["path"] for h in cli["results"]], (web["results"], cli)
@@ -370,7 +370,7 @@ def test_explain_and_the_web_pair_page_count_the_inliers_the_search_reported(sho
     """A search with visual words verifies in the subspace stored with them; `retrieve explain --index --verify`
     and the web app's pair page verify the same pair the same way, so the report shows the search's inliers
     (they counted in all 128 dimensions before: another number for the same pair)."""
-    from web.service import Collection
+    from web.service import Service
 
     root, idx, query = shop
     res = run_json("search", query, "--index", idx, "-k", "3")  # the preset's words 25
@@ -380,7 +380,7 @@ def test_explain_and_the_web_pair_page_count_the_inliers_the_search_reported(sho
     assert doc["inliers"] == top["inliers"], (doc["inliers"], top["inliers"])
     full = Verifier()  # all 128 dimensions, as without an index: here another count for the same pair
     assert full.verify(full.features(str(query)), full.features(top["path"])).inliers != top["inliers"]
-    c = Collection(idx, cache_dir=tmp_path / "cache")
+    c = Service(idx, cache_dir=tmp_path / "cache")
     token = c.add_upload(Path(query).read_bytes(), Path(query).name)["token"]
     row = c.search(f"upload:{token}", k=1)["results"][0]
     page = c.explain(f"upload:{token}", row["id"], verify=True)

@@ -26,12 +26,12 @@ PHOTOS = ("chelsea.png", "chelsea_crop_flipped.jpg", "coffee.png", "rocket.jpg",
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    """Five sample photos indexed in a temp folder, a Collection over them and a test client."""
+    """Five sample photos indexed in a temp folder, a Service over them and a test client."""
     from starlette.testclient import TestClient
 
     from indexer import index_paths
     from web.app import create_app
-    from web.service import Collection
+    from web.service import Service
 
     base = tmp_path_factory.mktemp("serve")
     photos = base / "photos"
@@ -40,7 +40,7 @@ def served(tmp_path_factory):
         shutil.copy(SAMPLES / name, photos / name)
     index = base / "index"
     index_paths([str(photos)], index)
-    c = Collection(index, cache_dir=base / "cache")
+    c = Service(index, cache_dir=base / "cache")
     client = TestClient(create_app(c), raise_server_exceptions=False)
     yield c, client, photos, index, base
     c.close()

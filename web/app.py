@@ -25,7 +25,7 @@ from starlette.staticfiles import StaticFiles
 
 from retrieval.errors import ImageError, RetrieveError
 
-from .service import BadRequest, Collection, NotAnImage, NotFound, TooLarge
+from .service import BadRequest, NotAnImage, NotFound, Service, TooLarge
 
 STATIC = Path(__file__).with_name("static")
 CACHE_FOREVER = "public, max-age=31536000, immutable"  # URLs that change with the content (?v=<hash>)
@@ -48,8 +48,8 @@ def _json(d) -> JSONResponse:
     return JSONResponse(d, headers={**SECURITY_HEADERS, "Cache-Control": "no-store"})
 
 
-def create_app(collection: Collection) -> Starlette:
-    """The app over one loaded :class:`Collection` (the model and the index are loaded once, by it)."""
+def create_app(collection: Service) -> Starlette:
+    """The app over one loaded :class:`Service` (the model and the index are loaded once, by it)."""
     c = collection
 
     async def page(name: str) -> Response:

@@ -1,6 +1,6 @@
 """What the web app does, without the web: one loaded index and model answering searches and pair audits.
 
-The model and the index are loaded once (:class:`Collection`); every answer has the fields of the CLI's
+The model and the index are loaded once (:class:`Service`); every answer has the fields of the CLI's
 ``--json`` (``retrieve search``, ``retrieve explain --index``, ``retrieve info``), plus what a page needs
 to show it (thumbnail and photo URLs, each photo's own size, the inlier points).
 
@@ -93,7 +93,7 @@ def _int(value, name: str, lo: int, hi: int, default: int) -> int:
     return v
 
 
-class Collection:
+class Service:
     """An index opened read-only for the web app; thread-safe (the model runs one request at a time)."""
 
     def __init__(self, index_dir: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
