@@ -409,7 +409,7 @@ def sizes_section(args) -> None:
 
     from instance_set import build, spare
 
-    from retrieval import head as head_module
+    from retrieval.index import head as head_module
 
     src = _common.shared_dataset("caltech101")
     if src is None:
