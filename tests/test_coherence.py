@@ -162,13 +162,14 @@ def test_one_score_on_every_surface_for_faces(tmp_path):
     pair = run_json("explain", q, r, "--index", idx, "--face-b", str(hit["face"]), "--out", tmp_path / "pair")
     with sqlite3.connect(idx / "index.db") as con:  # the tiles of face 0 of q and of the hit's face of r
         rows = {(p, f): i for i, p, f in con.execute("SELECT id, path, face FROM images")}
-    web, _, _ = _web_scores(idx, tmp_path, q, r, explain=False, ids={q: rows[q, 0], r: rows[r, hit["face"]]})
+    web, web_explained, web_cis = _web_scores(idx, tmp_path, q, r, ids={q: rows[q, 0], r: rows[r, hit["face"]]})
     for where, s in {"search --json": hit["score"], "search table": table, "search --explain": eh["score"],
                      "its explanation": eh["explanation"]["score"], "explain --index": pair["score"],
-                     "/api/search": web}.items():
+                     "/api/search": web, "/api/explain": web_explained}.items():
         assert round(s, 4) == round(truth, 4), (where, s, truth)
-    assert eh["explanation"]["cis_sum"] == pytest.approx(truth, abs=1e-5)
-    assert pair["cis_sum"] == pytest.approx(truth, abs=1e-5)
+    for where, cis in {"search --explain": eh["explanation"]["cis_sum"], "explain --index": pair["cis_sum"],
+                       "/api/explain": web_cis}.items():
+        assert cis == pytest.approx(truth, abs=1e-5), where
     assert pair["verdict"]["headline"] == eh["verdict"]["headline"] == "the same person"
 
 

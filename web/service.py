@@ -314,9 +314,9 @@ class Service:
             raise BadRequest(f"method: {method[:20]!r} is not one of {', '.join(METHODS)}")
         verify = str(verify).lower() in ("1", "true", "yes", "on")
         st = self.current()
-        if st.index.preset.per_face:
-            raise BadRequest("the pair page audits photos, not faces: for a faces index run `retrieve explain A B "
-                             f"--index {self.index_dir}` (its --face-a/--face-b pick the faces)")
+        faces = st.index.preset.per_face
+        if faces and verify:
+            raise BadRequest("verify: a faces index compares faces, not keypoints (leave verify out)")
         qpath, qsize, shown = self._query(q)
         row = self.row(r)
         rpath = str(self.photo_path(row.id))
@@ -327,7 +327,14 @@ class Service:
             return self._explained[key]
         t0 = time.perf_counter()
         with self._model:
-            doc = self._explain_files(st, key, qpath, rpath, method, verify, (shown["name"], Path(row.path).name))
+            if faces:  # face against face: an indexed face's tile is that face, an upload's its largest (face 0)
+                qface = st.store.face_rows([int(q)])[int(q)].face if str(q).isdigit() else 0
+                doc = self._explain_faces_files(st, key, qpath, rpath, method, qface,
+                                                st.store.face_rows([row.id])[row.id].face,
+                                                (tuple(qsize), (row.height, row.width)))
+            else:
+                doc = self._explain_files(st, key, qpath, rpath, method, verify,
+                                          (shown["name"], Path(row.path).name))
         doc["seconds"] = round(time.perf_counter() - t0, 4)
         doc["query"] = shown.get("path", shown["name"])
         doc["shown"] = {"query": shown, "result": {"id": row.id, "name": Path(row.path).name, "path": row.path,
@@ -370,6 +377,23 @@ class Service:
             step = max(1, n // INLIER_POINTS)
             doc["inlier_points"] = {"query": np.round(verification.query_points[::step], 1).tolist(),
                                     "result": np.round(verification.result_points[::step], 1).tolist()}
+        return doc
+
+    def _explain_faces_files(self, st: Loaded, key: str, qpath: str, rpath: str, method: str, qface: int,
+                             rface: int, sizes: tuple) -> dict:
+        """``retrieve explain Q R --index FACES --face-a QFACE --face-b RFACE --json`` (explain/faces.py: its figure and
+        report drawn at once), plus the page's heat layers from the saved maps."""
+        import numpy as np
+
+        out = self.cache_dir / "explain" / key
+        doc = st.index.explain_pair(qpath, rpath, out, method, face_a=qface, face_b=rface)
+        layers = {}
+        for which, size in zip(("query", "result"), sizes):  # (H, W) of each photo itself
+            _heat_png(np.load(doc["files"][f"{which}_map"]).astype(np.float32), size, out / f"{which}_heat.png")
+            layers[f"{which}_heat"] = f"/explain/{key}/{which}_heat.png"
+        doc["layers"] = layers
+        doc["downloads"] = {"json": f"/explain/{key}/explain.json", "report": f"/explain/{key}/report.html",
+                            "png": f"/explain/{key}/pair.png"}
         return doc
 
     def explained_file(self, key: str, name: str) -> Path:
