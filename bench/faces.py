@@ -14,10 +14,13 @@ Side by side in one run (bench/results/faces.md):
 4. Where the maps fall: for each query's best-ranked photo of the same person, the share of the map's mass
    in the detector's face box (and, on group photos, in the pasted face photo), in the result photo's own
    pixels after the inverse alignment, and on the eyes/nose/mouth region from the 5 landmarks: SFAM against
-   the project's Grad-CAM and pytorch-grad-cam's five methods (the bench extra) on the same network, chips
-   and L2 similarity. And the indexing speed with HOG detection (faces/s, whole pipeline).
+   the project's Grad-CAM and pytorch-grad-cam's five methods (the bench extra) on the same network and
+   chips, for two scores: the faces preset's (the cosine of descriptors centred on the mean face μ_f, with
+   the explainers explain/faces.py ``face_explainer`` builds for a faces index) and, as "before", the L2
+   similarity it ranked by until then. And the indexing speed with HOG detection (faces/s, whole pipeline).
 
     python bench/faces.py [--groups 60] [--seed 0] [--real deepface/tests/unit/dataset] [--sets orl,groups,real]
+    python bench/faces.py --maps-only [--real DIR] --threads 1   # part 4 alone (no general preset): faces-maps.md
     python bench/faces.py --metric [--real DIR] --threads 1   # L2 / cosine / centred cosine: faces-metric.md
     python bench/faces.py --metric --fixed-mean --real DIR --threads 1   # + a fixed mean μ_f, cross-set (same file)
 """
@@ -163,7 +166,7 @@ def groups(orl_root, bg_root, n, seed, finder, face_bb, gen_bb, progress, work: 
     true_faces = sum(len(p) for _, p in photos)
     found = sum(1 for (path, placed), (_, faces, _) in zip(photos, gallery)
                 for _, b in placed if any(_iou(f.box, b) > 0.3 for f in faces))
-    gen_gallery = gen_bb.embed_images([g[0] for g in gallery])
+    gen_gallery = gen_bb.embed_images([g[0] for g in gallery]) if gen_bb is not None else None
     fd_rows, gd_rows, rels = [], [], []
     qinfo = []
     for pid, qp in queries:
@@ -171,8 +174,8 @@ def groups(orl_root, bg_root, n, seed, finder, face_bb, gen_bb, progress, work: 
         qf = finder.faces(np.asarray(qimg))
         rel = np.array([any(p == pid for p, _ in placed) for _, placed in photos])
         rels.append(rel)
-        gq = gen_bb.embed_images([qimg])
-        gd_rows.append(cosine_dist(gq, gen_gallery)[0])
+        if gen_bb is not None:
+            gd_rows.append(cosine_dist(gen_bb.embed_images([qimg]), gen_gallery)[0])
         if not qf:
             fd_rows.append(None)
             qinfo.append(None)
@@ -182,14 +185,22 @@ def groups(orl_root, bg_root, n, seed, finder, face_bb, gen_bb, progress, work: 
         fd_rows.append(d)
         qinfo.append((qimg, qf[0], qv))
     face_m = ranks_metrics(fd_rows, rels)
-    gen_m = ranks_metrics(gd_rows, rels)
+    gen_m = ranks_metrics(gd_rows, rels) if gen_bb is not None else None
     chance = float(np.mean([r.mean() for r in rels]))
     # where the maps fall: each query's best same-person photo (true face box of that person)
-    pairs = []
+    # (ranked by L2, as measured before the centred cosine; ``same_by_cosine``: how many of those photos the
+    # faces preset's score, cos(q − μ_f, r − μ_f) of the nearest face, ranks first among the person's photos too)
+    from retrieval.faces.network import mean_face
+
+    mu_f = mean_face()[0]
+    pairs, same_by_cosine = [], 0
     for (pid, _), info, rel, d in zip(queries, qinfo, rels, fd_rows):
         if info is None:
             continue
         qimg, qface, qv = info
+        cos = np.array([(((v - mu_f) @ (qv - mu_f)) / (np.linalg.norm(v - mu_f, axis=1)
+                                                      * np.linalg.norm(qv - mu_f))).max() if len(v) else -np.inf
+                        for _, _, v in gallery])
         for gi in np.argsort(d):
             if not rel[gi]:
                 continue
@@ -198,11 +209,12 @@ def groups(orl_root, bg_root, n, seed, finder, face_bb, gen_bb, progress, work: 
             cand = [f for f in faces if _iou(f.box, box) > 0.3]
             if cand:
                 pairs.append((qimg, qface, img, cand[0], box))
+                same_by_cosine += int(gi == next(j for j in np.argsort(-cos, kind="stable") if rel[j]))
             break
     mu = np.mean(np.concatenate([v for _, _, v in gallery if len(v)]), 0)
     return {"photos": len(photos), "true_faces": true_faces, "found": found, "detected": n_faces,
             "index_s": index_s, "index_cpu": index_cpu, "faces": face_m, "general": gen_m, "chance": chance, "queries": len(queries),
-            "pairs": pairs, "mu": mu}
+            "pairs": pairs, "mu": mu, "same_by_cosine": same_by_cosine}
 
 
 # -- a real varied face set: deepface's test photos ---------------------------------------------------
@@ -270,19 +282,24 @@ def real(root: Path, finder, face_bb, gen_bb, progress) -> dict:
         fs = finder.faces(np.asarray(img))
         vecs.append(face_bb.embed_images([Image.fromarray(x.chip) for x in fs]) if fs else np.zeros((0, 128)))
         face_s += time.perf_counter() - t0
-        t0 = time.perf_counter()
-        gvecs.append(gen_bb.embed_images([img])[0])
-        gen_s += time.perf_counter() - t0
+        if gen_bb is not None:
+            t0 = time.perf_counter()
+            gvecs.append(gen_bb.embed_images([img])[0])
+            gen_s += time.perf_counter() - t0
         faces.append(fs)
         progress(f"real faces {k + 1}/{len(files)}")
-    gd = cosine_dist(np.array(gvecs), np.array(gvecs))
+    gd = cosine_dist(np.array(gvecs), np.array(gvecs)) if gvecs else None
     queries = [q for q in range(len(files)) if labels[q] >= 0 and sizes[labels[q]] >= 2]
     fd_rows, gd_rows, rels, pairs = [], [], [], []
+    from retrieval.faces.network import mean_face
+
+    mu_f, same_by_cosine = mean_face()[0], 0  # pairs whose photo the faces preset's score ranks first too
     for q in queries:
         mask = np.arange(len(files)) != q
         rel = (labels == labels[q])[mask]
         rels.append(rel)
-        gd_rows.append(gd[q][mask])
+        if gd is not None:
+            gd_rows.append(gd[q][mask])
         if not faces[q]:
             fd_rows.append(None)
             continue
@@ -295,6 +312,9 @@ def real(root: Path, finder, face_bb, gen_bb, progress) -> dict:
             g = others[0]
             pairs.append((root / files[q], faces[q][0], root / files[g],
                           faces[g][int(np.argmin(np.linalg.norm(vecs[g] - qv, axis=1)))], None))
+            cos = [(((vecs[j] - mu_f) @ (qv - mu_f)) / (np.linalg.norm(vecs[j] - mu_f, axis=1)
+                                                         * np.linalg.norm(qv - mu_f))).max() for j in others]
+            same_by_cosine += int(others[int(np.argmax(cos))] == g)
     return {"files": len(files), "identities": int((sizes > 0).sum()), "labelled": len(ident),
             "distractors": distractors, "queries": len(queries), "sizes": (int(sizes[sizes > 0].min()),
                                                                          int(sizes.max())),
@@ -303,7 +323,8 @@ def real(root: Path, finder, face_bb, gen_bb, progress) -> dict:
             "min_side": min(min(d) for d in dims), "max_side": max(max(d) for d in dims),
             "chance": float(np.mean([r.mean() for r in rels])), "face_s": face_s, "gen_s": gen_s,
             "vecs": vecs, "labels": labels, "query_ids": queries,
-            "faces_m": ranks_metrics(fd_rows, rels), "general": ranks_metrics(gd_rows, rels), "pairs": pairs}
+            "faces_m": ranks_metrics(fd_rows, rels), "general": ranks_metrics(gd_rows, rels) if gd is not None else None, "pairs": pairs,
+            "same_by_cosine": same_by_cosine}
 
 
 # -- the faces preset's metric: L2 against cosine, plain or centred ----------------------------------------
@@ -969,7 +990,7 @@ def energy_in_rect(heat: np.ndarray, rect) -> float:
 
 class _L2Target:
     """pytorch-grad-cam target for an L2 face model: −‖descriptor − the query's‖², the similarity the index
-    ranks by (what explain/methods.py's Grad-CAM differentiates too)."""
+    ranked by before the centred cosine (what explain/methods.py's Grad-CAM differentiates for metric l2)."""
 
     def __init__(self, concept):
         self.concept = concept
@@ -978,13 +999,28 @@ class _L2Target:
         return -((model_output - self.concept) ** 2).sum()
 
 
-def peer_chip_maps(gc, bb, pairs, layer: str, batch: int = 8, placed: dict | None = None) -> dict[str, list[np.ndarray]]:
+class _CentredCosineTarget:
+    """pytorch-grad-cam target for the faces preset's score: cos(descriptor − μ_f, the query's − μ_f), what a
+    faces index ranks by and explain/methods.py's Grad-CAM differentiates with the index's fixed head."""
+
+    def __init__(self, concept, centre):
+        self.concept, self.centre = concept, centre
+
+    def __call__(self, model_output):
+        import torch.nn.functional as F
+
+        return F.cosine_similarity(model_output - self.centre, self.concept - self.centre, dim=-1)
+
+
+def peer_chip_maps(gc, bb, pairs, layer: str, batch: int = 8, placed: dict | None = None,
+                   centre: np.ndarray | None = None) -> dict[str, list[np.ndarray]]:
     """pytorch-grad-cam's five methods on the same ported dlib ResNet (bench/explain_eval.py's wrapper: one
-    forward and one backward pass fill all five CAM objects' hooks), the target the L2 similarity to the
-    query's descriptor; ``layer``: "final" (the 2×2 map whose average is the descriptor) or a module of the
-    network (e.g. ``net.units.9``, SFAM's finer layer). Maps over the result chips, 150×150, resized by the
-    package; ``placed``, when given, receives each method's same map (ReLU, min–max as the package does) put
-    on the chip with each cell at its place (explain/faces.py ``chip_map``) instead."""
+    forward and one backward pass fill all five CAM objects' hooks), the target the pair's similarity to the
+    query's descriptor: the faces preset's cos(· − ``centre``, query − ``centre``), or with ``centre`` None the
+    L2 similarity ranked by before; ``layer``: "final" (the 2×2 map whose average is the descriptor) or a module
+    of the network (e.g. ``net.units.9``, SFAM's finer layer). Maps over the result chips, 150×150, resized by
+    the package; ``placed``, when given, receives each method's same map (ReLU, min–max as the package does)
+    put on the chip with each cell at its place (explain/faces.py ``chip_map``) instead."""
     import torch
 
     from explain.faces import chip_map
@@ -995,13 +1031,14 @@ def peer_chip_maps(gc, bb, pairs, layer: str, batch: int = 8, placed: dict | Non
     cams = {name: getattr(gc, name)(model=model, target_layers=[target]) for name in PEERS}
     out: dict[str, list] = {name: [] for name in PEERS}
     pre = bb.preprocess
+    m = None if centre is None else torch.as_tensor(np.asarray(centre), dtype=torch.float32)
     try:
         for i in range(0, len(pairs), batch):
             part = pairs[i:i + batch]
             with torch.no_grad():
                 concepts = model(pre.batch([Image.fromarray(q.chip) for _, q, _, _, _ in part]))
             x = pre.batch([Image.fromarray(r.chip) for _, _, _, r, _ in part]).requires_grad_(True)
-            targets = [_L2Target(c) for c in concepts]
+            targets = [_L2Target(c) if m is None else _CentredCosineTarget(c, m) for c in concepts]
             for cam in cams.values():
                 cam.activations_and_grads.gradients, cam.activations_and_grads.activations = [], []
             outputs = model(x)
@@ -1021,28 +1058,92 @@ def peer_chip_maps(gc, bb, pairs, layer: str, batch: int = 8, placed: dict | Non
     return out
 
 
-def localisation(pairs, face_bb, mu, gc, progress) -> list[list]:
-    """Rows (method, face box share, pasted-photo share or "-", eyes/nose/mouth share, pairs) for ``pairs``
-    of (query photo, query face, result photo, result face, true box or None). Shares of the result's map:
-    on the result photo's pixels for the boxes (the chip map carried back through the alignment), on the
-    chip for the eyes/nose/mouth region (``parts_rect``)."""
-    from explain.faces import TAP, energy_in_box, explain_pair
+class _FacesIndex:
+    """What explain/faces.py ``face_explainer`` reads of a new faces index (its metric, its fixed head centred on
+    the mean face μ_f, no collection mean, μ_tap under ``REFERENCE_KEY``), without an index on disk: the bench
+    builds its explainers through the product's own function. ``mean_tap`` None: an index without μ_tap."""
+
+    def __init__(self, n: int, mean_tap: np.ndarray | None):
+        from retrieval.faces.network import TAP
+        from retrieval.metric import metric
+        from retrieval.presets import FACES
+
+        self.n, self.metric, self.head, self.mean = n, metric(FACES.metric), FACES.fixed_head(), None
+        self._ref = None if mean_tap is None else {"tap": TAP, "mean_tap": list(map(float, mean_tap)),
+                                                   "sampled": n, "images": n}
+
+    def count(self) -> int:
+        return self.n
+
+    def get_value(self, key):
+        from retrieval.faces.network import REFERENCE_KEY
+
+        return self._ref if key == REFERENCE_KEY else None
+
+
+#: The score sections of the maps table: the faces preset's score, and the one it replaced.
+SHIPPED = "the shipped score: cos(q − μ_f, r − μ_f)"
+BEFORE = "before: L2 / centred dot"
+
+
+def chip_result_map(ex, qimg, qf, rimg, rf, pair=None, cells: bool = True) -> np.ndarray:
+    """The result chip's 150×150 map of one pair: explain/faces.py ``explain_face`` (each cell at its place on the
+    chip, as the product draws it), or with ``cells=False`` the explainer's map spread evenly over the chip (the
+    geometry before ``CELLS``)."""
+    from explain.faces import explain_face
+
+    if cells:
+        return explain_face(ex, qimg, qf, rimg, rf, pair, max_side=None).details["chip_maps"][1]
+    return ex.explain(Image.fromarray(qf.chip), Image.fromarray(rf.chip), pair).result_map
+
+
+def localisation(pairs, face_bb, mu, gc, progress) -> dict:
+    """{SHIPPED: rows, BEFORE: rows, "check": {...}}: rows (method, face box share, pasted-photo share or "-",
+    eyes/nose/mouth share, pairs) for ``pairs`` of (query photo, query face, result photo, result face, true box
+    or None). Shares of the result's map: on the result photo's pixels for the boxes (the chip map carried back
+    through the alignment), on the chip for the eyes/nose/mouth region (``parts_rect``).
+
+    SHIPPED: the explainers as explain/faces.py ``face_explainer`` builds them for a new faces index (metric
+    cosine, the fixed head centred on μ_f, SFAM with ``paper=0``), each pair explained with its decomposition in
+    that space (explain/cis.py, as a search hands it over); μ_tap, which an index samples from up to 128 of its
+    faces, is here the mean over these pairs' chips. BEFORE: metric l2 with ``mu`` (the gallery's mean
+    descriptor) the CIS's reference point, the explainer's own similarity, as measured before the cosine."""
+    from explain.cis import decompose_in
+    from explain.faces import energy_in_box, face_explainer
     from explain.methods import SFAM, make_explainer
     from retrieval.faces.detect import warp_to_photo
+    from retrieval.faces.network import TAP
 
-    sfam = SFAM(face_bb, metric="l2", mu=mu, tap=TAP, paper=0)
-    sfam.map_max_side = None
-    old = SFAM(face_bb, metric="l2", mu=mu, tap=TAP, paper=0)
-    old.map_max_side, old.cell_geometry = None, False
     x = face_bb.preprocess.batch([Image.fromarray(f.chip) for _, qf, _, rf, _ in pairs for f in (qf, rf)])
     mu_tap = face_bb.features_and_tap(x, TAP)[1].double().mean((2, 3)).mean(0).numpy()
-    # the default: the tap centred on μ_tap (the index keeps it over up to 128 indexed faces; here: these chips)
-    centred = SFAM(face_bb, metric="l2", mu=mu, tap=TAP, mu_tap=mu_tap, paper=0)
-    centred.map_max_side = None
-    gcam = make_explainer("gradcam", face_bb, metric="l2", mu=mu)
-    gcam.map_max_side = None
-    gcam_old = make_explainer("gradcam", face_bb, metric="l2", mu=mu)
-    gcam_old.map_max_side, gcam_old.cell_geometry = None, False
+    index, bare = _FacesIndex(len(pairs), mu_tap), _FacesIndex(len(pairs), None)
+    shipped = face_explainer(index, face_bb)  # the default map: cells at their place, 8×8 layer centred on μ_tap
+    uncentred = face_explainer(bare, face_bb)  # an index without μ_tap
+    gcam = face_explainer(index, face_bb, "gradcam")
+    vecs = face_bb.embed_images([Image.fromarray(f.chip) for _, qf, _, rf, _ in pairs for f in (qf, rf)])
+    decs = [decompose_in(index, vecs[2 * k], vecs[2 * k + 1][None])[0] for k in range(len(pairs))]
+
+    def l2(cls_or_method, **kw):
+        ex = (SFAM(face_bb, metric="l2", mu=mu, tap=TAP, paper=0, **kw) if cls_or_method == "sfam"
+              else make_explainer(cls_or_method, face_bb, metric="l2", mu=mu))
+        ex.map_max_side = None
+        return ex
+
+    # (section, key, label, explainer, the index's decomposition?, cells at their place?)
+    runs = [(SHIPPED, "sfam_centred", ("SFAM, the default map (face_explainer): cells at their place, 8×8 layer "
+                                       "centred on μ_tap"), shipped, True, True),
+            (SHIPPED, "sfam", "SFAM, cells at their place, 8×8 layer uncentred", uncentred, True, True),
+            (SHIPPED, "sfam_old", "SFAM, cells spread evenly, uncentred", uncentred, True, False),
+            (SHIPPED, "gradcam", "Grad-CAM (explain/methods.py; cells at their place)", gcam, True, True),
+            (SHIPPED, "gradcam_old", "Grad-CAM (explain/methods.py; spread evenly)", gcam, True, False),
+            (BEFORE, "sfam", "SFAM, cells at their place, 8×8 layer uncentred", l2("sfam"), False, True),
+            (BEFORE, "sfam_old", "SFAM, cells spread evenly, uncentred (before)", l2("sfam"), False, False),
+            (BEFORE, "sfam_centred", "SFAM, the default map: cells at their place, 8×8 layer centred on μ_tap",
+             l2("sfam", mu_tap=mu_tap), False, True),
+            (BEFORE, "gradcam", "Grad-CAM (explain/methods.py; cells at their place)", l2("gradcam"), False, True),
+            (BEFORE, "gradcam_old", "Grad-CAM (explain/methods.py; spread evenly, before)", l2("gradcam"), False,
+             False)]
+
     def photo(p):
         if not isinstance(p, (str, Path)):
             return p
@@ -1050,40 +1151,42 @@ def localisation(pairs, face_bb, mu, gc, progress) -> list[list]:
 
         return load_image(str(p)).convert("RGB")
 
-    chip_maps: dict[str, list] = {}
-    sizes = []
-    labels = {"sfam": "SFAM, cells at their place, 8×8 layer uncentred",
-              "sfam_old": "SFAM, cells spread evenly, uncentred (before)",
-              "sfam_centred": "SFAM, the default map: cells at their place, 8×8 layer centred on μ_tap",
-              "gradcam": "Grad-CAM (explain/methods.py; cells at their place)",
-              "gradcam_old": "Grad-CAM (explain/methods.py; spread evenly, before)"}
+    chip_maps: dict[tuple, list] = {}
+    labels: dict[tuple, str] = {}
+    sizes, gaps = [], []
     for k, (qp, qf, rp, rf, _) in enumerate(pairs):
         qimg, rimg = photo(qp), photo(rp)
         sizes.append((rimg.height, rimg.width))
-        for name, ex in (("sfam", sfam), ("sfam_old", old), ("sfam_centred", centred), ("gradcam", gcam),
-                         ("gradcam_old", gcam_old)):
-            p = explain_pair(ex, qimg, qf, rimg, rf)
-            chip_maps.setdefault(name, []).append(p["result_chip_map"])
+        for section, key, label, ex, indexed, cells in runs:
+            labels[section, key] = label
+            chip_maps.setdefault((section, key), []).append(
+                chip_result_map(ex, qimg, qf, rimg, rf, decs[k] if indexed else None, cells))
+        e = shipped.explain(Image.fromarray(qf.chip), Image.fromarray(rf.chip))  # its own similarity, no index
+        a, b = vecs[2 * k] - index.head.mean, vecs[2 * k + 1] - index.head.mean
+        cos = float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+        gaps.append((abs(float(decs[k].cis.sum()) - cos), abs(float(np.sum(e.cis)) - cos), abs(e.score - cos)))
         progress(f"maps {k + 1}/{len(pairs)}")
     if gc is not None:
-        placed: dict = {}
-        for layer, what in (("final", "final 2×2 layer"), (TAP, "SFAM's 8×8 layer")):
-            for name, maps in peer_chip_maps(gc, face_bb, pairs, layer,
-                                             placed=placed if layer == TAP else None).items():
-                key = f"peer {name} {layer}"
-                labels[key] = f"pytorch-grad-cam {name} ({what}, L2 target; resized by the package)"
-                chip_maps[key] = maps
-        for name, maps in placed.items():
-            labels[f"placed {name}"] = f"pytorch-grad-cam {name} (SFAM's 8×8 layer, L2 target; cells at their place)"
-            chip_maps[f"placed {name}"] = maps
+        for section, centre, what in ((SHIPPED, index.head.mean, "cosine target"), (BEFORE, None, "L2 target")):
+            placed: dict = {}
+            for layer, where in (("final", "final 2×2 layer"), (TAP, "SFAM's 8×8 layer")):
+                for name, maps in peer_chip_maps(gc, face_bb, pairs, layer, placed=placed if layer == TAP else None,
+                                                 centre=centre).items():
+                    labels[section, f"peer {name} {layer}"] = (f"pytorch-grad-cam {name} ({where}, {what}; resized "
+                                                               "by the package)")
+                    chip_maps[section, f"peer {name} {layer}"] = maps
+            for name, maps in placed.items():
+                labels[section, f"placed {name}"] = (f"pytorch-grad-cam {name} (SFAM's 8×8 layer, {what}; cells at "
+                                                     "their place)")
+                chip_maps[section, f"placed {name}"] = maps
     from explain.faces import chip_map
 
-    chip_maps["uniform"] = [np.ones((150, 150), np.float32)] * len(pairs)
-    labels["uniform"] = "uniform over the chip (baseline)"
-    chip_maps["uniform cells"] = [chip_map(np.ones((8, 8)))] * len(pairs)
-    labels["uniform cells"] = "uniform over the 8×8 cells' footprint on the chip (baseline)"
-    rows = []
-    for key, maps in chip_maps.items():
+    chip_maps[SHIPPED, "uniform"] = [np.ones((150, 150), np.float32)] * len(pairs)
+    labels[SHIPPED, "uniform"] = "uniform over the chip (baseline; no score)"
+    chip_maps[SHIPPED, "uniform cells"] = [chip_map(np.ones((8, 8)))] * len(pairs)
+    labels[SHIPPED, "uniform cells"] = "uniform over the 8×8 cells' footprint on the chip (baseline; no score)"
+    out: dict = {SHIPPED: [], BEFORE: []}
+    for (section, key), maps in chip_maps.items():
         box, true, parts = [], [], []
         for m, (_, _, _, rf, tb), hw in zip(maps, pairs, sizes):
             pm = warp_to_photo(np.asarray(m, np.float32), rf.to_photo, hw)
@@ -1091,9 +1194,94 @@ def localisation(pairs, face_bb, mu, gc, progress) -> list[list]:
             if tb is not None:
                 true.append(energy_in_box(pm, tb))
             parts.append(energy_in_rect(m, parts_rect(rf)))
-        rows.append([labels[key], f"{np.mean(box):.3f}", f"{np.mean(true):.3f}" if true else "-",
-                     f"{np.mean(parts):.3f}", len(maps)])
-    return rows
+        out[section].append([labels[section, key], f"{np.mean(box):.3f}", f"{np.mean(true):.3f}" if true else "-",
+                             f"{np.mean(parts):.3f}", len(maps)])
+    g = np.array(gaps)
+    out["check"] = {"pairs": len(pairs), "index_cis": float(g[:, 0].max()), "own_cis": float(g[:, 1].max()),
+                    "own_score": float(g[:, 2].max()),
+                    "scores": (float(min(d.score for d in decs)), float(max(d.score for d in decs)))}
+    return out
+
+
+MAPS_HEAD = ["method", "share in the detector's face box", "share in the pasted face photo (92×112 frame, scaled)",
+             "share on eyes/nose/mouth", "pairs"]
+
+MAPS_INTRO = """For each query, its best-ranked photo of the same person (ranked by L2 nearest face, as the rows before
+were measured; see the pairs note below): shares of the map's mass over the result face (the query's face against
+it; same model, same chips, same similarity for every method of a table). Face box: the detector's box in the
+result photo's own pixels, the chip map carried back through the inverse alignment. Eyes/nose/mouth: a rectangle in
+the aligned chip's pixels (eyes level there) from the 5 landmarks — across the outer eye corners, from half the
+eye-to-nose distance d above the eyes' line (the brows) to d below the base of the nose (the mouth, not the chin).
+
+Two scores, one table each. **The shipped score**: what a faces index ranks by and explains, the cosine of the two
+descriptors centred on the fixed mean face μ_f (retrieval/faces/mean_face.json); the explainers are the product's,
+built by explain/faces.py `face_explainer` for a new faces index (metric cosine, the fixed `centre` head on μ_f,
+SFAM with `paper=0`), each pair explained with its decomposition in that space (explain/cis.py) through
+`explain_face`, so SFAM's CIS sum exactly to the score. **Before: L2 / centred dot**: the score the faces preset
+ranked by until the cosine (metric l2; SFAM's CIS split the dot product centred on μ, the gallery's mean
+descriptor), the rows measured before, recomputed here. pytorch-grad-cam (the bench extra) runs on the same ported
+network with the target of each table's score against the query's descriptor (cos(d − μ_f, d_q − μ_f), or
+−‖d − d_q‖²), at the final 2×2 map (whose average is the descriptor) and at SFAM's finer 8×8 layer; "resized by the
+package": its maps resized over the chip by the package itself."""
+
+MAPS_NOTES = """"Cells at their place": the face ResNet pads none of its strided layers, so the cells of its 8×8 (and 2×2)
+maps sit on a grid of stride 16 (64) starting 15 (53) px into the chip, not spread evenly over the 150 px
+(explain/faces.py `CELLS`); the maps are resampled that way before they are carried onto the photo (what
+`explain_face` draws); "spread evenly": the explainer's map resized over the whole chip. μ_tap: the mean of the 8×8
+layer's spatially averaged map, which SFAM centres that layer on (as the general preset centres its stride-16
+layer); an index stores it over up to 128 of its faces, here it is the mean over the measured pairs' chips (the same
+μ_tap for both tables). Mass outside the box is on the chip's margin (hair, ears, chin): the chip reaches 25 %
+beyond the landmarks on each side (dlib's padding), never elsewhere in the photo."""
+
+
+def maps_text(loc: dict, pairs_note: str = "", pasted: bool = True) -> str:
+    """One set's two maps tables (the shipped score, then before) and the exactness check."""
+    head = MAPS_HEAD if pasted else [h for h in MAPS_HEAD if "pasted" not in h]
+
+    def rows(rs):
+        return rs if pasted else [[r[0], r[1], r[3], r[4]] for r in rs]
+
+    c = loc["check"]
+    text = (f"**{SHIPPED}**\n\n" + _common.table(head, rows(loc[SHIPPED])) + "\n\n"
+            f"Σ CIS of the shipped SFAM: the index's decomposition of each pair (explain/cis.py `decompose`, metric "
+            f"cosine, head centred on μ_f) sums to cos(q − μ_f, r − μ_f) within {c['index_cis']:.1e} on all "
+            f"{c['pairs']} pairs (scores {c['scores'][0]:.3f} to {c['scores'][1]:.3f}); explained without the "
+            f"index's decomposition (the explainer's own similarity, float32 features), its score within "
+            f"{c['own_score']:.1e} and its Σ CIS within {c['own_cis']:.1e}.\n\n")
+    if pairs_note:
+        text += pairs_note + "\n\n"
+    return text + f"**{BEFORE}** (metric l2, μ the gallery's mean descriptor)\n\n" + _common.table(
+        head, rows(loc[BEFORE])) + "\n\n"
+
+
+def pairs_note(res: dict) -> str:
+    """How many of the measured pairs' result photos the shipped score ranks first among the person's too."""
+    n = len(res["pairs"])
+    return (f"Pairs: the faces preset's score (cos(q − μ_f, r − μ_f), nearest face) ranks the same photo of the "
+            f"person first for {res['same_by_cosine']} of these {n} pairs.")
+
+
+def maps_report(args, g, rl, loc_g, loc_r, load, wall_s: float, maps_s: float) -> None:
+    """``--maps-only``: the maps tables alone, in bench/results/faces-maps.md (faces.md keeps the full run's
+    retrieval tables: a run of this part alone does not overwrite them)."""
+    import torch
+
+    cmd = f"python bench/faces.py --maps-only --groups {args.groups} --seed {args.seed}" + (
+        " --real DIR" if args.real else "") + f" --threads {args.threads}"
+    text = ("# Faces: where the maps fall\n\n"
+            f"`{cmd}` · torch threads {torch.get_num_threads()} · load average {load[0]:.1f} → {load[1]:.1f} "
+            f"(2 cores, shared machine) · {wall_s:.0f} s wall ({maps_s:.0f} s of it the maps)\n\n"
+            "The localisation part of bench/faces.py alone, with the same pairs, chips and protocol as the full "
+            "run (bench/results/faces.md, whose retrieval and indexing-speed tables this run does not touch; its "
+            "maps tables there are the L2 ones, measured before the faces preset scored by the centred cosine)."
+            + ("" if args.real else " No real-photo rows: deepface's test set was not given (`--real DIR`).")
+            + "\n\n" + MAPS_INTRO + "\n\n")
+    if loc_g:
+        text += (f"## Group photos ({g['photos']} photos, {g['true_faces']} faces of 10 held-out people; "
+                 f"{g['queries']} queries)\n\n" + maps_text(loc_g, pairs_note(g)))
+    if loc_r:
+        text += "## Real photos (deepface's test set)\n\n" + maps_text(loc_r, pairs_note(rl), pasted=False)
+    _common.save("faces-maps", text + MAPS_NOTES)
 
 
 def main() -> None:
@@ -1113,6 +1301,9 @@ def main() -> None:
                     help="the metric table and, after it, the cross-set study of a fixed population mean μ_f "
                          "(ranking, same-person threshold, small collections) on ORL and --real: "
                          "bench/results/faces-metric.md and faces-mu.json")
+    ap.add_argument("--maps-only", action="store_true",
+                    help="only where the maps fall (group photos, and --real): the pairs of the full run, no general "
+                         "preset, no ORL table: bench/results/faces-maps.md")
     ap.add_argument("--descriptors", type=Path, default=None, metavar="FILE.npz",
                     help="with --metric/--fixed-mean: reuse the face descriptors saved in FILE (computed and "
                          "saved there when absent); only the descriptors are kept, every number is recomputed")
@@ -1157,23 +1348,35 @@ def main() -> None:
                                  "to the other")
             fixed_mean_report(args, o, rl, load, text)
         return
-    face_bb, gen_bb = load_backbone(), general_backbone()
+    if args.maps_only:
+        sets.discard("orl")
+    face_bb = load_backbone()
+    gen_bb = None if args.maps_only else general_backbone()
     gc = grad_cam_package()
     load0 = os.getloadavg()
+    t_start = time.perf_counter()
     o = orl(orl_root, finder, face_bb, gen_bb, progress) if "orl" in sets else None
     g = rl = None
     loc_g = loc_r = None
+    t_maps = 0.0
     with tempfile.TemporaryDirectory() as tmp:
         if "groups" in sets:
             g = groups(orl_root, bg_root, args.groups, args.seed, finder, face_bb, gen_bb, progress, Path(tmp))
+            t0 = time.perf_counter()
             loc_g = localisation(g["pairs"], face_bb, g["mu"], gc, progress)
+            t_maps += time.perf_counter() - t0
     if "real" in sets:
         rl = real(args.real, finder, face_bb, gen_bb, progress)
         mu = np.mean([f for f in face_bb.embed_images([Image.fromarray(p[1].chip) for p in rl["pairs"]])], 0)
+        t0 = time.perf_counter()
         loc_r = localisation(rl["pairs"], face_bb, mu, gc, progress)
+        t_maps += time.perf_counter() - t0
     load1 = os.getloadavg()
     if tty:
         print(file=sys.stderr)
+    if args.maps_only:
+        maps_report(args, g, rl, loc_g, loc_r, (load0[0], load1[0]), time.perf_counter() - t_start, t_maps)
+        return
     rows = []
     if o:
         rows.append(["ORL (40 people × 10, leave-one-out)", f"{o['faces'][0]:.4f}", f"{o['general'][0]:.4f}",
@@ -1212,29 +1415,12 @@ def main() -> None:
                  f"of the {n['no']} \"No\" pairs falls inside one. Left out (no label): "
                  f"{', '.join(n['unlabelled']) or 'none'}; in the gallery as distractors, never relevant: "
                  f"{', '.join(rl['distractors'])}. Every labelled photo is a query (each identity has ≥ 2).")
-    head = ["method", "share in the detector's face box", "share in the pasted face photo (92×112 frame, scaled)",
-            "share on eyes/nose/mouth", "pairs"]
-    text += ("\n\n## Where the maps fall\n\nFor each query, its best-ranked photo of the same person: shares of "
-             "the map's mass over the result face (the query's face against it; same model, same chips, same L2 "
-             "similarity for every method). Face box: the detector's box in the result photo's own pixels, the "
-             "chip map carried back through the inverse alignment. Eyes/nose/mouth: a rectangle in the aligned "
-             "chip's pixels (eyes level there) from the 5 landmarks — across the outer eye corners, from half the "
-             "eye-to-nose distance d above the eyes' line (the brows) to d below the base of the nose (the "
-             "mouth, not the chin). pytorch-grad-cam (the bench extra) runs on the same ported network with the "
-             "target −‖descriptor − query's‖², at the final 2×2 map (whose average is the descriptor) and at "
-             "SFAM's finer 8×8 layer; its maps are resized over the chip by the package itself.\n\n")
+    text += "\n\n## Where the maps fall\n\n" + MAPS_INTRO + "\n\n"
     if loc_g:
-        text += "### Group photos\n\n" + _common.table(head, loc_g) + "\n\n"
+        text += "### Group photos\n\n" + maps_text(loc_g, pairs_note(g))
     if loc_r:
-        text += "### Real photos (deepface's test set)\n\n" + _common.table(
-            [h for h in head if "pasted" not in h], [[r[0], r[1], r[3], r[4]] for r in loc_r]) + "\n\n"
-    text += ("\"Cells at their place\": the face ResNet pads none of its strided layers, so the cells of its "
-             "8×8 (and 2×2) maps sit on a grid of stride 16 (64) starting 15 (53) px into the chip, not spread "
-             "evenly over the 150 px (explain/faces.py `CELLS`); the maps are resampled that way before they are "
-             "carried onto the photo. μ_tap: the mean of the 8×8 layer's spatially averaged map, which SFAM "
-             "centres that layer on (as the general preset centres its stride-16 layer); an index stores it over up "
-             "to 128 of its faces, here it is the mean over the measured pairs' chips. Mass outside the box is on the chip's margin (hair, ears, chin): the chip "
-             "reaches 25 % beyond the landmarks on each side (dlib's padding), never elsewhere in the photo.\n\n")
+        text += "### Real photos (deepface's test set)\n\n" + maps_text(loc_r, pairs_note(rl), pasted=False)
+    text += MAPS_NOTES + "\n\n"
     if g or o:
         text += "## Indexing speed (HOG)\n\n"
         srows = []
