@@ -643,8 +643,9 @@ def presets_section(args) -> None:
         trees = {"before": before_root, "now": _common.ROOT}
         revs = {k: subprocess.run(["git", "-C", str(r), "rev-parse", "--short", "HEAD"], capture_output=True,
                                   text=True, check=True).stdout.strip() for k, r in trees.items()}
-        dirty = subprocess.run(["git", "-C", str(_common.ROOT), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, check=True).stdout.strip()
+        dirty = [ln[3:] for ln in subprocess.run(["git", "-C", str(_common.ROOT), "status", "--porcelain",
+                                                  "--untracked-files=no"], capture_output=True, text=True,
+                                                 check=True).stdout.splitlines()]
         caches = {}
         for k in trees:  # each tree its own cache (local features are not shared), seeded with the ONNX graphs
             caches[k] = tmp / f"cache-{k}"
@@ -703,7 +704,7 @@ def presets_section(args) -> None:
     if args.no_verify_on:
         cmd += " --no-verify-on " + " ".join(args.no_verify_on)
     cmd += f" --threads {args.threads}"
-    where = "; ".join(f"{k} ({revs[k]}{', uncommitted changes' if k == 'now' and dirty else ''}): "
+    where = "; ".join(f"{k} ({revs[k]}{', uncommitted: ' + ', '.join(dirty) if k == 'now' and dirty else ''}): "
                       + ", ".join(sorted(str(w) for w in seen.get(k, ()))) for k in trees)
     text = ("# The presets before and after issue 27's scores, as a user gets them\n\n"
             f"`{cmd}` · {args.threads} thread(s) (`--threads`, RETRIEVE_THREADS, OMP_NUM_THREADS) · load average "
