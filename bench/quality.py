@@ -3,6 +3,8 @@
     python bench/quality.py [--datasets att_faces caltech101 instance] [--threads 2] [--quick]
     python bench/quality.py --centring --threads 1   # the general preset's ranking space: quality-centring.md
     python bench/quality.py --sizes 10 20 35 50 100 200 500 --threads 1   # instance head vs size: quality-sizes.md
+    python bench/quality.py --presets [--before 5531893] --threads 1   # each preset through the CLI, before and
+                                                                        # after: quality-presets.md
 
 Datasets (folder = class; every image queries all the others, exact search):
 - att_faces: ORL faces, 40 people × 10 photos (../shared/data/att_faces);
@@ -21,7 +23,10 @@ Needs ../shared/data (skips with a one-line message when absent).
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -47,10 +52,13 @@ EMBEDDINGS = {  # name → index_paths settings
 DEEP = ("gap-224-squash", "gem-448-long")  # the two presets' embeddings: verify K = 60, 100 on the instance set
 MULTISCALE = {"gem-448+320-long": ("gem-448-long", "gem-320-long")}  # mean of the raw embeddings
 EXPLAIN_448 = dict(input_size=448, resize="squash", pooling="gap")  # the general preset's explain resolution
-SIZES_VARIANTS = ("(i) pca-whiten:128 shrink 0.1 fitted on the collection (today)",
-                  "(i') the same, fitted below MIN_FIT too", "(ii) no head", "(iii) centring on the collection's mean",
+SIZES_VARIANTS = ("(i) pca-whiten:128 shrink 0.1, none below 32 vectors (before: 5531893)",
+                  "(i') the same, fitted below 32 too", "(ii) no head", "(iii) centring on the collection's mean",
                   "(iv) pca-whiten:128 shrink 1.0", "(iv') pca-whiten:128 shrink max(0.1, 128/n)",
-                  "(v) pca-whiten:128 fitted on 500 spare Caltech photos", "(vi) centring on the spare photos' mean")
+                  "(v) pca-whiten:128 shrink 0.1 fitted on 500 spare Caltech photos",
+                  "(vi) centring on the spare photos' mean",
+                  "(s) shipped: retrieval.index.head (none below 10, centring below 50, then (iv'))")
+BEFORE_MIN_FIT = 32  # 5531893's retrieval/head.py MIN_FIT: fewer vectors, no head
 
 
 def warm_exports(folder: Path, settings: dict) -> None:
@@ -251,7 +259,19 @@ def main() -> None:
                     help="only the instance head against the collection size: subsets of N images of the instance "
                          "set (whole objects); saves bench/results/quality-sizes.md")
     ap.add_argument("--draws", type=int, default=10, help="with --sizes: random subsets per size (one at the full set)")
+    ap.add_argument("--presets", action="store_true",
+                    help="only the presets as a user gets them: `retrieve index --preset P` and `retrieve search` of "
+                         "every image with the preset's default options, by this tree's CLI and by REV's (--before), "
+                         "R@1 and mAP@R side by side; saves bench/results/quality-presets.md")
+    ap.add_argument("--before", metavar="REV", default="5531893",
+                    help="with --presets: the revision to compare with (its own checkout and CLI) [default: 5531893, "
+                         "before issue 27's scores]")
+    ap.add_argument("--no-verify-on", nargs="*", default=[], metavar="DATASET",
+                    help="with --presets: search the instance preset's indexes of these datasets with --verify 0 "
+                         "(said in the table), where its default verification would take too long")
     args = ap.parse_args()
+    if args.presets:
+        return presets_section(args)
     if args.centring or args.sizes:
         os.environ["RETRIEVE_THREADS"] = str(args.threads)  # the indexer's ONNX Runtime path reads it
         torch.set_num_threads(args.threads)
@@ -402,6 +422,22 @@ def centring_section(args) -> None:
     _common.save(args.name if args.name != "quality" else "quality-centring", text)
 
 
+def _whiten(x: np.ndarray, dim: int, shrink: float):
+    """PCA-whitening to ``dim`` fitted on ``x`` at any size, scaled by ``(λ + shrink·λ̄)^-1/2``: the pca-whiten head as
+    5531893's retrieval/head.py fitted it with a given shrinkage (today's fit_head picks its shrinkage and its kind
+    from the collection's size, which these variants hold fixed)."""
+    from retrieval.index.head import LinearHead
+
+    x = np.asarray(x, np.float64)
+    mean = x.mean(0)
+    cov = x.T @ x / len(x) - np.outer(mean, mean)
+    lam, vec = np.linalg.eigh(cov)
+    order = np.argsort(lam)[::-1]
+    d = max(1, min(dim, len(x) - 1, len(lam)))
+    lam, vec = np.maximum(lam[order[:d]], 0), vec[:, order[:d]]
+    return LinearHead(mean=mean, proj=(vec / np.sqrt(lam + shrink * lam.mean() + 1e-12)).T, fitted_on=len(x))
+
+
 def sizes_section(args) -> None:
     """The instance preset's head against the collection's size (issue 27, "small collections"): subsets of
     whole objects of the instance set, global embedding only (no verification)."""
@@ -431,7 +467,7 @@ def sizes_section(args) -> None:
     is_ref = np.array([Path(p).stem == "ref" for p in paths])
     cfg = parse_head("pca-whiten:128")
     dim = cfg["dim"]
-    ext_head, ext_mean = fit_head([ext], cfg), ext.astype(np.float64).mean(0)
+    ext_head, ext_mean = _whiten(ext, dim, 0.1), ext.astype(np.float64).mean(0)
     objects = np.unique(labels)
     per = len(labels) // len(objects)
     res: dict = {}  # (n, variant) → list of per-draw dicts
@@ -443,27 +479,23 @@ def sizes_section(args) -> None:
             pick = objects if full else rng.choice(objects, k, replace=False)
             m = np.isin(labels, pick)
             x, lab, ref = vecs[m].astype(np.float64), labels[m], is_ref[m]
-            forced = None
-            if len(x) < head_module.MIN_FIT:
-                old, head_module.MIN_FIT = head_module.MIN_FIT, 2
-                try:
-                    forced = fit_head([x], cfg)
-                finally:
-                    head_module.MIN_FIT = old
-            variants = {SIZES_VARIANTS[0]: fit_head([x], cfg), SIZES_VARIANTS[1]: forced,
+            small = len(x) < BEFORE_MIN_FIT  # 5531893 fitted no head there
+            variants = {SIZES_VARIANTS[0]: None if small else _whiten(x, dim, 0.1),
+                        SIZES_VARIANTS[1]: _whiten(x, dim, 0.1) if small else None,
+                        SIZES_VARIANTS[8]: fit_head([x], cfg),  # the product's own rule, as an index fits it
                         SIZES_VARIANTS[2]: None, SIZES_VARIANTS[3]: x.mean(0),
-                        SIZES_VARIANTS[4]: fit_head([x], cfg, shrink=1.0),
-                        SIZES_VARIANTS[5]: fit_head([x], cfg, shrink=max(0.1, dim / len(x))),
+                        SIZES_VARIANTS[4]: None if small else _whiten(x, dim, 1.0),
+                        SIZES_VARIANTS[5]: None if small else _whiten(x, dim, max(0.1, dim / len(x))),
                         SIZES_VARIANTS[6]: ext_head, SIZES_VARIANTS[7]: ext_mean}
             for vname, h in variants.items():
-                if vname == SIZES_VARIANTS[1] and forced is None:
+                if vname == SIZES_VARIANTS[1] and not small:
                     continue
                 z = x - h if isinstance(h, np.ndarray) else (h.apply(x) if h is not None else x)
                 q = per_query(ranking(z, "cosine"), lab, ref)
                 sc = score_stats(cosine_scores(z), lab)
                 res.setdefault((len(x), vname), []).append(dict(
                     {k2: float(np.nanmean(v)) for k2, v in q.items()}, q=q, labels=lab,
-                    dims=(h.dim if h is not None and not isinstance(h, np.ndarray) else "-"),
+                    dims=("-" if h is None or isinstance(h, np.ndarray) else "centre" if h.proj is None else h.dim),
                     top1=float(np.median(sc["top1"])), true=float(np.median(sc["true"])),
                     unrelated=float(np.median(sc["unrelated"])), neg=float(np.mean(sc["top1"] <= 0))))
             print(f"n {len(x)}: draw {len(res[(len(x), SIZES_VARIANTS[2])])}", flush=True)
@@ -485,7 +517,7 @@ def sizes_section(args) -> None:
                     + [f"{np.mean([d['neg'] for d in ds]):.2f}"])
         cells = []
         for key in ("R@1", "mAP@10"):
-            for ref_v in (SIZES_VARIANTS[0], SIZES_VARIANTS[2], SIZES_VARIANTS[3]):
+            for ref_v in (SIZES_VARIANTS[0], SIZES_VARIANTS[8], SIZES_VARIANTS[2], SIZES_VARIANTS[3]):
                 base = res[(n, ref_v)]
                 diffs = [d[key] - b[key] for d, b in zip(ds, base)]
                 if vname == ref_v:
@@ -506,9 +538,14 @@ def sizes_section(args) -> None:
             "background (bench/instance_set.py `spare`). Global embedding only, no geometric verification.\n\n"
             f"Each size n: n / {per} objects drawn at random (whole objects), {args.draws} draws (1 at the full set); "
             "every image queries the other n − 1. Cells: mean ± sd over the draws (at the full set: ± the sd from "
-            "resampling its objects, 2000 draws). Head dims: min(128, n − 1); '-' = no head. "
-            f"(i) is what `--preset instance` does: below retrieval.head.MIN_FIT = {head_module.MIN_FIT} vectors it "
-            "fits no head (= (ii)); (i') fits there anyway, to show the trend. Scores: the mean over the draws "
+            "resampling its objects, 2000 draws). Head dims: min(128, n − 1); '-' = no head; centre = centring "
+            f"only. (i) is what `--preset instance` did before issue 27 (5531893): below {BEFORE_MIN_FIT} vectors no "
+            "head (= (ii)), above whitening with shrinkage 0.1; (i') fits there anyway, to show the trend. (s) is "
+            "what it does now, fitted by the product's own code (retrieval.index.head.fit_head on the subset): "
+            f"below MIN_CENTRE = {head_module.MIN_CENTRE} vectors no head, below MIN_WHITEN = "
+            f"{head_module.MIN_WHITEN} centring only (= (iii)), from there whitening with shrinkage max("
+            f"{head_module.SHRINK}, 128/n) (= (iv')). (i'), (iv), (iv') and (v) are fitted here as 5531893 fitted "
+            "its head (bench/quality.py `_whiten`). Scores: the mean over the draws "
             "of the median rank-1 score (top-1), of the median score of each query's best relevant item (true "
             "match) and of the median score of pairs of different objects (unrelated); top-1 ≤ 0: the share "
             "of queries whose rank-1 score is zero or negative.\n\n")
@@ -516,9 +553,190 @@ def sizes_section(args) -> None:
                            "true match", "unrelated", "top-1 ≤ 0"], rows)
     text += ("\n\n## Paired differences\n\nThe same subsets ranked two ways: mean difference ± its standard error "
              "over the draws (at the full set: ± the sd from resampling the objects).\n\n")
-    text += _common.table(["n", "ranking", "ΔR@1 vs (i)", "ΔR@1 vs (ii)", "ΔR@1 vs (iii)", "ΔmAP@10 vs (i)",
-                           "ΔmAP@10 vs (ii)", "ΔmAP@10 vs (iii)"], drows)
+    text += _common.table(["n", "ranking", "ΔR@1 vs (i)", "ΔR@1 vs (s)", "ΔR@1 vs (ii)", "ΔR@1 vs (iii)",
+                           "ΔmAP@10 vs (i)", "ΔmAP@10 vs (s)", "ΔmAP@10 vs (ii)", "ΔmAP@10 vs (iii)"], drows)
     _common.save(args.name if args.name != "quality" else "quality-sizes", text)
+
+
+
+# -- the presets as a user gets them, this tree against another revision (--presets) -----------------------------
+PRESET_SETS = {"general": ("att_faces", "caltech101", "instance"), "instance": ("att_faces", "caltech101", "instance"),
+               "faces": ("att_faces",)}
+FACES_SKIPPED = ("the faces preset runs on att_faces only: caltech101 and the instance set are photos of objects and "
+                 "categories, not of people (the faces HOG finds in Caltech's Faces category are no identity test: "
+                 "the category's photos show different people)")
+_CLI = ("import sys, retrieval, cli; sys.stderr.write('quality.py: retrieval from ' + retrieval.__file__ + '\\n'); "
+        "sys.argv[0] = 'retrieve'; cli.main()")
+
+
+def _cli(root: Path, cache: Path, threads: int, *args: str) -> tuple[str, str, float]:
+    """``retrieve ARGS`` by the checkout at ``root`` (its own ``cli.main``, ``retrieval`` imported from ``root``:
+    checked in the same process, which writes where it imported ``retrieval`` from), with its own XDG cache:
+    (stdout, that path, seconds). A non-zero exit is an error unless stdout holds JSON lines (a faces search says
+    which photos had no face and exits 1)."""
+    env = {**os.environ, "PYTHONPATH": str(root), "XDG_CACHE_HOME": str(cache), "RETRIEVE_THREADS": str(threads),
+           "OMP_NUM_THREADS": str(threads)}
+    t = time.perf_counter()
+    p = subprocess.run([sys.executable, "-c", _CLI, "--threads", str(threads), *args], cwd=root, env=env,
+                       capture_output=True, text=True, check=False)
+    secs = time.perf_counter() - t
+    where = next((ln.split("retrieval from ", 1)[1] for ln in p.stderr.splitlines()
+                  if ln.startswith("quality.py: retrieval from ")), "")
+    if not Path(where).resolve().is_relative_to(Path(root).resolve()):
+        raise SystemExit(f"retrieve {args[0]} ({root}) imported retrieval from {where or '?'}, not from its checkout")
+    if p.returncode and not (p.stdout.strip() and args[0] == "search"):
+        raise SystemExit(f"retrieve {' '.join(args[:2])} ({root}): {p.stderr.strip()[-800:]}")
+    return p.stdout, where, secs
+
+
+def cli_answers(out: str) -> dict[str, dict]:
+    """``retrieve search --json`` lines → {query path: {"label", "hits" (result paths, each photo once, the query's
+    own photo left out), "error", "verified"}}."""
+    got = {}
+    for line in out.splitlines():
+        r = json.loads(line)
+        q = os.path.realpath(r["query"])
+        hits = []
+        for h in r.get("results") or []:
+            hp = os.path.realpath(h["path"])
+            if hp != q and hp not in hits:
+                hits.append(hp)
+        got[q] = {"label": Path(q).parent.name, "hits": hits, "error": r.get("error"),
+                  "verified": any("inliers" in h for h in r.get("results") or [])}
+    return got
+
+
+def cli_per_query(got: dict[str, dict], queries: list[str]) -> dict[str, np.ndarray]:
+    """R@1 and AP@R of each query (as :func:`per_query` defines them: R = the query's class size − 1 among the
+    queries, every image of the set being one; a query with no answer, e.g. no face found, scores 0)."""
+    labels = np.array([got[q]["label"] for q in queries])
+    size = {lab: int(c) for lab, c in zip(*np.unique(labels, return_counts=True))}
+    r1, aps = np.zeros(len(queries)), np.full(len(queries), np.nan)
+    for i, q in enumerate(queries):
+        R = size[labels[i]] - 1
+        rel = np.array([Path(h).parent.name == labels[i] for h in got[q]["hits"]], bool)
+        r1[i] = float(rel[:1].any())
+        if R:
+            hits = rel[:R]
+            aps[i] = float((np.cumsum(hits) / np.arange(1, len(hits) + 1) * hits).sum() / R) if len(hits) else 0.0
+    return {"R@1": r1, "mAP@R": aps, "labels": labels}
+
+
+def presets_section(args) -> None:
+    """Each preset (retrieval.presets) on each set it has, as a user gets it: `retrieve index DIR --preset P` and
+    `retrieve search DIR --json` (every image a query, its own row excluded, the preset's default search options)
+    by this tree's CLI and by REV's (a git worktree, its own CLI), one after the other per row; R@1 and mAP@R
+    before | after | Δ (95 % interval, the classes resampled), and how many queries' top-1 changed."""
+    import contextlib
+    import shlex
+    import shutil
+
+    folders = dataset_folders(args.datasets)
+    if not folders:
+        return
+    load0 = os.getloadavg()
+    t_all = time.perf_counter()
+    rows, seen = [], {}
+    with tempfile.TemporaryDirectory(prefix="retrieve-presets-") as tmp, contextlib.ExitStack() as stack:
+        tmp = Path(tmp)
+        before_root = stack.enter_context(_common.worktree(args.before, tmp / "before"))
+        trees = {"before": before_root, "now": _common.ROOT}
+        revs = {k: subprocess.run(["git", "-C", str(r), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                  text=True, check=True).stdout.strip() for k, r in trees.items()}
+        dirty = [ln[3:] for ln in subprocess.run(["git", "-C", str(_common.ROOT), "status", "--porcelain",
+                                                  "--untracked-files=no"], capture_output=True, text=True,
+                                                 check=True).stdout.splitlines()]
+        caches = {}
+        for k in trees:  # each tree its own cache (local features are not shared), seeded with the ONNX graphs
+            caches[k] = tmp / f"cache-{k}"
+            graphs = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "retrieve" / "onnx"
+            if graphs.is_dir():
+                shutil.copytree(graphs, caches[k] / "retrieve" / "onnx")
+        for preset, sets in PRESET_SETS.items():
+            for name in sets:
+                if name not in folders:
+                    continue
+                folder = folders[name]
+                search_args = ["--verify", "0"] if preset == "instance" and name in args.no_verify_on else []
+                res, secs = {}, {}
+                for k, root in trees.items():
+                    idx = tmp / f"{preset}-{name}-{k}"
+                    _, where, s_index = _cli(root, caches[k], args.threads, "index", str(folder), "--preset", preset,
+                                             "--index", str(idx), "--json")
+                    seen.setdefault(k, set()).add(where)
+                    out, where, s_search = _cli(root, caches[k], args.threads, "search", str(folder), "--index",
+                                                str(idx), "--json", *search_args)
+                    seen[k].add(where)
+                    res[k], secs[k] = cli_answers(out), (s_index, s_search)
+                    shutil.rmtree(idx, ignore_errors=True)
+                queries = sorted(res["now"])
+                assert sorted(res["before"]) == queries, "the two trees answered different queries"
+                q = {k: cli_per_query(res[k], queries) for k in trees}
+                labels = q["now"]["labels"]
+                row = [preset, name, len(queries)]
+                for key in ("R@1", "mAP@R"):
+                    d = q["now"][key] - q["before"][key]
+                    lo, hi = np.percentile(cluster_bootstrap(d, labels), [2.5, 97.5])
+                    row += [f"{np.nanmean(q['before'][key]):.3f}", f"{np.nanmean(q['now'][key]):.3f}",
+                            f"{np.nanmean(d):+.4f} [{lo:+.3f}, {hi:+.3f}]"]
+                top = {k: [(res[k][p]["hits"] or [None])[0] for p in queries] for k in trees}
+                changed = [i for i in range(len(queries)) if top["before"][i] != top["now"][i]]
+                right = sum(1 for i in changed if q["now"]["R@1"][i] > q["before"]["R@1"][i])
+                wrong = sum(1 for i in changed if q["now"]["R@1"][i] < q["before"]["R@1"][i])
+                row.append(f"{len(changed)} ({right} / {wrong})")
+                unanswered = [sum(1 for p in queries if not res[k][p]["hits"]) for k in trees]
+                verified = [sum(1 for p in queries if res[k][p]["verified"]) for k in trees]
+                row.append(" / ".join(map(str, unanswered)))
+                row.append("--verify 0" if search_args else
+                           ("defaults (verified: " + " / ".join(map(str, verified)) + ")") if any(verified)
+                           else "defaults")
+                row.append(" / ".join(f"{secs[k][0]:.0f} + {secs[k][1]:.0f}" for k in trees))
+                row.append(f"{os.getloadavg()[0]:.1f}")
+                rows.append(row)
+                print(" | ".join(map(str, row)), flush=True)
+    if not rows:
+        return
+    load = tuple(round(a, 1) for a in load0[:1] + os.getloadavg()[:1])
+    minutes = (time.perf_counter() - t_all) / 60
+    cmd = "python bench/quality.py --presets --before " + shlex.quote(args.before)
+    if args.datasets != ["att_faces", "caltech101", "instance"]:
+        cmd += " --datasets " + " ".join(args.datasets)
+    if args.no_verify_on:
+        cmd += " --no-verify-on " + " ".join(args.no_verify_on)
+    cmd += f" --threads {args.threads}"
+    where = "; ".join(f"{k} ({revs[k]}{', uncommitted: ' + ', '.join(dirty) if k == 'now' and dirty else ''}): "
+                      + ", ".join(sorted(str(w) for w in seen.get(k, ()))) for k in trees)
+    text = ("# The presets before and after issue 27's scores, as a user gets them\n\n"
+            f"`{cmd}` · {args.threads} thread(s) (`--threads`, RETRIEVE_THREADS, OMP_NUM_THREADS) · load average "
+            f"{load[0]} → {load[1]} (2 cores, shared with a test run) · {minutes:.0f} min in all.\n\n"
+            "Each row: `retrieve index DIR --preset P --index TMP --json`, then `retrieve search DIR --index TMP "
+            "--json` (every image of the set a query, its own row excluded, 10 results, the preset's default search "
+            "options: the instance preset verifies the global top 8 and the visual words' top 25 at both "
+            "revisions), run by the revision's own CLI from its own checkout (a git worktree, PYTHONPATH and the "
+            "working directory set to it, its own XDG cache seeded with the ONNX graphs); each CLI process wrote "
+            f"where it imported `retrieval` from — {where}. Before and after of a row ran one after the other.\n\n"
+            "R@1: the first result is of the query's class (person, category, object); mAP@R: AP over the top R "
+            "results, R = the class's size − 1 (9 on att_faces and caltech101, 4 on the instance set), as "
+            "bench/quality.py `per_query` defines them (a photo counted once; a query with no answer — no face "
+            "found — scores 0). Δ: after − before, the mean of the paired per-query differences, with a 95 % "
+            "interval from resampling the classes (2000 draws); one query of 400 is 0.0025 of R@1, of 1000 "
+            "0.001, of 500 0.002. top-1 changed: queries whose first result is another photo after the change "
+            "(of them: now right where it was wrong / now wrong where it was right; the rest changed from a right "
+            "photo to another right one or from wrong to wrong). no answer: queries without results, before / "
+            "after. s: seconds of `index` + `search` before / after (wall clock on a shared machine; secondary).\n\n"
+            "What changed (issue 27): general ranked by the plain cosine of 224 px GAP embeddings (no head) and now "
+            "by the cosine of embeddings centred on the collection's mean (a `centre` head, fitted at 10 images or "
+            "more); instance had PCA-whitening to 128 with shrinkage 0.1 fitted at 32 vectors or more, and now "
+            "only centres below 50 vectors and shrinks by max(0.1, D/n); faces ranked by the L2 distance of dlib's "
+            "descriptors and now by the cosine of descriptors centred on a fixed mean face "
+            "(retrieval/faces/mean_face.json; same-person threshold 0.50). At these sizes (400–1000 images) the "
+            "instance head is the shrunk whitening: s = 0.32 at 400, 0.256 at 500, 0.128 at 1000 (0.1 before).\n\n")
+    text += _common.table(["preset", "set", "queries", "R@1 before", "R@1 after", "ΔR@1 [95 %]", "mAP@R before",
+                           "mAP@R after", "ΔmAP@R [95 %]", "top-1 changed (now right / now wrong)",
+                           "no answer (before / after)", "search options (verified queries before / after)",
+                           "s index + search (before / after)", "load"], rows)
+    text += f"\n\nNot measured: {FACES_SKIPPED}.\n"
+    _common.save("quality-presets", text)
 
 
 HEADERS = ["dataset", "embedding", "metric", "head", "QE", "DBA", "verify K", "R@1", "mAP@R", "mAP@10",
