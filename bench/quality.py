@@ -747,9 +747,11 @@ def preset_rows(rows: list[list]) -> list[list]:
     """The rows of each preset (retrieval.presets.PRESETS): the defaults, as they measure."""
     out = []
     for name, p in PRESETS.items():
-        size = p["input_size"] or 224
-        emb = f"{p['pooling']}-{size}-{p['resize']}"
-        want = (emb, "cosine", p["head"] or "none", 0, 0, p["search"].get("verify", 0))
+        if p.per_face:  # its own pipeline: bench/faces.py
+            continue
+        size = p.input_size or 224
+        emb = f"{p.pooling}-{size}-{p.resize}"
+        want = (emb, "cosine", p.head or "none", 0, 0, p.search.get("verify", 0))
         out += [[name] + r for r in rows if tuple(str(c) for c in r[1:7]) == tuple(str(c) for c in want)]
     return out
 
