@@ -100,3 +100,12 @@ class Forker:
                 self.p.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 self.p.kill()
+
+
+def stop(proc: subprocess.Popen, wait: float = 10) -> None:
+    """End a server started by a test: SIGTERM, then SIGKILL if it has not exited within ``wait`` seconds."""
+    proc.terminate()
+    try:
+        proc.wait(wait)
+    except subprocess.TimeoutExpired:
+        proc.kill()

@@ -16,7 +16,7 @@ import pytest
 pytest.importorskip("starlette", reason="the serve extra is not installed (pip install -e '.[serve]')")
 
 from browsertools import DOCS, browser, computed, drag_slider  # noqa: E402,F401
-from clitools import entry_point  # noqa: E402
+from clitools import entry_point, stop  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "data" / "samples"
@@ -50,11 +50,7 @@ def server(tmp_path_factory, browser):
         assert url, f"retrieve serve printed no URL: {proc.stderr.read() if proc.poll() is not None else ''}"
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
 
 
 def test_search_upload_then_audit_a_pair(server, browser):

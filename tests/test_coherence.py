@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from clitools import ROOT, entry_point, run, run_json
+from clitools import ROOT, entry_point, run, run_json, stop
 
 SAMPLES = ROOT / "data" / "samples"
 
@@ -90,11 +90,7 @@ def _web_scores(idx: Path, base: Path, a: str, b: str, explain: bool = True,
         doc = _get(url + "api/explain?" + urllib.parse.urlencode({"q": ids[a], "r": ids[b]}))
         return score, doc["score"], doc["cis_sum"]
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
 
 
 def _table_score(text: str, path: str) -> float:
