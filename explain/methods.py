@@ -53,6 +53,33 @@ class Explanation:
         return d
 
 
+@dataclass
+class Ranking:
+    """Prototype (issue 27; ``bench/explain_eval.py --ranking``): the vectors the index ranks by for one query
+    and its results, and the ranking space's centre ``mu`` (None: the plain cosine search ranks by).
+
+    Given to :meth:`Explainer.explain_many` of ``sfam``/``sfam-plain``, the CIS are those of the ranking
+    cosine, ``CIS_k = (q_k − μ_k)(r_k − μ_k)/(‖q − μ‖‖r − μ‖)``, so Σ CIS is the score search ranks by, and
+    their channel weights (``CIS_k = wr_k (r_k − μ_k)``, ``wr = (q − μ)/z``; ``wq`` likewise) weight the
+    explainer's own feature maps at its resolution, centred on the explainer's reference point (its μ when
+    centred, else 0): ``D32 = Σ_k wr_k (C_k − m_k)``, the paper's map ``ReLU(Σ_k CIS_k C_k)``. The stride-16
+    layer and the gate are unchanged. D32's spatial mean is then ``Σ_k wr_k (r'_k − m_k)`` (``r'`` pooled at
+    the explain resolution), no longer exactly Σ CIS (``details["d32_mean"]`` gives it)."""
+
+    q: np.ndarray  # C
+    r: np.ndarray  # N×C, one row per result, in order
+    mu: np.ndarray | None = None
+
+    def terms(self, idx: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(CIS, wq, wr), each len(idx)×C (float64), for the results ``idx``."""
+        q = np.asarray(self.q, np.float64).reshape(-1)
+        r = np.asarray(self.r, np.float64).reshape(-1, q.size)[list(idx)]
+        m = np.zeros_like(q) if self.mu is None else np.asarray(self.mu, np.float64).reshape(-1)
+        qc, rc = q - m, r - m
+        z = np.maximum(np.linalg.norm(qc) * np.linalg.norm(rc, axis=1), 1e-12)[:, None]
+        return qc * rc / z, rc / z, np.broadcast_to(qc, rc.shape) / z
+
+
 def own_size(img: Image.Image) -> tuple[int, int]:
     """(H, W) of the photo itself, also when it was decoded at reduced size (JPEG draft mode)."""
     w, h = img.info.get("original_size", img.size)
@@ -142,12 +169,15 @@ class Explainer:
         return f"squared L2 distance at {size} px; CIS relative to {'μ' if self.mu is not None else 'the origin'}"
 
     # -- the shared pipeline --------------------------------------------------------------------
-    def explain(self, query: Image.Image, result: Image.Image) -> Explanation:
-        return self.explain_many(query, [result])[0]
+    def explain(self, query: Image.Image, result: Image.Image, ranking: Ranking | None = None) -> Explanation:
+        return self.explain_many(query, [result], ranking=ranking)[0]
 
     def explain_many(self, query: Image.Image, results: Sequence[Image.Image],
-                     query_features: torch.Tensor | None = None) -> list[Explanation]:
-        """Explain each (query, result) pair: the backbone runs once on the query, once batched on results."""
+                     query_features: torch.Tensor | None = None, ranking: Ranking | None = None) -> list[Explanation]:
+        """Explain each (query, result) pair: the backbone runs once on the query, once batched on results.
+        ``ranking`` (sfam-plain only here; SFAM has its own): the CIS from the ranking vectors (:class:`Ranking`)."""
+        if ranking is not None and self.name != "sfam-plain":
+            raise RetrieveError(f"{self.name}: no CIS to take from the ranking vectors")
         pre = self.backbone.preprocess
         xq = pre.batch([query])
         xr = [pre.batch([r]) for r in results]  # aspect-kept inputs may differ in shape: one tensor each
@@ -161,7 +191,8 @@ class Explainer:
                     ar[i] = feats[j:j + 1]
         out = []
         for i, res in enumerate(results):
-            raw_q, raw_r, info = self.raw_maps(xq, xr[i], aq, None if ar is None else ar[i])
+            rank = {} if ranking is None else {"rank": ranking.terms([i])}
+            raw_q, raw_r, info = self.raw_maps(xq, xr[i], aq, None if ar is None else ar[i], **rank)
             out.append(Explanation(method=self.name, metric=self.metric, query_map=self._map(raw_q, query),
                                    result_map=self._map(raw_r, res), query_raw=np.asarray(raw_q, np.float32),
                                    result_raw=np.asarray(raw_r, np.float32), similarity=self.describe(),
@@ -210,16 +241,21 @@ class SFAMPlain(Explainer):
 
     name = "sfam-plain"
 
-    def raw_maps(self, xq, xr, aq, ar):
+    def raw_maps(self, xq, xr, aq, ar, rank=None):
         aq, ar = aq.double(), ar.double()
         pooling = self.backbone.pooling
         q, r = pooling.pool(aq)[0].numpy(), pooling.pool(ar)[0].numpy()
-        info = self.similarity(q, r)
+        info = self.similarity(q, r) if rank is None else _ranked_info(rank[0][0])
         w = torch.as_tensor(info["cis"], dtype=torch.float64)
         # A itself for average pooling; for GeM each location's share of the pooled value (pooling.py)
         mq = torch.relu(torch.einsum("c,chw->hw", w, pooling.contributions(aq)[0])).numpy()
         mr = torch.relu(torch.einsum("c,chw->hw", w, pooling.contributions(ar)[0])).numpy()
         return mq, mr, info
+
+
+def _ranked_info(cis: np.ndarray) -> dict:
+    """Score fields when the CIS come from the ranking vectors (:class:`Ranking`): Σ CIS is the ranking cosine."""
+    return {"score": float(cis.sum()), "cis": cis, "cis_target": float(cis.sum())}
 
 
 from retrieval.reference import TAP_LAYERS  # noqa: E402  (the stride-16 layer per backbone; the indexer samples its μ)
@@ -412,7 +448,7 @@ class SFAM(Explainer):
         self.gate = gate
         self.gate_kind = gate_kind  # "match": 1 where mutual nearest neighbours (cosine > 0); "cosine": that cosine
 
-    def explain_many(self, query, results, query_features=None):
+    def explain_many(self, query, results, query_features=None, ranking: Ranking | None = None):
         if not results:
             return []
         pre = self.backbone.preprocess
@@ -433,7 +469,8 @@ class SFAM(Explainer):
             side = self._query_side(*fq)
             raws: list = [None] * len(results)
             for idx, fr in batches:
-                mq, mr, infos = self._maps_batch(side, *fr, threads=threads)
+                rank = None if ranking is None else ranking.terms(idx)
+                mq, mr, infos = self._maps_batch(side, *fr, threads=threads, rank=rank)
                 for j, i in enumerate(idx):
                     raws[i] = (mq[j], mr[j], infos[j], fr[0][j:j + 1])
             qmaps = upsample_many(torch.from_numpy(np.stack([r[0] for r in raws])),
@@ -504,16 +541,18 @@ class SFAM(Explainer):
         return side
 
     def _maps_batch(self, side: dict, ar: torch.Tensor, tr: torch.Tensor | None,
-                    threads: int | None = None) -> tuple[list, list, list]:
+                    threads: int | None = None, rank: tuple | None = None) -> tuple[list, list, list]:
         """Raw maps (query's, result's; numpy float64) and info for N results (``ar`` N×C×h×w, ``tr`` N×C'×H×W
-        or None) against the query of ``side``; ``threads``: torch's threads for the gate's product."""
+        or None) against the query of ``side``; ``threads``: torch's threads for the gate's product; ``rank``:
+        (CIS, wq, wr) from the ranking vectors (:meth:`Ranking.terms`), else from the pooled ``ar``."""
         n = ar.shape[0]
         a = ar.double()
         pooling = self.backbone.pooling
         r = pooling.pool(a).numpy()
         q, m = side["q"], side["m"]
-        infos = [self.similarity(q, r[i]) for i in range(n)]
-        mq, mr, infos = self._gated_batch(side, a, tr, r, infos, threads)
+        infos = ([self.similarity(q, r[i]) for i in range(n)] if rank is None
+                 else [_ranked_info(rank[0][i]) for i in range(n)])
+        mq, mr, infos = self._gated_batch(side, a, tr, r, infos, threads, None if rank is None else rank[1:])
         if self.paper > 0:
             # the paper's map with the same CIS, ReLU(Σ_k CIS_k C_k), on the final grid, upsampled to the map's
             cis = torch.from_numpy(np.stack([info["cis"] for info in infos]))  # N×C
@@ -555,12 +594,13 @@ class SFAM(Explainer):
         return (1 - w)[:, None, None] * m + w[:, None, None] * f
 
     def _gated_batch(self, side: dict, a: torch.Tensor, tr: torch.Tensor | None, r: np.ndarray, infos: list,
-                     threads: int | None) -> tuple[torch.Tensor, torch.Tensor, list]:
-        """The gated product (N×H×W each side, before the paper's map is added) for :meth:`_maps_batch`."""
+                     threads: int | None, weights: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor, list]:
+        """The gated product (N×H×W each side, before the paper's map is added) for :meth:`_maps_batch`;
+        ``weights``: (wq, wr) given (from the ranking vectors), else from the pooled vectors."""
         n = a.shape[0]
         pooling = self.backbone.pooling
         q, m = side["q"], side["m"]
-        wq, wr, _ = self._weights(q, r)
+        wq, wr = self._weights(q, r)[:2] if weights is None else weights
         wq, wr = torch.from_numpy(np.ascontiguousarray(wq)), torch.from_numpy(np.ascontiguousarray(wr))
         cr = pooling.contributions(a).flatten(2)  # N×C×h·w; Σ_k wr_k (cr_k − m_k) = Σ_k wr_k cr_k − wr·m
         h, w = side["hw"]
@@ -590,9 +630,12 @@ class SFAM(Explainer):
                 gq, gr = (gq > 0).to(dq.dtype), (gr > 0).to(dr.dtype)
             dq, dr = dq * gq.reshape(dq.shape), dr * gr.reshape(dr.shape)
             base["map"] += "·G16"
+        d32 = ((torch.einsum("nc,nc->n", wr, torch.from_numpy(r)) - wr @ m) if weights is not None else None)
         for i, info in enumerate(infos):
             info["details"] = {"map": base["map"], "layers": list(base["layers"]), "tap_similarity": float(sims[i]),
                                "tap_centred": base["tap_centred"]}
+            if d32 is not None:
+                info["details"]["d32_mean"] = float(d32[i])  # D32's spatial mean (= Σ CIS without ranking weights)
             if cov is not None:
                 info["details"]["gate_coverage"] = [float(cov[i, 0]), float(cov[i, 1])]
         return dq, dr, infos
