@@ -59,25 +59,32 @@ class Ranking:
     and its results, and the ranking space's centre ``mu`` (None: the plain cosine search ranks by).
 
     Given to :meth:`Explainer.explain_many` of ``sfam``/``sfam-plain``, the CIS are those of the ranking
-    cosine, ``CIS_k = (q_k − μ_k)(r_k − μ_k)/(‖q − μ‖‖r − μ‖)``, so Σ CIS is the score search ranks by, and
-    their channel weights (``CIS_k = wr_k (r_k − μ_k)``, ``wr = (q − μ)/z``; ``wq`` likewise) weight the
-    explainer's own feature maps at its resolution, centred on the explainer's reference point (its μ when
-    centred, else 0): ``D32 = Σ_k wr_k (C_k − m_k)``, the paper's map ``ReLU(Σ_k CIS_k C_k)``. The stride-16
-    layer and the gate are unchanged. D32's spatial mean is then ``Σ_k wr_k (r'_k − m_k)`` (``r'`` pooled at
-    the explain resolution), no longer exactly Σ CIS (``details["d32_mean"]`` gives it)."""
+    cosine, ``CIS_k = (q_k − μ_k)(r_k − μ_k)/z`` with ``z = ‖q − μ‖‖r − μ‖``, so Σ CIS is the score search
+    ranks by, and their channel weights (``CIS_k = wr_k (r_k − μ_k)``, ``wr = (q − μ)/z``; ``wq`` likewise)
+    weight the explainer's own feature maps at its resolution, centred on the explainer's reference point (its
+    μ when centred, else 0): ``D32 = Σ_k wr_k (C_k − m_k)``, the paper's map ``ReLU(Σ_k CIS_k C_k)``. The
+    stride-16 layer and the gate are unchanged. D32's spatial mean is then ``Σ_k wr_k (r'_k − m_k)`` (``r'``
+    pooled at the explain resolution), no longer exactly Σ CIS (``details["d32_mean"]`` gives it).
+
+    ``maps_mu`` (with ``mu`` None): the maps draw only the part of the plain cosine's CIS that is centred on
+    ``maps_mu``: ``q_k r_k = (q_k − μ_k)(r_k − μ_k) + μ_k (q_k + r_k − μ_k)``; weights ``wr = (q − μ)/z``,
+    the paper's map's CIS ``(q_k − μ_k)(r_k − μ_k)/z`` (``z = ‖q‖‖r‖``); Σ CIS stays the plain cosine."""
 
     q: np.ndarray  # C
     r: np.ndarray  # N×C, one row per result, in order
     mu: np.ndarray | None = None
+    maps_mu: np.ndarray | None = None
 
-    def terms(self, idx: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(CIS, wq, wr), each len(idx)×C (float64), for the results ``idx``."""
+    def terms(self, idx: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(CIS, wq, wr, the CIS the maps draw), each len(idx)×C (float64), for the results ``idx``."""
         q = np.asarray(self.q, np.float64).reshape(-1)
         r = np.asarray(self.r, np.float64).reshape(-1, q.size)[list(idx)]
-        m = np.zeros_like(q) if self.mu is None else np.asarray(self.mu, np.float64).reshape(-1)
+        vec = lambda v: np.zeros_like(q) if v is None else np.asarray(v, np.float64).reshape(-1)
+        m, mm = vec(self.mu), vec(self.mu if self.maps_mu is None else self.maps_mu)
         qc, rc = q - m, r - m
         z = np.maximum(np.linalg.norm(qc) * np.linalg.norm(rc, axis=1), 1e-12)[:, None]
-        return qc * rc / z, rc / z, np.broadcast_to(qc, rc.shape) / z
+        qm, rm = q - mm, r - mm
+        return qc * rc / z, rm / z, np.broadcast_to(qm, rm.shape) / z, qm * rm / z
 
 
 def own_size(img: Image.Image) -> tuple[int, int]:
@@ -246,7 +253,7 @@ class SFAMPlain(Explainer):
         pooling = self.backbone.pooling
         q, r = pooling.pool(aq)[0].numpy(), pooling.pool(ar)[0].numpy()
         info = self.similarity(q, r) if rank is None else _ranked_info(rank[0][0])
-        w = torch.as_tensor(info["cis"], dtype=torch.float64)
+        w = torch.as_tensor(info["cis"] if rank is None else rank[3][0], dtype=torch.float64)
         # A itself for average pooling; for GeM each location's share of the pooled value (pooling.py)
         mq = torch.relu(torch.einsum("c,chw->hw", w, pooling.contributions(aq)[0])).numpy()
         mr = torch.relu(torch.einsum("c,chw->hw", w, pooling.contributions(ar)[0])).numpy()
@@ -552,10 +559,12 @@ class SFAM(Explainer):
         q, m = side["q"], side["m"]
         infos = ([self.similarity(q, r[i]) for i in range(n)] if rank is None
                  else [_ranked_info(rank[0][i]) for i in range(n)])
-        mq, mr, infos = self._gated_batch(side, a, tr, r, infos, threads, None if rank is None else rank[1:])
+        mq, mr, infos = self._gated_batch(side, a, tr, r, infos, threads, None if rank is None else rank[1:3])
+        for i, info in enumerate(infos if rank is not None else ()):
+            info["details"]["maps_cis_sum"] = float(rank[3][i].sum())  # what D32's mean approximates
         if self.paper > 0:
             # the paper's map with the same CIS, ReLU(Σ_k CIS_k C_k), on the final grid, upsampled to the map's
-            cis = torch.from_numpy(np.stack([info["cis"] for info in infos]))  # N×C
+            cis = torch.from_numpy(np.stack([info["cis"] for info in infos]) if rank is None else rank[3])  # N×C
             cr = pooling.contributions(a).flatten(2)
             h, w = side["hw"]
             pq = torch.relu(cis @ (side["cq"] + m[:, None])).reshape(n, h, w)
