@@ -1,6 +1,6 @@
 """How good are the explanations? Localisation, faithfulness, sanity and cost, SFAM beside its baselines.
 
-    python bench/explain_eval.py [--sizes 448] [--threads 2] [--quick] [--cost-only]
+    python bench/explain_eval.py [--sizes 448] [--threads 2] [--quick] [--cost-only] [--ranking]
 
 1. Localisation on composites of real photos: an object photo pasted off-centre into another photo;
    query = the object photo, result = the composite. Energy-in-box (share of the result map's mass in
@@ -22,7 +22,8 @@
 3. Sanity: randomised backbone weights must change the SFAM maps (Spearman rank correlation).
 4. Cost per explanation per method, and SFAM's default and plain maps for a top-10 vs 11 bare forward passes.
 
-Saves bench/results/explain.md.
+Saves bench/results/explain.md. ``--ranking`` (issue 27): only the rows that take the CIS from the ranking
+vectors (explain.methods.Ranking) beside today's, saved as bench/results/explain-ranking-cis.md.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
-from explain.methods import TAP_LAYERS, make_explainer, upsample
+from explain.methods import TAP_LAYERS, Ranking, make_explainer, upsample
 from retrieval.models import load_backbone
 
 OBJECTS = ("chelsea", "coffee", "astronaut", "rocket", "camera", "coins")
@@ -338,8 +339,10 @@ def matched_pairs(quick: bool, n: int = 20) -> dict[str, list]:
     return out
 
 
-def deletion_insertion(bb, ex, q: Image.Image, r: Image.Image, heat: np.ndarray, steps: int = 20) -> tuple:
-    """(deletion AUC, insertion AUC, intact − blurred) of the similarity minus the fully blurred one's."""
+def deletion_insertion(bb, ex, q: Image.Image, r: Image.Image, heat: np.ndarray, steps: int = 20,
+                       mu: np.ndarray | None = None) -> tuple:
+    """(deletion AUC, insertion AUC, intact − blurred) of the similarity minus the fully blurred one's;
+    ``mu`` (cosine): of the cosine of the ``mu``-centred vectors instead of the plain cosine."""
     pre = bb.preprocess
     qv = bb.features(pre.batch([q])).mean((2, 3)).double()
     rv = np.asarray(r.resize((pre.size, pre.size), Image.BILINEAR), np.float32)
@@ -360,6 +363,9 @@ def deletion_insertion(bb, ex, q: Image.Image, r: Image.Image, heat: np.ndarray,
     # The similarity the search reports (plain cosine, or −d), whatever the map was made from, rescaled so
     # that the fully blurred image is 0 and the intact one 1: comparable across pairs, maps and metrics.
     if ex.metric == "cosine":
+        if mu is not None:
+            m = torch.as_tensor(mu, dtype=torch.float64)
+            qv, pooled = qv - m, pooled - m
         s = torch.nn.functional.cosine_similarity(qv.expand_as(pooled), pooled, dim=-1).numpy()
     else:
         s = -((qv - pooled) ** 2).sum(-1).numpy()
@@ -411,6 +417,149 @@ def run_faithfulness(quick: bool, only: list[str] | None = None, pairs: int = 20
                 rows.append([ds, len(pairs), f"{label} ({metric})", round(d, 3), round(i, 3)])
     return rows
 
+
+
+# -- issue 27: the CIS from the ranking vectors (--ranking) ------------------------------------------------------
+RANK_PX = 224  # the general preset's index: 224 px squashed, GAP, plain cosine
+RANKING_ROWS = [  # (label, map px, maps centred on that size's μ, CIS from: None (the explainer's own at map px),
+    #              "plain" (the ranking cosine at 224 px), "centred" (the cosine of x − μ224 at 224 px) or "split"
+    #              (the plain ranking cosine's CIS; the maps draw their part centred on μ224: Ranking.maps_mu))
+    ("A: today, CIS of the 448 px centred cosine", 448, True, None),
+    ("B: CIS of the ranking cosine (224 px, plain), 448 px maps uncentred (m = 0)", 448, False, "plain"),
+    ("B': as B, the 448 px maps centred on μ448 (m = μ448)", 448, True, "plain"),
+    ("C: CIS of cos(x − μ224) at 224 px, 448 px maps centred on μ448", 448, True, "centred"),
+    ("B'': CIS of the ranking cosine (224 px, plain); the maps draw its μ224-centred part, 448 px maps centred on "
+     "μ448", 448, True, "split"),
+    ("D: all from the 224 px ranking pass (7×7 final, 14×14 stride-16), plain CIS, m = 0", 224, False, "plain"),
+    ("D': as D, the 224 px maps centred on μ224", 224, True, "plain"),
+    ("Dc: CIS of cos(x − μ224), 224 px maps centred on μ224", 224, True, "centred"),
+]
+
+
+def ranking_rows(method: str) -> list:
+    """The rows for ``method``: sfam-plain's map ReLU(Σ CIS_k C_k) has no reference point m, so B' = B, D' = D."""
+    return [r for r in RANKING_ROWS if method == "sfam" or r[0].split(":")[0] not in ("B'", "D'")]
+
+
+def rank_vec(bb224, img: Image.Image) -> np.ndarray:
+    """The general index's vector of ``img``: 224 px squashed, global average (float64)."""
+    return bb224.features(bb224.preprocess.batch([img])).double().mean((2, 3))[0].numpy()
+
+
+def _cos(q, r, mu=None) -> float:
+    q, r = np.asarray(q, np.float64), np.asarray(r, np.float64)
+    if mu is not None:
+        q, r = q - mu, r - mu
+    return float(q @ r / max(np.linalg.norm(q) * np.linalg.norm(r), 1e-12))
+
+
+def ranked_explainer(method: str, row, bbs: dict, mus: dict):
+    """(explainer, CIS source) for a RANKING_ROWS row; ``bbs``/``mus``: px → backbone / (μ, μ_tap) at that px."""
+    _, px, centred, cis_from = row
+    mu, mu_tap = mus[px]
+    ex = make_explainer(method, bbs[px], mu=mu if centred else None, centre=centred, mu_tap=mu_tap)
+    return ex, cis_from
+
+
+def explain_ranked(ex, cis_from, q, r, qv, rv, mu224) -> object:
+    """One pair explained with the row's CIS: the explainer's own (None) or from the ranking vectors."""
+    if cis_from is None:
+        return ex.explain(q, r)
+    return ex.explain(q, r, ranking=Ranking(qv, rv[None], mu224 if cis_from == "centred" else None,
+                                            maps_mu=mu224 if cis_from == "split" else None))
+
+
+def run_ranking(quick: bool, pairs_n: int) -> str:
+    """Localisation (sets A, B, C) and faithfulness (Caltech, faces) of RANKING_ROWS for sfam and sfam-plain,
+    with pytorch-grad-cam's GradCAM at 448 px as the reference; plus how far Σ CIS is from the ranking score."""
+    rng = np.random.default_rng(0)
+    bbs = {448: load_backbone(input_size=448), RANK_PX: load_backbone(input_size=RANK_PX)}
+    gc = grad_cam_package()
+    loc = []
+    for set_name, (pairs, sources) in localisation_sets(rng).items():
+        if quick:
+            pairs = pairs[::5]
+        mus = {px: (mean_embedding(bb, sources), mean_tap(bb, sources)) for px, bb in bbs.items()}
+        vecs = [(rank_vec(bbs[RANK_PX], q), rank_vec(bbs[RANK_PX], c)) for q, c, _ in pairs]
+        mu224 = mus[RANK_PX][0]
+        for method in ("sfam", "sfam-plain"):
+            for row in ranking_rows(method):
+                ex, cis_from = ranked_explainer(method, row, bbs, mus)
+                log(f"ranking localisation {set_name} {method} {row[0]}")
+                es, ps, gap, dgap = [], [], [], []
+                for (q, comp, box), (qv, rv) in zip(pairs, vecs):
+                    e = explain_ranked(ex, cis_from, q, comp, qv, rv, mu224)
+                    a, b = energy_pointing(e.result_map, box)
+                    es.append(a)
+                    ps.append(b)
+                    gap.append(abs(float(e.cis.sum()) - _cos(qv, rv)))
+                    if "d32_mean" in e.details:
+                        dgap.append(abs(e.details["d32_mean"] - e.details["maps_cis_sum"]))
+                loc.append([set_name[0], len(pairs), method, row[0], round(np.mean(es), 3), round(np.mean(ps), 3),
+                            round(np.mean(gap), 4), round(np.mean(dgap), 4) if dgap else ""])
+        if gc is not None:
+            log(f"ranking localisation {set_name} pytorch-grad-cam GradCAM")
+            r = [energy_pointing(m, box) for m, (_, _, box) in zip(peer_maps(gc, bbs[448], pairs)["GradCAM"], pairs)]
+            loc.append([set_name[0], len(pairs), "pytorch-grad-cam", "GradCAM (= HiResCAM), similarity target, 448 px",
+                        round(np.mean([a for a, _ in r]), 3), round(np.mean([b for _, b in r]), 3), "", ""])
+    faith = []
+    for ds, pairs in matched_pairs(quick, pairs_n).items():
+        images = [p[0] for p in pairs] + [p[1] for p in pairs]
+        mus = {px: (mean_embedding(bb, images), mean_tap(bb, images)) for px, bb in bbs.items()}
+        mu224 = mus[RANK_PX][0]
+        vecs = [(rank_vec(bbs[RANK_PX], q), rank_vec(bbs[RANK_PX], r)) for q, r in pairs]
+        heats = {}
+        for method in ("sfam", "sfam-plain"):
+            for row in ranking_rows(method):
+                ex, cis_from = ranked_explainer(method, row, bbs, mus)
+                log(f"ranking faithfulness {ds} {method} {row[0]}")
+                heats[(method, row[0])] = (ex, [explain_ranked(ex, cis_from, q, r, qv, rv, mu224)
+                                                for (q, r), (qv, rv) in zip(pairs, vecs)])
+        if gc is not None:
+            peer = peer_maps(gc, bbs[448], [(q, r, None) for q, r in pairs])["GradCAM"]
+            heats[("pytorch-grad-cam", "GradCAM (= HiResCAM), similarity target, 448 px")] = (None, peer)
+        for (method, label), (ex, maps) in heats.items():
+            log(f"ranking deletion/insertion {ds} {method} {label}")
+            ex = ex or make_explainer("sfam", bbs[RANK_PX])
+            res = [deletion_insertion(bbs[RANK_PX], ex, q, r, m if isinstance(m, np.ndarray) else m.result_raw)
+                   for (q, r), m in zip(pairs, maps)]
+            resc = [deletion_insertion(bbs[RANK_PX], ex, q, r, m if isinstance(m, np.ndarray) else m.result_raw,
+                                       mu=mu224) for (q, r), m in zip(pairs, maps)]
+            d, i = pooled_auc(res)
+            dc, ic = pooled_auc(resc)
+            gap = [abs(float(m.cis.sum()) - _cos(qv, rv)) for m, (qv, rv) in zip(maps, vecs)
+                   if not isinstance(m, np.ndarray)]
+            neg = [float(m.cis.sum()) * _cos(qv, rv) < 0 for m, (qv, rv) in zip(maps, vecs)
+                   if not isinstance(m, np.ndarray)]
+            faith.append([ds, len(pairs), method, label, round(d, 3), round(i, 3), round(dc, 3), round(ic, 3),
+                          round(np.mean(gap), 4) if gap else "", f"{int(np.sum(neg))}" if neg else ""])
+    text = "## Localisation (result map on the composite, scored at the photo's own size)\n\n"
+    text += _common.table(["set", "pairs", "method", "CIS / maps", "energy-in-box", "pointing",
+                           "mean |Σ CIS − plain cos224|", "mean |mean D32 − Σ of the CIS the maps draw|"], loc)
+    text += ("\n\n## Faithfulness on real matched pairs (maps as in each row; the similarity measured at 224 px: the "
+             "plain cosine the general index ranks by, and the cosine centred on μ224, C's ranking score)\n\n")
+    text += _common.table(["dataset", "pairs", "method", "CIS / maps", "deletion (plain)", "insertion (plain)",
+                           "deletion (centred 224)", "insertion (centred 224)", "mean |Σ CIS − plain cos224|",
+                           "pairs where Σ CIS and plain cos224 differ in sign"], faith)
+    return text
+
+
+def ranking_quality() -> list:
+    """R@1 / mAP@R ranking by the plain cosine at 224 px (the general index) and by the cosine centred on the
+    collection's mean (C's ranking space), on att_faces and caltech101 as bench/quality.py reads them."""
+    import quality
+
+    rows = []
+    for ds in ("att_faces", "caltech101"):
+        folder = _common.shared_dataset(ds)
+        if folder is None:
+            continue
+        vecs, labels, _, _ = quality.labelled_embeddings(folder, dict(input_size=RANK_PX, resize="squash", pooling="gap"))
+        for what, x in (("plain cosine (today)", vecs), ("cosine of x − μ (μ = the collection's mean)",
+                                                         vecs - vecs.astype(np.float64).mean(0))):
+            m = quality.metrics(quality.ranking(np.asarray(x, np.float64), "cosine"), labels, None)
+            rows.append([ds, len(labels), what, round(m["R@1"], 3), round(m["mAP@R"], 3), round(m["mAP@10"], 3)])
+    return rows
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
@@ -491,9 +640,25 @@ def main() -> None:
                     "other than 20: localisation skipped, saved as bench/results/explain-only-pairsN.md)")
     ap.add_argument("--cost-only", action="store_true",
                     help="only the top-10 cost rows (5 interleaved rounds), saved as bench/results/explain-cost.md")
+    ap.add_argument("--ranking", action="store_true", help="issue 27: the CIS from the ranking vectors (rows A-D, "
+                    "sfam and sfam-plain, GradCAM as reference), saved as bench/results/explain-ranking-cis.md")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
+    if args.ranking:
+        t = time.perf_counter()
+        text = run_ranking(args.quick, args.pairs)
+        q = ranking_quality() if not args.quick else []
+        if q:
+            text += ("\n\n## Retrieval quality of the ranking spaces (224 px squashed, GAP; every image queries "
+                     "the rest, exact search)\n\n")
+            text += _common.table(["dataset", "images", "ranking by", "R@1", "mAP@R", "mAP@10"], q)
+        cmd = f"python bench/explain_eval.py --ranking --threads {args.threads}" + (" --quick" if args.quick else "")
+        if args.pairs != 20:
+            cmd += f" --pairs {args.pairs}"
+        _common.save("explain-ranking-cis" + ("-quick" if args.quick else ""),
+                     f"`{cmd}` ({args.threads} torch thread(s), {time.perf_counter() - t:.0f} s).\n\n" + text)
+        return
     if args.cost_only:
         _common.save("explain-cost", f"## Cost ({args.threads} threads)\n\n"
                      + _common.table(["what", "ms", "ratio"], cost({}, args.sizes, rounds=5)))
