@@ -13,6 +13,7 @@ import click
 
 from retrieval import __version__
 from retrieval.errors import RetrieveError
+from retrieval.presets import PRESETS
 
 
 class RetrieveGroup(click.Group):
@@ -164,10 +165,8 @@ class _Bar:
 @click.option("--faiss", "faiss_factory", default=None, metavar="FACTORY",
               help="Advanced: a FAISS factory string for a new index (instead of --index-type).")
 @click.option("--input-size", type=click.IntRange(32, 2048), default=None, help="Input side in pixels of a new index.")
-@click.option("--preset", type=click.Choice(["general", "instance", "faces"]), default=None,
-              help="What a new index is for: general similarity (fast, the default), or the same object/product "
-                   "seen elsewhere (448 px aspect kept, GeM, PCA-whitening, --verify 8 --words 25 when searching), or "
-                   "faces: one row per detected face, dlib's face model (needs pip install -e '.[faces]').")
+@click.option("--preset", type=click.Choice(list(PRESETS)), default=None,
+              help="What a new index is for: " + "; ".join(f"{p.name}: {p.summary}" for p in PRESETS.values()) + ".")
 @click.option("--face-detector", type=click.Choice(["hog", "cnn"]), default=None,
               help="With --preset faces: dlib's HOG detector (fast, the default) or its CNN detector (finds "
                    "turned and small faces, slower).")

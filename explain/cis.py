@@ -33,7 +33,6 @@ class Decomposition:
     score: float  # what ranks the pair: the cosine, or minus the squared distance (l2)
     distance: float | None  # l2: the squared Euclidean distance
     cis: np.ndarray  # C channel terms
-    total: float  # Σ CIS: the score itself for the cosine
     wq: np.ndarray  # the query map's channel weights
     wr: np.ndarray  # the result map's channel weights
     centre: np.ndarray  # the point the weights' maps are centred on (the space's centre, or the collection mean)
@@ -41,16 +40,14 @@ class Decomposition:
     z: float = 1.0  # the cosine's normaliser ‖e_q‖‖e_r‖ (1 for l2)
 
     @property
+    def total(self) -> float:
+        """Σ CIS: the score itself for the cosine."""
+        return float(self.cis.sum())
+
+    @property
     def exact(self) -> bool:
         """Σ CIS is the score (the cosine), not a related number (l2)."""
         return self.distance is None
-
-    def to_dict(self) -> dict:
-        d = {"score": self.score, "cis_sum": float(self.cis.sum()), "exact": self.exact}
-        if self.distance is not None:
-            d["distance"] = self.distance
-            d["cis_target"] = self.total
-        return d
 
 
 def _rows(x) -> np.ndarray:
@@ -76,7 +73,7 @@ def decompose(q, r, metric, head=None, mean=None) -> list[Decomposition]:
         if metric.normalised:
             z = max(float(np.linalg.norm(eq) * np.linalg.norm(er[i])), 1e-12)
             cis = qc * gr[i] / z
-            score, distance, total = float(cis.sum()), None, float(cis.sum())
+            score, distance = float(cis.sum()), None
             if head is None:  # the plain cosine: the maps draw its part centred on the collection mean
                 wq, wr, centre = (r[i] - mu) / z, (q - mu) / z, mu
             else:
@@ -84,9 +81,9 @@ def decompose(q, r, metric, head=None, mean=None) -> list[Decomposition]:
         else:
             d = float(((eq - er[i]) ** 2).sum())
             cis = qc * gr[i]
-            score, distance, total, z = -d, d, float(cis.sum()), 1.0
+            score, distance, z = -d, d, 1.0
             wq, wr, centre = gr[i], gq, m
-        out.append(Decomposition(score, distance, cis, total, wq, wr, centre, head, z))
+        out.append(Decomposition(score, distance, cis, wq, wr, centre, head, z))
     return out
 
 

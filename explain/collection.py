@@ -8,7 +8,6 @@ index's (explain/cis.py), the verdict always retrieval/verdict.py's.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -21,14 +20,17 @@ _UNSET = object()
 class Collection:
     """An index, its preset, its backbone and its calibration, opened once (read-only)."""
 
-    def __init__(self, index_dir, store=None):
+    def __init__(self, index_dir, backbone=None):
+        """``backbone``: the index's network, already loaded (the web app loads it once for every committed state)."""
         from retrieval.index.store import IndexStore
         from retrieval.presets import preset_of
 
-        self.store = store if store is not None else IndexStore.open(index_dir)
+        self.store = IndexStore.open(index_dir)
         self.preset = preset_of(self.store.settings)
-        self._backbone = None
+        self._backbone = backbone
         self._calibration = _UNSET
+        self._searcher = None
+        self._verifier = None
         self._explainers: dict = {}
 
     def close(self) -> None:
@@ -81,9 +83,15 @@ class Collection:
         return {"verify": verify, "words": words, "catalogue": catalogue}
 
     def searcher(self, dba: int = 0, within=None):
+        """The preset's searcher; the default one (no --dba, no --within) is made once (a faces searcher loads the
+        face detector)."""
         if self.preset.per_face and (dba or within is not None):
             raise RetrieveError("--dba and --within do not apply to a faces index")
-        return self.preset.searcher(self.store, self.backbone, dba=dba, within=within)
+        if dba or within is not None:
+            return self.preset.searcher(self.store, self.backbone, dba=dba, within=within)
+        if self._searcher is None:
+            self._searcher = self.preset.searcher(self.store, self.backbone)
+        return self._searcher
 
     def search(self, paths: Sequence[str], k: int = 10, *, searcher=None, face: int | None = None,
                **options) -> Iterator:
@@ -124,37 +132,33 @@ class Collection:
     def explain_results(self, res, out: Path, method: str | None = None, full_maps: bool = False,
                         on_error=None) -> dict[int, dict]:
         """The maps and report of one query's results (``res``: a QueryResult of :meth:`search`); {rank: record}."""
+        from .methods import MAP_MAX_SIDE
         from .run import explain_hits, ranking_pairs
 
         explainer = self.explainer(method)
         pairs = ranking_pairs(self.store, res.embedding, [h.id for h in res.results])
-        from .methods import MAP_MAX_SIDE
-
         max_side = None if full_maps else MAP_MAX_SIDE
         if self.preset.per_face:
             from .faces import explain_face_hits
 
-            return explain_face_hits(self.preset.searcher(self.store, self.backbone), explainer, res, out,
-                                     self.meta(explainer), pairs, self.score_is, self._same, on_error, max_side)
+            return explain_face_hits(self.searcher(), explainer, res, out,
+                                     self.meta(explainer), pairs, self.score_is, self.verdict, on_error, max_side)
         return explain_hits(res.query, res.results, out, explainer, self.meta(explainer), on_error=on_error,
                             calibration=self.calibration, map_max_side=max_side, pairs=pairs, score_is=self.score_is)
 
-    def _same(self, score: float):
-        return self.preset.same_person(score, self.store.settings)
-
     def verifier(self):
-        """Verification as this index's searches verify (retrieval/match/words.py index_verifier)."""
-        from retrieval.match.words import index_verifier
+        """Verification as this index's searches verify (retrieval/match/words.py index_verifier), made once."""
+        if self._verifier is None:
+            from retrieval.match.words import index_verifier
 
-        return index_verifier(self.store)
+            self._verifier = index_verifier(self.store)
+        return self._verifier
 
     def explain_pair(self, a, b, out: Path, method: str | None = None, verify: bool = False,
                      input_size: int | None = None, full_maps: bool = False, names=None, face_a=None, face_b=None,
                      prepare_only: bool = False):
         """``retrieve explain A B --index``: A as a query, B scored as ``retrieve search A`` scores it; the document
         (``prepare_only``: the prepared pair, its figure and report not drawn yet: explain/run.py PreparedPair)."""
-        from .run import index_pair, prepare_pair
-
         from .methods import MAP_MAX_SIDE
 
         max_side = None if full_maps else MAP_MAX_SIDE
@@ -166,8 +170,18 @@ class Collection:
                     raise RetrieveError(f"{opt} does not apply to a faces index (the maps live on 150×150 aligned "
                                         "chips)")
             explainer = self.explainer(method)
-            return explain_face_pair(self.preset.searcher(self.store, self.backbone), explainer, str(a), str(b), out,
-                                     self.meta(explainer), self.score_is, self._same, face_a, face_b, max_side)
+            prepared = explain_face_pair(self.searcher(), explainer, str(a), str(b), out, self.meta(explainer),
+                                         self.score_is, self.verdict, face_a, face_b, max_side)
+        else:
+            prepared = self._prepare_pair(a, b, out, method, verify, input_size, max_side, names, face_a, face_b)
+        if prepare_only:
+            return prepared
+        prepared.draw()
+        return prepared.doc
+
+    def _prepare_pair(self, a, b, out: Path, method, verify: bool, input_size, max_side, names, face_a, face_b):
+        from .run import index_pair, prepare_pair
+
         if face_a is not None or face_b is not None:
             raise RetrieveError("--face-a/--face-b go with a faces index (--index DIR built with --preset faces)")
         explainer = self.explainer(method, input_size)
@@ -176,19 +190,6 @@ class Collection:
             v = self.verifier()
             verification = v.verify(v.features(a), v.features(b))
         pair = index_pair(self.store, self.backbone, a, b)
-        prepared = prepare_pair(a, b, out, explainer, self.meta(explainer), verification, pair, self.calibration,
-                                self.score_is, max_side, names)
-        if prepare_only:
-            return prepared
-        prepared.draw()
-        return prepared.doc
+        return prepare_pair(a, b, out, explainer, self.meta(explainer), verification, pair, self.calibration,
+                            self.score_is, max_side, names)
 
-
-def check_index_dir(index_dir) -> Path:
-    """``index_dir`` as an existing index directory (one-line errors otherwise)."""
-    from retrieval.index.store import IndexStore, index_path
-
-    d = index_path(index_dir)
-    if not IndexStore.exists(d):
-        raise RetrieveError(f"no index at {d} (create one with `retrieve index PHOTOS --index {d}`)")
-    return Path(os.fspath(d))

@@ -18,7 +18,6 @@ from retrieval.errors import RetrieveError
 from retrieval.faces.detect import Face, warp_to_photo
 from retrieval.faces.network import CHIP_SIZE, TAP, stored_tap_mean
 from retrieval.faces.search import _iou
-from retrieval.verdict import verdict as make_verdict
 
 from .methods import MAP_MAX_SIDE, SFAM, map_size
 from .render import ReportItem, overlay, pair_figure, save_maps, saved_side, write_report
@@ -136,26 +135,31 @@ def pick_face(searcher, path: str, n: int | None, option: str) -> tuple[Image.Im
     return img.convert("RGB"), faces[n], len(faces)
 
 
-def face_item(label: str, a: str, b: str, qimg, qface, rimg, rface, e, rec, files: dict) -> ReportItem:
+def face_item(label: str, a: str, b: str, qimg, qface, rimg, rface, e, rec) -> ReportItem:
     """A report section for a pair of faces: the photos with their maps and face boxes, the chips with theirs."""
     qchip, rchip = e.details["chip_maps"]
     chips = (overlay(Image.fromarray(qface.chip), qchip), overlay(Image.fromarray(rface.chip), rchip))
     return ReportItem(label, a, b, qimg, rimg, e, rec, face_boxes=(qface.box, rface.box), chips=chips)
 
 
-def face_record(rec: dict, e, qface: Face, rface: Face) -> dict:
-    """The faces' own fields beside a pair's record: face numbers, boxes, the map's share in each box."""
-    return {**rec, "query_face": qface.index, "query_box": list(qface.box), "face": rface.index,
-            "box": list(rface.box), "energy_in_box": e.details["energy_in_box"]}
+def _face_record(out: Path, stem: str, qimg, rimg, e, score_is: str, v, max_side: int | None) -> tuple[dict, dict]:
+    """A pair of faces' maps saved (``{stem}_query_map.npy``, ...) and its record (explain/run.py pair_record, with the
+    map's share inside each face box); (record, map files)."""
+    from .run import pair_record
+
+    files = save_maps(out, f"{stem}_" if stem else "", e, ((qimg.height, qimg.width), (rimg.height, rimg.width)),
+                      max_side=saved_side(max_side))
+    return {**pair_record(e, score_is, v, [], files), "energy_in_box": e.details["energy_in_box"]}, files
 
 
-def explain_face_hits(searcher, explainer, res, out: Path, meta: dict, pairs: dict, score_is: str, same,
+def explain_face_hits(searcher, explainer, res, out: Path, meta: dict, pairs: dict, score_is: str, verdict_of,
                       on_error=None, map_max_side: int | None = MAP_MAX_SIDE) -> dict[int, dict]:
     """For each hit of ``res`` (a faces search's query result): the maps of its face against the query face on both
     photos and chips, one report.html, NN_query_map.npy / NN_result_map.npy / NN.png; {rank: record}.
-    ``pairs``: {hit id: the decomposition of its score}; ``same(score)``: the preset's face test."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    ``pairs``: {hit id: the decomposition of its score}; ``verdict_of(score)``: the index's verdict."""
+    from .run import _prepare_out
+
+    out = _prepare_out(out)
     qimg, qface = res.query_image.convert("RGB"), res.query_face
     records, items = {}, []
     for h in res.results:
@@ -172,56 +176,45 @@ def explain_face_hits(searcher, explainer, res, out: Path, meta: dict, pairs: di
             continue
         rimg = rimg.convert("RGB")
         e = explain_face(explainer, qimg, qface, rimg, rface, pairs[h.id], map_max_side)
-        records[h.rank], item = _face_outputs(out, f"{h.rank:02d}", res.query, h.path, qimg, qface, rimg, rface, e,
-                                              score_is, same, f"#{h.rank} · {Path(h.path).name} · face {h.face}",
-                                              map_max_side)
-        items.append(item)
+        v = verdict_of(e.score)
+        stem, label = f"{h.rank:02d}", f"#{h.rank} · {Path(h.path).name} · face {h.face}"
+        rec, _ = _face_record(out, stem, qimg, rimg, e, score_is, v, map_max_side)
+        png = out / f"{stem}.png"
+        pair_figure(qimg, rimg, e, f"{rec['score_short']} · {label}: {v.headline}", png, v.text)
+        records[h.rank] = {**rec, "query_face": qface.index, "query_box": list(qface.box), "face": rface.index,
+                           "box": list(rface.box), "png": str(png), "report": str(out / "report.html")}
+        items.append(face_item(f"{label} — {v.headline}", res.query, h.path, qimg, qface, rimg, rface, e, rec))
     write_report(out / "report.html", f"Faces like face {res.face} of {Path(res.query).name}", items, meta)
     return records
 
 
-def _face_outputs(out: Path, stem: str, a, b, qimg, qface, rimg, rface, e, score_is: str, same, label: str,
-                  max_side: int | None = MAP_MAX_SIDE):
-    from .run import pair_record
-
-    files = save_maps(out, f"{stem}_" if stem else "", e, ((qimg.height, qimg.width), (rimg.height, rimg.width)),
-                      max_side=saved_side(max_side))
-    v = make_verdict(e.score, same_person=same(e.score))
-    rec = face_record(pair_record(e, score_is, v, [], files), e, qface, rface)
-    png = out / (f"{stem}.png" if stem else "pair.png")
-    pair_figure(qimg, rimg, e, f"{rec['score_short']} · {label}: {v.headline}", png, v.text)
-    rec.update({"png": str(png), "report": str(out / "report.html")})
-    return rec, face_item(f"{label} — {v.headline}", str(a), str(b), qimg, qface, rimg, rface, e, rec, files)
-
-
-def explain_face_pair(searcher, explainer, a: str, b: str, out: Path, meta: dict, score_is: str, same,
+def explain_face_pair(searcher, explainer, a: str, b: str, out: Path, meta: dict, score_is: str, verdict_of,
                       face_a: int | None = None, face_b: int | None = None,
-                      map_max_side: int | None = MAP_MAX_SIDE) -> dict:
+                      map_max_side: int | None = MAP_MAX_SIDE):
     """``retrieve explain A B --index FACES``: one face of each photo (the largest unless ``face_a``/``face_b``), the
     score exactly as ``retrieve search A`` gives B's face (the same chips, the same network, the same space), the
-    face test's verdict, the maps on the chips carried back onto both photos. Writes query_map.npy, result_map.npy,
-    pair.png, explain.json and report.html under ``out``; returns explain.json's document."""
-    import json
-
+    index's verdict, the maps on the chips carried back onto both photos. Writes query_map.npy, result_map.npy and
+    explain.json under ``out``; returns the prepared pair (explain/run.py PreparedPair: ``draw()`` writes pair.png and
+    report.html)."""
     from .cis import decompose_in
+    from .run import PreparedPair, _prepare_out, pair_document
 
     aimg, fa, na = pick_face(searcher, a, face_a, "--face-a")
     bimg, fb, nb = pick_face(searcher, b, face_b, "--face-b")
     va, vb = searcher.backbone.embed_images([Image.fromarray(fa.chip), Image.fromarray(fb.chip)])
     pair = decompose_in(searcher.store, va, vb[None])[0]
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = _prepare_out(out)
     e = explain_face(explainer, aimg, fa, bimg, fb, pair, map_max_side)
-    rec, item = _face_outputs(out, "", a, b, aimg, fa, bimg, fb, e, score_is, same,
-                              f"face {fa.index} of {Path(a).name} and face {fb.index} of {Path(b).name}", map_max_side)
-    write_report(out / "report.html", item.label, [item], meta)
-    for key in ("query_face", "query_box", "face", "box"):  # a search hit's names; a pair's are face_a ... box_b
-        rec.pop(key)
-    doc = {"query": str(Path(a).resolve()), "result": str(Path(b).resolve()), **meta, **rec,
-           "face_a": fa.index, "face_b": fb.index, "faces_in_a": na, "faces_in_b": nb,
-           "box_a": list(fa.box), "box_b": list(fb.box), "files": {"query_map": rec["query_map"],
-                                                                    "result_map": rec["result_map"],
-                                                                    "pair": rec["png"], "report": rec["report"]}}
-    (out / "explain.json").write_text(json.dumps(doc, indent=1))
-    doc["files"]["json"] = str(out / "explain.json")
-    return doc
+    v = verdict_of(e.score)
+    rec, files = _face_record(out, "", aimg, bimg, e, score_is, v, map_max_side)
+    label = f"face {fa.index} of {Path(a).name} and face {fb.index} of {Path(b).name}"
+    faces = {"face_a": fa.index, "face_b": fb.index, "faces_in_a": na, "faces_in_b": nb, "box_a": list(fa.box),
+             "box_b": list(fb.box), "png": str(out / "pair.png"), "report": str(out / "report.html")}
+    doc = pair_document(a, b, meta, {**rec, **faces}, files, out, e, None)
+
+    def draw() -> None:
+        pair_figure(aimg, bimg, e, f"{rec['score_short']} · {label}: {v.headline}", out / "pair.png", v.text)
+        write_report(out / "report.html", f"{label} — {v.headline}",
+                     [face_item(f"{label} — {v.headline}", str(a), str(b), aimg, fa, bimg, fb, e, rec)], meta)
+
+    return PreparedPair(doc, out, e, aimg, bimg, draw)

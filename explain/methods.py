@@ -35,7 +35,6 @@ class Explanation:
     cis: np.ndarray | None = None  # per-channel contributions (SFAM): explain/cis.py
     cis_target: float | None = None  # what Σ CIS equals: the score (cosine), or ½(‖q−μ‖²+‖r−μ‖²−d) for l2
     distance: float | None = None  # l2: squared Euclidean distance
-    similarity: str = ""  # what the score is, in words (Explainer.describe)
     details: dict = field(default_factory=dict)  # how the map was made (SFAM: layers, tap similarity, gate)
     features: tuple | None = field(default=None, repr=False, compare=False)  # (A_q, A_r) final maps, 1×C×h×w
 
@@ -134,16 +133,6 @@ class Explainer:
             return LinearHead(self.mu)
         return self.head
 
-    def describe(self) -> str:
-        """What similarity the maps explain, in words (goes into reports and JSON)."""
-        size = self.backbone.preprocess.size
-        if self.head is not None:
-            what = "cosine" if self.metric == "cosine" else "squared L2 distance"
-            return f"{what} of the index's linear head outputs (e = P(a − m), {self.head.dim} dims) at {size} px"
-        if self.metric == "cosine":
-            return f"cosine of {'μ-centred ' if self.centre else ''}embeddings at {size} px"
-        return f"squared L2 distance at {size} px; CIS relative to {'μ' if self.mu is not None else 'the origin'}"
-
     # -- the shared pipeline --------------------------------------------------------------------
     def explain(self, query: Image.Image, result: Image.Image, pair: Decomposition | None = None) -> Explanation:
         return self.explain_many(query, [result], pairs=None if pair is None else [pair])[0]
@@ -173,7 +162,7 @@ class Explainer:
                                                pair=None if pairs is None else pairs[i])
             out.append(Explanation(method=self.name, metric=self.metric, query_map=self._map(raw_q, query),
                                    result_map=self._map(raw_r, res), query_raw=np.asarray(raw_q, np.float32),
-                                   result_raw=np.asarray(raw_r, np.float32), similarity=self.describe(),
+                                   result_raw=np.asarray(raw_r, np.float32),
                                    features=None if aq is None else (aq, ar[i]), **info))
         return out
 
@@ -468,13 +457,12 @@ class SFAM(Explainer):
             for (_, size), idx in groups.items():
                 for i, m in zip(idx, upsample_many(torch.from_numpy(np.stack([raws[i][1] for i in idx])), size)):
                     rmaps[i] = m
-        what = self.describe()
         out = []
         for i, res in enumerate(results):
             raw_q, raw_r, info, ar = raws[i]
             out.append(Explanation(method=self.name, metric=self.metric, query_map=qmaps[i],
                                    result_map=rmaps[i], query_raw=np.asarray(raw_q, np.float32),
-                                   result_raw=np.asarray(raw_r, np.float32), similarity=what,
+                                   result_raw=np.asarray(raw_r, np.float32),
                                    features=(fq[0], ar), **info))
         return out
 

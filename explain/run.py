@@ -3,7 +3,7 @@
 One number: every output leads with the score that ranks the pair (the score of ``retrieve search --json``), and with
 SFAM the channel terms the maps draw are that score's (explain/cis.py): they add up to it, and the channel table's
 shares are shares of it. With an index the score comes from the index's own vectors -- a photo decoded and embedded as
-the indexer embeds it (retrieval/presets.py decode_side), the stored vector of an indexed photo -- and the maps from a
+the indexer embeds it (retrieval/match/verify.py decode_side), the stored vector of an indexed photo -- and the maps from a
 finer forward pass of the same network at the explain resolution (448 px): the ranking vectors' CIS weight that pass's
 channels (bench/results/explain-ranking-cis.md, row C). Without an index the score is the explainer's own, at the
 explain resolution.
@@ -86,11 +86,12 @@ def _prepare_out(out: Path) -> Path:
 
 
 # -- the score, as the index ranks it --------------------------------------------------------------------------------
-def embed_query(store, backbone, path: str | Path) -> np.ndarray:
-    """A photo's raw embedding as a search of ``store`` embeds a query: decoded as the indexer decodes."""
+def embed_queries(store, backbone, paths: Sequence[str | Path]) -> np.ndarray:
+    """Photos' raw embeddings as a search of ``store`` embeds a query: decoded as the indexer decodes."""
     from retrieval.match.verify import decode_side
 
-    return backbone.embed_arrays([backbone.preprocess.array(load_image(path, min_side=decode_side(store.settings)))])[0]
+    side = decode_side(store.settings)
+    return backbone.embed_images([load_image(p, min_side=side) for p in paths])
 
 
 def ranking_pairs(store, query_raw: np.ndarray, ids: Sequence[int]) -> dict[int, Decomposition]:
@@ -112,8 +113,11 @@ def index_pair(store, backbone, a: str | Path, b: str | Path) -> Decomposition:
         row = store.row_by_path(cand)
         if row is not None:
             break
-    rb = np.frombuffer(row.vector, np.float32) if row is not None else embed_query(store, backbone, b)
-    return decompose_in(store, embed_query(store, backbone, a), rb[None])[0]
+    if row is not None:
+        qa, rb = embed_queries(store, backbone, [a])[0], np.frombuffer(row.vector, np.float32)
+    else:
+        qa, rb = embed_queries(store, backbone, [a, b])
+    return decompose_in(store, qa, rb[None])[0]
 
 
 # -- what every output says about one pair -------------------------------------------------------------------------

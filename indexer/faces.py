@@ -42,7 +42,6 @@ def index_faces(paths: Iterable[str | os.PathLike], index_dir, *, detector: str 
                 refused: dict | None = None, backbone=None) -> IndexReport:
     """Index the faces in the photos under ``paths``; see the module docstring. ``refused``: options of the
     general indexer that were given (they do not apply to a faces index: a one-line error names them)."""
-    from retrieval.faces.network import load_backbone
     from retrieval.faces.detect import FaceFinder
 
     given = [k for k, v in (refused or {}).items() if v]
@@ -77,12 +76,12 @@ def index_faces(paths: Iterable[str | os.PathLike], index_dir, *, detector: str 
             if detector is not None and detector != st.faces.get("detector"):
                 raise RetrieveError(f"{index_dir} finds faces with --face-detector {st.faces.get('detector')}; "
                                     f"index with that, or into another --index directory")
-            bb = backbone or load_backbone(expected_sha256=st.weights_id)
+            bb = backbone or FACES.backbone(st)
             detector, upsample = st.faces.get("detector", "hog"), int(st.faces.get("upsample", 1))
         else:
             if not files:
                 raise RetrieveError(f"no images found in {', '.join(str(p) for p in paths)}; no index was created")
-            bb = backbone or load_backbone()
+            bb = backbone or FACES.backbone(None)
             faces = FACES.face_settings(detector, upsample)
             detector, upsample = faces["detector"], faces["upsample"]
             settings = IndexSettings(model=bb.name, weights_id=bb.weights_id, weights_source=bb.weights_source,

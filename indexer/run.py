@@ -24,7 +24,6 @@ from retrieval.errors import ImageError, RetrieveError
 from retrieval.models.registry import DEFAULT_MODEL
 from retrieval.images import decode_image, read_image_bytes
 from retrieval.index.head import head_text, parse_head
-from retrieval.models.loader import backbone_for_settings
 from retrieval.index.calibration import refresh as refresh_calibration
 from retrieval.index.reference import refresh as refresh_reference
 from retrieval.models.registry import tap_layer
@@ -98,8 +97,9 @@ def index_paths(paths: Iterable[str | os.PathLike], index_dir: str | os.PathLike
     the collection's catalogue (reference photos; retrieval/index/catalogue.py), recorded once they are indexed.
     """
     asked_preset, existing = preset_named(preset), _existing_preset(index_dir)
+    per_face = (asked_preset or existing or (FACES if face_detector is not None else GENERAL)).per_face
     if catalogue:
-        if (asked_preset or existing or (FACES if face_detector is not None else GENERAL)).per_face:
+        if per_face:
             raise RetrieveError("--catalogue does not apply to a faces index (--preset faces)")
         for p in paths:
             if not Path(p).exists():
@@ -109,7 +109,7 @@ def index_paths(paths: Iterable[str | os.PathLike], index_dir: str | os.PathLike
     if asked_preset is not None and existing is not None and asked_preset.per_face != existing.per_face:
         raise RetrieveError(f"{index_path(index_dir)} is a {existing.name} index; --preset {preset} needs another "
                             "--index directory")
-    if (asked_preset or existing or (FACES if face_detector is not None else GENERAL)).per_face:
+    if per_face:
         from .faces import index_faces  # one row per face: its own pipeline (indexer/faces.py)
 
         return index_faces(paths, index_dir, detector=face_detector, batch_size=batch_size, workers=workers,
@@ -211,7 +211,7 @@ def _index_backbone(settings: IndexSettings, engine: str = "local"):
     """The backbone that embeds for an index with ``settings``: through its cached ONNX graphs without torch where
     they serve (made in a child process when missing, retrieval/models/prepare.py). Ray ships the network itself to
     its workers (the graph cache is this machine's)."""
-    bb = backbone_for_settings(settings, purpose="index" if engine == "local" else "search")
+    bb = preset_of(settings).backbone(settings, purpose="index" if engine == "local" else "search")
     if engine != "local":
         bb.manifest = None
         bb.net  # built here, pickled with the backbone
@@ -448,5 +448,4 @@ def _reembedder(settings):
     if preset.per_face:
         return None
     bb = preset.backbone(settings)
-    return lambda paths: bb.embed_arrays([bb.preprocess.array(load_image(p, min_side=decode_side(settings)))
-                                         for p in paths])
+    return lambda paths: bb.embed_images([load_image(p, min_side=decode_side(settings)) for p in paths])

@@ -30,8 +30,6 @@ class Preset:
     metric: str = "cosine"
     search: dict = field(default_factory=dict)  # search defaults recorded in a new index, e.g. {"verify": 8}
     per_face: bool = False  # one row per face (detector, alignment, the face network), not one per photo
-    # options of retrieve index that a preset fixes itself (given anyway: a one-line error names them)
-    fixes: tuple[str, ...] = ()
 
     #: the backbone options a preset fills in when the caller leaves them open
     OPTIONS = ("input_size", "resize", "pooling", "head")
@@ -71,7 +69,6 @@ class FacesPreset(Preset):
 
     detector: str = "hog"
     upsample: int = 1
-    model: str = "dlib_face_resnet"
 
     def face_settings(self, detector: str | None = None, upsample: int | None = None) -> dict:
         """What a new faces index records about finding faces and its same-person threshold (``IndexSettings.faces``)."""
@@ -103,16 +100,14 @@ class FacesPreset(Preset):
         return same_person(score, settings)
 
 
-GENERAL = Preset("general", "general similarity: what kind of thing is in the photo (fast, the default)",
+GENERAL = Preset("general", "what kind of thing is in the photo (fast, the default)",
                  resize="squash", pooling="gap", head="centre")
 INSTANCE = Preset("instance", "the same object or product seen elsewhere (448 px aspect kept, GeM, PCA-whitening, "
-                  "geometric verification of the top 8 and the visual words' top 25)",
+                  "verification of the top 8 and the visual words' top 25 when searching)",
                   input_size=448, resize="long", pooling="gem", head="pca-whiten:128",
                   search={"verify": 8, "words": 25})
-FACES = FacesPreset("faces", "faces: one row per detected face, dlib's face network (needs the faces extra)",
-                    head="centre", per_face=True,
-                    fixes=("model", "weights", "metric", "index_type", "faiss", "input_size", "resize", "pooling",
-                           "head", "refit"))
+FACES = FacesPreset("faces", "one row per detected face, dlib's face network (needs pip install -e '.[faces]')",
+                    head="centre", per_face=True)
 PRESETS: dict[str, Preset] = {p.name: p for p in (GENERAL, INSTANCE, FACES)}
 
 

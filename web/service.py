@@ -69,19 +69,19 @@ class Loaded:
     preset, backbone, calibration and explainers) and its searcher."""
 
     index: object  # explain.collection.Collection
-    searcher: object
     stamp: object  # the index's ``updated_at`` when it was loaded
+
+    @property
+    def searcher(self):
+        return self.index.searcher()
 
     @property
     def store(self):
         return self.index.store
 
-    @property
-    def calibration(self):
-        return self.index.calibration
 
 
-def _int(value, name: str, lo: int, hi: int, default: int) -> int:
+def _int(value, name: str, lo: int, hi: int, default: int | None) -> int | None:
     if value is None or value == "":
         return default
     try:
@@ -122,14 +122,13 @@ class Service:
     def _load(self) -> Loaded:
         from explain.collection import Collection as Index
 
-        index = Index(self.index_dir)
+        index = Index(self.index_dir, backbone=self.backbone)  # the model loaded once, for every committed state
         try:
-            index._backbone = self.backbone  # loaded once, for every committed state
             stamp = index.store.get_value("updated_at")
-            searcher = index.searcher()
+            index.searcher()
             index.store.faiss_index()  # the FAISS index, loaded and reconciled now
-            index.calibration
-            return Loaded(index, searcher, stamp)
+            index.calibration  # read now, not by the first request
+            return Loaded(index, stamp)
         except BaseException:
             index.close()
             raise
@@ -276,17 +275,18 @@ class Service:
         qe = _int(qe, "qe", 0, 100, 0)
         st = self.current()
         faces = st.index.preset.per_face
-        verify = 0 if faces else _int(verify, "verify", 0, 1000, int(st.store.settings.search.get("verify", 0)))
-        # as `retrieve search` without options: the index's visual words and, on an index with a catalogue,
-        # its top catalogue candidates, verified beside the global shortlist (retrieval/index/catalogue.py)
-        options = {} if faces else dict(st.index.search_options(verify), qe=qe)
+        # as `retrieve search` without options: the index's verification depth, its visual words and, on an index
+        # with a catalogue, its top catalogue candidates, verified beside the global shortlist (retrieval/index/
+        # catalogue.py)
+        options = {} if faces else dict(st.index.search_options(_int(verify, "verify", 0, 1000, None)), qe=qe)
+        verify = options.get("verify", 0)
         path, _, shown = self._query(q)
         include_self = not str(q).isdigit()
         if faces and not include_self:  # an indexed face's tile: that face of the photo is the query
             options["face"] = st.store.face_rows([int(q)])[int(q)].face
         t0 = time.perf_counter()
         with self._model:
-            (res,) = list(st.index.search([path], offset + k, searcher=st.searcher, include_self=include_self,
+            (res,) = list(st.index.search([path], offset + k, include_self=include_self,
                                           **options))
         if res.error:
             raise BadRequest(f"{shown['name']}: {res.error}")
@@ -326,15 +326,13 @@ class Service:
             self._explained.move_to_end(key)
             return self._explained[key]
         t0 = time.perf_counter()
+        faces_of = {}
+        if faces:  # face against face: an indexed face's tile is that face, an upload's its largest (face 0)
+            faces_of = {"face_a": st.store.face_rows([int(q)])[int(q)].face if str(q).isdigit() else 0,
+                        "face_b": st.store.face_rows([row.id])[row.id].face}
         with self._model:
-            if faces:  # face against face: an indexed face's tile is that face, an upload's its largest (face 0)
-                qface = st.store.face_rows([int(q)])[int(q)].face if str(q).isdigit() else 0
-                doc = self._explain_faces_files(st, key, qpath, rpath, method, qface,
-                                                st.store.face_rows([row.id])[row.id].face,
-                                                (tuple(qsize), (row.height, row.width)))
-            else:
-                doc = self._explain_files(st, key, qpath, rpath, method, verify,
-                                          (shown["name"], Path(row.path).name))
+            doc = self._explain_files(st, key, qpath, rpath, method, verify, (shown["name"], Path(row.path).name),
+                                      **faces_of)
         doc["seconds"] = round(time.perf_counter() - t0, 4)
         doc["query"] = shown.get("path", shown["name"])
         doc["shown"] = {"query": shown, "result": {"id": row.id, "name": Path(row.path).name, "path": row.path,
@@ -351,7 +349,7 @@ class Service:
         return doc
 
     def _explain_files(self, st: Loaded, key: str, qpath: str, rpath: str, method: str, verify: bool,
-                       names: tuple[str, str]) -> dict:
+                       names: tuple[str, str], face_a: int | None = None, face_b: int | None = None) -> dict:
         """What ``explain.run.explain_pair`` does, with the same document (:func:`explain.run.prepare_pair`), except
         that the figure and the report (a second or more of image encoding) are drawn in the background: the page
         shows the maps at once, and a download of either waits for it (:meth:`explained_file`)."""
@@ -359,7 +357,7 @@ class Service:
 
         # the CLI's ``retrieve explain --index`` (explain/collection.py), the figure and report drawn afterwards
         pair = st.index.explain_pair(qpath, rpath, self.cache_dir / "explain" / key, method, verify, names=names,
-                                     prepare_only=True)
+                                     face_a=face_a, face_b=face_b, prepare_only=True)
         verification = pair.verification
         doc, e, qa, rb, out = pair.doc, pair.explanation, pair.query_image, pair.result_image, pair.out
         self._renders[key] = self._render_pool.submit(pair.draw)
@@ -377,23 +375,6 @@ class Service:
             step = max(1, n // INLIER_POINTS)
             doc["inlier_points"] = {"query": np.round(verification.query_points[::step], 1).tolist(),
                                     "result": np.round(verification.result_points[::step], 1).tolist()}
-        return doc
-
-    def _explain_faces_files(self, st: Loaded, key: str, qpath: str, rpath: str, method: str, qface: int,
-                             rface: int, sizes: tuple) -> dict:
-        """``retrieve explain Q R --index FACES --face-a QFACE --face-b RFACE --json`` (explain/faces.py: its figure and
-        report drawn at once), plus the page's heat layers from the saved maps."""
-        import numpy as np
-
-        out = self.cache_dir / "explain" / key
-        doc = st.index.explain_pair(qpath, rpath, out, method, face_a=qface, face_b=rface)
-        layers = {}
-        for which, size in zip(("query", "result"), sizes):  # (H, W) of each photo itself
-            _heat_png(np.load(doc["files"][f"{which}_map"]).astype(np.float32), size, out / f"{which}_heat.png")
-            layers[f"{which}_heat"] = f"/explain/{key}/{which}_heat.png"
-        doc["layers"] = layers
-        doc["downloads"] = {"json": f"/explain/{key}/explain.json", "report": f"/explain/{key}/report.html",
-                            "png": f"/explain/{key}/pair.png"}
         return doc
 
     def explained_file(self, key: str, name: str) -> Path:

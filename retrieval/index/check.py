@@ -119,10 +119,9 @@ def repair_index(directory: str | os.PathLike, reembed=None) -> CheckReport:
         drop = set(rep.missing_files)
         bad = [(r.id, r.path) for r in store.rows_by_ids(rep.bad_embeddings).values()]
         fixable = [(i, p) for i, p in bad if p not in drop and os.path.isfile(p)]
-        if fixable and reembed is not None:
-            reembed = reembed(store.settings)
-        if fixable and reembed is not None:
-            vecs = reembed([p for _, p in fixable])
+        embed = reembed(store.settings) if fixable and reembed is not None else None  # None: a faces index
+        if embed is not None:
+            vecs = embed([p for _, p in fixable])
             store.set_vectors([i for i, _ in fixable], vecs)
             rep.repaired.append(f"re-embedded {len(fixable)} images with damaged embeddings")
         else:

@@ -25,13 +25,6 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def replace_durably(tmp: Path, path: Path) -> None:
-    """``tmp`` (written completely) becomes ``path``: fsync, rename, fsync the directory."""
-    fsync(tmp)
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
 def first_line(e: Exception) -> str:
     """An exception's message in one line (a database driver's own message when SQLAlchemy wraps it)."""
     msg = str(getattr(e, "orig", None) or e).strip().splitlines()

@@ -30,7 +30,7 @@ from typing import Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
-from retrieval.errors import IndexError_, SettingsMismatch
+from retrieval.errors import IndexError_
 from retrieval.index import database
 from retrieval.index.files import first_line, fsync_dir
 from retrieval.index.lock import LOCK_NAME, WriterLock
@@ -466,22 +466,6 @@ class IndexStore(VectorSpace):
         with self.engine.begin() as c:
             c.execute(delete(table).where(table.c.key.in_(list(values))))
             c.execute(insert(table), [{"key": k, "value": json.dumps(v)} for k, v in values.items()])
-
-    def check_compatible(self, model: str | None, metric: str | None, weights_id: str | None = None,
-                         preprocess: dict | None = None) -> None:
-        st = self.settings
-        problems = []
-        if model and model != st.model:
-            problems.append(f"model {model} (index: {st.model})")
-        if metric and metric != st.metric:
-            problems.append(f"metric {metric} (index: {st.metric})")
-        if weights_id and weights_id != st.weights_id:
-            problems.append("different weights than the index was built with")
-        if preprocess and preprocess != st.preprocess:
-            problems.append("different preprocessing (input size) than the index was built with")
-        if problems:
-            raise SettingsMismatch(f"index {self.directory} was built with other settings: {'; '.join(problems)}. "
-                                   "Use another --index directory, or delete this one to rebuild")
 
     @property
     def mean(self) -> np.ndarray:

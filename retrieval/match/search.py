@@ -13,7 +13,7 @@ from retrieval.errors import ImageError
 from retrieval.images import load_image
 from retrieval.match.verify import decode_side
 
-if TYPE_CHECKING:  # a cached graph searches without torch (retrieval/models/runtime.py), a plain SQLite index without
+if TYPE_CHECKING:  # a cached graph searches without torch (retrieval/models/graphs.py), a plain SQLite index without
     from retrieval.models.backbone import Backbone  # SQLAlchemy (retrieval/index/store.py)
     from retrieval.index.store import IndexStore
 

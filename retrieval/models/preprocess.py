@@ -1,5 +1,5 @@
 """How an image becomes the network's input, without torch: :class:`Preprocess` and the small helpers the
-torch-free search path (retrieval/models/runtime.py) shares with retrieval/models/backbone.py, which re-exports them."""
+torch-free path (the cached ONNX graphs, retrieval/models/graphs.py) shares with retrieval/models/backbone.py."""
 from __future__ import annotations
 
 import hashlib
@@ -50,7 +50,7 @@ class Preprocess:
     def common_shapes(self) -> list[tuple[int, int]]:
         """The input (h, w) of photos at the common camera aspect ratios (``COMMON_ASPECTS``, either way round):
         the square alone when squashing; with ``resize="long"`` 7 of the 27 shapes at 448 px. The graphs made
-        ahead for indexing without torch (retrieval/models/runtime.py) serve these; another shape is checked by the
+        ahead for indexing without torch (retrieval/models/prepare.py) serve these; another shape is checked by the
         full backbone when first met."""
         out: list[tuple[int, int]] = []
         for long, short in COMMON_ASPECTS:  # e.g. 4000 × 3000: exact sides, as a camera's
