@@ -571,32 +571,43 @@ def _box(b) -> str:
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="Port (0: a free one).")
 @click.option("--max-upload-mb", type=click.FloatRange(0.1, 200), default=20, show_default=True,
               help="The largest photo a client may upload.")
+@click.option("--no-token", is_flag=True,
+              help="No per-run token (loopback only): any program of any user on this machine can use the server.")
+@click.option("--allow-host", "allow_hosts", multiple=True, metavar="NAME",
+              help="Also answer requests addressed to NAME (a name of this machine or a proxy in front); repeatable.")
 @trust_option
 @click.pass_context
-def serve(ctx, index_dir, host, port, max_upload_mb) -> None:
+def serve(ctx, index_dir, host, port, max_upload_mb, no_token, allow_hosts) -> None:
     """A local web app: drop a photo, see its matches, open one to see why (needs the serve extra).
+
+    It prints a URL that carries this run's token (RETRIEVE_TOKEN fixes one): open it. Scripts send the
+    token as a header. Requests from other sites, or under a name that is not this server's, are refused.
 
     \b
     Examples:
-      retrieve serve --index /tmp/retrieve-demo          # then open http://127.0.0.1:8000/
-      curl -F image=@photo.jpg 'http://127.0.0.1:8000/api/search?k=5'
+      retrieve serve --index /tmp/retrieve-demo          # then open the URL it prints
+      curl -H "Authorization: token TOKEN" -F image=@photo.jpg 'http://127.0.0.1:8000/api/search?k=5'
+                                                # TOKEN: what follows ?token= in that URL
     """
     import web
 
     web.require()
     from web.app import create_app
+    from web.security import Guard
     from web.server import bind, is_loopback, serve as run_server
     from web.service import Service
 
     _set_threads(ctx)
+    guard = Guard.for_address(host, token=not no_token, allow_hosts=allow_hosts)
     if not is_loopback(host):
         click.echo(f"Warning: listening on {host}, not on this machine only: anyone who can reach it can search "
                    "this index and see its photos.", err=True)
     sock = bind(host, port)  # before the model loads: a busy port is said at once
     collection = Service(_index_dir(index_dir), max_upload_bytes=int(max_upload_mb * 1_000_000))
     try:
-        run_server(create_app(collection), sock, on_ready=lambda url: click.echo(
-            f"Serving {collection.index_dir} ({collection.state.store.count()} images) at {url}  (Ctrl-C to stop)"))
+        run_server(create_app(collection, guard), sock, on_ready=lambda url: click.echo(
+            f"Serving {collection.index_dir} ({collection.state.store.count()} images) at {guard.url(url)}  "
+            "(Ctrl-C to stop)"))
     finally:
         collection.close()
 

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from click.testing import CliRunner
@@ -109,3 +111,24 @@ def stop(proc: subprocess.Popen, wait: float = 10) -> None:
         proc.wait(wait)
     except subprocess.TimeoutExpired:
         proc.kill()
+
+
+SERVING = re.compile(r" at (http://(?:[\d.]+|\[[0-9a-f:]+\]):\d+/)(?:\?token=(\S+))?")
+
+
+def start_server(index, *args: str, env: dict | None = None, cwd=None, timeout: float = 180):
+    """`retrieve serve --index INDEX --port 0 ARGS` as its own process, through the installed command: (the
+    process, the root URL it printed, the token in that URL or None). End it with :func:`stop`."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    proc = subprocess.Popen(entry_point() + ["serve", "--index", str(index), "--port", "0", *map(str, args)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd or ROOT)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        m = SERVING.search(line)
+        if m:
+            return proc, m.group(1), m.group(2)
+    stop(proc)
+    raise AssertionError(f"retrieve serve printed no URL: {proc.stderr.read()}")

@@ -4,11 +4,8 @@ docs/serve-search.png and docs/serve-pair.png (README shows them; refreshed with
 from __future__ import annotations
 
 import base64
-import os
 import re
 import shutil
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +13,7 @@ import pytest
 pytest.importorskip("starlette", reason="the serve extra is not installed (pip install -e '.[serve]')")
 
 from browsertools import DOCS, browser, computed, drag_slider  # noqa: E402,F401
-from clitools import entry_point, stop  # noqa: E402
+from clitools import start_server, stop  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "data" / "samples"
@@ -33,33 +30,31 @@ def server(tmp_path_factory, browser):
     shutil.copytree(SAMPLES, photos)
     shutil.copy(SAMPLES / "coins.png", photos / EVIL)  # a file name that is HTML: it must stay text
     index_paths([str(photos)], base / "index")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "XDG_CACHE_HOME": str(base / "cache")}
-    proc = subprocess.Popen(entry_point() + ["serve", "--index", str(base / "index"), "--port", "0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=base)
+    proc, url, token = start_server(base / "index", env={"XDG_CACHE_HOME": str(base / "cache")}, cwd=base)
     try:
-        url = None
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            m = re.search(r"at (http://127\.0\.0\.1:\d+/)", line)
-            if m:
-                url = m.group(1)
-                break
-        assert url, f"retrieve serve printed no URL: {proc.stderr.read() if proc.poll() is not None else ''}"
-        yield url
+        assert token, "retrieve serve printed no token"
+        yield url, token
     finally:
         stop(proc)
 
 
+def _open(browser, server, **kw):
+    """A new page that opens the URL `retrieve serve` printed (token and all), as its user does."""
+    url, token = server
+    page = browser.new_page(**kw)
+    csp = []  # the console reports each thing the Content-Security-Policy blocked
+    page.on("console", lambda m: csp.append(m.text) if "Content Security Policy" in m.text else None)
+    page.goto(f"{url}?token={token}")
+    assert page.url == url  # the token left the address bar (and the history) at once
+    return page, csp
+
+
 def test_search_upload_then_audit_a_pair(server, browser):
-    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page, csp = _open(browser, server, viewport={"width": 1280, "height": 900})
     outside = []
-    page.on("request", lambda r: None if r.url.startswith((server, "data:", "blob:")) else outside.append(r.url))
+    page.on("request", lambda r: None if r.url.startswith((server[0], "data:", "blob:")) else outside.append(r.url))
     errors = []
     page.on("pageerror", lambda e: errors.append(str(e)))
-    page.goto(server)
     dialogs = []
     page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
     page.wait_for_selector("#collection .card")
@@ -134,21 +129,46 @@ def test_search_upload_then_audit_a_pair(server, browser):
     # the downloads answer
     for sel in ("#dl-json", "#dl-report"):
         href = page.get_attribute(sel, "href")
-        r = page.request.get(server.rstrip("/") + href)
+        r = page.request.get(server[0].rstrip("/") + href)
         assert r.status == 200
     assert not outside, outside
     assert not errors, errors
     assert not dialogs, dialogs
+    assert not csp, csp  # nothing inline, nothing the policy had to block
     page.close()
 
 
 def test_non_image_upload_shows_a_clear_message(server, browser, tmp_path):
-    page = browser.new_page()
-    page.goto(server)
+    page, _ = _open(browser, server)
     bad = tmp_path / "notes.jpg"
     bad.write_text("not a photo at all")
     page.set_input_files("#file", str(bad))
     page.wait_for_selector("#status.error")
     msg = page.inner_text("#status")
     assert "notes.jpg" in msg and "not a recognised image format" in msg
+    page.close()
+
+
+def test_without_the_token_the_page_says_how_to_get_in(server, browser):
+    page = browser.new_page()
+    r = page.goto(server[0])
+    assert r.status == 403 and "open the URL that retrieve serve printed" in page.inner_text("body")
+    page.close()
+
+
+def test_the_served_report_runs_sandboxed(server, browser):
+    """The report is one file with inline script: served with `sandbox`, its script runs (the slider moves the
+    overlay) in an opaque origin that cannot read the user's cookie or call the API."""
+    page, _ = _open(browser, server)
+    url = server[0]
+    ids = [i["id"] for i in page.request.get(url + "api/images?limit=3").json()["images"]]
+    doc = page.request.get(url + f"api/explain?q={ids[0]}&r={ids[1]}").json()
+    page.goto(url.rstrip("/") + doc["downloads"]["report"])
+    page.wait_for_selector("img.heat")
+    drag_slider(page, "input.t-op", 0.1)
+    assert float(computed(page, "img.heat", "opacity")) < 0.3  # its own script runs
+    assert page.evaluate("self.origin") == "null"
+    assert page.evaluate("fetch('/api/health').then(r => r.status, e => 'blocked')") == "blocked"
+    assert page.evaluate("(() => { try { return document.cookie; } catch (e) { return 'blocked'; } })()") \
+        in ("", "blocked")
     page.close()

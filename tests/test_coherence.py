@@ -4,12 +4,8 @@ computed by its definition from the stored vectors, and the channel terms (CIS) 
 from __future__ import annotations
 
 import json
-import os
-import re
 import shutil
 import sqlite3
-import subprocess
-import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -17,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from clitools import ROOT, entry_point, run, run_json, stop
+from clitools import ROOT, run, run_json, start_server, stop
 
 SAMPLES = ROOT / "data" / "samples"
 
@@ -51,25 +47,9 @@ def _by_definition(idx: Path, a: str, b: str, face: tuple[int, int] | None = Non
     return float(ea @ eb / (np.linalg.norm(ea) * np.linalg.norm(eb)))
 
 
-def _serve(idx: Path, base: Path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(entry_point() + ["serve", "--index", str(idx), "--port", "0"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, cwd=base)
-    deadline, url = time.monotonic() + 180, None
-    while time.monotonic() < deadline and url is None:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        m = re.search(r"at (http://127\.0\.0\.1:\d+/)", line)
-        url = m.group(1) if m else None
-    if url is None:
-        proc.kill()
-        raise AssertionError(f"retrieve serve printed no URL: {proc.stderr.read()}")
-    return proc, url
-
-
-def _get(url: str) -> dict:
-    with urllib.request.urlopen(url, timeout=300) as r:
+def _get(url: str, token: str) -> dict:
+    req = urllib.request.Request(url, headers={"Authorization": f"token {token}"})
+    with urllib.request.urlopen(req, timeout=300) as r:
         return json.loads(r.read())
 
 
@@ -78,16 +58,16 @@ def _web_scores(idx: Path, base: Path, a: str, b: str, explain: bool = True,
     """(the search score of b for query a, the explained score, its Σ CIS) through `retrieve serve`'s API; ``ids``:
     the rows of a and b ({path: id}) where a photo has several (a faces index)."""
     pytest.importorskip("starlette", reason="the serve extra is not installed (pip install -e '.[serve]')")
-    proc, url = _serve(idx, base)
+    proc, url, token = start_server(idx, cwd=base)
     try:
-        images = _get(url + "api/images?limit=500")["images"]
+        images = _get(url + "api/images?limit=500", token)["images"]
         ids = ids or {i["path"]: i["id"] for i in images}
         assert {a, b} <= {i["path"] for i in images}
-        found = _get(url + f"api/search?q={ids[a]}&k=10")
+        found = _get(url + f"api/search?q={ids[a]}&k=10", token)
         score = next(h["score"] for h in found["results"] if h["id"] == ids[b])
         if not explain:
             return score, None, None
-        doc = _get(url + "api/explain?" + urllib.parse.urlencode({"q": ids[a], "r": ids[b]}))
+        doc = _get(url + "api/explain?" + urllib.parse.urlencode({"q": ids[a], "r": ids[b]}), token)
         return score, doc["score"], doc["cis_sum"]
     finally:
         stop(proc)

@@ -26,11 +26,13 @@ PHOTOS = ("chelsea.png", "chelsea_crop_flipped.jpg", "coffee.png", "rocket.jpg",
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    """Five sample photos indexed in a temp folder, a Service over them and a test client."""
+    """Five sample photos indexed in a temp folder, a Service over them and a test client that sends the token
+    (as a script would: tests/test_web_security.py checks the guard itself over a real socket)."""
     from starlette.testclient import TestClient
 
     from indexer import index_paths
     from web.app import create_app
+    from web.security import Guard
     from web.service import Service
 
     base = tmp_path_factory.mktemp("serve")
@@ -41,7 +43,9 @@ def served(tmp_path_factory):
     index = base / "index"
     index_paths([str(photos)], index)
     c = Service(index, cache_dir=base / "cache")
-    client = TestClient(create_app(c), raise_server_exceptions=False)
+    guard = Guard.for_address("127.0.0.1")
+    client = TestClient(create_app(c, guard), base_url="http://127.0.0.1:8000", raise_server_exceptions=False,
+                        headers={"Authorization": f"token {guard.token}"})
     yield c, client, photos, index, base
     c.close()
 

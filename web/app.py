@@ -18,6 +18,7 @@ from pathlib import Path
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
@@ -25,19 +26,12 @@ from starlette.staticfiles import StaticFiles
 
 from retrieval.errors import ImageError, RetrieveError
 
+from .security import REPORT_CSP, SECURITY_HEADERS, Guard, GuardMiddleware
 from .service import BadRequest, NotAnImage, NotFound, Service, TooLarge
 
 STATIC = Path(__file__).with_name("static")
 CACHE_FOREVER = "public, max-age=31536000, immutable"  # URLs that change with the content (?v=<hash>)
 log = logging.getLogger("retrieve.serve")
-
-# Pages may use only what they ship: no outside scripts, styles, fonts or images.
-SECURITY_HEADERS = {
-    "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; style-src 'self' 'unsafe-inline'; "
-                               "script-src 'self' 'unsafe-inline'; connect-src 'self'; frame-ancestors 'none'",
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
-}
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -48,8 +42,10 @@ def _json(d) -> JSONResponse:
     return JSONResponse(d, headers={**SECURITY_HEADERS, "Cache-Control": "no-store"})
 
 
-def create_app(collection: Service) -> Starlette:
-    """The app over one loaded :class:`Service` (the model and the index are loaded once, by it)."""
+def create_app(collection: Service, guard: Guard | None = None) -> Starlette:
+    """The app over one loaded :class:`Service` (the model and the index are loaded once, by it), behind
+    ``guard`` (web/security.py: Host, origin and token checks). ``retrieve serve`` always passes one; None
+    serves unguarded, for a benchmark calling the handlers in-process."""
     c = collection
 
     async def page(name: str) -> Response:
@@ -150,8 +146,7 @@ def create_app(collection: Service) -> Starlette:
         path = c.explained_file(request.path_params["key"], request.path_params["file"])
         headers = {**SECURITY_HEADERS, "Cache-Control": "private, max-age=3600"}
         if path.suffix == ".html":  # the report is self-contained: nothing but its inline style and script
-            headers["Content-Security-Policy"] = ("default-src 'none'; img-src data:; style-src 'unsafe-inline'; "
-                                                  "script-src 'unsafe-inline'")
+            headers["Content-Security-Policy"] = REPORT_CSP  # sandboxed: an opaque origin, no cookie, no API
         return FileResponse(path, headers=headers)
 
     async def on_retrieve_error(request: Request, e: Exception):
@@ -185,6 +180,7 @@ def create_app(collection: Service) -> Starlette:
         Mount("/static", app=StaticFiles(directory=STATIC, follow_symlink=False), name="static"),
     ]
     app = Starlette(routes=routes, exception_handlers={RetrieveError: on_retrieve_error, HTTPException: on_http,
-                                                       Exception: on_other})
+                                                       Exception: on_other},
+                    middleware=[Middleware(GuardMiddleware, guard=guard)] if guard else [])
     app.state.collection = c
     return app

@@ -42,6 +42,7 @@ def serve(app, sock: socket.socket, log_level: str = "warning", on_ready: Callab
     config = uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="off", timeout_graceful_shutdown=2)
     server = uvicorn.Server(config)
     host, port = sock.getsockname()[:2]
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)  # all addresses: this machine's opens it
     shown = f"[{host}]" if ":" in host else host
     if on_ready:
         on_ready(f"http://{shown}:{port}/")
