@@ -96,10 +96,10 @@ def fit_projection(sample: np.ndarray, dims: int = PROJECTION_DIMS) -> np.ndarra
     """128 × ``dims``: the top eigenvectors of the *uncentred* second moments of RootSIFT rows ``sample`` —
     the subspace that best keeps the rows themselves, hence their cosines, which matching compares
     (retrieval.match.verify.project). None when the sample is too small to fit it."""
-    x = np.asarray(sample, np.float32)
-    if len(x) < 4 * x.shape[1] or dims >= x.shape[1]:
+    x = np.asarray(sample, np.float64)  # float64 sums: a float32 GEMM's rounding depends on the BLAS kernel and
+    if len(x) < 4 * x.shape[1] or dims >= x.shape[1]:  # thread count, and moves eigenvectors of close eigenvalues
         return None
-    w, v = np.linalg.eigh((x.T @ x).astype(np.float64) / len(x))
+    w, v = np.linalg.eigh(x.T @ x / len(x))
     basis = v[:, ::-1][:, :dims]
     basis *= np.where(basis.sum(0) < 0, -1.0, 1.0)  # a fixed sign per axis: the same sample, the same basis
     return np.ascontiguousarray(basis, np.float32)

@@ -35,17 +35,30 @@ SAMPLES = Path(__file__).resolve().parents[2] / "data" / "samples"
 _CAL_EXT = (".jpg", ".jpeg", ".png")
 
 
+# Flags hidden by ``RETRIEVE_ISA=avx2``: an AVX-512 machine then takes the paths an AVX2-only one takes (CI runs
+# the suite both ways on one machine; .ci/run's CI_ISA=avx2 sets this with the libraries' own switches).
+_BEYOND_AVX2 = ("avx512", "avx_vnni", "amx")
+
+
 @lru_cache(maxsize=1)
 def cpu_flags() -> frozenset:
-    """The CPU's feature flags (Linux /proc/cpuinfo; empty elsewhere)."""
+    """The CPU's feature flags (Linux /proc/cpuinfo; empty elsewhere), less those above AVX2 when the
+    environment says ``RETRIEVE_ISA=avx2``."""
+    flags: frozenset = frozenset()
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
+                    flags = frozenset(line.split(":", 1)[1].split())
+                    break
     except OSError:
         pass
-    return frozenset()
+    isa = os.environ.get("RETRIEVE_ISA", "").lower()
+    if isa == "avx2":
+        flags = frozenset(f for f in flags if not f.startswith(_BEYOND_AVX2))
+    elif isa not in ("", "native"):
+        raise RetrieveError(f"RETRIEVE_ISA={isa!r} is not understood (native or avx2)")
+    return flags
 
 
 def has_vnni() -> bool:
