@@ -15,7 +15,6 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from clitools import ROOT, run, run_json, run_process
 from conftest import skimage_photo

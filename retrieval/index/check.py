@@ -67,7 +67,8 @@ class CheckReport:
 
     @property
     def deleted_files(self) -> list[str]:
-        """The missing files that were deleted (their folder holds others of the index's photos): --repair drops them."""
+        """The missing files that were deleted (their folder holds others of the index's photos): --repair drops
+        them."""
         away = {p for g in self.missing_folders for p in g["paths"]}
         return [p for p in self.missing_files if p not in away]
 
