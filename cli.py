@@ -6,6 +6,7 @@ and a non-zero exit; heavy imports (torch, faiss) happen inside the commands so 
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -445,35 +446,50 @@ def _with_verdicts(d: dict, explained: dict, verdicts: dict) -> dict:
 @main.command()
 @index_option
 @db_option
-@click.option("--repair", is_flag=True, help="Restore consistency (re-embed or drop rows, rebuild the vector file).")
+@click.option("--repair", is_flag=True,
+              help="Restore consistency: re-embed or drop damaged rows, drop the rows of photos deleted from folders "
+                   "that still hold others, rebuild the vector file. Photos whose folder is missing, or holds none "
+                   "of its indexed photos (an unmounted drive, a disconnected share), are kept.")
+@click.option("--prune-missing", is_flag=True,
+              help="With --repair: also drop the rows of photos whose folder is missing or holds none of them.")
 @trust_option
 @json_option
 @click.pass_context
-def check(ctx, index_dir, repair, as_json) -> None:
+def check(ctx, index_dir, repair, prune_missing, as_json) -> None:
     """Verify that the index agrees with itself and with the files on disk (exit 1 when it does not).
 
     \b
     Examples:
       retrieve check
-      retrieve check --repair     # re-embed or drop damaged rows, rebuild the vector file
+      retrieve check --repair                   # mend damage, drop photos deleted from their folders
+      retrieve check --repair --prune-missing   # also drop photos of missing folders (e.g. a drive gone for good)
     """
     from indexer import repair_index
     from retrieval.index.check import check_index
 
+    if prune_missing and not repair:
+        raise click.UsageError("--prune-missing works with --repair: retrieve check --repair --prune-missing")
     directory = _index_dir(index_dir)
-    rep = repair_index(directory) if repair else check_index(directory)
+    rep = repair_index(directory, prune_missing=prune_missing) if repair else check_index(directory)
     if as_json:
         click.echo(json.dumps(rep.to_dict()))
     else:
         for what in rep.repaired:
             click.echo(f"repaired: {what}")
-        for p in rep.problems():
+        for p in rep.damage():
             click.echo(p)
+        for p in rep.away():
+            click.echo(p + ("; kept" if repair else ""))
         if rep.consistent and rep.trailing:  # the normal state after an interrupted run: heals itself
             click.echo(f"pending: {'; '.join(rep.pending())} (searches catch up in memory; the next `retrieve "
                        "index` or `retrieve check --repair` writes the vector file)")
+        if rep.missing_folders:
+            prune = f"retrieve check --repair --prune-missing --index {shlex.quote(rep.index)}"
+            click.echo(f"--repair keeps the rows of photos in missing folders: reconnect the folders, or drop those "
+                       f"rows with `{prune}`")
         click.echo(f"{rep.index}: {rep.images} images, {rep.vectors} vectors: "
-                   + ("consistent" if rep.consistent else "NOT consistent (run `retrieve check --repair`)"))
+                   + ("consistent" if rep.consistent else "NOT consistent" + (" (run `retrieve check --repair`)"
+                                                                               if rep.damage() else "")))
     if not rep.consistent:
         ctx.exit(1)
 

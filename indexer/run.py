@@ -427,13 +427,14 @@ def _run(store: IndexStore, bb: Backbone, files: list[FileEntry], trees: list[st
     report.removed = len(gone_ids)
 
 
-def repair_index(directory):
+def repair_index(directory, prune_missing: bool = False):
     """``retrieve check --repair`` (retrieval/index/check.py), re-embedding damaged rows as this indexer embeds them:
-    the index checked again after the repair, with what was repaired."""
+    the index checked again after the repair, with what was repaired. ``prune_missing``: also drop the rows of
+    files whose folder is away (``--prune-missing``; kept otherwise)."""
     from retrieval.index.check import check_index
     from retrieval.index.check import repair_index as repair
 
-    done = repair(directory, _reembedder)
+    done = repair(directory, _reembedder, prune_missing=prune_missing)
     after = check_index(directory)
     after.repaired = done.repaired
     return after

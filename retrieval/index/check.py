@@ -5,6 +5,12 @@ trails the rows — images committed after it was last written, removals not yet
 from before the head was re-fitted — is the normal state after an interrupted run: every open brings
 it up to date in memory and the next ``retrieve index`` writes it. ``check`` reports it and exits 0.
 What does not heal by itself: a damaged vector file, damaged stored embeddings, files gone from disk.
+
+Files gone from disk are of two kinds, told apart by their folder (:func:`missing_folders`). A file missing from a
+folder that still holds others of the index's photos was deleted: ``--repair`` drops its row. Files whose folder
+is gone, or whose folder holds none of its indexed photos any more (an unmounted drive leaves an empty mount
+point), may come back — a drive unplugged, a share disconnected: ``--repair`` keeps their rows unless asked to
+prune them (``prune_missing``), and the report names each such folder.
 """
 from __future__ import annotations
 
@@ -29,6 +35,7 @@ class CheckReport:
     vectors_without_row: list = field(default_factory=list)  # ids (removed since; HNSW keeps them until a rebuild)
     bad_embeddings: list = field(default_factory=list)  # ids whose stored embedding is damaged
     missing_files: list = field(default_factory=list)  # paths
+    missing_folders: list = field(default_factory=list)  # MissingFolder as dicts: files kept unless pruned
     vector_problems: list = field(default_factory=list)  # index type sharded: each bad shard file, in words
     repaired: list = field(default_factory=list)  # what --repair did, in words
 
@@ -58,14 +65,33 @@ class CheckReport:
                            "(never returned by a search)")
         return out
 
+    @property
+    def deleted_files(self) -> list[str]:
+        """The missing files that were deleted (their folder holds others of the index's photos): --repair drops
+        them."""
+        away = {p for g in self.missing_folders for p in g["paths"]}
+        return [p for p in self.missing_files if p not in away]
+
     def problems(self) -> list[str]:
+        """Everything that keeps the index from agreeing with itself and the files, in words."""
+        return self.damage() + self.away()
+
+    def away(self) -> list[str]:
+        """Each missing folder (photos that may come back), in words; --repair keeps them."""
+        return [describe_folder(g) for g in self.missing_folders]
+
+    def damage(self) -> list[str]:
+        """What --repair mends, in words: the vector file, stored embeddings, deleted files."""
         out = []
         if self.faiss_file in PROBLEM_STATES:
             out.append(f"vector file {self.faiss_file}")
         out += self.vector_problems
         if self.bad_embeddings:
             out.append(f"{len(self.bad_embeddings)} stored embeddings are damaged")
-        out += [f"missing file: {p}" for p in self.missing_files]
+        deleted = self.deleted_files
+        out += [f"missing file: {p}" for p in deleted[:SHOWN_FILES]]
+        if len(deleted) > SHOWN_FILES:
+            out.append(f"… and {len(deleted) - SHOWN_FILES} more missing files (--json lists them all)")
         return out
 
     def to_dict(self) -> dict:
@@ -74,7 +100,53 @@ class CheckReport:
         d["trailing"] = self.trailing
         d["pending"] = self.pending()
         d["problems"] = self.problems()
+        d["deleted_files"] = self.deleted_files
         return d
+
+
+SHOWN_FILES = 20  # missing files named one by one in the text report
+
+
+def describe_folder(g: dict) -> str:
+    """One missing folder in words: how many photos, where, and why they may come back."""
+    n = len(g["paths"])
+    photos = f"{n} photo{'s' if n != 1 else ''}"
+    if g["exists"]:
+        return (f"{photos} in {g['folder']}: none of the folder's indexed photos is there "
+                "(the empty mount point of an unmounted drive?)")
+    return f"{photos} under {g['folder']}: the folder is missing (an unmounted drive or a disconnected share?)"
+
+
+def missing_folders(missing: list[str], present: list[str]) -> list[dict]:
+    """The missing files whose folder is away, grouped by that folder: ``{"folder", "exists", "paths"}``.
+
+    A missing file whose folder still holds one of the index's ``present`` files was deleted, and belongs to no
+    group. Else its folder is away: the topmost folder missing on its path, under the nearest folder that exists
+    (``exists`` False: /mnt/usb/photos for /mnt/usb/photos/2020/a.jpg when /mnt/usb is an empty mount point), or
+    its own folder when that exists but holds none of its indexed files (``exists`` True).
+    """
+    occupied = {os.path.dirname(p) for p in present}
+    is_dir: dict[str, bool] = {}
+
+    def exists(d: str) -> bool:
+        if d not in is_dir:
+            is_dir[d] = os.path.isdir(d)
+        return is_dir[d]
+
+    groups: dict[str, dict] = {}
+    for p in dict.fromkeys(missing):  # (a faces index has a row per face: each photo once)
+        folder = os.path.dirname(p)
+        if folder in occupied:
+            continue
+        if exists(folder):
+            key, there = folder, True
+        else:
+            key = folder
+            while os.path.dirname(key) != key and not exists(os.path.dirname(key)):
+                key = os.path.dirname(key)
+            there = False
+        groups.setdefault(key, {"folder": key, "exists": there, "paths": []})["paths"].append(p)
+    return sorted(groups.values(), key=lambda g: g["folder"])
 
 
 def check_index(directory: str | os.PathLike) -> CheckReport:
@@ -88,7 +160,10 @@ def check_index(directory: str | os.PathLike) -> CheckReport:
         rep.images = len(rows)
         ids = np.array([r[0] for r in rows], np.int64)
         rep.bad_embeddings = [int(r[0]) for r in rows if r[2] != st.dim * 4]
-        rep.missing_files = [r[1] for r in rows if not os.path.isfile(r[1])]
+        found = [os.path.isfile(r[1]) for r in rows]
+        rep.missing_files = [r[1] for r, f in zip(rows, found) if not f]
+        if rep.missing_files:
+            rep.missing_folders = missing_folders(rep.missing_files, [r[1] for r, f in zip(rows, found) if f])
         if st.index_type == "sharded":  # shard files with checksums instead of vectors.faiss
             from retrieval.index.sharded import check_state
 
@@ -109,14 +184,17 @@ def check_index(directory: str | os.PathLike) -> CheckReport:
         return rep
 
 
-def repair_index(directory: str | os.PathLike, reembed=None) -> CheckReport:
+def repair_index(directory: str | os.PathLike, reembed=None, prune_missing: bool = False) -> CheckReport:
     """Restore consistency: rows with damaged embeddings are re-embedded when their file exists (``reembed(settings)``
     gives the function ``paths -> vectors`` for the index, or None: indexer/run.py repair_index passes the indexer's),
-    else dropped; rows of vanished files are dropped; the FAISS file is rebuilt from the rows. Returns the report of
-    the state before, with ``repaired`` filled in."""
+    else dropped; rows of deleted files are dropped, rows of files whose folder is away (see the module docstring)
+    only with ``prune_missing``; the FAISS file is rebuilt from the rows. Returns the report of the state before,
+    with ``repaired`` filled in."""
     rep = check_index(directory)
     with IndexStore.open(directory, writable=True, what="retrieve check --repair") as store:
-        drop = set(rep.missing_files)
+        deleted = set(rep.deleted_files)
+        away = {p for g in rep.missing_folders for p in g["paths"]}
+        drop = deleted | (away if prune_missing else set())
         bad = [(r.id, r.path) for r in store.rows_by_ids(rep.bad_embeddings).values()]
         fixable = [(i, p) for i, p in bad if p not in drop and os.path.isfile(p)]
         embed = reembed(store.settings) if fixable and reembed is not None else None  # None: a faces index
@@ -124,15 +202,27 @@ def repair_index(directory: str | os.PathLike, reembed=None) -> CheckReport:
             vecs = embed([p for _, p in fixable])
             store.set_vectors([i for i, _ in fixable], vecs)
             rep.repaired.append(f"re-embedded {len(fixable)} images with damaged embeddings")
-        else:
-            drop |= {p for _, p in fixable}
-        drop |= {p for i, p in bad if not os.path.isfile(p)}
+        damaged = set() if embed is not None else {p for _, p in fixable}
+        damaged |= {p for _, p in bad if p not in drop and not os.path.isfile(p)}  # unusable: no vector to search
+        if deleted:
+            rep.repaired.append(f"dropped {_photos(len(deleted))} whose file{'s were' if len(deleted) > 1 else ' was'} "
+                                "deleted (from folders that still hold the index's other photos)")
+        if prune_missing and away:
+            rep.repaired.append(f"dropped {_photos(len(away))} in missing folders (--prune-missing): "
+                                + ", ".join(g["folder"] for g in rep.missing_folders))
+        if damaged:
+            rep.repaired.append(f"dropped {_photos(len(damaged))} with damaged embeddings that could not be embedded "
+                                "again now (indexing their folder again adds them back)")
+        drop |= damaged
         if drop:
             store.delete_rows([i for i, p, _ in store.embedding_sizes() if p in drop])
-            rep.repaired.append(f"dropped {len(drop)} images whose files are gone or unreadable")
         if not rep.consistent or rep.trailing or drop:
             store.rebuild_faiss()
             store.update_mean()
             store.save_faiss()
             rep.repaired.append(f"rebuilt the vector file from {store.count()} stored embeddings")
     return rep
+
+
+def _photos(n: int) -> str:
+    return f"{n} photo{'s' if n != 1 else ''}"

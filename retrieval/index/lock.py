@@ -10,6 +10,7 @@ from pathlib import Path
 from retrieval.errors import IndexError_, IndexLocked
 
 LOCK_NAME = "lock"
+LOCK_TRIES = 20  # a lock file replaced this many times in a row: another process is removing and making it
 
 
 class WriterLock:
@@ -17,6 +18,12 @@ class WriterLock:
 
     The lock file is opened without following a symbolic link (``O_NOFOLLOW``) and must be a plain file
     with one name: a link planted in the index directory is refused, never truncated through.
+
+    A lock cannot be lost to an unlink: a writer that removes its index (a failed creation, ``discard``) unlinks
+    ``DIR/lock`` while holding it, and a process that opened the old file just before may then get the ``flock``
+    of a file no longer at that path while a third one locks the new file. So a lock counts only when the file
+    locked is still the one at the path (the same device and inode, checked after locking); else it is tried
+    again on the file now there.
     """
 
     def __init__(self, directory: Path):
@@ -24,6 +31,20 @@ class WriterLock:
         self.fd: int | None = None
 
     def acquire(self, what: str) -> None:
+        for _ in range(LOCK_TRIES):
+            fd = self._lock_file()
+            if fd is None:  # locked a file unlinked meanwhile: lock the one at the path now
+                continue
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} ({what}, since {time.strftime('%Y-%m-%d %H:%M:%S')})".encode(), 0)
+            self.fd = fd
+            return
+        raise IndexLocked(f"index {self.path.parent}: its lock file keeps being replaced by another process; "
+                          "wait for it to finish")
+
+    def _lock_file(self) -> int | None:
+        """A descriptor of ``DIR/lock`` holding its ``flock``; None when the file locked is no longer the one at
+        the path (unlinked or replaced after it was opened)."""
         import fcntl
 
         flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
@@ -35,6 +56,9 @@ class WriterLock:
                                   f"(rm {_quote(self.path)}) and run the command again") from None
             raise
         st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode) and st.st_nlink == 0:  # unlinked since it was opened
+            os.close(fd)
+            return None
         if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
             os.close(fd)
             kind = "not a regular file" if not stat.S_ISREG(st.st_mode) else "a hard link to another file"
@@ -49,9 +73,14 @@ class WriterLock:
             holder = os.pread(fd, 400, 0).decode("utf-8", "replace").strip() or "another process"
             os.close(fd)
             raise IndexLocked(f"index {self.path.parent} is being written by {holder}; wait for it to finish") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} ({what}, since {time.strftime('%Y-%m-%d %H:%M:%S')})".encode(), 0)
-        self.fd = fd
+        try:
+            now = os.stat(self.path, follow_symlinks=False)
+        except FileNotFoundError:
+            now = None
+        if now is None or (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+            os.close(fd)  # (drops the flock of the unlinked file)
+            return None
+        return fd
 
     def release(self) -> None:
         if self.fd is not None:

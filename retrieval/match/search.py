@@ -11,7 +11,7 @@ import numpy as np
 
 from retrieval.errors import ImageError
 from retrieval.images import load_image
-from retrieval.match.verify import decode_side
+from retrieval.match.verify import decode_side, indexed_hash
 
 if TYPE_CHECKING:  # a cached graph searches without torch (retrieval/models/graphs.py), a plain SQLite index without
     from retrieval.models.backbone import Backbone  # SQLAlchemy (retrieval/index/store.py)
@@ -326,7 +326,7 @@ class Searcher:
         extra = list(more)
         rows = self.store.rows_by_ids([h.id for h in head + extra])
         out = verify_hits(self.verifier, query_path, head + extra, len(head) + len(extra),
-                          sha_of=lambda i: rows[i].sha256 if i in rows else None, on_error=on_error,
+                          sha_of=lambda i: indexed_hash(rows.get(i)), on_error=on_error,
                           query_features=query_features)
         best = None if expansion is None else max((h for h in out if h.verification.confirmed),
                                                    key=lambda h: h.inliers, default=None)
@@ -336,7 +336,7 @@ class Searcher:
             if new:
                 rows.update(self.store.rows_by_ids([h.id for h in new]))
                 found = verify_hits(self.verifier, query_path, new, len(new),
-                                    sha_of=lambda i: rows[i].sha256 if i in rows else None, on_error=on_error,
+                                    sha_of=lambda i: indexed_hash(rows.get(i)), on_error=on_error,
                                     query_features=query_features)
                 extra += new
                 out += [h for h in found if h.verification.confirmed]
@@ -399,7 +399,7 @@ class Searcher:
         """The confirmed result ``best``'s own top ``n`` by visual words and top ``n`` by the embedding that are not
         in ``have`` (nor excluded, nor outside ``within``), as hits scored by the query's global similarity."""
         try:
-            feats = self.verifier.features(best.path, row.sha256) if row is not None else None
+            feats = self.verifier.features(best.path, indexed_hash(row)) if row is not None else None
         except (ImageError, OSError):
             feats = None
         out = self._word_hits(feats, n, [*have, best], exclude, raw, min_score)

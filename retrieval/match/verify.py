@@ -27,7 +27,7 @@ import numpy as np
 
 from retrieval.models.preprocess import cache_dir
 from retrieval.errors import ImageError, RetrieveError
-from retrieval.images import load_image
+from retrieval.images import decode_image, load_image, read_image_bytes
 
 RANSAC_ITERS = 500  # enough for ≥ 15 % inliers at 99.5 % confidence; caps the cost of hopeless pairs
 MATCH_ROWS = 512  # query rows whose similarities to a candidate's are computed at once: the block (~2.6 MB for
@@ -178,25 +178,43 @@ class Verifier:
         return LocalFeatures(pts, np.clip(np.rint(desc), 0, 255).astype(np.uint8), tuple(own))
 
     def features(self, path: str | os.PathLike, sha256: str | None = None) -> LocalFeatures:
-        """Features of the file at ``path``, from the cache when its content was seen before."""
+        """Features of the file at ``path``, from the cache when its content was seen before.
+
+        ``sha256``: the content hash the caller knows (an index row's); features cached for it are used. Features
+        extracted now are cached under the hash of the very bytes they come from, never under ``sha256``: a photo
+        edited in place since it was indexed gets its own entry, and the old content's entry stays that content's
+        (the cache is shared by every index)."""
         if self.cache is None:
             return self.extract(load_image(path, min_side=self.max_side))
-        if sha256 is None:
-            sha256 = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        feats = self._known(sha256) if sha256 is not None else None
+        if feats is not None:
+            return feats
+        data = read_image_bytes(path)
+        actual = hashlib.sha256(data).hexdigest()
+        feats = self._known(actual) if actual != sha256 else None
+        if feats is None:
+            feats = self.extract(decode_image(data, path, min_side=self.max_side))
+            self.save(actual, feats)
+            self._remember(actual, feats)
+        return feats
+
+    def _known(self, sha256: str) -> LocalFeatures | None:
+        """The features of the content ``sha256`` from memory or the disk cache, or None."""
         with self._memo_lock:
             feats = self._memo.get(sha256)
             if feats is not None:
                 self._memo.move_to_end(sha256)
                 return feats
         feats = self._read(sha256)
-        if feats is None:
-            feats = self.extract(load_image(path, min_side=self.max_side))
-            self.save(sha256, feats)
+        if feats is not None:
+            self._remember(sha256, feats)
+        return feats
+
+    def _remember(self, sha256: str, feats: LocalFeatures) -> None:
         with self._memo_lock:
             self._memo[sha256] = feats
             while len(self._memo) > FEATURE_MEMO:
                 self._memo.popitem(last=False)
-        return feats
 
     def cached(self, data: bytes) -> LocalFeatures | None:
         """The cached features of the file content ``data``, or None (not seen before, or no cache)."""
@@ -431,6 +449,20 @@ def project(root: np.ndarray, projection: np.ndarray | None) -> np.ndarray:
         y = root @ projection
     y /= np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12)
     return np.ascontiguousarray(y, np.float32)
+
+
+def indexed_hash(row) -> str | None:
+    """An index row's content hash while its file is as it was indexed (the same size and mtime), for
+    :meth:`Verifier.features`; None when the file changed since (its bytes are then hashed: the features of the
+    photo as it is now, cached under their own hash). A file out of reach keeps the row's hash: its cached
+    features still serve."""
+    if row is None:
+        return None
+    try:
+        st = os.stat(row.path)
+    except OSError:
+        return row.sha256
+    return row.sha256 if (st.st_size, st.st_mtime_ns) == (row.size, row.mtime_ns) else None
 
 
 def rerank(candidates: Sequence, verifications: Sequence[Verification], k: int) -> list:

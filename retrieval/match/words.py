@@ -23,7 +23,8 @@ vocabulary shape, row count, file size), written after it, both atomically (temp
 rename). The file is a cache derived from the rows and the local features (cached per content hash):
 on every open it is reconciled with the rows (ids missing, gone, or whose content changed), and a file
 that is missing, damaged (numpy checks the zip's CRCs) or described by another fingerprint is rebuilt
-from them — never searched as it is. The indexer brings it up to date at the end of every run. It also
+from them — never searched as it is. The indexer brings it up to date at the end of every run; a search
+writes it only when it can take the writer lock without waiting (:func:`save_as_writer`). It also
 holds the inverted file itself (each word's postings: row positions and weights), so a search that opens
 the index reads it instead of building it from the bags (at 100 k images 3 GB read in 5 s against
 half a minute's build; bench/results/words-growth.md); a file without them (written before) is still read,
@@ -490,7 +491,8 @@ def _train(rows: dict[int, tuple[str, str]], features, seed: int = 0) -> Vocabul
 
 def sync(store: "IndexStore", verifier: "Verifier", save: bool = True) -> WordIndex | None:
     """The word index of ``store``, equal to its rows: loaded, reconciled (or trained and built), and
-    written back when it changed and ``save``. None when the collection has too few descriptors."""
+    written back when it changed and ``save`` (by the index's writer only: :func:`save_as_writer`). None when the
+    collection has too few descriptors."""
     sig = signature(verifier)
     rows = _rows(store)
     features = _features(verifier)
@@ -508,8 +510,33 @@ def sync(store: "IndexStore", verifier: "Verifier", save: bool = True) -> WordIn
     changed = changed or wi._ivf is None  # a file without the inverted file (written before it): written with it
     changed = wi.reconcile(rows, features) > 0 or changed
     if changed and save:
-        wi.save(store.directory)
+        save_as_writer(store, wi)
     return wi
+
+
+def save_as_writer(store: "IndexStore", wi: WordIndex) -> bool:
+    """Write ``wi`` to the index directory as its writer, or not at all (False). A store opened for writing holds
+    the writer lock; a reader (a search, the web app) takes the lock without waiting and writes only while it
+    holds it. While ``retrieve index`` or another writer runs, or where the directory is read-only, the reader
+    keeps what it computed in memory and writes nothing (the writer's run ends by bringing the file up to date).
+    Not "readers only compute": an index whose searches use words without its runs writing them (a catalogue
+    searched without ``words``), or a file from an older version, would be rebuilt by every search."""
+    if getattr(store, "writable", False):
+        wi.save(store.directory)
+        return True
+    from retrieval.errors import RetrieveError
+    from retrieval.index.lock import WriterLock
+
+    lock = WriterLock(store.directory)
+    try:
+        lock.acquire(f"a search writing {WORDS_NAME}")
+    except (RetrieveError, OSError):  # being written, or not ours to write
+        return False
+    try:
+        wi.save(store.directory)
+    finally:
+        lock.release()
+    return True
 
 
 def _described(directory: Path, signature: str) -> tuple[Path, dict] | None:
