@@ -194,6 +194,9 @@ class _Bar:
 @click.option("--follow-links", is_flag=True,
               help="Follow symbolic links that lead out of PATHS (by default they are not: a link to / would index "
                    "the whole disk). Paths are stored as real paths either way.")
+@click.option("--prune-missing", is_flag=True,
+              help="Also drop the photos of folders that are away. By default a folder that is gone, or empty "
+                   "(an unmounted drive, a disconnected share), keeps its photos' rows and is named.")
 @click.option("--catalogue", "as_catalogue", is_flag=True,
               help="PATHS are the index's catalogue (clean reference images): searches of this index also verify "
                    "the top catalogue images beside the global shortlist (search --catalogue N).")
@@ -202,7 +205,7 @@ class _Bar:
 @click.pass_context
 def index(ctx, paths, index_dir, model, weights, metric, index_type, faiss_factory, input_size, preset, face_detector,
           resize, pooling, head, refit, batch_size, workers, engine, ray_address, follow_links, as_json,
-          precision=None, as_catalogue=False) -> None:
+          precision=None, as_catalogue=False, prune_missing=False) -> None:
     """Index the photos under PATHS (recursively); re-runs only embed what changed.
 
     \b
@@ -230,7 +233,7 @@ def index(ctx, paths, index_dir, model, weights, metric, index_type, faiss_facto
                              index_type=index_type, faiss_factory=faiss_factory, input_size=input_size,
                              preset=preset, resize=resize, pooling=pooling, head=head, refit=refit, batch_size=batch_size, workers=workers, progress=bar, on_skip=on_skip,
                              follow_links=follow_links, engine=engine, ray_address=ray_address,
-                             catalogue=as_catalogue, **({"face_detector": face_detector} if face_detector else {}),
+                             catalogue=as_catalogue, prune_missing=prune_missing, **({"face_detector": face_detector} if face_detector else {}),
                              **({"precision": precision} if precision else {}))
     finally:
         bar.close()
@@ -251,6 +254,13 @@ def index(ctx, paths, index_dir, model, weights, metric, index_type, faiss_facto
                    + f" in {report.seconds:.1f}s")
     if report.catalogue and not as_json:
         click.echo(f"catalogue: {_paths_text(report.catalogue)}")
+    if report.kept_missing and not as_json:
+        from retrieval.index.check import describe_folder
+
+        for g in report.kept_missing:
+            click.echo(f"{describe_folder(g)}; kept")
+        click.echo("reconnect the folders, or drop their rows with `retrieve index PATHS --prune-missing` or "
+                   f"`retrieve check --repair --prune-missing --index {shlex.quote(report.index)}`")
     if report.interrupted:
         click.echo("Interrupted: the work done so far is kept; run the same command again to continue.", err=True)
         ctx.exit(130)
@@ -488,8 +498,8 @@ def check(ctx, index_dir, repair, prune_missing, as_json) -> None:
             click.echo(f"--repair keeps the rows of photos in missing folders: reconnect the folders, or drop those "
                        f"rows with `{prune}`")
         click.echo(f"{rep.index}: {rep.images} images, {rep.vectors} vectors: "
-                   + ("consistent" if rep.consistent else "NOT consistent" + (" (run `retrieve check --repair`)"
-                                                                               if rep.damage() else "")))
+                   + ("consistent" if rep.consistent else "NOT consistent" + (
+                       f" (run `retrieve check --repair --index {shlex.quote(rep.index)}`)" if rep.damage() else "")))
     if not rep.consistent:
         ctx.exit(1)
 

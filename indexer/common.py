@@ -38,6 +38,7 @@ class IndexReport:
     interrupted: bool = False
     skipped_files: list = field(default_factory=list)
     catalogue: list | None = None  # --catalogue: the folders and files recorded as the catalogue
+    kept_missing: list = field(default_factory=list)  # folders away (unplugged?): {"folder", "exists", "photos"}
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -28,6 +28,7 @@ from retrieval.index.store import IncompleteIndex, IndexStore, index_path
 from retrieval.index.vectors import factory_for
 
 from .common import FaceIndexReport, IndexReport, NoProgress, sigint_deferred
+from .rows import drop_vanished
 
 NO_FACE = "no face found"
 
@@ -39,7 +40,7 @@ def _within(path: str, trees: list[str]) -> bool:
 def index_faces(paths: Iterable[str | os.PathLike], index_dir, *, detector: str | None = None,
                 upsample: int | None = None, batch_size: int = 32, workers: int | None = None,
                 progress=None, on_skip: Callable[[str, str], None] | None = None, follow_links: bool = False,
-                refused: dict | None = None, backbone=None) -> IndexReport:
+                refused: dict | None = None, backbone=None, prune_missing: bool = False) -> IndexReport:
     """Index the faces in the photos under ``paths``; see the module docstring. ``refused``: options of the
     general indexer that were given (they do not apply to a faces index: a one-line error names them)."""
     from retrieval.faces.detect import FaceFinder
@@ -112,7 +113,8 @@ def index_faces(paths: Iterable[str | os.PathLike], index_dir, *, detector: str 
         new = settings is not None and not store.count()
         try:
             store.faiss_index()
-            _run(store, bb, finder, files, trees, report, batch_size, workers, progress, on_skip, stop, sample)
+            _run(store, bb, finder, files, trees, report, batch_size, workers, progress, on_skip, stop, sample,
+                 prune_missing)
         except KeyboardInterrupt:
             report.interrupted = True
         finally:
@@ -142,7 +144,7 @@ def index_faces(paths: Iterable[str | os.PathLike], index_dir, *, detector: str 
 
 
 def _run(store: IndexStore, bb, finder, files, trees, report: IndexReport, batch_size: int, workers,
-         progress, on_skip, stop: threading.Event, sample: list | None = None) -> None:
+         progress, on_skip, stop: threading.Event, sample: list | None = None, prune_missing: bool = False) -> None:
     rows, bad = store.files(), store.skipped()
     by_path: dict[str, list] = {}
     for r in rows:
@@ -219,8 +221,5 @@ def _run(store: IndexStore, bb, finder, files, trees, report: IndexReport, batch
             report.indexed += 1
             report.faces += len(faces)
             progress.advance(1)
-    gone = [r.id for p, rs in by_path.items() if p not in seen and _within(p, trees) for r in rs]
-    if gone:
-        store.delete_rows(gone)
-        store.apply(gone)
-        report.removed = len({p for p, rs in by_path.items() if p not in seen and _within(p, trees)})
+    drop_vanished(store, {p: [r.id for r in rs] for p, rs in by_path.items() if p not in seen and _within(p, trees)},
+                  list(seen), report, prune_missing)

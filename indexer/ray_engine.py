@@ -48,8 +48,8 @@ def ray_runner(address: str | None) -> Callable:
     """The engine hook for ``indexer.run.index_paths``: same signature as ``indexer.run._run``."""
     require_ray()
 
-    def run(store, bb, files, trees, report, batch_size, workers, progress, on_skip, stop) -> None:
-        _run_ray(store, bb, files, trees, report, batch_size, workers, progress, on_skip, stop, address)
+    def run(store, bb, files, trees, report, batch_size, workers, progress, on_skip, stop, prune_missing=False):
+        _run_ray(store, bb, files, trees, report, batch_size, workers, progress, on_skip, stop, address, prune_missing)
 
     return run
 
@@ -244,13 +244,14 @@ def portable(bb):
 
 
 # -- the driver -----------------------------------------------------------------------------------
-def _run_ray(store, bb, files, trees, report, batch_size, workers, progress, on_skip, stop, address) -> None:
+def _run_ray(store, bb, files, trees, report, batch_size, workers, progress, on_skip, stop, address,
+             prune_missing=False) -> None:
     from retrieval.images import decode_image, read_image_bytes
     from retrieval.scan import FileEntry
 
     from retrieval.match.verify import decode_side
 
-    from .rows import Decoded, commit_embedded, plan_run, record_skip, reuse
+    from .rows import Decoded, by_path, commit_embedded, drop_vanished, plan_run, record_skip, reuse
 
     plan = plan_run(store, files, trees, report)
     todo = plan.todo
@@ -354,7 +355,4 @@ def _run_ray(store, bb, files, trees, report, batch_size, workers, progress, on_
                 close = getattr(stream, "close", None)
                 if close is not None:
                     close()
-    gone_ids = [r.id for r in plan.removed()]
-    store.delete_rows(gone_ids)
-    store.apply(gone_ids)
-    report.removed = len(gone_ids)
+    drop_vanished(store, by_path(plan.removed()), [e.path for e in files], report, prune_missing)

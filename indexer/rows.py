@@ -33,6 +33,33 @@ def plan_run(store, files: list[FileEntry], trees: list[str], report: IndexRepor
     return plan
 
 
+def by_path(rows) -> dict[str, list[int]]:
+    """Row ids by path (a faces index has several rows per photo)."""
+    out: dict[str, list[int]] = {}
+    for r in rows:
+        out.setdefault(r.path, []).append(r.id)
+    return out
+
+
+def drop_vanished(store, vanished: dict[str, list[int]], present: list[str], report: IndexReport,
+                  prune_missing: bool = False) -> None:
+    """Rows of photos gone from the scanned folders (``vanished``: path → row ids) leave the index, except
+    those whose folder is away (retrieval/index/check.py :func:`missing_folders`: a folder gone, or one that holds
+    none of its indexed photos any more, as an unmounted drive's mount point): a drive unplugged or a share
+    disconnected must not empty the index. They stay, named in ``report.kept_missing``, unless ``prune_missing``."""
+    from retrieval.index.check import missing_folders
+
+    if not vanished:
+        return
+    groups = [] if prune_missing else missing_folders(list(vanished), present)
+    away = {p for g in groups for p in g["paths"]}
+    report.kept_missing = [{"folder": g["folder"], "exists": g["exists"], "photos": len(g["paths"])} for g in groups]
+    gone = [i for p, ids in vanished.items() if p not in away for i in ids]
+    store.delete_rows(gone)
+    store.apply(gone)
+    report.removed = len(vanished) - len(away)
+
+
 def record_skip(store, d: Decoded, rows: dict) -> None:
     """``d``'s file could not be read: remembered (not retried until it changes); a once-good file leaves the index."""
     old = rows.get(d.entry.path)

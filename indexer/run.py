@@ -36,7 +36,7 @@ from retrieval.presets import FACES, GENERAL, preset_named, preset_of
 from retrieval.scan import FileEntry, check_paths, scan_paths
 
 from .common import IndexReport, NoProgress, Progress, sigint_deferred
-from .rows import Decoded, commit_embedded, plan_run, record_skip, reuse
+from .rows import Decoded, by_path, commit_embedded, drop_vanished, plan_run, record_skip, reuse
 
 if TYPE_CHECKING:  # torch is imported only where the cached ONNX graphs cannot serve (retrieval/models/graphs.py)
     from retrieval.models.backbone import Backbone
@@ -84,7 +84,7 @@ def index_paths(paths: Iterable[str | os.PathLike], index_dir: str | os.PathLike
                 on_skip: Callable[[str, str], None] | None = None,
                 backbone: Backbone | None = None, follow_links: bool = False, engine: str = "local",
                 ray_address: str | None = None, face_detector: str | None = None,
-                catalogue: bool = False) -> IndexReport:
+                catalogue: bool = False, prune_missing: bool = False) -> IndexReport:
     """Index (or update the index of) the images under ``paths`` into ``index_dir``; see the module docstring.
 
     ``model``/``weights``/``metric``/``index_type``/``faiss_factory``/``input_size``/``resize``/``pooling``/
@@ -95,6 +95,7 @@ def index_paths(paths: Iterable[str | os.PathLike], index_dir: str | os.PathLike
     indexer/ray_engine.py). ``backbone`` substitutes a ready-made backbone (tests). A new index into which nothing could be
     indexed (no images, or none decodable) is not created: :class:`RetrieveError`. ``catalogue``: ``paths`` are
     the collection's catalogue (reference photos; retrieval/index/catalogue.py), recorded once they are indexed.
+    ``prune_missing``: also drop the rows of photos whose folder is away (kept otherwise: :func:`.rows.drop_vanished`).
     """
     asked_preset, existing = preset_named(preset), _existing_preset(index_dir)
     per_face = (asked_preset or existing or (FACES if face_detector is not None else GENERAL)).per_face
@@ -114,6 +115,7 @@ def index_paths(paths: Iterable[str | os.PathLike], index_dir: str | os.PathLike
 
         return index_faces(paths, index_dir, detector=face_detector, batch_size=batch_size, workers=workers,
                            progress=progress, on_skip=on_skip, follow_links=follow_links, backbone=backbone,
+                           prune_missing=prune_missing,
                            refused=dict(model=model, weights=weights, metric=metric, index_type=index_type,
                                         faiss=faiss_factory, input_size=input_size, resize=resize, pooling=pooling,
                                         head=head, refit=refit))
@@ -182,7 +184,8 @@ def index_paths(paths: Iterable[str | os.PathLike], index_dir: str | os.PathLike
         new = settings is not None and not store.count()
         try:
             store.faiss_index()  # loaded (and reconciled) before this run changes any row
-            run_engine(store, bb, files, trees, report, batch_size, workers, progress, on_skip, stop)
+            run_engine(store, bb, files, trees, report, batch_size, workers, progress, on_skip, stop,
+                       prune_missing=prune_missing)
         except KeyboardInterrupt:
             report.interrupted = True
         finally:
@@ -340,7 +343,7 @@ def _check_factory(factory: str, dim: int) -> None:
 
 def _run(store: IndexStore, bb: Backbone, files: list[FileEntry], trees: list[str], report: IndexReport,
          batch_size: int, workers: int | None, progress: Progress, on_skip: Callable[[str, str], None],
-         stop: threading.Event) -> None:
+         stop: threading.Event, prune_missing: bool = False) -> None:
     plan = plan_run(store, files, trees, report)
     todo = plan.todo
     progress.start(len(todo))
@@ -420,11 +423,9 @@ def _run(store: IndexStore, bb: Backbone, files: list[FileEntry], trees: list[st
             for f in window:
                 f.cancel()
             raise
-    # Files that vanished from the scanned folders and did not turn up elsewhere leave the index.
-    gone_ids = [r.id for r in plan.removed()]
-    store.delete_rows(gone_ids)
-    store.apply(gone_ids)
-    report.removed = len(gone_ids)
+    # Files that vanished from the scanned folders and did not turn up elsewhere leave the index (not those of a
+    # folder that is away, unless prune_missing).
+    drop_vanished(store, by_path(plan.removed()), [e.path for e in files], report, prune_missing)
 
 
 def repair_index(directory, prune_missing: bool = False):

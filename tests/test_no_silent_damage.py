@@ -47,7 +47,7 @@ def test_repair_keeps_the_rows_of_a_missing_folder_and_its_hint_drops_them(with_
     assert r.returncode == 1, r.stdout + r.stderr  # the index still does not agree with the files on disk
     assert f"4 photos under {trip}: the folder is missing" in r.stdout and "; kept" in r.stdout, r.stdout
     assert "dropped 1 photo whose file was deleted" in r.stdout, r.stdout
-    assert "run `retrieve check --repair`" not in r.stdout  # it would change nothing
+    assert "run `retrieve check --repair" not in r.stdout  # it would change nothing
     rep = json.loads(run("check", "--index", idx, "--json", ok=False).stdout)
     assert rep["images"] == 12 and rep["missing_folders"] == [
         {"folder": str(trip), "exists": False, "paths": [str(trip / f"t{i}.jpg") for i in range(4)]}]
@@ -66,6 +66,30 @@ def test_repair_keeps_the_rows_of_a_missing_folder_and_its_hint_drops_them(with_
     assert r.returncode == 0 and "dropped 4 photos in missing folders (--prune-missing)" in r.stdout, r.stdout
     rep = run_json("check", "--index", idx)
     assert rep["consistent"] and rep["images"] == rep["vectors"] == 8
+
+
+def test_an_index_run_keeps_the_rows_of_a_missing_folder_unless_pruned(with_trip, tmp_path):
+    """`retrieve index` over the parent of an unplugged drive's folder does not take its photos for deleted
+    either; a photo deleted from a folder that holds others leaves; --prune-missing drops the folder's rows."""
+    photos, trip = with_trip
+    idx = tmp_path / "idx"
+    assert run_json("index", photos, "--index", idx)["total"] == 13
+    away = tmp_path / "elsewhere"
+    shutil.move(trip, away)
+    os.remove(photos / "horse.png")
+    r = run_process("index", photos, "--index", idx)
+    assert r.returncode == 0, r.stderr
+    assert f"4 photos under {trip}: the folder is missing" in r.stdout and "; kept" in r.stdout, r.stdout
+    assert "12 images in" in r.stdout and "1 removed" in r.stdout, r.stdout
+    shutil.move(away, trip)  # back: nothing to embed again
+    rep = run_json("index", photos, "--index", idx)
+    assert rep["total"] == 12 and rep["unchanged"] == 12 and rep["indexed"] == 0 and rep["kept_missing"] == []
+    shutil.move(trip, away)
+    rep = run_json("index", photos, "--index", idx)
+    assert rep["total"] == 12 and rep["removed"] == 0
+    assert rep["kept_missing"] == [{"folder": str(trip), "exists": False, "photos": 4}]
+    rep = run_json("index", photos, "--index", idx, "--prune-missing")
+    assert rep["total"] == 8 and rep["removed"] == 4 and rep["kept_missing"] == []
 
 
 def test_an_empty_folder_keeps_its_rows_and_prune_needs_repair(with_trip, tmp_path):

@@ -273,7 +273,7 @@ def test_corrupted_shard_found_by_check_and_repaired(trained):
     r = run_process("check", "--index", e["idx"])  # the installed entry point, in its own process
     assert r.returncode == 1
     assert f"{vec}: vectors of ids" in r.stdout and "does not match its checksum" in r.stdout
-    assert "run `retrieve check --repair`" in r.stdout  # the hint, followed next
+    assert f"run `retrieve check --repair --index {e['idx']}`" in r.stdout  # the hint, followed next
     r = run_process("check", "--index", e["idx"], "--repair")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "rebuilt the vector file" in r.stdout

@@ -109,7 +109,7 @@ SHOWN_FILES = 20  # missing files named one by one in the text report
 
 def describe_folder(g: dict) -> str:
     """One missing folder in words: how many photos, where, and why they may come back."""
-    n = len(g["paths"])
+    n = g["photos"] if "photos" in g else len(g["paths"])
     photos = f"{n} photo{'s' if n != 1 else ''}"
     if g["exists"]:
         return (f"{photos} in {g['folder']}: none of the folder's indexed photos is there "
