@@ -1,5 +1,6 @@
 """Issue 28, a strange folder: any file name (not UTF-8, emoji, control characters) indexes, searches, explains,
-checks and is served, round-tripping byte for byte. Through the installed command, with a strict UTF-8 stdout (a
+checks and is served, round-tripping byte for byte; phone photos (HEIC/HEIF, AVIF) decode upright; photo formats
+retrieve does not decode are named with the reason. Through the installed command, with a strict UTF-8 stdout (a
 name that cannot be encoded would crash the printing, not pass silently)."""
 from __future__ import annotations
 
@@ -9,10 +10,13 @@ import os
 import re
 import sqlite3
 import subprocess
+import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image, ImageOps
 
 from clitools import ROOT, entry_point, stop
 from conftest import skimage_photo
@@ -174,6 +178,87 @@ def test_shown_escapes_only_what_a_person_cannot_read():
     assert shown("/p/é 😀 \u200d 日本.jpg") == "/p/é 😀 \u200d 日本.jpg"
     assert shown("a\tb\x7f\u2028\u202e") == "a\\x09b\\x7f\\u2028\\u202e"
     assert json_name("path", "/p/ok.jpg") == {"path": "/p/ok.jpg"}
+
+
+# -- phone photos and formats not decoded ---------------------------------------------------------------------------
+def _stored(index: Path) -> dict[str, tuple[int, int, np.ndarray]]:
+    with sqlite3.connect(index / "index.db") as con:
+        return {Path(p).name: (w, h, np.frombuffer(v, np.float32))
+                for p, w, h, v in con.execute("SELECT path, width, height, vector FROM images")}
+
+
+def _cos(a: np.ndarray, b: np.ndarray) -> float:
+    return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+def test_heic_and_avif_index_upright_and_the_rest_is_named(tmp_path):
+    """A HEIC and an AVIF saved sideways with EXIF orientation 6 (made here through pillow-heif and Pillow) index as
+    the upright photo: the size and the embedding of the same photo saved upright as PNG (the sideways PNG, as the
+    unrotated photo would embed, is far from it). A broken .jpg, a camera raw file and a JPEG XL are each named on
+    stderr with the reason; a .txt is passed over in silence."""
+    pytest.importorskip("pillow_heif", reason="pillow-heif is not installed (a dependency: pip install pillow-heif)")
+    from PIL import features
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    cat = skimage_photo("chelsea")  # 451 x 300: landscape as stored, portrait once rotated
+    upright = ImageOps.exif_transpose(_with_orientation(cat, 6))
+    assert upright.size == (300, 451)
+    upright.save(photos / "upright.png")
+    cat.save(photos / "sideways.png")  # what the HEIC would embed if its orientation were lost
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    import pillow_heif
+
+    pillow_heif.register_heif_opener()
+    cat.save(photos / "phone.heic", format="HEIF", exif=exif.tobytes(), quality=95)
+    avif = features.check("avif")
+    if avif:
+        cat.save(photos / "phone.avif", format="AVIF", exif=exif.tobytes(), quality=95)
+    (photos / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"not a photo" * 20)
+    (photos / "IMG_0001.CR2").write_bytes(b"II*\x00" + bytes(200))
+    (photos / "scan.jxl").write_bytes(b"\xff\x0a" + bytes(200))
+    (photos / "notes.txt").write_text("not a photo")
+    index = tmp_path / "index"
+
+    r = cli("index", photos, "--index", index, "--json")
+    d = json.loads(r.stdout)
+    assert d["indexed"] == 3 + avif and d["skipped"] == 3, r.stdout + r.stderr
+    err = r.stderr.strip().splitlines()
+    assert sorted(err) == sorted([
+        f"{photos / 'IMG_0001.CR2'}: a camera raw file: not decoded (index the JPEG the camera wrote beside it, or an "
+        "exported copy)",
+        f"{photos / 'broken.jpg'}: cannot decode: truncated image data",
+        f"{photos / 'scan.jxl'}: JPEG XL: not supported (index a JPEG, PNG, WebP, HEIC or AVIF copy)"]), r.stderr
+
+    rows = _stored(index)
+    w, h, ref = rows["upright.png"]
+    assert (w, h) == (300, 451)
+    for name in ("phone.heic",) + (("phone.avif",) if avif else ()):
+        assert rows[name][:2] == (300, 451), name
+        assert _cos(rows[name][2], ref) > 0.97, name
+        assert _cos(rows[name][2], ref) > _cos(rows["sideways.png"][2], ref) + 0.05, name
+
+    (q,) = lines(cli("search", photos / "phone.heic", "--index", index, "-k", "1", "--json"))
+    assert Path(q["results"][0]["path"]).name in ("upright.png", "phone.avif")
+    again = json.loads(cli("index", photos, "--index", index, "--json").stdout)
+    assert again["skipped_before"] == 3 and again["indexed"] == 0  # remembered, not reported again
+
+
+def _with_orientation(img: Image.Image, orientation: int) -> Image.Image:
+    img = img.copy()
+    img.getexif()[0x0112] = orientation
+    return img
+
+
+def test_pillow_heif_is_imported_only_for_an_iso_media_file():
+    """A search among JPEGs never pays for importing the HEIF plugin."""
+    code = ("import sys, io\nfrom PIL import Image\nfrom retrieval.images import decode_image\n"
+            "b = io.BytesIO(); Image.new('RGB', (8, 8)).save(b, 'JPEG'); decode_image(b.getvalue(), 'x.jpg')\n"
+            "print('pillow_heif' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert r.stdout.strip() == "False", r.stderr
 
 
 # -- PostgreSQL ------------------------------------------------------------------------------------------------------
