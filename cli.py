@@ -14,6 +14,7 @@ import click
 
 from retrieval import __version__
 from retrieval.errors import RetrieveError
+from retrieval.names import shown
 from retrieval.presets import PRESETS
 
 
@@ -24,7 +25,7 @@ class RetrieveGroup(click.Group):
         try:
             return super().invoke(ctx)
         except RetrieveError as e:
-            raise click.ClickException(str(e)) from None
+            raise click.ClickException("\n".join(map(shown, str(e).split("\n")))) from None  # names readable
         except KeyboardInterrupt:
             click.echo("Interrupted.", err=True)
             ctx.exit(130)
@@ -226,7 +227,7 @@ def index(ctx, paths, index_dir, model, weights, metric, index_type, faiss_facto
     def on_skip(path: str, reason: str) -> None:
         if bar.bar:
             click.echo("", err=True)
-        click.echo(f"{path}: {reason}", err=True)
+        click.echo(f"{shown(path)}: {reason}", err=True)
 
     try:
         report = index_paths(paths, _index_dir(index_dir), model=model, weights=weights, metric=metric,
@@ -258,7 +259,7 @@ def index(ctx, paths, index_dir, model, weights, metric, index_type, faiss_facto
         from retrieval.index.check import describe_folder
 
         for g in report.kept_missing:
-            click.echo(f"{describe_folder(g)}; kept")
+            click.echo(f"{shown(describe_folder(g))}; kept")
         click.echo("reconnect the folders, or drop their rows with `retrieve index PATHS --prune-missing` or "
                    f"`retrieve check --repair --prune-missing --index {shlex.quote(report.index)}`")
     if report.interrupted:
@@ -304,6 +305,7 @@ def info(index_dir, as_json) -> None:
 def _paths_text(paths: list[str], most: int = 3) -> str:
     """Paths for one line: all of them when few, else the count, the first ``most`` and how many more
     (``--json`` keeps the whole list)."""
+    paths = [shown(p) for p in paths]
     if len(paths) <= most + 1:
         return ", ".join(paths)
     return f"{len(paths)} paths: {', '.join(paths[:most])} and {len(paths) - most} more (--json lists all)"
@@ -377,7 +379,7 @@ def search(ctx, queries, index_dir, k, min_score, include_self, qe, dba, verify,
         raise click.UsageError("--out, --method and --full-maps go with --explain")
     paths = expand_queries(queries)
     failed = 0
-    on_error = lambda p, r: click.echo(f"{p}: {r}", err=True)  # noqa: E731
+    on_error = lambda p, r: click.echo(f"{shown(p)}: {r}", err=True)  # noqa: E731
     with Collection(_index_dir(index_dir)) as c:
         if c.preset.per_face:
             if qe or dba or verify or words or expand or within or catalogue_n or min_score is not None:
@@ -391,7 +393,7 @@ def search(ctx, queries, index_dir, k, min_score, include_self, qe, dba, verify,
         for qi, res in enumerate(results):
             if res.error:
                 failed += 1
-                click.echo(f"{res.query}: {res.error}", err=True)
+                click.echo(f"{shown(res.query)}: {res.error}", err=True)
                 if as_json:
                     click.echo(json.dumps(res.to_dict()))
                 continue
@@ -413,7 +415,7 @@ def search(ctx, queries, index_dir, k, min_score, include_self, qe, dba, verify,
 def _print_results(res, explained: dict, verdicts: dict) -> None:
     """A query's results as a table: rank, score, inliers (verified), verdict, face box (faces), path."""
     face = res.faces_in_query is not None
-    click.echo(f"{res.query}" + (f" (face {res.face} of {res.faces_in_query}, box {','.join(map(str, res.box))})"
+    click.echo(shown(res.query) + (f" (face {res.face} of {res.faces_in_query}, box {','.join(map(str, res.box))})"
                                  if face else ""))
     if not res.results:
         click.echo("  (no results)")
@@ -426,9 +428,9 @@ def _print_results(res, explained: dict, verdicts: dict) -> None:
         inl = "" if not verified else f"  {'' if h.inliers is None else h.inliers:>7}"
         box = f"  {h.face}:{','.join(map(str, h.box)):<17}" if face else ""
         ver = f"  {verdicts[h.rank]['headline']}" if h.rank in verdicts else ""
-        click.echo(f"  {h.rank:>4}  {h.score:>9.4f}{inl}{box}{ver}  {h.path}")
+        click.echo(f"  {h.rank:>4}  {h.score:>9.4f}{inl}{box}{ver}  {shown(h.path)}")
     if explained:
-        click.echo(f"  report: {next(iter(explained.values()))['report']}")
+        click.echo(f"  report: {shown(next(iter(explained.values()))['report'])}")
 
 
 def _explain_target(out_dir, query: str, qi: int, n: int) -> Path:
@@ -487,9 +489,9 @@ def check(ctx, index_dir, repair, prune_missing, as_json) -> None:
         for what in rep.repaired:
             click.echo(f"repaired: {what}")
         for p in rep.damage():
-            click.echo(p)
+            click.echo(shown(p))
         for p in rep.away():
-            click.echo(p + ("; kept" if repair else ""))
+            click.echo(shown(p) + ("; kept" if repair else ""))
         if rep.consistent and rep.trailing:  # the normal state after an interrupted run: heals itself
             click.echo(f"pending: {'; '.join(rep.pending())} (searches catch up in memory; the next `retrieve "
                        "index` or `retrieve check --repair` writes the vector file)")
@@ -568,7 +570,7 @@ def explain_cmd(ctx, a, b, index_dir, model, weights, metric, method, input_size
         return
     for side, key in (("A", "a"), ("B", "b")):
         if f"face_{key}" in doc:
-            click.echo(f"{side}: {doc['query' if key == 'a' else 'result']} (face {doc['face_' + key]} of "
+            click.echo(f"{side}: {shown(doc['query' if key == 'a' else 'result'])} (face {doc['face_' + key]} of "
                        f"{doc['faces_in_' + key]}, box {','.join(map(str, doc['box_' + key]))})")
     click.echo(doc["score_text"])
     click.echo(doc["verdict"]["text"])
@@ -581,7 +583,7 @@ def explain_cmd(ctx, a, b, index_dir, model, weights, metric, method, input_size
     if "energy_in_box" in doc:
         click.echo(f"share of the map inside the face box: A {doc['energy_in_box']['query']:.0%}, "
                    f"B {doc['energy_in_box']['result']:.0%}")
-    click.echo(f"report: {doc['files']['report']}")
+    click.echo(f"report: {shown(doc['files']['report'])}")
 
 
 def _box(b) -> str:

@@ -16,6 +16,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+from retrieval.names import shown
+
 from .methods import Explanation, map_size
 
 COLORMAP = "inferno"
@@ -74,7 +76,7 @@ def pair_figure(query: Image.Image, result: Image.Image, e: Explanation, title: 
     width = gap + panels[0].width + gap + panels[1].width + gap + legend
     canvas = Image.new("RGB", (width, top + height + bottom), "white")
     draw = ImageDraw.Draw(canvas)
-    draw.text((gap, 10), title, fill="black", font=_font(16))
+    draw.text((gap, 10), shown(title), fill="black", font=_font(16))  # a file name in it: readable (retrieval/names.py)
     if subtitle:
         draw.text((gap, 34), subtitle, fill="#333333", font=_font(13))
     x = gap
@@ -186,6 +188,11 @@ class ReportItem:
 
 _E = html.escape
 
+
+def _N(text: str) -> str:
+    """Text holding a file name, for HTML: readable (retrieval/names.py shown) and escaped."""
+    return html.escape(shown(text))
+
 REPORT_CSS = (
     "body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:1100px;padding:0 1em;color:#222}"
     "h1{font-size:1.5em}h2{font-size:1.15em;margin:0 0 .3em}section{margin:0 0 2.5em;padding-top:1em;"
@@ -260,7 +267,7 @@ def _panel(label: str, path: str, img: Image.Image, heat: np.ndarray, boxes: lis
     return (f"<figure><div class='stack'>{(photos or _Photos()).img(label, img)}"
             f"<img class='heat' alt='{_E(label)} heat map' src='{_heat_uri(heat)}' style='opacity:.6'>"
             f"{_marks_svg((w0, h0), boxes)}{_face_svg((w0, h0), face) if face is not None else ''}</div>"
-            f"<figcaption>{_E(label)}: <code>{_E(path)}</code> ({w0}×{h0})"
+            f"<figcaption>{_E(label)}: <code>{_N(path)}</code> ({w0}×{h0})"
             + (f", face box {face[0]},{face[1]}–{face[2]},{face[3]}" if face is not None else "")
             + "</figcaption></figure>")
 
@@ -268,7 +275,7 @@ def _panel(label: str, path: str, img: Image.Image, heat: np.ndarray, boxes: lis
 def report_item_html(it: ReportItem, photos: _Photos | None = None) -> str:
     """One result's section: search score, verdict, both maps with their controls, region pairs, channels."""
     rec = it.record
-    parts = [f"<section><h2>{_E(rec['score_short'])} · {_E(it.label)}</h2>",
+    parts = [f"<section><h2>{_E(rec['score_short'])} · {_N(it.label)}</h2>",
              f"<p class='muted'>The score is the {_E(rec['score_is'])}.</p>",
              f"<p class='verdict'>{_E(rec['verdict']['text'])}</p>",
              f"<p class='muted'>{_E(rec['explained']['text'])}</p>"]
@@ -325,8 +332,8 @@ def _box(b) -> str:
 def write_report(path: Path, title: str, items: Sequence[ReportItem], meta: dict, note: str | None = None) -> None:
     """One self-contained HTML file (images inlined, no external CSS or JS), results in rank order; ``note``: what to
     say once about the collection (a small one: retrieval/verdict.py collection_note)."""
-    parts = [f"<!doctype html><html lang='en'><meta charset='utf-8'><title>{_E(title)}</title>",
-             f"<style>{REPORT_CSS}</style>", f"<h1>{_E(title)}</h1>",
+    parts = [f"<!doctype html><html lang='en'><meta charset='utf-8'><title>{_N(title)}</title>",
+             f"<style>{REPORT_CSS}</style>", f"<h1>{_N(title)}</h1>",
              "<p class='muted'>" + " · ".join(f"{_E(str(k))}: <code>{_E(str(v))}</code>" for k, v in meta.items()
                                              if v is not None) + "</p>"]
     if note:

@@ -23,6 +23,7 @@ from PIL import Image
 
 from retrieval.errors import ImageError, RetrieveError
 from retrieval.images import load_image
+from retrieval.names import json_name
 from retrieval.verdict import collection_note, verdict as make_verdict
 
 from .cis import Decomposition, channel_rows, decompose_in
@@ -279,7 +280,7 @@ def prepare_pair(a: str | Path, b: str | Path, out: Path, explainer: Explainer, 
 
 def pair_document(a, b, meta: dict, rec: dict, files: dict, out: Path, e, verification, note=None) -> dict:
     """``explain.json`` of one pair (written to ``out``, its path added under ``files``), as returned."""
-    doc = {"query": str(Path(a).resolve()), "result": str(Path(b).resolve()), **meta, **rec,
+    doc = {**json_name("query", Path(a).resolve()), **json_name("result", Path(b).resolve()), **meta, **rec,
            "files": {**files, "pair": str(out / "pair.png"), "report": str(out / "report.html")}}
     doc["metric"] = e.metric
     if note:

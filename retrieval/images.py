@@ -4,12 +4,20 @@ Memory is bounded before anything large is allocated: a file larger than ``RETRI
 (200 MB by default) is refused before it is read, and an image whose header claims more than
 ``RETRIEVE_MAX_MEGAPIXELS`` (150 MP by default: a 100 MP photo passes) is refused before it is decoded.
 Both checks are explicit comparisons, made in whichever thread decodes (no warnings filters involved).
+
+Phone photos: HEIC/HEIF through pillow-heif (libheif), registered with Pillow the first time a file in an ISO media
+container (HEIF, AVIF) is decoded, so a search among JPEGs never imports it; AVIF through Pillow's own plugin (in its
+wheels since 11.3), which reports the photo's rotation as its EXIF orientation. A HEIF's rotation (its ``irot``/``imir``
+boxes) is applied by libheif, which then reports EXIF orientation 1. Either way the photo comes out upright once, as
+a JPEG with an EXIF orientation does. Formats photographers keep that retrieve cannot decode (camera raw, JPEG XL)
+are found by the scan and refused by name with the reason (:data:`NOT_DECODED`), rather than passed over in silence.
 """
 from __future__ import annotations
 
 import io
 import os
 import stat
+import threading
 from pathlib import Path
 
 from PIL import Image, ImageFile, ImageOps
@@ -18,8 +26,20 @@ from retrieval.errors import ImageError, RetrieveError
 
 #: Extensions treated as images when scanning a folder (lower case, with the dot).
 IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".jpe", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".pgm", ".ppm", ".pbm", ".pnm"}
+    {".jpg", ".jpeg", ".jpe", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".pgm", ".ppm", ".pbm", ".pnm",
+     ".heic", ".heif", ".hif", ".avif"}
 )
+_RAW = "a camera raw file: not decoded (index the JPEG the camera wrote beside it, or an exported copy)"
+#: Photo formats found when scanning but not decoded, with the reason each is refused (a TIFF-based raw file would
+#: otherwise open as its small embedded preview).
+NOT_DECODED = {
+    ".jxl": "JPEG XL: not supported (index a JPEG, PNG, WebP, HEIC or AVIF copy)",
+    **dict.fromkeys((".dng", ".cr2", ".cr3", ".crw", ".nef", ".nrw", ".arw", ".srf", ".sr2", ".raf", ".orf", ".rw2",
+                     ".pef", ".srw", ".x3f", ".3fr", ".erf", ".kdc", ".mrw", ".iiq", ".rwl"), _RAW),
+}
+_HEIF = {".heic", ".heif", ".hif"}
+_heif_lock = threading.Lock()
+_heif_state: str | None = None  # None: not tried yet; "" registered; else why HEIF cannot be decoded
 
 #: Default limits; the environment variables RETRIEVE_MAX_FILE_MB and RETRIEVE_MAX_MEGAPIXELS override them.
 MAX_FILE_MB = 200.0
@@ -62,7 +82,42 @@ def _too_large(path: str | os.PathLike, size: int, cap: int) -> ImageError:
 
 
 def is_image_path(path: str | os.PathLike) -> bool:
-    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+    """An extension the scan takes: a format retrieve decodes, or a photo format it names when refusing it."""
+    suffix = Path(path).suffix.lower()
+    return suffix in IMAGE_EXTENSIONS or suffix in NOT_DECODED
+
+
+def _heif_plugin() -> str:
+    """Register pillow-heif's HEIF opener with Pillow (once, thread-safe); "" when registered, else the reason HEIC
+    cannot be decoded. Its thumbnails, depth and auxiliary images are not read: only the primary image is used."""
+    global _heif_state
+    with _heif_lock:
+        if _heif_state is None:
+            try:
+                import pillow_heif
+            except ImportError:
+                _heif_state = "HEIC/HEIF needs pillow-heif, which is not installed (pip install pillow-heif)"
+            else:
+                pillow_heif.register_heif_opener(thumbnails=False, depth_images=False, aux_images=False)
+                from PIL import features
+
+                if not features.check("avif") and hasattr(pillow_heif, "register_avif_opener"):
+                    pillow_heif.register_avif_opener(thumbnails=False, depth_images=False, aux_images=False)
+                _heif_state = ""
+        return _heif_state
+
+
+def _unidentified(data: bytes, path: str | os.PathLike) -> str:
+    """Why Pillow (and its plugins) could not identify ``data``, naming the format where the extension says it."""
+    suffix = Path(os.fspath(path)).suffix.lower()
+    if suffix in _HEIF and _heif_plugin():
+        return _heif_plugin()
+    if suffix == ".avif":
+        from PIL import features
+
+        if not features.check("avif"):
+            return "AVIF: this Pillow was built without AVIF support (its wheels read AVIF since 11.3)"
+    return "not a recognised image format"
 
 
 def decode_image(data: bytes, path: str | os.PathLike, min_side: int | None = None) -> Image.Image:
@@ -77,17 +132,22 @@ def decode_image(data: bytes, path: str | os.PathLike, min_side: int | None = No
     """
     if not data:
         raise ImageError(path, "empty file")
+    suffix = Path(os.fspath(path)).suffix.lower()
+    if suffix in NOT_DECODED and suffix not in Image.registered_extensions():  # (unless a plugin installed reads it)
+        raise ImageError(path, NOT_DECODED[suffix])
     cap = max_file_bytes()
     if len(data) > cap:
         raise _too_large(path, len(data), cap)
     limit = max_pixels()
+    if data[4:8] == b"ftyp":  # an ISO media container (HEIF, AVIF): the HEIF opener is needed
+        _heif_plugin()
     try:
         img = Image.open(io.BytesIO(data))  # reads the header only
         w, h = img.size
         if w * h > limit:
             raise ImageError(path, f"refused: {w}x{h} pixels ({w * h / 1e6:.0f} MP) is more than the "
                                    f"{limit / 1e6:g} MP limit (RETRIEVE_MAX_MEGAPIXELS; a decompression bomb?)")
-        if getattr(img, "is_animated", False):
+        if getattr(img, "is_animated", False) and img.format != "HEIF":  # a HEIF opens on its primary image
             img.seek(0)
         if img.format == "JPEG" and min_side:
             # Scale so that the smaller side stays >= min_side after EXIF rotation (both sides checked).
@@ -103,7 +163,7 @@ def decode_image(data: bytes, path: str | os.PathLike, min_side: int | None = No
     except ImageError:
         raise
     except Image.UnidentifiedImageError:
-        raise ImageError(path, "not a recognised image format") from None
+        raise ImageError(path, _unidentified(data, path)) from None
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, MemoryError) as e:
         msg = str(e).strip() or type(e).__name__
         if "truncated" in msg.lower() or isinstance(e, EOFError):

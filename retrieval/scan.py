@@ -8,7 +8,9 @@
   not followed unless ``follow_links=True``; a link back into the trees is harmless (its target is walked
   at most once). Every directory is entered at most once (by device and inode), so link cycles end.
 - Hidden files and folders (a leading ".") and files without an image extension are passed over; a file
-  named directly counts even without an image extension.
+  named directly counts even without an image extension. Photo formats that are found but not decoded (camera raw,
+  JPEG XL: retrieval/images.py NOT_DECODED) are yielded, so that the indexer names each with its reason.
+- Names are kept as the file system gives them, undecodable bytes included (retrieval/names.py).
 """
 from __future__ import annotations
 

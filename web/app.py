@@ -12,6 +12,7 @@ Routes (every API answer is JSON; an error is ``{"error": "<one line>"}`` with a
 """
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from retrieval.errors import ImageError, RetrieveError
+from retrieval.names import shown
 
 from .security import REPORT_CSP, SECURITY_HEADERS, Guard, GuardMiddleware
 from .service import BadRequest, NotAnImage, NotFound, Service, TooLarge
@@ -34,12 +36,20 @@ CACHE_FOREVER = "public, max-age=31536000, immutable"  # URLs that change with t
 log = logging.getLogger("retrieve.serve")
 
 
+class _JSONResponse(JSONResponse):
+    """JSON in ASCII: a file name that is not UTF-8 travels as ``\\udcXX`` escapes, which ``JSON.parse`` reads
+    (retrieval/names.py), where Starlette's UTF-8 rendering would fail on it."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(content, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
 def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status, headers=SECURITY_HEADERS)
+    return _JSONResponse({"error": message}, status_code=status, headers=SECURITY_HEADERS)
 
 
 def _json(d) -> JSONResponse:
-    return JSONResponse(d, headers={**SECURITY_HEADERS, "Cache-Control": "no-store"})
+    return _JSONResponse(d, headers={**SECURITY_HEADERS, "Cache-Control": "no-store"})
 
 
 def create_app(collection: Service, guard: Guard | None = None) -> Starlette:
@@ -135,7 +145,7 @@ def create_app(collection: Service, guard: Guard | None = None) -> Starlette:
     async def photo(request: Request):
         path = await run_in_threadpool(c.photo_path, request.path_params["id"])
         return FileResponse(path, headers={**SECURITY_HEADERS, "Cache-Control": "private, max-age=3600"},
-                            content_disposition_type="inline", filename=path.name)
+                            content_disposition_type="inline", filename=shown(path.name))
 
     async def upload_file(request: Request):
         kind = request.path_params["file"].removesuffix(".jpg")

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from retrieval.errors import ImageError, RetrieveError
+from retrieval.names import shown as readable
 
 MAX_UPLOAD_BYTES = 20_000_000  # an upload larger than this is refused with 413
 MAX_K = 100
@@ -178,7 +179,8 @@ class Service:
         limit = _int(limit, "limit", 1, 500, 48)
         total, rows = self.current().store.page(offset, limit)
         return {"total": total, "offset": offset, "limit": limit,
-                "images": [{"id": r[0], "path": r[1], "name": Path(r[1]).name, "thumb": _thumb_url(r[0], r[2])}
+                "images": [{"id": r[0], "path": r[1], "name": readable(Path(r[1]).name),
+                            "thumb": _thumb_url(r[0], r[2])}
                            for r in rows]}
 
     def row(self, row_id) -> object:
@@ -263,7 +265,7 @@ class Service:
         row = self.row(q)
         path = self.photo_path(row.id)
         return (str(path), (row.height, row.width),
-                {"query": str(row.id), "id": row.id, "name": path.name, "path": row.path,
+                {"query": str(row.id), "id": row.id, "name": readable(path.name), "path": row.path,
                  "view": _thumb_url(row.id, row.sha256, VIEW_SIDE), "thumb": _thumb_url(row.id, row.sha256)})
 
     # -- search -------------------------------------------------------------------------------
@@ -297,7 +299,7 @@ class Service:
         rows = st.store.rows_by_ids([h["id"] for h in page])
         for h in page:
             hit = hits[h["rank"]]
-            h["name"] = Path(h["path"]).name
+            h["name"] = readable(Path(h["path"]).name)
             sha = rows[h["id"]].sha256 if h["id"] in rows else ""
             h["thumb"] = _thumb_url(h["id"], sha)
             h["verdict"] = st.index.verdict(hit.score, hit.verification).to_dict()
@@ -331,11 +333,13 @@ class Service:
             faces_of = {"face_a": st.store.face_rows([int(q)])[int(q)].face if str(q).isdigit() else 0,
                         "face_b": st.store.face_rows([row.id])[row.id].face}
         with self._model:
-            doc = self._explain_files(st, key, qpath, rpath, method, verify, (shown["name"], Path(row.path).name),
+            doc = self._explain_files(st, key, qpath, rpath, method, verify,
+                                      (shown["name"], readable(Path(row.path).name)),
                                       **faces_of)
         doc["seconds"] = round(time.perf_counter() - t0, 4)
         doc["query"] = shown.get("path", shown["name"])
-        doc["shown"] = {"query": shown, "result": {"id": row.id, "name": Path(row.path).name, "path": row.path,
+        doc["shown"] = {"query": shown, "result": {"id": row.id, "name": readable(Path(row.path).name),
+                                                   "path": row.path,
                                                    "view": _thumb_url(row.id, row.sha256, VIEW_SIDE)}}
         doc["sizes"] = {"query": list(qsize), "result": [row.height, row.width]}  # (H, W), own pixels
         doc["key"] = key

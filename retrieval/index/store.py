@@ -38,6 +38,7 @@ from retrieval.index.settings import DB_NAME, SCHEMA_VERSION, IndexSettings
 from retrieval.index.space import VectorSpace, as_vectors, chunks
 from retrieval.index.vectors import FAISS_NAME, META_NAME, Vectors, clean_temporaries
 from retrieval.metric import Metric, metric as metric_named
+from retrieval.names import from_db, to_db
 
 DB_TEMPORARY_GLOB = f".{DB_NAME}.*.tmp*"
 ROW_COLUMNS = ("id", "path", "size", "mtime_ns", "sha256", "width", "height", "vector", "indexed_at")
@@ -75,6 +76,8 @@ class Row:
         self.face = self.box = None
         for k, v in zip(columns, values):
             setattr(self, k, v)
+        if "path" in columns:  # a file name that is not UTF-8 is stored escaped (retrieval/names.py)
+            self.path = from_db(self.path)
 
 
 def default_explain(input_size: int) -> dict:
@@ -492,10 +495,10 @@ class IndexStore(VectorSpace):
     def row_paths(self) -> list[tuple[int, str, str]]:
         """(id, path, sha256) of every row: what the visual words and the catalogue and ``--within`` folders
         read (retrieval/match/words.py, retrieval/index/catalogue.py)."""
-        return self.query("SELECT id, path, sha256 FROM images")
+        return [(i, from_db(p), h) for i, p, h in self.query("SELECT id, path, sha256 FROM images")]
 
     def row_by_path(self, path: str) -> Row | None:
-        rows = self.query(f"SELECT {_COLS} FROM images WHERE path = :path", {"path": path})
+        rows = self.query(f"SELECT {_COLS} FROM images WHERE path = :path", {"path": to_db(path)})
         if len(rows) > 1:  # a faces index has a row per face: face_rows
             raise IndexError_(f"{self.where}: several rows for {path}")
         return Row(rows[0]) if rows else None
@@ -512,21 +515,23 @@ class IndexStore(VectorSpace):
 
     def files(self) -> list[FileRow]:
         """(id, path, size, mtime_ns, sha256) of every row: what an indexing run plans against (indexer/plan.py)."""
-        return [FileRow(*r) for r in self.query("SELECT id, path, size, mtime_ns, sha256 FROM images")]
+        return [FileRow(i, from_db(p), s, m, h)
+                for i, p, s, m, h in self.query("SELECT id, path, size, mtime_ns, sha256 FROM images")]
 
     def page(self, offset: int, limit: int) -> tuple[int, list[tuple[int, str, str]]]:
         """(how many rows, (id, path, sha256) of ``limit`` rows from ``offset`` in path order): the web app's list."""
         rows = self.query("SELECT id, path, sha256 FROM images ORDER BY path, id LIMIT :limit OFFSET :offset",
                           {"limit": int(limit), "offset": int(offset)})
-        return self.count(), rows
+        return self.count(), [(i, from_db(p), h) for i, p, h in rows]
 
     def embedding_sizes(self) -> list[tuple[int, str, int]]:
         """(id, path, bytes of the stored embedding) of every row (``retrieve check``)."""
-        return self.query("SELECT id, path, length(vector) FROM images")
+        return [(i, from_db(p), n) for i, p, n in self.query("SELECT id, path, length(vector) FROM images")]
 
     def skipped(self) -> dict[str, Skipped]:
         """{path: (size, mtime_ns, reason)} of the files recorded as undecodable (or without a face)."""
-        return {p: Skipped(s, m, r) for p, s, m, r in self.query("SELECT path, size, mtime_ns, reason FROM skipped")}
+        return {from_db(p): Skipped(s, m, r)
+                for p, s, m, r in self.query("SELECT path, size, mtime_ns, reason FROM skipped")}
 
     def skipped_count(self) -> int:
         return self.query("SELECT count(*) FROM skipped")[0][0] or 0
@@ -583,6 +588,7 @@ class IndexStore(VectorSpace):
 
         table, skipped = ImageRow.__table__, SkippedRow.__table__
         replace = [int(i) for i in replace]
+        values = [{**v, "path": to_db(v["path"])} for v in values]  # retrieval/names.py
         paths = sorted({v["path"] for v in values})
         with self._begin() as c:
             for part in chunks(replace, 500):
@@ -593,7 +599,7 @@ class IndexStore(VectorSpace):
             # each id is matched by its (path, face) instead, unique as in the table
             got = {(p, f): i for i, p, f in c.execute(insert(table).returning(table.c.id, table.c.path, table.c.face),
                                                       values)} if values else {}
-        return np.array([got[(v["path"], v.get("face"))] for v in values], np.int64)
+        return np.array([got[(v["path"], v.get("face"))] for v in values], np.int64)  # (paths as stored)
 
     def delete_rows(self, ids: Sequence[int]) -> None:
         from sqlalchemy import delete
@@ -615,8 +621,8 @@ class IndexStore(VectorSpace):
         with self._begin() as c:
             for part in chunks([int(i) for i in replace], 500):
                 c.execute(delete(table).where(table.c.id.in_(part)))
-            c.execute(delete(skipped).where(skipped.c.path == path))
-            c.execute(insert(skipped), [{"path": path, "size": size, "mtime_ns": mtime_ns, "reason": reason}])
+            c.execute(delete(skipped).where(skipped.c.path == to_db(path)))
+            c.execute(insert(skipped), [{"path": to_db(path), "size": size, "mtime_ns": mtime_ns, "reason": reason}])
 
     def update_file(self, row_id: int, path: str, size: int, mtime_ns: int, replace: Sequence[int] = ()) -> None:
         """A row follows its file: a new path (moved) or only a new size and mtime (touched); ``replace``: the rows
@@ -629,7 +635,8 @@ class IndexStore(VectorSpace):
         with self._begin() as c:
             for part in chunks([int(i) for i in replace], 500):
                 c.execute(delete(table).where(table.c.id.in_(part)))
-            c.execute(update(table).where(table.c.id == int(row_id)).values(path=path, size=size, mtime_ns=mtime_ns))
+            c.execute(update(table).where(table.c.id == int(row_id)).values(path=to_db(path), size=size,
+                                                                            mtime_ns=mtime_ns))
 
     def set_vectors(self, ids: Sequence[int], vectors: np.ndarray) -> None:
         """Replace the stored embeddings of rows ``ids`` (``retrieve check --repair`` re-embedding damaged ones)."""

@@ -12,6 +12,7 @@ import numpy as np
 from retrieval.errors import ImageError
 from retrieval.images import load_image
 from retrieval.match.verify import decode_side, indexed_hash
+from retrieval.names import json_name
 
 if TYPE_CHECKING:  # a cached graph searches without torch (retrieval/models/graphs.py), a plain SQLite index without
     from retrieval.models.backbone import Backbone  # SQLAlchemy (retrieval/index/store.py)
@@ -41,7 +42,7 @@ class Hit:
     box: tuple | None = None  # and its box, x0, y0, x1, y1 in the photo's own pixels
 
     def to_dict(self) -> dict:
-        d = {"rank": self.rank, "id": self.id, "path": self.path, "score": self.score}
+        d = {"rank": self.rank, "id": self.id, **json_name("path", self.path), "score": self.score}
         if self.distance is not None:
             d["distance"] = self.distance
         if self.inliers is not None:
@@ -65,7 +66,7 @@ class QueryResult:
     query_image: object = field(default=None, repr=False)  # the query photo as decoded for its faces
 
     def to_dict(self) -> dict:
-        d = {"query": self.query, "metric": self.metric, "results": [h.to_dict() for h in self.results]}
+        d = {**json_name("query", self.query), "metric": self.metric, "results": [h.to_dict() for h in self.results]}
         if self.faces_in_query is not None:
             d.update({"face": self.face, "box": list(self.box) if self.box else None,
                       "faces_in_query": self.faces_in_query})
