@@ -260,7 +260,7 @@ def index(ctx, paths, index_dir, model, weights, metric, index_type, faiss_facto
 
         for g in report.kept_missing:
             click.echo(f"{shown(describe_folder(g))}; kept")
-        click.echo("reconnect the folders, or drop their rows with `retrieve index PATHS --prune-missing` or "
+        click.echo("reconnect the folders, or drop their rows: the same command with --prune-missing, or "
                    f"`retrieve check --repair --prune-missing --index {shlex.quote(report.index)}`")
     if report.interrupted:
         click.echo("Interrupted: the work done so far is kept; run the same command again to continue.", err=True)
