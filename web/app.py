@@ -12,6 +12,7 @@ Routes (every API answer is JSON; an error is ``{"error": "<one line>"}`` with a
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from starlette.staticfiles import StaticFiles
 
 from retrieval.errors import ImageError, RetrieveError
 
-from .service import BadRequest, NotAnImage, NotFound, Service, TooLarge
+from .service import FORM_OVERHEAD, RENDER_WAIT_S, BadRequest, Busy, NotAnImage, NotFound, Service, TooLarge
 
 STATIC = Path(__file__).with_name("static")
 CACHE_FOREVER = "public, max-age=31536000, immutable"  # URLs that change with the content (?v=<hash>)
@@ -73,33 +74,54 @@ def create_app(collection: Service) -> Starlette:
         return _json(await run_in_threadpool(c.images, p.get("offset"), p.get("limit")))
 
     async def _read_upload(request: Request) -> tuple[bytes, str]:
-        """The photo in a request: multipart field ``image`` (or the first file), or the raw body."""
+        """The photo in a request: multipart field ``image`` (or the first file), or the raw body. The body is
+        counted as it arrives, chunked or not: past the cap (plus a form's overhead) it is a 413 at once, and the
+        bytes being received by all requests together stay within the service's budget (else a 503)."""
         cap = c.max_upload_bytes
+        limit = cap + FORM_OVERHEAD
         length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > cap + 64_000:
+        if length and length.isdigit() and int(length) > limit:
             raise TooLarge(f"upload too large: {int(length):,} bytes (the limit is {cap:,})")
-        ctype = request.headers.get("content-type", "")
-        if ctype.startswith("multipart/form-data"):
-            try:
-                form = await request.form(max_files=1, max_fields=20, max_part_size=cap + 1)
-            except Exception as e:  # the multipart parser's own errors (sizes, malformed bodies)
-                msg = str(getattr(e, "detail", "") or e).splitlines()[0] if str(e) else "malformed form"
-                if "size" in msg.lower() or "large" in msg.lower():
-                    raise TooLarge(f"upload too large (the limit is {cap:,} bytes)") from None
-                raise BadRequest(f"cannot read the form: {msg}") from None
-            f = form.get("image")
-            if f is None or isinstance(f, str):
-                f = next((v for _, v in form.multi_items() if not isinstance(v, str)), None)
-            if f is None:
-                raise BadRequest("no photo in the form: send it as the field 'image'")
-            data = await f.read(cap + 1)
-            return data, f.filename or "upload"
-        data = b""
-        async for chunk in request.stream():
-            data += chunk
-            if len(data) > cap:
+        received = 0
+
+        async def receive():
+            nonlocal received
+            message = await request.receive()
+            n = len(message.get("body", b"")) if message["type"] == "http.request" else 0
+            if received + n > limit:
                 raise TooLarge(f"upload too large: more than {cap:,} bytes (the limit)")
-        return data, request.query_params.get("name") or "upload"
+            if n:
+                c.reserve_upload(n)
+                received += n
+            return message
+
+        body = Request(request.scope, receive)
+        try:
+            if request.headers.get("content-type", "").startswith("multipart/form-data"):
+                try:
+                    form = await body.form(max_files=1, max_fields=20, max_part_size=FORM_OVERHEAD)
+                except (TooLarge, Busy):
+                    raise
+                except Exception as e:  # the multipart parser's own errors (sizes, malformed bodies)
+                    msg = str(getattr(e, "detail", "") or e).splitlines()[0] if str(e) else "malformed form"
+                    if "size" in msg.lower() or "large" in msg.lower():
+                        raise TooLarge(f"upload too large (the limit is {cap:,} bytes)") from None
+                    raise BadRequest(f"cannot read the form: {msg}") from None
+                try:
+                    f = form.get("image")
+                    if f is None or isinstance(f, str):
+                        f = next((v for _, v in form.multi_items() if not isinstance(v, str)), None)
+                    if f is None:
+                        raise BadRequest("no photo in the form: send it as the field 'image'")
+                    return await f.read(cap + 1), f.filename or "upload"
+                finally:
+                    await form.close()
+            chunks = []
+            async for chunk in body.stream():
+                chunks.append(chunk)
+            return b"".join(chunks), request.query_params.get("name") or "upload"
+        finally:
+            c.release_upload(received)
 
     async def upload(request: Request):
         data, name = await _read_upload(request)
@@ -124,7 +146,7 @@ def create_app(collection: Service) -> Starlette:
             raise BadRequest("give q (an indexed photo's id or upload:<token>) and r (an indexed photo's id)")
         doc = await run_in_threadpool(c.explain, p["q"], p["r"], p.get("method") or "sfam", p.get("verify", "0"))
         if p.get("download"):
-            return FileResponse(c.explained_file(doc["key"], "explain.json"), media_type="application/json",
+            return FileResponse(await _explained_file(doc["key"], "explain.json"), media_type="application/json",
                                 filename="explain.json", headers=SECURITY_HEADERS)
         return _json(doc)
 
@@ -141,13 +163,25 @@ def create_app(collection: Service) -> Starlette:
         return FileResponse(path, headers={**SECURITY_HEADERS, "Cache-Control": "private, max-age=3600"},
                             content_disposition_type="inline", filename=path.name)
 
+    async def _explained_file(key: str, name: str) -> Path:
+        """An explanation's file, its background drawing awaited without holding the event loop (nor a thread)."""
+        job = c.drawing(key, name)
+        if job is not None and not job.done():
+            try:  # shielded: a client that leaves does not cancel the drawing
+                await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(job)), RENDER_WAIT_S)
+            except asyncio.TimeoutError:
+                raise Busy(f"{name} is still being drawn after {RENDER_WAIT_S} s; try again later") from None
+            except Exception:
+                pass  # the drawing's error: explained_file says it
+        return c.explained_file(key, name)
+
     async def upload_file(request: Request):
         kind = request.path_params["file"].removesuffix(".jpg")
         path = c.upload_file(request.path_params["token"], kind)
         return FileResponse(path, media_type="image/jpeg", headers={**SECURITY_HEADERS, "Cache-Control": CACHE_FOREVER})
 
     async def explained(request: Request):
-        path = c.explained_file(request.path_params["key"], request.path_params["file"])
+        path = await _explained_file(request.path_params["key"], request.path_params["file"])
         headers = {**SECURITY_HEADERS, "Cache-Control": "private, max-age=3600"}
         if path.suffix == ".html":  # the report is self-contained: nothing but its inline style and script
             headers["Content-Security-Policy"] = ("default-src 'none'; img-src data:; style-src 'unsafe-inline'; "
@@ -159,6 +193,8 @@ def create_app(collection: Service) -> Starlette:
             return _error(404, str(e))
         if isinstance(e, TooLarge):
             return _error(413, str(e))
+        if isinstance(e, Busy):
+            return _error(503, str(e))
         if isinstance(e, NotAnImage):
             return _error(415, str(e))
         if isinstance(e, (BadRequest, ImageError)):
