@@ -12,8 +12,9 @@ temporary folder under their content hash.
 Bounded under load: every upload is capped in bytes (and the bytes being received at once, web/app.py), decoded
 under a small semaphore (uploads and thumbnails: as many at once as inference threads, at most
 ``MAX_DECODES``), and kept within a byte budget (the oldest dropped first); query parameters are capped (a 400
-naming the limit); searches run one at a time and beside explanations (not behind them), and at most
-``MAX_PENDING_RENDERS`` figures wait to be drawn. The caches are guarded by one lock.
+naming the limit); searches run one at a time, beside explanations (not behind them: explanations and their
+drawings run on a thread each, at a lower CPU priority), and at most ``MAX_PENDING_RENDERS`` figures wait to be
+drawn. The caches are guarded by one lock.
 
 While ``retrieve index`` updates the same index, answers come from the state this process loaded last; the
 indexer marks each finished run (``updated_at``), and the next request after that loads the new state.
@@ -25,6 +26,7 @@ import io
 import os
 import re
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -47,6 +49,7 @@ MAX_PENDING_RENDERS = 4  # explanations whose figure and report wait to be drawn
 KEEP_UPLOAD_BYTES = 200_000_000  # the kept uploads' files, at most (or two uploads of the largest size)
 UPLOADS_IN_FLIGHT = 100_000_000  # upload bytes being received at once (or four of the largest size): else 503
 RENDER_WAIT_S = 300  # the longest a download waits for its figure or report
+BACKGROUND_NICE = 10  # the explanations' and drawings' threads: below the searches
 THUMB_SIDE = 256
 VIEW_SIDE = 1024  # photos on the pair page
 METHODS = ("sfam", "gradcam", "occlusion")
@@ -157,7 +160,9 @@ class Service:
         self._upload_bytes = 0
         self._explained: OrderedDict[str, dict] = OrderedDict()  # key → the explain document
         self._old: list = []
-        self._render_pool = ThreadPoolExecutor(1, thread_name_prefix="retrieve-render")
+        # explanations and their drawings: one thread each, below the searches in the CPU's queue
+        self._explain_pool = ThreadPoolExecutor(1, thread_name_prefix="retrieve-explain", initializer=_background)
+        self._render_pool = ThreadPoolExecutor(1, thread_name_prefix="retrieve-render", initializer=_background)
         self._renders: dict[str, object] = {}  # key → the Future drawing its figure and report
         self.state = self._load()
 
@@ -198,6 +203,7 @@ class Service:
             return self.state
 
     def close(self) -> None:
+        self._explain_pool.shutdown(wait=True)
         self._render_pool.shutdown(wait=True)
         for st in [*self._old, self.state]:
             st.index.close()
@@ -372,8 +378,8 @@ class Service:
         include_self = not str(q).isdigit()
         if faces and not include_self:  # an indexed face's tile: that face of the photo is the query
             options["face"] = st.store.face_rows([int(q)])[int(q)].face
-        t0 = time.perf_counter()
         with self._search_lock:
+            t0 = time.perf_counter()
             (res,) = list(st.index.search([path], offset + k, include_self=include_self,
                                           **options))
         if res.error:
@@ -413,18 +419,24 @@ class Service:
         doc = self._cached_explanation(key)
         if doc is not None:
             return doc
-        t0 = time.perf_counter()
         faces_of = {}
         if faces:  # face against face: an indexed face's tile is that face, an upload's its largest (face 0)
             faces_of = {"face_a": st.store.face_rows([int(q)])[int(q)].face if str(q).isdigit() else 0,
                         "face_b": st.store.face_rows([row.id])[row.id].face}
+        names = (shown["name"], Path(row.path).name)
+        return self._explain_pool.submit(self._explain_new, st, key, qpath, qsize, shown, row, rpath, method, verify,
+                                         names, faces_of).result()
+
+    def _explain_new(self, st: Loaded, key: str, qpath: str, qsize, shown: dict, row, rpath: str, method: str,
+                     verify: bool, names: tuple[str, str], faces_of: dict) -> dict:
+        """A pair not explained yet, on the explanations' thread (one at a time)."""
         with self._explain_lock:
             doc = self._cached_explanation(key)  # made meanwhile by a request for the same pair
             if doc is not None:
                 return doc
             self._wait_for_renders(MAX_PENDING_RENDERS - 1)
-            doc = self._explain_files(st, key, qpath, rpath, method, verify, (shown["name"], Path(row.path).name),
-                                      **faces_of)
+            t0 = time.perf_counter()
+            doc = self._explain_files(st, key, qpath, rpath, method, verify, names, **faces_of)
             doc["seconds"] = round(time.perf_counter() - t0, 4)
             doc["query"] = shown.get("path", shown["name"])
             doc["shown"] = {"query": shown, "result": {"id": row.id, "name": Path(row.path).name, "path": row.path,
@@ -533,6 +545,16 @@ def _heat_png(m, size: tuple[int, int], path: Path) -> None:
 
 def _thumb_url(row_id: int, sha: str, side: int = THUMB_SIDE) -> str:
     return f"/thumb/{row_id}?size={side}&v={sha[:12]}"
+
+
+def _background() -> None:
+    """Lower the calling thread's CPU priority (Linux: per thread), so that searches are served first while
+    explanations are computed and drawn."""
+    if sys.platform.startswith("linux"):
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICE)
+        except OSError:
+            pass
 
 
 def _write_atomically(out: Path, data: bytes) -> None:
