@@ -320,3 +320,29 @@ def test_uploads_beyond_the_bytes_in_flight_are_busy_not_queued(live, monkeypatc
     status, d = server.json("api/upload", _photo_bytes(30), {"Content-Type": "image/jpeg"})
     assert status == 503 and "try again" in d["error"], d
     assert server.service._receiving == 0
+
+
+def test_thumbnails_are_cached_at_a_few_sizes(live):
+    """Whatever size is asked for, a photo's thumbnails are made at one of a few sides (rounded up): a client cannot
+    fill the disk cache with one file per pixel size."""
+    import io
+
+    from PIL import Image
+
+    from web.service import THUMB_SIDES
+
+    server, _ = live
+    i = _ids(server)["rocket.jpg"]  # 640 × 427
+    sides = {}
+    for size in (64, 65, 100, 127, 128, 129, 200, 300, 511, 700, 1000, 1024):
+        status, body = server.get(f"thumb/{i}?size={size}")
+        assert status == 200
+        sides[size] = max(Image.open(io.BytesIO(body)).size)
+    assert sides[65] == sides[100] == sides[127] == sides[128] == 128 and sides[129] == sides[200] == 256
+    assert sides[700] == sides[1000] == 640  # never larger than the photo
+    sha = server.service.row(i).sha256
+    made = list((server.service.cache_dir / "thumbs").glob(f"{sha}_*.jpg"))
+    assert len(made) <= len(THUMB_SIDES)
+    for size in (63, 1025):
+        status, body = server.get(f"thumb/{i}?size={size}")
+        assert status == 400 and b"size" in body

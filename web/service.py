@@ -49,9 +49,10 @@ MAX_PENDING_RENDERS = 4  # explanations whose figure and report wait to be drawn
 KEEP_UPLOAD_BYTES = 200_000_000  # the kept uploads' files, at most (or two uploads of the largest size)
 UPLOADS_IN_FLIGHT = 100_000_000  # upload bytes being received at once (or four of the largest size): else 503
 RENDER_WAIT_S = 300  # the longest a download waits for its figure or report
-BACKGROUND_NICE = 10  # the explanations' and drawings' threads: below the searches
+BACKGROUND_NICE = 5  # the explanations' and drawings' threads: below the searches
 THUMB_SIDE = 256
 VIEW_SIDE = 1024  # photos on the pair page
+THUMB_SIDES = (64, 128, 256, 512, VIEW_SIDE)  # the sizes a thumbnail is made and cached at
 METHODS = ("sfam", "gradcam", "occlusion")
 KEEP_UPLOADS = 200  # the most recent uploads kept on disk
 KEEP_EXPLAINED = 200  # the most recent explanations kept on disk
@@ -150,7 +151,8 @@ class Service:
         self.max_upload_bytes = int(max_upload_bytes)
         self.keep_upload_bytes = int(keep_upload_bytes or max(KEEP_UPLOAD_BYTES, 2 * self.max_upload_bytes))
         self.uploads_in_flight = max(UPLOADS_IN_FLIGHT, 4 * self.max_upload_bytes)
-        self._receiving = 0  # upload bytes being received now (web/app.py reserves them)
+        self._receiving = 0  # upload bytes being received now (web/app.py reserves them, on the event loop)
+        self._receiving_lock = threading.Lock()  # only that count: never held across I/O
         self._search_lock = threading.Lock()
         self._explain_lock = self._search_lock if preset.per_face else threading.Lock()
         self._decodes = threading.BoundedSemaphore(decode_slots())
@@ -250,8 +252,10 @@ class Service:
         return p
 
     def thumbnail(self, row_id, side=THUMB_SIDE) -> Path:
-        """A JPEG of at most ``side`` px, cached on disk by the photo's content hash."""
-        side = _int(side, "size", 32, VIEW_SIDE, THUMB_SIDE)
+        """A JPEG of at most ``side`` px (rounded up to one of :data:`THUMB_SIDES`, so that a photo has a few cached
+        sizes, not one per pixel asked for), cached on disk by the photo's content hash."""
+        side = _int(side, "size", THUMB_SIDES[0], THUMB_SIDES[-1], THUMB_SIDE)
+        side = next(s for s in THUMB_SIDES if s >= side)
         row = self.row(row_id)
         out = self.cache_dir / "thumbs" / f"{row.sha256}_{side}.jpg"
         if out.is_file():
@@ -267,14 +271,14 @@ class Service:
     def reserve_upload(self, n: int) -> None:
         """Count ``n`` more upload bytes being received (web/app.py, as they arrive); :class:`Busy` past the budget
         (then nothing is counted)."""
-        with self._lock:
+        with self._receiving_lock:
             if self._receiving + n > self.uploads_in_flight:
                 raise Busy(f"busy: {self._receiving:,} bytes of uploads are being received (the limit is "
                            f"{self.uploads_in_flight:,}); try again in a moment")
             self._receiving += n
 
     def release_upload(self, n: int) -> None:
-        with self._lock:
+        with self._receiving_lock:
             self._receiving -= n
 
     def add_upload(self, data: bytes, filename: str = "upload") -> dict:
