@@ -495,7 +495,9 @@ def main() -> None:
         "own time for the search or the explanation (its answer's `seconds`), without the wait for its turn, the "
         "upload or the HTTP. Probe: a new pair explained (Grad-CAM), its report's download started, a search by id "
         "50 ms later, timed." + (" (The revision before: its `seconds` include the wait for its one model lock.)"
-                                 if args.before else ""),
+                                 if args.before else "") +
+        " Each client waits for an answer before its next request, so the clients gather in the slowest queue (the "
+        "explanations, one at a time): compare explanations by their count in the same time, not by their wait.",
         "",
         *[sec + "\n" for sec in sections],
     ])
