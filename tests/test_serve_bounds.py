@@ -346,3 +346,32 @@ def test_thumbnails_are_cached_at_a_few_sizes(live):
     for size in (63, 1025):
         status, body = server.get(f"thumb/{i}?size={size}")
         assert status == 400 and b"size" in body
+
+
+def test_many_explanations_waiting_do_not_take_the_searches_threads(live, monkeypatch):
+    """More explanation requests than the server has worker threads (anyio's 40), each slowed: they wait their turn
+    without holding a thread, and a search is answered at once meanwhile."""
+    server, _ = live
+    ids = _ids(server)
+    c = server.service
+    compute = c._explain_files
+
+    def slow_compute(*a, **kw):
+        time.sleep(0.5)
+        return compute(*a, **kw)
+
+    monkeypatch.setattr(c, "_explain_files", slow_compute)
+    pairs = [(q, r, m) for q in ids.values() for r in ids.values() if q != r for m in ("sfam", "gradcam")][:40]
+    assert len(pairs) == 40
+    with concurrent.futures.ThreadPoolExecutor(len(pairs)) as pool:
+        jobs = [pool.submit(server.json, f"api/explain?q={q}&r={r}&method={m}") for q, r, m in pairs]
+        time.sleep(1.5)  # every request is in: a few computing or waiting in threads, the rest on the event loop
+        t = time.perf_counter()
+        status, found = server.json(f"api/search?q={ids['chelsea.png']}&k=3")
+        took = time.perf_counter() - t
+        pending = sum(not j.done() for j in jobs)
+        answers = [j.result(120) for j in jobs]
+    assert status == 200 and found["results"]
+    assert pending > 20, "the explanations were answered too fast for the test to mean anything"
+    assert took < 1.0, f"a search took {took:.2f} s behind {pending} explanations waiting"
+    assert all(s == 200 for s, _ in answers), [d for s, d in answers if s != 200][:2]

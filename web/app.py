@@ -1,6 +1,7 @@
 """The Starlette app of ``retrieve serve``: two pages (search, pair), their static assets and a JSON API.
 
-Routes (every API answer is JSON; an error is ``{"error": "<one line>"}`` with a 4xx status, never a trace):
+Routes (every API answer is JSON; an error is ``{"error": "<one line>"}`` with a 4xx status, or 503 when busy,
+never a trace):
 
 - ``GET /`` search page · ``GET /pair?q=…&r=…`` pair page · ``/static/…`` the pages' CSS and JS
 - ``GET /api/health`` · ``GET /api/info`` (``retrieve info --json``) · ``GET /api/images?offset=&limit=``
@@ -9,10 +10,14 @@ Routes (every API answer is JSON; an error is ``{"error": "<one line>"}`` with a
   ``k``, ``offset``, ``qe``, ``verify``) → ``retrieve search --json``'s fields, each hit with its verdict
 - ``GET /api/explain?q=…&r=<id>&method=sfam|gradcam|occlusion&verify=0|1`` → ``retrieve explain --json``'s fields
 - ``GET /thumb/<id>`` · ``GET /photo/<id>`` · ``GET /upload/<token>/view.jpg`` · ``GET /explain/<key>/<file>``
+
+Bounded under load (web/service.py has the limits): no handler waits on the event loop; uploads are counted as they
+arrive; work that waits its turn (decoding, explanations) holds a few worker threads at most.
 """
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from pathlib import Path
 
@@ -27,6 +32,11 @@ from starlette.staticfiles import StaticFiles
 from retrieval.errors import ImageError, RetrieveError
 
 from .service import FORM_OVERHEAD, RENDER_WAIT_S, BadRequest, Busy, NotAnImage, NotFound, Service, TooLarge
+
+# Threads that work which waits its turn in the service (decoding slots, one explanation at a time) may hold at
+# once; further requests wait on the event loop without a thread, so they never take the threads searches need.
+DECODING_THREADS = 8
+EXPLAINING_THREADS = 4
 
 STATIC = Path(__file__).with_name("static")
 CACHE_FOREVER = "public, max-age=31536000, immutable"  # URLs that change with the content (?v=<hash>)
@@ -52,6 +62,16 @@ def _json(d) -> JSONResponse:
 def create_app(collection: Service) -> Starlette:
     """The app over one loaded :class:`Service` (the model and the index are loaded once, by it)."""
     c = collection
+    limiters: dict = {}
+
+    async def _queued(name: str, fn, *args):
+        """``fn(*args)`` in a worker thread, at most ``DECODING_THREADS`` / ``EXPLAINING_THREADS`` of them for its
+        kind (``name``) at once; the rest wait here, without a thread."""
+        import anyio
+
+        if name not in limiters:
+            limiters[name] = anyio.CapacityLimiter(DECODING_THREADS if name == "decoding" else EXPLAINING_THREADS)
+        return await anyio.to_thread.run_sync(functools.partial(fn, *args), limiter=limiters[name])
 
     async def page(name: str) -> Response:
         return FileResponse(STATIC / name, media_type="text/html",
@@ -125,7 +145,7 @@ def create_app(collection: Service) -> Starlette:
 
     async def upload(request: Request):
         data, name = await _read_upload(request)
-        return _json(await run_in_threadpool(c.add_upload, data, name))
+        return _json(await _queued("decoding", c.add_upload, data, name))
 
     async def search(request: Request):
         p = dict(request.query_params)
@@ -133,7 +153,7 @@ def create_app(collection: Service) -> Starlette:
             ctype = request.headers.get("content-type", "")
             if ctype.startswith("multipart/form-data") or not p.get("q"):
                 data, name = await _read_upload(request)
-                up = await run_in_threadpool(c.add_upload, data, name)
+                up = await _queued("decoding", c.add_upload, data, name)
                 p["q"] = "upload:" + up["token"]
         if not p.get("q"):
             raise BadRequest("q: give an indexed photo's id or upload:<token> (or POST a photo)")
@@ -144,14 +164,14 @@ def create_app(collection: Service) -> Starlette:
         p = request.query_params
         if not p.get("q") or not p.get("r"):
             raise BadRequest("give q (an indexed photo's id or upload:<token>) and r (an indexed photo's id)")
-        doc = await run_in_threadpool(c.explain, p["q"], p["r"], p.get("method") or "sfam", p.get("verify", "0"))
+        doc = await _queued("explaining", c.explain, p["q"], p["r"], p.get("method") or "sfam", p.get("verify", "0"))
         if p.get("download"):
             return FileResponse(await _explained_file(doc["key"], "explain.json"), media_type="application/json",
                                 filename="explain.json", headers=SECURITY_HEADERS)
         return _json(doc)
 
     async def thumb(request: Request):
-        path = await run_in_threadpool(c.thumbnail, request.path_params["id"], request.query_params.get("size"))
+        path = await _queued("decoding", c.thumbnail, request.path_params["id"], request.query_params.get("size"))
         etag = f'"{path.stem}"'  # <content hash>_<size>: the same bytes for as long as the photo is the same
         headers = {**SECURITY_HEADERS, "Cache-Control": CACHE_FOREVER, "ETag": etag}
         if etag in request.headers.get("if-none-match", ""):
