@@ -93,68 +93,70 @@ def create_app(collection: Service) -> Starlette:
         p = request.query_params
         return _json(await run_in_threadpool(c.images, p.get("offset"), p.get("limit")))
 
-    async def _read_upload(request: Request) -> tuple[bytes, str]:
+    async def _keep_upload(request: Request) -> dict:
+        """The photo in a request, kept (:meth:`Service.add_upload`); its bytes count against the service's budget
+        of upload bytes in memory from the first one received until it is kept."""
+        counted = [0]
+        try:
+            data, name = await _read_upload(request, counted)
+            return await _queued("decoding", c.add_upload, data, name)
+        finally:
+            c.release_upload(counted[0])
+
+    async def _read_upload(request: Request, counted: list) -> tuple[bytes, str]:
         """The photo in a request: multipart field ``image`` (or the first file), or the raw body. The body is
-        counted as it arrives, chunked or not: past the cap (plus a form's overhead) it is a 413 at once, and the
-        bytes being received by all requests together stay within the service's budget (else a 503)."""
+        counted as it arrives, chunked or not (in ``counted[0]``): past the cap (plus a form's overhead) it is a 413
+        at once, and past the bytes all uploads together may hold a 503."""
         cap = c.max_upload_bytes
         limit = cap + FORM_OVERHEAD
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > limit:
             raise TooLarge(f"upload too large: {int(length):,} bytes (the limit is {cap:,})")
-        received = 0
 
         async def receive():
-            nonlocal received
             message = await request.receive()
             n = len(message.get("body", b"")) if message["type"] == "http.request" else 0
-            if received + n > limit:
+            if counted[0] + n > limit:
                 raise TooLarge(f"upload too large: more than {cap:,} bytes (the limit)")
             if n:
                 c.reserve_upload(n)
-                received += n
+                counted[0] += n
             return message
 
         body = Request(request.scope, receive)
-        try:
-            if request.headers.get("content-type", "").startswith("multipart/form-data"):
-                try:
-                    form = await body.form(max_files=1, max_fields=20, max_part_size=FORM_OVERHEAD)
-                except (TooLarge, Busy):
-                    raise
-                except Exception as e:  # the multipart parser's own errors (sizes, malformed bodies)
-                    msg = str(getattr(e, "detail", "") or e).splitlines()[0] if str(e) else "malformed form"
-                    if "size" in msg.lower() or "large" in msg.lower():
-                        raise TooLarge(f"upload too large (the limit is {cap:,} bytes)") from None
-                    raise BadRequest(f"cannot read the form: {msg}") from None
-                try:
-                    f = form.get("image")
-                    if f is None or isinstance(f, str):
-                        f = next((v for _, v in form.multi_items() if not isinstance(v, str)), None)
-                    if f is None:
-                        raise BadRequest("no photo in the form: send it as the field 'image'")
-                    return await f.read(cap + 1), f.filename or "upload"
-                finally:
-                    await form.close()
-            chunks = []
-            async for chunk in body.stream():
-                chunks.append(chunk)
-            return b"".join(chunks), request.query_params.get("name") or "upload"
-        finally:
-            c.release_upload(received)
+        if request.headers.get("content-type", "").startswith("multipart/form-data"):
+            try:
+                form = await body.form(max_files=1, max_fields=20, max_part_size=FORM_OVERHEAD)
+            except (TooLarge, Busy):
+                raise
+            except Exception as e:  # the multipart parser's own errors (sizes, malformed bodies)
+                msg = str(getattr(e, "detail", "") or e).splitlines()[0] if str(e) else "malformed form"
+                if "size" in msg.lower() or "large" in msg.lower():
+                    raise TooLarge(f"upload too large (the limit is {cap:,} bytes)") from None
+                raise BadRequest(f"cannot read the form: {msg}") from None
+            try:
+                f = form.get("image")
+                if f is None or isinstance(f, str):
+                    f = next((v for _, v in form.multi_items() if not isinstance(v, str)), None)
+                if f is None:
+                    raise BadRequest("no photo in the form: send it as the field 'image'")
+                return await f.read(cap + 1), f.filename or "upload"
+            finally:
+                await form.close()
+        chunks = []
+        async for chunk in body.stream():
+            chunks.append(chunk)
+        return b"".join(chunks), request.query_params.get("name") or "upload"
 
     async def upload(request: Request):
-        data, name = await _read_upload(request)
-        return _json(await _queued("decoding", c.add_upload, data, name))
+        return _json(await _keep_upload(request))
 
     async def search(request: Request):
         p = dict(request.query_params)
         if request.method == "POST":
             ctype = request.headers.get("content-type", "")
             if ctype.startswith("multipart/form-data") or not p.get("q"):
-                data, name = await _read_upload(request)
-                up = await _queued("decoding", c.add_upload, data, name)
-                p["q"] = "upload:" + up["token"]
+                p["q"] = "upload:" + (await _keep_upload(request))["token"]
         if not p.get("q"):
             raise BadRequest("q: give an indexed photo's id or upload:<token> (or POST a photo)")
         return _json(await run_in_threadpool(c.search, p["q"], p.get("k"), p.get("offset"), p.get("qe"),
