@@ -310,8 +310,8 @@ class Service:
                 size = own_size(img)
             nbytes = sum(f.stat().st_size for f in self.upload_dir.glob(f"{token}*"))
             with self._lock:
-                if token not in self._uploads:
-                    self._upload_bytes += nbytes
+                before = self._uploads.get(token)  # kept meanwhile by a request with the same photo
+                self._upload_bytes += nbytes - (before[1] if before else 0)
                 self._uploads[token] = (size, nbytes)
                 self._uploads.move_to_end(token)
                 dropped = []
