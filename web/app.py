@@ -1,6 +1,7 @@
 """The Starlette app of ``retrieve serve``: two pages (search, pair), their static assets and a JSON API.
 
-Routes (every API answer is JSON; an error is ``{"error": "<one line>"}`` with a 4xx status, never a trace):
+Routes (every API answer is JSON; an error is ``{"error": "<one line>"}`` with a 4xx status, or 503 when busy,
+never a trace):
 
 - ``GET /`` search page · ``GET /pair?q=…&r=…`` pair page · ``/static/…`` the pages' CSS and JS
 - ``GET /api/health`` · ``GET /api/info`` (``retrieve info --json``) · ``GET /api/images?offset=&limit=``
@@ -9,9 +10,14 @@ Routes (every API answer is JSON; an error is ``{"error": "<one line>"}`` with a
   ``k``, ``offset``, ``qe``, ``verify``) → ``retrieve search --json``'s fields, each hit with its verdict
 - ``GET /api/explain?q=…&r=<id>&method=sfam|gradcam|occlusion&verify=0|1`` → ``retrieve explain --json``'s fields
 - ``GET /thumb/<id>`` · ``GET /photo/<id>`` · ``GET /upload/<token>/view.jpg`` · ``GET /explain/<key>/<file>``
+
+Bounded under load (web/service.py has the limits): no handler waits on the event loop; uploads are counted as they
+arrive; work that waits its turn (decoding, explanations) holds a few worker threads at most.
 """
 from __future__ import annotations
 
+import asyncio
+import functools
 import json
 import logging
 from pathlib import Path
@@ -29,7 +35,12 @@ from retrieval.errors import ImageError, RetrieveError
 from retrieval.names import shown
 
 from .security import REPORT_CSP, SECURITY_HEADERS, Guard, GuardMiddleware
-from .service import BadRequest, NotAnImage, NotFound, Service, TooLarge
+from .service import FORM_OVERHEAD, RENDER_WAIT_S, BadRequest, Busy, NotAnImage, NotFound, Service, TooLarge
+
+# Threads that work which waits its turn in the service (decoding slots, one explanation at a time) may hold at
+# once; further requests wait on the event loop without a thread, so they never take the threads searches need.
+DECODING_THREADS = 8
+EXPLAINING_THREADS = 4
 
 STATIC = Path(__file__).with_name("static")
 CACHE_FOREVER = "public, max-age=31536000, immutable"  # URLs that change with the content (?v=<hash>)
@@ -57,6 +68,16 @@ def create_app(collection: Service, guard: Guard | None = None) -> Starlette:
     ``guard`` (web/security.py: Host, origin and token checks). ``retrieve serve`` always passes one; None
     serves unguarded, for a benchmark calling the handlers in-process."""
     c = collection
+    limiters: dict = {}
+
+    async def _queued(name: str, fn, *args):
+        """``fn(*args)`` in a worker thread, at most ``DECODING_THREADS`` / ``EXPLAINING_THREADS`` of them for its
+        kind (``name``) at once; the rest wait here, without a thread."""
+        import anyio
+
+        if name not in limiters:
+            limiters[name] = anyio.CapacityLimiter(DECODING_THREADS if name == "decoding" else EXPLAINING_THREADS)
+        return await anyio.to_thread.run_sync(functools.partial(fn, *args), limiter=limiters[name])
 
     async def page(name: str) -> Response:
         return FileResponse(STATIC / name, media_type="text/html",
@@ -78,47 +99,70 @@ def create_app(collection: Service, guard: Guard | None = None) -> Starlette:
         p = request.query_params
         return _json(await run_in_threadpool(c.images, p.get("offset"), p.get("limit")))
 
-    async def _read_upload(request: Request) -> tuple[bytes, str]:
-        """The photo in a request: multipart field ``image`` (or the first file), or the raw body."""
+    async def _keep_upload(request: Request) -> dict:
+        """The photo in a request, kept (:meth:`Service.add_upload`); its bytes count against the service's budget
+        of upload bytes in memory from the first one received until it is kept."""
+        counted = [0]
+        try:
+            data, name = await _read_upload(request, counted)
+            return await _queued("decoding", c.add_upload, data, name)
+        finally:
+            c.release_upload(counted[0])
+
+    async def _read_upload(request: Request, counted: list) -> tuple[bytes, str]:
+        """The photo in a request: multipart field ``image`` (or the first file), or the raw body. The body is
+        counted as it arrives, chunked or not (in ``counted[0]``): past the cap (plus a form's overhead) it is a 413
+        at once, and past the bytes all uploads together may hold a 503."""
         cap = c.max_upload_bytes
+        limit = cap + FORM_OVERHEAD
         length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > cap + 64_000:
+        if length and length.isdigit() and int(length) > limit:
             raise TooLarge(f"upload too large: {int(length):,} bytes (the limit is {cap:,})")
-        ctype = request.headers.get("content-type", "")
-        if ctype.startswith("multipart/form-data"):
+
+        async def receive():
+            message = await request.receive()
+            n = len(message.get("body", b"")) if message["type"] == "http.request" else 0
+            if counted[0] + n > limit:
+                raise TooLarge(f"upload too large: more than {cap:,} bytes (the limit)")
+            if n:
+                c.reserve_upload(n)
+                counted[0] += n
+            return message
+
+        body = Request(request.scope, receive)
+        if request.headers.get("content-type", "").startswith("multipart/form-data"):
             try:
-                form = await request.form(max_files=1, max_fields=20, max_part_size=cap + 1)
+                form = await body.form(max_files=1, max_fields=20, max_part_size=FORM_OVERHEAD)
+            except (TooLarge, Busy):
+                raise
             except Exception as e:  # the multipart parser's own errors (sizes, malformed bodies)
                 msg = str(getattr(e, "detail", "") or e).splitlines()[0] if str(e) else "malformed form"
                 if "size" in msg.lower() or "large" in msg.lower():
                     raise TooLarge(f"upload too large (the limit is {cap:,} bytes)") from None
                 raise BadRequest(f"cannot read the form: {msg}") from None
-            f = form.get("image")
-            if f is None or isinstance(f, str):
-                f = next((v for _, v in form.multi_items() if not isinstance(v, str)), None)
-            if f is None:
-                raise BadRequest("no photo in the form: send it as the field 'image'")
-            data = await f.read(cap + 1)
-            return data, f.filename or "upload"
-        data = b""
-        async for chunk in request.stream():
-            data += chunk
-            if len(data) > cap:
-                raise TooLarge(f"upload too large: more than {cap:,} bytes (the limit)")
-        return data, request.query_params.get("name") or "upload"
+            try:
+                f = form.get("image")
+                if f is None or isinstance(f, str):
+                    f = next((v for _, v in form.multi_items() if not isinstance(v, str)), None)
+                if f is None:
+                    raise BadRequest("no photo in the form: send it as the field 'image'")
+                return await f.read(cap + 1), f.filename or "upload"
+            finally:
+                await form.close()
+        chunks = []
+        async for chunk in body.stream():
+            chunks.append(chunk)
+        return b"".join(chunks), request.query_params.get("name") or "upload"
 
     async def upload(request: Request):
-        data, name = await _read_upload(request)
-        return _json(await run_in_threadpool(c.add_upload, data, name))
+        return _json(await _keep_upload(request))
 
     async def search(request: Request):
         p = dict(request.query_params)
         if request.method == "POST":
             ctype = request.headers.get("content-type", "")
             if ctype.startswith("multipart/form-data") or not p.get("q"):
-                data, name = await _read_upload(request)
-                up = await run_in_threadpool(c.add_upload, data, name)
-                p["q"] = "upload:" + up["token"]
+                p["q"] = "upload:" + (await _keep_upload(request))["token"]
         if not p.get("q"):
             raise BadRequest("q: give an indexed photo's id or upload:<token> (or POST a photo)")
         return _json(await run_in_threadpool(c.search, p["q"], p.get("k"), p.get("offset"), p.get("qe"),
@@ -128,14 +172,14 @@ def create_app(collection: Service, guard: Guard | None = None) -> Starlette:
         p = request.query_params
         if not p.get("q") or not p.get("r"):
             raise BadRequest("give q (an indexed photo's id or upload:<token>) and r (an indexed photo's id)")
-        doc = await run_in_threadpool(c.explain, p["q"], p["r"], p.get("method") or "sfam", p.get("verify", "0"))
+        doc = await _queued("explaining", c.explain, p["q"], p["r"], p.get("method") or "sfam", p.get("verify", "0"))
         if p.get("download"):
-            return FileResponse(c.explained_file(doc["key"], "explain.json"), media_type="application/json",
+            return FileResponse(await _explained_file(doc["key"], "explain.json"), media_type="application/json",
                                 filename="explain.json", headers=SECURITY_HEADERS)
         return _json(doc)
 
     async def thumb(request: Request):
-        path = await run_in_threadpool(c.thumbnail, request.path_params["id"], request.query_params.get("size"))
+        path = await _queued("decoding", c.thumbnail, request.path_params["id"], request.query_params.get("size"))
         etag = f'"{path.stem}"'  # <content hash>_<size>: the same bytes for as long as the photo is the same
         headers = {**SECURITY_HEADERS, "Cache-Control": CACHE_FOREVER, "ETag": etag}
         if etag in request.headers.get("if-none-match", ""):
@@ -147,13 +191,25 @@ def create_app(collection: Service, guard: Guard | None = None) -> Starlette:
         return FileResponse(path, headers={**SECURITY_HEADERS, "Cache-Control": "private, max-age=3600"},
                             content_disposition_type="inline", filename=shown(path.name))
 
+    async def _explained_file(key: str, name: str) -> Path:
+        """An explanation's file, its background drawing awaited without holding the event loop (nor a thread)."""
+        job = c.drawing(key, name)
+        if job is not None and not job.done():
+            try:  # shielded: a client that leaves does not cancel the drawing
+                await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(job)), RENDER_WAIT_S)
+            except asyncio.TimeoutError:
+                raise Busy(f"{name} is still being drawn after {RENDER_WAIT_S} s; try again later") from None
+            except Exception:
+                pass  # the drawing's error: explained_file says it
+        return c.explained_file(key, name)
+
     async def upload_file(request: Request):
         kind = request.path_params["file"].removesuffix(".jpg")
         path = c.upload_file(request.path_params["token"], kind)
         return FileResponse(path, media_type="image/jpeg", headers={**SECURITY_HEADERS, "Cache-Control": CACHE_FOREVER})
 
     async def explained(request: Request):
-        path = c.explained_file(request.path_params["key"], request.path_params["file"])
+        path = await _explained_file(request.path_params["key"], request.path_params["file"])
         headers = {**SECURITY_HEADERS, "Cache-Control": "private, max-age=3600"}
         if path.suffix == ".html":  # the report is self-contained: nothing but its inline style and script
             headers["Content-Security-Policy"] = REPORT_CSP  # sandboxed: an opaque origin, no cookie, no API
@@ -164,6 +220,8 @@ def create_app(collection: Service, guard: Guard | None = None) -> Starlette:
             return _error(404, str(e))
         if isinstance(e, TooLarge):
             return _error(413, str(e))
+        if isinstance(e, Busy):
+            return _error(503, str(e))
         if isinstance(e, NotAnImage):
             return _error(415, str(e))
         if isinstance(e, (BadRequest, ImageError)):

@@ -1,0 +1,75 @@
+"""Talking to a `retrieve serve` over a real socket: start the command and read the URL it prints (with its
+``?token=…`` when it has one), and requests that carry that token (``Authorization`` header and cookie)."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from pathlib import Path
+
+from clitools import ROOT, entry_point
+
+
+class Served:
+    """A `retrieve serve` process and its base URL; ``token``: the one in the printed URL, else None."""
+
+    def __init__(self, index: Path, cwd: Path, *args: str, env: dict | None = None, timeout: float = 180):
+        env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+        self.proc = subprocess.Popen(entry_point() + ["serve", "--index", str(index), "--port", "0", *args],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd)
+        deadline, url = time.monotonic() + timeout, None
+        while time.monotonic() < deadline and url is None:
+            line = self.proc.stdout.readline()
+            if not line:
+                break
+            m = re.search(r"at (http://\S+)", line)
+            url = m.group(1) if m else None
+        if url is None:
+            self.proc.kill()
+            raise AssertionError(f"retrieve serve printed no URL: {self.proc.stderr.read()}")
+        parts = urllib.parse.urlsplit(url)
+        self.token = urllib.parse.parse_qs(parts.query).get("token", [None])[0]
+        self.url = f"{parts.scheme}://{parts.netloc}/"
+
+    def headers(self) -> dict:
+        if not self.token:
+            return {}
+        return {"Authorization": f"token {self.token}", "Cookie": f"retrieve_token={self.token}"}
+
+    def request(self, path: str, data: bytes | None = None, headers: dict | None = None,
+                timeout: float = 300) -> tuple[int, bytes]:
+        """(status, body) of a GET (or a POST of ``data``) to ``path``; an HTTP error is returned, not raised."""
+        req = urllib.request.Request(self.url + path.lstrip("/"), data=data, headers={**self.headers(),
+                                                                                      **(headers or {})})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+
+    def json(self, path: str, data: bytes | None = None, headers: dict | None = None) -> tuple[int, dict]:
+        status, body = self.request(path, data, headers)
+        return status, json.loads(body)
+
+    def upload(self, path: str, photo: Path, field: str = "image") -> tuple[int, dict]:
+        """POST ``photo`` as a multipart form (as the search page sends it)."""
+        body, ctype = multipart(field, photo.name, photo.read_bytes())
+        return self.json(path, body, {"Content-Type": ctype})
+
+    def stop(self) -> None:
+        from clitools import stop
+
+        stop(self.proc)
+
+
+def multipart(field: str, filename: str, data: bytes) -> tuple[bytes, str]:
+    boundary = uuid.uuid4().hex
+    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"{filename}\"\r\n"
+            "Content-Type: application/octet-stream\r\n\r\n").encode()
+    return head + data + f"\r\n--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
