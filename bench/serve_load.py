@@ -7,7 +7,7 @@ probe that a search is answered while an explanation's report is being drawn.
 The collection: ``--photos`` photos of ../shared/data/caltech101 (the first of each category in turn), else the
 photos of data/samples and scikit-image (the table says which), indexed by ``retrieve index`` (default preset).
 The server: ``retrieve serve`` as a user runs it, its own process, ``RETRIEVE_THREADS=--threads``; the token in
-the URL it prints, when there is one, is sent with every request (``Authorization: token …`` and a cookie).
+the URL it prints, when there is one, is sent with every request (``Authorization: token …``).
 
 The truth, made before the load by the CLI: ``retrieve search Q… --json -k 10`` for the query photos (a search by
 an indexed photo's id leaves the photo out, as the CLI does) and with ``--include-self`` (an uploaded photo is not
@@ -128,7 +128,7 @@ class Server:
         parts = urllib.parse.urlsplit(url)
         self.host, self.port = parts.hostname, parts.port
         token = urllib.parse.parse_qs(parts.query).get("token", [None])[0]
-        self.headers = {"Authorization": f"token {token}", "Cookie": f"retrieve_token={token}"} if token else {}
+        self.headers = {"Authorization": f"token {token}"} if token else {}
         self.token = token
 
     def status(self, field: str) -> int:

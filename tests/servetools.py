@@ -1,46 +1,27 @@
 """Talking to a `retrieve serve` over a real socket: start the command and read the URL it prints (with its
-``?token=…`` when it has one), and requests that carry that token (``Authorization`` header and cookie)."""
+``?token=…`` when it has one: clitools.start_server), and requests that carry that token (``Authorization``)."""
 from __future__ import annotations
 
 import json
-import os
-import re
-import subprocess
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
 from pathlib import Path
 
-from clitools import ROOT, entry_point
+from clitools import start_server
 
 
 class Served:
     """A `retrieve serve` process and its base URL; ``token``: the one in the printed URL, else None."""
 
     def __init__(self, index: Path, cwd: Path, *args: str, env: dict | None = None, timeout: float = 180):
-        env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
-        self.proc = subprocess.Popen(entry_point() + ["serve", "--index", str(index), "--port", "0", *args],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd)
-        deadline, url = time.monotonic() + timeout, None
-        while time.monotonic() < deadline and url is None:
-            line = self.proc.stdout.readline()
-            if not line:
-                break
-            m = re.search(r"at (http://\S+)", line)
-            url = m.group(1) if m else None
-        if url is None:
-            self.proc.kill()
-            raise AssertionError(f"retrieve serve printed no URL: {self.proc.stderr.read()}")
-        parts = urllib.parse.urlsplit(url)
-        self.token = urllib.parse.parse_qs(parts.query).get("token", [None])[0]
-        self.url = f"{parts.scheme}://{parts.netloc}/"
+        self.proc, self.url, self.token = start_server(index, *args, env=env, cwd=cwd, timeout=timeout)
 
     def headers(self) -> dict:
         if not self.token:
             return {}
-        return {"Authorization": f"token {self.token}", "Cookie": f"retrieve_token={self.token}"}
+        return {"Authorization": f"token {self.token}"}
 
     def request(self, path: str, data: bytes | None = None, headers: dict | None = None,
                 timeout: float = 300) -> tuple[int, bytes]:
