@@ -12,11 +12,11 @@ from pathlib import Path
 from clitools import start_server
 
 
-class Served:
-    """A `retrieve serve` process and its base URL; ``token``: the one in the printed URL, else None."""
+class Client:
+    """Requests to a server at ``url`` (its root URL), carrying ``token`` when it has one."""
 
-    def __init__(self, index: Path, cwd: Path, *args: str, env: dict | None = None, timeout: float = 180):
-        self.proc, self.url, self.token = start_server(index, *args, env=env, cwd=cwd, timeout=timeout)
+    url: str = ""
+    token: str | None = None
 
     def headers(self) -> dict:
         if not self.token:
@@ -42,6 +42,14 @@ class Served:
         """POST ``photo`` as a multipart form (as the search page sends it)."""
         body, ctype = multipart(field, photo.name, photo.read_bytes())
         return self.json(path, body, {"Content-Type": ctype})
+
+
+
+class Served(Client):
+    """A `retrieve serve` process and its base URL; ``token``: the one in the printed URL, else None."""
+
+    def __init__(self, index: Path, cwd: Path, *args: str, env: dict | None = None, timeout: float = 180):
+        self.proc, self.url, self.token = start_server(index, *args, env=env, cwd=cwd, timeout=timeout)
 
     def stop(self) -> None:
         from clitools import stop

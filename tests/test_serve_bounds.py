@@ -6,18 +6,16 @@ at a time and kept within a byte budget, the oldest dropped first."""
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import os
 import select
 import shutil
 import socket
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
+from servetools import Client
 
 pytest.importorskip("starlette", reason="the serve extra is not installed (pip install -e '.[serve]')")
 pytest.importorskip("uvicorn", reason="the serve extra is not installed (pip install -e '.[serve]')")
@@ -30,7 +28,7 @@ PHOTOS = ("chelsea.png", "chelsea_crop_flipped.jpg", "coffee.png", "rocket.jpg",
 CAP = 1_000_000  # the server's upload cap here (--max-upload-mb 1)
 
 
-class Live:
+class Live(Client):
     """The app ``retrieve serve`` runs, on uvicorn on a free loopback port, in a thread of this process."""
 
     def __init__(self, service):
@@ -51,19 +49,6 @@ class Live:
         while not self.server.started and time.monotonic() < deadline:
             time.sleep(0.02)
         assert self.server.started
-
-    def get(self, path: str, data: bytes | None = None, headers: dict | None = None,
-            timeout: float = 120) -> tuple[int, bytes]:
-        req = urllib.request.Request(self.url + path.lstrip("/"), data=data, headers=headers or {})
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as r:
-                return r.status, r.read()
-        except urllib.error.HTTPError as e:
-            return e.code, e.read()
-
-    def json(self, path: str, data: bytes | None = None, headers: dict | None = None) -> tuple[int, dict]:
-        status, body = self.get(path, data, headers)
-        return status, json.loads(body)
 
     def stop(self) -> None:
         self.server.should_exit = True
@@ -165,7 +150,7 @@ def test_a_chunked_upload_without_length_past_the_cap_is_refused_at_once(live, k
     assert b"limit" in answer
     # refused once past the cap: not after reading all 40 MB (the socket buffers hold a few MB at most)
     assert sent < 20 * CAP, sent
-    assert server.get("api/health")[0] == 200  # and the server is still up
+    assert server.request("api/health")[0] == 200  # and the server is still up
     assert server.service._receiving == 0  # every byte counted in is counted out
 
 
@@ -181,7 +166,7 @@ def test_parameters_past_their_caps_are_a_400_naming_the_limit(live):
     # what the search page asks for is within them
     for query in (f"api/search?q={i}&k=100&offset=900", f"api/search?q={i}&k=10&verify=60&qe=100",
                   "api/images?offset=0&limit=24"):
-        assert server.get(query)[0] == 200, query
+        assert server.request(query)[0] == 200, query
 
 
 def _slowed(monkeypatch, service, seconds: float) -> None:
@@ -209,7 +194,7 @@ def test_a_search_is_answered_while_an_explanation_is_drawn(live, monkeypatch):
 
     def download():
         t = time.perf_counter()
-        done["status"], _ = server.get(doc["downloads"]["report"])
+        done["status"], _ = server.request(doc["downloads"]["report"])
         done["at"] = time.perf_counter()
         done["seconds"] = done["at"] - t
 
@@ -279,7 +264,7 @@ def test_kept_uploads_stay_within_their_byte_budget_oldest_dropped(live, monkeyp
     assert 1 <= n < 8
     for old in tokens[:8 - n]:  # the oldest are gone, with their files
         assert server.json(f"api/search?q=upload:{old}")[0] == 404
-        assert server.get(f"upload/{old}/thumb.jpg")[0] == 404
+        assert server.request(f"upload/{old}/thumb.jpg")[0] == 404
         assert not list(c.upload_dir.glob(f"{old}*"))
     for new in tokens[8 - n:]:
         assert server.json(f"api/search?q=upload:{new}&k=2")[0] == 200
@@ -288,7 +273,6 @@ def test_kept_uploads_stay_within_their_byte_budget_oldest_dropped(live, monkeyp
 def test_uploads_are_decoded_a_few_at_a_time(live, monkeypatch):
     """Eight uploads at once: at most ``decode_slots()`` decoded together."""
     import retrieval.images
-
     from web.service import decode_slots
 
     server, _ = live
@@ -335,7 +319,7 @@ def test_thumbnails_are_cached_at_a_few_sizes(live):
     i = _ids(server)["rocket.jpg"]  # 640 × 427
     sides = {}
     for size in (64, 65, 100, 127, 128, 129, 200, 300, 511, 700, 1000, 1024):
-        status, body = server.get(f"thumb/{i}?size={size}")
+        status, body = server.request(f"thumb/{i}?size={size}")
         assert status == 200
         sides[size] = max(Image.open(io.BytesIO(body)).size)
     assert sides[65] == sides[100] == sides[127] == sides[128] == 128 and sides[129] == sides[200] == 256
@@ -344,7 +328,7 @@ def test_thumbnails_are_cached_at_a_few_sizes(live):
     made = list((server.service.cache_dir / "thumbs").glob(f"{sha}_*.jpg"))
     assert len(made) <= len(THUMB_SIDES)
     for size in (63, 1025):
-        status, body = server.get(f"thumb/{i}?size={size}")
+        status, body = server.request(f"thumb/{i}?size={size}")
         assert status == 400 and b"size" in body
 
 
