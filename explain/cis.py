@@ -14,6 +14,10 @@ CIS when ``G = I``). For ``l2`` (``s = −‖e_q − e_r‖²``) the per-channel
 distance is never positive and draws nothing; the CIS then split ``⟨e_q, e_r⟩`` relative to the collection mean,
 "how much closer the two are to each other than to a typical photo" (the spec's choice), and the outputs say so.
 
+The score is computed from ``e_q``, ``e_r`` by its definition (the cosine, or the squared distance), not as Σ CIS:
+``exact`` then checks that the CIS add up to it (they do through ``G``, a separate path from ``P``), so that "the
+terms add up to the score exactly" is a finding, not a definition.
+
 An index made before the general preset centred its embeddings ranks by the plain cosine (``m = 0``): its CIS split
 that cosine exactly, and its maps draw the part of each channel's CIS centred on the collection mean (weights
 ``(q − μ)/z``): with plain weights the maps localise markedly worse (bench/results/explain-ranking-cis.md, rows B and
@@ -46,8 +50,17 @@ class Decomposition:
 
     @property
     def exact(self) -> bool:
-        """Σ CIS is the score (the cosine), not a related number (l2)."""
-        return self.distance is None
+        """Σ CIS equals the score computed by its definition (the cosine; never for l2, whose terms add up to a
+        related number)."""
+        return self.distance is None and adds_up(self.total, self.score)
+
+
+EXACT_TOL = 1e-6  # Σ CIS against the score, relative to max(1, |score|): float64 sums of C terms are far closer
+
+
+def adds_up(total: float, score: float) -> bool:
+    """Whether channel terms adding up to ``total`` split ``score`` exactly (to float64 rounding)."""
+    return abs(float(total) - float(score)) <= EXACT_TOL * max(1.0, abs(float(score)))
 
 
 def _rows(x) -> np.ndarray:
@@ -73,7 +86,7 @@ def decompose(q, r, metric, head=None, mean=None) -> list[Decomposition]:
         if metric.normalised:
             z = max(float(np.linalg.norm(eq) * np.linalg.norm(er[i])), 1e-12)
             cis = qc * gr[i] / z
-            score, distance = float(cis.sum()), None
+            score, distance = float(eq @ er[i]) / z, None  # the cosine by its definition, not Σ CIS
             if head is None:  # the plain cosine: the maps draw its part centred on the collection mean
                 wq, wr, centre = (r[i] - mu) / z, (q - mu) / z, mu
             else:
@@ -92,14 +105,19 @@ def decompose_in(space, q, r) -> list[Decomposition]:
     return decompose(q, r, space.metric, space.head, space.mean)
 
 
+SHARE_OF = ("each channel's term over the sum of the positive terms (the evidence for the match), so shares lie in "
+            "0–100 % whatever the sign of the score")
+
+
 def channel_rows(cis, n: int = 10) -> tuple[list[dict], str]:
-    """The top ``n`` channels for the match, each with its share of the evidence *for* it (the sum of the positive
-    terms), so shares lie in [0, 1]; and a sentence on what the terms add up to."""
+    """The top ``n`` channels for the match, each with its share of the evidence *for* it (``SHARE_OF``: a share of
+    the score itself would run to −10 and +12 when the terms nearly cancel or add up to a negative score); and a
+    sentence on what the terms add up to."""
     if cis is None:
         return [], ""
     cis = np.asarray(cis, np.float64)
     pos = float(cis[cis > 0].sum())
-    neg = float(-cis[cis < 0].sum())
+    neg = abs(float(cis[cis < 0].sum()))  # abs: no "-0.0000 against" when no term is negative
     rows = [{"channel": int(k), "cis": float(cis[k]), "share": float(cis[k] / pos)}
             for k in np.argsort(-cis)[:n] if cis[k] > 0]
     if pos <= neg:
