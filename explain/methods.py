@@ -18,7 +18,7 @@ from retrieval.models.backbone import Backbone
 from retrieval.models.preprocess import group_by_shape
 from retrieval.errors import RetrieveError
 
-from .cis import Decomposition, decompose
+from .cis import Decomposition, adds_up, decompose
 
 
 @dataclass
@@ -40,9 +40,10 @@ class Explanation:
 
     @property
     def exact(self) -> bool:
-        """The maps' channel terms add up to the score shown: SFAM's CIS of a cosine (not a baseline's map, not l2)."""
+        """The maps' channel terms add up to the score shown: SFAM's CIS of a cosine (not a baseline's map, not l2),
+        their sum checked against the score computed by its definition (explain/cis.py)."""
         return self.cis is not None and self.distance is None and self.cis_target is not None \
-            and abs(float(self.cis_target) - float(self.score)) <= 1e-6 * max(1.0, abs(float(self.score)))
+            and adds_up(self.cis_target, self.score)
 
 
 def own_size(img: Image.Image) -> tuple[int, int]:
@@ -352,8 +353,10 @@ def frame_weight(coverage: torch.Tensor, ramp: tuple[float, float]) -> torch.Ten
 
 
 class SFAM(Explainer):
-    """SFAM, the default map: CIS-weighted feature maps at two depths, gated by local correspondence, with the
-    paper's map as a floor.
+    """The default map, built on SFAM: CIS-weighted feature maps at two depths, gated by local correspondence, with
+    the paper's map as a floor. The paper's (arXiv:2506.01636) are the CIS and their weighting of the feature maps
+    (step 1, and ``P`` in steps 4–5); the stride-16 layer, the gate, the floor and the whole-frame turn are retrieve's
+    (:func:`describe_map` says so in every output).
 
     For a pair, with ``C`` the final layer's per-channel maps (whose spatial means are the pooled
     embeddings ``q``, ``r``; ``A`` itself for average pooling) and ``m`` the reference point of the
@@ -679,6 +682,44 @@ class Occlusion(Explainer):
 
 METHODS: dict[str, type[Explainer]] = {"sfam": SFAM, "sfam-plain": SFAMPlain, "gradcam": GradCAM,
                                        "occlusion": Occlusion}
+
+# What each method's map is, in words: the short label (the PNG, the web app's method switch) and the description
+# (explain.json's ``explained.map``, the report's caption, the web pair page). Only SFAM's maps are built on a
+# decomposition of the score; the baselines are saliencies of it.
+MAP_LABELS = {"sfam": "default (built on SFAM)", "sfam-plain": "SFAM, the paper's map",
+              "gradcam": "Grad-CAM, a gradient saliency (baseline)", "occlusion": "occlusion saliency (baseline)"}
+PAPER = "SFAM (Similar Feature Activation Maps, arXiv:2506.01636)"
+
+
+def describe_map(e: Explanation) -> str:
+    """What ``e``'s heat maps are: which parts are the paper's and what retrieve adds (for the default map, read off
+    how this map was made: ``e.details``), or what a baseline measures."""
+    scaled = " Each map is scaled to its own maximum."
+    if e.method == "sfam-plain":
+        return (f"The paper's map, {PAPER}: each photo's feature maps weighted by the score's channel terms (CIS), "
+                "negative values cut; nothing added." + scaled)
+    if e.method == "gradcam":
+        return ("Grad-CAM (a baseline): each photo's feature maps weighted by the score's average gradient: a gradient "
+                "saliency of the score (where it is sensitive), not a decomposition of it." + scaled)
+    if e.method == "occlusion":
+        return ("Occlusion (a baseline): how much the score drops when a grey patch hides each place of a photo: an "
+                "occlusion saliency of the score, not a decomposition of it." + scaled)
+    if e.method != "sfam":
+        return f"The {e.method} map." + scaled
+    form = str(e.details.get("map", ""))
+    added = []
+    if "D16" in form:
+        added.append("the same weighting on a finer layer (stride 16)")
+    if "G16" in form:
+        added.append("a gate that keeps the regions whose local features match between the two photos")
+    if "SFAM_paper" in form:
+        added.append("the paper's map as a faint floor")
+    if "frame_weight" in e.details:
+        added.append("a turn to the paper's map, smoothed, where the match covers the whole frame")
+    adds = ("; ".join(added) if added else "nothing on this network (no finer layer known): the weighting centred on "
+            "the collection's average")
+    return (f"The default map (sfam), built on {PAPER}. The paper's part: the score's channel terms (CIS) weight "
+            f"each photo's own feature maps. What retrieve adds: {adds}." + scaled)
 
 
 def make_explainer(method: str, backbone: Backbone, metric="cosine", mu: np.ndarray | None = None,

@@ -18,7 +18,7 @@ from PIL import Image
 
 from retrieval.names import shown
 
-from .methods import Explanation, map_size
+from .methods import MAP_LABELS, Explanation, map_size
 
 COLORMAP = "inferno"
 ALPHA = 0.5
@@ -59,9 +59,9 @@ def _font(size: int):
 def pair_figure(query: Image.Image, result: Image.Image, e: Explanation, title: str, path: Path,
                 subtitle: str = "", height: int = 360) -> None:
     """``query | result`` side by side, each with its overlay at its own aspect ratio, a colour legend,
-    the title (which leads with the search score) and a subtitle (the verdict); drawn with Pillow (about
-    30x faster than a matplotlib figure). Nothing else is drawn over the heat maps: inlier lines and region
-    pairs are in the report, behind toggles."""
+    the title (which leads with the search score), a subtitle (the verdict) and a line naming the map; drawn with
+    Pillow (about 30x faster than a matplotlib figure). Nothing else is drawn over the heat maps: inlier lines
+    and region pairs are in the report, behind toggles."""
     from matplotlib import colormaps
     from PIL import ImageDraw
 
@@ -72,13 +72,15 @@ def pair_figure(query: Image.Image, result: Image.Image, e: Explanation, title: 
             w = 2 * height
         small = img.convert("RGB").resize((w, max(1, round(img.height * w / img.width))), Image.BILINEAR)
         panels.append(overlay(small, m))  # blended at the panel's size: a 100 MP photo costs no more
-    gap, top, bottom, legend = 16, 62 if subtitle else 44, 28, 70
+    maps_are = f"map: {MAP_LABELS.get(e.method, e.method)}"  # what the maps are: a figure travels without its report
+    gap, top, bottom, legend = 16, 80 if subtitle else 62, 28, 70
     width = gap + panels[0].width + gap + panels[1].width + gap + legend
     canvas = Image.new("RGB", (width, top + height + bottom), "white")
     draw = ImageDraw.Draw(canvas)
     draw.text((gap, 10), shown(title), fill="black", font=_font(16))  # a file name in it: readable (retrieval/names.py)
     if subtitle:
         draw.text((gap, 34), subtitle, fill="#333333", font=_font(13))
+    draw.text((gap, top - 26), maps_are, fill="#333333", font=_font(13))
     x = gap
     for label, img, p in (("query", query, panels[0]), ("result", result, panels[1])):
         y = top + (height - p.height) // 2
@@ -317,7 +319,7 @@ def report_item_html(it: ReportItem, photos: _Photos | None = None) -> str:
     chans = rec.get("top_channels") or []
     if chans:
         parts.append(f"<details><summary>Channels behind the score ({_E(rec['channels_note'])})"
-                     "</summary><table><tr><th>channel</th><th>CIS</th><th>share of the evidence for</th></tr>")
+                     f"</summary><p class='muted'>Share: {_E(rec.get('channels_share_of', ''))}.</p><table><tr><th>channel</th><th>CIS</th><th>share of the evidence for</th></tr>")
         parts += [f"<tr><td>{c['channel']}</td><td>{c['cis']:+.5f}</td><td>{c['share']:.1%}</td></tr>" for c in chans]
         parts.append("</table></details>")
     parts.append("</section>")
@@ -341,14 +343,20 @@ def write_report(path: Path, title: str, items: Sequence[ReportItem], meta: dict
     parts += [
              "<div class='legend'><span>heat map:</span><span>low</span>"
              f"<span class='bar' style='background:{_legend_css()}'></span><span>high</span></div>",
-             "<p class='muted'>The heat maps show which regions of each photo made the two embeddings similar "
-             "(built on SFAM: each channel's share of the score weights that photo's own feature map, at two depths of "
-             "the network, kept where the two photos' local features match each other; each map is scaled to its "
-             "own maximum). Use the controls above each pair to fade or hide them.</p>"]
+             f"<p class='muted' id='map-words'>{_E(map_caption(items))} Use the controls above each pair to fade or "
+             "hide them.</p>"]
     photos = _Photos()
     parts += [report_item_html(it, photos) for it in items]
     parts.append(f"<script>{REPORT_JS}</script></html>")
     path.write_text("\n".join(parts), encoding="utf-8")
+
+
+def map_caption(items: Sequence[ReportItem]) -> str:
+    """The report's caption: what its heat maps are (explain/methods.py describe_map, one method per report)."""
+    words = {it.record.get("explained", {}).get("map") for it in items} - {None}
+    if len(words) == 1:
+        return words.pop()
+    return "The heat maps show which regions of each photo made the two embeddings similar."
 
 
 def _matches_image(query: Image.Image, result: Image.Image, v, height: int = 360) -> Image.Image:

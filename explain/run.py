@@ -1,8 +1,10 @@
 """Explaining matches end to end: the pair's score as the index ranks it, its verdict, the heat maps, files and reports.
 
 One number: every output leads with the score that ranks the pair (the score of ``retrieve search --json``), and with
-SFAM the channel terms the maps draw are that score's (explain/cis.py): they add up to it, and the channel table's
-shares are shares of it. With an index the score comes from the index's own vectors -- a photo decoded and embedded as
+SFAM the channel terms the maps draw are that score's (explain/cis.py): they add up to it (checked, and only then does
+any output say "exactly"), and the channel table's shares are shares of the evidence for the match. Every output also
+says what its maps are (explain/methods.py describe_map): the paper's parts, what the default adds, or a baseline's
+saliency. With an index the score comes from the index's own vectors -- a photo decoded and embedded as
 the indexer embeds it (retrieval/match/verify.py decode_side), the stored vector of an indexed photo -- and the maps from a
 finer forward pass of the same network at the explain resolution (448 px): the ranking vectors' CIS weight that pass's
 channels (bench/results/explain-ranking-cis.md, row C). Without an index the score is the explainer's own, at the
@@ -26,8 +28,8 @@ from retrieval.images import load_image
 from retrieval.names import json_name
 from retrieval.verdict import collection_note, verdict as make_verdict
 
-from .cis import Decomposition, channel_rows, decompose_in
-from .methods import MAP_MAX_SIDE, Explainer, Explanation, make_explainer, own_size
+from .cis import SHARE_OF, Decomposition, channel_rows, decompose_in
+from .methods import MAP_LABELS, MAP_MAX_SIDE, Explainer, Explanation, describe_map, make_explainer, own_size
 from .render import ReportItem, pair_figure, save_maps, saved_side, write_report
 
 
@@ -140,18 +142,28 @@ def score_words(store) -> str:
 
 
 def explained_text(e: Explanation) -> str:
-    """What the heat maps show, in words (no notation)."""
+    """What the heat maps show about the score, in words (no notation): "exactly" and "decomposes" only where the
+    channel terms add up to the score shown (``e.exact``: checked against the score computed by its definition)."""
     if e.cis is None:
-        what = {"gradcam": "Grad-CAM's", "occlusion": "occlusion's"}.get(e.method, f"{e.method}'s")
-        return f"The heat maps are {what} view of this score: where it responds, not a split of it into parts."
-    if not e.exact:
+        return {"gradcam": "The heat maps are Grad-CAM's gradient saliency of this score (where it is sensitive), not "
+                           "a decomposition of it.",
+                "occlusion": "The heat maps are an occlusion saliency of this score (how much it drops where a grey "
+                             "patch hides the photo), not a decomposition of it."
+                }.get(e.method, f"The heat maps are {e.method}'s view of this score, not a decomposition of it.")
+    if e.distance is not None:
         return (f"The heat maps show what the two photos share: how much closer they are to each other than to this "
                 f"collection's average photo ({e.cis_target:.4f}, the part of the distance they have in common).")
+    if not e.exact:
+        return (f"The channel terms the heat maps are weighted by add up to {float(e.cis_target):.4f}, not to the "
+                "score shown: the maps do not decompose this score.")
+    split = f"The score decomposes exactly into {len(e.cis)} channel terms (SFAM's CIS), which add up to it"
     if e.score <= 0:
-        return ("The score is not positive: the two photos have less in common than a typical pair here; the heat maps "
-                "show the little they share.")
-    return ("The heat maps draw this score's channel terms: each channel's contribution weights that photo's own "
-            f"feature map, and the {len(e.cis)} terms add up to the score (SFAM).")
+        return (f"{split}. It is not positive: the two photos have less in common than a typical pair here; the heat "
+                "maps show the little they share.")
+    if e.method == "sfam-plain":
+        return f"{split}; the heat maps are the paper's map: each photo's feature maps weighted by those terms."
+    return (f"{split}; the heat maps (the default map, built on SFAM) weight each photo's feature maps by those terms "
+            "and add retrieve's refinements (the map's description lists them).")
 
 
 def pair_record(e: Explanation, score_is: str, verdict, corr, map_files: dict) -> dict:
@@ -159,7 +171,8 @@ def pair_record(e: Explanation, score_is: str, verdict, corr, map_files: dict) -
     rows, note = channel_rows(e.cis)
     rec = {"score": float(e.score), "score_is": score_is, "score_text": f"score {e.score:.4f} ({score_is})",
            "score_short": f"score {e.score:.4f}", "method": e.method,
-           "explained": {"method": e.method, "exact": e.exact, "text": explained_text(e)},
+           "explained": {"method": e.method, "label": MAP_LABELS.get(e.method, e.method), "exact": e.exact,
+                         "text": explained_text(e), "map": describe_map(e)},
            "verdict": verdict.to_dict(), "correspondences": [c.to_dict() for c in corr],
            "top_channels": rows, "channels_note": note, **map_files}
     if e.distance is not None:
@@ -167,6 +180,7 @@ def pair_record(e: Explanation, score_is: str, verdict, corr, map_files: dict) -
         rec["cis_target"] = float(e.cis_target) if e.cis_target is not None else None
     if e.cis is not None:
         rec["cis_sum"] = float(e.cis.sum())
+        rec["channels_share_of"] = SHARE_OF
     if not corr:
         rec["correspondences_note"] = ("No region pair: the score is not positive." if e.score <= 0 else
                                        "No region pair carries a positive part of the score.")
