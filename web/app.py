@@ -8,7 +8,7 @@ never a trace):
 - ``POST /api/upload`` (a photo: multipart field ``image`` or the raw body) → ``{"token": …}``
 - ``GET|POST /api/search`` (``q`` = an indexed photo's id or ``upload:<token>``, or a photo in the POST body;
   ``k``, ``offset``, ``qe``, ``verify``) → ``retrieve search --json``'s fields, each hit with its verdict
-- ``GET /api/explain?q=…&r=<id>&method=sfam|gradcam|occlusion&verify=0|1`` → ``retrieve explain --json``'s fields
+- ``GET /api/explain?q=…&r=<id>&method=sfam|sfam-plain|gradcam|occlusion&verify=0|1`` → ``retrieve explain --json``'s fields
 - ``GET /thumb/<id>`` · ``GET /photo/<id>`` · ``GET /upload/<token>/view.jpg`` · ``GET /explain/<key>/<file>``
 
 Bounded under load (web/service.py has the limits): no handler waits on the event loop; uploads are counted as they

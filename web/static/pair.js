@@ -84,6 +84,7 @@ async function load() {
   $("score").textContent = d.score_text;
   $("verdict").textContent = d.verdict.text;
   $("explained").textContent = d.explained.text + ` (method: ${d.method}; ${d.seconds.toFixed(2)} s)`;
+  $("map-words").textContent = d.explained.map;  // what the maps are, from the server (explain/methods.py describe_map)
   $("photo-q").src = d.shown.query.view;
   $("photo-r").src = d.shown.result.view;
   $("heat-q").src = d.layers.query_heat;
@@ -100,6 +101,7 @@ async function load() {
   const ct = $("channels");
   ct.querySelectorAll("tr:not(:first-child)").forEach((t) => t.remove());
   for (const c of d.top_channels || []) row(ct, [c.channel, c.cis.toFixed(5), (100 * c.share).toFixed(1) + " %"]);
+  $("channels").title = d.channels_share_of ? "share: " + d.channels_share_of : "";
   $("channels-summary").textContent = `Channels behind the explained similarity (${d.channels_note || "none for this method"})`;
   $("dl-json").href = d.downloads.json;
   $("dl-report").href = d.downloads.report;
