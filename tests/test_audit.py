@@ -211,7 +211,15 @@ def test_every_output_leads_with_the_score_that_ranked_the_result(photos, tmp_pa
     assert table[1].split() == ["rank", "score", "path"] and table[2].split()[1] == f"{res['results'][0]['score']:.4f}"
     # without an index: says what it compares, and that there is no collection to place the score in
     alone = run_json("explain", query, top["path"], "--out", tmp_path / "alone")
-    assert alone["explained"]["exact"] and alone["cis_sum"] == pytest.approx(alone["score"], abs=1e-5)
+    from retrieval.images import load_image
+    from retrieval.models.loading import load_backbone
+
+    bb = load_backbone("efficientnet_lite0").at_size(448)  # the model's own cosine at 448 px, computed here
+    v = bb.embed_arrays([bb.preprocess.array(load_image(p, min_side=448)) for p in (query, top["path"])])
+    v = v.astype(np.float64)
+    cos = v[0] @ v[1] / (np.linalg.norm(v[0]) * np.linalg.norm(v[1]))
+    assert alone["score"] == pytest.approx(cos, abs=1e-5)
+    assert alone["explained"]["exact"] and alone["cis_sum"] == pytest.approx(cos, abs=1e-5)
     assert "no index" in alone["score_is"]
     assert "no collection" in alone["verdict"]["text"].lower() and not alone["verdict"]["match"]
 

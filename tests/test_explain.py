@@ -176,12 +176,18 @@ def test_explain_cli_writes_every_file(tmp_path, lite0):
     assert html.count("data:image/png;base64,") == 2 and "share" in html and "http" not in html.split("<body")[0]
 
 
-def test_explain_cli_l2_and_errors(tmp_path):
+def test_explain_cli_l2_and_errors(tmp_path, lite0):
     a = tmp_path / "a.png"
     skimage_photo("coffee").save(a)
     doc = run_json("explain", a, a, "--metric", "l2", "--out", tmp_path / "o")
     assert doc["metric"] == "l2" and doc["distance"] == pytest.approx(0, abs=1e-6)
-    assert doc["cis_sum"] == pytest.approx(doc["cis_target"], rel=1e-6)
+    # no index, no μ: the terms add up to ⟨q, r⟩ = ½(‖q‖² + ‖r‖² − d), here ‖v‖², computed from the backbone
+    from retrieval.images import load_image
+
+    bb = lite0.at_size(448)
+    v = bb.embed_arrays([bb.preprocess.array(load_image(a, min_side=448))])[0].astype(np.float64)
+    assert doc["cis_sum"] == pytest.approx(v @ v, rel=1e-5) and doc["cis_target"] == pytest.approx(v @ v, rel=1e-5)
+    assert not doc["explained"]["exact"] and "exactly" not in doc["explained"]["text"]  # Σ CIS is not the score
     bad = tmp_path / "bad.jpg"
     bad.write_text("nope")
     r = run("explain", a, bad, ok=False)
@@ -230,7 +236,17 @@ def test_explain_with_an_index_uses_its_settings(photos, tmp_path):
     doc = run_json("explain", photos / "chelsea.jpg", photos / "more" / "cat_crop.jpg", "--index", idx,
                    "--out", tmp_path / "o")
     assert doc["metric"] == "l2" and doc["input_size"] == 448 and doc["index"] == str(idx)
-    assert doc["cis_sum"] == pytest.approx(doc["cis_target"], rel=1e-6)
+    # the terms add up to ⟨q − μ, r − μ⟩ (μ: the index's mean), computed here from the stored vectors
+    from retrieval.index.store import IndexStore
+
+    with IndexStore.open(idx) as store:
+        mu = np.asarray(store.get_value("mean"), np.float64)
+        q, r = (np.frombuffer(store.row_by_path(str(p)).vector, np.float32).astype(np.float64)
+                for p in (photos / "chelsea.jpg", photos / "more" / "cat_crop.jpg"))
+    target = (q - mu) @ (r - mu)
+    assert doc["distance"] == pytest.approx(((q - r) ** 2).sum(), rel=1e-3)
+    assert doc["cis_sum"] == pytest.approx(target, rel=1e-3) and doc["cis_target"] == pytest.approx(target, rel=1e-3)
+    assert not doc["explained"]["exact"]
     r = run("explain", photos / "chelsea.jpg", photos / "coffee.png", "--index", idx, "--metric", "cosine", ok=False)
     assert r.exit_code == 2 and "not both" in r.stderr
 
