@@ -95,7 +95,8 @@ def test_search_upload_then_audit_a_pair(server, browser):
     assert "chelsea.png" in title and "uploaded photo" in title
     assert page.inner_text("#score").startswith("score 0.")
     assert "random pairs in this collection" in page.inner_text("#verdict")
-    assert "heat maps draw this score" in page.inner_text("#explained")  # the maps are of the score above
+    assert "score decomposes exactly" in page.inner_text("#explained")  # the maps are of the score above
+    assert page.inner_text("#map-words").startswith("The default map (sfam), built on SFAM")  # what the maps are
     for sel in ("#photo-q", "#photo-r", "#heat-q", "#heat-r"):
         page.wait_for_function(f"() => document.querySelector('{sel}').complete && "
                                f"document.querySelector('{sel}').naturalWidth > 0")
@@ -131,6 +132,15 @@ def test_search_upload_then_audit_a_pair(server, browser):
         href = page.get_attribute(sel, "href")
         r = page.request.get(server[0].rstrip("/") + href)
         assert r.status == 200
+    # the paper's map, one click away; a baseline says it is no decomposition of the score
+    page.select_option("#method", "sfam-plain")
+    page.wait_for_selector("body[data-ready='1']", timeout=120_000)
+    assert page.inner_text("#map-words").startswith("The paper's map, SFAM")
+    assert "the paper's map" in page.inner_text("#explained") and "method=sfam-plain" in page.url
+    page.select_option("#method", "gradcam")
+    page.wait_for_selector("body[data-ready='1']", timeout=120_000)
+    said = page.inner_text("#explained") + page.inner_text("#map-words")
+    assert "not a decomposition" in said and "exactly" not in said
     assert not outside, outside
     assert not errors, errors
     assert not dialogs, dialogs
