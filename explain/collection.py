@@ -115,8 +115,8 @@ class Collection:
             if self.preset.per_face:
                 from .faces import face_explainer
 
-                if method not in (None, "sfam", "gradcam"):
-                    raise RetrieveError(f"--method {method}: a faces index explains with sfam or gradcam")
+                if method not in (None, "sfam", "sfam-plain", "gradcam"):
+                    raise RetrieveError(f"--method {method}: a faces index explains with sfam, sfam-plain or gradcam")
                 self._explainers[key] = face_explainer(self.store, self.backbone, method)
             else:
                 from .run import index_explainer

@@ -709,7 +709,7 @@ def describe_map(e: Explanation) -> str:
     form = str(e.details.get("map", ""))
     added = []
     if "D16" in form:
-        added.append("the same weighting on a finer layer (stride 16)")
+        added.append("the same weighting on a finer layer of the network")
     if "G16" in form:
         added.append("a gate that keeps the regions whose local features match between the two photos")
     if "SFAM_paper" in form:

@@ -20,7 +20,7 @@ WORDS = {
     "sfam": ("The score decomposes exactly into 1280 channel terms (SFAM's CIS), which add up to it; the heat maps "
              "(the default map, built on SFAM)",
              f"The default map (sfam), built on {PAPER}. The paper's part: the score's channel terms (CIS) weight each "
-             "photo's own feature maps. What retrieve adds: the same weighting on a finer layer (stride 16); a gate "
+             "photo's own feature maps. What retrieve adds: the same weighting on a finer layer of the network; a gate "
              "that keeps the regions whose local features match between the two photos;"),
     "sfam-plain": ("The score decomposes exactly into 1280 channel terms (SFAM's CIS), which add up to it; the heat "
                    "maps are the paper's map",
@@ -222,3 +222,29 @@ def test_the_web_app_offers_every_map_the_cli_does():
     assert offered == list(WEB) and set(WEB) == set(METHODS)
     assert "the paper's map" in page and "built on SFAM" in page
     assert "d.explained.map" in (ROOT / "web" / "static" / "pair.js").read_text()  # the page's words: the server's
+
+
+def test_a_faces_index_offers_the_papers_map_too(tmp_path):
+    """The web app's switch offers sfam-plain on every index: a faces index explains with it (the same score, split
+    exactly), and says which map it drew."""
+    import importlib.util
+
+    if importlib.util.find_spec("dlib") is None or importlib.util.find_spec("face_recognition_models") is None:
+        pytest.skip("faces extra not installed: pip install -e '.[faces]'")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    face = skimage_photo("astronaut")
+    face.save(photos / "astronaut.png")
+    face.crop((50, 0, 400, 400)).save(photos / "crop.jpg", quality=90)
+    idx = tmp_path / "idx"
+    run("index", photos, "--index", idx, "--preset", "faces")
+    a, b = photos / "astronaut.png", photos / "crop.jpg"
+    hit = next(h for h in run_json("search", a, "--index", idx, "-k", "3")["results"] if h["path"] == str(b))
+    for method, (sentence, map_words) in (("sfam-plain", WORDS["sfam-plain"]), ("sfam", WORDS["sfam"])):
+        doc = run_json("explain", a, b, "--index", idx, "--method", method, "--face-b", str(hit["face"]),
+                       "--out", tmp_path / method)
+        assert doc["score"] == pytest.approx(hit["score"], abs=1e-5) and doc["explained"]["exact"]
+        assert doc["cis_sum"] == pytest.approx(hit["score"], abs=1e-5)
+        assert doc["explained"]["text"].startswith(sentence.replace("1280", "128"))
+        assert doc["explained"]["map"].startswith(map_words.rstrip(";"))
+    assert "the paper's map as a faint floor" not in doc["explained"]["map"]  # faces: the gated map alone
