@@ -84,15 +84,9 @@ class Busy(RetrieveError):
 def decode_slots() -> int:
     """How many uploads and thumbnails are decoded at once: one per inference thread (``RETRIEVE_THREADS``, else
     the cores this process may use), at most :data:`MAX_DECODES`."""
-    threads = os.environ.get("RETRIEVE_THREADS", "").strip()
-    if threads.isdigit() and int(threads) > 0:
-        n = int(threads)
-    else:
-        try:
-            n = len(os.sched_getaffinity(0))
-        except AttributeError:
-            n = os.cpu_count() or 1
-    return max(1, min(MAX_DECODES, n))
+    from retrieval.models.graphs import inference_threads
+
+    return max(1, min(MAX_DECODES, inference_threads()))
 
 
 def default_cache_dir(index_dir: Path) -> Path:
@@ -445,7 +439,7 @@ class Service:
             doc = self._explain_files(st, key, qpath, rpath, method, verify, names, **faces_of)
             doc["seconds"] = round(time.perf_counter() - t0, 4)
             doc["query"] = shown.get("path", shown["name"])
-            doc["shown"] = {"query": shown, "result": {"id": row.id, "name": readable(Path(row.path).name),
+            doc["shown"] = {"query": shown, "result": {"id": row.id, "name": names[1],
                                                        "path": row.path, "view": _thumb_url(row.id, row.sha256, VIEW_SIDE)}}
             doc["sizes"] = {"query": list(qsize), "result": [row.height, row.width]}  # (H, W), own pixels
             doc["key"] = key

@@ -58,7 +58,7 @@ def session_options():
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads = int(os.environ.get("RETRIEVE_THREADS") or 0) or _cores()
+    opts.intra_op_num_threads = inference_threads()
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -70,7 +70,11 @@ def session_options():
     return opts
 
 
-def _cores() -> int:
+def inference_threads() -> int:
+    """The threads inference runs on: ``RETRIEVE_THREADS`` (``--threads``), else the cores this process may use."""
+    threads = os.environ.get("RETRIEVE_THREADS", "").strip()
+    if threads.isdigit() and int(threads) > 0:
+        return int(threads)
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:
