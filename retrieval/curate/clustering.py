@@ -1,12 +1,14 @@
 """Faces into people: clustering the face rows of a faces index, and assigning new faces to existing people.
 
 Vectors are in the index's space (``store.transform``: centred on the fixed mean face, L2-normalised), so ``x @ x.T``
-is the score the faces preset ranks by and ``same`` its calibrated same-person threshold on that score. Two faces
-are linked when their score passes the test; Chinese whispers labels the graph of links (deterministic: a seeded
-visiting order). A chain of look-alikes (each face within the threshold of the next, the ends far apart) can link
+is the score the faces preset ranks by and ``same`` its calibrated same-person threshold on that score. That
+threshold decides one pair; grouping hundreds of faces multiplies its false matches, so clustering links two faces
+only at ``same + MARGIN`` (the link test; MARGIN chosen on tuning identities, bench/people.py). Chinese whispers
+labels the graph of links (deterministic: a seeded visiting order). A chain of look-alikes (each face within the threshold of the next, the ends far apart) can link
 strangers, so the default method keeps a face in a person only while it passes the same test against the person's
-centroid (the mean of its members, renormalised) and matches enough of its members; a face that fails leaves and
-joins the best other person whose centroid it passes, else stands alone. New faces are assigned by the same test
+centroid (the mean of its members, renormalised) and links to enough of its members; a face that fails leaves and
+joins the best other person whose centroid it passes, else stands alone. New faces are assigned by the same
+centroid test
 (:func:`assign_to_people`), so one run and an incremental run answer alike. Numpy only; the comparison with dlib's
 Chinese whispers and HDBSCAN is bench/people.py.
 """
@@ -16,6 +18,7 @@ import numpy as np
 
 METHODS = ("guarded", "whispers")  # guarded: whispers + the centroid/support guard (the default); whispers: no guard
 DEFAULT_METHOD = "guarded"
+MARGIN = 0.05  # the link test is score >= same + MARGIN (bench/people.py: chosen on the tuning identities)
 NEIGHBOURS = 64  # links kept per face (its strongest passing ones): bounds the graph on large collections
 SUPPORT = 0.5  # the guard: a face must match at least this share of its person's other members
 BLOCK = 4096  # rows per block of the score matrix
@@ -83,9 +86,10 @@ def centroids(x: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return _unit(c) if m else c
 
 
-def assign_to_people(x_new: np.ndarray, centroids: np.ndarray, same: float) -> np.ndarray:
+def assign_to_people(x_new: np.ndarray, centroids: np.ndarray, same: float, margin: float = MARGIN) -> np.ndarray:
     """For each new face, the index of the existing person it joins: the best-scoring centroid (rows renormalised)
-    whose score passes ``same``; -1 where none does."""
+    whose score passes the link test (``same + margin``, as :func:`cluster_faces`); -1 where none does."""
+    same = same + margin
     x_new = _unit(np.atleast_2d(x_new))
     if len(centroids) == 0 or len(x_new) == 0:
         return np.full(len(x_new), -1, np.int64)
@@ -150,16 +154,17 @@ def guard(x: np.ndarray, labels: np.ndarray, same: float, support: float = SUPPO
 
 
 def cluster_faces(x: np.ndarray, same: float, method: str = DEFAULT_METHOD, *, seed: int = 0,
-                  support: float = SUPPORT) -> np.ndarray:
+                  margin: float = MARGIN, support: float = SUPPORT) -> np.ndarray:
     """People among the faces ``x`` (n × d, in the index's space): labels 0..m-1 (n,), the largest person first; a
     face that matches no one is a person of its own (no -1). ``same``: the index's same-person threshold on the
-    score. ``method``: "guarded" (Chinese whispers on the same-person links, then the guard against chaining) or
-    "whispers" (no guard). Deterministic for a given ``seed``."""
+    score; faces link at ``same + margin``. ``method``: "guarded" (Chinese whispers on the links, then the guard
+    against chaining) or "whispers" (no guard). Deterministic for a given ``seed``."""
     if method not in METHODS:
         raise ValueError(f"unknown clustering method {method!r} (known: {', '.join(METHODS)})")
     x = np.asarray(x, np.float32)
     if len(x) == 0:
         return np.zeros(0, np.int64)
+    same = same + margin
     labels = chinese_whispers(same_person_graph(x, same), seed=seed)
     if method == "guarded":
         return guard(x, labels, same, support)
