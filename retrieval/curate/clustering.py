@@ -107,48 +107,74 @@ def _renumber(labels: np.ndarray) -> np.ndarray:
     return rank[inv.reshape(-1)]
 
 
+def _support(x: np.ndarray, i: int, members: np.ndarray, same: float) -> float:
+    """The share of ``members`` (face ``i`` left out) that face ``i`` links to."""
+    members = members[members != i]
+    return float((x[members] @ x[i] >= same).mean()) if len(members) else 1.0
+
+
 def guard(x: np.ndarray, labels: np.ndarray, same: float, support: float = SUPPORT, rounds: int = 50) -> np.ndarray:
-    """Keep a face in its person only while it passes ``same`` against the person's centroid and matches at least
-    ``support`` of the person's other members; a face that fails joins the best other person whose centroid it
-    passes (and whose members it matches enough), else stands alone. Repeated until nothing moves."""
+    """Refine a labelling until every face sits with the person it fits best. A face fits a person when its score
+    with the centroid of the person's other members passes ``same`` and it links to at least ``support`` of them.
+    Each round: a face that does not fit its own person (the worst one of each person per round, so that a good
+    person never dissolves at once) leaves for the best other person it fits, else stands alone; a face that fits
+    another person's centroid better than its own moves there (what :func:`assign_to_people` would do with it).
+    Stops when nothing moves."""
     x = _unit(x)
     labels = _renumber(labels)
+    n = len(x)
     for _ in range(rounds):
-        c = centroids(x, labels)
-        sizes = np.bincount(labels)
-        own = np.einsum("ij,ij->i", x, c[labels])
-        # share of the other members of its person each face matches
-        match = np.zeros(len(x))
+        m = int(labels.max()) + 1
+        sums = np.zeros((m, x.shape[1]), np.float32)
+        np.add.at(sums, labels, x)
+        sizes = np.bincount(labels, minlength=m)
+        c = _unit(sums)
+        own = np.einsum("ij,ij->i", x, _unit(sums[labels] - x))
+        own[sizes[labels] == 1] = -np.inf
+        match = np.ones(n)
         for lab in np.flatnonzero(sizes > 1).tolist():
             idx = np.flatnonzero(labels == lab)
-            s = x[idx] @ x[idx].T
-            match[idx] = ((s >= same).sum(1) - 1) / (len(idx) - 1)
-        bad = np.flatnonzero((sizes[labels] > 1) & ((own < same) | (match < support)))
-        if not len(bad):
-            break
-        # the worst offender of each person leaves first (one at a time keeps a good person from dissolving)
+            sc = x[idx] @ x[idx].T
+            match[idx] = ((sc >= same).sum(1) - 1) / (len(idx) - 1)
+        other = x @ c.T
+        other[np.arange(n), labels] = -np.inf
+        fits = (sizes[labels] > 1) & (own >= same) & (match >= support)
+        bad = np.flatnonzero((sizes[labels] > 1) & ~fits)
         worst: dict[int, int] = {}
         for i in bad.tolist():
             lab = int(labels[i])
-            key = (own[i] + match[i], -i)
-            if lab not in worst or key < (own[worst[lab]] + match[worst[lab]], -worst[lab]):
+            if lab not in worst or (own[i] + match[i], -i) < (own[worst[lab]] + match[worst[lab]], -worst[lab]):
                 worst[lab] = i
-        nxt = int(labels.max()) + 1
-        for lab, i in sorted(worst.items()):
-            s = x[i] @ c.T
-            s[lab] = -np.inf
-            moved = False
-            for k in np.argsort(-s, kind="stable").tolist():
-                if s[k] < same:
+        moves: dict[int, int] = {}  # face -> new label (-1: alone)
+        for i in sorted(worst.values()):
+            moves[i] = -1
+        for i in range(n):  # better elsewhere (a face alone, or one that fits, whose best other centroid beats its own)
+            if i in moves or (sizes[labels[i]] > 1 and not fits[i]):
+                continue
+            order = np.argsort(-other[i], kind="stable")
+            for k in order.tolist():
+                if other[i, k] < same or other[i, k] <= own[i]:
                     break
-                members = np.flatnonzero(labels == k)
-                if len(members) and (x[members] @ x[i] >= same).mean() >= support:
-                    labels[i] = k
-                    moved = True
+                if _support(x, i, np.flatnonzero(labels == k), same) >= support:
+                    moves[i] = k
                     break
-            if not moved:
-                labels[i] = nxt
-                nxt += 1
+        for i in list(moves):  # the faces that leave: the best other person they fit, else alone
+            if moves[i] != -1:
+                continue
+            for k in np.argsort(-other[i], kind="stable").tolist():
+                if other[i, k] < same:
+                    break
+                if _support(x, i, np.flatnonzero(labels == k), same) >= support:
+                    moves[i] = k
+                    break
+        if not moves:
+            break
+        nxt = m
+        for i, k in sorted(moves.items()):
+            if k == -1:
+                labels[i], nxt = nxt, nxt + 1
+            else:
+                labels[i] = k
         labels = _renumber(labels)
     return labels
 
