@@ -1,16 +1,16 @@
 """Faces into people: clustering the face rows of a faces index, and assigning new faces to existing people.
 
 Vectors are in the index's space (``store.transform``: centred on the fixed mean face, L2-normalised), so ``x @ x.T``
-is the score the faces preset ranks by and ``same`` its calibrated same-person threshold on that score. That
-threshold decides one pair; grouping hundreds of faces multiplies its false matches, so clustering links two faces
-only at ``same + MARGIN`` (the link test; MARGIN chosen on tuning identities, bench/people.py). Chinese whispers
-labels the graph of links (deterministic: a seeded visiting order). A chain of look-alikes (each face within the threshold of the next, the ends far apart) can link
-strangers, so the default method keeps a face in a person only while it passes the same test against the person's
-centroid (the mean of its members, renormalised) and links to enough of its members; a face that fails leaves and
-joins the best other person whose centroid it passes, else stands alone. New faces are assigned by the same
-centroid test
-(:func:`assign_to_people`), so one run and an incremental run answer alike. Numpy only; the comparison with dlib's
-Chinese whispers and HDBSCAN is bench/people.py.
+is the score the faces preset ranks by and ``same`` its calibrated same-person threshold. That threshold decides one
+pair; grouping many faces multiplies its false matches, so two faces link only at ``same + MARGIN`` (the link test).
+Chinese whispers labels the graph of links (deterministic: a seeded visiting order). It counts votes, so a chain of
+look-alikes (each face linked to the next, the ends strangers) can become one person, and a face with many weak
+links can join the wrong one. The guard (the default method) therefore keeps a face in a person only while it
+passes the link test against the centroid of the person's other members (their mean, renormalised) and links to at
+least SUPPORT of them, and moves a face to the person whose centroid it fits best; a face that fits no one stands
+alone. New faces join people by the same centroid test (:func:`assign_to_people`), so a run and an incremental run
+answer alike. Numpy only. The constants and the comparison with dlib's Chinese whispers and HDBSCAN:
+bench/people.py.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ METHODS = ("guarded", "whispers")  # guarded: whispers + the centroid/support gu
 DEFAULT_METHOD = "guarded"
 MARGIN = 0.05  # the link test is score >= same + MARGIN (bench/people.py: chosen on the tuning identities)
 NEIGHBOURS = 64  # links kept per face (its strongest passing ones): bounds the graph on large collections
-SUPPORT = 0.5  # the guard: a face must match at least this share of its person's other members
+SUPPORT = 0.5  # the guard: a face must link to at least this share of its person's other members
 BLOCK = 4096  # rows per block of the score matrix
 CANDIDATES = 5  # other people a face may move to per round (its best-scoring centroids)
 
