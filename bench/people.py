@@ -379,7 +379,10 @@ set's DiCaprio with Matt Damon's five (it links to four of them at 0.59-0.64, to
 two people fall in different halves of the tuning split, so the held-out table cannot show it: the real set's row
 with every face is not a held-out result for that rule. (2) The guard's cost: on ORL it leaves a face or two of
 one person apart that plain whispers keeps whole; without it, whispers merges strangers on the group photos.
-(3) dlib's rule (Euclidean 0.5 on raw descriptors) is stricter than the faces preset's pair verdict (dlib's own
+(3) HDBSCAN on the group photos: each person's 8 pool photos are pasted about twice each, so nearly every face
+has a near-twin (score > 0.95) and the density hierarchy keeps those twins as clusters of their own; its
+``cluster_selection_epsilon`` (which would merge them) raised a TypeError in scikit-learn 1.9.1 here.
+(4) dlib's rule (Euclidean 0.5 on raw descriptors) is stricter than the faces preset's pair verdict (dlib's own
 0.6); the margin plays that part here.
 
 ## Every face
