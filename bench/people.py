@@ -363,9 +363,9 @@ its labelled pairs (bench/faces.py `real_identities`), every face of every photo
 a labelled photo scored. ORL: 40 people × 10. Groups: {args.groups} photos of ORL s31–s40 pasted into Caltech-101
 photos (bench/faces.py `make_groups`, seed {args.seed}); a detected face is scored when it overlaps a pasted face.
 Ours runs on the index's vectors (centred on the fixed mean face μ_f, normalised) with the faces preset's
-same-person threshold t = {ours.__globals__['__name__'] and __import__('retrieval.faces.network', fromlist=['x']).mean_face()[1]}: links at t + margin, Chinese whispers (seed 0),
-and the guard (a face stays in a person while its score with the centroid passes t + margin and it links to at least
-`support` of the other members). dlib's peer: `dlib.chinese_whispers_clustering` on raw descriptors, Euclidean
+same-person threshold t = {same_t}: links at t + margin ({cl.MARGIN}), Chinese whispers (seed 0), and the guard (a
+face stays in a person while its score with the centroid of the other members passes t + margin and it links to at
+least `support` ({cl.SUPPORT}) of them; it moves to the person whose centroid it fits best). dlib's peer: `dlib.chinese_whispers_clustering` on raw descriptors, Euclidean
 threshold 0.5. HDBSCAN: `sklearn.cluster.HDBSCAN` on the index's vectors, noise = people of their own.
 "Max split": the most clusters one person's faces fall into; "wrong merge": the share of faces in a cluster whose
 majority is another person. Targets (issue #30): BCubed F ≥ 0.97 on the real set and never below dlib's Chinese
