@@ -121,3 +121,13 @@ def test_every_imported_project_name_exists():
                 except ImportError:
                     missing.append(f"{p.relative_to(ROOT)}:{node.lineno}: {mod} has no {a.name}")
     assert not missing, "\n".join(missing)
+
+
+def test_every_package_is_installed():
+    """pyproject.toml lists packages one by one: a new sub-package missing there is absent from a non-editable
+    install (retrieval.curate was)."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    on_disk = {".".join(p.parent.relative_to(ROOT).parts) for d in PACKAGES for p in (ROOT / d).rglob("__init__.py")}
+    assert on_disk <= listed, sorted(on_disk - listed)
