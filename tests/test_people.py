@@ -181,10 +181,12 @@ def test_names_survive_reindex(made, tmp_path):
     _photo([(_face(A, 160), (150, 90))], "chelsea", size=(420, 320)).save(photos / "a4.png")  # a new photo of Alice
     keep = tmp_path / "c1.png"
     shutil.move(photos / "c1.png", keep)
+    (photos / "sub").mkdir()
+    shutil.move(photos / "b1.png", photos / "sub" / "b1.png")  # moved: new rows, the person found by its content
     rep = json.loads(run("index", photos, "--index", idx, "--json").stdout)
-    assert rep["indexed"] == 3 and rep["removed"] == 1
+    assert rep["indexed"] == 4 and rep["removed"] == 2
     found, err = people(idx)
-    assert "5 new faces (4 kept their person from before a re-index, 1 joined a known person, 0 new people)" in err
+    assert "6 new faces (5 kept their person from before a re-index, 1 joined a known person, 0 new people)" in err
     named = {p["name"]: p for p in found}
     assert named["Alice"]["photos"] == 5 and named["Bob"]["photos"] == 3 and named["Carol"]["photos"] == 0
     assert named["Alice"]["id"] == persons["A"]["id"]
@@ -195,9 +197,14 @@ def test_names_survive_reindex(made, tmp_path):
     assert str(photos / "a4.png") in after
     assert [p["name"] for p in found].count(None) == 1  # D, unnamed, still its own person
     shutil.move(keep, photos / "c1.png")  # Carol's photo back: it joins her by her centroid
+    im = Image.open(photos / "sub" / "b1.png")  # the moved photo changed: its new row keeps Bob
+    im.putpixel((0, 0), (1, 2, 3))
+    im.save(photos / "sub" / "b1.png")
     run("index", photos, "--index", idx)
-    assert {p["name"]: p["photos"] for p in people(idx)[0]}["Carol"] == 1
-    assert files_of(idx, "carol") == ["c1.png"]
+    found, err = people(idx)
+    assert "2 new faces (1 kept their person from before a re-index, 1 joined a known person" in err
+    assert {p["name"]: p["photos"] for p in found} == {"Alice": 5, "Bob": 3, "Carol": 1, None: 1}
+    assert files_of(idx, "carol") == ["c1.png"] and "b1.png" in files_of(idx, "Bob")
 
 
 @needs_faces
