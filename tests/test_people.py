@@ -326,3 +326,29 @@ def test_people_on_postgres(pg, made, tmp_path):
             engine.dispose()
     finally:
         database.use(None)
+
+
+@needs_faces
+def test_help_examples_work_as_printed(made, tmp_path, monkeypatch):
+    """Every example in `retrieve people [show|name|merge|move] --help` (and search's --person one) runs, each on a
+    fresh copy of the index holding a person named Alice; the example's ids stand for people and faces there."""
+    def _examples(*command: str) -> list[list[str]]:
+        text = run(*command, "--help").stdout
+        lines = text.split("Examples:", 1)[1].split("Options:", 1)[0].splitlines()
+        return [shlex.split(line.split("#")[0])[1:] for line in lines if line.strip().startswith("retrieve ")]
+
+    examples = [e for c in (["people"], ["people", "show"], ["people", "name"], ["people", "merge"],
+                            ["people", "move"]) for e in _examples(*c)]
+    examples += [e for e in _examples("search") if "--person" in e]
+    assert len(examples) >= 12 and all(e[0] in ("people", "search") for e in examples)
+    for n, argv in enumerate(examples):
+        idx = tmp_path / f"idx{n}"
+        shutil.copytree(made[1], idx)
+        monkeypatch.setenv("RETRIEVE_INDEX", str(idx))
+        persons = who(people(idx)[0], idx)
+        run("people", "name", persons["A"]["id"], "Alice")
+        where = {"~/faces-index": idx, "3": persons["A"]["id"], "7": persons["C"]["id"],
+                 "42": persons["B"]["face"]["id"]}
+        r = run(*[str(where.get(a, a)) for a in argv])
+        if "--json" in argv:
+            json.loads(r.stdout)
