@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from retrieval.errors import IndexLocked, RetrieveError
-from retrieval.names import from_db
+from retrieval.names import from_db, shown
 
 IOU_SAME_FACE = 0.5  # a re-indexed photo's face at the same place as an old row: the same face
 
@@ -349,6 +349,8 @@ def _check_name(store, name: str, pid: int) -> str:
     name = " ".join(str(name).split())
     if not name:
         raise RetrieveError("a person's name cannot be empty")
+    if not name.isprintable():
+        raise RetrieveError(f"{shown(name)}: a name cannot hold control characters")
     if name.isdigit():
         raise RetrieveError(f"{name!r}: a name cannot be a number (it would read as a person id)")
     for other in list_people(store):
