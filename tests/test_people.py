@@ -243,6 +243,7 @@ def test_people_errors(idx):
                 assert run(*shlex.split(hint)[1:]).exit_code == 0
     assert "cannot be a number" in error_line(run("people", "name", a, "12", "--index", idx, ok=False))
     assert "cannot be empty" in error_line(run("people", "name", a, " ", "--index", idx, ok=False))
+    assert "at most 200 characters" in error_line(run("people", "name", a, "x" * 201, "--index", idx, ok=False))
     assert "control characters" in error_line(run("people", "name", a, "Eve\x1b[2J", "--index", idx, ok=False))
     assert "into itself" in error_line(run("people", "merge", a, a, "--index", idx, ok=False))
     assert "already" in error_line(run("people", "move", persons["A"]["face"]["id"], "--to", a, "--index", idx, ok=False))

@@ -33,6 +33,7 @@ from retrieval.errors import IndexLocked, RetrieveError
 from retrieval.names import from_db, shown
 
 IOU_SAME_FACE = 0.5  # a re-indexed photo's face at the same place as an old row: the same face
+MAX_NAME_CHARS = 200  # a person's name, at most (the web app's rule too)
 
 
 @dataclass
@@ -349,6 +350,8 @@ def _check_name(store, name: str, pid: int) -> str:
     name = " ".join(str(name).split())
     if not name:
         raise RetrieveError("a person's name cannot be empty")
+    if len(name) > MAX_NAME_CHARS:
+        raise RetrieveError(f"a person's name has at most {MAX_NAME_CHARS} characters (this one {len(name)})")
     if not name.isprintable():
         raise RetrieveError(f"{shown(name)}: a name cannot hold control characters")
     if name.isdigit():
