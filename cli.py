@@ -566,6 +566,8 @@ def people_show(ctx, person, index_dir, as_json) -> None:
         click.echo(json.dumps({"person": p.to_dict(), "faces": faces}))
         return
     click.echo(f"{_person_text(p)}: {p.photos} photos, {p.faces} faces")
+    if faces:
+        click.echo(f"  {'id':>6}  {'face:box':<20}  photo")
     for f in faces:
         click.echo(f"  {f['id']:>6}  {str(f['face']) + ':' + ','.join(map(str, f['box'])):<20}  {shown(f['path'])}"
                    + ("  (by hand)" if f["manual"] else ""))
