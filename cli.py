@@ -321,7 +321,7 @@ def _human(n: float) -> str:
 
 # -- search -------------------------------------------------------------------------------------
 @main.command()
-@click.argument("queries", nargs=-1, required=True, type=click.Path())
+@click.argument("queries", nargs=-1, required=False, type=click.Path())
 @index_option
 @db_option
 @click.option("-k", "k", type=click.IntRange(1, 10000), default=10, show_default=True, help="Results per query.")
@@ -357,11 +357,14 @@ def _human(n: float) -> str:
 @click.option("--face", "face", type=click.IntRange(0), default=None, metavar="N",
               help="Faces index (--preset faces): which face of the query photo to search for, 0 = the largest "
                    "[default: 0].")
+@click.option("--person", "person", default=None, metavar="ID|NAME",
+              help="Faces index: instead of QUERIES, the photos with this person (`retrieve people` lists them), "
+                   "each with the face's box.")
 @trust_option
 @json_option
 @click.pass_context
 def search(ctx, queries, index_dir, k, min_score, include_self, qe, dba, verify, words, within, explain, out_dir,
-           method, full_maps, face, as_json, catalogue_n=None, expand=None) -> None:
+           method, full_maps, face, as_json, catalogue_n=None, expand=None, person=None) -> None:
     """Find the nearest neighbours of QUERIES (image files or folders of them).
 
     \b
@@ -370,10 +373,15 @@ def search(ctx, queries, index_dir, k, min_score, include_self, qe, dba, verify,
       retrieve search query.jpg --explain          # heat maps + report.html for every result
       retrieve search some/folder --json           # one JSON object per query image
       retrieve search photos/ --within catalogue/  # answers from the catalogue's images only
+      retrieve search --person Alice --index ~/faces-index   # a faces index: the photos with Alice
     """
     from explain.collection import Collection
     from retrieval.match.search import expand_queries
 
+    if person is not None:
+        return _search_person(ctx, queries, index_dir, person, as_json)
+    if not queries:
+        raise click.MissingParameter(ctx=ctx, param=next(p for p in ctx.command.params if p.name == "queries"))
     _set_threads(ctx)
     if (out_dir or method or full_maps) and not explain:
         raise click.UsageError("--out, --method and --full-maps go with --explain")
@@ -452,6 +460,239 @@ def _with_verdicts(d: dict, explained: dict, verdicts: dict) -> dict:
         if h["rank"] in verdicts:
             h["verdict"] = verdicts[h["rank"]]
     return d
+
+
+# -- people -------------------------------------------------------------------------------------
+def _people_refresh(directory: Path) -> None:
+    """Group the faces that wait for a person (first run, new or re-indexed photos) before people are read; said
+    on stderr (retrieval/curate/people.py refresh)."""
+    from retrieval.curate.people import refresh
+
+    r = refresh(directory)
+    if r is None:
+        return
+    if "locked" in r:
+        click.echo(f"{r['waiting']} faces wait for a person, but {r['locked'][0].lower()}{r['locked'][1:]}; the "
+                   "people are shown as they were", err=True)
+        return
+    click.echo(f"people updated: {r['faces']} new faces ({r['kept']} kept their person from before a re-index, "
+               f"{r['joined']} joined a known person, {r['new_people']} new people); {r['people']} people", err=True)
+
+
+def _person_text(p) -> str:
+    return f"person {p.id}" + (f" ({p.name})" if p.name else "")
+
+
+def _people_index(ctx: click.Context, index_dir: str | None) -> Path:
+    """A subcommand's --index, else the group's (``retrieve people --index DIR show 3``)."""
+    return _index_dir(index_dir or (ctx.obj or {}).get("people_index"))
+
+
+def _people_json(ctx: click.Context, as_json: bool) -> bool:
+    return as_json or bool((ctx.obj or {}).get("people_json"))
+
+
+@main.group(invoke_without_command=True)
+@index_option
+@db_option
+@json_option
+@click.pass_context
+def people(ctx, index_dir, as_json) -> None:
+    """Who is in the photos of a faces index (retrieve index --preset faces): its faces grouped into people.
+
+    Faces without a person (a first run, new or re-indexed photos) are grouped first: a re-indexed photo's faces keep
+    their person, new faces join the person they match, the rest make new people. Names are kept in the index.
+    People are listed most photos first, each with a representative face (row id, photo, box).
+
+    \b
+    Examples:
+      retrieve people --index ~/faces-index          # id, name, photos, faces, a face of each
+      retrieve people show 3                         # person 3's faces (the row ids that move takes)
+      retrieve people name 3 Alice
+      retrieve people merge Alice 7                  # person 7 into Alice
+      retrieve people move 42 --to new               # face 42 out, a person of its own
+      retrieve search --person Alice                 # the photos with Alice, with the face box
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["people_index"], ctx.obj["people_json"] = index_dir, as_json
+    if ctx.invoked_subcommand is not None:
+        return
+    from retrieval.curate.people import list_people
+    from retrieval.index.store import IndexStore
+
+    directory = _index_dir(index_dir)
+    _people_refresh(directory)
+    with IndexStore.open(directory) as store:
+        found = list_people(store)
+        faces = store.count()
+    if as_json:
+        click.echo(json.dumps({"index": str(directory), "faces": faces, "people": [p.to_dict() for p in found]}))
+        return
+    if not found:
+        click.echo(f"no people yet: {faces} faces wait for a person (run `retrieve people --index "
+                   f"{shlex.quote(str(directory))}` again once the index is not being written)" if faces
+                   else f"no people: {directory} holds no faces yet")
+        return
+    width = max([4] + [len(p.name or "-") for p in found])
+    click.echo(f"{'id':>5}  {'name':<{width}}  {'photos':>6}  {'faces':>5}  face (row: box  photo)")
+    for p in found:
+        face = f"{p.face[0]}: {','.join(map(str, p.face[2]))}  {shown(p.face[1])}" if p.face else "-"
+        click.echo(f"{p.id:>5}  {p.name or '-':<{width}}  {p.photos:>6}  {p.faces:>5}  {face}")
+
+
+@people.command("show")
+@click.argument("person")
+@index_option
+@db_option
+@json_option
+@click.pass_context
+def people_show(ctx, person, index_dir, as_json) -> None:
+    """The faces of PERSON (an id or a name): row id (what `people move` takes), face number:box, photo.
+
+    \b
+    Examples:
+      retrieve people show 3
+      retrieve people show Alice --json
+    """
+    from retrieval.curate.people import faces_of, person_named
+    from retrieval.index.store import IndexStore
+
+    directory = _people_index(ctx, index_dir)
+    _people_refresh(directory)
+    with IndexStore.open(directory) as store:
+        p = person_named(store, person)
+        faces = faces_of(store, p.id)
+    if _people_json(ctx, as_json):
+        click.echo(json.dumps({"person": p.to_dict(), "faces": faces}))
+        return
+    click.echo(f"{_person_text(p)}: {p.photos} photos, {p.faces} faces")
+    if faces:
+        click.echo(f"  {'id':>6}  {'face:box':<20}  photo")
+    for f in faces:
+        click.echo(f"  {f['id']:>6}  {str(f['face']) + ':' + ','.join(map(str, f['box'])):<20}  {shown(f['path'])}"
+                   + ("  (by hand)" if f["manual"] else ""))
+
+
+@people.command("name")
+@click.argument("person")
+@click.argument("name")
+@index_option
+@db_option
+@json_option
+@click.pass_context
+def people_name(ctx, person, name, index_dir, as_json) -> None:
+    """Name PERSON (an id, or its current name) NAME; names are unique (case-insensitive), never a bare number.
+
+    \b
+    Examples:
+      retrieve people name 3 Alice
+      retrieve people name Alice "Alice B."
+    """
+    from retrieval.curate.people import rename
+    from retrieval.index.store import IndexStore
+
+    directory = _people_index(ctx, index_dir)
+    _people_refresh(directory)
+    with IndexStore.open(directory, writable=True, what="retrieve people name") as store:
+        p = rename(store, person, name)
+    if _people_json(ctx, as_json):
+        click.echo(json.dumps(p.to_dict()))
+        return
+    click.echo(f"person {p.id}: {p.name} ({p.photos} photos, {p.faces} faces)")
+
+
+@people.command("merge")
+@click.argument("a")
+@click.argument("b")
+@index_option
+@db_option
+@json_option
+@click.pass_context
+def people_merge(ctx, a, b, index_dir, as_json) -> None:
+    """Merge person B into person A (each an id or a name): A keeps its name, or takes B's when it has none.
+
+    \b
+    Examples:
+      retrieve people merge 3 7
+      retrieve people merge Alice 7
+    """
+    from retrieval.curate.people import merge
+    from retrieval.index.store import IndexStore
+
+    directory = _people_index(ctx, index_dir)
+    _people_refresh(directory)
+    with IndexStore.open(directory, writable=True, what="retrieve people merge") as store:
+        r = merge(store, a, b)
+    p = r["person"]
+    if _people_json(ctx, as_json):
+        click.echo(json.dumps({**r, "person": p.to_dict()}))
+        return
+    click.echo(f"person {r['merged']} merged into {_person_text(p)}: {p.photos} photos, {p.faces} faces"
+               + (f"; the name {r['dropped_name']!r} was dropped" if r["dropped_name"] else ""))
+
+
+@people.command("move")
+@click.argument("face", type=int)
+@click.option("--to", "to", required=True, metavar="PERSON|new",
+              help="The person (an id or a name) the face goes to, or `new`: a person of its own.")
+@index_option
+@db_option
+@json_option
+@click.pass_context
+def people_move(ctx, face, to, index_dir, as_json) -> None:
+    """Move face FACE (its row id, from `retrieve people show PERSON`) to another person, or out to a new one.
+
+    \b
+    Examples:
+      retrieve people move 42 --to new        # split it out: a person of its own
+      retrieve people move 42 --to Alice
+    """
+    from retrieval.curate.people import move_face
+    from retrieval.index.store import IndexStore
+
+    directory = _people_index(ctx, index_dir)
+    _people_refresh(directory)
+    with IndexStore.open(directory, writable=True, what="retrieve people move") as store:
+        r = move_face(store, face, None if to.strip().lower() == "new" else to)
+    if _people_json(ctx, as_json):
+        click.echo(json.dumps({**r, "to": r["to"].to_dict()}))
+        return
+    click.echo(f"face {r['face']} moved from person {r['from']} to {_person_text(r['to'])}")
+
+
+def _search_person(ctx: click.Context, queries, index_dir, person: str, as_json: bool) -> None:
+    """`retrieve search --person REF`: the photos with that person (no query photo; the options of a search by
+    photo are a one-line error)."""
+    from click.core import ParameterSource
+
+    from retrieval.curate.people import faces_of, person_named
+    from retrieval.index.store import IndexStore
+
+    if queries:
+        raise click.UsageError("--person lists the photos of a person and takes no query photo: give QUERIES or "
+                               "--person, not both")
+    names = {p.name: p.opts[0] for p in ctx.command.params}
+    given = [names[k] for k in ctx.params if k not in ("queries", "index_dir", "as_json", "person") and k in names
+             and ctx.get_parameter_source(k) not in (None, ParameterSource.DEFAULT)]
+    if given:
+        raise click.UsageError(f"{', '.join(given)} do{'es' if len(given) == 1 else ''} not apply to --person (it "
+                               "lists the photos of a person)")
+    directory = _index_dir(index_dir)
+    _people_refresh(directory)
+    with IndexStore.open(directory) as store:
+        p = person_named(store, person)
+        faces = faces_of(store, p.id)
+    if as_json:
+        click.echo(json.dumps({"person": p.to_dict(), "results": [{k: f[k] for k in ("path", "face", "box", "id")}
+                                                                   for f in faces]}))
+        return
+    click.echo(f"{_person_text(p)}: {p.photos} photos")
+    if not faces:
+        click.echo("  (no photos)")
+        return
+    click.echo(f"  {'face box':<20}  path")
+    for f in faces:
+        click.echo(f"  {str(f['face']) + ':' + ','.join(map(str, f['box'])):<20}  {shown(f['path'])}")
 
 
 # -- check --------------------------------------------------------------------------------------

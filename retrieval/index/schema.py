@@ -1,7 +1,7 @@
 """The index database's tables (SQLAlchemy ORM) and the settings an index is created with."""
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, Float, Index, Integer, LargeBinary, String, text
+from sqlalchemy import BigInteger, Boolean, Float, Index, Integer, LargeBinary, String, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -61,3 +61,32 @@ class SkippedRow(Base):
     size: Mapped[int] = mapped_column(Int64)
     mtime_ns: Mapped[int] = mapped_column(Int64)
     reason: Mapped[str] = mapped_column(String)
+
+
+class PersonRow(Base):
+    """A person of a faces index (retrieval/curate/people.py): a name (NULL until someone gives one; unique), the
+    centroid of its faces in the index's space (float32, L2-normalised) that later runs assign new faces by, and
+    its representative face's row. Ids are never reused. Optional: an index without this table has no people yet
+    (readers say so, the people writer creates it: IndexStore.ensure_tables)."""
+
+    __tablename__ = "people"
+    __table_args__ = {"sqlite_autoincrement": True}
+    id: Mapped[int] = mapped_column(Int64, primary_key=True, autoincrement=True)
+    name: Mapped[str | None] = mapped_column(String, nullable=True, unique=True)
+    centroid: Mapped[bytes] = mapped_column(LargeBinary)
+    face_row: Mapped[int | None] = mapped_column(Int64, nullable=True)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class PersonFaceRow(Base):
+    """A face row's person. ``manual``: a person put it there (move, merge), not the clustering. ``path``, ``box``
+    and ``sha256`` repeat the face row's, so that when a re-indexed (or moved) photo's rows are replaced (new ids)
+    the next update gives each new row the person of the old row at the same place of the same photo."""
+
+    __tablename__ = "person_faces"
+    row_id: Mapped[int] = mapped_column(Int64, primary_key=True, autoincrement=False)
+    person_id: Mapped[int] = mapped_column(Int64, index=True)
+    manual: Mapped[bool] = mapped_column(Boolean, default=False)
+    path: Mapped[str] = mapped_column(String)
+    box: Mapped[str | None] = mapped_column(String, nullable=True)
+    sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)

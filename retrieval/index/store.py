@@ -242,6 +242,15 @@ class IndexStore(VectorSpace):
         self.set_value("schema_version", SCHEMA_VERSION)
         self.settings.schema_version = SCHEMA_VERSION
 
+    def ensure_tables(self, *tables) -> None:
+        """Create optional tables (``schema.PersonRow.__table__``…) that an index made before them lacks: the upgrade
+        path of tables that are additive and optional, so no schema version is bumped for them (older readers ignore
+        them, readers of an index without them treat them as empty). Writers only, holding the writer lock."""
+        from retrieval.index.schema import Base
+
+        with self._begin() as c:
+            Base.metadata.create_all(c, tables=list(tables), checkfirst=True)
+
     @classmethod
     def create(cls, directory: str | os.PathLike, settings: IndexSettings, what: str = "retrieve") -> "IndexStore":
         """A new index (or the existing one, opened for writing, when ``directory`` already holds one).
