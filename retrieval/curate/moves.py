@@ -430,7 +430,7 @@ def _restore_rows(store, batch: Batch, paths: set[str]) -> int:
     store.faiss_index()  # loaded before the rows change (IndexStore.apply)
     ids = store.insert_rows(values)
     kept = np.intersect1d(store.removed_ids(), ids)  # an index that cannot remove (HNSW) still holds them
-    if len(kept):
+    if len(kept) or store.settings.index_type == "flat":  # flat: rebuilt in id order, so equal scores rank as before
         store.rebuild_faiss()
     else:
         store.apply((), ids, np.stack([np.frombuffer(v["vector"], np.float32) for v in values]))
