@@ -519,7 +519,7 @@ CSV_COLUMNS = ("group", "tier", "keeper", "path", "size", "width", "height", "da
 @click.option("--csv", "as_csv", is_flag=True, help="One CSV row per member (group, tier, keeper, path, size, width, "
                                                     "height, date, score, percentile, inliers).")
 @click.option("--explain", is_flag=True, help="Write one report with the heat maps of each member against its keeper.")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None, metavar="DIR",
               help="With --explain: output directory [default: ./retrieve-explain-duplicates-<time>].")
 @click.option("--move-to", "move_to", type=click.Path(file_okay=False), default=None, metavar="DIR",
               help="Move the non-keepers of the groups shown to DIR (keeping their folders relative to the common "
@@ -623,7 +623,7 @@ def _print_groups(found, directory: Path, moving: bool) -> None:
     for g in found.groups:
         for m in g.members:
             score = "" if m.score is None else f"{m.score:.3f}"
-            pct = "" if m.percentile is None else f"{m.percentile:.1f}"
+            pct = "" if m.percentile is None else f"{m.percentile:.1f}%"
             inl = "" if m.inliers is None else str(m.inliers)
             click.echo(f"{g.id:>5}  {TIER_NAMES.get(g.tier, g.tier):<14}  {'KEEP' if m.keeper else '':<4}  "
                        f"{_human(m.size):>9}  {f'{m.width}×{m.height}':>11}  {_date_text(m.date):<16}  {score:>6}  "
@@ -669,6 +669,10 @@ def _print_moved(moved: dict, directory: Path) -> None:
     click.echo(f"moved {moved['moved']} photos ({_human(moved['bytes'])}) to {shown(moved['dest'])}, keeping their "
                f"folders below {shown(moved['root'])}; {moved['rows_removed']} rows left the index")
     click.echo(f"to put them back: retrieve duplicates --index {shlex.quote(str(directory))} --undo")
+    dest, root = Path(moved["dest"]), Path(moved["root"])
+    if dest == root or root in dest.parents or dest in root.parents:
+        click.echo(f"note: {shown(dest)} is inside or above the folder of the moved photos: a `retrieve index` of that "
+                   "folder would index them again", err=True)
 
 
 def _undo_moves(directory: Path, as_json: bool) -> None:

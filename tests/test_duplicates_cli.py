@@ -170,8 +170,9 @@ def test_a_second_undo_undoes_the_batch_before(tmp_path):
     run("duplicates", "--index", idx, "--move-to", tmp_path / "first")
     shutil.copyfile(photos / "trip" / "coins.jpg", photos / "trip" / "coins again.jpg")  # a new copy (newer)
     run("index", photos, "--index", idx)
-    r = run("duplicates", "--index", idx, "--move-to", tmp_path / "second")
-    assert "moved 1 photos" in r.stdout
+    d = json.loads(run("duplicates", "--index", idx, "--move-to", tmp_path / "second", "--json").stdout)
+    assert d["moved"]["moved"] == 1 and d["moved"]["files"] == [
+        {"source": str(photos / "trip" / "coins again.jpg"), "target": str(tmp_path / "second" / "coins again.jpg")}]
     r = run("duplicates", "--index", idx, "--undo")
     assert "restored 1 photos" in r.stdout and "1 earlier batch can be undone too" in r.stdout
     assert (photos / "trip" / "coins again.jpg").exists() and not (photos / movable[0]).exists()

@@ -85,10 +85,13 @@ class _Log:
         return out
 
     def add(self, *event) -> None:
+        new = not self.path.exists()
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(list(event), ensure_ascii=True) + "\n")
             f.flush()
             os.fsync(f.fileno())
+        if new:  # the log's own name durable too: a lost "undone" would read as a batch still to finish
+            fsync_dir(self.path.parent)
 
 
 class Batch:
@@ -284,7 +287,8 @@ def _open_writable(index_dir):
 def _write_batch(store, moves: list[dict], dest: str, root: str) -> Batch:
     folder = Path(store.directory) / FOLDER
     folder.mkdir(exist_ok=True)
-    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"{time.time() % 1:.6f}"[1:] + "Z"
+    ns = time.time_ns()
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(ns // 10**9)) + f".{ns % 10**9 // 1000:06d}Z"
     name = f"moves-{stamp}"
     rows = store.rows_by_ids([i for mv in moves for i in mv["rows"]])
     saved = [{c: (base64.b64encode(bytes(getattr(r, c))).decode("ascii") if c == "vector" else getattr(r, c))
