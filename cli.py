@@ -632,7 +632,7 @@ def _print_groups(found, directory: Path, moving: bool) -> None:
     for g in found.groups:
         tiers[g.tier] = tiers.get(g.tier, 0) + 1
     extra = sum(len(g.members) - 1 for g in found.groups)
-    click.echo(f"{len(found.groups)} groups (" + ", ".join(f"{n} {TIER_NAMES.get(t, t)}" for t, n in tiers.items())
+    click.echo(f"{len(found.groups)} groups (" + ", ".join(f"{TIER_NAMES.get(t, t)}: {n}" for t, n in tiers.items())
                + f") among {found.photos} photos; {extra} photos besides the keepers")
     if not moving:
         click.echo(f"nothing was moved; to move the non-keepers out: retrieve duplicates --index "

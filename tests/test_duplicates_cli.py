@@ -22,15 +22,15 @@ from conftest import skimage_photo
 DISTINCT = ("astronaut", "brick", "camera", "chelsea", "coffee", "coins", "grass", "gravel", "horse",
             "hubble_deep_field", "immunohistochemistry", "logo", "moon", "page", "retina", "rocket", "text", "clock")
 # the known answer: tier -> groups of names (keeper first)
-KNOWN = {"exact": [("trip/rocket.jpg", "phone/rocket copy.jpg")],
+KNOWN = {"exact": [("trip/rocket.jpg", "phone/rocket copy.jpg"), ("trip/horse.jpg", "phone/old/horse.jpg")],
          "near": [("trip/coffee.jpg", "phone/edits/coffee_mirror.jpg"),
                   ("trip/chelsea.jpg", "phone/chelsea_small.jpg")]}
 T0 = 1_600_000_000  # file times: the originals older than their copies
 
 
 def make_set(d: Path) -> Path:
-    """Eighteen different photos in trip/, and in phone/ an exact copy, a mirrored recompressed copy and a resized
-    recompressed copy of three of them."""
+    """Eighteen different photos in trip/, and in phone/ two exact copies, a mirrored recompressed copy and a resized
+    recompressed copy of four of them."""
     (d / "trip").mkdir(parents=True)
     (d / "phone" / "edits").mkdir(parents=True)
     for n in DISTINCT:
@@ -40,6 +40,8 @@ def make_set(d: Path) -> Path:
                                                                              quality=75)
     ImageOps.mirror(skimage_photo("coffee")).save(d / "phone" / "edits" / "coffee_mirror.jpg", quality=85)
     shutil.copyfile(d / "trip" / "rocket.jpg", d / "phone" / "rocket copy.jpg")
+    (d / "phone" / "old").mkdir()
+    shutil.copyfile(d / "trip" / "horse.jpg", d / "phone" / "old" / "horse.jpg")
     for p in d.rglob("*.jpg"):
         t = T0 + (1000 if "phone" in p.parts else 0)
         os.utime(p, (t, t))
@@ -94,7 +96,7 @@ def test_json_table_and_csv_show_the_known_groups_and_move_nothing(indexed):
     photos, idx = indexed
     before = tree(photos)
     d = json.loads(run("duplicates", "--index", idx, "--json").stdout)
-    assert d["photos"] == len(DISTINCT) + 3
+    assert d["photos"] == len(DISTINCT) + 4
     got = groups_of(d, photos)
     assert {t: sorted(g) for t, g in got.items()} == {t: sorted(g) for t, g in KNOWN.items()}
     assert [g["id"] for g in d["groups"]] == list(range(1, len(d["groups"]) + 1))
@@ -108,7 +110,7 @@ def test_json_table_and_csv_show_the_known_groups_and_move_nothing(indexed):
     lines = table.splitlines()
     assert lines[0].split()[:3] == ["group", "tier", "keep"]
     for g in d["groups"]:
-        rows = [ln for ln in lines if ln.split()[:1] == [str(g["id"])]]
+        rows = [ln for ln in lines if ln[:5].strip() == str(g["id"])]  # the group column, right-aligned
         assert len(rows) == len(g["members"])
         assert "KEEP" in rows[0] and not any("KEEP" in r for r in rows[1:])
         assert rows[0].endswith(g["members"][0]["path"])
