@@ -559,18 +559,17 @@ def duplicates(ctx, index_dir, similar, as_csv, explain, out_dir, move_to, undo,
     quiet = as_json or as_csv or not sys.stderr.isatty()
     if not move_to:
         _note_pending_batch(directory)
+    moved = explained = None
     with IndexStore.open(directory, writable=bool(move_to), what="retrieve duplicates") as store:
         with _progress(not quiet, "comparing") as progress:
             found = find_duplicates(store, similar=similar, progress=progress)
-        moved = None
+        if explain and found.groups:  # before any photo moves
+            explained = _explain_groups(directory, found.groups, out_dir)
         if move_to:
             from retrieval.curate.moves import move_non_keepers
 
             with _progress(not quiet, "moving") as progress:
                 moved = move_non_keepers(store.directory, found.groups, move_to, store=store, progress=progress)
-    explained = None
-    if explain and found.groups:
-        explained = _explain_groups(directory, found.groups, out_dir)
     if as_json:
         d = found.to_dict()
         if moved is not None:

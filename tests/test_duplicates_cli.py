@@ -8,6 +8,7 @@ import hashlib
 import io
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -224,14 +225,17 @@ def test_a_move_killed_half_way_loses_nothing(tmp_path, crash, then):
     moved_or_copied = tree(dest) if dest.exists() else {}
     assert len(moved_or_copied) == 1
     r = run("duplicates", "--index", idx)  # the interrupted batch is named, with both ways out
-    assert "was interrupted" in r.stderr and "--undo" in r.stderr and "--move-to" in r.stderr
+    assert "was interrupted" in r.stderr
+    hints = {next(a for a in ("--undo", "--move-to") if a in h): shlex.split(h)[1:]
+             for h in r.stderr.split("`")[1::2]}  # the two commands it prints, run as printed below
+    assert set(hints) == {"--undo", "--move-to"} and hints["--move-to"][-1] == str(dest)
     if then == "undo":
-        r = run("duplicates", "--index", idx, "--undo")
+        r = run(*hints["--undo"])
         assert tree(photos) == before
         assert not dest.exists() or tree(dest) == {}
         assert json.loads(run("info", "--index", idx, "--json").stdout)["images"] == len(before)
     else:
-        r = run("duplicates", "--index", idx, "--move-to", dest)
+        r = run(*hints["--move-to"])
         assert "completed the interrupted batch" in r.stdout
         assert set(tree(dest)) == {str(Path(n).relative_to("phone")) for n in movable}
         assert json.loads(run("info", "--index", idx, "--json").stdout)["images"] == len(before) - len(movable)

@@ -420,6 +420,8 @@ def _check_undo(batch: Batch) -> None:
         if i not in moved and os.path.lexists(mv["target"]) and (
                 _same_file(mv["source"], mv["target"]) or sha256_of(mv["source"]) == mv["sha256"]):
             continue  # a move killed between its copy and the removal of the original
+        if not os.path.lexists(mv["target"]) and sha256_of(mv["source"]) == mv["sha256"]:
+            continue  # put back by hand, the same bytes: nothing to restore but its rows
         raise MoveError(f"{mv['source']}: a file has reappeared at this path; nothing was restored (move it away, "
                         f"then undo again: the photo moved from there is {mv['target']})")
 
@@ -428,7 +430,8 @@ def _restore_rows(store, batch: Batch, paths: set[str]) -> int:
     """The saved rows of the photos back at ``paths``, with their ids and embeddings, unless already there."""
     saved = [r for r in batch.rows() if r["path"] in paths]
     have = store.rows_by_ids([r["id"] for r in saved])
-    values = [{**r, "vector": base64.b64decode(r["vector"])} for r in saved if r["id"] not in have]
+    values = [{**r, "vector": base64.b64decode(r["vector"])} for r in saved
+              if r["id"] not in have and store.row_by_path(r["path"]) is None]  # (indexed again meanwhile: kept)
     if not values:
         return 0
     store.faiss_index()  # loaded before the rows change (IndexStore.apply)
