@@ -595,6 +595,9 @@ class _progress:
         self.done = 0
 
     def __call__(self, done: int, total: int) -> None:
+        if self.bar.bar is not None and (done < self.done or total != self.bar.bar.length):  # a new pass
+            self.bar.close()
+            self.done = 0
         if self.bar.bar is None:
             self.bar.start(total)
         self.bar.advance(done - self.done)

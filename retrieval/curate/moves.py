@@ -308,16 +308,21 @@ def _write_batch(store, moves: list[dict], dest: str, root: str) -> Batch:
 
 def _run_forward(store, batch: Batch, progress: Progress) -> dict:
     """Move (or finish moving) every file of ``batch``, then take the moved photos' rows out of the index."""
-    done = batch.done("move")
+    done, passed = batch.done("move"), batch.done("skip")
     moved, skipped, files, nbytes = [], [], [], 0
     total = len(batch.moves)
     for i, mv in enumerate(batch.moves):
-        if i not in done and i not in batch.done("skip"):
-            outcome = _finish_one(mv["source"], mv["target"], mv["sha256"])
-            if outcome in ("changed", "gone"):
+        if i not in done and i not in passed:
+            try:
+                outcome = _finish_one(mv["source"], mv["target"], mv["sha256"])
+            except MoveError as e:  # a file put in the way since the plan, a copy that does not verify: left alone
+                outcome = str(e)
+            except OSError as e:  # the disk full, a folder not writable: the batch stays open, with the ways out
+                raise MoveError(_interrupted(store, mv["source"], e, batch)) from None
+            if outcome not in ("moved", "already"):
                 batch.log.add("skip", i)
-                skipped.append({"path": mv["source"], "reason": "changed since it was planned" if outcome == "changed"
-                                else "gone from its folder"})
+                skipped.append({"path": mv["source"], "reason": {"changed": "changed since it was planned",
+                                                                 "gone": "gone from its folder"}.get(outcome, outcome)})
             else:
                 batch.log.add("move", i)
                 done.add(i)
@@ -331,6 +336,13 @@ def _run_forward(store, batch: Batch, progress: Progress) -> dict:
     removed = _remove_rows(store, ids)
     batch.log.add("moved")
     return {"moved": len(moved), "bytes": nbytes, "files": files, "skipped": skipped, "rows_removed": removed}
+
+
+def _interrupted(store, path: str, e: OSError, batch: Batch) -> str:
+    q = _q(store.directory)
+    return (f"{path}: cannot move it ({e.strerror or e}); the batch is interrupted: `retrieve duplicates --index {q} "
+            f"--undo` puts back what moved, `retrieve duplicates --index {q} --move-to {_q(batch.plan['dest'])}` "
+            "finishes it")
 
 
 def _remove_rows(store, ids: list[int]) -> int:
@@ -385,7 +397,12 @@ def undo_last(index_dir: str | os.PathLike, *, store=None, progress: Progress = 
             elif i in skipped or (i not in moved and not os.path.lexists(mv["target"])):
                 pass  # never moved: the photo is where it was, its rows in the index
             else:
-                outcome = _finish_one(mv["target"], mv["source"], mv["sha256"])
+                try:
+                    outcome = _finish_one(mv["target"], mv["source"], mv["sha256"])
+                except OSError as e:
+                    raise MoveError(f"{mv['source']}: cannot put it back ({e.strerror or e}); the undo is interrupted: "
+                                    f"once that is mended, retrieve duplicates --index {_q(store.directory)} --undo "
+                                    "finishes it") from None
                 if outcome in ("moved", "already"):
                     if sha256_of(mv["source"]) != mv["sha256"]:
                         raise MoveError(f"{mv['source']}: restored, but its bytes differ from the photo moved "
