@@ -15,6 +15,7 @@ import numpy as np
 
 from retrieval.errors import ImageError
 from retrieval.images import load_image
+from retrieval.verdict import collection_note
 
 from .methods import MAP_MAX_SIDE, own_size
 from .render import ReportItem, pair_figure, save_maps, saved_side, write_report
@@ -83,7 +84,12 @@ def explain_groups(collection, groups: Sequence, out: Path, method: str | None =
             pairs.append({"group": g.id, "tier": g.tier, "keeper": g.keeper.path, "path": m.path, "png": str(png),
                           "score": rec["score"], "verdict": rec["verdict"]})
     report = out / "report.html"
-    note = (f"{left_out} more member{'s' if left_out != 1 else ''} of these groups are not drawn here (at most "
-            f"{MAX_PAIRS} pairs in one report)") if left_out else None
+    note = "in each pair below, the query is the group's keeper and the result is the other photo"
+    small = collection_note(collection.calibration)  # a collection too small to place scores in, said once
+    if small:
+        note += f"; {small}"
+    if left_out:
+        note += (f"; {left_out} more member{'s' if left_out != 1 else ''} of these groups are not drawn here (at most "
+                 f"{MAX_PAIRS} pairs in one report)")
     write_report(report, f"Duplicate groups: each photo against its keeper ({len(pairs)} pairs)", items, meta, note)
     return {"report": str(report), "out": str(out), "pairs": pairs, "left_out": left_out}
