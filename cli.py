@@ -636,6 +636,9 @@ def _print_groups(found, directory: Path, moving: bool) -> None:
     extra = sum(len(g.members) - 1 for g in found.groups)
     click.echo(f"{len(found.groups)} groups (" + ", ".join(f"{TIER_NAMES.get(t, t)}: {n}" for t, n in tiers.items())
                + f") among {found.photos} photos; {extra} photos besides the keepers")
+    if any(m.score is not None for g in found.groups for m in g.members):
+        click.echo("score: the index's similarity of the photo to its keeper; pctile: the share of this collection's "
+                   "random pairs that score lower; inliers: points of the two that agree on one alignment")
     if not moving:
         click.echo(f"nothing was moved; to move the non-keepers out: retrieve duplicates --index "
                    f"{shlex.quote(str(directory))} --move-to DIR")
