@@ -272,8 +272,10 @@ def test_move_onto_an_existing_file_and_undo_over_a_reappeared_file_are_refused(
     assert len(err.splitlines()) == 1 and str(back) in err and "reappeared" in err
     assert tree(dest) == moved and back.read_bytes() == b"a new file at the old path"  # nothing moved
     back.unlink()
+    os.replace(dest / "rocket copy.jpg", back)  # that photo put back by hand: the undo does the rest, its row too
     run("duplicates", "--index", idx, "--undo")
     assert tree(photos) == before
+    assert json.loads(run("info", "--index", idx, "--json").stdout)["images"] == len(before)
 
 
 def test_explain_writes_one_report_with_each_member_against_its_keeper(indexed, tmp_path):
