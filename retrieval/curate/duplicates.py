@@ -38,7 +38,7 @@ ALL_BELOW = 300  # a collection smaller than this tests every k-NN pair: its ran
 # pairs in a share that moves a high percentile, and n·k tests are cheap anyway
 ROT_K = 50
 ROT_TOP = 2
-ROT_ASPECT = 0.03
+ROT_ASPECT = 0.01
 ROT_PERCENTILE = 95.0
 
 
