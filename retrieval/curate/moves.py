@@ -264,6 +264,9 @@ def move_non_keepers(index_dir: str | os.PathLike, groups: Sequence, dest_dir: s
     try:
         completed = _complete_interrupted(store, progress)
         moves, skipped, root = plan_moves(store, groups, dest_dir)
+        if completed:  # the groups were found before it finished: its photos are no news
+            gone = {f["source"] for f in completed["files"]}
+            skipped = [s for s in skipped if s["path"] not in gone]
         answer = {"moved": 0, "bytes": 0, "dest": str(Path(dest_dir).expanduser().absolute()), "root": root,
                   "skipped": skipped, "rows_removed": 0, "batch": None, "files": [], "completed": completed}
         if not moves:
