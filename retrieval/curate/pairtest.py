@@ -241,5 +241,9 @@ class FeatureCache:
             self._kept[row_id] = p
         return p
 
+    def drop(self, row_id: int) -> None:
+        with self._lock:
+            self._kept.pop(row_id, None)
+
     def __contains__(self, row_id: int) -> bool:
         return row_id in self._kept
