@@ -237,7 +237,17 @@ def find_duplicates(store, *, similar: bool = False, k: int = K, progress=None, 
     for f in files:
         by_hash.setdefault(f.sha256, []).append(f.id)
     exact = [sorted(ids) for ids in by_hash.values() if len(ids) > 1]
-    first_of = {i: min(ids) for ids in exact for i in ids}  # one row stands for its content below
+    by_id = {f.id: f for f in files}
+    dims = {int(i): (w or 0, h or 0) for i, w, h in store.query("SELECT id, width, height FROM images")}
+    members_of: dict[int, Member] = {}
+
+    def member(i: int) -> Member:
+        if i not in members_of:
+            members_of[i] = _member(by_id[i], *dims[i])
+        return members_of[i]
+
+    # below, a content with exact copies is one photo: its exact group's keeper
+    first_of = {i: min(ids, key=lambda j: keeper_order(member(j))) for ids in exact for i in ids}
 
     # 2. candidates: k nearest neighbours above the gate, and turned look-alikes above the lower gate
     def gate_at(q: float) -> float:
@@ -246,9 +256,7 @@ def find_duplicates(store, *, similar: bool = False, k: int = K, progress=None, 
     gate, rot_gate = gate_at(GATE_PERCENTILE), gate_at(ROT_PERCENTILE)
     if photos < ALL_BELOW:
         gate = rot_gate = -np.inf
-    dims = {int(i): (w or 0, h or 0) for i, w, h in store.query("SELECT id, width, height FROM images")}
     aspect = {i: (w or 1) / (h or 1) for i, (w, h) in dims.items()}
-    by_id = {f.id: f for f in files}
     pairs: dict[tuple[int, int], float] = {}
     index = store.faiss_index() if photos >= 2 else None
     live = set(aspect)
@@ -295,12 +303,6 @@ def find_duplicates(store, *, similar: bool = False, k: int = K, progress=None, 
         return vec_cache[i]
 
     groups: list[Group] = []
-    members_of: dict[int, Member] = {}
-
-    def member(i: int) -> Member:
-        if i not in members_of:
-            members_of[i] = _member(by_id[i], *dims[i])
-        return members_of[i]
 
     def make(tier: str, ids: list[int], evidence: bool) -> None:
         ms = sorted((member(i) for i in ids), key=keeper_order)
