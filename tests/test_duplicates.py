@@ -101,6 +101,7 @@ def made(tmp_path_factory):
     _save(skimage_photo("retina").resize((700, 700)), d / "originals" / "retina.jpg", OLD)
     shutil.copyfile(d / "originals" / "retina.jpg", d / "copies" / "retina copy.jpg")
     os.utime(d / "copies" / "retina copy.jpg", (NEW, NEW))
+    _save(skimage_photo("retina").resize((350, 350)), d / "copies" / "retina small.jpg", NEW)
     # hard negatives: the stereo pair (the same scene, the camera moved sideways), and another region in perspective
     left, right, _ = skimage.data.stereo_motorcycle()
     _save(Image.fromarray(left), d / "scene" / "left.jpg", OLD)
@@ -149,6 +150,13 @@ def test_exact_copies_are_one_exact_group_with_the_older_file_kept(found):
     assert [_names(g) for g in exact] == [["originals/retina.jpg", "copies/retina copy.jpg"]]
     g = exact[0]
     assert g.keeper.keeper and not g.members[1].keeper and g.keeper.date_source == "mtime" and g.keeper.date == OLD
+
+
+def test_a_content_with_exact_copies_stands_in_the_near_tier_by_its_exact_keeper(found):
+    """The copy (lower row id: "copies/" sorts first) must not stand for the content: moving the non-keepers of both
+    groups then keeps the original and nothing else of this content."""
+    near = [_names(g) for g in _group_of(found, "copies/retina small.jpg")]
+    assert near == [["originals/retina.jpg", "copies/retina small.jpg"]], near
 
 
 @pytest.mark.parametrize("transform", list(TRANSFORMS))

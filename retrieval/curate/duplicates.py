@@ -98,13 +98,14 @@ def _exif_date(path: str) -> float | None:
         return None
 
 
-def _member(row) -> Member:
+def _member(row, width: int, height: int) -> Member:
+    """A member from its index row (``FileRow``) and resolution; its date read from the file's EXIF when present."""
     when = _exif_date(row.path)
     source = "exif"
     if when is None:
         source = "mtime"
         when = row.mtime_ns / 1e9
-    return Member(int(row.id), row.path, int(row.size), int(row.width or 0), int(row.height or 0), float(when), source)
+    return Member(int(row.id), row.path, int(row.size), int(width or 0), int(height or 0), float(when), source)
 
 
 def keeper_order(m: Member) -> tuple:
@@ -113,16 +114,18 @@ def keeper_order(m: Member) -> tuple:
 
 
 class _Tester:
-    """Pair tests with each photo's features computed once (in a thread pool) and each pair's result kept."""
+    """Pair tests, each photo's features computed once while it has pairs left to test (in a thread pool: OpenCV
+    releases the GIL) and dropped after its last one, so memory follows the pairs in flight, not the collection."""
 
-    def __init__(self, rows: dict, threads: int):
-        self.rows = rows
+    CHUNK = 512  # pairs tested between two evictions
+
+    def __init__(self, paths: dict[int, str], threads: int):
+        self.paths = paths
         self.cache = FeatureCache()
         self.results: dict[tuple[int, int], PairResult] = {}
         self.threads = threads
 
     def _pool(self):
-        """Threads for decoding and testing (OpenCV releases the GIL); none when one thread is asked for."""
         if self.threads > 1:
             return ThreadPoolExecutor(self.threads)
         import contextlib
@@ -130,29 +133,34 @@ class _Tester:
 
         return contextlib.nullcontext(types.SimpleNamespace(map=map))
 
-    def warm(self, ids, progress=None) -> None:
-        todo = [i for i in dict.fromkeys(ids) if i not in self.cache]
-        if not todo:
-            return
-        with self._pool() as pool:
-            for n, _ in enumerate(pool.map(lambda i: self.cache.get(i, self.rows[i].path), todo), 1):
-                if progress:
-                    progress(n, len(todo))
-
     def test(self, a: int, b: int) -> PairResult:
         key = (a, b) if a < b else (b, a)
         r = self.results.get(key)
         if r is None:
-            pa, pb = self.cache.get(key[0], self.rows[key[0]].path), self.cache.get(key[1], self.rows[key[1]].path)
+            pa, pb = self.cache.get(key[0], self.paths[key[0]]), self.cache.get(key[1], self.paths[key[1]])
             r = pair_test(pa, pb) if pa is not None and pb is not None else PairResult(False, False, 0, why="unreadable")
             self.results[key] = r
         return r
 
-    def test_many(self, pairs) -> list[PairResult]:
-        todo = list(dict.fromkeys((a, b) if a < b else (b, a) for a, b in pairs))
-        self.warm([i for p in todo for i in p])
+    def test_many(self, pairs, progress=None) -> list[PairResult]:
+        todo = sorted(dict.fromkeys((a, b) if a < b else (b, a) for a, b in pairs))  # neighbours in id order
+        left: dict[int, int] = {}
+        for p in todo:
+            for i in p:
+                left[i] = left.get(i, 0) + 1
         with self._pool() as pool:
-            list(pool.map(lambda p: self.test(*p), [p for p in todo if p not in self.results]))
+            for start in range(0, len(todo), self.CHUNK):
+                chunk = todo[start:start + self.CHUNK]
+                photos = [i for i in dict.fromkeys(i for p in chunk for i in p) if i not in self.cache]
+                list(pool.map(lambda i: self.cache.get(i, self.paths[i]), photos))
+                list(pool.map(lambda p: self.test(*p), chunk))
+                for p in chunk:
+                    for i in p:
+                        left[i] -= 1
+                        if not left[i]:
+                            self.cache.drop(i)
+                if progress:
+                    progress(start + len(chunk), len(todo))
         return [self.test(a, b) for a, b in pairs]
 
 
@@ -229,7 +237,17 @@ def find_duplicates(store, *, similar: bool = False, k: int = K, progress=None, 
     for f in files:
         by_hash.setdefault(f.sha256, []).append(f.id)
     exact = [sorted(ids) for ids in by_hash.values() if len(ids) > 1]
-    first_of = {i: min(ids) for ids in exact for i in ids}  # one row stands for its content below
+    by_id = {f.id: f for f in files}
+    dims = {int(i): (w or 0, h or 0) for i, w, h in store.query("SELECT id, width, height FROM images")}
+    members_of: dict[int, Member] = {}
+
+    def member(i: int) -> Member:
+        if i not in members_of:
+            members_of[i] = _member(by_id[i], *dims[i])
+        return members_of[i]
+
+    # below, a content with exact copies is one photo: its exact group's keeper
+    first_of = {i: min(ids, key=lambda j: keeper_order(member(j))) for ids in exact for i in ids}
 
     # 2. candidates: k nearest neighbours above the gate, and turned look-alikes above the lower gate
     def gate_at(q: float) -> float:
@@ -238,7 +256,7 @@ def find_duplicates(store, *, similar: bool = False, k: int = K, progress=None, 
     gate, rot_gate = gate_at(GATE_PERCENTILE), gate_at(ROT_PERCENTILE)
     if photos < ALL_BELOW:
         gate = rot_gate = -np.inf
-    aspect = {int(i): (w or 1) / (h or 1) for i, w, h in store.query("SELECT id, width, height FROM images")}
+    aspect = {i: (w or 1) / (h or 1) for i, (w, h) in dims.items()}
     pairs: dict[tuple[int, int], float] = {}
     index = store.faiss_index() if photos >= 2 else None
     live = set(aspect)
@@ -268,12 +286,10 @@ def find_duplicates(store, *, similar: bool = False, k: int = K, progress=None, 
                     pairs[key] = max(pairs.get(key, -np.inf), score)
 
     # 3. the pair test on the candidates
-    involved = {i for p in pairs for i in p} | {i for g in exact for i in g}
-    rows = store.rows_by_ids(involved)
-    tester = _Tester(rows, inference_threads())
-    tester.warm([i for p in pairs for i in p], progress)
+    paths = {f.id: f.path for f in files}
+    tester = _Tester(paths, inference_threads())
     keys = list(pairs)
-    results = tester.test_many(keys)
+    results = tester.test_many(keys, progress)
     near_edges = {p: pairs[p] for p, r in zip(keys, results) if r.near}
     similar_edges = {p: pairs[p] for p, r in zip(keys, results) if r.similar and not r.near}
 
@@ -282,16 +298,11 @@ def find_duplicates(store, *, similar: bool = False, k: int = K, progress=None, 
 
     def vector(i: int) -> np.ndarray:
         if i not in vec_cache:
-            vec_cache[i] = store.transform(np.frombuffer(rows[i].vector, np.float32)[None])[0]
+            for ids_, raw in store.vectors_of([i]):
+                vec_cache[i] = store.transform(raw)[0]
         return vec_cache[i]
 
     groups: list[Group] = []
-    members_of: dict[int, Member] = {}
-
-    def member(i: int) -> Member:
-        if i not in members_of:
-            members_of[i] = _member(rows[i])
-        return members_of[i]
 
     def make(tier: str, ids: list[int], evidence: bool) -> None:
         ms = sorted((member(i) for i in ids), key=keeper_order)

@@ -213,9 +213,10 @@ def _one_way(a: Photo, b: Photo, mirrored: bool) -> PairResult | None:
 
 
 def pair_test(a: Photo, b: Photo) -> PairResult:
-    """The test of the module docstring, b as it is and mirrored; the better of the two."""
+    """The test of the module docstring, b as it is and mirrored; the better of the two. The mirrored copy is not tried
+    when b as it is already fits a with many inliers (another photo of the scene, the right way round)."""
     best = _one_way(a, b, False)
-    if best is None or not best.near:
+    if best is None or (not best.near and best.inliers < 3 * MIN_INLIERS):
         other = _one_way(a, b.mirrored(), True)
         if other is not None and (best is None or other.near or other.inliers > best.inliers):
             best = other
@@ -240,6 +241,10 @@ class FeatureCache:
         with self._lock:
             self._kept[row_id] = p
         return p
+
+    def drop(self, row_id: int) -> None:
+        with self._lock:
+            self._kept.pop(row_id, None)
 
     def __contains__(self, row_id: int) -> bool:
         return row_id in self._kept
