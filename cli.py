@@ -747,6 +747,227 @@ def check(ctx, index_dir, repair, prune_missing, as_json) -> None:
         ctx.exit(1)
 
 
+# -- duplicates ---------------------------------------------------------------------------------
+TIER_NAMES = {"exact": "exact copy", "near": "near-duplicate", "similar": "similar shot"}
+CSV_COLUMNS = ("group", "tier", "keeper", "path", "size", "width", "height", "date", "score", "percentile", "inliers")
+
+
+@main.command()
+@index_option
+@db_option
+@click.option("--similar", is_flag=True,
+              help="Also group similar shots (the same scene taken moments apart), a tier of its own.")
+@click.option("--csv", "as_csv", is_flag=True, help="One CSV row per member (group, tier, keeper, path, size, width, "
+                                                    "height, date, score, percentile, inliers).")
+@click.option("--explain", is_flag=True, help="Write one report with the heat maps of each member against its keeper.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None, metavar="DIR",
+              help="With --explain: output directory [default: ./retrieve-explain-duplicates-<time>].")
+@click.option("--move-to", "move_to", type=click.Path(file_okay=False), default=None, metavar="DIR",
+              help="Move the non-keepers of the groups shown to DIR (keeping their folders relative to the common "
+                   "folder of the moved photos; never over a file) and take them out of the index; journaled in the "
+                   "index directory, undone by --undo.")
+@click.option("--undo", is_flag=True, help="Put the latest --move-to batch back: every file where it was (checked "
+                                           "byte for byte) and its rows in the index; again for the batch before.")
+@trust_option
+@json_option
+@click.pass_context
+def duplicates(ctx, index_dir, similar, as_csv, explain, out_dir, move_to, undo, as_json) -> None:
+    """Find the photos of an index that are the same picture: exact copies and near-duplicates (resized,
+    recompressed, cropped, colour-adjusted, rotated, mirrored, with text added), each group with a suggested keeper
+    (largest, then oldest) and its evidence. Nothing is moved or deleted unless --move-to says so.
+
+    \b
+    Examples:
+      retrieve duplicates                         # a table of the groups
+      retrieve duplicates --csv > dups.csv        # one row per photo
+      retrieve duplicates --explain               # a report: each photo's maps against its keeper
+      retrieve duplicates --move-to ~/dups        # move the non-keepers out (journaled)
+      retrieve duplicates --undo                  # put the last batch back
+    """
+    _set_threads(ctx, torch_now=explain)
+    if as_json and as_csv:
+        raise click.UsageError("give --json or --csv, not both")
+    if out_dir and not explain:
+        raise click.UsageError("--out goes with --explain")
+    if undo and (move_to or explain or similar or as_csv):
+        raise click.UsageError("--undo goes alone (with --index and --json)")
+    directory = _index_dir(index_dir)
+    if undo:
+        return _undo_moves(directory, as_json)
+    from retrieval.curate.duplicates import find_duplicates
+    from retrieval.index.store import IndexStore
+
+    quiet = as_json or as_csv or not sys.stderr.isatty()
+    if not move_to:
+        _note_pending_batch(directory)
+    moved = explained = None
+    with IndexStore.open(directory, writable=bool(move_to), what="retrieve duplicates") as store:
+        with _progress(not quiet, "comparing") as progress:
+            found = find_duplicates(store, similar=similar, progress=progress)
+        if explain and found.groups:  # before any photo moves
+            explained = _explain_groups(directory, found.groups, out_dir)
+        if move_to:
+            from retrieval.curate.moves import move_non_keepers
+
+            with _progress(not quiet, "moving") as progress:
+                moved = move_non_keepers(store.directory, found.groups, move_to, store=store, progress=progress)
+    if as_json:
+        d = found.to_dict()
+        if moved is not None:
+            d["moved"] = moved
+        if explained is not None:
+            d["report"] = explained["report"]
+        click.echo(json.dumps(d))
+    elif as_csv:
+        _print_csv(found)
+    else:
+        _print_groups(found, directory, moved is not None)
+    if moved is not None and not as_json:
+        _print_moved(moved, directory)
+    if explained is not None and not as_json:
+        click.echo(f"report: {shown(explained['report'])}", err=as_csv)
+
+
+class _progress:
+    """A find or move's ``progress(done, total)`` as a bar on a terminal (stderr, as `retrieve index`), else None."""
+
+    def __init__(self, enabled: bool, label: str):
+        self.bar = _Bar(enabled, label)
+        self.done = 0
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar.bar is not None and (done < self.done or total != self.bar.bar.length):  # a new pass
+            self.bar.close()
+            self.done = 0
+        if self.bar.bar is None:
+            self.bar.start(total)
+        self.bar.advance(done - self.done)
+        self.done = done
+
+    def __enter__(self):
+        return self if self.bar.enabled else None
+
+    def __exit__(self, *exc) -> None:
+        self.bar.close()
+
+
+def _date_text(t: float) -> str:
+    import time
+
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(t))
+
+
+def _print_groups(found, directory: Path, moving: bool) -> None:
+    if not found.groups:
+        click.echo(f"no duplicates among {found.photos} photos")
+        return
+    click.echo(f"{'group':>5}  {'tier':<14}  {'keep':<4}  {'size':>9}  {'W×H':>11}  {'date':<16}  {'score':>6}  "
+               f"{'pctile':>6}  {'inliers':>7}  path")
+    for g in found.groups:
+        for m in g.members:
+            score = "" if m.score is None else f"{m.score:.3f}"
+            pct = "" if m.percentile is None else f"{m.percentile:.1f}%"
+            inl = "" if m.inliers is None else str(m.inliers)
+            click.echo(f"{g.id:>5}  {TIER_NAMES.get(g.tier, g.tier):<14}  {'KEEP' if m.keeper else '':<4}  "
+                       f"{_human(m.size):>9}  {f'{m.width}×{m.height}':>11}  {_date_text(m.date):<16}  {score:>6}  "
+                       f"{pct:>6}  {inl:>7}  {shown(m.path)}")
+    tiers = {}
+    for g in found.groups:
+        tiers[g.tier] = tiers.get(g.tier, 0) + 1
+    extra = sum(len(g.members) - 1 for g in found.groups)
+    click.echo(f"{len(found.groups)} groups (" + ", ".join(f"{TIER_NAMES.get(t, t)}: {n}" for t, n in tiers.items())
+               + f") among {found.photos} photos; {extra} photos besides the keepers")
+    if any(m.score is not None for g in found.groups for m in g.members):
+        click.echo("score: the index's similarity of the photo to its keeper; pctile: the share of this collection's "
+                   "random pairs that score lower; inliers: points of the two that agree on one alignment")
+    if not moving:
+        click.echo(f"nothing was moved; to move the non-keepers out: retrieve duplicates --index "
+                   f"{shlex.quote(str(directory))} --move-to DIR")
+
+
+def _print_csv(found) -> None:
+    import csv
+
+    w = csv.writer(sys.stdout, lineterminator="\n")
+    w.writerow(CSV_COLUMNS)
+    for g in found.groups:
+        for m in g.members:
+            w.writerow([g.id, g.tier, int(m.keeper), shown(m.path), m.size, m.width, m.height,
+                        _time_iso(m.date), "" if m.score is None else f"{m.score:.6f}",
+                        "" if m.percentile is None else f"{m.percentile:.3f}", "" if m.inliers is None else m.inliers])
+
+
+def _time_iso(t: float) -> str:
+    from datetime import datetime, timezone
+
+    return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _print_moved(moved: dict, directory: Path) -> None:
+    done = moved.get("completed")
+    if done:
+        click.echo(f"completed the interrupted batch {shown(done['batch'])}: {done['moved']} photos moved")
+    for s in moved["skipped"]:
+        click.echo(f"{shown(s['path'])}: not moved ({s['reason']})", err=True)
+    if not moved["moved"]:
+        click.echo("nothing to move")
+        return
+    click.echo(f"moved {moved['moved']} photos ({_human(moved['bytes'])}) to {shown(moved['dest'])}, keeping their "
+               f"folders below {shown(moved['root'])}; {moved['rows_removed']} rows left the index")
+    click.echo(f"to put them back: retrieve duplicates --index {shlex.quote(str(directory))} --undo")
+    dest, root = Path(moved["dest"]), Path(moved["root"])
+    if dest == root or root in dest.parents or dest in root.parents:
+        click.echo(f"note: {shown(dest)} is inside or above the folder of the moved photos: a `retrieve index` of that "
+                   "folder would index them again", err=True)
+
+
+def _undo_moves(directory: Path, as_json: bool) -> None:
+    from retrieval.curate.moves import undo_last
+
+    res = undo_last(directory)
+    if as_json:
+        click.echo(json.dumps(res))
+        return
+    if res["batch"] is None:
+        click.echo(f"nothing to undo: no --move-to batch of {shown(directory)} is left")
+        return
+    click.echo(f"restored {res['restored']} photos to their folders and {res['rows_restored']} rows to the index "
+               f"(batch {shown(res['batch'])})")
+    for p in res["lost"]:
+        click.echo(f"{shown(p)}: not restored (its moved copy is gone or changed)", err=True)
+    if res["left"]:
+        click.echo(f"{res['left']} earlier batch{'es' if res['left'] > 1 else ''} can be undone too: "
+                   f"retrieve duplicates --index {shlex.quote(str(directory))} --undo")
+
+
+def _note_pending_batch(directory: Path) -> None:
+    from retrieval.curate.moves import pending
+
+    found = pending(directory)
+    if found is None:
+        return
+    batch, state = found
+    q = shlex.quote(str(directory))
+    if state == "undoing":
+        click.echo(f"an undo was interrupted ({shown(batch.plan_path)}); finish it: retrieve duplicates --index {q} "
+                   "--undo", err=True)
+    else:
+        click.echo(f"a --move-to batch was interrupted ({shown(batch.plan_path)}); put it back with `retrieve "
+                   f"duplicates --index {q} --undo`, or finish it with `retrieve duplicates --index {q} --move-to "
+                   f"{shlex.quote(batch.plan['dest'])}`", err=True)
+
+
+def _explain_groups(directory: Path, groups, out_dir) -> dict:
+    from explain.collection import Collection
+    from explain.groups import explain_groups
+    from explain.run import default_out_dir
+
+    out = Path(out_dir) if out_dir else default_out_dir("duplicates")
+    on_error = lambda p, r: click.echo(f"{shown(p)}: {r}", err=True)  # noqa: E731
+    with Collection(directory) as c:
+        return explain_groups(c, groups, out, on_error=on_error)
+
+
 # -- explain ------------------------------------------------------------------------------------
 @main.command("explain")
 @click.argument("a", type=click.Path())
