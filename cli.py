@@ -763,7 +763,7 @@ CSV_COLUMNS = ("group", "tier", "keeper", "path", "size", "width", "height", "da
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None, metavar="DIR",
               help="With --explain: output directory [default: ./retrieve-explain-duplicates-<time>].")
 @click.option("--move-to", "move_to", type=click.Path(file_okay=False), default=None, metavar="DIR",
-              help="Move the non-keepers of the groups shown to DIR (keeping their folders relative to the common "
+              help="Move the non-keepers of the exact and near-duplicate groups (never a similar shot's) to DIR (keeping their folders relative to the common "
                    "folder of the moved photos; never over a file) and take them out of the index; journaled in the "
                    "index directory, undone by --undo.")
 @click.option("--undo", is_flag=True, help="Put the latest --move-to batch back: every file where it was (checked "

@@ -254,11 +254,16 @@ def plan_moves(store, groups: Iterable, dest_dir: str | os.PathLike) -> tuple[li
     return moves, skipped, root
 
 
+MOVABLE = ("exact", "near")  # the tiers whose non-keepers --move-to moves
+
+
 def move_non_keepers(index_dir: str | os.PathLike, groups: Sequence, dest_dir: str | os.PathLike, *, store=None,
                      progress: Progress = None) -> dict:
     """Move the non-keepers of ``groups`` (retrieval/curate/duplicates.py) to ``dest_dir`` and take their rows out of
     the index, journaled (see the module docstring). ``store``: the index opened writable (else opened here). An
-    interrupted earlier batch is completed first (under ``completed`` in the answer)."""
+    interrupted earlier batch is completed first (under ``completed`` in the answer). Only exact copies and
+    near-duplicates move: a similar shot is another photo, never moved for being like one."""
+    groups = [g for g in groups if g.tier in MOVABLE]
     own = store is None
     store = store or _open_writable(index_dir)
     try:
