@@ -33,7 +33,7 @@ async function rename(id, input, statusEl) {
   const name = input.value.trim();
   if (name === (input.dataset.saved || "")) return;
   statusEl.textContent = "saving…";
-  statusEl.className = "muted";
+  statusEl.classList.remove("error");
   try {
     const p = await api(`/api/people/${id}/name`, {
       method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ name }),
@@ -43,7 +43,7 @@ async function rename(id, input, statusEl) {
     return p;
   } catch (e) {
     statusEl.textContent = e.message;
-    statusEl.className = "error";
+    statusEl.classList.add("error");
   }
 }
 
