@@ -78,7 +78,7 @@ def test_duplicates_page_shows_the_groups_and_opens_an_audit(photos_server, brow
     w.ready()
     groups = page.locator("section.group")
     assert groups.count() >= 1
-    assert "groups among 12 photos" in page.inner_text("#summary")
+    assert "among 12 photos" in page.inner_text("#summary")
     exact = page.locator("section.group[data-tier='exact']")
     assert exact.count() == 1 and "exact copies" in exact.inner_text()
     assert sorted(exact.locator(".card .name").all_inner_texts()) == ["rocket copy.jpg", "rocket.jpg"]

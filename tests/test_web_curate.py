@@ -188,10 +188,14 @@ def test_people_are_retrieve_peoples_with_their_faces_and_audits(faces_served):
     server, photos, idx = faces_served
     status, d = server.json("api/people")
     assert status == 200, d
+    assert d["updated"] and d["updated"]["new_people"] >= 1  # a fresh index: its faces were given people first
+    status, d = server.json("api/people")
+    assert status == 200 and d["updated"] is None, d  # then nothing is left to do
     with IndexStore.open(idx) as store:
         want = P.list_people(store)
-        assert [(p["id"], p["name"], p["faces"], p["photos"]) for p in d["people"]] == \
-            [(p.id, p.name, p.faces, p.photos) for p in want]
+        assert [{k: p[k] for k in ("id", "name", "photos", "faces")} for p in d["people"]] == \
+            [{k: v for k, v in p.to_dict().items() if k != "face"} for p in want]  # = retrieve people --json
+        assert [{k: p["face"][k] for k in ("id", "path", "box")} for p in d["people"]] == [p.to_dict()["face"] for p in want]
         rows = store.face_rows([p.face[0] for p in want])
     # the astronaut: her own photo and the three faces of the group photo, one person
     her = max(d["people"], key=lambda p: p["faces"])
@@ -203,14 +207,15 @@ def test_people_are_retrieve_peoples_with_their_faces_and_audits(faces_served):
     x0, y0, x1, y1 = her["face"]["box"]
     row = rows[her["face"]["id"]]
     assert max(tile.size) < max(row.width, row.height) / 2 and abs(tile.size[0] / tile.size[1] - (x1 - x0) / (y1 - y0)) < 0.2
-    # their photos: photos_of, each face with its box and the audit against the representative face
+    # their faces: retrieve people show's, each face with its box and the audit against the representative face
     status, one = server.json(f"api/people/{her['id']}")
     assert status == 200, one
     with IndexStore.open(idx) as store:
-        assert [(f["path"], f["face"], f["id"]) for f in one["photos"]] == \
-            [(p, f, r) for p, f, _, r in P.photos_of(store, str(her["id"]))]
-    assert sum(f["representative"] for f in one["photos"]) == 1
-    face = next(f for f in one["photos"] if not f["representative"])
+        want = P.faces_of(store, her["id"])
+        assert [{k: f[k] for k in w} for f, w in zip(one["faces"], want)] == want  # = retrieve people show --json
+        assert one["person"]["id"] == her["id"] and len(one["faces"]) == her["faces"]
+    assert sum(f["representative"] for f in one["faces"]) == 1
+    face = next(f for f in one["faces"] if not f["representative"])
     q = urllib.parse.parse_qs(urllib.parse.urlsplit(face["pair"]).query)
     assert q["q"] == [str(face["id"])] and q["r"] == [str(her["face"]["id"])]
     status, doc = server.json("api/explain?" + urllib.parse.urlencode({"q": q["q"][0], "r": q["r"][0]}))

@@ -133,41 +133,40 @@ class Curation:
         return st
 
     def people(self) -> dict:
-        """``retrieve people --json``'s list, each person with the thumbnail of their face; faces not yet given a
-        person are given one first, as ``retrieve people`` does (``updated``: what that did, None when nothing was
-        to do; ``{"locked": why, …}`` while another retrieve writes the index, the people then read as they are)."""
+        """``retrieve people --json``, each person with the thumbnail of their face; faces not yet given a person are
+        given one first, as ``retrieve people`` does (``updated``: what that did, None when nothing was to do;
+        ``{"locked": why, …}`` while another retrieve writes the index, the people then read as they are)."""
         st = self._faces_state()
         from retrieval.curate import people as P
 
         with self._people_lock:
             updated = P.refresh(self.service.index_dir)
+        st = self.service.current()
         found = P.list_people(st.store)
         reps = st.store.face_rows([p.face[0] for p in found if p.face])
-        return {"people": [self._person(p, reps) for p in found], "updated": updated}
+        return {"index": str(self.service.index_dir), "faces": st.store.count(),
+                "people": [self._person(p, reps) for p in found], "updated": updated}
 
     def person(self, ref) -> dict:
-        """One person (by id) and the photos they are in: each face with its box, its thumbnails and the pair audit
-        of that face against the person's representative face."""
+        """``retrieve people show ID --json`` (the person, their faces), each face with its photo's size, its
+        thumbnails and the pair audit of that face against the person's representative face."""
         st = self._faces_state()
         from retrieval.curate import people as P
 
         from .service import _thumb_url
 
         p = self._known(st, ref)
-        found = P.photos_of(st.store, p.id)
+        faces = P.faces_of(st.store, p.id)
         rep = p.face[0] if p.face else None
-        rows = st.store.face_rows([r for *_, r in found] + ([rep] if rep is not None else []))
-        back = f"people?id={p.id}"
-        photos = []
-        for path, face, box, rid in found:
-            row = rows.get(rid)
+        rows = st.store.face_rows([f["id"] for f in faces] + ([rep] if rep is not None else []))
+        for f in faces:
+            rid, row = f["id"], rows.get(f["id"])
             sha = row.sha256 if row else ""
-            photos.append({"id": rid, "path": path, "name": readable(Path(path).name), "face": face,
-                           "box": _box(box), "size": [row.height, row.width] if row else None,
-                           "thumb": _thumb_url(rid, sha), "face_thumb": _thumb_url(rid, sha) + "&face=1",
-                           "representative": rid == rep,
-                           "pair": _pair_url(rid, rep, back=back) if rep is not None and rid != rep else None})
-        return {"person": self._person(p, rows), "photos": photos}
+            f.update({"name": readable(Path(f["path"]).name), "size": [row.height, row.width] if row else None,
+                      "thumb": _thumb_url(rid, sha), "face_thumb": _thumb_url(rid, sha) + "&face=1",
+                      "representative": rid == rep,
+                      "pair": _pair_url(rid, rep, back=f"people?id={p.id}") if rep is not None and rid != rep else None})
+        return {"person": self._person(p, rows), "faces": faces}
 
     def rename(self, ref, body: bytes) -> dict:
         """Name a person (``retrieve people name ID NAME``, its rules: unique, not a number, not empty): ``body``
@@ -223,30 +222,21 @@ class Curation:
         return _int(ref, "person", 1, 2**62, None)
 
     def _person(self, p, rows: dict) -> dict:
+        """``Person.to_dict()`` (``retrieve people --json``) with the page's URL and the thumbnails of their face."""
         from .service import _thumb_url
 
-        d = {"id": p.id, "name": p.name, "faces": p.faces, "photos": p.photos, "face": None,
-             "url": f"/people?id={p.id}"}
-        if p.face:
-            rid, path, box = p.face
-            row = rows.get(rid)
+        d = {**p.to_dict(), "url": f"/people?id={p.id}"}
+        if d["face"]:
+            row = rows.get(d["face"]["id"])
             sha = row.sha256 if row else ""
-            d["face"] = {"id": rid, "path": path, "name": readable(Path(path).name), "box": _box(box),
-                         "thumb": _thumb_url(rid, sha) + "&face=1", "photo": _thumb_url(rid, sha)}
+            d["face"].update({"name": readable(Path(d["face"]["path"]).name),
+                              "thumb": _thumb_url(d["face"]["id"], sha) + "&face=1",
+                              "photo": _thumb_url(d["face"]["id"], sha)})
         return d
 
 
 def _member_id(m: dict) -> int:
     return int(m["row_id"] if "row_id" in m else m["id"])
-
-
-def _box(box) -> list[int] | None:
-    """A face box as [x0, y0, x1, y1] (the index stores "x0,y0,x1,y1")."""
-    if box is None:
-        return None
-    if isinstance(box, str):
-        box = box.split(",")
-    return [int(round(float(v))) for v in box]
 
 
 def _pair_url(q: int, r: int, verify: bool = False, back: str = "") -> str:

@@ -53,9 +53,11 @@ function card(m) {
 function show(d) {
   const groups = $("groups");
   groups.replaceChildren();
+  const s = (n, word) => `${n} ${word}${n === 1 ? "" : "s"}`;
+  const how = `${s(d.pairs_checked, "pair")} checked in ${d.seconds.toFixed(1)} s`;
   $("summary").textContent = d.total_groups
-    ? `${d.total_groups} groups among ${d.photos} photos (${d.pairs_checked} pairs checked in ${d.seconds.toFixed(1)} s)`
-    : `No duplicates among ${d.photos} photos (${d.pairs_checked} pairs checked in ${d.seconds.toFixed(1)} s).`;
+    ? `${s(d.total_groups, "group")} among ${s(d.photos, "photo")} (${how})`
+    : `No duplicates among ${s(d.photos, "photo")} (${how}).`;
   for (const g of d.groups) {
     const s = el("section", "group");
     s.dataset.tier = g.tier;

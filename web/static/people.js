@@ -125,7 +125,7 @@ async function one(id) {
   old.replaceWith(input);
   const grid = $("photos");
   grid.replaceChildren();
-  for (const f of d.photos) {
+  for (const f of d.faces) {
     const c = el(f.pair ? "a" : "div", "card photo-card" + (f.representative ? " keeper" : ""));
     if (f.pair) { c.href = f.pair; c.title = `compare this face with ${title(p)}'s representative face\n${f.path}`; } else c.title = f.path;
     const stack = el("div", "stack");
@@ -137,7 +137,7 @@ async function one(id) {
     c.append(el("div", "name", `${f.name} · face ${f.face}`));
     grid.append(c);
   }
-  say("one-status", `${d.photos.length} face${d.photos.length === 1 ? "" : "s"}`);
+  say("one-status", `${d.faces.length} face${d.faces.length === 1 ? "" : "s"}`);
   document.body.dataset.ready = "1";
 }
 
