@@ -529,7 +529,9 @@ def people(ctx, index_dir, as_json) -> None:
         click.echo(json.dumps({"index": str(directory), "faces": faces, "people": [p.to_dict() for p in found]}))
         return
     if not found:
-        click.echo(f"no people: {directory} holds no faces yet")
+        click.echo(f"no people yet: {faces} faces wait for a person (run `retrieve people --index "
+                   f"{shlex.quote(str(directory))}` again once the index is not being written)" if faces
+                   else f"no people: {directory} holds no faces yet")
         return
     width = max([4] + [len(p.name or "-") for p in found])
     click.echo(f"{'id':>5}  {'name':<{width}}  {'photos':>6}  {'faces':>5}  face (row: box  photo)")
@@ -564,6 +566,8 @@ def people_show(ctx, person, index_dir, as_json) -> None:
         click.echo(json.dumps({"person": p.to_dict(), "faces": faces}))
         return
     click.echo(f"{_person_text(p)}: {p.photos} photos, {p.faces} faces")
+    if faces:
+        click.echo(f"  {'id':>6}  {'face:box':<20}  photo")
     for f in faces:
         click.echo(f"  {f['id']:>6}  {str(f['face']) + ':' + ','.join(map(str, f['box'])):<20}  {shown(f['path'])}"
                    + ("  (by hand)" if f["manual"] else ""))

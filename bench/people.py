@@ -173,9 +173,10 @@ def ours(x: np.ndarray, method: str, **kw) -> np.ndarray:
     return cluster_faces(x, mean_face()[1], method, **kw)
 
 
-def incremental(x: np.ndarray, y: np.ndarray, seed: int) -> tuple[dict, dict, float]:
+def incremental(x: np.ndarray, y: np.ndarray, seed: int, raw: np.ndarray) -> tuple[dict, dict, float, dict, dict]:
     """Half the faces clustered, the other half assigned to those people, the rest clustered among itself:
-    (its scores, clustering all at once's scores, the pairwise F of the two labellings against each other)."""
+    (its scores, clustering all at once's scores, the pairwise F of the two labellings against each other, the
+    first half's own scores, dlib's Chinese whispers' on the first half)."""
     from retrieval.curate.clustering import assign_to_people, centroids, cluster_faces
     from retrieval.faces.network import mean_face
 
@@ -191,12 +192,25 @@ def incremental(x: np.ndarray, y: np.ndarray, seed: int) -> tuple[dict, dict, fl
         lab[left] = cluster_faces(x[left], same) + lab.max() + 1
     full = cluster_faces(x, same)
     agree = scores(lab, full)["pF"]
-    return scores(lab, y), scores(full, y), agree
+    return (scores(lab, y), scores(full, y), agree, scores(lab[first], y[first]),
+            scores(dlib_whispers(raw[first]), y[first]))
 
 
 SETS = ("real", "orl", "groups")
 MARGINS = (0.0, 0.02, 0.05, 0.08, 0.1, 0.15)
 STRANGER_RATE = 1e-3  # the margin: the smallest at which at most this share of the tuning stranger pairs link
+
+
+def made_faces(k: int, seed: int) -> np.ndarray:
+    """k made people (5-14 faces each, around random unit centres in 128-D, each face ≈ 0.85 from another of its
+    person's) and k/2 strangers, shuffled: only for timing."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(k, 128))
+    y = np.repeat(np.arange(k), rng.integers(5, 15, size=k))
+    x = centres[y] / np.linalg.norm(centres[y], axis=1, keepdims=True) + rng.normal(scale=0.04, size=(len(y), 128))
+    x = np.vstack([x, rng.normal(size=(k // 2, 128))])
+    x = x[rng.permutation(len(x))]
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
 def _same() -> float:
@@ -222,12 +236,19 @@ def main() -> None:
     ap.add_argument("--groups", type=int, default=80, help="group photos made (ORL s31-s40 on Caltech-101)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--fresh", action="store_true", help="recompute the descriptors cached under bench/.cache")
+    ap.add_argument("--scale", type=lambda t: [int(v) for v in t.split(",") if v], default=[300, 1200, 5000],
+                    help="people in the made-faces timing rows (comma-separated; '' for none)")
     args = ap.parse_args()
     if args.real is None:
         import faces as fb
 
         raise SystemExit(fb.REAL_HINT)
+    import torch
+
     from retrieval.curate import clustering as cl
+    from retrieval.models.graphs import inference_threads
+
+    torch.set_num_threads(inference_threads())  # the face network's threads (and the saved table's header)
 
     tty = sys.stderr.isatty()
     load0 = os.getloadavg()
@@ -306,9 +327,28 @@ def main() -> None:
     inc_rows = []
     for s in SETS:
         for seed in range(3):
-            a, b, agree = incremental(X[s], d[f"{s}_y"], args.seed + seed)
+            a, b, agree, h, p = incremental(X[s], d[f"{s}_y"], args.seed + seed, d[f"{s}_x"])
             inc_rows.append([s, seed, a["bF"], b["bF"], a["split"], b["split"], f"{100 * a['wrong']:.1f} %",
-                             f"{100 * b['wrong']:.1f} %", agree])
+                             f"{100 * b['wrong']:.1f} %", agree, f"{100 * h['wrong']:.1f} %",
+                             f"{100 * p['wrong']:.1f} %"])
+    # 4. time on made faces (people around random centres in 128-D, a third as many strangers), one thread
+    scale_rows = []
+    for k in args.scale:
+        xm = made_faces(k, args.seed)
+        t0 = time.perf_counter()
+        lab = ours(xm, "guarded")
+        scale_rows.append([len(xm), k, len(np.unique(lab)), round(time.perf_counter() - t0, 1)])
+    # the targets, on every face: ours (the default) against dlib's Chinese whispers
+    res = {(r[0], r[1]): r for r in rows["all"]}
+    peer, mine = methods[0][0], methods[-1][0]
+    checks = [f"real BCubed F {res[('real', mine)][10]:.4f} (≥ 0.97: {'met' if res[('real', mine)][10] >= 0.97 else 'NOT met'})"]
+    for s in SETS:
+        a, b = res[(s, mine)][10], res[(s, peer)][10]
+        checks.append(f"{s}: {a:.4f} against dlib's {b:.4f} ({'not below' if a >= b - 1e-9 else 'BELOW'})")
+    split = max(res[(s, mine)][11] for s in SETS)
+    wrong = max(float(res[(s, mine)][12].rstrip(' %')) for s in SETS)
+    checks.append(f"max split {split} (≤ 2: {'met' if split <= 2 else 'NOT met'})")
+    checks.append(f"wrong merge at most {wrong:.1f} % (≤ 1 %: {'met' if wrong <= 1 else 'NOT met'})")
     load = (load0[0], os.getloadavg()[0])
     chosen = {k: v[0] for k, v in best.items()}
     chosen["whispers"] = {"margin": margin_pick}
@@ -323,13 +363,27 @@ its labelled pairs (bench/faces.py `real_identities`), every face of every photo
 a labelled photo scored. ORL: 40 people × 10. Groups: {args.groups} photos of ORL s31–s40 pasted into Caltech-101
 photos (bench/faces.py `make_groups`, seed {args.seed}); a detected face is scored when it overlaps a pasted face.
 Ours runs on the index's vectors (centred on the fixed mean face μ_f, normalised) with the faces preset's
-same-person threshold t = {ours.__globals__['__name__'] and __import__('retrieval.faces.network', fromlist=['x']).mean_face()[1]}: links at t + margin, Chinese whispers (seed 0),
-and the guard (a face stays in a person while its score with the centroid passes t + margin and it links to at least
-`support` of the other members). dlib's peer: `dlib.chinese_whispers_clustering` on raw descriptors, Euclidean
+same-person threshold t = {same_t}: links at t + margin ({cl.MARGIN}), Chinese whispers (seed 0), and the guard (a
+face stays in a person while its score with the centroid of the other members passes t + margin and it links to at
+least `support` ({cl.SUPPORT}) of them; it moves to the person whose centroid it fits best). dlib's peer: `dlib.chinese_whispers_clustering` on raw descriptors, Euclidean
 threshold 0.5. HDBSCAN: `sklearn.cluster.HDBSCAN` on the index's vectors, noise = people of their own.
 "Max split": the most clusters one person's faces fall into; "wrong merge": the share of faces in a cluster whose
 majority is another person. Targets (issue #30): BCubed F ≥ 0.97 on the real set and never below dlib's Chinese
 whispers on any set, max split ≤ 2, wrong merge ≤ 1 %.
+
+Targets on every face, ours (the default): {"; ".join(checks)}.
+
+Notes. (1) The guard's second rule (a face moves to the person whose centroid of the other members it fits
+best) was added after a first run of this bench showed Chinese whispers' vote count putting one photo of the real
+set's DiCaprio with Matt Damon's five (it links to four of them at 0.59-0.64, to its own three at 0.77-0.78); those
+two people fall in different halves of the tuning split, so the held-out table cannot show it: the real set's row
+with every face is not a held-out result for that rule. (2) The guard's cost: on ORL it leaves a face or two of
+one person apart that plain whispers keeps whole; without it, whispers merges strangers on the group photos.
+(3) HDBSCAN on the group photos: each person's 8 pool photos are pasted about twice each, so nearly every face
+has a near-twin (score > 0.95) and the density hierarchy keeps those twins as clusters of their own; its
+``cluster_selection_epsilon`` (which would merge them) raised a TypeError in scikit-learn 1.9.1 here.
+(4) dlib's rule (Euclidean 0.5 on raw descriptors) is stricter than the faces preset's pair verdict (dlib's own
+0.6); the margin plays that part here.
 
 ## Every face
 
@@ -358,9 +412,17 @@ for the sensitivity of each setting and were not used to choose ({same_note}).
 ## Incremental: half clustered, the other half assigned (`assign_to_people`), the rest clustered
 
 Three seeded halves per set. "agreement": pairwise F of the incremental labelling against clustering all at once.
+The last two columns: the wrong-merge rate of the first half clustered alone, ours and dlib's Chinese whispers on
+the same faces (a smaller collection can merge two look-alikes that more faces of each keep apart; what the first
+run merges, assignment keeps merged).
 
 {_common.table(["set", "half", "BCubed F incremental", "BCubed F all at once", "max split inc.", "max split all",
-                "wrong merge inc.", "wrong merge all", "agreement"], inc_rows)}
+                "wrong merge inc.", "wrong merge all", "agreement", "first half: wrong merge, ours",
+                "first half: wrong merge, dlib"], inc_rows)}
+
+## Time on made faces (one thread)
+
+{_common.table(["faces", "made people", "people found", "s"], scale_rows)}
 """
     _common.save("people", text)
 

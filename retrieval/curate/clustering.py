@@ -1,16 +1,16 @@
 """Faces into people: clustering the face rows of a faces index, and assigning new faces to existing people.
 
 Vectors are in the index's space (``store.transform``: centred on the fixed mean face, L2-normalised), so ``x @ x.T``
-is the score the faces preset ranks by and ``same`` its calibrated same-person threshold on that score. That
-threshold decides one pair; grouping hundreds of faces multiplies its false matches, so clustering links two faces
-only at ``same + MARGIN`` (the link test; MARGIN chosen on tuning identities, bench/people.py). Chinese whispers
-labels the graph of links (deterministic: a seeded visiting order). A chain of look-alikes (each face within the threshold of the next, the ends far apart) can link
-strangers, so the default method keeps a face in a person only while it passes the same test against the person's
-centroid (the mean of its members, renormalised) and links to enough of its members; a face that fails leaves and
-joins the best other person whose centroid it passes, else stands alone. New faces are assigned by the same
-centroid test
-(:func:`assign_to_people`), so one run and an incremental run answer alike. Numpy only; the comparison with dlib's
-Chinese whispers and HDBSCAN is bench/people.py.
+is the score the faces preset ranks by and ``same`` its calibrated same-person threshold. That threshold decides one
+pair; grouping many faces multiplies its false matches, so two faces link only at ``same + MARGIN`` (the link test).
+Chinese whispers labels the graph of links (deterministic: a seeded visiting order). It counts votes, so a chain of
+look-alikes (each face linked to the next, the ends strangers) can become one person, and a face with many weak
+links can join the wrong one. The guard (the default method) therefore keeps a face in a person only while it
+passes the link test against the centroid of the person's other members (their mean, renormalised) and links to at
+least SUPPORT of them, and moves a face to the person whose centroid it fits best; a face that fits no one stands
+alone. New faces join people by the same centroid test (:func:`assign_to_people`), so a run and an incremental run
+answer alike. Numpy only. The constants and the comparison with dlib's Chinese whispers and HDBSCAN:
+bench/people.py.
 """
 from __future__ import annotations
 
@@ -20,8 +20,9 @@ METHODS = ("guarded", "whispers")  # guarded: whispers + the centroid/support gu
 DEFAULT_METHOD = "guarded"
 MARGIN = 0.05  # the link test is score >= same + MARGIN (bench/people.py: chosen on the tuning identities)
 NEIGHBOURS = 64  # links kept per face (its strongest passing ones): bounds the graph on large collections
-SUPPORT = 0.5  # the guard: a face must match at least this share of its person's other members
+SUPPORT = 0.5  # the guard: a face must link to at least this share of its person's other members
 BLOCK = 4096  # rows per block of the score matrix
+CANDIDATES = 5  # other people a face may move to per round (its best-scoring centroids)
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -113,6 +114,30 @@ def _support(x: np.ndarray, i: int, members: np.ndarray, same: float) -> float:
     return float((x[members] @ x[i] >= same).mean()) if len(members) else 1.0
 
 
+def _members(labels: np.ndarray, m: int) -> list[np.ndarray]:
+    """The faces of each label 0..m-1 (ascending)."""
+    order = np.argsort(labels, kind="stable")
+    return np.split(order, np.cumsum(np.bincount(labels, minlength=m))[:-1])
+
+
+def _best_others(x: np.ndarray, c: np.ndarray, labels: np.ndarray, top: int = CANDIDATES):
+    """Each face's ``top`` best-scoring centroids other than its own person's, best first: (indices, scores),
+    computed in blocks (n × people scores at once would not fit a large collection)."""
+    n, top = len(x), min(top, max(len(c) - 1, 1))
+    idx = np.zeros((n, top), np.int64)
+    val = np.full((n, top), -np.inf, np.float32)
+    for a in range(0, n, BLOCK):
+        sc = x[a:a + BLOCK] @ c.T
+        sc[np.arange(len(sc)), labels[a:a + BLOCK]] = -np.inf
+        part = np.argpartition(-sc, top - 1, axis=1)[:, :top] if sc.shape[1] > top else np.tile(
+            np.arange(sc.shape[1]), (len(sc), 1))
+        ps = np.take_along_axis(sc, part, 1)
+        order = np.argsort(-ps, axis=1, kind="stable")
+        idx[a:a + BLOCK, :part.shape[1]] = np.take_along_axis(part, order, 1)
+        val[a:a + BLOCK, :part.shape[1]] = np.take_along_axis(ps, order, 1)
+    return idx, val
+
+
 def guard(x: np.ndarray, labels: np.ndarray, same: float, support: float = SUPPORT, rounds: int = 50) -> np.ndarray:
     """Refine a labelling until every face sits with the person it fits best. A face fits a person when its score
     with the centroid of the person's other members passes ``same`` and it links to at least ``support`` of them.
@@ -131,13 +156,13 @@ def guard(x: np.ndarray, labels: np.ndarray, same: float, support: float = SUPPO
         c = _unit(sums)
         own = np.einsum("ij,ij->i", x, _unit(sums[labels] - x))
         own[sizes[labels] == 1] = -np.inf
+        members = _members(labels, m)
         match = np.ones(n)
         for lab in np.flatnonzero(sizes > 1).tolist():
-            idx = np.flatnonzero(labels == lab)
+            idx = members[lab]
             sc = x[idx] @ x[idx].T
             match[idx] = ((sc >= same).sum(1) - 1) / (len(idx) - 1)
-        other = x @ c.T
-        other[np.arange(n), labels] = -np.inf
+        cand, cand_s = _best_others(x, c, labels)
         fits = (sizes[labels] > 1) & (own >= same) & (match >= support)
         bad = np.flatnonzero((sizes[labels] > 1) & ~fits)
         worst: dict[int, int] = {}
@@ -148,23 +173,24 @@ def guard(x: np.ndarray, labels: np.ndarray, same: float, support: float = SUPPO
         moves: dict[int, int] = {}  # face -> new label (-1: alone)
         for i in sorted(worst.values()):
             moves[i] = -1
-        for i in range(n):  # better elsewhere (a face alone, or one that fits, whose best other centroid beats its own)
-            if i in moves or (sizes[labels[i]] > 1 and not fits[i]):
+        # better elsewhere: a face alone, or one that fits, whose best other centroid beats its own
+        better = (cand_s[:, 0] >= same) & (cand_s[:, 0] > own) & ((sizes[labels] == 1) | fits)
+        for i in np.flatnonzero(better).tolist():
+            if i in moves:
                 continue
-            order = np.argsort(-other[i], kind="stable")
-            for k in order.tolist():
-                if other[i, k] < same or other[i, k] <= own[i]:
+            for k, sk in zip(cand[i].tolist(), cand_s[i].tolist()):
+                if sk < same or sk <= own[i]:
                     break
-                if _support(x, i, np.flatnonzero(labels == k), same) >= support:
+                if _support(x, i, members[k], same) >= support:
                     moves[i] = k
                     break
         for i in list(moves):  # the faces that leave: the best other person they fit, else alone
             if moves[i] != -1:
                 continue
-            for k in np.argsort(-other[i], kind="stable").tolist():
-                if other[i, k] < same:
+            for k, sk in zip(cand[i].tolist(), cand_s[i].tolist()):
+                if sk < same:
                     break
-                if _support(x, i, np.flatnonzero(labels == k), same) >= support:
+                if _support(x, i, members[k], same) >= support:
                     moves[i] = k
                     break
         if not moves:

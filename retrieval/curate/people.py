@@ -8,8 +8,8 @@ the first writer here creates them (IndexStore.ensure_tables).
 has a person; each face without one, in turn:
 
 1. a re-indexed photo's face (its rows are replaced, with new ids) takes the person of the old row at the same place
-   of the same photo (same path, boxes overlapping by IoU >= 0.5), manual flag included: names and hand-made
-   assignments survive a re-index exactly;
+   of the same photo (same path, or same content for a photo moved; boxes overlapping by IoU >= 0.5), manual flag
+   included: names and hand-made assignments survive a re-index exactly;
 2. else it joins the existing person whose centroid it matches (clustering.assign_to_people, at the index's
    same-person threshold);
 3. the rest are clustered among themselves (clustering.cluster_faces) into new, unnamed people; a face the clustering
@@ -30,9 +30,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from retrieval.errors import IndexLocked, RetrieveError
-from retrieval.names import from_db
+from retrieval.names import from_db, shown
 
 IOU_SAME_FACE = 0.5  # a re-indexed photo's face at the same place as an old row: the same face
+MAX_NAME_CHARS = 200  # a person's name, at most (the web app's rule too)
 
 
 @dataclass
@@ -253,9 +254,9 @@ def update_people(store) -> dict:
     _ready(store)
     people_t, faces_t = _tables()
     same = _same(store)
-    faces = {int(i): (p, b) for i, p, b in store.query("SELECT id, path, box FROM images")}
-    assigned = {int(r): (int(p), bool(m), path, box)
-                for r, p, m, path, box in store.query("SELECT row_id, person_id, manual, path, box FROM person_faces")}
+    faces = {int(i): (p, b, h) for i, p, b, h in store.query("SELECT id, path, box, sha256 FROM images")}
+    assigned = {int(r): (int(p), bool(m), path, box, h) for r, p, m, path, box, h in
+                store.query("SELECT row_id, person_id, manual, path, box, sha256 FROM person_faces")}
     names = _names(store)
     orphans = sorted((r, v) for r, v in assigned.items() if r not in faces)
     new = sorted(i for i in faces if i not in assigned)
@@ -264,16 +265,21 @@ def update_people(store) -> dict:
         report["people"] = len(names)
         return report
 
-    # 1. a re-indexed photo's faces take the old rows' people
+    # 1. a re-indexed photo's faces take the old rows' people: the same photo (its path, or its content when it
+    # moved) and the same place in it
     old_at: dict[str, list] = defaultdict(list)
-    for r, (pid, manual, path, box) in orphans:
+    for r, (pid, manual, path, box, sha) in orphans:
         if pid in names:
-            old_at[path].append([_box(box), pid, manual, False])
+            old = [_box(box), pid, manual, False]  # (box, person, manual, taken)
+            old_at["p:" + path].append(old)
+            if sha:
+                old_at["h:" + sha].append(old)
     carried: dict[int, tuple[int, bool]] = {}
     for rid in new:
-        path, box = faces[rid]
+        path, box, sha = faces[rid]
         b = _box(box)
-        best = max((o for o in old_at.get(path, ()) if not o[3]), key=lambda o: _iou(o[0], b), default=None)
+        best = max((o for o in old_at.get("p:" + path, []) + old_at.get("h:" + sha, []) if not o[3]),
+                   key=lambda o: _iou(o[0], b), default=None)
         if best is not None and _iou(best[0], b) >= IOU_SAME_FACE:
             best[3] = True
             carried[rid] = (best[1], best[2])
@@ -313,18 +319,19 @@ def update_people(store) -> dict:
     with store.engine.begin() as conn:
         for part in _chunks([r for r, _ in orphans]):
             conn.execute(delete(faces_t).where(faces_t.c.row_id.in_(part)))
-        rows = [{"row_id": rid, "person_id": pid, "manual": manual, "path": faces[rid][0], "box": faces[rid][1]}
-                for rid, (pid, manual) in carried.items()]
-        rows += [{"row_id": rid, "person_id": pid, "manual": False, "path": faces[rid][0], "box": faces[rid][1]}
-                 for rid, pid in joined.items()]
+        def row(rid: int, pid: int, manual: bool = False) -> dict:
+            path, box, sha = faces[rid]
+            return {"row_id": rid, "person_id": pid, "manual": manual, "path": path, "box": box, "sha256": sha}
+
+        rows = [row(rid, pid, manual) for rid, (pid, manual) in carried.items()]
+        rows += [row(rid, pid) for rid, pid in joined.items()]
         placeholder = np.zeros(store.vector_dim, np.float32).tobytes()
         for g in groups:
             pid = int(conn.execute(insert(people_t).returning(people_t.c.id),
                                    [{"name": None, "centroid": placeholder, "created_at": now}]).scalar_one())
             members[pid] = list(g)
             touched.add(pid)
-            rows += [{"row_id": rid, "person_id": pid, "manual": False, "path": faces[rid][0], "box": faces[rid][1]}
-                     for rid in g]
+            rows += [row(rid, pid) for rid in g]
         for part in _chunks(rows):
             conn.execute(insert(faces_t), list(part))
         removed = _write_summaries(conn, store, {p: members[p] for p in touched if p in members}, names)
@@ -343,6 +350,10 @@ def _check_name(store, name: str, pid: int) -> str:
     name = " ".join(str(name).split())
     if not name:
         raise RetrieveError("a person's name cannot be empty")
+    if len(name) > MAX_NAME_CHARS:
+        raise RetrieveError(f"a person's name has at most {MAX_NAME_CHARS} characters (this one {len(name)})")
+    if not name.isprintable():
+        raise RetrieveError(f"{shown(name)}: a name cannot hold control characters")
     if name.isdigit():
         raise RetrieveError(f"{name!r}: a name cannot be a number (it would read as a person id)")
     for other in list_people(store):
@@ -407,10 +418,8 @@ def move_face(store, row_id: int, to=None) -> dict:
     require_faces(store)
     row = store.face_rows([int(row_id)]).get(int(row_id))
     if row is None:
-        import shlex
-
-        raise RetrieveError(f"no face {row_id} in {store.directory} (`retrieve people show PERSON --index "
-                            f"{shlex.quote(str(store.directory))}` lists a person's faces with their numbers)")
+        raise RetrieveError(f"no face {row_id} in {store.directory} (a face is given by its row id, as `people show` "
+                            f"lists a person's faces; {_hint(store)} lists the people)")
     have = store.query("SELECT person_id FROM person_faces WHERE row_id = :r", {"r": int(row_id)}) \
         if _has_tables(store) else []
     if not have:

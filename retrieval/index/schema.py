@@ -79,9 +79,9 @@ class PersonRow(Base):
 
 
 class PersonFaceRow(Base):
-    """A face row's person. ``manual``: a person put it there (move, merge), not the clustering. ``path`` and
-    ``box`` repeat the face's, so that when a re-indexed photo's rows are replaced (new ids) the next update gives
-    each new row the person of the old row at the same place of the same photo."""
+    """A face row's person. ``manual``: a person put it there (move, merge), not the clustering. ``path``, ``box``
+    and ``sha256`` repeat the face row's, so that when a re-indexed (or moved) photo's rows are replaced (new ids)
+    the next update gives each new row the person of the old row at the same place of the same photo."""
 
     __tablename__ = "person_faces"
     row_id: Mapped[int] = mapped_column(Int64, primary_key=True, autoincrement=False)
@@ -89,3 +89,4 @@ class PersonFaceRow(Base):
     manual: Mapped[bool] = mapped_column(Boolean, default=False)
     path: Mapped[str] = mapped_column(String)
     box: Mapped[str | None] = mapped_column(String, nullable=True)
+    sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
