@@ -15,7 +15,6 @@ import urllib.parse
 from pathlib import Path
 
 import pytest
-
 from clitools import run
 
 pytest.importorskip("starlette", reason="the serve extra is not installed (pip install -e '.[serve]')")
@@ -97,7 +96,7 @@ def test_duplicates_are_find_duplicates_with_thumbnails_and_audits(photos_served
     from retrieval.curate.duplicates import find_duplicates
     from retrieval.index.store import IndexStore
 
-    server, photos, idx = photos_served
+    server, _, idx = photos_served
     status, web = groups(server)
     assert status == 200, web
     with IndexStore.open(idx) as store:
@@ -179,13 +178,14 @@ def test_duplicates_do_not_apply_to_a_faces_index(faces_served):
 
 @needs_faces
 def test_people_are_retrieve_peoples_with_their_faces_and_audits(faces_served):
-    from PIL import Image
     import io
+
+    from PIL import Image
 
     from retrieval.curate import people as P
     from retrieval.index.store import IndexStore
 
-    server, photos, idx = faces_served
+    server, _, idx = faces_served
     status, d = server.json("api/people")
     assert status == 200, d
     assert d["updated"] and d["updated"]["new_people"] >= 1  # a fresh index: its faces were given people first
@@ -233,7 +233,7 @@ def test_naming_a_person_is_guarded_and_kept_in_the_index(faces_served):
     from retrieval.index.lock import WriterLock
     from retrieval.index.store import IndexStore
 
-    server, photos, idx = faces_served
+    server, _, idx = faces_served
     status, listed = server.json("api/people")
     pid = max(listed["people"], key=lambda p: p["faces"])["id"]
     url = f"api/people/{pid}/name"

@@ -39,7 +39,7 @@ from starlette.staticfiles import StaticFiles
 from retrieval.errors import ImageError, RetrieveError
 from retrieval.names import shown
 
-from .curation import DUPLICATES_WAIT_S, MAX_NAME_BODY, Locked
+from .curation import DUPLICATES_WAIT_S, MAX_NAME_BODY, Curation, Locked
 from .security import REPORT_CSP, SECURITY_HEADERS, Guard, GuardMiddleware
 from .service import FORM_OVERHEAD, RENDER_WAIT_S, BadRequest, Busy, NotAnImage, NotFound, Service, TooLarge
 
@@ -74,6 +74,7 @@ def create_app(collection: Service, guard: Guard | None = None) -> Starlette:
     ``guard`` (web/security.py: Host, origin and token checks). ``retrieve serve`` always passes one; None
     serves unguarded, for a benchmark calling the handlers in-process."""
     c = collection
+    curation = Curation(c)  # the Duplicates and People pages' work (stopped by the service's close)
     limiters: dict = {}
 
     async def _queued(name: str, fn, *args):
@@ -195,7 +196,7 @@ def create_app(collection: Service, guard: Guard | None = None) -> Starlette:
         being found (the page asks again)."""
         p = request.query_params
         similar = p.get("similar", "0").lower() in ("1", "true", "yes", "on")
-        job = await run_in_threadpool(c.curation.duplicates_job, similar)
+        job = await run_in_threadpool(curation.duplicates_job, similar)
         if not job.future.done():
             try:  # shielded: a client that leaves does not cancel the computation
                 await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(job.future)), DUPLICATES_WAIT_S)
@@ -204,13 +205,13 @@ def create_app(collection: Service, guard: Guard | None = None) -> Starlette:
                                      headers={**SECURITY_HEADERS, "Cache-Control": "no-store"})
             except Exception:
                 pass  # its error: duplicates_page raises it
-        return _json(await run_in_threadpool(c.curation.duplicates_page, job, p.get("offset"), p.get("limit")))
+        return _json(await run_in_threadpool(curation.duplicates_page, job, p.get("offset"), p.get("limit")))
 
     async def people(request: Request):
-        return _json(await run_in_threadpool(c.curation.people))
+        return _json(await run_in_threadpool(curation.people))
 
     async def person(request: Request):
-        return _json(await run_in_threadpool(c.curation.person, request.path_params["id"]))
+        return _json(await run_in_threadpool(curation.person, request.path_params["id"]))
 
     async def person_name(request: Request):
         if not request.headers.get("content-type", "").startswith("application/json"):
@@ -220,7 +221,7 @@ def create_app(collection: Service, guard: Guard | None = None) -> Starlette:
             body += chunk
             if len(body) > MAX_NAME_BODY:
                 raise TooLarge(f"too large: a name is at most {MAX_NAME_BODY:,} bytes of JSON")
-        return _json(await run_in_threadpool(c.curation.rename, request.path_params["id"], body))
+        return _json(await run_in_threadpool(curation.rename, request.path_params["id"], body))
 
     async def thumb(request: Request):
         path = await _queued("decoding", c.thumbnail, request.path_params["id"], request.query_params.get("size"),

@@ -15,11 +15,12 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from retrieval.errors import RetrieveError
+from retrieval.errors import IndexLocked, RetrieveError
 from retrieval.names import shown as readable
 
+from .service import BadRequest, NotFound, _background, _int, _thumb_url
+
 MAX_GROUPS_PAGE = 200  # groups per page of /api/duplicates (the page asks for 50)
-MAX_NAME_CHARS = 200  # a person's name, at most
 MAX_NAME_BODY = 4_096  # the body of POST /api/people/{id}/name, at most (JSON {"name": …})
 DUPLICATES_WAIT_S = 2.0  # how long a request waits for the groups before answering with the progress
 
@@ -53,13 +54,13 @@ class Curation:
     """Duplicates and people for one :class:`web.service.Service` (its loaded state, its thumbnails)."""
 
     def __init__(self, service):
-        from .service import _background
 
         self.service = service
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="retrieve-duplicates", initializer=_background)
         self._jobs: dict[tuple, _Job] = {}  # (index state, similar) → its computation
         self._lock = threading.Lock()  # _jobs
         self._people_lock = threading.Lock()  # writes of people (clustering new faces, names): one at a time
+        service.on_close.append(self.close)
 
     def close(self) -> None:
         """Stop: a computation waiting is cancelled, one running stops at its next progress report."""
@@ -98,7 +99,6 @@ class Curation:
         """``retrieve duplicates --json``'s fields for a finished computation, with one page of its groups (from
         ``offset``, at most ``limit``), each member with its thumbnail and, but the keeper, its pair audit against
         the keeper. The computation's error (a faces index, …) is raised here."""
-        from .service import _int, _thumb_url
 
         offset = _int(offset, "offset", 0, 10**9, 0)
         limit = _int(limit, "limit", 1, MAX_GROUPS_PAGE, 50)
@@ -153,7 +153,6 @@ class Curation:
         st = self._faces_state()
         from retrieval.curate import people as P
 
-        from .service import _thumb_url
 
         p = self._known(st, ref)
         faces = P.faces_of(st.store, p.id)
@@ -169,11 +168,10 @@ class Curation:
         return {"person": self._person(p, rows), "faces": faces}
 
     def rename(self, ref, body: bytes) -> dict:
-        """Name a person (``retrieve people name ID NAME``, its rules: unique, not a number, not empty): ``body``
-        is JSON ``{"name": "Alice"}``."""
+        """Name a person (``retrieve people name ID NAME``, with its rules: unique, not a number, not empty, at most
+        people.MAX_NAME_CHARS printable characters): ``body`` is JSON ``{"name": "Alice"}``."""
         import json
 
-        from .service import BadRequest
 
         st = self._faces_state()
         from retrieval.curate import people as P
@@ -185,11 +183,8 @@ class Curation:
             raise BadRequest('send JSON {"name": "…"}') from None
         if not isinstance(name, str):
             raise BadRequest("name: give a text")
-        if len(name) > MAX_NAME_CHARS or not " ".join(name.split()).isprintable():
-            raise BadRequest(f"name: at most {MAX_NAME_CHARS} printable characters")
-        with self._people_lock:
-            with self._writer() as store:
-                P.rename(store, p.id, name)
+        with self._people_lock, self._writer() as store:
+            P.rename(store, p.id, name)
         st = self.service.current()
         p = P.person_named(st.store, p.id)
         return self._person(p, st.store.face_rows([p.face[0]] if p.face else []))
@@ -198,7 +193,6 @@ class Curation:
         """The person with id ``ref``, or :class:`NotFound`."""
         from retrieval.curate.people import person_named
 
-        from .service import NotFound
 
         pid = self._person_id(ref)
         try:
@@ -208,7 +202,6 @@ class Curation:
 
     def _writer(self):
         """The index opened for writing, or :class:`Locked` while another retrieve writes it."""
-        from retrieval.errors import IndexLocked
         from retrieval.index.store import IndexStore
 
         try:
@@ -217,13 +210,11 @@ class Curation:
             raise Locked(str(e)) from None
 
     def _person_id(self, ref) -> int:
-        from .service import _int
 
         return _int(ref, "person", 1, 2**62, None)
 
     def _person(self, p, rows: dict) -> dict:
         """``Person.to_dict()`` (``retrieve people --json``) with the page's URL and the thumbnails of their face."""
-        from .service import _thumb_url
 
         d = {**p.to_dict(), "url": f"/people?id={p.id}"}
         if d["face"]:

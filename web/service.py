@@ -162,10 +162,8 @@ class Service:
         self._explain_pool = ThreadPoolExecutor(1, thread_name_prefix="retrieve-explain", initializer=_background)
         self._render_pool = ThreadPoolExecutor(1, thread_name_prefix="retrieve-render", initializer=_background)
         self._renders: dict[str, object] = {}  # key → the Future drawing its figure and report
+        self.on_close: list = []  # what else to stop first (web/curation.py registers its computations here)
         self.state = self._load()
-        from .curation import Curation
-
-        self.curation = Curation(self)  # the Duplicates and People pages (web/curation.py)
 
     # -- the committed state ------------------------------------------------------------------
     def _load(self) -> Loaded:
@@ -204,7 +202,8 @@ class Service:
             return self.state
 
     def close(self) -> None:
-        self.curation.close()
+        for stop in self.on_close:
+            stop()
         self._explain_pool.shutdown(wait=True)
         self._render_pool.shutdown(wait=True)
         for st in [*self._old, self.state]:
