@@ -164,9 +164,18 @@ def test_the_pages_are_served_under_the_policy(photos_served):
     for path in ("duplicates", "people", "static/duplicates.js", "static/people.js"):
         status, body = server.request(path)
         assert status == 200 and body, path
-    status, body = server.request("duplicates")
-    assert b"<script src=\"/static/duplicates.js\"></script>" in body and b"<script>" not in body
-    assert b"style=" not in body
+    for page in ("duplicates", "people"):
+        status, body = server.request(page)
+        assert f'<script src="/static/{page}.js"></script>'.encode() in body and b"<script>" not in body
+        assert b"style=" not in body
+    # every new route is behind the guard: no token, no answer
+    token, server.token = server.token, None
+    try:
+        for path in ("duplicates", "people", "api/duplicates", "api/people", "api/people/1", "thumb/1?face=1"):
+            status, body = server.request(path)
+            assert status == 403 and b"no token" in body, path
+    finally:
+        server.token = token
 
 
 @needs_faces

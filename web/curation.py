@@ -37,11 +37,12 @@ class _Job:
         self.done = self.total = 0
         self.started: float | None = None
         self.future: Future | None = None
-        self.stop = False  # set when the server stops: the computation ends at its next progress report
+        self.stop = False  # set when no longer wanted (the server stops, the index changed): it ends at its next
+        # progress report
 
     def progress(self, done: int, total: int) -> None:
         if self.stop:
-            raise RetrieveError("stopped: the server is shutting down")
+            raise RetrieveError("stopped: no longer wanted (the server stops, or the index changed)")
         self.done, self.total = int(done), int(total)
 
     def status(self) -> dict:
@@ -54,7 +55,6 @@ class Curation:
     """Duplicates and people for one :class:`web.service.Service` (its loaded state, its thumbnails)."""
 
     def __init__(self, service):
-
         self.service = service
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="retrieve-duplicates", initializer=_background)
         self._jobs: dict[tuple, _Job] = {}  # (index state, similar) → its computation
@@ -78,8 +78,10 @@ class Curation:
         st = self.service.current()
         key = (st.stamp, bool(similar))
         with self._lock:
-            for k in [k for k in self._jobs if k[0] != st.stamp]:
-                self._jobs.pop(k).future.cancel()
+            for k in [k for k in self._jobs if k[0] != st.stamp]:  # an older state's: stopped, not kept
+                old = self._jobs.pop(k)
+                old.stop = True
+                old.future.cancel()
             job = self._jobs.get(key)
             if job is not None and job.future.done() and _failed_unexpectedly(job.future):
                 job = None  # an internal error is not kept: the next request tries again
@@ -93,18 +95,18 @@ class Curation:
         from retrieval.curate.duplicates import find_duplicates
 
         job.started = time.monotonic()
-        return find_duplicates(st.store, similar=job.similar, progress=job.progress)
+        # the groups as ``retrieve duplicates --json`` has them, kept (the future's result) for the next requests
+        return find_duplicates(st.store, similar=job.similar, progress=job.progress).to_dict()
 
     def duplicates_page(self, job: _Job, offset=0, limit=50) -> dict:
         """``retrieve duplicates --json``'s fields for a finished computation, with one page of its groups (from
         ``offset``, at most ``limit``), each member with its thumbnail and, but the keeper, its pair audit against
         the keeper. The computation's error (a faces index, …) is raised here."""
-
         offset = _int(offset, "offset", 0, 10**9, 0)
         limit = _int(limit, "limit", 1, MAX_GROUPS_PAGE, 50)
-        doc = job.future.result().to_dict()
+        doc = dict(job.future.result())  # kept for the next requests: the page's groups are copies
         groups = doc.get("groups", [])
-        page = groups[offset:offset + limit]
+        page = [{**g, "members": [dict(m) for m in g["members"]]} for g in groups[offset:offset + limit]]
         ids = [_member_id(m) for g in page for m in g["members"]]
         rows = self.service.current().store.rows_by_ids(ids) if ids else {}
         for g in page:
@@ -115,7 +117,6 @@ class Curation:
                 m["id"] = rid
                 m["name"] = readable(Path(m["path"]).name)
                 m["thumb"] = _thumb_url(rid, row.sha256 if row else "")
-                m["indexed"] = row is not None  # moved out of the index since (retrieve duplicates --move-to)
                 if not m.get("keeper"):
                     m["pair"] = _pair_url(rid, keeper, verify=m.get("inliers") is not None, back="duplicates")
         doc.update({"groups": page, "total_groups": len(groups), "offset": offset, "limit": limit,
