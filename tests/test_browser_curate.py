@@ -3,7 +3,7 @@ as its own process: the groups as rows of thumbnails with the keeper marked and 
 the people as a grid of faces, a name typed under a face kept in the index, a person's photos with their face boxed
 and the audit of a face against the person's representative face; on an index they do not apply to, one line.
 Nothing inline, nothing from elsewhere. Screenshots: docs/duplicates.png and docs/people.png (README shows them;
-refreshed with RETRIEVE_SCREENSHOTS=docs).
+refreshed with RETRIEVE_SCREENSHOTS=docs; people.png is a person's view: her photos, her face boxed in each).
 """
 from __future__ import annotations
 
@@ -78,7 +78,7 @@ def test_duplicates_page_shows_the_groups_and_opens_an_audit(photos_server, brow
     w.ready()
     groups = page.locator("section.group")
     assert groups.count() >= 1
-    assert "among 12 photos" in page.inner_text("#summary")
+    assert "among 15 photos" in page.inner_text("#summary")
     exact = page.locator("section.group[data-tier='exact']")
     assert exact.count() == 1 and "exact copies" in exact.inner_text()
     assert sorted(exact.locator(".card .name").all_inner_texts()) == ["rocket copy.jpg", "rocket.jpg"]
@@ -138,8 +138,6 @@ def test_people_page_names_a_person_and_audits_a_face(faces_server, browser):
     page.reload()
     w.ready()
     assert page.locator("#people .card").first.locator("input.name-input").input_value() == "Eileen Collins"
-    DOCS.mkdir(exist_ok=True)
-    page.screenshot(path=str(DOCS / "people.png"), full_page=False)
     # her photos: each with her face boxed
     page.locator("#people .card a.face-link").first.click()
     w.ready()
@@ -147,6 +145,9 @@ def test_people_page_names_a_person_and_audits_a_face(faces_server, browser):
     assert page.locator("#photos .card").count() >= 4
     assert page.locator("#photos svg.boxes rect").count() == page.locator("#photos .card").count()
     assert page.locator("#photos .card.keeper").count() == 1  # the representative face
+    page.wait_for_function("() => [...document.querySelectorAll('#one img')].every(i => i.complete && i.naturalWidth > 0)")
+    DOCS.mkdir(exist_ok=True)
+    page.screenshot(path=str(DOCS / "people.png"), clip={"x": 0, "y": 0, "width": 1280, "height": 600})
     # the pair audit from a face: that face against her representative face
     page.locator("#photos a.card").first.click()
     page.wait_for_url("**/pair?**")

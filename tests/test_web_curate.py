@@ -25,12 +25,24 @@ HAVE_FACES = importlib.util.find_spec("dlib") is not None and importlib.util.fin
 needs_faces = pytest.mark.skipif(not HAVE_FACES, reason="faces extra not installed: pip install -e '.[faces]'")
 
 
+EDITED = {"chelsea small.jpg": "chelsea.png", "coffee mirrored.jpg": "coffee.png",
+          "astronaut turned.jpg": "astronaut.png"}  # an edited copy → its original
+
+
 def photo_set(photos: Path) -> None:
-    """data/samples (among them a cropped, flipped cat and a cropped, darkened coffee) and a byte-for-byte copy of
-    the rocket: the exact copy and the edited copies are the groups to find."""
+    """data/samples (among them a cropped, flipped cat and a cropped, darkened coffee), a byte-for-byte copy of the
+    rocket and three edited copies (:data:`EDITED`: resized and recompressed, mirrored, turned by 90° and
+    brightened): the exact copy and the edited copies are the groups to find."""
+    from PIL import Image, ImageEnhance, ImageOps
+
     shutil.copytree(SAMPLES, photos)
     (photos / "CREDITS.md").unlink()
     shutil.copy(SAMPLES / "rocket.jpg", photos / "rocket copy.jpg")
+    cat = Image.open(SAMPLES / "chelsea.png").convert("RGB")
+    cat.resize((cat.width * 6 // 10, cat.height * 6 // 10)).save(photos / "chelsea small.jpg", quality=70)
+    ImageOps.mirror(Image.open(SAMPLES / "coffee.png").convert("RGB")).save(photos / "coffee mirrored.jpg", quality=85)
+    turned = Image.open(SAMPLES / "astronaut.png").convert("RGB").rotate(90, expand=True)
+    ImageEnhance.Brightness(turned).enhance(1.2).save(photos / "astronaut turned.jpg", quality=85)
 
 
 def face_set(photos: Path) -> None:
@@ -101,12 +113,17 @@ def test_duplicates_are_find_duplicates_with_thumbnails_and_audits(photos_served
     assert status == 200, web
     with IndexStore.open(idx) as store:
         want = find_duplicates(store).to_dict()
-    assert web["photos"] == want["photos"] == 12 and web["total_groups"] == len(want["groups"])
+    assert web["photos"] == want["photos"] == 15 and web["total_groups"] == len(want["groups"])
     _same_groups(web, want)
-    # the made answers: the byte-for-byte copy is an exact group of two
+    # the made answers: the byte-for-byte copy is an exact group of two, each edited copy is in its original's
+    # near-duplicate group, with its original the keeper (larger, or as large and older)
     exact = [g for g in web["groups"] if g["tier"] == "exact"]
     assert len(exact) == 1 and sorted(Path(m["path"]).name for m in exact[0]["members"]) == ["rocket copy.jpg",
                                                                                           "rocket.jpg"]
+    near = {Path(m["path"]).name: g for g in web["groups"] if g["tier"] == "near" for m in g["members"]}
+    for copy, original in EDITED.items():
+        assert copy in near and near[copy] is near.get(original), copy
+        assert Path(near[copy]["members"][0]["path"]).name == original
     for g in web["groups"]:
         keeper = g["members"][0]
         assert keeper["keeper"] and "pair" not in keeper and sum(m["keeper"] for m in g["members"]) == 1

@@ -25,14 +25,14 @@ function bytes(n) {
 
 function when(m) {
   const d = new Date(m.date * 1000);
-  return d.toISOString().slice(0, 16).replace("T", " ") + (m.date_source === "exif" ? " (taken)" : " (file)");
+  return d.toISOString().slice(0, 16).replace("T", " ") + (m.date_source === "exif" ? " (taken)" : " (file date)");
 }
 
 function evidence(m) {
   if (m.keeper) return "suggested keeper";
   const parts = [];
   if (m.score !== null && m.score !== undefined) parts.push(`score ${m.score.toFixed(4)}`);
-  if (m.percentile !== null && m.percentile !== undefined) parts.push(`${m.percentile.toFixed(2)} percentile`);
+  if (m.percentile !== null && m.percentile !== undefined) parts.push(`percentile ${m.percentile.toFixed(2)}`);
   if (m.inliers !== null && m.inliers !== undefined) parts.push(`${m.inliers} inliers`);
   return parts.join(" · ") || "the same bytes";
 }
