@@ -16,10 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw, ImageEnhance, ImageOps
-
 from clitools import run
 from conftest import skimage_photo
+from PIL import Image, ImageDraw, ImageEnhance, ImageOps
 
 OLD, NEW = 1_500_000_000, 1_700_000_000  # mtimes: originals, copies
 
@@ -108,7 +107,7 @@ def made(tmp_path_factory):
     _save(Image.fromarray(right), d / "scene" / "right.jpg", OLD)
     import cv2
 
-    h, w = left.shape[:2]
+    w = left.shape[1]
     region = left[:, int(w * 0.3):]
     rh, rw = region.shape[:2]
     src = np.float32([[0, 0], [rw, 0], [rw, rh], [0, rh]])

@@ -49,9 +49,9 @@ class Photo:
     points: np.ndarray  # N×2 float32, at the grey copy's scale
     descriptors: np.ndarray  # N×32 uint8 (ORB, binary)
     size: tuple[int, int]  # the photo's own (width, height), upright
-    _mirror: "Photo | None" = field(default=None, repr=False)
+    _mirror: Photo | None = field(default=None, repr=False)
 
-    def mirrored(self) -> "Photo":
+    def mirrored(self) -> Photo:
         if self._mirror is None:
             self._mirror = photo_from_grey(np.ascontiguousarray(self.grey[:, ::-1]), self.size)
         return self._mirror
@@ -109,8 +109,8 @@ def _matches(a: Photo, b: Photo) -> tuple[np.ndarray, np.ndarray]:
     if len(a.descriptors) < 2 or len(b.descriptors) < 2:
         return np.zeros((0, 2), np.float32), np.zeros((0, 2), np.float32)
     knn = cv2.BFMatcher(cv2.NORM_HAMMING).knnMatch(a.descriptors, b.descriptors, 2)
-    good = sorted(((m[0].distance / max(m[1].distance, 1e-6), m[0].queryIdx, m[0].trainIdx)
-                   for m in knn if len(m) == 2 and m[0].distance < RATIO * m[1].distance))
+    good = sorted((m[0].distance / max(m[1].distance, 1e-6), m[0].queryIdx, m[0].trainIdx)
+                   for m in knn if len(m) == 2 and m[0].distance < RATIO * m[1].distance)
     if not good:
         return np.zeros((0, 2), np.float32), np.zeros((0, 2), np.float32)
     _, qi, ti = zip(*good)
