@@ -25,6 +25,7 @@ import numpy as np
 from retrieval.curate.pairtest import FeatureCache, PairResult, pair_test
 from retrieval.errors import RetrieveError
 from retrieval.index.calibration import for_search, pair_scores, percentile
+from retrieval.names import json_name
 from retrieval.presets import preset_of
 
 TIERS = ("exact", "near", "similar")
@@ -77,9 +78,11 @@ class Duplicates:
     thresholds: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
+        """The ``--json`` shape; a path that is not UTF-8 also gets ``path_bytes`` (retrieval/names.py)."""
         return {"photos": self.photos, "pairs_checked": self.pairs_checked, "seconds": round(self.seconds, 3),
                 "thresholds": self.thresholds,
-                "groups": [{"id": g.id, "tier": g.tier, "members": [asdict(m) for m in g.members]}
+                "groups": [{"id": g.id, "tier": g.tier, "members": [{**asdict(m), **json_name("path", m.path)}
+                                                                    for m in g.members]}
                            for g in self.groups]}
 
 
