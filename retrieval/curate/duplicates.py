@@ -7,6 +7,10 @@
   pair is then decided by the pair test of :mod:`retrieval.curate.pairtest` (geometry, rotation, overlap, pixels).
 - **similar** (``similar=True``): pairs the geometry confirms (the same scene or object) that are not near-duplicates.
 
+Each tier works on the keepers of the tier before it (a content with exact copies is its exact keeper in the near
+tier; a near group is its keeper in the similar tier): a photo is a non-keeper in one group at most, and a group's
+keeper is either kept or a non-keeper in the next tier, whose group's keeper then stands for it.
+
 A group is the union of confirmed pairs, guarded against chaining: every member must pass the pair test against the
 group's medoid (the member with the most confirmed pairs inside it); members that do not are split off and grouped
 again among themselves. The keeper is the largest photo (width × height), then the oldest (EXIF DateTimeOriginal,
@@ -324,9 +328,13 @@ def find_duplicates(store, *, similar: bool = False, k: int = K, progress=None, 
         make("exact", ids)
     for ids in guarded_groups(near_edges, lambda a, b: tester.test(a, b).near, guard):
         make("near", ids)
-    if similar:
-        in_near = {i for g in groups if g.tier == "near" for i in (m.row_id for m in g.members)}
-        sim = {(a, b): v for (a, b), v in similar_edges.items() if not (a in in_near and b in in_near)}
+    if similar:  # over the near groups' keepers (module docstring)
+        keeper_of = {m.row_id: g.keeper.row_id for g in groups if g.tier == "near" for m in g.members}
+        sim: dict[tuple[int, int], float] = {}
+        for (a, b), v in similar_edges.items():
+            a, b = keeper_of.get(a, a), keeper_of.get(b, b)
+            if a != b:
+                sim[(min(a, b), max(a, b))] = max(v, sim.get((min(a, b), max(a, b)), v))
         for ids in guarded_groups(sim, lambda a, b: tester.test(a, b).similar, guard):
             make("similar", ids)
     groups.sort(key=lambda g: (-len(g.members), TIERS.index(g.tier), g.keeper.path))
