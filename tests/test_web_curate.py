@@ -151,15 +151,19 @@ def test_duplicates_are_found_once_per_index_state_and_paged(photos_served, tmp_
     status, page = groups(server, "limit=1&offset=1")
     assert status == 200 and page["groups"] == first["groups"][1:2] and page["total_groups"] == first["total_groups"]
     assert page["more"] == (first["total_groups"] > 2)
-    for query, word in (("limit=0", "limit"), ("limit=201", "limit"), ("offset=-1", "offset"), ("offset=x", "offset")):
+    for query, word in (("limit=0", "limit"), ("limit=201", "limit"), ("offset=-1", "offset"), ("offset=x", "offset"),
+                        ("wait=3", "wait"), ("wait=x", "wait")):
         status, d = server.json(f"api/duplicates?{query}")
         assert status == 400 and word in d["error"] and "\n" not in d["error"], (query, d)
     # the similar-shots tier: its own computation, at least the near and exact groups
     status, sim = groups(server, "similar=1")
     assert status == 200 and sim["similar"] and sim["total_groups"] >= first["total_groups"]
-    # a new indexing run: the next request finds the groups of the new state
+    # a new indexing run: the next request finds the groups of the new state, in the background (asked not to
+    # wait, it answers at once with the progress)
     shutil.copy(photos / "coffee.png", photos / "coffee again.png")
     run("index", photos, "--index", idx)
+    status, d = server.json("api/duplicates?wait=0")
+    assert status == 202 and d["status"] in ("computing", "waiting") and not d["similar"], d
     status, new = groups(server)
     assert status == 200 and new["photos"] == first["photos"] + 1
     assert any(g["tier"] == "exact" and {Path(m["path"]).name for m in g["members"]} == {"coffee.png", "coffee again.png"}

@@ -10,8 +10,8 @@ never a trace):
 - ``GET|POST /api/search`` (``q`` = an indexed photo's id or ``upload:<token>``, or a photo in the POST body;
   ``k``, ``offset``, ``qe``, ``verify``) → ``retrieve search --json``'s fields, each hit with its verdict
 - ``GET /api/explain?q=…&r=<id>&method=sfam|sfam-plain|gradcam|occlusion&verify=0|1`` → ``retrieve explain --json``'s fields
-- ``GET /duplicates`` page · ``GET /api/duplicates?similar=0|1&offset=&limit=`` → ``retrieve duplicates --json``'s
-  fields with one page of groups (202 with the progress while they are being found)
+- ``GET /duplicates`` page · ``GET /api/duplicates?similar=0|1&offset=&limit=&wait=`` → ``retrieve duplicates
+  --json``'s fields with one page of groups (202 with the progress while they are being found, after ``wait`` s)
 - ``GET /people`` page · ``GET /api/people`` (``retrieve people --json``) · ``GET /api/people/<id>`` (their photos)
   · ``POST /api/people/<id>/name`` (JSON ``{"name": …}``; 409 while another retrieve writes the index)
 - ``GET /thumb/<id>?size=&face=0|1`` · ``GET /photo/<id>`` · ``GET /upload/<token>/view.jpg`` · ``GET /explain/<key>/<file>``
@@ -59,6 +59,19 @@ class _JSONResponse(JSONResponse):
 
     def render(self, content) -> bytes:
         return json.dumps(content, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
+def _seconds(value, name: str, most: float) -> float:
+    """A wait in seconds from a query parameter: 0 to ``most`` (``most`` when not given)."""
+    if value is None or value == "":
+        return most
+    try:
+        v = float(value)
+    except ValueError:
+        raise BadRequest(f"{name}: not a number of seconds ({value[:40]!r})") from None
+    if not 0 <= v <= most:
+        raise BadRequest(f"{name}: {v:g} is outside 0..{most:g} seconds")
+    return v
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -196,10 +209,11 @@ def create_app(collection: Service, guard: Guard | None = None) -> Starlette:
         being found (the page asks again)."""
         p = request.query_params
         similar = p.get("similar", "0").lower() in ("1", "true", "yes", "on")
+        wait = _seconds(p.get("wait"), "wait", DUPLICATES_WAIT_S)
         job = await run_in_threadpool(curation.duplicates_job, similar)
         if not job.future.done():
             try:  # shielded: a client that leaves does not cancel the computation
-                await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(job.future)), DUPLICATES_WAIT_S)
+                await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(job.future)), wait)
             except asyncio.TimeoutError:
                 return _JSONResponse(job.status(), status_code=202,
                                      headers={**SECURITY_HEADERS, "Cache-Control": "no-store"})

@@ -28,22 +28,23 @@ function when(m) {
   return d.toISOString().slice(0, 16).replace("T", " ") + (m.date_source === "exif" ? " (taken)" : " (file date)");
 }
 
-function evidence(m) {
+function evidence(m, tier) {
   if (m.keeper) return "suggested keeper";
+  if (tier === "exact") return "the same bytes";
   const parts = [];
   if (m.score !== null && m.score !== undefined) parts.push(`score ${m.score.toFixed(4)}`);
   if (m.percentile !== null && m.percentile !== undefined) parts.push(`percentile ${m.percentile.toFixed(2)}`);
   if (m.inliers !== null && m.inliers !== undefined) parts.push(`${m.inliers} inliers`);
-  return parts.join(" · ") || "the same bytes";
+  return parts.join(" · ");
 }
 
-function card(m) {
+function card(m, tier) {
   const a = el(m.pair ? "a" : "div", "card member" + (m.keeper ? " keeper" : ""));
   if (m.pair) { a.href = m.pair; a.title = "why it matches the keeper\n" + m.path; } else a.title = m.path;
   const img = el("img"); img.src = m.thumb; img.alt = m.name; img.loading = "lazy";
   a.append(img);
   if (m.keeper) a.append(el("div", "badge", "keeper"));
-  a.append(el("div", "evidence", evidence(m)));
+  a.append(el("div", "evidence", evidence(m, tier)));
   a.append(el("div", "muted", `${m.width}×${m.height} · ${bytes(m.size)}`));
   a.append(el("div", "muted", when(m)));
   a.append(el("div", "name", m.name));
@@ -64,7 +65,7 @@ function show(d) {
     const h = el("h3", "", `Group ${g.id} · ${TIERS[g.tier] || g.tier} · ${g.members.length} photos`);
     s.append(h);
     const row = el("div", "members");
-    for (const m of g.members) row.append(card(m));
+    for (const m of g.members) row.append(card(m, g.tier));
     s.append(row);
     groups.append(s);
   }
