@@ -263,7 +263,7 @@ def test_naming_a_person_is_guarded_and_kept_in_the_index(faces_served):
     from retrieval.index.lock import WriterLock
     from retrieval.index.store import IndexStore
 
-    server, _, idx = faces_served
+    server, photos, idx = faces_served
     status, listed = server.json("api/people")
     pid = max(listed["people"], key=lambda p: p["faces"])["id"]
     url = f"api/people/{pid}/name"
@@ -309,3 +309,19 @@ def test_naming_a_person_is_guarded_and_kept_in_the_index(faces_served):
         assert status == 400 and "merge" in e["error"] and "\n" not in e["error"], e
     status, e = server.json("api/people/999999/name", b'{"name": "Nobody"}', as_json)
     assert status == 404, e
+    # a new photo of her: its two faces (hers, and the detection on her suit's badge) wait for a person; while another retrieve writes the index the page says so
+    # and shows the people as they were, then her face joins her, name and all
+    shutil.copy(photos / "astronaut.png", photos / "astronaut again.png")
+    run("index", photos, "--index", idx, "--preset", "faces")
+    lock = WriterLock(idx)
+    lock.acquire("test")
+    try:
+        status, d = server.json("api/people")
+        assert status == 200 and d["updated"]["waiting"] == 2 and "being written" in d["updated"]["locked"], d
+        assert next(p for p in d["people"] if p["id"] == pid)["photos"] == 2
+    finally:
+        lock.release()
+    status, d = server.json("api/people")
+    assert status == 200 and d["updated"]["faces"] == 2 and d["updated"]["joined"] == 2, d
+    assert next(p for p in d["people"] if p["id"] == pid) | {"face": None} == \
+        {"id": pid, "name": "Eileen Collins", "photos": 3, "faces": 5, "face": None, "url": f"/people?id={pid}"}

@@ -155,6 +155,9 @@ class Curation:
         from retrieval.curate import people as P
 
 
+        with self._people_lock:  # as `retrieve people show`: the waiting faces given a person first
+            P.refresh(self.service.index_dir)
+        st = self.service.current()
         p = self._known(st, ref)
         faces = P.faces_of(st.store, p.id)
         rep = p.face[0] if p.face else None

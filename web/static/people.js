@@ -86,9 +86,15 @@ async function all() {
     c.append(a, nameInput(p, st), el("div", "counts", counts(p)), st);
     grid.append(c);
   }
-  const note = d.updated && d.updated.note ? ` (${d.updated.note})` : "";
-  say("status", d.people.length ? `${d.people.length} people${note}` : `No faces in this index yet${note}.`);
+  say("status", (d.people.length ? `${d.people.length} ${d.people.length === 1 ? "person" : "people"}` : "No faces in this index yet") + updated(d.updated));
   document.body.dataset.ready = "1";
+}
+
+// what giving the waiting faces a person did, as `retrieve people` says it on stderr
+function updated(u) {
+  if (!u) return "";
+  if (u.locked) return `; ${u.waiting} faces wait for a person, but ${u.locked.charAt(0).toLowerCase()}${u.locked.slice(1)}; the people are shown as they were`;
+  return `; people updated: ${u.faces} new faces (${u.kept} kept their person from before a re-index, ${u.joined} joined a known person, ${u.new_people} new people)`;
 }
 
 function boxLayer(stack, size, box) {
