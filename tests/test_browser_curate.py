@@ -127,6 +127,7 @@ def test_people_page_names_a_person_and_audits_a_face(faces_server, browser):
     w.ready()
     cards = page.locator("#people .card")
     assert cards.count() >= 1
+    assert "people updated: 5 new faces" in page.inner_text("#status")  # a fresh index: its faces given people first
     her = cards.first  # most photos first: the astronaut
     assert "2 photos" in her.inner_text()
     page.wait_for_function("() => [...document.querySelectorAll('#people img')].every(i => i.complete && i.naturalWidth > 0)")
