@@ -349,7 +349,7 @@ def find_duplicates(store, *, similar: bool = False, k: int = K, progress=None, 
                                             "gate_random_percentile": ROT_PERCENTILE,
                                             "gate_score": rot_gate if np.isfinite(rot_gate) else None},
                                  "every_knn_pair_below": ALL_BELOW},
-                  "near": {"min_inliers": pt.MIN_INLIERS, "angle_deg": pt.ANGLE_DEG, "min_cover": pt.MIN_COVER,
+                  "near": {"min_inliers": pt.NEAR_INLIERS, "angle_deg": pt.ANGLE_DEG, "min_cover": pt.MIN_COVER,
                            "min_cover_both": pt.MIN_COVER_BOTH, "min_agree": pt.MIN_AGREE, "side": pt.SIDE},
                   "similar": {"min_inliers": pt.MIN_INLIERS} if similar else None}
     return Duplicates(groups, photos, len(tester.results), time.perf_counter() - t0, thresholds)

@@ -34,6 +34,9 @@ N_FEATURES = 400  # ORB keypoints per photo
 RATIO = 0.8  # Lowe's ratio test
 REPROJ_PX = 3.0  # RANSAC threshold at SIDE
 MIN_INLIERS = 12  # geometry confirmed (similar tier) from here on
+NEAR_INLIERS = 30  # a near-duplicate needs this many: the same pixels give many (58 and up for every edited copy of
+# the Caltech made set), while a mirror-symmetric drawing matched against a turned or mirrored part of itself (a stop
+# sign's corners, a butterfly's wings) aligns with 14-24
 ANGLE_DEG = 4.0  # rotation within this of a multiple of 90°
 MIN_COVER = 0.8  # the aligned overlap covers at least this share of one photo (the cropped one) ...
 MIN_COVER_BOTH = 0.55  # ... and this share of the other (a crop of 20 % per side keeps 0.64 of the area)
@@ -193,6 +196,9 @@ def _one_way(a: Photo, b: Photo, mirrored: bool) -> PairResult | None:
     angle = math.degrees(math.atan2(m[1, 0], m[0, 0]))
     r = PairResult(False, True, n, angle, mirrored)
     off = abs((angle + 45) % 90 - 45)
+    if n < NEAR_INLIERS:
+        r.why = f"{n} inliers"
+        return r
     if off > ANGLE_DEG:
         r.why = f"rotated by {angle:.0f}°"
         return r
