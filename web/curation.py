@@ -118,7 +118,7 @@ class Curation:
                 m["name"] = readable(Path(m["path"]).name)
                 m["thumb"] = _thumb_url(rid, row.sha256 if row else "")
                 if not m.get("keeper"):
-                    m["pair"] = _pair_url(rid, keeper, verify=m.get("inliers") is not None, back="duplicates")
+                    m["pair"] = _pair_url(rid, keeper, back="duplicates")
         doc.update({"groups": page, "total_groups": len(groups), "offset": offset, "limit": limit,
                     "similar": job.similar, "status": "done",
                     "more": offset + limit < len(groups)})
@@ -234,10 +234,13 @@ def _member_id(m: dict) -> int:
     return int(m["row_id"] if "row_id" in m else m["id"])
 
 
-def _pair_url(q: int, r: int, verify: bool = False, back: str = "") -> str:
+def _pair_url(q: int, r: int, back: str = "") -> str:
+    """The pair page of ``q`` against ``r``, its back link to ``back``. Without the page's SIFT verification: the
+    groups' inliers are their own pair test's (retrieval/curate/pairtest.py), which SIFT's count would contradict
+    on a mirrored copy; the page's box turns it on."""
     from urllib.parse import urlencode
 
-    return "/pair?" + urlencode({"q": q, "r": r, "verify": "1" if verify else "0", "from": back})
+    return "/pair?" + urlencode({"q": q, "r": r, "verify": "0", "from": back})
 
 
 def _failed_unexpectedly(f: Future) -> bool:
