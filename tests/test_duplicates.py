@@ -265,3 +265,15 @@ def test_a_faces_index_is_refused(tmp_path):
     run("index", d, "--index", tmp_path / "idx", "--preset", "faces")
     with IndexStore.open(tmp_path / "idx") as store, pytest.raises(RetrieveError, match="faces index"):
         find_duplicates(store)
+
+
+def test_progress_counts_the_pairs_tested(made):
+    from retrieval.curate.duplicates import find_duplicates
+    from retrieval.index.store import IndexStore
+
+    calls = []
+    with IndexStore.open(made[1]) as store:
+        dups = find_duplicates(store, progress=lambda done, total: calls.append((done, total)))
+    assert calls and calls[-1][0] == calls[-1][1] > 0
+    assert [c[0] for c in calls] == sorted(c[0] for c in calls)
+    assert dups.pairs_checked >= calls[-1][1]
