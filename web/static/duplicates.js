@@ -88,7 +88,7 @@ async function load() {
     try { d = await r.json(); } catch (e) { d = { error: `${r.status} ${r.statusText}` }; }
   } catch (e) { status(e.message, "error"); return; }
   if (r.status === 202) {  // still being found: say how far, ask again
-    const of = d.total ? ` (${d.done} of ${d.total} photos, ${d.seconds.toFixed(0)} s)` : "";
+    const of = d.total ? ` (${d.done} of ${d.total} candidate pairs tested, ${d.seconds.toFixed(0)} s)` : "";
     status(d.status === "waiting" ? "waiting for another computation of the groups…" : "finding the groups" + of + "…");
     state.timer = setTimeout(load, 1000);
     return;
