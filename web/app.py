@@ -1,4 +1,5 @@
-"""The Starlette app of ``retrieve serve``: two pages (search, pair), their static assets and a JSON API.
+"""The Starlette app of ``retrieve serve``: four pages (search, pair, duplicates, people), their static assets and a
+JSON API.
 
 Routes (every API answer is JSON; an error is ``{"error": "<one line>"}`` with a 4xx status, or 503 when busy,
 never a trace):
@@ -9,7 +10,11 @@ never a trace):
 - ``GET|POST /api/search`` (``q`` = an indexed photo's id or ``upload:<token>``, or a photo in the POST body;
   ``k``, ``offset``, ``qe``, ``verify``) → ``retrieve search --json``'s fields, each hit with its verdict
 - ``GET /api/explain?q=…&r=<id>&method=sfam|sfam-plain|gradcam|occlusion&verify=0|1`` → ``retrieve explain --json``'s fields
-- ``GET /thumb/<id>`` · ``GET /photo/<id>`` · ``GET /upload/<token>/view.jpg`` · ``GET /explain/<key>/<file>``
+- ``GET /duplicates`` page · ``GET /api/duplicates?similar=0|1&offset=&limit=&wait=`` → ``retrieve duplicates
+  --json``'s fields with one page of groups (202 with the progress while they are being found, after ``wait`` s)
+- ``GET /people`` page · ``GET /api/people`` (``retrieve people --json``) · ``GET /api/people/<id>`` (their photos)
+  · ``POST /api/people/<id>/name`` (JSON ``{"name": …}``; 409 while another retrieve writes the index)
+- ``GET /thumb/<id>?size=&face=0|1`` · ``GET /photo/<id>`` · ``GET /upload/<token>/view.jpg`` · ``GET /explain/<key>/<file>``
 
 Bounded under load (web/service.py has the limits): no handler waits on the event loop; uploads are counted as they
 arrive; work that waits its turn (decoding, explanations) holds a few worker threads at most.
@@ -34,6 +39,7 @@ from starlette.staticfiles import StaticFiles
 from retrieval.errors import ImageError, RetrieveError
 from retrieval.names import shown
 
+from .curation import DUPLICATES_WAIT_S, MAX_NAME_BODY, Curation, Locked
 from .security import REPORT_CSP, SECURITY_HEADERS, Guard, GuardMiddleware
 from .service import FORM_OVERHEAD, RENDER_WAIT_S, BadRequest, Busy, NotAnImage, NotFound, Service, TooLarge
 
@@ -55,6 +61,19 @@ class _JSONResponse(JSONResponse):
         return json.dumps(content, allow_nan=False, separators=(",", ":")).encode("ascii")
 
 
+def _seconds(value, name: str, most: float) -> float:
+    """A wait in seconds from a query parameter: 0 to ``most`` (``most`` when not given)."""
+    if value is None or value == "":
+        return most
+    try:
+        v = float(value)
+    except ValueError:
+        raise BadRequest(f"{name}: not a number of seconds ({value[:40]!r})") from None
+    if not 0 <= v <= most:
+        raise BadRequest(f"{name}: {v:g} is outside 0..{most:g} seconds")
+    return v
+
+
 def _error(status: int, message: str) -> JSONResponse:
     return _JSONResponse({"error": message}, status_code=status, headers=SECURITY_HEADERS)
 
@@ -68,6 +87,7 @@ def create_app(collection: Service, guard: Guard | None = None) -> Starlette:
     ``guard`` (web/security.py: Host, origin and token checks). ``retrieve serve`` always passes one; None
     serves unguarded, for a benchmark calling the handlers in-process."""
     c = collection
+    curation = Curation(c)  # the Duplicates and People pages' work (stopped by the service's close)
     limiters: dict = {}
 
     async def _queued(name: str, fn, *args):
@@ -85,6 +105,12 @@ def create_app(collection: Service, guard: Guard | None = None) -> Starlette:
 
     async def search_page(request: Request):
         return await page("search.html")
+
+    async def duplicates_page(request: Request):
+        return await page("duplicates.html")
+
+    async def people_page(request: Request):
+        return await page("people.html")
 
     async def pair_page(request: Request):
         return await page("pair.html")
@@ -178,8 +204,42 @@ def create_app(collection: Service, guard: Guard | None = None) -> Starlette:
                                 filename="explain.json", headers=SECURITY_HEADERS)
         return _json(doc)
 
+    async def duplicates(request: Request):
+        """The groups (``retrieve duplicates --json``), one page of them; 202 with the progress while they are
+        being found (the page asks again)."""
+        p = request.query_params
+        similar = p.get("similar", "0").lower() in ("1", "true", "yes", "on")
+        wait = _seconds(p.get("wait"), "wait", DUPLICATES_WAIT_S)
+        job = await run_in_threadpool(curation.duplicates_job, similar)
+        if not job.future.done():
+            try:  # shielded: a client that leaves does not cancel the computation
+                await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(job.future)), wait)
+            except asyncio.TimeoutError:
+                return _JSONResponse(job.status(), status_code=202,
+                                     headers={**SECURITY_HEADERS, "Cache-Control": "no-store"})
+            except Exception:
+                pass  # its error: duplicates_page raises it
+        return _json(await run_in_threadpool(curation.duplicates_page, job, p.get("offset"), p.get("limit")))
+
+    async def people(request: Request):
+        return _json(await run_in_threadpool(curation.people))
+
+    async def person(request: Request):
+        return _json(await run_in_threadpool(curation.person, request.path_params["id"]))
+
+    async def person_name(request: Request):
+        if not request.headers.get("content-type", "").startswith("application/json"):
+            raise BadRequest('send JSON {"name": "…"} (Content-Type: application/json)')
+        body = b""
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_NAME_BODY:
+                raise TooLarge(f"too large: a name is at most {MAX_NAME_BODY:,} bytes of JSON")
+        return _json(await run_in_threadpool(curation.rename, request.path_params["id"], body))
+
     async def thumb(request: Request):
-        path = await _queued("decoding", c.thumbnail, request.path_params["id"], request.query_params.get("size"))
+        path = await _queued("decoding", c.thumbnail, request.path_params["id"], request.query_params.get("size"),
+                             request.query_params.get("face"))
         etag = f'"{path.stem}"'  # <content hash>_<size>: the same bytes for as long as the photo is the same
         headers = {**SECURITY_HEADERS, "Cache-Control": CACHE_FOREVER, "ETag": etag}
         if etag in request.headers.get("if-none-match", ""):
@@ -222,6 +282,8 @@ def create_app(collection: Service, guard: Guard | None = None) -> Starlette:
             return _error(413, str(e))
         if isinstance(e, Busy):
             return _error(503, str(e))
+        if isinstance(e, Locked):
+            return _error(409, str(e))
         if isinstance(e, NotAnImage):
             return _error(415, str(e))
         if isinstance(e, (BadRequest, ImageError)):
@@ -238,6 +300,9 @@ def create_app(collection: Service, guard: Guard | None = None) -> Starlette:
 
     routes = [
         Route("/", search_page), Route("/pair", pair_page),
+        Route("/duplicates", duplicates_page), Route("/people", people_page),
+        Route("/api/duplicates", duplicates), Route("/api/people", people), Route("/api/people/{id}", person),
+        Route("/api/people/{id}/name", person_name, methods=["POST"]),
         Route("/api/health", health), Route("/api/info", info), Route("/api/images", images),
         Route("/api/upload", upload, methods=["POST"]),
         Route("/api/search", search, methods=["GET", "POST"]),

@@ -58,6 +58,7 @@ METHODS = ("sfam", "sfam-plain", "gradcam", "occlusion")  # the pair page's meth
 KEEP_UPLOADS = 200  # the most recent uploads kept on disk
 KEEP_EXPLAINED = 200  # the most recent explanations kept on disk
 INLIER_POINTS = 150  # inlier points sent to the page (a readable subset)
+FACE_MARGIN = 0.25  # a face's thumbnail: its box and this share of its size around it
 _TOKEN = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -161,6 +162,7 @@ class Service:
         self._explain_pool = ThreadPoolExecutor(1, thread_name_prefix="retrieve-explain", initializer=_background)
         self._render_pool = ThreadPoolExecutor(1, thread_name_prefix="retrieve-render", initializer=_background)
         self._renders: dict[str, object] = {}  # key → the Future drawing its figure and report
+        self.on_close: list = []  # what else to stop first (web/curation.py registers its computations here)
         self.state = self._load()
 
     # -- the committed state ------------------------------------------------------------------
@@ -200,6 +202,8 @@ class Service:
             return self.state
 
     def close(self) -> None:
+        for stop in self.on_close:
+            stop()
         self._explain_pool.shutdown(wait=True)
         self._render_pool.shutdown(wait=True)
         for st in [*self._old, self.state]:
@@ -247,19 +251,31 @@ class Service:
             raise NotFound(f"photo {row.id}: {p.name} is no longer the file that was indexed")
         return p
 
-    def thumbnail(self, row_id, side=THUMB_SIDE) -> Path:
+    def thumbnail(self, row_id, side=THUMB_SIDE, face=None) -> Path:
         """A JPEG of at most ``side`` px (rounded up to one of :data:`THUMB_SIDES`, so that a photo has a few cached
-        sizes, not one per pixel asked for), cached on disk by the photo's content hash."""
+        sizes, not one per pixel asked for), cached on disk by the photo's content hash. ``face`` = 1 on a faces
+        index: the row's face alone (its box and a margin around it, :data:`FACE_MARGIN`), as the People page
+        shows a person."""
         side = _int(side, "size", THUMB_SIDES[0], THUMB_SIDES[-1], THUMB_SIDE)
         side = next(s for s in THUMB_SIDES if s >= side)
+        face = _int(face, "face", 0, 1, 0)
         row = self.row(row_id)
-        out = self.cache_dir / "thumbs" / f"{row.sha256}_{side}.jpg"
+        crop = None
+        if face:
+            box = self.current().store.face_rows([row.id])[row.id].box
+            if not box:
+                raise BadRequest(f"face: photo {row.id} is not a face's row (a faces index has them)")
+            crop = [int(round(float(v))) for v in str(box).split(",")]
+        tag = "" if crop is None else "_f" + "-".join(map(str, crop))
+        out = self.cache_dir / "thumbs" / f"{row.sha256}{tag}_{side}.jpg"
         if out.is_file():
             return out
         from retrieval.images import load_image
 
         with self._decodes:
             img = load_image(self.photo_path(row.id), min_side=None)
+            if crop is not None:
+                img = img.crop(_with_margin(crop, img.size))
             _save_small(img, out, side)
         return out
 
@@ -541,6 +557,13 @@ def _heat_png(m, size: tuple[int, int], path: Path) -> None:
     rgba = colormaps[COLORMAP](heat)
     rgba[..., 3] = 0.35 + 0.65 * heat
     Image.fromarray((rgba * 255 + 0.5).astype(np.uint8), "RGBA").save(path, "PNG", compress_level=1)
+
+
+def _with_margin(box: list[int], size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """``box`` (x0, y0, x1, y1) grown by :data:`FACE_MARGIN` of its size on each side, within the photo."""
+    x0, y0, x1, y1 = box
+    mx, my = FACE_MARGIN * (x1 - x0), FACE_MARGIN * (y1 - y0)
+    return (max(0, int(x0 - mx)), max(0, int(y0 - my)), min(size[0], int(x1 + mx)), min(size[1], int(y1 + my)))
 
 
 def _thumb_url(row_id: int, sha: str, side: int = THUMB_SIDE) -> str:

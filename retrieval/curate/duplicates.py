@@ -7,6 +7,10 @@
   pair is then decided by the pair test of :mod:`retrieval.curate.pairtest` (geometry, rotation, overlap, pixels).
 - **similar** (``similar=True``): pairs the geometry confirms (the same scene or object) that are not near-duplicates.
 
+Each tier works on the keepers of the tier before it (a content with exact copies is its exact keeper in the near
+tier; a near group is its keeper in the similar tier): a photo is a non-keeper in one group at most, and a group's
+keeper is either kept or a non-keeper in the next tier, whose group's keeper then stands for it.
+
 A group is the union of confirmed pairs, guarded against chaining: every member must pass the pair test against the
 group's medoid (the member with the most confirmed pairs inside it); members that do not are split off and grouped
 again among themselves. The keeper is the largest photo (width × height), then the oldest (EXIF DateTimeOriginal,
@@ -14,28 +18,29 @@ else the file's mtime), then the shortest path. Each other member carries its ev
 """
 from __future__ import annotations
 
-import os
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
-from typing import Callable
 
 import numpy as np
 
 from retrieval.curate.pairtest import FeatureCache, PairResult, pair_test
 from retrieval.errors import RetrieveError
 from retrieval.index.calibration import for_search, pair_scores, percentile
+from retrieval.names import json_name
 from retrieval.presets import preset_of
 
 TIERS = ("exact", "near", "similar")
 K = 10  # nearest neighbours per photo searched for candidates (see module docstring)
 GATE_PERCENTILE = 99.9  # candidate pairs score above this percentile of the collection's random pairs
-# A copy turned by 90° scores far lower (it can fall to the 96th percentile, rank 27): among the ROT_K nearest
-# neighbours, the ROT_TOP best whose aspect ratio is the photo's turned (within ROT_ASPECT) and that score above the
-# ROT_PERCENTILE are candidates too.
 ALL_BELOW = 300  # a collection smaller than this tests every k-NN pair: its random pairs include its duplicates
 # pairs in a share that moves a high percentile, and n·k tests are cheap anyway
+# On a made set (Caltech photos, one edited copy of 210 of them), every copy but the turned ones is within rank 4 and
+# above the 99.93rd percentile. A copy turned by 90° scores far lower (down to the 96th percentile, rank 27), so among
+# the ROT_K nearest neighbours, the ROT_TOP best whose aspect ratio is the photo's turned (within ROT_ASPECT) and that
+# score above the ROT_PERCENTILE are candidates too (a square photo's turned aspect is its own).
 ROT_K = 50
 ROT_TOP = 2
 ROT_ASPECT = 0.01
@@ -77,9 +82,11 @@ class Duplicates:
     thresholds: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
+        """The ``--json`` shape; a path that is not UTF-8 also gets ``path_bytes`` (retrieval/names.py)."""
         return {"photos": self.photos, "pairs_checked": self.pairs_checked, "seconds": round(self.seconds, 3),
                 "thresholds": self.thresholds,
-                "groups": [{"id": g.id, "tier": g.tier, "members": [asdict(m) for m in g.members]}
+                "groups": [{"id": g.id, "tier": g.tier, "members": [{**asdict(m), **json_name("path", m.path)}
+                                                                    for m in g.members]}
                            for g in self.groups]}
 
 
@@ -218,8 +225,8 @@ def guarded_groups(edges: dict[tuple[int, int], float], passes: Callable[[int, i
 def find_duplicates(store, *, similar: bool = False, k: int = K, progress=None, guard: bool = True) -> Duplicates:
     """The duplicate groups of an open index (read-only is enough); see the module docstring.
 
-    ``progress(done, total)``: called while photos' features are computed. ``guard``: the medoid guard (always on
-    outside tests)."""
+    ``progress(done, total)``: called as the candidate pairs are tested (``total`` pairs). ``guard``: the medoid
+    guard (always on outside tests). An exact copy's evidence is its score (no local features are compared)."""
     from retrieval.models.graphs import inference_threads
 
     t0 = time.perf_counter()
@@ -304,40 +311,45 @@ def find_duplicates(store, *, similar: bool = False, k: int = K, progress=None, 
 
     groups: list[Group] = []
 
-    def make(tier: str, ids: list[int], evidence: bool) -> None:
+    def make(tier: str, ids: list[int]) -> None:
         ms = sorted((member(i) for i in ids), key=keeper_order)
         out = []
         for n, m in enumerate(ms):
             m = Member(**{**asdict(m), "keeper": n == 0})
-            if n and evidence:
+            if n:
                 s = float(pair_scores(vector(m.row_id)[None], vector(ms[0].row_id)[None], metric)[0])
                 m.score = s
                 m.percentile = float(percentile(cal.random, s)) if cal else None
-                m.inliers = tester.test(m.row_id, ms[0].row_id).inliers
+                m.inliers = tester.test(m.row_id, ms[0].row_id).inliers if tier != "exact" else None
             out.append(m)
         groups.append(Group(0, tier, out))
 
     for ids in exact:
-        make("exact", ids, False)
+        make("exact", ids)
     for ids in guarded_groups(near_edges, lambda a, b: tester.test(a, b).near, guard):
-        make("near", ids, True)
-    if similar:
-        in_near = {i for g in groups if g.tier == "near" for i in (m.row_id for m in g.members)}
-        sim = {(a, b): v for (a, b), v in similar_edges.items() if not (a in in_near and b in in_near)}
+        make("near", ids)
+    if similar:  # over the near groups' keepers (module docstring)
+        keeper_of = {m.row_id: g.keeper.row_id for g in groups if g.tier == "near" for m in g.members}
+        sim: dict[tuple[int, int], float] = {}
+        for (a, b), v in similar_edges.items():
+            a, b = keeper_of.get(a, a), keeper_of.get(b, b)
+            if a != b:
+                sim[(min(a, b), max(a, b))] = max(v, sim.get((min(a, b), max(a, b)), v))
         for ids in guarded_groups(sim, lambda a, b: tester.test(a, b).similar, guard):
-            make("similar", ids, True)
+            make("similar", ids)
     groups.sort(key=lambda g: (-len(g.members), TIERS.index(g.tier), g.keeper.path))
     for n, g in enumerate(groups, 1):
         g.id = n
     from retrieval.curate import pairtest as pt
 
     thresholds = {"exact": "same sha256",
-                  "candidates": {"k": k, "gate_random_percentile": GATE_PERCENTILE, "gate_score": gate if np.isfinite(gate) else None,
+                  "candidates": {"k": k, "gate_random_percentile": GATE_PERCENTILE,
+                                 "gate_score": gate if np.isfinite(gate) else None,
                                  "turned": {"k": ROT_K, "top": ROT_TOP, "aspect": ROT_ASPECT,
                                             "gate_random_percentile": ROT_PERCENTILE,
                                             "gate_score": rot_gate if np.isfinite(rot_gate) else None},
                                  "every_knn_pair_below": ALL_BELOW},
-                  "near": {"min_inliers": pt.MIN_INLIERS, "angle_deg": pt.ANGLE_DEG, "min_cover": pt.MIN_COVER,
+                  "near": {"min_inliers": pt.NEAR_INLIERS, "angle_deg": pt.ANGLE_DEG, "min_cover": pt.MIN_COVER,
                            "min_cover_both": pt.MIN_COVER_BOTH, "min_agree": pt.MIN_AGREE, "side": pt.SIDE},
                   "similar": {"min_inliers": pt.MIN_INLIERS} if similar else None}
     return Duplicates(groups, photos, len(tester.results), time.perf_counter() - t0, thresholds)

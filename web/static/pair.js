@@ -39,6 +39,8 @@ function draw(d) {
       node(regions, "rect", { x: b[0], y: b[1], width: b[2] - b[0], height: b[3] - b[1], fill: "none", stroke: col, "stroke-width": sw });
       node(regions, "text", { x: b[0] + 2 * sw, y: b[1] + fs, fill: col, "font-size": fs, "font-weight": "bold", stroke: "#000", "stroke-width": fs / 14, "paint-order": "stroke" }, String(c.rank));
     }
+    const fb = d[name === "query" ? "box_a" : "box_b"];  // a faces index: the face compared, boxed
+    if (fb) node(svgLayer(stack, "faces", size), "rect", { x: fb[0], y: fb[1], width: fb[2] - fb[0], height: fb[3] - fb[1], fill: "none", stroke: "#ffffff", "stroke-width": sw, "stroke-dasharray": `${4 * sw} ${2 * sw}` });
     const inl = svgLayer(stack, "inliers", size);
     const pts = (d.inlier_points || {})[name] || [];
     pts.forEach((p, i) => node(inl, "circle", { cx: p[0], cy: p[1], r: long / 120, fill: "none", stroke: COLOURS[i % COLOURS.length], "stroke-width": sw }));
@@ -63,7 +65,9 @@ async function load() {
   const q = P.get("q"), r = P.get("r");
   $("method").value = P.get("method") || "sfam";
   $("verify").checked = P.get("verify") === "1";
-  $("back").href = "/?" + new URLSearchParams({ q: q || "" });
+  // back to the page the pair was opened from: the search (by default), the duplicates or a person's photos
+  const from = P.get("from") || "";
+  $("back").href = /^(duplicates|people(\?id=\d+)?)$/.test(from) ? "/" + from : "/?" + new URLSearchParams({ q: q || "" });
   $("status").textContent = "computing the heat maps…";
   $("status").className = "muted";
   let d;
@@ -89,8 +93,9 @@ async function load() {
   $("photo-r").src = d.shown.result.view;
   $("heat-q").src = d.layers.query_heat;
   $("heat-r").src = d.layers.result_heat;
-  $("cap-q").textContent = `query: ${d.shown.query.path || qn} (${d.sizes.query[1]}×${d.sizes.query[0]})`;
-  $("cap-r").textContent = `result: ${d.shown.result.path} (${d.sizes.result[1]}×${d.sizes.result[0]})`;
+  const face = (n) => (n === undefined ? "" : ` · face ${n}`);  // a faces index compares one face of each
+  $("cap-q").textContent = `query: ${d.shown.query.path || qn} (${d.sizes.query[1]}×${d.sizes.query[0]})${face(d.face_a)}`;
+  $("cap-r").textContent = `result: ${d.shown.result.path} (${d.sizes.result[1]}×${d.sizes.result[0]})${face(d.face_b)}`;
   const rt = $("regions");
   rt.querySelectorAll("tr:not(:first-child)").forEach((t) => t.remove());
   for (const c of d.correspondences) row(rt, [c.rank, (100 * c.share).toFixed(1) + " %", boxText(c.query_box), boxText(c.result_box)]);
