@@ -289,7 +289,7 @@ def _run_ray(store, bb, files, trees, report, batch_size, workers, progress, on_
             return d, None
         if verifier is not None:
             verifier.save(d.sha256, verifier.extract(img))
-        d.width, d.height = img.size
+        d.width, d.height = img.info.get("original_size", img.size)  # the photo's own size, not the reduced decode's
         return d, bb.embed_arrays([bb.preprocess.array(img)], batch_size=1)[0]
 
     if todo:

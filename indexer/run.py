@@ -375,7 +375,7 @@ def _run(store: IndexStore, bb: Backbone, files: list[FileEntry], trees: list[st
             return d
         if verifier is not None:  # its searches verify by default: local features now, not at query time
             verifier.save(d.sha256, verifier.extract(img))
-        d.width, d.height = img.size
+        d.width, d.height = img.info.get("original_size", img.size)  # the photo's own size, not the reduced decode's
         d.array = bb.preprocess.array(img)
         return d
 

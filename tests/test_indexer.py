@@ -166,3 +166,14 @@ def test_odd_images_are_indexed(tmp_path):
     rgba.save(d / "alpha.webp")
     r = run_json("index", d, "--index", tmp_path / "idx")
     assert r["skipped"] == 0 and r["indexed"] == 7
+
+
+def test_a_large_jpeg_is_recorded_at_its_own_size(tmp_path):
+    """A JPEG is decoded at a reduced scale for the network (draft mode); the row still records the photo's own
+    width and height (the keeper of a duplicates group is the largest photo; thumbnails and boxes use them)."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    skimage_photo("chelsea").resize((1804, 1200)).save(photos / "big.jpg", quality=90)
+    run("index", photos, "--index", tmp_path / "idx")
+    with IndexStore.open(tmp_path / "idx") as store:
+        assert [(r.width, r.height) for r in store.rows_by_ids(store.row_ids()).values()] == [(1804, 1200)]
