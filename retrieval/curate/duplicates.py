@@ -52,7 +52,7 @@ class Member:
     row_id: int
     path: str  # as stored (retrieval/names.py ``shown`` for printing)
     size: int  # bytes
-    width: int
+    width: int  # the photo's own, upright (from the file's header; the index's record when it cannot be read)
     height: int
     date: float  # unix seconds: EXIF DateTimeOriginal when present, else the file's mtime
     date_source: str  # "exif" | "mtime"
