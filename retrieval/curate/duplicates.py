@@ -52,7 +52,7 @@ class Member:
     row_id: int
     path: str  # as stored (retrieval/names.py ``shown`` for printing)
     size: int  # bytes
-    width: int
+    width: int  # the photo's own, upright (from the file's header; the index's record when it cannot be read)
     height: int
     date: float  # unix seconds: EXIF DateTimeOriginal when present, else the file's mtime
     date_source: str  # "exif" | "mtime"
@@ -90,24 +90,37 @@ class Duplicates:
                            for g in self.groups]}
 
 
-def _exif_date(path: str) -> float | None:
-    """EXIF DateTimeOriginal (else DateTime) as unix seconds, read lazily (no pixels decoded)."""
+def _file_facts(path: str) -> tuple[tuple[int, int] | None, float | None]:
+    """The photo's own upright (width, height) and its EXIF DateTimeOriginal (else DateTime) as unix seconds, from the
+    file's header (no pixels decoded); None for what cannot be read. The resolution is read here, not taken from the
+    index: the index records the size a photo was decoded at for embedding, which for a large JPEG is a reduced one
+    (a 4000 × 3000 photo and its 2000 × 1500 copy can both be recorded at 500 × 375)."""
     from PIL import Image
 
+    size = when = None
     try:
         with Image.open(path) as img:
             exif = img.getexif()
+            w, h = img.size
+            size = (h, w) if exif.get(0x0112, 1) in (5, 6, 7, 8) else (w, h)  # turned by its EXIF orientation
             value = exif.get_ifd(0x8769).get(0x9003) or exif.get(0x0132)
-        if not value:
-            return None
-        return datetime.strptime(str(value).strip("\x00 ")[:19], "%Y:%m:%d %H:%M:%S").timestamp()
+        if value:
+            when = datetime.strptime(str(value).strip("\x00 ")[:19], "%Y:%m:%d %H:%M:%S").timestamp()
     except (OSError, ValueError, SyntaxError, KeyError, TypeError):
-        return None
+        pass
+    return size, when
+
+
+def _exif_date(path: str) -> float | None:
+    return _file_facts(path)[1]
 
 
 def _member(row, width: int, height: int) -> Member:
-    """A member from its index row (``FileRow``) and resolution; its date read from the file's EXIF when present."""
-    when = _exif_date(row.path)
+    """A member from its index row (``FileRow``) and the resolution the index recorded, both corrected from the file's
+    header when it can be read (:func:`_file_facts`); its date the EXIF one when present, else the file's mtime."""
+    size, when = _file_facts(row.path)
+    if size is not None:
+        width, height = size
     source = "exif"
     if when is None:
         source = "mtime"

@@ -149,10 +149,13 @@ def agreement(ga: np.ndarray, gb: np.ndarray, mask: np.ndarray) -> float:
     ab = cells((ax * bx + ay * by) * m)
     aa = cells((ax * ax + ay * ay) * m)
     bb = cells((bx * bx + by * by) * m)
+    # cells flat in both photos say nothing (sky, walls); a cell textured in one only counts, as disagreement: a
+    # sticker over a quarter of a photo makes it another picture (with the smaller of the two energies, a photo
+    # used as the background of another one was taken for an edited copy of it)
     energy = np.maximum(aa, bb)
     floor = 0.05 * np.median(energy[inside]) if inside.any() else 0.0
-    use = inside & (energy > max(floor, 1.0 * CELL * CELL))  # flat cells (sky, walls) say nothing
-    if use.sum() < 4:
+    use = inside & (energy > max(floor, 1.0 * CELL * CELL))
+    if use.sum() < max(4, 0.1 * inside.sum()):  # too little texture in common to say the pixels agree
         return 0.0
     corr = ab[use] / np.sqrt(np.maximum(aa[use] * bb[use], 1e-6))
     return float(np.median(corr))
