@@ -1,0 +1,292 @@
+"""Groups of duplicate photos in an index: exact copies, near-duplicates (edited copies), similar shots (opt-in).
+
+- **exact**: rows with the same content hash (sha256): one group per content.
+- **near**: the same photo resized, recompressed, cropped, colour-adjusted, rotated by 90°, mirrored or with text
+  added. Candidates come from the vector index (each photo's ``k`` nearest neighbours), never from all pairs, and
+  are kept above a gate on the collection's own random-pair score distribution (its calibration); each candidate
+  pair is then decided by the pair test of :mod:`retrieval.curate.pairtest` (geometry, rotation, overlap, pixels).
+- **similar** (``similar=True``): pairs the geometry confirms (the same scene or object) that are not near-duplicates.
+
+A group is the union of confirmed pairs, guarded against chaining: every member must pass the pair test against the
+group's medoid (the member with the most confirmed pairs inside it); members that do not are split off and grouped
+again among themselves. The keeper is the largest photo (width × height), then the oldest (EXIF DateTimeOriginal,
+else the file's mtime), then the shortest path. Each other member carries its evidence against the keeper.
+"""
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from typing import Callable
+
+import numpy as np
+
+from retrieval.curate.pairtest import FeatureCache, PairResult, pair_test
+from retrieval.errors import RetrieveError
+from retrieval.index.calibration import for_search, pair_scores, percentile
+from retrieval.presets import preset_of
+
+TIERS = ("exact", "near", "similar")
+K = 10  # nearest neighbours per photo searched for candidates (see module docstring)
+GATE_PERCENTILE = 99.0  # candidate pairs score above this percentile of the collection's random pairs
+
+
+@dataclass
+class Member:
+    row_id: int
+    path: str  # as stored (retrieval/names.py ``shown`` for printing)
+    size: int  # bytes
+    width: int
+    height: int
+    date: float  # unix seconds: EXIF DateTimeOriginal when present, else the file's mtime
+    date_source: str  # "exif" | "mtime"
+    keeper: bool = False
+    score: float | None = None  # evidence of this member against the group's keeper (None on the keeper)
+    percentile: float | None = None  # random-pair percentile of score
+    inliers: int | None = None
+
+
+@dataclass
+class Group:
+    id: int
+    tier: str
+    members: list[Member]  # keeper first
+
+    @property
+    def keeper(self) -> Member:
+        return self.members[0]
+
+
+@dataclass
+class Duplicates:
+    groups: list[Group]
+    photos: int
+    pairs_checked: int
+    seconds: float
+    thresholds: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"photos": self.photos, "pairs_checked": self.pairs_checked, "seconds": round(self.seconds, 3),
+                "thresholds": self.thresholds,
+                "groups": [{"id": g.id, "tier": g.tier, "members": [asdict(m) for m in g.members]}
+                           for g in self.groups]}
+
+
+def _exif_date(path: str) -> float | None:
+    """EXIF DateTimeOriginal (else DateTime) as unix seconds, read lazily (no pixels decoded)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            exif = img.getexif()
+            value = exif.get_ifd(0x8769).get(0x9003) or exif.get(0x0132)
+        if not value:
+            return None
+        return datetime.strptime(str(value).strip("\x00 ")[:19], "%Y:%m:%d %H:%M:%S").timestamp()
+    except (OSError, ValueError, SyntaxError, KeyError, TypeError):
+        return None
+
+
+def _member(row) -> Member:
+    when = _exif_date(row.path)
+    source = "exif"
+    if when is None:
+        source = "mtime"
+        when = row.mtime_ns / 1e9
+    return Member(int(row.id), row.path, int(row.size), int(row.width or 0), int(row.height or 0), float(when), source)
+
+
+def keeper_order(m: Member) -> tuple:
+    """Sort key, keeper first: largest resolution, then oldest, then shortest path."""
+    return (-(m.width * m.height), m.date, len(m.path), m.path)
+
+
+class _Tester:
+    """Pair tests with each photo's features computed once (in a thread pool) and each pair's result kept."""
+
+    def __init__(self, rows: dict, threads: int):
+        self.rows = rows
+        self.cache = FeatureCache()
+        self.results: dict[tuple[int, int], PairResult] = {}
+        self.threads = threads
+
+    def warm(self, ids, progress=None) -> None:
+        todo = [i for i in dict.fromkeys(ids) if i not in self.cache]
+        if not todo:
+            return
+        with ThreadPoolExecutor(self.threads) as pool:
+            for n, _ in enumerate(pool.map(lambda i: self.cache.get(i, self.rows[i].path), todo), 1):
+                if progress:
+                    progress(n, len(todo))
+
+    def test(self, a: int, b: int) -> PairResult:
+        key = (a, b) if a < b else (b, a)
+        r = self.results.get(key)
+        if r is None:
+            pa, pb = self.cache.get(key[0], self.rows[key[0]].path), self.cache.get(key[1], self.rows[key[1]].path)
+            r = pair_test(pa, pb) if pa is not None and pb is not None else PairResult(False, False, 0, why="unreadable")
+            self.results[key] = r
+        return r
+
+    def test_many(self, pairs) -> list[PairResult]:
+        todo = list(dict.fromkeys((a, b) if a < b else (b, a) for a, b in pairs))
+        self.warm([i for p in todo for i in p])
+        with ThreadPoolExecutor(self.threads) as pool:
+            list(pool.map(lambda p: self.test(*p), [p for p in todo if p not in self.results]))
+        return [self.test(a, b) for a, b in pairs]
+
+
+def _components(nodes, edges) -> list[list[int]]:
+    parent = {n: n for n in nodes}
+
+    def find(x):
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for a, b in edges:
+        ra, rb = find(a), find(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    out: dict[int, list[int]] = {}
+    for n in nodes:
+        out.setdefault(find(n), []).append(n)
+    return [sorted(c) for c in out.values() if len(c) > 1]
+
+
+def guarded_groups(edges: set[tuple[int, int]], passes: Callable[[int, int], bool], guard: bool = True) -> list[list[int]]:
+    """Groups from confirmed pairs: connected components, each member checked against the component's medoid (the
+    member with the most confirmed pairs in it, then the smallest id); members that fail are grouped again among
+    themselves. ``guard=False``: plain connected components (chains merge; tests show the difference)."""
+    nodes = sorted({i for e in edges for i in e})
+    out = []
+    todo = _components(nodes, edges)
+    while todo:
+        comp = todo.pop()
+        if not guard or len(comp) <= 2:
+            out.append(comp)
+            continue
+        members = set(comp)
+        degree = {i: 0 for i in comp}
+        for a, b in edges:
+            if a in members and b in members:
+                degree[a] += 1
+                degree[b] += 1
+        medoid = min(comp, key=lambda i: (-degree[i], i))
+        keep = [i for i in comp if i == medoid or passes(medoid, i)]
+        rest = [i for i in comp if i not in set(keep)]
+        if len(keep) > 1:
+            out.append(sorted(keep))
+        if len(rest) > 1:
+            sub = {(a, b) for a, b in edges if a in rest and b in rest}
+            todo.extend(_components(sorted({i for e in sub for i in e}), sub))
+    return out
+
+
+def find_duplicates(store, *, similar: bool = False, k: int = K, progress=None, guard: bool = True) -> Duplicates:
+    """The duplicate groups of an open index (read-only is enough); see the module docstring.
+
+    ``progress(done, total)``: called while photos' features are computed. ``guard``: the medoid guard (always on
+    outside tests)."""
+    from retrieval.models.graphs import inference_threads
+
+    t0 = time.perf_counter()
+    settings = store.settings
+    if preset_of(settings).per_face:
+        raise RetrieveError(f"{store.where} is a faces index (one row per face); duplicates needs a photo index: "
+                            "`retrieve index PHOTOS --index DIR`")
+    photos = store.count()
+    cal = for_search(store)
+    metric = store.metric
+
+    # 1. exact: the same bytes
+    files = store.files()
+    by_hash: dict[str, list[int]] = {}
+    for f in files:
+        by_hash.setdefault(f.sha256, []).append(f.id)
+    exact = [sorted(ids) for ids in by_hash.values() if len(ids) > 1]
+    first_of = {i: min(ids) for ids in exact for i in ids}  # one row stands for its content below
+
+    # 2. candidates: k nearest neighbours above the gate
+    gate = float(np.interp(GATE_PERCENTILE, np.linspace(0, 100, len(cal.random)), cal.random)) if cal else -np.inf
+    pairs: dict[tuple[int, int], float] = {}
+    index = store.faiss_index() if photos >= 2 else None
+    live = set(f.id for f in files)
+    for ids, raw in (store.iter_vectors() if index is not None else ()):
+        x = np.ascontiguousarray(store.transform(raw), np.float32)
+        d, nb = index.search(x, min(k + 1, index.ntotal))
+        for own, ds, ns in zip(ids, d, nb):
+            a = first_of.get(int(own), int(own))
+            for dist, other in zip(ds, ns):
+                other = int(other)
+                if other < 0 or other not in live:
+                    continue
+                b = first_of.get(other, other)
+                score = float(dist) if metric.similarity else -float(dist)
+                if a == b or score < gate:
+                    continue
+                key = (min(a, b), max(a, b))
+                pairs[key] = max(pairs.get(key, -np.inf), score)
+
+    # 3. the pair test on the candidates
+    involved = {i for p in pairs for i in p} | {i for g in exact for i in g}
+    rows = store.rows_by_ids(involved)
+    tester = _Tester(rows, inference_threads())
+    tester.warm([i for p in pairs for i in p], progress)
+    keys = list(pairs)
+    results = tester.test_many(keys)
+    near_edges = {p for p, r in zip(keys, results) if r.near}
+    similar_edges = {p for p, r in zip(keys, results) if r.similar and not r.near}
+
+    # 4. groups
+    vec_cache: dict[int, np.ndarray] = {}
+
+    def vector(i: int) -> np.ndarray:
+        if i not in vec_cache:
+            vec_cache[i] = store.transform(np.frombuffer(rows[i].vector, np.float32)[None])[0]
+        return vec_cache[i]
+
+    groups: list[Group] = []
+    members_of: dict[int, Member] = {}
+
+    def member(i: int) -> Member:
+        if i not in members_of:
+            members_of[i] = _member(rows[i])
+        return members_of[i]
+
+    def make(tier: str, ids: list[int], evidence: bool) -> None:
+        ms = sorted((member(i) for i in ids), key=keeper_order)
+        out = []
+        for n, m in enumerate(ms):
+            m = Member(**{**asdict(m), "keeper": n == 0})
+            if n and evidence:
+                s = float(pair_scores(vector(m.row_id)[None], vector(ms[0].row_id)[None], metric)[0])
+                m.score = s
+                m.percentile = float(percentile(cal.random, s)) if cal else None
+                m.inliers = tester.test(m.row_id, ms[0].row_id).inliers
+            out.append(m)
+        groups.append(Group(0, tier, out))
+
+    for ids in exact:
+        make("exact", ids, False)
+    for ids in guarded_groups(near_edges, lambda a, b: tester.test(a, b).near, guard):
+        make("near", ids, True)
+    if similar:
+        in_near = {i for g in groups if g.tier == "near" for i in (m.row_id for m in g.members)}
+        sim = {(a, b) for a, b in similar_edges if not (a in in_near and b in in_near)}
+        for ids in guarded_groups(sim, lambda a, b: tester.test(a, b).similar, guard):
+            make("similar", ids, True)
+    groups.sort(key=lambda g: (-len(g.members), TIERS.index(g.tier), g.keeper.path))
+    for n, g in enumerate(groups, 1):
+        g.id = n
+    from retrieval.curate import pairtest as pt
+
+    thresholds = {"exact": "same sha256",
+                  "candidates": {"k": k, "gate_random_percentile": GATE_PERCENTILE, "gate_score": gate if cal else None},
+                  "near": {"min_inliers": pt.MIN_INLIERS, "angle_deg": pt.ANGLE_DEG, "min_cover": pt.MIN_COVER,
+                           "min_cover_both": pt.MIN_COVER_BOTH, "min_agree": pt.MIN_AGREE, "side": pt.SIDE},
+                  "similar": {"min_inliers": pt.MIN_INLIERS} if similar else None}
+    return Duplicates(groups, photos, len(tester.results), time.perf_counter() - t0, thresholds)

@@ -1,0 +1,225 @@
+"""Is one photo an edited copy of another? The near-duplicate pair test behind ``retrieve duplicates``.
+
+Global scores and inlier counts alone cannot tell an edited copy from another photo of the same object: both
+score high and both give many inliers. An edited copy differs in a way another photo cannot:
+
+1. **geometry**: SIFT matches (on a small grey copy, and against the mirrored copy) fit one *similarity*
+   transform (rotation, scale, shift; OpenCV's ``estimateAffinePartial2D`` with RANSAC) with many inliers;
+2. its rotation is a multiple of 90° (a photo turned in an editor, never a camera turned by 7°);
+3. the aligned frames overlap over most of each photo (a crop keeps most of the picture);
+4. the pixels agree once aligned: gradients, compared cell by cell with a normalised correlation (so a
+   colour, brightness or contrast change does not matter), and summarised by a robust statistic (so text or a
+   watermark over part of the picture does not either). Another photo of the same scene, even one taken from
+   almost the same place, is offset by parallax and movement at the scale of a few pixels, and its gradients do
+   not line up.
+
+A pair that passes 1 but not 2-4 is *similar* (the same scene or object), not a near-duplicate.
+Features are computed once per photo and kept in memory by the caller (:class:`FeatureCache`).
+"""
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from retrieval.errors import ImageError
+from retrieval.images import decode_image, read_image_bytes
+
+SIDE = 384  # long side of the grey copy the test works on (decoded with JPEG draft mode: fast)
+N_FEATURES = 800  # SIFT keypoints per photo
+RATIO = 0.8  # Lowe's ratio test
+REPROJ_PX = 3.0  # RANSAC threshold at SIDE
+MIN_INLIERS = 12  # geometry confirmed (similar tier) from here on
+ANGLE_DEG = 4.0  # rotation within this of a multiple of 90°
+MIN_COVER = 0.8  # the aligned overlap covers at least this share of one photo (the cropped one) ...
+MIN_COVER_BOTH = 0.55  # ... and this share of the other (a crop of 20 % per side keeps 0.64 of the area)
+CELL = 24  # pixels of a correlation cell (at SIDE)
+MIN_AGREE = 0.5  # pixels agree: the median cell correlation of the aligned gradients (see agreement)
+
+
+@dataclass
+class Photo:
+    """The small grey copy of one photo and its SIFT features (RootSIFT), the mirrored copy's made on demand."""
+
+    grey: np.ndarray  # uint8, long side <= SIDE
+    points: np.ndarray  # N×2 float32, at the grey copy's scale
+    descriptors: np.ndarray  # N×128 float32, RootSIFT (unit length)
+    size: tuple[int, int]  # the photo's own (width, height), upright
+    _mirror: "Photo | None" = field(default=None, repr=False)
+
+    def mirrored(self) -> "Photo":
+        if self._mirror is None:
+            self._mirror = photo_from_grey(np.ascontiguousarray(self.grey[:, ::-1]), self.size)
+        return self._mirror
+
+
+@dataclass
+class PairResult:
+    near: bool  # an edited copy (passes every test)
+    similar: bool  # geometry confirmed (the same scene or object), whether or not near
+    inliers: int
+    angle: float = 0.0  # degrees
+    mirrored: bool = False
+    cover: tuple[float, float] = (0.0, 0.0)  # share of a and of b inside the aligned overlap
+    agree: float = 0.0  # median cell correlation of aligned gradients
+    why: str = ""  # the first test failed ("" when near)
+
+
+_local = threading.local()
+
+
+def _sift():
+    import cv2
+
+    s = getattr(_local, "sift", None)
+    if s is None:  # one detector per thread: detectAndCompute on a shared one is not documented as thread-safe
+        s = _local.sift = cv2.SIFT_create(nfeatures=N_FEATURES, contrastThreshold=0.02)
+    return s
+
+
+def photo_from_grey(grey: np.ndarray, size: tuple[int, int]) -> Photo:
+    kps, desc = _sift().detectAndCompute(grey, None)
+    if desc is None or not kps:
+        return Photo(grey, np.zeros((0, 2), np.float32), np.zeros((0, 128), np.float32), size)
+    d = np.sqrt(desc / np.maximum(desc.sum(1, keepdims=True), 1e-7)).astype(np.float32)  # RootSIFT
+    return Photo(grey, np.float32([k.pt for k in kps]), d, size)
+
+
+def load_photo(path: str) -> Photo:
+    """The pair test's view of the photo at ``path`` (ImageError when it cannot be read)."""
+    import cv2
+
+    img = decode_image(read_image_bytes(path), path, min_side=SIDE * 3 // 4)
+    own = tuple(img.info.get("original_size", img.size))
+    g = np.asarray(img.convert("L"))
+    scale = SIDE / max(g.shape)
+    if scale < 1.0:
+        g = cv2.resize(g, (max(1, round(g.shape[1] * scale)), max(1, round(g.shape[0] * scale))),
+                       interpolation=cv2.INTER_AREA)
+    return photo_from_grey(np.ascontiguousarray(g), own)
+
+
+def _matches(a: Photo, b: Photo) -> tuple[np.ndarray, np.ndarray]:
+    """Matched points (a's, b's): ratio test and mutual nearest neighbours, best first."""
+    if len(a.descriptors) < 2 or len(b.descriptors) < 2:
+        return np.zeros((0, 2), np.float32), np.zeros((0, 2), np.float32)
+    sim = a.descriptors @ b.descriptors.T
+    top2 = np.argpartition(-sim, 1, axis=1)[:, :2]
+    s2 = np.take_along_axis(sim, top2, 1)
+    order = np.argsort(-s2, axis=1)
+    best = np.take_along_axis(top2, order[:, :1], 1)[:, 0]
+    s_best, s_second = s2.max(1), s2.min(1)
+    d1 = np.sqrt(np.maximum(2 - 2 * s_best, 0))
+    d2 = np.sqrt(np.maximum(2 - 2 * s_second, 0))
+    ok = d1 < RATIO * d2
+    ok &= sim.argmax(0)[best] == np.arange(len(a.descriptors))  # mutual
+    i = np.nonzero(ok)[0]
+    i = i[np.argsort(d1[i] / np.maximum(d2[i], 1e-7))]
+    return a.points[i], b.points[best[i]]
+
+
+def _grad(g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    import cv2
+
+    f = cv2.GaussianBlur(g.astype(np.float32), (0, 0), 1.5)
+    return cv2.Sobel(f, cv2.CV_32F, 1, 0, ksize=3), cv2.Sobel(f, cv2.CV_32F, 0, 1, ksize=3)
+
+
+def agreement(ga: np.ndarray, gb: np.ndarray, mask: np.ndarray) -> float:
+    """Median over CELL×CELL cells (inside ``mask``, with texture in either photo) of the correlation of the two
+    grey images' gradients: 1 for the same picture whatever its colours, ~0 for unrelated pixels."""
+    ax, ay = _grad(ga)
+    bx, by = _grad(gb)
+    h, w = ga.shape
+    hc, wc = h // CELL, w // CELL
+    if hc == 0 or wc == 0:
+        return 0.0
+
+    def cells(x):
+        return x[:hc * CELL, :wc * CELL].reshape(hc, CELL, wc, CELL).sum((1, 3))
+
+    m = mask.astype(np.float32)
+    inside = cells(m) >= 0.95 * CELL * CELL
+    ab = cells((ax * bx + ay * by) * m)
+    aa = cells((ax * ax + ay * ay) * m)
+    bb = cells((bx * bx + by * by) * m)
+    energy = np.maximum(aa, bb)
+    floor = 0.05 * np.median(energy[inside]) if inside.any() else 0.0
+    use = inside & (energy > max(floor, 1.0 * CELL * CELL))  # flat cells (sky, walls) say nothing
+    if use.sum() < 4:
+        return 0.0
+    corr = ab[use] / np.sqrt(np.maximum(aa[use] * bb[use], 1e-6))
+    return float(np.median(corr))
+
+
+def _one_way(a: Photo, b: Photo, mirrored: bool) -> PairResult | None:
+    import cv2
+
+    pa, pb = _matches(a, b)
+    if len(pa) < MIN_INLIERS:
+        return None
+    m, inl = cv2.estimateAffinePartial2D(pb, pa, method=cv2.RANSAC, ransacReprojThreshold=REPROJ_PX,
+                                         maxIters=2000, confidence=0.995, refineIters=10)
+    if m is None or inl is None:
+        return None
+    n = int(inl.sum())
+    if n < MIN_INLIERS:
+        return None
+    angle = math.degrees(math.atan2(m[1, 0], m[0, 0]))
+    r = PairResult(False, True, n, angle, mirrored)
+    off = abs((angle + 45) % 90 - 45)
+    if off > ANGLE_DEG:
+        r.why = f"rotated by {angle:.0f}°"
+        return r
+    ha, wa = a.grey.shape
+    hb, wb = b.grey.shape
+    warped = cv2.warpAffine(b.grey, m, (wa, ha), flags=cv2.INTER_LINEAR)
+    mask = cv2.warpAffine(np.full((hb, wb), 255, np.uint8), m, (wa, ha), flags=cv2.INTER_NEAREST)
+    mask = cv2.erode(mask, np.ones((5, 5), np.uint8)) > 0
+    scale2 = abs(m[0, 0] * m[1, 1] - m[0, 1] * m[1, 0])
+    overlap = float(mask.sum())
+    r.cover = (overlap / (wa * ha), min(1.0, overlap / max(scale2 * wb * hb, 1e-6)))
+    if max(r.cover) < MIN_COVER or min(r.cover) < MIN_COVER_BOTH:
+        r.why = f"overlap {r.cover[0]:.0%} / {r.cover[1]:.0%}"
+        return r
+    r.agree = agreement(a.grey, warped, mask)
+    if r.agree < MIN_AGREE:
+        r.why = f"pixels disagree ({r.agree:.2f})"
+        return r
+    r.near = True
+    return r
+
+
+def pair_test(a: Photo, b: Photo) -> PairResult:
+    """The test of the module docstring, b as it is and mirrored; the better of the two."""
+    best = _one_way(a, b, False)
+    if best is None or not best.near:
+        other = _one_way(a, b.mirrored(), True)
+        if other is not None and (best is None or other.near or other.inliers > best.inliers):
+            best = other
+    return best or PairResult(False, False, 0, why="no geometry")
+
+
+class FeatureCache:
+    """Photos' features by row id, computed once per run (thread-safe; unreadable files give None)."""
+
+    def __init__(self):
+        self._kept: dict[int, Photo | None] = {}
+        self._lock = threading.Lock()
+
+    def get(self, row_id: int, path: str) -> Photo | None:
+        with self._lock:
+            if row_id in self._kept:
+                return self._kept[row_id]
+        try:
+            p = load_photo(path)
+        except (ImageError, OSError):
+            p = None
+        with self._lock:
+            self._kept[row_id] = p
+        return p
+
+    def __contains__(self, row_id: int) -> bool:
+        return row_id in self._kept
