@@ -226,7 +226,7 @@ def index(folder: Path, where: Path, threads: int) -> float:
            "OMP_NUM_THREADS": str(threads)}
     t = time.perf_counter()
     p = subprocess.run([sys.executable, "-c", _CLI, "--threads", str(threads), "index", str(folder), "--index",
-                        str(where), "--json"], cwd=_common.ROOT, env=env, capture_output=True, text=True)
+                        str(where), "--json"], cwd=_common.ROOT, env=env, capture_output=True, text=True, check=False)
     secs = time.perf_counter() - t
     if p.returncode:
         raise SystemExit(f"retrieve index {folder}: {p.stderr.strip()[-800:]}")
@@ -380,16 +380,56 @@ def group_pairs(groups: list[list[str]]) -> set:
 
 # ---------------------------------------------------------------- parts
 
-def run_quality(splits: list[str], threads: int) -> dict:
+def _retrieve_row(where: Path, root: Path, truth: list[dict]) -> dict:
+    try:
+        groups, secs, info = retrieve_groups(where, root)
+    except ImportError as e:
+        return {"error": f"not available: {e}"}
+    pred = group_pairs(groups.get("near", []) + groups.get("exact", []))
+    r = score(pred, truth)
+    src = {t["path"]: t["source"] for t in truth}
+    r["false_examples"] = sorted(sorted(p) for p in pred if len({src.get(x) for x in p}) > 1)[:300]
+    r.update(seconds=secs, note=f"near + exact tiers; {info['pairs_checked']} pairs checked", info=info,
+             near_only=score(group_pairs(groups.get("near", [])), truth),
+             exact_tier=score(group_pairs(groups.get("exact", [])),
+                              [t for t in truth if t["transform"] in ("original", "exact")]))
+    return r
+
+
+def _cosine_rows(where: Path, root: Path, truth: list[dict], tuned: float) -> dict:
+    names, x = vectors(where, root)
+    t0 = time.perf_counter()
+    r = score(cosine_pairs(names, x, tuned), truth)
+    r.update(seconds=time.perf_counter() - t0, note=f"cosine ≥ {tuned:.4f} (best F1 on tuning), all pairs")
+    thr, _ = best_threshold(names, x, {t["path"]: t["source"] for t in truth})
+    o = score(cosine_pairs(names, x, thr), truth)
+    o.update(seconds=None, note=f"cosine ≥ {thr:.4f}: best F1 on this split, answers known (oracle)")
+    return {"fixed cosine (tuned)": r, "fixed cosine (oracle)": o}
+
+
+def _imagededup_rows(root: Path, truth: list[dict], threads: int) -> dict:
+    out = {}
+    for m in ("PHash", "DHash", "WHash", "AHash", "CNN"):
+        pred, secs, note = imagededup_pairs(root, m, threads)
+        if note.startswith("not run"):
+            out[f"imagededup {m}"] = {"error": note}
+            continue
+        r = score(pred, truth)
+        r.update(seconds=secs, note=note)
+        out[f"imagededup {m}"] = r
+    return out
+
+
+def run_quality(splits: list[str], threads: int, methods: list[str], old: dict | None = None) -> dict:
+    """Each method of ``methods`` ("retrieve", "cosine", "imagededup") on each split; the methods not run keep
+    their rows of ``old`` (the last run's)."""
     out = {"splits": {}, "threads": threads}
     data = {s: build_split(s) for s in splits}
-    cos_thr = None
-    if "tuning" in splits or True:
-        root, truth = data.get("tuning") or build_split("tuning")
-        where = CACHE / f"v{VERSION}" / "tuning-index"
-        index(root, where, threads)
-        names, x = vectors(where, root)
-        cos_thr, _ = best_threshold(names, x, {t["path"]: t["source"] for t in truth})
+    root, truth = data.get("tuning") or build_split("tuning")  # the fixed cosine is always chosen on "tuning"
+    where = CACHE / f"v{VERSION}" / "tuning-index"
+    index(root, where, threads)
+    names, x = vectors(where, root)
+    cos_thr, _ = best_threshold(names, x, {t["path"]: t["source"] for t in truth})
     for split in splits:
         root, truth = data[split]
         where = CACHE / f"v{VERSION}" / f"{split}-index"
@@ -400,41 +440,22 @@ def run_quality(splits: list[str], threads: int) -> dict:
             k["photos"] += 1
             k["sources"] += t["transform"] == "original"
             k["negatives"] += t["transform"] == "negative"
-        res = {"photos": len(truth), "kinds": kinds, "index_seconds": idx_s, "methods": {}}
-        try:
-            groups, secs, info = retrieve_groups(where, root)
-            near = groups.get("near", []) + groups.get("exact", [])
-            r = score(group_pairs(near), truth)
-            r.update(seconds=secs, note=f"near + exact tiers; {info['pairs_checked']} pairs checked")
-            r["exact_tier"] = score(group_pairs(groups.get("exact", [])), [t for t in truth if t["transform"] in (
-                "original", "exact")])
-            r["info"] = info
-            r["near_only"] = score(group_pairs(groups.get("near", [])), truth)
-            res["methods"]["retrieve find_duplicates"] = r
-        except ImportError as e:
-            res["methods"]["retrieve find_duplicates"] = {"error": f"not available: {e}"}
-        names, x = vectors(where, root)
-        source = {t["path"]: t["source"] for t in truth}
-        t0 = time.perf_counter()
-        pred = cosine_pairs(names, x, cos_thr)
-        r = score(pred, truth)
-        r.update(seconds=time.perf_counter() - t0, note=f"cosine ≥ {cos_thr:.4f} (best F1 on tuning), all pairs")
-        res["methods"]["fixed cosine (tuned)"] = r
-        thr, _ = best_threshold(names, x, source)
-        r = score(cosine_pairs(names, x, thr), truth)
-        r.update(seconds=None, note=f"cosine ≥ {thr:.4f}: best F1 on this split, answers known (oracle)")
-        res["methods"]["fixed cosine (oracle)"] = r
-        for m in ("PHash", "DHash", "WHash", "AHash", "CNN"):
-            pred, secs, note = imagededup_pairs(root, m, threads)
-            if note.startswith("not run"):
-                res["methods"][f"imagededup {m}"] = {"error": note}
-                continue
-            r = score(pred, truth)
-            r.update(seconds=secs, note=note)
-            res["methods"][f"imagededup {m}"] = r
+        before = ((old or {}).get("splits", {}).get(split) or {}).get("methods", {})
+        got = {}
+        if "retrieve" in methods:
+            got["retrieve find_duplicates"] = _retrieve_row(where, root, truth)
+        if "cosine" in methods:
+            got.update(_cosine_rows(where, root, truth, cos_thr))
+        if "imagededup" in methods:
+            got.update(_imagededup_rows(root, truth, threads))
+        order = ["retrieve find_duplicates", "fixed cosine (tuned)", "fixed cosine (oracle)",
+                 *[f"imagededup {m}" for m in ("PHash", "DHash", "WHash", "AHash", "CNN")]]
+        merged = {**before, **got}
+        res = {"photos": len(truth), "kinds": kinds, "index_seconds": idx_s,
+               "methods": {m: merged[m] for m in order if m in merged}}
         out["splits"][split] = res
         print(json.dumps({split: {m: {k: v for k, v in r.items() if k in ("precision", "recall", "f1", "error")}
-                                  for m, r in res["methods"].items()}}, indent=1), flush=True)
+                                  for m, r in got.items()}}, indent=1), flush=True)
     return out
 
 
@@ -568,7 +589,7 @@ def render(raw: dict) -> str:
                     continue
                 fp = ", ".join(f"{k} {v}" for k, v in sorted(r["false_pairs"].items())) or "0"
                 rows.append([m, _f(r["precision"]), _f(r["recall"]), _f(r["f1"]),
-                             *[_f(r["by_kind"].get(k, {}).get("f1")) for k in kinds_here],
+                             *[_f(r.get("by_kind", {}).get(k, {}).get("f1")) for k in kinds_here],
                              *[_f(r["per_transform"][t], 2) for t in TRANSFORMS], fp,
                              _f(r["seconds"], 1) if r.get("seconds") is not None else "–", r["note"]])
             lines += [_common.table(hdr, rows), ""]
@@ -600,7 +621,7 @@ def render(raw: dict) -> str:
 
 def _machine() -> str:
     try:
-        model = next(ln.split(":", 1)[1].strip() for ln in subprocess.run(["lscpu"], capture_output=True, text=True)
+        model = next(ln.split(":", 1)[1].strip() for ln in subprocess.run(["lscpu"], capture_output=True, text=True, check=False)
                      .stdout.splitlines() if ln.startswith("Model name"))
     except (StopIteration, OSError):
         model = "?"
@@ -618,6 +639,8 @@ def _stamp(part: dict, argv: list[str], load0) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--split", choices=["tuning", "heldout", "both", "none"], default="both")
+    ap.add_argument("--methods", nargs="+", choices=["retrieve", "cosine", "imagededup"],
+                    default=["retrieve", "cosine", "imagededup"], help="the quality part's methods (others: last run's)")
     ap.add_argument("--photos", type=int, default=0, help="the speed run's size (0: none)")
     ap.add_argument("--grouping", type=int, default=0, help="the grouping stage at this many rows (0: none)")
     ap.add_argument("--grouping-from", type=int, default=10000, help="the speed index the grouping run grows")
@@ -640,7 +663,7 @@ def main() -> None:
         return
     if splits:
         load0 = os.getloadavg()
-        raw["quality"] = _stamp(run_quality(splits, args.threads), argv, load0)
+        raw["quality"] = _stamp(run_quality(splits, args.threads, args.methods, raw.get("quality")), argv, load0)
     if args.photos:
         load0 = os.getloadavg()
         raw[f"speed-{args.photos}"] = _stamp(run_speed(args.photos, args.threads), argv, load0)
