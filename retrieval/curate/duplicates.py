@@ -30,7 +30,14 @@ from retrieval.presets import preset_of
 
 TIERS = ("exact", "near", "similar")
 K = 10  # nearest neighbours per photo searched for candidates (see module docstring)
-GATE_PERCENTILE = 99.0  # candidate pairs score above this percentile of the collection's random pairs
+GATE_PERCENTILE = 99.9  # candidate pairs score above this percentile of the collection's random pairs
+# A copy turned by 90° scores far lower (it can fall to the 96th percentile, rank 27): among the ROT_K nearest
+# neighbours, the ROT_TOP best whose aspect ratio is the photo's turned (within ROT_ASPECT) and that score above the
+# ROT_PERCENTILE are candidates too.
+ROT_K = 50
+ROT_TOP = 2
+ROT_ASPECT = 0.03
+ROT_PERCENTILE = 95.0
 
 
 @dataclass
@@ -210,26 +217,39 @@ def find_duplicates(store, *, similar: bool = False, k: int = K, progress=None, 
     exact = [sorted(ids) for ids in by_hash.values() if len(ids) > 1]
     first_of = {i: min(ids) for ids in exact for i in ids}  # one row stands for its content below
 
-    # 2. candidates: k nearest neighbours above the gate
-    gate = float(np.interp(GATE_PERCENTILE, np.linspace(0, 100, len(cal.random)), cal.random)) if cal else -np.inf
+    # 2. candidates: k nearest neighbours above the gate, and turned look-alikes above the lower gate
+    def gate_at(q: float) -> float:
+        return float(np.interp(q, np.linspace(0, 100, len(cal.random)), cal.random)) if cal else -np.inf
+
+    gate, rot_gate = gate_at(GATE_PERCENTILE), gate_at(ROT_PERCENTILE)
+    aspect = {int(i): (w or 1) / (h or 1) for i, w, h in store.query("SELECT id, width, height FROM images")}
     pairs: dict[tuple[int, int], float] = {}
     index = store.faiss_index() if photos >= 2 else None
-    live = set(f.id for f in files)
+    live = set(aspect)
     for ids, raw in (store.iter_vectors() if index is not None else ()):
         x = np.ascontiguousarray(store.transform(raw), np.float32)
-        d, nb = index.search(x, min(k + 1, index.ntotal))
+        d, nb = index.search(x, min(max(k, ROT_K) + 1, index.ntotal))
         for own, ds, ns in zip(ids, d, nb):
-            a = first_of.get(int(own), int(own))
+            own = int(own)
+            a = first_of.get(own, own)
+            rank = turned = 0
             for dist, other in zip(ds, ns):
                 other = int(other)
-                if other < 0 or other not in live:
+                if other < 0 or other == own or other not in live:
                     continue
+                rank += 1
                 b = first_of.get(other, other)
                 score = float(dist) if metric.similarity else -float(dist)
-                if a == b or score < gate:
+                if a == b:
                     continue
-                key = (min(a, b), max(a, b))
-                pairs[key] = max(pairs.get(key, -np.inf), score)
+                take = rank <= k and score >= gate
+                if not take and score >= rot_gate and turned < ROT_TOP \
+                        and abs(aspect[own] * aspect[other] - 1) < ROT_ASPECT:
+                    take = True
+                    turned += 1
+                if take:
+                    key = (min(a, b), max(a, b))
+                    pairs[key] = max(pairs.get(key, -np.inf), score)
 
     # 3. the pair test on the candidates
     involved = {i for p in pairs for i in p} | {i for g in exact for i in g}
@@ -285,7 +305,10 @@ def find_duplicates(store, *, similar: bool = False, k: int = K, progress=None, 
     from retrieval.curate import pairtest as pt
 
     thresholds = {"exact": "same sha256",
-                  "candidates": {"k": k, "gate_random_percentile": GATE_PERCENTILE, "gate_score": gate if cal else None},
+                  "candidates": {"k": k, "gate_random_percentile": GATE_PERCENTILE, "gate_score": gate if cal else None,
+                                 "turned": {"k": ROT_K, "top": ROT_TOP, "aspect": ROT_ASPECT,
+                                            "gate_random_percentile": ROT_PERCENTILE,
+                                            "gate_score": rot_gate if cal else None}},
                   "near": {"min_inliers": pt.MIN_INLIERS, "angle_deg": pt.ANGLE_DEG, "min_cover": pt.MIN_COVER,
                            "min_cover_both": pt.MIN_COVER_BOTH, "min_agree": pt.MIN_AGREE, "side": pt.SIDE},
                   "similar": {"min_inliers": pt.MIN_INLIERS} if similar else None}

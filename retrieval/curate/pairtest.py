@@ -3,7 +3,7 @@
 Global scores and inlier counts alone cannot tell an edited copy from another photo of the same object: both
 score high and both give many inliers. An edited copy differs in a way another photo cannot:
 
-1. **geometry**: SIFT matches (on a small grey copy, and against the mirrored copy) fit one *similarity*
+1. **geometry**: ORB matches (on a small grey copy, and against the mirrored copy) fit one *similarity*
    transform (rotation, scale, shift; OpenCV's ``estimateAffinePartial2D`` with RANSAC) with many inliers;
 2. its rotation is a multiple of 90° (a photo turned in an editor, never a camera turned by 7°);
 3. the aligned frames overlap over most of each photo (a crop keeps most of the picture);
@@ -28,7 +28,7 @@ from retrieval.errors import ImageError
 from retrieval.images import decode_image, read_image_bytes
 
 SIDE = 384  # long side of the grey copy the test works on (decoded with JPEG draft mode: fast)
-N_FEATURES = 800  # SIFT keypoints per photo
+N_FEATURES = 800  # ORB keypoints per photo
 RATIO = 0.8  # Lowe's ratio test
 REPROJ_PX = 3.0  # RANSAC threshold at SIDE
 MIN_INLIERS = 12  # geometry confirmed (similar tier) from here on
@@ -41,11 +41,11 @@ MIN_AGREE = 0.5  # pixels agree: the median cell correlation of the aligned grad
 
 @dataclass
 class Photo:
-    """The small grey copy of one photo and its SIFT features (RootSIFT), the mirrored copy's made on demand."""
+    """The small grey copy of one photo and its ORB features, the mirrored copy's made on demand."""
 
     grey: np.ndarray  # uint8, long side <= SIDE
     points: np.ndarray  # N×2 float32, at the grey copy's scale
-    descriptors: np.ndarray  # N×128 float32, RootSIFT (unit length)
+    descriptors: np.ndarray  # N×32 uint8 (ORB, binary)
     size: tuple[int, int]  # the photo's own (width, height), upright
     _mirror: "Photo | None" = field(default=None, repr=False)
 
@@ -70,21 +70,20 @@ class PairResult:
 _local = threading.local()
 
 
-def _sift():
+def _orb():
     import cv2
 
-    s = getattr(_local, "sift", None)
-    if s is None:  # one detector per thread: detectAndCompute on a shared one is not documented as thread-safe
-        s = _local.sift = cv2.SIFT_create(nfeatures=N_FEATURES, contrastThreshold=0.02)
-    return s
+    o = getattr(_local, "orb", None)
+    if o is None:  # one detector per thread: detectAndCompute on a shared one is not documented as thread-safe
+        o = _local.orb = cv2.ORB_create(nfeatures=N_FEATURES, fastThreshold=10)
+    return o
 
 
 def photo_from_grey(grey: np.ndarray, size: tuple[int, int]) -> Photo:
-    kps, desc = _sift().detectAndCompute(grey, None)
+    kps, desc = _orb().detectAndCompute(grey, None)
     if desc is None or not kps:
-        return Photo(grey, np.zeros((0, 2), np.float32), np.zeros((0, 128), np.float32), size)
-    d = np.sqrt(desc / np.maximum(desc.sum(1, keepdims=True), 1e-7)).astype(np.float32)  # RootSIFT
-    return Photo(grey, np.float32([k.pt for k in kps]), d, size)
+        return Photo(grey, np.zeros((0, 2), np.float32), np.zeros((0, 32), np.uint8), size)
+    return Photo(grey, np.float32([k.pt for k in kps]), desc, size)
 
 
 def load_photo(path: str) -> Photo:
@@ -102,22 +101,18 @@ def load_photo(path: str) -> Photo:
 
 
 def _matches(a: Photo, b: Photo) -> tuple[np.ndarray, np.ndarray]:
-    """Matched points (a's, b's): ratio test and mutual nearest neighbours, best first."""
+    """Matched points (a's, b's) that pass Lowe's ratio test, the most distinctive first."""
+    import cv2
+
     if len(a.descriptors) < 2 or len(b.descriptors) < 2:
         return np.zeros((0, 2), np.float32), np.zeros((0, 2), np.float32)
-    sim = a.descriptors @ b.descriptors.T
-    top2 = np.argpartition(-sim, 1, axis=1)[:, :2]
-    s2 = np.take_along_axis(sim, top2, 1)
-    order = np.argsort(-s2, axis=1)
-    best = np.take_along_axis(top2, order[:, :1], 1)[:, 0]
-    s_best, s_second = s2.max(1), s2.min(1)
-    d1 = np.sqrt(np.maximum(2 - 2 * s_best, 0))
-    d2 = np.sqrt(np.maximum(2 - 2 * s_second, 0))
-    ok = d1 < RATIO * d2
-    ok &= sim.argmax(0)[best] == np.arange(len(a.descriptors))  # mutual
-    i = np.nonzero(ok)[0]
-    i = i[np.argsort(d1[i] / np.maximum(d2[i], 1e-7))]
-    return a.points[i], b.points[best[i]]
+    knn = cv2.BFMatcher(cv2.NORM_HAMMING).knnMatch(a.descriptors, b.descriptors, 2)
+    good = sorted(((m[0].distance / max(m[1].distance, 1e-6), m[0].queryIdx, m[0].trainIdx)
+                   for m in knn if len(m) == 2 and m[0].distance < RATIO * m[1].distance))
+    if not good:
+        return np.zeros((0, 2), np.float32), np.zeros((0, 2), np.float32)
+    _, qi, ti = zip(*good)
+    return a.points[list(qi)], b.points[list(ti)]
 
 
 def _grad(g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
