@@ -34,6 +34,8 @@ GATE_PERCENTILE = 99.9  # candidate pairs score above this percentile of the col
 # A copy turned by 90° scores far lower (it can fall to the 96th percentile, rank 27): among the ROT_K nearest
 # neighbours, the ROT_TOP best whose aspect ratio is the photo's turned (within ROT_ASPECT) and that score above the
 # ROT_PERCENTILE are candidates too.
+ALL_BELOW = 300  # a collection smaller than this tests every k-NN pair: its random pairs include its duplicates
+# pairs in a share that moves a high percentile, and n·k tests are cheap anyway
 ROT_K = 50
 ROT_TOP = 2
 ROT_ASPECT = 0.03
@@ -119,11 +121,20 @@ class _Tester:
         self.results: dict[tuple[int, int], PairResult] = {}
         self.threads = threads
 
+    def _pool(self):
+        """Threads for decoding and testing (OpenCV releases the GIL); none when one thread is asked for."""
+        if self.threads > 1:
+            return ThreadPoolExecutor(self.threads)
+        import contextlib
+        import types
+
+        return contextlib.nullcontext(types.SimpleNamespace(map=map))
+
     def warm(self, ids, progress=None) -> None:
         todo = [i for i in dict.fromkeys(ids) if i not in self.cache]
         if not todo:
             return
-        with ThreadPoolExecutor(self.threads) as pool:
+        with self._pool() as pool:
             for n, _ in enumerate(pool.map(lambda i: self.cache.get(i, self.rows[i].path), todo), 1):
                 if progress:
                     progress(n, len(todo))
@@ -140,7 +151,7 @@ class _Tester:
     def test_many(self, pairs) -> list[PairResult]:
         todo = list(dict.fromkeys((a, b) if a < b else (b, a) for a, b in pairs))
         self.warm([i for p in todo for i in p])
-        with ThreadPoolExecutor(self.threads) as pool:
+        with self._pool() as pool:
             list(pool.map(lambda p: self.test(*p), [p for p in todo if p not in self.results]))
         return [self.test(a, b) for a, b in pairs]
 
@@ -164,10 +175,12 @@ def _components(nodes, edges) -> list[list[int]]:
     return [sorted(c) for c in out.values() if len(c) > 1]
 
 
-def guarded_groups(edges: set[tuple[int, int]], passes: Callable[[int, int], bool], guard: bool = True) -> list[list[int]]:
-    """Groups from confirmed pairs: connected components, each member checked against the component's medoid (the
-    member with the most confirmed pairs in it, then the smallest id); members that fail are grouped again among
-    themselves. ``guard=False``: plain connected components (chains merge; tests show the difference)."""
+def guarded_groups(edges: dict[tuple[int, int], float], passes: Callable[[int, int], bool],
+                   guard: bool = True) -> list[list[int]]:
+    """Groups from confirmed pairs (``edges``: pair → score): connected components, each member checked against the
+    component's medoid (the member with the most confirmed pairs in it, then the highest sum of their scores, then
+    the smallest id); members that fail are grouped again among themselves. ``guard=False``: plain connected
+    components (a chain of look-alikes merges; the tests show the difference)."""
     nodes = sorted({i for e in edges for i in e})
     out = []
     todo = _components(nodes, edges)
@@ -177,18 +190,19 @@ def guarded_groups(edges: set[tuple[int, int]], passes: Callable[[int, int], boo
             out.append(comp)
             continue
         members = set(comp)
-        degree = {i: 0 for i in comp}
-        for a, b in edges:
+        degree = {i: [0, 0.0] for i in comp}
+        for (a, b), score in edges.items():
             if a in members and b in members:
-                degree[a] += 1
-                degree[b] += 1
-        medoid = min(comp, key=lambda i: (-degree[i], i))
+                for i in (a, b):
+                    degree[i][0] += 1
+                    degree[i][1] += score
+        medoid = min(comp, key=lambda i: (-degree[i][0], -degree[i][1], i))
         keep = [i for i in comp if i == medoid or passes(medoid, i)]
         rest = [i for i in comp if i not in set(keep)]
         if len(keep) > 1:
             out.append(sorted(keep))
         if len(rest) > 1:
-            sub = {(a, b) for a, b in edges if a in rest and b in rest}
+            sub = {e: v for e, v in edges.items() if e[0] in rest and e[1] in rest}
             todo.extend(_components(sorted({i for e in sub for i in e}), sub))
     return out
 
@@ -222,6 +236,8 @@ def find_duplicates(store, *, similar: bool = False, k: int = K, progress=None, 
         return float(np.interp(q, np.linspace(0, 100, len(cal.random)), cal.random)) if cal else -np.inf
 
     gate, rot_gate = gate_at(GATE_PERCENTILE), gate_at(ROT_PERCENTILE)
+    if photos < ALL_BELOW:
+        gate = rot_gate = -np.inf
     aspect = {int(i): (w or 1) / (h or 1) for i, w, h in store.query("SELECT id, width, height FROM images")}
     pairs: dict[tuple[int, int], float] = {}
     index = store.faiss_index() if photos >= 2 else None
@@ -258,8 +274,8 @@ def find_duplicates(store, *, similar: bool = False, k: int = K, progress=None, 
     tester.warm([i for p in pairs for i in p], progress)
     keys = list(pairs)
     results = tester.test_many(keys)
-    near_edges = {p for p, r in zip(keys, results) if r.near}
-    similar_edges = {p for p, r in zip(keys, results) if r.similar and not r.near}
+    near_edges = {p: pairs[p] for p, r in zip(keys, results) if r.near}
+    similar_edges = {p: pairs[p] for p, r in zip(keys, results) if r.similar and not r.near}
 
     # 4. groups
     vec_cache: dict[int, np.ndarray] = {}
@@ -296,7 +312,7 @@ def find_duplicates(store, *, similar: bool = False, k: int = K, progress=None, 
         make("near", ids, True)
     if similar:
         in_near = {i for g in groups if g.tier == "near" for i in (m.row_id for m in g.members)}
-        sim = {(a, b) for a, b in similar_edges if not (a in in_near and b in in_near)}
+        sim = {(a, b): v for (a, b), v in similar_edges.items() if not (a in in_near and b in in_near)}
         for ids in guarded_groups(sim, lambda a, b: tester.test(a, b).similar, guard):
             make("similar", ids, True)
     groups.sort(key=lambda g: (-len(g.members), TIERS.index(g.tier), g.keeper.path))
@@ -305,10 +321,11 @@ def find_duplicates(store, *, similar: bool = False, k: int = K, progress=None, 
     from retrieval.curate import pairtest as pt
 
     thresholds = {"exact": "same sha256",
-                  "candidates": {"k": k, "gate_random_percentile": GATE_PERCENTILE, "gate_score": gate if cal else None,
+                  "candidates": {"k": k, "gate_random_percentile": GATE_PERCENTILE, "gate_score": gate if np.isfinite(gate) else None,
                                  "turned": {"k": ROT_K, "top": ROT_TOP, "aspect": ROT_ASPECT,
                                             "gate_random_percentile": ROT_PERCENTILE,
-                                            "gate_score": rot_gate if cal else None}},
+                                            "gate_score": rot_gate if np.isfinite(rot_gate) else None},
+                                 "every_knn_pair_below": ALL_BELOW},
                   "near": {"min_inliers": pt.MIN_INLIERS, "angle_deg": pt.ANGLE_DEG, "min_cover": pt.MIN_COVER,
                            "min_cover_both": pt.MIN_COVER_BOTH, "min_agree": pt.MIN_AGREE, "side": pt.SIDE},
                   "similar": {"min_inliers": pt.MIN_INLIERS} if similar else None}
