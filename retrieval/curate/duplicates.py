@@ -7,6 +7,10 @@
   pair is then decided by the pair test of :mod:`retrieval.curate.pairtest` (geometry, rotation, overlap, pixels).
 - **similar** (``similar=True``): pairs the geometry confirms (the same scene or object) that are not near-duplicates.
 
+Each tier works on the keepers of the tier before it (a content with exact copies is its exact keeper in the near
+tier; a near group is its keeper in the similar tier): a photo is a non-keeper in one group at most, and a group's
+keeper is either kept or a non-keeper in the next tier, whose group's keeper then stands for it.
+
 A group is the union of confirmed pairs, guarded against chaining: every member must pass the pair test against the
 group's medoid (the member with the most confirmed pairs inside it); members that do not are split off and grouped
 again among themselves. The keeper is the largest photo (width × height), then the oldest (EXIF DateTimeOriginal,
@@ -14,31 +18,32 @@ else the file's mtime), then the shortest path. Each other member carries its ev
 """
 from __future__ import annotations
 
-import os
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
-from typing import Callable
 
 import numpy as np
 
 from retrieval.curate.pairtest import FeatureCache, PairResult, pair_test
 from retrieval.errors import RetrieveError
 from retrieval.index.calibration import for_search, pair_scores, percentile
+from retrieval.names import json_name
 from retrieval.presets import preset_of
 
 TIERS = ("exact", "near", "similar")
 K = 10  # nearest neighbours per photo searched for candidates (see module docstring)
 GATE_PERCENTILE = 99.9  # candidate pairs score above this percentile of the collection's random pairs
-# A copy turned by 90° scores far lower (it can fall to the 96th percentile, rank 27): among the ROT_K nearest
-# neighbours, the ROT_TOP best whose aspect ratio is the photo's turned (within ROT_ASPECT) and that score above the
-# ROT_PERCENTILE are candidates too.
 ALL_BELOW = 300  # a collection smaller than this tests every k-NN pair: its random pairs include its duplicates
 # pairs in a share that moves a high percentile, and n·k tests are cheap anyway
+# On a made set (Caltech photos, one edited copy of 210 of them), every copy but the turned ones is within rank 4 and
+# above the 99.93rd percentile. A copy turned by 90° scores far lower (down to the 96th percentile, rank 27), so among
+# the ROT_K nearest neighbours, the ROT_TOP best whose aspect ratio is the photo's turned (within ROT_ASPECT) and that
+# score above the ROT_PERCENTILE are candidates too (a square photo's turned aspect is its own).
 ROT_K = 50
 ROT_TOP = 2
-ROT_ASPECT = 0.03
+ROT_ASPECT = 0.01
 ROT_PERCENTILE = 95.0
 
 
@@ -77,9 +82,11 @@ class Duplicates:
     thresholds: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
+        """The ``--json`` shape; a path that is not UTF-8 also gets ``path_bytes`` (retrieval/names.py)."""
         return {"photos": self.photos, "pairs_checked": self.pairs_checked, "seconds": round(self.seconds, 3),
                 "thresholds": self.thresholds,
-                "groups": [{"id": g.id, "tier": g.tier, "members": [asdict(m) for m in g.members]}
+                "groups": [{"id": g.id, "tier": g.tier, "members": [{**asdict(m), **json_name("path", m.path)}
+                                                                    for m in g.members]}
                            for g in self.groups]}
 
 
@@ -98,13 +105,14 @@ def _exif_date(path: str) -> float | None:
         return None
 
 
-def _member(row) -> Member:
+def _member(row, width: int, height: int) -> Member:
+    """A member from its index row (``FileRow``) and resolution; its date read from the file's EXIF when present."""
     when = _exif_date(row.path)
     source = "exif"
     if when is None:
         source = "mtime"
         when = row.mtime_ns / 1e9
-    return Member(int(row.id), row.path, int(row.size), int(row.width or 0), int(row.height or 0), float(when), source)
+    return Member(int(row.id), row.path, int(row.size), int(width or 0), int(height or 0), float(when), source)
 
 
 def keeper_order(m: Member) -> tuple:
@@ -113,16 +121,18 @@ def keeper_order(m: Member) -> tuple:
 
 
 class _Tester:
-    """Pair tests with each photo's features computed once (in a thread pool) and each pair's result kept."""
+    """Pair tests, each photo's features computed once while it has pairs left to test (in a thread pool: OpenCV
+    releases the GIL) and dropped after its last one, so memory follows the pairs in flight, not the collection."""
 
-    def __init__(self, rows: dict, threads: int):
-        self.rows = rows
+    CHUNK = 512  # pairs tested between two evictions
+
+    def __init__(self, paths: dict[int, str], threads: int):
+        self.paths = paths
         self.cache = FeatureCache()
         self.results: dict[tuple[int, int], PairResult] = {}
         self.threads = threads
 
     def _pool(self):
-        """Threads for decoding and testing (OpenCV releases the GIL); none when one thread is asked for."""
         if self.threads > 1:
             return ThreadPoolExecutor(self.threads)
         import contextlib
@@ -130,29 +140,34 @@ class _Tester:
 
         return contextlib.nullcontext(types.SimpleNamespace(map=map))
 
-    def warm(self, ids, progress=None) -> None:
-        todo = [i for i in dict.fromkeys(ids) if i not in self.cache]
-        if not todo:
-            return
-        with self._pool() as pool:
-            for n, _ in enumerate(pool.map(lambda i: self.cache.get(i, self.rows[i].path), todo), 1):
-                if progress:
-                    progress(n, len(todo))
-
     def test(self, a: int, b: int) -> PairResult:
         key = (a, b) if a < b else (b, a)
         r = self.results.get(key)
         if r is None:
-            pa, pb = self.cache.get(key[0], self.rows[key[0]].path), self.cache.get(key[1], self.rows[key[1]].path)
+            pa, pb = self.cache.get(key[0], self.paths[key[0]]), self.cache.get(key[1], self.paths[key[1]])
             r = pair_test(pa, pb) if pa is not None and pb is not None else PairResult(False, False, 0, why="unreadable")
             self.results[key] = r
         return r
 
-    def test_many(self, pairs) -> list[PairResult]:
-        todo = list(dict.fromkeys((a, b) if a < b else (b, a) for a, b in pairs))
-        self.warm([i for p in todo for i in p])
+    def test_many(self, pairs, progress=None) -> list[PairResult]:
+        todo = sorted(dict.fromkeys((a, b) if a < b else (b, a) for a, b in pairs))  # neighbours in id order
+        left: dict[int, int] = {}
+        for p in todo:
+            for i in p:
+                left[i] = left.get(i, 0) + 1
         with self._pool() as pool:
-            list(pool.map(lambda p: self.test(*p), [p for p in todo if p not in self.results]))
+            for start in range(0, len(todo), self.CHUNK):
+                chunk = todo[start:start + self.CHUNK]
+                photos = [i for i in dict.fromkeys(i for p in chunk for i in p) if i not in self.cache]
+                list(pool.map(lambda i: self.cache.get(i, self.paths[i]), photos))
+                list(pool.map(lambda p: self.test(*p), chunk))
+                for p in chunk:
+                    for i in p:
+                        left[i] -= 1
+                        if not left[i]:
+                            self.cache.drop(i)
+                if progress:
+                    progress(start + len(chunk), len(todo))
         return [self.test(a, b) for a, b in pairs]
 
 
@@ -210,8 +225,8 @@ def guarded_groups(edges: dict[tuple[int, int], float], passes: Callable[[int, i
 def find_duplicates(store, *, similar: bool = False, k: int = K, progress=None, guard: bool = True) -> Duplicates:
     """The duplicate groups of an open index (read-only is enough); see the module docstring.
 
-    ``progress(done, total)``: called while photos' features are computed. ``guard``: the medoid guard (always on
-    outside tests)."""
+    ``progress(done, total)``: called as the candidate pairs are tested (``total`` pairs). ``guard``: the medoid
+    guard (always on outside tests). An exact copy's evidence is its score (no local features are compared)."""
     from retrieval.models.graphs import inference_threads
 
     t0 = time.perf_counter()
@@ -229,7 +244,17 @@ def find_duplicates(store, *, similar: bool = False, k: int = K, progress=None, 
     for f in files:
         by_hash.setdefault(f.sha256, []).append(f.id)
     exact = [sorted(ids) for ids in by_hash.values() if len(ids) > 1]
-    first_of = {i: min(ids) for ids in exact for i in ids}  # one row stands for its content below
+    by_id = {f.id: f for f in files}
+    dims = {int(i): (w or 0, h or 0) for i, w, h in store.query("SELECT id, width, height FROM images")}
+    members_of: dict[int, Member] = {}
+
+    def member(i: int) -> Member:
+        if i not in members_of:
+            members_of[i] = _member(by_id[i], *dims[i])
+        return members_of[i]
+
+    # below, a content with exact copies is one photo: its exact group's keeper
+    first_of = {i: min(ids, key=lambda j: keeper_order(member(j))) for ids in exact for i in ids}
 
     # 2. candidates: k nearest neighbours above the gate, and turned look-alikes above the lower gate
     def gate_at(q: float) -> float:
@@ -238,7 +263,7 @@ def find_duplicates(store, *, similar: bool = False, k: int = K, progress=None, 
     gate, rot_gate = gate_at(GATE_PERCENTILE), gate_at(ROT_PERCENTILE)
     if photos < ALL_BELOW:
         gate = rot_gate = -np.inf
-    aspect = {int(i): (w or 1) / (h or 1) for i, w, h in store.query("SELECT id, width, height FROM images")}
+    aspect = {i: (w or 1) / (h or 1) for i, (w, h) in dims.items()}
     pairs: dict[tuple[int, int], float] = {}
     index = store.faiss_index() if photos >= 2 else None
     live = set(aspect)
@@ -268,12 +293,10 @@ def find_duplicates(store, *, similar: bool = False, k: int = K, progress=None, 
                     pairs[key] = max(pairs.get(key, -np.inf), score)
 
     # 3. the pair test on the candidates
-    involved = {i for p in pairs for i in p} | {i for g in exact for i in g}
-    rows = store.rows_by_ids(involved)
-    tester = _Tester(rows, inference_threads())
-    tester.warm([i for p in pairs for i in p], progress)
+    paths = {f.id: f.path for f in files}
+    tester = _Tester(paths, inference_threads())
     keys = list(pairs)
-    results = tester.test_many(keys)
+    results = tester.test_many(keys, progress)
     near_edges = {p: pairs[p] for p, r in zip(keys, results) if r.near}
     similar_edges = {p: pairs[p] for p, r in zip(keys, results) if r.similar and not r.near}
 
@@ -282,51 +305,51 @@ def find_duplicates(store, *, similar: bool = False, k: int = K, progress=None, 
 
     def vector(i: int) -> np.ndarray:
         if i not in vec_cache:
-            vec_cache[i] = store.transform(np.frombuffer(rows[i].vector, np.float32)[None])[0]
+            for ids_, raw in store.vectors_of([i]):
+                vec_cache[i] = store.transform(raw)[0]
         return vec_cache[i]
 
     groups: list[Group] = []
-    members_of: dict[int, Member] = {}
 
-    def member(i: int) -> Member:
-        if i not in members_of:
-            members_of[i] = _member(rows[i])
-        return members_of[i]
-
-    def make(tier: str, ids: list[int], evidence: bool) -> None:
+    def make(tier: str, ids: list[int]) -> None:
         ms = sorted((member(i) for i in ids), key=keeper_order)
         out = []
         for n, m in enumerate(ms):
             m = Member(**{**asdict(m), "keeper": n == 0})
-            if n and evidence:
+            if n:
                 s = float(pair_scores(vector(m.row_id)[None], vector(ms[0].row_id)[None], metric)[0])
                 m.score = s
                 m.percentile = float(percentile(cal.random, s)) if cal else None
-                m.inliers = tester.test(m.row_id, ms[0].row_id).inliers
+                m.inliers = tester.test(m.row_id, ms[0].row_id).inliers if tier != "exact" else None
             out.append(m)
         groups.append(Group(0, tier, out))
 
     for ids in exact:
-        make("exact", ids, False)
+        make("exact", ids)
     for ids in guarded_groups(near_edges, lambda a, b: tester.test(a, b).near, guard):
-        make("near", ids, True)
-    if similar:
-        in_near = {i for g in groups if g.tier == "near" for i in (m.row_id for m in g.members)}
-        sim = {(a, b): v for (a, b), v in similar_edges.items() if not (a in in_near and b in in_near)}
+        make("near", ids)
+    if similar:  # over the near groups' keepers (module docstring)
+        keeper_of = {m.row_id: g.keeper.row_id for g in groups if g.tier == "near" for m in g.members}
+        sim: dict[tuple[int, int], float] = {}
+        for (a, b), v in similar_edges.items():
+            a, b = keeper_of.get(a, a), keeper_of.get(b, b)
+            if a != b:
+                sim[(min(a, b), max(a, b))] = max(v, sim.get((min(a, b), max(a, b)), v))
         for ids in guarded_groups(sim, lambda a, b: tester.test(a, b).similar, guard):
-            make("similar", ids, True)
+            make("similar", ids)
     groups.sort(key=lambda g: (-len(g.members), TIERS.index(g.tier), g.keeper.path))
     for n, g in enumerate(groups, 1):
         g.id = n
     from retrieval.curate import pairtest as pt
 
     thresholds = {"exact": "same sha256",
-                  "candidates": {"k": k, "gate_random_percentile": GATE_PERCENTILE, "gate_score": gate if np.isfinite(gate) else None,
+                  "candidates": {"k": k, "gate_random_percentile": GATE_PERCENTILE,
+                                 "gate_score": gate if np.isfinite(gate) else None,
                                  "turned": {"k": ROT_K, "top": ROT_TOP, "aspect": ROT_ASPECT,
                                             "gate_random_percentile": ROT_PERCENTILE,
                                             "gate_score": rot_gate if np.isfinite(rot_gate) else None},
                                  "every_knn_pair_below": ALL_BELOW},
-                  "near": {"min_inliers": pt.MIN_INLIERS, "angle_deg": pt.ANGLE_DEG, "min_cover": pt.MIN_COVER,
+                  "near": {"min_inliers": pt.NEAR_INLIERS, "angle_deg": pt.ANGLE_DEG, "min_cover": pt.MIN_COVER,
                            "min_cover_both": pt.MIN_COVER_BOTH, "min_agree": pt.MIN_AGREE, "side": pt.SIDE},
                   "similar": {"min_inliers": pt.MIN_INLIERS} if similar else None}
     return Duplicates(groups, photos, len(tester.results), time.perf_counter() - t0, thresholds)
