@@ -382,7 +382,10 @@ def score(pred: set, truth: list[dict]) -> dict:
         pr = {p for p in pred if all(kind[x] == k for x in p)}
         t = len(pr & ev)
         pk, rk = (t / len(pr) if pr else 1.0), (t / len(ev) if ev else 0.0)
-        by_kind[k] = {"precision": pk, "recall": rk, "f1": 2 * pk * rk / (pk + rk) if pk + rk else 0.0}
+        by_kind[k] = {"precision": pk, "recall": rk, "f1": 2 * pk * rk / (pk + rk) if pk + rk else 0.0,
+                      "per_transform": {t: (len(pred & {q for q in ps if kind[next(iter(q))] == k}) /
+                                            max(1, len({q for q in ps if kind[next(iter(q))] == k})))
+                                        for t, ps in per.items()}}
     return {"precision": prec, "recall": rec, "f1": f1, "pairs": len(pred), "true_pairs": len(every),
             "by_kind": by_kind,
             "per_transform": {t: (len(pred & s) / len(s) if s else None) for t, s in per.items()},
@@ -404,6 +407,8 @@ def _retrieve_row(where: Path, root: Path, truth: list[dict]) -> dict:
     r = score(pred, truth)
     src = {t["path"]: t["source"] for t in truth}
     r["false_examples"] = sorted(sorted(p) for p in pred if len({src.get(x) for x in p}) > 1)[:300]
+    _, per, _ = truth_pairs(truth)
+    r["missed_examples"] = {t: sorted(sorted(p) for p in ps - pred)[:40] for t, ps in per.items()}
     r.update(seconds=secs, note=f"near + exact tiers; {info['pairs_checked']} pairs checked", info=info,
              near_only=score(group_pairs(groups.get("near", [])), truth),
              exact_tier=score(group_pairs(groups.get("exact", [])),
@@ -615,6 +620,12 @@ def render(raw: dict) -> str:
                           f"P {_f(e['precision'])}, R {_f(e['per_transform']['exact'])}. Near tier alone: "
                           f"P {_f(rd['near_only']['precision'])}, R {_f(rd['near_only']['recall'])}, "
                           f"F1 {_f(rd['near_only']['f1'])}. Thresholds: `{json.dumps(rd['info']['thresholds'])}`.", ""]
+                if "per_transform" in next(iter(rd["by_kind"].values())):
+                    lines += ["find_duplicates by source kind (recall per transform: original ↔ copy):", "",
+                              _common.table(["kind", "P", "R", "F1", *TRANSFORMS], [
+                                  [k, _f(v["precision"]), _f(v["recall"]), _f(v["f1"]),
+                                   *[_f(v["per_transform"][t], 2) for t in TRANSFORMS]]
+                                  for k, v in rd["by_kind"].items()]), ""]
     for key in sorted(k for k in raw if k.startswith("speed")):
         s = raw[key]
         lines += [f"## Speed: {s['photos']:,} photos ({s['when']}, `{s['command']}`, {s['machine']}, "
