@@ -95,7 +95,8 @@ def made(tmp_path_factory):
     for name, (photo, f) in TRANSFORMS.items():
         img = skimage_photo(photo)
         _save(img, d / "originals" / f"{photo}.jpg", OLD)
-        _save(f(img), d / "copies" / f"{photo}-{name}.jpg", NEW)
+        # a smaller copy is older: only the resolution makes the original the keeper
+        _save(f(img), d / "copies" / f"{photo}-{name}.jpg", OLD - 1000 if name in ("resize", "crop") else NEW)
     # an exact copy: the same bytes under another name (newer mtime: the original keeps)
     _save(skimage_photo("retina").resize((700, 700)), d / "originals" / "retina.jpg", OLD)
     shutil.copyfile(d / "originals" / "retina.jpg", d / "copies" / "retina copy.jpg")
@@ -166,6 +167,7 @@ def test_each_edited_copy_is_a_near_duplicate_of_its_original_which_is_kept(foun
     g = groups[0]
     assert g.tier == "near" and _names(g) == [f"originals/{photo}.jpg", f"copies/{photo}-{transform}.jpg"]
     copy = g.members[1]
+    assert (g.keeper.width, g.keeper.height) == skimage_photo(photo).size  # the file's own, not the decoded size
     assert copy.score is not None and copy.inliers >= 30 and 0 <= copy.percentile <= 100
     assert g.keeper.score is None and g.keeper.keeper
 
@@ -239,8 +241,8 @@ def test_the_keeper_prefers_resolution_then_the_oldest_date_then_the_shortest_pa
     assert [m.row_id for m in sorted([new, same, old, big], key=keeper_order)] == [1, 2, 4, 3]
 
 
-def test_exif_date_is_read_when_present(tmp_path):
-    from retrieval.curate.duplicates import _exif_date
+def test_the_resolution_is_the_files_own_and_the_exif_date_is_read_when_present(tmp_path):
+    from retrieval.curate.duplicates import _exif_date, _file_facts
 
     img = Image.new("RGB", (8, 8))
     exif = Image.Exif()
@@ -251,6 +253,11 @@ def test_exif_date_is_read_when_present(tmp_path):
     assert _exif_date(str(tmp_path / "a.jpg")) == datetime(2001, 2, 3, 4, 5, 6).timestamp()
     img.save(tmp_path / "b.jpg")
     assert _exif_date(str(tmp_path / "b.jpg")) is None
+    turned = Image.Exif()
+    turned[0x0112] = 6  # shown turned by 90°
+    Image.new("RGB", (40, 30)).save(tmp_path / "c.jpg", exif=turned)
+    assert _file_facts(str(tmp_path / "c.jpg"))[0] == (30, 40)
+    assert _file_facts(str(tmp_path / "gone.jpg")) == (None, None)
 
 
 def test_a_faces_index_is_refused(tmp_path):
