@@ -496,6 +496,8 @@ def run_quality(splits: list[str], threads: int, methods: list[str], old: dict |
             got.update(_imagededup_rows(root, truth, threads))
         order = ["retrieve find_duplicates", "fixed cosine (tuned)", "fixed cosine (oracle)",
                  *[f"imagededup {m}" for m in ("PHash", "DHash", "WHash", "AHash", "CNN")]]
+        for r in got.values():
+            r["when"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
         merged = {**before, **got}
         res = {"photos": len(truth), "kinds": kinds, "index_seconds": idx_s,
                "methods": {m: merged[m] for m in order if m in merged}}
@@ -505,14 +507,19 @@ def run_quality(splits: list[str], threads: int, methods: list[str], old: dict |
     return out
 
 
-def run_speed(n: int, threads: int) -> dict:
+def run_speed(n: int, threads: int, budget: float) -> dict:
     root, photos = build_speed(n)
     where = CACHE / f"v{VERSION}" / f"speed-{n}-index"
     idx_s = index(root, where, threads)
     out = {"photos": photos, "threads": threads, "index_seconds": idx_s, "load_before": os.getloadavg()}
-    groups, secs, info = retrieve_groups(where, root)
-    out["retrieve"] = {"seconds": secs, "groups": {t: len(g) for t, g in groups.items()},
-                       "grouped": sum(len(m) for g in groups.values() for m in g), **info}
+    groups, secs, info = retrieve_groups(where, root, budget)
+    if groups is None:  # stopped at the budget: how far it got
+        st = info["stages"]
+        out["retrieve"] = {"seconds": secs, "stopped": True, "groups": {}, "grouped": 0,
+                           "pairs_checked": f"{st.get('pairs_tested', 0)} of {st.get('pairs', '?')} (stopped)", **info}
+    else:
+        out["retrieve"] = {"seconds": secs, "groups": {t: len(g) for t, g in groups.items()},
+                           "grouped": sum(len(m) for g in groups.values() for m in g), **info}
     pred, secs, _ = imagededup_pairs(root, "PHash", threads)
     out["imagededup PHash"] = {"seconds": secs, "pairs": len(pred)}
     out["load_after"] = os.getloadavg()
@@ -637,7 +644,8 @@ def render(raw: dict) -> str:
              "100 k in ≤ 15 min.", ""]
     q = raw.get("quality")
     if q:
-        lines += [f"## Quality ({q['when']}, `{q['command']}`, {q['machine']}, load {q['load']})", ""]
+        lines += [f"## Quality (last run {q['when']} at {q.get('rev', '?')}: `{q['command']}`, {q['machine']}, load {q['load']}; each row "
+                  f"says when it was run: `--methods` re-runs some rows and keeps the others)", ""]
         for split, res in q["splits"].items():
             kinds = ", ".join(f"{k}: {v['photos']} photos ({v['sources']} sources, {v['negatives']} hard negatives)"
                               for k, v in res["kinds"].items())
@@ -654,7 +662,8 @@ def render(raw: dict) -> str:
                 rows.append([m, _f(r["precision"]), _f(r["recall"]), _f(r["f1"]),
                              *[_f(r.get("by_kind", {}).get(k, {}).get("f1")) for k in kinds_here],
                              *[_f(r["per_transform"][t], 2) for t in TRANSFORMS], fp,
-                             _f(r["seconds"], 1) if r.get("seconds") is not None else "–", r["note"]])
+                             _f(r["seconds"], 1) if r.get("seconds") is not None else "–",
+                             f"{r['note']} (run {r.get('when', '?')})"])
             lines += [_common.table(hdr, rows), ""]
             rd = res["methods"].get("retrieve find_duplicates", {})
             if "exact_tier" in rd:
@@ -671,18 +680,23 @@ def render(raw: dict) -> str:
                                   for k, v in rd["by_kind"].items()]), ""]
     for key in sorted(k for k in raw if k.startswith("speed")):
         s = raw[key]
-        lines += [f"## Speed: {s['photos']:,} photos ({s['when']}, `{s['command']}`, {s['machine']}, "
+        lines += [f"## Speed: {s['photos']:,} photos ({s['when']} at {s.get('rev', '?')}, `{s['command']}`, {s['machine']}, "
                   f"RETRIEVE_THREADS={s['threads']}, load before/after {s['load']})", "",
                   _common.table(["what", "seconds", "output"], [
                       ["retrieve index (general preset, not part of the target)", _f(s["index_seconds"], 1), ""],
-                      ["retrieve find_duplicates", _f(s["retrieve"]["seconds"], 1),
+                      ["retrieve find_duplicates" + (" (stopped at --budget)" if s["retrieve"].get("stopped") else ""),
+                       _f(s["retrieve"]["seconds"], 1),
                        f"groups {s['retrieve']['groups']}, {s['retrieve']['grouped']} photos grouped, "
                        f"{s['retrieve']['pairs_checked']} pairs checked" + _stages(s["retrieve"].get("stages"))],
+                      *([["projected whole find_duplicates (not measured: the pairs left at the measured rate)",
+                          _f(s["retrieve"]["seconds"] + (s["retrieve"]["stages"]["pairs"] - s["retrieve"]["stages"]
+                             ["pairs_tested"]) / s["retrieve"]["stages"]["pair_tests_per_s"], 0), ""]]
+                        if s["retrieve"].get("stopped") and s["retrieve"]["stages"].get("pair_tests_per_s") else []),
                       ["imagededup PHash (encode + find, default threshold)", _f(s["imagededup PHash"]["seconds"], 1),
                        f"{s['imagededup PHash']['pairs']} pairs"]]), ""]
     g = raw.get("grouping")
     if g:
-        lines += [f"## Grouping stage at {g['rows']:,} rows ({g['when']}, `{g['command']}`, {g['machine']}, "
+        lines += [f"## Grouping stage at {g['rows']:,} rows ({g['when']} at {g.get('rev', '?')}, `{g['command']}`, {g['machine']}, "
                   f"RETRIEVE_THREADS={g['threads']}, load {g['load']})", "", g["what"], "",
                   _common.table(["what", "seconds", "output"], g["rows_table"]), ""]
     return "\n".join(lines)
@@ -698,7 +712,9 @@ def _machine() -> str:
 
 
 def _stamp(part: dict, argv: list[str], load0) -> dict:
-    part.update(when=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), machine=_machine(),
+    rev = subprocess.run(["git", "-C", str(_common.ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                         text=True, check=False).stdout.strip()
+    part.update(when=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), machine=_machine(), rev=rev,
                 command="python bench/duplicates.py " + " ".join(argv),
                 load=f"{load0[0]:.1f} → {os.getloadavg()[0]:.1f} (1-min average; 2 cores shared with other work "
                      f"when above ~1)")
@@ -714,7 +730,7 @@ def main() -> None:
     ap.add_argument("--grouping", type=int, default=0, help="the grouping stage at this many rows (0: none)")
     ap.add_argument("--grouping-from", type=int, default=10000, help="the speed index the grouping run grows")
     ap.add_argument("--budget", type=float, default=900,
-                    help="stop the grouping run's pair tests after this many seconds (the 100 k target: 15 min)")
+                    help="stop find_duplicates' pair tests in the speed and grouping runs after this many seconds")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--build-only", action="store_true", help="write the sets and indexes, measure nothing")
     args = ap.parse_args()
@@ -737,7 +753,7 @@ def main() -> None:
         raw["quality"] = _stamp(run_quality(splits, args.threads, args.methods, raw.get("quality")), argv, load0)
     if args.photos:
         load0 = os.getloadavg()
-        raw[f"speed-{args.photos}"] = _stamp(run_speed(args.photos, args.threads), argv, load0)
+        raw[f"speed-{args.photos}"] = _stamp(run_speed(args.photos, args.threads, args.budget), argv, load0)
     if args.grouping:
         load0 = os.getloadavg()
         raw["grouping"] = _stamp(run_grouping(args.grouping, args.threads, args.grouping_from, args.budget), argv,
