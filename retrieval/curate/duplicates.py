@@ -137,13 +137,15 @@ def keeper_order(m: Member) -> tuple:
 
 class _Tester:
     """Pair tests, each photo's features computed once while it has pairs left to test (in a thread pool: OpenCV
-    releases the GIL) and dropped after its last one, so memory follows the pairs in flight, not the collection."""
+    releases the GIL) and dropped after its last one, or when more than ``KEEP`` photos are held (the least recently
+    used first), so memory follows the pairs in flight, not the collection."""
 
-    CHUNK = 512  # pairs tested between two evictions
+    CHUNK = 64  # pairs tested together (in the pool) between two looks at what the confirmed pairs connect
+    KEEP = 3000  # photos' features held at most
 
     def __init__(self, paths: dict[int, str], threads: int):
         self.paths = paths
-        self.cache = FeatureCache()
+        self.cache = FeatureCache(self.KEEP)
         self.results: dict[tuple[int, int], PairResult] = {}
         self.threads = threads
 
@@ -164,26 +166,75 @@ class _Tester:
             self.results[key] = r
         return r
 
-    def test_many(self, pairs, progress=None) -> list[PairResult]:
-        todo = sorted(dict.fromkeys((a, b) if a < b else (b, a) for a, b in pairs))  # neighbours in id order
+    def test_unconnected(self, pairs: list[tuple[int, int]], progress=None) -> list[tuple[int, int]]:
+        """Test ``pairs`` (best first) except those whose two photos the near pairs confirmed so far already connect:
+        those are returned (untested). A group of n copies then costs about n - 1 tests, not n(n - 1)/2; the medoid
+        guard and the keeper's evidence test what they need afterwards. Each chunk holds pairs that would not close
+        a loop among themselves if all were confirmed (one that would waits for the chunk's results)."""
+        import cv2
+
+        parent: dict[int, int] = {}
+
+        def find(x):
+            while parent.get(x, x) != x:
+                parent[x] = parent.get(parent[x], parent[x])
+                x = parent[x]
+            return x
+
         left: dict[int, int] = {}
-        for p in todo:
+        for p in pairs:
             for i in p:
                 left[i] = left.get(i, 0) + 1
-        with self._pool() as pool:
-            for start in range(0, len(todo), self.CHUNK):
-                chunk = todo[start:start + self.CHUNK]
-                photos = [i for i in dict.fromkeys(i for p in chunk for i in p) if i not in self.cache]
-                list(pool.map(lambda i: self.cache.get(i, self.paths[i]), photos))
-                list(pool.map(lambda p: self.test(*p), chunk))
-                for p in chunk:
-                    for i in p:
-                        left[i] -= 1
-                        if not left[i]:
-                            self.cache.drop(i)
-                if progress:
-                    progress(start + len(chunk), len(todo))
-        return [self.test(a, b) for a, b in pairs]
+        skipped: list[tuple[int, int]] = []
+        queue, done = list(pairs), 0
+        threads = cv2.getNumThreads()
+        cv2.setNumThreads(1)  # the pool's threads are the parallelism: OpenCV's own would oversubscribe the cores
+        try:
+            with self._pool() as pool:
+                while queue:
+                    batch, wait, joined, n = [], [], {}, 0
+
+                    def top(x):  # the root if every pair of the batch so far were confirmed
+                        x = find(x)
+                        while joined.get(x, x) != x:
+                            x = joined[x]
+                        return x
+
+                    for n, p in enumerate(queue, 1):
+                        ra, rb = find(p[0]), find(p[1])
+                        if ra == rb:
+                            skipped.append(p)
+                            self._done(p, left)
+                            done += 1
+                            continue
+                        ta, tb = top(ra), top(rb)
+                        if ta == tb:
+                            wait.append(p)
+                            continue
+                        joined[max(ta, tb)] = min(ta, tb)
+                        batch.append(p)
+                        if len(batch) == self.CHUNK:
+                            break
+                    queue = wait + queue[n:]
+                    photos = [i for i in dict.fromkeys(i for p in batch for i in p) if i not in self.cache]
+                    list(pool.map(lambda i: self.cache.get(i, self.paths[i]), photos))
+                    for p, r in zip(batch, pool.map(lambda p: self.test(*p), batch)):
+                        if r.near:
+                            ra, rb = find(p[0]), find(p[1])
+                            parent[max(ra, rb)] = min(ra, rb)
+                        self._done(p, left)
+                    done += len(batch)
+                    if progress:
+                        progress(done, len(pairs))
+        finally:
+            cv2.setNumThreads(threads)
+        return skipped
+
+    def _done(self, p: tuple[int, int], left: dict[int, int]) -> None:
+        for i in p:
+            left[i] -= 1
+            if not left[i]:
+                self.cache.drop(i)
 
 
 def _components(nodes, edges) -> list[list[int]]:
@@ -206,11 +257,13 @@ def _components(nodes, edges) -> list[list[int]]:
 
 
 def guarded_groups(edges: dict[tuple[int, int], float], passes: Callable[[int, int], bool],
-                   guard: bool = True) -> list[list[int]]:
+                   guard: bool = True, untested: dict[tuple[int, int], float] | None = None) -> list[list[int]]:
     """Groups from confirmed pairs (``edges``: pair → score): connected components, each member checked against the
     component's medoid (the member with the most confirmed pairs in it, then the highest sum of their scores, then
-    the smallest id); members that fail are grouped again among themselves. ``guard=False``: plain connected
-    components (a chain of look-alikes merges; the tests show the difference)."""
+    the smallest id); members that fail are grouped again among themselves, over their confirmed pairs and the
+    ``untested`` candidate pairs among them that pass (pairs left untested because confirmed pairs already connected
+    them). ``guard=False``: plain connected components (a chain of look-alikes merges; the tests show the
+    difference)."""
     nodes = sorted({i for e in edges for i in e})
     out = []
     todo = _components(nodes, edges)
@@ -232,7 +285,10 @@ def guarded_groups(edges: dict[tuple[int, int], float], passes: Callable[[int, i
         if len(keep) > 1:
             out.append(sorted(keep))
         if len(rest) > 1:
-            sub = {e: v for e, v in edges.items() if e[0] in rest and e[1] in rest}
+            rest_set = set(rest)
+            sub = {e: v for e, v in edges.items() if e[0] in rest_set and e[1] in rest_set}
+            sub.update({e: v for e, v in (untested or {}).items()
+                        if e[0] in rest_set and e[1] in rest_set and e not in sub and passes(*e)})
             todo.extend(_components(sorted({i for e in sub for i in e}), sub))
     return out
 
@@ -310,10 +366,10 @@ def find_duplicates(store, *, similar: bool = False, k: int = K, progress=None, 
     # 3. the pair test on the candidates
     paths = {f.id: f.path for f in files}
     tester = _Tester(paths, inference_threads())
-    keys = list(pairs)
-    results = tester.test_many(keys, progress)
-    near_edges = {p: pairs[p] for p, r in zip(keys, results) if r.near}
-    similar_edges = {p: pairs[p] for p, r in zip(keys, results) if r.similar and not r.near}
+    skipped = tester.test_unconnected(sorted(pairs, key=lambda p: (-pairs[p], p)), progress)
+    near_edges = {p: pairs[p] for p, r in tester.results.items() if r.near}
+    similar_edges = {p: pairs[p] for p, r in tester.results.items() if r.similar and not r.near}
+    untested = {p: pairs[p] for p in skipped}
 
     # 4. groups
     vec_cache: dict[int, np.ndarray] = {}
@@ -341,7 +397,7 @@ def find_duplicates(store, *, similar: bool = False, k: int = K, progress=None, 
 
     for ids in exact:
         make("exact", ids)
-    for ids in guarded_groups(near_edges, lambda a, b: tester.test(a, b).near, guard):
+    for ids in guarded_groups(near_edges, lambda a, b: tester.test(a, b).near, guard, untested):
         make("near", ids)
     if similar:  # over the near groups' keepers (module docstring)
         keeper_of = {m.row_id: g.keeper.row_id for g in groups if g.tier == "near" for m in g.members}

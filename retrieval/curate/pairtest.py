@@ -9,7 +9,8 @@ score high and both give many inliers. An edited copy differs in a way another p
    tenth of SIFT's cost per photo;
 2. its rotation is a multiple of 90° (a photo turned in an editor, never a camera turned by 7°);
 3. the aligned frames overlap over most of each photo (a crop keeps most of the picture);
-4. the pixels agree once aligned (the alignment refined on the pixels themselves, ECC): gradients, compared cell by cell with a normalised correlation (so a
+4. the pixels agree once aligned (the alignment refined on the pixels themselves, ECC, where the feature points'
+   alignment alone falls short): gradients, compared cell by cell with a normalised correlation (so a
    colour, brightness or contrast change does not matter), and summarised by a robust statistic (so text or a
    watermark over part of the picture does not either). Another photo of the same scene, even one taken from
    almost the same place, is offset by parallax and movement at the scale of a few pixels, and its gradients do
@@ -219,9 +220,12 @@ def _one_way(a: Photo, b: Photo, mirrored: bool) -> PairResult | None:
     if max(r.cover) < MIN_COVER or min(r.cover) < MIN_COVER_BOTH:
         r.why = f"overlap {r.cover[0]:.0%} / {r.cover[1]:.0%}"
         return r
-    warped, mask = _refined(a.grey, b.grey, m, warped, mask)
+    need = MIN_AGREE_SMALL if min(max(a.size), max(b.size)) < SMALL_SIDE else MIN_AGREE
     r.agree = agreement(a.grey, warped, mask)
-    if r.agree < (MIN_AGREE_SMALL if min(max(a.size), max(b.size)) < SMALL_SIDE else MIN_AGREE):
+    if r.agree < need:  # the refinement only improves the alignment: it is run where the points' own falls short
+        warped, mask = _refined(a.grey, b.grey, m, warped, mask)
+        r.agree = max(r.agree, agreement(a.grey, warped, mask))
+    if r.agree < need:
         r.why = f"pixels disagree ({r.agree:.2f})"
         return r
     r.near = True
@@ -240,15 +244,20 @@ def pair_test(a: Photo, b: Photo) -> PairResult:
 
 
 class FeatureCache:
-    """Photos' features by row id, computed once per run (thread-safe; unreadable files give None)."""
+    """Photos' features by row id, computed once and kept (thread-safe; unreadable files give None); with ``keep``,
+    at most that many, the least recently used dropped first (computed again if asked for again)."""
 
-    def __init__(self):
-        self._kept: dict[int, Photo | None] = {}
+    def __init__(self, keep: int | None = None):
+        from collections import OrderedDict
+
+        self._kept: OrderedDict[int, Photo | None] = OrderedDict()
+        self._keep = keep
         self._lock = threading.Lock()
 
     def get(self, row_id: int, path: str) -> Photo | None:
         with self._lock:
             if row_id in self._kept:
+                self._kept.move_to_end(row_id)
                 return self._kept[row_id]
         try:
             p = load_photo(path)
@@ -256,6 +265,8 @@ class FeatureCache:
             p = None
         with self._lock:
             self._kept[row_id] = p
+            while self._keep is not None and len(self._kept) > self._keep:
+                self._kept.popitem(last=False)
         return p
 
     def drop(self, row_id: int) -> None:
