@@ -18,6 +18,7 @@ else the file's mtime), then the shortest path. Each other member carries its ev
 """
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -43,6 +44,7 @@ ALL_BELOW = 300  # a collection smaller than this tests every k-NN pair: its ran
 # above the 99.93rd percentile. A copy turned by 90° scores far lower (down to the 96th percentile, rank 27), so among
 # the ROT_K nearest neighbours, the ROT_TOP best whose aspect ratio is the photo's turned (within ROT_ASPECT) and that
 # score above the ROT_PERCENTILE are candidates too (a square photo's turned aspect is its own).
+MEDOID_TRIES = 3  # members tried as a group's medoid (guarded_groups)
 ROT_K = 100
 ROT_TOP = 4
 ROT_ASPECT = 0.01
@@ -259,12 +261,17 @@ def _components(nodes, edges) -> list[list[int]]:
 def guarded_groups(edges: dict[tuple[int, int], float], passes: Callable[[int, int], bool],
                    guard: bool = True, untested: dict[tuple[int, int], float] | None = None) -> list[list[int]]:
     """Groups from confirmed pairs (``edges``: pair → score): connected components, each member checked against the
-    component's medoid (the member with the most confirmed pairs in it, then the highest sum of their scores, then
-    the smallest id); members that fail are grouped again among themselves, over their confirmed pairs and the
+    component's medoid: of the MEDOID_TRIES members with the most confirmed or untested pairs in it (then the highest
+    sum of their scores, then the smallest id), the first that passes with every member, else the one that passes
+    with the most (untested pairs are not all confirmed: the first alone split off copies); members that fail are grouped again among themselves, over their confirmed pairs and the
     ``untested`` candidate pairs among them that pass (pairs left untested because confirmed pairs already connected
     them). ``guard=False``: plain connected components (a chain of look-alikes merges; the tests show the
     difference)."""
     nodes = sorted({i for e in edges for i in e})
+    near: dict[int, list[tuple[int, float]]] = {}  # each photo's confirmed and untested pairs: (other, score)
+    for (a, b), v in itertools.chain(edges.items(), (untested or {}).items()):
+        near.setdefault(a, []).append((b, v))
+        near.setdefault(b, []).append((a, v))
     out = []
     todo = _components(nodes, edges)
     while todo:
@@ -273,22 +280,22 @@ def guarded_groups(edges: dict[tuple[int, int], float], passes: Callable[[int, i
             out.append(comp)
             continue
         members = set(comp)
-        degree = {i: [0, 0.0] for i in comp}
-        for (a, b), score in edges.items():
-            if a in members and b in members:
-                for i in (a, b):
-                    degree[i][0] += 1
-                    degree[i][1] += score
-        medoid = min(comp, key=lambda i: (-degree[i][0], -degree[i][1], i))
-        keep = [i for i in comp if i == medoid or passes(medoid, i)]
+        degree = {i: (sum(1 for j, _ in near[i] if j in members), sum(v for j, v in near[i] if j in members))
+                  for i in comp}
+        keep: list[int] = []
+        for medoid in sorted(comp, key=lambda i: (-degree[i][0], -degree[i][1], i))[:MEDOID_TRIES]:
+            kept = [i for i in comp if i == medoid or passes(medoid, i)]
+            if len(kept) > len(keep):
+                keep = kept
+            if len(keep) == len(comp):
+                break
         rest = [i for i in comp if i not in set(keep)]
         if len(keep) > 1:
             out.append(sorted(keep))
         if len(rest) > 1:
             rest_set = set(rest)
-            sub = {e: v for e, v in edges.items() if e[0] in rest_set and e[1] in rest_set}
-            sub.update({e: v for e, v in (untested or {}).items()
-                        if e[0] in rest_set and e[1] in rest_set and e not in sub and passes(*e)})
+            sub = {(i, j): v for i in rest for j, v in near[i] if i < j and j in rest_set
+                   and ((i, j) in edges or passes(i, j))}
             todo.extend(_components(sorted({i for e in sub for i in e}), sub))
     return out
 
