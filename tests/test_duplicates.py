@@ -283,4 +283,23 @@ def test_progress_counts_the_pairs_tested(made):
         dups = find_duplicates(store, progress=lambda done, total: calls.append((done, total)))
     assert calls and calls[-1][0] == calls[-1][1] > 0
     assert [c[0] for c in calls] == sorted(c[0] for c in calls)
-    assert dups.pairs_checked >= calls[-1][1]
+    assert 0 < dups.pairs_checked  # pairs that confirmed pairs already connect are not tested (test below)
+
+
+def test_a_group_of_copies_costs_one_test_per_copy_not_one_per_pair(tmp_path):
+    """Five copies of one photo are ten candidate pairs; once four confirmed pairs connect the five, the other six
+    are left untested (returned), and a pair of two unrelated photos is still tested."""
+    from retrieval.curate.duplicates import _Tester
+
+    img = skimage_photo("astronaut")
+    paths = {}
+    for i, q in enumerate((95, 85, 75, 65, 55)):
+        paths[i] = str(tmp_path / f"copy{i}.jpg")
+        img.resize((400 + 20 * i, 400 + 20 * i)).save(paths[i], "JPEG", quality=q)
+    paths[9] = str(tmp_path / "other.jpg")
+    skimage_photo("coffee").save(paths[9], "JPEG")
+    pairs = [(a, b) for a in range(5) for b in range(a + 1, 5)] + [(4, 9)]
+    tester = _Tester(paths, 2)
+    skipped = tester.test_unconnected(pairs)
+    assert len(tester.results) == 5 and len(skipped) == 6, (tester.results, skipped)
+    assert sum(r.near for r in tester.results.values()) == 4 and not tester.results[(4, 9)].near

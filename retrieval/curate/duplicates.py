@@ -18,6 +18,8 @@ else the file's mtime), then the shortest path. Each other member carries its ev
 """
 from __future__ import annotations
 
+import contextlib
+import itertools
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -43,6 +45,7 @@ ALL_BELOW = 300  # a collection smaller than this tests every k-NN pair: its ran
 # above the 99.93rd percentile. A copy turned by 90° scores far lower (down to the 96th percentile, rank 27), so among
 # the ROT_K nearest neighbours, the ROT_TOP best whose aspect ratio is the photo's turned (within ROT_ASPECT) and that
 # score above the ROT_PERCENTILE are candidates too (a square photo's turned aspect is its own).
+MEDOID_TRIES = 3  # members tried as a group's medoid (guarded_groups)
 ROT_K = 100
 ROT_TOP = 4
 ROT_ASPECT = 0.01
@@ -137,23 +140,40 @@ def keeper_order(m: Member) -> tuple:
 
 class _Tester:
     """Pair tests, each photo's features computed once while it has pairs left to test (in a thread pool: OpenCV
-    releases the GIL) and dropped after its last one, so memory follows the pairs in flight, not the collection."""
+    releases the GIL) and dropped after its last one, or when more than ``KEEP`` photos are held (the least recently
+    used first), so memory follows the pairs in flight, not the collection."""
 
-    CHUNK = 512  # pairs tested between two evictions
+    CHUNK = 64  # pairs tested together (in the pool) between two looks at what the confirmed pairs connect
+    KEEP = 3000  # photos' features held at most
 
     def __init__(self, paths: dict[int, str], threads: int):
         self.paths = paths
-        self.cache = FeatureCache()
+        self.cache = FeatureCache(self.KEEP)
         self.results: dict[tuple[int, int], PairResult] = {}
         self.threads = threads
+        self.confirmed: set[int] = set()  # photos in a near pair
 
-    def _pool(self):
-        if self.threads > 1:
-            return ThreadPoolExecutor(self.threads)
-        import contextlib
-        import types
+    map = map  # the pool's while running(), else the builtin
 
-        return contextlib.nullcontext(types.SimpleNamespace(map=map))
+    @contextlib.contextmanager
+    def running(self):
+        """The thread pool (``self.map``) for what runs inside, with OpenCV on one thread meanwhile: the pool's
+        threads are the parallelism, OpenCV's own would oversubscribe the cores."""
+        import cv2
+
+        threads = cv2.getNumThreads()
+        cv2.setNumThreads(1)
+        try:
+            with (ThreadPoolExecutor(self.threads) if self.threads > 1 else contextlib.nullcontext()) as pool:
+                self.map = pool.map if pool is not None else map
+                yield self
+        finally:
+            self.map = map
+            cv2.setNumThreads(threads)
+
+    def test_all(self, pairs) -> list[PairResult]:
+        """``pairs`` tested in the pool (each once; results kept)."""
+        return list(self.map(lambda p: self.test(*p), pairs))
 
     def test(self, a: int, b: int) -> PairResult:
         key = (a, b) if a < b else (b, a)
@@ -164,26 +184,79 @@ class _Tester:
             self.results[key] = r
         return r
 
-    def test_many(self, pairs, progress=None) -> list[PairResult]:
-        todo = sorted(dict.fromkeys((a, b) if a < b else (b, a) for a, b in pairs))  # neighbours in id order
+    def test_unconnected(self, pairs: list[tuple[int, int]], progress=None) -> list[tuple[int, int]]:
+        """Test ``pairs`` (best first) except those whose two photos the near pairs confirmed so far already connect:
+        those are returned (untested). A group of n copies then costs about n - 1 tests, not n(n - 1)/2; the medoid
+        guard and the keeper's evidence test what they need afterwards. Each chunk holds pairs that would not close
+        a loop among themselves if all were confirmed (one that would waits for the chunk's results)."""
+        parent: dict[int, int] = {}
+
+        def find(x):
+            while parent.get(x, x) != x:
+                parent[x] = parent.get(parent[x], parent[x])
+                x = parent[x]
+            return x
+
         left: dict[int, int] = {}
-        for p in todo:
+        for p in pairs:
             for i in p:
                 left[i] = left.get(i, 0) + 1
-        with self._pool() as pool:
-            for start in range(0, len(todo), self.CHUNK):
-                chunk = todo[start:start + self.CHUNK]
-                photos = [i for i in dict.fromkeys(i for p in chunk for i in p) if i not in self.cache]
-                list(pool.map(lambda i: self.cache.get(i, self.paths[i]), photos))
-                list(pool.map(lambda p: self.test(*p), chunk))
-                for p in chunk:
-                    for i in p:
-                        left[i] -= 1
-                        if not left[i]:
-                            self.cache.drop(i)
-                if progress:
-                    progress(start + len(chunk), len(todo))
-        return [self.test(a, b) for a, b in pairs]
+        skipped: list[tuple[int, int]] = []
+        waiting: list[tuple[int, int]] = []  # pairs that waited for the last chunk's results
+        pos = done = 0
+        while waiting or pos < len(pairs):
+            batch: list[tuple[int, int]] = []
+            joined: dict[int, int] = {}
+
+            def top(x):  # the root if every pair of the chunk so far were confirmed
+                x = find(x)
+                while joined.get(x, x) != x:
+                    x = joined[x]
+                return x
+
+            def consider(p) -> bool:  # skip, wait or take p; True when the chunk is full
+                nonlocal done
+                ra, rb = find(p[0]), find(p[1])
+                if ra == rb:
+                    skipped.append(p)
+                    self._done(p, left)
+                    done += 1
+                    return False
+                ta, tb = top(ra), top(rb)
+                if ta == tb:
+                    wait.append(p)
+                    return False
+                joined[max(ta, tb)] = min(ta, tb)
+                batch.append(p)
+                return len(batch) == self.CHUNK
+
+            wait: list[tuple[int, int]] = []
+            for n, p in enumerate(waiting):
+                if consider(p):
+                    wait.extend(waiting[n + 1:])
+                    break
+            while len(batch) < self.CHUNK and pos < len(pairs):
+                consider(pairs[pos])
+                pos += 1
+            waiting = wait
+            photos = [i for i in dict.fromkeys(i for p in batch for i in p) if i not in self.cache]
+            list(self.map(lambda i: self.cache.get(i, self.paths[i]), photos))
+            for p, r in zip(batch, self.test_all(batch)):
+                if r.near:
+                    ra, rb = find(p[0]), find(p[1])
+                    parent[max(ra, rb)] = min(ra, rb)
+                    self.confirmed.update(p)
+                self._done(p, left)
+            done += len(batch)
+            if progress:
+                progress(done, len(pairs))
+        return skipped
+
+    def _done(self, p: tuple[int, int], left: dict[int, int]) -> None:
+        for i in p:
+            left[i] -= 1
+            if not left[i] and i not in self.confirmed:  # a confirmed one's are likely asked for again (groups)
+                self.cache.drop(i)
 
 
 def _components(nodes, edges) -> list[list[int]]:
@@ -206,33 +279,51 @@ def _components(nodes, edges) -> list[list[int]]:
 
 
 def guarded_groups(edges: dict[tuple[int, int], float], passes: Callable[[int, int], bool],
-                   guard: bool = True) -> list[list[int]]:
+                   guard: bool = True, untested: dict[tuple[int, int], float] | None = None,
+                   map_=map) -> list[list[int]]:
     """Groups from confirmed pairs (``edges``: pair → score): connected components, each member checked against the
-    component's medoid (the member with the most confirmed pairs in it, then the highest sum of their scores, then
-    the smallest id); members that fail are grouped again among themselves. ``guard=False``: plain connected
-    components (a chain of look-alikes merges; the tests show the difference)."""
+    component's medoid: of the MEDOID_TRIES members with the most confirmed or untested pairs in it (then the highest
+    sum of their scores, then the smallest id), the first that passes with every member, else the one that passes
+    with the most (untested pairs are not all confirmed: the first alone split off copies); members that fail are
+    grouped again among themselves, over their confirmed pairs and the ``untested`` candidate pairs among them that
+    pass (pairs left untested because confirmed pairs already connected them). ``guard=False``: plain connected components (a chain of look-alikes merges; the tests show the
+    difference). ``map_``: how the components are worked through (a pool's map runs them in parallel)."""
     nodes = sorted({i for e in edges for i in e})
+    near: dict[int, list[tuple[int, float]]] = {}  # each photo's confirmed and untested pairs: (other, score)
+    for (a, b), v in itertools.chain(edges.items(), (untested or {}).items()):
+        near.setdefault(a, []).append((b, v))
+        near.setdefault(b, []).append((a, v))
+    return [g for gs in map_(lambda comp: _guarded(comp, edges, near, passes, guard), _components(nodes, edges))
+            for g in gs]
+
+
+def _guarded(comp: list[int], edges, near, passes, guard: bool) -> list[list[int]]:
+    """One component's groups (guarded_groups)."""
     out = []
-    todo = _components(nodes, edges)
+    todo = [comp]
     while todo:
         comp = todo.pop()
         if not guard or len(comp) <= 2:
             out.append(comp)
             continue
         members = set(comp)
-        degree = {i: [0, 0.0] for i in comp}
-        for (a, b), score in edges.items():
-            if a in members and b in members:
-                for i in (a, b):
-                    degree[i][0] += 1
-                    degree[i][1] += score
-        medoid = min(comp, key=lambda i: (-degree[i][0], -degree[i][1], i))
-        keep = [i for i in comp if i == medoid or passes(medoid, i)]
-        rest = [i for i in comp if i not in set(keep)]
+        degree = {i: (sum(1 for j, _ in near[i] if j in members), sum(v for j, v in near[i] if j in members))
+                  for i in comp}
+        keep: list[int] = []
+        for medoid in sorted(comp, key=lambda i: (-degree[i][0], -degree[i][1], i))[:MEDOID_TRIES]:
+            kept = [i for i in comp if i == medoid or passes(medoid, i)]
+            if len(kept) > len(keep):
+                keep = kept
+            if len(keep) == len(comp):
+                break
+        kept_set = set(keep)
+        rest = [i for i in comp if i not in kept_set]
         if len(keep) > 1:
             out.append(sorted(keep))
         if len(rest) > 1:
-            sub = {e: v for e, v in edges.items() if e[0] in rest and e[1] in rest}
+            rest_set = set(rest)
+            sub = {(i, j): v for i in rest for j, v in near[i] if i < j and j in rest_set
+                   and ((i, j) in edges or passes(i, j))}
             todo.extend(_components(sorted({i for e in sub for i in e}), sub))
     return out
 
@@ -310,10 +401,15 @@ def find_duplicates(store, *, similar: bool = False, k: int = K, progress=None, 
     # 3. the pair test on the candidates
     paths = {f.id: f.path for f in files}
     tester = _Tester(paths, inference_threads())
-    keys = list(pairs)
-    results = tester.test_many(keys, progress)
-    near_edges = {p: pairs[p] for p, r in zip(keys, results) if r.near}
-    similar_edges = {p: pairs[p] for p, r in zip(keys, results) if r.similar and not r.near}
+    with tester.running():
+        skipped = tester.test_unconnected(sorted(pairs, key=lambda p: (-pairs[p], p)), progress)
+        near_edges = {p: pairs[p] for p, r in tester.results.items() if r.near}
+        similar_edges = {p: pairs[p] for p, r in tester.results.items() if r.similar and not r.near}
+        near_groups = guarded_groups(near_edges, lambda a, b: tester.test(a, b).near, guard,
+                                     {p: pairs[p] for p in skipped}, tester.map)
+        list(tester.map(member, {i for ids in near_groups for i in ids}))  # file headers read in the pool too
+        ordered = [sorted(ids, key=lambda i: keeper_order(member(i))) for ids in near_groups]
+        tester.test_all([(i, ids[0]) for ids in ordered for i in ids[1:]])  # each member against its keeper
 
     # 4. groups
     vec_cache: dict[int, np.ndarray] = {}
@@ -341,7 +437,7 @@ def find_duplicates(store, *, similar: bool = False, k: int = K, progress=None, 
 
     for ids in exact:
         make("exact", ids)
-    for ids in guarded_groups(near_edges, lambda a, b: tester.test(a, b).near, guard):
+    for ids in near_groups:
         make("near", ids)
     if similar:  # over the near groups' keepers (module docstring)
         keeper_of = {m.row_id: g.keeper.row_id for g in groups if g.tier == "near" for m in g.members}
