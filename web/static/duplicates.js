@@ -1,16 +1,8 @@
 // retrieve serve: the Duplicates page. Every name from the server goes in through textContent (never as HTML).
 "use strict";
-const $ = (id) => document.getElementById(id);
 const LIMIT = 50;
 const TIERS = { exact: "exact copies (the same bytes)", near: "near-duplicates (the same photo, edited)", similar: "similar shots" };
 const state = { offset: 0, timer: null };
-
-function el(tag, cls, text) {
-  const e = document.createElement(tag);
-  if (cls) e.className = cls;
-  if (text !== undefined) e.textContent = text;
-  return e;
-}
 
 function status(text, cls) {
   $("status").textContent = text;

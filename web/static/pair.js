@@ -1,6 +1,5 @@
 // retrieve serve: the pair page. Names go in through textContent; layers are SVG built with the DOM.
 "use strict";
-const $ = (id) => document.getElementById(id);
 const SVG = "http://www.w3.org/2000/svg";
 const COLOURS = ["#00e5ff", "#76ff03", "#ffea00", "#ff4081", "#ffffff", "#ff9100", "#d500f9", "#1de9b6"];
 const P = new URLSearchParams(location.search);

@@ -1,22 +1,6 @@
 // retrieve serve: the People page. Every name from the server goes in through textContent or an input's value.
 "use strict";
-const $ = (id) => document.getElementById(id);
 const SVG = "http://www.w3.org/2000/svg";
-
-function el(tag, cls, text) {
-  const e = document.createElement(tag);
-  if (cls) e.className = cls;
-  if (text !== undefined) e.textContent = text;
-  return e;
-}
-
-async function api(url, opts) {
-  const r = await fetch(url, opts);
-  let d;
-  try { d = await r.json(); } catch (e) { d = { error: `${r.status} ${r.statusText}` }; }
-  if (!r.ok) { const e = new Error(d.error || `${r.status} ${r.statusText}`); e.status = r.status; throw e; }
-  return d;
-}
 
 function say(id, text, cls) {
   $(id).textContent = text;

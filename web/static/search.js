@@ -1,22 +1,6 @@
 // retrieve serve: the search page. Every name from the server goes in through textContent (never as HTML).
 "use strict";
-const $ = (id) => document.getElementById(id);
 const state = { q: null, offset: 0, coffset: 0, climit: 24 };
-
-function el(tag, cls, text) {
-  const e = document.createElement(tag);
-  if (cls) e.className = cls;
-  if (text !== undefined) e.textContent = text;
-  return e;
-}
-
-async function api(url, opts) {
-  const r = await fetch(url, opts);
-  let d;
-  try { d = await r.json(); } catch (e) { d = { error: `${r.status} ${r.statusText}` }; }
-  if (!r.ok) throw new Error(d.error || `${r.status} ${r.statusText}`);
-  return d;
-}
 
 function status(text, isError) {
   $("status").textContent = text;
