@@ -91,16 +91,17 @@ async function collection() {
 }
 
 async function init() {
-  try {
-    const i = await api("/api/info");
-    $("info").textContent = `${i.images} photos · ${i.model} · ${i.index}`;
-    if (i.search_defaults && Number(i.search_defaults.verify) > 0) $("verify").checked = true;
-  } catch (e) { status(e.message, true); }
+  // A photo chosen or dropped before /api/info has answered is not lost: its listeners come first.
   const drop = $("drop");
   $("file").addEventListener("change", (e) => upload(e.target.files[0]));
   drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
   drop.addEventListener("dragleave", () => drop.classList.remove("over"));
   drop.addEventListener("drop", (e) => { e.preventDefault(); drop.classList.remove("over"); upload(e.dataTransfer.files[0]); });
+  try {
+    const i = await api("/api/info");
+    $("info").textContent = `${i.images} photos · ${i.model} · ${i.index}`;
+    if (i.search_defaults && Number(i.search_defaults.verify) > 0) $("verify").checked = true;
+  } catch (e) { status(e.message, true); }
   $("again").addEventListener("click", () => { state.offset = 0; search(); });
   for (const id of ["k", "qe", "verify"]) $(id).addEventListener("change", () => { state.offset = 0; search(); });
   $("prev").addEventListener("click", () => { state.offset = Math.max(0, state.offset - Number($("k").value)); search(); });
