@@ -74,3 +74,27 @@ def interleaved_runs(sessions: dict, x, step: int, rounds: int) -> tuple[dict, l
             times[n].append(time.perf_counter() - t)
         loads.append(os.getloadavg()[0])
     return {n: float(statistics.median(v)) for n, v in times.items()}, loads
+
+
+class Components:
+    """Connected components by union-find over hashable items (bench/faces.py's identities from labelled pairs,
+    bench/duplicates.py's pictures from groups that share a photo)."""
+
+    def __init__(self):
+        self.parent: dict = {}
+
+    def find(self, x):
+        self.parent.setdefault(x, x)
+        while self.parent[x] != x:
+            self.parent[x] = self.parent[self.parent[x]]
+            x = self.parent[x]
+        return x
+
+    def union(self, a, b) -> None:
+        self.parent[self.find(a)] = self.find(b)
+
+    def groups(self) -> list[list]:
+        out: dict = {}
+        for x in list(self.parent):
+            out.setdefault(self.find(x), []).append(x)
+        return list(out.values())

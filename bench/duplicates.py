@@ -426,22 +426,12 @@ def same_picture(groups: list[list[str]]) -> list[list[str]]:
     """The photos find_duplicates says are one picture: its exact and near groups joined where they share a photo.
     Each tier works on the keepers of the tier before (an exact group's keeper stands for its copies in the near
     tier), so a byte copy is the same picture as its keeper's edited copies, though no one group lists both."""
-    parent: dict[str, str] = {}
-
-    def find(x: str) -> str:
-        parent.setdefault(x, x)
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
+    c = _common.Components()
     for g in groups:
+        c.find(g[0])
         for x in g[1:]:
-            parent[find(x)] = find(g[0])
-    out: dict[str, list[str]] = {}
-    for x in parent:
-        out.setdefault(find(x), []).append(x)
-    return list(out.values())
+            c.union(x, g[0])
+    return c.groups()
 
 
 # ---------------------------------------------------------------- parts

@@ -238,24 +238,17 @@ def real_identities(root: Path) -> tuple[dict[str, int], list[str], dict]:
                     pairs.append((Path(r["file_x"]).name, Path(r["file_y"]).name, d, name))
     if not pairs:
         raise SystemExit(f"{root}: no master.csv of labelled pairs (is it deepface's tests/unit/dataset?)")
-    parent: dict[str, str] = {}
-
-    def find(x: str) -> str:
-        parent.setdefault(x, x)
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
+    c = _common.Components()
+    find = c.find
     for a, b, d, _ in pairs:
         find(a), find(b)
         if d == "Yes":
-            parent[find(a)] = find(b)
+            c.union(a, b)
     clash = [(a, b) for a, b, d, _ in pairs if d == "No" and find(a) == find(b)]
     if clash:
         raise SystemExit(f"{root}: 'No' pairs inside one identity, e.g. {clash[:3]}")
-    roots = sorted({find(x) for x in parent})
-    ident = {x: roots.index(find(x)) for x in sorted(parent) if (root / x).is_file()}
+    roots = sorted({find(x) for x in c.parent})
+    ident = {x: roots.index(find(x)) for x in sorted(c.parent) if (root / x).is_file()}
     distractors = [d for d in DISTRACTORS if (root / d).is_file() and d not in ident]
     unlabelled = sorted(p.name for p in root.glob("*.jpg") if p.name not in ident and p.name not in distractors)
     counts = {name: sum(1 for *_, n in pairs if n == name) for name in LABEL_FILES}

@@ -19,7 +19,7 @@ from retrieval.verdict import collection_note
 
 from .methods import MAP_MAX_SIDE, own_size
 from .render import ReportItem, pair_figure, save_maps, saved_side, write_report
-from .run import _display, _explain_all, _prepare_out, pair_record, ranking_pairs
+from .run import _display, _explain_all, _prepare_out, load_readable, pair_record, ranking_pairs
 
 MAX_PAIRS = 200  # member-against-keeper pairs drawn in one report (each holds two photos in memory until written)
 
@@ -50,14 +50,7 @@ def explain_groups(collection, groups: Sequence, out: Path, method: str | None =
             if on_error:
                 on_error(e.path, e.reason)
             continue
-        images, kept = [], []
-        for m in members:
-            try:
-                images.append(load_image(m.path, min_side=side))
-                kept.append(m)
-            except ImageError as e:
-                if on_error:
-                    on_error(e.path, e.reason)
+        images, kept = load_readable(members, side, on_error)
         if not kept:
             continue
         budget -= len(kept)

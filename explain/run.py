@@ -307,6 +307,20 @@ def pair_document(a, b, meta: dict, rec: dict, files: dict, out: Path, e, verifi
     return doc
 
 
+def load_readable(items: Sequence, side: int, on_error=None) -> tuple[list, list]:
+    """(images, items kept): each item's photo (``item.path``) decoded for a forward pass at ``side``; one that can no
+    longer be read goes to ``on_error(path, reason)`` and is left out."""
+    images, kept = [], []
+    for it in items:
+        try:
+            images.append(load_image(it.path, min_side=side))
+            kept.append(it)
+        except ImageError as e:
+            if on_error:
+                on_error(e.path, e.reason)
+    return images, kept
+
+
 def explain_hits(query_path: str, hits: Sequence, out: Path, explainer: Explainer, meta: dict,
                  on_error=None, calibration=None, map_max_side: int | None = MAP_MAX_SIDE,
                  pairs: dict | None = None, score_is: str | None = None) -> dict[int, dict]:
@@ -317,14 +331,7 @@ def explain_hits(query_path: str, hits: Sequence, out: Path, explainer: Explaine
     be read is reported through ``on_error(path, reason)`` and left out."""
     side = explainer.backbone.preprocess.size  # the explain resolution: the maps' forward pass
     q = load_image(query_path, min_side=side)
-    images, kept = [], []
-    for h in sorted(hits, key=lambda h: h.rank):
-        try:
-            images.append(load_image(h.path, min_side=side))
-            kept.append(h)
-        except ImageError as e:
-            if on_error:
-                on_error(e.path, e.reason)
+    images, kept = load_readable(sorted(hits, key=lambda h: h.rank), side, on_error)
     out = _prepare_out(out)
     exps, corrs = _explain_all(explainer, q, images, None if pairs is None else [pairs[h.id] for h in kept],
                                map_max_side)

@@ -67,3 +67,17 @@ def lite0():
     from retrieval.models.loading import load_backbone
 
     return load_backbone("efficientnet_lite0")
+
+
+@pytest.fixture(scope="module")
+def pg():
+    """A PostgreSQL server's URL (tests/pgserver.py: $RETRIEVE_TEST_PG_URL, else a throwaway cluster started here and
+    stopped after the module); the test is skipped with the reason when there is none."""
+    from pgserver import server
+
+    url, why, cluster = server()
+    if url is None:
+        pytest.skip(why)
+    yield url
+    if cluster is not None:
+        cluster.stop()

@@ -269,18 +269,6 @@ def test_people_need_a_faces_index(tmp_path):
         assert "not a faces index" in r.stderr and "retrieve index PHOTOS --preset faces" in r.stderr
 
 
-@pytest.fixture(scope="module")
-def pg():
-    from pgserver import server
-
-    url, why, cluster = server()
-    if url is None:
-        pytest.skip(why)
-    yield url
-    if cluster is not None:
-        cluster.stop()
-
-
 @needs_faces
 def test_people_on_postgres(pg, made, tmp_path):
     """The people state on a database server: an index there made before the people tables gets them from the people

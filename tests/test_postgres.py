@@ -15,20 +15,10 @@ from sqlalchemy import create_engine, func, inspect, select, text
 
 from clitools import ROOT, entry_point, run, run_json, run_process
 from conftest import skimage_photo
-from pgserver import new_database, server
+from pgserver import new_database
 from retrieval.index import database
 from retrieval.index.schema import Base, ImageRow, SettingRow
 from retrieval.index.settings import SCHEMA_VERSION
-
-
-@pytest.fixture(scope="module")
-def pg():
-    url, why, cluster = server()
-    if url is None:
-        pytest.skip(why)
-    yield url
-    if cluster is not None:
-        cluster.stop()
 
 
 @pytest.fixture(autouse=True)
