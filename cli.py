@@ -749,7 +749,8 @@ def check(ctx, index_dir, repair, prune_missing, as_json) -> None:
 
 # -- duplicates ---------------------------------------------------------------------------------
 TIER_NAMES = {"exact": "exact copy", "near": "near-duplicate", "similar": "similar shot"}
-CSV_COLUMNS = ("group", "tier", "keeper", "path", "size", "width", "height", "date", "score", "percentile", "inliers")
+CSV_COLUMNS = ("group", "tier", "keeper", "path", "size", "width", "height", "date", "score", "percentile", "inliers",
+               "agreement")
 
 
 @main.command()
@@ -758,7 +759,8 @@ CSV_COLUMNS = ("group", "tier", "keeper", "path", "size", "width", "height", "da
 @click.option("--similar", is_flag=True,
               help="Also group similar shots (the same scene taken moments apart), a tier of its own.")
 @click.option("--csv", "as_csv", is_flag=True, help="One CSV row per member (group, tier, keeper, path, size, width, "
-                                                    "height, date, score, percentile, inliers).")
+                                                    "height, date, score, percentile, inliers, "
+                                                    "agreement).")
 @click.option("--explain", is_flag=True, help="Write one report with the heat maps of each member against its keeper.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None, metavar="DIR",
               help="With --explain: output directory [default: ./retrieve-explain-duplicates-<time>].")
@@ -862,15 +864,16 @@ def _print_groups(found, directory: Path, moving: bool) -> None:
         click.echo(f"no duplicates among {found.photos} photos")
         return
     click.echo(f"{'group':>5}  {'tier':<14}  {'keep':<4}  {'size':>9}  {'W×H':>11}  {'date':<16}  {'score':>6}  "
-               f"{'pctile':>6}  {'inliers':>7}  path")
+               f"{'pctile':>6}  {'inliers':>7}  {'agree':>5}  path")
     for g in found.groups:
         for m in g.members:
             score = "" if m.score is None else f"{m.score:.3f}"
             pct = "" if m.percentile is None else f"{m.percentile:.1f}%"
             inl = "" if m.inliers is None else str(m.inliers)
+            agree = "" if m.agreement is None else f"{m.agreement:.2f}"
             click.echo(f"{g.id:>5}  {TIER_NAMES.get(g.tier, g.tier):<14}  {'KEEP' if m.keeper else '':<4}  "
                        f"{_human(m.size):>9}  {f'{m.width}×{m.height}':>11}  {_date_text(m.date):<16}  {score:>6}  "
-                       f"{pct:>6}  {inl:>7}  {shown(m.path)}")
+                       f"{pct:>6}  {inl:>7}  {agree:>5}  {shown(m.path)}")
     tiers = {}
     for g in found.groups:
         tiers[g.tier] = tiers.get(g.tier, 0) + 1
@@ -879,7 +882,9 @@ def _print_groups(found, directory: Path, moving: bool) -> None:
                + f") among {found.photos} photos; {extra} photos besides the keepers")
     if any(m.score is not None for g in found.groups for m in g.members):
         click.echo("score: the index's similarity of the photo to its keeper; pctile: the share of this collection's "
-                   "random pairs that score lower; inliers: points of the two that agree on one alignment")
+                   "random pairs that score lower; inliers: feature points of the two on one alignment (blank: "
+                   "the frames aligned as they are, turned or mirrored); agree: how well the aligned pixels agree "
+                   "(1: the same picture)")
     if not moving:
         click.echo(f"nothing was moved; to move the non-keepers out: retrieve duplicates --index "
                    f"{shlex.quote(str(directory))} --move-to DIR")
@@ -894,7 +899,8 @@ def _print_csv(found) -> None:
         for m in g.members:
             w.writerow([g.id, g.tier, int(m.keeper), shown(m.path), m.size, m.width, m.height,
                         _time_iso(m.date), "" if m.score is None else f"{m.score:.6f}",
-                        "" if m.percentile is None else f"{m.percentile:.3f}", "" if m.inliers is None else m.inliers])
+                        "" if m.percentile is None else f"{m.percentile:.3f}", "" if m.inliers is None else m.inliers,
+                        "" if m.agreement is None else f"{m.agreement:.3f}"])
 
 
 def _time_iso(t: float) -> str:

@@ -18,6 +18,8 @@ import numpy as np
 import pytest
 from clitools import run
 from conftest import skimage_photo
+
+from retrieval.curate import pairtest
 from PIL import Image, ImageDraw, ImageEnhance, ImageOps
 
 OLD, NEW = 1_500_000_000, 1_700_000_000  # mtimes: originals, copies
@@ -168,7 +170,11 @@ def test_each_edited_copy_is_a_near_duplicate_of_its_original_which_is_kept(foun
     assert g.tier == "near" and _names(g) == [f"originals/{photo}.jpg", f"copies/{photo}-{transform}.jpg"]
     copy = g.members[1]
     assert (g.keeper.width, g.keeper.height) == skimage_photo(photo).size  # the file's own, not the decoded size
-    assert copy.score is not None and copy.inliers >= 30 and 0 <= copy.percentile <= 100
+    assert copy.score is not None and 0 <= copy.percentile <= 100 and copy.agreement >= pairtest.MIN_AGREE
+    if transform == "crop":  # a crop changes the frame: only feature points align it
+        assert copy.inliers >= pairtest.NEAR_INLIERS
+    else:  # the frames align as they are (turned or mirrored): no points needed
+        assert copy.inliers is None
     assert g.keeper.score is None and g.keeper.keeper
 
 
@@ -224,7 +230,7 @@ def test_groups_order_ids_and_json(found, made):
     assert d["photos"] == found.photos and len(d["groups"]) == len(found.groups)
     m = d["groups"][0]["members"][0]
     assert set(m) >= {"row_id", "path", "size", "width", "height", "date", "date_source", "keeper", "score",
-                      "percentile", "inliers"}
+                      "percentile", "inliers", "agreement"}
     assert set(d["thresholds"]) >= {"exact", "candidates", "near"}
     for g in found.groups:
         assert g.members[0].keeper and not any(x.keeper for x in g.members[1:])

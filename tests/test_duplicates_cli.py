@@ -105,7 +105,7 @@ def test_json_table_and_csv_show_the_known_groups_and_move_nothing(indexed):
         keeper, *rest = g["members"]
         assert keeper["score"] is None and all(m["size"] > 0 and m["width"] > 0 for m in g["members"])
         if g["tier"] == "near":
-            assert all(m["score"] is not None and m["inliers"] for m in rest)
+            assert all(m["score"] is not None and m["agreement"] >= 0.8 for m in rest)
 
     table = run("duplicates", "--index", idx).stdout
     lines = table.splitlines()
@@ -121,7 +121,7 @@ def test_json_table_and_csv_show_the_known_groups_and_move_nothing(indexed):
 
     rows = list(csv.DictReader(io.StringIO(run("duplicates", "--index", idx, "--csv").stdout)))
     assert list(rows[0]) == ["group", "tier", "keeper", "path", "size", "width", "height", "date", "score",
-                             "percentile", "inliers"]
+                             "percentile", "inliers", "agreement"]
     assert len(rows) == sum(len(g["members"]) for g in d["groups"])
     assert {r["path"] for r in rows if r["keeper"] == "1"} == {str(photos / g[0]) for gs in KNOWN.values()
                                                                 for g in gs}

@@ -50,6 +50,10 @@ ROT_K = 100
 ROT_TOP = 4
 ROT_ASPECT = 0.01
 ROT_PERCENTILE = 93.0
+GIVE_UP = 3  # a candidate pair whose two photos each had this many candidates with no geometry at all (tested best
+# first) gets the frame test alone: its copies, if any, were found already, but for a crop (the frame test misses it)
+# that scores below as many unrelated photos. Most pair tests of a large collection are such look-alikes, and the
+# frame test costs a fraction of the points'
 
 
 @dataclass
@@ -64,7 +68,8 @@ class Member:
     keeper: bool = False
     score: float | None = None  # evidence of this member against the group's keeper (None on the keeper)
     percentile: float | None = None  # random-pair percentile of score
-    inliers: int | None = None
+    inliers: int | None = None  # feature points on one alignment (None: the frames aligned without them, or exact)
+    agreement: float | None = None  # the aligned pixels' agreement (pairtest.agreement), None for an exact copy
 
 
 @dataclass
@@ -140,11 +145,12 @@ def keeper_order(m: Member) -> tuple:
 
 class _Tester:
     """Pair tests, each photo's features computed once while it has pairs left to test (in a thread pool: OpenCV
-    releases the GIL) and dropped after its last one, or when more than ``KEEP`` photos are held (the least recently
+    releases the GIL) and dropped after its last one, or when they would hold more than ``KEEP`` bytes (the least recently
     used first), so memory follows the pairs in flight, not the collection."""
 
     CHUNK = 64  # pairs tested together (in the pool) between two looks at what the confirmed pairs connect
-    KEEP = 3000  # photos' features held at most
+    KEEP = 1 << 30  # bytes of photos' features held at most (about 7 000 photos: bench/duplicates.py's 10 000-photo
+    # set, copies among most of its photos, decodes each photo 1.5 times, against 2.8 times with 3 000 photos held)
 
     def __init__(self, paths: dict[int, str], threads: int):
         self.paths = paths
@@ -171,16 +177,17 @@ class _Tester:
             self.map = map
             cv2.setNumThreads(threads)
 
-    def test_all(self, pairs) -> list[PairResult]:
-        """``pairs`` tested in the pool (each once; results kept)."""
-        return list(self.map(lambda p: self.test(*p), pairs))
+    def test_all(self, pairs, frame_only=frozenset()) -> list[PairResult]:
+        """``pairs`` tested in the pool (each once; results kept); those in ``frame_only`` by the frame test alone."""
+        return list(self.map(lambda p: self.test(*p, points=p not in frame_only), pairs))
 
-    def test(self, a: int, b: int) -> PairResult:
+    def test(self, a: int, b: int, points: bool = True) -> PairResult:
         key = (a, b) if a < b else (b, a)
         r = self.results.get(key)
-        if r is None:
+        if r is None or (r.partial and points):
             pa, pb = self.cache.get(key[0], self.paths[key[0]]), self.cache.get(key[1], self.paths[key[1]])
-            r = pair_test(pa, pb) if pa is not None and pb is not None else PairResult(False, False, 0, why="unreadable")
+            r = pair_test(pa, pb, points) if pa is not None and pb is not None \
+                else PairResult(False, False, 0, why="unreadable")
             self.results[key] = r
         return r
 
@@ -202,6 +209,8 @@ class _Tester:
             for i in p:
                 left[i] = left.get(i, 0) + 1
         skipped: list[tuple[int, int]] = []
+        fails: dict[int, int] = {}  # tests per photo that found no geometry
+        frame_only: set[tuple[int, int]] = set()  # pairs tested by the frame test alone (see GIVE_UP)
         waiting: list[tuple[int, int]] = []  # pairs that waited for the last chunk's results
         pos = done = 0
         while waiting or pos < len(pairs):
@@ -222,6 +231,8 @@ class _Tester:
                     self._done(p, left)
                     done += 1
                     return False
+                if min(fails.get(p[0], 0), fails.get(p[1], 0)) >= GIVE_UP:
+                    frame_only.add(p)
                 ta, tb = top(ra), top(rb)
                 if ta == tb:
                     wait.append(p)
@@ -241,11 +252,14 @@ class _Tester:
             waiting = wait
             photos = [i for i in dict.fromkeys(i for p in batch for i in p) if i not in self.cache]
             list(self.map(lambda i: self.cache.get(i, self.paths[i]), photos))
-            for p, r in zip(batch, self.test_all(batch)):
+            for p, r in zip(batch, self.test_all(batch, frame_only)):
                 if r.near:
                     ra, rb = find(p[0]), find(p[1])
                     parent[max(ra, rb)] = min(ra, rb)
                     self.confirmed.update(p)
+                elif not r.similar and not r.partial:  # no geometry at all: not even another photo of the same thing
+                    for i in p:
+                        fails[i] = fails.get(i, 0) + 1
                 self._done(p, left)
             done += len(batch)
             if progress:
@@ -431,7 +445,10 @@ def find_duplicates(store, *, similar: bool = False, k: int = K, progress=None, 
                 s = float(pair_scores(vector(m.row_id)[None], vector(ms[0].row_id)[None], metric)[0])
                 m.score = s
                 m.percentile = float(percentile(cal.random, s)) if cal else None
-                m.inliers = tester.test(m.row_id, ms[0].row_id).inliers if tier != "exact" else None
+                if tier != "exact":
+                    r = tester.test(m.row_id, ms[0].row_id)
+                    m.inliers = r.inliers if r.aligned == "points" else None
+                    m.agreement = round(float(r.agree), 3)
             out.append(m)
         groups.append(Group(0, tier, out))
 
@@ -460,7 +477,12 @@ def find_duplicates(store, *, similar: bool = False, k: int = K, progress=None, 
                                             "gate_random_percentile": ROT_PERCENTILE,
                                             "gate_score": rot_gate if np.isfinite(rot_gate) else None},
                                  "every_knn_pair_below": ALL_BELOW},
-                  "near": {"min_inliers": pt.NEAR_INLIERS, "angle_deg": pt.ANGLE_DEG, "min_cover": pt.MIN_COVER,
-                           "min_cover_both": pt.MIN_COVER_BOTH, "min_agree": pt.MIN_AGREE, "min_agree_small": [pt.SMALL_SIDE, pt.MIN_AGREE_SMALL], "side": pt.SIDE},
+                  "near": {"side": pt.SIDE, "min_agree": pt.MIN_AGREE,
+                           "frame": {"aspect": pt.FRAME_ASPECT, "thumbnail_ncc": pt.FRAME_NCC,
+                                     "min_agree_small": [pt.SMALL_SIDE, pt.FRAME_AGREE_SMALL]},
+                           "points": {"min_inliers": pt.NEAR_INLIERS, "angle_deg": pt.ANGLE_DEG,
+                                      "min_cover": pt.MIN_COVER, "min_cover_both": pt.MIN_COVER_BOTH,
+                                      "min_agree_small": [pt.SMALL_SIDE, pt.MIN_AGREE_SMALL],
+                                      "after_failures": GIVE_UP}},
                   "similar": {"min_inliers": pt.MIN_INLIERS} if similar else None}
     return Duplicates(groups, photos, len(tester.results), time.perf_counter() - t0, thresholds)
