@@ -86,6 +86,8 @@ def test_duplicates_page_shows_the_groups_and_opens_an_audit(photos_server, brow
         g = groups.nth(i)
         assert g.locator(".card.keeper").count() == 1 and "keeper" in g.locator(".card").first.inner_text()
         assert g.locator("a.card").count() == g.locator(".card").count() - 1  # every other member: its audit
+    near = page.locator("section.group[data-tier='near'] a.card .evidence")
+    assert near.count() >= 1 and all("pixels agree" in t for t in near.all_inner_texts())  # each copy's evidence
     page.wait_for_function("() => [...document.querySelectorAll('.group img')].every(i => i.complete && i.naturalWidth > 0)")
     DOCS.mkdir(exist_ok=True)
     page.screenshot(path=str(DOCS / "duplicates.png"), full_page=False)

@@ -27,6 +27,7 @@ function evidence(m, tier) {
   if (m.score !== null && m.score !== undefined) parts.push(`score ${m.score.toFixed(4)}`);
   if (m.percentile !== null && m.percentile !== undefined) parts.push(`percentile ${m.percentile.toFixed(2)}`);
   if (m.inliers !== null && m.inliers !== undefined) parts.push(`${m.inliers} inliers`);
+  if (m.agreement !== null && m.agreement !== undefined) parts.push(`pixels agree ${m.agreement.toFixed(2)}`);
   return parts.join(" · ");
 }
 
