@@ -309,3 +309,49 @@ def test_a_group_of_copies_costs_one_test_per_copy_not_one_per_pair(tmp_path):
     skipped = tester.test_unconnected(pairs)
     assert len(tester.results) == 5 and len(skipped) == 6, (tester.results, skipped)
     assert sum(r.near for r in tester.results.values()) == 4 and not tester.results[(4, 9)].near
+
+
+def test_after_three_candidates_without_geometry_a_pair_gets_the_frame_test_alone(tmp_path):
+    """Tested best first, a pair whose two photos each had GIVE_UP candidates with no geometry at all is left to the
+    frame test: an uncropped copy is still found, a crop (which needs points) is not; asked again in full (the medoid
+    guard, the keeper's evidence), the crop is found."""
+    from retrieval.curate.duplicates import GIVE_UP, _Tester
+
+    img = skimage_photo("coffee")
+    paths = {0: str(tmp_path / "coffee.png"), 4: str(tmp_path / "coffee-small.jpg"), 5: str(tmp_path / "coffee-crop.jpg")}
+    img.save(paths[0])
+    img.resize((img.width // 2, img.height // 2)).save(paths[4], "JPEG", quality=85)
+    w, h = img.size
+    img.crop((w // 10, h // 10, w - w // 20, h - h // 20)).save(paths[5], "JPEG", quality=90)
+    others = {1: "astronaut", 2: "chelsea", 3: "rocket"}
+    for i, name in others.items():
+        paths[i] = str(tmp_path / f"{name}.jpg")
+        skimage_photo(name).save(paths[i], "JPEG")
+    assert GIVE_UP == len(others)
+    pairs = [(0, i) for i in others] + [(5, i) for i in others] + [(0, 5), (0, 4)]
+    tester = _Tester(paths, 1)
+    tester.CHUNK = 1  # each pair's result counted before the next pair is taken
+    assert tester.test_unconnected(pairs) == []
+    assert not any(tester.results[(min(a, i), max(a, i))].similar for a in (0, 5) for i in others)
+    crop, small = tester.results[(0, 5)], tester.results[(0, 4)]
+    assert crop.partial and not crop.near
+    assert small.near and small.aligned == "frame" and small.inliers == 0
+    full = tester.test(0, 5)
+    assert full.near and full.aligned == "points" and full.inliers >= 30 and not full.partial
+
+
+def test_a_large_flat_index_is_searched_through_an_inverted_file_with_the_same_groups(made, monkeypatch):
+    from retrieval.curate import duplicates as D
+    from retrieval.index.store import IndexStore
+
+    def groups(d):
+        return sorted((g.tier, tuple(m.path for m in g.members)) for g in d.groups)
+
+    with IndexStore.open(made[1]) as store:
+        flat = D.find_duplicates(store)
+        monkeypatch.setattr(D, "IVF_FROM", 2)
+        import faiss
+
+        assert isinstance(D._candidate_index(store), faiss.IndexIVFFlat)
+        ivf = D.find_duplicates(store)
+    assert groups(ivf) == groups(flat) and len(flat.groups) >= 5
