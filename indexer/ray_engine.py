@@ -1,8 +1,9 @@
 """``retrieve index --engine ray``: the embedding step of an index run on a Ray cluster (or a local Ray).
 
-The driver (this process) scans, plans and commits exactly as the local engine does (indexer/run.py,
-indexer/plan.py, one transaction per batch through ``indexer/rows.py``'s ``commit_embedded``); only reading, decoding and
-embedding move out, into a Ray Data pipeline:
+The driver (this process) scans, plans and commits as the local engine does (indexer/run.py, indexer/plan.py,
+``indexer/rows.py``'s ``commit_embedded``), in transactions of at least a batch that grow with the rate the cluster
+delivers (``indexer/rows.py``'s :class:`Commits`); only reading, decoding and embedding move out, into a Ray Data
+pipeline:
 
     from_items(files to do) → map_batches(read, hash, decode, preprocess)        Ray tasks
                             → map_batches(embed)                                an actor pool: each actor
@@ -251,7 +252,7 @@ def _run_ray(store, bb, files, trees, report, batch_size, workers, progress, on_
 
     from retrieval.match.verify import decode_side
 
-    from .rows import Decoded, by_path, commit_embedded, drop_vanished, plan_run, record_skip, reuse
+    from .rows import Commits, Decoded, by_path, drop_vanished, plan_run, record_skip, reuse
 
     plan = plan_run(store, files, trees, report)
     todo = plan.todo
@@ -264,14 +265,7 @@ def _run_ray(store, bb, files, trees, report, batch_size, workers, progress, on_
         verifier = Verifier()
     min_side = decode_side(store.settings)  # one decode rule for every embedding (retrieval/presets.py)
 
-    batch: list = []
-    vecs: list = []
-
-    def flush() -> None:
-        commit_embedded(store, batch, np.stack(vecs), plan.rows, report)
-        progress.advance(len(batch))
-        batch.clear()
-        vecs.clear()
+    commits = Commits(store, plan.rows, report, batch_size, progress.advance)
 
     def skip(d) -> None:
         record_skip(store, d, plan.rows)
@@ -340,12 +334,8 @@ def _run_ray(store, bb, files, trees, report, batch_size, workers, progress, on_
                         if d.error:
                             skip(d)
                             continue
-                        batch.append(d)
-                        vecs.append(np.asarray(v, np.float32))
-                        if len(batch) >= batch_size:
-                            flush()
-                if batch:
-                    flush()
+                        commits.add(d, np.asarray(v, np.float32))
+                commits.flush()
             except ray.exceptions.RayError as e:
                 if stop.is_set():  # Ctrl-C reached a local Ray's workers too: an interruption, not a failure
                     raise KeyboardInterrupt from None
