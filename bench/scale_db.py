@@ -56,7 +56,7 @@ def _row(i: int, vec: bytes) -> dict:
 def _engine(url: str):
     engine = create_engine(url)
     if engine.dialect.name == "sqlite":
-        event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "connect", lambda conn, _record: _sqlite_pragmas(conn))
     return engine
 
 
