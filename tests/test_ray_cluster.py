@@ -93,7 +93,8 @@ class TwoNodes:
         self.groups: dict[str, int] = {}
 
     def _start(self, name: str, *args: str) -> None:
-        p = subprocess.Popen(["ray", "start", "--num-cpus", "1", "--disable-usage-stats", *args],
+        p = subprocess.Popen([sys.executable, "-m", "ray.scripts.scripts", "start", "--num-cpus", "1",  # `ray start`
+                              "--disable-usage-stats", *args],
                              start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              env=self.env)
         self.groups[name] = p.pid  # its own process group: what it starts stays in it
@@ -157,12 +158,15 @@ def nodes():
 
 @pytest.fixture(scope="module")
 def collection(tmp_path_factory) -> Path:
-    """Twelve real photos (six of scikit-image's, each also flipped)."""
+    """24 real photos (six of scikit-image's, each also flipped, turned and reduced): enough blocks of work that
+    the worker node's kill comes while some are still to do."""
     d = tmp_path_factory.mktemp("clustercoll")
     for name in NAMES:
         im = skimage_photo(name)
         im.save(d / f"{name}.jpg", quality=92)
         im.transpose(Image.FLIP_LEFT_RIGHT).save(d / f"{name}_flip.jpg", quality=85)
+        im.rotate(90, expand=True).save(d / f"{name}_rot.jpg", quality=88)
+        im.resize((im.width // 2, im.height // 2)).save(d / f"{name}_half.png")
     return d
 
 
@@ -172,7 +176,7 @@ def local_index(collection, tmp_path_factory, lite0) -> dict:
 
     idx = tmp_path_factory.mktemp("clusterlocal") / "idx"
     rep = index_paths([collection], idx, backbone=lite0)
-    assert rep.indexed == len(NAMES) * 2
+    assert rep.indexed == len(NAMES) * 4
     return _vectors(idx)
 
 
@@ -231,7 +235,7 @@ def test_worker_node_killed_mid_run_keeps_what_was_committed_and_the_next_run_co
     try:
         deadline = time.monotonic() + 240
         while p.poll() is None and time.monotonic() < deadline and not _count(idx):
-            time.sleep(0.05)
+            time.sleep(0.02)
         assert p.poll() is None, f"the run ended before the kill: {p.returncode}\n{p.stderr.read()}"
         nodes.kill("worker")
         committed = _vectors(idx)  # at least what was committed before the kill
