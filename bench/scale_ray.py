@@ -1,6 +1,8 @@
-"""The Ray engine against the local engine on the same photos, side by side in one run (issue 12, part 4a).
+"""The Ray engine against the local engine on the same photos, side by side in one run (issue 12, part 4a);
+with ``--commits``, the Ray driver's commit rate before and after a change (issue 31).
 
     python bench/scale_ray.py [--count 1000] [--rounds 1] [--batch 32]
+    python bench/scale_ray.py --commits [--rows 40000] [--photos 400] [--before REV] [--rounds 2]
 
 Indexes the first COUNT photos of ../shared/data/caltech101 (as they are: JPEGs of about 300×200 px)
 into fresh indexes with the local engine (all cores' threads) and with the Ray engine on a local Ray
@@ -10,12 +12,25 @@ ratio to the local engine, 2 actors against 1, and the largest difference betwee
 embeddings. Ray is started once, before the runs (a running cluster); its start is timed separately.
 The machine's cores, threads and load average are in the table: figures from a shared, loaded machine
 are noisy, which is why the engines alternate within one run. Saves bench/results/scale-ray.md.
+
+``--commits`` (:func:`commits`): rows/s that ``retrieve index --engine ray`` commits, into SQLite and into
+PostgreSQL (a throw-away cluster with the server's default durability, fsync on), from this tree and from
+``--before REV`` (a git worktree), interleaved in ``--rounds`` rounds, each run a child process with its own local
+Ray (3 logical CPUs). Two workloads: the driver's own ceiling, ``--rows`` synthetic files through the Ray path with
+reading, decoding and embedding stubbed out in the workers (a 1280-d vector per row, made in the actor), so the
+driver's loop, its commits and the FAISS mirror are all that is measured; and end to end, ``--photos`` Caltech-101
+photos read, decoded and embedded (efficientnet_lite0) by the workers. Replaces the "Commits" section of
+bench/results/scale-ray.md.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
 import sqlite3
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,9 +38,6 @@ from pathlib import Path
 import _common
 import numpy as np
 import torch
-
-from indexer import index_paths
-from retrieval.models.loading import load_backbone
 
 
 class Clock:
@@ -114,11 +126,25 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--idle", type=float, default=30.0,
                     help="seconds to measure an idle local Ray's own CPU use (its daemons) before the runs")
+    ap.add_argument("--commits", action="store_true", help="the Ray driver's commit rate, before and after")
+    ap.add_argument("--rows", type=int, default=40_000, help="--commits: synthetic rows, embedding stubbed out")
+    ap.add_argument("--photos", type=int, default=400, help="--commits: real photos end to end (0: none)")
+    ap.add_argument("--before", metavar="REV", default=None, help="--commits: a git revision to measure beside this")
+    ap.add_argument("--stub-batch", type=int, default=256, help="--commits: the stubbed runs also at this batch size")
+    ap.add_argument("--from-log", default=None, help="--commits: table the rounds a run printed (saved output) again")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.child:
+        return commit_child(json.loads(args.child))
+    if args.commits:
+        return commits(args)
     data = _common.shared_dataset("caltech101")
     if data is None:
         return
     import ray
+
+    from indexer import index_paths
+    from retrieval.models.loading import load_backbone
 
     from indexer.ray_engine import _local_cpus
 
@@ -219,6 +245,214 @@ def main() -> None:
             f"(1 actor / 2 actors) / local: **{min(x[8] for x in results['ray1']) / min(x[8] for x in results['local']):.2f}× / "
             f"{min(x[8] for x in results['ray2']) / min(x[8] for x in results['local']):.2f}×**.\n")
     _common.save("scale-ray", text)
+
+
+# -- the Ray driver's commits (--commits) ----------------------------------------------------------------
+DIM = 1280
+
+
+def stub_decode(batch: dict, known, preprocess, min_side: int, verify: bool) -> dict:
+    """The workers' read-hash-decode stage (indexer.ray_engine.decode_batch) stubbed: every file is new content to
+    embed, its hash made from its path; nothing is read."""
+    n = len(batch["path"])
+    res = {k: batch[k] for k in ("path", "size", "mtime_ns")}
+    res["status"] = np.array(["embed"] * n, dtype=object)
+    res["reason"] = np.array([""] * n, dtype=object)
+    res["sha256"] = np.array([hashlib.sha256(str(p).encode()).hexdigest() for p in batch["path"]], dtype=object)
+    res["width"], res["height"] = np.full(n, 640, np.int64), np.full(n, 480, np.int64)
+    res["feats"] = np.array([b""] * n, dtype=object)
+    return res
+
+
+class StubEmbedder:
+    """The embedding actor (indexer.ray_engine.Embedder) stubbed: a 1280-d float32 vector per row, from a pool made
+    once per actor."""
+
+    def __init__(self, backbone, threads: int):
+        self.pool = np.random.default_rng(os.getpid()).standard_normal((4096, DIM)).astype(np.float32)
+        self.at = 0
+
+    def __call__(self, batch: dict) -> dict:
+        n = len(batch["path"])
+        take = np.arange(self.at, self.at + n) % len(self.pool)
+        self.at += n
+        return {**batch, "vector": self.pool[take]}
+
+
+class _StubBackbone:
+    preprocess = None
+    feature_dim = DIM
+
+
+def commit_child(spec: dict) -> None:
+    """One measured run, in its own process, importing retrieve from ``spec["tree"]``; prints its figures as JSON."""
+    import threading
+
+    sys.path.insert(0, spec["tree"])  # ahead of _common's ROOT: this tree's or the --before worktree's modules
+    import ray
+
+    import indexer.ray_engine as engine
+    import indexer.rows as rows
+    from retrieval.index import database
+
+    assert Path(engine.__file__).is_relative_to(spec["tree"]), engine.__file__
+    committed = {"s": 0.0, "n": 0}
+    commit = rows.commit_embedded
+
+    def timed(store, batch, *a, **kw):  # the driver's time in its commits (rows, then the FAISS mirror)
+        t = time.perf_counter()
+        commit(store, batch, *a, **kw)
+        committed["s"] += time.perf_counter() - t
+        committed["n"] += 1
+
+    rows.commit_embedded = timed
+    if spec["db"]:
+        database.use(spec["db"])
+    torch.set_num_threads(1)
+    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False, object_store_memory=500_000_000,
+             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([spec["tree"], os.environ.get("PYTHONPATH", "")])}})
+    clock = Clock()
+    idx = Path(spec["index"])
+    load0 = os.getloadavg()[0]
+    t = time.perf_counter()
+    if spec["photos"]:
+        from indexer import index_paths
+        from retrieval.models.loading import load_backbone
+
+        bb = load_backbone("efficientnet_lite0")
+        rep = index_paths([spec["photos"]], idx, backbone=bb, batch_size=spec["batch"], progress=clock,
+                          engine="ray", follow_links=True)
+    else:
+        from indexer.common import IndexReport
+        from retrieval.index.settings import IndexSettings
+        from retrieval.index.store import IndexStore
+        from retrieval.scan import FileEntry
+
+        engine.decode_batch, engine.Embedder, engine.portable = stub_decode, StubEmbedder, lambda bb: bb
+        st = IndexSettings(model="stub", weights_id="stub", weights_source="", preprocess={"size": 224},
+                           metric="cosine", dim=DIM, index_type="flat", faiss_factory="")
+        files = [FileEntry(f"/photos/{i // 1000:04d}/{i:08d}.jpg", 200_000 + i, 1_700_000_000_000_000_000 + i)
+                 for i in range(spec["rows"])]
+        rep = IndexReport()
+        with IndexStore.create(idx, st) as store:
+            engine.ray_runner(None)(store, _StubBackbone(), files, ["/photos"], rep, spec["batch"], None, clock,
+                                    lambda p, r: None, threading.Event())
+            store.save_faiss()
+            assert store.count() == spec["rows"]
+    wall = time.perf_counter() - t
+    ray.shutdown()
+    print(json.dumps({"indexed": rep.indexed, "phase": rep.indexed / (clock.t1 - clock.t0), "steady": clock.steady(),
+                      "wall": wall, "commits": committed["n"], "commit_s": committed["s"],
+                      "rows_per_commit_s": rep.indexed / max(committed["s"], 1e-9), "load": [load0, os.getloadavg()[0]]}))
+
+
+def commits(args) -> None:
+    """Before and after, SQLite and PostgreSQL, stubbed and end to end, interleaved; saves the section."""
+    from contextlib import ExitStack
+
+    sys.path.insert(0, str(_common.ROOT / "tests"))
+    from pgserver import Cluster, new_database
+
+    workloads = [("stub", args.rows, None, b) for b in sorted({args.batch, args.stub_batch})]
+    if args.photos:
+        data = _common.shared_dataset("caltech101")
+        if data is not None:
+            workloads.append(("photos", args.photos, data, args.batch))
+    out: dict = {}
+    labels = ["now"] if not args.before else [f"before ({args.before})", "now"]
+    if args.from_log:  # the figures a run printed, tabled again (no runs)
+        import ast
+        import re
+
+        for line in Path(args.from_log).read_text().splitlines():
+            m = re.match(r"round \d+ (\w+) batch (\d+) (.+) (sqlite|postgresql): (\{.*\})$", line)
+            if m:
+                out.setdefault((m[1], int(m[2]), m[3], m[4]), []).append(ast.literal_eval(m[5]))
+        return _commits_section(args, [w for w in workloads if any(k[:2] == (w[0], w[3]) for k in out)], labels, out)
+    with ExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="scale-commits-")))
+        trees = [("now", str(_common.ROOT))]
+        if args.before:
+            trees.insert(0, (f"before ({args.before})", str(stack.enter_context(
+                _common.worktree(args.before, tmp / "before")).resolve())))
+        cluster = Cluster(durable=True)
+        stack.callback(cluster.stop)
+        pg = cluster.start()
+        photos = None
+        for name, n, data, _ in workloads:
+            if data is not None:
+                photos = tmp / "photos"
+                photos.mkdir()
+                files = sorted(p for p in data.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))[:n]
+                for i, p in enumerate(files):
+                    (photos / f"{i:05d}{p.suffix.lower()}").symlink_to(p)
+        k = 0
+        for r in range(args.rounds):
+            for name, n, data, batch in workloads:
+                for label, tree in trees:
+                    for db in ("sqlite", "postgresql"):
+                        k += 1
+                        url = new_database(pg, f"commits{k}") if db == "postgresql" else None
+                        spec = {"tree": tree, "db": url, "index": str(tmp / f"idx{k}"), "batch": batch,
+                                "rows": n if data is None else 0, "photos": str(photos) if data is not None else None}
+                        p = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True,
+                                           text=True, env={**os.environ, "RETRIEVE_THREADS": "1"})
+                        if p.returncode:
+                            raise SystemExit(f"{name} {label} {db}: child failed\n{p.stderr[-3000:]}")
+                        got = json.loads(p.stdout.strip().splitlines()[-1])
+                        print(f"round {r + 1} {name} batch {batch} {label} {db}: {got}", flush=True)
+                        out.setdefault((name, batch, label, db), []).append(got)
+    _commits_section(args, workloads, labels, out)
+
+
+def _commits_section(args, workloads, labels, out) -> None:
+    """The "Commits" section of scale-ray.md from the runs' figures. End to end, the rate is the phase's (scan
+    done → last commit): with the embedding the limit, the few commits come in bursts and a rate between them
+    means nothing."""
+    import statistics
+
+    table = []
+    for (name, batch, label, db), xs in out.items():
+        med = {key: statistics.median(x[key] for x in xs) for key in ("phase", "steady", "commits", "commit_s",
+                                                                        "rows_per_commit_s")}
+        loads = [v for x in xs for v in x["load"]]
+        table.append([{"stub": "stubbed embedding", "photos": "end to end"}[name], xs[0]["indexed"], batch, label, db,
+                      f"{med['steady']:,.0f}" if name == "stub" else "-", f"{med['phase']:,.0f}", f"{med['commits']:.0f}",
+                      f"{med['rows_per_commit_s']:,.0f}", f"{1000 * med['commit_s'] / xs[0]['indexed']:.3f}",
+                      f"{min(loads):.1f}-{max(loads):.1f}"])
+    ratios = []
+    for name, _, _, batch in workloads:
+        for db in ("sqlite", "postgresql"):
+            now = out.get((name, batch, "now", db))
+            old = out.get((name, batch, labels[0], db)) if args.before else None
+            if now and old:
+                f = lambda xs, key: statistics.median(x[key] for x in xs)  # noqa: E731
+                rate = "steady" if name == "stub" else "phase"
+                ratios.append(f"{name} (batch {batch}) {db}: {f(now, rate) / f(old, rate):.1f}× rows/s ({rate}), "
+                              f"{f(now, 'rows_per_commit_s') / f(old, 'rows_per_commit_s'):.1f}× rows per commit-second")
+    section = (f"## Commits of the Ray engine's driver\n\nRows/s committed by `retrieve index --engine ray`, each run a "
+               f"child process with its own local Ray (3 logical CPUs: 2 embedding actors and the decoding tasks), "
+               f"RETRIEVE_THREADS=1, {os.cpu_count()} cores shared with everything else on the machine, median of "
+               f"{args.rounds} interleaved round(s). *Stubbed embedding*: {args.rows:,} synthetic files through the Ray path with "
+               f"the workers' reading, decoding and embedding stubbed (a {DIM}-d float32 vector made in the actor), "
+               f"flat index: the driver's own ceiling. *End to end*: Caltech-101 photos read, decoded and embedded "
+               f"(efficientnet_lite0, 224 px) by the workers. PostgreSQL 15: a throw-away cluster with the server's "
+               f"default durability (fsync on), a fresh database per run; SQLite: WAL, synchronous=NORMAL. "
+               f"rows/s (steady): first commit → last; (phase): scan done → last commit, with the actors' start; "
+               f"rows per commit-second: rows over the driver's seconds inside its commits (rows, then the FAISS "
+               f"mirror), the rate the commits alone would allow. --batch-size also sets the pipeline's blocks (rows "
+               f"per decoding task and per actor call).\n\n"
+               + _common.table(["workload", "rows", "--batch-size", "tree", "database", "rows/s (steady)", "rows/s (phase)",
+                                "commits", "rows per commit-second", "commit ms/row", "load avg 1 min"], table)
+               + ("\n\n" + "; ".join(ratios) + "." if ratios else "")
+               + f"\n\nReproduce: `RETRIEVE_THREADS=1 python bench/scale_ray.py --commits --rows {args.rows} --photos "
+               f"{args.photos} --rounds {args.rounds} --batch {args.batch} --stub-batch {args.stub_batch}"
+               f"{' --before ' + args.before if args.before else ''}`\n")
+    path = _common.RESULTS / "scale-ray.md"
+    text = path.read_text() if path.exists() else ""
+    head = text.split("## Commits of the Ray engine's driver")[0].rstrip()
+    path.write_text((head + "\n\n" if head else "") + section)
+    print(section)
 
 
 def _photo(p: Path):

@@ -1,8 +1,9 @@
 """``retrieve index --engine ray``: the embedding step of an index run on a Ray cluster (or a local Ray).
 
-The driver (this process) scans, plans and commits exactly as the local engine does (indexer/run.py,
-indexer/plan.py, one transaction per batch through ``indexer/rows.py``'s ``commit_embedded``); only reading, decoding and
-embedding move out, into a Ray Data pipeline:
+The driver (this process) scans, plans and commits as the local engine does (indexer/run.py, indexer/plan.py,
+``indexer/rows.py``'s ``commit_embedded``), in transactions of at least a batch that grow with the rate the cluster
+delivers (``indexer/rows.py``'s :class:`Commits`); only reading, decoding and embedding move out, into a Ray Data
+pipeline:
 
     from_items(files to do) → map_batches(read, hash, decode, preprocess)        Ray tasks
                             → map_batches(embed)                                an actor pool: each actor
@@ -62,21 +63,28 @@ def _local_cpus() -> int:
         return os.cpu_count() or 1
 
 
+DECODE_CPUS = 0.5  # the logical CPUs a decoding task asks for
+
+
 @dataclasses.dataclass
 class PoolShape:
     workers: int  # embedding actors
     threads: int  # torch/ONNX Runtime threads in each actor
     cpus: float  # CPUs of the cluster (logical)
+    actor_cpus: float = 0.0  # the logical CPUs each actor asks for (0: ``threads``)
 
 
-def pool_shape(workers: int | None, cluster_cpus: float, node_cpus: float) -> PoolShape:
+def pool_shape(workers: int | None, cluster_cpus: float, node_cpus: float, smallest_node: float | None = None) -> PoolShape:
     """Actors and threads per actor. By default one single-threaded actor per CPU the decoding leaves free
     (it keeps one CPU of a small cluster, a quarter of a large one); ``workers`` actors share those CPUs
-    (at most one node's worth per actor)."""
+    (at most one node's worth per actor). An actor asks for at most its ``smallest_node``'s CPUs less a decoding
+    task's, so that any one node can run an actor and the decoding beside it: a cluster that loses nodes mid-run,
+    down to a single small one, keeps going instead of waiting for CPUs that are gone."""
     usable = max(1, int(cluster_cpus * 3 // 4) if cluster_cpus >= 4 else int(cluster_cpus) - 1)
     n = workers or usable
     threads = max(1, min(int(node_cpus), usable // n))
-    return PoolShape(n, threads, cluster_cpus)
+    small = node_cpus if smallest_node is None else smallest_node
+    return PoolShape(n, threads, cluster_cpus, min(float(threads), max(DECODE_CPUS, small - DECODE_CPUS)))
 
 
 @contextmanager
@@ -115,7 +123,8 @@ def ray_session(address: str | None, workers: int | None):
         if shape is None:
             cpus = float(ray.cluster_resources().get("CPU", 1))
             nodes = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
-            shape = pool_shape(workers, cpus, max(nodes or [cpus]))
+            nodes = [c for c in nodes if c > 0] or [cpus]
+            shape = pool_shape(workers, cpus, max(nodes), min(nodes))
         yield shape
     finally:
         if started:
@@ -251,7 +260,7 @@ def _run_ray(store, bb, files, trees, report, batch_size, workers, progress, on_
 
     from retrieval.match.verify import decode_side
 
-    from .rows import Decoded, by_path, commit_embedded, drop_vanished, plan_run, record_skip, reuse
+    from .rows import Commits, Decoded, by_path, drop_vanished, plan_run, record_skip, reuse
 
     plan = plan_run(store, files, trees, report)
     todo = plan.todo
@@ -264,14 +273,7 @@ def _run_ray(store, bb, files, trees, report, batch_size, workers, progress, on_
         verifier = Verifier()
     min_side = decode_side(store.settings)  # one decode rule for every embedding (retrieval/presets.py)
 
-    batch: list = []
-    vecs: list = []
-
-    def flush() -> None:
-        commit_embedded(store, batch, np.stack(vecs), plan.rows, report)
-        progress.advance(len(batch))
-        batch.clear()
-        vecs.clear()
+    commits = Commits(store, plan.rows, report, batch_size, progress.advance)
 
     def skip(d) -> None:
         record_skip(store, d, plan.rows)
@@ -305,9 +307,10 @@ def _run_ray(store, bb, files, trees, report, batch_size, workers, progress, on_
             per_block = max(4, min(batch_size, -(-len(items) // (2 * shape.workers))))
             blocks = max(1, -(-len(items) // per_block))
             ds = ray.data.from_items(items, override_num_blocks=blocks)
-            ds = ds.map_batches(decode_batch, batch_size=per_block, batch_format="numpy", num_cpus=0.5,
+            ds = ds.map_batches(decode_batch, batch_size=per_block, batch_format="numpy", num_cpus=DECODE_CPUS,
                                 fn_args=(known, bb.preprocess, min_side, verifier is not None))
-            ds = ds.map_batches(Embedder, batch_size=batch_size, batch_format="numpy", num_cpus=shape.threads,
+            ds = ds.map_batches(Embedder, batch_size=batch_size, batch_format="numpy",
+                                num_cpus=shape.actor_cpus or shape.threads,
                                 fn_constructor_args=(model, shape.threads),
                                 compute=ray.data.ActorPoolStrategy(size=min(shape.workers, blocks)))
             stream = ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1)
@@ -340,12 +343,8 @@ def _run_ray(store, bb, files, trees, report, batch_size, workers, progress, on_
                         if d.error:
                             skip(d)
                             continue
-                        batch.append(d)
-                        vecs.append(np.asarray(v, np.float32))
-                        if len(batch) >= batch_size:
-                            flush()
-                if batch:
-                    flush()
+                        commits.add(d, np.asarray(v, np.float32))
+                commits.flush()
             except ray.exceptions.RayError as e:
                 if stop.is_set():  # Ctrl-C reached a local Ray's workers too: an interruption, not a failure
                     raise KeyboardInterrupt from None

@@ -163,3 +163,55 @@ def test_second_writer_refused_search_answers_kill_9_then_resume(pg, small_photo
     assert rep["total"] == 48 and rep["indexed"] == 48 - rep["unchanged"] and rep["unchanged"] >= kept
     rep = run_json("check", "--index", idx)
     assert rep["consistent"] and not rep["trailing"] and rep["vectors"] == rep["images"] == 48
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_bulk_insert_rows_ids_never_reused_and_columns_kept(backend, pg, tmp_path):
+    """IndexStore.insert_rows in bulk (binary COPY on PostgreSQL, one executemany on SQLite), at the store level:
+    new ids follow the highest ever given even after it was deleted, a row put back keeps its id, each column
+    reads back as written (64-bit sizes and mtimes, 32-bit width/height/face, a non-UTF-8 name, the float32
+    bytes), the replaced rows and the skipped record of a re-inserted path are gone, all in one transaction."""
+    from retrieval.index.settings import IndexSettings
+    from retrieval.index.store import IndexStore
+
+    if backend == "postgresql":
+        database.use(new_database(pg, "retrieve_bulk"))
+    st = IndexSettings(model="synthetic", weights_id="x", weights_source="", preprocess={"size": 224},
+                       metric="cosine", dim=8, index_type="flat", faiss_factory="")
+    store = IndexStore.create(tmp_path / "idx", st)
+    try:
+        assert store.server == (backend == "postgresql")
+        rng = np.random.default_rng(3)
+        vecs = rng.standard_normal((6, 8)).astype(np.float32)
+        odd = "/p/caf\udce9.jpg"  # a name that is not UTF-8 (stored escaped: retrieval/names.py)
+
+        def row(i, path=None, **kw):
+            return {"path": path or f"/p/{i}.jpg", "size": 5_000_000_000 + i, "mtime_ns": 1_700_000_000_123_456_789 + i,
+                    "sha256": f"{i:064x}", "width": 4000 + i, "height": 3000, "vector": vecs[i].tobytes(),
+                    "indexed_at": 1.5e9 + i, **kw}
+
+        ids = store.insert_rows([row(0), row(1, odd), row(2, face=2, box="1,2,3,4")])
+        assert list(ids) == [ids[0], ids[0] + 1, ids[0] + 2]
+        store.delete_rows([int(ids[2])])  # the highest id goes: it is never given again
+        store.record_skip("/p/3.jpg", 1, 1, "unreadable")
+        more = store.insert_rows([row(3), row(4)], replace=[int(ids[0])])
+        assert more.min() > ids[2] and store.skipped_count() == 0
+        back = store.insert_rows([row(0, id=int(ids[0]))])  # a row restored with its old id (an undone move)
+        assert list(back) == [ids[0]]
+        got = store.rows_by_ids([*ids, *more])
+        assert sorted(got) == sorted([int(ids[0]), int(ids[1]), *map(int, more)])
+        r = got[int(ids[1])]
+        assert (r.path, r.size, r.mtime_ns, r.width, r.height) == (odd, 5_000_000_001, 1_700_000_000_123_456_790, 4001, 3000)
+        assert r.vector == vecs[1].tobytes() and r.indexed_at == 1.5e9 + 1
+        assert store.insert_rows([]).shape == (0,)
+        store.insert_rows([row(5, "/p/f.jpg", face=0, box="0,0,9,9"), row(5, "/p/f.jpg", face=1, box="9,9,19,19")])
+        with store.engine.connect() as c:
+            assert c.execute(text("SELECT face, box FROM images WHERE path = '/p/f.jpg' ORDER BY face")).all() == \
+                [(0, "0,0,9,9"), (1, "9,9,19,19")]
+        # a duplicate (path, face) fails the whole transaction: nothing of it is kept
+        n = store.count()
+        with pytest.raises(Exception):
+            store.insert_rows([row(6, "/p/new.jpg"), row(6, "/p/3.jpg")], replace=[int(more[1])])
+        assert store.count() == n and store.rows_by_ids([int(more[1])])
+    finally:
+        store.close()

@@ -46,6 +46,43 @@ def test_ray_address_needs_the_ray_engine(tmp_path):
     assert r.exit_code == 2 and "--ray-address needs --engine ray" in r.output
 
 
+def test_driver_commits_grow_with_the_rate_rows_come_in(monkeypatch):
+    """indexer/rows.py Commits (the Ray driver's): rows that come fast go in one transaction per GROUP_SECONDS (at
+    most GROUP_MAX_ROWS), rows that come slowly one per batch as before; every row committed once, in order."""
+    from indexer import rows as rows_mod
+    from indexer.common import IndexReport
+    from retrieval.scan import FileEntry
+
+    clock = [0.0]
+    monkeypatch.setattr(rows_mod.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(rows_mod, "GROUP_MAX_ROWS", 100)
+    commits = []
+
+    class Store:
+        def insert_rows(self, values, replace=()):
+            commits.append([v["path"] for v in values])
+            return np.arange(len(values))
+
+        def apply(self, *_):
+            pass
+
+    done = []
+    c = rows_mod.Commits(Store(), {}, IndexReport(), 4, done.append)
+    d = [rows_mod.Decoded(FileEntry(f"/p/{i}.jpg", 1, 1), f"{i:064x}", 1, 1) for i in range(400)]
+    v = np.zeros(8, np.float32)
+    for i in range(10):  # slow: a batch every second
+        c.add(d[i], v)
+        clock[0] += 0.3
+    assert [len(x) for x in commits] == [4, 4]  # the first at once, then every batch
+    for i in range(10, 300):  # fast: 1000 rows a second
+        c.add(d[i], v)
+        clock[0] += 0.001
+    c.flush()
+    sizes = [len(x) for x in commits]
+    assert sum(sizes) == 300 and [p for x in commits for p in x] == [e.entry.path for e in d[:300]]
+    assert max(sizes) == 100 and len(commits) < 12 and c.report.indexed == 300 and sum(done) == 300
+
+
 ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip install -e '.[ray]')")
 
 

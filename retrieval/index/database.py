@@ -219,6 +219,37 @@ def size(engine) -> int:
                                     {"t": t}).scalar() or 0 for t in Base.metadata.tables))
 
 
+# -- bulk writes ---------------------------------------------------------------------------------------
+def next_ids(conn, table: str, n: int) -> list[int]:
+    """The next ``n`` values of ``table``'s id sequence, in one statement (``conn``: a SQLAlchemy connection)."""
+    from sqlalchemy import text
+
+    return sorted(int(i) for (i,) in conn.execute(
+        text("SELECT nextval(pg_get_serial_sequence(:t, 'id')) FROM generate_series(1, :n)"), {"t": table, "n": n}))
+
+
+def copy_rows(conn, table: str, columns: tuple[str, ...], rows: list[tuple]) -> None:
+    """Write ``rows`` (tuples in the order of ``columns``) into ``table`` with one binary ``COPY … FROM STDIN``, in
+    ``conn``'s transaction (a SQLAlchemy connection on psycopg 3): the server parses no SQL per row and receives
+    ``bytea`` as bytes rather than hex text. Each column is sent as the type the table declares, so a 32-bit
+    column gets 32-bit values."""
+    raw = conn.connection.driver_connection
+    types = _column_types(raw, table)
+    with raw.cursor() as cur:
+        with cur.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN (FORMAT BINARY)") as copy:
+            copy.set_types([types[c] for c in columns])
+            for r in rows:
+                copy.write_row(r)
+
+
+def _column_types(raw, table: str) -> dict[str, int]:
+    """{column: type oid} of ``table`` (one catalogue query: a schema upgraded meanwhile is seen)."""
+    with raw.cursor() as cur:
+        cur.execute("SELECT attname, atttypid FROM pg_attribute WHERE attrelid = %s::regclass AND attnum > 0 "
+                    "AND NOT attisdropped", (table,))
+        return {name: int(oid) for name, oid in cur.fetchall()}
+
+
 # -- the writer lock -----------------------------------------------------------------------------------
 class AdvisoryLock:
     """One writer at a time on this database, across machines: ``pg_try_advisory_lock`` on a dedicated

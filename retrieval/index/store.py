@@ -43,6 +43,7 @@ from retrieval.names import from_db, to_db
 DB_TEMPORARY_GLOB = f".{DB_NAME}.*.tmp*"
 ROW_COLUMNS = ("id", "path", "size", "mtime_ns", "sha256", "width", "height", "vector", "indexed_at")
 _COLS = ", ".join(ROW_COLUMNS)
+INSERT_COLUMNS = ROW_COLUMNS + ("face", "box")  # what insert_rows writes, in this order
 
 
 class IncompleteIndex(IndexError_):
@@ -587,28 +588,50 @@ class IndexStore(VectorSpace):
         return self.engine.begin()
 
     def insert_rows(self, values: list[dict], replace: Sequence[int] = ()) -> np.ndarray:
-        """Insert rows (dicts of the image columns, ``vector`` as float32 bytes; ``face``/``box`` for a faces index)
-        after deleting the rows ``replace`` and the skipped records of their paths, in one transaction: one DELETE,
-        one multi-row INSERT … RETURNING (SQLAlchemy's "insertmanyvalues": SQLite ≥ 3.35, psycopg 3) instead of a
-        round trip per row (bench/results/scale-db.md). Returns the new ids in the order of ``values``."""
-        from sqlalchemy import delete, insert
+        """Insert rows (dicts of the image columns, ``vector`` as float32 bytes; ``face``/``box`` for a faces index;
+        ``id`` to put a row back under its old id) after deleting the rows ``replace`` and the skipped records of
+        their paths, in one transaction. Returns the ids in the order of ``values``.
+
+        In bulk, the same steps on either database: the new ids allocated in one statement, then every row written
+        in one go with its id -- PostgreSQL's binary ``COPY`` (retrieval/index/database.py; no per-row statement, no
+        text-encoded ``bytea``), one ``executemany`` of a prepared INSERT on SQLite (bench/results/scale-db.md)."""
+        from sqlalchemy import delete
 
         from retrieval.index.schema import ImageRow, SkippedRow
 
         table, skipped = ImageRow.__table__, SkippedRow.__table__
         replace = [int(i) for i in replace]
-        values = [{**v, "path": to_db(v["path"])} for v in values]  # retrieval/names.py
-        paths = sorted({v["path"] for v in values})
+        paths = sorted({to_db(v["path"]) for v in values})
         with self._begin() as c:
             for part in chunks(replace, 500):
                 c.execute(delete(table).where(table.c.id.in_(part)))
             for part in chunks(paths, 500):
                 c.execute(delete(skipped).where(skipped.c.path.in_(part)))
-            # RETURNING's row order is not promised (asking for it makes SQLAlchemy insert row by row on SQLite):
-            # each id is matched by its (path, face) instead, unique as in the table
-            got = {(p, f): i for i, p, f in c.execute(insert(table).returning(table.c.id, table.c.path, table.c.face),
-                                                      values)} if values else {}
-        return np.array([got[(v["path"], v.get("face"))] for v in values], np.int64)  # (paths as stored)
+            if not values:
+                return np.zeros(0, np.int64)
+            given = [v.get("id") for v in values]
+            fresh = iter(self._new_ids(c, sum(i is None for i in given)))
+            ids = np.array([int(i) if i is not None else next(fresh) for i in given], np.int64)
+            rows = [(int(i), to_db(v["path"]), *(v.get(k) for k in INSERT_COLUMNS[2:]))  # (names: retrieval/names.py)
+                    for i, v in zip(ids, values)]
+            if self.server:
+                database.copy_rows(c, "images", INSERT_COLUMNS, rows)
+            else:
+                c.exec_driver_sql(f"INSERT INTO images ({', '.join(INSERT_COLUMNS)}) "
+                                  f"VALUES ({', '.join('?' * len(INSERT_COLUMNS))})", rows)
+        return ids
+
+    def _new_ids(self, c, n: int) -> list[int]:
+        """``n`` new row ids, never used before (AUTOINCREMENT), allocated in one statement inside the writer's
+        transaction ``c``: the PostgreSQL sequence's next ``n`` values, or on SQLite the ``n`` ids after the highest
+        ever given (the explicit ids then written move ``sqlite_sequence`` on, as an automatic id would)."""
+        if not n:
+            return []
+        if self.server:
+            return database.next_ids(c, "images", n)
+        top = c.exec_driver_sql("SELECT max(coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'images'), 0), "
+                                "coalesce((SELECT max(id) FROM images), 0))").scalar()
+        return list(range(int(top) + 1, int(top) + 1 + n))
 
     def delete_rows(self, ids: Sequence[int]) -> None:
         from sqlalchemy import delete
