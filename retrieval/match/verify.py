@@ -8,10 +8,9 @@ look-alikes rarely give more than a handful. A candidate with at least ``min_inl
 
 Re-ranking (:func:`rerank`) puts confirmed candidates first, the most *evidence* first, and keeps the others in
 their global order behind them; it never drops a confirmed candidate in favour of an unconfirmed one. Evidence
-(:func:`weigh`) is the inliers with burstiness taken out: a query keypoint that is an inlier of several confirmed
-candidates counts once in all, shared among them, and, on an index with a catalogue, a photo that is not a
-catalogue image counts only the query keypoints a confirmed catalogue image also matched: a background (a book, a
-table) seen behind several products no longer confirms the wrong one.
+(:func:`weigh`) is the inliers, except on an index with a catalogue once a catalogue image is confirmed: then a
+photo that is not a catalogue image counts only its inliers on query keypoints that catalogue image matched too,
+so a background (a book, a table) seen behind several products no longer confirms the wrong one.
 
 Features are extracted once per image content (the file's sha256) and cached on disk under
 ``~/.cache/retrieve/local`` (``--verify`` on a new collection is slower the first time).
@@ -473,46 +472,34 @@ def indexed_hash(row) -> str | None:
 
 
 def weigh(verifications: Sequence[Verification], catalogue: Sequence[bool] | None = None) -> None:
-    """Set each confirmed verification's ``evidence``: its inliers with burstiness taken out (Jégou, Douze &
-    Schmid, "On the burstiness of visual elements", CVPR 2009, inter-image), over the candidates verified together:
+    """Set each confirmed verification's ``evidence``: its inliers, less those a background explains.
 
-    - a query keypoint that is an inlier of n confirmed candidates weighs 1/n in each of them, so each keypoint is
-      one vote in all; evidence = inliers × the mean weight of the candidate's inlier pairs (= inliers when no
-      other candidate shares them). A background behind many photos of the collection spreads its votes over them;
-      an object seen in few keeps its own.
-    - ``catalogue`` (one flag per verification: a catalogue image, retrieval/index/catalogue.py): when a catalogue
-      image is confirmed, the other candidates count only the query keypoints that a confirmed catalogue image is
-      matched on too (a phone photo of another product that shares only the background weighs 0; catalogue images
-      themselves are weighed as above).
-
-    Unconfirmed verifications keep ``evidence`` None (they are ranked by the global order). No constant: the
-    weights are counts; measured in bench/results/burstiness.md."""
+    ``catalogue``: one flag per verification, whether it is a catalogue image (retrieval/index/catalogue.py). When a
+    catalogue image is confirmed, the query's product is what it shows: another candidate keeps only its inliers on
+    query keypoints that a confirmed catalogue image is matched on too (evidence = inliers × that share). A phone
+    photo of another product that shares only the background (a book, a table behind several products) keeps
+    none; the product's own photos keep theirs; catalogue images keep all their inliers. Otherwise (no catalogue, or
+    none confirmed) evidence = inliers. Not kept: each query keypoint as one vote shared among the candidates it is
+    an inlier of (Jégou, Douze & Schmid, "On the burstiness of visual elements", CVPR 2009, inter-image) also
+    divides the votes of an object seen in many photos: ORL faces mAP@10 0.800 → 0.789 (bench/results/burstiness.md).
+    Unconfirmed verifications keep ``evidence`` None (they are ranked by the global order)."""
     conf = [i for i, v in enumerate(verifications) if v.confirmed]
     for v in verifications:
         v.evidence = None
-    if not conf:
-        return
-    rows = [np.unique(verifications[i].query_rows) for i in conf]
-    size = 1 + max((int(r[-1]) for r in rows if len(r)), default=0)
-    votes = np.zeros(size, np.float64)
-    for r in rows:
-        votes[r] += 1
     grounded = None
     if catalogue is not None and any(catalogue[i] for i in conf):
+        size = 1 + max((int(verifications[i].query_rows.max()) for i in conf if len(verifications[i].query_rows)),
+                       default=0)
         grounded = np.zeros(size, bool)
-        for i, r in zip(conf, rows):
+        for i in conf:
             if catalogue[i]:
-                grounded[r] = True
+                grounded[verifications[i].query_rows] = True
     for i in conf:
         v = verifications[i]
-        q = v.query_rows
-        if not len(q):
-            v.evidence = float(v.inliers)
-            continue
-        w = 1 / votes[q]
-        if grounded is not None and not catalogue[i]:
-            w = w * grounded[q]
-        v.evidence = float(v.inliers * w.mean())
+        share = 1.0
+        if grounded is not None and not catalogue[i] and len(v.query_rows):
+            share = float(grounded[v.query_rows].mean())
+        v.evidence = v.inliers * share
 
 
 def rerank(candidates: Sequence, verifications: Sequence[Verification], k: int) -> list:
