@@ -411,23 +411,25 @@ class Searcher:
         own = np.ascontiguousarray(self._vectors([best.id]), np.float32)  # (in the index's space already)
         return out + self._scored_hits([h.id for h in self._search(own, n, [taken], None)[0]], raw, min_score)
 
-    def _is_catalogue(self):
-        """Whether an id is a catalogue image (retrieval/index/catalogue.py), for verification's evidence
-        (retrieval.match.verify.weigh); None when the index records no catalogue images."""
+    def catalogue_ids(self) -> np.ndarray:
+        """The sorted ids of the index's catalogue images (retrieval/index/catalogue.py), found once."""
         if not hasattr(self, "_catalogue_ids"):
             from retrieval.index import catalogue
 
-            self._catalogue_ids = frozenset(catalogue.ids(self.store).tolist())
-        ids = self._catalogue_ids
-        return ids.__contains__ if ids else None
+            self._catalogue_ids = catalogue.ids(self.store)
+            self._catalogue_set = frozenset(self._catalogue_ids.tolist())
+        return self._catalogue_ids
+
+    def _is_catalogue(self):
+        """Whether an id is a catalogue image, for verification's evidence (retrieval.match.verify.weigh); None when
+        the index records no catalogue images."""
+        return self._catalogue_set.__contains__ if len(self.catalogue_ids()) else None
 
     def catalogue_selector(self) -> "_Excluding | None":
         """Search parameters for the catalogue images (retrieval/index/catalogue.py) that are answers; None when the
         index records no catalogue, or none of its images is in it, or ``within`` restricts the answers."""
         if not hasattr(self, "_catalogue"):
-            from retrieval.index import catalogue
-
-            ids = catalogue.ids(self.store) if self.allowed is None else np.zeros(0, np.int64)
+            ids = self.catalogue_ids() if self.allowed is None else np.zeros(0, np.int64)
             self._catalogue = _Excluding(self._selector.ids, ids) if len(ids) else None
         return self._catalogue
 
