@@ -134,8 +134,9 @@ def main() -> None:
         rows += others(name, args.threads)
     load = tuple(round(a, 1) for a in load + os.getloadavg())
     text = ("# Burstiness: a background behind several products (issue 31)\n\n"
-            f"`python bench/burstiness.py --threads {args.threads}` ({__doc__.split('Every phone photo')[0].strip()}"
-            f"); load average {load[:3]} at the start, {load[3:]} at the end. "
+            f"`python bench/burstiness.py --threads {args.threads}` (sets {', '.join(args.sets)}; "
+            f"{args.threads} thread(s) for NumPy and OpenCV's matching); load average {load[:3]} at the start, "
+            f"{load[3:]} at the end. "
             "Every phone photo queries the mixed collection of its set (100 catalogue images + 400 phone photos, "
             "itself left out), the instance preset's candidates (global top 8, words top 25, 3 + 3 catalogue "
             "images, the catalogue role recorded); the confirmed ranked by inliers (before) or by evidence "
