@@ -31,7 +31,7 @@ import numpy as np
 from retrieval.match import words as W
 from retrieval.index.head import fit_head, parse_head
 from retrieval.match.search import EXPAND, EXPAND_MIN, whole_budget
-from retrieval.match.verify import Verification, rerank
+from retrieval.match.verify import Verification, rerank, weigh
 
 
 def _order(x: np.ndarray, q: np.ndarray) -> np.ndarray:
@@ -91,16 +91,19 @@ def _index(feats: list, positions: np.ndarray, cls=W.WordIndex) -> W.WordIndex:
 
 
 def product_order(q: int, order: np.ndarray, pv, k: int, wl: list[int], pairs: list, early: int = 0,
-                  is_cat: np.ndarray | None = None) -> list[int]:
+                  is_cat: np.ndarray | None = None, evidence: bool = True, catalogue: np.ndarray | None = None) -> list[int]:
     """retrieval.match.search.Searcher._verified on a full global order (``order``: candidates best first);
     appends the number of verified pairs to ``pairs``. ``early`` = E > 0 (simulated early exit): the
     candidates are verified 16 at a time, alternately from the global shortlist and the other stages, best
     first, and verification stops after the 16 in which a candidate (with ``is_cat``: a catalogue image)
-    reached E inliers; the rest count as not confirmed."""
+    reached E inliers; the rest count as not confirmed. ``evidence``: confirmed candidates ranked by evidence
+    (retrieval.match.verify.weigh, with ``catalogue``: which images are catalogue images, the index's role), else by
+    inliers (before issue 31)."""
     head = [int(c) for c in order[:k]]
     extra = [c for c in wl if c not in set(head)]
     cands = head + extra
-    inl = pv.inliers(q, np.array(cands, np.int64)) if cands else np.zeros(0)
+    vs = pv.verifications(q, cands)
+    inl = np.array([v.inliers for v in vs], np.int64)
     if early and cands:
         pos = {c: j for j, c in enumerate(cands)}
         prio = [c for pair in zip(head + [None] * len(extra), extra + [None] * len(head)) for c in pair
@@ -117,7 +120,10 @@ def product_order(q: int, order: np.ndarray, pv, k: int, wl: list[int], pairs: l
         pairs.append(done)
     else:
         pairs.append(len(cands))
-    vs = [Verification(int(i)) for i in inl]
+    if early:
+        vs = [Verification(int(i)) for i in inl]  # (the rest not confirmed: ranked by inliers)
+    if evidence and not early:
+        weigh(vs, None if catalogue is None else [bool(catalogue[c]) for c in cands])
     out = rerank(head + extra, vs, len(head) + len(extra))
     conf = {c for c, v in zip(head + extra, vs) if v.confirmed}
     out = [c for c in out if c in head or c in conf]
@@ -128,12 +134,16 @@ def product_order(q: int, order: np.ndarray, pv, k: int, wl: list[int], pairs: l
 def run(folder: Path, paths: list[str], vecs: np.ndarray, pv, n_queries: int = 100,
         configs=((60, 0, 0), (60, 30, 0), (60, 30, 20), (30, 30, 20), (30, 20, 10), (20, 20, 20)),
         before=None, configs_before=((60, 30, 0), (60, 30, 20)),
-        names=("before", "now"), expand: int = EXPAND, words_cls=W.WordIndex) -> tuple[list[list], list[list]]:
+        names=("before", "now"), expand: int = EXPAND, words_cls=W.WordIndex, evidence=True,
+        queries: list[int] | None = None) -> tuple[list[list], list[list]]:
     """Rows of HEADERS: ``configs`` (K, W, C) with the verifier ``pv``, first ``configs_before`` with ``before``
-    (a PairVerifier with the previous verification settings), side by side."""
+    (a PairVerifier with the previous verification settings), side by side. ``evidence``: confirmed candidates
+    ranked by evidence (retrieval.match.verify.weigh), else by inliers; (False, True): both, a row each. ``queries``: these positions (phone photos)
+    instead of the first ``n_queries`` view1 photos."""
     labels = np.array([Path(p).parent.name for p in paths])
     is_ref = np.array([Path(p).stem == "ref" for p in paths])
-    queries = [i for i, p in enumerate(paths) if Path(p).stem == "view1"][:n_queries]
+    if queries is None:
+        queries = [i for i, p in enumerate(paths) if Path(p).stem == "view1"][:n_queries]
     refs = np.nonzero(is_ref)[0]
     head = fit_head([vecs], parse_head("pca-whiten:128"))
     x = head.apply(vecs.astype(np.float64)); x /= np.linalg.norm(x, axis=1, keepdims=True)
@@ -144,12 +154,15 @@ def run(folder: Path, paths: list[str], vecs: np.ndarray, pv, n_queries: int = 1
     wi_cat = _index(pv.feats, refs, words_cls)
     build_s = time.perf_counter() - t
     rows = []
-    runs = [(*cfg, before, names[0]) for cfg in (configs_before if before is not None else ())]
-    runs += [(*cfg, pv, names[1]) for cfg in configs]
+    flags = evidence if isinstance(evidence, (tuple, list)) else (evidence,)
+    runs = [(*cfg, before, names[0], ev) for cfg in (configs_before if before is not None else ()) for ev in flags]
+    runs += [(*cfg, pv, names[1], ev) for cfg in configs for ev in flags]
     for cfg in runs:
         k, w, c = cfg[:3]
-        e = cfg[3] if len(cfg) == 6 else 0  # (K, W, C[, early exit at E inliers])
-        pv, which = cfg[-2], cfg[-1]
+        e = cfg[3] if len(cfg) == 7 else 0  # (K, W, C[, early exit at E inliers])
+        pv, which, evidence = cfg[-3], cfg[-2], cfg[-1]
+        if len(flags) > 1:
+            which = f"{which}{', evidence' if evidence else ', inliers'}"
         res = {"mixed": [], "within": [], "catalogue-only": []}
         pairs = {name: [] for name in res}
         lookup = []
@@ -184,18 +197,20 @@ def run(folder: Path, paths: list[str], vecs: np.ndarray, pv, n_queries: int = 1
                     taken |= set(ew)
                     eg = [int(i) for i in np.argsort(-(x[best] @ x.T), kind="stable") if int(i) not in taken][:expand]
                     wl = wl + ew + eg
-            res["mixed"].append(product_order(q, order, pv, k, wl, pairs["mixed"], e, is_ref if c else None))
+            res["mixed"].append(product_order(q, order, pv, k, wl, pairs["mixed"], e, is_ref if c else None,
+                                              evidence, is_ref if c else None))
             # with words, a collection within the verification budget is verified whole (retrieval.match.search,
             # whole_budget): here the 100 catalogue images of --within and of the catalogue-only index
             whole = w > 0 and len(refs) <= whole_budget(k, w, c)
             o_within = [c for c in order if is_ref[c]]
             wl_in = [c for c, _ in wi_all.search(pv.feats[q].descriptors, w, allowed=refs, exclude=[q])] if w else []
             res["within"].append(product_order(q, np.array(o_within), pv, len(refs) if whole else k,
-                                               [] if whole else wl_in, pairs["within"], e))
+                                               [] if whole else wl_in, pairs["within"], e, evidence=evidence,
+                                               catalogue=is_ref if c else None))
             oc = refs[np.argsort(-(xc[q] @ xc[refs].T), kind="stable")]
             wl_c = [c for c, _ in wi_cat.search(pv.feats[q].descriptors, w)] if w else []
             res["catalogue-only"].append(product_order(q, oc, pv, len(refs) if whole else k, [] if whole else wl_c,
-                                                       pairs["catalogue-only"], e))
+                                                       pairs["catalogue-only"], e, evidence=evidence))
         n = len(queries)
         mixed = res["mixed"]
         r1 = np.mean([labels[o[0]] == labels[q] for q, o in zip(queries, mixed)])

@@ -114,6 +114,38 @@ def spare(source: Path, objects: int = 100, views: int = 4, seed: int = 0) -> li
     return sorted(p for _, p in backgrounds)
 
 
+def build_shared(source: Path, out: Path, backgrounds: int = 50, objects: int = 100, views: int = 4,
+                 seed: int = 0) -> Path:
+    """The set with *shared* backgrounds (issue 31's "a book behind several products"): the same objects and
+    references as :func:`build`, but each phone photo is pasted onto one of ``backgrounds`` photos (the first of
+    :func:`spare`'s, so none of them is an object or a background of the set), each behind about
+    ``objects × views / backgrounds`` phone photos of different objects. Written once under ``out``."""
+    stamp = out / "recipe.json"
+    recipe = {"version": VERSION, "objects": objects, "views": views, "seed": seed, "source": str(source),
+              "shared_backgrounds": backgrounds}
+    if stamp.exists() and json.loads(stamp.read_text()) == recipe:
+        return out
+    rng = random.Random(seed + 1)
+    cats = sorted(p for p in source.iterdir() if p.is_dir() and not p.name.startswith(("_", ".")))[:objects]
+    pool = spare(source, objects, views, seed)
+    rng.shuffle(pool)
+    pool = pool[:backgrounds]
+    loaded = [_load(p) for p in pool]
+    turn = [b for _ in range(-(-objects * views // backgrounds)) for b in range(backgrounds)]
+    rng.shuffle(turn)
+    for c in cats:
+        d = out / c.name
+        d.mkdir(parents=True, exist_ok=True)
+        obj = _load(sorted(p for p in c.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))[0])
+        Image.fromarray(obj).save(d / "ref.jpg", quality=95)
+        for v in range(views):
+            b = next(i for i, b in enumerate(turn) if pool[b].parent.name != c.name)
+            img = _view(obj, loaded[turn.pop(b)], rng)
+            Image.fromarray(img).save(d / f"view{v + 1}.jpg", quality=rng.randint(60, 90))
+    stamp.write_text(json.dumps(recipe))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--objects", type=int, default=100)

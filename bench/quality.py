@@ -151,11 +151,15 @@ class PairVerifier:
             for p in paths[:20]:
                 self.v.extract(load_image(p, min_side=self.v.max_side))
             self.extract_ms = 1000 * (time.perf_counter() - t) / len(paths[:20])
-        self.memo: dict[tuple[int, int], int] = {}
+        self.memo: dict[tuple[int, int], object] = {}  # (query, candidate) → its Verification
         self.seconds = 0.0
         self.pairs = 0
 
-    def inliers(self, q: int, cands: np.ndarray) -> np.ndarray:
+    def verifications(self, q: int, cands) -> list:
+        """Each candidate's Verification against query ``q`` (fresh copies: retrieval.match.verify.weigh sets their
+        evidence for one candidate list)."""
+        import dataclasses
+
         todo = [int(c) for c in cands if (q, int(c)) not in self.memo]
         if todo:
             t = time.perf_counter()
@@ -163,8 +167,11 @@ class PairVerifier:
             self.seconds += time.perf_counter() - t
             self.pairs += len(todo)
             for c, r in zip(todo, res):
-                self.memo[(q, c)] = r.inliers
-        return np.array([self.memo[(q, int(c))] for c in cands])
+                self.memo[(q, c)] = dataclasses.replace(r, query_points=r.query_points[:0], result_points=r.result_points[:0])
+        return [dataclasses.replace(self.memo[(q, int(c))]) for c in cands]
+
+    def inliers(self, q: int, cands: np.ndarray) -> np.ndarray:
+        return np.array([v.inliers for v in self.verifications(q, cands)], dtype=np.int64)
 
     def ms_per_pair(self) -> float:
         return 1000 * self.seconds / max(self.pairs, 1)
@@ -172,11 +179,12 @@ class PairVerifier:
 
 def verified(order: np.ndarray, pv: PairVerifier, k: int) -> np.ndarray:
     """Re-rank each row's top ``k`` with the product's own rule (retrieval.match.verify.rerank)."""
-    from retrieval.match.verify import Verification, rerank
+    from retrieval.match.verify import rerank, weigh
 
     out = order.copy()
     for q in range(len(order)):
-        vs = [Verification(int(i)) for i in pv.inliers(q, order[q, :k])]
+        vs = pv.verifications(q, order[q, :k])
+        weigh(vs)
         out[q, :k] = rerank(list(order[q, :k]), vs, k)
     return out
 

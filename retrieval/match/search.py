@@ -321,14 +321,15 @@ class Searcher:
         its place among the confirmed, one that is not is left out (it was not in the global top).
         ``expansion``: (E, the query's excluded ids, its raw embedding, min_score): verified query expansion
         (see search_paths); its candidates are treated as ``more``."""
-        from retrieval.match.verify import rerank, verify_hits
+        from retrieval.match.verify import rerank, verify_hits, weigh
 
         head, tail = hits[:depth], hits[depth:]  # the tail keeps its ranks, depth + 1 onwards
         extra = list(more)
         rows = self.store.rows_by_ids([h.id for h in head + extra])
+        is_catalogue = self._is_catalogue()
         out = verify_hits(self.verifier, query_path, head + extra, len(head) + len(extra),
                           sha_of=lambda i: indexed_hash(rows.get(i)), on_error=on_error,
-                          query_features=query_features)
+                          query_features=query_features, is_catalogue=is_catalogue)
         best = None if expansion is None else max((h for h in out if h.verification.confirmed),
                                                    key=lambda h: h.inliers, default=None)
         if best is not None and best.inliers >= EXPAND_MIN:
@@ -341,7 +342,9 @@ class Searcher:
                                     query_features=query_features)
                 extra += new
                 out += [h for h in found if h.verification.confirmed]
-                out = rerank(out, [h.verification for h in out], len(out))  # the confirmed joined by inliers
+                vs = [h.verification for h in out]  # the confirmed joined by evidence, weighed over them all
+                weigh(vs, None if is_catalogue is None else [is_catalogue(h.id) for h in out])
+                out = rerank(out, vs, len(out))
         if extra:
             extra_ids = {h.id for h in extra}
             out = [h for h in out if h.id not in extra_ids or h.verification.confirmed]
@@ -408,13 +411,25 @@ class Searcher:
         own = np.ascontiguousarray(self._vectors([best.id]), np.float32)  # (in the index's space already)
         return out + self._scored_hits([h.id for h in self._search(own, n, [taken], None)[0]], raw, min_score)
 
+    def catalogue_ids(self) -> np.ndarray:
+        """The sorted ids of the index's catalogue images (retrieval/index/catalogue.py), found once."""
+        if not hasattr(self, "_catalogue_ids"):
+            from retrieval.index import catalogue
+
+            self._catalogue_ids = catalogue.ids(self.store)
+            self._catalogue_set = frozenset(self._catalogue_ids.tolist())
+        return self._catalogue_ids
+
+    def _is_catalogue(self):
+        """Whether an id is a catalogue image, for verification's evidence (retrieval.match.verify.weigh); None when
+        the index records no catalogue images."""
+        return self._catalogue_set.__contains__ if len(self.catalogue_ids()) else None
+
     def catalogue_selector(self) -> "_Excluding | None":
         """Search parameters for the catalogue images (retrieval/index/catalogue.py) that are answers; None when the
         index records no catalogue, or none of its images is in it, or ``within`` restricts the answers."""
         if not hasattr(self, "_catalogue"):
-            from retrieval.index import catalogue
-
-            ids = catalogue.ids(self.store) if self.allowed is None else np.zeros(0, np.int64)
+            ids = self.catalogue_ids() if self.allowed is None else np.zeros(0, np.int64)
             self._catalogue = _Excluding(self._selector.ids, ids) if len(ids) else None
         return self._catalogue
 

@@ -6,8 +6,11 @@ ratio test, mutual nearest neighbours), and RANSAC (PROSAC) fits a homography to
 the *inliers* — counts points that sit where one plane seen from two viewpoints puts them; random
 look-alikes rarely give more than a handful. A candidate with at least ``min_inliers`` is *confirmed*.
 
-Re-ranking (:func:`rerank`) puts confirmed candidates first, most inliers first, and keeps the others in
-their global order behind them; it never drops a confirmed candidate in favour of an unconfirmed one.
+Re-ranking (:func:`rerank`) puts confirmed candidates first, the most *evidence* first, and keeps the others in
+their global order behind them; it never drops a confirmed candidate in favour of an unconfirmed one. Evidence
+(:func:`weigh`) is the inliers, except on an index with a catalogue once a catalogue image is confirmed: then a
+photo that is not a catalogue image counts only its inliers on query keypoints that catalogue image matched too,
+so a background (a book, a table) seen behind several products no longer confirms the wrong one.
 
 Features are extracted once per image content (the file's sha256) and cached on disk under
 ``~/.cache/retrieve/local`` (``--verify`` on a new collection is slower the first time).
@@ -107,6 +110,9 @@ class Verification:
     inliers: int  # distinct points (2-px grid at the matching scale) in agreement, the smaller side's count
     query_points: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.float32))  # inlier pairs,
     result_points: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.float32))  # own pixels
+    query_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # the inlier pairs' keypoint rows
+    result_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    evidence: float | None = None  # the inliers weighed for burstiness (:func:`weigh`); None: not weighed
 
     @property
     def confirmed(self) -> bool:
@@ -370,7 +376,7 @@ class Verifier:
         # and a degenerate homography can map many query points onto a few result points; without this a
         # look-alike texture reaches 25 "inliers" where only 6 distinct result points agree.
         distinct = min(_distinct(a[keep] * sq), _distinct(b[keep] * sr))
-        return Verification(int(distinct), a[keep], b[keep])
+        return Verification(int(distinct), a[keep], b[keep], qi[keep], ri[keep])
 
 
 def _distinct(pts: np.ndarray) -> int:
@@ -465,23 +471,59 @@ def indexed_hash(row) -> str | None:
     return row.sha256 if (st.st_size, st.st_mtime_ns) == (row.size, row.mtime_ns) else None
 
 
+def weigh(verifications: Sequence[Verification], catalogue: Sequence[bool] | None = None) -> None:
+    """Set each confirmed verification's ``evidence``: its inliers, less those a background explains.
+
+    ``catalogue``: one flag per verification, whether it is a catalogue image (retrieval/index/catalogue.py). When a
+    catalogue image is confirmed, the query's product is what it shows: another candidate keeps only its inliers on
+    query keypoints that a confirmed catalogue image is matched on too (evidence = inliers × that share). A phone
+    photo of another product that shares only the background (a book, a table behind several products) keeps
+    none; the product's own photos keep theirs; catalogue images keep all their inliers. Otherwise (no catalogue, or
+    none confirmed) evidence = inliers. Not kept: each query keypoint as one vote shared among the candidates it is
+    an inlier of (Jégou, Douze & Schmid, "On the burstiness of visual elements", CVPR 2009, inter-image) also
+    divides the votes of an object seen in many photos: ORL faces mAP@10 0.800 → 0.789 (bench/results/burstiness.md).
+    Unconfirmed verifications keep ``evidence`` None (they are ranked by the global order)."""
+    conf = [i for i, v in enumerate(verifications) if v.confirmed]
+    for v in verifications:
+        v.evidence = None
+    grounded = None
+    if catalogue is not None and any(catalogue[i] for i in conf):
+        size = 1 + max((int(verifications[i].query_rows.max()) for i in conf if len(verifications[i].query_rows)),
+                       default=0)
+        grounded = np.zeros(size, bool)
+        for i in conf:
+            if catalogue[i]:
+                grounded[verifications[i].query_rows] = True
+    for i in conf:
+        v = verifications[i]
+        share = 1.0
+        if grounded is not None and not catalogue[i] and len(v.query_rows):
+            share = float(grounded[v.query_rows].mean())
+        v.evidence = v.inliers * share
+
+
 def rerank(candidates: Sequence, verifications: Sequence[Verification], k: int) -> list:
-    """The top ``k`` after verification: confirmed first (most inliers first, ties in global order), then
-    the unconfirmed in their global order. Candidates are in global order; a confirmed one is never left
-    out while an unconfirmed one is kept."""
-    order = sorted(range(len(candidates)),
-                   key=lambda i: (not verifications[i].confirmed,
-                                  -verifications[i].inliers if verifications[i].confirmed else 0, i))
-    return [candidates[i] for i in order[:k]]
+    """The top ``k`` after verification: confirmed first (the most evidence first: :func:`weigh`, else the most
+    inliers; ties in global order), then the unconfirmed in their global order. Candidates are in global order;
+    a confirmed one is never left out while an unconfirmed one is kept."""
+    def key(i: int):
+        v = verifications[i]
+        if not v.confirmed:
+            return (True, 0.0, i)
+        return (False, -(v.evidence if v.evidence is not None else float(v.inliers)), i)
+
+    return [candidates[i] for i in sorted(range(len(candidates)), key=key)[:k]]
 
 
 def verify_hits(verifier: Verifier, query_path: str, hits: Sequence, k: int,
                 sha_of: Callable[[int], str | None] = lambda i: None,
                 on_error: Callable[[str, str], None] | None = None,
-                query_features: LocalFeatures | None = None) -> list:
-    """Verify ``hits`` (global order) against the query file; the re-ranked top ``k``, each hit carrying
-    ``inliers`` and its ``verification`` (inlier point pairs, for the explanation report).
-    ``query_features``: the query's, when the caller has them already (decoded once)."""
+                query_features: LocalFeatures | None = None,
+                is_catalogue: Callable[[int], bool] | None = None) -> list:
+    """Verify ``hits`` (global order) against the query file; the re-ranked top ``k`` (by evidence, :func:`weigh`,
+    over these hits), each hit carrying ``inliers`` and its ``verification`` (inlier point pairs, for the
+    explanation report). ``query_features``: the query's, when the caller has them already (decoded once).
+    ``is_catalogue``: whether a hit's id is a catalogue image (an index with a catalogue; None: none)."""
     try:
         qf = query_features if query_features is not None else verifier.features(query_path)
     except (ImageError, OSError) as e:
@@ -513,6 +555,7 @@ def verify_hits(verifier: Verifier, query_path: str, hits: Sequence, k: int,
     for h, v in zip(hits, vs):
         h.inliers = v.inliers
         h.verification = v
+    weigh(vs, None if is_catalogue is None else [is_catalogue(h.id) for h in hits])
     out = rerank(list(hits), vs, k)
     for i, h in enumerate(out):
         h.rank = i + 1
