@@ -128,12 +128,13 @@ def product_order(q: int, order: np.ndarray, pv, k: int, wl: list[int], pairs: l
 def run(folder: Path, paths: list[str], vecs: np.ndarray, pv, n_queries: int = 100,
         configs=((60, 0, 0), (60, 30, 0), (60, 30, 20), (30, 30, 20), (30, 20, 10), (20, 20, 20)),
         before=None, configs_before=((60, 30, 0), (60, 30, 20)),
-        names=("before", "now"), expand: int = EXPAND, words_cls=W.WordIndex) -> tuple[list[list], list[list]]:
+        names=("before", "now"), expand: int = EXPAND, words_cls=W.WordIndex,
+        views: tuple[str, ...] = ("view1",)) -> tuple[list[list], list[list]]:
     """Rows of HEADERS: ``configs`` (K, W, C) with the verifier ``pv``, first ``configs_before`` with ``before``
     (a PairVerifier with the previous verification settings), side by side."""
     labels = np.array([Path(p).parent.name for p in paths])
     is_ref = np.array([Path(p).stem == "ref" for p in paths])
-    queries = [i for i, p in enumerate(paths) if Path(p).stem == "view1"][:n_queries]
+    queries = [i for i, p in enumerate(paths) if Path(p).stem in views][:n_queries]  # (default: one per object)
     refs = np.nonzero(is_ref)[0]
     head = fit_head([vecs], parse_head("pca-whiten:128"))
     x = head.apply(vecs.astype(np.float64)); x /= np.linalg.norm(x, axis=1, keepdims=True)
@@ -223,7 +224,7 @@ def stage_recall(paths: list[str], vecs: np.ndarray, feats: list, n_queries: int
     query itself left out): the global embedding, tf-idf words (before) and ASMK* words (now), one vocabulary."""
     labels = np.array([Path(p).parent.name for p in paths])
     is_ref = np.array([Path(p).stem == "ref" for p in paths])
-    queries = [i for i, p in enumerate(paths) if Path(p).stem == "view1"][:n_queries]
+    queries = [i for i, p in enumerate(paths) if Path(p).stem in views][:n_queries]  # (default: one per object)
     head = fit_head([vecs], parse_head("pca-whiten:128"))
     x = head.apply(vecs.astype(np.float64))
     x /= np.linalg.norm(x, axis=1, keepdims=True)

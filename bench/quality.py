@@ -269,7 +269,18 @@ def main() -> None:
     ap.add_argument("--no-verify-on", nargs="*", default=[], metavar="DATASET",
                     help="with --presets: search the instance preset's indexes of these datasets with --verify 0 "
                          "(said in the table), where its default verification would take too long")
+    ap.add_argument("--local", nargs="+", default=None, metavar="SIDE:BUDGET",
+                    help="only the instance preset's local features at each long side and keypoint budget (e.g. "
+                         "640:2000 480:1500): photo→catalogue on the two halves of the instance set (objects in "
+                         "sorted order; choose on tune, report held), every phone photo a query; saves "
+                         "bench/results/quality-local.md")
+    ap.add_argument("--halves", type=Path, default=_common.ROOT / "bench" / ".cache" / "instance-halves",
+                    help="with --local: where the two halves are copied (made once)")
     args = ap.parse_args()
+    if args.local:
+        os.environ["RETRIEVE_THREADS"] = str(args.threads)
+        torch.set_num_threads(args.threads)
+        return local_section(args)
     if args.presets:
         return presets_section(args)
     if args.centring or args.sizes:
@@ -859,6 +870,69 @@ def catalogue_section(args) -> None:
     path.write_text(old.rstrip() + "\n\n" + text + "\n")
     print(text)
     print(f"\nsaved {path.relative_to(_common.ROOT)}")
+
+
+def instance_halves(folder: Path, dest: Path) -> dict[str, Path]:
+    """The instance set's objects (sorted) split in two, copied once into ``dest``: ``tune`` (the first half, where
+    settings are chosen) and ``held`` (the second, where the choice is reported)."""
+    import shutil
+
+    objects = sorted(p for p in folder.iterdir() if p.is_dir())
+    out = {"tune": dest / "tune", "held": dest / "held"}
+    if not out["held"].is_dir():
+        for i, d in enumerate(objects):
+            shutil.copytree(d, out["tune" if i < len(objects) // 2 else "held"] / d.name)
+    return out
+
+
+def local_section(args) -> None:
+    """The instance preset's search (verify K 8, words W 25, catalogue C 3: bench/catalogue.py) with local features
+    extracted at each ``--local`` SIDE:BUDGET, on each half of the instance set: R@1, mAP@10, photo → catalogue,
+    --within, catalogue-only, every phone photo (views 1-4) a query; extraction CPU ms per photo (one thread)."""
+    import resource
+
+    import catalogue
+    from threadpoolctl import threadpool_limits
+
+    from instance_set import build
+    from retrieval.match.verify import Verifier
+
+    src = _common.shared_dataset("caltech101")
+    if src is None:
+        return
+    halves = instance_halves(build(src, _common.ROOT / "bench" / ".cache" / "instance"), args.halves)
+    specs = [tuple(int(v) for v in s.split(":")) for s in args.local]
+    load0 = os.getloadavg()[0]
+    rows = []
+    with threadpool_limits(args.threads):
+        for half, folder in halves.items():
+            vecs, _, paths, _ = labelled_embeddings(folder, EMBEDDINGS["gem-448-long"])
+            for side, budget in specs:
+                cpu = lambda: sum(resource.getrusage(resource.RUSAGE_SELF)[:2])  # noqa: E731
+                c0 = cpu()
+                pv = PairVerifier(paths, cold=True, verifier=Verifier(max_side=side, n_features=budget, cache=False))
+                ext_ms = 1000 * (cpu() - c0) / len(paths)
+                pv.v.projection = catalogue._index(pv.feats, np.arange(len(paths))).vocab.projection
+                got, _ = catalogue.run(folder, paths, vecs, pv, 10 ** 6, configs=((8, 25, 3),), names=("", ""),
+                                       views=("view1", "view2", "view3", "view4"))
+                r = got[0]
+                H = catalogue.HEADERS
+                kp = np.mean([len(f.points) for f in pv.feats])
+                rows.append([half, side, budget, round(ext_ms, 1), round(float(kp)), r[H.index("queries")]]
+                            + [r[H.index(h)] for h in H[6:11]] + [round(pv.ms_per_pair(), 2)])
+                print(" | ".join(map(str, rows[-1])), flush=True)
+    text = ("# Local features of the instance preset: long side and keypoint budget\n\n"
+            f"`python bench/quality.py --local {' '.join(args.local)} --threads {args.threads}` · load average "
+            f"{load0:.1f} → {os.getloadavg()[0]:.1f} · the instance set's objects in sorted order split in two "
+            "halves of 50 (tune: where the setting is chosen; held: reported), each half its own collection "
+            "(50 catalogue images + 200 phone photos), every phone photo a query (200 per half). Search as the "
+            "instance preset's defaults (bench/catalogue.py run: verify K 8, words W 25, catalogue C 3, verified "
+            "expansion), the vocabulary and matching subspace trained on each setting's own features. extract CPU "
+            "ms: process CPU time of the extraction (decode at the side, SIFT) per image, OpenCV's threads "
+            "included.\n\n")
+    text += _common.table(["half", "side", "budget", "extract CPU ms/img", "keypoints/img", "queries"]
+                          + catalogue.HEADERS[6:11] + ["ms/pair"], rows)
+    _common.save(args.name if args.name != "quality" else "quality-local", text)
 
 
 def rows_from_log(path: Path) -> list[list]:
