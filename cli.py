@@ -296,6 +296,8 @@ def info(index_dir, as_json) -> None:
             v = _paths_text(v)
         elif k == "search_defaults":
             v = " ".join(f"--{o} {x}" for o, x in v.items()) or "none"
+        elif k == "local_features":
+            v = f"SIFT at {v['side']} px, up to {v['budget']} keypoints"
         elif k == "sharded_vectors":  # index type sharded: its shard collection in one line
             k, v = "shards", ", ".join(f"{a.replace('_', ' ')} {_human(sum(b.values())) if a == 'disk_bytes' else b}"
                                        for a, b in v.items())

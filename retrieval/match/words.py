@@ -584,7 +584,7 @@ def index_verifier(store: "IndexStore") -> "Verifier":
     from retrieval.index.catalogue import default_depth
     from retrieval.match.verify import Verifier
 
-    v = Verifier()
+    v = Verifier.for_index(store.settings)
     search = store.settings.search
     if int(search.get("words", 0)) > 0 or default_depth(store, int(search.get("verify", 0))) > 0:
         v.projection = stored_projection(store.directory, signature(v))
@@ -610,4 +610,4 @@ def update_index(store: "IndexStore") -> WordIndex | None:
     from retrieval.match.verify import Verifier
 
     clean_temporaries(store.directory, TEMPORARY_GLOBS)
-    return sync(store, Verifier())
+    return sync(store, Verifier.for_index(store.settings))

@@ -1,0 +1,77 @@
+"""The instance preset's indexing choices (issue #31): the local features' side and keypoint budget recorded in a new
+index and used by everything that extracts for it."""
+from __future__ import annotations
+
+import hashlib
+from types import SimpleNamespace
+
+import pytest
+
+from clitools import run, run_json
+from conftest import skimage_photo
+from retrieval.index.store import IndexStore
+from retrieval.match.verify import MAX_SIDE, N_FEATURES, Verifier, decode_side, local_options
+from retrieval.presets import INSTANCE, preset_of
+
+
+def _settings(local: dict, verify: int = 8):
+    return SimpleNamespace(local=local, preprocess={"size": 448}, search={"verify": verify} if verify else {})
+
+
+def test_an_index_without_the_setting_keeps_the_defaults_it_was_made_with():
+    assert local_options(_settings({})) == {"max_side": MAX_SIDE, "n_features": N_FEATURES}
+    assert local_options(SimpleNamespace(preprocess={}, search={})) == {"max_side": 640, "n_features": 2000}
+    assert decode_side(_settings({})) == 640
+    assert local_options(_settings({"side": 480, "budget": 1500})) == {"max_side": 480, "n_features": 1500}
+    assert decode_side(_settings({"side": 480, "budget": 1500})) == 480  # one decode serves both
+    assert decode_side(_settings({"side": 320, "budget": 1500})) == 448  # the network's side when larger
+    assert decode_side(_settings({"side": 480, "budget": 1500}, verify=0)) == 448
+    v = Verifier.for_index(_settings({"side": 480, "budget": 1500}), cache=False)
+    assert (v.max_side, v.n_features) == (480, 1500)
+
+
+@pytest.fixture(scope="module")
+def instance_index(tmp_path_factory):
+    d = tmp_path_factory.mktemp("localphotos")
+    for name in ("astronaut", "coins", "rocket", "chelsea", "camera"):  # a quality no other test uses: new contents
+        skimage_photo(name).save(d / f"{name}.jpg", quality=89)
+    idx = tmp_path_factory.mktemp("localidx") / "idx"
+    run("index", d, "--index", idx, "--preset", "instance")
+    return d, idx
+
+
+def test_the_preset_records_its_local_features_and_every_extraction_uses_them(instance_index):
+    from retrieval.match.words import index_verifier, signature
+
+    photos, idx = instance_index
+    assert INSTANCE.local and (INSTANCE.local["side"], INSTANCE.local["budget"]) != (MAX_SIDE, N_FEATURES)
+    with IndexStore.open(idx) as store:
+        st = store.settings
+        assert st.local == INSTANCE.local
+        v = Verifier.for_index(st)
+        assert (v.max_side, v.n_features) == (INSTANCE.local["side"], INSTANCE.local["budget"])
+        # the indexer extracted with them: each photo's features are in that setting's cache, not the default's
+        for p in photos.iterdir():
+            sha = hashlib.sha256(p.read_bytes()).hexdigest()
+            assert v.cache_file(sha).is_file(), p
+            assert not Verifier().cache_file(sha).is_file(), p
+            feats = v._read(sha)
+            assert 0 < len(feats.points) <= v.n_features
+        # the word index and the searches' verifier are keyed by them too
+        assert index_verifier(store).max_side == v.max_side
+        import json
+
+        assert json.loads((idx / "words.json").read_text())["features"] == signature(v)
+        searcher = preset_of(st).searcher(store, None)
+        searcher.words()  # the verifier a search makes
+        assert (searcher.verifier.max_side, searcher.verifier.n_features) == (v.max_side, v.n_features)
+
+
+def test_a_search_confirms_with_the_recorded_features(instance_index, tmp_path):
+    from test_instance import rephotographed
+
+    photos, idx = instance_index
+    q = tmp_path / "phone.jpg"
+    rephotographed(skimage_photo("astronaut"), skimage_photo("coffee")).save(q, quality=85)
+    res = run_json("search", q, "--index", idx, "-k", "2")
+    assert res["results"][0]["path"].endswith("astronaut.jpg") and res["results"][0]["inliers"] >= 10
