@@ -164,6 +164,10 @@ def index_paths(paths: Iterable[str | os.PathLike], index_dir: str | os.PathLike
     else:
         if not files:
             raise RetrieveError(f"no images found in {', '.join(str(p) for p in paths)}; no index was created")
+        if asked.precision is None and asked_preset is not None and asked_preset.precision == "auto":
+            from retrieval.models.precision import auto_precision
+
+            asked.precision = auto_precision()  # chosen for this machine, recorded in the index
         bb = backbone or _new_index_backbone(asked, engine)
         bb.precision = asked.precision or "fp32"
         itype = "custom" if asked.faiss_factory else (asked.index_type or "flat")

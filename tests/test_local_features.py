@@ -1,5 +1,5 @@
 """The instance preset's indexing choices (issue #31): the local features' side and keypoint budget recorded in a new
-index and used by everything that extracts for it."""
+index and used by everything that extracts for it; int8 chosen at run time only where the CPU has VNNI."""
 from __future__ import annotations
 
 import hashlib
@@ -11,6 +11,7 @@ from clitools import run, run_json
 from conftest import skimage_photo
 from retrieval.index.store import IndexStore
 from retrieval.match.verify import MAX_SIDE, N_FEATURES, Verifier, decode_side, local_options
+from retrieval.models import precision
 from retrieval.presets import INSTANCE, preset_of
 
 
@@ -75,3 +76,40 @@ def test_a_search_confirms_with_the_recorded_features(instance_index, tmp_path):
     rephotographed(skimage_photo("astronaut"), skimage_photo("coffee")).save(q, quality=85)
     res = run_json("search", q, "--index", idx, "-k", "2")
     assert res["results"][0]["path"].endswith("astronaut.jpg") and res["results"][0]["inliers"] >= 10
+
+
+def test_int8_is_chosen_only_where_the_cpu_has_vnni(monkeypatch):
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    assert precision.auto_precision() == "fp32"
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx2", "avx512f", "avx512_vnni"}))
+    assert precision.auto_precision() == "int8"
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx2", "avx_vnni"}))
+    assert precision.auto_precision() == "int8"
+
+
+def test_avx2_kernels_hide_vnni(monkeypatch):
+    """RETRIEVE_ISA=avx2 (CI_ISA=avx2 in .ci/run) takes the AVX2-only machine's choice on any CPU."""
+    monkeypatch.setenv("RETRIEVE_ISA", "avx2")
+    precision.cpu_flags.cache_clear()
+    try:
+        assert not precision.has_vnni() and precision.auto_precision() == "fp32"
+    finally:
+        monkeypatch.delenv("RETRIEVE_ISA")
+        precision.cpu_flags.cache_clear()
+
+
+def test_the_instance_index_records_this_machines_choice(instance_index, tmp_path):
+    photos, idx = instance_index
+    info = run_json("info", "--index", idx)
+    assert info["local_features"] == INSTANCE.local
+    side = INSTANCE.local["side"]
+    assert f"SIFT at {side} px" in run("info", "--index", idx).stdout
+    assert info["precision"] == precision.auto_precision()  # int8 with VNNI; fp32 under CI_ISA=avx2 or without
+    plain = tmp_path / "plain"
+    run("index", photos, "--index", plain)  # the general preset keeps fp32
+    assert run_json("info", "--index", plain)["precision"] == "fp32"
+    # an index made before the choice (fp32) keeps it: updating it with --preset instance is not refused
+    old = tmp_path / "old"
+    run("index", photos, "--index", old, "--preset", "instance", "--precision", "fp32")
+    run("index", photos, "--index", old, "--preset", "instance")
+    assert run_json("info", "--index", old)["precision"] == "fp32"
