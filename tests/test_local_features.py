@@ -36,6 +36,8 @@ def instance_index(tmp_path_factory):
     d = tmp_path_factory.mktemp("localphotos")
     for name in ("astronaut", "coins", "rocket", "chelsea", "camera"):  # a quality no other test uses: new contents
         skimage_photo(name).save(d / f"{name}.jpg", quality=89)
+    # a photo whose JPEG decodes at half size for a short side of 400 but not of 448 (the network's side)
+    skimage_photo("coffee").resize((1000, 800)).save(d / "coffee.jpg", quality=89)
     idx = tmp_path_factory.mktemp("localidx") / "idx"
     run("index", d, "--index", idx, "--preset", "instance")
     return d, idx
@@ -68,12 +70,29 @@ def test_the_preset_records_its_local_features_and_every_extraction_uses_them(in
         assert (searcher.verifier.max_side, searcher.verifier.n_features) == (v.max_side, v.n_features)
 
 
+def test_the_indexer_and_an_extraction_on_demand_give_the_same_features(instance_index):
+    """The indexer extracts in its decoding threads, beside the forward pass, from the decode that embeds the photo;
+    an extraction on demand (a search's word index, a pair page) decodes the photo alone: the same keypoints."""
+    import numpy as np
+
+    photos, idx = instance_index
+    with IndexStore.open(idx) as store:
+        cached = Verifier.for_index(store.settings)
+        fresh = Verifier.for_index(store.settings, cache=False)
+    for p in sorted(photos.iterdir()):
+        a = cached._read(hashlib.sha256(p.read_bytes()).hexdigest())
+        b = fresh.features(p)
+        assert a.size == b.size and len(a.points) > 50, p
+        np.testing.assert_array_equal(a.points, b.points, err_msg=str(p))
+        np.testing.assert_array_equal(a.descriptors, b.descriptors, err_msg=str(p))
+
+
 def test_a_search_confirms_with_the_recorded_features(instance_index, tmp_path):
     from test_instance import rephotographed
 
     photos, idx = instance_index
     q = tmp_path / "phone.jpg"
-    rephotographed(skimage_photo("astronaut"), skimage_photo("coffee")).save(q, quality=85)
+    rephotographed(skimage_photo("astronaut"), skimage_photo("horse")).save(q, quality=85)  # (a background not indexed)
     res = run_json("search", q, "--index", idx, "-k", "2")
     assert res["results"][0]["path"].endswith("astronaut.jpg") and res["results"][0]["inliers"] >= 10
 

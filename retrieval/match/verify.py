@@ -149,6 +149,8 @@ class Verifier:
                  reproj_px: float = 8.0, cache: bool = True, mutual: bool = True, prosac: bool = True,
                  projection: np.ndarray | None = None, pool: bool = True):
         self.max_side = max_side
+        self.decode_side = max_side  # a JPEG is decoded at reduced size down to this short side (for_index: the
+                                     # index's decode_side, which the indexer extracts from)
         self.pool = pool  # match candidates in parallel threads (see verify_many)
         self.n_features = n_features
         self.ratio = ratio
@@ -167,7 +169,9 @@ class Verifier:
     @classmethod
     def for_index(cls, settings, **kw) -> "Verifier":
         """The verifier of an index with ``settings``: its recorded side and keypoint budget (:func:`local_options`)."""
-        return cls(**local_options(settings), **kw)
+        v = cls(**local_options(settings), **kw)
+        v.decode_side = decode_side(settings)  # a photo decoded as its indexer decodes it: the same features
+        return v
 
     @property
     def projection(self) -> np.ndarray | None:
@@ -201,7 +205,7 @@ class Verifier:
         edited in place since it was indexed gets its own entry, and the old content's entry stays that content's
         (the cache is shared by every index)."""
         if self.cache is None:
-            return self.extract(load_image(path, min_side=self.max_side))
+            return self.extract(load_image(path, min_side=self.decode_side))
         feats = self._known(sha256) if sha256 is not None else None
         if feats is not None:
             return feats
@@ -209,7 +213,7 @@ class Verifier:
         actual = hashlib.sha256(data).hexdigest()
         feats = self._known(actual) if actual != sha256 else None
         if feats is None:
-            feats = self.extract(decode_image(data, path, min_side=self.max_side))
+            feats = self.extract(decode_image(data, path, min_side=self.decode_side))
             self.save(actual, feats)
             self._remember(actual, feats)
         return feats
