@@ -332,7 +332,10 @@ def instance(args) -> None:
         rate = med([x["n"] / x["run_s"] for x in rs])
         base.setdefault(threads, rate)
         st = {k: med([x["stages"].get(k, 0.0) for x in rs]) for k in INSTANCE_COLUMNS}
-        rows.append([name, threads, round(rate, 1), f"{rate / base[threads]:.2f}",
+        photos_rate = med([x["n"] / x["photos_s"] for x in rs])
+        base.setdefault((threads, "photos"), photos_rate)
+        rows.append([name, threads, round(rate, 1), f"{rate / base[threads]:.2f}", round(photos_rate, 1),
+                     f"{photos_rate / base[(threads, 'photos')]:.2f}",
                      round(med([x["n"] / x["command_s"] for x in rs]), 1),
                      round(med([x["cpu_s"] / x["n"] * 1000 for x in rs])), round(max(x["peak_rss_mb"] for x in rs)),
                      rss_text(rs),
@@ -343,16 +346,22 @@ def instance(args) -> None:
             f"(RETRIEVE_THREADS as given, the local-features cache empty, the ONNX graphs made before), "
             f"{os.cpu_count()} cores; median of {args.rounds} rounds, the rows interleaved in each; 1-min load "
             f"average {min(loads):.1f}-{max(loads):.1f}.\n\n")
-    text += _common.table(["tree", "threads", "img/s (run)", "vs first row", "img/s (command)", "CPU ms/img",
+    text += _common.table(["tree", "threads", "img/s (run)", "vs first row", "img/s (photos)", "vs first row",
+                           "img/s (command)", "CPU ms/img",
                            "peak RSS MB", "RSS MB start-up / photos / finalise", "precision", "local features"]
                           + [f"{k} ms/img" for k in INSTANCE_COLUMNS], rows)
     text += ("\n\n\"img/s (run)\": images over the run's seconds as `retrieve index` reports them (from the scan to the "
-             "end of the finalisation); \"(command)\": over the whole process, start-up included. Stage times: the "
+             "end of the finalisation); \"(photos)\": over the photos' part alone (the first photo submitted to the "
+             "last one committed: the rate a large collection sees, the finalisation's fixed costs left out); "
+             "\"(command)\": over the whole process, start-up included. Stage times: the "
              "summed wall time of each call per image, in the thread that made it (decoding and local features run "
              "in threads beside the forward pass, so they do not add up to the run's time); words, calibration, "
              "explain reference and the rest of the finalisation run once at the end, divided by the images.")
     for k, v in sorted(trees.items()):
         text += f"\n\n{k}: {v}" if k != "this tree" else ""
+    raw = _common.RESULTS / "raw" / f"{args.name}.json"
+    raw.parent.mkdir(parents=True, exist_ok=True)
+    raw.write_text(json.dumps([{"tree": k[0], "threads": k[1], "runs": v} for k, v in results.items()], indent=1))
     _common.save(args.name, text)
 
 

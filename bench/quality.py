@@ -266,6 +266,8 @@ def main() -> None:
     ap.add_argument("--before", metavar="REV", default="5531893",
                     help="with --presets: the revision to compare with (its own checkout and CLI) [default: 5531893, "
                          "before issue 27's scores]")
+    ap.add_argument("--only-presets", nargs="+", default=None, metavar="PRESET",
+                    help="with --presets: only these presets' rows")
     ap.add_argument("--no-verify-on", nargs="*", default=[], metavar="DATASET",
                     help="with --presets: search the instance preset's indexes of these datasets with --verify 0 "
                          "(said in the table), where its default verification would take too long")
@@ -622,7 +624,7 @@ def cli_per_query(got: dict[str, dict], queries: list[str]) -> dict[str, np.ndar
     queries, every image of the set being one; a query with no answer, e.g. no face found, scores 0)."""
     labels = np.array([got[q]["label"] for q in queries])
     size = {lab: int(c) for lab, c in zip(*np.unique(labels, return_counts=True))}
-    r1, aps = np.zeros(len(queries)), np.full(len(queries), np.nan)
+    r1, aps, ap10 = np.zeros(len(queries)), np.full(len(queries), np.nan), np.full(len(queries), np.nan)
     for i, q in enumerate(queries):
         R = size[labels[i]] - 1
         rel = np.array([Path(h).parent.name == labels[i] for h in got[q]["hits"]], bool)
@@ -630,7 +632,9 @@ def cli_per_query(got: dict[str, dict], queries: list[str]) -> dict[str, np.ndar
         if R:
             hits = rel[:R]
             aps[i] = float((np.cumsum(hits) / np.arange(1, len(hits) + 1) * hits).sum() / R) if len(hits) else 0.0
-    return {"R@1": r1, "mAP@R": aps, "labels": labels}
+            h10 = rel[:10]
+            ap10[i] = float((np.cumsum(h10) / np.arange(1, len(h10) + 1) * h10).sum() / min(R, 10)) if len(h10) else 0.0
+    return {"R@1": r1, "mAP@R": aps, "mAP@10": ap10, "labels": labels}
 
 
 def presets_section(args) -> None:
@@ -664,6 +668,8 @@ def presets_section(args) -> None:
             if graphs.is_dir():
                 shutil.copytree(graphs, caches[k] / "retrieve" / "onnx")
         for preset, sets in PRESET_SETS.items():
+            if args.only_presets and preset not in args.only_presets:
+                continue
             for name in sets:
                 if name not in folders:
                     continue
@@ -685,7 +691,7 @@ def presets_section(args) -> None:
                 q = {k: cli_per_query(res[k], queries) for k in trees}
                 labels = q["now"]["labels"]
                 row = [preset, name, len(queries)]
-                for key in ("R@1", "mAP@R"):
+                for key in ("R@1", "mAP@R", "mAP@10"):
                     d = q["now"][key] - q["before"][key]
                     lo, hi = np.percentile(cluster_bootstrap(d, labels), [2.5, 97.5])
                     row += [f"{np.nanmean(q['before'][key]):.3f}", f"{np.nanmean(q['now'][key]):.3f}",
@@ -714,10 +720,16 @@ def presets_section(args) -> None:
         cmd += " --datasets " + " ".join(args.datasets)
     if args.no_verify_on:
         cmd += " --no-verify-on " + " ".join(args.no_verify_on)
+    if args.only_presets:
+        cmd += " --only-presets " + " ".join(args.only_presets)
+    if not issue27:
+        cmd += " --name " + args.name
     cmd += f" --threads {args.threads}"
     where = "; ".join(f"{k} ({revs[k]}{', uncommitted: ' + ', '.join(dirty) if k == 'now' and dirty else ''}): "
                       + ", ".join(sorted(str(w) for w in seen.get(k, ()))) for k in trees)
-    text = ("# The presets before and after issue 27's scores, as a user gets them\n\n"
+    issue27 = args.name == "quality"  # the saved quality-presets.md: issue 27's change (a --name of one's own: another)
+    text = ((f"# The presets before and after issue 27's scores, as a user gets them\n\n" if issue27 else
+             f"# The presets before ({args.before}) and now, as a user gets them\n\n") +
             f"`{cmd}` · {args.threads} thread(s) (`--threads`, RETRIEVE_THREADS, OMP_NUM_THREADS) · load average "
             f"{load[0]} → {load[1]} (2 cores, shared with a test run) · {minutes:.0f} min in all.\n\n"
             "Each row: `retrieve index DIR --preset P --index TMP --json`, then `retrieve search DIR --index TMP "
@@ -734,20 +746,22 @@ def presets_section(args) -> None:
             "0.001, of 500 0.002. top-1 changed: queries whose first result is another photo after the change "
             "(of them: now right where it was wrong / now wrong where it was right; the rest changed from a right "
             "photo to another right one or from wrong to wrong). no answer: queries without results, before / "
-            "after. s: seconds of `index` + `search` before / after (wall clock on a shared machine; secondary).\n\n"
-            "What changed (issue 27): general ranked by the plain cosine of 224 px GAP embeddings (no head) and now "
+            "after. s: seconds of `index` + `search` before / after (wall clock on a shared machine; secondary).\n\n")
+    text += ("What changed (issue 27): general ranked by the plain cosine of 224 px GAP embeddings (no head) and now "
             "by the cosine of embeddings centred on the collection's mean (a `centre` head, fitted at 10 images or "
             "more); instance had PCA-whitening to 128 with shrinkage 0.1 fitted at 32 vectors or more, and now "
             "only centres below 50 vectors and shrinks by max(0.1, D/n); faces ranked by the L2 distance of dlib's "
             "descriptors and now by the cosine of descriptors centred on a fixed mean face "
             "(retrieval/faces/mean_face.json; same-person threshold 0.50). At these sizes (400–1000 images) the "
-            "instance head is the shrunk whitening: s = 0.32 at 400, 0.256 at 500, 0.128 at 1000 (0.1 before).\n\n")
+            "instance head is the shrunk whitening: s = 0.32 at 400, 0.256 at 500, 0.128 at 1000 (0.1 before).\n\n"
+             if issue27 else "")
     text += _common.table(["preset", "set", "queries", "R@1 before", "R@1 after", "ΔR@1 [95 %]", "mAP@R before",
-                           "mAP@R after", "ΔmAP@R [95 %]", "top-1 changed (now right / now wrong)",
+                           "mAP@R after", "ΔmAP@R [95 %]", "mAP@10 before", "mAP@10 after", "ΔmAP@10 [95 %]",
+                           "top-1 changed (now right / now wrong)",
                            "no answer (before / after)", "search options (verified queries before / after)",
                            "s index + search (before / after)", "load"], rows)
     text += f"\n\nNot measured: {FACES_SKIPPED}.\n"
-    _common.save("quality-presets", text)
+    _common.save("quality-presets" if issue27 else args.name, text)
 
 
 HEADERS = ["dataset", "embedding", "metric", "head", "QE", "DBA", "verify K", "R@1", "mAP@R", "mAP@10",
