@@ -22,6 +22,7 @@ import tempfile
 import threading
 import time
 from collections import defaultdict
+from types import SimpleNamespace
 from pathlib import Path
 
 import _common
@@ -256,6 +257,48 @@ def instance_child(tree: str, photos: str, out: str) -> None:
                    "precision": settings["precision"], "local": str(settings["local"])}, f)
 
 
+def serial_child(tree: str, photos: str, out: str) -> None:
+    """The per-photo stages of an instance index run one after another in one thread (OpenCV and ONNX Runtime on one
+    thread too), with ``tree``'s code and the choices its instance preset makes for a new index (side, budget,
+    precision): the process CPU ms per photo of each stage, which load on a shared machine inflates far less than
+    wall time. The first 40 photos of ``photos``."""
+    import hashlib
+    import json
+    import resource
+
+    sys.path.insert(0, tree)
+    import cv2
+
+    cv2.setNumThreads(1)
+    import indexer.run as run
+    from retrieval.images import decode_image, read_image_bytes
+    from retrieval.match.verify import Verifier, decode_side
+    from retrieval.presets import INSTANCE
+
+    files = sorted(Path(photos).rglob("*.jpg"))[:40]
+    a = run._asked("instance")
+    a.precision = "int8" if getattr(INSTANCE, "precision", None) == "auto" and __import__(
+        "retrieval.models.precision", fromlist=["auto_precision"]).auto_precision() == "int8" else "fp32"
+    bb = run._new_index_backbone(a)
+    bb.precision = a.precision
+    local = getattr(INSTANCE, "local", None) or {}
+    v = Verifier(max_side=local.get("side", 640), n_features=local.get("budget", 2000), cache=False)
+    side = decode_side(SimpleNamespace(preprocess={"size": 448}, search=INSTANCE.search, local=local))
+    cpu = lambda: sum(resource.getrusage(resource.RUSAGE_SELF)[:2])  # noqa: E731
+    t: dict = {}
+    arrays = []
+    for f in files:
+        c = cpu(); data = read_image_bytes(f); hashlib.sha256(data).hexdigest(); t["read + hash"] = t.get("read + hash", 0) + cpu() - c  # noqa: E702,E501
+        c = cpu(); img = decode_image(data, f, min_side=side); t["decode"] = t.get("decode", 0) + cpu() - c
+        c = cpu(); v.extract(img); t["local features"] = t.get("local features", 0) + cpu() - c
+        c = cpu(); arrays.append(bb.preprocess.array(img)); t["resize"] = t.get("resize", 0) + cpu() - c
+    bb.embed_arrays(arrays[:2], batch_size=2)  # warm
+    c = cpu(); bb.embed_arrays(arrays, batch_size=32); t["forward"] = cpu() - c
+    with open(out, "w") as fo:
+        json.dump({"n": len(files), "ms": {k: 1000 * x / len(files) for k, x in t.items()}, "precision": a.precision,
+                   "local": f"{v.max_side}/{v.n_features}", "decoded": list(img.size)}, fo)
+
+
 def make_phone1280(instance: Path, dest: Path) -> Path:
     """1280-px copies (bicubic, JPEG quality 90) of the instance set's phone photos (``view*.jpg``, 640 px), the
     objects in sorted order split in two: ``tune/`` (the first half) and ``held/`` (the second); made once."""
@@ -270,6 +313,46 @@ def make_phone1280(instance: Path, dest: Path) -> Path:
             s = 1280 / max(im.size)
             im.resize((round(im.width * s), round(im.height * s)), Image.BICUBIC).save(out / v.name, quality=90)
     return dest
+
+
+def serial(args) -> None:
+    """``--serial``: :func:`serial_child` for each tree, interleaved over ``--rounds``; the median CPU ms per stage."""
+    import json
+    import subprocess
+
+    trees = {"this tree": str(_common.ROOT), **dict(t.split("=", 1) for t in args.tree)}
+    got: dict = {}
+    loads = []
+    for _ in range(args.rounds):
+        for name, tree in trees.items():
+            with tempfile.TemporaryDirectory() as tmp:
+                out = Path(tmp) / "out.json"
+                subprocess.run([sys.executable, __file__, "--serial-child", tree, str(args.photos), str(out)],
+                               env=dict(os.environ, RETRIEVE_THREADS="1"), check=True)
+                got.setdefault(name, []).append(json.loads(out.read_text()))
+            loads.append(os.getloadavg()[0])
+            print(name, got[name][-1], flush=True)
+    stages = ["read + hash", "decode", "local features", "resize", "forward"]
+    rows = []
+    first = None
+    for name, rs in got.items():
+        ms = {k: float(np.median([r["ms"][k] for r in rs])) for k in stages}
+        total = sum(ms.values())
+        first = first or total
+        rows.append([name, rs[0]["precision"], rs[0]["local"], "x".join(map(str, rs[0]["decoded"]))]
+                    + [round(ms[k], 1) for k in stages] + [round(total, 1), f"{first / total:.2f}"])
+    text = (f"\n\n## Per photo, one stage after another (`--serial`)\n\nThe first {rs[0]['n']} photos of {args.photos}, "
+            f"each stage in one thread (OpenCV and ONNX Runtime too), process CPU ms per photo, median of "
+            f"{args.rounds} interleaved rounds, 1-min load average {min(loads):.1f}-{max(loads):.1f}; each tree with "
+            "the choices its instance preset makes for a new index on this CPU. The sum is the CPU a photo costs "
+            "whatever the threading: on 2 cores the photos' part cannot run faster than 2 / sum.\n\n")
+    text += _common.table(["tree", "precision", "local side/budget", "decoded at"] + [f"{k} CPU ms" for k in stages]
+                          + ["sum CPU ms", "speed vs first row"], rows)
+    path = _common.RESULTS / f"{args.name}.md"
+    old = path.read_text() if path.exists() else ""
+    marker = "\n\n## Per photo, one stage after another"
+    path.write_text((old[:old.index(marker)] if marker in old else old.rstrip("\n")) + text + "\n")
+    print(text)
 
 
 def rss_text(runs: list[dict]) -> str:
@@ -380,13 +463,22 @@ def main() -> None:
     ap.add_argument("--tree", nargs="*", default=[], help="--instance: NAME=DIR, other checkouts run alike")
     ap.add_argument("--env", nargs="*", default=[], help="--instance: VAR=VALUE set in every run")
     ap.add_argument("--name", default=None)
+    ap.add_argument("--serial", action="store_true", help="--instance: the per-photo stages one after another "
+                    "(CPU ms per stage), added to the file as a section of its own")
     ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    ap.add_argument("--serial-child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         return instance_child(*args.child)
+    if args.serial_child:
+        return serial_child(*args.serial_child)
     if args.instance:
         args.threads = args.threads or [1, 2]
         args.name = args.name or "pipeline-instance"
+        if args.serial:
+            args.photos = args.photos or make_phone1280(_common.ROOT / "bench" / ".cache" / "instance",
+                                                        _common.ROOT / "bench" / ".cache" / "phone1280") / "held"
+            return serial(args)
         return instance(args)
     args.threads = (args.threads or [2])[0]
     twelve_mp(args)
