@@ -132,3 +132,32 @@ def test_the_instance_index_records_this_machines_choice(instance_index, tmp_pat
     run("index", photos, "--index", old, "--preset", "instance", "--precision", "fp32")
     run("index", photos, "--index", old, "--preset", "instance")
     assert run_json("info", "--index", old)["precision"] == "fp32"
+
+
+def test_the_ray_workers_extract_with_the_index_options(instance_index):
+    """indexer/ray_engine.py's decode task (run here without a cluster) extracts what the local indexer cached."""
+    import io
+
+    pytest.importorskip("ray")
+
+    import numpy as np
+
+    from indexer.ray_engine import decode_batch
+    from retrieval.match.verify import local_options
+    from retrieval.models.preprocess import Preprocess
+
+    photos, idx = instance_index
+    with IndexStore.open(idx) as store:
+        st = store.settings
+    cached = Verifier.for_index(st)
+    paths = sorted(photos.iterdir())
+    batch = {"path": np.array([str(p) for p in paths], object), "size": np.zeros(len(paths), np.int64),
+             "mtime_ns": np.zeros(len(paths), np.int64)}
+    out = decode_batch(batch, np.zeros(0, np.uint64), Preprocess.from_dict(st.preprocess), decode_side(st),
+                       local_options(st))
+    for p, status, feats in zip(paths, out["status"], out["feats"]):
+        assert status == "embed", p
+        with np.load(io.BytesIO(feats)) as z:
+            a = cached._read(hashlib.sha256(p.read_bytes()).hexdigest())
+            np.testing.assert_array_equal(z["descriptors"], a.descriptors, err_msg=str(p))
+            np.testing.assert_array_equal(z["points"], a.points, err_msg=str(p))
