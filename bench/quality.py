@@ -715,6 +715,7 @@ def presets_section(args) -> None:
         return
     load = tuple(round(a, 1) for a in load0[:1] + os.getloadavg()[:1])
     minutes = (time.perf_counter() - t_all) / 60
+    issue27 = args.name == "quality"  # the saved quality-presets.md: issue 27's change (a --name of one's own: another)
     cmd = "python bench/quality.py --presets --before " + shlex.quote(args.before)
     if args.datasets != ["att_faces", "caltech101", "instance"]:
         cmd += " --datasets " + " ".join(args.datasets)
@@ -727,7 +728,6 @@ def presets_section(args) -> None:
     cmd += f" --threads {args.threads}"
     where = "; ".join(f"{k} ({revs[k]}{', uncommitted: ' + ', '.join(dirty) if k == 'now' and dirty else ''}): "
                       + ", ".join(sorted(str(w) for w in seen.get(k, ()))) for k in trees)
-    issue27 = args.name == "quality"  # the saved quality-presets.md: issue 27's change (a --name of one's own: another)
     text = ((f"# The presets before and after issue 27's scores, as a user gets them\n\n" if issue27 else
              f"# The presets before ({args.before}) and now, as a user gets them\n\n") +
             f"`{cmd}` · {args.threads} thread(s) (`--threads`, RETRIEVE_THREADS, OMP_NUM_THREADS) · load average "
