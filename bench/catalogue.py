@@ -135,15 +135,15 @@ def run(folder: Path, paths: list[str], vecs: np.ndarray, pv, n_queries: int = 1
         configs=((60, 0, 0), (60, 30, 0), (60, 30, 20), (30, 30, 20), (30, 20, 10), (20, 20, 20)),
         before=None, configs_before=((60, 30, 0), (60, 30, 20)),
         names=("before", "now"), expand: int = EXPAND, words_cls=W.WordIndex, evidence=True,
-        queries: list[int] | None = None) -> tuple[list[list], list[list]]:
+        queries: list[int] | None = None, views: tuple[str, ...] = ("view1",)) -> tuple[list[list], list[list]]:
     """Rows of HEADERS: ``configs`` (K, W, C) with the verifier ``pv``, first ``configs_before`` with ``before``
     (a PairVerifier with the previous verification settings), side by side. ``evidence``: confirmed candidates
     ranked by evidence (retrieval.match.verify.weigh), else by inliers; (False, True): both, a row each. ``queries``: these positions (phone photos)
     instead of the first ``n_queries`` view1 photos."""
     labels = np.array([Path(p).parent.name for p in paths])
     is_ref = np.array([Path(p).stem == "ref" for p in paths])
-    if queries is None:
-        queries = [i for i, p in enumerate(paths) if Path(p).stem == "view1"][:n_queries]
+    if queries is None:  # (default: one per object)
+        queries = [i for i, p in enumerate(paths) if Path(p).stem in views][:n_queries]
     refs = np.nonzero(is_ref)[0]
     head = fit_head([vecs], parse_head("pca-whiten:128"))
     x = head.apply(vecs.astype(np.float64)); x /= np.linalg.norm(x, axis=1, keepdims=True)
@@ -238,7 +238,7 @@ def stage_recall(paths: list[str], vecs: np.ndarray, feats: list, n_queries: int
     query itself left out): the global embedding, tf-idf words (before) and ASMK* words (now), one vocabulary."""
     labels = np.array([Path(p).parent.name for p in paths])
     is_ref = np.array([Path(p).stem == "ref" for p in paths])
-    queries = [i for i, p in enumerate(paths) if Path(p).stem == "view1"][:n_queries]
+    queries = [i for i, p in enumerate(paths) if Path(p).stem in views][:n_queries]  # (default: one per object)
     head = fit_head([vecs], parse_head("pca-whiten:128"))
     x = head.apply(vecs.astype(np.float64))
     x /= np.linalg.norm(x, axis=1, keepdims=True)

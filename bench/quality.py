@@ -274,10 +274,23 @@ def main() -> None:
     ap.add_argument("--before", metavar="REV", default="5531893",
                     help="with --presets: the revision to compare with (its own checkout and CLI) [default: 5531893, "
                          "before issue 27's scores]")
+    ap.add_argument("--only-presets", nargs="+", default=None, metavar="PRESET",
+                    help="with --presets: only these presets' rows")
     ap.add_argument("--no-verify-on", nargs="*", default=[], metavar="DATASET",
                     help="with --presets: search the instance preset's indexes of these datasets with --verify 0 "
                          "(said in the table), where its default verification would take too long")
+    ap.add_argument("--local", nargs="+", default=None, metavar="SIDE:BUDGET",
+                    help="only the instance preset's local features at each long side and keypoint budget (e.g. "
+                         "640:2000 480:1500): photo→catalogue on the two halves of the instance set (objects in "
+                         "sorted order; choose on tune, report held), every phone photo a query; saves "
+                         "bench/results/quality-local.md")
+    ap.add_argument("--halves", type=Path, default=_common.ROOT / "bench" / ".cache" / "instance-halves",
+                    help="with --local: where the two halves are copied (made once)")
     args = ap.parse_args()
+    if args.local:
+        os.environ["RETRIEVE_THREADS"] = str(args.threads)
+        torch.set_num_threads(args.threads)
+        return local_section(args)
     if args.presets:
         return presets_section(args)
     if args.centring or args.sizes:
@@ -619,7 +632,7 @@ def cli_per_query(got: dict[str, dict], queries: list[str]) -> dict[str, np.ndar
     queries, every image of the set being one; a query with no answer, e.g. no face found, scores 0)."""
     labels = np.array([got[q]["label"] for q in queries])
     size = {lab: int(c) for lab, c in zip(*np.unique(labels, return_counts=True))}
-    r1, aps = np.zeros(len(queries)), np.full(len(queries), np.nan)
+    r1, aps, ap10 = np.zeros(len(queries)), np.full(len(queries), np.nan), np.full(len(queries), np.nan)
     for i, q in enumerate(queries):
         R = size[labels[i]] - 1
         rel = np.array([Path(h).parent.name == labels[i] for h in got[q]["hits"]], bool)
@@ -627,7 +640,9 @@ def cli_per_query(got: dict[str, dict], queries: list[str]) -> dict[str, np.ndar
         if R:
             hits = rel[:R]
             aps[i] = float((np.cumsum(hits) / np.arange(1, len(hits) + 1) * hits).sum() / R) if len(hits) else 0.0
-    return {"R@1": r1, "mAP@R": aps, "labels": labels}
+            h10 = rel[:10]
+            ap10[i] = float((np.cumsum(h10) / np.arange(1, len(h10) + 1) * h10).sum() / min(R, 10)) if len(h10) else 0.0
+    return {"R@1": r1, "mAP@R": aps, "mAP@10": ap10, "labels": labels}
 
 
 def presets_section(args) -> None:
@@ -661,6 +676,8 @@ def presets_section(args) -> None:
             if graphs.is_dir():
                 shutil.copytree(graphs, caches[k] / "retrieve" / "onnx")
         for preset, sets in PRESET_SETS.items():
+            if args.only_presets and preset not in args.only_presets:
+                continue
             for name in sets:
                 if name not in folders:
                     continue
@@ -682,7 +699,7 @@ def presets_section(args) -> None:
                 q = {k: cli_per_query(res[k], queries) for k in trees}
                 labels = q["now"]["labels"]
                 row = [preset, name, len(queries)]
-                for key in ("R@1", "mAP@R"):
+                for key in ("R@1", "mAP@R", "mAP@10"):
                     d = q["now"][key] - q["before"][key]
                     lo, hi = np.percentile(cluster_bootstrap(d, labels), [2.5, 97.5])
                     row += [f"{np.nanmean(q['before'][key]):.3f}", f"{np.nanmean(q['now'][key]):.3f}",
@@ -706,15 +723,21 @@ def presets_section(args) -> None:
         return
     load = tuple(round(a, 1) for a in load0[:1] + os.getloadavg()[:1])
     minutes = (time.perf_counter() - t_all) / 60
+    issue27 = args.name == "quality"  # the saved quality-presets.md: issue 27's change (a --name of one's own: another)
     cmd = "python bench/quality.py --presets --before " + shlex.quote(args.before)
     if args.datasets != ["att_faces", "caltech101", "instance"]:
         cmd += " --datasets " + " ".join(args.datasets)
     if args.no_verify_on:
         cmd += " --no-verify-on " + " ".join(args.no_verify_on)
+    if args.only_presets:
+        cmd += " --only-presets " + " ".join(args.only_presets)
+    if not issue27:
+        cmd += " --name " + args.name
     cmd += f" --threads {args.threads}"
     where = "; ".join(f"{k} ({revs[k]}{', uncommitted: ' + ', '.join(dirty) if k == 'now' and dirty else ''}): "
                       + ", ".join(sorted(str(w) for w in seen.get(k, ()))) for k in trees)
-    text = ("# The presets before and after issue 27's scores, as a user gets them\n\n"
+    text = ((f"# The presets before and after issue 27's scores, as a user gets them\n\n" if issue27 else
+             f"# The presets before ({args.before}) and now, as a user gets them\n\n") +
             f"`{cmd}` · {args.threads} thread(s) (`--threads`, RETRIEVE_THREADS, OMP_NUM_THREADS) · load average "
             f"{load[0]} → {load[1]} (2 cores, shared with a test run) · {minutes:.0f} min in all.\n\n"
             "Each row: `retrieve index DIR --preset P --index TMP --json`, then `retrieve search DIR --index TMP "
@@ -731,20 +754,22 @@ def presets_section(args) -> None:
             "0.001, of 500 0.002. top-1 changed: queries whose first result is another photo after the change "
             "(of them: now right where it was wrong / now wrong where it was right; the rest changed from a right "
             "photo to another right one or from wrong to wrong). no answer: queries without results, before / "
-            "after. s: seconds of `index` + `search` before / after (wall clock on a shared machine; secondary).\n\n"
-            "What changed (issue 27): general ranked by the plain cosine of 224 px GAP embeddings (no head) and now "
+            "after. s: seconds of `index` + `search` before / after (wall clock on a shared machine; secondary).\n\n")
+    text += ("What changed (issue 27): general ranked by the plain cosine of 224 px GAP embeddings (no head) and now "
             "by the cosine of embeddings centred on the collection's mean (a `centre` head, fitted at 10 images or "
             "more); instance had PCA-whitening to 128 with shrinkage 0.1 fitted at 32 vectors or more, and now "
             "only centres below 50 vectors and shrinks by max(0.1, D/n); faces ranked by the L2 distance of dlib's "
             "descriptors and now by the cosine of descriptors centred on a fixed mean face "
             "(retrieval/faces/mean_face.json; same-person threshold 0.50). At these sizes (400–1000 images) the "
-            "instance head is the shrunk whitening: s = 0.32 at 400, 0.256 at 500, 0.128 at 1000 (0.1 before).\n\n")
+            "instance head is the shrunk whitening: s = 0.32 at 400, 0.256 at 500, 0.128 at 1000 (0.1 before).\n\n"
+             if issue27 else "")
     text += _common.table(["preset", "set", "queries", "R@1 before", "R@1 after", "ΔR@1 [95 %]", "mAP@R before",
-                           "mAP@R after", "ΔmAP@R [95 %]", "top-1 changed (now right / now wrong)",
+                           "mAP@R after", "ΔmAP@R [95 %]", "mAP@10 before", "mAP@10 after", "ΔmAP@10 [95 %]",
+                           "top-1 changed (now right / now wrong)",
                            "no answer (before / after)", "search options (verified queries before / after)",
                            "s index + search (before / after)", "load"], rows)
     text += f"\n\nNot measured: {FACES_SKIPPED}.\n"
-    _common.save("quality-presets", text)
+    _common.save("quality-presets" if issue27 else args.name, text)
 
 
 HEADERS = ["dataset", "embedding", "metric", "head", "QE", "DBA", "verify K", "R@1", "mAP@R", "mAP@10",
@@ -867,6 +892,69 @@ def catalogue_section(args) -> None:
     path.write_text(old.rstrip() + "\n\n" + text + "\n")
     print(text)
     print(f"\nsaved {path.relative_to(_common.ROOT)}")
+
+
+def instance_halves(folder: Path, dest: Path) -> dict[str, Path]:
+    """The instance set's objects (sorted) split in two, copied once into ``dest``: ``tune`` (the first half, where
+    settings are chosen) and ``held`` (the second, where the choice is reported)."""
+    import shutil
+
+    objects = sorted(p for p in folder.iterdir() if p.is_dir())
+    out = {"tune": dest / "tune", "held": dest / "held"}
+    if not out["held"].is_dir():
+        for i, d in enumerate(objects):
+            shutil.copytree(d, out["tune" if i < len(objects) // 2 else "held"] / d.name)
+    return out
+
+
+def local_section(args) -> None:
+    """The instance preset's search (verify K 8, words W 25, catalogue C 3: bench/catalogue.py) with local features
+    extracted at each ``--local`` SIDE:BUDGET, on each half of the instance set: R@1, mAP@10, photo → catalogue,
+    --within, catalogue-only, every phone photo (views 1-4) a query; extraction CPU ms per photo (one thread)."""
+    import resource
+
+    import catalogue
+    from threadpoolctl import threadpool_limits
+
+    from instance_set import build
+    from retrieval.match.verify import Verifier
+
+    src = _common.shared_dataset("caltech101")
+    if src is None:
+        return
+    halves = instance_halves(build(src, _common.ROOT / "bench" / ".cache" / "instance"), args.halves)
+    specs = [tuple(int(v) for v in s.split(":")) for s in args.local]
+    load0 = os.getloadavg()[0]
+    rows = []
+    with threadpool_limits(args.threads):
+        for half, folder in halves.items():
+            vecs, _, paths, _ = labelled_embeddings(folder, EMBEDDINGS["gem-448-long"])
+            for side, budget in specs:
+                cpu = lambda: sum(resource.getrusage(resource.RUSAGE_SELF)[:2])  # noqa: E731
+                c0 = cpu()
+                pv = PairVerifier(paths, cold=True, verifier=Verifier(max_side=side, n_features=budget, cache=False))
+                ext_ms = 1000 * (cpu() - c0) / len(paths)
+                pv.v.projection = catalogue._index(pv.feats, np.arange(len(paths))).vocab.projection
+                got, _ = catalogue.run(folder, paths, vecs, pv, 10 ** 6, configs=((8, 25, 3),), names=("", ""),
+                                       views=("view1", "view2", "view3", "view4"))
+                r = got[0]
+                H = catalogue.HEADERS
+                kp = np.mean([len(f.points) for f in pv.feats])
+                rows.append([half, side, budget, round(ext_ms, 1), round(float(kp)), r[H.index("queries")]]
+                            + [r[H.index(h)] for h in H[6:11]] + [round(pv.ms_per_pair(), 2)])
+                print(" | ".join(map(str, rows[-1])), flush=True)
+    text = ("# Local features of the instance preset: long side and keypoint budget\n\n"
+            f"`python bench/quality.py --local {' '.join(args.local)} --threads {args.threads}` · load average "
+            f"{load0:.1f} → {os.getloadavg()[0]:.1f} · the instance set's objects in sorted order split in two "
+            "halves of 50 (tune: where the setting is chosen; held: reported), each half its own collection "
+            "(50 catalogue images + 200 phone photos), every phone photo a query (200 per half). Search as the "
+            "instance preset's defaults (bench/catalogue.py run: verify K 8, words W 25, catalogue C 3, verified "
+            "expansion), the vocabulary and matching subspace trained on each setting's own features. extract CPU "
+            "ms: process CPU time of the extraction (decode at the side, SIFT) per image, OpenCV's threads "
+            "included.\n\n")
+    text += _common.table(["half", "side", "budget", "extract CPU ms/img", "keypoints/img", "queries"]
+                          + catalogue.HEADERS[6:11] + ["ms/pair"], rows)
+    _common.save(args.name if args.name != "quality" else "quality-local", text)
 
 
 def rows_from_log(path: Path) -> list[list]:

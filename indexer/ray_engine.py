@@ -168,7 +168,7 @@ def known_prefixes(hashes) -> np.ndarray:
     return np.unique(np.fromiter((_hash_prefix(h) for h in hashes), np.uint64))
 
 
-def decode_batch(batch: dict, known: np.ndarray, preprocess, min_side: int, verify: bool) -> dict:
+def decode_batch(batch: dict, known: np.ndarray, preprocess, min_side: int, verify: dict | None) -> dict:
     """Ray task: read, hash, decode and preprocess each file (the local engine's ``decode``, row by row)."""
     from retrieval.images import decode_image, read_image_bytes
 
@@ -177,7 +177,7 @@ def decode_batch(batch: dict, known: np.ndarray, preprocess, min_side: int, veri
     if verify:
         from retrieval.match.verify import Verifier
 
-        verifier = Verifier(cache=False)
+        verifier = Verifier(cache=False, **verify)  # the index's side and budget (retrieval.match.verify.local_options)
     out = {k: [] for k in ("status", "reason", "sha256", "width", "height", "array", "h", "w", "feats")}
 
     def put(status, reason="", sha="", width=0, height=0, array=b"", h=0, w=0, feats=b""):
@@ -258,7 +258,7 @@ def _run_ray(store, bb, files, trees, report, batch_size, workers, progress, on_
     from retrieval.images import decode_image, read_image_bytes
     from retrieval.scan import FileEntry
 
-    from retrieval.match.verify import decode_side
+    from retrieval.match.verify import decode_side, local_options
 
     from .rows import Commits, Decoded, by_path, drop_vanished, plan_run, record_skip, reuse
 
@@ -270,7 +270,7 @@ def _run_ray(store, bb, files, trees, report, batch_size, workers, progress, on_
     if store.settings.search.get("verify"):
         from retrieval.match.verify import LocalFeatures, Verifier
 
-        verifier = Verifier()
+        verifier = Verifier.for_index(store.settings)
     min_side = decode_side(store.settings)  # one decode rule for every embedding (retrieval/presets.py)
 
     commits = Commits(store, plan.rows, report, batch_size, progress.advance)
@@ -308,7 +308,8 @@ def _run_ray(store, bb, files, trees, report, batch_size, workers, progress, on_
             blocks = max(1, -(-len(items) // per_block))
             ds = ray.data.from_items(items, override_num_blocks=blocks)
             ds = ds.map_batches(decode_batch, batch_size=per_block, batch_format="numpy", num_cpus=DECODE_CPUS,
-                                fn_args=(known, bb.preprocess, min_side, verifier is not None))
+                                fn_args=(known, bb.preprocess, min_side,
+                                         local_options(store.settings) if verifier is not None else None))
             ds = ds.map_batches(Embedder, batch_size=batch_size, batch_format="numpy",
                                 num_cpus=shape.actor_cpus or shape.threads,
                                 fn_constructor_args=(model, shape.threads),

@@ -59,6 +59,7 @@ class _Asked:
     precision: str | None = None
     from_preset: tuple = ()  # the fields the preset filled in
     search: dict = field(default_factory=dict)
+    local: dict = field(default_factory=dict)  # the local features of a new index whose searches verify
 
 
 def _asked(preset: str | None, **given) -> _Asked:
@@ -72,6 +73,7 @@ def _asked(preset: str | None, **given) -> _Asked:
                 filled.append(name)
         a.from_preset = tuple(filled)
         a.search = dict(p.search)
+        a.local = dict(p.local) if p.search.get("verify") else {}
     return a
 
 
@@ -162,6 +164,10 @@ def index_paths(paths: Iterable[str | os.PathLike], index_dir: str | os.PathLike
     else:
         if not files:
             raise RetrieveError(f"no images found in {', '.join(str(p) for p in paths)}; no index was created")
+        if asked.precision is None and asked_preset is not None and asked_preset.precision == "auto":
+            from retrieval.models.precision import auto_precision
+
+            asked.precision = auto_precision()  # chosen for this machine, recorded in the index
         bb = backbone or _new_index_backbone(asked, engine)
         bb.precision = asked.precision or "fp32"
         itype = "custom" if asked.faiss_factory else (asked.index_type or "flat")
@@ -173,7 +179,7 @@ def index_paths(paths: Iterable[str | os.PathLike], index_dir: str | os.PathLike
                                  faiss_factory=asked.faiss_factory or factory_for(itype, bb.feature_dim, 0),
                                  explain=default_explain(bb.preprocess.size), head=parse_head(asked.head),
                                  pooling=str(bb.pooling), search=asked.search, preset=asked.preset or "",
-                                 precision=bb.precision)
+                                 precision=bb.precision, local=asked.local)
 
     report = IndexReport(index=str(index_dir))
     stop = threading.Event()
@@ -353,7 +359,7 @@ def _run(store: IndexStore, bb: Backbone, files: list[FileEntry], trees: list[st
     if store.settings.search.get("verify"):
         from retrieval.match.verify import Verifier
 
-        verifier = Verifier()
+        verifier = Verifier.for_index(store.settings)
 
     def decode(e: FileEntry, allow_reuse: bool = True) -> Decoded:
         d = Decoded(e)

@@ -30,6 +30,10 @@ class Preset:
     metric: str = "cosine"
     search: dict = field(default_factory=dict)  # search defaults recorded in a new index, e.g. {"verify": 8}
     per_face: bool = False  # one row per face (detector, alignment, the face network), not one per photo
+    local: dict = field(default_factory=dict)  # a new index's local features {"side", "budget"} when its searches
+                                               # verify ({}: retrieval/match/verify.py's defaults); recorded in it
+    precision: str | None = None  # a new index's arithmetic when --precision is not given: None, fp32; "auto", int8
+                                  # where the CPU has VNNI, else fp32 (retrieval/models/precision.py auto_precision)
 
     #: the backbone options a preset fills in when the caller leaves them open
     OPTIONS = ("input_size", "resize", "pooling", "head")
@@ -105,7 +109,7 @@ GENERAL = Preset("general", "what kind of thing is in the photo (fast, the defau
 INSTANCE = Preset("instance", "the same object or product seen elsewhere (448 px aspect kept, GeM, PCA-whitening, "
                   "verification of the top 8 and the visual words' top 25 when searching)",
                   input_size=448, resize="long", pooling="gem", head="pca-whiten:128",
-                  search={"verify": 8, "words": 25})
+                  search={"verify": 8, "words": 25}, local={"side": 400, "budget": 2000}, precision="auto")
 FACES = FacesPreset("faces", "one row per detected face, dlib's face network (needs pip install -e '.[faces]')",
                     head="centre", per_face=True)
 PRESETS: dict[str, Preset] = {p.name: p for p in (GENERAL, INSTANCE, FACES)}

@@ -116,7 +116,8 @@ def test_inverted_file_follows_additions_removals_and_damage(tmp_path, monkeypat
         lookalike(scene, i).save(photos / f"s{i}.jpg")  # (mirrored cats)
     idx = tmp_path / "idx"
     run("index", photos, "--index", idx, "--preset", "instance")
-    v = Verifier()
+    with IndexStore.open(idx) as store:
+        v = Verifier.for_index(store.settings)  # the index's own side and budget
 
     def state():
         with IndexStore.open(idx) as store:
@@ -346,12 +347,13 @@ def test_word_file_stores_the_projection_and_an_old_file_gets_one(shop, tmp_path
     root, idx, query = shop
     old = tmp_path / "old"
     shutil.copytree(idx, old)
-    v = Verifier()
+    with IndexStore.open(old) as store:
+        v = Verifier.for_index(store.settings)  # the index's own side and budget
     wi = words.WordIndex.load(old, words.signature(v))
     basis = wi.vocab.projection
     assert basis is not None and basis.shape == (128, words.PROJECTION_DIMS)
     with IndexStore.open(old) as store:  # the searcher's verifier gets it with the word index
-        s = SimpleNamespace(_words=None, verifier=Verifier(), store=store)
+        s = SimpleNamespace(_words=None, verifier=Verifier.for_index(store.settings), store=store)
         assert Searcher.words(s) is not None and np.array_equal(s.verifier.projection, basis)
     wi.vocab.projection = None  # as written before projections
     wi.save(old)

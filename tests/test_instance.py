@@ -215,7 +215,10 @@ def test_instance_preset_records_its_settings_and_verifies_by_default(clutter, t
     assert "--verify 8" in run("info", "--index", idx).stdout
     import hashlib
 
-    cache = Verifier()  # the indexer extracted every photo's keypoints, so searches find them cached
+    from retrieval.index.store import IndexStore
+
+    with IndexStore.open(idx) as store:  # the indexer extracted every photo's keypoints with the index's own side
+        cache = Verifier.for_index(store.settings)  # and budget, so searches find them cached
     for p in photos.iterdir():
         assert cache.cache_file(hashlib.sha256(p.read_bytes()).hexdigest()).is_file(), p
     res = run_json("search", query, "--index", idx, "-k", "2")

@@ -192,7 +192,7 @@ def test_a_search_during_an_index_run_writes_nothing(photos, tmp_path, monkeypat
     from retrieval.match.verify import Verifier
 
     with IndexStore.open(idx) as store:
-        assert words.sync(store, Verifier()) is not None
+        assert words.sync(store, Verifier.for_index(store.settings)) is not None
     assert not (idx / words.WORDS_NAME).exists()
     monkeypatch.undo()
     # with no writer about, a search stores what it built, as the index's writer for that moment
@@ -200,7 +200,7 @@ def test_a_search_during_an_index_run_writes_nothing(photos, tmp_path, monkeypat
     assert r.returncode == 0, r.stderr
     assert (idx / words.WORDS_NAME).is_file() and (idx / LOCK_NAME).read_text() == ""
     with IndexStore.open(idx) as store:
-        assert words.file_state(store, Verifier()) == "ok"
+        assert words.file_state(store, Verifier.for_index(store.settings)) == "ok"
 
 
 # -- the writer lock -------------------------------------------------------------------------------------------

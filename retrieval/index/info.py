@@ -36,7 +36,8 @@ def index_info(store) -> dict:
     updated = store.get_value("updated_at")
     return {"index": str(store.directory), "database": store.where, "model": st.model, "weights": st.weights_source,
             "input_size": st.preprocess.get("size"), "resize": st.preprocess.get("resize", "squash"),
-            "pooling": st.pooling, "precision": st.precision, "search_defaults": st.search, "metric": st.metric,
+            "pooling": st.pooling, "precision": st.precision, "search_defaults": st.search,
+            **({"local_features": st.local} if st.local else {}), "metric": st.metric,
             "index_type": st.index_type,
             **({"preset": st.preset} if st.preset else {}),
             **({"catalogue": roots} if (roots := catalogue_folders(store)) else {}),

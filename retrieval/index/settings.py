@@ -36,6 +36,8 @@ class IndexSettings:
     preset: str = ""  # the --preset it was created with ("" before schema 3 or without one); "faces": per-face rows
     faces: dict = field(default_factory=dict)  # faces index: detector, threshold (retrieval/presets.py FACES)
     precision: str = "fp32"  # the fast path's arithmetic, fp32 or int8 (retrieval/models/precision.py)
+    local: dict = field(default_factory=dict)  # local features: {"side", "budget"} ({} = retrieval/match/verify.py's
+                                               # defaults, as every index before them recorded it); see local_options
 
     def __post_init__(self) -> None:
         if self.metric not in METRICS:

@@ -231,7 +231,7 @@ class Searcher:
         if verify and self.verifier is None:
             from retrieval.match.verify import Verifier
 
-            self.verifier = Verifier()
+            self.verifier = Verifier.for_index(self.store.settings)
         from retrieval.match.verify import one_blas_thread
 
         if expand is None or not (verify and words):
@@ -364,7 +364,7 @@ class Searcher:
             if self.verifier is None:
                 from retrieval.match.verify import Verifier
 
-                self.verifier = Verifier()
+                self.verifier = Verifier.for_index(self.store.settings)
             self._words = words.sync(self.store, self.verifier) or False
             if self._words and self._words.vocab.projection is not None:  # verification matches in its subspace
                 self.verifier.projection = self._words.vocab.projection

@@ -38,7 +38,8 @@ MATCH_ROWS = 512  # query rows whose similarities to a candidate's are computed 
                   # column maxima); 6.0-6.8 ms a pair against 6.6-8.3 ms for the whole 2000-row matrix at once
                   # (one thread, best and median of 6 rounds over 60 candidates; the same matches)
 FEATURE_MEMO = 256  # candidates' features (and their matching matrices) kept in memory by content hash
-MAX_SIDE = 640  # local features are extracted from the photo at this long side
+MAX_SIDE = 640  # local features are extracted from the photo at this long side (an index records its own: local_options)
+N_FEATURES = 2000  # keypoints kept per photo at most (likewise)
 MIN_INLIERS = 10  # confirmed from here on: 0.03 % of unrelated pairs reach it on the instance set, 88 % of
                   # true pairs do (SIFT 2000 keypoints, RootSIFT, 640 px, mutual ratio-0.85 matches, PROSAC;
                   # bench/results/quality.md)
@@ -61,13 +62,23 @@ FORMAT_MAGIC = b"RLF2"
 _HEADER = np.dtype([("magic", "S4"), ("n", "<u4"), ("w", "<i8"), ("h", "<i8")])
 
 
+def local_options(settings) -> dict:
+    """How an index's local features are extracted: the :class:`Verifier` keywords ``max_side`` and ``n_features``
+    from its recorded ``local`` settings ({"side", "budget"}: retrieval/presets.py), else this module's defaults
+    (640 px, 2000 keypoints: what every index recorded before it had the setting). Its indexer, its searches and
+    its word index extract with these, so that a photo's features -- and their cache entry -- are the same on every
+    surface."""
+    local = getattr(settings, "local", None) or {}
+    return {"max_side": int(local.get("side", MAX_SIDE)), "n_features": int(local.get("budget", N_FEATURES))}
+
+
 def decode_side(settings) -> int:
     """The size photos are decoded at to embed them for an index (JPEGs are decoded at reduced size when large): the
     network's input side, or the local features' when the index's searches verify (this module), so
     that both come from one decode. The indexer, every search, ``retrieve explain --index`` and the web app embed a
     photo decoded this way, so a photo's embedding -- and its score -- is the same on every surface."""
     size = int(settings.preprocess.get("size") or 224)
-    return max(size, MAX_SIDE) if (settings.search or {}).get("verify") else size
+    return max(size, local_options(settings)["max_side"]) if (settings.search or {}).get("verify") else size
 
 
 def _encode(feats: "LocalFeatures") -> bytes:
@@ -140,10 +151,12 @@ class Verifier:
     other photos of the object for 88 % (84 %), unrelated pairs for 0.03 % (0.04 %). A looser ratio alone
     (0.9) lets in so many clutter matches that RANSAC finds fewer true homographies (86 %), not more."""
 
-    def __init__(self, max_side: int = MAX_SIDE, n_features: int = 2000, contrast: float = 0.02, ratio: float = 0.85,
+    def __init__(self, max_side: int = MAX_SIDE, n_features: int = N_FEATURES, contrast: float = 0.02, ratio: float = 0.85,
                  reproj_px: float = 8.0, cache: bool = True, mutual: bool = True, prosac: bool = True,
                  projection: np.ndarray | None = None, pool: bool = True):
         self.max_side = max_side
+        self.decode_side = max_side  # a JPEG is decoded at reduced size down to this short side (for_index: the
+                                     # index's decode_side, which the indexer extracts from)
         self.pool = pool  # match candidates in parallel threads (see verify_many)
         self.n_features = n_features
         self.ratio = ratio
@@ -158,6 +171,13 @@ class Verifier:
         self._memo_lock = threading.Lock()
         cv2 = _cv2()
         self._sift = cv2.SIFT_create(nfeatures=n_features, contrastThreshold=contrast)
+
+    @classmethod
+    def for_index(cls, settings, **kw) -> "Verifier":
+        """The verifier of an index with ``settings``: its recorded side and keypoint budget (:func:`local_options`)."""
+        v = cls(**local_options(settings), **kw)
+        v.decode_side = decode_side(settings)  # a photo decoded as its indexer decodes it: the same features
+        return v
 
     @property
     def projection(self) -> np.ndarray | None:
@@ -191,7 +211,7 @@ class Verifier:
         edited in place since it was indexed gets its own entry, and the old content's entry stays that content's
         (the cache is shared by every index)."""
         if self.cache is None:
-            return self.extract(load_image(path, min_side=self.max_side))
+            return self.extract(load_image(path, min_side=self.decode_side))
         feats = self._known(sha256) if sha256 is not None else None
         if feats is not None:
             return feats
@@ -199,7 +219,7 @@ class Verifier:
         actual = hashlib.sha256(data).hexdigest()
         feats = self._known(actual) if actual != sha256 else None
         if feats is None:
-            feats = self.extract(decode_image(data, path, min_side=self.max_side))
+            feats = self.extract(decode_image(data, path, min_side=self.decode_side))
             self.save(actual, feats)
             self._remember(actual, feats)
         return feats

@@ -51,6 +51,7 @@ TEMPORARY_GLOBS = (f".{WORDS_NAME}.*.tmp", f".{META_NAME}.*.tmp")
 BRANCH_MAX = 128  # words = branch²: 16,384 for a large collection
 TRAIN_DESCRIPTORS = 300_000  # at most this many descriptors (a seeded sample) train the vocabulary
 TRAIN_PER_WORD = 20  # the branch grows with the training sample: branch² ≤ sample / this
+TRAIN_BLOCK = 32_768  # sample rows at a time in the training's dense products (bounds their memory)
 RETRAIN_GROWTH = 4  # the vocabulary is trained again when the collection has grown this much since
 STOP_SHARE = 0.15  # query words in more than this share of the images (and more than STOP_MIN of them) are
 STOP_MIN = 20      # skipped: they cost time in proportion to the collection and hardly inform
@@ -97,10 +98,17 @@ def fit_projection(sample: np.ndarray, dims: int = PROJECTION_DIMS) -> np.ndarra
     """128 × ``dims``: the top eigenvectors of the *uncentred* second moments of RootSIFT rows ``sample`` —
     the subspace that best keeps the rows themselves, hence their cosines, which matching compares
     (retrieval.match.verify.project). None when the sample is too small to fit it."""
-    x = np.asarray(sample, np.float64)  # float64 sums: a float32 GEMM's rounding depends on the BLAS kernel and
-    if len(x) < 4 * x.shape[1] or dims >= x.shape[1]:  # thread count, and moves eigenvectors of close eigenvalues
+    n, d = sample.shape
+    if n < 4 * d or dims >= d:
         return None
-    w, v = np.linalg.eigh(x.T @ x / len(x))
+    # float64 sums: a float32 GEMM's rounding depends on the BLAS kernel and thread count, and moves eigenvectors
+    # of close eigenvalues; summed over fixed blocks of rows, so that a float64 copy of the whole sample (300 MB
+    # at TRAIN_DESCRIPTORS) is never held
+    m = np.zeros((d, d), np.float64)
+    for at in range(0, n, TRAIN_BLOCK):
+        b = np.asarray(sample[at:at + TRAIN_BLOCK], np.float64)
+        m += b.T @ b
+    w, v = np.linalg.eigh(m / n)
     basis = v[:, ::-1][:, :dims]
     basis *= np.where(basis.sum(0) < 0, -1.0, 1.0)  # a fixed sign per axis: the same sample, the same basis
     return np.ascontiguousarray(basis, np.float32)
@@ -143,7 +151,9 @@ class Vocabulary:
                           min_points_per_centroid=1)
         km.train(x)
         top = km.centroids.copy()
-        assign = np.argmax(x @ top.T - 0.5 * (top ** 2).sum(1), axis=1)
+        half = 0.5 * (top ** 2).sum(1)
+        assign = np.concatenate([np.argmax(x[at:at + TRAIN_BLOCK] @ top.T - half, axis=1)  # by blocks of rows:
+                                 for at in range(0, len(x), TRAIN_BLOCK)])  # never the whole N × k matrix
         sub = np.empty((k, k, x.shape[1]), np.float32)
         for c in range(k):
             part = x[assign == c]
@@ -574,7 +584,7 @@ def index_verifier(store: "IndexStore") -> "Verifier":
     from retrieval.index.catalogue import default_depth
     from retrieval.match.verify import Verifier
 
-    v = Verifier()
+    v = Verifier.for_index(store.settings)
     search = store.settings.search
     if int(search.get("words", 0)) > 0 or default_depth(store, int(search.get("verify", 0))) > 0:
         v.projection = stored_projection(store.directory, signature(v))
@@ -600,4 +610,4 @@ def update_index(store: "IndexStore") -> WordIndex | None:
     from retrieval.match.verify import Verifier
 
     clean_temporaries(store.directory, TEMPORARY_GLOBS)
-    return sync(store, Verifier())
+    return sync(store, Verifier.for_index(store.settings))
