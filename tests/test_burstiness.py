@@ -108,7 +108,8 @@ def test_a_background_behind_several_photos_no_longer_outranks_the_product(shelf
 
 def _check_frequencies(idx):
     """The stored inverted file's document frequencies and idf are those of the rows' bags, by definition."""
-    v = Verifier()
+    with IndexStore.open(idx) as store:
+        v = Verifier.for_index(store.settings)  # the index's own local features (side, budget)
     wi = words.WordIndex.load(idx, words.signature(v))
     assert wi is not None and wi._ivf is not None  # read from the file, not rebuilt
     with IndexStore.open(idx) as store:
