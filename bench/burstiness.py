@@ -27,8 +27,7 @@ import numpy as np
 
 import catalogue
 from instance_set import build, build_shared
-from quality import EMBEDDINGS, PairVerifier, labelled_embeddings
-from retrieval.index.store import IndexStore
+from quality import EMBEDDINGS, PairVerifier, index_vectors, labelled_embeddings
 
 HEADERS = ["set", "queries", "ranked by", "R@1", "mAP@10", "photo→cat R@1 (mixed)", "photo→cat R@1 (within)",
            "photo→cat R@1 (catalogue-only)", "pairs/query"]
@@ -38,11 +37,7 @@ def vectors(folder: Path, index: str | None) -> tuple[np.ndarray, list[str]]:
     """Raw embeddings and paths of ``folder``'s images (sorted by path): from ``index`` (an instance index of
     it), else from a temporary index made now."""
     if index:
-        with IndexStore.open(index) as store:
-            ids, vecs = zip(*store.iter_vectors())
-            ids, vecs = np.concatenate(ids), np.concatenate(vecs)
-            rows = store.rows_by_ids(ids.tolist())
-        paths = [rows[int(i)].path for i in ids]
+        vecs, paths = index_vectors(index)
     else:
         vecs, _, paths, _ = labelled_embeddings(folder, EMBEDDINGS["gem-448-long"])
     order = np.argsort(paths)

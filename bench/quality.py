@@ -78,6 +78,15 @@ def warm_exports(folder: Path, settings: dict) -> None:
         bb._runner(hw)
 
 
+def index_vectors(index) -> tuple[np.ndarray, list[str]]:
+    """Raw embeddings and paths of an index's rows, in id order."""
+    with IndexStore.open(index) as store:
+        ids, vecs = zip(*store.iter_vectors())
+        ids, vecs = np.concatenate(ids), np.concatenate(vecs)
+        rows = store.rows_by_ids(ids.tolist())
+    return vecs, [rows[int(i)].path for i in ids]
+
+
 def labelled_embeddings(folder: Path, settings: dict) -> tuple[np.ndarray, np.ndarray, list[str], float]:
     """Index ``folder`` into a temporary index; return (raw embeddings, labels, paths, seconds)."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -823,11 +832,7 @@ def catalogue_section(args) -> None:
         return
     folder = build(src, _common.ROOT / "bench" / ".cache" / "instance")
     if args.catalogue:
-        with IndexStore.open(args.catalogue) as store:
-            ids, vecs = zip(*store.iter_vectors())
-            ids, vecs = np.concatenate(ids), np.concatenate(vecs)
-            rows = store.rows_by_ids(ids.tolist())
-        paths = [rows[int(i)].path for i in ids]
+        vecs, paths = index_vectors(args.catalogue)
     else:
         vecs, _, paths, _ = labelled_embeddings(folder, EMBEDDINGS["gem-448-long"])
     load = os.getloadavg()
