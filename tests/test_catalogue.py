@@ -283,8 +283,11 @@ def test_the_web_app_searches_an_index_with_a_catalogue_as_the_cli_does(shop_wit
     root, idx, query = shop_with_role
     cli = run_json("search", query, "--index", idx, "-k", "5", "--verify", "30")
     c = Service(idx, cache_dir=tmp_path / "cache")
-    token = c.add_upload(Path(query).read_bytes(), Path(query).name)["token"]
-    web = c.search(f"upload:{token}", k=5, verify=30)
+    try:
+        token = c.add_upload(Path(query).read_bytes(), Path(query).name)["token"]
+        web = c.search(f"upload:{token}", k=5, verify=30)
+    finally:
+        c.close()  # its uploads' temporary folder goes with it
     assert [h["path"] for h in web["results"]] == [h["path"] for h in cli["results"]], (web["results"], cli)
     assert web["results"][0]["path"].endswith("astronaut.jpg")
 
@@ -383,9 +386,12 @@ def test_explain_and_the_web_pair_page_count_the_inliers_the_search_reported(sho
     full = Verifier()  # all 128 dimensions, as without an index: here another count for the same pair
     assert full.verify(full.features(str(query)), full.features(top["path"])).inliers != top["inliers"]
     c = Service(idx, cache_dir=tmp_path / "cache")
-    token = c.add_upload(Path(query).read_bytes(), Path(query).name)["token"]
-    row = c.search(f"upload:{token}", k=1)["results"][0]
-    page = c.explain(f"upload:{token}", row["id"], verify=True)
+    try:
+        token = c.add_upload(Path(query).read_bytes(), Path(query).name)["token"]
+        row = c.search(f"upload:{token}", k=1)["results"][0]
+        page = c.explain(f"upload:{token}", row["id"], verify=True)
+    finally:
+        c.close()
     assert row["inliers"] == page["inliers"] == top["inliers"], (row["inliers"], page["inliers"])
     with IndexStore.open(idx) as store:  # the rule: the stored subspace when the index's searches use words
         v = words.index_verifier(store)

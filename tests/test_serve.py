@@ -331,3 +331,21 @@ def test_serve_warns_off_loopback_and_fails_in_one_line(served):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 2 and lines[0].startswith("Warning: listening on 192.0.2.1")
     assert lines[1].startswith("Error: cannot listen on 192.0.2.1:8000")
+
+
+def test_a_server_stopped_by_sigterm_removes_its_uploads_folder(served, tmp_path):
+    """`retrieve serve` ended as a service manager ends it (SIGTERM) exits 0 and leaves no temporary folder behind
+    (uvicorn raises the signal again after its graceful stop; the command's cleanup must still run)."""
+    from clitools import start_server, stop
+
+    _, _, _, index, _ = served
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    proc, url, _ = start_server(index, env={"TMPDIR": str(tmp)})
+    try:
+        uploads = [p for p in tmp.iterdir() if p.name.startswith("retrieve-serve-uploads-")]
+        assert len(uploads) == 1 and uploads[0].is_dir()
+    finally:
+        stop(proc)
+    assert proc.returncode == 0
+    assert not uploads[0].exists()

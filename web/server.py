@@ -3,7 +3,9 @@ is the one that answers)."""
 from __future__ import annotations
 
 import ipaddress
+import signal
 import socket
+import threading
 from typing import Callable
 
 LOOPBACK_NAMES = ("localhost",)
@@ -46,4 +48,16 @@ def serve(app, sock: socket.socket, log_level: str = "warning", on_ready: Callab
     shown = f"[{host}]" if ":" in host else host
     if on_ready:
         on_ready(f"http://{shown}:{port}/")
-    server.run(sockets=[sock])
+    # uvicorn stops gracefully on SIGTERM, then raises the signal again with the handler it found: that handler ends
+    # the process by an exception, so the caller's cleanup (the uploads' temporary folder) still runs
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminated) if main else None
+    try:
+        server.run(sockets=[sock])
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _terminated(signum, frame) -> None:
+    raise SystemExit(0)
