@@ -283,12 +283,11 @@ def _frame(a: Photo, b: Photo) -> PairResult | None:
     import cv2
 
     (wa, ha), (wb, hb) = a.size, b.size
-    ra = math.log(max(wa, 1) / max(ha, 1))
+    ra, rb = math.log(max(wa, 1) / max(ha, 1)), math.log(max(wb, 1) / max(hb, 1))
     best, orient = FRAME_NCC, None
     for mirror in (False, True):
         for turns in range(4):
-            rb = math.log(max(wb, 1) / max(hb, 1)) * (-1 if turns % 2 else 1)
-            if abs(ra - rb) > FRAME_ASPECT:
+            if abs(ra - (-rb if turns % 2 else rb)) > FRAME_ASPECT:  # a quarter turn inverts the aspect ratio
                 continue
             ncc = float((a.thumb * _orient(b.thumb, turns, mirror)).sum())
             if ncc > best:
@@ -346,9 +345,10 @@ class FeatureCache:
             p = None
         size = 0 if p is None else p.grey.nbytes + N_FEATURES * (32 + 8) + THUMB * THUMB * 4
         with self._lock:
-            if row_id not in self._kept:
-                self._kept[row_id] = (p, size)
-                self._bytes += size
+            if row_id in self._kept:  # another thread loaded it meanwhile: one Photo per row (its points once)
+                return self._kept[row_id][0]
+            self._kept[row_id] = (p, size)
+            self._bytes += size
             while self._keep is not None and self._bytes > self._keep and len(self._kept) > 1:
                 self._bytes -= self._kept.popitem(last=False)[1][1]
         return p
