@@ -37,105 +37,13 @@ from PIL import Image, ImageFilter
 from explain.methods import TAP_LAYERS, make_explainer, upsample
 from retrieval.models.loading import load_backbone
 
-OBJECTS = ("chelsea", "coffee", "astronaut", "rocket", "camera", "coins")
-SCENES = ("brick", "grass", "gravel", "hubble_deep_field", "moon", "page")
+from explain_sets import SET_A, SET_B, SET_C, all_sets, skimage_photo  # noqa: E402
 
 
 def log(msg: str) -> None:
     import sys
 
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def skimage_photo(name: str) -> Image.Image:
-    import skimage.data
-
-    return Image.fromarray(getattr(skimage.data, name)()).convert("RGB")
-
-
-def composite(obj: Image.Image, scene: Image.Image, side: int, box_side: int, rng) -> tuple[Image.Image, tuple]:
-    """Paste ``obj`` (resized to box_side²) off-centre into ``scene`` (resized to side²); return the box."""
-    canvas = scene.resize((side, side), Image.BILINEAR)
-    margin = side // 16
-    while True:
-        x0, y0 = (int(v) for v in rng.integers(margin, side - box_side - margin, 2))
-        cx, cy = x0 + box_side / 2, y0 + box_side / 2
-        if max(abs(cx - side / 2), abs(cy - side / 2)) > side * 0.18:  # off-centre
-            break
-    canvas.paste(obj.resize((box_side, box_side), Image.BILINEAR), (x0, y0))
-    return canvas, (x0, y0, x0 + box_side, y0 + box_side)
-
-
-def localisation_sets(rng) -> dict[str, tuple[list, list]]:
-    """name → (pairs (query, composite, box), the source photos whose mean embedding is μ)."""
-    pairs = []
-    for o in OBJECTS:
-        for s in SCENES:
-            comp, box = composite(skimage_photo(o), skimage_photo(s), 224, 88, rng)
-            pairs.append((skimage_photo(o), comp, box))
-    sets = {"A: skimage, 15 % box": (pairs, [skimage_photo(n) for n in OBJECTS + SCENES])}
-    data = _common.shared_dataset("caltech101")
-    if data is not None:
-        cats = sorted(p for p in data.iterdir() if p.is_dir())
-        pick = rng.choice(len(cats), 40, replace=False)
-        pairs, sources = [], []
-        for i in range(20):
-            obj_dir, scene_dir = cats[pick[2 * i]], cats[pick[2 * i + 1]]
-            objs, scenes = sorted(obj_dir.glob("*.jpg")), sorted(scene_dir.glob("*.jpg"))
-            query = Image.open(objs[0]).convert("RGB")  # the clean reference photo
-            obj = Image.open(objs[1]).convert("RGB")  # another photo of the same category is pasted
-            scene = Image.open(scenes[0]).convert("RGB")
-            comp, box = composite(obj, scene, 224, 63, rng)
-            pairs.append((query, comp, box))
-            sources += [query, scene]
-        sets["B: caltech, other photo of the class, 8 % box"] = (pairs, sources)
-        pairs, sources = instance_composites(data, rng)
-        sets[SET_C] = (pairs, sources)
-    return sets
-
-
-SET_C = "C: instance, reference in another object's photo, 5-10 % box"
-
-
-def paste_off_centre(obj: Image.Image, scene: Image.Image, size: tuple[int, int], rng) -> tuple[Image.Image, tuple]:
-    """Paste ``obj`` (its aspect kept) into ``scene`` resized to ``size`` (W, H): the box covers 5-10 % of
-    the photo's area and keeps at least 1/20 of the short side away from its centre (never over it)."""
-    w, h = size
-    canvas = scene.resize((w, h), Image.BILINEAR)
-    ar = float(np.clip(obj.width / obj.height, 0.5, 2.0))
-    gap = min(w, h) / 20
-    while True:
-        area = rng.uniform(0.05, 0.10) * w * h
-        bw, bh = int(round(np.sqrt(area * ar))), int(round(np.sqrt(area / ar)))
-        x0, y0 = int(rng.integers(0, w - bw + 1)), int(rng.integers(0, h - bh + 1))
-        # distance from the photo's centre to the box (0 when the box covers it)
-        dx = max(x0 - w / 2, w / 2 - (x0 + bw), 0.0)
-        dy = max(y0 - h / 2, h / 2 - (y0 + bh), 0.0)
-        if max(dx, dy) >= gap:
-            break
-    canvas.paste(obj.resize((bw, bh), Image.BILINEAR), (x0, y0))
-    return canvas, (x0, y0, x0 + bw, y0 + bh)
-
-
-def instance_composites(data, rng) -> tuple[list, list]:
-    """Set C: bench/instance_set.py's 100 objects (each category's first photo, the clean reference). Per
-    object: query = the reference; result = a real photo of another category (never another object's
-    reference), resized to 640×480 (480×640 for one in four), with the reference pasted off-centre."""
-    import instance_set
-
-    cats = sorted(p for p in data.iterdir() if p.is_dir() and not p.name.startswith(("_", ".")))[:100]
-    photos = {c: sorted(p for p in c.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png")) for c in cats}
-    pairs, sources = [], []
-    for i, c in enumerate(cats):
-        ref = Image.fromarray(instance_set._load(photos[c][0]))
-        j = (i + 1 + int(rng.integers(0, len(cats) - 1))) % len(cats)  # another category
-        scene_path = photos[cats[j]][1 + int(rng.integers(0, len(photos[cats[j]]) - 1))]
-        scene = Image.open(scene_path).convert("RGB")
-        size = instance_set.CANVAS if rng.random() < 0.75 else instance_set.CANVAS[::-1]
-        comp, box = paste_off_centre(ref, scene, size, rng)
-        pairs.append((ref, comp, box))
-        sources += [ref, scene.resize(size, Image.BILINEAR)]
-    return pairs, sources
 
 
 def energy_pointing(m: np.ndarray, box: tuple) -> tuple[float, float]:
@@ -158,40 +66,33 @@ def mean_embedding(bb, images) -> np.ndarray:
 
 def mean_tap(bb, images) -> np.ndarray | None:
     """The mean of the stride-16 layer's pooled maps (SFAM's ``mu_tap``) over ``images``, at bb's size."""
-    layer = TAP_LAYERS.get(bb.name)
+    layer = make_explainer("sfam", bb).tap  # the layer the default map fuses, as the explainer finds it
     if layer is None:
         return None
     return torch.cat([bb.features_and_tap(bb.preprocess.batch([im]), layer)[1].mean((2, 3)) for im in images]
                      ).double().mean(0).numpy()
 
 
-DEFAULT = ("sfam (default: g ⊕ 0.5·paper map⁴, g = D32·D16·G16, turning to the smoothed paper map as G16 covers "
-           "the frame), centred (μ at the explain px)")
-GATED = "sfam gated product D32·D16·G16 alone (the default until 2026-11-30)"
-NOFRAME = "sfam g ⊕ 0.5·paper map⁴ without the frame turn (the default before it)"
-VARIANTS = [  # (label, method, metric, centre, μ: "explain" px | "224" | None, where: L(ocalisation) F(aithfulness)
-    #             at 224 px, 4: faithfulness of the map at 448 px, the index default)
-    (DEFAULT, "sfam", "cosine", True, "explain", "L4"),
+DEFAULT = "sfam (default: g ⊕ 0.5·paper map⁴, g = D32·D16·G16; the smoothed paper map where G16 covers > ½ of the frame)"
+GATED = "sfam gated product g = D32·D16·G16 alone"
+NOFRAME = "sfam g ⊕ 0.5·paper map⁴ without the whole-frame switch"
+PAPER = "sfam-plain cosine (the paper's map)"
+PAPER_C = "sfam-plain cosine, centred (μ)"
+VARIANTS = [  # (label, method, metric, centre, μ: "explain" (at the explain px) | None, where: L(ocalisation),
+    #             F(aithfulness) at 224 px, 4: faithfulness of the map at 448 px, the index default; B: also on the
+    #             other backbones)
+    (DEFAULT, "sfam", "cosine", True, "explain", "L4B"),
     (GATED, "sfam", "cosine", True, "explain", "L4"),
     (NOFRAME, "sfam", "cosine", True, "explain", "L4"),
-    ("sfam default, μ at 224 px (what an index stores today)", "sfam", "cosine", True, "224", "L"),
     ("sfam default, no μ (explain A B without an index)", "sfam", "cosine", False, None, "L"),
-    ("sfam default, l2 (μ)", "sfam", "l2", False, "explain", ""),  # localisation: the same map as centred cosine
-    ("sfam default without the gate (D32·D16)", "sfam", "cosine", True, "explain", "L"),
-    ("sfam default with the gate weighted by the match's cosine (until 2026-11-30)", "sfam", "cosine", True,
-     "explain", "L"),
-    ("sfam-plain cosine (the paper's map)", "sfam-plain", "cosine", False, None, "LF"),
-    ("sfam-plain cosine, centred (μ) (the previous default)", "sfam-plain", "cosine", True, "explain", "L4"),
-    ("sfam-plain l2 (μ)", "sfam-plain", "l2", False, "explain", ""),
+    (PAPER, "sfam-plain", "cosine", False, None, "LFB"),
+    (PAPER_C, "sfam-plain", "cosine", True, "explain", "L4B"),
     ("gradcam cosine (this project's)", "gradcam", "cosine", False, None, "LF"),
     ("occlusion cosine", "occlusion", "cosine", False, None, "L"),
 ]
 SETTINGS = {  # label → the explainer attributes its row sets (after make_explainer)
     GATED: {"paper": 0.0},
     NOFRAME: {"frame": None},
-    "sfam default without the gate (D32·D16)": {"gate": False, "paper": 0.0},
-    "sfam default with the gate weighted by the match's cosine (until 2026-11-30)": {"gate_kind": "cosine",
-                                                                                      "paper": 0.0},
 }
 
 
@@ -220,15 +121,18 @@ def grad_cam_package():
 
 
 class _Embedding(torch.nn.Module):
-    """image batch → the pooled embedding: the backbone's feature map pooled as the index pools it."""
+    """image batch → the pooled embedding: the backbone's feature map pooled as the index pools it. ``target`` (an
+    identity on the feature map A that SFAM weights) is the CAM target layer: hooks work on it for any network,
+    a TorchScript one included."""
 
     def __init__(self, bb):
         super().__init__()
-        self.features = bb.net  # its output is the feature map A that SFAM weights (the CAM target layer)
+        self.features = bb.net
+        self.target = torch.nn.Identity()
         self.pooling = bb.pooling
 
     def forward(self, x):
-        return self.pooling.pool(self.features(x))
+        return self.pooling.pool(self.target(self.features(x)))
 
 
 class SimilarityToConceptTarget:
@@ -251,7 +155,7 @@ def peer_maps(gc, bb, pairs, batch: int = 6) -> dict[str, list[np.ndarray]]:
     runs after its backward pass). The query's embedding (the concept) comes from the same model."""
     model = _Embedding(bb).eval()
     pre = bb.preprocess
-    cams = {name: getattr(gc, name)(model=model, target_layers=[model.features]) for name in PEERS}
+    cams = {name: getattr(gc, name)(model=model, target_layers=[model.target]) for name in PEERS}
     out: dict[str, list] = {name: [] for name in PEERS}
     try:
         for i in range(0, len(pairs), batch):
@@ -273,69 +177,64 @@ def peer_maps(gc, bb, pairs, batch: int = 6) -> dict[str, list[np.ndarray]]:
     return out
 
 
-def run_localisation(sizes, rng, quick, peers: bool = True) -> tuple[list, dict]:
-    rows, timing = [], {}
-    sets = localisation_sets(rng)
+SETS_SLOW = (SET_A, SET_B)  # gradcam and occlusion run here only (eager backward / hundreds of passes a pair)
+
+
+def run_localisation(parts: dict, size: int, rng, rows_wanted, model: str = "efficientnet_lite0",
+                     peers: bool = True) -> tuple[dict, dict]:
+    """{(set, map label): {part: (energy, pointing)}} for each part ({part: {set: (pairs, sources)}}) and the rows
+    ``rows_wanted`` (VARIANTS entries), plus the peers, a centre prior and a random map; and the timings."""
+    out: dict = {}
+    timing: dict = {}
     gc = grad_cam_package() if peers else None
-    for set_name, (pairs, sources) in sets.items():
-        if quick:
-            pairs = pairs[::5]
-        for size in sizes:
-            bb = load_backbone(input_size=size)
+    bb = load_backbone(model, input_size=size)
+    for part, sets in parts.items():
+        for set_name, (pairs, sources) in sets.items():
             mus = {"explain": (mean_embedding(bb, sources), mean_tap(bb, sources)), None: (None, None)}
-            bb224 = load_backbone(input_size=224)
-            mus["224"] = (mean_embedding(bb224, sources), mean_tap(bb224, sources))
-            for label, method, metric, centre, mu_at, where in VARIANTS:
-                if "L" not in where or (method == "occlusion" and size > 224) or (method in SLOW and set_name == SET_C):
-                    continue
-                if mu_at == "224" and size == 224:
+            for label, method, metric, centre, mu_at, where in rows_wanted:
+                if (method == "occlusion" and size > 224) or (method in SLOW and set_name not in SETS_SLOW):
                     continue
                 mu, mu_tap = mus[mu_at]
-                ex = make_explainer(method, bb, metric=metric, mu=mu, centre=centre, mu_tap=mu_tap)
-                tweak(ex, label)
-                log(f"localisation {set_name} {size}px {label}")
-                es, ps = [], []
+                ex = tweak(make_explainer(method, bb, metric=metric, mu=mu, centre=centre, mu_tap=mu_tap), label)
+                log(f"localisation {model} {part} {set_name} {size}px {label}")
                 t = time.perf_counter()
-                for q, comp, box in pairs:
-                    e = ex.explain(q, comp)
-                    a, b = energy_pointing(e.result_map, box)
-                    es.append(a)
-                    ps.append(b)
+                r = [energy_pointing(ex.explain(q, comp).result_map, box) for q, comp, box in pairs]
                 timing.setdefault((method, size), []).append((time.perf_counter() - t) / len(pairs))
-                rows.append([set_name, size, label, round(np.mean(es), 3), round(np.mean(ps), 3)])
+                out.setdefault((set_name, label), {})[part] = _means(r)
             if gc is not None:
-                log(f"localisation {set_name} {size}px pytorch-grad-cam {', '.join(PEERS)}")
+                log(f"localisation {model} {part} {set_name} {size}px pytorch-grad-cam {', '.join(PEERS)}")
                 t = time.perf_counter()
-                peers = peer_maps(gc, bb, pairs)
+                maps = peer_maps(gc, bb, pairs)
                 timing.setdefault(("pytorch-grad-cam, all five in one pass", size), []).append(
                     (time.perf_counter() - t) / len(pairs))
-                for name, maps in peers.items():
-                    r = [energy_pointing(m, box) for m, (_, _, box) in zip(maps, pairs)]
-                    rows.append([set_name, size, f"pytorch-grad-cam {name} (similarity target)",
-                                 round(np.mean([a for a, _ in r]), 3), round(np.mean([b for _, b in r]), 3)])
-            r = [energy_pointing(centre_prior(comp.height, comp.width), box) for _, comp, box in pairs]
-            rows.append([set_name, size, "centre prior", round(np.mean([a for a, _ in r]), 3),
-                         round(np.mean([b for _, b in r]), 3)])
-            rr = [energy_pointing(rng.random((comp.height, comp.width)), box) for _, comp, box in pairs]
-            rows.append([set_name, size, "random map", round(np.mean([a for a, _ in rr]), 3),
-                         round(np.mean([b for _, b in rr]), 3)])
-    return rows, timing
+                for name, ms in maps.items():
+                    out.setdefault((set_name, f"pytorch-grad-cam {name} (similarity target)"), {})[part] = _means(
+                        [energy_pointing(m, box) for m, (_, _, box) in zip(ms, pairs)])
+            out.setdefault((set_name, "centre prior"), {})[part] = _means(
+                [energy_pointing(centre_prior(comp.height, comp.width), box) for _, comp, box in pairs])
+            out.setdefault((set_name, "random map"), {})[part] = _means(
+                [energy_pointing(rng.random((comp.height, comp.width)), box) for _, comp, box in pairs])
+    return out, timing
 
 
-def matched_pairs(quick: bool, n: int = 20) -> dict[str, list]:
-    """``n`` pairs per dataset (8 with ``quick``): the first n people; every (100 // n)-th category."""
-    out = {}
-    n = 8 if quick else n
-    faces = _common.shared_dataset("att_faces")
-    if faces is not None:
-        people = sorted(p for p in faces.iterdir() if p.is_dir())[:n]
-        out["att_faces"] = [(Image.open(p / "1.pgm").convert("RGB"), Image.open(p / "2.pgm").convert("RGB"))
-                            for p in people]
-    cal = _common.shared_dataset("caltech101")
-    if cal is not None:
-        cats = sorted(p for p in cal.iterdir() if p.is_dir())[:: 5 if n <= 20 else max(1, 100 // n)][:n]
-        out["caltech101"] = [tuple(Image.open(f).convert("RGB") for f in sorted(c.glob("*.jpg"))[:2]) for c in cats]
-    return out
+def _means(r: list[tuple]) -> tuple[float, float]:
+    return round(float(np.mean([a for a, _ in r])), 3), round(float(np.mean([b for _, b in r])), 3)
+
+
+def localisation_table(res: dict, parts) -> tuple[list, list]:
+    """Headers and rows: each part's energy and pointing, and (with both parts) the pointing gap tuning − held-out."""
+    both = len(parts) == 2
+    headers = ["set", "map"] + [f"{p} {m}" for p in parts for m in ("energy", "pointing")]
+    headers += ["gap (pointing)"] if both else []
+    rows = []
+    for (set_name, label), by in res.items():
+        row = [set_name, label]
+        for p in parts:
+            row += list(by[p]) if p in by else ["—", "—"]
+        if both:
+            row.append(round(by[parts[0]][1] - by[parts[1]][1], 3) if all(p in by for p in parts) else "—")
+        rows.append(row)
+    return headers, rows
 
 
 def deletion_insertion(bb, ex, q: Image.Image, r: Image.Image, heat: np.ndarray, steps: int = 20) -> tuple:
@@ -376,41 +275,45 @@ def pooled_auc(res: list[tuple]) -> tuple[float, float]:
     return float(np.mean([d for d, _, _ in res]) / gap), float(np.mean([i for _, i, _ in res]) / gap)
 
 
-def run_faithfulness(quick: bool, only: list[str] | None = None, pairs: int = 20) -> list:
-    rows = []
-    bb = load_backbone()
-    pairs_by = matched_pairs(quick, pairs)
-    for ds, pairs in pairs_by.items():
-        images = [p[0] for p in pairs] + [p[1] for p in pairs]
-        mus = {"explain": (mean_embedding(bb, images), mean_tap(bb, images)), None: (None, None)}
-        for label, method, metric, centre, mu_at, where in VARIANTS:
-            if "F" not in where:
-                continue
-            ex = make_explainer(method, bb, metric=metric, mu=mus[mu_at][0], centre=centre, mu_tap=mus[mu_at][1])
-            tweak(ex, label)
-            log(f"faithfulness {ds} {label}")
-            res = [deletion_insertion(bb, ex, q, r, ex.explain(q, r).result_raw) for q, r in pairs]
-            d, i = pooled_auc(res)
-            rows.append([ds, len(pairs), label, round(d, 3), round(i, 3)])
-        bb448 = load_backbone(input_size=448)
-        mus448 = {"explain": (mean_embedding(bb448, images), mean_tap(bb448, images)), None: (None, None)}
-        for label, method, metric, centre, mu_at, where in VARIANTS:  # the maps at 448 px, the index default
-            if "4" not in where:
-                continue
-            ex448 = make_explainer(method, bb448, metric=metric, mu=mus448[mu_at][0], centre=centre,
-                                   mu_tap=mus448[mu_at][1])
-            tweak(ex448, label)
-            log(f"faithfulness {ds} {label}, map at 448 px")
-            d, i = pooled_auc([deletion_insertion(bb, ex448, q, r, ex448.explain(q, r).result_raw) for q, r in pairs])
-            rows.append([ds, len(pairs), f"{label}, map at 448 px", round(d, 3), round(i, 3)])
-        for metric in ("cosine",) if not only else ():
-            for label, heat_fn in (("centre prior", lambda: centre_prior(7, 7)),
-                                   ("random map", lambda: np.random.default_rng(1).random((7, 7)))):
-                ex = make_explainer("sfam", bb, metric=metric)
-                d, i = pooled_auc([deletion_insertion(bb, ex, q, r, heat_fn()) for q, r in pairs])
-                rows.append([ds, len(pairs), f"{label} ({metric})", round(d, 3), round(i, 3)])
-    return rows
+def run_faithfulness(pairs_by_part: dict, rows_wanted, model: str = "efficientnet_lite0",
+                     priors: bool = True) -> dict:
+    """{(dataset, map label): {part: (deletion, insertion, pairs)}}: the 224-px rows (F) and the maps at 448 px (4)
+    of ``rows_wanted``, scored by the 224-px network's plain cosine."""
+    out: dict = {}
+    bb = load_backbone(model)
+    bb448 = load_backbone(model, input_size=448)
+    for part, pairs_by in pairs_by_part.items():
+        for ds, pairs in pairs_by.items():
+            images = [p[0] for p in pairs] + [p[1] for p in pairs]
+            for net, key, suffix in ((bb, "F", ""), (bb448, "4", ", map at 448 px")):
+                mus = {"explain": (mean_embedding(net, images), mean_tap(net, images)), None: (None, None)}
+                for label, method, metric, centre, mu_at, where in rows_wanted:
+                    if key not in where:
+                        continue
+                    ex = tweak(make_explainer(method, net, metric=metric, mu=mus[mu_at][0], centre=centre,
+                                              mu_tap=mus[mu_at][1]), label)
+                    log(f"faithfulness {model} {part} {ds} {label}{suffix}")
+                    d, i = pooled_auc([deletion_insertion(bb, ex, q, r, ex.explain(q, r).result_raw) for q, r in pairs])
+                    out.setdefault((ds, label + suffix), {})[part] = (round(d, 3), round(i, 3), len(pairs))
+            if priors:
+                for label, heat_fn in (("centre prior", lambda: centre_prior(7, 7)),
+                                       ("random map", lambda: np.random.default_rng(1).random((7, 7)))):
+                    ex = make_explainer("sfam", bb)
+                    d, i = pooled_auc([deletion_insertion(bb, ex, q, r, heat_fn()) for q, r in pairs])
+                    out.setdefault((ds, label), {})[part] = (round(d, 3), round(i, 3), len(pairs))
+    return out
 
+
+def faithfulness_table(res: dict, parts) -> tuple[list, list]:
+    headers = ["dataset", "map"] + [f"{p} {m}" for p in parts for m in ("deletion", "insertion")] + ["pairs"]
+    rows = []
+    for (ds, label), by in res.items():
+        row = [ds, label]
+        for p in parts:
+            row += list(by[p][:2]) if p in by else ["—", "—"]
+        row.append(" / ".join(str(by[p][2]) for p in parts if p in by))
+        rows.append(row)
+    return headers, rows
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
@@ -421,6 +324,8 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
 
 def sanity(rng) -> tuple[float, float]:
     """(mean Spearman between trained and randomised-weights SFAM maps, identical-image map difference)."""
+    from explain_sets import OBJECTS, SCENES
+
     trained, rand = load_backbone(), load_backbone(random_weights=True)
     pairs = [(skimage_photo(o), skimage_photo(s)) for o, s in zip(OBJECTS, SCENES)]
     corr = []
@@ -464,7 +369,7 @@ def cost(timing: dict, sizes, rounds: int = 3) -> list:
             t = time.perf_counter()
             gated.explain_many(q, results)
             sg.append(time.perf_counter() - t)
-        for what, ts in (("SFAM default", sf), ("SFAM gated product alone (the default until 2026-11-30)", sg),
+        for what, ts in (("SFAM default", sf), ("SFAM gated product alone", sg),
                          ("sfam-plain", sp)):
             rows.append([f"{what} top-10 maps at {size} px (query + 10 results)", round(1000 * min(ts), 1),
                          f"{min(ts) / min(fw):.2f}x the 11 bare forward passes, {min(ts) / min(pf):.2f}x with "
@@ -478,58 +383,124 @@ def cost(timing: dict, sizes, rounds: int = 3) -> list:
     return rows
 
 
+def targets(loc: dict, faith: dict, parts, label: str = DEFAULT) -> list[str]:
+    """Issue #29's targets, each met or not, from the tables (the held-out part; the gap where both parts ran)."""
+    out = []
+    held = "held-out"
+    c = loc.get((SET_C, label), {}).get(held)
+    if c:
+        out.append(f"held-out set C: pointing {c[1]:.2f} (≥ 0.90), energy {c[0]:.2f} (≥ 0.60): "
+                   f"**{'met' if c[1] >= 0.9 and c[0] >= 0.6 else 'not met'}**")
+    for set_name in dict.fromkeys(k for k, _ in loc):
+        ours = loc.get((set_name, label), {}).get(held)
+        peers = [v[held] for (sn, lb), v in loc.items() if sn == set_name and lb.startswith("pytorch-grad-cam")
+                 and held in v]
+        if ours and peers:
+            pe, pp = max(p[0] for p in peers), max(p[1] for p in peers)
+            ok = ours[0] > pe and ours[1] >= pp
+            out.append(f"held-out {set_name[:2].strip(':')}: energy {ours[0]:.3f} vs the best peer's {pe:.3f}, "
+                       f"pointing {ours[1]:.2f} vs {pp:.2f}: **{'above' if ok else 'not above'}**")
+        both = loc.get((set_name, label), {})
+        if len(parts) == 2 and all(p in both for p in parts):
+            gap = both[parts[0]][1] - both[parts[1]][1]
+            out.append(f"{set_name[:2].strip(':')}: pointing gap tuning − held-out {gap:+.2f} (≤ 0.05): "
+                       f"**{'met' if gap <= 0.05 else 'not met'}**")
+    for (ds, lb), by in faith.items():
+        if lb != f"{label}, map at 448 px":
+            continue
+        for p in parts:
+            bar = faith.get((ds, f"{PAPER_C}, map at 448 px"), {}).get(p)  # the paper's map in the same setting
+            plain = faith.get((ds, PAPER), {}).get(p)  # and as the paper makes it (224 px, uncentred)
+            if bar and p in by:
+                d, i = by[p][:2]
+                ok = d <= bar[0] + 0.02 and i >= bar[1] - 0.02
+                also = f"; at 224 px uncentred {plain[0]:.3f} / {plain[1]:.3f}" if plain else ""
+                out.append(f"{p} {ds}: deletion {d:.3f} / insertion {i:.3f} vs the paper's map centred at 448 px "
+                           f"{bar[0]:.3f} / {bar[1]:.3f}{also} (no worse than the same setting, ±0.02 noise): "
+                           f"**{'met' if ok else 'not met'}**")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sizes", type=int, nargs="+", default=[448], help="input sizes for localisation (448: the "
-                    "explain default; add 224 for the backbone's own size)")
+    ap.add_argument("--size", type=int, default=448, help="input size for localisation (448: the explain default)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--quick", action="store_true", help="fewer pairs (a smoke run)")
+    ap.add_argument("--split", choices=("both", "tuning", "held-out"), default="both",
+                    help="which parts of the sets (bench/explain_sets.py); choose on tuning, report both")
+    ap.add_argument("--quick", action="store_true", help="a fifth of the pairs (a smoke run)")
     ap.add_argument("--only", nargs="+", default=None, metavar="TEXT",
-                    help="only the SFAM rows whose label contains TEXT (no peers, no slow baselines, no sanity): "
-                         "localisation and faithfulness side by side in one run, saved as bench/results/explain-only.md")
-    ap.add_argument("--pairs", type=int, default=20, help="matched pairs per dataset for faithfulness (with --only; "
-                    "other than 20: localisation skipped, saved as bench/results/explain-only-pairsN.md)")
+                    help="only the SFAM rows whose label contains TEXT, no peers, sanity or cost: saved as "
+                         "bench/results/explain-only.md")
+    ap.add_argument("--backbones", nargs="*", default=[], metavar="MODEL",
+                    help="other backbones the defaults never saw (a registry name or a TorchScript file): the "
+                         "held-out part, the default and the paper's maps beside pytorch-grad-cam")
+    ap.add_argument("--skip", nargs="*", default=[], choices=("localisation", "faithfulness", "sanity", "cost"))
     ap.add_argument("--cost-only", action="store_true",
                     help="only the top-10 cost rows (5 interleaved rounds), saved as bench/results/explain-cost.md")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    t0 = time.time()
     rng = np.random.default_rng(0)
     if args.cost_only:
         _common.save("explain-cost", f"## Cost ({args.threads} threads)\n\n"
-                     + _common.table(["what", "ms", "ratio"], cost({}, args.sizes, rounds=5)))
+                     + _common.table(["what", "ms", "ratio"], cost({}, [args.size], rounds=5)))
         return
-    if args.only:
-        VARIANTS[:] = [v for v in VARIANTS if any(t in v[0] for t in args.only)]
-        text = (f"Threads: {args.threads}; rows whose label contains {' or '.join(map(repr, args.only))}, side by side "
-                "in one run (`python bench/explain_eval.py --only …`; the peers' rows: bench/results/explain.md).\n\n")
-        if args.pairs == 20:
-            loc, _ = run_localisation(args.sizes, rng, args.quick, peers=False)
-            text += "## Localisation (result map on the composite, scored at the photo's own size)\n\n"
-            text += _common.table(["set", "input px", "map", "energy-in-box", "pointing"], loc)
-        faith = run_faithfulness(args.quick, only=args.only, pairs=args.pairs)
-        text += "\n\n## Faithfulness on real matched pairs (224 px; deletion: lower is better, insertion: higher)\n\n"
-        text += _common.table(["dataset", "pairs", "map", "deletion AUC", "insertion AUC"], faith)
-        _common.save("explain-only" if args.pairs == 20 else f"explain-only-pairs{args.pairs}", text)
-        return
-    loc, timing = run_localisation(args.sizes, rng, args.quick)
-    text = (f"Threads: {args.threads}; input sizes: {', '.join(map(str, args.sizes))} px (pytorch-grad-cam "
-            "rows: the same backbone, weights and input size); faithfulness at 224 px plus the maps at 448 px.\n\n")
-    text += "## Localisation (result map on the composite, scored at the photo's own size)\n\n"
-    text += _common.table(["set", "input px", "map", "energy-in-box", "pointing"], loc)
-    _common.save("explain" if not args.quick else "explain-quick", text + "\n\n(faithfulness, sanity and cost: running)")
-    faith = run_faithfulness(args.quick)
-    if faith:
-        text += ("\n\n## Faithfulness on real matched pairs (224 px)\n\nThe similarity the search reports (plain "
-                 "cosine, or −d for l2) as pixels of the result are deleted / inserted, rescaled so the fully "
-                 "blurred result is 0 and the intact one 1 (pooled over pairs: mean AUC / mean gap). Deletion AUC: lower is better; insertion AUC: higher "
-                 "is better.\n\n")
-        text += _common.table(["dataset", "pairs", "map", "deletion AUC", "insertion AUC"], faith)
-    corr, same = sanity(rng)
-    text += (f"\n\n## Sanity\n\nSFAM maps, trained vs randomised weights: mean Spearman rank correlation {corr:.3f} "
-             f"(low = the maps depend on what the network learned). Identical images: max |query map − result map| "
-             f"= {same:.2e}.\n\n## Cost ({args.threads} threads)\n\n")
-    text += _common.table(["what", "ms", "ratio"], cost(timing, args.sizes))
-    _common.save("explain" if not args.quick else "explain-quick", text)
+    parts = ("tuning", "held-out") if args.split == "both" else (args.split,)
+    sets = all_sets(args.quick)
+    rows_wanted = [v for v in VARIANTS if not args.only or any(t in v[0] for t in args.only)]
+    name = "explain" if not args.only else "explain-only"
+    name += "-quick" if args.quick else ""
+    cmd = "python bench/explain_eval.py " + " ".join(a for a in __import__("sys").argv[1:])
+    text = (f"`{cmd}` · threads {args.threads} · input {args.size} px (pytorch-grad-cam rows: the same backbone, "
+            "weights and input size); faithfulness scored at 224 px, of the maps at 224 and 448 px.\n\n"
+            "**Protocol** (bench/explain_sets.py): *tuning* = the sets the defaults were chosen on (seed 0); "
+            "*held-out* = the same recipes with seed 1 and source photos no tuning pair uses, plus family D "
+            "(D1 a smaller paste, D2 a rotated and perspective-warped paste, D3 two pasted objects of which one "
+            "matches), built after the defaults were frozen. Gap = tuning − held-out pointing.\n\n")
+    loc, faith, timing = {}, {}, {}
+    if "localisation" not in args.skip:
+        loc, timing = run_localisation({p: sets[p] for p in parts}, args.size, rng, [v for v in rows_wanted if "L" in v[5]],
+                                       peers=not args.only)
+        h, r = localisation_table(loc, parts)
+        text += ("## Localisation, EfficientNet-Lite0 (result map on the composite, scored at the photo's own size; "
+                 "energy-in-box and pointing)\n\n" + _common.table(h, r) + "\n\n")
+        _common.save(name, text + "(running)")
+    if "faithfulness" not in args.skip:
+        faith = run_faithfulness({p: sets["pairs"][p] for p in parts}, rows_wanted, priors=not args.only)
+        h, r = faithfulness_table(faith, parts)
+        text += ("## Faithfulness on real matched pairs, EfficientNet-Lite0\n\nThe similarity the search reports "
+                 "(plain cosine) as pixels of the result are deleted / inserted (a blurred copy), rescaled so the "
+                 "fully blurred result is 0 and the intact one 1 (pooled over pairs: mean AUC / mean gap). "
+                 "Deletion: lower is better; insertion: higher is better.\n\n" + _common.table(h, r) + "\n\n")
+        _common.save(name, text + "(running)")
+    for model in args.backbones:
+        held = {"held-out": sets["held-out"]}
+        wanted = [v for v in VARIANTS if "B" in v[5]]
+        bl, _ = run_localisation(held, args.size, rng, wanted, model=model, peers=True)
+        h, r = localisation_table(bl, ("held-out",))
+        bf = run_faithfulness({"held-out": sets["pairs"]["held-out"]}, wanted, model=model, priors=False)
+        hf, rf = faithfulness_table(bf, ("held-out",))
+        text += (f"## A backbone the defaults never saw: {model} (held-out part)\n\n" + _common.table(h, r)
+                 + "\n\n" + _common.table(hf, rf) + "\n\nTargets on this backbone:\n\n"
+                 + "\n".join(f"- {t}" for t in targets(bl, bf, ("held-out",)) if "gap" not in t) + "\n\n")
+        _common.save(name, text + "(running)")
+    if "sanity" not in args.skip and not args.only:
+        text += sanity_section(args)
+    if "cost" not in args.skip and not args.only:
+        text += f"## Cost ({args.threads} threads)\n\n" + _common.table(["what", "ms", "ratio"],
+                                                                          cost(timing, [args.size])) + "\n\n"
+    if loc or faith:
+        text += "## Targets (issue #29), the default map, EfficientNet-Lite0\n\n" + "\n".join(
+            f"- {t}" for t in targets(loc, faith, parts)) + "\n\n"
+    text += f"Run time: {time.time() - t0:.0f} s.\n"
+    _common.save(name, text)
+
+
+def sanity_section(args) -> str:
+    corr, same = sanity(np.random.default_rng(0))
+    return (f"## Sanity\n\nSFAM maps, trained vs randomised weights: mean Spearman rank correlation {corr:.3f} "
+            f"(low = the maps depend on what the network learned). Identical images: max |query map − result map| "
+            f"= {same:.2e}.\n\n")
 
 
 if __name__ == "__main__":

@@ -319,10 +319,10 @@ def _unit_max(m: torch.Tensor) -> torch.Tensor:
     return m / torch.where(mx > 0, mx, torch.ones_like(mx))
 
 
-PAPER_WEIGHT = 0.5  # λ of SFAM's default map (see the class docstring; bench/results/explain-only.md)
-PAPER_POWER = 4.0  # γ
-FRAME_RAMP = (0.25, 0.5)  # (κ₀, κ₁): the gate's coverage over which the map turns to the whole-frame map
-FRAME_BLUR = 1.0  # σ of the whole-frame map's Gaussian smoothing, in cells of the stride-16 grid
+PAPER_WEIGHT = 0.5  # λ: the paper's map's floor under the gated product (tuned: bench/results/explain.md)
+PAPER_POWER = 4.0  # γ: its sharpening (tuned with λ: the floor orders g's zeros without spreading the mass)
+FRAME_SWITCH = 0.5  # the map turns to the whole-frame map when more than half the frame's cells match (not tuned)
+FRAME_BLUR = 1.0  # σ of the whole-frame map's smoothing, in cells of the gate's (stride-16) grid: its own scale
 
 
 def gaussian_blur(m: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -346,17 +346,17 @@ def gaussian_blur(m: torch.Tensor, sigma: float) -> torch.Tensor:
     return torch.matmul(torch.matmul(along(m.shape[-2]), m), along(m.shape[-1]).T)  # two small matrix products
 
 
-def frame_weight(coverage: torch.Tensor, ramp: tuple[float, float]) -> torch.Tensor:
-    """w = clip((κ − κ₀)/(κ₁ − κ₀), 0, 1): how far the match covers the whole frame (κ: the gate's coverage)."""
-    lo, hi = ramp
-    return ((coverage - lo) / (hi - lo)).clamp(0, 1)
+def frame_weight(coverage: torch.Tensor, switch: float) -> torch.Tensor:
+    """w = 1 where the match covers most of the frame (κ > ``switch``), else 0 (κ: the gate's coverage)."""
+    return (coverage > switch).to(coverage.dtype)
 
 
 class SFAM(Explainer):
-    """The default map, built on SFAM: CIS-weighted feature maps at two depths, gated by local correspondence, with
-    the paper's map as a floor. The paper's (arXiv:2506.01636) are the CIS and their weighting of the feature maps
-    (step 1, and ``P`` in steps 4–5); the stride-16 layer, the gate, the floor and the whole-frame turn are retrieve's
-    (:func:`describe_map` says so in every output).
+    """The default map, built on SFAM: CIS-weighted feature maps at two depths, kept where the two photos' local features
+    correspond, with the paper's map as a floor. The paper's (arXiv:2506.01636) are the CIS and their weighting of the
+    feature maps (step 1, and ``P`` in steps 4–5); the stride-16 layer, the gate, the floor and the whole-frame switch
+    are retrieve's (:func:`describe_map` says so in every output). Two constants were tuned (λ and γ, step 4); the
+    rest follow from the network's grid and the pair.
 
     For a pair, with ``C`` the final layer's per-channel maps (whose spatial means are the pooled
     embeddings ``q``, ``r``; ``A`` itself for average pooling) and ``m`` the reference point of the
@@ -366,43 +366,30 @@ class SFAM(Explainer):
        (``Σ_k CIS_k`` = the similarity), weights the channels' centred maps normalised to mean 1:
        ``D32 = Σ_k CIS_k (C_k − m_k)/(r_k − m_k) = Σ_k w_k (C_k − m_k)`` (:func:`share_maps`), whose
        spatial mean is exactly the similarity — each location's share of it.
-    2. **Stride-16 layer** (``TAP_LAYERS``, the same forward pass): the same map ``D16`` for the cosine of
+    2. **Stride-16 layer** (the backbone's ``tap``, the same forward pass): the same map ``D16`` for the cosine of
        that layer's pooled maps, centred on ``mu_tap`` (the collection's mean of those pooled maps at the
        explain resolution; uncentred without it). Its CIS too adds up exactly to its cosine.
     3. **Correspondence gate** ``G16`` (:func:`mutual_gate`): 1 at each stride-16 location whose centred local
        feature and its nearest neighbour in the other image are mutual nearest neighbours with a positive
-       cosine, 0 elsewhere. (``gate_kind="cosine"``: that cosine instead of 1, the default until 2026-11-30;
-       the mask points at the pasted object more often on set C, 0.94 vs 0.92, with the same energy.)
-
+       cosine, 0 elsewhere. ``g = ReLU(D32↑) · ReLU(D16) · G16 / max``.
     4. **The paper's map as a floor** ``s = λ·(P↑/max P)^γ`` with ``P = ReLU(Σ_k CIS_k C_k)`` (:class:`SFAMPlain`'s
-       map, the same CIS; λ = ``PAPER_WEIGHT`` = 0.5, γ = ``PAPER_POWER`` = 4), joined to the gated product
-       ``g = ReLU(D32↑) · ReLU(D16) · G16 / max`` by a probabilistic OR: ``map = 1 − (1 − g)(1 − s) = g + s·(1 − g)``.
+       map, the same CIS), joined to ``g`` by a probabilistic OR: ``map = g + s·(1 − g)``. ``s ≤ λ < 1`` keeps
+       ``g``'s maximum the map's maximum (pointing is ``g``'s); ``s`` orders the locations ``g`` leaves at 0 (≈ 85 %
+       on real pairs), which deletion/insertion would otherwise take at random. The two tuned constants,
+       λ = ``PAPER_WEIGHT`` = 0.5 and γ = ``PAPER_POWER`` = 4, trade the floor's mass (energy-in-box on composites)
+       against its order (insertion on real pairs): measured on the tuning part of bench/results/explain.md, a
+       lighter or sharper floor (λ 0.25, or γ 8) gains set C energy and loses Caltech insertion, a flatter one
+       (γ 1–2) the reverse.
+    5. **The whole frame.** With κ the share of that side's stride-16 cells that ``G16`` keeps: when κ > ½
+       (``FRAME_SWITCH``: most of the frame has a counterpart in the other photo) there is no region to single
+       out — ``g``'s peaks pick a few cells among many that match as well — and the map is the score's own spread
+       instead, the paper's map smoothed to the scale at which the gate decides (Gaussian, σ = one cell of its
+       grid, ``FRAME_BLUR``): ``map = blur(P↑)/max``. Pasted regions cover at most 28 % of a composite's cells,
+       two photos of one face 27–84 % (median 62 %). ``frame=None``: no switch.
 
-    5. **The whole frame** (``frame`` = ``FRAME_RAMP`` = (κ₀, κ₁) = (0.25, 0.5)): with κ the share of that side's
-       stride-16 cells that ``G16`` keeps, ``w = clip((κ − κ₀)/(κ₁ − κ₀), 0, 1)`` and
-       ``map = (1 − w)·(g ⊕ s) + w·blur(P↑)/max`` (blur: Gaussian, σ = ``FRAME_BLUR`` = 1 cell; :func:`gaussian_blur`).
-       A small κ says a region of one photo is found in the other (every composite of
-       bench/results/explain.md: κ ≤ 0.28): ``g`` says where, unchanged. A large κ says the photos match across
-       the frame (two photos of one face: κ 0.27–0.84, mean 0.58): there is no region to single out, ``g``'s
-       peaks pick a few cells among many that match as well, and the map turns to the score's own spread, the
-       paper's map, smoothed to the scale at which the gate decides (one cell). Measured
-       (bench/results/explain-sweep.md): faces deletion 0.442 vs 0.495 without the turn (the paper's map:
-       0.444), set C energy 0.698 vs 0.704. Applied with the floor (``paper`` > 0) and the gate; ``frame=None``:
-       no turn.
-
-    ``g`` lives on the stride-16 grid (``↑``: bilinear upsampling of the 14×14 final map to 28×28 at 448 px):
-    a location lights up where the final layer's decomposition of the score is positive, the finer layer's
-    decomposition agrees, and the local feature has a mutual match in the other image (chosen by measurement,
-    bench/results/explain.md, set C). ``g`` alone is 0 on most locations (≈ 85 % on real pairs), which
-    deletion/insertion then order at random; ``s`` ranks them by the paper's map, sharpened (γ = 4) so that
-    little mass lands outside the matched region, and the OR keeps ``g``'s maximum the map's maximum (``s ≤
-    λ < 1``: where w = 0, pointing is ``g``'s). Measured side by side before step 5 (the 10:06 run of
-    bench/results/explain-only.md): insertion AUC on real matched pairs back to the paper's map's level (Caltech
-    0.853 vs 0.854, faces 0.545 vs 0.523; ``g`` alone 0.676 / 0.466), Caltech deletion better (0.349 vs 0.376),
-    faces deletion not (0.495 vs 0.444, which step 5 fixes), with the localisation targets kept (set C
-    pointing 0.94, energy 0.70; ``g`` alone 0.94 / 0.78). ``paper=0``: ``g``
-    alone (the default until 2026-11-30); ``paper_mix="sum"``: ``g + s``. Backbones without a known stride-16
-    layer get ``g = ReLU(D32)``. ``cis``/``cis_target`` are the final layer's, exact as before.
+    ``↑``: bilinear upsampling of the final map to the stride-16 grid (14×14 → 28×28 at 448 px). ``paper=0``:
+    ``g`` alone; ``gate=False``: no gate. Backbones without a stride-16 layer get ``g = ReLU(D32)``.
+    ``cis``/``cis_target`` are the final layer's, exact as before.
 
     Cost: :meth:`explain_many` computes the query's quantities once, and each batch of results (one per
     input shape) together: D32 and D16 as float64 matrix products, the gate as one float32 product of the
@@ -412,19 +399,16 @@ class SFAM(Explainer):
     name = "sfam"
 
     def __init__(self, *args, mu_tap: np.ndarray | None = None, tap: str | None = "auto", gate: bool = True,
-                 gate_kind: str = "match", paper: float = PAPER_WEIGHT, paper_power: float = PAPER_POWER,
-                 paper_mix: str = "or", frame: tuple[float, float] | None = FRAME_RAMP,
+                 paper: float = PAPER_WEIGHT, paper_power: float = PAPER_POWER, frame: float | None = FRAME_SWITCH,
                  frame_blur: float = FRAME_BLUR, **kw):
         super().__init__(*args, **kw)
-        self.frame = None if frame is None else (float(frame[0]), float(frame[1]))  # None: no whole-frame turn
+        self.frame = None if frame is None else float(frame)  # κ above which the map is the whole-frame map
         self.frame_blur = float(frame_blur)
-        self.paper = float(paper)  # λ: the weight of the paper's map added to the gated product (0: none)
+        self.paper = float(paper)  # λ: the weight of the paper's map under the gated product (0: none)
         self.paper_power = float(paper_power)  # γ: the paper's map (max-normalised) enters raised to this power
-        self.paper_mix = paper_mix  # "or": g + s·(1 − g) (the default); "sum": g + s
         self.mu_tap = None if mu_tap is None else np.asarray(mu_tap, np.float64).reshape(-1)
         self.tap = TAP_LAYERS.get(self.backbone.name) if tap == "auto" else tap
         self.gate = gate
-        self.gate_kind = gate_kind  # "match": 1 where mutual nearest neighbours (cosine > 0); "cosine": that cosine
 
     def explain_many(self, query, results, query_features=None, pairs=None):
         if not results:
@@ -533,29 +517,24 @@ class SFAM(Explainer):
             s_q = lam * _unit_max(_to(pq, tuple(mq.shape[-2:]))) ** gamma
             s_r = lam * _unit_max(_to(pr, tuple(mr.shape[-2:]))) ** gamma
             power = f"^{gamma:g}" if gamma != 1 else ""
-            if self.paper_mix == "or":  # 1 − (1 − g)(1 − s) = g + s·(1 − g): the gated map's peaks stay its peaks
-                mq, mr = g_q + s_q * (1 - g_q), g_r + s_r * (1 - g_r)
-                form = "g ⊕ s = g + s·(1 − g)"
-            else:
-                mq, mr = g_q + s_q, g_r + s_r
-                form = "g + s"
+            mq, mr = g_q + s_q * (1 - g_q), g_r + s_r * (1 - g_r)  # 1 − (1 − g)(1 − s): g's peaks stay the peaks
             for info in infos:
-                info["details"]["map"] = (f"{form}, g = {info['details']['map']}/max, "
+                info["details"]["map"] = (f"g ⊕ s = g + s·(1 − g), g = {info['details']['map']}/max, "
                                           f"s = {lam:g}·(SFAM_paper↑/max){power}")
             if self.frame is not None and "gate_coverage" in infos[0]["details"]:
-                # a match that covers the frame: turn to the paper's map, smoothed, in proportion w
+                # a match that covers most of the frame: the paper's map, smoothed, instead (w = 1)
                 cov = torch.tensor([info["details"]["gate_coverage"] for info in infos], dtype=mq.dtype)  # N×2
                 w_q, w_r = frame_weight(cov[:, 0], self.frame), frame_weight(cov[:, 1], self.frame)
                 mq, mr = self._turn(mq, pq, w_q), self._turn(mr, pr, w_r)
                 for i, info in enumerate(infos):
                     info["details"]["frame_weight"] = [float(w_q[i]), float(w_r[i])]
                     info["details"]["map"] = (f"(1 − w)·({info['details']['map']}) + w·blur(SFAM_paper↑)/max, "
-                                              f"w = clip((κ − {self.frame[0]:g})/{self.frame[1] - self.frame[0]:g}, "
-                                              f"0, 1), κ = G16's coverage")
+                                              f"w = [κ > {self.frame:g}], κ = G16's coverage")
         return list(mq.clamp_min(0).numpy()), list(mr.clamp_min(0).numpy()), infos
 
     def _turn(self, m: torch.Tensor, p: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """One side's maps ``m`` (N×H×W) turned by ``w`` (N) to its paper's maps ``p``, smoothed: step 5."""
+        """One side's maps ``m`` (N×H×W), replaced where ``w`` (N, 0 or 1) is 1 by its paper's maps ``p``, smoothed:
+        step 5."""
         if not bool((w > 0).any()):
             return m
         f = _unit_max(gaussian_blur(_to(p, tuple(m.shape[-2:])), self.frame_blur))
@@ -593,8 +572,7 @@ class SFAM(Explainer):
             gq, gr = _mutual(side["uq"], _unit(tc.to(tr.dtype)), threads)
             # κ: the share of each side's stride-16 cells with a mutual match (how much of the frame matches)
             cov = torch.stack([(gq > 0).double().mean(1), (gr > 0).double().mean(1)], 1)  # N×2 (query, result)
-            if self.gate_kind == "match":
-                gq, gr = (gq > 0).to(dq.dtype), (gr > 0).to(dr.dtype)
+            gq, gr = (gq > 0).to(dq.dtype), (gr > 0).to(dr.dtype)
             dq, dr = dq * gq.reshape(dq.shape), dr * gr.reshape(dr.shape)
             base["map"] += "·G16"
         for i, info in enumerate(infos):
@@ -715,7 +693,7 @@ def describe_map(e: Explanation) -> str:
     if "SFAM_paper" in form:
         added.append("the paper's map as a faint floor")
     if "frame_weight" in e.details:
-        added.append("a turn to the paper's map, smoothed, where the match covers the whole frame")
+        added.append("a switch to the paper's map, smoothed, where the match covers most of the frame")
     adds = ("; ".join(added) if added else "nothing on this network (no finer layer known): the weighting centred on "
             "the collection's average")
     return (f"The default map (sfam), built on {PAPER}. The paper's part: the score's channel terms (CIS) weight "

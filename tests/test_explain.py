@@ -342,8 +342,6 @@ def test_default_map_without_the_gate_or_the_tap(lite0):
     ungated = SFAM(lite0, gate=False, paper=0).raw_maps(None, None, (aq[None], tq[None]), (ar[None], tr[None]))[1]
     gr = mutual_gate(tq, tr, torch.zeros(112, dtype=torch.float64))[1].numpy()
     np.testing.assert_allclose(gated, ungated * (gr > 0), rtol=1e-12, atol=1e-15)
-    cosine = SFAM(lite0, gate_kind="cosine", paper=0).raw_maps(None, None, (aq[None], tq[None]), (ar[None], tr[None]))[1]
-    np.testing.assert_allclose(cosine, ungated * gr, rtol=1e-12, atol=1e-15)
     final_only = SFAM(lite0, tap=None, paper=0).raw_maps(None, None, aq[None], ar[None])[1]
     q, r = aq.mean((1, 2)), ar.mean((1, 2))  # uncentred: D32 = Σ_k q_k A_k / (‖q‖‖r‖)
     expect = torch.relu(torch.einsum("c,chw->hw", q / (q.norm() * r.norm()), ar)).numpy()
@@ -411,18 +409,18 @@ def test_default_map_finds_a_small_object_pasted_into_another_photo(lite0):
     assert np.mean(energy["new"]) > 0.5 and np.mean(energy["new"]) > np.mean(energy["old"]) + 0.1, energy
 
 
-@pytest.mark.parametrize("lam,gamma,mix", [(0.5, 4.0, "or"), (0.2, 1.0, "or"), (0.5, 4.0, "sum")])
-def test_default_map_adds_the_papers_map(lite0, lam, gamma, mix):
+@pytest.mark.parametrize("lam,gamma", [(0.5, 4.0), (0.2, 1.0)])
+def test_default_map_adds_the_papers_map(lite0, lam, gamma):
     """With g = gated/max and s = λ·(up(ReLU(Σ_k CIS_k A_k))/max)^γ (the paper's map with the same CIS):
-    map = g + s·(1 − g) ("or", the default: 1 − (1 − g)(1 − s)) or g + s ("sum"). s fills in the locations the
-    gated product leaves at 0; the CIS (and what it sums to) is unchanged."""
+    map = g + s·(1 − g) = 1 − (1 − g)(1 − s). s fills in the locations the gated product leaves at 0; the CIS (and
+    what it sums to) is unchanged."""
     mu, mu16 = _maps(13, 1280, (1, 1)).flatten() * 0.5, torch.randn(112, dtype=torch.float64) * 0.1
     aq, ar = _maps(11, 1280, (4, 3)), _maps(12, 1280, (4, 3))
     tq, tr = torch.randn(112, 8, 6, dtype=torch.float64), torch.randn(112, 8, 6, dtype=torch.float64)
     kw = {"metric": "cosine", "mu": mu.numpy(), "centre": True, "mu_tap": mu16.numpy(), "frame": None}
     feats = (None, None, (aq[None], tq[None]), (ar[None], tr[None]))
     gq, gr, info0 = SFAM(lite0, paper=0, **kw).raw_maps(*feats)
-    mq, mr, info = SFAM(lite0, paper=lam, paper_power=gamma, paper_mix=mix, **kw).raw_maps(*feats)
+    mq, mr, info = SFAM(lite0, paper=lam, paper_power=gamma, **kw).raw_maps(*feats)
     cis = cis_cosine(aq.mean((1, 2)).numpy(), ar.mean((1, 2)).numpy(), mu.numpy())
     np.testing.assert_allclose(info["cis"], cis, rtol=1e-12)
     assert abs(info["cis"].sum() - info["cis_target"]) < 1e-12 and info["cis_target"] == info0["cis_target"]
@@ -434,10 +432,9 @@ def test_default_map_adds_the_papers_map(lite0, lam, gamma, mix):
     assert gr.max() > 0 and (gr == 0).any() and paper_r.max() > 0
     for got, gated, paper in ((mr, gr, paper_r), (mq, gq, paper_q)):
         g, sp = gated / gated.max(), lam * (paper / paper.max()) ** gamma
-        expect = 1 - (1 - g) * (1 - sp) if mix == "or" else g + sp
-        np.testing.assert_allclose(got, expect, rtol=1e-9, atol=1e-12)
-        if mix == "or":  # the gated map's maximum stays the map's (pointing unchanged), and the map stays in [0, 1]
-            assert got.max() == 1.0 and np.all(got[g < 1] < 1) and got.min() >= 0
+        np.testing.assert_allclose(got, 1 - (1 - g) * (1 - sp), rtol=1e-9, atol=1e-12)
+        # the gated map's maximum stays the map's (pointing unchanged), and the map stays in [0, 1]
+        assert got.max() == 1.0 and np.all(got[g < 1] < 1) and got.min() >= 0
     assert (mr > 0).sum() > (gr > 0).sum()  # denser: fewer ties for deletion/insertion to order at random
     assert "SFAM_paper" in info["details"]["map"]
 
@@ -448,7 +445,7 @@ def test_default_map_weight_of_the_papers_map(lite0):
     from explain.methods import PAPER_POWER
 
     assert SFAM(lite0).paper == PAPER_WEIGHT == make_explainer("sfam", lite0).paper
-    assert SFAM(lite0).paper_power == PAPER_POWER and SFAM(lite0).paper_mix == "or"
+    assert SFAM(lite0).paper_power == PAPER_POWER
 
 
 def _blur_by_definition(m: np.ndarray, sigma: float) -> np.ndarray:
@@ -473,17 +470,17 @@ def test_gaussian_blur_and_frame_weight_equal_their_definitions():
         for a, b in zip(got, m.numpy()):
             np.testing.assert_allclose(a, _blur_by_definition(b, sigma), rtol=1e-12, atol=1e-14)
     assert torch.equal(gaussian_blur(m, 0), m)
-    kappa = torch.tensor([0.0, 0.25, 0.3, 0.375, 0.5, 0.9], dtype=torch.float64)
-    np.testing.assert_allclose(frame_weight(kappa, (0.25, 0.5)).numpy(), [0, 0, 0.2, 0.5, 1, 1], atol=1e-12)
+    kappa = torch.tensor([0.0, 0.25, 0.5, 0.5001, 0.9], dtype=torch.float64)
+    np.testing.assert_allclose(frame_weight(kappa, 0.5).numpy(), [0, 0, 0, 1, 1], atol=0)
 
 
-def test_default_map_turns_to_the_smoothed_papers_map_when_the_match_covers_the_frame(lite0):
-    """The default map = (1 − w)·(g ⊕ s) + w·blur(P↑)/max with w = clip((κ − κ₀)/(κ₁ − κ₀), 0, 1), κ = the share
-    of that side's stride-16 cells with a mutual match (G16 > 0), P the paper's map with the same CIS, the blur
-    Gaussian with σ = FRAME_BLUR cells. Each side has its own κ; the CIS is unchanged."""
-    from explain.methods import FRAME_BLUR, FRAME_RAMP
+def test_default_map_is_the_smoothed_papers_map_when_the_match_covers_most_of_the_frame(lite0):
+    """The default map = g ⊕ s while κ ≤ the switch (½), and blur(P↑)/max once κ is above it (κ = the share of that
+    side's stride-16 cells with a mutual match, G16 > 0; P the paper's map with the same CIS; the blur Gaussian with
+    σ = one cell). Each side has its own κ; the CIS is unchanged."""
+    from explain.methods import FRAME_BLUR, FRAME_SWITCH
 
-    assert SFAM(lite0).frame == FRAME_RAMP and FRAME_RAMP[0] < FRAME_RAMP[1] and SFAM(lite0).frame_blur == FRAME_BLUR
+    assert SFAM(lite0).frame == FRAME_SWITCH == 0.5 and SFAM(lite0).frame_blur == FRAME_BLUR == 1.0
     mu, mu16 = _maps(23, 1280, (1, 1)).flatten() * 0.5, torch.randn(112, dtype=torch.float64) * 0.1
     aq, ar = _maps(21, 1280, (4, 3)), _maps(22, 1280, (4, 3))
     tq, tr = torch.randn(112, 8, 6, dtype=torch.float64), torch.randn(112, 8, 6, dtype=torch.float64)
@@ -493,24 +490,21 @@ def test_default_map_turns_to_the_smoothed_papers_map_when_the_match_covers_the_
     gq, gr = mutual_gate(tq, tr, mu16)
     kq, kr = float((gq > 0).double().mean()), float((gr > 0).double().mean())
     assert 0 < kr < 1
-    ramp = (kr - 0.1, kr + 0.3)  # w = 0.25 on the result side
     base_q, base_r, _ = SFAM(lite0, frame=None, **kw).raw_maps(*feats)
-    mq, mr, info = SFAM(lite0, frame=ramp, frame_blur=1.0, **kw).raw_maps(*feats)
     cis = cis_cosine(aq.mean((1, 2)).numpy(), ar.mean((1, 2)).numpy(), mu.numpy())
-    np.testing.assert_allclose(info["cis"], cis, rtol=1e-12)
     up = lambda x: torch.nn.functional.interpolate(x[None, None], size=(8, 6), mode="bilinear",  # noqa: E731
                                                    align_corners=False)[0, 0].numpy()
     c = torch.as_tensor(cis)
+    switch = kr - 0.01  # the result side's κ is above it: that side is the whole-frame map
+    mq, mr, info = SFAM(lite0, frame=switch, frame_blur=1.0, **kw).raw_maps(*feats)
+    np.testing.assert_allclose(info["cis"], cis, rtol=1e-12)
+    assert info["details"]["gate_coverage"] == pytest.approx([kq, kr]) and info["details"]["frame_weight"][1] == 1
     for got, base, a, kappa in ((mr, base_r, ar, kr), (mq, base_q, aq, kq)):
-        w = min(max((kappa - ramp[0]) / (ramp[1] - ramp[0]), 0.0), 1.0)
-        frame = _blur_by_definition(up(torch.relu(torch.einsum("c,chw->hw", c, a))), 1.0)
-        np.testing.assert_allclose(got, (1 - w) * base + w * frame / frame.max(), rtol=1e-9, atol=1e-12)
-    assert info["details"]["gate_coverage"] == pytest.approx([kq, kr]) and info["details"]["frame_weight"][1] == \
-        pytest.approx(0.25)
-    assert not np.allclose(mr, base_r)  # the turn changed the map
-    # below κ₀ nothing changes; above κ₁ the map is the smoothed paper's map alone
-    low = SFAM(lite0, frame=(kr + 0.01, kr + 0.2), **kw).raw_maps(*feats)[1]
-    np.testing.assert_allclose(low, base_r, rtol=1e-12, atol=1e-15)
-    high = SFAM(lite0, frame=(0.0, kr / 2), **kw).raw_maps(*feats)[1]
-    frame = _blur_by_definition(up(torch.relu(torch.einsum("c,chw->hw", c, ar))), 1.0)
-    np.testing.assert_allclose(high, frame / frame.max(), rtol=1e-9, atol=1e-12)
+        if kappa > switch:
+            f = _blur_by_definition(up(torch.relu(torch.einsum("c,chw->hw", c, a))), 1.0)
+            np.testing.assert_allclose(got, f / f.max(), rtol=1e-9, atol=1e-12)
+        else:
+            np.testing.assert_allclose(got, base, rtol=1e-12, atol=1e-15)
+    assert not np.allclose(mr, base_r)  # the switch changed the map
+    at = SFAM(lite0, frame=kr, **kw).raw_maps(*feats)[1]  # κ not above the switch: g ⊕ s unchanged
+    np.testing.assert_allclose(at, base_r, rtol=1e-12, atol=1e-15)
