@@ -277,7 +277,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     t0 = time.time()
     trained = load_backbone().at_size(args.size)
-    for label, kw in variants:  # a bad value (e.g. gate_kind=foo) fails here, before the long run
+    for label, kw in variants:  # a bad value (e.g. frame=foo) fails here, before the long run
         try:
             explainer("sfam", trained, None, **kw)
         except (TypeError, ValueError) as e:

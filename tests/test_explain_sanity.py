@@ -47,18 +47,19 @@ def test_fully_randomised_backbone_changes_the_default_map(setup):
 
 
 def test_an_index_mean_of_the_models_own_lowers_the_shuffled_models_correlation(setup):
-    """Without an index the shuffled model embeds every photo alike (cosine ≈ 1) and its map keeps ρ ≈ 0.9; its
-    own index's μ removes that common part (measured 0.95 / 0.90 → 0.74 / 0.64 on this pair)."""
+    """Without an index the shuffled model embeds every photo alike (cosine ≈ 1) and its map keeps much of the
+    original's order; its own index's μ removes that common part (measured 0.91 / 0.71 → 0.68 / 0.40 on this
+    pair)."""
     bb, pair, collection, means = setup
     other = sanity.variant(bb, "shuffle", seed=0, check=pair[0])
     plain = sanity.rank_correlations(bb, other, "sfam", pair)
     centred = sanity.rank_correlations(bb, other, "sfam", pair, means, sanity.collection_means(other, collection))
-    assert min(plain) > 0.85 and max(centred) < min(plain) - 0.1, (plain, centred)
+    assert all(c < p - 0.15 for p, c in zip(plain, centred)), (plain, centred)
 
 
 @pytest.mark.xfail(strict=True, reason="issue #29's target is not met on this pair: a crop of the same photo, whose "
                    "maps under the shuffled model still follow the shared content; with each model's own index μ "
-                   "(8 skimage photos) ρ is 0.74 / 0.64 (0.95 / 0.90 without). Over the bench's 20 Caltech pairs the "
+                   "(8 skimage photos) ρ is 0.68 / 0.40 (0.91 / 0.71 without). Over the bench's 20 Caltech pairs the "
                    "with-μ mean is 0.15 (0.69 without; bench/results/explain-sanity.md)")
 def test_shuffled_weights_drop_the_default_map_below_the_target_with_an_index(setup):
     bb, pair, collection, means = setup
@@ -69,11 +70,11 @@ def test_shuffled_weights_drop_the_default_map_below_the_target_with_an_index(se
 
 def test_sfam_variant_spec_builds_that_map(setup):
     bb, pair, _, _ = setup
-    label, kw = sanity.parse_variant("gated:paper=0,frame=None,gate_kind=cosine")
-    assert (label, kw) == ("sfam[gated]", {"paper": 0, "frame": None, "gate_kind": "cosine"})
-    assert sanity.parse_variant("ramp:frame=(0.2, 0.4)")[1] == {"frame": (0.2, 0.4)}
+    label, kw = sanity.parse_variant("gated:paper=0,frame=None,gate=True")
+    assert (label, kw) == ("sfam[gated]", {"paper": 0, "frame": None, "gate": True})
+    assert sanity.parse_variant("switch:frame=0.3")[1] == {"frame": 0.3}
     ex = sanity.explainer("sfam", bb, None, **kw)
-    assert (ex.paper, ex.frame, ex.gate_kind) == (0.0, None, "cosine")
+    assert (ex.paper, ex.frame, ex.gate) == (0.0, None, True)
     e, default = ex.explain(*pair), sanity.explainer("sfam", bb).explain(*pair)
     assert "SFAM_paper" not in e.details["map"] and abs(e.query_map - default.query_map).max() > 0.05
 
