@@ -422,7 +422,7 @@ class SFAM(Explainer):
         self.paper_power = float(paper_power)  # γ: the paper's map (max-normalised) enters raised to this power
         self.paper_mix = paper_mix  # "or": g + s·(1 − g) (the default); "sum": g + s
         self.mu_tap = None if mu_tap is None else np.asarray(mu_tap, np.float64).reshape(-1)
-        self.tap = TAP_LAYERS.get(self.backbone.name) if tap == "auto" else tap
+        self.tap = self.backbone.tap if tap == "auto" else tap
         self.gate = gate
         self.gate_kind = gate_kind  # "match": 1 where mutual nearest neighbours (cosine > 0); "cosine": that cosine
 
