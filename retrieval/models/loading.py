@@ -1,10 +1,10 @@
 """Building a backbone: the network of a registry name (retrieval/models/registry.py) or a user's model, its
 weights verified by hash before they are parsed.
 
-Registry backbones get their weights from their package (``efficientnet_lite0``, ``efficientnet_lite2``) or torchvision's weights API
-(its download cache), or from a local state dict (``weights=PATH``); offline without a file is a one-line error
-saying what to do. A user's model is a TorchScript file whose forward returns the feature map N×C×H×W, or
-``package.module:function`` returning ``(nn.Module, layer_name)`` (the layer's output is the map).
+Registry backbones get their weights from their package (``efficientnet_lite0``, ``efficientnet_lite2``) or
+torchvision's weights API (its download cache), or from a local state dict (``weights=PATH``); offline without a
+file is a one-line error saying what to do. A user's model is a TorchScript file whose forward returns the feature
+map N×C×H×W, or ``package.module:function`` returning ``(nn.Module, layer_name)`` (the layer's output is the map).
 """
 from __future__ import annotations
 
@@ -177,7 +177,6 @@ def _load_user_model(name: str, input_size: int | None, dev: torch.device, fast:
             raise UnknownModel(f"{name}: not a TorchScript file ({type(e).__name__})") from None
         source = str(path.resolve())
         spec_name = str(path.resolve())
-        tap = None  # ScriptModules take no forward hooks: the default map uses the final layer only
     elif kind == "function":
         mod_name, _, fn_name = name.partition(":")
         try:
@@ -192,13 +191,14 @@ def _load_user_model(name: str, input_size: int | None, dev: torch.device, fast:
             raise UnknownModel(f"{name}: the model has no layer {layer!r}")
         net = LayerOutput(model, layer)
         source, wid, spec_name = name, _state_hash(model), name
-        tap = find_tap(net, pre.size)
     else:
         raise unknown_model(name)
     with torch.inference_mode():
         probe = net.eval()(torch.zeros(1, 3, pre.size, pre.size))
     if probe.ndim != 4:
         raise UnknownModel(f"{name}: the feature map must be N×C×H×W, got shape {tuple(probe.shape)}")
+    # the stride-16 layer of the default map; ScriptModules take no forward hooks: a TorchScript model has none
+    tap = find_tap(net, pre.size) if kind == "function" else None
     return Backbone(spec_name, net, pre, int(probe.shape[1]), source, wid, dev, fast, tap=tap)
 
 
