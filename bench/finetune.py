@@ -10,9 +10,10 @@ resized crops (scale 0.6-1) and flips, the stem and the first eight blocks froze
 AdamW (network 1e-4, proxies 1e-2), one thread.
 
 Saves, in ``--out``:
-- ``lite0_metric.pt``: TorchScript (traced at 224 px, valid at sides that are multiples of 32) whose forward takes a batch normalised with ImageNet's mean/std (what retrieve
-  gives a TorchScript model) and returns the feature map N×1280×H/32×W/32: ``--model PATH/lite0_metric.pt``. Its
-  default map uses the final layer only (ScriptModules take no hooks, retrieval/models/taps.py).
+- ``lite0_metric.pt``: TorchScript (traced at 224 px, valid at sides that are multiples of 32) whose forward takes a
+  batch normalised with ImageNet's mean/std (what retrieve gives a TorchScript model) and returns the feature map
+  N×1280×H/32×W/32: ``--model PATH/lite0_metric.pt``. Its default map uses the final layer only (ScriptModules take
+  no hooks, retrieval/models/taps.py).
 - ``lite0_metric.pth``: the same weights as a state dict, for ``--model bench.finetune:lite0_metric`` (this module's
   :func:`lite0_metric`, with the repository root on PYTHONPATH and ``FINETUNE_OUT`` naming ``--out`` when it is not
   the default): the same network as an nn.Module, whose stride-16 layer is found for the default map.
@@ -168,7 +169,8 @@ def main() -> None:
     model.net.load_state_dict(torch.load(embedded_weights_file("efficientnet_lite0"), weights_only=True), strict=True)
     model.eval()
     t0 = time.perf_counter()
-    before = {"held-out": recall_at_1(embed(model, held_x), held_y), "tuning": recall_at_1(embed(model, tune_x), tune_y)}
+    before = {"held-out": recall_at_1(embed(model, held_x), held_y),
+              "tuning": recall_at_1(embed(model, tune_x), tune_y)}
     t_eval = time.perf_counter() - t0
     print(f"before: R@1 held-out {before['held-out']:.3f}, tuning {before['tuning']:.3f} ({t_eval:.0f} s)", flush=True)
 
