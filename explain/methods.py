@@ -407,7 +407,7 @@ class SFAM(Explainer):
         self.paper = float(paper)  # λ: the weight of the paper's map under the gated product (0: none)
         self.paper_power = float(paper_power)  # γ: the paper's map (max-normalised) enters raised to this power
         self.mu_tap = None if mu_tap is None else np.asarray(mu_tap, np.float64).reshape(-1)
-        self.tap = TAP_LAYERS.get(self.backbone.name) if tap == "auto" else tap
+        self.tap = self.backbone.tap if tap == "auto" else tap
         self.gate = gate
 
     def explain_many(self, query, results, query_features=None, pairs=None):

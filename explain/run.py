@@ -55,13 +55,12 @@ def index_explainer(store, backbone=None, method: str | None = None, input_size:
     retrieval/index/reference.py); its own similarity (the gradient and occlusion baselines' target) is the index's
     when it explains at the index's own resolution, else the μ-centred cosine at the explain resolution."""
     from retrieval.index.reference import for_explain
-    from retrieval.models.registry import tap_layer
     from retrieval.presets import preset_of
 
     ex = index_explain_settings(store)
     size = int(input_size or ex.input_size or store.settings.preprocess.get("size"))
     bb = backbone.at_size(size) if backbone is not None else preset_of(store.settings).backbone(store.settings, size)
-    mu, mu_tap = for_explain(store, bb, size, tap_layer(store.settings.model))
+    mu, mu_tap = for_explain(store, bb, size, bb.tap)
     same = size == int(store.settings.preprocess.get("size"))
     return make_explainer(method or ex.method, bb, metric=store.metric, mu=store.mean if mu is None else mu,
                           centre=ex.centre, head=store.head if same else None, mu_tap=mu_tap)

@@ -26,7 +26,6 @@ from retrieval.images import decode_image, read_image_bytes
 from retrieval.index.head import head_text, parse_head
 from retrieval.index.calibration import refresh as refresh_calibration
 from retrieval.index.reference import refresh as refresh_reference
-from retrieval.models.registry import tap_layer
 from retrieval.index.settings import IndexSettings
 from retrieval.index.store import IncompleteIndex, IndexStore, default_explain, index_path
 from retrieval.index.vectors import factory_for
@@ -285,7 +284,7 @@ def _finalise(store: IndexStore, report: IndexReport, refit: bool, bb: Backbone 
         refresh_calibration(store)  # where scores stand in this collection (explain verdicts)
         if bb is not None:  # μ at the explain resolution, for the explanations' centring
             size = (store.settings.explain or {}).get("input_size") or bb.preprocess.size
-            refresh_reference(store, bb, int(size), tap_layer(store.settings.model))
+            refresh_reference(store, bb, int(size), bb.tap)
     store.mark_updated()
     report.total = store.count()
 

@@ -8,7 +8,7 @@ embeddings with the 224 px mean localises far worse (bench/results/explain.md, s
 the explain resolution and stores two means with the index:
 
 - ``mean``: of the pooled final-layer embeddings (the index's pooling), and
-- ``mean_tap``: of the spatially averaged stride-16 map (``TAP_LAYERS``), which SFAM's default map fuses.
+- ``mean_tap``: of the spatially averaged stride-16 map (the backbone's ``tap``), which SFAM's default map fuses.
 
 Re-sampled when missing, when the explain size or layer changes, or when the collection has halved or
 doubled since (as the linear head is re-fitted): each sample costs up to 128 forward passes.

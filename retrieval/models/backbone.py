@@ -60,6 +60,10 @@ class _Network:
         self.lock = threading.Lock()
 
 
+#: ``Backbone(tap=...)`` left out: the stride-16 layer is found when first asked (:attr:`Backbone.tap`).
+FIND_TAP = "<find>"
+
+
 class Backbone:
     """A feature extractor with its preprocessing and pooling; see the module docstring.
 
@@ -67,13 +71,15 @@ class Backbone:
     an index can refuse to mix embeddings of different weights. ``net`` is the feature-map network, or None with
     ``load_net`` building it when first needed; ``manifest`` (retrieval/models/graphs.py) names the cached graphs that
     serve without it. ``fast``: "auto" (the fastest path), "onnx", "jit" or "eager"; ``precision``: "fp32" or "int8"
-    (the ONNX Runtime graph's arithmetic, retrieval/models/precision.py).
+    (the ONNX Runtime graph's arithmetic, retrieval/models/precision.py). ``tap``: the stride-16 layer (see
+    :attr:`tap`); left out, it is found when first asked.
     """
 
     def __init__(self, name: str, net, preprocess: Preprocess, feature_dim: int, weights_source: str,
                  weights_id: str, device=None, fast: str = "auto", pooling: Pooling = GAP, precision: str = "fp32",
-                 *, load_net: Callable[[], object] | None = None, manifest=None):
+                 *, load_net: Callable[[], object] | None = None, manifest=None, tap: str | None = FIND_TAP):
         self.name = name
+        self._tap = tap
         self.preprocess = preprocess
         self.feature_dim = int(feature_dim)
         self.weights_source = weights_source
@@ -117,6 +123,24 @@ class Backbone:
     def net(self):
         """The feature-map network (torch), built on first use."""
         return self._network.get()
+
+    @property
+    def tap(self) -> str | None:
+        """The stride-16 layer (a submodule name of :attr:`net`) the default map fuses with the final map and the
+        indexer samples μ_tap of, or None (the final layer only): a registry backbone's own, known without torch
+        (retrieval/models/registry.py); else found on the network when first asked (retrieval/models/taps.py; a
+        TorchScript model has none)."""
+        if self._tap == FIND_TAP:
+            from retrieval.models.registry import REGISTRY
+
+            spec = REGISTRY.get(self.name)
+            if spec is not None and spec.tap:
+                self._tap = spec.tap
+            else:
+                from retrieval.models.taps import find_tap
+
+                self._tap = find_tap(self.net, self.preprocess.size)
+        return self._tap
 
     @property
     def device(self):

