@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
-from explain.methods import TAP_LAYERS, make_explainer, upsample
+from explain.methods import make_explainer, upsample
 from retrieval.models.loading import load_backbone
 
 from explain_sets import SET_A, SET_B, SET_C, all_sets, skimage_photo  # noqa: E402
@@ -322,21 +322,6 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
-def sanity(rng) -> tuple[float, float]:
-    """(mean Spearman between trained and randomised-weights SFAM maps, identical-image map difference)."""
-    from explain_sets import OBJECTS, SCENES
-
-    trained, rand = load_backbone(), load_backbone(random_weights=True)
-    pairs = [(skimage_photo(o), skimage_photo(s)) for o, s in zip(OBJECTS, SCENES)]
-    corr = []
-    for q, r in pairs:
-        a = make_explainer("sfam", trained).explain(q, r).result_map
-        b = make_explainer("sfam", rand).explain(q, r).result_map
-        corr.append(spearman(a, b))
-    same = make_explainer("sfam", trained).explain(pairs[0][0], pairs[0][0])
-    return float(np.mean(corr)), float(np.abs(same.query_map - same.result_map).max())
-
-
 def cost(timing: dict, sizes, rounds: int = 3) -> list:
     q = skimage_photo("chelsea")
     results = [skimage_photo(n) for n in ("coffee", "astronaut", "rocket", "camera", "coins", "horse", "brick",
@@ -435,6 +420,8 @@ def main() -> None:
                     help="other backbones the defaults never saw (a registry name or a TorchScript file): the "
                          "held-out part, the default and the paper's maps beside pytorch-grad-cam")
     ap.add_argument("--skip", nargs="*", default=[], choices=("localisation", "faithfulness", "sanity", "cost"))
+    ap.add_argument("--sanity-pairs", type=int, default=20, help="Caltech pairs for bench/sanity.py")
+    ap.add_argument("--out", default=None, help="results name (default: explain, explain-only with --only)")
     ap.add_argument("--cost-only", action="store_true",
                     help="only the top-10 cost rows (5 interleaved rounds), saved as bench/results/explain-cost.md")
     args = ap.parse_args()
@@ -449,7 +436,7 @@ def main() -> None:
     sets = all_sets(args.quick)
     rows_wanted = [v for v in VARIANTS if not args.only or any(t in v[0] for t in args.only)]
     name = "explain" if not args.only else "explain-only"
-    name += "-quick" if args.quick else ""
+    name = args.out or name + ("-quick" if args.quick else "")
     cmd = "python bench/explain_eval.py " + " ".join(a for a in __import__("sys").argv[1:])
     text = (f"`{cmd}` · threads {args.threads} · input {args.size} px (pytorch-grad-cam rows: the same backbone, "
             "weights and input size); faithfulness scored at 224 px, of the maps at 224 and 448 px.\n\n"
@@ -497,10 +484,17 @@ def main() -> None:
 
 
 def sanity_section(args) -> str:
-    corr, same = sanity(np.random.default_rng(0))
-    return (f"## Sanity\n\nSFAM maps, trained vs randomised weights: mean Spearman rank correlation {corr:.3f} "
-            f"(low = the maps depend on what the network learned). Identical images: max |query map − result map| "
-            f"= {same:.2e}.\n\n")
+    """Adebayo et al.'s checks, by bench/sanity.py in this run (its table, also saved as explain-sanity.md)."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, str(_common.ROOT / "bench" / "sanity.py"), "--pairs", str(args.sanity_pairs),
+           "--occlusion-pairs", "2", "--threads", "1"]
+    log("sanity: " + " ".join(cmd[1:]))
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    body = (_common.RESULTS / "explain-sanity.md").read_text().split("\n", 1)[1]  # without its date line
+    body = body.replace("\n# ", "\n### ").replace("\n## ", "\n### ").lstrip("# ")
+    return "## Sanity checks (bench/sanity.py, in this run)\n\n" + body + "\n\n"
 
 
 if __name__ == "__main__":

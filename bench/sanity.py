@@ -41,7 +41,7 @@ import torch
 from PIL import Image
 from scipy.stats import spearmanr
 
-from explain.methods import METHODS, SFAM, TAP_LAYERS, Explainer, make_explainer
+from explain.methods import METHODS, SFAM, Explainer, make_explainer
 from retrieval.models.backbone import Backbone, _Network
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -136,7 +136,7 @@ def collection_means(backbone: Backbone, images) -> tuple[np.ndarray, np.ndarray
     from retrieval.index.reference import _forward
     from retrieval.models.preprocess import group_by_shape
 
-    tap = TAP_LAYERS.get(backbone.name)
+    tap = backbone.tap
     arrays = [backbone.preprocess.array(im) for im in images]
     total, total_tap = np.zeros(backbone.feature_dim), None
     for idx in group_by_shape(arrays):
