@@ -183,15 +183,20 @@ def _instance_ref(path: Path) -> Image.Image:
     return Image.fromarray(instance_set._load(path))
 
 
+def _skimage_set(objects, scenes, rng) -> tuple[list, list]:
+    """Set A's recipe: each object photo (88 px) pasted off-centre into each scene (224 px), 15 % of the area."""
+    pairs = []
+    for o in objects:
+        for s in scenes:
+            comp, box = composite(skimage_photo(o), skimage_photo(s), 224, 88, rng)
+            pairs.append((skimage_photo(o), comp, box))
+    return pairs, [skimage_photo(n) for n in objects + scenes]
+
+
 def tuning_localisation(rng, photos: Photos | None) -> dict[str, tuple[list, list]]:
     """Sets A, B, C as the defaults were tuned on them (``rng``: seed 0): name → (pairs, the source photos whose mean
     embedding is μ). Records every Caltech file they read in ``photos``."""
-    pairs = []
-    for o in OBJECTS:
-        for s in SCENES:
-            comp, box = composite(skimage_photo(o), skimage_photo(s), 224, 88, rng)
-            pairs.append((skimage_photo(o), comp, box))
-    sets = {SET_A: (pairs, [skimage_photo(n) for n in OBJECTS + SCENES])}
+    sets = {SET_A: _skimage_set(OBJECTS, SCENES, rng)}
     if photos is None:
         return sets
     cats = [c for c in photos.cats]
@@ -258,12 +263,7 @@ def heldout_localisation(photos: Photos | None, seed: int = 1) -> dict[str, tupl
     import instance_set
 
     rng = np.random.default_rng(seed)
-    pairs = []
-    for o in HELD_OBJECTS:
-        for s in HELD_SCENES:
-            comp, box = composite(skimage_photo(o), skimage_photo(s), 224, 88, rng)
-            pairs.append((skimage_photo(o), comp, box))
-    sets = {SET_A: (pairs, [skimage_photo(n) for n in HELD_OBJECTS + HELD_SCENES])}
+    sets = {SET_A: _skimage_set(HELD_OBJECTS, HELD_SCENES, rng)}
     if photos is None:
         return sets
     # B′: categories that tuning B did not use, each object category's two fresh photos (query; the pasted one)
