@@ -46,13 +46,14 @@ def serve(app, sock: socket.socket, log_level: str = "warning", on_ready: Callab
     host, port = sock.getsockname()[:2]
     host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)  # all addresses: this machine's opens it
     shown = f"[{host}]" if ":" in host else host
-    if on_ready:
-        on_ready(f"http://{shown}:{port}/")
     # uvicorn stops gracefully on SIGTERM, then raises the signal again with the handler it found: that handler ends
-    # the process by an exception, so the caller's cleanup (the uploads' temporary folder) still runs
+    # the process by an exception, so the caller's cleanup (the uploads' temporary folder) still runs. Set before the
+    # address is announced: a SIGTERM sent as soon as it is printed finds it
     main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminated) if main else None
     try:
+        if on_ready:
+            on_ready(f"http://{shown}:{port}/")
         server.run(sockets=[sock])
     finally:
         if main:
