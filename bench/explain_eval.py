@@ -66,7 +66,7 @@ def mean_embedding(bb, images) -> np.ndarray:
 
 def mean_tap(bb, images) -> np.ndarray | None:
     """The mean of the stride-16 layer's pooled maps (SFAM's ``mu_tap``) over ``images``, at bb's size."""
-    layer = make_explainer("sfam", bb).tap  # the layer the default map fuses, as the explainer finds it
+    layer = bb.tap  # the layer the default map fuses
     if layer is None:
         return None
     return torch.cat([bb.features_and_tap(bb.preprocess.batch([im]), layer)[1].mean((2, 3)) for im in images]

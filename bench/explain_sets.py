@@ -61,15 +61,19 @@ def composite(obj: Image.Image, scene: Image.Image, side: int, box_side: int, rn
     return canvas, (x0, y0, x0 + box_side, y0 + box_side)
 
 
+def _clear_of_centre(x0: int, y0: int, bw: int, bh: int, w: int, h: int) -> bool:
+    """Whether a bw×bh box at (x0, y0) in a w×h photo keeps at least 1/20 of the short side away from its centre."""
+    dx = max(x0 - w / 2, w / 2 - (x0 + bw), 0.0)  # 0 when the box spans the centre's column
+    dy = max(y0 - h / 2, h / 2 - (y0 + bh), 0.0)
+    return max(dx, dy) >= min(w, h) / 20
+
+
 def _off_centre_box(bw: int, bh: int, w: int, h: int, rng, avoid: tuple | None = None) -> tuple[int, int]:
     """(x0, y0) of a bw×bh box inside w×h that keeps 1/20 of the short side away from the centre (never over it) and,
     with ``avoid``, does not overlap that box."""
-    gap = min(w, h) / 20
     for _ in range(10_000):
         x0, y0 = int(rng.integers(0, w - bw + 1)), int(rng.integers(0, h - bh + 1))
-        dx = max(x0 - w / 2, w / 2 - (x0 + bw), 0.0)
-        dy = max(y0 - h / 2, h / 2 - (y0 + bh), 0.0)
-        if max(dx, dy) < gap:
+        if not _clear_of_centre(x0, y0, bw, bh, w, h):
             continue
         if avoid is not None and not (x0 + bw <= avoid[0] or avoid[2] <= x0 or y0 + bh <= avoid[1] or avoid[3] <= y0):
             continue
@@ -89,13 +93,10 @@ def paste_off_centre(obj: Image.Image, scene: Image.Image, size: tuple[int, int]
     photo (a share drawn uniformly) and keeps at least 1/20 of the short side away from its centre (never over it)."""
     w, h = size
     canvas = scene.resize((w, h), Image.BILINEAR)
-    gap = min(w, h) / 20
     while True:  # the draw order of set C as it was tuned (area, then place), kept so that its pairs stay the same
         bw, bh = _box_dims(obj, w, h, area, rng)
         x0, y0 = int(rng.integers(0, w - bw + 1)), int(rng.integers(0, h - bh + 1))
-        dx = max(x0 - w / 2, w / 2 - (x0 + bw), 0.0)
-        dy = max(y0 - h / 2, h / 2 - (y0 + bh), 0.0)
-        if max(dx, dy) >= gap:
+        if _clear_of_centre(x0, y0, bw, bh, w, h):
             break
     canvas.paste(obj.resize((bw, bh), Image.BILINEAR), (x0, y0))
     return canvas, (x0, y0, x0 + bw, y0 + bh)
@@ -199,7 +200,7 @@ def tuning_localisation(rng, photos: Photos | None) -> dict[str, tuple[list, lis
     sets = {SET_A: _skimage_set(OBJECTS, SCENES, rng)}
     if photos is None:
         return sets
-    cats = [c for c in photos.cats]
+    cats = photos.cats
     pick = rng.choice(len(cats), 40, replace=False)
     pairs, sources = [], []
     for i in range(20):

@@ -150,9 +150,8 @@ def load_backbone(name: str = DEFAULT_MODEL, weights: str | os.PathLike | None =
                 raise WeightsUnavailable(f"{path}: does not fit {name}: {first}") from None
             source = str(path)
         pre = spec.preprocess if input_size is None else spec.preprocess.replace(size=input_size)
-        features = spec.to_features(net).eval()
-        tap = spec.tap or find_tap(features, pre.size)
-        bb = Backbone(name, features, pre, spec.feature_dim, source, wid, dev, fast, tap=tap)
+        # its stride-16 layer: Backbone.tap (the spec's, else found on the network when first asked)
+        bb = Backbone(name, spec.to_features(net).eval(), pre, spec.feature_dim, source, wid, dev, fast)
     else:
         bb = _load_user_model(name, input_size, dev, fast, expected_sha256)
     if resize is not None:
