@@ -188,34 +188,75 @@ def _rewrite(directory, drop=(), **replace):
     (directory / W.META_NAME).write_text(json.dumps(meta))
 
 
+def _write_format2(directory, wi, postings: bool = True):
+    """``wi`` written as format 2 was (the bags, and with ``postings`` the inverted file with its weights beside
+    them), with its fingerprint: what an index written before format 3 holds."""
+    import json
+
+    ivf = wi._inverted()
+    bags = [wi.bags[i] for i in ivf[0].tolist()]
+    members = dict(top=wi.vocab.top, sub=wi.vocab.sub, ids=ivf[0], shas=np.array([b[0] for b in bags], "S64"),
+                   ptr=np.concatenate([[0], np.cumsum([len(b[1]) for b in bags])]).astype(np.int64),
+                   words=np.concatenate([b[1] for b in bags]).astype(np.int32),
+                   counts=np.concatenate([b[2] for b in bags]).astype(np.uint16),
+                   sigs=np.concatenate([b[3] for b in bags]).astype(np.uint64))
+    if wi.vocab.projection is not None:
+        members["projection"] = wi.vocab.projection
+    if postings:
+        members.update(post_img=ivf[1], post_w=ivf[2], post_ptr=ivf[3], post_sig=ivf[6])
+    with open(directory / W.WORDS_NAME, "wb") as f:
+        np.savez(f, **members)
+    meta = {**wi.fingerprint(), "format": 2, "bytes": (directory / W.WORDS_NAME).stat().st_size}
+    (directory / W.META_NAME).write_text(json.dumps(meta))
+
+
 def test_the_inverted_file_is_stored_read_back_as_built_and_an_old_file_still_read(tmp_path):
     bags = _random_bags(200, 256)
     built = _index(bags)._inverted()
     _index(bags).save(tmp_path)
+    with np.load(tmp_path / W.WORDS_NAME) as z:  # format 3: the postings alone
+        assert {"post_img", "post_ptr", "post_sig"} <= set(z.files)
+        assert not {"words", "counts", "sigs", "ptr", "post_w"} & set(z.files)
     loaded = W.WordIndex.load(tmp_path, "test")
-    assert loaded._ivf is not None  # read, not built
-    for a, b in zip(loaded._ivf, built):
-        np.testing.assert_array_equal(a, b)
+    assert loaded._ivf is not None and loaded._bags is None  # read, not built; no bags made for a search
+    for a, b in zip(loaded._ivf, built):  # the weights recomputed from the postings: to float32 rounding
+        np.testing.assert_allclose(a, b, rtol=2e-7, atol=0)
     qw, qn = np.arange(0, 256, 5), np.ones(52, np.int64)
     qs = _query(qw)
-    np.testing.assert_array_equal(loaded.score_bag(qw, qn, qs), _index(bags).score_bag(qw, qn, qs))
+    np.testing.assert_allclose(loaded.score_bag(qw, qn, qs), _index(bags).score_bag(qw, qn, qs), rtol=1e-6)
     for i in bags:
+        np.testing.assert_array_equal(loaded.bags[i][1], np.unique(bags[i][0]))  # each row's bag from the postings
         np.testing.assert_array_equal(loaded.bags[i][3], _sigs(bags[i][0], i))  # the signatures read back
     loaded.set(10, "new", np.array([1, 2, 3], np.int32), np.ones(3, np.uint16), _sigs([1, 2, 3], 0))  # built again
     assert loaded._ivf is None and len(loaded._inverted()[1]) == len(built[1]) - len(bags[10][0]) + 3
-    _rewrite(tmp_path, drop=("post_img", "post_w", "post_ptr", "post_sig"))  # as written before it was stored
-    old = W.WordIndex.load(tmp_path, "test")
-    assert old is not None and old._ivf is None
-    for a, b in zip(old._inverted(), built):
-        np.testing.assert_array_equal(a, b)
+    for postings in (True, False):  # format 2, with the inverted file and from before it was stored
+        _write_format2(tmp_path, _index(bags), postings)
+        old = W.WordIndex.load(tmp_path, "test")
+        assert old is not None and old.format == 2 and (old._ivf is not None) == postings
+        for a, b in zip(old._inverted(), built):
+            np.testing.assert_allclose(a, b, rtol=2e-7, atol=0)
     _index(bags).save(tmp_path)
     with np.load(tmp_path / W.WORDS_NAME) as z:
         bad = z["post_img"].copy()
-    bad[7] = len(bags)  # a position past the rows: not trusted, built from the bags
+    bad[7] = len(bags)  # a position past the rows: not trusted, the file is made again from the features
     _rewrite(tmp_path, post_img=bad)
-    odd = W.WordIndex.load(tmp_path, "test")
-    assert odd is not None and odd._ivf is None
-    np.testing.assert_array_equal(odd._inverted()[1], built[1])
+    assert W.WordIndex.load(tmp_path, "test") is None
+
+
+def test_format_3_is_a_third_of_format_2(tmp_path):
+    """What the rows' words cost on disk: 12 bytes a posting (row, signature) against format 2's 30 (the bags'
+    word, count and signature, and the postings' row, weight and signature)."""
+    bags = _random_bags(300, 256)
+    _write_format2(tmp_path, _index(bags))
+    before = (tmp_path / W.WORDS_NAME).stat().st_size
+    _index(bags).save(tmp_path)
+    after = (tmp_path / W.WORDS_NAME).stat().st_size
+    n = sum(len(np.unique(b[0])) for b in bags.values())
+    vocab = _index(bags).vocab
+    fixed = vocab.top.nbytes + vocab.sub.nbytes + 257 * 8 + len(bags) * (8 + 64)  # + the pointers, ids, shas
+    assert after - fixed <= 12 * n + 4096  # (the zip's headers)
+    assert before - after >= 18 * n  # the bags' word, count and signature, and the postings' weights
+    assert W.WordIndex.load(tmp_path, "test") is not None
 
 
 def test_both_ways_of_reading_the_postings_give_the_same_scores(monkeypatch):
@@ -242,14 +283,13 @@ def test_opening_a_file_without_the_inverted_file_writes_it_back_once(tmp_path, 
     wi = _index(bags)
     wi.signature = sig
     wi.vocab.projection = np.eye(128, W.PROJECTION_DIMS, dtype=np.float32)  # (none: sync would fit one)
-    wi.save(tmp_path)
-    _rewrite(tmp_path, drop=("post_img", "post_w", "post_ptr", "post_sig"))
+    _write_format2(tmp_path, wi, postings=False)
     assert W.WordIndex.load(tmp_path, sig)._ivf is None
     monkeypatch.setattr(W, "_rows", lambda store: {i: (f"/x/{i}.jpg", "sha") for i in bags})
     store = SimpleNamespace(directory=tmp_path)
     W.sync(store, verifier)
     again = W.WordIndex.load(tmp_path, sig)
-    assert again._ivf is not None and set(again.bags) == set(bags)
+    assert again._ivf is not None and again.format == W.FORMAT and set(again.bags) == set(bags)
     stamp = (tmp_path / W.WORDS_NAME).stat().st_mtime_ns
     W.sync(store, verifier)
     assert (tmp_path / W.WORDS_NAME).stat().st_mtime_ns == stamp

@@ -24,11 +24,11 @@ rename). The file is a cache derived from the rows and the local features (cache
 on every open it is reconciled with the rows (ids missing, gone, or whose content changed), and a file
 that is missing, damaged (numpy checks the zip's CRCs) or described by another fingerprint is rebuilt
 from them — never searched as it is. The indexer brings it up to date at the end of every run; a search
-writes it only when it can take the writer lock without waiting (:func:`save_as_writer`). It also
-holds the inverted file itself (each word's postings: row positions and weights), so a search that opens
-the index reads it instead of building it from the bags (at 100 k images 3 GB read in 5 s against
-half a minute's build; bench/results/words-growth.md); a file without them (written before) is still read,
-its inverted file built at the first search.
+writes it only when it can take the writer lock without waiting (:func:`save_as_writer`). What it
+holds is the inverted file (format 3): each word's postings, a row position (int32) and a signature (uint64)
+each, 12 bytes, from which the rows' bags and the postings' weights follow; a search reads it as it is, and
+only a change to the rows makes the bags from it. Format 2 also kept the bags and the weights (30 bytes a
+posting); its files are still read, and written again as format 3 by the next writer.
 """
 from __future__ import annotations
 
@@ -46,7 +46,10 @@ if TYPE_CHECKING:
 
 WORDS_NAME = "words.npz"
 META_NAME = "words.json"
-FORMAT = 2  # 2: per-word residual signatures (ASMK*) with the bags and the postings; a file of format 1 is rebuilt
+FORMAT = 3  # 3: the postings alone (rows and signatures; the bags and weights follow from them), a third of 2's
+# size; 2: per-word residual signatures (ASMK*) with the bags and the postings (still read, written again as 3);
+# a file of format 1 is rebuilt
+READ_FORMATS = (2, 3)
 TEMPORARY_GLOBS = (f".{WORDS_NAME}.*.tmp", f".{META_NAME}.*.tmp")
 BRANCH_MAX = 128  # words = branch²: 16,384 for a large collection
 TRAIN_DESCRIPTORS = 300_000  # at most this many descriptors (a seeded sample) train the vocabulary
@@ -216,19 +219,46 @@ class WordIndex:
         self.vocab = vocab
         self.trained_on = trained_on
         self.signature = signature  # the local features' settings (Verifier.cache's name)
-        self.bags: dict[int, tuple] = {}  # id → (sha256, words, counts, signatures)
-        self._ivf = None  # built lazily from ``bags``
+        self.shas: dict[int, str] = {}  # id → sha256 of the content its words were made from
+        self._bags: dict[int, tuple] | None = {}  # id → (sha256, words, counts, signatures); None: not made yet
+        # from the postings read from the file (a search never needs them; a change to the rows does)
+        self.format = FORMAT  # the format of the file it was read from
+        self._ivf = None  # built lazily from the bags
         self._last_bag = None  # (the query's descriptors, the inverted file, its bag, every row's score): reused
         self._part = None  # (allowed ids, the inverted file, the allowed rows' own inverted file or None)
+
+    @property
+    def bags(self) -> dict[int, tuple]:
+        """id → (sha256, distinct words, counts, signatures). Read from a file of format 3, made from its postings
+        (each row's postings in word order are its bag); their counts are then 1: the file does not keep them, as
+        ASMK* scores a word's aggregated signature, not its count."""
+        if self._bags is None:
+            ids, post_img, _, ptr, _, df, post_sig = self._ivf
+            words = np.repeat(np.arange(len(df), dtype=np.int32), np.diff(ptr))
+            order = np.argsort(post_img, kind="stable")  # each row's postings, in word order
+            bounds = np.searchsorted(post_img[order], np.arange(len(ids) + 1))
+            w, sg = words[order], post_sig[order]
+            self._bags = {int(i): (self.shas[int(i)], w[a:b], np.ones(b - a, np.uint16), sg[a:b])
+                          for i, a, b in zip(ids.tolist(), bounds[:-1].tolist(), bounds[1:].tolist())}
+        return self._bags
+
+    @bags.setter
+    def bags(self, bags: dict[int, tuple]) -> None:
+        self._bags = dict(bags)
+        self.shas = {i: b[0] for i, b in self._bags.items()}
+        self._ivf = None
 
     # -- keeping it equal to the rows ---------------------------------------------------------------
     def set(self, i: int, sha: str, words: np.ndarray, counts: np.ndarray, sigs: np.ndarray) -> None:
         self.bags[int(i)] = (sha, words, counts, sigs)
+        self.shas[int(i)] = sha
         self._ivf = None
 
     def remove(self, ids: Iterable[int]) -> None:
+        bags = self.bags
         for i in ids:
-            self.bags.pop(int(i), None)
+            bags.pop(int(i), None)
+            self.shas.pop(int(i), None)
         self._ivf = None
 
     def reconcile(self, rows: dict[int, tuple[str, str]],
@@ -237,13 +267,12 @@ class WordIndex:
         changed get their bag (``features(path, sha)``; None: an unreadable image, an empty bag). Returns
         how many changed."""
         changed = 0
-        gone = [i for i in self.bags if i not in rows]
+        gone = [i for i in self.shas if i not in rows]
         if gone:
             self.remove(gone)
             changed += len(gone)
         for i, (path, sha) in rows.items():
-            have = self.bags.get(i)
-            if have is not None and have[0] == sha:
+            if self.shas.get(i) == sha:
                 continue
             f = features(path, sha)
             self.set(i, sha, *(self.vocab.bag(f.descriptors) if f is not None else _empty_bag()))
@@ -254,8 +283,9 @@ class WordIndex:
     def _inverted(self):
         if self._ivf is not None:
             return self._ivf
-        ids = np.fromiter(self.bags.keys(), np.int64, len(self.bags))
-        post_img, post_w, ptr, idf, df, post_sig = _postings(list(self.bags.values()), self.vocab.size)
+        bags = self.bags
+        ids = np.fromiter(bags.keys(), np.int64, len(bags))
+        post_img, post_w, ptr, idf, df, post_sig = _postings(list(bags.values()), self.vocab.size)
         self._ivf = (ids, post_img, post_w, ptr, idf, df, post_sig)
         return self._ivf
 
@@ -265,7 +295,7 @@ class WordIndex:
         first, as (id, score); ``allowed``: only these ids (sorted array); ``exclude``: never these. When the
         allowed rows hold at most ``POSTINGS_BUDGET`` postings (a catalogue), all of theirs are read: their
         scores are the uncapped ones, whatever the collection's size."""
-        if n <= 0 or not self.bags or not len(desc):
+        if n <= 0 or not self.shas or not len(desc):
             return []
         ivf = self._inverted()
         last = self._last_bag
@@ -297,14 +327,17 @@ class WordIndex:
         have = self._part
         if have is not None and have[1] is ivf and np.array_equal(have[0], allowed):
             return have[2]
-        ids, idf = ivf[0], ivf[4]
+        ids, post_img, post_w, ptr, _, _, post_sig = ivf
         rows = np.nonzero(np.isin(ids, allowed))[0]
-        bags = [self.bags[int(ids[r])] for r in rows]
-        lens = np.fromiter((len(b[1]) for b in bags), np.int64, len(bags))
         part = None
-        if lens.sum() <= POSTINGS_BUDGET:
-            post_img, post_w, ptr, _, _, post_sig = _postings(bags, self.vocab.size, idf)
-            part = (ids[rows], post_img, post_w, ptr, post_sig)
+        keep = np.zeros(len(ids), bool)
+        keep[rows] = True
+        mask = keep[post_img]
+        if int(mask.sum()) <= POSTINGS_BUDGET:  # their postings, in the same order (by word, then row)
+            at = np.full(len(ids), -1, np.int32)
+            at[rows] = np.arange(len(rows), dtype=np.int32)
+            kept = np.concatenate([[0], np.cumsum(mask)])
+            part = (ids[rows], at[post_img[mask]], post_w[mask], kept[ptr].astype(np.int64), post_sig[mask])
         self._part = (np.array(allowed, copy=True), ivf, part)
         return part
 
@@ -349,7 +382,7 @@ class WordIndex:
     # -- the file ---------------------------------------------------------------------------------------
     def fingerprint(self) -> dict:
         return {"format": FORMAT, "features": self.signature, "vocabulary": list(self.vocab.sub.shape[:2]),
-                "trained_on": self.trained_on, "count": len(self.bags), "bytes": 0}
+                "trained_on": self.trained_on, "count": len(self.shas), "bytes": 0}
 
     def save(self, directory: Path) -> None:
         """Write ``words.npz``, then its fingerprint, each atomically; an unwritable directory only costs time."""
@@ -358,21 +391,14 @@ class WordIndex:
         directory = Path(directory)
         tmp = directory / f".{WORDS_NAME}.{os.getpid()}.tmp"
         tmp_meta = directory / f".{META_NAME}.{os.getpid()}.tmp"
-        ids = np.fromiter(self.bags.keys(), np.int64, len(self.bags))
-        lens = np.fromiter((len(b[1]) for b in self.bags.values()), np.int64, len(self.bags))
-        ptr = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
-        words = np.concatenate([b[1] for b in self.bags.values()]) if len(ids) else np.zeros(0, np.int32)
-        counts = np.concatenate([b[2] for b in self.bags.values()]) if len(ids) else np.zeros(0, np.uint16)
-        sigs = np.concatenate([b[3] for b in self.bags.values()]) if len(ids) else np.zeros(0, np.uint64)
-        shas = np.array([b[0] for b in self.bags.values()], dtype="S64")
-        ivf = self._inverted()  # (the same ids, in the same order)
+        ivf = self._inverted()
+        ids = ivf[0]
+        shas = np.array([self.shas[i] for i in ids.tolist()], dtype="S64")
         try:
             extra = {} if self.vocab.projection is None else {"projection": self.vocab.projection}
-            extra.update(post_img=ivf[1], post_w=ivf[2], post_ptr=ivf[3], post_sig=ivf[6])
-            with open(tmp, "wb") as f:
-                np.savez(f, top=self.vocab.top, sub=self.vocab.sub, ids=ids, shas=shas, ptr=ptr,
-                         words=words.astype(np.int32), counts=counts.astype(np.uint16), sigs=sigs.astype(np.uint64),
-                         **extra)
+            with open(tmp, "wb") as f:  # the postings alone: rows (int32) and signatures (uint64) by word
+                np.savez(f, top=self.vocab.top, sub=self.vocab.sub, ids=ids, shas=shas, post_img=ivf[1],
+                         post_ptr=ivf[3], post_sig=ivf[6], **extra)
             fsync(tmp)
             meta = self.fingerprint()
             meta["bytes"] = tmp.stat().st_size
@@ -394,38 +420,53 @@ class WordIndex:
                 return None
             path, meta = described
             with np.load(path, allow_pickle=False) as z:  # reading every member checks its CRC
-                top, sub, ids, shas, ptr = z["top"], z["sub"], z["ids"], z["shas"], z["ptr"]
-                words, counts, sigs = z["words"], z["counts"], z["sigs"]
+                top, sub, ids, shas = z["top"], z["sub"], z["ids"], z["shas"]
                 projection = z["projection"] if "projection" in z.files else None  # absent: written before it
-                post = (z["post_img"], z["post_w"], z["post_ptr"], z["post_sig"]) if "post_ptr" in z.files else None
+                post = (z["post_img"], z["post_ptr"], z["post_sig"]) if "post_ptr" in z.files else None
+                bags = (z["ptr"], z["words"], z["counts"], z["sigs"]) if post is None else None  # format 2 only
         except Exception:  # noqa: BLE001 - missing, truncated, damaged (BadZipFile, CRC, zlib, ValueError…)
             return None
-        if (list(sub.shape[:2]) != meta.get("vocabulary") or len(ids) != meta.get("count") or len(ptr) != len(ids) + 1
-                or ptr[-1] != len(words) or len(counts) != len(words) or sigs.shape != words.shape
-                or sigs.dtype != np.uint64 or top.shape[0] != sub.shape[0]
-                or (len(words) and (words.min() < 0 or words.max() >= sub.shape[0] * sub.shape[1]))
+        if (list(sub.shape[:2]) != meta.get("vocabulary") or len(ids) != meta.get("count") or len(shas) != len(ids)
+                or top.shape[0] != sub.shape[0] or (post is None and bags is None)
                 or (projection is not None and (projection.ndim != 2 or projection.shape[0] != top.shape[1]))):
             return None
         out = cls(Vocabulary(top, sub, projection), int(meta.get("trained_on", len(ids))), signature)
+        out.format = int(meta["format"])
+        out.shas = {i: h.decode() for i, h in zip(ids.tolist(), shas)}
+        if post is not None:
+            out._ivf = cls._stored_inverted(ids, *post, out.vocab.size)
+            if out._ivf is None:
+                return None
+            out._bags = None  # made from the postings when a change to the rows needs them
+            return out
+        ptr, words, counts, sigs = bags  # a format-2 file written before the inverted file was stored
+        if (len(ptr) != len(ids) + 1 or ptr[-1] != len(words) or len(counts) != len(words) or sigs.shape != words.shape
+                or sigs.dtype != np.uint64
+                or (len(words) and (words.min() < 0 or words.max() >= sub.shape[0] * sub.shape[1]))):
+            return None
         for j, i in enumerate(ids.tolist()):
             a, b = ptr[j], ptr[j + 1]
-            out.bags[i] = (shas[j].decode(), words[a:b], counts[a:b], sigs[a:b])
-        if post is not None:
-            out._ivf = cls._stored_inverted(ids, *post, out.vocab.size, len(words))
+            out._bags[i] = (out.shas[i], words[a:b], counts[a:b], sigs[a:b])
         return out
 
     @staticmethod
-    def _stored_inverted(ids, post_img, post_w, post_ptr, post_sig, V: int, n: int):
-        """The inverted file as stored (what :meth:`_inverted` builds from the same bags), or None when its
-        arrays do not fit the bags (then it is built again)."""
-        if (post_img.shape != (n,) or post_w.shape != (n,) or post_sig.shape != (n,) or post_sig.dtype != np.uint64
-                or post_ptr.shape != (V + 1,) or post_img.dtype != np.int32
-                or post_w.dtype != np.float32 or post_ptr.dtype != np.int64 or post_ptr[0] != 0 or post_ptr[-1] != n
-                or np.any(np.diff(post_ptr) < 0) or (n and (post_img.min() < 0 or post_img.max() >= len(ids)))):
+    def _stored_inverted(ids, post_img, post_ptr, post_sig, V: int):
+        """The inverted file from the stored postings (what :meth:`_inverted` builds from the same bags: the idf
+        from the words' document frequencies, each posting's weight the word's idf over √(Σ idf) of its row's
+        words), or None when the arrays do not fit together."""
+        n = len(post_img)
+        if (post_img.shape != (n,) or post_sig.shape != (n,) or post_sig.dtype != np.uint64
+                or post_ptr.shape != (V + 1,) or post_img.dtype != np.int32 or post_ptr.dtype != np.int64
+                or post_ptr[0] != 0 or post_ptr[-1] != n or np.any(np.diff(post_ptr) < 0)
+                or (n and (post_img.min() < 0 or post_img.max() >= len(ids)))):
             return None
-        df = np.diff(post_ptr).astype(np.float32)
+        counts = np.diff(post_ptr)
+        df = counts.astype(np.float32)
         idf = np.log((len(ids) + 1) / (df + 1)).astype(np.float32)
-        return ids, post_img, post_w, post_ptr, idf, df, post_sig
+        w = np.repeat(idf, counts)
+        norm = np.sqrt(np.bincount(post_img, w, minlength=len(ids))).astype(np.float32)
+        w /= np.maximum(norm[post_img], 1e-12)
+        return ids, post_img, w, post_ptr, idf, df, post_sig
 
 
 def _postings(bags: list, V: int, idf: np.ndarray | None = None):
@@ -517,7 +558,7 @@ def sync(store: "IndexStore", verifier: "Verifier", save: bool = True) -> WordIn
         sample = _sample(rows, features)
         wi.vocab.projection = None if sample is None else fit_projection(sample)
         changed = wi.vocab.projection is not None
-    changed = changed or wi._ivf is None  # a file without the inverted file (written before it): written with it
+    changed = changed or wi._ivf is None or wi.format != FORMAT  # a file of an older format: written again
     changed = wi.reconcile(rows, features) > 0 or changed
     if changed and save:
         save_as_writer(store, wi)
@@ -554,7 +595,7 @@ def _described(directory: Path, signature: str) -> tuple[Path, dict] | None:
     size), else None; OSError or ValueError when either cannot be read."""
     path = Path(directory) / WORDS_NAME
     meta = json.loads((Path(directory) / META_NAME).read_text())
-    if (not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("features") != signature
+    if (not isinstance(meta, dict) or meta.get("format") not in READ_FORMATS or meta.get("features") != signature
             or meta.get("bytes") != path.stat().st_size):
         return None
     return path, meta
@@ -599,7 +640,7 @@ def file_state(store: "IndexStore", verifier: "Verifier") -> str:
     if wi is None:
         return "stale"
     rows = _rows(store)
-    same = len(rows) == len(wi.bags) and all(wi.bags.get(i, ("",))[0] == sha for i, (_, sha) in rows.items())
+    same = len(rows) == len(wi.shas) and all(wi.shas.get(i) == sha for i, (_, sha) in rows.items())
     return "ok" if same else "stale"
 
 
