@@ -46,6 +46,32 @@ def save(name: str, text: str) -> Path:
     return path
 
 
+def write_format2(directory: Path, wi, postings: bool = True) -> None:
+    """The word index ``wi`` written as ``words.npz`` format 2 (before fb3ede4: the bags, and with ``postings`` the
+    weighted inverted file beside them; without, as 977297a wrote it), with its fingerprint: what an index written
+    by those versions holds, for the benchmarks that compare the formats."""
+    import json
+
+    import numpy as np
+    from retrieval.match import words as W
+
+    ivf = wi._inverted()
+    bags = [wi.bags[i] for i in ivf[0].tolist()]
+    members = dict(top=wi.vocab.top, sub=wi.vocab.sub, ids=ivf[0], shas=np.array([b[0] for b in bags], "S64"),
+                   ptr=np.concatenate([[0], np.cumsum([len(b[1]) for b in bags])]).astype(np.int64),
+                   words=np.concatenate([b[1] for b in bags] + [np.zeros(0, np.int32)]).astype(np.int32),
+                   counts=np.concatenate([b[2] for b in bags] + [np.zeros(0, np.uint16)]).astype(np.uint16),
+                   sigs=np.concatenate([b[3] for b in bags] + [np.zeros(0, np.uint64)]).astype(np.uint64))
+    if wi.vocab.projection is not None:
+        members["projection"] = wi.vocab.projection
+    if postings:
+        members.update(post_img=ivf[1], post_w=ivf[2], post_ptr=ivf[3], post_sig=ivf[6])
+    with open(directory / W.WORDS_NAME, "wb") as f:
+        np.savez(f, **members)
+    meta = {**wi.fingerprint(), "format": 2, "bytes": (directory / W.WORDS_NAME).stat().st_size}
+    (directory / W.META_NAME).write_text(json.dumps(meta))
+
+
 @contextlib.contextmanager
 def worktree(rev: str, where: Path):
     """A detached git worktree of revision ``rev`` at ``where`` (its own CLI, run by a benchmark beside this

@@ -334,8 +334,59 @@ def measure(name: str, catalogue: Path, photos: Path, work: Path, env: dict, tim
     return row
 
 
+def formats_section(index: Path, name: str) -> None:
+    """words.npz of ``index`` as format 3 (what ``retrieve index`` writes now) and as format 2 (the bags and the
+    weighted postings beside each other, as before fb3ede4), written from the same word index: MB, bytes per
+    posting, and the seconds a search spends opening each (``WordIndex.load``, median of 3, warm page cache).
+    Appended to bench/results/NAME.md."""
+    import tempfile
+
+    from retrieval.index.store import IndexStore
+    from retrieval.match import words as W
+
+    from retrieval.match.verify import Verifier
+
+    store = IndexStore.open(index)
+    sig = W.signature(Verifier.for_index(store.settings))
+    store.close()
+    wi = W.WordIndex.load(index, sig)
+    if wi is None:
+        raise SystemExit(f"{index}: no readable words.npz")
+    n = len(wi._inverted()[1])
+    rows = []
+    with tempfile.TemporaryDirectory(dir=index.parent) as tmp:
+        for fmt in (2, 3):
+            d = Path(tmp) / str(fmt)
+            d.mkdir()
+            if fmt == 2:
+                _common.write_format2(d, wi)
+            else:
+                wi.save(d)
+            size = (d / W.WORDS_NAME).stat().st_size
+            opens = []
+            for _ in range(3):
+                t = time.perf_counter()
+                back = W.WordIndex.load(d, sig)
+                opens.append(time.perf_counter() - t)
+                assert back is not None and back.format == fmt
+                del back
+            rows.append([fmt, f"{len(wi.shas):,}", f"{n:,}", f"{size / 1e6:,.0f}", f"{size / n:.1f}",
+                         f"{statistics.median(opens):.2f}"])
+    text = (f"\n## words.npz: format 3 against format 2, the same words (`python bench/catalogue_100k.py --formats "
+            f"{index}`)\n\nThe large index's word index written both ways; bytes/posting include the vocabulary "
+            "and the per-row arrays; open s: `WordIndex.load` (what a search pays before its first lookup), median "
+            "of 3 with the file in the page cache.\n\n")
+    text += _common.table(["format", "images", "postings", "MB", "bytes/posting", "open s"], rows) + "\n"
+    path = _common.RESULTS / f"{name}.md"
+    with open(path, "a") as f:
+        f.write(text)
+    print(text)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--formats", type=Path, metavar="INDEX",
+                    help="only compare INDEX's words.npz written as format 3 and as format 2 (appended to --name)")
     ap.add_argument("--n", type=int, default=100_000, help="distractor catalogue images (default 100000)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--timed", type=int, default=20, help="phone photos timed one by one (CLI and web)")
@@ -344,6 +395,8 @@ def main() -> None:
     ap.add_argument("--skip-small", action="store_true", help="measure the large index only")
     ap.add_argument("--name", default="catalogue-100k")
     args = ap.parse_args()
+    if args.formats:
+        return formats_section(args.formats, args.name)
     caltech = _common.shared_dataset("caltech101")
     faces = _common.shared_dataset("att_faces")
     if caltech is None:

@@ -57,29 +57,18 @@ class Before(TfIdf):
         return self._inverted()
 
 
-def _without_postings(directory: Path) -> None:
-    """Rewrite ``directory``'s words.npz as 977297a wrote it (no stored inverted file), its fingerprint too."""
-    f = directory / W.WORDS_NAME
-    with np.load(f) as z:
-        members = {k: z[k] for k in z.files if not k.startswith("post_")}
-    with open(f, "wb") as out:
-        np.savez(out, **members)
-    meta = json.loads((directory / W.META_NAME).read_text())
-    meta["bytes"] = f.stat().st_size
-    (directory / W.META_NAME).write_text(json.dumps(meta))
-
-
 def grown(wi: W.WordIndex, n: int, seed: int = 0) -> W.WordIndex:
     """``wi``'s rows plus synthetic rows up to ``n`` (bags drawn from the real word frequencies)."""
     rng = np.random.default_rng(seed)
     real = list(wi.bags.values())
     allw = np.concatenate([b[1] for b in real]).astype(np.int64)
     big = W.WordIndex(wi.vocab, n, "synthetic")
-    big.bags = dict(wi.bags)
-    first = max(wi.bags) + 1
+    bags = dict(wi.bags)
+    first = max(bags) + 1
     for j in range(max(0, n - len(real))):
         nw = np.unique(allw[rng.integers(0, len(allw), len(real[j % len(real)][1]))]).astype(np.int32)
-        big.bags[first + j] = ("", nw, np.ones(len(nw), np.uint16), rng.integers(0, 2**63, len(nw), dtype=np.uint64))
+        bags[first + j] = ("", nw, np.ones(len(nw), np.uint16), rng.integers(0, 2**63, len(nw), dtype=np.uint64))
+    big.bags = bags
     return big
 
 
@@ -111,7 +100,10 @@ def main() -> None:
     load0 = os.getloadavg()
     with IndexStore.open(args.index) as store, threadpool_limits(args.threads):
         sig = json.loads((Path(args.index) / W.META_NAME).read_text())["features"]
-        wi = W.WordIndex.load(Path(args.index), sig)
+        stored = W.WordIndex.load(Path(args.index), sig)
+        # the bags with their counts (the file keeps none: tf-idf's √tf needs them), quantised from the features
+        wi = W.WordIndex(stored.vocab, stored.trained_on, sig)
+        wi.reconcile({i: (p, h) for i, p, h in store.row_paths()}, W._features(Verifier.for_index(store.settings)))
         rows = store.rows_by_ids(sorted(wi.bags))
         ids, vecs = zip(*store.iter_vectors())
         ids, vecs = np.concatenate(ids), np.concatenate(vecs)
@@ -146,13 +138,13 @@ def main() -> None:
             mem_bags = sum(b[1].nbytes + b[2].nbytes for b in big.bags.values()) / 2**20
             mem_ivf = sum(a.nbytes for a in ivf) / 2**20
             tmp = Path(tempfile.mkdtemp(prefix="words-growth-", dir=os.environ.get("WORDS_GROWTH_TMP")))
-            try:  # now: the file holds the inverted file; before: without it (then built at the first search)
+            try:  # now: the file holds the postings alone (format 3); before (977297a): the bags alone
                 big.save(tmp)
                 size = (tmp / W.WORDS_NAME).stat().st_size / 2**20
                 t = time.perf_counter(); loaded = W.WordIndex.load(tmp, "synthetic"); t_load = time.perf_counter() - t
-                assert loaded is not None and len(loaded.bags) == len(big.bags) and loaded._ivf is not None
+                assert loaded is not None and len(loaded.shas) == len(big.shas) and loaded._ivf is not None
                 del loaded
-                _without_postings(tmp)
+                _common.write_format2(tmp, big, postings=False)
                 size_before = (tmp / W.WORDS_NAME).stat().st_size / 2**20
                 t = time.perf_counter(); loaded = W.WordIndex.load(tmp, "synthetic"); t_load_b = time.perf_counter() - t
                 assert loaded is not None and loaded._ivf is None

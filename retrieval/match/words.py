@@ -226,6 +226,7 @@ class WordIndex:
         self._ivf = None  # built lazily from the bags
         self._last_bag = None  # (the query's descriptors, the inverted file, its bag, every row's score): reused
         self._part = None  # (allowed ids, the inverted file, the allowed rows' own inverted file or None)
+        self._row_postings = None  # (the inverted file, each row's number of postings in it)
 
     @property
     def bags(self) -> dict[int, tuple]:
@@ -330,14 +331,16 @@ class WordIndex:
         ids, post_img, post_w, ptr, _, _, post_sig = ivf
         rows = np.nonzero(np.isin(ids, allowed))[0]
         part = None
-        keep = np.zeros(len(ids), bool)
-        keep[rows] = True
-        mask = keep[post_img]
-        if int(mask.sum()) <= POSTINGS_BUDGET:  # their postings, in the same order (by word, then row)
-            at = np.full(len(ids), -1, np.int32)
-            at[rows] = np.arange(len(rows), dtype=np.int32)
-            kept = np.concatenate([[0], np.cumsum(mask)])
-            part = (ids[rows], at[post_img[mask]], post_w[mask], kept[ptr].astype(np.int64), post_sig[mask])
+        if self._row_postings is None or self._row_postings[0] is not ivf:
+            self._row_postings = (ivf, np.bincount(post_img, minlength=len(ids)))
+        if int(self._row_postings[1][rows].sum()) <= POSTINGS_BUDGET:  # their postings, in the same order
+            keep = np.zeros(len(ids), bool)
+            keep[rows] = True
+            at = np.flatnonzero(keep[post_img])  # (by word, then row)
+            pos = np.full(len(ids), -1, np.int32)
+            pos[rows] = np.arange(len(rows), dtype=np.int32)
+            part = (ids[rows], pos[post_img[at]], post_w[at], np.searchsorted(at, ptr).astype(np.int64),
+                    post_sig[at])
         self._part = (np.array(allowed, copy=True), ivf, part)
         return part
 
@@ -426,7 +429,8 @@ class WordIndex:
                 bags = (z["ptr"], z["words"], z["counts"], z["sigs"]) if post is None else None  # format 2 only
         except Exception:  # noqa: BLE001 - missing, truncated, damaged (BadZipFile, CRC, zlib, ValueError…)
             return None
-        if (list(sub.shape[:2]) != meta.get("vocabulary") or len(ids) != meta.get("count") or len(shas) != len(ids)
+        if (ids.ndim != 1 or shas.ndim != 1 or shas.dtype.kind != "S" or ids.dtype != np.int64
+                or list(sub.shape[:2]) != meta.get("vocabulary") or len(ids) != meta.get("count") or len(shas) != len(ids)
                 or top.shape[0] != sub.shape[0] or (post is None and bags is None)
                 or (projection is not None and (projection.ndim != 2 or projection.shape[0] != top.shape[1]))):
             return None
@@ -454,11 +458,15 @@ class WordIndex:
         """The inverted file from the stored postings (what :meth:`_inverted` builds from the same bags: the idf
         from the words' document frequencies, each posting's weight the word's idf over √(Σ idf) of its row's
         words), or None when the arrays do not fit together."""
-        n = len(post_img)
+        n = len(post_img) if post_img.ndim == 1 else -1
         if (post_img.shape != (n,) or post_sig.shape != (n,) or post_sig.dtype != np.uint64
                 or post_ptr.shape != (V + 1,) or post_img.dtype != np.int32 or post_ptr.dtype != np.int64
                 or post_ptr[0] != 0 or post_ptr[-1] != n or np.any(np.diff(post_ptr) < 0)
                 or (n and (post_img.min() < 0 or post_img.max() >= len(ids)))):
+            return None
+        step = np.diff(post_img) > 0  # within a word, each row once and in order (a word's first posting aside)
+        step[post_ptr[1:-1][(post_ptr[1:-1] > 0) & (post_ptr[1:-1] < n)] - 1] = True
+        if not step.all():
             return None
         counts = np.diff(post_ptr)
         df = counts.astype(np.float32)
