@@ -65,7 +65,8 @@ def write_format2(directory: Path, wi, postings: bool = True) -> None:
     if wi.vocab.projection is not None:
         members["projection"] = wi.vocab.projection
     if postings:
-        members.update(post_img=ivf[1], post_w=ivf[2], post_ptr=ivf[3], post_sig=ivf[6])
+        w = np.repeat(ivf[4], np.diff(ivf[3])) / np.maximum(ivf[2][ivf[1]], np.float32(1e-12))  # each posting's weight
+        members.update(post_img=ivf[1], post_w=w.astype(np.float32), post_ptr=ivf[3], post_sig=ivf[6])
     with open(directory / W.WORDS_NAME, "wb") as f:
         np.savez(f, **members)
     meta = {**wi.fingerprint(), "format": 2, "bytes": (directory / W.WORDS_NAME).stat().st_size}

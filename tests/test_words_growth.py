@@ -203,21 +203,26 @@ def test_the_inverted_file_is_stored_read_back_as_built_and_an_old_file_still_re
     bags = _random_bags(200, 256)
     built = _index(bags)._inverted()
     _index(bags).save(tmp_path)
-    with np.load(tmp_path / W.WORDS_NAME) as z:  # format 3: the postings alone
-        assert {"post_img", "post_ptr", "post_sig"} <= set(z.files)
+    with np.load(tmp_path / W.WORDS_NAME) as z:  # format 3: the postings and the rows' norms
+        assert {"post_img", "post_ptr", "post_sig", "row_norm"} <= set(z.files)
         assert not {"words", "counts", "sigs", "ptr", "post_w"} & set(z.files)
     loaded = W.WordIndex.load(tmp_path, "test")
     assert loaded._ivf is not None and loaded._bags is None  # read, not built; no bags made for a search
-    for a, b in zip(loaded._ivf, built):  # the weights recomputed from the postings: to float32 rounding
-        np.testing.assert_allclose(a, b, rtol=2e-7, atol=0)
+    for a, b in zip(loaded._ivf, built):
+        np.testing.assert_array_equal(a, b)
     qw, qn = np.arange(0, 256, 5), np.ones(52, np.int64)
     qs = _query(qw)
-    np.testing.assert_allclose(loaded.score_bag(qw, qn, qs), _index(bags).score_bag(qw, qn, qs), rtol=1e-6)
+    np.testing.assert_array_equal(loaded.score_bag(qw, qn, qs), _index(bags).score_bag(qw, qn, qs))
     for i in bags:
         np.testing.assert_array_equal(loaded.bags[i][1], np.unique(bags[i][0]))  # each row's bag from the postings
         np.testing.assert_array_equal(loaded.bags[i][3], _sigs(bags[i][0], i))  # the signatures read back
     loaded.set(10, "new", np.array([1, 2, 3], np.int32), np.ones(3, np.uint16), _sigs([1, 2, 3], 0))  # built again
     assert loaded._ivf is None and len(loaded._inverted()[1]) == len(built[1]) - len(bags[10][0]) + 3
+    _rewrite(tmp_path, drop=("row_norm",))  # format 3 before the rows' norms were stored: computed, written again
+    early = W.WordIndex.load(tmp_path, "test")
+    assert early is not None and early.format == 2
+    np.testing.assert_allclose(early._ivf[2], built[2], rtol=2e-7, atol=0)
+    np.testing.assert_allclose(early.score_bag(qw, qn, qs), _index(bags).score_bag(qw, qn, qs), rtol=1e-6)
     for postings in (True, False):  # format 2, with the inverted file and from before it was stored
         _write_format2(tmp_path, _index(bags), postings)
         old = W.WordIndex.load(tmp_path, "test")
@@ -249,7 +254,7 @@ def test_format_3_is_a_third_of_format_2(tmp_path):
     after = (tmp_path / W.WORDS_NAME).stat().st_size
     n = sum(len(np.unique(b[0])) for b in bags.values())
     vocab = _index(bags).vocab
-    fixed = vocab.top.nbytes + vocab.sub.nbytes + 257 * 8 + len(bags) * (8 + 64)  # + the pointers, ids, shas
+    fixed = vocab.top.nbytes + vocab.sub.nbytes + 257 * 8 + len(bags) * (8 + 64 + 4)  # pointers, ids, shas, norms
     assert after - fixed <= 12 * n + 4096  # (the zip's headers)
     assert before - after >= 18 * n  # the bags' word, count and signature, and the postings' weights
     assert W.WordIndex.load(tmp_path, "test") is not None

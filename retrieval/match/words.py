@@ -286,8 +286,8 @@ class WordIndex:
             return self._ivf
         bags = self.bags
         ids = np.fromiter(bags.keys(), np.int64, len(bags))
-        post_img, post_w, ptr, idf, df, post_sig = _postings(list(bags.values()), self.vocab.size)
-        self._ivf = (ids, post_img, post_w, ptr, idf, df, post_sig)
+        post_img, norm, ptr, idf, df, post_sig = _postings(list(bags.values()), self.vocab.size)
+        self._ivf = (ids, post_img, norm, ptr, idf, df, post_sig)
         return self._ivf
 
     def search(self, desc: np.ndarray, n: int, allowed: np.ndarray | None = None,
@@ -323,12 +323,12 @@ class WordIndex:
 
     def _allowed_part(self, allowed: np.ndarray, ivf):
         """The inverted file of the rows ``allowed`` alone, weighted as in the whole collection's (the same idf
-        and row norms), as (ids, rows, weights, word pointers); None when they hold more than
+        and row norms), as (ids, rows, their norms, word pointers, signatures); None when they hold more than
         ``POSTINGS_BUDGET`` postings. Kept for the next query with the same ``allowed``."""
         have = self._part
         if have is not None and have[1] is ivf and np.array_equal(have[0], allowed):
             return have[2]
-        ids, post_img, post_w, ptr, _, _, post_sig = ivf
+        ids, post_img, norm, ptr, _, _, post_sig = ivf
         rows = np.nonzero(np.isin(ids, allowed))[0]
         part = None
         if self._row_postings is None or self._row_postings[0] is not ivf:
@@ -339,7 +339,7 @@ class WordIndex:
             at = np.flatnonzero(keep[post_img])  # (by word, then row)
             pos = np.full(len(ids), -1, np.int32)
             pos[rows] = np.arange(len(rows), dtype=np.int32)
-            part = (ids[rows], pos[post_img[at]], post_w[at], np.searchsorted(at, ptr).astype(np.int64),
+            part = (ids[rows], pos[post_img[at]], norm[rows], np.searchsorted(at, ptr).astype(np.int64),
                     post_sig[at])
         self._part = (np.array(allowed, copy=True), ivf, part)
         return part
@@ -353,14 +353,14 @@ class WordIndex:
         first) while their postings add up to at most ``budget`` (default :data:`POSTINGS_BUDGET`; 0: no cap).
         ``part``: the rows of :meth:`_allowed_part` only (the query weighted by the whole collection). None: no
         word in common."""
-        ids, post_img, post_w, ptr, idf, df, post_sig = self._inverted() if ivf is None else ivf
+        ids, post_img, norm, ptr, idf, df, post_sig = self._inverted() if ivf is None else ivf
         budget = POSTINGS_BUDGET if budget is None else budget
         qw = np.asarray(qw, np.int64)
         keep = df[qw] <= max(STOP_SHARE * len(ids), STOP_MIN)
         qw, qn, qs = qw[keep], np.asarray(qn)[keep], np.asarray(qs, np.uint64)[keep]
         q = np.sqrt(qn.astype(np.float32)) * idf[qw]
         if part is not None:
-            ids, post_img, post_w, ptr, post_sig = part
+            ids, post_img, norm, ptr, post_sig = part
         starts, ends = ptr[qw], ptr[qw + 1]
         if budget and int((ends - starts).sum()) > budget:  # the best words whose postings fit the budget
             best = np.argsort(-q, kind="stable")
@@ -373,11 +373,13 @@ class WordIndex:
         if total >= SLICE_MIN * len(qw):  # each word's postings one slice: no index array
             s, e = starts.tolist(), ends.tolist()
             img = np.concatenate([post_img[a:b] for a, b in zip(s, e)])
-            w = np.concatenate([post_w[a:b] for a, b in zip(s, e)])
             sig = np.concatenate([post_sig[a:b] for a, b in zip(s, e)])
         else:  # the postings' positions in one array (the same order)
             at = np.repeat(starts - np.concatenate([[0], np.cumsum(lens)[:-1]]), lens) + np.arange(total)
-            img, w, sig = post_img[at], post_w[at], post_sig[at]
+            img, sig = post_img[at], post_sig[at]
+        # each read posting's weight: its word's idf over √(Σ idf) of its row's words (ASMK*'s normalisation),
+        # computed for the postings read only (the file keeps the rows' norms, not a weight per posting)
+        w = np.repeat(idf[qw], lens) / np.maximum(norm[img], np.float32(1e-12))
         agree = 1 - _popcount(sig ^ np.repeat(qs, lens)).astype(np.float32) * np.float32(2 / SIG_BITS)
         w *= selectivity(agree)
         return np.bincount(img, w, minlength=len(ids)) / math.sqrt(max(float(idf[qw].sum()), 1e-12))
@@ -399,9 +401,9 @@ class WordIndex:
         shas = np.array([self.shas[i] for i in ids.tolist()], dtype="S64")
         try:
             extra = {} if self.vocab.projection is None else {"projection": self.vocab.projection}
-            with open(tmp, "wb") as f:  # the postings alone: rows (int32) and signatures (uint64) by word
+            with open(tmp, "wb") as f:  # the postings (rows int32, signatures uint64, by word) and the rows' norms
                 np.savez(f, top=self.vocab.top, sub=self.vocab.sub, ids=ids, shas=shas, post_img=ivf[1],
-                         post_ptr=ivf[3], post_sig=ivf[6], **extra)
+                         post_ptr=ivf[3], post_sig=ivf[6], row_norm=ivf[2], **extra)
             fsync(tmp)
             meta = self.fingerprint()
             meta["bytes"] = tmp.stat().st_size
@@ -425,7 +427,8 @@ class WordIndex:
             with np.load(path, allow_pickle=False) as z:  # reading every member checks its CRC
                 top, sub, ids, shas = z["top"], z["sub"], z["ids"], z["shas"]
                 projection = z["projection"] if "projection" in z.files else None  # absent: written before it
-                post = (z["post_img"], z["post_ptr"], z["post_sig"]) if "post_ptr" in z.files else None
+                post = (z["post_img"], z["post_ptr"], z["post_sig"],
+                        z["row_norm"] if "row_norm" in z.files else None) if "post_ptr" in z.files else None
                 bags = (z["ptr"], z["words"], z["counts"], z["sigs"]) if post is None else None  # format 2 only
         except Exception:  # noqa: BLE001 - missing, truncated, damaged (BadZipFile, CRC, zlib, ValueError…)
             return None
@@ -435,7 +438,8 @@ class WordIndex:
                 or (projection is not None and (projection.ndim != 2 or projection.shape[0] != top.shape[1]))):
             return None
         out = cls(Vocabulary(top, sub, projection), int(meta.get("trained_on", len(ids))), signature)
-        out.format = int(meta["format"])
+        out.format = int(meta["format"]) if post is None or post[3] is not None else 2  # (norms not stored:
+        # format 2, or a format-3 file from before they were: written again, with them, by the next writer)
         out.shas = {i: h.decode() for i, h in zip(ids.tolist(), shas)}
         if post is not None:
             out._ivf = cls._stored_inverted(ids, *post, out.vocab.size)
@@ -454,35 +458,36 @@ class WordIndex:
         return out
 
     @staticmethod
-    def _stored_inverted(ids, post_img, post_ptr, post_sig, V: int):
-        """The inverted file from the stored postings (what :meth:`_inverted` builds from the same bags: the idf
-        from the words' document frequencies, each posting's weight the word's idf over √(Σ idf) of its row's
-        words), or None when the arrays do not fit together."""
+    def _stored_inverted(ids, post_img, post_ptr, post_sig, norm, V: int):
+        """The inverted file from the stored postings and rows' norms (what :meth:`_inverted` builds from the same
+        bags: the idf from the words' document frequencies; ``norm`` None: the norms computed from the postings),
+        or None when the arrays do not fit together."""
         n = len(post_img) if post_img.ndim == 1 else -1
         if (post_img.shape != (n,) or post_sig.shape != (n,) or post_sig.dtype != np.uint64
                 or post_ptr.shape != (V + 1,) or post_img.dtype != np.int32 or post_ptr.dtype != np.int64
                 or post_ptr[0] != 0 or post_ptr[-1] != n or np.any(np.diff(post_ptr) < 0)
-                or (n and (post_img.min() < 0 or post_img.max() >= len(ids)))):
+                or (n and (post_img.min() < 0 or post_img.max() >= len(ids)))
+                or (norm is not None and (norm.shape != ids.shape or norm.dtype != np.float32
+                                          or not np.all(np.isfinite(norm)) or np.any(norm < 0)))):
             return None
-        step = np.diff(post_img) > 0  # within a word, each row once and in order (a word's first posting aside)
+        step = post_img[1:] > post_img[:-1]  # within a word, each row once and in order (a word's first posting aside)
         step[post_ptr[1:-1][(post_ptr[1:-1] > 0) & (post_ptr[1:-1] < n)] - 1] = True
         if not step.all():
             return None
         counts = np.diff(post_ptr)
         df = counts.astype(np.float32)
         idf = np.log((len(ids) + 1) / (df + 1)).astype(np.float32)
-        w = np.repeat(idf, counts)
-        norm = np.sqrt(np.bincount(post_img, w, minlength=len(ids))).astype(np.float32)
-        w /= np.maximum(norm[post_img], 1e-12)
-        return ids, post_img, w, post_ptr, idf, df, post_sig
+        if norm is None:
+            norm = np.sqrt(np.bincount(post_img, np.repeat(idf, counts), minlength=len(ids))).astype(np.float32)
+        return ids, post_img, norm, post_ptr, idf, df, post_sig
 
 
 def _postings(bags: list, V: int, idf: np.ndarray | None = None):
     """The inverted file of ``bags`` ((sha256, words, counts, signatures) per row, in row order) over ``V`` words:
-    each posting's row (int32), weight (the word's idf over √(Σ idf) of the row's words: ASMK*'s normalisation,
-    float32) and signature (uint64), sorted by word and, within a word, by row; the words' pointers into them
-    (V + 1); the idf and document frequencies. ``idf``: these weights (another collection's, for a part of it)
-    instead of the bags' own."""
+    each posting's row (int32) and signature (uint64), sorted by word and, within a word, by row; each row's norm
+    (√(Σ idf) of its words, float32: a posting weighs its word's idf over its row's norm, ASMK*'s normalisation);
+    the words' pointers into the postings (V + 1); the idf and document frequencies. ``idf``: these weights
+    (another collection's, for a part of it) instead of the bags' own."""
     lens = np.fromiter((len(b[1]) for b in bags), np.int64, len(bags))
     words = np.concatenate([b[1] for b in bags] + [np.zeros(0, np.int32)]).astype(np.int32)  # (half an int64's memory)
     sigs = np.concatenate([b[3] for b in bags] + [np.zeros(0, np.uint64)]).astype(np.uint64)
@@ -497,8 +502,7 @@ def _postings(bags: list, V: int, idf: np.ndarray | None = None):
     order = np.argsort(words.astype(np.int16) if V <= np.iinfo(np.int16).max + 1 else words, kind="stable")
     ptr = np.zeros(V + 1, np.int64)
     np.cumsum(np.bincount(words, minlength=V), out=ptr[1:])
-    return (img[order], (w / np.maximum(norm[img], 1e-12))[order].astype(np.float32), ptr, idf, df,
-            sigs[order])
+    return img[order], norm, ptr, idf, df, sigs[order]
 
 
 # -- one index's word index -------------------------------------------------------------------------------
