@@ -189,6 +189,7 @@ def index_paths(paths: Iterable[str | os.PathLike], index_dir: str | os.PathLike
         new = settings is not None and not store.count()
         try:
             store.faiss_index()  # loaded (and reconciled) before this run changes any row
+            store.defer_vectors()  # no head yet: the rows' vectors are mirrored once, through the head, at the end
             run_engine(store, bb, files, trees, report, batch_size, workers, progress, on_skip, stop,
                        prune_missing=prune_missing)
         except KeyboardInterrupt:
@@ -268,7 +269,7 @@ def _finalise(store: IndexStore, report: IndexReport, refit: bool, bb: Backbone 
     rebuilt = True
     if not report.interrupted and (refit or store.head_is_stale()) and store.fit_head():
         store.rebuild_faiss()  # every vector changes with the head
-    elif store.needs_retrain():
+    elif store.vectors_deferred() or store.needs_retrain():  # (deferred: interrupted, or still too few for a head)
         store.rebuild_faiss()
     else:
         rebuilt = store.compact()  # HNSW: one rebuild for the removals of the run, when they have grown too many

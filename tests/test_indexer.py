@@ -177,3 +177,45 @@ def test_a_large_jpeg_is_recorded_at_its_own_size(tmp_path):
     run("index", photos, "--index", tmp_path / "idx")
     with IndexStore.open(tmp_path / "idx") as store:
         assert [(r.width, r.height) for r in store.rows_by_ids(store.row_ids()).values()] == [(1804, 1200)]
+
+
+def test_a_run_without_its_head_mirrors_the_vectors_once_at_its_end(photos, tmp_path, monkeypatch):
+    """A run that starts before the index's head is fitted adds no vector to FAISS as it commits (every vector
+    changes with the head it fits at its end: at 100 k rows the in-run mirror held 0.5 GB of raw 1280-d vectors
+    only to throw them away); the vector file it writes holds every row through the head, also when the run is
+    interrupted. Once the head exists, a run mirrors its rows as it commits."""
+    import indexer.run as run_module
+    from indexer.run import index_paths
+
+    for i, name in enumerate(("astronaut.jpg", "coffee.png", "chelsea.jpg")):  # 12 photos: a head is fitted (≥ 10)
+        Image.open(photos / name).rotate(90 * (i + 1), expand=True).save(photos / f"turned{i}.jpg", quality=90)
+    seen = []
+    real = run_module.commit_embedded
+
+    def commit(store, batch, vecs, rows, report):
+        real(store, batch, vecs, rows, report)
+        seen.append((store.head is not None, store.faiss_index().ntotal, store.count()))
+
+    monkeypatch.setattr(run_module, "commit_embedded", commit)
+    idx = tmp_path / "idx"
+    index_paths([photos], idx, batch_size=4)
+    assert len(seen) == 3 and all(not head and ntotal == 0 for head, ntotal, _ in seen)  # nothing mirrored
+    assert len(consistent(idx)) == 12
+    with IndexStore.open(idx) as store:
+        assert store.head is not None and store.faiss_index().d == store.vector_dim  # through the fitted head
+
+    seen.clear()
+    for i in range(2):
+        Image.open(photos / "coffee.png").convert("RGB").crop((i * 40, 0, 500, 400)).save(photos / f"more{i}.jpg", quality=90)
+    index_paths([photos], idx, batch_size=4)
+    assert seen == [(True, 14, 14)]  # the head exists: mirrored as committed
+    assert len(consistent(idx)) == 14
+
+    def stopped(store, batch, vecs, rows, report):  # Ctrl-C after the first commit of a first run
+        real(store, batch, vecs, rows, report)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_module, "commit_embedded", stopped)
+    idx2 = tmp_path / "idx2"
+    report = index_paths([photos], idx2, batch_size=4)
+    assert report.interrupted and len(consistent(idx2)) == 4  # what was committed, and FAISS equal to it

@@ -777,6 +777,22 @@ class IndexStore(VectorSpace):
         """A fresh FAISS index from the rows (training types trained on the stored vectors when enough exist)."""
         return self._vectors.rebuild()
 
+    def defer_vectors(self) -> bool:
+        """While the head this index is configured with is not fitted yet, mirror no committed row in FAISS until
+        :meth:`rebuild_faiss` (an index run's end fits the head and rebuilds: every vector changes with it). Not
+        for index type ``sharded``, whose runs write shards as they commit. True when deferred."""
+        from retrieval.index.vectors import Vectors
+
+        if self.head is not None or not self.settings.head or self.settings.head.get("fixed"):
+            return False
+        if not isinstance(self._vectors, Vectors):
+            return False
+        self._vectors.defer()
+        return True
+
+    def vectors_deferred(self) -> bool:
+        return bool(getattr(self._vectors, "deferred", False))
+
     def apply(self, removed: Sequence[int] = (), add_ids: Sequence[int] = (), add_raw: np.ndarray | None = None) -> None:
         """Mirror a committed change of the rows in FAISS (see :meth:`retrieval.index.vectors.Vectors.apply`)."""
         self._vectors.apply(removed, add_ids, add_raw)

@@ -187,6 +187,13 @@ class Vectors:
         self.index = None
         self.factory = ""  # what the index was built with ("Flat" while an IVF type is not trainable yet)
         self.removed = np.zeros(0, np.int64)  # ids still in the index (HNSW) whose rows are gone
+        self.deferred = False  # changes not mirrored until the next rebuild (:meth:`defer`)
+
+    def defer(self) -> None:
+        """Mirror no change of the rows until :meth:`rebuild`: for an index run whose vectors all change with the
+        head it fits at its end (a collection without its head yet), so that the run neither holds every raw
+        vector in memory (1280-d float32 until the head exists: 5 KB a row) nor adds them to FAISS for nothing."""
+        self.deferred = True
 
     @property
     def path(self) -> Path:
@@ -257,6 +264,8 @@ class Vectors:
         Call it after the rows' transaction commits, on an index loaded before that commit. Never
         rebuilds: an index type that cannot remove keeps the ids, filtered at search (see :meth:`compact`).
         """
+        if self.deferred:
+            return
         self.get()
         if len(removed):
             self._remove(np.asarray(removed, np.int64))
@@ -294,6 +303,7 @@ class Vectors:
                 factory = "Flat"
                 index = self._new(factory)
         self.index, self.factory, self.removed = index, factory, np.zeros(0, np.int64)
+        self.deferred = False
         for ids, vecs in self.store.iter_vectors():
             self.add(ids, vecs)
         return index
