@@ -383,8 +383,51 @@ def formats_section(index: Path, name: str) -> None:
     print(text)
 
 
+def timing_section(out: Path, indexes: list[str], timed_n: int, rounds: int, threads: int, name: str) -> None:
+    """One query's seconds on indexes already built under ``out`` (their names, e.g. 500 100500), by this tree: a
+    fresh ``retrieve search PHOTO --json`` process per photo, the indexes alternating photo by photo, ``rounds``
+    times; then each through ``retrieve serve``. Appended to bench/results/NAME.md."""
+    photos = out / "photos"
+    timed = [sorted((photos / d).glob("view1.jpg"))[0] for d in sorted(os.listdir(photos))][:timed_n]
+    env = {**os.environ, "RETRIEVE_THREADS": str(threads), "OMP_NUM_THREADS": str(threads),
+           "PYTHONPATH": str(_common.ROOT)}
+    envs = {k: {**env, "XDG_CACHE_HOME": str(out / f"xdg-{k}")} for k in indexes}
+    for k in indexes:  # the first open of an index written by an older version rewrites its words (not timed)
+        run(envs[k], "search", str(timed[0]), "--index", str(out / f"index-{k}"), "--json")
+    cli = {k: [] for k in indexes}
+    rss = {k: 0 for k in indexes}
+    load0 = os.getloadavg()
+    for _ in range(rounds):
+        for p in timed:
+            for k in indexes:
+                r = run(envs[k], "search", str(p), "--index", str(out / f"index-{k}"), "--json")
+                cli[k].append(r["wall"])
+                rss[k] = max(rss[k], r["rss"])
+    rows = []
+    for k in indexes:
+        web, first, web_rss = web_times(out / f"index-{k}", envs[k], timed, out / f"serve-{k}.log")
+        rows.append([f"{int(k):,}", len(cli[k]), f"{pct(cli[k], 50):.2f}", f"{pct(cli[k], 99):.2f}",
+                     f"{rss[k] / 1e6:,.0f}", f"{pct(web, 50):.2f}", f"{pct(web, 99):.2f}", f"{first:.1f}",
+                     f"{web_rss / 1e6:,.0f}"])
+    rev = subprocess.run(["git", "-C", str(_common.ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                         text=True).stdout.strip()
+    text = (f"\n## One query, this tree ({rev}), the indexes alternating (`python bench/catalogue_100k.py --timing "
+            f"{' '.join(indexes)} --out DIR --timed {timed_n} --rounds {rounds}`)\n\n{threads} threads, load average "
+            f"{load0[0]:.1f} → {os.getloadavg()[0]:.1f}. CLI: a fresh `retrieve search PHOTO --index I --json` process "
+            "per query (start-up, opening the index and its words included), the two indexes one after the other for "
+            "each photo; web: `POST /api/search?k=10` to a warm `retrieve serve` (first: its first request).\n\n")
+    text += _common.table(["images", "CLI queries", "CLI p50 s", "CLI p99 s", "CLI RSS MB", "web p50 s", "web p99 s",
+                           "web first s", "serve RSS MB"], rows) + "\n"
+    with open(_common.RESULTS / f"{name}.md", "a") as f:
+        f.write(text)
+    print(text)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--timing", nargs="+", metavar="N", help="only time one query on the indexes index-N under --out "
+                    "(appended to --name)")
+    ap.add_argument("--rounds", type=int, default=1, help="--timing: the photos this many times")
     ap.add_argument("--formats", type=Path, metavar="INDEX",
                     help="only compare INDEX's words.npz written as format 3 and as format 2 (appended to --name)")
     ap.add_argument("--n", type=int, default=100_000, help="distractor catalogue images (default 100000)")
@@ -397,6 +440,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.formats:
         return formats_section(args.formats, args.name)
+    if args.timing:
+        return timing_section(args.out, args.timing, args.timed, args.rounds, args.threads, args.name)
     caltech = _common.shared_dataset("caltech101")
     faces = _common.shared_dataset("att_faces")
     if caltech is None:
