@@ -791,7 +791,8 @@ class IndexStore(VectorSpace):
         return True
 
     def vectors_deferred(self) -> bool:
-        return bool(getattr(self._vectors, "deferred", False))
+        """Rows were committed while the mirror was deferred: FAISS must be rebuilt from them."""
+        return bool(getattr(self._vectors, "pending", False))
 
     def apply(self, removed: Sequence[int] = (), add_ids: Sequence[int] = (), add_raw: np.ndarray | None = None) -> None:
         """Mirror a committed change of the rows in FAISS (see :meth:`retrieval.index.vectors.Vectors.apply`)."""

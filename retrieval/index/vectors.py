@@ -188,6 +188,7 @@ class Vectors:
         self.factory = ""  # what the index was built with ("Flat" while an IVF type is not trainable yet)
         self.removed = np.zeros(0, np.int64)  # ids still in the index (HNSW) whose rows are gone
         self.deferred = False  # changes not mirrored until the next rebuild (:meth:`defer`)
+        self.pending = False  # changes were committed while deferred: the next rebuild is due
 
     def defer(self) -> None:
         """Mirror no change of the rows until :meth:`rebuild`: for an index run whose vectors all change with the
@@ -265,6 +266,7 @@ class Vectors:
         rebuilds: an index type that cannot remove keeps the ids, filtered at search (see :meth:`compact`).
         """
         if self.deferred:
+            self.pending = self.pending or bool(len(removed) or len(add_ids))
             return
         self.get()
         if len(removed):
@@ -303,7 +305,7 @@ class Vectors:
                 factory = "Flat"
                 index = self._new(factory)
         self.index, self.factory, self.removed = index, factory, np.zeros(0, np.int64)
-        self.deferred = False
+        self.deferred = self.pending = False
         for ids, vecs in self.store.iter_vectors():
             self.add(ids, vecs)
         return index
