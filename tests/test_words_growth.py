@@ -327,3 +327,27 @@ def test_a_catalogue_within_the_budget_is_scored_uncapped_while_the_collection_i
     assert wi.search(desc, 5, allowed=catalogue, exclude=[300]) == best(uncapped, catalogue[catalogue != 300], 5)
     many = np.arange(0, 300, 2, dtype=np.int64)  # 150 rows: over the budget
     assert wi.search(desc, 5, allowed=many) == best(capped, many, 5)
+
+
+def test_the_vocabulary_sample_stays_bounded_in_a_large_collection(monkeypatch):
+    """The training sample holds at most TRAIN_DESCRIPTORS descriptors whatever the collection's size: beyond
+    TRAIN_DESCRIPTORS / 50 rows, a seeded sample of the rows gives 50 each (before, every row gave 50: 5 M descriptors
+    at 100 k rows); a smaller collection's sample is every row's, as before."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(W, "TRAIN_DESCRIPTORS", 1000)
+    rng = np.random.default_rng(0)
+    desc = {i: rng.integers(0, 255, (120, 128), dtype=np.uint8) for i in range(100)}
+    read = []
+
+    def features(path, sha):
+        read.append(sha)
+        return SimpleNamespace(descriptors=desc[int(sha)])
+
+    rows = {i: (f"/x/{i}.jpg", str(i)) for i in range(100)}
+    sample = W._sample(rows, features)
+    assert len(sample) == 1000 and len(read) == 20 == len(set(read))  # 20 rows × 50
+    assert read == sorted(read, key=int) and np.array_equal(sample, W._sample(rows, features))  # seeded
+    read.clear()
+    small = {i: rows[i] for i in range(10)}
+    assert len(W._sample(small, features)) == 1000 and len(read) == 10  # 10 rows × 100: every row

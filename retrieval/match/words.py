@@ -532,6 +532,10 @@ def _sample(rows: dict[int, tuple[str, str]], features, seed: int = 0) -> np.nda
     rng = np.random.default_rng(seed)
     order = sorted(rows)
     per = max(50, TRAIN_DESCRIPTORS // max(len(order), 1))
+    if len(order) * per > TRAIN_DESCRIPTORS:  # beyond 6 000 rows: a seeded sample of the rows, so that the sample
+        # (and the feature files read for it) stays within TRAIN_DESCRIPTORS; 50 from each of all 100 k rows was 5 M
+        # descriptors, 2.5 GB of the 100 k catalogue's 6.7 GB peak (bench/results/catalogue-100k.md)
+        order = sorted(rng.choice(np.asarray(order), TRAIN_DESCRIPTORS // per, replace=False).tolist())
     parts = []
     for i in order:
         f = features(*rows[i])
