@@ -243,31 +243,21 @@ def sizes(index: Path, cache: Path) -> dict[str, int]:
 def quality(out: str, within: str, catalogue: Path) -> dict[str, float]:
     """R@1, photo→catalogue R@1 (the first catalogue image among the mixed results is the reference), mAP@10 of
     every phone photo from ``retrieve search PHOTOS --json``, and R@1 of ``--within CATALOGUE``'s answers (``out``,
-    ``within``)."""
-    roots = [str(catalogue.resolve()) + os.sep]
-    r1, p2c, ap10, n = [], [], [], 0
-    for line in out.splitlines():
-        a = json.loads(line)
-        q = Path(os.path.realpath(a["query"]))
-        label = q.parent.name
-        hits = []
-        for h in a.get("results") or []:
-            hp = os.path.realpath(h["path"])
-            if hp != str(q) and hp not in hits:
-                hits.append(hp)
-        rel = [Path(h).parent.name == label for h in hits]
+    ``within``; each read by bench/quality.py's ``cli_answers``: a photo once, the query's own row left out)."""
+    from quality import cli_answers
+
+    root = str(catalogue.resolve()) + os.sep
+    r1, p2c, ap10 = [], [], []
+    for a in cli_answers(out).values():
+        rel = [Path(h).parent.name == a["label"] for h in a["hits"]]
         r1.append(float(bool(rel[:1] and rel[0])))
-        cat = [h for h in hits if h.startswith(tuple(roots))]
-        p2c.append(float(bool(cat) and Path(cat[0]).parent.name == label))
+        cat = [h for h in a["hits"] if h.startswith(root)]
+        p2c.append(float(bool(cat) and Path(cat[0]).parent.name == a["label"]))
         h10 = np.array(rel[:10], bool)
         ap10.append(float((np.cumsum(h10) / np.arange(1, len(h10) + 1) * h10).sum() / 4) if len(h10) else 0.0)
-        n += 1
-    w1 = []
-    for line in within.splitlines():
-        a = json.loads(line)
-        hits = [h["path"] for h in a.get("results") or []]
-        w1.append(float(bool(hits) and Path(hits[0]).parent.name == Path(a["query"]).parent.name))
-    return {"queries": n, "R@1": float(np.mean(r1)), "first catalogue": float(np.mean(p2c)),
+    w1 = [float(bool(a["hits"]) and Path(a["hits"][0]).parent.name == a["label"])
+          for a in cli_answers(within).values()]
+    return {"queries": len(r1), "R@1": float(np.mean(r1)), "first catalogue": float(np.mean(p2c)),
             "mAP@10": float(np.mean(ap10)), "within": float(np.mean(w1))}
 
 

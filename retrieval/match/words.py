@@ -482,19 +482,17 @@ class WordIndex:
         return ids, post_img, norm, post_ptr, idf, df, post_sig
 
 
-def _postings(bags: list, V: int, idf: np.ndarray | None = None):
+def _postings(bags: list, V: int):
     """The inverted file of ``bags`` ((sha256, words, counts, signatures) per row, in row order) over ``V`` words:
     each posting's row (int32) and signature (uint64), sorted by word and, within a word, by row; each row's norm
     (√(Σ idf) of its words, float32: a posting weighs its word's idf over its row's norm, ASMK*'s normalisation);
-    the words' pointers into the postings (V + 1); the idf and document frequencies. ``idf``: these weights
-    (another collection's, for a part of it) instead of the bags' own."""
+    the words' pointers into the postings (V + 1); the idf and document frequencies."""
     lens = np.fromiter((len(b[1]) for b in bags), np.int64, len(bags))
     words = np.concatenate([b[1] for b in bags] + [np.zeros(0, np.int32)]).astype(np.int32)  # (half an int64's memory)
     sigs = np.concatenate([b[3] for b in bags] + [np.zeros(0, np.uint64)]).astype(np.uint64)
     img = np.repeat(np.arange(len(bags), dtype=np.int32), lens)
     df = np.bincount(words, minlength=V).astype(np.float32)
-    if idf is None:
-        idf = np.log((len(bags) + 1) / (df + 1)).astype(np.float32)
+    idf = np.log((len(bags) + 1) / (df + 1)).astype(np.float32)
     w = idf[words]
     norm = np.sqrt(np.bincount(img, w, minlength=len(bags))).astype(np.float32)
     # stable: each word's postings in row order. Words fit int16 (branch ≤ 128: ≤ 16,384 words), whose
