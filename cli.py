@@ -81,20 +81,16 @@ def main(ctx: click.Context, threads: int | None) -> None:
     ctx.obj["threads"] = threads
 
 
-def _set_threads(ctx: click.Context, torch_now: bool = True) -> None:
+def _set_threads(ctx: click.Context) -> None:
+    """``--threads`` for whatever the command runs: put in RETRIEVE_THREADS, which ONNX Runtime's sessions
+    (retrieval/models/graphs.py) and torch, where a command imports it, read (retrieval/models/loader.py
+    apply_threads). Never imports torch itself: a search through the cached graphs does not need it (importing it
+    took 1-3 s of a fresh process's query)."""
     threads = (ctx.obj or {}).get("threads")
-    if threads and not torch_now:  # `retrieve index` without torch: whoever imports it applies RETRIEVE_THREADS
-        import os
-
-        os.environ["RETRIEVE_THREADS"] = str(threads)  # (retrieval/models/loader.py apply_threads, retrieval/models/graphs.py)
-        return
     if threads:
         import os
 
-        import torch
-
-        torch.set_num_threads(threads)
-        os.environ["RETRIEVE_THREADS"] = str(threads)  # the torch-free search path reads it
+        os.environ["RETRIEVE_THREADS"] = str(threads)
 
 
 # -- models -------------------------------------------------------------------------------------
@@ -217,7 +213,7 @@ def index(ctx, paths, index_dir, model, weights, metric, index_type, faiss_facto
     """
     from indexer import index_paths
 
-    _set_threads(ctx, torch_now=False)
+    _set_threads(ctx)
     if index_type and faiss_factory:
         raise click.UsageError("give --index-type or --faiss, not both")
     if ray_address and engine != "ray":
@@ -788,7 +784,7 @@ def duplicates(ctx, index_dir, similar, as_csv, explain, out_dir, move_to, undo,
       retrieve duplicates --move-to ~/dups        # move the non-keepers out (journaled)
       retrieve duplicates --undo                  # put the last batch back
     """
-    _set_threads(ctx, torch_now=explain)
+    _set_threads(ctx)
     if as_json and as_csv:
         raise click.UsageError("give --json or --csv, not both")
     if out_dir and not explain:

@@ -64,7 +64,8 @@ def test_search_without_sqlalchemy_same_output(small_index):
     """`retrieve search` imports neither SQLAlchemy nor torch on a plain index with a cached graph, and answers
     as the full path does (RETRIEVE_FAST_SEARCH=0: SQLAlchemy and torch)."""
     src, idx = small_index
-    fast = _search(src / "chelsea.jpg", src / "rocket.png", "--index", idx, "-k", "3", "--json")
+    fast = _search(src / "chelsea.jpg", src / "rocket.png", "--index", idx, "-k", "3", "--json",
+                   RETRIEVE_THREADS="1")  # (a thread count set: still no torch)
     assert fast.returncode == 0, fast.stderr
     assert fast.stderr.strip().splitlines()[-1] == "False False", fast.stderr
     full = _search(src / "chelsea.jpg", src / "rocket.png", "--index", idx, "-k", "3", "--json",
