@@ -145,9 +145,43 @@ def test_inverted_file_follows_additions_removals_and_damage(tmp_path, monkeypat
     f.write_bytes(bytes(data))
     assert words.WordIndex.load(idx, words.signature(v)) is None
     with IndexStore.open(idx) as store:
-        assert words.file_state(store, v) == "stale"
+        assert words.file_state(store, v) == "damaged"
     again = run_json("search", query, "--index", idx, "-k", "1")["results"][0]
     assert again["path"] == good["path"] and again["inliers"] == good["inliers"]
+    # damaged where a search maps the file (the postings' signatures) and does not read it whole: the words it
+    # reads fail their checksums, the file is read whole, fails, and is made again; the search's answer is unchanged.
+    # (Seven images are verified whole, reading no postings: the stages of a larger collection are forced.)
+    from retrieval.match import search as search_module
+
+    monkeypatch.setattr(search_module, "whole_budget", lambda *a: 0)
+    good = run_json("search", query, "--index", idx, "-k", "1")["results"][0]
+    assert good["path"].endswith("astronaut.jpg") and good["inliers"] >= MIN_INLIERS
+    post_sig = words._members(f, ("post_sig",))["post_sig"]
+    start, end = post_sig.base.offset, post_sig.base.offset + post_sig.nbytes
+    del post_sig
+    data = bytearray(f.read_bytes())
+    data[start:end] = bytes(b ^ 0x5A for b in data[start:end])
+    f.write_bytes(bytes(data))
+    assert words.WordIndex.load(idx, words.signature(v), mapped=True) is not None  # (its structure is whole)
+    with IndexStore.open(idx) as store:
+        assert words.file_state(store, v) == "damaged"
+    real, wholes = words.sync, []
+    monkeypatch.setattr(words, "sync", lambda *a, **kw: wholes.append(kw.get("whole")) or real(*a, **kw))
+    again = run_json("search", query, "--index", idx, "-k", "1")["results"][0]
+    assert again["path"] == good["path"] and again["inliers"] == good["inliers"]
+    assert wholes == [False, True]  # mapped, found damaged as read, read whole
+    with IndexStore.open(idx) as store:
+        assert words.file_state(store, v) == "ok"  # written again by the search, as the index's writer
+    # `retrieve check` reads it whole: damage is reported (exit 1), and --repair makes the file again
+    assert run_json("check", "--index", idx)["words_file"] == "ok"
+    data = bytearray(f.read_bytes())
+    data[start + 8] ^= 1
+    f.write_bytes(bytes(data))
+    r = run("check", "--index", idx, ok=False)
+    assert r.exit_code == 1 and "visual-words file damaged" in r.stdout and "NOT consistent" in r.stdout
+    r = run("check", "--repair", "--index", idx)
+    assert "repaired: made the visual-words file again" in r.stdout and r.stdout.rstrip().endswith("consistent")
+    assert run_json("check", "--index", idx)["words_file"] == "ok"
     assert state()[0] == "ok"  # the search wrote the rebuilt file back
     # truncated, or its fingerprint gone: rebuilt as well
     f.write_bytes(f.read_bytes()[:1000])
@@ -317,7 +351,7 @@ def test_a_verified_search_reads_the_index_without_sqlalchemy(shop_with_role):
 
             got = hits(lite)
             assert got == hits(full) and got[0][1].endswith("astronaut.jpg") and got[0][3] >= MIN_INLIERS, got
-    p = run_watching_imports("search", query, "--index", idx, "-k", "5", "--json")
+    p = run_watching_imports("--threads", "1", "search", query, "--index", idx, "-k", "5", "--json")  # (--threads too)
     assert p.returncode == 0, p.stderr
     assert p.stderr.strip().splitlines()[-1] == "False False", p.stderr
     top = json.loads(p.stdout)["results"][0]
@@ -343,7 +377,6 @@ def test_word_file_stores_the_projection_and_an_old_file_gets_one(shop, tmp_path
     on the searcher's verifier; a words.npz written before it (no projection) is still searched, and is
     given one, learned from the same seeded sample."""
     import shutil
-    from types import SimpleNamespace
 
     from retrieval.match.search import Searcher
 
@@ -356,8 +389,9 @@ def test_word_file_stores_the_projection_and_an_old_file_gets_one(shop, tmp_path
     basis = wi.vocab.projection
     assert basis is not None and basis.shape == (128, words.PROJECTION_DIMS)
     with IndexStore.open(old) as store:  # the searcher's verifier gets it with the word index
-        s = SimpleNamespace(_words=None, verifier=Verifier.for_index(store.settings), store=store)
-        assert Searcher.words(s) is not None and np.array_equal(s.verifier.projection, basis)
+        s = Searcher.__new__(Searcher)  # (only what words() uses)
+        s._words, s.verifier, s.store = None, Verifier.for_index(store.settings), store
+        assert s.words() is not None and np.array_equal(s.verifier.projection, basis)
     wi.vocab.projection = None  # as written before projections
     wi.save(old)
     with np.load(old / words.WORDS_NAME) as z:

@@ -244,6 +244,44 @@ def test_the_inverted_file_is_stored_read_back_as_built_and_an_old_file_still_re
     assert W.WordIndex.load(tmp_path, "test") is None
 
 
+def test_a_search_maps_the_postings_and_checks_the_words_it_reads(tmp_path):
+    """A search's load maps the postings (nothing read until a query's words are) and scores exactly as the file
+    read whole; a word whose stored postings were damaged fails its checksum when a query reads it, and only then;
+    the whole read (a writer's, `retrieve check`'s) refuses the file."""
+    bags = _random_bags(300, 256)
+    _index(bags).save(tmp_path)
+    whole, mapped = W.WordIndex.load(tmp_path, "test"), W.WordIndex.load(tmp_path, "test", mapped=True)
+    assert isinstance(mapped._ivf[1].base, np.memmap) and isinstance(mapped._ivf[6].base, np.memmap)
+    assert not isinstance(whole._ivf[1].base, np.memmap)
+    np.testing.assert_array_equal(mapped._row_postings[1], np.bincount(whole._ivf[1], minlength=300))
+    qw = np.arange(0, 256, 5)
+    qn, qs = np.ones(len(qw), np.int64), _query(qw)
+    np.testing.assert_array_equal(mapped.score_bag(qw, qn, qs), whole.score_bag(qw, qn, qs))
+    read = qw[whole._ivf[5][qw] <= max(W.STOP_SHARE * 300, W.STOP_MIN)]  # (stop words are not read)
+    assert 0 < len(read) < len(qw) and np.array_equal(np.flatnonzero(mapped._checked), read)  # each checked once
+    ptr = whole._ivf[3]
+    hit = int(read[np.argmax(np.diff(ptr)[read])])  # a word the query reads, with postings
+    miss = int(np.setdiff1d(np.flatnonzero(np.diff(ptr)), qw)[0])  # one it does not read
+    sig = W._members(tmp_path / W.WORDS_NAME, ("post_sig",))["post_sig"]
+    at = sig.base.offset + int(ptr[hit]) * 8
+    del sig
+    with open(tmp_path / W.WORDS_NAME, "r+b") as f:  # one bit of one signature of the word, in place
+        f.seek(at)
+        b = f.read(1)
+        f.seek(at)
+        f.write(bytes([b[0] ^ 1]))
+    assert W.WordIndex.load(tmp_path, "test") is None
+    damaged = W.WordIndex.load(tmp_path, "test", mapped=True)
+    other = np.array([miss])
+    damaged.score_bag(other, np.ones(1, np.int64), _query(other))  # not this word's postings: not noticed
+    with pytest.raises(W.DamagedWords, match=f"word {hit} fail"):
+        damaged.score_bag(qw, qn, qs)
+    _index(bags).save(tmp_path)
+    _rewrite(tmp_path, drop=("post_crc",))  # a file from before the words' checksums: read whole, written again
+    early = W.WordIndex.load(tmp_path, "test", mapped=True)
+    assert early.format == 2 and early._checked is None and not isinstance(early._ivf[1].base, np.memmap)
+
+
 def test_format_3_is_a_third_of_format_2(tmp_path):
     """What the rows' words cost on disk: 12 bytes a posting (row, signature) against format 2's 30 (the bags'
     word, count and signature, and the postings' row, weight and signature)."""
@@ -254,9 +292,11 @@ def test_format_3_is_a_third_of_format_2(tmp_path):
     after = (tmp_path / W.WORDS_NAME).stat().st_size
     n = sum(len(np.unique(b[0])) for b in bags.values())
     vocab = _index(bags).vocab
-    fixed = vocab.top.nbytes + vocab.sub.nbytes + 257 * 8 + len(bags) * (8 + 64 + 4)  # pointers, ids, shas, norms
+    fixed = (vocab.top.nbytes + vocab.sub.nbytes + 257 * 8 + 256 * 4  # the words' pointers and checksums
+             + len(bags) * (8 + 64 + 4 + 4))  # ids, shas, norms, posting counts
     assert after - fixed <= 12 * n + 4096  # (the zip's headers)
-    assert before - after >= 18 * n  # the bags' word, count and signature, and the postings' weights
+    assert before - after >= 18 * n - (256 + 300) * 4  # the bags' word, count and signature, the postings' weights
+    # (less the checksums and posting counts format 2 did not keep)
     assert W.WordIndex.load(tmp_path, "test") is not None
 
 

@@ -37,11 +37,13 @@ class CheckReport:
     missing_files: list = field(default_factory=list)  # paths
     missing_folders: list = field(default_factory=list)  # MissingFolder as dicts: files kept unless pruned
     vector_problems: list = field(default_factory=list)  # index type sharded: each bad shard file, in words
+    words_file: str = "none"  # the visual words (words.npz): none | ok | stale (behind the rows) | damaged
     repaired: list = field(default_factory=list)  # what --repair did, in words
 
     @property
     def consistent(self) -> bool:
-        return self.faiss_file not in PROBLEM_STATES and not self.bad_embeddings and not self.missing_files
+        return (self.faiss_file not in PROBLEM_STATES and not self.bad_embeddings and not self.missing_files
+                and self.words_file != "damaged")
 
     @property
     def trailing(self) -> bool:
@@ -86,6 +88,8 @@ class CheckReport:
         if self.faiss_file in PROBLEM_STATES:
             out.append(f"vector file {self.faiss_file}")
         out += self.vector_problems
+        if self.words_file == "damaged":
+            out.append("visual-words file damaged (words.npz: it fails its checksums or does not fit together)")
         if self.bad_embeddings:
             out.append(f"{len(self.bad_embeddings)} stored embeddings are damaged")
         deleted = self.deleted_files
@@ -158,6 +162,7 @@ def check_index(directory: str | os.PathLike) -> CheckReport:
         rep = CheckReport(index=str(store.directory))
         rows = store.embedding_sizes()
         rep.images = len(rows)
+        rep.words_file = _words_state(store)
         ids = np.array([r[0] for r in rows], np.int64)
         rep.bad_embeddings = [int(r[0]) for r in rows if r[2] != st.dim * 4]
         found = [os.path.isfile(r[1]) for r in rows]
@@ -182,6 +187,18 @@ def check_index(directory: str | os.PathLike) -> CheckReport:
             rep.rows_without_vector = np.setdiff1d(ids, have).tolist()
             rep.vectors_without_row = np.setdiff1d(have, ids).tolist()
         return rep
+
+
+def _words_state(store: IndexStore) -> str:
+    """The visual-words file's state (retrieval/match/words.py file_state), read whole; ``none`` without one. A stale
+    file (behind the rows, or made with other settings) is brought up to date by the next run or search."""
+    from retrieval.match import words
+    from retrieval.match.verify import Verifier
+
+    if not (store.directory / words.META_NAME).exists() and not (store.directory / words.WORDS_NAME).exists():
+        return "none"
+    state = words.file_state(store, Verifier.for_index(store.settings))
+    return "stale" if state == "missing" else state
 
 
 def repair_index(directory: str | os.PathLike, reembed=None, prune_missing: bool = False) -> CheckReport:
@@ -216,6 +233,13 @@ def repair_index(directory: str | os.PathLike, reembed=None, prune_missing: bool
         drop |= damaged
         if drop:
             store.delete_rows([i for i, p, _ in store.embedding_sizes() if p in drop])
+        if rep.words_file == "damaged":
+            from retrieval.match import words
+
+            for name in (words.WORDS_NAME, words.META_NAME):
+                (store.directory / name).unlink(missing_ok=True)
+            words.update_index(store)  # (from the rows' local features, cached per content)
+            rep.repaired.append("made the visual-words file again from the rows' local features")
         if not rep.consistent or rep.trailing or drop:
             store.rebuild_faiss()
             store.update_mean()

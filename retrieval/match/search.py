@@ -365,10 +365,26 @@ class Searcher:
                 from retrieval.match.verify import Verifier
 
                 self.verifier = Verifier.for_index(self.store.settings)
-            self._words = words.sync(self.store, self.verifier) or False
-            if self._words and self._words.vocab.projection is not None:  # verification matches in its subspace
-                self.verifier.projection = self._words.vocab.projection
+            self._sync_words()
         return self._words or None
+
+    def _sync_words(self, whole: bool = False) -> None:
+        from retrieval.match import words
+
+        self._words = words.sync(self.store, self.verifier, whole=whole) or False
+        if self._words and self._words.vocab.projection is not None:  # verification matches in its subspace
+            self.verifier.projection = self._words.vocab.projection
+
+    def _word_search(self, desc: np.ndarray, n: int, allowed, exclude) -> list[tuple[int, float]]:
+        """:meth:`WordIndex.search`; a memory-mapped file found damaged as it is read is read again whole, which
+        fails its checks, and made again from the rows (retrieval/match/words.py sync): never searched as it is."""
+        from retrieval.match import words
+
+        try:
+            return self._words.search(desc, n, allowed, exclude)
+        except words.DamagedWords:
+            self._sync_words(whole=True)
+            return self._words.search(desc, n, allowed, exclude) if self._words else []
 
     def _word_hits(self, feats, n: int, head: Sequence[Hit], exclude: set[int], raw: np.ndarray,
                    min_score) -> list[Hit]:
@@ -378,7 +394,7 @@ class Searcher:
         if wi is None:
             return []
         have = {h.id for h in head} | set(exclude)
-        found = [i for i, _ in wi.search(feats.descriptors, n + len(have), self.allowed, have)][:n]
+        found = [i for i, _ in self._word_search(feats.descriptors, n + len(have), self.allowed, have)][:n]
         removed = set(self._selector.ids.tolist())
         found = [i for i in found if i not in removed]
         return self._scored_hits(found, raw, min_score)
@@ -446,7 +462,7 @@ class Searcher:
         wi = self.words() if words and feats is not None else None
         if wi is not None:
             taken |= {h.id for h in out}
-            found = [i for i, _ in wi.search(feats.descriptors, n + len(taken), sel.allowed, taken)][:n]
+            found = [i for i, _ in self._word_search(feats.descriptors, n + len(taken), sel.allowed, taken)][:n]
             out += self._scored_hits(found, raw, min_score)
         return out
 

@@ -22,23 +22,30 @@ words, keyed by row id *and content hash*; ``words.json`` is its fingerprint (fo
 vocabulary shape, row count, file size), written after it, both atomically (temporary file, fsync,
 rename). The file is a cache derived from the rows and the local features (cached per content hash):
 on every open it is reconciled with the rows (ids missing, gone, or whose content changed), and a file
-that is missing, damaged (numpy checks the zip's CRCs) or described by another fingerprint is rebuilt
-from them — never searched as it is. The indexer brings it up to date at the end of every run; a search
-writes it only when it can take the writer lock without waiting (:func:`save_as_writer`). What it
-holds is the inverted file (format 3): each word's postings, a row position (int32) and a signature (uint64)
-each, 12 bytes, from which the rows' bags and the postings' weights follow; a search reads it as it is, and
-only a change to the rows makes the bags from it. Format 2 also kept the bags and the weights (30 bytes a
-posting); its files are still read, and written again as format 3 by the next writer.
+that is missing, damaged or described by another fingerprint is rebuilt from them — never searched as it
+is. The indexer brings it up to date at the end of every run; a search writes it only when it can take the
+writer lock without waiting (:func:`save_as_writer`). What it holds is the inverted file (format 3): each
+word's postings, a row position (int32) and a signature (uint64) each, 12 bytes, from which the rows' bags and
+the postings' weights follow, with each row's norm and posting count and a CRC-32 of each word's postings. A
+writer (and ``retrieve check``) reads it whole, checking the zip's CRCs and every posting; a search memory-maps
+the postings and checks each word's CRC-32 the first time it reads that word (:meth:`WordIndex._check_words`),
+so that a fresh process's query reads the pages of its own words, not the file (889 MB at 100 k images). Only a
+change to the rows makes the bags from the postings. Format 2 also kept the bags and the weights (30 bytes a
+posting); its files, and format-3 files without the counts or checksums, are still read (whole), and written
+again by the next writer.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable
 
 import numpy as np
+
+from retrieval.errors import RetrieveError
 
 if TYPE_CHECKING:
     from retrieval.index.store import IndexStore
@@ -50,6 +57,7 @@ FORMAT = 3  # 3: the postings alone (rows and signatures; the bags and weights f
 # size; 2: per-word residual signatures (ASMK*) with the bags and the postings (still read, written again as 3);
 # a file of format 1 is rebuilt
 READ_FORMATS = (2, 3)
+MAPPED = ("post_img", "post_sig")  # memory-mapped by a search: the postings, 12 bytes each (the rest: a few MB)
 TEMPORARY_GLOBS = (f".{WORDS_NAME}.*.tmp", f".{META_NAME}.*.tmp")
 BRANCH_MAX = 128  # words = branch²: 16,384 for a large collection
 TRAIN_DESCRIPTORS = 300_000  # at most this many descriptors (a seeded sample) train the vocabulary
@@ -212,6 +220,57 @@ class Vocabulary:
         return np.eye(self.top.shape[1], SIG_BITS, dtype=np.float32)
 
 
+def _word_crcs(post_img: np.ndarray, post_sig: np.ndarray, ptr: np.ndarray, words: Iterable[int] | None = None):
+    """CRC-32 of each word's postings (its rows' bytes, then its signatures'), for ``words`` (default: all), uint32.
+    Stored with the file, so that a search that maps the postings checks the words it reads, and only those."""
+    words = range(len(ptr) - 1) if words is None else words
+    out = []
+    for w in words:
+        a, b = int(ptr[w]), int(ptr[w + 1])
+        out.append(zlib.crc32(post_sig[a:b], zlib.crc32(post_img[a:b])))
+    return np.asarray(out, np.uint32)
+
+
+class DamagedWords(RetrieveError):
+    """A memory-mapped ``words.npz`` whose postings, as a search reads them, do not fit the file."""
+
+
+def _members(path: Path, mapped: Iterable[str] = ()) -> dict[str, np.ndarray]:
+    """The arrays of the ``.npz`` file at ``path`` by name, each read whole (its CRC checked) except those named in
+    ``mapped``, which are memory-mapped where stored uncompressed (as :func:`numpy.savez` stores them): the pages a
+    search touches are read, not the file — ``words.npz`` is 889 MB at 100 k images, reading and CRC-checking it took
+    3 s of a fresh process's query (bench/results/catalogue-100k.md). A mapped array's size is checked against the
+    zip's directory; its bytes are not checked (the file's size is, by the fingerprint; see :meth:`WordIndex.load`).
+    A writer replaces the file by renaming a new one over it, so a mapping stays the file it was opened as."""
+    import struct
+    import zipfile
+
+    mapped = set(mapped)
+    out: dict[str, np.ndarray] = {}
+    with np.load(path, allow_pickle=False) as z, open(path, "rb") as f:
+        for name in z.files:
+            info = z.zip.getinfo(name + ".npy")
+            if name not in mapped or info.compress_type != zipfile.ZIP_STORED:
+                out[name] = z[name]
+                continue
+            f.seek(info.header_offset)
+            head = f.read(30)
+            if len(head) != 30 or head[:4] != b"PK\x03\x04":
+                raise ValueError(f"{name}: no local header")
+            start = info.header_offset + 30 + sum(struct.unpack("<HH", head[26:30]))
+            f.seek(start)
+            version = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read_header(f)
+            offset = f.tell()
+            size = math.prod(shape) * dtype.itemsize
+            if fortran or dtype.hasobject or offset - start + size != info.file_size:
+                raise ValueError(f"{name}: its header does not fit its size")
+            out[name] = np.zeros(shape, dtype) if not size else \
+                np.memmap(f, dtype=dtype, mode="r", offset=offset, shape=shape).view(np.ndarray)
+    return out
+
+
 class WordIndex:
     """Every row's bag of words, and the inverted file over them (see the module docstring)."""
 
@@ -227,6 +286,9 @@ class WordIndex:
         self._last_bag = None  # (the query's descriptors, the inverted file, its bag, every row's score): reused
         self._part = None  # (allowed ids, the inverted file, the allowed rows' own inverted file or None)
         self._row_postings = None  # (the inverted file, each row's number of postings in it)
+        self.path: Path | None = None  # the file it was read from
+        self._crc = None  # a memory-mapped file's CRC-32 of each word's postings (_word_crcs), and which words a
+        self._checked = None  # search has checked against it (bool per word)
 
     @property
     def bags(self) -> dict[int, tuple]:
@@ -234,6 +296,7 @@ class WordIndex:
         (each row's postings in word order are its bag); their counts are then 1: the file does not keep them, as
         ASMK* scores a word's aggregated signature, not its count."""
         if self._bags is None:
+            self._check_words()
             ids, post_img, _, ptr, _, df, post_sig = self._ivf
             words = np.repeat(np.arange(len(df), dtype=np.int32), np.diff(ptr))
             order = np.argsort(post_img, kind="stable")  # each row's postings, in word order
@@ -288,6 +351,7 @@ class WordIndex:
         ids = np.fromiter(bags.keys(), np.int64, len(bags))
         post_img, norm, ptr, idf, df, post_sig = _postings(list(bags.values()), self.vocab.size)
         self._ivf = (ids, post_img, norm, ptr, idf, df, post_sig)
+        self._row_postings = (self._ivf, np.fromiter((len(b[1]) for b in bags.values()), np.int32, len(bags)))
         return self._ivf
 
     def search(self, desc: np.ndarray, n: int, allowed: np.ndarray | None = None,
@@ -321,6 +385,22 @@ class WordIndex:
         cand = cand[np.argsort(-scores[cand], kind="stable")]
         return [(int(ids[c]), float(scores[c])) for c in cand]
 
+    def _check_words(self, words: np.ndarray | None = None) -> None:
+        """Check the postings of ``words`` (default: all) of a memory-mapped file against their stored CRC-32s, once
+        each; DamagedWords when one fails (the search reads the file whole instead: it fails its checks and is made
+        again). A file read whole was checked as it was read."""
+        if self._checked is None:
+            return
+        todo = np.flatnonzero(~self._checked) if words is None else np.unique(words[~self._checked[words]])
+        if not len(todo):
+            return
+        _, post_img, _, ptr, _, _, post_sig = self._ivf
+        bad = todo[_word_crcs(post_img, post_sig, ptr, todo.tolist()) != self._crc[todo]]
+        if len(bad):
+            raise DamagedWords(f"{self.path or WORDS_NAME}: damaged (the postings of word {int(bad[0])} fail their "
+                               "checksum)")
+        self._checked[todo] = True
+
     def _allowed_part(self, allowed: np.ndarray, ivf):
         """The inverted file of the rows ``allowed`` alone, weighted as in the whole collection's (the same idf
         and row norms), as (ids, rows, their norms, word pointers, signatures); None when they hold more than
@@ -330,10 +410,12 @@ class WordIndex:
             return have[2]
         ids, post_img, norm, ptr, _, _, post_sig = ivf
         rows = np.nonzero(np.isin(ids, allowed))[0]
+        if ivf is self._ivf:
+            self._check_words()  # (the cut reads every posting)
         part = None
-        if self._row_postings is None or self._row_postings[0] is not ivf:
-            self._row_postings = (ivf, np.bincount(post_img, minlength=len(ids)))
-        if int(self._row_postings[1][rows].sum()) <= POSTINGS_BUDGET:  # their postings, in the same order
+        if self._row_postings is None or self._row_postings[0] is not ivf:  # (stored, or made with the inverted file)
+            self._row_postings = (ivf, np.bincount(post_img, minlength=len(ids)).astype(np.int32))
+        if int(self._row_postings[1][rows].sum(dtype=np.int64)) <= POSTINGS_BUDGET:  # their postings, in the same order
             keep = np.zeros(len(ids), bool)
             keep[rows] = True
             at = np.flatnonzero(keep[post_img])  # (by word, then row)
@@ -366,6 +448,8 @@ class WordIndex:
             best = np.argsort(-q, kind="stable")
             best = np.sort(best[np.cumsum((ends - starts)[best]) <= budget])  # (kept in word order)
             qw, qs, starts, ends = qw[best], qs[best], starts[best], ends[best]
+        if part is None:
+            self._check_words(qw)
         lens = ends - starts
         total = int(lens.sum())
         if not total:
@@ -377,6 +461,9 @@ class WordIndex:
         else:  # the postings' positions in one array (the same order)
             at = np.repeat(starts - np.concatenate([[0], np.cumsum(lens)[:-1]]), lens) + np.arange(total)
             img, sig = post_img[at], post_sig[at]
+        if img.min() < 0 or img.max() >= len(ids):  # (a memory-mapped file: checked as far as it is read)
+            raise DamagedWords(f"{self.path or WORDS_NAME}: damaged (a posting names row {int(img.max())} of "
+                               f"{len(ids)})")
         # each read posting's weight: its word's idf over √(Σ idf) of its row's words (ASMK*'s normalisation),
         # computed for the postings read only (the file keeps the rows' norms, not a weight per posting)
         w = np.repeat(idf[qw], lens) / np.maximum(norm[img], np.float32(1e-12))
@@ -403,7 +490,8 @@ class WordIndex:
             extra = {} if self.vocab.projection is None else {"projection": self.vocab.projection}
             with open(tmp, "wb") as f:  # the postings (rows int32, signatures uint64, by word) and the rows' norms
                 np.savez(f, top=self.vocab.top, sub=self.vocab.sub, ids=ids, shas=shas, post_img=ivf[1],
-                         post_ptr=ivf[3], post_sig=ivf[6], row_norm=ivf[2], **extra)
+                         post_ptr=ivf[3], post_sig=ivf[6], row_norm=ivf[2], row_postings=self._row_postings[1],
+                         post_crc=_word_crcs(ivf[1], ivf[6], ivf[3]), **extra)
             fsync(tmp)
             meta = self.fingerprint()
             meta["bytes"] = tmp.stat().st_size
@@ -417,19 +505,24 @@ class WordIndex:
             tmp_meta.unlink(missing_ok=True)
 
     @classmethod
-    def load(cls, directory: Path, signature: str) -> "WordIndex | None":
-        """The stored word index when its fingerprint describes this very file (else None: rebuild)."""
+    def load(cls, directory: Path, signature: str, mapped: bool = False) -> "WordIndex | None":
+        """The stored word index when its fingerprint describes this very file (else None: rebuild). ``mapped`` (a
+        search): the postings are memory-mapped, not read (:func:`_members`), and checked as far as that costs no
+        pass over them; else (a writer, ``retrieve check``) every member is read, CRC-checked and checked whole."""
         try:
             described = _described(directory, signature)
             if described is None:
                 return None
             path, meta = described
-            with np.load(path, allow_pickle=False) as z:  # reading every member checks its CRC
-                top, sub, ids, shas = z["top"], z["sub"], z["ids"], z["shas"]
-                projection = z["projection"] if "projection" in z.files else None  # absent: written before it
-                post = (z["post_img"], z["post_ptr"], z["post_sig"],
-                        z["row_norm"] if "row_norm" in z.files else None) if "post_ptr" in z.files else None
-                bags = (z["ptr"], z["words"], z["counts"], z["sigs"]) if post is None else None  # format 2 only
+            z = _members(path, MAPPED if mapped else ())
+            if mapped and "post_ptr" in z and "post_crc" not in z:  # (no words' checksums: an older file, read whole)
+                z, mapped = _members(path), False
+            top, sub, ids, shas = z["top"], z["sub"], z["ids"], z["shas"]
+            projection = z.get("projection")  # absent: written before it
+            post = (z["post_img"], z["post_ptr"], z["post_sig"], z.get("row_norm"), z.get("row_postings")) \
+                if "post_ptr" in z else None
+            crc = z.get("post_crc")
+            bags = (z["ptr"], z["words"], z["counts"], z["sigs"]) if post is None else None  # format 2 only
         except Exception:  # noqa: BLE001 - missing, truncated, damaged (BadZipFile, CRC, zlib, ValueError…)
             return None
         if (ids.ndim != 1 or shas.ndim != 1 or shas.dtype.kind != "S" or ids.dtype != np.int64
@@ -438,12 +531,23 @@ class WordIndex:
                 or (projection is not None and (projection.ndim != 2 or projection.shape[0] != top.shape[1]))):
             return None
         out = cls(Vocabulary(top, sub, projection), int(meta.get("trained_on", len(ids))), signature)
-        out.format = int(meta["format"]) if post is None or post[3] is not None else 2  # (norms not stored:
-        # format 2, or a format-3 file from before they were: written again, with them, by the next writer)
+        out.path = path
+        # a file of format 3 from before the rows' norms or posting counts were stored is taken as format 2: the
+        # next writer writes it again, with them
+        out.format = int(meta["format"]) if post is None or (post[3] is not None and post[4] is not None
+                                                              and crc is not None) else 2
         out.shas = {i: h.decode() for i, h in zip(ids.tolist(), shas)}
         if post is not None:
-            out._ivf = cls._stored_inverted(ids, *post, out.vocab.size)
-            if out._ivf is None:
+            stored = cls._stored_inverted(ids, *post, out.vocab.size, whole=not mapped)
+            if stored is None:
+                return None
+            out._ivf, counts = stored
+            out._row_postings = (out._ivf, counts)
+            if crc is not None and (crc.shape != (out.vocab.size,) or crc.dtype != np.uint32):
+                return None
+            if mapped:  # each word's postings checked by the first search that reads them
+                out._crc, out._checked = crc, np.zeros(out.vocab.size, bool)
+            elif crc is not None and not np.array_equal(_word_crcs(post[0], post[2], post[1]), crc):
                 return None
             out._bags = None  # made from the postings when a change to the rows needs them
             return out
@@ -458,28 +562,37 @@ class WordIndex:
         return out
 
     @staticmethod
-    def _stored_inverted(ids, post_img, post_ptr, post_sig, norm, V: int):
-        """The inverted file from the stored postings and rows' norms (what :meth:`_inverted` builds from the same
-        bags: the idf from the words' document frequencies; ``norm`` None: the norms computed from the postings),
-        or None when the arrays do not fit together."""
+    def _stored_inverted(ids, post_img, post_ptr, post_sig, norm, counts, V: int, whole: bool = True):
+        """The inverted file from the stored postings, rows' norms and rows' posting counts (what :meth:`_inverted`
+        builds from the same bags: the idf from the words' document frequencies; ``norm`` or ``counts`` None: computed
+        from the postings), with each row's posting count; None when the arrays do not fit together. ``whole``: also
+        the checks that read every posting (each names a row, each word's rows in order); without it a search checks
+        the rows of the postings it reads (:meth:`score_bag`)."""
         n = len(post_img) if post_img.ndim == 1 else -1
         if (post_img.shape != (n,) or post_sig.shape != (n,) or post_sig.dtype != np.uint64
                 or post_ptr.shape != (V + 1,) or post_img.dtype != np.int32 or post_ptr.dtype != np.int64
                 or post_ptr[0] != 0 or post_ptr[-1] != n or np.any(np.diff(post_ptr) < 0)
-                or (n and (post_img.min() < 0 or post_img.max() >= len(ids)))
                 or (norm is not None and (norm.shape != ids.shape or norm.dtype != np.float32
-                                          or not np.all(np.isfinite(norm)) or np.any(norm < 0)))):
+                                          or not np.all(np.isfinite(norm)) or np.any(norm < 0)))
+                or (counts is not None and (counts.shape != ids.shape or counts.dtype != np.int32
+                                            or np.any(counts < 0) or int(counts.sum()) != n))):
             return None
-        step = post_img[1:] > post_img[:-1]  # within a word, each row once and in order (a word's first posting aside)
-        step[post_ptr[1:-1][(post_ptr[1:-1] > 0) & (post_ptr[1:-1] < n)] - 1] = True
-        if not step.all():
-            return None
-        counts = np.diff(post_ptr)
-        df = counts.astype(np.float32)
+        if whole or norm is None or counts is None:
+            if n and (post_img.min() < 0 or post_img.max() >= len(ids)):
+                return None
+            step = post_img[1:] > post_img[:-1]  # within a word, each row once and in order (a word's first posting aside)
+            step[post_ptr[1:-1][(post_ptr[1:-1] > 0) & (post_ptr[1:-1] < n)] - 1] = True
+            if not step.all():
+                return None
+            have = np.bincount(post_img, minlength=len(ids)).astype(np.int32)
+            if counts is not None and not np.array_equal(have, counts):
+                return None
+            counts = have
+        df = np.diff(post_ptr).astype(np.float32)
         idf = np.log((len(ids) + 1) / (df + 1)).astype(np.float32)
         if norm is None:
-            norm = np.sqrt(np.bincount(post_img, np.repeat(idf, counts), minlength=len(ids))).astype(np.float32)
-        return ids, post_img, norm, post_ptr, idf, df, post_sig
+            norm = np.sqrt(np.bincount(post_img, np.repeat(idf, np.diff(post_ptr)), minlength=len(ids))).astype(np.float32)
+        return (ids, post_img, norm, post_ptr, idf, df, post_sig), counts
 
 
 def _postings(bags: list, V: int):
@@ -554,14 +667,19 @@ def _train(rows: dict[int, tuple[str, str]], features, seed: int = 0) -> Vocabul
     return None if sample is None else Vocabulary.train(sample, seed)
 
 
-def sync(store: "IndexStore", verifier: "Verifier", save: bool = True) -> WordIndex | None:
+def sync(store: "IndexStore", verifier: "Verifier", save: bool = True, whole: bool = False) -> WordIndex | None:
     """The word index of ``store``, equal to its rows: loaded, reconciled (or trained and built), and
     written back when it changed and ``save`` (by the index's writer only: :func:`save_as_writer`). None when the
-    collection has too few descriptors."""
+    collection has too few descriptors. A search (a store opened to read, not ``whole``) maps the file's postings
+    (:meth:`WordIndex.load`); a writer reads the file whole, as does a search whose rows differ from the file's."""
     sig = signature(verifier)
     rows = _rows(store)
     features = _features(verifier)
-    wi = WordIndex.load(store.directory, sig)
+    whole = whole or getattr(store, "writable", False)
+    wi = WordIndex.load(store.directory, sig, mapped=not whole)
+    if wi is not None and not whole and (len(rows) != len(wi.shas)
+                                          or any(wi.shas.get(i) != sha for i, (_, sha) in rows.items())):
+        wi = WordIndex.load(store.directory, sig)  # rows changed: the bags are made from the postings, read whole
     changed = False
     if wi is None or len(rows) >= RETRAIN_GROWTH * max(wi.trained_on, 1):
         vocab = _train(rows, features)
@@ -647,12 +765,17 @@ def index_verifier(store: "IndexStore") -> "Verifier":
 
 
 def file_state(store: "IndexStore", verifier: "Verifier") -> str:
-    """``ok``, ``missing`` or ``stale`` (damaged, another fingerprint, or behind the rows): for tests/checks."""
+    """``ok``, ``missing``, ``damaged`` (its fingerprint describes it, but it does not read back whole: CRC, shapes,
+    postings) or ``stale`` (another fingerprint, or behind the rows): ``retrieve check``'s words line."""
     if not (store.directory / WORDS_NAME).exists():
         return "missing"
-    wi = WordIndex.load(store.directory, signature(verifier))
+    sig = signature(verifier)
+    wi = WordIndex.load(store.directory, sig)
     if wi is None:
-        return "stale"
+        try:
+            return "damaged" if _described(store.directory, sig) is not None else "stale"
+        except (OSError, ValueError):
+            return "stale"
     rows = _rows(store)
     same = len(rows) == len(wi.shas) and all(wi.shas.get(i) == sha for i, (_, sha) in rows.items())
     return "ok" if same else "stale"
