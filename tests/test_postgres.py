@@ -215,3 +215,34 @@ def test_bulk_insert_rows_ids_never_reused_and_columns_kept(backend, pg, tmp_pat
         assert store.count() == n and store.rows_by_ids([int(more[1])])
     finally:
         store.close()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_catalogue_ids_selected_by_the_database_as_by_their_paths(backend, pg, tmp_path):
+    """retrieval/index/catalogue.py ids: the rows under the catalogue folders (or equal to a catalogue file), chosen
+    by the database's substr (SQLite and PostgreSQL) and equal to comparing every row's path: a folder whose name
+    only begins the same is not inside, and names stored escaped (not UTF-8) are found inside and as folders."""
+    from retrieval.index import catalogue
+    from retrieval.index.settings import IndexSettings
+    from retrieval.index.store import IndexStore
+
+    if backend == "postgresql":
+        database.use(new_database(pg, "retrieve_catalogue_ids"))
+    st = IndexSettings(model="synthetic", weights_id="x", weights_source="", preprocess={"size": 224},
+                       metric="cosine", dim=4, index_type="flat", faiss_factory="")
+    store = IndexStore.create(tmp_path / "idx", st)
+    paths = ["/shop/a.jpg", "/shop/sub/b.jpg", "/shop2/c.jpg", "/shop.jpg", "/other/d.jpg", "/other/e.jpg",
+             "/shop/caf\udce9.jpg", "/odd\udce9/x.jpg", "/odd/y.jpg", "/ünï/z.jpg"]
+    try:
+        ids = store.insert_rows([{"path": p, "size": 1, "mtime_ns": 1, "sha256": f"{i:064x}", "width": 1, "height": 1,
+                                  "vector": np.zeros(4, np.float32).tobytes(), "indexed_at": 0.0}
+                                 for i, p in enumerate(paths)])
+        by = dict(zip(paths, ids.tolist()))
+        for roots, want in ((["/shop", "/other/e.jpg"], ["/shop/a.jpg", "/shop/sub/b.jpg", "/other/e.jpg",
+                                                         "/shop/caf\udce9.jpg"]),
+                            (["/shop/"], ["/shop/a.jpg", "/shop/sub/b.jpg", "/shop/caf\udce9.jpg"]),
+                            (["/odd\udce9"], ["/odd\udce9/x.jpg"]),  # (a folder stored escaped: every path read)
+                            (["/ünï"], ["/ünï/z.jpg"]), ([], [])):
+            assert catalogue.ids(store, roots).tolist() == sorted(by[p] for p in want), roots
+    finally:
+        store.close()

@@ -327,12 +327,13 @@ def test_opening_a_file_without_the_inverted_file_writes_it_back_once(tmp_path, 
     _write_format2(tmp_path, wi, postings=False)
     assert W.WordIndex.load(tmp_path, sig)._ivf is None
     monkeypatch.setattr(W, "_rows", lambda store: {i: (f"/x/{i}.jpg", "sha") for i in bags})
-    store = SimpleNamespace(directory=tmp_path)
+    store = SimpleNamespace(directory=tmp_path, row_hashes=lambda: {i: "sha" for i in bags})
     W.sync(store, verifier)
     again = W.WordIndex.load(tmp_path, sig)
     assert again._ivf is not None and again.format == W.FORMAT and set(again.bags) == set(bags)
     stamp = (tmp_path / W.WORDS_NAME).stat().st_mtime_ns
-    W.sync(store, verifier)
+    monkeypatch.setattr(W, "_rows", lambda store: pytest.fail("a search of unchanged rows reads their paths"))
+    assert W.sync(store, verifier)._checked is not None  # mapped, the rows' hashes compared, nothing else read
     assert (tmp_path / W.WORDS_NAME).stat().st_mtime_ns == stamp
 
 

@@ -53,7 +53,23 @@ def ids(store: "IndexStore", roots: Iterable[str] | None = None) -> np.ndarray:
     roots = list(folders(store) if roots is None else roots)
     if not roots:
         return np.zeros(0, np.int64)
+    from retrieval.names import ESCAPED, from_db, to_db
+
     prefixes = tuple(r.rstrip(os.sep) + os.sep for r in roots)
     exact = set(roots)
-    found = [i for i, path, _ in store.row_paths() if path.startswith(prefixes) or path in exact]
+    if any(to_db(p) != p for p in prefixes + tuple(exact)):  # a folder name stored escaped (retrieval/names.py)
+        found = [i for i, path, _ in store.row_paths() if path.startswith(prefixes) or path in exact]
+        return np.unique(np.asarray(found, np.int64))
+    # by the database, without reading every row's path (a fresh process's query on a 100 k catalogue read them
+    # all); names stored escaped are decoded and compared here (no plain name starts with ESCAPED)
+    where, params = [], {"esc": ESCAPED, "n_esc": len(ESCAPED)}
+    for k, p in enumerate(prefixes):
+        where.append(f"substr(path, 1, :n{k}) = :p{k}")
+        params.update({f"n{k}": len(p), f"p{k}": p})
+    for k, e in enumerate(exact):
+        where.append(f"path = :e{k}")
+        params[f"e{k}"] = e
+    found = [i for (i,) in store.query(f"SELECT id FROM images WHERE {' OR '.join(where)}", params)]
+    found += [i for i, path in store.query("SELECT id, path FROM images WHERE substr(path, 1, :n_esc) = :esc", params)
+              if from_db(path).startswith(prefixes) or from_db(path) in exact]
     return np.unique(np.asarray(found, np.int64))

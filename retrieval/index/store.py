@@ -507,6 +507,11 @@ class IndexStore(VectorSpace):
         read (retrieval/match/words.py, retrieval/index/catalogue.py)."""
         return [(i, from_db(p), h) for i, p, h in self.query("SELECT id, path, sha256 FROM images")]
 
+    def row_hashes(self) -> dict[int, str]:
+        """id → sha256 of every row: what a search compares its visual-words file with (retrieval/match/words.py
+        sync), without decoding a path."""
+        return dict(self.query("SELECT id, sha256 FROM images"))
+
     def row_by_path(self, path: str) -> Row | None:
         rows = self.query(f"SELECT {_COLS} FROM images WHERE path = :path", {"path": to_db(path)})
         if len(rows) > 1:  # a faces index has a row per face: face_rows

@@ -673,13 +673,15 @@ def sync(store: "IndexStore", verifier: "Verifier", save: bool = True, whole: bo
     collection has too few descriptors. A search (a store opened to read, not ``whole``) maps the file's postings
     (:meth:`WordIndex.load`); a writer reads the file whole, as does a search whose rows differ from the file's."""
     sig = signature(verifier)
-    rows = _rows(store)
-    features = _features(verifier)
     whole = whole or getattr(store, "writable", False)
     wi = WordIndex.load(store.directory, sig, mapped=not whole)
-    if wi is not None and not whole and (len(rows) != len(wi.shas)
-                                          or any(wi.shas.get(i) != sha for i, (_, sha) in rows.items())):
+    if wi is not None and not whole:
+        if (wi.format == FORMAT and wi.vocab.projection is not None
+                and len(wi.shas) < RETRAIN_GROWTH * max(wi.trained_on, 1) and store.row_hashes() == wi.shas):
+            return wi  # the rows' content hashes are the file's: nothing to make (their paths are not read)
         wi = WordIndex.load(store.directory, sig)  # rows changed: the bags are made from the postings, read whole
+    rows = _rows(store)
+    features = _features(verifier)
     changed = False
     if wi is None or len(rows) >= RETRAIN_GROWTH * max(wi.trained_on, 1):
         vocab = _train(rows, features)
