@@ -181,6 +181,7 @@ def test_inverted_file_follows_additions_removals_and_damage(tmp_path, monkeypat
     assert r.exit_code == 1 and "visual-words file damaged" in r.stdout and "NOT consistent" in r.stdout
     r = run("check", "--repair", "--index", idx)
     assert "repaired: made the visual-words file again" in r.stdout and r.stdout.rstrip().endswith("consistent")
+    assert "vector file" not in r.stdout  # (only what was damaged is made again)
     assert run_json("check", "--index", idx)["words_file"] == "ok"
     assert state()[0] == "ok"  # the search wrote the rebuilt file back
     # truncated, or its fingerprint gone: rebuilt as well

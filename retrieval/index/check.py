@@ -240,7 +240,8 @@ def repair_index(directory: str | os.PathLike, reembed=None, prune_missing: bool
                 (store.directory / name).unlink(missing_ok=True)
             words.update_index(store)  # (from the rows' local features, cached per content)
             rep.repaired.append("made the visual-words file again from the rows' local features")
-        if not rep.consistent or rep.trailing or drop:
+        if (rep.faiss_file in PROBLEM_STATES or rep.bad_embeddings or rep.missing_files or rep.trailing
+                or drop):  # (not for a damaged words file alone)
             store.rebuild_faiss()
             store.update_mean()
             store.save_faiss()

@@ -235,7 +235,7 @@ class DamagedWords(RetrieveError):
     """A memory-mapped ``words.npz`` whose postings, as a search reads them, do not fit the file."""
 
 
-def _members(path: Path, mapped: Iterable[str] = ()) -> dict[str, np.ndarray]:
+def _members(path: Path, mapped: Iterable[str] = (), size: int | None = None) -> dict[str, np.ndarray]:
     """The arrays of the ``.npz`` file at ``path`` by name, each read whole (its CRC checked) except those named in
     ``mapped``, which are memory-mapped where stored uncompressed (as :func:`numpy.savez` stores them): the pages a
     search touches are read, not the file — ``words.npz`` is 889 MB at 100 k images, reading and CRC-checking it took
@@ -247,7 +247,9 @@ def _members(path: Path, mapped: Iterable[str] = ()) -> dict[str, np.ndarray]:
 
     mapped = set(mapped)
     out: dict[str, np.ndarray] = {}
-    with np.load(path, allow_pickle=False) as z, open(path, "rb") as f:
+    with open(path, "rb") as f, np.load(f, allow_pickle=False) as z:  # (one open: the file a rename left there)
+        if size is not None and os.fstat(f.fileno()).st_size != size:
+            raise ValueError(f"{path}: not the size its fingerprint records")
         for name in z.files:
             info = z.zip.getinfo(name + ".npy")
             if name not in mapped or info.compress_type != zipfile.ZIP_STORED:
@@ -310,7 +312,7 @@ class WordIndex:
     def bags(self, bags: dict[int, tuple]) -> None:
         self._bags = dict(bags)
         self.shas = {i: b[0] for i, b in self._bags.items()}
-        self._ivf = None
+        self._ivf = self._crc = self._checked = None
 
     # -- keeping it equal to the rows ---------------------------------------------------------------
     def set(self, i: int, sha: str, words: np.ndarray, counts: np.ndarray, sigs: np.ndarray) -> None:
@@ -351,6 +353,7 @@ class WordIndex:
         ids = np.fromiter(bags.keys(), np.int64, len(bags))
         post_img, norm, ptr, idf, df, post_sig = _postings(list(bags.values()), self.vocab.size)
         self._ivf = (ids, post_img, norm, ptr, idf, df, post_sig)
+        self._crc = self._checked = None  # (made here, not read from a file)
         self._row_postings = (self._ivf, np.fromiter((len(b[1]) for b in bags.values()), np.int32, len(bags)))
         return self._ivf
 
@@ -410,12 +413,13 @@ class WordIndex:
             return have[2]
         ids, post_img, norm, ptr, _, _, post_sig = ivf
         rows = np.nonzero(np.isin(ids, allowed))[0]
-        if ivf is self._ivf:
-            self._check_words()  # (the cut reads every posting)
         part = None
         if self._row_postings is None or self._row_postings[0] is not ivf:  # (stored, or made with the inverted file)
             self._row_postings = (ivf, np.bincount(post_img, minlength=len(ids)).astype(np.int32))
         if int(self._row_postings[1][rows].sum(dtype=np.int64)) <= POSTINGS_BUDGET:  # their postings, in the same order
+            if self._checked is not None and len(post_img) and (post_img.min() < 0 or post_img.max() >= len(ids)):
+                raise DamagedWords(f"{self.path or WORDS_NAME}: damaged (a posting names a row past the {len(ids)})")
+            # (a mapped file's words are checked as a query reads them, in the whole file: score_bag)
             keep = np.zeros(len(ids), bool)
             keep[rows] = True
             at = np.flatnonzero(keep[post_img])  # (by word, then row)
@@ -448,8 +452,7 @@ class WordIndex:
             best = np.argsort(-q, kind="stable")
             best = np.sort(best[np.cumsum((ends - starts)[best]) <= budget])  # (kept in word order)
             qw, qs, starts, ends = qw[best], qs[best], starts[best], ends[best]
-        if part is None:
-            self._check_words(qw)
+        self._check_words(qw)  # (with ``part``: the whole words its postings were cut from)
         lens = ends - starts
         total = int(lens.sum())
         if not total:
@@ -484,6 +487,7 @@ class WordIndex:
         tmp = directory / f".{WORDS_NAME}.{os.getpid()}.tmp"
         tmp_meta = directory / f".{META_NAME}.{os.getpid()}.tmp"
         ivf = self._inverted()
+        self._check_words()  # (a mapped file's postings written again only once checked)
         ids = ivf[0]
         shas = np.array([self.shas[i] for i in ids.tolist()], dtype="S64")
         try:
@@ -514,9 +518,9 @@ class WordIndex:
             if described is None:
                 return None
             path, meta = described
-            z = _members(path, MAPPED if mapped else ())
+            z = _members(path, MAPPED if mapped else (), meta.get("bytes"))
             if mapped and "post_ptr" in z and "post_crc" not in z:  # (no words' checksums: an older file, read whole)
-                z, mapped = _members(path), False
+                z, mapped = _members(path, (), meta.get("bytes")), False
             top, sub, ids, shas = z["top"], z["sub"], z["ids"], z["shas"]
             projection = z.get("projection")  # absent: written before it
             post = (z["post_img"], z["post_ptr"], z["post_sig"], z.get("row_norm"), z.get("row_postings")) \
@@ -679,7 +683,8 @@ def sync(store: "IndexStore", verifier: "Verifier", save: bool = True, whole: bo
         if (wi.format == FORMAT and wi.vocab.projection is not None
                 and len(wi.shas) < RETRAIN_GROWTH * max(wi.trained_on, 1) and store.row_hashes() == wi.shas):
             return wi  # the rows' content hashes are the file's: nothing to make (their paths are not read)
-        wi = WordIndex.load(store.directory, sig)  # rows changed: the bags are made from the postings, read whole
+        if wi._checked is not None:  # rows changed: the bags are made from the postings, read whole (an older
+            wi = WordIndex.load(store.directory, sig)  # file without the words' checksums already was)
     rows = _rows(store)
     features = _features(verifier)
     changed = False

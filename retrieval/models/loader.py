@@ -50,8 +50,9 @@ def check_trusted(model: str) -> None:
 
 
 def apply_threads() -> None:
-    """torch's intra-op threads from ``RETRIEVE_THREADS`` (``--threads``), for a command that imports torch only
-    when it needs it (``retrieve index`` through the cached graphs: retrieval/models/prepare.py)."""
+    """torch's intra-op threads from ``RETRIEVE_THREADS`` (``--threads``, which the CLI only puts in the
+    environment): applied where a network is built (retrieval/models/loading.py load_backbone, the faces preset)
+    and by ``retrieve index`` before it embeds."""
     threads = os.environ.get("RETRIEVE_THREADS", "").strip()
     if threads.isdigit() and int(threads) > 0:
         import torch
@@ -95,7 +96,6 @@ def _network(settings):
     """The feature-map network an index records, its weights verified by hash before they are parsed."""
     from retrieval.models.loading import load_backbone
 
-    apply_threads()
     check_trusted(settings.model)
     src = Path(settings.weights_source)
     weights = src if settings.weights_source not in ("", "random") and src.is_file() else None

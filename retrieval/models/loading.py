@@ -134,6 +134,9 @@ def load_backbone(name: str = DEFAULT_MODEL, weights: str | os.PathLike | None =
     ``expected_sha256``: the weights (or TorchScript) file must have this hash, checked before it is parsed
     (an index records it); a mismatch raises :class:`SettingsMismatch`.
     """
+    from retrieval.models.loader import apply_threads
+
+    apply_threads()  # (--threads: torch's intra-op threads, for every command that builds a network)
     dev = pick_device(device)
     if name in REGISTRY:
         spec = REGISTRY[name]
