@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from retrieval.models.backbone import Backbone
+from retrieval.images import own_size  # noqa: F401  (here too, as before)
 from retrieval.models.preprocess import group_by_shape
 from retrieval.errors import RetrieveError
 
@@ -44,12 +45,6 @@ class Explanation:
         their sum checked against the score computed by its definition (explain/cis.py)."""
         return self.cis is not None and self.distance is None and self.cis_target is not None \
             and adds_up(self.cis_target, self.score)
-
-
-def own_size(img: Image.Image) -> tuple[int, int]:
-    """(H, W) of the photo itself, also when it was decoded at reduced size (JPEG draft mode)."""
-    w, h = img.info.get("original_size", img.size)
-    return int(h), int(w)
 
 
 MAP_MAX_SIDE = 1024  # maps in memory: long side at most this by default (a 100 MP photo's map would be 400 MB)

@@ -219,3 +219,9 @@ def read_image_bytes(path: str | os.PathLike) -> bytes:
 def load_image(path: str | os.PathLike, min_side: int | None = None) -> Image.Image:
     """Read and decode one image file (see :func:`read_image_bytes` and :func:`decode_image`)."""
     return decode_image(read_image_bytes(path), path, min_side=min_side)
+
+
+def own_size(img: Image.Image) -> tuple[int, int]:
+    """(H, W) of the photo itself, also when it was decoded at reduced size (JPEG draft mode: ``original_size``)."""
+    w, h = img.info.get("original_size", img.size)
+    return int(h), int(w)

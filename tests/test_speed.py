@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -273,3 +274,24 @@ def test_instance_preset_indexes_common_photo_shapes_without_torch(tmp_path):
     assert full.returncode == 0, full.stderr
     assert full.stderr.strip().splitlines()[-1].split()[1] == "True", full.stderr
     _same_index(tmp_path / "fast", tmp_path / "full", 4)
+
+
+def test_serve_answers_an_upload_without_torch(small_index):
+    """`retrieve serve` on a plain index with cached graphs answers a search of an uploaded photo without loading
+    torch (its first request imported it only to read a photo's size: seconds on the first request)."""
+    import urllib.request
+
+    from clitools import start_server, stop
+
+    src, idx = small_index
+    proc, url, token = start_server(idx, env={"RETRIEVE_THREADS": "1"})
+    try:
+        req = urllib.request.Request(url + "api/search?k=2", data=(src / "cat_crop.jpg").read_bytes(), method="POST",
+                                     headers={"Content-Type": "image/jpeg", "Authorization": f"token {token}"})
+        with urllib.request.urlopen(req, timeout=300) as r:
+            assert json.loads(r.read())["results"][0]["path"].endswith("cat_crop.jpg")
+        maps = Path(f"/proc/{proc.pid}/maps")
+        if maps.exists():  # (Linux)
+            assert "libtorch" not in maps.read_text()
+    finally:
+        stop(proc)

@@ -296,9 +296,7 @@ class Service:
     def add_upload(self, data: bytes, filename: str = "upload") -> dict:
         """Keep an uploaded photo (checked to be a decodable image) and return its token; the oldest uploads are
         dropped while the kept ones take more than ``keep_upload_bytes``."""
-        from retrieval.images import decode_image
-
-        from explain.methods import own_size
+        from retrieval.images import decode_image, own_size
 
         if len(data) > self.max_upload_bytes:
             raise TooLarge(f"upload too large: {len(data):,} bytes (the limit is {self.max_upload_bytes:,})")
@@ -492,7 +490,7 @@ class Service:
         """What ``explain.run.explain_pair`` does, with the same document (:func:`explain.run.prepare_pair`), except
         that the figure and the report (a second or more of image encoding) are drawn in the background: the page
         shows the maps at once, and a download of either waits for it (:meth:`explained_file`)."""
-        from explain.methods import own_size
+        from retrieval.images import own_size
 
         # the CLI's ``retrieve explain --index`` (explain/collection.py), the figure and report drawn afterwards
         pair = st.index.explain_pair(qpath, rpath, self.cache_dir / "explain" / key, method, verify, names=names,
