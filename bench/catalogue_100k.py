@@ -209,7 +209,8 @@ def build_distractors(srcs: list[tuple[str, str]], out: Path, n: int, threads: i
 def run(env: dict, *args: str) -> dict:
     """``retrieve ARGS`` in its own process: stdout, wall seconds, CPU seconds and peak RSS (its ``wait4``)."""
     t = time.perf_counter()
-    p = subprocess.Popen([sys.executable, "-m", "cli", *args], cwd=_common.ROOT, env=env, stdout=subprocess.PIPE,
+    tree = env.get("PYTHONPATH") or _common.ROOT  # (``python -m cli`` runs the cli of its working directory)
+    p = subprocess.Popen([sys.executable, "-m", "cli", *args], cwd=tree, env=env, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
     out, err = [], []
     import threading
@@ -270,7 +271,7 @@ def web_times(index: Path, env: dict, photos: list[Path], log: Path) -> tuple[li
     seconds; the server's peak RSS."""
     from serve_load import Client, Server
 
-    server = Server(index, env, log)
+    server = Server(index, env, log, Path(env.get("PYTHONPATH") or _common.ROOT))
     try:
         client = Client(server, timeout=600)
 
@@ -373,41 +374,49 @@ def formats_section(index: Path, name: str) -> None:
     print(text)
 
 
-def timing_section(out: Path, indexes: list[str], timed_n: int, rounds: int, threads: int, name: str) -> None:
-    """One query's seconds on indexes already built under ``out`` (their names, e.g. 500 100500), by this tree: a
-    fresh ``retrieve search PHOTO --json`` process per photo, the indexes alternating photo by photo, ``rounds``
-    times; then each through ``retrieve serve``. Appended to bench/results/NAME.md."""
+def _rev(tree: Path) -> str:
+    return subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True).stdout.strip()
+
+
+def timing_section(out: Path, indexes: list[str], timed_n: int, rounds: int, threads: int, name: str,
+                   against: Path | None = None) -> None:
+    """One query's seconds on indexes already built under ``out`` (their names, e.g. 500 100500), by this tree and
+    (``against``) by another checkout: a fresh ``retrieve search PHOTO --json`` process per photo, the indexes and
+    the trees alternating photo by photo, ``rounds`` times; then each through ``retrieve serve``. Appended to
+    bench/results/NAME.md."""
     photos = out / "photos"
     timed = [sorted((photos / d).glob("view1.jpg"))[0] for d in sorted(os.listdir(photos))][:timed_n]
-    env = {**os.environ, "RETRIEVE_THREADS": str(threads), "OMP_NUM_THREADS": str(threads),
-           "PYTHONPATH": str(_common.ROOT)}
-    envs = {k: {**env, "XDG_CACHE_HOME": str(out / f"xdg-{k}")} for k in indexes}
+    trees = [_common.ROOT] + ([against.resolve()] if against else [])
+    env = {**os.environ, "RETRIEVE_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
+    runs = [(k, t) for k in indexes for t in trees]
+    envs = {(k, t): {**env, "PYTHONPATH": str(t), "XDG_CACHE_HOME": str(out / f"xdg-{k}")} for k, t in runs}
     for k in indexes:  # the first open of an index written by an older version rewrites its words (not timed)
-        run(envs[k], "search", str(timed[0]), "--index", str(out / f"index-{k}"), "--json")
-    cli = {k: [] for k in indexes}
-    rss = {k: 0 for k in indexes}
+        run(envs[k, trees[0]], "search", str(timed[0]), "--index", str(out / f"index-{k}"), "--json")
+    cli = {r: [] for r in runs}
+    rss = {r: 0 for r in runs}
     load0 = os.getloadavg()
     for _ in range(rounds):
         for p in timed:
-            for k in indexes:
-                r = run(envs[k], "search", str(p), "--index", str(out / f"index-{k}"), "--json")
-                cli[k].append(r["wall"])
-                rss[k] = max(rss[k], r["rss"])
+            for r in runs:
+                got = run(envs[r], "search", str(p), "--index", str(out / f"index-{r[0]}"), "--json")
+                cli[r].append(got["wall"])
+                rss[r] = max(rss[r], got["rss"])
     rows = []
-    for k in indexes:
-        web, first, web_rss = web_times(out / f"index-{k}", envs[k], timed, out / f"serve-{k}.log")
-        rows.append([f"{int(k):,}", len(cli[k]), f"{pct(cli[k], 50):.2f}", f"{pct(cli[k], 99):.2f}",
-                     f"{rss[k] / 1e6:,.0f}", f"{pct(web, 50):.2f}", f"{pct(web, 99):.2f}", f"{first:.1f}",
+    for k, t in runs:
+        web, first, web_rss = web_times(out / f"index-{k}", envs[k, t], timed, out / f"serve-{k}.log")
+        rows.append([f"{int(k):,}", _rev(t), len(cli[k, t]), f"{pct(cli[k, t], 50):.2f}", f"{pct(cli[k, t], 99):.2f}",
+                     f"{rss[k, t] / 1e6:,.0f}", f"{pct(web, 50):.2f}", f"{pct(web, 99):.2f}", f"{first:.1f}",
                      f"{web_rss / 1e6:,.0f}"])
-    rev = subprocess.run(["git", "-C", str(_common.ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                         text=True).stdout.strip()
-    text = (f"\n## One query, this tree ({rev}), the indexes alternating (`python bench/catalogue_100k.py --timing "
-            f"{' '.join(indexes)} --out DIR --timed {timed_n} --rounds {rounds}`)\n\n{threads} threads, load average "
+    text = (f"\n## One query, {' against '.join(_rev(t) for t in trees)}, alternating (`python bench/catalogue_100k.py "
+            f"--timing {' '.join(indexes)} --out DIR --timed {timed_n} --rounds {rounds}"
+            f"{' --against CHECKOUT' if against else ''}`)\n\n{threads} threads, load average "
             f"{load0[0]:.1f} → {os.getloadavg()[0]:.1f}. CLI: a fresh `retrieve search PHOTO --index I --json` process "
-            "per query (start-up, opening the index and its words included), the two indexes one after the other for "
-            "each photo; web: `POST /api/search?k=10` to a warm `retrieve serve` (first: its first request).\n\n")
-    text += _common.table(["images", "CLI queries", "CLI p50 s", "CLI p99 s", "CLI RSS MB", "web p50 s", "web p99 s",
-                           "web first s", "serve RSS MB"], rows) + "\n"
+            "per query (start-up, opening the index and its words included), the indexes and revisions one after the "
+            "other for each photo; web: `POST /api/search?k=10` to a warm `retrieve serve` (first: its first "
+            "request), each revision's server in turn.\n\n")
+    text += _common.table(["images", "revision", "CLI queries", "CLI p50 s", "CLI p99 s", "CLI RSS MB", "web p50 s",
+                           "web p99 s", "web first s", "serve RSS MB"], rows) + "\n"
     with open(_common.RESULTS / f"{name}.md", "a") as f:
         f.write(text)
     print(text)
@@ -418,6 +427,8 @@ def main() -> None:
     ap.add_argument("--timing", nargs="+", metavar="N", help="only time one query on the indexes index-N under --out "
                     "(appended to --name)")
     ap.add_argument("--rounds", type=int, default=1, help="--timing: the photos this many times")
+    ap.add_argument("--against", type=Path, metavar="CHECKOUT",
+                    help="--timing: also time another checkout of retrieve (a git worktree), alternating")
     ap.add_argument("--formats", type=Path, metavar="INDEX",
                     help="only compare INDEX's words.npz written as format 3 and as format 2 (appended to --name)")
     ap.add_argument("--n", type=int, default=100_000, help="distractor catalogue images (default 100000)")
@@ -431,7 +442,7 @@ def main() -> None:
     if args.formats:
         return formats_section(args.formats, args.name)
     if args.timing:
-        return timing_section(args.out, args.timing, args.timed, args.rounds, args.threads, args.name)
+        return timing_section(args.out, args.timing, args.timed, args.rounds, args.threads, args.name, args.against)
     caltech = _common.shared_dataset("caltech101")
     faces = _common.shared_dataset("att_faces")
     if caltech is None:
