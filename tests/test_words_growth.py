@@ -377,6 +377,7 @@ def test_the_vocabulary_sample_stays_bounded_in_a_large_collection(monkeypatch):
     from types import SimpleNamespace
 
     monkeypatch.setattr(W, "TRAIN_DESCRIPTORS", 1000)
+    monkeypatch.setattr(W, "BRANCH_MAX", 5)  # (its full vocabulary needs 5² × 20 = 500: the cap decides)
     rng = np.random.default_rng(0)
     desc = {i: rng.integers(0, 255, (120, 128), dtype=np.uint8) for i in range(100)}
     read = []
@@ -392,3 +393,9 @@ def test_the_vocabulary_sample_stays_bounded_in_a_large_collection(monkeypatch):
     read.clear()
     small = {i: rows[i] for i in range(10)}
     assert len(W._sample(small, features)) == 1000 and len(read) == 10  # 10 rows × 100: every row
+    # a cap below what the largest vocabulary needs (10² words × 20): enough rows for it, and it gets all its words
+    monkeypatch.setattr(W, "BRANCH_MAX", 10)
+    read.clear()
+    sample = W._sample(rows, features)
+    assert len(sample) == 2000 and len(read) == 40 == len(set(read))  # 40 rows × 50
+    assert W.Vocabulary.train(sample).size == 100
