@@ -242,10 +242,8 @@ def _new_index_backbone(a: _Asked, engine: str = "local"):
                               faiss_factory="Flat", explain=default_explain(got["preprocess"]["size"]),
                               head=None, pooling=got["pooling"], precision=a.precision or "fp32")
         return _index_backbone(probe)  # the cached graphs, else the network for these settings
-    from retrieval.models.loader import apply_threads
     from retrieval.models.loading import load_backbone
 
-    apply_threads()
     return load_backbone(model, a.weights, input_size=a.input_size, resize=a.resize, pooling=a.pooling)
 
 

@@ -49,18 +49,6 @@ def check_trusted(model: str) -> None:
                          f"the command again with --trust-model (or set {TRUST_ENV}=1)")
 
 
-def apply_threads() -> None:
-    """torch's intra-op threads from ``RETRIEVE_THREADS`` (``--threads``, which the CLI only puts in the
-    environment): applied where a network is built (retrieval/models/loading.py load_backbone, the faces preset)
-    and by ``retrieve index`` before it embeds."""
-    threads = os.environ.get("RETRIEVE_THREADS", "").strip()
-    if threads.isdigit() and int(threads) > 0:
-        import torch
-
-        if torch.get_num_threads() != int(threads):
-            torch.set_num_threads(int(threads))
-
-
 def backbone_for_settings(settings, input_size: int | None = None, *,
                           purpose: str = "search") -> Backbone:
     """The backbone an index was built with: the same model, weights and preprocessing (``input_size``: another

@@ -20,7 +20,7 @@ from torch import nn
 
 from retrieval.errors import RetrieveError, SettingsMismatch, UnknownModel, WeightsUnavailable
 from retrieval.models.backbone import Backbone
-from retrieval.models.networks import LayerOutput, pick_device
+from retrieval.models.networks import LayerOutput, apply_threads, pick_device
 from retrieval.models.pooling import Pooling, parse_pooling
 from retrieval.models.preprocess import Preprocess
 from retrieval.models.registry import (DEFAULT_MODEL, EMBEDDED, IMAGENET, REGISTRY, ModelSpec, embedded_weights_file,
@@ -134,8 +134,6 @@ def load_backbone(name: str = DEFAULT_MODEL, weights: str | os.PathLike | None =
     ``expected_sha256``: the weights (or TorchScript) file must have this hash, checked before it is parsed
     (an index records it); a mismatch raises :class:`SettingsMismatch`.
     """
-    from retrieval.models.loader import apply_threads
-
     apply_threads()  # (--threads: torch's intra-op threads, for every command that builds a network)
     dev = pick_device(device)
     if name in REGISTRY:
