@@ -83,7 +83,7 @@ def main(ctx: click.Context, threads: int | None) -> None:
 
 def _set_threads(ctx: click.Context) -> None:
     """``--threads`` for whatever the command runs: put in RETRIEVE_THREADS, which ONNX Runtime's sessions
-    (retrieval/models/graphs.py) and torch, where a command imports it, read (retrieval/models/networks.py
+    (retrieval/models/graphs.py) and torch, where a command imports it, read (retrieval/models/loading.py
     apply_threads). Never imports torch itself: a search through the cached graphs does not need it (importing it
     took 1-3 s of a fresh process's query)."""
     threads = (ctx.obj or {}).get("threads")

@@ -90,7 +90,7 @@ class FacesPreset(Preset):
 
     def backbone(self, settings, input_size: int | None = None, purpose: str = "search"):
         from retrieval.faces.network import load_backbone
-        from retrieval.models.networks import apply_threads
+        from retrieval.models.loading import apply_threads
 
         apply_threads()  # (--threads: torch's threads, as for a registry model's network)
         return load_backbone(expected_sha256=settings.weights_id if settings else None)

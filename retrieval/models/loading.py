@@ -20,7 +20,7 @@ from torch import nn
 
 from retrieval.errors import RetrieveError, SettingsMismatch, UnknownModel, WeightsUnavailable
 from retrieval.models.backbone import Backbone
-from retrieval.models.networks import LayerOutput, apply_threads, pick_device
+from retrieval.models.networks import LayerOutput, pick_device
 from retrieval.models.pooling import Pooling, parse_pooling
 from retrieval.models.preprocess import Preprocess
 from retrieval.models.registry import (DEFAULT_MODEL, EMBEDDED, IMAGENET, REGISTRY, ModelSpec, embedded_weights_file,
@@ -119,6 +119,15 @@ def _registry_weights(spec: ModelSpec, weights: str | os.PathLike | None) -> Pat
             f"{spec.name}: cannot download its weights ({type(e).__name__}); download "
             f"{_torchvision_weights(spec.name).url} elsewhere and pass --weights PATH") from None
     return f
+
+
+def apply_threads() -> None:
+    """torch's intra-op threads from ``RETRIEVE_THREADS`` (``--threads``, which the CLI only puts in the
+    environment): applied where a network is built (:func:`load_backbone`, the faces preset). Here, not beside the
+    network classes in networks.py, whose source is part of the cached graphs' key."""
+    threads = os.environ.get("RETRIEVE_THREADS", "").strip()
+    if threads.isdigit() and int(threads) > 0 and torch.get_num_threads() != int(threads):
+        torch.set_num_threads(int(threads))
 
 
 def load_backbone(name: str = DEFAULT_MODEL, weights: str | os.PathLike | None = None, *,

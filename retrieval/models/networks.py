@@ -9,16 +9,6 @@ from torch import nn
 from retrieval.errors import RetrieveError
 
 
-def apply_threads() -> None:
-    """torch's intra-op threads from ``RETRIEVE_THREADS`` (``--threads``, which the CLI only puts in the
-    environment): applied where a network is built (retrieval/models/loading.py load_backbone, the faces preset)."""
-    import os
-
-    threads = os.environ.get("RETRIEVE_THREADS", "").strip()
-    if threads.isdigit() and int(threads) > 0 and torch.get_num_threads() != int(threads):
-        torch.set_num_threads(int(threads))
-
-
 def pick_device(device: str | None = None) -> torch.device:
     """``None``/"auto" → CUDA when present, else CPU. On CUDA, TF32 is turned off for convolutions and matrix
     products: PyTorch allows it for cuDNN's convolutions by default, which moved embeddings by up to 7e-4 and SFAM
