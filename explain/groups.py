@@ -14,10 +14,10 @@ from typing import Sequence
 import numpy as np
 
 from retrieval.errors import ImageError
-from retrieval.images import load_image
+from retrieval.images import load_image, own_size
 from retrieval.verdict import collection_note
 
-from .methods import MAP_MAX_SIDE, own_size
+from .methods import MAP_MAX_SIDE
 from .render import ReportItem, pair_figure, save_maps, saved_side, write_report
 from .run import _display, _explain_all, _prepare_out, load_readable, pair_record, ranking_pairs
 

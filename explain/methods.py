@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from retrieval.images import own_size
 from retrieval.models.backbone import Backbone
-from retrieval.images import own_size  # noqa: F401  (here too, as before)
 from retrieval.models.preprocess import group_by_shape
 from retrieval.errors import RetrieveError
 

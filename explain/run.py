@@ -24,12 +24,12 @@ import numpy as np
 from PIL import Image
 
 from retrieval.errors import ImageError, RetrieveError
-from retrieval.images import load_image
+from retrieval.images import load_image, own_size
 from retrieval.names import json_name
 from retrieval.verdict import collection_note, verdict as make_verdict
 
 from .cis import SHARE_OF, Decomposition, channel_rows, decompose_in
-from .methods import MAP_LABELS, MAP_MAX_SIDE, Explainer, Explanation, describe_map, make_explainer, own_size
+from .methods import MAP_LABELS, MAP_MAX_SIDE, Explainer, Explanation, describe_map, make_explainer
 from .render import ReportItem, pair_figure, save_maps, saved_side, write_report
 
 

@@ -465,9 +465,6 @@ class WordIndex:
         else:  # the postings' positions in one array (the same order)
             at = np.repeat(starts - np.concatenate([[0], np.cumsum(lens)[:-1]]), lens) + np.arange(total)
             img, sig = post_img[at], post_sig[at]
-        if img.min() < 0 or img.max() >= len(ids):  # (a memory-mapped file: checked as far as it is read)
-            raise DamagedWords(f"{self.path or WORDS_NAME}: damaged (a posting names row {int(img.max())} of "
-                               f"{len(ids)})")
         # each read posting's weight: its word's idf over √(Σ idf) of its row's words (ASMK*'s normalisation),
         # computed for the postings read only (the file keeps the rows' norms, not a weight per posting)
         w = np.repeat(idf[qw], lens) / np.maximum(norm[img], np.float32(1e-12))
