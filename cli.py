@@ -144,6 +144,12 @@ class _Bar:
         if self.bar:
             self.bar.update(n)
 
+    def stage(self, label: str, total: int) -> None:
+        """A later stage of the same run (indexer/common.py stage_progress): this bar ends, one for ``label`` starts."""
+        self.close()
+        self.label = label
+        self.start(total)
+
     def close(self) -> None:
         if self.bar:
             self.bar.__exit__(None, None, None)

@@ -6,7 +6,7 @@ import signal
 import threading
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Protocol
+from typing import Callable, Protocol
 
 
 class Progress(Protocol):
@@ -20,6 +20,24 @@ class NoProgress:
 
     def advance(self, n: int) -> None:
         pass
+
+
+def stage_progress(progress: Progress | None, label: str) -> Callable[[int, int], None] | None:
+    """A later stage of the run as ``report(done, total)`` on ``progress``: where it can show stages (``stage(label,
+    total)``: the CLI's bar), a bar of its own; else None (nothing to show)."""
+    stage = getattr(progress, "stage", None)
+    if stage is None:
+        return None
+    shown = 0
+
+    def report(done: int, total: int) -> None:
+        nonlocal shown
+        if not shown:
+            stage(label, total)
+        progress.advance(done - shown)
+        shown = done
+
+    return report
 
 
 @dataclass

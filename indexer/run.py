@@ -34,7 +34,7 @@ from retrieval.presets import FACES, GENERAL, preset_named, preset_of
 
 from retrieval.scan import FileEntry, check_paths, scan_paths
 
-from .common import IndexReport, NoProgress, Progress, sigint_deferred
+from .common import IndexReport, NoProgress, Progress, sigint_deferred, stage_progress
 from .rows import Decoded, by_path, commit_embedded, drop_vanished, plan_run, record_skip, reuse
 
 if TYPE_CHECKING:  # torch is imported only where the cached ONNX graphs cannot serve (retrieval/models/graphs.py)
@@ -200,7 +200,7 @@ def index_paths(paths: Iterable[str | os.PathLike], index_dir: str | os.PathLike
                     store.discard()  # nothing could be indexed: no index, rather than an empty one
                     discarded = True
                 else:
-                    _finalise(store, report, refit, bb)
+                    _finalise(store, report, refit, bb, progress)
             finally:
                 store.close()
     report.interrupted = report.interrupted or stop.is_set()
@@ -259,9 +259,11 @@ def _existing_preset(index_dir):
         return None
 
 
-def _finalise(store: IndexStore, report: IndexReport, refit: bool, bb: Backbone | None = None) -> None:
+def _finalise(store: IndexStore, report: IndexReport, refit: bool, bb: Backbone | None = None,
+              progress: Progress | None = None) -> None:
     """Head fit, retraining or compaction, μ, and the vector file: one consistent state on disk. A run that
-    changed nothing (indexer/unchanged.py) leaves μ and the vector file as they are."""
+    changed nothing (indexer/unchanged.py) leaves μ and the vector file as they are. ``progress``: the visual
+    words' quantisation is shown as a stage of its own (minutes at 100 k images)."""
     from .unchanged import record as record_state, unchanged
 
     rebuilt = True
@@ -278,7 +280,7 @@ def _finalise(store: IndexStore, report: IndexReport, refit: bool, bb: Backbone 
     if store.settings.search.get("words") and not report.interrupted:  # the visual-word inverted file
         from retrieval.match.words import update_index
 
-        update_index(store)
+        update_index(store, progress=stage_progress(progress, "visual words"))
     if not report.interrupted:
         refresh_calibration(store)  # where scores stand in this collection (explain verdicts)
         if bb is not None:  # μ at the explain resolution, for the explanations' centring

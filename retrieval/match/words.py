@@ -26,36 +26,36 @@ that is missing, damaged or described by another fingerprint is rebuilt from the
 is. The indexer brings it up to date at the end of every run; a search writes it only when it can take the
 writer lock without waiting (:func:`save_as_writer`). What it holds is the inverted file (format 3): each
 word's postings, a row position (int32) and a signature (uint64) each, 12 bytes, from which the rows' bags and
-the postings' weights follow, with each row's norm and posting count and a CRC-32 of each word's postings. A
-writer (and ``retrieve check``) reads it whole, checking the zip's CRCs and every posting; a search memory-maps
-the postings and checks each word's CRC-32 the first time it reads that word (:meth:`WordIndex._check_words`),
-so that a fresh process's query reads the pages of its own words, not the file (889 MB at 100 k images). Only a
-change to the rows makes the bags from the postings. Format 2 also kept the bags and the weights (30 bytes a
-posting); its files, and format-3 files without the counts or checksums, are still read (whole), and written
-again by the next writer.
+the postings' weights follow, with each row's norm and posting count and a CRC-32 of each word's postings. The
+postings are memory-mapped and each word is checked against its CRC-32 as it is first read
+(:meth:`WordIndex._check_words`): a fresh process's query reads the pages of its own words, not the file (873 MB at
+100 k images); a writer checks every word, as it copies the unchanged rows' postings into the next file or, when
+nothing changed, all of them; ``retrieve check`` reads the file whole. The file is written by
+retrieval/match/wordfile.py, with bounded memory: the new rows' bags quantised many images at a time, the
+postings inverted a bucket of words at a time. Format 2 also kept the bags and the weights (30 bytes a posting);
+its files, and format-3 files without the counts or checksums, are still read (whole), and written again by the
+next writer.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import shutil
 import zlib
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 import numpy as np
 
 from retrieval.errors import RetrieveError
+from retrieval.match import wordfile
+from retrieval.match.wordfile import FORMAT, META_NAME, WORDS_NAME, DamagedWords, release
 
 if TYPE_CHECKING:
     from retrieval.index.store import IndexStore
     from retrieval.match.verify import LocalFeatures, Verifier
 
-WORDS_NAME = "words.npz"
-META_NAME = "words.json"
-FORMAT = 3  # 3: the postings alone (rows and signatures; the bags and weights follow from them), a third of 2's
-# size; 2: per-word residual signatures (ASMK*) with the bags and the postings (still read, written again as 3);
-# a file of format 1 is rebuilt
 READ_FORMATS = (2, 3)
 MAPPED = ("post_img", "post_sig")  # memory-mapped by a search: the postings, 12 bytes each (the rest: a few MB)
 TEMPORARY_GLOBS = (f".{WORDS_NAME}.*.tmp", f".{META_NAME}.*.tmp")
@@ -75,6 +75,7 @@ POSTINGS_BUDGET = 4_000_000  # at most this many postings are read per query: it
 SHORTLIST = 30  # the inverted file's top candidates merged with the global shortlist (the instance preset's words W)
 SLICE_MIN = 100  # words with this many postings on average are read as slices (one Python step per word), fewer
 # through one index array (one step per posting; 3× faster at 500 images, 2× slower at 100 k)
+CHECK_WORDS = 1024  # a check of every word of a mapped file goes this many words at a time (:func:`release`)
 PROJECTION_DIMS = 64  # verification matches RootSIFT in this many dimensions, learned with the vocabulary
 SIG_BITS = 64  # ASMK* signature: the signs of a word's aggregated residual in the first 64 axes of that subspace
 ASMK_ALPHA = 3.0  # selectivity: σ(u) = u**α for u > τ; α 3, τ 0 as in the paper (α 1: catalogue image in the
@@ -198,21 +199,31 @@ class Vocabulary:
         """(distinct words, their counts, their ASMK* signatures) of an image's SIFT descriptors (uint8): a
         word's signature has bit j set when the sum of its descriptors' residuals from the word's centre
         (RootSIFT), projected on axis j of the matching subspace, is positive (bit 63 − j of the uint64)."""
-        root = _root(desc)
-        words = self.quantise(root)
-        if not len(words):
-            return _empty_bag()
-        basis = self._basis()
-        order = np.argsort(words, kind="stable")
-        words = words[order]
-        w, start, n = np.unique(words, return_index=True, return_counts=True)
-        res = root[order] - self.sub.reshape(-1, self.sub.shape[2])[words]
+        _, words, counts, sigs = self.bags([desc])
+        return words, counts, sigs
+
+    def bags(self, descs: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The bags (:meth:`bag`) of several images' descriptors at once, as each posting's image (its position in
+        ``descs``, int32), word (int32), count (uint16) and signature (uint64), by image then word. Quantising
+        tens of images together takes one product per top-level cluster for all of them, not for each."""
+        lens = np.fromiter((len(d) for d in descs), np.int64, len(descs))
+        if not lens.sum():
+            return (np.zeros(0, np.int32), *_empty_bag())
         from retrieval.match.verify import one_blas_thread
 
-        with one_blas_thread():
-            agg = np.add.reduceat(res, start, axis=0) @ basis
-        sig = np.packbits(agg > 0, axis=1).view(">u8").ravel().astype(np.uint64)
-        return w.astype(np.int32), n.astype(np.uint16), sig
+        root = _root(np.concatenate(descs))
+        key = np.repeat(np.arange(len(descs), dtype=np.int64), lens) * self.size + self.quantise(root)
+        order = np.argsort(key, kind="stable")  # each image's descriptors by word, in their order within a word
+        key = key[order]
+        start = np.flatnonzero(np.concatenate([[True], key[1:] != key[:-1]]))
+        u, n = key[start], np.diff(np.append(start, len(key)))
+        with one_blas_thread():  # each descriptor's residual from its word's centre, projected (a linear map: the
+            proj = self._basis().T @ (root[order] - self.sub.reshape(-1, self.sub.shape[2])[key % self.size]).T
+        # sums' projection is the projections' sum), as rows (dimension × descriptor), summed per (image, word) along
+        # contiguous rows (np.add.reduceat down a column takes a slow step per word: 10 of 23 s of bagging 5 000 images)
+        agg = np.add.reduceat(proj, start, axis=1).T
+        sig = np.packbits(np.ascontiguousarray(agg > 0), axis=1).view(">u8").ravel().astype(np.uint64)
+        return (u // self.size).astype(np.int32), (u % self.size).astype(np.int32), n.astype(np.uint16), sig
 
     def _basis(self) -> np.ndarray:
         """128 × 64: the axes the signatures' bits are signs on (the matching subspace, or RootSIFT's first 64)."""
@@ -230,10 +241,6 @@ def _word_crcs(post_img: np.ndarray, post_sig: np.ndarray, ptr: np.ndarray, word
         a, b = int(ptr[w]), int(ptr[w + 1])
         out.append(zlib.crc32(post_sig[a:b], zlib.crc32(post_img[a:b])))
     return np.asarray(out, np.uint32)
-
-
-class DamagedWords(RetrieveError):
-    """A memory-mapped ``words.npz`` whose postings, as a search reads them, do not fit the file."""
 
 
 def _members(path: Path, mapped: Iterable[str] = (), size: int | None = None) -> dict[str, np.ndarray]:
@@ -395,7 +402,15 @@ class WordIndex:
         again). A file read whole was checked as it was read."""
         if self._checked is None:
             return
-        todo = np.flatnonzero(~self._checked) if words is None else np.unique(words[~self._checked[words]])
+        if words is None:  # every word, a range at a time, letting go of each range's pages once checked
+            for w0 in range(0, len(self._checked), CHECK_WORDS):
+                w1 = min(len(self._checked), w0 + CHECK_WORDS)
+                self._check_words(np.arange(w0, w1))
+                _, post_img, _, ptr, _, _, post_sig = self._ivf
+                release(post_img, int(ptr[w0]), int(ptr[w1]))
+                release(post_sig, int(ptr[w0]), int(ptr[w1]))
+            return
+        todo = np.unique(words[~self._checked[words]])
         if not len(todo):
             return
         _, post_img, _, ptr, _, _, post_sig = self._ivf
@@ -673,48 +688,82 @@ def _train(rows: dict[int, tuple[str, str]], features, seed: int = 0) -> Vocabul
     return None if sample is None else Vocabulary.train(sample, seed)
 
 
-def sync(store: "IndexStore", verifier: "Verifier", save: bool = True, whole: bool = False) -> WordIndex | None:
-    """The word index of ``store``, equal to its rows: loaded, reconciled (or trained and built), and
-    written back when it changed and ``save`` (by the index's writer only: :func:`save_as_writer`). None when the
-    collection has too few descriptors. A search (a store opened to read, not ``whole``) maps the file's postings
-    (:meth:`WordIndex.load`); a writer reads the file whole, as does a search whose rows differ from the file's."""
+def sync(store: "IndexStore", verifier: "Verifier", save: bool = True, whole: bool = False,
+         progress: Callable[[int, int], None] | None = None) -> WordIndex | None:
+    """The word index of ``store``, equal to its rows: loaded, or (trained and) built again where the rows or the
+    file's format changed, written by the index's writer when ``save`` (:func:`save_as_writer`), else in a private
+    temporary folder. None when the collection has too few descriptors. The file's postings are memory-mapped
+    (:meth:`WordIndex.load`) and each word is checked against its CRC-32 as it is read: by a search, the words of its
+    query; by a build, every word it copies (retrieval/match/wordfile.py); by a writer whose rows did not change,
+    every word. ``whole``: read and check the file whole first (a search that found a mapped word damaged).
+    ``progress(done, total)``: the rows quantised so far, of those to quantise."""
     sig = signature(verifier)
-    whole = whole or getattr(store, "writable", False)
+    writer = getattr(store, "writable", False)
     wi = WordIndex.load(store.directory, sig, mapped=not whole)
-    if wi is not None and not whole:
-        if (wi.format == FORMAT and wi.vocab.projection is not None
-                and len(wi.shas) < RETRAIN_GROWTH * max(wi.trained_on, 1) and store.row_hashes() == wi.shas):
-            return wi  # the rows' content hashes are the file's: nothing to make (their paths are not read)
-        if wi._checked is not None:  # rows changed: the bags are made from the postings, read whole (an older
-            wi = WordIndex.load(store.directory, sig)  # file without the words' checksums already was)
-    rows = _rows(store)
-    features = _features(verifier)
-    changed = False
+    rows = features = None
+    quantise_all = False  # every row quantised again in the file's vocabulary (a writer found a word damaged)
+    if (wi is not None and wi.format == FORMAT and len(wi.shas) < RETRAIN_GROWTH * max(wi.trained_on, 1)
+            and store.row_hashes() == wi.shas):  # the rows' content hashes are the file's (their paths are not read)
+        fitted = False
+        if wi.vocab.projection is None:  # a file written before projections: the vocabulary's own sample adds one
+            rows, features = _rows(store), _features(verifier)
+            sample = _sample(rows, features)
+            wi.vocab.projection = None if sample is None else fit_projection(sample)
+            fitted = wi.vocab.projection is not None
+        if not fitted:  # nothing to make
+            if not writer:
+                return wi
+            try:
+                wi._check_words()  # a writer leaves no damaged file behind it
+                return wi
+            except DamagedWords:
+                quantise_all = True
+    rows = rows if rows is not None else _rows(store)
+    features = features or _features(verifier)
     if wi is None or len(rows) >= RETRAIN_GROWTH * max(wi.trained_on, 1):
         vocab = _train(rows, features)
         if vocab is None:
             return None
-        wi, changed = WordIndex(vocab, len(rows), sig), True
-    elif wi.vocab.projection is None:  # a file written before projections: the vocabulary's own sample adds one
-        sample = _sample(rows, features)
-        wi.vocab.projection = None if sample is None else fit_projection(sample)
-        changed = wi.vocab.projection is not None
-    changed = changed or wi._ivf is None or wi.format != FORMAT  # a file of an older format: written again
-    changed = wi.reconcile(rows, features) > 0 or changed
-    if changed and save:
-        save_as_writer(store, wi)
-    return wi
+        old, trained_on = None, len(rows)
+    else:
+        vocab, trained_on, old = wi.vocab, wi.trained_on, None if quantise_all else wi
+        if vocab.projection is None:
+            sample = _sample(rows, features)
+            vocab.projection = None if sample is None else fit_projection(sample)
+    built = None
+
+    def write(directory: Path) -> None:
+        nonlocal built
+        try:
+            wordfile.build(directory, vocab, trained_on, sig, rows, features, old, progress)
+        except DamagedWords:  # a word of the file it copies from is damaged: every row quantised again
+            wordfile.build(directory, vocab, trained_on, sig, rows, features, None, progress)
+        built = WordIndex.load(directory, sig, mapped=True)  # (read back before another writer may replace it)
+
+    if save and save_as_writer(store, write):
+        return built
+    import tempfile
+
+    try:
+        with tempfile.TemporaryDirectory(prefix="retrieve-words.") as tmp:  # (the mapping outlives the folder)
+            write(Path(tmp))
+    except OSError:
+        return None  # nowhere to build it (a full or unwritable temporary folder): no visual words this time
+    return built
 
 
-def save_as_writer(store: "IndexStore", wi: WordIndex) -> bool:
-    """Write ``wi`` to the index directory as its writer, or not at all (False). A store opened for writing holds
-    the writer lock; a reader (a search, the web app) takes the lock without waiting and writes only while it
-    holds it. While ``retrieve index`` or another writer runs, or where the directory is read-only, the reader
-    keeps what it computed in memory and writes nothing (the writer's run ends by bringing the file up to date).
-    Not "readers only compute": an index whose searches use words without its runs writing them (a catalogue
-    searched without ``words``), or a file from an older version, would be rebuilt by every search."""
+def save_as_writer(store: "IndexStore", write: Callable[[Path], None]) -> bool:
+    """``write(directory)`` the word index into the index directory as its writer, or not at all (False). A store
+    opened for writing holds the writer lock; a reader (a search, the web app) takes the lock without waiting and
+    writes only while it holds it. While ``retrieve index`` or another writer runs, or where the directory is
+    read-only, the reader writes nothing there (it builds in a temporary folder; the writer's run ends by bringing
+    the file up to date). Not "readers only compute": an index whose searches use words without its runs writing
+    them (a catalogue searched without ``words``), or a file from an older version, would be built by every search."""
     if getattr(store, "writable", False):
-        wi.save(store.directory)
+        try:
+            write(store.directory)
+        except OSError:  # (a full or unwritable directory: the index run goes on without the file)
+            return False
         return True
     from retrieval.errors import RetrieveError
     from retrieval.index.lock import WriterLock
@@ -725,7 +774,9 @@ def save_as_writer(store: "IndexStore", wi: WordIndex) -> bool:
     except (RetrieveError, OSError):  # being written, or not ours to write
         return False
     try:
-        wi.save(store.directory)
+        write(store.directory)
+    except OSError:  # (an unwritable directory: built in a temporary folder instead)
+        return False
     finally:
         lock.release()
     return True
@@ -790,11 +841,13 @@ def file_state(store: "IndexStore", verifier: "Verifier") -> str:
     return "ok" if same else "stale"
 
 
-def update_index(store: "IndexStore") -> WordIndex | None:
+def update_index(store: "IndexStore", progress: Callable[[int, int], None] | None = None) -> WordIndex | None:
     """The indexer's hook (end of a run, holding the writer lock): temporaries of a killed writer go, then
-    :func:`sync` brings the stored word index up to date (only new or changed rows are quantised)."""
+    :func:`sync` brings the stored word index up to date (only new or changed rows are quantised; ``progress``)."""
     from retrieval.index.vectors import clean_temporaries
     from retrieval.match.verify import Verifier
 
     clean_temporaries(store.directory, TEMPORARY_GLOBS)
-    return sync(store, Verifier.for_index(store.settings))
+    for left in store.directory.glob(wordfile.BUILD_PREFIX + "*"):  # a killed build's temporary folder
+        shutil.rmtree(left, ignore_errors=True)
+    return sync(store, Verifier.for_index(store.settings), progress=progress)
