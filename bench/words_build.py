@@ -1,6 +1,6 @@
 """Building the visual-words file of a large collection: time and peak memory, this tree against another checkout.
 
-    python bench/words_build.py --index INDEX --rows 100000 --against CHECKOUT [--repeat 1] [--threads 2]
+    python bench/words_build.py --index INDEX --rows 100000 --against CHECKOUT [--add 1000] [--repeat 1] [--threads 2]
 
 INDEX: an instance index whose local features are cached (``retrieve index FOLDER --preset instance``; run with
 the same ``XDG_CACHE_HOME``). The collection: ``--rows`` rows, row i showing the content of the index's row
@@ -9,7 +9,9 @@ real and the rows many. Each revision builds the file from nothing, as the end o
 run does (``retrieval.match.words.sync`` by the index's writer: the vocabulary trained on the same seeded sample,
 then every row quantised and inverted), in a fresh process, the two revisions alternating ``--repeat`` times:
 wall seconds, CPU seconds, the process's peak RSS, the file's size. Then the two files are compared: the same
-rows and vocabulary, and the share of postings (word, row, signature) they have in common.
+rows and vocabulary, and the share of postings (word, row, signature) they have in common. ``--add N``: then each
+revision adds N rows to a copy of the same file (the one this tree built), as a later index run that adds photos
+does.
 
 Writes bench/results/words-build-<rows/1000>k.md.
 """
@@ -61,9 +63,9 @@ print(json.dumps({"wall": time.perf_counter() - t, "train": spent["train"], "cpu
 """
 
 
-def collection(index: Path, n: int, work: Path) -> tuple[Path, Path]:
-    """A private feature cache holding ``n`` rows' features (links to the index's rows' cached files) and the rows'
-    (id, path, sha256) list; returns (XDG_CACHE_HOME, rows file)."""
+def collection(index: Path, n: int, work: Path, add: int = 0) -> tuple[Path, Path, Path]:
+    """A private feature cache holding ``n`` + ``add`` rows' features (links to the index's rows' cached files) and
+    the rows' (id, path, sha256) lists, the first ``n`` and all; returns (XDG_CACHE_HOME, rows file, all rows file)."""
     from retrieval.index.store import IndexStore
     from retrieval.match.verify import Verifier
 
@@ -75,7 +77,7 @@ def collection(index: Path, n: int, work: Path) -> tuple[Path, Path]:
     xdg = work / "xdg"
     cache = xdg / v.cache.relative_to(v.cache.parents[2])  # …/retrieve/local/sift-…
     out = []
-    for i in range(n):
+    for i in range(n + add):
         path, sha = real[i % len(real)]
         fake = f"{i:08x}" + sha[8:]
         f = cache / fake[:2] / f"{fake}.lf2"
@@ -83,14 +85,18 @@ def collection(index: Path, n: int, work: Path) -> tuple[Path, Path]:
             f.parent.mkdir(parents=True, exist_ok=True)
             os.link(v.cache_file(sha), f)
         out.append((i + 1, f"/nowhere/{i}.jpg", fake))
-    rows = work / "rows.json"
-    rows.write_text(json.dumps(out))
-    return xdg, rows
+    rows, every = work / "rows.json", work / "rows-all.json"
+    rows.write_text(json.dumps(out[:n]))
+    every.write_text(json.dumps(out))
+    return xdg, rows, every
 
 
-def run(tree: Path, index: Path, xdg: Path, rows: Path, out: Path, threads: int) -> dict:
+def run(tree: Path, index: Path, xdg: Path, rows: Path, out: Path, threads: int, start: Path | None = None) -> dict:
+    """One revision's sync in a fresh process, into ``out`` (emptied; ``start``: a words file copied there first)."""
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
+    for name in ("words.npz", "words.json") if start is not None else ():
+        shutil.copy2(start / name, out / name)
     env = dict(os.environ, TREE=str(tree), INDEX=str(index), ROWS=str(rows), OUT=str(out), XDG_CACHE_HOME=str(xdg),
                OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads), RETRIEVE_THREADS=str(threads),
                PYTHONPATH=str(tree))
@@ -128,28 +134,45 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
     ap.add_argument("--compare-postings", action="store_true", help="also compare the two files posting by posting")
+    ap.add_argument("--add", type=int, default=0, help="then add this many rows to the file (each revision updating "
+                    "a copy of the same file, as an index run that adds photos does)")
+    ap.add_argument("--add-only", action="store_true", help="with --add and --work: only the adding, to the file "
+                    "an earlier run left in WORK/now (a results file of its own, words-build-<N/1000>k-add.md)")
     a = ap.parse_args()
+    if a.add_only and not (a.add and a.work and (a.work / "now" / "words.npz").is_file()):
+        raise SystemExit("--add-only needs --add N and a --work folder with an earlier run's now/words.npz")
     work = a.work or Path(tempfile.mkdtemp(prefix="words-build."))
-    xdg, rows = collection(a.index, a.rows, work)
+    xdg, rows, every = collection(a.index, a.rows, work, a.add)
     trees = {"now": _common.ROOT, "before": a.against.resolve()}
     got: dict[str, list[dict]] = {k: [] for k in trees}
     load0 = os.getloadavg()
-    for rep in range(a.repeat):
+    for rep in range(0 if a.add_only else a.repeat):
         for name in (("before", "now") if rep % 2 == 0 else ("now", "before")):
             r = run(trees[name], a.index, xdg, rows, work / name, a.threads)
             print(name, json.dumps(r), flush=True)
             got[name].append(r)
-    cmp = compare(work / "before", work / "now") if a.compare_postings else None
+    added: dict[str, list[dict]] = {k: [] for k in trees}
+    for rep in range(a.repeat if a.add else 0):
+        for name in (("before", "now") if rep % 2 == 0 else ("now", "before")):
+            r = run(trees[name], a.index, xdg, every, work / f"add-{name}", a.threads, start=work / "now")
+            print("add", name, json.dumps(r), flush=True)
+            added[name].append(r)
+    cmp = None if not a.compare_postings else compare(work / "add-before", work / "add-now") if a.add_only else \
+        compare(work / "before", work / "now")
     rev = {k: subprocess.run(["git", "-C", str(t), "describe", "--always", "--dirty", "--abbrev=7"],
                              capture_output=True, text=True).stdout.strip() for k, t in trees.items()}
     med = {k: {m: statistics.median(r[m] for r in v) for m in ("wall", "train", "cpu", "rss_mb", "bytes")}
-           for k, v in got.items()}
-    lines = [f"# Building words.npz from nothing: {a.rows:,} rows (issue 31)", "",
-             f"`python bench/words_build.py --index {a.index.name} --rows {a.rows} --against {a.against} "
-             f"--repeat {a.repeat} --threads {a.threads}`: the rows show the content of the {a.index.name}'s rows "
-             f"in turn (their real cached SIFT features). Each revision in its own process, alternating; medians of "
-             f"{a.repeat}. {a.threads} threads (BLAS, OpenMP). Load average {load0[0]:.1f} at the start, "
-             f"{os.getloadavg()[0]:.1f} at the end.", "",
+           for k, v in got.items() if v}
+    command = (f"`python bench/words_build.py --index {a.index.name} --rows {a.rows} --against {a.against} "
+               f"{f'--add {a.add} ' if a.add else ''}{'--add-only ' if a.add_only else ''}--repeat {a.repeat} "
+               f"--threads {a.threads}`")
+    setting = (f"the rows show the content of {a.index.name}'s rows in turn (their real cached SIFT features). Each "
+               f"revision in its own process, alternating; medians of {a.repeat}. {a.threads} threads (BLAS, OpenMP). "
+               f"Load average {load0[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end.")
+    title = f"Adding to words.npz: {a.rows:,} + {a.add:,} rows" if a.add_only else \
+        f"Building words.npz from nothing: {a.rows:,} rows"
+    lines = [f"# {title} (issue 31)", "", f"{command}: {setting}"] if a.add_only else [
+             f"# {title} (issue 31)", "", f"{command}: {setting}", "",
              _common.table(["revision", "wall s", "of which training", "the rest (bags, inverted file, writing)",
                             "CPU s", "peak RSS MB", "words.npz MB"],
                            [[f"{k} ({rev[k]})", round(med[k]["wall"], 1), round(med[k]["train"], 1),
@@ -158,11 +181,22 @@ def main() -> None:
              "", f"now / before: wall {med['now']['wall'] / med['before']['wall']:.2f}x (without the training "
              f"{(med['now']['wall'] - med['now']['train']) / (med['before']['wall'] - med['before']['train']):.2f}x), "
              f"peak RSS {med['now']['rss_mb'] / med['before']['rss_mb']:.2f}x."]
+    if a.add:
+        ad = {k: {m: statistics.median(r[m] for r in v) for m in ("wall", "cpu", "rss_mb", "bytes")}
+              for k, v in added.items()}
+        lines += ["", f"## Adding {a.add:,} rows to the {a.rows:,}-row file", "",
+                  f"Each revision updates a copy of the same file (the one `now` built) to {a.rows + a.add:,} rows, "
+                  "as the end of an index run that adds photos does (the vocabulary kept).", "",
+                  _common.table(["revision", "wall s", "CPU s", "peak RSS MB", "words.npz MB"],
+                                [[f"{k} ({rev[k]})", round(ad[k]["wall"], 1), round(ad[k]["cpu"], 1),
+                                  round(ad[k]["rss_mb"]), round(ad[k]["bytes"] / 2**20, 1)] for k in ("before", "now")]),
+                  "", f"now / before: wall {ad['now']['wall'] / ad['before']['wall']:.2f}x, "
+                  f"peak RSS {ad['now']['rss_mb'] / ad['before']['rss_mb']:.2f}x."]
     if cmp is not None:
         lines += ["", f"The two files: same rows {cmp['same_rows']}, same vocabulary {cmp['same_vocabulary']}, "
                   f"postings {cmp['postings'][0]:,} / {cmp['postings'][1]:,}, {cmp['in_common']:.5f} of them in common "
                   f"(word, row, signature); rows' norms within {cmp['norm_max_rel']:.1e} (relative)."]
-    _common.save(f"words-build-{a.rows // 1000}k", "\n".join(lines))
+    _common.save(f"words-build-{a.rows // 1000}k{'-add' if a.add_only else ''}", "\n".join(lines))
     if a.work is None:
         shutil.rmtree(work, ignore_errors=True)
 
