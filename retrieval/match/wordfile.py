@@ -87,10 +87,8 @@ class _Old:
     def __init__(self, wi, new_pos: np.ndarray):  # wi: a retrieval.match.words.WordIndex
         ids, self.img, _, self.ptr, _, _, self.sig = wi._inverted()
         self.wi, self.new_pos = wi, new_pos
-        counts = wi._row_postings[1] if wi._row_postings is not None and wi._row_postings[0] is wi._ivf \
+        self.counts = wi._row_postings[1] if wi._row_postings is not None and wi._row_postings[0] is wi._ivf \
             else np.bincount(self.img, minlength=len(ids))
-        self.total = int(counts[new_pos >= 0].sum(dtype=np.int64))
-        self.counts = counts
 
     def bucket(self, w0: int, w1: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(words, new rows, signatures) of the copied postings of words ``w0``..``w1`` − 1, by word then row."""
@@ -137,6 +135,31 @@ def _chunks(todo: Sequence[tuple[int, str, str]], features: Callable) -> Iterato
         yield np.asarray(pos, np.int32), descs
 
 
+def _npy_header(out, dtype, n: int) -> None:
+    """The .npy header of a 1-d array of ``n`` ``dtype`` values, whose bytes the caller then writes."""
+    np.lib.format.write_array_header_1_0(
+        out, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": (n,)})
+
+
+def publish(directory: Path, tmp: Path, tmp_meta: Path, meta: dict) -> None:
+    """Put the written file ``tmp`` in place as ``words.npz`` and its fingerprint ``meta`` (its size added) as
+    ``words.json``: each synced, then renamed (the file first), then the directory synced."""
+    from retrieval.index.files import fsync, fsync_dir
+
+    fsync(tmp)
+    tmp_meta.write_text(json.dumps({**meta, "bytes": tmp.stat().st_size}))
+    fsync(tmp_meta)
+    os.replace(tmp, directory / WORDS_NAME)
+    os.replace(tmp_meta, directory / META_NAME)
+    fsync_dir(directory)
+
+
+def fingerprint(vocab, trained_on: int, signature: str, count: int) -> dict:
+    """What ``words.json`` records of a file (its size is added by :func:`publish`)."""
+    return {"format": FORMAT, "features": signature, "vocabulary": list(vocab.sub.shape[:2]),
+            "trained_on": trained_on, "count": count, "bytes": 0}
+
+
 def _write_npy(zf: zipfile.ZipFile, name: str, arr: np.ndarray) -> None:
     with zf.open(name + ".npy", "w", force_zip64=True) as out:
         np.lib.format.write_array(out, np.ascontiguousarray(arr), allow_pickle=False)
@@ -149,9 +172,8 @@ def build(directory: Path, vocab, trained_on: int, signature: str, rows: dict[in
     from ``features(path, sha)`` (None: an empty bag) quantised in ``vocab`` (a words.Vocabulary) — or, for a row
     whose content ``old`` (a words.WordIndex of the same vocabulary) already holds, copied from it. Rows keep
     ``old``'s order, new ones follow in ``rows``' order (what :meth:`WordIndex.reconcile` then :meth:`WordIndex.save`
-    give). DamagedWords when a
-    word copied from ``old`` fails its checksum (the caller builds again without it); OSError when the directory
-    cannot be written (nothing is left behind). ``progress(done, total)``: rows quantised so far, of those to be."""
+    give). DamagedWords when a word copied from ``old`` fails its checksum (the caller builds again without it);
+    OSError when the directory cannot be written (nothing is left behind). ``progress(done, total)``: rows quantised so far, of those to be."""
     directory = Path(directory)
     V = vocab.size
     old_ids = old._inverted()[0] if old is not None else np.zeros(0, np.int64)  # (a format-2 file: made from its bags)
@@ -217,9 +239,7 @@ def build(directory: Path, vocab, trained_on: int, signature: str, rows: dict[in
         crc = np.zeros(V, np.uint32)
         with open(tmp, "wb") as raw, zipfile.ZipFile(raw, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
             with zf.open("post_img.npy", "w", force_zip64=True) as out, open(work / "sig", "wb") as sig_out:
-                np.lib.format.write_array_header_1_0(
-                    out, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.int32)), "fortran_order": False,
-                          "shape": (total,)})
+                _npy_header(out, np.int32, total)
                 written = 0
                 for b in range(buckets):
                     w0, w1 = b * BUCKET_WORDS, min(V, (b + 1) * BUCKET_WORDS)
@@ -252,9 +272,7 @@ def build(directory: Path, vocab, trained_on: int, signature: str, rows: dict[in
             ptr = np.zeros(V + 1, np.int64)
             np.cumsum(df, out=ptr[1:])
             with zf.open("post_sig.npy", "w", force_zip64=True) as out, open(work / "sig", "rb") as sig_in:
-                np.lib.format.write_array_header_1_0(
-                    out, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint64)), "fortran_order": False,
-                          "shape": (total,)})
+                _npy_header(out, np.uint64, total)
                 for w0 in range(0, V, BUCKET_WORDS):  # the signatures' bytes, each word's CRC-32 completed
                     w1 = min(V, w0 + BUCKET_WORDS)
                     sig = np.fromfile(sig_in, np.uint64, int(ptr[w1] - ptr[w0]))
@@ -267,16 +285,7 @@ def build(directory: Path, vocab, trained_on: int, signature: str, rows: dict[in
                               ("row_postings", counts.astype(np.int32)), ("post_crc", crc)) + \
                     ((("projection", vocab.projection),) if vocab.projection is not None else ()):
                 _write_npy(zf, name, arr)
-        from retrieval.index.files import fsync, fsync_dir
-
-        fsync(tmp)
-        meta = {"format": FORMAT, "features": signature, "vocabulary": list(vocab.sub.shape[:2]),
-                "trained_on": trained_on, "count": n, "bytes": tmp.stat().st_size}
-        tmp_meta.write_text(json.dumps(meta))
-        fsync(tmp_meta)
-        os.replace(tmp, directory / WORDS_NAME)
-        os.replace(tmp_meta, directory / META_NAME)
-        fsync_dir(directory)
+        publish(directory, tmp, tmp_meta, fingerprint(vocab, trained_on, signature, n))
     finally:
         tmp.unlink(missing_ok=True)
         tmp_meta.unlink(missing_ok=True)

@@ -48,7 +48,6 @@ from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 import numpy as np
 
-from retrieval.errors import RetrieveError
 from retrieval.match import wordfile
 from retrieval.match.wordfile import FORMAT, META_NAME, WORDS_NAME, DamagedWords, release
 
@@ -489,13 +488,10 @@ class WordIndex:
 
     # -- the file ---------------------------------------------------------------------------------------
     def fingerprint(self) -> dict:
-        return {"format": FORMAT, "features": self.signature, "vocabulary": list(self.vocab.sub.shape[:2]),
-                "trained_on": self.trained_on, "count": len(self.shas), "bytes": 0}
+        return wordfile.fingerprint(self.vocab, self.trained_on, self.signature, len(self.shas))
 
     def save(self, directory: Path) -> None:
         """Write ``words.npz``, then its fingerprint, each atomically; an unwritable directory only costs time."""
-        from retrieval.index.files import fsync, fsync_dir
-
         directory = Path(directory)
         tmp = directory / f".{WORDS_NAME}.{os.getpid()}.tmp"
         tmp_meta = directory / f".{META_NAME}.{os.getpid()}.tmp"
@@ -509,14 +505,7 @@ class WordIndex:
                 np.savez(f, top=self.vocab.top, sub=self.vocab.sub, ids=ids, shas=shas, post_img=ivf[1],
                          post_ptr=ivf[3], post_sig=ivf[6], row_norm=ivf[2], row_postings=self._row_postings[1],
                          post_crc=_word_crcs(ivf[1], ivf[6], ivf[3]), **extra)
-            fsync(tmp)
-            meta = self.fingerprint()
-            meta["bytes"] = tmp.stat().st_size
-            tmp_meta.write_text(json.dumps(meta))
-            fsync(tmp_meta)
-            os.replace(tmp, directory / WORDS_NAME)
-            os.replace(tmp_meta, directory / META_NAME)
-            fsync_dir(directory)
+            wordfile.publish(directory, tmp, tmp_meta, self.fingerprint())
         except OSError:
             tmp.unlink(missing_ok=True)
             tmp_meta.unlink(missing_ok=True)
