@@ -18,6 +18,7 @@ import os
 from pathlib import Path
 
 from retrieval.models.graphs import Manifest, folder, manifest_path, record_identity, safe_name
+from retrieval.models.pooling import parse_pooling
 from retrieval.models.preprocess import Preprocess
 from retrieval.models.registry import DEFAULT_MODEL, REGISTRY, is_registry_name, model_kind, \
     unknown_model
@@ -64,8 +65,8 @@ def new_index_identity(model: str | None, weights: str | None, input_size: int |
         import onnxruntime  # noqa: F401
     except ImportError:
         return None
-    if pooling in (None, "gap") and not weights:
-        got = _identity_from_manifest(model, input_size, resize)
+    if not weights:
+        got = _identity_from_manifest(model, input_size, resize, pooling)
         if got is not None:
             return got
     from retrieval.models.registry import tap_layer
@@ -76,9 +77,11 @@ def new_index_identity(model: str | None, weights: str | None, input_size: int |
                          "threads": os.environ.get("RETRIEVE_THREADS")})
 
 
-def _identity_from_manifest(model: str, input_size: int | None, resize: str | None) -> dict | None:
-    """A registry model with its default weights, GAP pooling: the identity recorded beside its graphs, when the
-    weights file still has the recorded hash."""
+def _identity_from_manifest(model: str, input_size: int | None, resize: str | None,
+                            pooling: str | None = None) -> dict | None:
+    """A registry model with its default weights: the identity recorded beside its graphs, when the weights file
+    still has the recorded hash. Pooling (GAP or GeM, :func:`without_torch`) is applied to the graph's feature map
+    outside it and leaves the embedding's size alone, so an instance index (GeM) is made without a child too."""
     where = folder()
     this_installation = manifest_path(where, model, "x" * 16).name.rsplit("-", 1)[1]
     for path in sorted(where.glob(f"{safe_name(model)}-*-{this_installation}")):
@@ -103,7 +106,7 @@ def _identity_from_manifest(model: str, input_size: int | None, resize: str | No
         if resize is not None:
             pre = pre.replace(resize=resize)
         return {"model": model, "weights_id": ident["weights_id"], "weights_source": ident["weights_source"],
-                "preprocess": pre.to_dict(), "dim": int(ident["dim"]), "pooling": "gap"}
+                "preprocess": pre.to_dict(), "dim": int(ident["dim"]), "pooling": str(parse_pooling(pooling))}
     return None
 
 
