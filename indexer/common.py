@@ -40,6 +40,19 @@ def stage_progress(progress: Progress | None, label: str) -> Callable[[int, int]
     return report
 
 
+def trim_heap() -> None:
+    """Give the C heap's free pages back to the system (glibc's ``malloc_trim``; nothing elsewhere). A stage's
+    large temporaries (the visual words' training sample, ONNX Runtime's buffers) are freed into the heap, where
+    glibc keeps them: the next stage would otherwise start from the last one's peak, and a run's peak RSS is the
+    sum of its stages'."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 @dataclass
 class IndexReport:
     """What one run did; ``--json`` prints this."""

@@ -34,7 +34,7 @@ from retrieval.presets import FACES, GENERAL, preset_named, preset_of
 
 from retrieval.scan import FileEntry, check_paths, scan_paths
 
-from .common import IndexReport, NoProgress, Progress, sigint_deferred, stage_progress
+from .common import IndexReport, NoProgress, Progress, sigint_deferred, stage_progress, trim_heap
 from .rows import Decoded, by_path, commit_embedded, drop_vanished, plan_run, record_skip, reuse
 
 if TYPE_CHECKING:  # torch is imported only where the cached ONNX graphs cannot serve (retrieval/models/graphs.py)
@@ -277,10 +277,12 @@ def _finalise(store: IndexStore, report: IndexReport, refit: bool, bb: Backbone 
         store.update_mean()
         store.save_faiss()
         record_state(store)
+    trim_heap()  # (each stage below starts from the memory the run holds, not from the last one's peak)
     if store.settings.search.get("words") and not report.interrupted:  # the visual-word inverted file
         from retrieval.match.words import update_index
 
         update_index(store, progress=stage_progress(progress, "visual words"))
+        trim_heap()
     if not report.interrupted:
         refresh_calibration(store)  # where scores stand in this collection (explain verdicts)
         if bb is not None:  # μ at the explain resolution, for the explanations' centring

@@ -665,10 +665,15 @@ def _sample(rows: dict[int, tuple[str, str]], features, seed: int = 0) -> np.nda
         d = f.descriptors
         if len(d) > per:
             d = d[np.sort(rng.choice(len(d), per, replace=False))]
-        parts.append(_root(d))
-    if not parts or sum(len(p) for p in parts) < 4 * TRAIN_PER_WORD:
+        parts.append(d)  # (SIFT's bytes: RootSIFT's float32 is 4× larger, made once below)
+    n = sum(len(p) for p in parts)
+    if n < 4 * TRAIN_PER_WORD:
         return None
-    return np.concatenate(parts)
+    out, at = np.empty((n, parts[0].shape[1]), np.float32), 0
+    for d in parts:
+        out[at:at + len(d)] = _root(d)
+        at += len(d)
+    return out
 
 
 def _train(rows: dict[int, tuple[str, str]], features, seed: int = 0) -> Vocabulary | None:
