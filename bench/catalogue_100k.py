@@ -207,7 +207,9 @@ def build_distractors(srcs: list[tuple[str, str]], out: Path, n: int, threads: i
 
 # -- the CLI, timed ------------------------------------------------------------------------------------------------
 def run(env: dict, *args: str) -> dict:
-    """``retrieve ARGS`` in its own process: stdout, wall seconds, CPU seconds and peak RSS (its ``wait4``)."""
+    """``retrieve ARGS`` in its own process: stdout, wall seconds, CPU seconds, peak RSS (its ``wait4``: the largest
+    of it and its children, such as a child that prepares graphs with torch) and ``rss_self``, the process's own peak
+    (its VmHWM, read every 0.1 s until it exits)."""
     t = time.perf_counter()
     tree = env.get("PYTHONPATH") or _common.ROOT  # (``python -m cli`` runs the cli of its working directory)
     p = subprocess.Popen([sys.executable, "-m", "cli", *args], cwd=tree, env=env, stdout=subprocess.PIPE,
@@ -217,14 +219,38 @@ def run(env: dict, *args: str) -> dict:
 
     th = threading.Thread(target=lambda: err.append(p.stderr.read()), daemon=True)
     th.start()
+    own, done = [0], threading.Event()
+
+    def watch() -> None:  # VmHWM only grows: its last reading before exit is the process's peak
+        while not done.wait(0.1):
+            own[0] = max(own[0], _hwm(p.pid))
+
+    w = threading.Thread(target=watch, daemon=True)
+    w.start()
     out.append(p.stdout.read())
+    own[0] = max(own[0], _hwm(p.pid))  # (its output is closed: it is exiting, and not reaped yet)
     _, status, ru = os.wait4(p.pid, 0)
+    done.set()
     p.returncode = os.waitstatus_to_exitcode(status)
     th.join()
+    w.join()
     wall = time.perf_counter() - t
     if p.returncode and not (args[0] == "search" and out[0].strip()):
         raise SystemExit(f"retrieve {' '.join(args[:3])}: exit {p.returncode}: {err[0].strip()[-800:]}")
-    return {"out": out[0], "wall": wall, "cpu": ru.ru_utime + ru.ru_stime, "rss": ru.ru_maxrss * 1024}
+    return {"out": out[0], "wall": wall, "cpu": ru.ru_utime + ru.ru_stime, "rss": ru.ru_maxrss * 1024,
+            "rss_self": own[0]}
+
+
+def _hwm(pid: int) -> int:
+    """A live process's peak resident size in bytes (Linux's VmHWM; 0 once it has exited, or elsewhere)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def sizes(index: Path, cache: Path) -> dict[str, int]:
@@ -304,7 +330,7 @@ def measure(name: str, catalogue: Path, photos: Path, work: Path, env: dict, tim
         a = run(env, "index", str(catalogue), "--catalogue", "--preset", "instance", "--index", str(index), "--json")
         b = run(env, "index", str(photos), "--index", str(index), "--json")
         row["build"] = {"wall": a["wall"] + b["wall"], "cpu": a["cpu"] + b["cpu"], "rss": max(a["rss"], b["rss"]),
-                        "catalogue": json.loads(a["out"]), "photos": json.loads(b["out"])}
+                        "rss_self": max(a["rss_self"], b["rss_self"]), "catalogue": json.loads(a["out"]), "photos": json.loads(b["out"])}
         (work / f"build-{name}.json").write_text(json.dumps(row["build"]))
     else:
         row["build"] = json.loads((work / f"build-{name}.json").read_text())
@@ -479,6 +505,7 @@ def report(args, rows: list[dict], n_sources: int, gen_s: float, secs: float, lo
         b, d, q = r["build"], r["disk"], r["quality"]
         table.append([
             f"{n:,}", f"{b['wall']:,.0f}", f"{n / b['wall']:.1f}", f"{b['cpu'] / n * 1e3:.0f}", mb(b["rss"]),
+            mb(b["rss_self"]) if b.get("rss_self") else "–",
             mb(d["rows (SQLite)"]), mb(d["vectors"]), mb(d["words.npz"]), mb(d["index, all files"]),
             mb(d["local features cache"]),
             f"{pct(r['cli'], 50):.2f} / {pct(r['cli'], 99):.2f}", mb(r["cli_rss"]),
@@ -494,7 +521,8 @@ def report(args, rows: list[dict], n_sources: int, gen_s: float, secs: float, lo
             "Each row is an index built by the CLI (`retrieve index REFS [DISTRACTORS] --catalogue --preset instance`, "
             "then `retrieve index PHOTOS`): the instance set's 100 references and 400 phone photos, plus the "
             "distractor catalogue images. *build*: both commands' wall time, images/s over all images, CPU ms "
-            "per image (user + system of the indexing processes), their peak RSS. *disk*: the index's SQLite rows, "
+            "per image (user + system of the indexing processes), their peak RSS (`wait4`: with their children's, such as "
+            "a child that prepares graphs with torch) and the indexing processes' own (VmHWM). *disk*: the index's SQLite rows, "
             "FAISS vectors, words.npz, all its files, and the local-features cache (XDG cache). *query p50 / p99*: "
             f"{args.timed} phone photos (view1 of the first {args.timed} objects), each a fresh `retrieve search "
             "PHOTO --index I --json` process (start-up included), and each a `POST /api/search?k=10` to a running "
@@ -504,7 +532,7 @@ def report(args, rows: list[dict], n_sources: int, gen_s: float, secs: float, lo
             "results is the object's reference; photo→catalogue: R@1 of the same search with `--within CATALOGUE` "
             "(answers from the catalogue only, the product's photo → catalogue mode); s/query: the first "
             "process's wall time per query.\n\n")
-    text += _common.table(["images", "build s", "img/s", "CPU ms/img", "build RSS MB", "rows MB", "vectors MB",
+    text += _common.table(["images", "build s", "img/s", "CPU ms/img", "build RSS MB", "index process RSS MB", "rows MB", "vectors MB",
                            "words.npz MB", "index MB", "features cache MB", "CLI query s p50 / p99",
                            "CLI RSS MB", "web query s p50 / p99 (first)", "serve RSS MB", "R@1", "mAP@10",
                            "first catalogue image right", "photo→catalogue (--within)", "s/query (one process)"],
