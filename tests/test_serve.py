@@ -349,3 +349,28 @@ def test_a_server_stopped_by_sigterm_removes_its_uploads_folder(served, tmp_path
         stop(proc)
     assert proc.returncode == 0
     assert not uploads[0].exists()
+
+
+def test_a_killed_server_s_uploads_folder_goes_when_the_next_one_starts(served, tmp_path):
+    """SIGKILL (or the OOM killer) skips every clean-up: the folder stays until the next `retrieve serve` with the
+    same temporary directory starts, which removes it (its owner's lock died with it, retrieval/scratch.py) and
+    keeps its own."""
+    import signal
+
+    from clitools import start_server, stop
+
+    _, _, _, index, _ = served
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    proc, _, _ = start_server(index, env={"TMPDIR": str(tmp)})
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(60)
+    stop(proc)
+    [left] = [p for p in tmp.iterdir() if p.name.startswith("retrieve-serve-uploads-")]
+    proc, _, _ = start_server(index, env={"TMPDIR": str(tmp)})
+    try:
+        now = [p for p in tmp.iterdir() if p.name.startswith("retrieve-serve-uploads-")]
+        assert not left.exists() and len(now) == 1 and now[0].is_dir()
+    finally:
+        stop(proc)
+    assert not now[0].exists()

@@ -27,7 +27,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import threading
 import time
 from collections import OrderedDict
@@ -37,6 +36,7 @@ from pathlib import Path
 
 from retrieval.errors import ImageError, RetrieveError
 from retrieval.names import shown as readable
+from retrieval.scratch import ScratchDir
 
 MAX_UPLOAD_BYTES = 20_000_000  # an upload larger than this is refused with 413
 FORM_OVERHEAD = 64_000  # what a multipart form may add around the photo (boundaries, headers, small fields)
@@ -143,7 +143,8 @@ class Service:
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir(self.index_dir)
         (self.cache_dir / "thumbs").mkdir(parents=True, exist_ok=True)
         (self.cache_dir / "explain").mkdir(parents=True, exist_ok=True)
-        self.upload_dir = Path(tempfile.mkdtemp(prefix="retrieve-serve-uploads-"))
+        self._upload_scratch = ScratchDir("retrieve-serve-uploads-")  # (a killed server's go when the next one starts)
+        self.upload_dir = self._upload_scratch.path
         self.max_upload_bytes = int(max_upload_bytes)
         self.keep_upload_bytes = int(keep_upload_bytes or max(KEEP_UPLOAD_BYTES, 2 * self.max_upload_bytes))
         self.uploads_in_flight = max(UPLOADS_IN_FLIGHT, 4 * self.max_upload_bytes)
@@ -208,7 +209,7 @@ class Service:
         self._render_pool.shutdown(wait=True)
         for st in [*self._old, self.state]:
             st.index.close()
-        shutil.rmtree(self.upload_dir, ignore_errors=True)
+        self._upload_scratch.close()
 
     # -- what is in the index -----------------------------------------------------------------
     def info(self) -> dict:

@@ -57,6 +57,7 @@ if TYPE_CHECKING:
 
 READ_FORMATS = (2, 3)
 MAPPED = ("post_img", "post_sig")  # memory-mapped by a search: the postings, 12 bytes each (the rest: a few MB)
+SCRATCH_PREFIX = "retrieve-words."  # a search's private build under $TMPDIR (retrieval/scratch.py)
 TEMPORARY_GLOBS = (f".{WORDS_NAME}.*.tmp", f".{META_NAME}.*.tmp")
 BRANCH_MAX = 128  # words = branch²: 16,384 for a large collection
 TRAIN_DESCRIPTORS = 300_000  # about this many descriptors (a seeded sample) train the vocabulary; a collection
@@ -736,11 +737,11 @@ def sync(store: "IndexStore", verifier: "Verifier", save: bool = True, whole: bo
 
     if save and save_as_writer(store, write):
         return built
-    import tempfile
+    from retrieval.scratch import ScratchDir
 
     try:
-        with tempfile.TemporaryDirectory(prefix="retrieve-words.") as tmp:  # (the mapping outlives the folder)
-            write(Path(tmp))
+        with ScratchDir(SCRATCH_PREFIX) as tmp:  # (the mapping outlives the folder; a killed search's goes next time)
+            write(tmp)
     except OSError:
         return None  # nowhere to build it (a full or unwritable temporary folder): no visual words this time
     return built
