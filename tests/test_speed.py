@@ -247,12 +247,17 @@ def test_index_through_cached_graphs_imports_no_torch(small_index, tmp_path):
     assert json.loads(upd.stdout.strip().splitlines()[-1])["indexed"] == 1
 
 
-def test_instance_preset_indexes_common_photo_shapes_without_torch(tmp_path):
+def test_instance_preset_indexes_photos_of_every_shape_without_torch(tmp_path, monkeypatch):
     """`retrieve index --preset instance` (448 px, aspect kept) goes through the cached graphs too: from a cold
     cache the child process checks the one graph at the common photo shapes (Preprocess.common_shapes: 4:3, 3:2,
-    16:9 either way round, and the square), for the embeddings and the explain reference; photos of those shapes
-    never import torch here, and their embeddings and reference equal the torch path's."""
+    16:9 either way round, and the square), for the embeddings and the explain reference; the first photo of another
+    shape (here 7:3) has a second child check every other shape (Preprocess.every_shape). The index run never
+    imports torch, its embeddings and reference equal the torch path's, and one ONNX Runtime session serves every
+    shape of a graph."""
     from conftest import skimage_photo
+    from retrieval.index.store import IndexStore
+    from retrieval.models.graphs import GraphRunner, Manifest
+    from retrieval.models.loader import backbone_for_settings
     from retrieval.models.preprocess import Preprocess
 
     pre = Preprocess(size=448, resize="long")
@@ -260,10 +265,12 @@ def test_instance_preset_indexes_common_photo_shapes_without_torch(tmp_path):
     assert len(shapes) == 7 and (448, 448) in shapes
     assert {pre.shape_for(4032, 3024), pre.shape_for(3024, 4032), pre.shape_for(6000, 4000),
             pre.shape_for(1920, 1080), pre.shape_for(1080, 1920)} <= set(shapes)
+    every = pre.every_shape()
+    assert len(every) == len(set(every)) == 27 and set(shapes) <= set(every) and pre.shape_for(700, 300) not in shapes
     src = tmp_path / "photos"
     src.mkdir()
     for name, size in (("chelsea", (640, 480)), ("coffee", (480, 640)), ("astronaut", (600, 600)),
-                       ("rocket", (1920, 1080))):
+                       ("rocket", (1920, 1080)), ("camera", (700, 300))):
         skimage_photo(name).resize(size).save(src / f"{name}.jpg", quality=92)
     cold = {"XDG_CACHE_HOME": str(tmp_path / "cold-cache")}
     fast = _index("index", src, "--index", tmp_path / "fast", "--preset", "instance", "--json", **cold)
@@ -273,7 +280,15 @@ def test_instance_preset_indexes_common_photo_shapes_without_torch(tmp_path):
                   **cold)
     assert full.returncode == 0, full.stderr
     assert full.stderr.strip().splitlines()[-1].split()[1] == "True", full.stderr
-    _same_index(tmp_path / "fast", tmp_path / "full", 4)
+    _same_index(tmp_path / "fast", tmp_path / "full", 5)
+    monkeypatch.setenv("XDG_CACHE_HOME", cold["XDG_CACHE_HOME"])
+    with IndexStore.open(tmp_path / "fast") as store:
+        settings = store.settings
+    bb = backbone_for_settings(settings)
+    m = Manifest.load(bb.name, bb.weights_id)
+    assert all(m.graph(bb.precision, hw) is not None and m.graph(bb.precision, hw, bb.tap) is not None for hw in every)
+    a, b = bb._runner((448, 320)), bb._runner((192, 448))
+    assert isinstance(a, GraphRunner) and a is b
 
 
 def test_a_new_instance_index_takes_its_identity_from_the_cached_graphs(tmp_path, monkeypatch):

@@ -88,6 +88,7 @@ class Backbone:
         self.pooling = pooling
         self.precision = precision
         self.manifest = manifest
+        self.more_graphs = None  # () -> a manifest with more shapes checked, made without torch here (an index run)
         self._network = _Network(net, load_net, device)
         self._runners: dict = {}
         self._lock = threading.Lock()
@@ -112,7 +113,7 @@ class Backbone:
 
     def __getstate__(self):  # pickles (Ray ships it to its workers) without the paths built here
         state = dict(self.__dict__)
-        state["_runners"], state["_lock"] = {}, None
+        state["_runners"], state["_lock"], state["more_graphs"] = {}, None, None
         return state
 
     def __setstate__(self, state):
@@ -227,6 +228,17 @@ class Backbone:
                 runner = self._runners[key] = self._build_runner(tuple(hw), tap)
             return runner
 
+    def _graph_runner(self, graph):
+        """The session of ``graph`` that a runner of another input shape already holds, else a new one: an
+        aspect-kept index meets up to 27 shapes of one graph, and a session each held 27 copies of the network
+        (2.4 GB of RSS indexing 100 catalogue photos of 84 sizes). Called holding ``_lock``."""
+        from retrieval.models.graphs import GraphRunner
+
+        for r in self._runners.values():
+            if isinstance(r, GraphRunner) and r.serves(graph):
+                return r
+        return GraphRunner(graph)
+
     def _build_runner(self, hw: tuple[int, int], tap: str | None):
         from retrieval.models.graphs import GraphRunner
 
@@ -234,9 +246,14 @@ class Backbone:
         cpu = self._network.wanted in (None, "auto", "cpu") or getattr(self._network.wanted, "type", "") == "cpu"
         if ort_ok and cpu and self.manifest is not None:  # a cached graph: no network, no torch
             graph = self.manifest.graph(self.precision, hw, tap)
+            if graph is None and self.more_graphs is not None and self._network.module is None:
+                m = self.more_graphs()  # every shape of the index's inputs, checked in a child (torch there)
+                if m is not None:
+                    self.manifest = m
+                    graph = m.graph(self.precision, hw, tap)
             if graph is not None:
                 try:
-                    return GraphRunner(graph)
+                    return self._graph_runner(graph)
                 except Exception:  # noqa: BLE001  (unreadable now: made again below)
                     pass
         from retrieval.models.graphs import prepare_graph
@@ -252,7 +269,7 @@ class Backbone:
                 raise RetrieveError(f"--precision {self.precision} runs on the CPU (ONNX Runtime); this backbone is "
                                     f"on {device}")
             try:
-                return GraphRunner(prepare_graph(self, hw, net, tap))
+                return self._graph_runner(prepare_graph(self, hw, net, tap))
             except RetrieveError:
                 raise
             except Exception as e:
@@ -262,7 +279,7 @@ class Backbone:
             return EagerRunner(net, device)  # cuDNN is the fast path on a GPU
         if self.fast in ("auto", "onnx"):
             try:
-                return GraphRunner(prepare_graph(self, hw, net, tap))
+                return self._graph_runner(prepare_graph(self, hw, net, tap))
             except Exception as e:  # onnxruntime missing or the model does not export: the next best path
                 if self.fast == "onnx":
                     raise RetrieveError(f"{self.name}: ONNX fast path unavailable: {e}") from e

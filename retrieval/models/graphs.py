@@ -91,13 +91,28 @@ class GraphRunner:
         import onnxruntime as ort
 
         self.graph = Path(graph)
+        self.stamp = graph_stamp(self.graph)
         self.session = ort.InferenceSession(str(self.graph), session_options(), providers=["CPUExecutionProvider"])
+
+    def serves(self, graph: Path) -> bool:
+        """Whether this session is of ``graph`` as the file is now (one session serves every input shape of its
+        graph: ONNX Runtime sessions take any shape, and each holds its own copy of the weights and its buffers)."""
+        return self.graph == Path(graph) and self.stamp == graph_stamp(graph)
 
     def __call__(self, x: np.ndarray) -> list[np.ndarray]:
         x = np.ascontiguousarray(x, np.float32)
         step = max(1, ORT_RUN_PIXELS // (x.shape[-2] * x.shape[-1]))
         parts = [self.session.run(None, {"x": x[i:i + step]}) for i in range(0, len(x), step)]
         return parts[0] if len(parts) == 1 else [np.concatenate(o) for o in zip(*parts)]
+
+
+def graph_stamp(graph: Path) -> tuple[int, int] | None:
+    """The graph file as it is now (modified time, size); None when it is gone."""
+    try:
+        st = os.stat(graph)
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size
 
 
 # -- what a graph depends on ------------------------------------------------------------------------------------

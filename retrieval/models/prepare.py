@@ -33,20 +33,49 @@ def without_torch(model: str, pooling) -> bool:
 def ensure_graphs(bb, explain: tuple[int, str | None] | None) -> None:
     """Make the graphs ``bb`` (a backbone from an index's settings) needs for indexing -- its input shapes, and the
     explain reference's at ``explain`` = (size, tap layer) -- in a child process when any is missing, then read its
-    manifest again. Nothing when they are all cached; a child that fails leaves the backbone to build its network."""
+    manifest again. Nothing when they are all cached; a child that fails leaves the backbone to build its network.
+    The common photo shapes are made first; the first photo of another shape has the child check every other
+    (``bb.more_graphs``, :class:`EveryShape`), so that an index run never imports torch for it."""
     shapes = bb.preprocess.common_shapes()
     e = bb.at_size(int(explain[0])) if explain else None
     tap = explain[1] if explain else None
+    bb.more_graphs = EveryShape(bb, explain)
     if all(bb.ready(hw) for hw in shapes) and (e is None or all(e.ready(hw, tap) for hw in e.preprocess.common_shapes())):
         return
-    got = run_in_child({"model": bb.name, "weights": bb.weights_source if bb.weights_id != "random" else None,
-                        "weights_id": bb.weights_id, "input_size": bb.preprocess.size, "resize": bb.preprocess.resize,
-                        "pooling": str(bb.pooling), "precision": bb.precision,
-                        "explain": list(explain) if explain else None, "threads": os.environ.get("RETRIEVE_THREADS")})
-    if got is not None:
+    if run_in_child(_spec(bb, explain)) is not None:
         m = Manifest.load(bb.name, bb.weights_id)
         bb.manifest = m if m is not None and m.valid() else None
         bb._runners = {}
+
+
+class EveryShape:
+    """Once, in a child process: check the graphs at every input shape of a backbone (an aspect-kept 448 px index
+    has 27) and the explain reference's; then the manifest that records them. Shared by the backbone and its copy at
+    the explain size. A catalogue's photos come in any shape (100 references had 84 sizes); checking each shape as
+    first met imported torch into the index run and built the network there (977 MB of RSS for those 100)."""
+
+    def __init__(self, bb, explain: tuple[int, str | None] | None):
+        import threading
+
+        self.spec = dict(_spec(bb, explain), every_shape=True)
+        self.name, self.weights_id = bb.name, bb.weights_id
+        self.lock, self.done = threading.Lock(), False
+
+    def __call__(self) -> Manifest | None:
+        with self.lock:
+            if not self.done:
+                self.done = True
+                run_in_child(self.spec)  # (a child that fails: the backbone builds its network, as before)
+            m = Manifest.load(self.name, self.weights_id)
+            return m if m is not None and m.valid() else None
+
+
+def _spec(bb, explain: tuple[int, str | None] | None) -> dict:
+    """What :func:`prepare` needs to build ``bb`` in the child."""
+    return {"model": bb.name, "weights": bb.weights_source if bb.weights_id != "random" else None,
+            "weights_id": bb.weights_id, "input_size": bb.preprocess.size, "resize": bb.preprocess.resize,
+            "pooling": str(bb.pooling), "precision": bb.precision,
+            "explain": list(explain) if explain else None, "threads": os.environ.get("RETRIEVE_THREADS")}
 
 
 def new_index_identity(model: str | None, weights: str | None, input_size: int | None, resize: str | None,
@@ -147,12 +176,13 @@ def prepare(spec: dict) -> dict:
                        resize=spec.get("resize"), pooling=spec.get("pooling"), random_weights=random,
                        expected_sha256=None if random else spec.get("weights_id"))
     bb.precision = spec.get("precision") or "fp32"
-    for hw in bb.preprocess.common_shapes():
+    shapes = (lambda pre: pre.every_shape()) if spec.get("every_shape") else (lambda pre: pre.common_shapes())
+    for hw in shapes(bb.preprocess):
         bb._runner(hw)  # exports, checks against eager and records the graph (retrieval/models/graphs.py)
     if spec.get("explain"):
         size, tap = spec["explain"]
         e = bb.at_size(int(size))
-        for hw in (e.preprocess.common_shapes() if tap else [e.preprocess.input_shape]):
+        for hw in (shapes(e.preprocess) if tap else [e.preprocess.input_shape]):
             e._runner(hw, tap)  # the reference keeps the index's aspect policy
     if not spec.get("weights") and not random and bb.name in REGISTRY:  # found again by name (new_index_identity)
         record_identity(bb, {"name": bb.name, "weights_id": bb.weights_id, "weights_source": bb.weights_source,

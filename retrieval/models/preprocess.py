@@ -59,6 +59,15 @@ class Preprocess:
                     out.append(hw)
         return out
 
+    def every_shape(self) -> list[tuple[int, int]]:
+        """Every input (h, w) :meth:`shape_for` gives: the square alone when squashing; with ``resize="long"`` the
+        long side at ``size`` and the short one at each multiple of the stride up to it (27 shapes at 448 px)."""
+        if self.resize == "squash":
+            return [(self.size, self.size)]
+        shorts = sorted({*range(STRIDE, self.size + 1, STRIDE), self.size})
+        out = [(self.size, s) for s in shorts] + [(s, self.size) for s in shorts if s != self.size]
+        return self.common_shapes() + [hw for hw in out if hw not in self.common_shapes()]
+
     def shape_for(self, width: int, height: int) -> tuple[int, int]:
         """The network input (h, w) for an image of ``width``×``height`` pixels."""
         if self.resize == "squash" or width == height:
