@@ -228,12 +228,12 @@ def run(env: dict, *args: str) -> dict:
     w = threading.Thread(target=watch, daemon=True)
     w.start()
     out.append(p.stdout.read())
-    own[0] = max(own[0], _hwm(p.pid))  # (its output is closed: it is exiting, and not reaped yet)
-    _, status, ru = os.wait4(p.pid, 0)
     done.set()
+    w.join()  # (before the process is reaped: its pid is never read again once it may be another's)
+    own[0] = max(own[0], _hwm(p.pid))  # (its output is closed: it is exiting; a zombie has no VmHWM, read as 0)
+    _, status, ru = os.wait4(p.pid, 0)
     p.returncode = os.waitstatus_to_exitcode(status)
     th.join()
-    w.join()
     wall = time.perf_counter() - t
     if p.returncode and not (args[0] == "search" and out[0].strip()):
         raise SystemExit(f"retrieve {' '.join(args[:3])}: exit {p.returncode}: {err[0].strip()[-800:]}")

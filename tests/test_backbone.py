@@ -228,3 +228,17 @@ def test_cuda_is_picked_without_tf32():
         assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def test_a_copy_at_another_size_shares_the_every_shape_check_and_a_pickle_leaves_it_out():
+    """An index run's backbone and its copy at the explain size share one :class:`EveryShape` (its child runs once
+    for both; copy.copy goes through __getstate__, which drops it for Ray's pickles)."""
+    import pickle
+
+    from retrieval.models.backbone import Backbone
+    from retrieval.models.preprocess import Preprocess
+
+    bb = Backbone("efficientnet_lite0", None, Preprocess(size=224, resize="long"), 1280, "", "random")
+    bb.more_graphs = check = object()
+    assert bb.at_size(448).more_graphs is check and bb.replace(precision="int8").more_graphs is check
+    assert pickle.loads(pickle.dumps(bb)).more_graphs is None

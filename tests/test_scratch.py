@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 
 from clitools import ROOT
-from retrieval.scratch import OWNER, UNLOCKED_GRACE_S, ScratchDir, sweep
+from retrieval.scratch import MAKING, OWNER, UNLOCKED_GRACE_S, ScratchDir, sweep
 
 HOLD = ("import sys, time; sys.path.insert(0, sys.argv[1]); from retrieval.scratch import ScratchDir; "
         "d = ScratchDir(sys.argv[2], sys.argv[3]); (d.path / 'part').write_bytes(b'x' * 4096); "
@@ -49,16 +49,43 @@ def test_a_killed_process_s_folder_goes_with_the_next_one_a_living_one_s_stays(t
     assert sweep(tmp_path, "retrieve-words.") == 1 and not live_dir.exists() and other_dir.exists()
 
 
-def test_a_folder_without_its_owner_file_goes_only_once_it_is_old(tmp_path):
-    young, old = tmp_path / "retrieve-words.young", tmp_path / "retrieve-words.old"
-    for d in (young, old):
+def test_a_folder_whose_owner_file_was_never_named_goes_once_it_is_old_others_stay(tmp_path):
+    """Killed between making its folder and naming its locked owner file: the folder goes after an hour. A folder
+    with no owner file at all (an older version's, or made where flock fails) and a symbolic link are left alone."""
+    young, old, legacy = (tmp_path / f"retrieve-words.{n}" for n in ("young", "old", "legacy"))
+    victim = tmp_path / "victim"
+    for d in (young, old, legacy, victim):
         d.mkdir()
         (d / "part").write_bytes(b"x")
+    for d in (young, old, victim):
+        (d / MAKING).write_bytes(b"")
+    (tmp_path / "retrieve-words.link").symlink_to(victim, target_is_directory=True)
     past = time.time() - UNLOCKED_GRACE_S - 60
-    os.utime(old, (past, past))
+    for d in (old, legacy, victim):
+        os.utime(d, (past, past))
     (tmp_path / "retrieve-words.file").write_bytes(b"not a folder")
     assert sweep(tmp_path, "retrieve-words.") == 1
-    assert young.exists() and not old.exists() and (tmp_path / "retrieve-words.file").exists()
+    assert not old.exists()
+    assert young.exists() and legacy.exists() and (victim / "part").exists() and (tmp_path / "retrieve-words.file").exists()
+
+
+def test_where_flock_fails_the_folder_is_a_plain_one(tmp_path, monkeypatch):
+    """Some network file systems refuse flock: the folder is made and removed as tempfile's would be, not swept."""
+    import errno
+
+    from retrieval import scratch
+
+    def refuse(path, create):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(scratch, "_lock", refuse)
+    with ScratchDir("retrieve-words.", tmp_path) as d:
+        (d / "part").write_bytes(b"x")
+        assert sorted(p.name for p in d.iterdir()) == ["part"]
+        past = time.time() - UNLOCKED_GRACE_S - 60
+        os.utime(d, (past, past))
+        assert sweep(tmp_path, "retrieve-words.") == 0 and d.exists()
+    assert not d.exists()
 
 
 def test_a_search_s_word_build_leaves_no_folder_and_removes_a_killed_one_s(tmp_path, monkeypatch):

@@ -143,8 +143,6 @@ class Service:
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir(self.index_dir)
         (self.cache_dir / "thumbs").mkdir(parents=True, exist_ok=True)
         (self.cache_dir / "explain").mkdir(parents=True, exist_ok=True)
-        self._upload_scratch = ScratchDir("retrieve-serve-uploads-")  # (a killed server's go when the next one starts)
-        self.upload_dir = self._upload_scratch.path
         self.max_upload_bytes = int(max_upload_bytes)
         self.keep_upload_bytes = int(keep_upload_bytes or max(KEEP_UPLOAD_BYTES, 2 * self.max_upload_bytes))
         self.uploads_in_flight = max(UPLOADS_IN_FLIGHT, 4 * self.max_upload_bytes)
@@ -165,6 +163,8 @@ class Service:
         self._renders: dict[str, object] = {}  # key → the Future drawing its figure and report
         self.on_close: list = []  # what else to stop first (web/curation.py registers its computations here)
         self.state = self._load()
+        self._upload_scratch = ScratchDir("retrieve-serve-uploads-")  # last: (a killed server's go when the next
+        self.upload_dir = self._upload_scratch.path                   # one starts, retrieval/scratch.py)
 
     # -- the committed state ------------------------------------------------------------------
     def _load(self) -> Loaded:

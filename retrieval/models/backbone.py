@@ -101,7 +101,8 @@ class Backbone:
     def replace(self, **changes) -> "Backbone":
         """A copy with some attributes changed (``preprocess``, ``pooling``, ``precision``, ``fast``, ``manifest``)
         and paths of its own; the network is shared (built once for all copies)."""
-        other = copy.copy(self)
+        other = copy.copy(self)  # (through __getstate__, which leaves out what is this process's own)
+        other.more_graphs = self.more_graphs  # shared: the explain reference's copy checks every shape once, too
         for k, v in changes.items():
             setattr(other, k, v)
         other._runners, other._lock = {}, threading.Lock()

@@ -46,11 +46,14 @@ def ensure_graphs(bb, explain: tuple[int, str | None] | None) -> None:
         m = Manifest.load(bb.name, bb.weights_id)
         bb.manifest = m if m is not None and m.valid() else None
         bb._runners = {}
+    else:  # the child failed: another would too (the backbone builds its network when it must)
+        bb.more_graphs.done = True
 
 
 class EveryShape:
     """Once, in a child process: check the graphs at every input shape of a backbone (an aspect-kept 448 px index
-    has 27) and the explain reference's; then the manifest that records them. Shared by the backbone and its copy at
+    has 27) and the explain reference's; then the manifest that records them (once per model, weights, input size
+    and precision: the manifest keeps them). Shared by the backbone and its copy at
     the explain size. A catalogue's photos come in any shape (100 references had 84 sizes); checking each shape as
     first met imported torch into the index run and built the network there (977 MB of RSS for those 100)."""
 
