@@ -242,3 +242,21 @@ def test_a_copy_at_another_size_shares_the_every_shape_check_and_a_pickle_leaves
     bb.more_graphs = check = object()
     assert bb.at_size(448).more_graphs is check and bb.replace(precision="int8").more_graphs is check
     assert pickle.loads(pickle.dumps(bb)).more_graphs is None
+
+
+@pytest.mark.parametrize("size", [448, 300, 224, 64])
+def test_every_shape_is_every_input_shape_the_preprocessing_gives(size):
+    """Preprocess.every_shape, which an index run's graph child checks ahead, holds every shape shape_for gives
+    (aspect kept: the long side at ``size``, the short one a multiple of the stride or ``size``), each once."""
+    import random
+
+    from retrieval.models.preprocess import Preprocess
+
+    pre = Preprocess(size=size, resize="long")
+    every = pre.every_shape()
+    assert len(every) == len(set(every)) and set(pre.common_shapes()) <= set(every)
+    rng = random.Random(0)
+    got = {pre.shape_for(rng.randint(1, 6000), rng.randint(1, 6000)) for _ in range(20000)}
+    got |= {pre.shape_for(w, h) for w, h in ((size, 1), (1, size), (6000, 6000), (6000, 5999))}
+    assert got == set(every)
+    assert Preprocess(size=size, resize="squash").every_shape() == [(size, size)]
