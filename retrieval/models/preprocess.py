@@ -66,7 +66,8 @@ class Preprocess:
             return [(self.size, self.size)]
         shorts = sorted({*range(STRIDE, self.size + 1, STRIDE), self.size})
         out = [(self.size, s) for s in shorts] + [(s, self.size) for s in shorts if s != self.size]
-        return self.common_shapes() + [hw for hw in out if hw not in self.common_shapes()]
+        common = self.common_shapes()
+        return common + [hw for hw in out if hw not in common]
 
     def shape_for(self, width: int, height: int) -> tuple[int, int]:
         """The network input (h, w) for an image of ``width``×``height`` pixels."""
